@@ -1,0 +1,1 @@
+"""pgwarden: a policy-as-code gateway for PostgreSQL."""

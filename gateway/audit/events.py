@@ -1,0 +1,64 @@
+"""Audit events: what the gateway records about sessions and statements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.identity.principal import Principal
+from gateway.policy.decision import Decision
+
+SessionEventKind = Literal["session_start", "session_end", "auth_failure"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    kind: SessionEventKind
+    time: float
+    instance: str
+    session_id: str
+    client_addr: str
+    application_name: str
+    startup_user: str
+    target: str
+    principal: Principal | None
+    # Why a session ended or authentication failed (client quit, token expired, ...).
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatementRequest:
+    """Written, durably, before the statement is forwarded (or when it is refused)."""
+
+    time: float
+    instance: str
+    session_id: str
+    client_addr: str
+    application_name: str
+    principal: Principal | None
+    target: str
+    text: str
+    fingerprint: str
+    protocol: str
+    params: tuple[str | None, ...]
+    decision: Decision
+    approval_id: str | None = None
+    # Output columns masked for this statement, as schema.table.column.
+    masked_columns: tuple[str, ...] = ()
+    # Whether result rows of this statement are recorded with it.
+    record_rows: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StatementOutcome:
+    request_id: str
+    time: float
+    command_tag: str | None
+    rows: int | None
+    sqlstate: str | None
+    error_message: str | None
+    duration_ms: float
+    bytes_out: int
+    # Recorded result rows (after masking) when the request asked for it.
+    recorded_rows: tuple[tuple[str | None, ...], ...] = field(default=())
+    forwarded: bool = True

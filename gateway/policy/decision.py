@@ -1,0 +1,34 @@
+"""The policy's answer for one statement: allow, deny or approve, with masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Action = Literal["allow", "deny", "approve"]
+MASK_METHODS = frozenset({"redact", "null", "hash", "partial", "email"})
+
+
+@dataclass(frozen=True, slots=True)
+class Mask:
+    schema: str
+    table: str
+    column: str
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reasons: tuple[str, ...] = ()
+    approvers: tuple[str, ...] = ()
+    masks: tuple[Mask, ...] = ()
+    decision_id: str | None = None
+    bundle_revision: str | None = None
+    cache_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @classmethod
+    def refuse(cls, reason: str) -> Decision:
+        """A deny made by pgwarden itself (OPA unreachable, malformed answer, ...)."""
+        return cls(action="deny", reasons=(reason,))

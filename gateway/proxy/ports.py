@@ -1,0 +1,39 @@
+"""The small protocols the proxy core depends on; one composition root wires real ones."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.identity.principal import Principal
+from gateway.policy.decision import Decision
+
+
+class TokenVerifier(Protocol):
+    async def verify(self, token: str) -> Principal:
+        """The token's principal, or TokenRejected naming the failed check."""
+        ...
+
+    def still_valid(self, principal: Principal) -> str | None:
+        """None while the principal's token is valid; else why not (expired, revoked)."""
+        ...
+
+
+class Decider(Protocol):
+    async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
+        """The decision for one input; never raises (failures are a deny with a reason)."""
+        ...
+
+
+class AuditSink(Protocol):
+    async def request(self, record: StatementRequest) -> str:
+        """Durably store a request record; its id. Raises AuditUnavailable if it cannot."""
+        ...
+
+    async def outcome(self, record: StatementOutcome) -> None: ...
+
+    async def session(self, event: SessionEvent) -> None: ...
+
+
+class AuditUnavailable(Exception):
+    """The audit store could not durably take a record."""

@@ -1,0 +1,112 @@
+"""The gateway's settings: read once from PGWARDEN_* environment and an optional TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ListenerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 6543
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Cleartext passwords (the JWT) over plaintext are refused except from loopback.
+    allow_plaintext_password: bool = False
+    max_message_size: int = 64 * 1024 * 1024
+    # Bound on the startup packet, which is read before the client is authenticated.
+    max_startup_size: int = 10_000
+
+
+class IdentitySettings(BaseModel):
+    # Locally issued tokens (pgwarden tokens issue) are signed with this key's issuer.
+    local_issuer: str = "pgwarden"
+    local_audience: str = "pgwarden"
+    # OIDC: empty issuer disables it.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_groups_claim: str = "groups"
+    oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    oidc_jwks_min_refresh_seconds: float = 30.0
+    # Open sessions re-check their token's expiry and revocation this often.
+    recheck_seconds: float = 30.0
+    leeway_seconds: float = 30.0
+
+
+class PolicySettings(BaseModel):
+    # Empty: start and supervise a local `opa run --server` sidecar.
+    opa_url: str = ""
+    opa_binary: Path | None = None
+    decision_path: str = "pgwarden/decision"
+    timeout_seconds: float = 0.5
+    cache_size: int = 10_000
+    rego_dir: Path = Path("rego")
+    bundle_dir: Path = Path("bundles")
+
+
+class AuditSettings(BaseModel):
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    # SQLite file; relative paths are under the state directory.
+    sqlite_path: Path = Path("audit.sqlite3")
+    postgres_dsn: str = ""
+    # Fail open means statements run when the store is down: they are then unaudited.
+    fail_open: bool = False
+    timeout_seconds: float = 2.0
+    retention_days: int | None = None
+    record_rows_limit: int = 100
+    record_bytes_limit: int = 65536
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PGWARDEN_",
+        env_nested_delimiter="__",
+        toml_file=None,
+        extra="forbid",
+    )
+
+    state_dir: Path = Path(".pgwarden")
+    instance: str = "gw-1"
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _CONFIG_FILE[0]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    def state_path(self, path: Path) -> Path:
+        """A path under the state directory unless it is absolute."""
+        return path if path.is_absolute() else self.state_dir / path
+
+
+_CONFIG_FILE: list[Path | None] = [None]
+
+
+def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
+    """Build the one Settings value: overrides, then environment, then the TOML file."""
+    _CONFIG_FILE[0] = config_file
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    finally:
+        _CONFIG_FILE[0] = None

@@ -1,0 +1,72 @@
+"""What one SQL statement really does, as the policy input's `statement` section describes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Category = Literal["read", "write", "ddl", "dcl", "tcl", "session", "utility", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableRef:
+    schema: str
+    table: str
+
+    def to_input(self) -> dict[str, str]:
+        return {"schema": self.schema, "table": self.table}
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnRef:
+    schema: str
+    table: str
+    column: str
+    # output | predicate | join | order | group | assignment | returning | other
+    usage: str
+
+    def to_input(self) -> dict[str, str]:
+        return {"schema": self.schema, "table": self.table, "column": self.column, "usage": self.usage}
+
+
+@dataclass(frozen=True, slots=True)
+class StatementFacts:
+    text: str
+    fingerprint: str
+    command: str
+    category: Category
+    reads: tuple[TableRef, ...] = ()
+    writes: tuple[TableRef, ...] = ()
+    columns: tuple[ColumnRef, ...] = ()
+    functions: tuple[str, ...] = ()
+    has_where: bool = False
+    flags: tuple[str, ...] = ()
+    # For PREPARE: the name it defines; for EXECUTE/DEALLOCATE: the name it uses.
+    prepared_name: str | None = None
+    # For SET-like statements: the setting name and value text, when known.
+    setting: tuple[str, str | None] | None = None
+
+    def to_input(
+        self,
+        *,
+        protocol: str,
+        index: int,
+        count: int,
+        params: list[str | None] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "fingerprint": self.fingerprint,
+            "protocol": protocol,
+            "index": index,
+            "count": count,
+            "command": self.command,
+            "category": self.category,
+            "reads": [t.to_input() for t in self.reads],
+            "writes": [t.to_input() for t in self.writes],
+            "columns": [c.to_input() for c in self.columns],
+            "functions": list(self.functions),
+            "has_where": self.has_where,
+            "flags": list(self.flags),
+            "params": params or [],
+        }
