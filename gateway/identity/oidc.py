@@ -1,0 +1,329 @@
+"""Verifies tokens from an OpenID Connect issuer against its discovered, cached signing keys."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from gateway.identity.checks import (
+    ALGORITHM_NOT_ALLOWED,
+    BAD_GROUPS,
+    ISSUER_METADATA_INVALID,
+    ISSUER_UNREACHABLE,
+    MALFORMED,
+    UNKNOWN_SIGNING_KEY,
+    expiry_rejection,
+    rejection_for,
+)
+from gateway.identity.principal import Principal, TokenRejected
+from gateway.settings import IdentitySettings
+
+log = logging.getLogger(__name__)
+
+# Which JWK may verify which JWS algorithm: (kty, allowed crv values or None for RSA).
+# Symmetric algorithms are absent on purpose: a public key must never become an HMAC secret.
+_KEY_TYPE_OF: dict[str, tuple[str, frozenset[str] | None]] = {
+    **{a: ("RSA", None) for a in ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")},
+    "ES256": ("EC", frozenset({"P-256"})),
+    "ES384": ("EC", frozenset({"P-384"})),
+    "ES512": ("EC", frozenset({"P-521"})),
+    "ES256K": ("EC", frozenset({"secp256k1"})),
+    "EdDSA": ("OKP", frozenset({"Ed25519", "Ed448"})),
+}
+
+_FROM_JWK: dict[str, Callable[[Any], Any]] = {
+    "RSA": RSAAlgorithm.from_jwk,
+    "EC": ECAlgorithm.from_jwk,
+    "OKP": OKPAlgorithm.from_jwk,
+}
+
+
+def allowed_algorithms(names: Sequence[str]) -> frozenset[str]:
+    """The configured allow-list, refusing `none`, HMAC and anything without a JWK key type."""
+    refused = [n for n in names if n not in _KEY_TYPE_OF]
+    if refused:
+        raise ValueError(f"identity.oidc_algorithms: not allowed for OIDC: {', '.join(refused)}")
+    if not names:
+        raise ValueError("identity.oidc_algorithms must name at least one algorithm")
+    return frozenset(names)
+
+
+def groups_at(claims: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    """The groups at a dotted claim path (`groups`, `realm_access.roles`); none if absent."""
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return ()
+        value = value[part]
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(g, str) for g in value):
+        return tuple(value)
+    raise TokenRejected(BAD_GROUPS)
+
+
+def _require_secure(url: str, what: str) -> None:
+    # Keys fetched over plain HTTP could be swapped in transit; only loopback is exempt.
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme != "http" or not loopback:
+        raise ValueError(f"{what} must be an https URL (http only for loopback): {url}")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One verification key from the issuer's JWKS, its key object built once."""
+
+    kid: str | None
+    kty: str
+    crv: str | None
+    alg: str | None
+    key: Any
+
+    def verifies(self, algorithm: str) -> bool:
+        kty, curves = _KEY_TYPE_OF[algorithm]
+        if self.kty != kty or (curves is not None and self.crv not in curves):
+            return False
+        return self.alg is None or self.alg == algorithm
+
+
+def _signing_keys(jwks: Any) -> list[SigningKey]:
+    if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+        raise ValueError("the JWKS has no `keys` list")
+    keys = []
+    for jwk in jwks["keys"]:
+        if not isinstance(jwk, dict):
+            continue
+        kty = jwk.get("kty")
+        # Keys for encryption, symmetric keys and private keys are never used to verify.
+        if jwk.get("use", "sig") != "sig" or kty not in _FROM_JWK or "d" in jwk:
+            continue
+        try:
+            key = _FROM_JWK[kty](jwk)
+        except (jwt.InvalidKeyError, ValueError, KeyError, TypeError):
+            log.warning("skipping an unreadable JWK (kid %r)", jwk.get("kid"))
+            continue
+        kid, crv, alg = jwk.get("kid"), jwk.get("crv"), jwk.get("alg")
+        keys.append(
+            SigningKey(
+                kid if isinstance(kid, str) else None,
+                kty,
+                crv if isinstance(crv, str) else None,
+                alg if isinstance(alg, str) else None,
+                key,
+            )
+        )
+    return keys
+
+
+class IssuerKeys:
+    """The issuer's signing keys: discovered once, refetched when a token names an unknown
+    key id or the set grew old, never more often than `min_refresh_seconds`."""
+
+    def __init__(
+        self,
+        issuer: str,
+        http: httpx.AsyncClient,
+        *,
+        min_refresh_seconds: float,
+        max_age_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._issuer = issuer
+        self._http = http
+        self._min_refresh = min_refresh_seconds
+        self._max_age = max_age_seconds
+        self._monotonic = monotonic
+        self._jwks_uri: str | None = None
+        self._keys: list[SigningKey] = []
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._last_failure: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def key_for(self, kid: str | None, algorithm: str) -> SigningKey:
+        now = self._monotonic()
+        stale = self._fetched_at is None or now - self._fetched_at >= self._max_age
+        if stale and self._may_refresh(now):
+            await self._refresh()
+        found = self._find(kid, algorithm)
+        if found is None and self._may_refresh(self._monotonic()):
+            await self._refresh()
+            found = self._find(kid, algorithm)
+        if found is not None:
+            return found
+        # With no usable key set, the honest answer is that the issuer could not be reached.
+        if self._last_failure is not None:
+            raise TokenRejected(self._last_failure)
+        raise TokenRejected(UNKNOWN_SIGNING_KEY)
+
+    def _may_refresh(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self._min_refresh
+
+    def _find(self, kid: str | None, algorithm: str) -> SigningKey | None:
+        if kid is not None:
+            return next((k for k in self._keys if k.kid == kid), None)
+        # No kid in the header: only unambiguous when exactly one key fits the algorithm.
+        fitting = [k for k in self._keys if k.verifies(algorithm)]
+        return fitting[0] if len(fitting) == 1 else None
+
+    async def _refresh(self) -> None:
+        attempted = self._attempted_at
+        async with self._lock:
+            if self._attempted_at != attempted:
+                return  # another verify refreshed while this one waited
+            self._attempted_at = self._monotonic()
+            try:
+                if self._jwks_uri is None:
+                    self._jwks_uri = await self._discover()
+                keys = _signing_keys(await self._get_json(self._jwks_uri))
+            except httpx.HTTPError as exc:
+                log.warning("OIDC issuer %s unreachable: %s", self._issuer, exc)
+                self._last_failure = ISSUER_UNREACHABLE
+                return
+            except ValueError as exc:
+                log.warning("OIDC issuer %s metadata invalid: %s", self._issuer, exc)
+                self._last_failure = ISSUER_METADATA_INVALID
+                return
+            self._keys = keys
+            self._fetched_at = self._attempted_at
+            self._last_failure = None
+
+    async def _discover(self) -> str:
+        url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
+        document = await self._get_json(url)
+        if not isinstance(document, dict) or document.get("issuer") != self._issuer:
+            raise ValueError("the discovery document names a different issuer")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise ValueError("the discovery document has no jwks_uri")
+        _require_secure(jwks_uri, "jwks_uri")
+        return jwks_uri
+
+    async def _get_json(self, url: str) -> Any:
+        response = await self._http.get(url, headers={"Accept": "application/json"})
+        response.raise_for_status()
+        return response.json()
+
+
+class OidcVerifier:
+    """Verifies an OIDC issuer's tokens: allowed algorithm matching the key, signature,
+    iss, aud, exp, nbf (with leeway); groups come from a configurable dotted claim."""
+
+    def __init__(
+        self,
+        issuer: str,
+        audience: str,
+        *,
+        algorithms: Sequence[str],
+        groups_claim: str = "groups",
+        min_refresh_seconds: float = 30.0,
+        max_key_age_seconds: float = 3600.0,
+        leeway_seconds: float = 30.0,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        _require_secure(issuer, "identity.oidc_issuer")
+        if not audience:
+            # Without an audience check any token the IdP minted for any app would pass.
+            raise ValueError("identity.oidc_audience must be set when oidc_issuer is")
+        self.issuer = issuer
+        self._audience = audience
+        self._algorithms = allowed_algorithms(algorithms)
+        self._groups_claim = groups_claim
+        self._leeway = leeway_seconds
+        self._clock = clock
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        self._keys = IssuerKeys(
+            issuer,
+            self._http,
+            min_refresh_seconds=min_refresh_seconds,
+            max_age_seconds=max_key_age_seconds,
+            monotonic=monotonic,
+        )
+        self._jwt = jwt.PyJWT()
+        self._options: Any = {"require": ["iss", "aud", "sub", "exp"]}
+
+    @classmethod
+    def from_settings(
+        cls, identity: IdentitySettings, *, http: httpx.AsyncClient | None = None
+    ) -> OidcVerifier:
+        return cls(
+            identity.oidc_issuer,
+            identity.oidc_audience,
+            algorithms=identity.oidc_algorithms,
+            groups_claim=identity.oidc_groups_claim,
+            min_refresh_seconds=identity.oidc_jwks_min_refresh_seconds,
+            leeway_seconds=identity.leeway_seconds,
+            http=http,
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise rejection_for(exc) from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            raise TokenRejected(ALGORITHM_NOT_ALLOWED)
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRejected(MALFORMED)
+        key = await self._keys.key_for(kid, algorithm)
+        if not key.verifies(algorithm):
+            raise TokenRejected(ALGORITHM_NOT_ALLOWED)
+        try:
+            claims = self._jwt.decode(
+                token,
+                key.key,
+                algorithms=[algorithm],
+                audience=self._audience,
+                issuer=self.issuer,
+                leeway=self._leeway,
+                options=self._options,
+            )
+        except jwt.PyJWTError as exc:
+            raise rejection_for(exc) from None
+        subject, jti = claims["sub"], claims.get("jti")
+        if not isinstance(subject, str) or not subject:
+            raise TokenRejected(MALFORMED)
+        # Without a jti the token itself is the identity; its hash is stable and reveals nothing.
+        token_id = jti if isinstance(jti, str) and jti else _token_hash(token)
+        return Principal(
+            subject=subject,
+            issuer=self.issuer,
+            groups=groups_at(claims, self._groups_claim),
+            token_id=token_id,
+            expires_at=float(claims["exp"]),
+            claims=claims,
+        )
+
+    def still_valid(self, principal: Principal) -> str | None:
+        # IdP tokens cannot be revoked here; the IdP bounds them by their expiry.
+        return expiry_rejection(principal.expires_at, self._clock(), self._leeway)
+
+
+def _token_hash(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
