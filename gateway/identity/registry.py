@@ -81,6 +81,12 @@ class TokenRegistry:
         with self._lock:
             self._db.close()
 
+    def __enter__(self) -> TokenRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def record(self, token: TokenRecord) -> None:
         with self._lock:
             self._db.execute(
