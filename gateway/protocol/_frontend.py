@@ -1,0 +1,372 @@
+"""Messages a client sends after startup, and the table that decodes them by type byte."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Final, Literal, Self, TypeAlias, cast
+
+from gateway.protocol._copy import CopyData, CopyDone
+from gateway.protocol._errors import ProtocolViolation
+from gateway.protocol._message import EmptyMessage, Message
+from gateway.protocol._wire import (
+    INT16,
+    UINT32,
+    BodyReader,
+    cbytes,
+    count16,
+    cstr,
+    pack,
+    pack_many,
+    show_type,
+    sized,
+    sized_many,
+)
+
+TargetKind: TypeAlias = Literal["S", "P"]
+
+
+def _target_kind(r: BodyReader) -> TargetKind:
+    kind = chr(r.byte("target kind"))
+    if kind not in ("S", "P"):
+        raise r.fail(f"target kind must be 'S' or 'P', got {kind!r}")
+    return cast(TargetKind, kind)
+
+
+def _kind_byte(kind: str) -> bytes:
+    if kind not in ("S", "P"):
+        raise ProtocolViolation(f"cannot encode target kind {kind!r}: must be 'S' or 'P'")
+    return kind.encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Query(Message):
+    """A simple query; the SQL stays bytes because only the session knows its client_encoding."""
+
+    type_code: ClassVar[int] = ord("Q")
+    query: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        query = r.cbytes("query")
+        r.end()
+        return cls(query)
+
+    def _body(self) -> bytes:
+        return cbytes(self.query, "query")
+
+    def text(self, encoding: str = "utf-8") -> str:
+        """The SQL as text; raises UnicodeDecodeError when the bytes are not in `encoding`."""
+        return self.query.decode(encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class Parse(Message):
+    type_code: ClassVar[int] = ord("P")
+    name: str = ""
+    query: bytes = b""
+    param_types: tuple[int, ...] = ()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        name = r.cstring("statement name")
+        query = r.cbytes("query")
+        types = r.uint32s(r.count16("parameter type count"), "parameter types")
+        r.end()
+        return cls(name, query, types)
+
+    def _body(self) -> bytes:
+        return b"".join(
+            (
+                cstr(self.name, "statement name"),
+                cbytes(self.query, "query"),
+                count16(len(self.param_types), "parameter types"),
+                pack_many("I", self.param_types, "parameter type OIDs"),
+            )
+        )
+
+    def text(self, encoding: str = "utf-8") -> str:
+        """The SQL as text; raises UnicodeDecodeError when the bytes are not in `encoding`."""
+        return self.query.decode(encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind(Message):
+    type_code: ClassVar[int] = ord("B")
+    portal: str = ""
+    statement: str = ""
+    param_formats: tuple[int, ...] = ()
+    params: tuple[bytes | None, ...] = ()
+    result_formats: tuple[int, ...] = ()
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        portal = r.cstring("portal name")
+        statement = r.cstring("statement name")
+        param_formats = r.int16s(r.count16("parameter format count"), "parameter formats")
+        n = r.count16("parameter count")
+        r.counted(n, 4, "parameters")
+        params = tuple([r.sized("parameter value") for _ in range(n)])
+        result_formats = r.int16s(r.count16("result format count"), "result formats")
+        r.end()
+        return cls(portal, statement, param_formats, params, result_formats)
+
+    def _body(self) -> bytes:
+        return b"".join(
+            (
+                cstr(self.portal, "portal name"),
+                cstr(self.statement, "statement name"),
+                count16(len(self.param_formats), "parameter formats"),
+                pack_many("h", self.param_formats, "parameter formats"),
+                count16(len(self.params), "parameters"),
+                sized_many(self.params),
+                count16(len(self.result_formats), "result formats"),
+                pack_many("h", self.result_formats, "result formats"),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Execute(Message):
+    type_code: ClassVar[int] = ord("E")
+    portal: str = ""
+    max_rows: int = 0
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        portal = r.cstring("portal name")
+        # Unsigned, as PostgreSQL reads it; 0 means "all rows".
+        max_rows = r.uint32("row limit")
+        r.end()
+        return cls(portal, max_rows)
+
+    def _body(self) -> bytes:
+        return cstr(self.portal, "portal name") + pack(UINT32, self.max_rows, "row limit")
+
+
+@dataclass(frozen=True, slots=True)
+class Describe(Message):
+    type_code: ClassVar[int] = ord("D")
+    kind: TargetKind
+    name: str = ""
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        kind = _target_kind(r)
+        name = r.cstring("name")
+        r.end()
+        return cls(kind, name)
+
+    def _body(self) -> bytes:
+        return _kind_byte(self.kind) + cstr(self.name, "name")
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    type_code: ClassVar[int] = ord("C")
+    kind: TargetKind
+    name: str = ""
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        kind = _target_kind(r)
+        name = r.cstring("name")
+        r.end()
+        return cls(kind, name)
+
+    def _body(self) -> bytes:
+        return _kind_byte(self.kind) + cstr(self.name, "name")
+
+
+@dataclass(frozen=True, slots=True)
+class Sync(EmptyMessage):
+    type_code: ClassVar[int] = ord("S")
+
+
+@dataclass(frozen=True, slots=True)
+class Flush(EmptyMessage):
+    type_code: ClassVar[int] = ord("H")
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate(EmptyMessage):
+    type_code: ClassVar[int] = ord("X")
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall(Message):
+    type_code: ClassVar[int] = ord("F")
+    function_oid: int
+    arg_formats: tuple[int, ...] = ()
+    args: tuple[bytes | None, ...] = ()
+    result_format: int = 0
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        oid = r.uint32("function OID")
+        arg_formats = r.int16s(r.count16("argument format count"), "argument formats")
+        n = r.count16("argument count")
+        r.counted(n, 4, "arguments")
+        args = tuple([r.sized("argument value") for _ in range(n)])
+        result_format = r.int16("result format")
+        r.end()
+        return cls(oid, arg_formats, args, result_format)
+
+    def _body(self) -> bytes:
+        return b"".join(
+            (
+                pack(UINT32, self.function_oid, "function OID"),
+                count16(len(self.arg_formats), "argument formats"),
+                pack_many("h", self.arg_formats, "argument formats"),
+                count16(len(self.args), "arguments"),
+                sized_many(self.args),
+                pack(INT16, self.result_format, "result format"),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFail(Message):
+    type_code: ClassVar[int] = ord("f")
+    message: str
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        message = r.cstring("error message")
+        r.end()
+        return cls(message)
+
+    def _body(self) -> bytes:
+        return cstr(self.message, "error message")
+
+
+# The four 'p' messages share a type byte; which one arrived depends on the authentication
+# request the server sent, so each has its own decode and none is in the table below.
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordMessage(Message):
+    """A cleartext or MD5 password (for pgwarden's clients: the JWT)."""
+
+    type_code: ClassVar[int] = ord("p")
+    password: str
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        password = r.cstring("password")
+        r.end()
+        return cls(password)
+
+    def _body(self) -> bytes:
+        return cstr(self.password, "password")
+
+
+@dataclass(frozen=True, slots=True)
+class SASLInitialResponse(Message):
+    type_code: ClassVar[int] = ord("p")
+    mechanism: str
+    data: bytes | None = None
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        r = BodyReader(body, cls.__name__)
+        mechanism = r.cstring("mechanism")
+        data = r.sized("initial response")
+        r.end()
+        return cls(mechanism, data)
+
+    def _body(self) -> bytes:
+        return cstr(self.mechanism, "mechanism") + sized(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class SASLResponse(Message):
+    type_code: ClassVar[int] = ord("p")
+    data: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        return cls(bytes(body))
+
+    def _body(self) -> bytes:
+        return self.data
+
+
+@dataclass(frozen=True, slots=True)
+class GSSResponse(Message):
+    type_code: ClassVar[int] = ord("p")
+    data: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        return cls(bytes(body))
+
+    def _body(self) -> bytes:
+        return self.data
+
+
+AuthResponse: TypeAlias = PasswordMessage | SASLInitialResponse | SASLResponse | GSSResponse
+AuthResponseType: TypeAlias = (
+    type[PasswordMessage] | type[SASLInitialResponse] | type[SASLResponse] | type[GSSResponse]
+)
+
+FrontendMessage: TypeAlias = (
+    Query
+    | Parse
+    | Bind
+    | Execute
+    | Describe
+    | Close
+    | Sync
+    | Flush
+    | Terminate
+    | FunctionCall
+    | CopyData
+    | CopyDone
+    | CopyFail
+    | AuthResponse
+)
+
+_FRONTEND: Final[dict[int, Callable[[bytes], FrontendMessage]]] = {
+    cls.type_code: cls.decode
+    for cls in (
+        Query,
+        Parse,
+        Bind,
+        Execute,
+        Describe,
+        Close,
+        Sync,
+        Flush,
+        Terminate,
+        FunctionCall,
+        CopyData,
+        CopyDone,
+        CopyFail,
+    )
+}
+
+
+def decode_frontend(
+    type_code: int, body: bytes, *, auth: AuthResponseType | None = None
+) -> FrontendMessage:
+    """The message a client sent; `auth` names which 'p' message the session expects now."""
+    if type_code == PasswordMessage.type_code:
+        if auth is None:
+            raise ProtocolViolation(
+                "unexpected 'p' message: no authentication exchange is in progress"
+            )
+        return auth.decode(body)
+    decode = _FRONTEND.get(type_code)
+    if decode is None:
+        raise ProtocolViolation(f"unknown frontend message type {show_type(type_code)}")
+    return decode(body)
