@@ -1,0 +1,33 @@
+# Assembles the decision: any deny reason denies, else any approval reason holds, else allow.
+package pgwarden
+
+# Total by construction: every part below has a final else. Allow is never a fallthrough:
+# everyone.rego denies a statement that no rule allows or holds.
+decision := {
+	"action": action,
+	"reasons": reasons,
+	"approvers": approvers,
+	"masks": masks,
+}
+
+action := "deny" if {
+	count(deny_reasons) > 0
+} else := "approve" if {
+	count(approval_reasons) > 0
+} else := "allow"
+
+reasons := sort(deny_reasons) if {
+	action == "deny"
+} else := sort(approval_reasons) if {
+	action == "approve"
+} else := sort(allow_reasons)
+
+approvers := object.get(approvers_by_role, role, ["admins"]) if {
+	action == "approve"
+} else := []
+
+# Masks travel with allow and approve alike: an approved statement runs later and its
+# results still need masking. A denied statement returns nothing to mask.
+masks := sort(masks_in_play) if {
+	action != "deny"
+} else := []

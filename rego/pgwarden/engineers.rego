@@ -1,0 +1,39 @@
+# The engineers row: read and write freely; what is hard to undo waits for an admin.
+package pgwarden
+
+allow_reasons contains "engineers may read" if {
+	role == "engineers"
+	category == "read"
+}
+
+allow_reasons contains "engineers may write" if {
+	role == "engineers"
+	writes_data
+}
+
+allow_reasons contains "engineers may run maintenance commands" if {
+	role == "engineers"
+	category == "utility"
+}
+
+approval_reasons contains "engineers may not UPDATE or DELETE without a WHERE clause without approval" if {
+	role == "engineers"
+	unbounded_write
+}
+
+approval_reasons contains "engineers may not TRUNCATE without approval" if {
+	role == "engineers"
+	command == "TRUNCATE"
+}
+
+approval_reasons contains "engineers may not change the schema (DDL) without approval" if {
+	role == "engineers"
+	changes_schema
+}
+
+# DESIGN is silent on DO for engineers; a block the policy cannot see into could do
+# anything the gateway's credential may, so an admin looks at it first.
+approval_reasons contains "engineers may not run DO blocks (opaque code) without approval" if {
+	role == "engineers"
+	do_block
+}

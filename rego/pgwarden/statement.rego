@@ -1,0 +1,68 @@
+# Normalises the analysed statement into the few facts the rules decide on.
+package pgwarden
+
+# The categories the analyser reports for text it understood; anything else, including a
+# value this policy does not know, is treated as "unknown" and denied.
+known_categories := {"read", "write", "ddl", "dcl", "tcl", "session", "utility"}
+
+category := input.statement.category if {
+	input.statement.category in known_categories
+} else := "unknown"
+
+command := upper(trim_space(input.statement.command)) if {
+	is_string(input.statement.command)
+} else := ""
+
+flags := {f | some f in input.statement.flags}
+
+functions := {f | some f in input.statement.functions; is_string(f)}
+
+# "pg_catalog.pg_read_file" and a shadowing "public.pg_read_file" both name pg_read_file.
+unqualified(name) := lower(trim(parts[count(parts) - 1], "\"")) if {
+	parts := split(name, ".")
+}
+
+# Commands whose command word names the rows they change.
+data_modifying_commands := {"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"}
+
+# A statement writes data when the analyser says so in any of the ways it can: a write
+# category, a data-modifying command, a written table, or DML hidden in a CTE.
+writes_data if category == "write"
+
+writes_data if command in data_modifying_commands
+
+writes_data if count(input.statement.writes) > 0
+
+writes_data if "dml_in_cte" in flags
+
+# SELECT ... INTO creates a table whatever category it arrives with.
+changes_schema if category == "ddl"
+
+changes_schema if "select_into" in flags
+
+has_where if input.statement.has_where == true
+
+# An UPDATE or DELETE that may touch every row of its table. A write hidden under another
+# command word (a DML CTE, EXPLAIN ANALYZE) counts unless the statement has a WHERE: the
+# policy cannot see which hidden write the WHERE belongs to, so it errs towards approval.
+unbounded_write if {
+	command in {"UPDATE", "DELETE"}
+	not has_where
+}
+
+unbounded_write if {
+	"dml_in_cte" in flags
+	not has_where
+}
+
+unbounded_write if {
+	"explain_analyze" in flags
+	writes_data
+	not command in data_modifying_commands
+	not has_where
+}
+
+# Opaque code: the policy cannot see what a DO block does.
+do_block if command == "DO"
+
+do_block if "procedural" in flags
