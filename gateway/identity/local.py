@@ -15,6 +15,7 @@ from gateway.identity.checks import BAD_GROUPS, MALFORMED, expiry_rejection, rej
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.registry import REGISTRY_FILE, TokenRecord, TokenRegistry
 from gateway.identity.signing_key import SIGNING_KEY_FILE, LocalSigningKey
+from gateway.identity.unverified import peek
 from gateway.settings import Settings
 
 ALGORITHM = "EdDSA"
@@ -64,6 +65,10 @@ class LocalTokenIssuer:
             issuer=settings.identity.local_issuer,
             audience=settings.identity.local_audience,
         )
+
+    def close(self) -> None:
+        """Close the registry this issuer writes to."""
+        self._registry.close()
 
     def issue(self, subject: str, groups: Sequence[str], ttl_seconds: float) -> IssuedToken:
         if not subject.strip():
@@ -133,6 +138,10 @@ class LocalTokenVerifier:
             leeway_seconds=settings.identity.leeway_seconds,
         )
 
+    def close(self) -> None:
+        """Close the registry this verifier reads."""
+        self._registry.close()
+
     def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
         principal = self._verified.get(digest)
@@ -148,6 +157,7 @@ class LocalTokenVerifier:
         return principal
 
     def _verify_signed(self, token: str) -> Principal:
+        peek(token)  # the structure first, so junk is "malformed" rather than "bad signature"
         try:
             claims = self._jwt.decode(
                 token,

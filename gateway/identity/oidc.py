@@ -27,6 +27,7 @@ from gateway.identity.checks import (
     rejection_for,
 )
 from gateway.identity.principal import Principal, TokenRejected
+from gateway.identity.unverified import peek
 from gateway.settings import IdentitySettings
 
 log = logging.getLogger(__name__)
@@ -282,10 +283,7 @@ class OidcVerifier:
             await self._http.aclose()
 
     async def verify(self, token: str) -> Principal:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise rejection_for(exc) from None
+        header = peek(token).header
         algorithm, kid = header.get("alg"), header.get("kid")
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:
             raise TokenRejected(ALGORITHM_NOT_ALLOWED)

@@ -46,4 +46,8 @@ def peek(token: str) -> UnverifiedToken:
     parts = token.split(".")
     if len(parts) != 3:
         raise TokenRejected(MALFORMED)
-    return UnverifiedToken(_segment(parts[0]), _segment(parts[1]))
+    header = _segment(parts[0])
+    # RFC 7515 makes `alg` mandatory; without it there is nothing to check a signature by.
+    if not isinstance(header.get("alg"), str):
+        raise TokenRejected(MALFORMED)
+    return UnverifiedToken(header, _segment(parts[1]))

@@ -33,6 +33,7 @@ class IdentityVerifier:
         return cls(LocalTokenVerifier.from_settings(settings), oidc)
 
     async def aclose(self) -> None:
+        self._local.close()
         if self._oidc is not None:
             await self._oidc.aclose()
 
