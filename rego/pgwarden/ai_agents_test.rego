@@ -1,0 +1,94 @@
+package pgwarden
+
+test_ai_agents_read_allowed if {
+	d := decide(["ai-agents"], statement_of.read)
+	d.action == "allow"
+	d.reasons == ["ai-agents may read, with classified columns masked"]
+}
+
+test_ai_agents_read_masked if {
+	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("email", "output")]})
+	d.action == "allow"
+	{"schema": "public", "table": "customers", "column": "email", "method": "email"} in d.masks
+}
+
+test_ai_agents_writes_approved_by_engineers_or_admins if {
+	every command in ["INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "TRUNCATE"] {
+		d := decide(["ai-agents"], {"command": command, "category": "write", "has_where": true, "writes": [customers]})
+		d.action == "approve"
+		"ai-agents may not write without approval" in d.reasons
+		d.approvers == ["engineers", "admins"]
+	}
+}
+
+test_ai_agents_hidden_writes_approved if {
+	d := decide(["ai-agents"], {"command": "SELECT", "category": "read", "flags": ["dml_in_cte"]})
+	d.action == "approve"
+	d.reasons == ["ai-agents may not write without approval"]
+}
+
+test_ai_agents_ddl_approved if {
+	d := decide(["ai-agents"], statement_of.ddl)
+	d.action == "approve"
+	d.reasons == ["ai-agents may not change the schema (DDL) without approval"]
+	d.approvers == ["engineers", "admins"]
+}
+
+test_ai_agents_dcl_denied if {
+	d := decide(["ai-agents"], {"command": "REVOKE", "category": "dcl"})
+	d.action == "deny"
+	"ai-agents may not change privileges or roles (REVOKE): only admins may" in d.reasons
+}
+
+test_ai_agents_do_denied if {
+	every statement in [
+		{"command": "DO", "category": "utility"},
+		{"command": "DO", "category": "write", "flags": ["procedural"]},
+		{"command": "SELECT", "category": "read", "flags": ["procedural"]},
+	] {
+		d := decide(["ai-agents"], statement)
+		d.action == "deny"
+		"ai-agents may not run DO blocks: opaque code is denied" in d.reasons
+	}
+}
+
+test_ai_agents_call_approved if {
+	d := decide(["ai-agents"], {"command": "CALL", "category": "utility"})
+	d.action == "approve"
+	"ai-agents may not CALL procedures without approval" in d.reasons
+	d.approvers == ["engineers", "admins"]
+}
+
+test_ai_agents_utility_approved if {
+	d := decide(["ai-agents"], statement_of.utility)
+	d.action == "approve"
+	d.reasons == ["ai-agents may not run maintenance commands without approval"]
+}
+
+test_ai_agents_oracle_denied if {
+	every usage in ["predicate", "join", "order", "group", "assignment", "returning", "other"] {
+		d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("ssn", usage)]})
+		d.action == "deny"
+		d.reasons == [sprintf(
+			"ai-agents may not use classified column public.customers.ssn outside the output list (%s): a predicate is an oracle",
+			[usage],
+		)]
+		d.masks == []
+	}
+}
+
+test_ai_agents_unclassified_predicate_allowed if {
+	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("id", "predicate"), customer_column("ssn", "output")]})
+	d.action == "allow"
+}
+
+test_ai_agents_oracle_denied_even_when_writing if {
+	d := decide(["ai-agents"], {"command": "UPDATE", "category": "write", "has_where": true, "writes": [customers], "columns": [customer_column("email", "predicate")]})
+	d.action == "deny"
+}
+
+test_ai_agents_pii_readers_may_use_classified_predicates if {
+	d := decide(["ai-agents", "pii-readers"], {"reads": [customers], "columns": [customer_column("ssn", "predicate")]})
+	d.action == "allow"
+	d.masks == []
+}

@@ -1,0 +1,95 @@
+package pgwarden
+
+all_customer_masks := [
+	{"schema": "public", "table": "customers", "column": "card_number", "method": "hash"},
+	{"schema": "public", "table": "customers", "column": "email", "method": "email"},
+	{"schema": "public", "table": "customers", "column": "phone", "method": "partial"},
+	{"schema": "public", "table": "customers", "column": "ssn", "method": "redact"},
+]
+
+test_bundle_data_classifies_customers if {
+	data.pgwarden.classification["public.customers.email"] == "email"
+	data.pgwarden.classification["public.customers.phone"] == "partial"
+	data.pgwarden.classification["public.customers.ssn"] == "redact"
+	data.pgwarden.classification["public.customers.card_number"] == "hash"
+}
+
+test_output_column_masked_with_classified_method if {
+	d := decide(["engineers"], {"columns": [customer_column("phone", "output")]})
+	d.action == "allow"
+	d.masks == [{"schema": "public", "table": "customers", "column": "phone", "method": "partial"}]
+}
+
+test_every_classified_column_of_a_read_table_masked if {
+	# SELECT row_to_json(c) FROM customers c: no column reference, every column in play.
+	d := decide(["ai-agents"], {"reads": [customers]})
+	d.masks == all_customer_masks
+}
+
+test_written_table_masked_for_returning if {
+	d := decide(["engineers"], {"command": "INSERT", "category": "write", "writes": [customers]})
+	d.masks == all_customer_masks
+}
+
+test_masks_deduplicated if {
+	d := decide(["admins"], {"reads": [customers, customers], "columns": [customer_column("email", "output"), customer_column("email", "output")]})
+	d.masks == all_customer_masks
+}
+
+test_admins_masked_unless_pii_readers if {
+	decide(["admins"], {"reads": [customers]}).masks == all_customer_masks
+	decide(["admins", "pii-readers"], {"reads": [customers]}).masks == []
+}
+
+test_pii_readers_unmasked if {
+	every principal_groups in [["engineers", "pii-readers"], ["ai-agents", "pii-readers"]] {
+		d := decide(principal_groups, {"reads": [customers], "columns": [customer_column("ssn", "output")]})
+		d.action == "allow"
+		d.masks == []
+	}
+}
+
+test_unclassified_tables_unmasked if {
+	d := decide(["ai-agents"], {"reads": [{"schema": "public", "table": "orders"}], "columns": [{"schema": "public", "table": "orders", "column": "email", "usage": "output"}]})
+	d.masks == []
+}
+
+test_other_schema_not_confused if {
+	d := decide(["ai-agents"], {"reads": [{"schema": "archive", "table": "customers"}]})
+	d.masks == []
+}
+
+test_masks_travel_with_approval if {
+	d := decide(["ai-agents"], {"command": "DELETE", "category": "write", "has_where": true, "writes": [customers], "columns": [customer_column("email", "returning")]}) with data.pgwarden.classification as {"public.customers.ssn": "redact"}
+	d.action == "approve"
+	d.masks == [{"schema": "public", "table": "customers", "column": "ssn", "method": "redact"}]
+}
+
+test_denied_statement_has_no_masks if {
+	d := decide(["engineers"], {"command": "GRANT", "category": "dcl", "reads": [customers]})
+	d.action == "deny"
+	d.masks == []
+}
+
+test_unknown_method_becomes_redact if {
+	d := decide(["engineers"], {"reads": [customers]}) with data.pgwarden.classification as {"public.customers.ssn": "scramble"}
+	d.masks == [{"schema": "public", "table": "customers", "column": "ssn", "method": "redact"}]
+}
+
+test_every_method_passes_through if {
+	every method in ["redact", "null", "hash", "partial", "email"] {
+		d := decide(["engineers"], {"reads": [customers]}) with data.pgwarden.classification as {"public.customers.ssn": method}
+		d.masks[0].method == method
+	}
+}
+
+test_malformed_keys_ignored_for_tables if {
+	d := decide(["engineers"], {"reads": [customers]}) with data.pgwarden.classification as {"public.customers": "redact", "customers.ssn": "hash"}
+	d.masks == []
+}
+
+test_no_classification_data if {
+	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("ssn", "predicate")]}) with data.pgwarden.classification as null
+	d.action == "allow"
+	d.masks == []
+}

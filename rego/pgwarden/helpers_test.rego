@@ -1,0 +1,54 @@
+# Builders shared by the tests: a well-formed input with one statement, and its decision.
+package pgwarden
+
+base_statement := {
+	"text": "SELECT 1",
+	"fingerprint": "f",
+	"protocol": "simple",
+	"index": 0,
+	"count": 1,
+	"command": "SELECT",
+	"category": "read",
+	"reads": [],
+	"writes": [],
+	"columns": [],
+	"functions": [],
+	"has_where": false,
+	"flags": [],
+	"params": [],
+}
+
+request(principal_groups, statement) := {
+	"version": 1,
+	"principal": {"subject": "test:principal", "issuer": "pgwarden", "groups": principal_groups, "token_id": "j", "claims": {}},
+	"target": {"name": "app", "database": "appdb", "labels": {"env": "prod"}},
+	"session": {"id": "s", "client_addr": "127.0.0.1", "application_name": "opa test", "user": "u", "in_transaction": false},
+	"statement": object.union(base_statement, statement),
+}
+
+decide(principal_groups, statement) := d if {
+	d := decision with input as request(principal_groups, statement)
+}
+
+# A typical statement of each category.
+statement_of := {
+	"read": {"command": "SELECT", "category": "read", "reads": [{"schema": "public", "table": "orders"}]},
+	"write": {"command": "INSERT", "category": "write", "writes": [{"schema": "public", "table": "orders"}]},
+	"ddl": {"command": "CREATE TABLE", "category": "ddl"},
+	"dcl": {"command": "GRANT", "category": "dcl"},
+	"tcl": {"command": "BEGIN", "category": "tcl"},
+	"session": {"command": "SET", "category": "session"},
+	"utility": {"command": "VACUUM", "category": "utility"},
+	"unknown": {"command": "", "category": "unknown", "text": "SELEC 1"},
+}
+
+customers := {"schema": "public", "table": "customers"}
+
+customer_column(column, usage) := object.union(customers, {"column": column, "usage": usage})
+
+# The action for every (groups, category) pair in `expected` that differs from it.
+mismatches(principal_groups, expected) := {[category, want, got] |
+	some category, want in expected
+	got := decide(principal_groups, statement_of[category]).action
+	got != want
+}
