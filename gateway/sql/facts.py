@@ -26,7 +26,12 @@ class ColumnRef:
     usage: str
 
     def to_input(self) -> dict[str, str]:
-        return {"schema": self.schema, "table": self.table, "column": self.column, "usage": self.usage}
+        return {
+            "schema": self.schema,
+            "table": self.table,
+            "column": self.column,
+            "usage": self.usage,
+        }
 
 
 @dataclass(frozen=True, slots=True)
