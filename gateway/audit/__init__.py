@@ -1,0 +1,76 @@
+"""Audit trail: events, the keyed hash chain, stores, the group-committing sink and verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.audit.chain import Anchor, AuditChain
+from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.keys import AuditKeyring, HeadWitness
+from gateway.audit.postgres_store import PostgresAuditStore
+from gateway.audit.sqlite_store import SqliteAuditStore
+from gateway.audit.store import AuditStore, AuditStoreError, RecordFilter, StoredRecord
+from gateway.audit.verify import ChainProblem, ChainReport, VerifyReport, verify
+from gateway.audit.writer import AuditWriter
+from gateway.settings import Settings
+
+__all__ = [
+    "Anchor",
+    "AuditChain",
+    "AuditKeyring",
+    "AuditStore",
+    "AuditStoreError",
+    "AuditWriter",
+    "ChainProblem",
+    "ChainReport",
+    "HeadWitness",
+    "PostgresAuditStore",
+    "RecordFilter",
+    "SessionEvent",
+    "SqliteAuditStore",
+    "StatementOutcome",
+    "StatementRequest",
+    "StoredRecord",
+    "VerifyReport",
+    "audit_keyring",
+    "audit_store",
+    "audit_writer",
+    "head_witness",
+    "verify",
+]
+
+
+def audit_store(settings: Settings) -> AuditStore:
+    """The store the settings name (not yet opened)."""
+    audit = settings.audit
+    if audit.store == "postgres":
+        if not audit.postgres_dsn:
+            raise ValueError("audit.store is postgres but audit.postgres_dsn is empty")
+        return PostgresAuditStore(audit.postgres_dsn, timeout=audit.timeout_seconds)
+    return SqliteAuditStore(
+        settings.state_path(audit.sqlite_path), busy_timeout=audit.timeout_seconds
+    )
+
+
+def audit_keyring(settings: Settings, directory: Path | None = None) -> AuditKeyring:
+    return AuditKeyring(directory or settings.state_path(Path("audit-keys")))
+
+
+def head_witness(settings: Settings) -> HeadWitness:
+    return HeadWitness(settings.state_path(Path("audit-head")))
+
+
+def audit_writer(settings: Settings, store: AuditStore | None = None) -> AuditWriter:
+    """The gateway's AuditSink for this instance's chain; `await start()` before use."""
+    keyring = audit_keyring(settings)
+    epoch, key = keyring.current(settings.instance)
+    return AuditWriter(
+        store or audit_store(settings),
+        AuditChain(settings.instance, epoch, key),
+        keyring=keyring,
+        head=head_witness(settings),
+        timeout=settings.audit.timeout_seconds,
+        rows_limit=settings.audit.record_rows_limit,
+        bytes_limit=settings.audit.record_bytes_limit,
+        fail_open=settings.audit.fail_open,
+    )

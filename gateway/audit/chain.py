@@ -1,0 +1,164 @@
+"""The keyed hash chain: each link is HMAC-SHA256(epoch key, previous link || record bytes)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.audit.records import RecordKind, canonical, envelope, projections
+
+ROTATE_LABEL = b"pgwarden-audit-rotate"
+ANCHOR_LABEL = b"pgwarden-audit-anchor\0"
+# The first record of a chain links to this; the chain name is inside every signed body.
+GENESIS_LINK = bytes(32)
+
+
+def link_of(key: bytes, previous: bytes, body: bytes) -> bytes:
+    return hmac.new(key, previous + body, hashlib.sha256).digest()
+
+
+def next_key(key: bytes) -> bytes:
+    """Hash a key forward; one-way, so a key stolen later cannot sign an earlier epoch."""
+    return hmac.new(key, ROTATE_LABEL, hashlib.sha256).digest()
+
+
+def key_for_epoch(genesis: bytes, epoch: int) -> bytes:
+    key = genesis
+    for _ in range(epoch):
+        key = next_key(key)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class ChainTail:
+    """Where a chain ends: the next record gets seq + 1, links to `link`, uses `epoch`."""
+
+    seq: int
+    link: bytes
+    epoch: int
+
+    @classmethod
+    def after(cls, seq: int, link: bytes, epoch: int, kind: str) -> ChainTail:
+        # A rotation record is the last one signed with the old key.
+        return cls(seq, link, epoch + 1 if kind == "key_rotation" else epoch)
+
+
+EMPTY_TAIL = ChainTail(0, GENESIS_LINK, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRecord:
+    kind: RecordKind
+    time: float
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SealedRecord:
+    chain: str
+    seq: int
+    epoch: int
+    kind: RecordKind
+    time: float
+    body: bytes
+    link: bytes
+    columns: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """Signed stand-in for pruned records: the seq and link the remaining chain starts from."""
+
+    chain: str
+    through_seq: int
+    through_link: bytes
+    next_epoch: int
+    signed_epoch: int
+    time: float
+    mac: bytes
+
+    def signed_bytes(self) -> bytes:
+        return ANCHOR_LABEL + canonical(
+            {
+                "chain": self.chain,
+                "through_seq": self.through_seq,
+                "through_link": self.through_link.hex(),
+                "next_epoch": self.next_epoch,
+                "signed_epoch": self.signed_epoch,
+                "time": self.time,
+            }
+        )
+
+    def valid_under(self, key: bytes) -> bool:
+        expected = hmac.new(key, self.signed_bytes(), hashlib.sha256).digest()
+        return hmac.compare_digest(expected, self.mac)
+
+
+class AuditChain:
+    """One chain's signer: seals pending records onto a tail with the right epoch key.
+
+    It holds only the current key. A tail in a later epoch than the key (a rotation record
+    committed just before a crash, before the key file was replaced) is caught up by hashing
+    the key forward; a tail in an earlier epoch cannot be signed and is refused.
+    """
+
+    def __init__(self, name: str, epoch: int, key: bytes) -> None:
+        self.name = name
+        self.epoch = epoch
+        self._key = key
+
+    def key_for(self, epoch: int) -> bytes:
+        if epoch < self.epoch:
+            raise ValueError(
+                f"chain {self.name} ends in key epoch {epoch} but the key is at epoch "
+                f"{self.epoch}; earlier keys are destroyed"
+            )
+        return key_for_epoch(self._key, epoch - self.epoch)
+
+    def advance(self, epoch: int) -> bytes:
+        """Move the held key forward to `epoch` (after a commit); the new key."""
+        self._key = self.key_for(epoch)
+        self.epoch = epoch
+        return self._key
+
+    def seal(
+        self, tail: ChainTail, pending: Sequence[PendingRecord]
+    ) -> tuple[list[SealedRecord], ChainTail]:
+        out: list[SealedRecord] = []
+        seq, link, epoch = tail.seq, tail.link, tail.epoch
+        key = self.key_for(epoch)
+        for p in pending:
+            seq += 1
+            record = p.record
+            if p.kind == "key_rotation":
+                record = {**record, "from_epoch": epoch, "to_epoch": epoch + 1}
+            body = canonical(envelope(self.name, seq, epoch, p.kind, p.time, record))
+            link = link_of(key, link, body)
+            out.append(
+                SealedRecord(self.name, seq, epoch, p.kind, p.time, body, link, projections(record))
+            )
+            if p.kind == "key_rotation":
+                epoch += 1
+                key = next_key(key)
+        return out, ChainTail(seq, link, epoch)
+
+    def seal_prune(
+        self, tail: ChainTail, through: ChainTail, cutoff: float, now: float
+    ) -> tuple[SealedRecord, Anchor]:
+        """The prune record appended to the chain and the anchor the pruned prefix leaves."""
+        record = {
+            "time": now,
+            "cutoff": cutoff,
+            "through_seq": through.seq,
+            "through_link": through.link.hex(),
+            "next_epoch": through.epoch,
+        }
+        (sealed,), _ = self.seal(tail, [PendingRecord("prune", now, record)])
+        key = self.key_for(tail.epoch)
+        unsigned = Anchor(self.name, through.seq, through.link, through.epoch, tail.epoch, now, b"")
+        mac = hmac.new(key, unsigned.signed_bytes(), hashlib.sha256).digest()
+        anchor = Anchor(self.name, through.seq, through.link, through.epoch, tail.epoch, now, mac)
+        return sealed, anchor

@@ -1,0 +1,288 @@
+"""The shared audit store: PostgreSQL via asyncpg, one chain per gateway instance."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from gateway.audit.chain import EMPTY_TAIL, Anchor, ChainTail, SealedRecord
+from gateway.audit.store import AuditStoreError, RecordFilter, Seal, SealPrune, StoredRecord
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_record (
+    pos bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    chain text NOT NULL,
+    seq bigint NOT NULL,
+    epoch integer NOT NULL,
+    kind text NOT NULL,
+    time double precision NOT NULL,
+    session_id text,
+    subject text,
+    target text,
+    action text,
+    request_id text,
+    text text,
+    body bytea NOT NULL,
+    link bytea NOT NULL,
+    UNIQUE (chain, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_record_time ON audit_record (time);
+CREATE INDEX IF NOT EXISTS audit_record_request ON audit_record (request_id)
+    WHERE request_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    chain text PRIMARY KEY,
+    through_seq bigint NOT NULL,
+    through_link bytea NOT NULL,
+    next_epoch integer NOT NULL,
+    signed_epoch integer NOT NULL,
+    time double precision NOT NULL,
+    mac bytea NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "pos, chain, seq, epoch, kind, time, body, link,"
+    " session_id, subject, target, action, request_id, text"
+)
+_INSERT = (
+    "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
+    " action, request_id, text, body, link)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+)
+# Serialises writers of one chain (and replicas creating the schema) inside a transaction.
+_LOCK_CHAIN = "SELECT pg_advisory_xact_lock(hashtext('pgwarden-audit:' || $1))"
+
+# Failures that happen before COMMIT is sent and leave nothing behind: one retry on a
+# fresh connection is safe (a terminated idle connection should not refuse a statement).
+_RETRYABLE = (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)
+
+
+def _row(r: Any) -> StoredRecord:
+    return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]), *tuple(r)[8:])
+
+
+def _insert_args(s: SealedRecord) -> tuple[Any, ...]:
+    c = s.columns
+    return (
+        s.chain, s.seq, s.epoch, s.kind, s.time, c["session_id"], c["subject"], c["target"],
+        c["action"], c["request_id"], c["text"], s.body, s.link,
+    )  # fmt: skip
+
+
+class _BeforeCommit(Exception):
+    pass
+
+
+class PostgresAuditStore:
+    """Several gateway replicas write one database, each its own chain (named by instance).
+
+    Per-replica chains rather than one global sequence: replicas never wait for each other,
+    each keeps its own key, and group commit stays a local matter. The price is that order
+    across replicas is by time, not by one sequence; each chain is still complete and ordered.
+    """
+
+    def __init__(self, dsn: str, timeout: float = 2.0) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self.commits = 0
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        await self._ensure_pool()
+
+    async def _ensure_pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=4, timeout=self.timeout,
+                command_timeout=self.timeout,
+            )  # fmt: skip
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise AuditStoreError(f"audit database unreachable: {exc}") from exc
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_LOCK_CHAIN, "schema")
+                await conn.execute(_SCHEMA)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            await pool.close()
+            raise AuditStoreError(f"audit database schema: {exc}") from exc
+        self._pool = pool
+        return pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _tail(self, conn: asyncpg.Connection, chain: str) -> ChainTail:
+        row = await conn.fetchrow(
+            "SELECT seq, link, epoch, kind FROM audit_record WHERE chain = $1"
+            " ORDER BY seq DESC LIMIT 1",
+            chain,
+        )
+        if row is not None:
+            return ChainTail.after(row[0], bytes(row[1]), row[2], row[3])
+        anchor = await self._anchor(conn, chain)
+        if anchor is not None:
+            return ChainTail(anchor.through_seq, anchor.through_link, anchor.next_epoch)
+        return EMPTY_TAIL
+
+    async def _transaction(
+        self, chain: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
+    ) -> T:
+        for attempt in (1, 2):
+            try:
+                result = await self._transaction_once(chain, work)
+            except _BeforeCommit as failed:
+                cause = failed.__cause__
+                if attempt == 1 and isinstance(cause, _RETRYABLE):
+                    continue
+                raise AuditStoreError(f"audit database: {cause}") from cause
+            self.commits += 1
+            return result
+        raise AssertionError("unreachable")
+
+    async def _transaction_once(
+        self, chain: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
+    ) -> T:
+        try:
+            pool = await self._ensure_pool()
+            conn = await pool.acquire(timeout=self.timeout)
+        except AuditStoreError:
+            raise
+        except Exception as exc:
+            raise _BeforeCommit() from exc
+        try:
+            tr = conn.transaction()
+            try:
+                await tr.start()
+                await conn.execute(_LOCK_CHAIN, chain)
+                result = await work(conn)
+            except Exception as exc:
+                if not conn.is_closed():
+                    # A failed rollback means the connection is dead; the pool discards it.
+                    with contextlib.suppress(Exception):
+                        await tr.rollback()
+                raise _BeforeCommit() from exc
+            try:
+                await tr.commit()
+            except Exception as exc:
+                # Whether the commit happened is unknown; never retry, let the caller refuse.
+                raise AuditStoreError(f"audit database commit failed: {exc}") from exc
+            return result
+        finally:
+            await pool.release(conn)
+
+    async def append(self, chain: str, seal: Seal) -> list[SealedRecord]:
+        async def work(conn: asyncpg.Connection) -> list[SealedRecord]:
+            sealed, _ = seal(await self._tail(conn, chain))
+            await conn.executemany(_INSERT, [_insert_args(s) for s in sealed])
+            return sealed
+
+        return await self._transaction(chain, work)
+
+    async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
+        async def work(conn: asyncpg.Connection) -> Anchor | None:
+            row = await conn.fetchrow(
+                "SELECT seq, link, epoch, kind FROM audit_record WHERE chain = $1 AND seq ="
+                " (SELECT max(seq) FROM audit_record WHERE chain = $1 AND time < $2)",
+                chain, cutoff,
+            )  # fmt: skip
+            if row is None:
+                return None
+            through = ChainTail.after(row[0], bytes(row[1]), row[2], row[3])
+            sealed, anchor = seal(await self._tail(conn, chain), through)
+            await conn.execute(_INSERT, *_insert_args(sealed))
+            await conn.execute(
+                "INSERT INTO audit_anchor VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (chain) DO"
+                " UPDATE SET through_seq = EXCLUDED.through_seq,"
+                " through_link = EXCLUDED.through_link, next_epoch = EXCLUDED.next_epoch,"
+                " signed_epoch = EXCLUDED.signed_epoch, time = EXCLUDED.time, mac = EXCLUDED.mac",
+                anchor.chain, anchor.through_seq, anchor.through_link, anchor.next_epoch,
+                anchor.signed_epoch, anchor.time, anchor.mac,
+            )  # fmt: skip
+            await conn.execute(
+                "DELETE FROM audit_record WHERE chain = $1 AND seq <= $2", chain, through.seq
+            )
+            return anchor
+
+        return await self._transaction(chain, work)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            pool = await self._ensure_pool()
+            return list(await pool.fetch(sql, *args))
+        except AuditStoreError:
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise AuditStoreError(f"audit database: {exc}") from exc
+
+    async def chains(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT chain FROM audit_record GROUP BY chain UNION SELECT chain FROM audit_anchor"
+            " ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
+    async def scan(
+        self, chain: str, after_seq: int = 0, batch: int = 1000
+    ) -> AsyncGenerator[StoredRecord, None]:
+        # Keyset pages on (chain, seq) rather than one long-lived cursor: memory stays flat
+        # and no transaction stays open against vacuum while a million records stream out.
+        while True:
+            rows = await self._fetch(
+                f"SELECT {_COLUMNS} FROM audit_record WHERE chain = $1 AND seq > $2"  # noqa: S608 - constant column list
+                " ORDER BY seq, pos LIMIT $3",
+                chain, after_seq, batch,
+            )  # fmt: skip
+            for r in rows:
+                yield _row(r)
+            if len(rows) < batch:
+                return
+            after_seq = rows[-1][2]
+
+    async def search(self, where: RecordFilter, limit: int) -> list[StoredRecord]:
+        clause, args = where.clauses(lambda i: f"${i}", "strpos(text, {}) > 0")
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM audit_record{clause} ORDER BY pos DESC"  # noqa: S608 - constant column list
+            f" LIMIT ${len(args) + 1}",
+            *args, limit,
+        )  # fmt: skip
+        return [_row(r) for r in rows]
+
+    async def after(self, pos: int, limit: int) -> list[StoredRecord]:
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM audit_record WHERE pos > $1 ORDER BY pos LIMIT $2",
+            pos,
+            limit,  # noqa: S608 - constant column list
+        )
+        return [_row(r) for r in rows]
+
+    async def get(self, chain: str, seq: int) -> StoredRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM audit_record WHERE chain = $1 AND seq = $2",
+            chain,
+            seq,  # noqa: S608 - constant column list
+        )
+        return _row(rows[0]) if rows else None
+
+    async def _anchor(self, conn: asyncpg.Connection, chain: str) -> Anchor | None:
+        row = await conn.fetchrow(
+            "SELECT chain, through_seq, through_link, next_epoch, signed_epoch, time, mac"
+            " FROM audit_anchor WHERE chain = $1",
+            chain,
+        )
+        if row is None:
+            return None
+        return Anchor(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], bytes(row[6]))
+
+    async def anchor(self, chain: str) -> Anchor | None:
+        pool = await self._ensure_pool()
+        async with pool.acquire() as conn:
+            return await self._anchor(conn, chain)

@@ -1,0 +1,163 @@
+"""Canonical bytes of audit records: one JSON form per event kind, signed byte for byte."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.identity.principal import Principal
+
+RecordKind = Literal[
+    "request", "outcome", "session_start", "session_end", "auth_failure", "key_rotation", "prune"
+]
+RECORD_KINDS: tuple[RecordKind, ...] = (
+    "request",
+    "outcome",
+    "session_start",
+    "session_end",
+    "auth_failure",
+    "key_rotation",
+    "prune",
+)
+
+# Sorted keys and no floats formatted by locale: the same record always gives the same bytes,
+# so a verifier re-reading the store computes the same HMAC the writer did.
+_CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=_CANONICAL)
+
+
+def principal_record(principal: Principal | None) -> dict[str, Any] | None:
+    # Claims are left out: they may carry personal data and are not part of the contract.
+    if principal is None:
+        return None
+    return {
+        "subject": principal.subject,
+        "issuer": principal.issuer,
+        "groups": list(principal.groups),
+        "token_id": principal.token_id,
+    }
+
+
+def request_record(req: StatementRequest) -> dict[str, Any]:
+    d = req.decision
+    return {
+        "time": req.time,
+        "instance": req.instance,
+        "session_id": req.session_id,
+        "client_addr": req.client_addr,
+        "application_name": req.application_name,
+        "principal": principal_record(req.principal),
+        "target": req.target,
+        "text": req.text,
+        "fingerprint": req.fingerprint,
+        "protocol": req.protocol,
+        "params": list(req.params),
+        "decision": {
+            "action": d.action,
+            "reasons": list(d.reasons),
+            "approvers": list(d.approvers),
+            "masks": [
+                {"schema": m.schema, "table": m.table, "column": m.column, "method": m.method}
+                for m in d.masks
+            ],
+            "decision_id": d.decision_id,
+            "bundle_revision": d.bundle_revision,
+            "cache_hit": d.cache_hit,
+        },
+        "approval_id": req.approval_id,
+        "masked_columns": list(req.masked_columns),
+        "record_rows": req.record_rows,
+    }
+
+
+def outcome_record(out: StatementOutcome, rows_limit: int, bytes_limit: int) -> dict[str, Any]:
+    rows, truncated = _bounded_rows(out.recorded_rows, rows_limit, bytes_limit)
+    return {
+        "request_id": out.request_id,
+        "time": out.time,
+        "command_tag": out.command_tag,
+        "rows": out.rows,
+        "sqlstate": out.sqlstate,
+        "error_message": out.error_message,
+        "duration_ms": out.duration_ms,
+        "bytes_out": out.bytes_out,
+        "forwarded": out.forwarded,
+        "recorded_rows": rows,
+        "recorded_rows_truncated": truncated,
+    }
+
+
+def _bounded_rows(
+    rows: tuple[tuple[str | None, ...], ...], rows_limit: int, bytes_limit: int
+) -> tuple[list[list[str | None]], bool]:
+    # Recorded rows are bounded so one large result cannot stall the writer or bloat the store.
+    kept: list[list[str | None]] = []
+    size = 0
+    for row in rows:
+        row_size = sum(len(v) for v in row if v is not None)
+        if len(kept) >= rows_limit or size + row_size > bytes_limit:
+            return kept, True
+        kept.append(list(row))
+        size += row_size
+    return kept, False
+
+
+def session_record(event: SessionEvent) -> dict[str, Any]:
+    return {
+        "time": event.time,
+        "instance": event.instance,
+        "session_id": event.session_id,
+        "client_addr": event.client_addr,
+        "application_name": event.application_name,
+        "startup_user": event.startup_user,
+        "target": event.target,
+        "principal": principal_record(event.principal),
+        "reason": event.reason,
+    }
+
+
+def envelope(
+    chain: str, seq: int, epoch: int, kind: RecordKind, time: float, record: dict[str, Any]
+) -> dict[str, Any]:
+    """What is signed: the record and its place in its chain."""
+    return {
+        "chain": chain,
+        "seq": seq,
+        "epoch": epoch,
+        "kind": kind,
+        "time": time,
+        "record": record,
+    }
+
+
+def record_id(chain: str, seq: int) -> str:
+    return f"{chain}:{seq}"
+
+
+def parse_record_id(value: str) -> tuple[str, int] | None:
+    chain, sep, seq = value.rpartition(":")
+    if not sep or not chain or not seq.isdigit():
+        return None
+    return chain, int(seq)
+
+
+def projections(record: dict[str, Any]) -> dict[str, Any]:
+    """The searchable columns a store keeps beside the signed body (verify re-derives them)."""
+    principal = record.get("principal") or {}
+    decision = record.get("decision") or {}
+    return {
+        "session_id": record.get("session_id"),
+        "subject": principal.get("subject"),
+        "target": record.get("target"),
+        "action": decision.get("action"),
+        "request_id": record.get("request_id"),
+        "text": record.get("text"),
+    }
+
+
+PROJECTED_COLUMNS = ("session_id", "subject", "target", "action", "request_id", "text")

@@ -1,0 +1,282 @@
+"""The embedded audit store: one SQLite file (WAL, synchronous=FULL) driven from one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sqlite3
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.audit.chain import EMPTY_TAIL, Anchor, ChainTail
+from gateway.audit.chain import SealedRecord as Sealed
+from gateway.audit.store import AuditStoreError, RecordFilter, Seal, SealPrune, StoredRecord
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_record (
+    pos INTEGER PRIMARY KEY,
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    session_id TEXT,
+    subject TEXT,
+    target TEXT,
+    action TEXT,
+    request_id TEXT,
+    text TEXT,
+    body BLOB NOT NULL,
+    link BLOB NOT NULL,
+    UNIQUE (chain, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_record_time ON audit_record (time);
+CREATE INDEX IF NOT EXISTS audit_record_request ON audit_record (request_id)
+    WHERE request_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    chain TEXT PRIMARY KEY,
+    through_seq INTEGER NOT NULL,
+    through_link BLOB NOT NULL,
+    next_epoch INTEGER NOT NULL,
+    signed_epoch INTEGER NOT NULL,
+    time REAL NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "pos, chain, seq, epoch, kind, time, body, link,"
+    " session_id, subject, target, action, request_id, text"
+)
+_INSERT = (
+    "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
+    " action, request_id, text, body, link) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _row(r: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]), *r[8:])
+
+
+def _insert_args(s: Sealed) -> tuple[Any, ...]:
+    c = s.columns
+    return (
+        s.chain, s.seq, s.epoch, s.kind, s.time, c["session_id"], c["subject"], c["target"],
+        c["action"], c["request_id"], c["text"], s.body, s.link,
+    )  # fmt: skip
+
+
+class SqliteAuditStore:
+    """All work runs on one dedicated thread, which owns the connection.
+
+    The file's inode is checked before every append: if the file was removed or replaced,
+    SQLite would go on writing to the unlinked inode and the records would be lost.
+    """
+
+    def __init__(self, path: Path, busy_timeout: float = 2.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.commits = 0
+        self._db: sqlite3.Connection | None = None
+        self._inode: int | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sqlite")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, fn)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        if self._db is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk (WAL fsynced) before COMMIT returns.
+        db.execute("PRAGMA synchronous = FULL")
+        db.executescript(_SCHEMA)
+        os.chmod(self.path, 0o600)
+        self._db = db
+        self._inode = os.stat(self.path).st_ino
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await self._run(close)
+        self._thread.shutdown(wait=True)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._open()
+        assert self._db is not None
+        return self._db
+
+    def _check_file(self) -> None:
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError as exc:
+            raise AuditStoreError(f"audit database {self.path} is gone: {exc}") from exc
+        if inode != self._inode:
+            raise AuditStoreError(f"audit database {self.path} was replaced")
+
+    def _tail(self, db: sqlite3.Connection, chain: str) -> ChainTail:
+        row = db.execute(
+            "SELECT seq, link, epoch, kind FROM audit_record WHERE chain = ?"
+            " ORDER BY seq DESC LIMIT 1",
+            (chain,),
+        ).fetchone()
+        if row is not None:
+            return ChainTail.after(row[0], bytes(row[1]), row[2], row[3])
+        anchor = self._anchor(db, chain)
+        if anchor is not None:
+            return ChainTail(anchor.through_seq, anchor.through_link, anchor.next_epoch)
+        return EMPTY_TAIL
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            db = self._conn()
+            self._check_file()
+            # IMMEDIATE takes the write lock before the tail is read: two writers of one
+            # chain (gateway and `audit prune`) cannot both extend the same tail.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise AuditStoreError(f"audit database {self.path}: {exc}") from exc
+        self.commits += 1
+        return result
+
+    async def append(self, chain: str, seal: Seal) -> list[Sealed]:
+        def work(db: sqlite3.Connection) -> list[Sealed]:
+            sealed, _ = seal(self._tail(db, chain))
+            db.executemany(_INSERT, [_insert_args(s) for s in sealed])
+            return sealed
+
+        return await self._run(lambda: self._transaction(work))
+
+    async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
+        def work(db: sqlite3.Connection) -> Anchor | None:
+            last = db.execute(
+                "SELECT max(seq) FROM audit_record WHERE chain = ? AND time < ?", (chain, cutoff)
+            ).fetchone()[0]
+            if last is None:
+                return None
+            seq, link, epoch, kind = db.execute(
+                "SELECT seq, link, epoch, kind FROM audit_record WHERE chain = ? AND seq = ?",
+                (chain, last),
+            ).fetchone()
+            through = ChainTail.after(seq, bytes(link), epoch, kind)
+            sealed, anchor = seal(self._tail(db, chain), through)
+            db.execute(_INSERT, _insert_args(sealed))
+            db.execute(
+                "INSERT OR REPLACE INTO audit_anchor VALUES (?,?,?,?,?,?,?)",
+                (
+                    anchor.chain, anchor.through_seq, anchor.through_link, anchor.next_epoch,
+                    anchor.signed_epoch, anchor.time, anchor.mac,
+                ),
+            )  # fmt: skip
+            db.execute("DELETE FROM audit_record WHERE chain = ? AND seq <= ?", (chain, last))
+            return anchor
+
+        return await self._run(lambda: self._transaction(work))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            try:
+                return fn(self._conn())
+            except sqlite3.Error as exc:
+                raise AuditStoreError(f"audit database {self.path}: {exc}") from exc
+
+        return await self._run(run)
+
+    async def chains(self) -> list[str]:
+        def q(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT DISTINCT chain FROM audit_record UNION SELECT chain FROM audit_anchor"
+                " ORDER BY 1"
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(q)
+
+    async def scan(
+        self, chain: str, after_seq: int = 0, batch: int = 1000
+    ) -> AsyncGenerator[StoredRecord, None]:
+        # Keyset pages on (chain, seq): memory stays flat on any size and no read
+        # transaction is held open against the writer.
+        def page(db: sqlite3.Connection, last: int) -> list[StoredRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM audit_record WHERE chain = ? AND seq > ?"  # noqa: S608 - constant column list
+                " ORDER BY seq, pos LIMIT ?",
+                (chain, last, batch),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        while True:
+            records = await self._read(functools.partial(page, last=after_seq))
+            for r in records:
+                yield r
+            if len(records) < batch:
+                return
+            after_seq = records[-1].seq
+
+    async def search(self, where: RecordFilter, limit: int) -> list[StoredRecord]:
+        clause, args = where.clauses(lambda _: "?", "instr(text, {}) > 0")
+
+        def q(db: sqlite3.Connection) -> list[StoredRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM audit_record{clause} ORDER BY pos DESC LIMIT ?",  # noqa: S608 - constant column list
+                (*args, limit),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self._read(q)
+
+    async def after(self, pos: int, limit: int) -> list[StoredRecord]:
+        def q(db: sqlite3.Connection) -> list[StoredRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM audit_record WHERE pos > ? ORDER BY pos LIMIT ?",  # noqa: S608 - constant column list
+                (pos, limit),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self._read(q)
+
+    async def get(self, chain: str, seq: int) -> StoredRecord | None:
+        def q(db: sqlite3.Connection) -> StoredRecord | None:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM audit_record WHERE chain = ? AND seq = ?",
+                (chain, seq),  # noqa: S608 - constant column list
+            ).fetchone()
+            return None if row is None else _row(row)
+
+        return await self._read(q)
+
+    def _anchor(self, db: sqlite3.Connection, chain: str) -> Anchor | None:
+        row = db.execute(
+            "SELECT chain, through_seq, through_link, next_epoch, signed_epoch, time, mac"
+            " FROM audit_anchor WHERE chain = ?",
+            (chain,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Anchor(row[0], row[1], bytes(row[2]), row[3], row[4], row[5], bytes(row[6]))
+
+    async def anchor(self, chain: str) -> Anchor | None:
+        return await self._read(lambda db: self._anchor(db, chain))

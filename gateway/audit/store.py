@@ -1,0 +1,128 @@
+"""What an audit store offers the writer, the verifier and the CLI, whatever its backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.audit.chain import Anchor, ChainTail, SealedRecord
+from gateway.audit.records import record_id
+
+Seal = Callable[[ChainTail], tuple[list[SealedRecord], ChainTail]]
+SealPrune = Callable[[ChainTail, ChainTail], tuple[SealedRecord, Anchor]]
+
+
+class AuditStoreError(Exception):
+    """The store could not do what was asked (I/O, lock timeout, lost connection, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as read back: the signed body and link, plus the searchable projections."""
+
+    pos: int
+    chain: str
+    seq: int
+    epoch: int
+    kind: str
+    time: float
+    body: bytes
+    link: bytes
+    session_id: str | None
+    subject: str | None
+    target: str | None
+    action: str | None
+    request_id: str | None
+    text: str | None
+
+    @property
+    def id(self) -> str:
+        return record_id(self.chain, self.seq)
+
+    def envelope(self) -> dict[str, Any]:
+        value: dict[str, Any] = orjson.loads(self.body)
+        return value
+
+    def record(self) -> dict[str, Any]:
+        value: dict[str, Any] = self.envelope()["record"]
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    subject: str | None = None
+    target: str | None = None
+    action: str | None = None
+    kind: str | None = None
+    session_id: str | None = None
+    request_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    # Substring of the statement text.
+    text: str | None = None
+
+    def clauses(self, placeholder: Callable[[int], str], contains: str) -> tuple[str, list[Any]]:
+        """A WHERE clause (or "") and its arguments.
+
+        `placeholder(i)` spells the i-th argument; `contains` is the backend's literal
+        substring test with {} for the argument (not LIKE: the user's text has no wildcards).
+        """
+        parts: list[str] = []
+        args: list[Any] = []
+
+        def add(sql: str, value: Any) -> None:
+            args.append(value)
+            parts.append(sql.format(placeholder(len(args))))
+
+        for column in ("subject", "target", "action", "kind", "session_id", "request_id"):
+            value = getattr(self, column)
+            if value is not None:
+                add(f"{column} = {{}}", value)
+        if self.since is not None:
+            add("time >= {}", self.since)
+        if self.until is not None:
+            add("time < {}", self.until)
+        if self.text is not None:
+            add(contains, self.text)
+        return (" WHERE " + " AND ".join(parts)) if parts else "", args
+
+
+class AuditStore(Protocol):
+    """A durable home for audit chains. Appends and prunes are one transaction each."""
+
+    commits: int
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def append(self, chain: str, seal: Seal) -> list[SealedRecord]:
+        """Read the chain's tail, seal the records onto it, insert, commit; durable on return."""
+        ...
+
+    async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
+        """Delete the chain's records older than `cutoff`, leaving a signed anchor."""
+        ...
+
+    async def chains(self) -> list[str]: ...
+
+    def scan(
+        self, chain: str, after_seq: int = 0, batch: int = 1000
+    ) -> AsyncGenerator[StoredRecord, None]:
+        """The chain's records in seq order, fetched `batch` at a time."""
+        ...
+
+    async def search(self, where: RecordFilter, limit: int) -> list[StoredRecord]:
+        """Matching records, newest first."""
+        ...
+
+    async def after(self, pos: int, limit: int) -> list[StoredRecord]:
+        """Records stored after position `pos` (in storage order), for following the trail."""
+        ...
+
+    async def get(self, chain: str, seq: int) -> StoredRecord | None: ...
+
+    async def anchor(self, chain: str) -> Anchor | None: ...
