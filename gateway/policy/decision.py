@@ -27,8 +27,11 @@ class Decision:
     bundle_revision: str | None = None
     cache_hit: bool = False
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # True when pgwarden denied on the policy's behalf (OPA down, malformed answer, ...):
+    # such a deny says nothing about the policy, so it is never cached.
+    refused: bool = False
 
     @classmethod
     def refuse(cls, reason: str) -> Decision:
         """A deny made by pgwarden itself (OPA unreachable, malformed answer, ...)."""
-        return cls(action="deny", reasons=(reason,))
+        return cls(action="deny", reasons=(reason,), refused=True)

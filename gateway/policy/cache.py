@@ -1,0 +1,150 @@
+"""A caching Decider: reuses a policy decision for an identical input under the same policy."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from gateway.policy.decision import Decision
+from gateway.proxy.ports import Decider
+
+# Revisions seen before the current one; an answer made under one of them is never stored.
+_RETIRED_KEEP = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    decision: Decision
+    revision: str
+    expires_at: float | None
+
+
+def input_digest(policy_input: dict[str, Any]) -> bytes:
+    """A stable digest of an input: canonical JSON (sorted keys), blake2b-128."""
+    return hashlib.blake2b(
+        orjson.dumps(policy_input, option=orjson.OPT_SORT_KEYS), digest_size=16
+    ).digest()
+
+
+class DecisionCache:
+    """Wraps a Decider; an LRU of its decisions keyed by input digest and bundle revision.
+
+    Only answers that carry a bundle revision are kept, because without one a policy change
+    could not be noticed. Refusals (pgwarden's own denies) are never kept, and no entry
+    outlives the token (`not_after`) it was decided for.
+    """
+
+    def __init__(
+        self,
+        inner: Decider,
+        *,
+        max_entries: int,
+        ttl_seconds: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.inner = inner
+        self.max_entries = max_entries
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._revision: str | None = None
+        self._retired: list[str] = []
+        # Between "the policy is about to change" and "OPA reports the new revision".
+        self._suspended = False
+        self._pending_from: str | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def revision(self) -> str | None:
+        return self._revision
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
+        key = input_digest(policy_input) if self.max_entries > 0 else b""
+        now = self._clock()
+        if key and not self._suspended and self._revision is not None:
+            entry = self._entries.get(key)
+            if entry is not None:
+                if entry.revision == self._revision and (
+                    entry.expires_at is None or now < entry.expires_at
+                ):
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return replace(entry.decision, cache_hit=True)
+                del self._entries[key]
+        self.misses += 1
+        decision = await self.inner.decide(policy_input, not_after=not_after)
+        if decision.bundle_revision is not None:
+            self.revision_seen(decision.bundle_revision)
+        if key:
+            self._store(key, decision, not_after, self._clock())
+        return decision
+
+    def revision_seen(self, revision: str | None) -> None:
+        """OPA reports this revision; a new one flushes the cache (and ends a suspension)."""
+        if revision is None or revision in self._retired:
+            return
+        if revision != self._revision:
+            if self._revision is not None:
+                self._retire(self._revision)
+            self._revision = revision
+            self._entries.clear()
+        self._suspended = False
+        self._pending_from = None
+
+    def policy_changing(self) -> None:
+        """A new policy is about to load: serve nothing until OPA reports another revision.
+
+        The current revision is retired, so late answers made under it are not kept either.
+        """
+        self._entries.clear()
+        self._suspended = True
+        if self._revision is not None:
+            self._retire(self._revision)
+            self._pending_from = self._revision
+            self._revision = None
+
+    def policy_unchanged(self) -> None:
+        """A pending change did not happen (OPA kept the old policy): the old revision stands."""
+        if self._pending_from is not None and self._revision is None:
+            self._retired.remove(self._pending_from)
+            self._revision = self._pending_from
+        self._pending_from = None
+        self._suspended = False
+
+    def opa_down(self) -> None:
+        """OPA is not answering: serve nothing from memory until it reports a revision again."""
+        self._entries.clear()
+        self._suspended = True
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _store(self, key: bytes, decision: Decision, not_after: float | None, now: float) -> None:
+        if decision.refused or self._suspended:
+            return
+        if decision.bundle_revision is None or decision.bundle_revision != self._revision:
+            return
+        expires_at = not_after
+        if self.ttl_seconds is not None:
+            ttl_end = now + self.ttl_seconds
+            expires_at = ttl_end if expires_at is None else min(expires_at, ttl_end)
+        if expires_at is not None and expires_at <= now:
+            return
+        self._entries[key] = _Entry(decision, decision.bundle_revision, expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def _retire(self, revision: str) -> None:
+        self._retired.append(revision)
+        del self._retired[:-_RETIRED_KEEP]

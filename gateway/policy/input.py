@@ -1,0 +1,86 @@
+"""Build the policy input document (schema version 1) for one statement."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.identity.principal import Principal
+
+INPUT_VERSION = 1
+
+
+class TargetLike(Protocol):
+    """What the input needs to know about the database a session reaches."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def database(self) -> str: ...
+
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+
+class SessionLike(Protocol):
+    """What the input needs to know about the client session."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def client_addr(self) -> str | None: ...
+
+    @property
+    def application_name(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    name: str
+    database: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    id: str
+    client_addr: str | None
+    application_name: str
+    # The startup packet's user: recorded for the policy, never trusted as identity.
+    user: str
+    in_transaction: bool = False
+
+
+def build_input(
+    principal: Principal,
+    target: TargetLike,
+    session: SessionLike,
+    statement: dict[str, Any],
+) -> dict[str, Any]:
+    """The input document for one statement; `statement` comes from StatementFacts.to_input."""
+    return {
+        "version": INPUT_VERSION,
+        "principal": principal.to_input(),
+        "target": {
+            "name": target.name,
+            "database": target.database,
+            "labels": dict(target.labels),
+        },
+        "session": {
+            "id": session.id,
+            "client_addr": session.client_addr,
+            "application_name": session.application_name,
+            "user": session.user,
+            "in_transaction": session.in_transaction,
+        },
+        "statement": statement,
+    }
