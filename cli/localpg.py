@@ -54,7 +54,9 @@ class LocalCluster:
     def ca_cert(self) -> Path:
         return self.base_dir / "tls" / "ca.crt"
 
-    def dsn(self, user: str = SUPERUSER, password: str = SUPERUSER_PASSWORD, dbname: str = "postgres") -> str:
+    def dsn(
+        self, user: str = SUPERUSER, password: str = SUPERUSER_PASSWORD, dbname: str = "postgres"
+    ) -> str:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}"
 
     def _as_owner(self, argv: list[str]) -> list[str]:
@@ -79,12 +81,27 @@ class LocalCluster:
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
         self._chown(pwfile)
         subprocess.run(
-            self._as_owner([
-                str(bindir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
-                "--pwfile", str(pwfile), "--auth-local", "trust", "--auth-host", "scram-sha-256",
-                "-E", "UTF8", "--locale", "C.UTF-8",
-            ]),
-            check=True, capture_output=True,
+            self._as_owner(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-local",
+                    "trust",
+                    "--auth-host",
+                    "scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale",
+                    "C.UTF-8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
         )
         pwfile.unlink()
         certs = ensure_server_cert(self.base_dir / "tls")
@@ -115,25 +132,68 @@ class LocalCluster:
                 "shared_buffers = 128MB\n"
             )
 
+    def running(self) -> bool:
+        status = subprocess.run(
+            self._as_owner([str(_pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "status"]),
+            check=False,
+            capture_output=True,
+        )
+        return status.returncode == 0
+
     def start(self) -> None:
         self.init()
         bindir = _pg_bindir()
+        if self.running():
+            self._bootstrap_roles()
+            return
         subprocess.run(
-            self._as_owner([
-                str(bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.base_dir / "postgres.log"),
-                "-w", "-t", "60", "-o", f"-p {self.port}", "start",
-            ]),
-            check=True, capture_output=True,
+            self._as_owner(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.base_dir / "postgres.log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    f"-p {self.port}",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
         )
         self._bootstrap_roles()
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         bindir = _pg_bindir()
-        psql = bindir / "psql" if (bindir / "psql").exists() else Path(shutil.which("psql") or "psql")
+        psql = (
+            bindir / "psql" if (bindir / "psql").exists() else Path(shutil.which("psql") or "psql")
+        )
         out = subprocess.run(
-            [str(psql), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-             "-p", str(self.port), "-U", SUPERUSER, "-d", dbname, "-c", sql],
-            check=True, capture_output=True, text=True,
+            [
+                str(psql),
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return out.stdout
 
@@ -150,6 +210,9 @@ class LocalCluster:
         if not (self.data_dir / "postmaster.pid").exists():
             return
         subprocess.run(
-            self._as_owner([str(_pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]),
-            check=False, capture_output=True,
+            self._as_owner(
+                [str(_pg_bindir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+            ),
+            check=False,
+            capture_output=True,
         )

@@ -24,6 +24,8 @@ class ListenerSettings(BaseModel):
     max_message_size: int = 64 * 1024 * 1024
     # Bound on the startup packet, which is read before the client is authenticated.
     max_startup_size: int = 10_000
+    # A client that has not authenticated within this time is disconnected.
+    startup_timeout_seconds: float = 30.0
 
 
 class IdentitySettings(BaseModel):

@@ -1,0 +1,67 @@
+# pgwarden: `make demo` runs the gateway on its embedded defaults; `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+STATE   := .pgwarden
+TOOLS   := $(STATE)/tools
+UV      := $(TOOLS)/bin/uv
+UV_VERSION := 0.13.9
+BIN     := $(STATE)/bin
+OPA     := $(BIN)/opa
+OPA_VERSION := v1.22.3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+
+export UV_PYTHON_DOWNLOADS := never
+export PGWARDEN_OPA_BINARY := $(abspath $(OPA))
+
+.PHONY: help deps python-deps postgres opa demo test rego-check lint bench
+
+help:
+	@echo "make demo   - run pgwarden on its embedded defaults (local PostgreSQL, OPA, SQLite audit)"
+	@echo "make test   - install what is needed, start the services and run the whole suite"
+	@echo "make bench  - pgbench through the gateway vs direct (and pgbouncer when installed)"
+
+deps: python-deps postgres opa
+
+# Python dependencies, exactly as locked, into a project-local virtualenv.
+$(UV):
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+python-deps: $(VENV)/.synced
+
+# PostgreSQL server binaries from Debian's packages when initdb/pg_ctl are missing.
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+# The real OPA binary, built from the Go module proxy into a project-local bin folder.
+$(OPA):
+	mkdir -p $(BIN)
+	CGO_ENABLED=0 GOBIN=$(abspath $(BIN)) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
+
+opa: $(OPA)
+
+rego-check: opa
+	@test -z "$$($(OPA) fmt --list rego)" || { echo "opa fmt: unformatted files:"; $(OPA) fmt --list rego; exit 1; }
+	$(OPA) check --strict rego bundles/pgwarden/data.json
+	$(OPA) test --coverage --threshold 90 rego bundles/pgwarden/data.json > $(STATE)/rego-coverage.json || { cat $(STATE)/rego-coverage.json | head -50; exit 1; }
+	@$(PY) -c "import json;print('rego coverage: %.1f%%' % json.load(open('$(STATE)/rego-coverage.json'))['coverage'])"
+	$(OPA) test rego bundles/pgwarden/data.json
+
+lint: python-deps
+	$(VENV)/bin/ruff check gateway cli tests bench
+	$(VENV)/bin/mypy
+
+test: deps rego-check
+	$(VENV)/bin/pytest
+
+demo: deps
+	$(VENV)/bin/pgwarden demo
+
+bench: deps
+	$(PY) bench/relay.py

@@ -1,0 +1,112 @@
+"""`pgwarden targets`: register, list and remove the databases clients reach through the gateway."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.context import fail, settings_of
+from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
+from gateway.settings import Settings
+
+app = typer.Typer(
+    help="Manage targets: the upstream databases a client selects by dbname.", no_args_is_help=True
+)
+
+
+def registry(settings: Settings) -> TargetRegistry:
+    return TargetRegistry(settings.state_dir / "targets.json")
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The name clients use as dbname.")],
+    host: Annotated[str, typer.Option(help="Upstream host.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Upstream port.")] = 5432,
+    dbname: Annotated[str, typer.Option(help="Upstream database name.")] = "postgres",
+    user: Annotated[str, typer.Option(help="Upstream role the gateway logs in as.")] = "postgres",
+    password_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the password.")
+    ] = None,
+    password_file: Annotated[str | None, typer.Option(help="File holding the password.")] = None,
+    sslmode: Annotated[
+        str, typer.Option(help="disable|prefer|require|verify-ca|verify-full")
+    ] = "prefer",
+    sslrootcert: Annotated[
+        str | None, typer.Option(help="CA file for verify-ca/verify-full.")
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="k=v label passed to policy; repeatable.")
+    ] = None,
+    replace: Annotated[bool, typer.Option(help="Replace an existing target of that name.")] = False,
+) -> None:
+    """Register a target. The credential is referenced (env var or file), never stored."""
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"label must be k=v, got {item!r}")
+        labels[key] = value
+    if sslmode not in SSL_MODES:
+        fail(f"sslmode must be one of {', '.join(SSL_MODES)}")
+    try:
+        target = Target(
+            name=name,
+            host=host,
+            port=port,
+            dbname=dbname,
+            user=user,
+            password_env=password_env,
+            password_file=password_file,
+            sslmode=sslmode,  # type: ignore[arg-type]
+            sslrootcert=sslrootcert,
+            labels=labels,
+        )
+        registry(settings_of(ctx)).add(target, replace=replace)
+    except TargetError as exc:
+        fail(str(exc))
+    typer.echo(f"target {name} added")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    json: Annotated[bool, typer.Option("--json", help="One JSON document for machines.")] = False,
+) -> None:
+    """List targets (credentials are shown only as where they come from)."""
+    targets = [t.describe() for t in registry(settings_of(ctx)).all()]
+    if json:
+        typer.echo(orjson.dumps(targets).decode())
+        return
+    table = Table("name", "host", "port", "dbname", "user", "sslmode", "credential", "labels")
+    for t in targets:
+        labels = t["labels"]
+        assert isinstance(labels, dict)
+        table.add_row(
+            str(t["name"]),
+            str(t["host"]),
+            str(t["port"]),
+            str(t["dbname"]),
+            str(t["user"]),
+            str(t["sslmode"]),
+            str(t["credential"]),
+            ",".join(f"{k}={v}" for k, v in labels.items()),
+        )
+    Console().print(table)
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Target to remove.")]
+) -> None:
+    """Remove a target; open sessions to it keep running until they end."""
+    try:
+        registry(settings_of(ctx)).remove(name)
+    except TargetError as exc:
+        fail(str(exc))
+    typer.echo(f"target {name} removed")

@@ -1,0 +1,285 @@
+"""The one place every statement passes through: analysis, policy decision and the
+write-ahead audit record, producing a verdict the session enforces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.identity.principal import Principal
+from gateway.policy.decision import Decision
+from gateway.protocol import ErrorResponse
+from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
+from gateway.proxy.tracker import StatementRun
+from gateway.sql.facts import StatementFacts
+
+# The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
+REFUSED = "42501"
+
+
+class Analyzer(Protocol):
+    def analyze(self, text: str) -> tuple[StatementFacts, ...]: ...
+
+
+class PreparedRegistry(Protocol):
+    def resolve(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]: ...
+
+    def register(self, name: str, facts: StatementFacts) -> None: ...
+
+
+class Catalog(Protocol):
+    async def resolve(
+        self, facts: StatementFacts, search_path: str | None = None
+    ) -> StatementFacts: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What the gate needs to know about the session to build policy inputs and records."""
+
+    instance: str
+    session_id: str
+    client_addr: str
+    application_name: str
+    startup_user: str
+    principal: Principal
+    target_name: str
+    target_database: str
+    target_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What to do with one client message that carries statements."""
+
+    allowed: bool
+    runs: list[StatementRun]
+    decisions: list[Decision]
+    # The ErrorResponse the client sees in place of the statement when refused.
+    refusal: bytes | None = None
+    facts: tuple[StatementFacts, ...] = ()
+
+
+def combine(decisions: Sequence[Decision]) -> Decision:
+    """A message is decided as a whole: any deny denies it; else any approval holds it."""
+    for wanted in ("deny", "approve"):
+        for d in decisions:
+            if d.action == wanted:
+                return d
+    return decisions[0] if decisions else Decision.refuse("empty statement list")
+
+
+def refusal_error(decision: Decision) -> bytes:
+    reason = "; ".join(decision.reasons) or "no reason given"
+    if decision.action == "approve":
+        message = f"pgwarden: approval required: {reason}"
+    else:
+        message = f"pgwarden: statement denied: {reason}"
+    detail = f"decision id: {decision.decision_id}" if decision.decision_id else None
+    return ErrorResponse.build("ERROR", REFUSED, message, detail=detail).encode()
+
+
+def refusal_for(message: str, sqlstate: str = REFUSED) -> bytes:
+    return ErrorResponse.build("ERROR", sqlstate, f"pgwarden: {message}").encode()
+
+
+class StatementGate:
+    """Per-session: turns statement text into a verdict, recording each statement first."""
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        *,
+        analyzer: Analyzer,
+        prepared: PreparedRegistry,
+        catalog: Catalog | None,
+        decider: Decider,
+        audit: AuditSink,
+        audit_fail_open: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self._analyzer = analyzer
+        self.prepared = prepared
+        self._catalog = catalog
+        self._decider = decider
+        self._audit = audit
+        self._fail_open = audit_fail_open
+        self.in_transaction = False
+        self.search_path: str | None = None
+        self._principal_input = ctx.principal.to_input()
+        self._target_input = {
+            "name": ctx.target_name,
+            "database": ctx.target_database,
+            "labels": dict(ctx.target_labels),
+        }
+
+    # -- analysis and decision -------------------------------------------------------
+
+    async def _facts(self, text: str) -> tuple[StatementFacts, ...]:
+        facts = self.prepared.resolve(self._analyzer.analyze(text))
+        if self._catalog is not None:
+            facts = tuple([await self._catalog.resolve(f, self.search_path) for f in facts])
+        return facts
+
+    def _input(
+        self, facts: StatementFacts, protocol: str, index: int, count: int, params: list[str | None]
+    ) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "principal": self._principal_input,
+            "target": self._target_input,
+            "session": {
+                "id": self.ctx.session_id,
+                "client_addr": self.ctx.client_addr,
+                "application_name": self.ctx.application_name,
+                "user": self.ctx.startup_user,
+                "in_transaction": self.in_transaction,
+            },
+            "statement": facts.to_input(protocol=protocol, index=index, count=count, params=params),
+        }
+
+    async def _decide_all(
+        self, facts: tuple[StatementFacts, ...], protocol: str, params: list[str | None]
+    ) -> list[Decision]:
+        not_after = self.ctx.principal.expires_at
+        count = len(facts)
+        inputs = [self._input(f, protocol, i, count, params) for i, f in enumerate(facts)]
+        if count == 1:
+            return [await self._decider.decide(inputs[0], not_after=not_after)]
+        return list(
+            await asyncio.gather(*(self._decider.decide(i, not_after=not_after) for i in inputs))
+        )
+
+    # -- write-ahead audit -------------------------------------------------------------
+
+    async def _record(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        protocol: str,
+        params: tuple[str | None, ...],
+    ) -> list[str | None]:
+        now = time.time()
+        records = [
+            StatementRequest(
+                time=now,
+                instance=self.ctx.instance,
+                session_id=self.ctx.session_id,
+                client_addr=self.ctx.client_addr,
+                application_name=self.ctx.application_name,
+                principal=self.ctx.principal,
+                target=self.ctx.target_name,
+                text=f.text,
+                fingerprint=f.fingerprint,
+                protocol=protocol,
+                params=params,
+                decision=d,
+                masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
+            )
+            for f, d in zip(facts, decisions, strict=True)
+        ]
+        if len(records) == 1:
+            return [await self._audit.request(records[0])]
+        return list(await asyncio.gather(*(self._audit.request(r) for r in records)))
+
+    async def _verdict(
+        self,
+        facts: tuple[StatementFacts, ...],
+        protocol: str,
+        params: tuple[str | None, ...],
+        *,
+        record: bool,
+    ) -> Verdict:
+        decisions = await self._decide_all(facts, protocol, list(params))
+        combined = combine(decisions)
+        allowed = combined.action == "allow"
+        request_ids: list[str | None] = [None] * len(facts)
+        if record or not allowed:
+            try:
+                request_ids = await self._record(facts, decisions, protocol, params)
+            except AuditUnavailable as exc:
+                if not self._fail_open:
+                    return Verdict(
+                        False,
+                        [],
+                        decisions,
+                        refusal_for(f"audit store unavailable, statement not run ({exc})", "58000"),
+                        facts,
+                    )
+        runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
+        refusal = None if allowed else refusal_error(combined)
+        if not allowed:
+            for run in runs:
+                run.sqlstate = REFUSED
+                run.error_message = "refused by policy"
+        return Verdict(allowed, runs, decisions, refusal, facts)
+
+    async def check_query(self, text: str) -> Verdict:
+        """A simple-protocol Query: every statement in it, decided as a whole, recorded first."""
+        facts = await self._facts(text)
+        if not facts:
+            return Verdict(True, [], [], None, facts)
+        return await self._verdict(facts, "simple", (), record=True)
+
+    async def check_parse(self, text: str) -> Verdict:
+        """A Parse: decided on its text; recorded only when refused (Execute records runs)."""
+        facts = await self._facts(text)
+        if not facts:
+            return Verdict(True, [], [], None, facts)
+        return await self._verdict(facts, "extended", (), record=False)
+
+    async def check_execute(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        params: tuple[str | None, ...],
+    ) -> Verdict:
+        """An Execute of a statement allowed at Parse: recorded, with its parameters, before it runs."""
+        try:
+            request_ids = await self._record(facts, decisions, "extended", params)
+        except AuditUnavailable as exc:
+            if not self._fail_open:
+                return Verdict(
+                    False,
+                    [],
+                    decisions,
+                    refusal_for(f"audit store unavailable, statement not run ({exc})", "58000"),
+                    facts,
+                )
+            request_ids = [None] * len(facts)
+        return Verdict(
+            True,
+            [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)],
+            decisions,
+            None,
+            facts,
+        )
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def outcome(self, run: StatementRun, *, forwarded: bool = True) -> None:
+        """Write the outcome record of one run, without holding up the relay."""
+        if run.request_id is None:
+            return
+        record = StatementOutcome(
+            request_id=run.request_id,
+            time=time.time(),
+            command_tag=run.command_tag,
+            rows=run.rows if run.command_tag is not None else None,
+            sqlstate=run.sqlstate,
+            error_message=run.error_message,
+            duration_ms=(time.perf_counter() - run.started) * 1000.0,
+            bytes_out=run.bytes_out,
+            recorded_rows=tuple(run.recorded),
+            forwarded=forwarded,
+        )
+        task = asyncio.ensure_future(self._audit.outcome(record))
+        _PENDING_OUTCOMES.add(task)
+        task.add_done_callback(_PENDING_OUTCOMES.discard)
+
+
+_PENDING_OUTCOMES: set[asyncio.Future[None]] = set()

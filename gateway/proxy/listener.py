@@ -1,0 +1,82 @@
+"""The asyncio listener and what every session shares: settings, targets, the ports, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.proxy.cancel import CancelKeys
+from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
+from gateway.proxy.ports import AuditSink, Decider, TokenVerifier
+from gateway.proxy.session import ClientSession
+from gateway.proxy.targets import Target, TargetRegistry
+from gateway.settings import Settings
+
+log = logging.getLogger("pgwarden.listener")
+
+
+@dataclass
+class GatewayContext:
+    """Everything sessions share; built once by the composition root."""
+
+    settings: Settings
+    targets: TargetRegistry
+    verifier: TokenVerifier
+    decider: Decider
+    audit: AuditSink
+    analyzer: Analyzer
+    new_prepared: Callable[[], PreparedRegistry]
+    catalog_for: Callable[[Target], Catalog | None]
+    environ: Mapping[str, str]
+    server_tls: ssl.SSLContext | None = None
+    cancel_keys: CancelKeys = field(default_factory=CancelKeys)
+    sessions: set[ClientSession] = field(default_factory=set)
+    background: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def make_gate(self, session: ClientSession, ctx: SessionContext) -> StatementGate:
+        assert session.target is not None
+        return StatementGate(
+            ctx,
+            analyzer=self.analyzer,
+            prepared=self.new_prepared(),
+            catalog=self.catalog_for(session.target),
+            decider=self.decider,
+            audit=self.audit,
+            audit_fail_open=self.settings.audit.fail_open,
+        )
+
+    def after_ddl(self, session: ClientSession) -> None:
+        """DDL may change what `*` means: drop the target's cached catalog entries."""
+        if session.target is None:
+            return
+        catalog = self.catalog_for(session.target)
+        invalidate = getattr(catalog, "invalidate", None)
+        if callable(invalidate):
+            invalidate()
+
+
+class Listener:
+    """Accepts client connections; each becomes a ClientSession."""
+
+    def __init__(self, gw: GatewayContext) -> None:
+        self.gw = gw
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        s = self.gw.settings.listener
+        self._server = await loop.create_server(
+            lambda: ClientSession(self.gw), s.host, s.port, reuse_address=True, backlog=1024
+        )
+        sock = self._server.sockets[0].getsockname()
+        return str(sock[0]), int(sock[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for session in list(self.gw.sessions):
+                session._fatal("57P01", "pgwarden: the gateway is shutting down")
+            await self._server.wait_closed()

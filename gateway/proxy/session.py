@@ -1,0 +1,1082 @@
+"""One client connection: startup, TLS, token login, the upstream login, then the relay in
+both directions with every statement passing through the session's StatementGate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import struct
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any, cast
+
+from gateway.audit.events import SessionEvent
+from gateway.identity.principal import Principal, TokenRejected
+from gateway.policy.decision import Decision
+from gateway.protocol import (
+    AuthenticationCleartextPassword,
+    AuthenticationOk,
+    BackendKeyData,
+    Bind,
+    CancelRequest,
+    CommandComplete,
+    ErrorResponse,
+    Execute,
+    GSSENCRequest,
+    NegotiateProtocolVersion,
+    Parse,
+    PasswordMessage,
+    ProtocolViolation,
+    Query,
+    ReadyForQuery,
+    SSLRequest,
+    StartupMessage,
+    decode_startup,
+)
+from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.tls import TlsLayer
+from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
+from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from gateway.sql.facts import StatementFacts
+
+if TYPE_CHECKING:
+    from gateway.proxy.listener import GatewayContext
+    from gateway.proxy.targets import Target
+
+log = logging.getLogger("pgwarden.session")
+
+_LEN = struct.Struct("!I")
+_HEADER = struct.Struct("!BI")
+_TLS_HANDSHAKE = 0x16
+
+# Startup parameters relayed upstream. Anything else is a setting (PostgreSQL treats unknown
+# startup parameters as GUCs, so `role=...` would be SET ROLE) and goes through policy.
+_RELAYED_PARAMETERS = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "extra_float_digits",
+        "IntervalStyle",
+    }
+)
+# Client messages the relay passes through untouched.
+_PASS = frozenset(b"DCSHdcf")
+# Server messages whose bodies the relay needs to read.
+_SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
+
+# Python codec names for PostgreSQL's client_encoding values that clients actually use.
+_ENCODINGS = {
+    "UTF8": "utf-8",
+    "UNICODE": "utf-8",
+    "SQL_ASCII": "ascii",
+    "LATIN1": "latin-1",
+    "LATIN9": "iso8859-15",
+    "WIN1252": "cp1252",
+    "WIN1251": "cp1251",
+    "EUC_JP": "euc_jp",
+    "SJIS": "shift_jis",
+    "GBK": "gbk",
+    "UHC": "cp949",
+    "BIG5": "big5",
+    "EUC_KR": "euc_kr",
+    "KOI8R": "koi8_r",
+    "ISO_8859_5": "iso8859-5",
+}
+
+
+class Phase(Enum):
+    STARTUP = auto()
+    PASSWORD = auto()
+    CONNECTING = auto()
+    RELAY = auto()
+    CLOSED = auto()
+
+
+@dataclass(slots=True)
+class PreparedStatement:
+    facts: tuple[StatementFacts, ...]
+    decisions: list[Decision]
+
+
+@dataclass(slots=True)
+class Portal:
+    statement: str
+    params: tuple[str | None, ...]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "")
+
+
+def _param_text(value: bytes | None, fmt: int) -> str | None:
+    if value is None:
+        return None
+    if fmt == 0:
+        return value.decode("utf-8", "replace")
+    return "\\x" + value.hex()
+
+
+class ClientSession(asyncio.Protocol):
+    """State per client; the relay runs on transport callbacks, not streams, for speed."""
+
+    def __init__(self, gw: GatewayContext) -> None:
+        self.gw = gw
+        self.phase = Phase.STARTUP
+        self.id = str(uuid.uuid4())
+        self.transport: asyncio.Transport | None = None
+        self.client_addr = ""
+        self._tls: TlsLayer | None = None
+        self._ssl_asked = False
+        self._inbuf = bytearray()
+        self._startup: StartupMessage | None = None
+        self.principal: Principal | None = None
+        self.target: Target | None = None
+        self.up: UpstreamConnection | None = None
+        self.gate: StatementGate | None = None
+        self.tracker = ResponseTracker()
+        self.encoding = "utf-8"
+        self._busy = False
+        self._paused_by_upstream = False
+        self._paused_by_client = False
+        self._sbuf = bytearray()
+        # Bytes of an oversized pass-through server frame still to relay without buffering.
+        self._skip = 0
+        self._statements: dict[str, PreparedStatement] = {}
+        self._portals: dict[str, Portal] = {}
+        # After pgwarden refused an extended-protocol message, the server discards until Sync.
+        self._discarding = False
+        self._cancel_secret: bytes | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._startup_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._end_reason = "client quit"
+        self._started_at = time.time()
+
+    # -- connection callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "local"
+        self.gw.sessions.add(self)
+        loop = asyncio.get_running_loop()
+        self._startup_timer = loop.call_later(
+            self.gw.settings.listener.startup_timeout_seconds, self._startup_timeout
+        )
+
+    def _startup_timeout(self) -> None:
+        if self.phase in (Phase.STARTUP, Phase.PASSWORD):
+            self._fatal("08006", "pgwarden: startup timed out")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        was = self.phase
+        self.phase = Phase.CLOSED
+        self.gw.sessions.discard(self)
+        for handle in (self._recheck, self._startup_timer):
+            if handle is not None:
+                handle.cancel()
+        if self.up is not None:
+            self.gw.cancel_keys.release(self.up.process_id, self)
+            self.up.transport.close()
+        for task in self._tasks:
+            task.cancel()
+        if self.gate is not None:
+            for e in self.tracker.clear():
+                for run in e.runs:
+                    if not run.done:
+                        run.error_message = (
+                            run.error_message or "client disconnected before the outcome"
+                        )
+                        self.gate.outcome(run)
+        if was in (Phase.RELAY, Phase.CONNECTING) and self.principal is not None:
+            self._session_event("session_end", self._end_reason)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            try:
+                data = self._tls.receive(data)
+            except Exception:
+                self._abort("TLS error")
+                return
+            if not data:
+                return
+        phase = self.phase
+        if phase is Phase.RELAY:
+            self._client_data(data)
+        elif phase is Phase.STARTUP:
+            self._inbuf += data
+            self._startup_data()
+        elif phase is Phase.PASSWORD:
+            self._inbuf += data
+            self._password_data()
+        elif phase is Phase.CONNECTING:
+            self._inbuf += data
+            if len(self._inbuf) > self.gw.settings.listener.max_message_size:
+                self._fatal("08P01", "pgwarden: too much data before the session was ready")
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server answers: stop reading the server.
+        self._paused_by_client = True
+        if self.up is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_by_client = False
+        if self.up is not None:
+            self.up.transport.resume_reading()
+
+    # -- output helpers ------------------------------------------------------------------
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._tls is not None:
+            self._tls.send(data)
+        else:
+            self.transport.write(data)
+
+    def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self._send(ErrorResponse.build("FATAL", sqlstate, message, detail=detail).encode())
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if self._tls is not None:
+                with contextlib.suppress(Exception):
+                    self._tls.close()
+            self.transport.close()
+        if self.up is not None:
+            self.up.transport.close()
+
+    def _abort(self, reason: str) -> None:
+        self._end_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+        if self.up is not None:
+            self.up.transport.abort()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("session %s: internal error", self.id, exc_info=exc)
+            self._fatal("XX000", "pgwarden: internal error; the session is closed")
+
+    def _session_event(self, kind: str, reason: str = "") -> None:
+        startup = self._startup.parameters if self._startup else {}
+        event = SessionEvent(
+            kind=kind,  # type: ignore[arg-type]
+            time=time.time(),
+            instance=self.gw.settings.instance,
+            session_id=self.id,
+            client_addr=self.client_addr,
+            application_name=startup.get("application_name", ""),
+            startup_user=startup.get("user", ""),
+            target=startup.get("database", ""),
+            principal=self.principal,
+            reason=reason,
+        )
+        task = asyncio.ensure_future(self.gw.audit.session(event))
+        self.gw.background.add(task)
+        task.add_done_callback(self.gw.background.discard)
+
+    # -- startup -------------------------------------------------------------------------
+
+    def _startup_data(self) -> None:
+        buf = self._inbuf
+        if not buf:
+            return
+        if buf[0] == _TLS_HANDSHAKE and self._tls is None:
+            # Direct TLS (PostgreSQL 17+): the first bytes are a TLS ClientHello.
+            self._begin_tls(direct=True)
+            return
+        if len(buf) < 4:
+            return
+        (length,) = _LEN.unpack_from(buf, 0)
+        if length < 8 or length > self.gw.settings.listener.max_startup_size:
+            self._fatal("08P01", "pgwarden: invalid startup packet length")
+            return
+        if len(buf) < length:
+            return
+        body = bytes(buf[4:length])
+        del buf[:length]
+        try:
+            packet = decode_startup(body)
+        except ProtocolViolation as exc:
+            self._fatal("08P01", f"pgwarden: invalid startup packet: {exc}")
+            return
+        if isinstance(packet, SSLRequest):
+            if self._tls is not None or self._ssl_asked:
+                self._fatal("08P01", "pgwarden: duplicate SSLRequest")
+                return
+            self._ssl_asked = True
+            if self.gw.server_tls is None:
+                self._send(b"N")
+                self._startup_data()
+                return
+            if buf:
+                # Bytes sent before the TLS handshake would be trusted as if encrypted
+                # (CVE-2021-23222): a protocol violation.
+                self._fatal("08P01", "pgwarden: received unencrypted data after SSL request")
+                return
+            self._send(b"S")
+            self._begin_tls(direct=False)
+            return
+        if isinstance(packet, GSSENCRequest):
+            self._send(b"N")
+            self._startup_data()
+            return
+        if isinstance(packet, CancelRequest):
+            self._handle_cancel(packet)
+            return
+        assert isinstance(packet, StartupMessage)
+        self._on_startup(packet)
+
+    def _begin_tls(self, *, direct: bool) -> None:
+        assert self.transport is not None
+        if self.gw.server_tls is None:
+            self._abort("direct TLS without a certificate")
+            return
+        transport = self.transport
+        self._tls = TlsLayer(self.gw.server_tls, transport.write)
+        if direct:
+            pending = bytes(self._inbuf)
+            self._inbuf.clear()
+            try:
+                plain = self._tls.receive(pending)
+            except Exception:
+                self._abort("TLS error")
+                return
+            if self._tls.handshake_done and self._tls.alpn != "postgresql":
+                self._abort("direct TLS without ALPN postgresql")
+                return
+            if plain:
+                self._inbuf += plain
+                self._startup_data()
+
+    def _handle_cancel(self, packet: CancelRequest) -> None:
+        session = self.gw.cancel_keys.find(packet.process_id, packet.secret_key)
+        if session is not None:
+            session.cancel_running()
+        # PostgreSQL answers a cancel with nothing but closing the connection.
+        self._close()
+
+    def cancel_running(self) -> None:
+        if self.up is None or self.target is None or not self.tracker.running():
+            return
+        target, pid, key = self.target, self.up.process_id, self.up.secret_key
+        task = asyncio.ensure_future(send_cancel(target, pid, key))
+        self.gw.background.add(task)
+        task.add_done_callback(self.gw.background.discard)
+
+    def _on_startup(self, msg: StartupMessage) -> None:
+        params = msg.parameters
+        self._startup = msg
+        if msg.major != 3:
+            self._fatal("0A000", f"pgwarden: unsupported frontend protocol {msg.major}.{msg.minor}")
+            return
+        if "replication" in params and params["replication"].lower() not in (
+            "false",
+            "off",
+            "no",
+            "0",
+        ):
+            self._fatal("28000", "pgwarden: replication connections are not supported")
+            return
+        target_name = params.get("database") or params.get("user", "")
+        target = self.gw.targets.get(target_name)
+        if target is None:
+            self._fatal(
+                "3D000",
+                f'pgwarden: no target named "{target_name}" (the database name selects the target)',
+            )
+            return
+        self.target = target
+        tls = self._tls is not None
+        if (
+            not tls
+            and not _is_loopback(self.client_addr)
+            and not self.gw.settings.listener.allow_plaintext_password
+        ):
+            self._fatal(
+                "28000", "pgwarden: TLS is required to send a token (connect with sslmode=require)"
+            )
+            return
+        if msg.minor > 0:
+            # We speak 3.0 with upstream; tell the client so and ignore _pq_ options.
+            unknown = tuple(k for k in params if k.startswith("_pq_."))
+            self._send(NegotiateProtocolVersion(0, unknown).encode())
+        self.phase = Phase.PASSWORD
+        self._send(AuthenticationCleartextPassword().encode())
+        if self._inbuf:
+            self._password_data()
+
+    def _password_data(self) -> None:
+        buf = self._inbuf
+        if len(buf) < 5:
+            return
+        code, length = _HEADER.unpack_from(buf, 0)
+        if code != ord("p") or length < 4 or length > 65536:
+            self._fatal("08P01", "pgwarden: expected a password message")
+            return
+        if len(buf) < length + 1:
+            return
+        body = bytes(buf[5 : length + 1])
+        del buf[: length + 1]
+        try:
+            token = PasswordMessage.decode(body).password
+        except ProtocolViolation:
+            self._fatal("08P01", "pgwarden: malformed password message")
+            return
+        self.phase = Phase.CONNECTING
+        self._spawn(self._login(token))
+
+    async def _login(self, token: str) -> None:
+        assert self.target is not None and self._startup is not None
+        try:
+            principal = await self.gw.verifier.verify(token.strip())
+        except TokenRejected as exc:
+            self._session_event("auth_failure", exc.check)
+            self._fatal("28P01", f"pgwarden: token rejected: {exc.check}")
+            return
+        self.principal = principal
+        params = self._startup.parameters
+        relayed = {k: v for k, v in params.items() if k in _RELAYED_PARAMETERS}
+        settings_sql = self._startup_settings(params)
+        if settings_sql is None:
+            return
+        try:
+            up = await connect_upstream(self.target, self.gw.environ, relayed)
+        except UpstreamError as exc:
+            self._session_event("auth_failure", str(exc))
+            self._fatal(exc.sqlstate, f"pgwarden: {exc}")
+            return
+        if self.phase is Phase.CLOSED:
+            up.transport.close()
+            return
+        self.up = up
+        self.gate = self.gw.make_gate(
+            self,
+            SessionContext(
+                instance=self.gw.settings.instance,
+                session_id=self.id,
+                client_addr=self.client_addr,
+                application_name=params.get("application_name", ""),
+                startup_user=params.get("user", ""),
+                principal=principal,
+                target_name=self.target.name,
+                target_database=self.target.dbname,
+                target_labels=dict(self.target.labels),
+            ),
+        )
+        self._session_event("session_start")
+        if settings_sql:
+            # Startup `options -c name=value` are statements like any other: decide them.
+            verdict = await self.gate.check_query(settings_sql)
+            if not verdict.allowed:
+                self._fatal(
+                    REFUSED, f"pgwarden: startup option refused: {self._refusal_text(verdict)}"
+                )
+                return
+            for run in verdict.runs:
+                run.command_tag = "SET"
+                run.done = True
+                self.gate.outcome(run)
+            up.parameters.update(await self._apply_startup_settings(settings_sql))
+        self._begin_relay(up)
+
+    def _refusal_text(self, verdict: Verdict) -> str:
+        if verdict.refusal is None:
+            return "refused"
+        return ErrorResponse.decode(verdict.refusal[5:]).message or "refused"
+
+    def _startup_settings(self, params: dict[str, str]) -> str | None:
+        """`options -c a=b` and unknown startup parameters, as SET statements (None: refused)."""
+        sets: list[tuple[str, str]] = []
+        for key, value in params.items():
+            if (
+                key in _RELAYED_PARAMETERS
+                or key in ("user", "database", "replication")
+                or key.startswith("_pq_.")
+            ):
+                continue
+            if key == "options":
+                words = value.replace("\\ ", "\0").split()
+                i = 0
+                while i < len(words):
+                    word = words[i]
+                    if word == "-c" and i + 1 < len(words):
+                        setting = words[i + 1]
+                        i += 2
+                    elif word.startswith("-c") or (word.startswith("--") and "=" in word):
+                        setting = word[2:]
+                        i += 1
+                    else:
+                        self._fatal("42501", f"pgwarden: unsupported startup option {word!r}")
+                        return None
+                    name, sep, val = setting.replace("\0", " ").partition("=")
+                    if not sep:
+                        self._fatal("42601", f"pgwarden: malformed startup option {setting!r}")
+                        return None
+                    sets.append((name.replace("-", "_"), val))
+            else:
+                sets.append((key, value))
+        return "".join(
+            f'SET "{n.replace(chr(34), chr(34) * 2)}" TO {_quote_literal(v)};' for n, v in sets
+        )
+
+    async def _apply_startup_settings(self, sql: str) -> dict[str, str]:
+        """Run the allowed startup settings upstream before the client's first statement."""
+        assert self.up is not None
+        proto = self.up.protocol
+        self.up.transport.write(Query(sql.encode()).encode())
+        reported: dict[str, str] = {}
+        from gateway.protocol import ParameterStatus, decode_backend
+
+        while True:
+            code, body = await proto.read_frame()
+            if code == ord("Z"):
+                return reported
+            if code == ord("S"):
+                ps = decode_backend(code, body)
+                assert isinstance(ps, ParameterStatus)
+                reported[ps.name] = ps.value
+            elif code == ord("E"):
+                err = ErrorResponse.decode(body)
+                self._fatal(
+                    err.sqlstate or "22023", f"pgwarden: startup option failed: {err.message}"
+                )
+                raise asyncio.CancelledError
+
+    def _begin_relay(self, up: UpstreamConnection) -> None:
+        assert self.transport is not None
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+        proto = up.protocol
+        proto.on_data = self._server_data
+        proto.on_lost = self._upstream_lost
+        proto.on_pause = self._upstream_paused
+        proto.on_resume = self._upstream_resumed
+        self._cancel_secret = self.gw.cancel_keys.issue(
+            up.process_id, self, len(up.secret_key) or 4
+        )
+        out = [AuthenticationOk().encode()]
+        for name, value in up.parameters.items():
+            from gateway.protocol import ParameterStatus
+
+            out.append(ParameterStatus(name, value).encode())
+        encoding = up.parameters.get("client_encoding", "UTF8")
+        self.encoding = _ENCODINGS.get(encoding.upper(), "utf-8")
+        out.append(BackendKeyData(up.process_id, self._cancel_secret).encode())
+        out.append(ReadyForQuery("I").encode())
+        self._send(b"".join(out))
+        self.phase = Phase.RELAY
+        self._schedule_recheck()
+        if up.leftover:
+            self._server_data(up.leftover)
+        if self._inbuf:
+            data = bytes(self._inbuf)
+            self._inbuf.clear()
+            self._client_data(data)
+
+    def _schedule_recheck(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._recheck = loop.call_later(
+            self.gw.settings.identity.recheck_seconds, self._recheck_token
+        )
+
+    def _recheck_token(self) -> None:
+        if self.phase is not Phase.RELAY or self.principal is None:
+            return
+        reason = self.gw.verifier.still_valid(self.principal)
+        if reason is not None:
+            self._end_session_for_token(reason)
+            return
+        self._schedule_recheck()
+
+    def _end_session_for_token(self, reason: str) -> None:
+        self._end_reason = reason
+        self._fatal("28P01", f"pgwarden: session ended: {reason}")
+
+    def _upstream_lost(self, exc: BaseException | None) -> None:
+        if self.phase is Phase.RELAY:
+            self._end_reason = "target closed the connection"
+            self._close()
+
+    def _upstream_paused(self) -> None:
+        self._paused_by_upstream = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _upstream_resumed(self) -> None:
+        self._paused_by_upstream = False
+        if self.transport is not None and not self._busy:
+            self.transport.resume_reading()
+
+    # -- relay: client to server ---------------------------------------------------------
+
+    def _client_data(self, data: bytes) -> None:
+        buf = self._inbuf
+        buf += data
+        if self._busy:
+            if len(buf) > 4 * 1024 * 1024 and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._drain_client()
+
+    def _drain_client(self) -> None:
+        """Forward what can go now; hand the first message that needs a decision to a task."""
+        buf = self._inbuf
+        up = self.up
+        assert up is not None
+        limit = self.gw.settings.listener.max_message_size
+        pos = 0
+        start = 0
+        end_all = len(buf)
+        write = up.transport.write
+        while end_all - pos >= 5:
+            code, length = _HEADER.unpack_from(buf, pos)
+            if length < 4 or length > limit:
+                if start < pos:
+                    write(bytes(buf[start:pos]))
+                buf.clear()
+                self._fatal(
+                    "08P01" if length < 4 else "54000",
+                    f"pgwarden: invalid message length {length} (limit {limit})",
+                )
+                return
+            end = pos + 1 + length
+            if end > end_all:
+                break
+            if code in _PASS:
+                if code == 83 and self._discarding:  # Sync ends the discard
+                    self._discarding = False
+                if code in (83, 68, 67):  # Sync, Describe, Close expect answers
+                    self._expect_simple(code, buf, pos, end)
+                pos = end
+                continue
+            # A message that needs the gate: forward what came before, then decide.
+            if start < pos:
+                write(bytes(buf[start:pos]))
+            if code == 88:  # Terminate
+                write(bytes(buf[pos:end]))
+                buf.clear()
+                self._end_reason = "client quit"
+                self._close()
+                return
+            message = bytes(buf[pos:end])
+            del buf[:end]
+            self._busy = True
+            self._spawn(self._gated(code, message))
+            return
+        if start < pos:
+            if pos == end_all:
+                write(bytes(buf) if start == 0 else bytes(buf[start:pos]))
+                buf.clear()
+            else:
+                write(bytes(buf[start:pos]))
+                del buf[:pos]
+
+    def _expect_simple(self, code: int, buf: bytearray, pos: int, end: int) -> None:
+        if code == 83:
+            self.tracker.expect(Expectation("sync"))
+        elif code == 68:
+            kind = buf[pos + 5]
+            self.tracker.expect(
+                Expectation("describe_statement" if kind == ord("S") else "describe_portal")
+            )
+        else:
+            self.tracker.expect(Expectation("close"))
+            if end - pos > 6:
+                name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
+                if buf[pos + 5] == ord("S"):
+                    self._statements.pop(name, None)
+                else:
+                    self._portals.pop(name, None)
+
+    async def _gated(self, code: int, message: bytes) -> None:
+        try:
+            await self._gate_message(code, message)
+        finally:
+            self._busy = False
+        if self.phase is Phase.RELAY:
+            if self.transport is not None and not self._paused_by_upstream:
+                self.transport.resume_reading()
+            self._drain_client()
+
+    def _token_problem(self) -> str | None:
+        assert self.principal is not None
+        return self.gw.verifier.still_valid(self.principal)
+
+    async def _gate_message(self, code: int, message: bytes) -> None:
+        assert self.up is not None and self.gate is not None
+        write = self.up.transport.write
+        problem = self._token_problem()
+        if problem is not None:
+            self._end_session_for_token(problem)
+            return
+        body = message[5:]
+        try:
+            if code == 81:  # Query
+                await self._on_query(Query.decode(body), message)
+            elif code == 80:  # Parse
+                await self._on_parse(Parse.decode(body), message)
+            elif code == 66:  # Bind
+                self._on_bind(Bind.decode(body))
+                self.tracker.expect(Expectation("bind"))
+                write(message)
+            elif code == 69:  # Execute
+                await self._on_execute(Execute.decode(body), message)
+            elif code == 70:  # FunctionCall
+                self._refuse_function_call()
+            else:
+                self._fatal("08P01", f"pgwarden: unexpected message type {chr(code)!r}")
+        except ProtocolViolation as exc:
+            self._fatal("08P01", f"pgwarden: {exc}")
+
+    def _decode_sql(self, raw: bytes) -> str | None:
+        try:
+            return raw.decode(self.encoding)
+        except UnicodeDecodeError:
+            return None
+
+    def _refuse(
+        self, kind: str, refusal: bytes, runs: list[StatementRun], *, name: str = ""
+    ) -> None:
+        """Forward, in place of the refused message, one the server is certain to reject, so the
+        server itself fails the transaction and skips to Sync; the error is then rewritten."""
+        assert self.up is not None
+        bogus = b"-- pgwarden refused this statement\npgwarden_refused"
+        if kind == "query":
+            self.up.transport.write(Query(bogus).encode())
+            self.tracker.expect(Expectation("query", runs, refusal=refusal))
+        else:
+            self.up.transport.write(Parse(name, bogus).encode())
+            self.tracker.expect(Expectation("parse", runs, refusal=refusal))
+            self._discarding = True
+
+    async def _on_query(self, msg: Query, message: bytes) -> None:
+        assert self.gate is not None and self.up is not None
+        text = self._decode_sql(msg.query)
+        if text is None:
+            self._refuse(
+                "query", refusal_for(f"query text is not valid {self.encoding}", "22021"), []
+            )
+            return
+        verdict = await self.gate.check_query(text)
+        if self.phase is not Phase.RELAY:
+            return
+        refusal = self._guard_settings(verdict) or verdict.refusal
+        if not verdict.allowed or refusal is not None:
+            assert refusal is not None
+            for run in verdict.runs:
+                run.done = True
+                run.sqlstate = REFUSED
+                self.gate.outcome(run, forwarded=False)
+            self._refuse("query", refusal, [])
+            return
+        for f in verdict.facts:
+            if f.command == "PREPARE" or "prepare" in f.flags:
+                if f.prepared_name:
+                    self.gate.prepared.register(f.prepared_name, f)
+        self.up.transport.write(message)
+        self.tracker.expect(Expectation("query", verdict.runs))
+
+    def _guard_settings(self, verdict: Verdict) -> bytes | None:
+        for f in verdict.facts:
+            if f.setting is not None and f.setting[0].lower() == "standard_conforming_strings":
+                value = (f.setting[1] or "").strip("'\"").lower()
+                if value not in ("on", "true", "1", "yes"):
+                    return refusal_for(
+                        "standard_conforming_strings must stay on (pgwarden parses SQL as the server does)"
+                    )
+            if (
+                f.command.startswith("RESET")
+                and f.setting is not None
+                and f.setting[0].lower() == "all"
+            ):
+                continue
+        return None
+
+    async def _on_parse(self, msg: Parse, message: bytes) -> None:
+        assert self.gate is not None and self.up is not None
+        if self._discarding:
+            self.up.transport.write(message)
+            self.tracker.expect(Expectation("parse"))
+            return
+        text = self._decode_sql(msg.query)
+        if text is None:
+            self._refuse(
+                "parse",
+                refusal_for(f"query text is not valid {self.encoding}", "22021"),
+                [],
+                name=msg.name,
+            )
+            return
+        verdict = await self.gate.check_parse(text)
+        if self.phase is not Phase.RELAY:
+            return
+        refusal = self._guard_settings(verdict) or verdict.refusal
+        if not verdict.allowed or refusal is not None:
+            assert refusal is not None
+            for run in verdict.runs:
+                run.done = True
+                self.gate.outcome(run, forwarded=False)
+            self._statements.pop(msg.name, None)
+            self._refuse("parse", refusal, [], name=msg.name)
+            return
+        self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
+        self.up.transport.write(message)
+        self.tracker.expect(Expectation("parse"))
+
+    def _on_bind(self, msg: Bind) -> None:
+        formats = msg.param_formats
+        n = len(msg.params)
+        if len(formats) == 0:
+            fmts = [0] * n
+        elif len(formats) == 1:
+            fmts = [formats[0]] * n
+        else:
+            fmts = list(formats)
+        params = tuple(
+            _param_text(v, fmts[i] if i < len(fmts) else 0) for i, v in enumerate(msg.params)
+        )
+        self._portals[msg.portal] = Portal(msg.statement, params)
+
+    async def _on_execute(self, msg: Execute, message: bytes) -> None:
+        assert self.gate is not None and self.up is not None
+        if self._discarding:
+            self.up.transport.write(message)
+            self.tracker.expect(Expectation("execute"))
+            return
+        portal = self._portals.get(msg.portal)
+        prepared = self._statements.get(portal.statement) if portal is not None else None
+        if portal is None or prepared is None:
+            # The server will report the unknown portal or statement itself; nothing runs.
+            self.up.transport.write(message)
+            self.tracker.expect(Expectation("execute"))
+            return
+        if not prepared.facts:
+            self.up.transport.write(message)
+            self.tracker.expect(Expectation("execute"))
+            return
+        verdict = await self.gate.check_execute(prepared.facts, prepared.decisions, portal.params)
+        if self.phase is not Phase.RELAY:
+            return
+        if not verdict.allowed:
+            assert verdict.refusal is not None
+            # Execute cannot be replaced by a failing Parse without disturbing named statements,
+            # so the refusal is a Parse of the unnamed statement, which the server rejects.
+            self._refuse("parse", verdict.refusal, [])
+            return
+        self.up.transport.write(message)
+        self.tracker.expect(Expectation("execute", verdict.runs))
+
+    def _refuse_function_call(self) -> None:
+        assert self.up is not None
+        refusal = refusal_for("the function-call protocol message is not allowed through pgwarden")
+        # FunctionCall is followed by nothing (it is its own sync point): answer with a failing Query.
+        self.up.transport.write(Query(b"pgwarden_refused").encode())
+        self.tracker.expect(Expectation("query", [], refusal=refusal))
+
+    # -- relay: server to client ---------------------------------------------------------
+
+    def _server_data(self, data: bytes) -> None:
+        buf = self._sbuf
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._send(data[:n])
+            self._skip -= n
+            data = data[n:]
+            if not data:
+                return
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        pos = 0
+        start = 0
+        total = len(view)
+        out: list[bytes | bytearray | memoryview] = []
+        tracker = self.tracker
+        while total - pos >= 5:
+            code, length = _HEADER.unpack_from(view, pos)
+            end = pos + 1 + length
+            if code == 68:  # DataRow: count it for the current statement
+                front = tracker.front()
+                if front is not None:
+                    run = front.current_run()
+                    if run is not None:
+                        run.rows += 1
+                        run.bytes_out += length + 1
+            elif code in _SERVER_NEEDS:
+                if end > total:
+                    break
+                replacement = self._server_message(code, view, pos, end)
+                if replacement is not None:
+                    if start < pos:
+                        out.append(view[start:pos])
+                    out.append(replacement)
+                    start = end
+            if end > total:
+                # A large frame we only pass through: relay what we have, skip the rest.
+                if code not in _SERVER_NEEDS:
+                    out.append(view[start:total])
+                    self._skip = end - total
+                    start = pos = total
+                break
+            pos = end
+        if start < pos:
+            out.append(view[start:pos])
+        if out:
+            self._send(b"".join(out) if len(out) > 1 else out[0])
+        if view is buf:
+            del buf[:pos]
+        elif pos < total:
+            buf += data[pos:]
+
+    def _server_message(
+        self, code: int, view: bytes | bytearray, pos: int, end: int
+    ) -> bytes | None:
+        """Track one server message; a non-None result replaces it on the way to the client."""
+        tracker = self.tracker
+        front = tracker.front()
+        gate = self.gate
+        assert gate is not None
+        if code == 67 or code == 73:  # CommandComplete / EmptyQueryResponse
+            if front is None:
+                return None
+            run = front.current_run()
+            if run is not None:
+                if code == 67:
+                    run.command_tag = CommandComplete.decode(bytes(view[pos + 5 : end])).tag
+                    rows = _tag_rows(run.command_tag)
+                    if rows is not None:
+                        run.rows = rows
+                else:
+                    run.command_tag = ""
+                run.done = True
+                gate.outcome(run)
+                front.cursor += 1
+                self._after_statement(run)
+            if front.kind in ("execute", "function"):
+                tracker.pop()
+            return None
+        if code == 90:  # ReadyForQuery
+            status = view[pos + 5]
+            gate.in_transaction = status != ord("I")
+            while True:
+                e = tracker.pop()
+                if e is None:
+                    break
+                self._finish_skipped(e)
+                if e.kind in ("sync", "query"):
+                    break
+            return None
+        if code == 69:  # ErrorResponse
+            if front is None:
+                return None
+            replacement = front.refusal
+            err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
+            run = front.current_run()
+            if run is not None:
+                run.sqlstate = err.sqlstate
+                run.error_message = err.message
+                run.done = True
+                gate.outcome(run)
+                front.cursor += 1
+            if front.kind == "query":
+                # The rest of this Query's statements will not run.
+                self._finish_skipped(front)
+            else:
+                tracker.pop()
+                self._finish_skipped(front)
+                for e in tracker.skip_to_sync():
+                    self._finish_skipped(e)
+            return replacement
+        if code == 115:  # PortalSuspended
+            if front is not None:
+                run = front.current_run()
+                if run is not None:
+                    run.command_tag = "SUSPENDED"
+                    run.done = True
+                    gate.outcome(run)
+                if front.kind == "execute":
+                    tracker.pop()
+            return None
+        if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
+            if front is not None and front.kind not in ("query", "execute"):
+                tracker.pop()
+            return None
+        if code == 116:  # ParameterDescription
+            if front is not None:
+                front.saw_parameters = True
+            return None
+        if code == 84:  # RowDescription
+            if front is not None and front.kind in ("describe_statement", "describe_portal"):
+                tracker.pop()
+            return None
+        if code == 86:  # FunctionCallResponse
+            if front is not None and front.kind == "function":
+                tracker.pop()
+            return None
+        if code == 83:  # ParameterStatus
+            from gateway.protocol import ParameterStatus
+
+            ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
+            if ps.name == "client_encoding":
+                self.encoding = _ENCODINGS.get(ps.value.upper(), "utf-8")
+            elif ps.name == "standard_conforming_strings" and ps.value != "on":
+                # Should be unreachable (refused at the gate); never parse under other rules.
+                self._end_reason = "standard_conforming_strings turned off"
+                self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
+            return None
+        return None
+
+    def _finish_skipped(self, e: Expectation) -> None:
+        assert self.gate is not None
+        while e.cursor < len(e.runs):
+            run = e.runs[e.cursor]
+            e.cursor += 1
+            if not run.done:
+                run.done = True
+                run.error_message = run.error_message or "not executed: an earlier statement failed"
+                self.gate.outcome(run, forwarded=True)
+
+    def _after_statement(self, run: StatementRun) -> None:
+        facts = run.facts
+        if facts is not None and facts.category == "ddl":
+            self.gw.after_ddl(self)
+
+
+def _tag_rows(tag: str) -> int | None:
+    last = tag.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() and " " in tag else None
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

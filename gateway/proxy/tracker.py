@@ -1,0 +1,98 @@
+"""Which server responses the session is waiting for, so each reply can be tied to the
+statement that caused it (for outcomes, refusals and cancel)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.sql.facts import StatementFacts
+
+Kind = Literal[
+    "query",
+    "parse",
+    "bind",
+    "describe_statement",
+    "describe_portal",
+    "execute",
+    "close",
+    "sync",
+    "function",
+]
+
+
+@dataclass(slots=True)
+class StatementRun:
+    """One statement the server will run (or skip): what the outcome record is built from."""
+
+    request_id: str | None
+    facts: StatementFacts | None
+    started: float = field(default_factory=time.perf_counter)
+    rows: int = 0
+    bytes_out: int = 0
+    command_tag: str | None = None
+    sqlstate: str | None = None
+    error_message: str | None = None
+    done: bool = False
+    record_rows: bool = False
+    recorded: list[tuple[str | None, ...]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Expectation:
+    kind: Kind
+    # Statement runs this message accounts for: one per statement of a Query, one for an Execute.
+    runs: list[StatementRun] = field(default_factory=list)
+    # The next run of `runs` the server will report on.
+    cursor: int = 0
+    # When pgwarden replaced the message with one the server must reject: the error to show.
+    refusal: bytes | None = None
+    # describe_statement: ParameterDescription seen, RowDescription/NoData still to come.
+    saw_parameters: bool = False
+
+    def current_run(self) -> StatementRun | None:
+        if self.cursor < len(self.runs):
+            return self.runs[self.cursor]
+        return None
+
+
+class ResponseTracker:
+    """A queue of expectations in the order messages were forwarded upstream."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: deque[Expectation] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def expect(self, expectation: Expectation) -> None:
+        self._queue.append(expectation)
+
+    def front(self) -> Expectation | None:
+        return self._queue[0] if self._queue else None
+
+    def pop(self) -> Expectation | None:
+        return self._queue.popleft() if self._queue else None
+
+    def running(self) -> bool:
+        """Whether a statement is executing upstream (a cancel may be forwarded)."""
+        return any(e.kind in ("query", "execute", "function") for e in self._queue)
+
+    def skip_to_sync(self) -> list[Expectation]:
+        """After an extended-protocol error the server discards messages until Sync."""
+        skipped: list[Expectation] = []
+        while self._queue and self._queue[0].kind != "sync":
+            skipped.append(self._queue.popleft())
+        return skipped
+
+    def clear(self) -> list[Expectation]:
+        items = list(self._queue)
+        self._queue.clear()
+        return items
