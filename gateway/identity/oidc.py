@@ -156,16 +156,15 @@ class IssuerKeys:
         self._keys: list[SigningKey] = []
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
+        self._attempts = 0
         self._last_failure: str | None = None
         self._lock = asyncio.Lock()
 
     async def key_for(self, kid: str | None, algorithm: str) -> SigningKey:
-        now = self._monotonic()
-        stale = self._fetched_at is None or now - self._fetched_at >= self._max_age
-        if stale and self._may_refresh(now):
+        if self._fetched_at is None or self._monotonic() - self._fetched_at >= self._max_age:
             await self._refresh()
         found = self._find(kid, algorithm)
-        if found is None and self._may_refresh(self._monotonic()):
+        if found is None:
             await self._refresh()
             found = self._find(kid, algorithm)
         if found is not None:
@@ -175,9 +174,6 @@ class IssuerKeys:
             raise TokenRejected(self._last_failure)
         raise TokenRejected(UNKNOWN_SIGNING_KEY)
 
-    def _may_refresh(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self._min_refresh
-
     def _find(self, kid: str | None, algorithm: str) -> SigningKey | None:
         if kid is not None:
             return next((k for k in self._keys if k.kid == kid), None)
@@ -186,11 +182,17 @@ class IssuerKeys:
         return fitting[0] if len(fitting) == 1 else None
 
     async def _refresh(self) -> None:
-        attempted = self._attempted_at
+        """Fetch the keys unless fetched within min_refresh_seconds; concurrent callers wait
+        for the one fetch in flight instead of starting their own."""
+        attempts = self._attempts
         async with self._lock:
-            if self._attempted_at != attempted:
-                return  # another verify refreshed while this one waited
-            self._attempted_at = self._monotonic()
+            if self._attempts != attempts:
+                return  # a fetch finished while this caller waited: use its result
+            now = self._monotonic()
+            if self._attempted_at is not None and now - self._attempted_at < self._min_refresh:
+                return
+            self._attempted_at = now
+            self._attempts += 1
             try:
                 if self._jwks_uri is None:
                     self._jwks_uri = await self._discover()
@@ -204,7 +206,7 @@ class IssuerKeys:
                 self._last_failure = ISSUER_METADATA_INVALID
                 return
             self._keys = keys
-            self._fetched_at = self._attempted_at
+            self._fetched_at = now
             self._last_failure = None
 
     async def _discover(self) -> str:

@@ -1,0 +1,422 @@
+"""OIDC verification against a real local HTTP issuer whose keys the tests rotate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import jwt
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from gateway.identity.oidc import OidcVerifier
+from gateway.identity.principal import TokenRejected
+
+AUDIENCE = "pgwarden-test"
+Forge = Callable[[dict[str, Any], dict[str, Any], Callable[[bytes], bytes]], str]
+
+
+class IssuerKey:
+    """A key pair the test issuer publishes (public half) and signs with (private half)."""
+
+    def __init__(self, algorithm: str = "RS256", kid: str | None = None) -> None:
+        self.algorithm = algorithm
+        self.kid = kid or uuid.uuid4().hex[:8]
+        self.private: Any
+        if algorithm.startswith("RS"):
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        elif algorithm == "ES256":
+            self.private = ec.generate_private_key(ec.SECP256R1())
+            self.jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        else:
+            self.private = ed25519.Ed25519PrivateKey.generate()
+            self.jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        self.jwk |= {"kid": self.kid, "use": "sig"}
+
+    def sign(self, claims: dict[str, Any], **header: Any) -> str:
+        return jwt.encode(
+            claims, self.private, algorithm=self.algorithm, headers={"kid": self.kid} | header
+        )
+
+
+class TestIssuer:
+    """A real HTTP server on 127.0.0.1 serving discovery and a JWKS, counting requests."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.keys: list[IssuerKey] = []
+        self.requests: list[str] = []
+        self.failing = False
+        self.claimed_issuer: str | None = None
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                issuer.requests.append(self.path)
+                if issuer.failing:
+                    self.send_error(503)
+                    return
+                if self.path == "/.well-known/openid-configuration":
+                    body = {
+                        "issuer": issuer.claimed_issuer or issuer.url,
+                        "jwks_uri": f"{issuer.url}/keys",
+                    }
+                elif self.path == "/keys":
+                    body = {"keys": [k.jwk for k in issuer.keys]}
+                else:
+                    self.send_error(404)
+                    return
+                data = orjson.dumps(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
+        self._thread.start()
+
+    def jwks_fetches(self) -> int:
+        return self.requests.count("/keys")
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims = {
+            "iss": self.url,
+            "aud": AUDIENCE,
+            "sub": "alice@example.com",
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "groups": ["engineers"],
+        }
+        return claims | overrides
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class Clock:
+    """Monotonic time the test moves, so refresh rate limits are checked without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def idp() -> Iterator[TestIssuer]:
+    server = TestIssuer()
+    server.keys.append(IssuerKey("RS256", kid="k1"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        yield client
+
+
+def _verifier(idp_url: str, http: httpx.AsyncClient, clock: Clock, **options: Any) -> OidcVerifier:
+    settings: dict[str, Any] = {
+        "algorithms": ["RS256", "ES256", "EdDSA"],
+        "min_refresh_seconds": 30.0,
+        "leeway_seconds": 5.0,
+        "http": http,
+        "monotonic": clock,
+    }
+    return OidcVerifier(idp_url, AUDIENCE, **(settings | options))
+
+
+async def _rejected(verifier: OidcVerifier, token: str) -> str:
+    with pytest.raises(TokenRejected) as caught:
+        await verifier.verify(token)
+    assert token.split(".")[1] not in str(caught.value)
+    return caught.value.check
+
+
+async def test_verifies_a_token_after_discovery(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    claims = idp.claims()
+    principal = await verifier.verify(idp.keys[0].sign(claims))
+    assert principal.subject == "alice@example.com"
+    assert principal.issuer == idp.url
+    assert principal.groups == ("engineers",)
+    assert principal.token_id == claims["jti"]
+    assert principal.expires_at == claims["exp"]
+    assert idp.requests == ["/.well-known/openid-configuration", "/keys"]
+    # Keys are cached: a second token costs no request.
+    await verifier.verify(idp.keys[0].sign(idp.claims()))
+    assert len(idp.requests) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "EdDSA"])
+async def test_elliptic_curve_keys(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock, algorithm: str
+) -> None:
+    key = IssuerKey(algorithm)
+    idp.keys.append(key)
+    principal = await _verifier(idp.url, http, clock).verify(key.sign(idp.claims()))
+    assert principal.subject == "alice@example.com"
+
+
+async def test_groups_from_a_nested_claim(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock, groups_claim="realm_access.roles")
+    claims = idp.claims(realm_access={"roles": ["admins", "pii-readers"]})
+    del claims["groups"]
+    principal = await verifier.verify(idp.keys[0].sign(claims))
+    assert principal.groups == ("admins", "pii-readers")
+    # Absent path: no groups (the policy then denies), not an error.
+    principal = await verifier.verify(idp.keys[0].sign(idp.claims()))
+    assert principal.groups == ()
+    bad = idp.claims(realm_access={"roles": [1, 2]})
+    assert await _rejected(verifier, idp.keys[0].sign(bad)) == "malformed groups claim"
+
+
+async def test_token_without_jti_gets_a_stable_hash_id(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    claims = idp.claims()
+    del claims["jti"]
+    token = idp.keys[0].sign(claims)
+    first = await verifier.verify(token)
+    assert first.token_id == "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    assert (await verifier.verify(token)).token_id == first.token_id
+    other = idp.keys[0].sign(claims | {"exp": claims["exp"] + 1})
+    assert (await verifier.verify(other)).token_id != first.token_id
+
+
+async def test_new_kid_triggers_a_refetch(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    await verifier.verify(idp.keys[0].sign(idp.claims()))
+    assert idp.jwks_fetches() == 1
+    rotated = IssuerKey("RS256", kid="k2")
+    idp.keys.append(rotated)
+    clock.now += 31
+    principal = await verifier.verify(rotated.sign(idp.claims()))
+    assert principal.subject == "alice@example.com"
+    assert idp.jwks_fetches() == 2
+    # Discovery is not repeated for a key refresh.
+    assert idp.requests.count("/.well-known/openid-configuration") == 1
+
+
+async def test_refetch_is_rate_limited(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    await verifier.verify(idp.keys[0].sign(idp.claims()))
+    rotated = IssuerKey("RS256", kid="k2")
+    idp.keys.append(rotated)
+    # Within the window an unknown kid is refused without asking the issuer again.
+    for _ in range(10):
+        assert await _rejected(verifier, rotated.sign(idp.claims())) == "unknown signing key"
+    assert idp.jwks_fetches() == 1
+    clock.now += 29
+    assert await _rejected(verifier, rotated.sign(idp.claims())) == "unknown signing key"
+    assert idp.jwks_fetches() == 1
+    clock.now += 1
+    await verifier.verify(rotated.sign(idp.claims()))
+    assert idp.jwks_fetches() == 2
+    # Made-up kids cannot make the gateway hammer the issuer.
+    stranger = IssuerKey("RS256", kid="never-published")
+    for _ in range(10):
+        assert await _rejected(verifier, stranger.sign(idp.claims())) == "unknown signing key"
+    assert idp.jwks_fetches() == 2
+
+
+async def test_concurrent_first_verifies_share_one_fetch(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    tokens = [idp.keys[0].sign(idp.claims()) for _ in range(20)]
+    await asyncio.gather(*(verifier.verify(t) for t in tokens))
+    assert idp.jwks_fetches() == 1
+
+
+async def test_removed_key_is_rejected_after_refresh(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    old = idp.keys[0]
+    old_token = old.sign(idp.claims())
+    await verifier.verify(old_token)
+    new = IssuerKey("RS256", kid="k2")
+    idp.keys[:] = [new]
+    clock.now += 31
+    await verifier.verify(new.sign(idp.claims()))  # unknown kid → refetch without k1
+    assert await _rejected(verifier, old_token) == "unknown signing key"
+
+
+async def test_key_set_is_refetched_when_old(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock, max_key_age_seconds=300)
+    old_token = idp.keys[0].sign(idp.claims())
+    await verifier.verify(old_token)
+    idp.keys[:] = [IssuerKey("RS256", kid="k2")]
+    clock.now += 301
+    assert await _rejected(verifier, old_token) == "unknown signing key"
+    assert idp.jwks_fetches() == 2
+
+
+async def test_issuer_down_before_any_key_is_unreachable(
+    http: httpx.AsyncClient, clock: Clock
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nothing listens on the port now.
+    verifier = _verifier(f"http://127.0.0.1:{port}", http, clock)
+    key = IssuerKey("RS256")
+    now = int(time.time())
+    claims = {"iss": f"http://127.0.0.1:{port}", "aud": AUDIENCE, "sub": "x", "exp": now + 60}
+    assert await _rejected(verifier, key.sign(claims)) == "issuer unreachable"
+
+
+async def test_issuer_failing_keeps_known_keys_and_refuses_new_ones(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock, max_key_age_seconds=60)
+    await verifier.verify(idp.keys[0].sign(idp.claims()))
+    idp.failing = True
+    clock.now += 61
+    # The stale set still verifies what it knows rather than locking everyone out.
+    assert (await verifier.verify(idp.keys[0].sign(idp.claims()))).subject
+    stranger = IssuerKey("RS256", kid="k9")
+    clock.now += 31
+    assert await _rejected(verifier, stranger.sign(idp.claims())) == "issuer unreachable"
+
+
+async def test_discovery_naming_another_issuer_is_refused(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    idp.claimed_issuer = "https://evil.example.com"
+    verifier = _verifier(idp.url, http, clock)
+    assert await _rejected(verifier, idp.keys[0].sign(idp.claims())) == "issuer metadata invalid"
+    assert idp.jwks_fetches() == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        ({"aud": "another-app"}, "wrong audience"),
+        ({"iss": "https://other-idp.example.com"}, "wrong issuer"),
+        ({"exp": int(time.time()) - 60}, "token expired"),
+        ({"nbf": int(time.time()) + 600}, "token not yet valid"),
+    ],
+)
+async def test_claim_checks(
+    idp: TestIssuer,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    overrides: dict[str, Any],
+    check: str,
+) -> None:
+    token = idp.keys[0].sign(idp.claims(**overrides))
+    assert await _rejected(_verifier(idp.url, http, clock), token) == check
+
+
+async def test_leeway_applies_to_expiry(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    token = idp.keys[0].sign(idp.claims(exp=int(time.time()) - 2))
+    assert (await _verifier(idp.url, http, clock, leeway_seconds=5).verify(token)).subject
+
+
+async def test_signature_from_another_key_with_a_known_kid(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    impostor = IssuerKey("RS256", kid="k1")
+    token = impostor.sign(idp.claims())
+    assert await _rejected(_verifier(idp.url, http, clock), token) == "bad signature"
+
+
+async def test_algorithm_outside_the_allow_list(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock, algorithms=["ES256"])
+    assert await _rejected(verifier, idp.keys[0].sign(idp.claims())) == "algorithm not allowed"
+
+
+async def test_header_algorithm_must_match_the_key_type(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    # Signed ES256 but naming the RSA key's kid: the JWK's kty decides, not the header.
+    ec_key = IssuerKey("ES256", kid="k1")
+    token = ec_key.sign(idp.claims())
+    assert await _rejected(_verifier(idp.url, http, clock), token) == "algorithm not allowed"
+
+
+async def test_alg_none_and_hs256_with_the_public_key(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock, forge: Forge
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    unsigned = forge({"alg": "none", "kid": "k1"}, idp.claims(), lambda _: b"")
+    assert await _rejected(verifier, unsigned) == "algorithm not allowed"
+    public_pem = (
+        idp.keys[0]
+        .private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    for secret in (public_pem, orjson.dumps(idp.keys[0].jwk)):
+        token = forge(
+            {"alg": "HS256", "kid": "k1"},
+            idp.claims(),
+            lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest(),
+        )
+        assert await _rejected(verifier, token) == "algorithm not allowed"
+
+
+@pytest.mark.parametrize("algorithms", [["HS256"], ["RS256", "none"], ["HS512", "ES256"], []])
+def test_unsafe_algorithm_lists_are_refused(algorithms: list[str]) -> None:
+    with pytest.raises(ValueError, match="oidc_algorithms"):
+        OidcVerifier("https://idp.example.com", AUDIENCE, algorithms=algorithms)
+
+
+def test_audience_is_required() -> None:
+    with pytest.raises(ValueError, match="oidc_audience"):
+        OidcVerifier("https://idp.example.com", "", algorithms=["RS256"])
+
+
+def test_plain_http_issuer_only_on_loopback() -> None:
+    with pytest.raises(ValueError, match="https"):
+        OidcVerifier("http://idp.example.com", AUDIENCE, algorithms=["RS256"])
