@@ -1,0 +1,241 @@
+"""Resolve unqualified relations and `*` columns in facts against one target's live catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+
+from gateway.sql.facts import ColumnRef, StatementFacts, TableRef
+
+__all__ = ["DEFAULT_SEARCH_PATH", "Catalog", "parse_search_path"]
+
+DEFAULT_SEARCH_PATH: tuple[str, ...] = ("$user", "public")
+
+# Relations a statement can name in FROM: tables, views, matviews, foreign and
+# partitioned tables, sequences.
+_RELKINDS = ["r", "v", "m", "f", "p", "S"]
+
+_QUERY = """
+SELECT n.nspname, c.relname,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum) AS columns
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = ANY($1::text[]) AND c.relkind::text = ANY($2::text[])
+"""
+
+Connect = Callable[[], Awaitable[Any]]
+
+
+def parse_search_path(text: str) -> tuple[str, ...]:
+    """Split a search_path value as PostgreSQL does: commas, double-quoted names kept as is."""
+    names: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n:
+            break
+        if text[i] == '"':
+            i += 1
+            part: list[str] = []
+            while i < n:
+                if text[i] == '"':
+                    if i + 1 < n and text[i + 1] == '"':
+                        part.append('"')
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                part.append(text[i])
+                i += 1
+            names.append("".join(part))
+        else:
+            start = i
+            while i < n and text[i] != ",":
+                i += 1
+            names.append(text[start:i].strip().lower())
+    return tuple(names)
+
+
+class Catalog:
+    """Relation and column metadata for one target, over a single lazy metadata connection.
+
+    Unqualified names take the first schema of the effective search path (pg_catalog first
+    unless listed, `$user` replaced by the user) that holds the relation. A relation found
+    nowhere gets the creation schema (the first existing schema of the path, where an
+    unqualified CREATE would put it) and the flag "unresolved_relation"; its `*` stays `*`.
+    If the catalog cannot be reached the facts keep "" and "*" and gain "catalog_unavailable".
+    resolve() never raises.
+    """
+
+    def __init__(
+        self,
+        connect: Connect | str,
+        *,
+        timeout: float = 2.0,
+        ttl: float = 60.0,
+        retry_after: float = 1.0,
+    ) -> None:
+        if isinstance(connect, str):
+            dsn = connect
+
+            async def _connect() -> Any:
+                return await asyncpg.connect(dsn, timeout=timeout)
+
+            self._connect: Connect = _connect
+        else:
+            self._connect = connect
+        self._timeout = timeout
+        # Another session's DDL does not pass through invalidate(): entries also expire.
+        self._ttl = ttl
+        self._retry_after = retry_after
+        self._conn: Any = None
+        self._user: str | None = None
+        self._schemas: frozenset[str] = frozenset()
+        self._failed_at: float | None = None
+        self._lock = asyncio.Lock()
+        # relname → ({schema: columns}, fetched at)
+        self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
+
+    def invalidate(self) -> None:
+        """Forget all metadata (call after any DDL statement completes)."""
+        self._relations.clear()
+        self._schemas = frozenset()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=self._timeout)
+            except Exception:
+                conn.terminate()
+
+    async def resolve(
+        self,
+        facts: StatementFacts,
+        search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
+        user: str | None = None,
+    ) -> StatementFacts:
+        """`facts` with schemas filled in and `*` expanded to the relations' live columns."""
+        names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
+        needs = any(t.schema == "" for t in (*facts.reads, *facts.writes)) or any(
+            c.schema == "" or c.column == "*" for c in facts.columns
+        )
+        if not needs:
+            return facts
+        try:
+            relations = await self._lookup(names)
+        except Exception:
+            return _flagged(facts, "catalog_unavailable")
+        path = self._effective_path(search_path, user)
+        unresolved = False
+
+        def place(schema: str, table: str) -> str:
+            nonlocal unresolved
+            if schema:
+                return schema
+            holders = relations.get(table, {})
+            for candidate in path:
+                if candidate in holders:
+                    return candidate
+            unresolved = True
+            for candidate in path:
+                if candidate in self._schemas and candidate != "pg_catalog":
+                    return candidate
+            return "public"
+
+        reads = tuple(
+            dict.fromkeys(TableRef(place(t.schema, t.table), t.table) for t in facts.reads)
+        )
+        writes = tuple(
+            dict.fromkeys(TableRef(place(t.schema, t.table), t.table) for t in facts.writes)
+        )
+        columns: dict[ColumnRef, None] = {}
+        for c in facts.columns:
+            schema = place(c.schema, c.table)
+            known = relations.get(c.table, {}).get(schema)
+            if c.column == "*" and known is not None:
+                for name in known:
+                    columns[ColumnRef(schema, c.table, name, c.usage)] = None
+            else:
+                columns[ColumnRef(schema, c.table, c.column, c.usage)] = None
+        resolved = replace(facts, reads=reads, writes=writes, columns=tuple(columns))
+        return _flagged(resolved, "unresolved_relation") if unresolved else resolved
+
+    def _effective_path(self, search_path: Sequence[str], user: str | None) -> list[str]:
+        path: list[str] = []
+        for name in search_path:
+            if name == "$user":
+                name = user or self._user or ""
+            if name and name not in path:
+                path.append(name)
+        if "pg_catalog" not in path:
+            path.insert(0, "pg_catalog")
+        return path
+
+    async def _lookup(self, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+        now = time.monotonic()
+        found: dict[str, dict[str, tuple[str, ...]]] = {}
+        missing: list[str] = []
+        for name in names:
+            entry = self._relations.get(name)
+            if entry is not None and now - entry[1] < self._ttl:
+                found[name] = entry[0]
+            else:
+                missing.append(name)
+        if missing or not self._schemas:
+            rows, schemas = await self._query(sorted(missing))
+            self._schemas = schemas
+            fetched: dict[str, dict[str, tuple[str, ...]]] = {name: {} for name in missing}
+            for schema, relname, columns in rows:
+                fetched.setdefault(relname, {})[schema] = tuple(columns)
+            for name, holders in fetched.items():
+                self._relations[name] = (holders, now)
+                found[name] = holders
+        return found
+
+    async def _query(self, names: list[str]) -> tuple[list[Any], frozenset[str]]:
+        async with self._lock:
+            for attempt in (1, 2):
+                conn = await self._connection()
+                try:
+                    rows = await conn.fetch(_QUERY, names, _RELKINDS, timeout=self._timeout)
+                    schemas = await conn.fetch(
+                        "SELECT nspname FROM pg_catalog.pg_namespace", timeout=self._timeout
+                    )
+                    return [tuple(r) for r in rows], frozenset(r[0] for r in schemas)
+                except Exception:
+                    # A dropped connection: one fresh attempt, then report unavailable.
+                    await self.close()
+                    if attempt == 2:
+                        self._failed_at = time.monotonic()
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _connection(self) -> Any:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_after:
+            # Do not make every statement wait a connect timeout while the target is down.
+            raise ConnectionError("catalog connection failed recently")
+        try:
+            self._conn = await asyncio.wait_for(self._connect(), self._timeout)
+            self._user = await self._conn.fetchval("SELECT current_user", timeout=self._timeout)
+        except Exception:
+            self._failed_at = time.monotonic()
+            self._conn = None
+            raise
+        self._failed_at = None
+        return self._conn
+
+
+def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:
+    if flag in facts.flags:
+        return facts
+    return replace(facts, flags=(*facts.flags, flag))
