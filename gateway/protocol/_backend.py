@@ -254,14 +254,10 @@ class ReadyForQuery(Message):
     @classmethod
     def decode(cls, body: bytes) -> Self:
         if len(body) != 1:
-            raise ProtocolViolation(
-                f"malformed ReadyForQuery: body of {len(body)} bytes, expected 1"
-            )
+            raise ProtocolViolation(f"malformed ReadyForQuery: {len(body)} bytes, expected 1")
         status = chr(body[0])
         if status not in ("I", "T", "E"):
-            raise ProtocolViolation(
-                f"malformed ReadyForQuery: unknown transaction status {status!r}"
-            )
+            raise ProtocolViolation(f"malformed ReadyForQuery: unknown status {status!r}")
         return cls(status)  # type: ignore[arg-type]  # narrowed by the membership test above
 
     def _body(self) -> bytes:

@@ -34,9 +34,7 @@ class EmptyMessage(Message):
     @classmethod
     def decode(cls, body: bytes) -> Self:
         if body:
-            raise ProtocolViolation(
-                f"malformed {cls.__name__}: expected an empty body, got {len(body)} bytes"
-            )
+            raise ProtocolViolation(f"malformed {cls.__name__}: {len(body)} bytes, expected none")
         return cls()
 
     def _body(self) -> bytes:
