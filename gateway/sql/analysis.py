@@ -49,6 +49,8 @@ def analyze(text: str) -> tuple[StatementFacts, ...]:
 
     Text holding only comments or whitespace has no statements and gives an empty tuple.
     """
+    if "\x00" in text:  # the C parser would stop at NUL and never see what follows
+        return (unknown_facts(text),)
     try:
         tree = orjson.loads(parse_sql_json(text))
     except Exception:  # parse errors, over-deep nesting in the JSON decoder: fail closed
@@ -232,6 +234,8 @@ class _Walker:
             kind, body = next(iter(node.items()))
             if isinstance(body, dict) and kind[:1].isupper():
                 return self.typed(kind, body, scope, usage)
+        if "funcname" in node and "funcformat" in node:  # a bare FuncCall (CALL's funccall)
+            return self.func_call(node, scope, usage)
         if "relname" in node and "relpersistence" in node:  # a bare RangeVar
             self.d.reads[_table(node)] = None
             return found
