@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import jwt
 
 from gateway.identity.principal import TokenRejected
@@ -50,3 +53,39 @@ def expiry_rejection(expires_at: float | None, now: float, leeway: float) -> str
     if expires_at is not None and now >= expires_at + leeway:
         return EXPIRED
     return None
+
+
+_PYJWT = jwt.PyJWT()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimChecks:
+    """Signature, iss, aud, exp, nbf (with leeway) and required claims, by pyjwt; a failure
+    becomes the TokenRejected that names it."""
+
+    issuer: str
+    audience: str
+    leeway_seconds: float
+    required: tuple[str, ...]
+    _options: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_options", {"require": list(self.required)})
+
+    def verified_claims(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = _PYJWT.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_seconds,
+                options=self._options,
+            )
+        except jwt.PyJWTError as exc:
+            raise rejection_for(exc) from None
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise TokenRejected(MALFORMED)
+        return claims

@@ -7,11 +7,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import jwt
 
-from gateway.identity.checks import BAD_GROUPS, MALFORMED, expiry_rejection, rejection_for
+from gateway.identity.checks import BAD_GROUPS, MALFORMED, ClaimChecks, expiry_rejection
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.registry import REGISTRY_FILE, TokenRecord, TokenRegistry
 from gateway.identity.signing_key import SIGNING_KEY_FILE, LocalSigningKey
@@ -22,7 +21,7 @@ ALGORITHM = "EdDSA"
 # Clients that reconnect per transaction (pgbench -C, serverless functions) present the same
 # token again and again; remembering verified ones skips the ~100 µs signature check.
 VERIFIED_CACHE_SIZE = 4096
-_REQUIRED = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp"]
+_REQUIRED = ("iss", "aud", "sub", "jti", "iat", "nbf", "exp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +119,9 @@ class LocalTokenVerifier:
         self._public_key = key.public_key
         self._registry = registry
         self.issuer = issuer
-        self._audience = audience
         self._leeway = leeway_seconds
         self._clock = clock
-        self._jwt = jwt.PyJWT()
-        self._options: Any = {"require": _REQUIRED}
+        self._checks = ClaimChecks(issuer, audience, leeway_seconds, _REQUIRED)
         # Keyed by the token's digest, so no token text outlives its connection here.
         self._verified: dict[bytes, Principal] = {}
 
@@ -158,20 +155,9 @@ class LocalTokenVerifier:
 
     def _verify_signed(self, token: str) -> Principal:
         peek(token)  # the structure first, so junk is "malformed" rather than "bad signature"
-        try:
-            claims = self._jwt.decode(
-                token,
-                self._public_key,
-                algorithms=[ALGORITHM],
-                audience=self._audience,
-                issuer=self.issuer,
-                leeway=self._leeway,
-                options=self._options,
-            )
-        except jwt.PyJWTError as exc:
-            raise rejection_for(exc) from None
+        claims = self._checks.verified_claims(token, self._public_key, ALGORITHM)
         subject, jti, groups = claims["sub"], claims["jti"], claims.get("groups")
-        if not isinstance(subject, str) or not subject or not isinstance(jti, str):
+        if not isinstance(jti, str) or not jti:
             raise TokenRejected(MALFORMED)
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise TokenRejected(BAD_GROUPS)

@@ -23,8 +23,8 @@ from gateway.identity.checks import (
     ISSUER_UNREACHABLE,
     MALFORMED,
     UNKNOWN_SIGNING_KEY,
+    ClaimChecks,
     expiry_rejection,
-    rejection_for,
 )
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.unverified import peek
@@ -249,7 +249,6 @@ class OidcVerifier:
             # Without an audience check any token the IdP minted for any app would pass.
             raise ValueError("identity.oidc_audience must be set when oidc_issuer is")
         self.issuer = issuer
-        self._audience = audience
         self._algorithms = allowed_algorithms(algorithms)
         self._groups_claim = groups_claim
         self._leeway = leeway_seconds
@@ -263,8 +262,7 @@ class OidcVerifier:
             max_age_seconds=max_key_age_seconds,
             monotonic=monotonic,
         )
-        self._jwt = jwt.PyJWT()
-        self._options: Any = {"require": ["iss", "aud", "sub", "exp"]}
+        self._checks = ClaimChecks(issuer, audience, leeway_seconds, ("iss", "aud", "sub", "exp"))
 
     @classmethod
     def from_settings(
@@ -294,25 +292,12 @@ class OidcVerifier:
         key = await self._keys.key_for(kid, algorithm)
         if not key.verifies(algorithm):
             raise TokenRejected(ALGORITHM_NOT_ALLOWED)
-        try:
-            claims = self._jwt.decode(
-                token,
-                key.key,
-                algorithms=[algorithm],
-                audience=self._audience,
-                issuer=self.issuer,
-                leeway=self._leeway,
-                options=self._options,
-            )
-        except jwt.PyJWTError as exc:
-            raise rejection_for(exc) from None
-        subject, jti = claims["sub"], claims.get("jti")
-        if not isinstance(subject, str) or not subject:
-            raise TokenRejected(MALFORMED)
+        claims = self._checks.verified_claims(token, key.key, algorithm)
+        jti = claims.get("jti")
         # Without a jti the token itself is the identity; its hash is stable and reveals nothing.
         token_id = jti if isinstance(jti, str) and jti else _token_hash(token)
         return Principal(
-            subject=subject,
+            subject=claims["sub"],
             issuer=self.issuer,
             groups=groups_at(claims, self._groups_claim),
             token_id=token_id,
