@@ -258,17 +258,17 @@ class PostgresAuditStore:
 
     async def after(self, pos: int, limit: int) -> list[StoredRecord]:
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM audit_record WHERE pos > $1 ORDER BY pos LIMIT $2",
+            f"SELECT {_COLUMNS} FROM audit_record WHERE pos > $1 ORDER BY pos LIMIT $2",  # noqa: S608
             pos,
-            limit,  # noqa: S608 - constant column list
+            limit,
         )
         return [_row(r) for r in rows]
 
     async def get(self, chain: str, seq: int) -> StoredRecord | None:
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM audit_record WHERE chain = $1 AND seq = $2",
+            f"SELECT {_COLUMNS} FROM audit_record WHERE chain = $1 AND seq = $2",  # noqa: S608
             chain,
-            seq,  # noqa: S608 - constant column list
+            seq,
         )
         return _row(rows[0]) if rows else None
 

@@ -84,6 +84,7 @@ class SqliteAuditStore:
         self.commits = 0
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None
+        self._closed = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sqlite")
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -108,6 +109,10 @@ class SqliteAuditStore:
         self._inode = os.stat(self.path).st_ino
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -261,8 +266,8 @@ class SqliteAuditStore:
     async def get(self, chain: str, seq: int) -> StoredRecord | None:
         def q(db: sqlite3.Connection) -> StoredRecord | None:
             row = db.execute(
-                f"SELECT {_COLUMNS} FROM audit_record WHERE chain = ? AND seq = ?",
-                (chain, seq),  # noqa: S608 - constant column list
+                f"SELECT {_COLUMNS} FROM audit_record WHERE chain = ? AND seq = ?",  # noqa: S608
+                (chain, seq),
             ).fetchone()
             return None if row is None else _row(row)
 
