@@ -86,7 +86,10 @@ class Catalog:
             dsn = connect
 
             async def _connect() -> Any:
-                return await asyncpg.connect(dsn, timeout=timeout)
+                # A name operators (and tests) can tell apart in pg_stat_activity.
+                return await asyncpg.connect(
+                    dsn, timeout=timeout, server_settings={"application_name": "pgwarden-catalog"}
+                )
 
             self._connect: Connect = _connect
         else:
