@@ -92,7 +92,7 @@ def stage(rego_dir: Path, bundle_dir: Path, dest: Path, *, tests: bool = False) 
 def build_bundle(
     opa_binary: Path, rego_dir: Path, bundle_dir: Path, out: Path, *, revision: str | None
 ) -> None:
-    """`opa build` the sources into `out` (a .tar.gz), replaced atomically; BundleError on failure."""
+    """`opa build` the sources into `out`, replaced atomically; BundleError on failure."""
     if not any(True for _ in _rego_files(rego_dir)):
         raise BundleError(f"no .rego files under {rego_dir}")
     out.parent.mkdir(parents=True, exist_ok=True)
