@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar
 
-from gateway.protocol._message import EmptyMessage, Message
+from gateway.protocol._message import EmptyMessage, OpaqueMessage
 
 
 @dataclass(frozen=True, slots=True)
-class CopyData(Message):
+class CopyData(OpaqueMessage):
     type_code: ClassVar[int] = ord("d")
-    data: bytes
-
-    @classmethod
-    def decode(cls, body: bytes) -> Self:
-        return cls(bytes(body))
-
-    def _body(self) -> bytes:
-        return self.data
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import ClassVar, Final, Literal, Self, TypeAlias, cast
 
 from gateway.protocol._copy import CopyData, CopyDone
 from gateway.protocol._errors import ProtocolViolation
-from gateway.protocol._message import EmptyMessage, Message
+from gateway.protocol._message import EmptyMessage, Message, OpaqueMessage
 from gateway.protocol._wire import (
     INT16,
     UINT32,
@@ -24,19 +24,6 @@ from gateway.protocol._wire import (
 )
 
 TargetKind: TypeAlias = Literal["S", "P"]
-
-
-def _target_kind(r: BodyReader) -> TargetKind:
-    kind = chr(r.byte("target kind"))
-    if kind not in ("S", "P"):
-        raise r.fail(f"target kind must be 'S' or 'P', got {kind!r}")
-    return cast(TargetKind, kind)
-
-
-def _kind_byte(kind: str) -> bytes:
-    if kind not in ("S", "P"):
-        raise ProtocolViolation(f"cannot encode target kind {kind!r}: must be 'S' or 'P'")
-    return kind.encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,39 +136,36 @@ class Execute(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Describe(Message):
-    type_code: ClassVar[int] = ord("D")
+class _PortalOrStatement(Message):
+    """Describe and Close share one layout: what kind of object ('S' or 'P'), then its name."""
+
     kind: TargetKind
     name: str = ""
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
         r = BodyReader(body, cls.__name__)
-        kind = _target_kind(r)
+        kind = chr(r.byte("target kind"))
+        if kind not in ("S", "P"):
+            raise r.fail(f"target kind must be 'S' or 'P', got {kind!r}")
         name = r.cstring("name")
         r.end()
-        return cls(kind, name)
+        return cls(cast(TargetKind, kind), name)
 
     def _body(self) -> bytes:
-        return _kind_byte(self.kind) + cstr(self.name, "name")
+        if self.kind not in ("S", "P"):
+            raise ProtocolViolation(f"cannot encode target kind {self.kind!r}: not 'S' or 'P'")
+        return self.kind.encode("ascii") + cstr(self.name, "name")
 
 
 @dataclass(frozen=True, slots=True)
-class Close(Message):
+class Describe(_PortalOrStatement):
+    type_code: ClassVar[int] = ord("D")
+
+
+@dataclass(frozen=True, slots=True)
+class Close(_PortalOrStatement):
     type_code: ClassVar[int] = ord("C")
-    kind: TargetKind
-    name: str = ""
-
-    @classmethod
-    def decode(cls, body: bytes) -> Self:
-        r = BodyReader(body, cls.__name__)
-        kind = _target_kind(r)
-        name = r.cstring("name")
-        r.end()
-        return cls(kind, name)
-
-    def _body(self) -> bytes:
-        return _kind_byte(self.kind) + cstr(self.name, "name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,29 +273,13 @@ class SASLInitialResponse(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class SASLResponse(Message):
+class SASLResponse(OpaqueMessage):
     type_code: ClassVar[int] = ord("p")
-    data: bytes
-
-    @classmethod
-    def decode(cls, body: bytes) -> Self:
-        return cls(bytes(body))
-
-    def _body(self) -> bytes:
-        return self.data
 
 
 @dataclass(frozen=True, slots=True)
-class GSSResponse(Message):
+class GSSResponse(OpaqueMessage):
     type_code: ClassVar[int] = ord("p")
-    data: bytes
-
-    @classmethod
-    def decode(cls, body: bytes) -> Self:
-        return cls(bytes(body))
-
-    def _body(self) -> bytes:
-        return self.data
 
 
 AuthResponse: TypeAlias = PasswordMessage | SASLInitialResponse | SASLResponse | GSSResponse

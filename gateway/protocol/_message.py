@@ -39,3 +39,17 @@ class EmptyMessage(Message):
 
     def _body(self) -> bytes:
         return b""
+
+
+@dataclass(frozen=True, slots=True)
+class OpaqueMessage(Message):
+    """A message whose whole body is data the codec does not interpret (COPY rows, auth tokens)."""
+
+    data: bytes
+
+    @classmethod
+    def decode(cls, body: bytes) -> Self:
+        return cls(bytes(body))
+
+    def _body(self) -> bytes:
+        return self.data

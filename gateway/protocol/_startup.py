@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Self, TypeAlias
+from typing import ClassVar, Final, Self, TypeAlias
 
 from gateway.protocol._errors import ProtocolViolation
 from gateway.protocol._wire import UINT32, BodyReader, check_secret_key, cstr, pack, packet
@@ -58,40 +58,30 @@ class StartupMessage:
         return packet(b"".join(parts))
 
 
-def _fixed_request(code: int, name: str) -> tuple[bytes, Callable[[bytes], None]]:
-    body = UINT32.pack(code)
-
-    def check(received: bytes) -> None:
-        if received != body:
-            raise ProtocolViolation(f"malformed {name}: expected 4 bytes, got {len(received)}")
-
-    return body, check
-
-
-_SSL_BODY, _check_ssl = _fixed_request(SSL_REQUEST_CODE, "SSLRequest")
-_GSSENC_BODY, _check_gssenc = _fixed_request(GSSENC_REQUEST_CODE, "GSSENCRequest")
-
-
 @dataclass(frozen=True, slots=True)
-class SSLRequest:
+class _CodeOnlyRequest:
+    """A request that is nothing but its code: the length is always 8."""
+
+    request_code: ClassVar[int]
+
     @classmethod
     def decode(cls, body: bytes) -> Self:
-        _check_ssl(body)
+        if body != UINT32.pack(cls.request_code):
+            raise ProtocolViolation(f"malformed {cls.__name__}: expected 4 bytes, got {len(body)}")
         return cls()
 
     def encode(self) -> bytes:
-        return packet(_SSL_BODY)
+        return packet(UINT32.pack(self.request_code))
 
 
 @dataclass(frozen=True, slots=True)
-class GSSENCRequest:
-    @classmethod
-    def decode(cls, body: bytes) -> Self:
-        _check_gssenc(body)
-        return cls()
+class SSLRequest(_CodeOnlyRequest):
+    request_code: ClassVar[int] = SSL_REQUEST_CODE
 
-    def encode(self) -> bytes:
-        return packet(_GSSENC_BODY)
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest(_CodeOnlyRequest):
+    request_code: ClassVar[int] = GSSENC_REQUEST_CODE
 
 
 @dataclass(frozen=True, slots=True)

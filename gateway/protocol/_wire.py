@@ -133,9 +133,6 @@ class BodyReader:
         self._pos = len(self._body)
         return self._body[pos:]
 
-    def at_end(self) -> bool:
-        return self._pos >= len(self._body)
-
     def end(self) -> None:
         """Trailing bytes mean the peer and we disagree on a format: refuse, as PostgreSQL does."""
         left = len(self._body) - self._pos
