@@ -1051,6 +1051,14 @@ def _rename_stmt(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Cate
     return f"ALTER {_object_word(objtype)}", "ddl"
 
 
+def _trigger(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
+    d.writes[_table(body["relation"])] = None
+    # The trigger function runs on every later write to the table.
+    d.functions[_function_name(_names(body.get("funcname") or []))] = None
+    w.expr(body.get("whenClause"), _Scope(), "other")
+    return "CREATE TRIGGER", "ddl"
+
+
 def _view(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     d.writes[_table(body["view"])] = None
     w.query(body["query"], _Scope())
@@ -1165,7 +1173,7 @@ _HANDLERS: dict[str, _Handler] = {
     "CreateStmt": _relation_ddl("CREATE TABLE"),
     "CreateForeignTableStmt": _fixed("CREATE FOREIGN TABLE", "ddl"),
     "IndexStmt": _relation_ddl("CREATE INDEX"),
-    "CreateTrigStmt": _relation_ddl("CREATE TRIGGER"),
+    "CreateTrigStmt": _trigger,
     "CreatePolicyStmt": _fixed("CREATE POLICY", "dcl"),
     "AlterPolicyStmt": _fixed("ALTER POLICY", "dcl"),
     "RuleStmt": _rule,
@@ -1194,6 +1202,7 @@ _HANDLERS: dict[str, _Handler] = {
     "LoadStmt": _fixed("LOAD", "dcl"),
     "TransactionStmt": _transaction,
     "VacuumStmt": _vacuum,
+    "ConstraintsSetStmt": _fixed("SET CONSTRAINTS", "tcl"),
     "CheckPointStmt": _fixed("CHECKPOINT", "utility"),
     "ReindexStmt": _fixed("REINDEX", "utility"),
     "ClusterStmt": _fixed("CLUSTER", "utility"),

@@ -445,6 +445,11 @@ def test_ddl_lists_the_table(sql: str, writes: tuple[TableRef, ...]) -> None:
     assert one(sql).writes == writes
 
 
+def test_trigger_names_its_function() -> None:
+    f = one("CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION app.audit()")
+    assert (f.command, f.writes, f.functions) == ("CREATE TRIGGER", (T,), ("app.audit",))
+
+
 def test_create_function_is_procedural() -> None:
     f = one("CREATE FUNCTION f() RETURNS int AS '/tmp/evil.so', 'f' LANGUAGE c")
     assert "procedural" in f.flags
