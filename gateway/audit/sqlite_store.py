@@ -59,8 +59,14 @@ _INSERT = (
 )
 
 
+def _bytes(value: Any) -> bytes:
+    # SQLite columns are not typed: a hand-edited body may come back as TEXT, and it must
+    # reach the verifier (and fail there), not crash the reader.
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _row(r: tuple[Any, ...]) -> StoredRecord:
-    return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), bytes(r[7]), *r[8:])
+    return StoredRecord(r[0], r[1], r[2], r[3], r[4], r[5], _bytes(r[6]), _bytes(r[7]), *r[8:])
 
 
 def _insert_args(s: Sealed) -> tuple[Any, ...]:
