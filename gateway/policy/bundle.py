@@ -46,11 +46,8 @@ def read_manifest(bundle_dir: Path) -> dict[str, Any]:
 def source_files(rego_dir: Path, bundle_dir: Path, *, tests: bool = False) -> list[Path]:
     """Every file that makes up the policy, in a stable order."""
     files = [p for p in _rego_files(rego_dir) if tests or not _is_test(p)]
-    source = bundle_source(bundle_dir)
-    if source is not None:
-        files += sorted(
-            p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".tar.gz")
-        )
+    if bundle_dir.is_dir():
+        files += sorted(p for p in bundle_dir.rglob("*") if p.is_file() and not _is_built(p))
     return files
 
 
@@ -76,17 +73,28 @@ def source_digest(rego_dir: Path, bundle_dir: Path) -> str:
 
 
 def stage(rego_dir: Path, bundle_dir: Path, dest: Path, *, tests: bool = False) -> None:
-    """Lay out one bundle directory: the bundle data dir's files plus the rego files."""
-    source = bundle_source(bundle_dir)
-    if source is not None:
-        shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.tar.gz"))
-    else:
-        dest.mkdir(parents=True, exist_ok=True)
+    """Lay out one bundle directory from the two source trees.
+
+    Both trees keep their relative paths, as `opa run rego bundles` would read them:
+    `bundles/pgwarden/data.json` is `data.pgwarden`, and the manifest goes to the root.
+    OPA refuses `rego/` and `bundles/` as two bundles, because both own the same root.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    if bundle_dir.is_dir():
+        shutil.copytree(
+            bundle_dir,
+            dest,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("*.tar.gz", ".*.partial", MANIFEST),
+        )
     for path in _rego_files(rego_dir):
         if tests or not _is_test(path):
-            target = dest / "_rego" / path.relative_to(rego_dir)
+            target = dest / path.relative_to(rego_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
+    source = bundle_source(bundle_dir) if bundle_dir.is_dir() else None
+    if source is not None:
+        shutil.copy2(source / MANIFEST, dest / MANIFEST)
 
 
 def build_bundle(
@@ -100,13 +108,14 @@ def build_bundle(
         staged = Path(tmp) / "bundle"
         stage(rego_dir, bundle_dir, staged)
         partial = out.with_name(f".{out.name}.partial")
-        command = [str(opa_binary), "build", "--bundle", str(staged), "-o", str(partial)]
+        command = [str(opa_binary), "build", "--bundle", ".", "-o", str(partial.resolve())]
         if revision is not None:
             command += ["--revision", revision]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Built from inside the stage, so module paths in the bundle read /pgwarden/x.rego.
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=staged)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
-            raise BundleError(_first_error(done.stderr or done.stdout, staged, rego_dir))
+            raise BundleError(_first_error(done.stderr or done.stdout))
         # A rename, so that OPA's --watch never reads a half-written bundle.
         partial.replace(out)
 
@@ -119,13 +128,16 @@ def _is_test(path: Path) -> bool:
     return path.name.endswith("_test.rego")
 
 
-def _first_error(text: str, staged: Path, rego_dir: Path) -> str:
-    """OPA's first error line, with staged paths shown as the source paths they came from."""
-    text = text.replace(f"{staged}/_rego", str(rego_dir)).replace(str(staged), "bundle")
+def _is_built(path: Path) -> bool:
+    return path.name.endswith((".tar.gz", ".partial"))
+
+
+def _first_error(text: str) -> str:
+    """OPA's first error line (the one naming the file and the problem)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return "opa build failed"
     first = lines[0]
-    if first.rstrip(":").endswith("errors occurred") and len(lines) > 1:
+    if first.rstrip(":").endswith(("errors occurred", "error occurred")) and len(lines) > 1:
         first = lines[1]
     return first.removeprefix("error: ")

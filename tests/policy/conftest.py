@@ -39,7 +39,7 @@ masks contains {"schema": s, "table": t, "column": c, "method": m} if {
 }
 """
 
-CLASSIFICATION = '{"public.customers.email": "email"}'
+CLASSIFICATION = '{"classification": {"public.customers.email": "email"}}'
 
 
 def write_policy(root: Path, policy: str = POLICY, revision: str = "test-1") -> tuple[Path, Path]:
@@ -47,7 +47,8 @@ def write_policy(root: Path, policy: str = POLICY, revision: str = "test-1") -> 
     rego_dir = root / "rego"
     bundle_dir = root / "bundles"
     rego_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = bundle_dir / "pgwarden" / "pgwarden" / "classification"
+    # The project's layout: bundles/pgwarden/data.json is data.pgwarden.
+    data_dir = bundle_dir / "pgwarden"
     data_dir.mkdir(parents=True, exist_ok=True)
     (rego_dir / "decision.rego").write_text(policy)
     (bundle_dir / "pgwarden" / ".manifest").write_text(

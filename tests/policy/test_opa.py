@@ -249,7 +249,8 @@ async def test_broken_policy_keeps_the_last_good_one(
     revision = sidecar.revision
     (rego_dir / "decision.rego").write_text("package pgwarden\n\ndecision := {\n")
     deadline = time.monotonic() + 5
-    while sidecar.last_error is None and time.monotonic() < deadline:
+    # Polling: the sidecar's watcher exposes state, not events, to its observers.
+    while sidecar.last_error is None and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     assert sidecar.last_error is not None and "decision.rego" in sidecar.last_error
     decision = await decider.decide(statement_input("read", []), not_after=None)
@@ -269,7 +270,7 @@ async def test_sidecar_restarts_opa_after_kill_and_refuses_meanwhile(sidecar: Op
     # The supervisor learns of the death from the child watcher and empties the cache; from
     # then on nothing is allowed until OPA is back.
     deadline = time.monotonic() + 5
-    while len(cache) and time.monotonic() < deadline:
+    while len(cache) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.001)
 
     refusals = 0
