@@ -15,6 +15,7 @@ from gateway.policy.decision import Decision
 from gateway.protocol import ErrorResponse
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.tracker import StatementRun
+from gateway.sql.catalog import DEFAULT_SEARCH_PATH
 from gateway.sql.facts import StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
@@ -30,10 +31,16 @@ class PreparedRegistry(Protocol):
 
     def register(self, name: str, facts: StatementFacts) -> None: ...
 
+    def lookup(self, name: str) -> StatementFacts | None: ...
+
+    def closed(self, name: str) -> None: ...
+
+    def completed(self, facts: StatementFacts) -> None: ...
+
 
 class Catalog(Protocol):
     async def resolve(
-        self, facts: StatementFacts, search_path: str | None = None
+        self, facts: StatementFacts, search_path: Sequence[str], user: str | None = None
     ) -> StatementFacts: ...
 
 
@@ -109,7 +116,9 @@ class StatementGate:
         self._audit = audit
         self._fail_open = audit_fail_open
         self.in_transaction = False
-        self.search_path: str | None = None
+        # The session's search_path as the server will apply it to unqualified names.
+        self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+        self.upstream_user: str | None = None
         self._principal_input = ctx.principal.to_input()
         self._target_input = {
             "name": ctx.target_name,
@@ -122,7 +131,8 @@ class StatementGate:
     async def _facts(self, text: str) -> tuple[StatementFacts, ...]:
         facts = self.prepared.resolve(self._analyzer.analyze(text))
         if self._catalog is not None:
-            facts = tuple([await self._catalog.resolve(f, self.search_path) for f in facts])
+            catalog = self._catalog
+            facts = tuple([await catalog.resolve(f, self.search_path, self.upstream_user) for f in facts])
         return facts
 
     def _input(
@@ -231,6 +241,12 @@ class StatementGate:
         if not facts:
             return Verdict(True, [], [], None, facts)
         return await self._verdict(facts, "extended", (), record=False)
+
+    async def check_facts(
+        self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
+    ) -> Verdict:
+        """Statements known only by their facts (SQL-prepared, run by protocol Execute)."""
+        return await self._verdict(facts, "extended", params, record=True)
 
     async def check_execute(
         self,

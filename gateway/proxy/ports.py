@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
-from gateway.identity.principal import Principal
-from gateway.policy.decision import Decision
+if TYPE_CHECKING:
+    # Types only: the audit package imports AuditUnavailable from here.
+    from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+    from gateway.identity.principal import Principal
+    from gateway.policy.decision import Decision
 
 
 class TokenVerifier(Protocol):

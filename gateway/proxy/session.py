@@ -42,6 +42,7 @@ from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, 
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from gateway.sql.catalog import DEFAULT_SEARCH_PATH, parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
@@ -709,13 +710,11 @@ class ClientSession(asyncio.Protocol):
                 Expectation("describe_statement" if kind == ord("S") else "describe_portal")
             )
         else:
-            self.tracker.expect(Expectation("close"))
+            closing = None
             if end - pos > 6:
                 name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
-                if buf[pos + 5] == ord("S"):
-                    self._statements.pop(name, None)
-                else:
-                    self._portals.pop(name, None)
+                closing = (chr(buf[pos + 5]), name)
+            self.tracker.expect(Expectation("close", closing=closing))
 
     async def _gated(self, code: int, message: bytes) -> None:
         try:
@@ -798,10 +797,6 @@ class ClientSession(asyncio.Protocol):
                 self.gate.outcome(run, forwarded=False)
             self._refuse("query", refusal, [])
             return
-        for f in verdict.facts:
-            if f.command == "PREPARE" or "prepare" in f.flags:
-                if f.prepared_name:
-                    self.gate.prepared.register(f.prepared_name, f)
         self.up.transport.write(message)
         self.tracker.expect(Expectation("query", verdict.runs))
 
@@ -848,7 +843,11 @@ class ClientSession(asyncio.Protocol):
             self._statements.pop(msg.name, None)
             self._refuse("parse", refusal, [], name=msg.name)
             return
-        self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
+        if msg.name == "" or msg.name not in self._statements or self._close_pending(msg.name):
+            # A Parse of a name the server still holds fails there: keep what it holds.
+            self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
+        if len(verdict.facts) == 1:
+            self.gate.prepared.register(msg.name, verdict.facts[0])
         self.up.transport.write(message)
         self.tracker.expect(Expectation("parse"))
 
@@ -873,17 +872,26 @@ class ClientSession(asyncio.Protocol):
             self.tracker.expect(Expectation("execute"))
             return
         portal = self._portals.get(msg.portal)
-        prepared = self._statements.get(portal.statement) if portal is not None else None
-        if portal is None or prepared is None:
-            # The server will report the unknown portal or statement itself; nothing runs.
+        if portal is None:
+            # The server reports the unknown portal itself; nothing runs.
             self.up.transport.write(message)
             self.tracker.expect(Expectation("execute"))
             return
-        if not prepared.facts:
+        prepared = self._statements.get(portal.statement)
+        if prepared is None:
+            # Prepared by SQL PREPARE (one namespace with Parse): decide it now.
+            known = self.gate.prepared.lookup(portal.statement)
+            if known is None:
+                # What would run is unknown to pgwarden: fail closed.
+                self._refuse("parse", refusal_for("unknown prepared statement"), [])
+                return
+            verdict = await self.gate.check_facts((known,), portal.params)
+        elif not prepared.facts:
             self.up.transport.write(message)
             self.tracker.expect(Expectation("execute"))
             return
-        verdict = await self.gate.check_execute(prepared.facts, prepared.decisions, portal.params)
+        else:
+            verdict = await self.gate.check_execute(prepared.facts, prepared.decisions, portal.params)
         if self.phase is not Phase.RELAY:
             return
         if not verdict.allowed:
@@ -1031,6 +1039,13 @@ class ClientSession(asyncio.Protocol):
         if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
             if front is not None and front.kind not in ("query", "execute"):
                 tracker.pop()
+                if code == 51 and front.closing is not None:
+                    kind, name = front.closing
+                    if kind == "S":
+                        self._statements.pop(name, None)
+                        gate.prepared.closed(name)
+                    else:
+                        self._portals.pop(name, None)
             return None
         if code == 116:  # ParameterDescription
             if front is not None:
@@ -1067,10 +1082,25 @@ class ClientSession(asyncio.Protocol):
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=True)
 
+    def _close_pending(self, name: str) -> bool:
+        return any(e.closing == ("S", name) for e in self.tracker.pending())
+
     def _after_statement(self, run: StatementRun) -> None:
+        """Bookkeeping once the server confirms a statement succeeded."""
         facts = run.facts
-        if facts is not None and facts.category == "ddl":
+        gate = self.gate
+        if facts is None or gate is None:
+            return
+        gate.prepared.completed(facts)
+        if facts.category == "ddl":
             self.gw.after_ddl(self)
+        setting = facts.setting
+        if setting is not None and setting[0].lower() == "search_path":
+            gate.search_path = parse_search_path(setting[1]) if setting[1] else DEFAULT_SEARCH_PATH
+        elif facts.command in ("RESET ALL", "DISCARD") or (
+            facts.command == "RESET" and setting is not None and setting[0].lower() == "search_path"
+        ):
+            gate.search_path = DEFAULT_SEARCH_PATH
 
 
 def _tag_rows(tag: str) -> int | None:

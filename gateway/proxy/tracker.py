@@ -51,6 +51,8 @@ class Expectation:
     refusal: bytes | None = None
     # describe_statement: ParameterDescription seen, RowDescription/NoData still to come.
     saw_parameters: bool = False
+    # close: ("S"|"P", name) to forget once the server confirms it.
+    closing: tuple[str, str] | None = None
 
     def current_run(self) -> StatementRun | None:
         if self.cursor < len(self.runs):
@@ -80,6 +82,9 @@ class ResponseTracker:
 
     def pop(self) -> Expectation | None:
         return self._queue.popleft() if self._queue else None
+
+    def pending(self) -> tuple[Expectation, ...]:
+        return tuple(self._queue)
 
     def running(self) -> bool:
         """Whether a statement is executing upstream (a cancel may be forwarded)."""

@@ -1,0 +1,136 @@
+"""The composition root: builds the real identity, policy, audit and catalog parts from
+Settings, wires them into the listener, and tears them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from gateway.audit import audit_writer
+from gateway.audit.writer import AuditWriter
+from gateway.identity.verifier import IdentityVerifier
+from gateway.policy.cache import DecisionCache
+from gateway.policy.opa import OpaDecider
+from gateway.policy.sidecar import OpaSidecar
+from gateway.policy.transport import OpaTransport
+from gateway.proxy.gate import Catalog as CatalogPort
+from gateway.proxy.listener import GatewayContext, Listener
+from gateway.proxy.targets import Target, TargetRegistry
+from gateway.proxy.tls import server_context, upstream_context
+from gateway.settings import Settings
+from gateway.sql.analyzer import StatementAnalyzer
+from gateway.sql.catalog import Catalog
+from gateway.sql.prepared import PreparedStatements
+
+log = logging.getLogger("pgwarden")
+
+
+def _catalog_connector(target: Target, environ: Mapping[str, str]) -> Any:
+    async def connect() -> Any:
+        return await asyncpg.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password(environ),
+            database=target.dbname,
+            ssl=upstream_context(target) or False,
+            timeout=5,
+            server_settings={"application_name": "pgwarden-catalog"},
+        )
+
+    return connect
+
+
+class Gateway:
+    """One running gateway: `await start()` returns the listening address; `await stop()`."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.context: GatewayContext | None = None
+        self.sidecar: OpaSidecar | None = None
+        self.audit: AuditWriter | None = None
+        self.verifier: IdentityVerifier | None = None
+        self.decider: DecisionCache | None = None
+        self._transport: OpaTransport | None = None
+        self._listener: Listener | None = None
+        self._catalogs: dict[str, Catalog] = {}
+        self.address: tuple[str, int] | None = None
+
+    def _catalog_for(self, target: Target) -> CatalogPort | None:
+        catalog = self._catalogs.get(target.name)
+        if catalog is None:
+            catalog = Catalog(_catalog_connector(target, self.environ))
+            self._catalogs[target.name] = catalog
+        return catalog
+
+    async def start(self) -> tuple[str, int]:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.verifier = IdentityVerifier.from_settings(s)
+        opa_url = s.policy.opa_url
+        if not opa_url:
+            self.sidecar = OpaSidecar.from_settings(s)
+            await self.sidecar.start()
+            opa_url = self.sidecar.url
+        self._transport = OpaTransport(
+            opa_url, decision_path=s.policy.decision_path, timeout_seconds=s.policy.timeout_seconds
+        )
+        self.decider = DecisionCache(
+            OpaDecider(self._transport, timeout_seconds=s.policy.timeout_seconds),
+            max_entries=s.policy.cache_size,
+        )
+        if self.sidecar is not None:
+            self.sidecar.listen(self.decider)
+        self.audit = audit_writer(s)
+        await self.audit.start()
+        tls = None
+        if s.listener.tls_cert is not None and s.listener.tls_key is not None:
+            tls = server_context(Path(s.listener.tls_cert), Path(s.listener.tls_key))
+        self.context = GatewayContext(
+            settings=s,
+            targets=TargetRegistry(s.state_dir / "targets.json"),
+            verifier=self.verifier,
+            decider=self.decider,
+            audit=self.audit,
+            analyzer=StatementAnalyzer(),
+            new_prepared=PreparedStatements,
+            catalog_for=self._catalog_for,
+            environ=self.environ,
+            server_tls=tls,
+        )
+        self._listener = Listener(self.context)
+        self.address = await self._listener.start()
+        log.info("pgwarden listening on %s:%d", *self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+        if self.context is not None and self.context.background:
+            await asyncio.wait(list(self.context.background), timeout=2)
+        if self.audit is not None:
+            await self.audit.close()
+        for catalog in self._catalogs.values():
+            await catalog.close()
+        if self._transport is not None:
+            await self._transport.aclose()
+        if self.sidecar is not None:
+            await self.sidecar.stop()
+        if self.verifier is not None:
+            await self.verifier.aclose()
+
+
+async def serve(settings: Settings, environ: Mapping[str, str], stop: asyncio.Event) -> None:
+    """Run a gateway until `stop` is set."""
+    gateway = Gateway(settings, environ)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()
