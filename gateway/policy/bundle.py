@@ -108,11 +108,21 @@ def build_bundle(
         staged = Path(tmp) / "bundle"
         stage(rego_dir, bundle_dir, staged)
         partial = out.with_name(f".{out.name}.partial")
-        command = [str(opa_binary), "build", "--bundle", ".", "-o", str(partial.resolve())]
+        command = [
+            str(opa_binary.resolve()),
+            "build",
+            "--bundle",
+            ".",
+            "-o",
+            str(partial.resolve()),
+        ]
         if revision is not None:
             command += ["--revision", revision]
         # Built from inside the stage, so module paths in the bundle read /pgwarden/x.rego.
-        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=staged)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=staged)
+        except OSError as exc:
+            raise BundleError(f"cannot run {opa_binary}: {exc}") from exc
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise BundleError(_first_error(done.stderr or done.stdout))

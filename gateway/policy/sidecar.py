@@ -99,14 +99,8 @@ class OpaSidecar:
         cls, settings: Settings, *, poll_seconds: float = 1.0, decision_logs: bool = False
     ) -> OpaSidecar:
         """A sidecar on the settings' rego and bundle dirs, working under the state dir."""
-        binary = settings.policy.opa_binary or settings.state_path(Path("bin") / "opa")
-        if not binary.exists():
-            found = shutil.which("opa")
-            if found is None:
-                raise SidecarError(f"OPA binary not found at {binary} nor on PATH")
-            binary = Path(found)
         return cls(
-            opa_binary=binary,
+            opa_binary=opa_binary_of(settings),
             rego_dir=settings.policy.rego_dir,
             bundle_dir=settings.policy.bundle_dir,
             work_dir=settings.state_path(Path("opa")),
@@ -315,6 +309,17 @@ class OpaSidecar:
     def _notify(self, event: str) -> None:
         for listener in self._listeners:
             getattr(listener, event)()
+
+
+def opa_binary_of(settings: Settings) -> Path:
+    """The OPA binary: the configured one, else the project's .pgwarden/bin/opa, else PATH."""
+    binary = settings.policy.opa_binary or settings.state_path(Path("bin") / "opa")
+    if binary.exists():
+        return binary.resolve()
+    found = shutil.which("opa")
+    if found is None:
+        raise SidecarError(f"OPA binary not found at {binary} nor on PATH")
+    return Path(found)
 
 
 def _free_port() -> int:
