@@ -24,13 +24,15 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def ensure_server_cert(directory: Path, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")) -> CertFiles:
+def ensure_server_cert(
+    directory: Path, hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> CertFiles:
     """Make (once) a CA and a server certificate for `hostnames` under `directory`."""
     files = CertFiles(directory / "ca.crt", directory / "server.crt", directory / "server.key")
     if files.ca_cert.exists() and files.cert.exists() and files.key.exists():
         return files
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
         x509.CertificateBuilder()

@@ -18,6 +18,22 @@ SUPERUSER_PASSWORD = "pgwarden-local-superuser"  # a throwaway cluster on loopba
 MD5_USER, MD5_PASSWORD = "md5user", "md5-secret"
 TRUST_USER = "trustuser"
 
+# The sample application database of the demo and the tests; customers has classified columns.
+APP_DB = "appdb"
+APP_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS customers (
+    id int PRIMARY KEY, name text NOT NULL, email text, phone text, ssn text, card_number text
+);
+CREATE TABLE IF NOT EXISTS orders (
+    id int PRIMARY KEY, customer_id int REFERENCES customers, amount numeric
+);
+INSERT INTO customers VALUES
+    (1, 'Ada', 'ada@example.com', '+44 20 7946 0001', '123-45-6789', '4111111111111111'),
+    (2, 'Grace', 'grace@example.org', '+1 202 555 0143', '987-65-4321', '5500000000000004')
+ON CONFLICT DO NOTHING;
+INSERT INTO orders VALUES (1, 1, 10.5), (2, 1, 20), (3, 2, 7.25) ON CONFLICT DO NOTHING;
+"""
+
 
 def _pg_bindir() -> Path:
     found = shutil.which("pg_ctl")
@@ -205,6 +221,16 @@ class LocalCluster:
             f"IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TRUST_USER}') THEN "
             f"CREATE ROLE {TRUST_USER} LOGIN; END IF; END$$;"
         )
+
+    def create_app_database(self) -> str:
+        """The sample database (idempotent), open to the md5 and trust roles too."""
+        exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{APP_DB}'").strip()
+        if not exists:
+            self.psql(f"CREATE DATABASE {APP_DB}")
+            self.psql(f"GRANT ALL ON DATABASE {APP_DB} TO {MD5_USER}, {TRUST_USER}")
+        self.psql(APP_SCHEMA_SQL, dbname=APP_DB)
+        self.psql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {MD5_USER}, {TRUST_USER}", dbname=APP_DB)
+        return APP_DB
 
     def stop(self) -> None:
         if not (self.data_dir / "postmaster.pid").exists():

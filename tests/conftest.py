@@ -62,26 +62,13 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
 from cli.certs import CertFiles, ensure_server_cert  # noqa: E402
-from cli.localpg import MD5_PASSWORD, MD5_USER, SUPERUSER, SUPERUSER_PASSWORD, TRUST_USER  # noqa: E402
+from cli.localpg import APP_DB, MD5_PASSWORD, MD5_USER, SUPERUSER, SUPERUSER_PASSWORD, TRUST_USER  # noqa: E402
 from gateway.identity.local import LocalTokenIssuer  # noqa: E402
 from gateway.proxy.targets import Target, TargetRegistry  # noqa: E402
 from gateway.runtime import Gateway  # noqa: E402
 from gateway.settings import Settings, load_settings  # noqa: E402
 
 T = TypeVar("T")
-
-APP_DB = "appdb"
-APP_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS customers (
-    id int PRIMARY KEY, name text NOT NULL, email text, phone text, ssn text, card_number text
-);
-CREATE TABLE IF NOT EXISTS orders (id int PRIMARY KEY, customer_id int REFERENCES customers, amount numeric);
-INSERT INTO customers VALUES
-    (1, 'Ada', 'ada@example.com', '+44 20 7946 0001', '123-45-6789', '4111111111111111'),
-    (2, 'Grace', 'grace@example.org', '+1 202 555 0143', '987-65-4321', '5500000000000004')
-ON CONFLICT DO NOTHING;
-INSERT INTO orders VALUES (1, 1, 10.5), (2, 1, 20), (3, 2, 7.25) ON CONFLICT DO NOTHING;
-"""
 
 
 @dataclass
@@ -170,12 +157,7 @@ def stop_gateway(gw: RunningGateway) -> None:
 
 @pytest.fixture(scope="session")
 def app_database(pg_cluster: LocalCluster) -> str:
-    exists = pg_cluster.psql(f"SELECT 1 FROM pg_database WHERE datname = '{APP_DB}'").strip()
-    if not exists:
-        pg_cluster.psql(f"CREATE DATABASE {APP_DB}")
-        pg_cluster.psql(f"GRANT ALL ON DATABASE {APP_DB} TO {MD5_USER}, {TRUST_USER}")
-    pg_cluster.psql(APP_SCHEMA_SQL, dbname=APP_DB)
-    return APP_DB
+    return pg_cluster.create_app_database()
 
 
 @pytest.fixture(scope="session")

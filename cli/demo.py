@@ -1,0 +1,170 @@
+"""`pgwarden demo`: a local PostgreSQL, the gateway with the reference policy and SQLite audit,
+an agent's statements run through it with psql, its audit trail, then serving until Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import typer
+
+from cli.certs import ensure_server_cert
+from cli.context import settings_of
+from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
+from gateway.identity.local import LocalTokenIssuer
+from gateway.proxy.targets import Target, TargetRegistry
+from gateway.settings import Settings, load_settings
+
+app = typer.Typer(help="Run the demo.")
+
+# The statements an AI agent tries, and what the reference policy is expected to do.
+AGENT_STATEMENTS = (
+    ("read a table", "SELECT id, customer_id, amount FROM orders ORDER BY id"),
+    ("read classified columns", "SELECT name, email FROM customers ORDER BY id"),
+    ("write without approval", "DELETE FROM orders WHERE id = 3"),
+    ("a write hidden in a CTE", "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d"),
+    ("read a server file", "SELECT pg_read_file('/etc/passwd')"),
+    ("use a classified column as an oracle", "SELECT count(*) FROM customers WHERE email LIKE 'a%'"),
+    ("text that does not parse", "SELEC 1"),
+)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _say(text: str = "") -> None:
+    typer.echo(text)
+
+
+def _psql(dsn: str, sql: str, env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    port: int = typer.Option(6543, help="Gateway port."),
+    once: bool = typer.Option(False, help="Run the scripted session and exit (no serving)."),
+) -> None:
+    """Start everything locally, show an agent's statements decided, and keep serving."""
+    base = settings_of(ctx)
+    state = base.state_dir.resolve() / "demo"
+    state.mkdir(parents=True, exist_ok=True)
+    pg_base = state / "pg"
+    pg_base.mkdir(exist_ok=True)
+    for d in (base.state_dir.resolve(), state, pg_base):
+        d.chmod(0o755)  # PostgreSQL runs as the postgres OS user and must reach its folder
+    pg_port = 54329 if _port_free(54329) else free_port()
+    cluster = LocalCluster(pg_base, pg_port)
+    _say(f"starting PostgreSQL on 127.0.0.1:{pg_port} ({pg_base})")
+    cluster.start()
+    try:
+        _run_demo(base, state, cluster, port, once)
+    finally:
+        _say("stopping PostgreSQL")
+        cluster.stop()
+
+
+def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, once: bool) -> None:
+    import asyncio
+
+    from gateway.runtime import Gateway
+
+    dbname = cluster.create_app_database()
+    certs = ensure_server_cert(state / "tls")
+    pw_file = state / "upstream.pw"
+    pw_file.write_text(SUPERUSER_PASSWORD)
+    pw_file.chmod(0o600)
+    registry = TargetRegistry(state / "targets.json")
+    registry.add(
+        Target(name="app", host="127.0.0.1", port=cluster.port, dbname=dbname, user=SUPERUSER,
+               password_file=str(pw_file), sslmode="require", labels={"env": "demo"}),
+        replace=True,
+    )
+    root = Path(__file__).resolve().parent.parent
+    opa = base.policy.opa_binary or (root / ".pgwarden" / "bin" / "opa")
+    settings = load_settings(
+        state_dir=state,
+        listener={"host": "127.0.0.1", "port": port, "tls_cert": certs.cert, "tls_key": certs.key},
+        policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
+    )
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="pgwarden", daemon=True)
+    thread.start()
+    gateway = Gateway(settings, os.environ)
+    _say("starting pgwarden (OPA sidecar with the reference policy, SQLite audit store)")
+    host, gw_port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
+    try:
+        _script(settings, host, gw_port, certs.ca_cert)
+        if not once:
+            _serve_until_interrupted(settings, host, gw_port, certs.ca_cert)
+    finally:
+        _say("stopping pgwarden")
+        asyncio.run_coroutine_threadsafe(gateway.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _issue(settings: Settings, subject: str, groups: list[str]) -> str:
+    issuer = LocalTokenIssuer.from_settings(settings)
+    try:
+        return issuer.issue(subject, groups, 8 * 3600).token
+    finally:
+        issuer.close()
+
+
+def _script(settings: Settings, host: str, port: int, ca: Path) -> None:
+    token = _issue(settings, "agent:demo", ["ai-agents"])
+    dsn = f"host=localhost port={port} dbname=app user=agent sslmode=verify-full sslrootcert={ca}"
+    env = {**os.environ, "PGPASSWORD": token, "PGAPPNAME": "pgwarden-demo"}
+    _say()
+    _say("== an AI agent (token: subject agent:demo, group ai-agents) connects with psql over TLS ==")
+    for title, sql in AGENT_STATEMENTS:
+        _say()
+        _say(f"-- {title}")
+        _say(f"agent> {sql}")
+        _code, output = _psql(dsn, sql, env)
+        for line in output.splitlines():
+            _say(f"   {line}")
+    _say()
+    _say("== the audit trail of that session (pgwarden audit tail) ==")
+    audit_env = {**os.environ, "PGWARDEN_STATE_DIR": str(settings.state_dir)}
+    pgwarden = [sys.executable, "-m", "cli"]
+    subprocess.run([*pgwarden, "audit", "tail", "-n", "30"], env=audit_env, check=False)
+    _say()
+    _say("== verifying the hash chain (pgwarden audit verify) ==")
+    subprocess.run([*pgwarden, "audit", "verify"], env=audit_env, check=False)
+
+
+def _serve_until_interrupted(settings: Settings, host: str, port: int, ca: Path) -> None:
+    _say()
+    _say(f"pgwarden is serving on {host}:{port}; target 'app'. Try, in another shell:")
+    _say(f"  export PGWARDEN_STATE_DIR={settings.state_dir}")
+    _say("  export PGPASSWORD=$(.venv/bin/pgwarden tokens issue --subject me --group engineers --ttl 1h)")
+    _say(f'  psql "host=localhost port={port} dbname=app sslmode=verify-full sslrootcert={ca}"')
+    _say("Ctrl-C stops everything the demo started.")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
