@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import shutil
+import signal
 import socket
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol
@@ -25,6 +28,13 @@ log = logging.getLogger(__name__)
 
 # Unix socket paths longer than this do not fit in sockaddr_un (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM OPA when the gateway dies, even by -9."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class RevisionListener(Protocol):
@@ -209,6 +219,7 @@ class OpaSidecar:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
+            preexec_fn=_die_with_parent,
         )
 
     async def _wait_healthy(self) -> bool:
