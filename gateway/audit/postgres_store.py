@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -54,12 +55,39 @@ _INSERT = (
     " action, request_id, text, body, link)"
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
 )
-# Serialises writers of one chain (and replicas creating the schema) inside a transaction.
-_LOCK_CHAIN = "SELECT pg_advisory_xact_lock(hashtext('pgwarden-audit:' || $1))"
+_INSERT_MANY = (
+    "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
+    " action, request_id, text, body, link) SELECT * FROM unnest($1::text[], $2::bigint[],"
+    " $3::integer[], $4::text[], $5::float8[], $6::text[], $7::text[], $8::text[], $9::text[],"
+    " $10::text[], $11::text[], $12::bytea[], $13::bytea[])"
+)
+
+# Guard for an insert sealed onto a remembered tail: still the chain's last record?
+_IF_TAIL_IS = (
+    " WHERE EXISTS (SELECT 1 FROM (SELECT seq, link FROM audit_record WHERE chain = $14"
+    " ORDER BY seq DESC LIMIT 1) last WHERE last.seq = $15 AND last.link = $16)"
+)
+
+
+class _TailMoved(Exception):
+    pass
+
+
+def _lock_key(chain: str) -> int:
+    """A stable signed 64-bit advisory lock key serialising the writers of one chain."""
+    digest = hashlib.sha256(b"pgwarden-audit:" + chain.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
 
 # Failures that happen before COMMIT is sent and leave nothing behind: one retry on a
 # fresh connection is safe (a terminated idle connection should not refuse a statement).
-_RETRYABLE = (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)
+_RETRYABLE = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    OSError,
+    asyncpg.UniqueViolationError,
+    _TailMoved,
+)
 
 
 def _row(r: Any) -> StoredRecord:
@@ -91,6 +119,8 @@ class PostgresAuditStore:
         self.timeout = timeout
         self.commits = 0
         self._pool: asyncpg.Pool | None = None
+        self._writer: asyncpg.Connection | None = None
+        self._tails: dict[str, ChainTail] = {}
 
     async def open(self) -> None:
         await self._ensure_pool()
@@ -107,7 +137,7 @@ class PostgresAuditStore:
             raise AuditStoreError(f"audit database unreachable: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(_LOCK_CHAIN, "schema")
+                await conn.execute(f"SELECT pg_advisory_xact_lock({_lock_key('')})")
                 await conn.execute(_SCHEMA)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             await pool.close()
@@ -116,6 +146,9 @@ class PostgresAuditStore:
         return pool
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -148,46 +181,81 @@ class PostgresAuditStore:
             return result
         raise AssertionError("unreachable")
 
+    async def _write_connection(self) -> asyncpg.Connection:
+        # Writes use one connection of their own, outside the pool: a pool's release resets
+        # the session, an extra round trip on every commit.
+        if self._writer is None or self._writer.is_closed():
+            self._writer = None
+            await self._ensure_pool()
+            self._writer = await asyncpg.connect(
+                self.dsn, timeout=self.timeout, command_timeout=self.timeout
+            )
+        return self._writer
+
     async def _transaction_once(
         self, chain: str, work: Callable[[asyncpg.Connection], Awaitable[T]]
     ) -> T:
         try:
-            pool = await self._ensure_pool()
-            conn = await pool.acquire(timeout=self.timeout)
+            conn = await self._write_connection()
         except AuditStoreError:
             raise
         except Exception as exc:
             raise _BeforeCommit() from exc
         try:
-            tr = conn.transaction()
-            try:
-                await tr.start()
-                await conn.execute(_LOCK_CHAIN, chain)
-                result = await work(conn)
-            except Exception as exc:
-                if not conn.is_closed():
-                    # A failed rollback means the connection is dead; the pool discards it.
-                    with contextlib.suppress(Exception):
-                        await tr.rollback()
-                raise _BeforeCommit() from exc
-            try:
-                await tr.commit()
-            except Exception as exc:
-                # Whether the commit happened is unknown; never retry, let the caller refuse.
-                raise AuditStoreError(f"audit database commit failed: {exc}") from exc
-            return result
-        finally:
-            await pool.release(conn)
+            # BEGIN and the chain lock in one simple-protocol round trip.
+            await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(chain)})")
+            result = await work(conn)
+        except Exception as exc:
+            # After a server-side error the connection is fine once rolled back; after
+            # anything else (or a failed rollback) it is dropped so the retry gets a new one.
+            healthy = isinstance(exc, asyncpg.PostgresError | _TailMoved) and not conn.is_closed()
+            if healthy:
+                try:
+                    await conn.execute("ROLLBACK")
+                except Exception:
+                    healthy = False
+            if not healthy:
+                conn.terminate()
+                self._writer = None
+            raise _BeforeCommit() from exc
+        try:
+            await conn.execute("COMMIT")
+        except Exception as exc:
+            # Whether the commit happened is unknown; never retry, let the caller refuse.
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise AuditStoreError(f"audit database commit failed: {exc}") from exc
+        return result
 
     async def append(self, chain: str, seal: Seal) -> list[SealedRecord]:
         async def work(conn: asyncpg.Connection) -> list[SealedRecord]:
-            sealed, _ = seal(await self._tail(conn, chain))
-            await conn.executemany(_INSERT, [_insert_args(s) for s in sealed])
+            # The tail this store committed last saves a round trip; the insert itself checks
+            # it is still the chain's last record (another writer, such as `audit prune`, may
+            # have appended) and the retry then reads the tail afresh.
+            cached = self._tails.pop(chain, None)
+            tail = cached or await self._tail(conn, chain)
+            sealed, after = seal(tail)
+            # One statement over arrays: a single round trip for the whole batch.
+            columns = list(zip(*(_insert_args(s) for s in sealed), strict=True))
+            if cached is None:
+                await conn.execute(_INSERT_MANY, *columns)
+            else:
+                status = await conn.execute(
+                    _INSERT_MANY + _IF_TAIL_IS, *columns, chain, tail.seq, tail.link
+                )
+                if status != f"INSERT 0 {len(sealed)}":
+                    raise _TailMoved(f"chain {chain} was extended by another writer")
+            new_tail.append(after)
             return sealed
 
-        return await self._transaction(chain, work)
+        new_tail: list[ChainTail] = []
+        sealed = await self._transaction(chain, work)
+        self._tails[chain] = new_tail[-1]
+        return sealed
 
     async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
+        self._tails.pop(chain, None)
+
         async def work(conn: asyncpg.Connection) -> Anchor | None:
             row = await conn.fetchrow(
                 "SELECT seq, link, epoch, kind FROM audit_record WHERE chain = $1 AND seq ="

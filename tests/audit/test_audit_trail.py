@@ -328,3 +328,14 @@ async def test_search_filters(rig: AuditRig) -> None:
     assert [r.target for r in await store.search(RecordFilter(target="other"), 10)] == ["other"]
     assert await store.search(RecordFilter(subject="nobody"), 10) == []
     assert len(await store.search(RecordFilter(since=time.time() + 60), 10)) == 0
+
+
+async def test_a_second_writer_of_the_chain_does_not_fork_it(rig: AuditRig) -> None:
+    # `pgwarden audit prune` runs beside the gateway's writer on the same chain.
+    gateway, _ = await _fill(rig, 3)
+    async with rig.writer() as cli:
+        await cli.request(statement_request("SELECT from the cli"))
+        assert await cli.prune(time.time()) is not None
+    assert await gateway.request(statement_request("SELECT after")) == f"{CHAIN}:6"
+    await gateway.close()
+    assert (await rig.verify()).ok

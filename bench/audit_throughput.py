@@ -1,0 +1,138 @@
+"""Durable audit request records per second, SQLite and PostgreSQL, with concurrent writers.
+
+    uv run python bench/audit_throughput.py [--dsn postgresql://...] [--writers 50] [--seconds 5]
+
+Without --dsn a throwaway local PostgreSQL cluster (cli/localpg.py) is started for the run.
+Each writer awaits one request() at a time, as a gateway session does: a record counts only
+once it is committed (SQLite: WAL, synchronous=FULL; PostgreSQL: COMMIT returned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from cli.localpg import LocalCluster, free_port
+from gateway.audit import (
+    AuditChain,
+    AuditKeyring,
+    AuditStore,
+    AuditWriter,
+    HeadWitness,
+    PostgresAuditStore,
+    SqliteAuditStore,
+    verify,
+)
+from gateway.audit.events import StatementRequest
+from gateway.identity.principal import Principal
+from gateway.policy.decision import Decision
+
+PRINCIPAL = Principal("agent:bench", "pgwarden", ("ai-agents",), "jti-bench", None)
+
+
+STATEMENT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+
+
+def _request(n: int) -> StatementRequest:
+    return StatementRequest(
+        time.time(), "bench", f"s-{n % 50}", "127.0.0.1", "pgbench", PRINCIPAL, "app",
+        STATEMENT, "fp-1", "extended",
+        (str(n),), Decision("allow", decision_id=f"d-{n}", bundle_revision="r1"),
+    )  # fmt: skip
+
+
+async def run(name: str, store: AuditStore, folder: Path, writers: int, seconds: float) -> None:
+    keys = AuditKeyring(folder / "keys")
+    epoch, key = keys.current("bench")
+    heads = HeadWitness(folder / "head")
+    writer = AuditWriter(store, AuditChain("bench", epoch, key), keyring=keys, head=heads)
+    await writer.start()
+    for i in range(200):  # warm-up: schema, connections, caches
+        await writer.request(_request(i))
+    commits_before = store.commits
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def session(k: int) -> None:
+        nonlocal done
+        n = k
+        while time.perf_counter() < stop:
+            await writer.request(_request(n))
+            n += writers
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(session(k) for k in range(writers)))
+    elapsed = time.perf_counter() - start
+    commits = store.commits - commits_before
+    await writer.close()
+    rate = done / elapsed
+    print(
+        f"{name:10s} {done:8d} records in {elapsed:5.2f}s = {rate:9,.0f} records/s durable"
+        f"  ({commits} commits, {done / max(commits, 1):.1f} records/commit, {writers} writers)"
+    )
+    check_store = store.__class__(**_reopen_args(store))
+    t = time.perf_counter()
+    report = await verify(check_store, keys, heads)
+    print(f"{'':10s} verify: {'ok' if report.ok else report.problems} "
+          f"({report.chains[0].records:,} records in {time.perf_counter() - t:.2f}s)")  # fmt: skip
+    await check_store.close()
+
+
+def _reopen_args(store: AuditStore) -> dict[str, object]:
+    if isinstance(store, SqliteAuditStore):
+        return {"path": store.path}
+    assert isinstance(store, PostgresAuditStore)
+    return {"dsn": store.dsn}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--dsn", help="PostgreSQL superuser DSN (default: start a local cluster)")
+    parser.add_argument("--writers", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="pgwarden-audit-bench-"))
+    cluster: LocalCluster | None = None
+    try:
+        await run("sqlite", SqliteAuditStore(folder / "sqlite" / "audit.sqlite3"),
+                  folder / "sqlite", args.writers, args.seconds)  # fmt: skip
+        dsn = args.dsn
+        if dsn is None:
+            # Its own folder, world-traversable: the server runs as the postgres OS user.
+            base = Path(tempfile.mkdtemp(prefix="pgwarden-audit-bench-pg-"))
+            os.chmod(base, 0o755)  # noqa: S103 - the postgres OS user must enter it
+            cluster = LocalCluster(base, free_port())
+            cluster.start()
+            dsn = cluster.dsn()
+            print("(local cluster: fsync=off, synchronous_commit=off; pass --dsn for real disks)")
+        dbname = "audit_bench_" + uuid.uuid4().hex[:8]
+        admin = await asyncpg.connect(dsn)
+        await admin.execute(f'CREATE DATABASE "{dbname}"')
+        try:
+            bench_dsn = dsn.rsplit("/", 1)[0] + "/" + dbname
+            await run("postgresql", PostgresAuditStore(bench_dsn), folder / "pg-keys",
+                      args.writers, args.seconds)  # fmt: skip
+        finally:
+            await admin.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+            await admin.close()
+    finally:
+        if cluster is not None:
+            cluster.stop()
+            shutil.rmtree(cluster.base_dir, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
