@@ -14,7 +14,10 @@ def test_psql_select_through_gateway(gateway) -> None:  # type: ignore[no-untype
     token = gateway.token(groups=("admins",))
     out = subprocess.run(
         ["psql", "-X", "-At", gateway.dsn(token), "-c", "SELECT count(*) FROM orders; SELECT 2"],
-        capture_output=True, text=True, env={**os.environ, "PGCONNECT_TIMEOUT": "10"}, check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "2"]
