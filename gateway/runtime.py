@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,19 @@ def _catalog_connector(target: Target, environ: Mapping[str, str]) -> Any:
         )
 
     return connect
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """A 32-byte secret kept in the state directory (0600), made on first use."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
 
 
 class Gateway:
@@ -103,6 +118,7 @@ class Gateway:
             catalog_for=self._catalog_for,
             environ=self.environ,
             server_tls=tls,
+            mask_key=load_or_create_key(s.state_dir / "mask.key"),
         )
         self._listener = Listener(self.context)
         self.address = await self._listener.start()

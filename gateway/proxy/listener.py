@@ -32,6 +32,8 @@ class GatewayContext:
     catalog_for: Callable[[Target], Catalog | None]
     environ: Mapping[str, str]
     server_tls: ssl.SSLContext | None = None
+    # Key of the `hash` mask method: stable per gateway, never sent anywhere.
+    mask_key: bytes = b""
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)
     sessions: set[ClientSession] = field(default_factory=set)
     background: set[asyncio.Future[None]] = field(default_factory=set)
