@@ -1,0 +1,224 @@
+"""End-to-end policy tests: real clients through the real gateway, real OPA, real PostgreSQL.
+
+Helpers shared by the test_policy_* modules live here (the package owns no conftest).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import re
+import socket
+import socketserver
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+REFUSED = "42501"
+IN_FAILED_TRANSACTION = "25P02"
+DECISION_ID = re.compile(r"decision id: [0-9A-Za-z-]{8,}")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    sqlstate: str | None
+    message: str
+    detail: str | None
+
+
+def refusal_of(exc: BaseException) -> Refusal:
+    assert isinstance(exc, psycopg.Error), f"not a database error: {exc!r}"
+    diag = exc.diag
+    return Refusal(diag.sqlstate, diag.message_primary or str(exc), diag.message_detail)
+
+
+def assert_policy_refusal(
+    r: Refusal, *, approval: bool = False, reason: str | None = None, decided: bool = True
+) -> None:
+    """A pgwarden refusal: 42501, names pgwarden (and the reason), decision id in DETAIL."""
+    assert r.sqlstate == REFUSED, r
+    assert "pgwarden" in r.message, r
+    if approval:
+        assert "approval required" in r.message, r
+    else:
+        assert "approval required" not in r.message, r
+        if decided:
+            assert "denied" in r.message, r
+    if reason is not None:
+        assert reason in r.message, r
+    if decided:
+        assert r.detail is not None and DECISION_ID.search(r.detail), r
+
+
+def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
+
+
+def run_sql(dsn: str, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """One statement (or message) on a fresh autocommit connection; rows of the last result."""
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(text.encode() if params is None else text, params, prepare=False)
+        return cur.fetchall() if cur.description is not None else []
+
+
+def simple(conn: psycopg.Connection[Any], text: str) -> list[tuple[Any, ...]]:
+    """Send `text` as one simple-protocol Query message (several statements allowed)."""
+    with psycopg.ClientCursor(conn) as cur:
+        cur.execute(text.encode())
+        return cur.fetchall() if cur.description is not None else []
+
+
+def refused_by(dsn: str, text: str) -> Refusal:
+    """Send `text` as a simple Query, expect an error, check the session is still usable."""
+    with connect(dsn) as conn:
+        try:
+            rows = simple(conn, text)
+        except psycopg.Error as exc:
+            r = refusal_of(exc)
+        else:
+            raise AssertionError(f"not refused: {text!r} returned {rows!r}")
+        # The session stays usable after a refusal.
+        assert simple(conn, "SELECT 1") == [(1,)]
+        return r
+
+
+_DIRECT: dict[str, psycopg.Connection[Any]] = {}
+
+
+@atexit.register
+def _close_direct() -> None:
+    for conn in _DIRECT.values():
+        conn.close()
+
+
+def direct_conn(gateway: Any) -> psycopg.Connection[Any]:
+    dsn = gateway.direct_dsn()
+    conn = _DIRECT.get(dsn)
+    if conn is None or conn.closed:
+        conn = _DIRECT[dsn] = psycopg.connect(dsn, autocommit=True)
+    return conn
+
+
+def direct(gateway: Any, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Straight to the database as superuser, bypassing the gateway."""
+    with direct_conn(gateway).cursor() as cur:
+        cur.execute(text if params is not None else text.encode(), params)
+        return cur.fetchall() if cur.description is not None else []
+
+
+_TOKENS: dict[tuple[int, tuple[str, ...]], str] = {}
+
+
+def token_for(gateway: Any, *groups: str) -> str:
+    """One token per gateway and groups (issuing loads the signing key each time)."""
+    key = (id(gateway), groups)
+    if key not in _TOKENS:
+        _TOKENS[key] = gateway.token(f"agent:{'+'.join(groups) or 'nobody'}", groups=groups)
+    return _TOKENS[key]
+
+
+def fresh_table(gateway: Any, prefix: str = "t", rows: int = 3) -> str:
+    """A table of our own (created directly) with `rows` rows: id int, v text."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = direct_conn(gateway)
+    with conn.transaction():
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, v text)").format(sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} SELECT g, 'v' || g FROM generate_series(1, %s) g").format(
+                sql.Identifier(name)
+            ),
+            (rows,),
+        )
+    return name
+
+
+def table_rows(gateway: Any, name: str) -> list[tuple[Any, ...]]:
+    return direct(gateway, f'SELECT id, v FROM "{name}" ORDER BY id')  # noqa: S608
+
+
+def table_exists(gateway: Any, name: str) -> bool:
+    return bool(direct(gateway, "SELECT to_regclass(%s) IS NOT NULL", (f'public."{name}"',))[0][0])
+
+
+def original_rows(n: int = 3) -> list[tuple[int, str]]:
+    return [(i, f"v{i}") for i in range(1, n + 1)]
+
+
+def prepared_names(gateway: Any) -> list[str]:
+    return [r[0] for r in direct(gateway, "SELECT name FROM pg_prepared_statements")]
+
+
+# -- a misbehaving OPA -------------------------------------------------------------------
+
+
+class FaultServer:
+    """A tiny HTTP server on 127.0.0.1 standing in for OPA, on its own threads.
+
+    Every request is answered with `reply` (raw bytes, None: hang up without a word) after
+    `delay` seconds; both can be changed while it runs.
+    """
+
+    def __init__(self, reply: bytes | None = None, delay: float = 0.0) -> None:
+        self.reply = reply
+        self.delay = delay
+        self.requests = 0
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer.requests += 1
+                sock: socket.socket = self.request
+                sock.settimeout(10)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            return
+                        data += chunk
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":", 1)[1])
+                    while len(body) < length:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            return
+                        body += chunk
+                    if outer.delay:
+                        time.sleep(outer.delay)
+                    if outer.reply is not None:
+                        sock.sendall(outer.reply)
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def http_answer(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+ALLOW_ALL = http_answer(
+    "200 OK",
+    b'{"result": {"action": "allow", "reasons": ["fault server allows"], '
+    b'"approvers": [], "masks": []}}',
+)
