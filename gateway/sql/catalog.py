@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from gateway.enforce.masking import stronger_method
+from gateway.policy.decision import Mask
 from gateway.sql.facts import ColumnRef, StatementFacts, TableRef
 
 __all__ = ["DEFAULT_SEARCH_PATH", "Catalog", "parse_search_path"]
@@ -27,6 +29,58 @@ SELECT n.nspname, c.relname,
              ORDER BY a.attnum) AS columns
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = ANY($1::text[]) AND c.relkind::text = ANY($2::text[])
+"""
+
+# Each masked column by name, plus every column of each view that (directly or through
+# other views) reads it, plus the same-named column of inheritance children and partitions:
+# RowDescription names the view or child, not the base column, so those must match too.
+# A view's output columns are not linked to the base columns they use, hence all of them;
+# a dependency on the whole table (attnum 0) is a whole-row use such as row_to_json(t).
+_MASK_QUERY = """
+WITH RECURSIVE wanted(i, schema, tbl, col) AS (
+    SELECT w.i::int, w.schema, w.tbl, w.col
+    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS w(schema, tbl, col, i)
+),
+base(i, relid, attnum) AS (
+    SELECT w.i, c.oid, a.attnum
+    FROM wanted w
+    JOIN pg_catalog.pg_namespace n ON w.schema = '' OR n.nspname = w.schema
+    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tbl
+    JOIN pg_catalog.pg_attribute a
+      ON a.attrelid = c.oid AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped
+),
+children(i, relid, attnum) AS (
+    SELECT b.i, b.relid, b.attnum FROM base b
+    UNION
+    SELECT ch.i, inh.inhrelid, a.attnum
+    FROM children ch
+    JOIN pg_catalog.pg_attribute p ON p.attrelid = ch.relid AND p.attnum = ch.attnum
+    JOIN pg_catalog.pg_inherits inh ON inh.inhparent = ch.relid
+    JOIN pg_catalog.pg_attribute a
+      ON a.attrelid = inh.inhrelid AND a.attname = p.attname AND NOT a.attisdropped
+),
+views(i, relid) AS (
+    SELECT ch.i, r.ev_class
+    FROM children ch
+    JOIN pg_catalog.pg_depend d
+      ON d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = ch.relid
+     AND d.refobjsubid IN (ch.attnum, 0) AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+    JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+    WHERE r.ev_class <> ch.relid
+    UNION
+    SELECT v.i, r.ev_class
+    FROM views v
+    JOIN pg_catalog.pg_depend d
+      ON d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = v.relid
+     AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+    JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+    WHERE r.ev_class <> v.relid
+)
+SELECT i, relid::int8, attnum::int4, false FROM children
+UNION ALL
+SELECT v.i, a.attrelid::int8, a.attnum::int4, true
+FROM views v
+JOIN pg_catalog.pg_attribute a ON a.attrelid = v.relid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
 Connect = Callable[[], Awaitable[Any]]
@@ -105,11 +159,82 @@ class Catalog:
         self._lock = asyncio.Lock()
         # relname → ({schema: columns}, fetched at)
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
+        # (schema, table, column) → ((table OID, attnum, derived), ...), fetched at
+        self._mask_columns: dict[
+            tuple[str, str, str], tuple[tuple[tuple[int, int, bool], ...], float]
+        ] = {}
 
     def invalidate(self) -> None:
         """Forget all metadata (call after any DDL statement completes)."""
         self._relations.clear()
+        self._mask_columns.clear()
         self._schemas = frozenset()
+
+    async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None:
+        """(table OID, attnum) → method for the masked columns, as RowDescription reports them.
+
+        Columns of views built on a masked column get "redact" (which of their columns came
+        from it is unknown); inheritance children and partitions get the mask's own method.
+        A mask whose column does not exist is skipped. None when the catalog cannot be
+        reached: the caller must then mask every column. Never raises.
+        """
+        if not masks:
+            return {}
+        try:
+            resolved = await self._lookup_masks({(m.schema, m.table, m.column) for m in masks})
+        except Exception:
+            return None
+        targets: dict[tuple[int, int], str] = {}
+        for m in masks:
+            for relid, attnum, derived in resolved[(m.schema, m.table, m.column)]:
+                method = "redact" if derived else m.method
+                held = targets.get((relid, attnum))
+                targets[(relid, attnum)] = method if held is None else stronger_method(held, method)
+        return targets
+
+    async def _lookup_masks(
+        self, names: set[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]]:
+        now = time.monotonic()
+        found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
+        missing: list[tuple[str, str, str]] = []
+        for name in names:
+            entry = self._mask_columns.get(name)
+            if entry is not None and now - entry[1] < self._ttl:
+                found[name] = entry[0]
+            else:
+                missing.append(name)
+        if missing:
+            missing.sort()
+            rows = await self._fetch(
+                _MASK_QUERY,
+                [s for s, _, _ in missing],
+                [t for _, t, _ in missing],
+                [c for _, _, c in missing],
+            )
+            fetched: dict[int, list[tuple[int, int, bool]]] = {}
+            for i, relid, attnum, derived in rows:
+                fetched.setdefault(i, []).append((relid, attnum, derived))
+            for index, name in enumerate(missing, start=1):
+                columns = tuple(dict.fromkeys(fetched.get(index, ())))
+                self._mask_columns[name] = (columns, now)
+                found[name] = columns
+        return found
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        async with self._lock:
+            for attempt in (1, 2):
+                conn = await self._connection()
+                try:
+                    rows = await conn.fetch(query, *args, timeout=self._timeout)
+                    return [tuple(r) for r in rows]
+                except Exception:
+                    # A dropped connection: one fresh attempt, then report unavailable.
+                    await self.close()
+                    if attempt == 2:
+                        self._failed_at = time.monotonic()
+                        raise
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
