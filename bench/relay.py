@@ -1,0 +1,246 @@
+"""pgbench -S through pgwarden vs direct vs pgbouncer (session mode), in one run.
+
+Run:
+    uv run python bench/relay.py [--seconds 15] [--rounds 2]   # throughput, -c 8 -j 2
+    uv run python bench/relay.py --latency [--seconds 10]      # -c 1 -j 1: added µs per txn
+    uv run python bench/relay.py --memory [--sessions 1000]    # gateway RSS per idle session
+
+Throughput mode runs (a) direct, (b) pgbouncer (when installed), (c) pgwarden with policy
+(admins token, OPA sidecar + decision cache) and the SQLite audit store, and (d) pgwarden
+with the audit sink replaced by a no-op (a bench-only harness, not a product setting: the
+product has no "audit off"); d - c prices the audit path. Runs are interleaved over rounds
+(order reversed every other round) and averaged. The last line is
+`ratio=<pgwarden/direct> vs_pgbouncer=<pgwarden/pgbouncer>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from _stack import (
+    GATEWAY_USER,
+    HOST,
+    Endpoint,
+    GatewayProcess,
+    PgbenchResult,
+    gateway_process,
+    pg_cluster,
+    pgbench,
+    pgbouncer,
+    pgbouncer_binary,
+    raise_nofile,
+)
+
+from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
+
+
+def _endpoints(
+    stack: ExitStack, cluster: LocalCluster, *, with_noaudit: bool
+) -> tuple[list[Endpoint], dict[str, GatewayProcess]]:
+    eps = [Endpoint("direct", cluster.port, SUPERUSER, APP_DB, SUPERUSER_PASSWORD)]
+    binary = pgbouncer_binary()
+    if binary is None:
+        print("pgbouncer: not installed, skipped (apt-get install -y pgbouncer)")
+    else:
+        port = stack.enter_context(pgbouncer(cluster, binary))
+        eps.append(Endpoint("pgbouncer", port, SUPERUSER, APP_DB, None))
+    gws: dict[str, GatewayProcess] = {}
+    gw = stack.enter_context(gateway_process(cluster))
+    gws["pgwarden"] = gw
+    eps.append(Endpoint("pgwarden", gw.port, GATEWAY_USER, "app", gw.token))
+    if with_noaudit:
+        gw2 = stack.enter_context(gateway_process(cluster, null_audit=True))
+        gws["pgwarden-noaudit"] = gw2
+        eps.append(Endpoint("pgwarden-noaudit", gw2.port, GATEWAY_USER, "app", gw2.token))
+    return eps, gws
+
+
+def _interleaved(
+    eps: list[Endpoint], rounds: int, run: Callable[[Endpoint], PgbenchResult]
+) -> dict[str, list[PgbenchResult]]:
+    results: dict[str, list[PgbenchResult]] = {ep.name: [] for ep in eps}
+    for r in range(rounds):
+        order = eps if r % 2 == 0 else list(reversed(eps))
+        for ep in order:
+            res = run(ep)
+            results[ep.name].append(res)
+            print(
+                f"  round {r + 1} {ep.name:<18} tps={res.tps:>10.1f}  "
+                f"lat={res.latency_ms:.3f} ms  failed={res.failed}",
+                flush=True,
+            )
+    return results
+
+
+def _cache_line(gws: dict[str, GatewayProcess]) -> None:
+    # Counters are written when the gateway stops; read after the stack closes.
+    for name, gw in gws.items():
+        s = gw.final_stats
+        if s:
+            print(f"{name}: decision cache hits={s['cache_hits']} misses={s['cache_misses']}")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    t0 = time.monotonic()
+    with pg_cluster(scale=args.scale) as cluster:
+        print(f"cluster ready (pgbench -i -s {args.scale}) in {time.monotonic() - t0:.1f}s")
+        gws: dict[str, GatewayProcess] = {}
+        with ExitStack() as stack:
+            eps, gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
+            # Warm-up: buffers, the gateway's catalog and decision cache, pgbouncer's pool.
+            for ep in eps:
+                pgbench(ep, clients=args.clients, threads=args.threads, seconds=args.warmup)
+            print(
+                f"pgbench -n -S -M prepared -c {args.clients} -j {args.threads} "
+                f"-T {args.seconds}, {args.rounds} interleaved round(s)"
+            )
+            results = _interleaved(
+                eps,
+                args.rounds,
+                lambda ep: pgbench(
+                    ep, clients=args.clients, threads=args.threads, seconds=args.seconds
+                ),
+            )
+        _cache_line(gws)
+    tps = {name: statistics.fmean(r.tps for r in rs) for name, rs in results.items()}
+    lat = {name: statistics.fmean(r.latency_ms for r in rs) for name, rs in results.items()}
+    direct = tps["direct"]
+    print()
+    print(
+        f"{'path':<18} {'TPS (mean)':>12} {'min':>10} {'max':>10} {'lat ms':>8} {'vs direct':>10}"
+    )
+    for name, rs in results.items():
+        print(
+            f"{name:<18} {tps[name]:>12.1f} {min(r.tps for r in rs):>10.1f} "
+            f"{max(r.tps for r in rs):>10.1f} {lat[name]:>8.3f} {tps[name] / direct:>10.3f}"
+        )
+    if "pgwarden-noaudit" in tps:
+        cost = 1000.0 * (lat["pgwarden"] - lat["pgwarden-noaudit"])
+        print(
+            f"audit path (SQLite) cost: {cost:.0f} µs per transaction at -c {args.clients} "
+            f"(pgwarden vs pgwarden-noaudit); TPS {tps['pgwarden-noaudit']:.1f} -> "
+            f"{tps['pgwarden']:.1f}"
+        )
+    line = f"ratio={tps['pgwarden'] / direct:.3f}"
+    if "pgbouncer" in tps:
+        line += f" vs_pgbouncer={tps['pgwarden'] / tps['pgbouncer']:.3f}"
+    print(line)
+
+
+def latency(args: argparse.Namespace) -> None:
+    with pg_cluster(scale=args.scale) as cluster, ExitStack() as stack:
+        eps, _gws = _endpoints(stack, cluster, with_noaudit=False)
+        for ep in eps:
+            pgbench(ep, clients=1, threads=1, seconds=args.warmup)
+        print(
+            f"pgbench -n -S -M prepared -c 1 -j 1 -T {args.seconds}, "
+            f"{args.rounds} interleaved round(s)"
+        )
+        results = _interleaved(
+            eps, args.rounds, lambda ep: pgbench(ep, clients=1, threads=1, seconds=args.seconds)
+        )
+    lat = {name: statistics.fmean(r.latency_ms for r in rs) for name, rs in results.items()}
+    direct = lat["direct"]
+    print()
+    print(f"{'path':<12} {'avg latency ms':>15} {'added µs vs direct':>20} {'TPS':>10}")
+    for name, rs in results.items():
+        added = "" if name == "direct" else f"{1000.0 * (lat[name] - direct):.0f}"
+        print(
+            f"{name:<12} {lat[name]:>15.4f} {added:>20} "
+            f"{statistics.fmean(r.tps for r in rs):>10.1f}"
+        )
+    parts = [f"pgwarden_added_us={1000.0 * (lat['pgwarden'] - direct):.0f}"]
+    if "pgbouncer" in lat:
+        parts.append(f"pgbouncer_added_us={1000.0 * (lat['pgbouncer'] - direct):.0f}")
+    print(" ".join(parts))
+
+
+async def _open_sessions(gw: GatewayProcess, n: int, concurrency: int) -> list[object]:
+    import asyncpg
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> object:
+        async with sem:
+            return await asyncpg.connect(
+                host=HOST,
+                port=gw.port,
+                user=GATEWAY_USER,
+                password=gw.token,
+                database="app",
+                ssl=False,
+                timeout=60,
+            )
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def memory(args: argparse.Namespace) -> None:
+    import asyncpg
+
+    raise_nofile()
+    with pg_cluster(max_connections=args.sessions + 100) as cluster, gateway_process(cluster) as gw:
+
+        async def run() -> None:
+            # Warm the gateway first (imports, first upstream login, first decision).
+            warm = await asyncpg.connect(
+                host=HOST,
+                port=gw.port,
+                user=GATEWAY_USER,
+                password=gw.token,
+                database="app",
+                ssl=False,
+            )
+            await warm.execute("SELECT 1")
+            await warm.close()
+            await asyncio.sleep(1)
+            before = gw.rss_kb()
+            t0 = time.monotonic()
+            conns = await _open_sessions(gw, args.sessions, args.concurrency)
+            opened = time.monotonic() - t0
+            await asyncio.sleep(2)
+            after = gw.rss_kb()
+            print(
+                f"{'sessions':>9} {'RSS before KB':>14} {'RSS after KB':>13} "
+                f"{'KB/session':>11} {'login rate/s':>13}"
+            )
+            print(
+                f"{args.sessions:>9} {before:>14} {after:>13} "
+                f"{(after - before) / args.sessions:>11.1f} {args.sessions / opened:>13.1f}"
+            )
+            await asyncio.gather(*(c.close() for c in conns))  # type: ignore[attr-defined]
+
+        asyncio.run(run())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--latency", action="store_true", help="-c 1 -j 1 added latency")
+    p.add_argument("--memory", action="store_true", help="gateway RSS per idle session")
+    p.add_argument("--seconds", type=int, default=None, help="pgbench -T (15; 10 for --latency)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per path")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per path")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--scale", type=int, default=10)
+    p.add_argument("--no-noaudit", action="store_true", help="skip the no-op audit variant")
+    p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
+    args = p.parse_args()
+    if args.memory:
+        memory(args)
+    elif args.latency:
+        args.seconds = args.seconds or 10
+        latency(args)
+    else:
+        args.seconds = args.seconds or 15
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
