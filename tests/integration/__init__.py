@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import socketserver
+import struct
 import threading
 import time
 import uuid
@@ -18,6 +19,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from gateway.protocol import ErrorResponse, PasswordMessage, StartupMessage, Terminate
 
 REFUSED = "42501"
 IN_FAILED_TRANSACTION = "25P02"
@@ -67,10 +70,13 @@ def run_sql(dsn: str, text: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 
 def simple(conn: psycopg.Connection[Any], text: str) -> list[tuple[Any, ...]]:
-    """Send `text` as one simple-protocol Query message (several statements allowed)."""
+    """Send `text` as one simple-protocol Query message; the rows of its last result."""
     with psycopg.ClientCursor(conn) as cur:
         cur.execute(text.encode())
-        return cur.fetchall() if cur.description is not None else []
+        rows = cur.fetchall() if cur.description is not None else []
+        while cur.nextset():
+            rows = cur.fetchall() if cur.description is not None else []
+        return rows
 
 
 def refused_by(dsn: str, text: str) -> Refusal:
@@ -222,3 +228,54 @@ ALLOW_ALL = http_answer(
     b'{"result": {"action": "allow", "reasons": ["fault server allows"], '
     b'"approvers": [], "masks": []}}',
 )
+
+
+# -- a raw protocol client ---------------------------------------------------------------
+
+
+class RawClient:
+    """Speaks the v3 protocol over a plain socket, with pgwarden's own codec for messages."""
+
+    def __init__(self, gateway: Any, token: str, target: str = "app", **params: str) -> None:
+        self.sock = socket.create_connection((gateway.host, gateway.port), timeout=15)
+        startup = StartupMessage(parameters={"user": "tester", "database": target, **params})
+        self.sock.sendall(startup.encode())
+        code, body = self.read()
+        assert code == ord("R") and body[:4] == b"\x00\x00\x00\x03", (chr(code), body)
+        self.sock.sendall(PasswordMessage(token).encode())
+        self.startup_reply = self.until_ready()
+
+    def read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            data += chunk
+        return data
+
+    def read(self) -> tuple[int, bytes]:
+        code, length = struct.unpack("!BI", self.read_exact(5))
+        return code, self.read_exact(length - 4)
+
+    def until_ready(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        while True:
+            code, body = self.read()
+            out.append((chr(code), body))
+            if code == ord("Z"):
+                return out
+            if code == ord("E") and ErrorResponse.decode(body).severity == "FATAL":
+                return out
+
+    def send(self, *messages: Any) -> None:
+        self.sock.sendall(b"".join(m.encode() for m in messages))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(Terminate().encode())
+        self.sock.close()
+
+
+def errors_in(reply: list[tuple[str, bytes]]) -> list[ErrorResponse]:
+    return [ErrorResponse.decode(body) for code, body in reply if code == "E"]
