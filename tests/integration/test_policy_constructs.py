@@ -1,3 +1,4 @@
+# ruff: noqa: S608  (tests build SQL around table names of their own)
 """Statements that must not be judged by their first keyword, sent by an ai-agents token.
 
 Every case runs against a table of its own, created directly; after the refusal the table

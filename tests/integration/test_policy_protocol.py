@@ -1,3 +1,4 @@
+# ruff: noqa: S608  (tests build SQL around table names of their own)
 """How refusals meet the protocol: multi-statement messages, extended-protocol pipelines,
 explicit transactions, startup options and the FunctionCall message.
 
@@ -82,7 +83,8 @@ def test_message_of_allowed_statements_runs_them_all(gateway: Any, table: str) -
     with engineers(gateway) as conn:
         rows = simple(
             conn,
-            f"INSERT INTO \"{table}\" VALUES (10, 'a'); UPDATE \"{table}\" SET v = 'u' WHERE id = 1;"
+            f"INSERT INTO \"{table}\" VALUES (10, 'a');"
+            f" UPDATE \"{table}\" SET v = 'u' WHERE id = 1;"
             f' SELECT count(*) FROM "{table}"',
         )
         assert rows == [(4,)]
@@ -103,15 +105,11 @@ def pipeline_outcome(
         cursors = []
         try:
             with conn.pipeline() as p:
-                cursors.append(
-                    conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (10, "a"))  # noqa: S608
-                )
+                cursors.append(conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (10, "a")))
                 if sync_after_first:
                     p.sync()
                 cursors.append(conn.execute(bad, ("/etc/hostname",)))
-                cursors.append(
-                    conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (11, "b"))  # noqa: S608
-                )
+                cursors.append(conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (11, "b")))
         except psycopg.Error as exc:
             sqlstate = exc.diag.sqlstate
         for cur in cursors:
@@ -161,7 +159,7 @@ def test_denied_parse_error_fields(gateway: Any) -> None:
 async def test_asyncpg_prepared_statements(gateway: Any, table: str) -> None:
     conn = await asyncpg.connect(gateway.url(token_for(gateway, "ai-agents")), timeout=10)
     try:
-        kept = await conn.prepare(f'SELECT v FROM "{table}" WHERE id = $1')  # noqa: S608
+        kept = await conn.prepare(f'SELECT v FROM "{table}" WHERE id = $1')
         assert await kept.fetchval(2) == "v2"
         with pytest.raises(asyncpg.PostgresError) as info:
             await conn.prepare("SELECT pg_read_file($1)")
@@ -169,11 +167,11 @@ async def test_asyncpg_prepared_statements(gateway: Any, table: str) -> None:
         assert "pgwarden" in str(info.value) and "pg_read_file" in str(info.value)
         assert "decision id" in (info.value.detail or "")
         with pytest.raises(asyncpg.PostgresError) as info:
-            await conn.execute(f'DELETE FROM "{table}" WHERE id = $1', 1)  # noqa: S608
+            await conn.execute(f'DELETE FROM "{table}" WHERE id = $1', 1)
         assert info.value.sqlstate == REFUSED
         assert "approval required" in str(info.value)
         with pytest.raises(asyncpg.PostgresError) as info:
-            await conn.fetch(f'WITH d AS (DELETE FROM "{table}" RETURNING id) SELECT * FROM d')  # noqa: S608
+            await conn.fetch(f'WITH d AS (DELETE FROM "{table}" RETURNING id) SELECT * FROM d')
         assert info.value.sqlstate == REFUSED
         # The connection and the statement prepared before the refusals still work.
         assert await kept.fetchval(3) == "v3"
@@ -188,7 +186,7 @@ async def test_asyncpg_prepared_statements(gateway: Any, table: str) -> None:
 
 def test_transaction_after_a_refusal_is_aborted_until_rollback(gateway: Any, table: str) -> None:
     with engineers(gateway, autocommit=False) as conn:
-        conn.execute(f"INSERT INTO \"{table}\" VALUES (10, 'a')")  # noqa: S608
+        conn.execute(f"INSERT INTO \"{table}\" VALUES (10, 'a')")
         with pytest.raises(psycopg.Error) as info:
             conn.execute(f'GRANT SELECT ON "{table}" TO PUBLIC')
         assert_policy_refusal(refusal_of(info.value), reason="only admins may")
@@ -202,7 +200,7 @@ def test_transaction_after_a_refusal_is_aborted_until_rollback(gateway: Any, tab
             )
         conn.rollback()
         assert conn.execute("SELECT 2").fetchone() == (2,)
-        conn.execute(f"INSERT INTO \"{table}\" VALUES (20, 'after')")  # noqa: S608
+        conn.execute(f"INSERT INTO \"{table}\" VALUES (20, 'after')")
         conn.commit()
     # Only what ran after the ROLLBACK committed.
     assert table_rows(gateway, table) == [*original_rows(), (20, "after")]
@@ -244,9 +242,9 @@ def test_savepoint_recovers_from_a_refusal(gateway: Any, table: str) -> None:
 
 def test_extended_protocol_refusal_inside_a_transaction(gateway: Any, table: str) -> None:
     with connect(gateway.dsn(token_for(gateway, "ai-agents")), autocommit=False) as conn:
-        assert conn.execute(f'SELECT v FROM "{table}" WHERE id = %s', (1,)).fetchone() == ("v1",)  # noqa: S608
+        assert conn.execute(f'SELECT v FROM "{table}" WHERE id = %s', (1,)).fetchone() == ("v1",)
         with pytest.raises(psycopg.Error) as info:
-            conn.execute(f'DELETE FROM "{table}" WHERE id = %s', (1,))  # noqa: S608
+            conn.execute(f'DELETE FROM "{table}" WHERE id = %s', (1,))
         assert_policy_refusal(refusal_of(info.value), approval=True, reason="may not write")
         with pytest.raises(psycopg.errors.InFailedSqlTransaction):
             conn.execute("SELECT %s::int", (1,))
