@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,6 +24,16 @@ from psycopg import sql
 from gateway.protocol import ErrorResponse, PasswordMessage, StartupMessage, Terminate
 
 REFUSED = "42501"
+TESTS = Path(__file__).resolve().parent.parent
+
+
+def harness(request: Any) -> Any:
+    """tests/conftest.py as pytest loaded it (start_gateway, stop_gateway)."""
+    module = request.config.pluginmanager.get_plugin(str(TESTS / "conftest.py"))
+    assert module is not None and hasattr(module, "start_gateway")
+    return module
+
+
 IN_FAILED_TRANSACTION = "25P02"
 DECISION_ID = re.compile(r"decision id: [0-9A-Za-z-]{8,}")
 
@@ -117,12 +128,12 @@ def direct(gateway: Any, text: str, params: Any = None) -> list[tuple[Any, ...]]
         return cur.fetchall() if cur.description is not None else []
 
 
-_TOKENS: dict[tuple[int, tuple[str, ...]], str] = {}
+_TOKENS: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
 def token_for(gateway: Any, *groups: str) -> str:
     """One token per gateway and groups (issuing loads the signing key each time)."""
-    key = (id(gateway), groups)
+    key = (str(gateway.settings.state_dir), groups)
     if key not in _TOKENS:
         _TOKENS[key] = gateway.token(f"agent:{'+'.join(groups) or 'nobody'}", groups=groups)
     return _TOKENS[key]

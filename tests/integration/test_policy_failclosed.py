@@ -1,0 +1,275 @@
+# ruff: noqa: S608  (tests build SQL around table names of their own)
+"""Fail closed: whenever the policy cannot give a real answer, nothing runs.
+
+OPA killed (the sidecar restarts it), nothing listening at the OPA address, OPA answering
+garbage or too slowly, a policy without `decision`, and SQL that does not parse. Each time
+an admin's write (which the reference policy allows) is refused, the database is checked
+directly to be unchanged, and the same session goes on working where the protocol allows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from cli.localpg import free_port
+
+from . import (
+    ALLOW_ALL,
+    REFUSED,
+    FaultServer,
+    assert_policy_refusal,
+    connect,
+    direct,
+    fresh_table,
+    harness,
+    http_answer,
+    original_rows,
+    refusal_of,
+    simple,
+    table_rows,
+    token_for,
+)
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gateways(
+    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
+) -> Iterator[Any]:
+    """Starts gateways of the module's own on demand; stops them all at the end."""
+    started: list[tuple[Any, Path]] = []
+    conftest = harness(request)
+
+    def start(**overrides: Any) -> Any:
+        state = Path(tempfile.mkdtemp(prefix="pgw-fc-"))
+        gw = conftest.start_gateway(state, pg_cluster, opa_binary, **overrides)
+        started.append((gw, state))
+        return gw
+
+    yield start
+    for gw, state in started:
+        conftest.stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def insert_refused(gw: Any, conn: psycopg.Connection[Any], table: str, row: int) -> Any:
+    """An admin's INSERT, which the policy would allow, is refused; nothing was written."""
+    with pytest.raises(psycopg.Error) as info:
+        simple(conn, f"INSERT INTO \"{table}\" VALUES ({row}, 'x')")
+    r = refusal_of(info.value)
+    assert r.sqlstate == REFUSED and "pgwarden" in r.message and "denied" in r.message, r
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert table_rows(gw, table) == original_rows()
+    return r
+
+
+# -- OPA killed: the sidecar restarts it; meanwhile nothing is allowed -----------------
+
+
+def test_opa_killed_refuses_until_restarted(gateways: Any) -> None:
+    gw = gateways()
+    sidecar = gw.gateway.sidecar
+    table = fresh_table(gw)
+    with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+        simple(conn, f"INSERT INTO \"{table}\" VALUES (100, 'before')")
+        old_pid = sidecar.pid
+        os.kill(old_pid, signal.SIGKILL)
+        written = [(100, "before")]
+        refusals: list[str] = []
+        deadline = time.monotonic() + 15
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            restarted_before = sidecar.pid != old_pid and sidecar.running
+            try:
+                simple(conn, f"INSERT INTO \"{table}\" VALUES ({100 + i}, 'during')")
+            except psycopg.Error as exc:
+                r = refusal_of(exc)
+                assert r.sqlstate == REFUSED and "pgwarden" in r.message, r
+                refusals.append(r.message)
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                time.sleep(0.01)
+                continue
+            # Allowed only by a new OPA, never while the old one is gone.
+            assert sidecar.pid != old_pid, "a statement ran while OPA was down"
+            written.append((100 + i, "during"))
+            if restarted_before:
+                break
+        assert sidecar.pid != old_pid and sidecar.restarts >= 1
+        assert refusals, "no statement was refused while OPA was down"
+        assert any("OPA" in m for m in refusals), refusals
+        # Back to normal on the same session.
+        assert simple(conn, "SELECT count(*) FROM orders") == [(3,)]
+    assert table_rows(gw, table) == [*original_rows(), *written]
+    direct(gw, f'DROP TABLE "{table}"')
+
+
+# -- nothing listening where OPA should be -----------------------------------------------
+
+
+def test_nothing_listening_at_the_opa_url(gateways: Any) -> None:
+    gw = gateways(policy={"opa_url": f"http://127.0.0.1:{free_port()}"})
+    table = fresh_table(gw)
+    with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+        for row in (10, 11):
+            r = insert_refused(gw, conn, table, row)
+            assert "OPA unreachable" in r.message, r
+            assert r.detail is not None and "decision id" in r.detail
+        with pytest.raises(psycopg.Error) as info:
+            simple(conn, "SELECT 1")
+        assert refusal_of(info.value).sqlstate == REFUSED
+        # Extended protocol too.
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (12, "x"))
+        assert refusal_of(info.value).sqlstate == REFUSED
+    assert table_rows(gw, table) == original_rows()
+    direct(gw, f'DROP TABLE "{table}"')
+
+
+# -- OPA answering garbage, or too late --------------------------------------------------
+
+GARBAGE = {
+    "not-json": (http_answer("200 OK", b"not json at all", "text/plain"), "not valid JSON"),
+    "json-array": (http_answer("200 OK", b"[]"), "not a JSON object"),
+    "unknown-action": (
+        http_answer("200 OK", b'{"result": {"action": "yes"}}'),
+        "policy decision is malformed",
+    ),
+    "result-is-a-string": (http_answer("200 OK", b'{"result": "allow"}'), "malformed"),
+    "masks-not-a-list": (
+        http_answer("200 OK", b'{"result": {"action": "allow", "masks": "none"}}'),
+        "malformed",
+    ),
+    "undefined": (http_answer("200 OK", b"{}"), "policy decision is undefined"),
+    "http-500": (
+        http_answer("500 Internal Server Error", b'{"code": "internal_error", "message": "boom"}'),
+        "OPA error: HTTP 500",
+    ),
+    "truncated": (http_answer("200 OK", b'{"result": {"action": "allow"')[:-4], "OPA"),
+    "hang-up": (None, "OPA"),
+    "not-http": (b"garbage\r\n\r\n", "OPA"),
+}
+
+
+@pytest.fixture(scope="module")
+def faulty(gateways: Any) -> Iterator[tuple[Any, FaultServer]]:
+    server = FaultServer(reply=ALLOW_ALL)
+    gw = gateways(policy={"opa_url": server.url, "timeout_seconds": 0.5})
+    try:
+        yield gw, server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("reply", "reason"), list(GARBAGE.values()), ids=list(GARBAGE))
+def test_garbage_from_opa_refuses(faulty: tuple[Any, FaultServer], reply: Any, reason: str) -> None:
+    gw, server = faulty
+    table = fresh_table(gw)
+    server.reply, server.delay = ALLOW_ALL, 0.0
+    try:
+        with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+            assert simple(conn, "SELECT 1") == [(1,)]  # the fault server can allow
+            server.reply = reply
+            seen = server.requests
+            r = insert_refused(gw, conn, table, 10)
+            assert server.requests > seen, "OPA was not asked"
+            assert reason in r.message, r
+            # The same session works again once OPA answers properly.
+            server.reply = ALLOW_ALL
+            assert simple(conn, "SELECT 2") == [(2,)]
+    finally:
+        server.reply = ALLOW_ALL
+        direct(gw, f'DROP TABLE "{table}"')
+
+
+def test_slow_opa_refuses_at_the_timeout(faulty: tuple[Any, FaultServer]) -> None:
+    gw, server = faulty
+    table = fresh_table(gw)
+    timeout = gw.settings.policy.timeout_seconds
+    try:
+        with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+            server.reply, server.delay = ALLOW_ALL, timeout + 1.5
+            started = time.monotonic()
+            r = insert_refused(gw, conn, table, 10)
+            elapsed = time.monotonic() - started
+            assert "did not answer within" in r.message, r
+            # Refused at the timeout, not once the (allowing) answer finally came.
+            assert timeout * 0.8 < elapsed < timeout + 1.0, elapsed
+            time.sleep(1.6)  # the late allow arrives now: it must not apply to anything
+            assert table_rows(gw, table) == original_rows()
+            server.delay = 0.0
+            assert simple(conn, "SELECT 3") == [(3,)]
+    finally:
+        server.reply, server.delay = ALLOW_ALL, 0.0
+        direct(gw, f'DROP TABLE "{table}"')
+
+
+# -- a real OPA whose policy has no `decision` -------------------------------------------
+
+
+def test_undefined_decision_from_a_real_opa_refuses(gateways: Any) -> None:
+    rego = Path(tempfile.mkdtemp(prefix="pgw-rego-"))
+    (rego / "pgwarden").mkdir()
+    (rego / "pgwarden" / "other.rego").write_text("package pgwarden\n\nother := true\n")
+    bundles = Path(tempfile.mkdtemp(prefix="pgw-bundles-"))
+    shutil.copytree(ROOT / "bundles" / "pgwarden", bundles / "pgwarden")
+    try:
+        gw = gateways(policy={"rego_dir": rego, "bundle_dir": bundles})
+        table = fresh_table(gw)
+        with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+            r = insert_refused(gw, conn, table, 10)
+            assert_policy_refusal(r, reason="policy decision is undefined")
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("SELECT %s::int", (1,))
+            assert "policy decision is undefined" in refusal_of(info.value).message
+        assert table_rows(gw, table) == original_rows()
+        direct(gw, f'DROP TABLE "{table}"')
+    finally:
+        shutil.rmtree(rego, ignore_errors=True)
+        shutil.rmtree(bundles, ignore_errors=True)
+
+
+# -- text that does not parse ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELEC 1",
+        "SELECT 'unterminated",
+        "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
+        "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
+    ],
+)
+@pytest.mark.parametrize("groups", [("admins",), ("engineers",), ("ai-agents",)])
+def test_unparseable_sql_is_denied_to_everyone(
+    gateway: Any, groups: tuple[str, ...], text: str
+) -> None:
+    table = fresh_table(gateway)
+    try:
+        with connect(gateway.dsn(token_for(gateway, *groups))) as conn:
+            with pytest.raises(psycopg.Error) as info:
+                simple(conn, text.format(t=f'"{table}"'))
+            assert_policy_refusal(refusal_of(info.value), reason="do not parse")
+            assert simple(conn, "SELECT 1") == [(1,)]
+            # Through Parse as well.
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("SELEC %s", (1,))
+            assert_policy_refusal(refusal_of(info.value), reason="do not parse")
+            assert conn.execute("SELECT %s::int", (2,)).fetchone() == (2,)
+        assert table_rows(gateway, table) == original_rows()
+    finally:
+        direct(gateway, f'DROP TABLE "{table}"')
