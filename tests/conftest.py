@@ -170,3 +170,36 @@ def gateway(pg_cluster: LocalCluster, app_database: str, opa_binary: Path) -> It
     finally:
         stop_gateway(gw)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# -- audit integration: a second gateway whose audit store is PostgreSQL ---------------------
+
+
+def create_scratch_database(cluster: LocalCluster, prefix: str) -> tuple[str, str]:
+    """A fresh, empty database on the test cluster: (name, superuser DSN)."""
+    import uuid
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    cluster.psql(f"CREATE DATABASE {name}")
+    return name, cluster.dsn(dbname=name)
+
+
+def drop_scratch_database(cluster: LocalCluster, name: str) -> None:
+    cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def audit_pg_gateway(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[RunningGateway]:
+    """The real gateway (reference policy, real OPA), audit.store=postgres on its own database."""
+    name, dsn = create_scratch_database(pg_cluster, "pgwarden_audit")
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-pgaudit-"))
+    audit = {"store": "postgres", "postgres_dsn": dsn}
+    gw = start_gateway(state, pg_cluster, opa_binary, audit=audit)
+    try:
+        yield gw
+    finally:
+        stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
+        drop_scratch_database(pg_cluster, name)
