@@ -1,0 +1,139 @@
+"""A policy change on disk takes effect in a running gateway, and no stale decision is served.
+
+The gateway runs on a temporary copy of rego/ and bundles/ with its own OPA sidecar. A
+statement is allowed (and then served from the decision cache); a deny rule for its table
+is added on disk; from the moment the sidecar reports the new revision, every answer must
+be the new policy's. Removing the rule brings the old behaviour back, again without a
+restart of the gateway or of OPA.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from . import REFUSED, assert_policy_refusal, connect, harness, refusal_of, simple, token_for
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCKDOWN_REASON = "orders are locked down by a policy change"
+LOCKDOWN = f"""# Added by a test: a deny rule for one table.
+package pgwarden
+
+deny_reasons contains "{LOCKDOWN_REASON}" if {{
+\tsome t in input.statement.reads
+\tt.table == "orders"
+}}
+"""
+STATEMENT = "SELECT count(*) FROM orders"
+
+
+@pytest.fixture(scope="module")
+def policy_copy() -> Iterator[tuple[Path, Path]]:
+    root = Path(tempfile.mkdtemp(prefix="pgw-pol-"))
+    shutil.copytree(ROOT / "rego", root / "rego")
+    shutil.copytree(ROOT / "bundles", root / "bundles", ignore=shutil.ignore_patterns("*.tar.gz"))
+    try:
+        yield root / "rego", root / "bundles"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live(
+    request: pytest.FixtureRequest,
+    pg_cluster: Any,
+    app_database: str,
+    opa_binary: Path,
+    policy_copy: tuple[Path, Path],
+) -> Iterator[Any]:
+    conftest = harness(request)
+    rego, bundles = policy_copy
+    state = Path(tempfile.mkdtemp(prefix="pgw-rl-"))
+    gw = conftest.start_gateway(
+        state, pg_cluster, opa_binary, policy={"rego_dir": rego, "bundle_dir": bundles}
+    )
+    try:
+        yield gw
+    finally:
+        conftest.stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def attempt(conn: psycopg.Connection[Any]) -> tuple[str, Any]:
+    try:
+        return "allow", simple(conn, STATEMENT)
+    except psycopg.Error as exc:
+        return "deny", refusal_of(exc)
+
+
+def wait_for_flip(gw: Any, conn: psycopg.Connection[Any], want: str, old_revision: str) -> Any:
+    """Run the statement until the answer is `want` (deadline 15 s); once the sidecar reports
+    a revision other than `old_revision`, every answer must already be `want`."""
+    sidecar = gw.gateway.sidecar
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        new_revision_active = sidecar.revision not in (None, old_revision)
+        outcome, value = attempt(conn)
+        if new_revision_active:
+            assert outcome == want, f"stale decision under revision {sidecar.revision}: {value}"
+        if outcome == want:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"the policy change never took effect (still {outcome}: {value})")
+
+
+def test_policy_change_takes_effect_without_restart(
+    live: Any, policy_copy: tuple[Path, Path]
+) -> None:
+    rego, _ = policy_copy
+    sidecar = live.gateway.sidecar
+    cache = live.gateway.decider
+    opa_pid = sidecar.pid
+    rule = rego / "pgwarden" / "zz_lockdown.rego"
+    with connect(live.dsn(token_for(live, "ai-agents"))) as conn:
+        # Allowed, then served from the cache.
+        assert simple(conn, STATEMENT) == [(3,)]
+        hits = cache.hits
+        assert simple(conn, STATEMENT) == [(3,)]
+        assert cache.hits > hits, "the second decision did not come from the cache"
+        old_revision = sidecar.revision
+        assert old_revision is not None and cache.revision == old_revision
+
+        rule.write_text(LOCKDOWN)
+        try:
+            r = wait_for_flip(live, conn, "deny", old_revision)
+            assert_policy_refusal(r, reason=LOCKDOWN_REASON)
+            new_revision = sidecar.revision
+            assert new_revision != old_revision and cache.revision == new_revision
+            # No stale answer from now on, from the cache or otherwise; other tables unaffected.
+            hits = cache.hits
+            for _ in range(5):
+                outcome, value = attempt(conn)
+                assert outcome == "deny" and value.sqlstate == REFUSED, value
+                assert LOCKDOWN_REASON in value.message
+            assert cache.hits > hits  # the new policy's deny is what the cache now holds
+            assert simple(conn, "SELECT count(*) FROM customers") == [(2,)]
+            # Other sessions see the new policy as well.
+            with connect(live.dsn(token_for(live, "admins"))) as other:
+                with pytest.raises(psycopg.Error) as info:
+                    simple(other, STATEMENT)
+                assert LOCKDOWN_REASON in refusal_of(info.value).message
+        finally:
+            rule.unlink(missing_ok=True)
+
+        # Reverted: allowed again, and never the lockdown once the reverted revision is live.
+        assert wait_for_flip(live, conn, "allow", new_revision) == [(3,)]
+        assert sidecar.revision != new_revision
+        for _ in range(5):
+            assert simple(conn, STATEMENT) == [(3,)]
+    # OPA was reloaded, not restarted.
+    assert sidecar.pid == opa_pid
