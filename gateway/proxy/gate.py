@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
-from gateway.policy.decision import Decision
+from gateway.policy.decision import Decision, Mask
 from gateway.protocol import ErrorResponse
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.tracker import StatementRun
@@ -20,6 +20,9 @@ from gateway.sql.facts import StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
 REFUSED = "42501"
+# Statements that return rows decided elsewhere (cursor, prepared statement): they take
+# the session's sticky masks.
+_ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
 
 
 class Analyzer(Protocol):
@@ -36,6 +39,10 @@ class PreparedRegistry(Protocol):
     def closed(self, name: str) -> None: ...
 
     def completed(self, facts: StatementFacts) -> None: ...
+
+
+class MaskResolver(Protocol):
+    async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None: ...
 
 
 class Catalog(Protocol):
@@ -120,6 +127,8 @@ class StatementGate:
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
         self._principal_input = ctx.principal.to_input()
+        self.sticky_masks: dict[tuple[int, int], str] = {}
+        self.sticky_mask_all = False
         self._target_input = {
             "name": ctx.target_name,
             "database": ctx.target_database,
@@ -192,9 +201,11 @@ class StatementGate:
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
+        # An empty id means the store is down and audit.fail_open let the statement through.
         if len(records) == 1:
-            return [await self._audit.request(records[0])]
-        return list(await asyncio.gather(*(self._audit.request(r) for r in records)))
+            return [await self._audit.request(records[0]) or None]
+        ids = await asyncio.gather(*(self._audit.request(r) for r in records))
+        return [i or None for i in ids]
 
     async def _verdict(
         self,
@@ -222,6 +233,9 @@ class StatementGate:
                     )
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = None if allowed else refusal_error(combined)
+        if allowed:
+            refusal = await self._prepare_masks(runs, decisions)
+            allowed = refusal is None
         if not allowed:
             for run in runs:
                 run.sqlstate = REFUSED
@@ -267,13 +281,44 @@ class StatementGate:
                     facts,
                 )
             request_ids = [None] * len(facts)
-        return Verdict(
-            True,
-            [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)],
-            decisions,
-            None,
-            facts,
-        )
+        runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
+        refusal = await self._prepare_masks(runs, decisions)
+        return Verdict(refusal is None, runs, decisions, refusal, facts)
+
+    # -- masks ---------------------------------------------------------------------------
+
+    async def _prepare_masks(self, runs: list[StatementRun], decisions: list[Decision]) -> bytes | None:
+        """Resolve each run's masks to (table oid, attnum) before it is forwarded.
+
+        Masks are sticky for the session: rows that reach the client by another statement
+        (FETCH from a cursor, EXECUTE of a prepared statement) are masked all the same.
+        """
+        for run, decision in zip(runs, decisions, strict=True):
+            if not decision.masks:
+                if (self.sticky_masks or self.sticky_mask_all) and run.facts is not None:
+                    command = run.facts.command
+                    if command in _ROW_RELAYS:
+                        run.masked = True
+                        run.mask_targets = dict(self.sticky_masks)
+                        run.mask_all = self.sticky_mask_all
+                        # Rows from a cursor or a prepared statement: lineage unknown here.
+                        run.mask_expressions = True
+                continue
+            if run.facts is not None and run.facts.command == "COPY":
+                return refusal_for("COPY of masked columns is not allowed (masks apply to rows only)")
+            run.masked = True
+            run.mask_expressions = True
+            resolver = self._catalog
+            targets = None
+            if resolver is not None and hasattr(resolver, "mask_targets"):
+                targets = await resolver.mask_targets(decision.masks)
+            if targets is None:
+                run.mask_all = True
+                self.sticky_mask_all = True
+            else:
+                run.mask_targets = {**self.sticky_masks, **targets}
+                self.sticky_masks.update(targets)
+        return None
 
     # -- outcomes ------------------------------------------------------------------------
 

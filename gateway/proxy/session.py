@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import struct
 import time
 import uuid
@@ -27,6 +28,7 @@ from gateway.protocol import (
     CommandComplete,
     ErrorResponse,
     Execute,
+    FieldDescription,
     GSSENCRequest,
     NegotiateProtocolVersion,
     Parse,
@@ -34,6 +36,7 @@ from gateway.protocol import (
     ProtocolViolation,
     Query,
     ReadyForQuery,
+    RowDescription,
     SSLRequest,
     StartupMessage,
     decode_startup,
@@ -46,6 +49,7 @@ from gateway.sql.catalog import DEFAULT_SEARCH_PATH, parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
+    from gateway.enforce.masking import MaskPlan
     from gateway.proxy.listener import GatewayContext
     from gateway.proxy.targets import Target
 
@@ -110,6 +114,7 @@ class PreparedStatement:
 class Portal:
     statement: str
     params: tuple[str | None, ...]
+    result_formats: tuple[int, ...] = ()
 
 
 def _is_loopback(host: str) -> bool:
@@ -154,6 +159,9 @@ class ClientSession(asyncio.Protocol):
         self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
+        # RowDescriptions from Describe, needed to mask rows of a later Execute.
+        self._described_statements: dict[str, tuple[FieldDescription, ...]] = {}
+        self._described_portals: dict[str, tuple[FieldDescription, ...]] = {}
         # After pgwarden refused an extended-protocol message, the server discards until Sync.
         self._discarding = False
         self._cancel_secret: bytes | None = None
@@ -168,6 +176,7 @@ class ClientSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        _no_delay(transport)
         peer = transport.get_extra_info("peername")
         self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "local"
         self.gw.sessions.add(self)
@@ -679,6 +688,18 @@ class ClientSession(asyncio.Protocol):
                     self._expect_simple(code, buf, pos, end)
                 pos = end
                 continue
+            if code == 66:  # Bind needs no decision: note its portal and pass it on
+                try:
+                    self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
+                except ProtocolViolation as exc:
+                    if start < pos:
+                        write(bytes(buf[start:pos]))
+                    buf.clear()
+                    self._fatal("08P01", f"pgwarden: {exc}")
+                    return
+                self.tracker.expect(Expectation("bind"))
+                pos = end
+                continue
             # A message that needs the gate: forward what came before, then decide.
             if start < pos:
                 write(bytes(buf[start:pos]))
@@ -706,8 +727,12 @@ class ClientSession(asyncio.Protocol):
             self.tracker.expect(Expectation("sync"))
         elif code == 68:
             kind = buf[pos + 5]
+            name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
             self.tracker.expect(
-                Expectation("describe_statement" if kind == ord("S") else "describe_portal")
+                Expectation(
+                    "describe_statement" if kind == ord("S") else "describe_portal",
+                    closing=(chr(kind), name),
+                )
             )
         else:
             closing = None
@@ -863,7 +888,8 @@ class ClientSession(asyncio.Protocol):
         params = tuple(
             _param_text(v, fmts[i] if i < len(fmts) else 0) for i, v in enumerate(msg.params)
         )
-        self._portals[msg.portal] = Portal(msg.statement, params)
+        self._portals[msg.portal] = Portal(msg.statement, params, msg.result_formats)
+        self._described_portals.pop(msg.portal, None)
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
@@ -900,6 +926,12 @@ class ClientSession(asyncio.Protocol):
             # so the refusal is a Parse of the unnamed statement, which the server rejects.
             self._refuse("parse", verdict.refusal, [])
             return
+        for run in verdict.runs:
+            if run.masked:
+                fields = self._described_portals.get(msg.portal)
+                if fields is None:
+                    fields = self._described_statements.get(portal.statement)
+                run.plan = self._plan(run, fields, portal.result_formats) if fields else None
         self.up.transport.write(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
 
@@ -939,6 +971,13 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     run = front.current_run()
                     if run is not None:
+                        if run.masked:
+                            if end > total:
+                                break  # a masked row is rewritten whole
+                            if start < pos:
+                                out.append(view[start:pos])
+                            out.append(self._mask_row(run, bytes(view[pos + 5 : end])))
+                            start = end
                         run.rows += 1
                         run.bytes_out += length + 1
             elif code in _SERVER_NEEDS:
@@ -1052,8 +1091,21 @@ class ClientSession(asyncio.Protocol):
                 front.saw_parameters = True
             return None
         if code == 84:  # RowDescription
-            if front is not None and front.kind in ("describe_statement", "describe_portal"):
+            if front is None:
+                return None
+            if front.kind in ("describe_statement", "describe_portal"):
                 tracker.pop()
+                if front.closing is not None:
+                    fields = RowDescription.decode(bytes(view[pos + 5 : end])).fields
+                    kind, name = front.closing
+                    (self._described_statements if kind == "S" else self._described_portals)[
+                        name
+                    ] = fields
+            elif front.kind == "query":
+                run = front.current_run()
+                if run is not None and run.masked:
+                    fields = RowDescription.decode(bytes(view[pos + 5 : end])).fields
+                    run.plan = self._plan(run, fields, None)
             return None
         if code == 86:  # FunctionCallResponse
             if front is not None and front.kind == "function":
@@ -1082,6 +1134,37 @@ class ClientSession(asyncio.Protocol):
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=True)
 
+    # -- masks -----------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        run: StatementRun,
+        fields: tuple[FieldDescription, ...],
+        result_formats: tuple[int, ...] | None,
+    ) -> MaskPlan | None:
+        from gateway.enforce.masking import MaskPlan
+
+        if run.mask_all:
+            return MaskPlan.all_null(len(fields))
+        return MaskPlan.build(
+            fields,
+            run.mask_targets,
+            masks_present=run.mask_expressions,
+            result_formats=result_formats,
+            key=self.gw.mask_key,
+        )
+
+    def _mask_row(self, run: StatementRun, body: bytes) -> bytes:
+        from gateway.enforce.masking import MaskPlan
+
+        plan = run.plan
+        if plan is None:
+            # Rows with masks in play but no RowDescription seen: NULL is valid for any type.
+            (count,) = struct.unpack_from("!h", body, 0)
+            plan = run.plan = MaskPlan.all_null(count)
+        result: bytes = plan.apply(body)
+        return result
+
     def _close_pending(self, name: str) -> bool:
         return any(e.closing == ("S", name) for e in self.tracker.pending())
 
@@ -1101,6 +1184,14 @@ class ClientSession(asyncio.Protocol):
             facts.command == "RESET" and setting is not None and setting[0].lower() == "search_path"
         ):
             gate.search_path = DEFAULT_SEARCH_PATH
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle: replies are small and latency-bound (a query is one round trip)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _tag_rows(tag: str) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.sql.facts import StatementFacts
 
@@ -38,6 +38,15 @@ class StatementRun:
     done: bool = False
     record_rows: bool = False
     recorded: list[tuple[str | None, ...]] = field(default_factory=list)
+    # Masks the policy asked for on this statement: (table oid, attnum) → method, resolved
+    # before the statement is forwarded; mask_all when they could not be resolved.
+    masked: bool = False
+    mask_targets: dict[tuple[int, int], str] = field(default_factory=dict)
+    mask_all: bool = False
+    # Whether expression columns (no base column) are masked too: lineage unknown.
+    mask_expressions: bool = False
+    # The plan for the result set being relayed (built from RowDescription).
+    plan: Any = None
 
 
 @dataclass(slots=True)
