@@ -185,20 +185,26 @@ def mask_value(
     return _masker(method, type_oid, format_code, type_modifier, key, encoding)(value)
 
 
+# One output column's treatment in a plan: None passes it through; bytes replace every
+# non-NULL value (already length-prefixed: redact and NULL do not depend on the value);
+# a function masks each value.
+Step = bytes | Masker | None
+
+
 class MaskPlan:
     """Which output columns of one result set are masked and how; apply() rewrites DataRows."""
 
-    __slots__ = ("_column_count", "_maskers", "_uniform", "masked_columns")
+    __slots__ = ("_column_count", "_steps", "_uniform", "masked_columns")
 
     def __init__(
         self,
-        maskers: Sequence[Masker | None],
+        steps: Sequence[Step],
         masked_columns: Sequence[str],
         *,
-        uniform: Masker | None = None,
+        uniform: bytes | None = None,
     ) -> None:
-        self._maskers: tuple[Masker | None, ...] = tuple(maskers)
-        self._column_count: int | None = None if uniform is not None else len(self._maskers)
+        self._steps: tuple[Step, ...] = tuple(steps)
+        self._column_count: int | None = None if uniform is not None else len(self._steps)
         self._uniform = uniform
         self.masked_columns: list[str] = list(masked_columns)
 
@@ -224,7 +230,7 @@ class MaskPlan:
         masks_present = masks_present or bool(targets)
         n = len(fields)
         formats = _formats(fields, result_formats)
-        maskers: list[Masker | None] = [None] * n
+        steps: list[Step] = [None] * n
         names: list[str] = []
         for i, f in enumerate(fields):
             method = targets.get((f.table_oid, f.column_attnum))
@@ -232,11 +238,15 @@ class MaskPlan:
                 method = "redact"
             if method is None:
                 continue
-            maskers[i] = _masker(method, f.type_oid, formats[i], f.type_modifier, key, encoding)
+            masker = _masker(method, f.type_oid, formats[i], f.type_modifier, key, encoding)
+            if masker is _null or method == "redact":
+                steps[i] = _sized(masker(b""))
+            else:
+                steps[i] = masker
             names.append(f.name)
         if not names:
             return None
-        return cls(maskers, names)
+        return cls(steps, names)
 
     @classmethod
     def all_null(cls, column_count: int | None = None) -> MaskPlan:
@@ -245,8 +255,8 @@ class MaskPlan:
         With `column_count` None, rows of any width are accepted.
         """
         if column_count is None:
-            return cls((), ["*"], uniform=_null)
-        return cls([_null] * column_count, ["*"])
+            return cls((), ["*"], uniform=_NULL_LENGTH)
+        return cls([_NULL_LENGTH] * column_count, ["*"])
 
     def apply(self, body: bytes | bytearray | memoryview) -> bytes:
         """The full DataRow frame for `body` (the message after its 5-byte header), masked.
@@ -261,10 +271,11 @@ class MaskPlan:
         count = self._column_count
         if count is not None and n != count:
             raise ProtocolViolation(f"DataRow has {n} columns, the masking plan {count}")
-        maskers = self._maskers
+        steps = self._steps
         uniform = self._uniform
         unpack = _I32.unpack_from
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[bytes | memoryview] = []
+        append = parts.append
         view = memoryview(body)
         start = 0
         pos = 2
@@ -278,20 +289,27 @@ class MaskPlan:
             end = pos + 4 + length
             if length < 0 or end > size:
                 raise ProtocolViolation(f"malformed DataRow: column {i} length {length} is invalid")
-            masker = uniform if uniform is not None else maskers[i]
-            if masker is not None:
-                new = masker(bytes(view[pos + 4 : end]))
-                parts.append(view[start:pos])
-                parts.append(_NULL_LENGTH if new is None else _I32.pack(len(new)) + new)
+            step = uniform if uniform is not None else steps[i]
+            if step is not None:
+                append(view[start:pos])
+                if isinstance(step, bytes):
+                    append(step)
+                else:
+                    append(_sized(step(bytes(view[pos + 4 : end]))))
                 start = end
             pos = end
         if pos != size:
             raise ProtocolViolation(f"malformed DataRow: {size - pos} unexpected trailing bytes")
         if start == 0:
             return _HEADER.pack(b"D", size + 4) + bytes(body)
-        parts.append(view[start:])
+        append(view[start:])
         out = b"".join(parts)
         return _HEADER.pack(b"D", len(out) + 4) + out
+
+
+def _sized(value: bytes | None) -> bytes:
+    """A DataRow column: int32 length (-1 for NULL), then the bytes."""
+    return _NULL_LENGTH if value is None else _I32.pack(len(value)) + value
 
 
 def _formats(fields: Sequence[FieldDescription], result_formats: Sequence[int] | None) -> list[int]:
