@@ -400,3 +400,25 @@ def test_alter_system_left_no_trace(gateway: Any) -> None:
     """The refused ALTER SYSTEMs above never reached postgresql.auto.conf."""
     auto_conf = direct(gateway, "SELECT pg_read_file('postgresql.auto.conf')")[0][0]
     assert "7777kB" not in auto_conf
+
+
+@pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",), ("admins",)])
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_allowed_reads_of_unclassified_columns_are_intact(
+    gateway: Any, groups: tuple[str, ...], protocol: str
+) -> None:
+    """An allowed read returns the right rows: masks cover classified columns, nothing else."""
+    queries = {
+        "SELECT id, name FROM customers ORDER BY id": [(1, "Ada"), (2, "Grace")],
+        "SELECT name FROM customers WHERE id = 2": [("Grace",)],
+        "SELECT count(*) FROM customers": [(2,)],
+        "SELECT o.id, c.name FROM orders o JOIN customers c ON c.id = o.customer_id "
+        "ORDER BY o.id": [(1, "Ada"), (2, "Ada"), (3, "Grace")],
+    }
+    with connect(gateway.dsn(token_for(gateway, *groups))) as conn:
+        for query, expected in queries.items():
+            if protocol == "simple":
+                rows = simple(conn, query)
+            else:
+                rows = conn.execute(query + " LIMIT %s", (10,)).fetchall()
+            assert rows == expected, query
