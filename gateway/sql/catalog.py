@@ -180,61 +180,54 @@ class Catalog:
         """
         if not masks:
             return {}
-        try:
-            resolved = await self._lookup_masks({(m.schema, m.table, m.column) for m in masks})
-        except Exception:
-            return None
-        targets: dict[tuple[int, int], str] = {}
-        for m in masks:
-            for relid, attnum, derived in resolved[(m.schema, m.table, m.column)]:
-                method = "redact" if derived else m.method
-                held = targets.get((relid, attnum))
-                targets[(relid, attnum)] = method if held is None else stronger_method(held, method)
-        return targets
-
-    async def _lookup_masks(
-        self, names: set[tuple[str, str, str]]
-    ) -> dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]]:
         now = time.monotonic()
         found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
         missing: list[tuple[str, str, str]] = []
-        for name in names:
+        for name in sorted({(m.schema, m.table, m.column) for m in masks}):
             entry = self._mask_columns.get(name)
             if entry is not None and now - entry[1] < self._ttl:
                 found[name] = entry[0]
             else:
                 missing.append(name)
         if missing:
-            missing.sort()
-            rows = await self._fetch(
-                _MASK_QUERY,
-                [s for s, _, _ in missing],
-                [t for _, t, _ in missing],
-                [c for _, _, c in missing],
-            )
+            try:
+                async with self._lock:
+                    for attempt in (1, 2):
+                        conn = await self._connection()
+                        try:
+                            rows = await conn.fetch(
+                                _MASK_QUERY,
+                                [s for s, _, _ in missing],
+                                [t for _, t, _ in missing],
+                                [c for _, _, c in missing],
+                                timeout=self._timeout,
+                            )
+                            break
+                        except Exception:
+                            # A dropped connection: one fresh attempt, then unavailable.
+                            await self.close()
+                            if attempt == 2:
+                                self._failed_at = time.monotonic()
+                                raise
+            except Exception:
+                return None
             fetched: dict[int, list[tuple[int, int, bool]]] = {}
             for i, relid, attnum, derived in rows:
                 fetched.setdefault(i, []).append((relid, attnum, derived))
             for index, name in enumerate(missing, start=1):
                 columns = tuple(dict.fromkeys(fetched.get(index, ())))
-                self._mask_columns[name] = (columns, now)
                 found[name] = columns
-        return found
-
-    async def _fetch(self, query: str, *args: Any) -> list[Any]:
-        async with self._lock:
-            for attempt in (1, 2):
-                conn = await self._connection()
-                try:
-                    rows = await conn.fetch(query, *args, timeout=self._timeout)
-                    return [tuple(r) for r in rows]
-                except Exception:
-                    # A dropped connection: one fresh attempt, then report unavailable.
-                    await self.close()
-                    if attempt == 2:
-                        self._failed_at = time.monotonic()
-                        raise
-        raise AssertionError("unreachable")
+                if columns:
+                    # A column that does not exist yet is asked again next time: caching its
+                    # absence would leave it unmasked for a TTL once someone creates it.
+                    self._mask_columns[name] = (columns, now)
+        targets: dict[tuple[int, int], str] = {}
+        for m in masks:
+            for relid, attnum, derived in found[(m.schema, m.table, m.column)]:
+                method = "redact" if derived else m.method
+                held = targets.get((relid, attnum))
+                targets[(relid, attnum)] = method if held is None else stronger_method(held, method)
+        return targets
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

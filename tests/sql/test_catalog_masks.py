@@ -232,3 +232,14 @@ async def test_dropped_connection_reconnects(catalog: Catalog, pg_cluster: Local
     targets = await catalog.mask_targets([mask])
     other = await attnums(pg_cluster, "mk_a.other")
     assert targets == {other["email"]: "redact"}
+
+
+async def test_a_missing_column_is_looked_up_again(
+    catalog: Catalog, pg_cluster: LocalCluster
+) -> None:
+    mask = Mask("mk_a", "later", "email", "hash")
+    assert await catalog.mask_targets([mask]) == {}
+    # Created by another session, no invalidate(): masked from the next statement on.
+    pg_cluster.psql("CREATE TABLE mk_a.later (id int, email text)")
+    later = await attnums(pg_cluster, "mk_a.later")
+    assert await catalog.mask_targets([mask]) == {later["email"]: "hash"}
