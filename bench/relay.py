@@ -4,6 +4,7 @@ Run:
     uv run python bench/relay.py [--seconds 15] [--rounds 2]   # throughput, -c 8 -j 2
     uv run python bench/relay.py --latency [--seconds 10]      # -c 1 -j 1: added µs per txn
     uv run python bench/relay.py --memory [--sessions 1000]    # gateway RSS per idle session
+    uv run python bench/relay.py --hotspots [--null-audit]     # top functions by own time
 
 Throughput mode runs (a) direct, (b) pgbouncer (when installed), (c) pgwarden with policy
 (admins token, OPA sidecar + decision cache) and the SQLite audit store, and (d) pgwarden
@@ -17,10 +18,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import pstats
+import re
+import shutil
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 
 from _stack import (
     GATEWAY_USER,
@@ -205,6 +214,10 @@ def memory(args: argparse.Namespace) -> None:
             opened = time.monotonic() - t0
             await asyncio.sleep(2)
             after = gw.rss_kb()
+            backends = cluster.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            ).strip()
+            print(f"upstream client backends while the sessions are open: {backends}")
             print(
                 f"{'sessions':>9} {'RSS before KB':>14} {'RSS after KB':>13} "
                 f"{'KB/session':>11} {'login rate/s':>13}"
@@ -218,10 +231,111 @@ def memory(args: argparse.Namespace) -> None:
         asyncio.run(run())
 
 
+def _pyspy_argv() -> list[str] | None:
+    found = shutil.which("py-spy")
+    if found:
+        return [found]
+    if shutil.which("uv"):
+        probe = subprocess.run(
+            ["uv", "run", "--with", "py-spy", "py-spy", "--version"],
+            capture_output=True,
+            check=False,
+            timeout=180,
+        )
+        if probe.returncode == 0:
+            return ["uv", "run", "--with", "py-spy", "py-spy"]
+    return None
+
+
+def _own_time_table(raw: Path, top: int) -> None:
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    print(f"py-spy --gil samples: {total} (own = leaf; incl = anywhere on the stack)")
+    print(f"{'own %':>6} {'incl %':>7}  function")
+    for f, n in own.most_common(top):
+        print(f"{100 * n / total:>6.1f} {100 * incl[f] / total:>7.1f}  {f}")
+
+
+def hotspots(args: argparse.Namespace) -> None:
+    """Profile the gateway under pgbench -S: py-spy (GIL-holding samples) or cProfile."""
+    pyspy = _pyspy_argv()
+    tmp = Path(tempfile.mkdtemp(prefix="pgwarden-bench-prof-"))
+    profile = None if pyspy else tmp / "gateway.prof"
+    try:
+        with (
+            pg_cluster(scale=args.scale) as cluster,
+            gateway_process(cluster, null_audit=args.null_audit, profile=profile) as gw,
+        ):
+            ep = Endpoint("pgwarden", gw.port, GATEWAY_USER, "app", gw.token)
+            pgbench(ep, clients=args.clients, threads=args.threads, seconds=args.warmup)
+            done: dict[str, PgbenchResult] = {}
+            load = threading.Thread(
+                target=lambda: done.setdefault(
+                    "r",
+                    pgbench(
+                        ep, clients=args.clients, threads=args.threads, seconds=args.seconds + 4
+                    ),
+                )
+            )
+            load.start()
+            try:
+                time.sleep(2)
+                if pyspy:
+                    subprocess.run(
+                        [
+                            *pyspy,
+                            "record",
+                            "-p",
+                            str(gw.pid),
+                            "-d",
+                            str(args.seconds),
+                            "-r",
+                            "200",
+                            "--gil",
+                            "--nonblocking",
+                            "--format",
+                            "raw",
+                            "-o",
+                            str(tmp / "raw.txt"),
+                        ],
+                        check=True,
+                        capture_output=True,
+                        timeout=args.seconds + 60,
+                    )
+            finally:
+                load.join()
+            audit = "no-op sink" if args.null_audit else "SQLite"
+            print(
+                f"pgbench -S -c {args.clients} via pgwarden (audit {audit}): "
+                f"tps={done['r'].tps:.1f}"
+            )
+        if pyspy:
+            _own_time_table(tmp / "raw.txt", args.top)
+        else:
+            print("py-spy unavailable: cProfile (whole run, tottime)")
+            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(args.top)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--latency", action="store_true", help="-c 1 -j 1 added latency")
     p.add_argument("--memory", action="store_true", help="gateway RSS per idle session")
+    p.add_argument("--hotspots", action="store_true", help="profile the gateway under -S")
+    p.add_argument("--null-audit", action="store_true", help="--hotspots: no-op audit sink")
+    p.add_argument("--top", type=int, default=15, help="--hotspots: rows to print")
     p.add_argument("--seconds", type=int, default=None, help="pgbench -T (15; 10 for --latency)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per path")
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per path")
@@ -234,6 +348,9 @@ def main() -> None:
     args = p.parse_args()
     if args.memory:
         memory(args)
+    elif args.hotspots:
+        args.seconds = args.seconds or 15
+        hotspots(args)
     elif args.latency:
         args.seconds = args.seconds or 10
         latency(args)
