@@ -1,6 +1,6 @@
 """Per-statement latency that pgwarden's policy path adds, cold vs warm decision cache.
 
-Run: uv run python bench/policy_latency.py [--queries 2000] [--null-audit]
+Run: uv run python bench/policy_latency.py [--queries 2000] [--null-audit] [--warm-first]
 
 One asyncpg client (simple query protocol: `execute()` without arguments) runs `SELECT <k>`
 directly against PostgreSQL and through the gateway, alternating one direct and one gateway
@@ -55,7 +55,9 @@ async def _series(
     return d, t
 
 
-async def _run(cluster: LocalCluster, gw: GatewayProcess, n: int, warmup: int) -> None:
+async def _run(
+    cluster: LocalCluster, gw: GatewayProcess, n: int, warmup: int, warm_first: bool
+) -> None:
     direct = await asyncpg.connect(
         host=HOST,
         port=cluster.port,
@@ -72,10 +74,21 @@ async def _run(cluster: LocalCluster, gw: GatewayProcess, n: int, warmup: int) -
         base = 10_000_000
         await _series(direct, through, warmup, lambda i: f"SELECT {base + i}")
         await _series(direct, through, warmup, lambda i: "SELECT 1")
-        # Cold: a text never seen before, every time.
-        cold = await _series(direct, through, n, lambda i: f"SELECT {2 * base + i}")
-        # Warm: one text, decided once above and then served from the cache.
-        warm = await _series(direct, through, n, lambda i: "SELECT 1")
+
+        # Cold: a text never seen before, every time. Warm: one text, decided once above and
+        # then served from the cache. --warm-first swaps the order (audit drift shows up).
+        async def cold_case() -> tuple[list[float], list[float]]:
+            return await _series(direct, through, n, lambda i: f"SELECT {2 * base + i}")
+
+        async def warm_case() -> tuple[list[float], list[float]]:
+            return await _series(direct, through, n, lambda i: "SELECT 1")
+
+        if warm_first:
+            warm = await warm_case()
+            cold = await cold_case()
+        else:
+            cold = await cold_case()
+            warm = await warm_case()
     finally:
         await direct.close()
         await through.close()
@@ -101,10 +114,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--queries", type=int, default=2000, help="queries per case (cold, warm)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warm-first", action="store_true", help="run the warm case first")
     p.add_argument("--null-audit", action="store_true", help="bench-only no-op audit sink")
     args = p.parse_args()
     with pg_cluster() as cluster, gateway_process(cluster, null_audit=args.null_audit) as gw:
-        asyncio.run(_run(cluster, gw, args.queries, args.warmup))
+        asyncio.run(_run(cluster, gw, args.queries, args.warmup, args.warm_first))
         print(f"audit: {'no-op sink (bench-only)' if args.null_audit else 'SQLite store'}")
     stats = gw.final_stats
     if stats:
