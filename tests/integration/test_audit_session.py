@@ -10,6 +10,8 @@ were not forwarded; the session its start and end; a bad token an auth_failure. 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -23,7 +25,7 @@ import psycopg
 import pytest
 from pglast.parser import fingerprint
 
-from . import direct, fresh_table, simple
+from . import direct, fresh_table, harness, simple
 from .test_audit_support import pgwarden, records_after, store_env, verify_json, wait_for
 
 pytestmark = pytest.mark.server
@@ -93,6 +95,13 @@ def run_script(gw: Any) -> Script:
         exp.append(
             Expected(f"SELECT id, v FROM {table} WHERE id = $1 AND v = $2", "extended",
                      params=["2", "v2"], command_tag="SELECT 1", rows=1, returns_rows=True)
+        )  # fmt: skip
+        # A binary-format parameter (psycopg sends a small int as binary int2): recorded as
+        # the hex of its wire bytes, bytea style, not lost.
+        assert conn.execute(f"SELECT v FROM {table} WHERE id = %b", (2,)).fetchall() == [("v2",)]
+        exp.append(
+            Expected(f"SELECT v FROM {table} WHERE id = $1", "extended",
+                     params=["\\x0002"], command_tag="SELECT 1", rows=1, returns_rows=True)
         )  # fmt: skip
         # 3. A prepared statement (one Parse) executed three times.
         for i in range(3):
@@ -323,3 +332,62 @@ def test_bad_tokens_are_recorded_as_authentication_failures(audit_gw: Any) -> No
         for r in records_after(gw.settings, since)
         if r.kind != "auth_failure" and r.session_id in sessions
     ]
+
+
+def _session_end(gw: Any, since: int, subject: str) -> dict[str, Any]:
+    def ended() -> list[Any] | None:
+        found = [
+            r for r in records_after(gw.settings, since)
+            if r.kind == "session_end" and r.subject == subject
+        ]  # fmt: skip
+        return found or None
+
+    (end,) = wait_for(ended)
+    record: dict[str, Any] = end.record()
+    return record
+
+
+def test_session_end_names_the_target_closing_the_connection(audit_gw: Any) -> None:
+    gw = audit_gw
+    before = records_after(gw.settings)
+    since = before[-1].pos if before else 0
+    subject = f"agent:ended-{uuid.uuid4().hex[:8]}"
+    app = f"audit-end-{uuid.uuid4().hex[:6]}"
+    token = gw.token(subject, groups=("engineers",))
+    with psycopg.connect(gw.dsn(token, application_name=app), autocommit=True) as conn:
+        assert simple(conn, "SELECT 1") == [(1,)]
+        kill = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
+        (killed,) = direct(gw, kill, (app,))
+        assert killed == (True,)
+        with pytest.raises(psycopg.OperationalError):
+            simple(conn, "SELECT 2")
+    end = _session_end(gw, since, subject)
+    assert end["reason"] == "target closed the connection"
+    assert end["application_name"] == app
+
+
+def test_session_end_names_a_token_revoked_mid_session(
+    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
+) -> None:
+    conftest = harness(request)
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-revoke-"))
+    gw = conftest.start_gateway(state, pg_cluster, opa_binary, identity={"recheck_seconds": 0.3})
+    try:
+        subject = f"agent:revoked-{uuid.uuid4().hex[:8]}"
+        token = gw.token(subject, groups=("engineers",))
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+        with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+            assert simple(conn, "SELECT 1") == [(1,)]
+            code, _, err = pgwarden(store_env(gw.settings), "tokens", "revoke", jti)
+            assert code == 0, err
+            with pytest.raises(psycopg.OperationalError):
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    simple(conn, "SELECT 1")
+                    time.sleep(0.1)
+        end = _session_end(gw, 0, subject)
+        assert "revoked" in end["reason"], end
+        assert end["principal"]["token_id"] == jti
+    finally:
+        conftest.stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
