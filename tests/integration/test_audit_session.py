@@ -391,3 +391,34 @@ def test_session_end_names_a_token_revoked_mid_session(
     finally:
         conftest.stop_gateway(gw)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_an_error_at_bind_is_the_outcome_of_its_statement(gateway: Any) -> None:
+    """The server may reject a statement at Bind (a parameter that does not convert, an
+    error while planning with the parameters): that error is the statement's outcome, not
+    "an earlier statement failed" (there was none) with no SQLSTATE."""
+    gw = gateway
+    table = fresh_table(gw, "audit_bind")
+    subject = f"agent:bind-{uuid.uuid4().hex[:8]}"
+    token = gw.token(subject, groups=("engineers",))
+    cases = [
+        (f"SELECT v FROM {table} WHERE id = %t", ("abc",), "22P02", "invalid input syntax"),
+        ("SELECT 1 / %t::int", ("0",), "22012", "division by zero"),
+    ]
+    before = records_after(gw.settings)
+    since = before[-1].pos if before else 0
+    with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+        for text, params, sqlstate, _ in cases:
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute(text, params)
+            assert caught.value.diag.sqlstate == sqlstate
+        assert simple(conn, "SELECT 1") == [(1,)]
+    _session_end(gw, since, subject)
+    records = records_after(gw.settings, since)
+    requests = [r for r in records if r.kind == "request" and r.subject == subject]
+    assert len(requests) == len(cases) + 1
+    for req, (_, params, sqlstate, message) in zip(requests, cases, strict=False):
+        assert req.record()["params"] == list(params)
+        (out,) = [r.record() for r in records if r.kind == "outcome" and r.request_id == req.id]
+        assert (out["sqlstate"], out["command_tag"]) == (sqlstate, None), (req.text, out)
+        assert message in (out["error_message"] or ""), (req.text, out)
