@@ -99,7 +99,6 @@ def pipeline_outcome(
 ) -> tuple[str | None, list[str]]:
     """INSERT 10, then `bad`, then INSERT 11 in one pipeline; the first error's SQLSTATE and
     what each statement's result turned out to be. Afterwards the session must work."""
-    statuses: list[str] = []
     sqlstate: str | None = None
     with psycopg.connect(dsn, autocommit=True) as conn:
         cursors = []
@@ -112,8 +111,10 @@ def pipeline_outcome(
                 cursors.append(conn.execute(f'INSERT INTO "{table}" VALUES (%s, %s)', (11, "b")))
         except psycopg.Error as exc:
             sqlstate = exc.diag.sqlstate
-        for cur in cursors:
-            statuses.append(str(cur.statusmessage))
+        # When the error is raised depends on when results arrive: a later execute() may
+        # never have been called. Those that were report what ran.
+        statuses = [str(cur.statusmessage) for cur in cursors]
+        statuses += ["None"] * (3 - len(statuses))
         # Usable after Sync: a new statement, parameters and all.
         assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
     return sqlstate, statuses
