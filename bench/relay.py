@@ -2,7 +2,7 @@
 
 Run:
     uv run python bench/relay.py [--seconds 15] [--rounds 2]   # throughput, -c 8 -j 2
-    uv run python bench/relay.py --latency [--seconds 10]      # -c 1 -j 1: added µs per txn
+    uv run python bench/relay.py --latency [--seconds 10]      # -c 1 -j 1: added µs per txn (d too)
     uv run python bench/relay.py --memory [--sessions 1000]    # gateway RSS per idle session
     uv run python bench/relay.py --hotspots [--null-audit]     # top functions by own time
 
@@ -143,7 +143,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 def latency(args: argparse.Namespace) -> None:
     with pg_cluster(scale=args.scale) as cluster, ExitStack() as stack:
-        eps, _gws = _endpoints(stack, cluster, with_noaudit=False)
+        eps, _gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
         for ep in eps:
             pgbench(ep, clients=1, threads=1, seconds=args.warmup)
         print(
@@ -156,11 +156,11 @@ def latency(args: argparse.Namespace) -> None:
     lat = {name: statistics.fmean(r.latency_ms for r in rs) for name, rs in results.items()}
     direct = lat["direct"]
     print()
-    print(f"{'path':<12} {'avg latency ms':>15} {'added µs vs direct':>20} {'TPS':>10}")
+    print(f"{'path':<18} {'avg latency ms':>15} {'added µs vs direct':>20} {'TPS':>10}")
     for name, rs in results.items():
         added = "" if name == "direct" else f"{1000.0 * (lat[name] - direct):.0f}"
         print(
-            f"{name:<12} {lat[name]:>15.4f} {added:>20} "
+            f"{name:<18} {lat[name]:>15.4f} {added:>20} "
             f"{statistics.fmean(r.tps for r in rs):>10.1f}"
         )
     parts = [f"pgwarden_added_us={1000.0 * (lat['pgwarden'] - direct):.0f}"]
