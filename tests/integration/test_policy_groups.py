@@ -422,3 +422,27 @@ def test_allowed_reads_of_unclassified_columns_are_intact(
             else:
                 rows = conn.execute(query + " LIMIT %s", (10,)).fetchall()
             assert rows == expected, query
+
+
+@pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",), ("admins",)])
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_expressions_over_classified_columns_never_show_them(
+    gateway: Any, groups: tuple[str, ...], protocol: str
+) -> None:
+    """Masks follow a classified value into expressions (for all but pii-readers)."""
+    queries = [
+        "SELECT upper(email) FROM customers WHERE id = 1",
+        "SELECT row_to_json(c)::text FROM customers c WHERE id = 1",
+        "SELECT x FROM (SELECT ssn || '' AS x FROM customers WHERE id = 1) s",
+        "SELECT email FROM customers WHERE id = 1 UNION ALL SELECT 'z' WHERE false",
+    ]
+    secrets = ("ada@example.com", "123-45-6789")
+    with connect(gateway.dsn(token_for(gateway, *groups))) as conn:
+        for query in queries:
+            if protocol == "simple":
+                rows = simple(conn, query)
+            else:
+                rows = conn.execute(query + " LIMIT %s", (10,)).fetchall()
+            assert len(rows) == 1, query
+            shown = str(rows[0][0]).lower()
+            assert not any(s in shown for s in secrets), (query, rows)
