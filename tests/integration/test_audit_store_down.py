@@ -16,7 +16,9 @@ bits do not stop writes, and mounting a tiny tmpfs is not possible here):
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +30,7 @@ import pytest
 from gateway.audit import SqliteAuditStore
 
 from . import direct, fresh_table, harness, simple
-from .test_audit_support import store_env, verify_json
+from .test_audit_support import records_after, store_env, verify_json
 
 pytestmark = pytest.mark.server
 
@@ -95,29 +97,40 @@ def _exercise_outage(
 def own_gateway(
     request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
 ) -> Iterator[Callable[..., Any]]:
-    """Start gateways of this test's own (stopped and removed afterwards)."""
-    conftest = harness(request)
-    started: list[tuple[Any, Path]] = []
+    """Start gateways of this test's own (stopped and removed afterwards).
 
-    def start(**overrides: Any) -> Any:
+    `start(postgres=True)` gives the gateway a PostgreSQL store on a scratch database of
+    its own (`gw.audit_db` is its name), dropped once the gateway has stopped.
+    """
+    conftest = harness(request)
+    started: list[tuple[Any, Path, str | None]] = []
+
+    def start(postgres: bool = False, **audit: Any) -> Any:
         state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-down-"))
-        audit = {"timeout_seconds": AUDIT_TIMEOUT, **overrides.pop("audit", {})}
+        audit = {"timeout_seconds": AUDIT_TIMEOUT, **audit}
         if "sqlite_path" in audit:
             audit["sqlite_path"] = state / audit["sqlite_path"]
-        gw = conftest.start_gateway(state, pg_cluster, opa_binary, audit=audit, **overrides)
-        started.append((gw, state))
+        name = None
+        if postgres:
+            name, dsn = conftest.create_scratch_database(pg_cluster, "audit_down")
+            audit.update(store="postgres", postgres_dsn=dsn)
+        gw = conftest.start_gateway(state, pg_cluster, opa_binary, audit=audit)
+        gw.audit_db = name
+        started.append((gw, state, name))
         return gw
 
     yield start
-    for gw, state in started:
+    for gw, state, name in started:
         conftest.stop_gateway(gw)
         shutil.rmtree(state, ignore_errors=True)
+        if name is not None:
+            conftest.drop_scratch_database(pg_cluster, name)
 
 
 def test_sqlite_store_gone_refuses_statements_until_it_is_back(
     own_gateway: Callable[..., Any],
 ) -> None:
-    gw = own_gateway(audit={"sqlite_path": "audit/audit.sqlite3"})
+    gw = own_gateway(sqlite_path="audit/audit.sqlite3")
     folder = gw.settings.audit.sqlite_path.parent
     away = folder.with_name("audit.away")
     assert (folder / "audit.sqlite3").exists()
@@ -161,23 +174,76 @@ def test_sqlite_store_full_refuses_statements_until_there_is_room(
 
 
 def test_postgres_store_down_refuses_statements_until_it_is_back(
-    request: pytest.FixtureRequest, own_gateway: Callable[..., Any], pg_cluster: Any
+    own_gateway: Callable[..., Any], pg_cluster: Any
 ) -> None:
-    conftest = harness(request)
-    name, dsn = conftest.create_scratch_database(pg_cluster, "audit_down")
+    gw = own_gateway(postgres=True)
+    name = gw.audit_db
+
+    def down() -> None:
+        pg_cluster.psql(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+        pg_cluster.psql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        )
+
+    def up() -> None:
+        pg_cluster.psql(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+
+    messages = _exercise_outage(gw, down, up)
+    assert all("audit database" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_statement_waits_for_its_request_record(
+    own_gateway: Callable[..., Any], store: str
+) -> None:
+    """Write-ahead, seen from outside: while the store is locked against writes the
+    statement is held before PostgreSQL; once the lock goes, record first, then the row."""
+    if store == "sqlite":
+        gw = own_gateway(timeout_seconds=5.0)
+        lock = sqlite3.connect(gw.settings.state_path(gw.settings.audit.sqlite_path))
+        lock.isolation_level = None
+
+        def hold() -> None:
+            lock.execute("BEGIN EXCLUSIVE")
+
+        def release() -> None:
+            lock.execute("ROLLBACK")
+    else:
+        gw = own_gateway(postgres=True, timeout_seconds=5.0)
+        lock = psycopg.connect(gw.settings.audit.postgres_dsn)  # type: ignore[assignment]
+
+        def hold() -> None:
+            lock.execute("LOCK TABLE audit_record IN EXCLUSIVE MODE")
+
+        def release() -> None:
+            lock.rollback()
+
     try:
-        gw = own_gateway(audit={"store": "postgres", "postgres_dsn": dsn})
-
-        def down() -> None:
-            pg_cluster.psql(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
-            pg_cluster.psql(
-                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        table = fresh_table(gw, "audit_wait", rows=0)
+        token = gw.token("agent:waiter", groups=("admins",))
+        with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+            simple(conn, "SELECT 1")  # the session's own records are in
+            time.sleep(0.3)
+            hold()
+            outcome: list[Any] = []
+            worker = threading.Thread(
+                target=lambda: outcome.append(
+                    conn.execute(f"INSERT INTO {table} VALUES (%t, %t)", (1, "held"))
+                )
             )
-
-        def up() -> None:
-            pg_cluster.psql(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
-
-        messages = _exercise_outage(gw, down, up)
-        assert all("audit database" in m for m in messages), messages
+            worker.start()
+            time.sleep(1.5)
+            # Held: not at the server yet, and the client still waits.
+            assert worker.is_alive()
+            assert direct(gw, f"SELECT count(*) FROM {table}") == [(0,)]
+            release()
+            worker.join(10)
+            assert not worker.is_alive() and outcome
+        assert direct(gw, f"SELECT id, v FROM {table}") == [(1, "held")]
+        held = [
+            r for r in records_after(gw.settings)
+            if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
+        ]  # fmt: skip
+        assert [r.record()["params"] for r in held] == [["1", "held"]]
     finally:
-        conftest.drop_scratch_database(pg_cluster, name)
+        lock.close()
