@@ -1,0 +1,218 @@
+"""Run a real driver's own test suite (pg8000) through the gateway and direct, and compare.
+
+Nothing third-party lives in this repository: the driver's source and a throwaway venv are
+prepared under /tmp (see `prepare`). Then, in this process:
+
+  * a throwaway PostgreSQL cluster (cli.localpg.LocalCluster) is started, with what pg8000's own
+    CI prepares (the hstore extension in the `postgres` database);
+  * the real gateway (tests/conftest.start_gateway: reference policy, real OPA, SQLite audit) is
+    started on its own uvloop thread, with one extra target named `postgres` -> database
+    `postgres` as the superuser: pg8000's tests send user=postgres and no database, so the
+    gateway picks the target by the user name, as PostgreSQL picks the database;
+  * pg8000's pytest runs in a separate process (the throwaway venv's Python), twice:
+    PGHOST/PGPORT/PGPASSWORD pointing at the gateway (password = an admins JWT), then straight
+    at the cluster (password = the superuser's). Each run writes a JUnit XML report;
+  * both summaries are printed, and every test whose outcome differs is listed.
+
+Usage (from /work/main):
+    .venv/bin/python bench/driver_suite/run.py            # prepare if needed, then both runs
+    .venv/bin/python bench/driver_suite/run.py -- -k notify   # extra args go to pytest
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+PG8000_VERSION = "1.31.6"
+WORK = Path(os.environ.get("DRIVER_SUITE_WORK", "/tmp/ds"))  # noqa: S108 (a throwaway work dir, by design)
+VENV = Path(os.environ.get("DRIVER_SUITE_VENV", "/tmp/dsuite"))  # noqa: S108
+SRC = WORK / f"pg8000-{PG8000_VERSION}"
+TEST_DEPS = [f"pg8000=={PG8000_VERSION}", "pytest", "pytest-mock", "pytest-benchmark", "pytz"]
+
+# pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
+# the auth/ folders need a server whose pg_hba forces one method per run, and the README
+# examples need a specific server setup; both are separate CI jobs.
+SUITES = {
+    "main": [
+        "-W", "error",
+        "--ignore=test/dbapi/auth/", "--ignore=test/legacy/auth/", "--ignore=test/native/auth/",
+        "--ignore=test/test_readme.py",
+        "test",
+    ],
+    # The auth/ folders (CI jobs auth-test and ssl-test run them one method at a time against
+    # a server whose pg_hba forces that method). Our cluster asks scram-sha-256 on TCP, has ssl
+    # on, and has no gss: test_gss fails direct too, md5/password just need a connection.
+    "auth": ["-W", "error", "test/dbapi/auth/", "test/legacy/auth/", "test/native/auth/"],
+}  # fmt: skip
+# Databases pg8000's tests create and then connect to by name: through the gateway the name is
+# a target name, so these exist only when registered (--register-test-databases).
+TEST_DATABASES = ["pg8000_scram_sha_256"]
+
+
+def prepare() -> None:
+    """The sdist (it carries test/) and a venv with the driver and its test deps, under /tmp."""
+    if not (SRC / "test").is_dir():
+        WORK.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "-d", str(WORK), f"pg8000=={PG8000_VERSION}"],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(["tar", "xzf", f"pg8000-{PG8000_VERSION}.tar.gz"], cwd=WORK, check=True)
+    if not (VENV / "bin" / "pytest").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", *TEST_DEPS], check=True)
+
+
+def run_suite(
+    label: str, suite: str, host: str, port: int, password: str, extra: list[str], out: Path
+) -> dict:
+    label = f"{suite}-{label}"
+    report = out / f"{label}.xml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PYTHONDONTWRITEBYTECODE="1")
+    argv = [str(VENV / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+            "-rfE", f"--junitxml={report}", *SUITES[suite], *extra]  # fmt: skip
+    print(
+        f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {SRC})\n$ {' '.join(argv)}", flush=True
+    )
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=SRC, env=env, capture_output=True, text=True)
+    (out / f"{label}.log").write_text(proc.stdout + proc.stderr)
+    tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [proc.stderr[-2000:]]
+    print(f"[{label}] {tail[0]}  ({time.monotonic() - started:.1f}s, log {out / (label + '.log')})")
+    return parse_junit(report)
+
+
+def parse_junit(path: Path) -> dict:
+    outcomes: dict[str, tuple[str, str]] = {}
+    if not path.exists():
+        return outcomes
+    root = ET.parse(path).getroot()  # noqa: S314 (our own pytest run's report)
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (
+                    (child.get("message") or "").splitlines()[0][:200]
+                    if child.get("message")
+                    else ""
+                )
+                break
+        outcomes[name] = (outcome, message)
+    return outcomes
+
+
+def counts(outcomes: dict) -> str:
+    c = {k: 0 for k in ("passed", "failed", "error", "skipped")}
+    for outcome, _ in outcomes.values():
+        c[outcome] += 1
+    return " ".join(f"{k}={v}" for k, v in c.items()) + f" total={len(outcomes)}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
+    ap.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="main",
+        help="main: pg8000's CI main-test selection (default); auth: its auth/ folders",
+    )
+    ap.add_argument(
+        "--register-test-databases",
+        action="store_true",
+        help=f"also register targets {TEST_DATABASES} (same-named databases)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep cluster/gateway state dirs")
+    ap.add_argument("--out", type=Path, default=WORK / "results")
+    ap.add_argument("pytest_args", nargs="*")
+    args = ap.parse_args()
+    prepare()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from conftest import start_gateway, stop_gateway  # tests/conftest.py
+
+    from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
+    from gateway.proxy.targets import Target, TargetRegistry
+
+    opa = ROOT / ".pgwarden" / "bin" / "opa"
+    base = Path(tempfile.mkdtemp(prefix="pgwarden-ds-pg-"))
+    base.chmod(0o755)
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-ds-gw-"))
+    cluster = LocalCluster(base, free_port())
+    cluster.start()
+    gw = None
+    try:
+        cluster.create_app_database()
+        cluster.psql("CREATE EXTENSION IF NOT EXISTS hstore;")  # as pg8000's CI does
+        registry = TargetRegistry(state / "targets.json")
+        names = ["postgres", *(TEST_DATABASES if args.register_test_databases else [])]
+        for name in names:  # each target: the same-named database, as the superuser
+            registry.add(
+                Target(name=name, host="127.0.0.1", port=cluster.port, dbname=name,
+                       user=SUPERUSER, password_env="PGWARDEN_TEST_UPSTREAM_PW", sslmode="disable")
+            )  # fmt: skip
+        gw = start_gateway(state, cluster, opa)
+        token = gw.token("agent:pg8000-suite", groups=("admins",), ttl=6 * 3600)
+        results: dict[str, dict] = {}
+        if args.only in (None, "gateway"):
+            results["gateway"] = run_suite(
+                "gateway", args.suite, gw.host, gw.port, token, args.pytest_args, args.out
+            )
+        if args.only in (None, "direct"):
+            results["direct"] = run_suite(
+                "direct",
+                args.suite,
+                "127.0.0.1",
+                cluster.port,
+                SUPERUSER_PASSWORD,
+                args.pytest_args,
+                args.out,
+            )
+    finally:
+        if gw is not None:
+            stop_gateway(gw)
+        cluster.stop()
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(state, ignore_errors=True)
+
+    print(
+        f"\n===== pg8000 {PG8000_VERSION} own test suite, selection {args.suite!r}: "
+        + " ".join(SUITES[args.suite])
+    )
+    for label, outcomes in results.items():
+        print(f"{label:8s} {counts(outcomes)}")
+    if len(results) == 2:
+        gwr, dr = results["gateway"], results["direct"]
+        diff = sorted(
+            n
+            for n in set(gwr) | set(dr)
+            if gwr.get(n, ("missing", ""))[0] != dr.get(n, ("missing", ""))[0]
+        )
+        print(f"\n{len(diff)} tests differ (gateway vs direct):")
+        for n in diff:
+            g, d = gwr.get(n, ("missing", "")), dr.get(n, ("missing", ""))
+            print(f"  {n}\n      gateway={g[0]} direct={d[0]}  {g[1] or d[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
