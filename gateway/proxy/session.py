@@ -843,6 +843,8 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
+        # A description of an earlier statement of this name must never plan this one's rows.
+        self._described_statements.pop(msg.name, None)
         if self._discarding:
             self.up.transport.write(message)
             self.tracker.expect(Expectation("parse"))
@@ -928,10 +930,11 @@ class ClientSession(asyncio.Protocol):
             return
         for run in verdict.runs:
             if run.masked:
-                fields = self._described_portals.get(msg.portal)
-                if fields is None:
-                    fields = self._described_statements.get(portal.statement)
-                run.plan = self._plan(run, fields, portal.result_formats) if fields else None
+                # The plan is built when the rows come: the Describe sent in the same
+                # pipeline has been answered by then.
+                run.portal = msg.portal
+                run.statement = portal.statement
+                run.result_formats = portal.result_formats
         self.up.transport.write(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
 
@@ -974,10 +977,12 @@ class ClientSession(asyncio.Protocol):
                         if run.masked:
                             if end > total:
                                 break  # a masked row is rewritten whole
-                            if start < pos:
-                                out.append(view[start:pos])
-                            out.append(self._mask_row(run, bytes(view[pos + 5 : end])))
-                            start = end
+                            masked = self._mask_row(run, view, pos, end)
+                            if masked is not None:
+                                if start < pos:
+                                    out.append(view[start:pos])
+                                out.append(masked)
+                                start = end
                         run.rows += 1
                         run.bytes_out += length + 1
             elif code in _SERVER_NEEDS:
@@ -1082,9 +1087,11 @@ class ClientSession(asyncio.Protocol):
                     kind, name = front.closing
                     if kind == "S":
                         self._statements.pop(name, None)
+                        self._described_statements.pop(name, None)
                         gate.prepared.closed(name)
                     else:
                         self._portals.pop(name, None)
+                        self._described_portals.pop(name, None)
             return None
         if code == 116:  # ParameterDescription
             if front is not None:
@@ -1106,6 +1113,7 @@ class ClientSession(asyncio.Protocol):
                 if run is not None and run.masked:
                     fields = RowDescription.decode(bytes(view[pos + 5 : end])).fields
                     run.plan = self._plan(run, fields, None)
+                    run.described = True
             return None
         if code == 86:  # FunctionCallResponse
             if front is not None and front.kind == "function":
@@ -1152,18 +1160,37 @@ class ClientSession(asyncio.Protocol):
             masks_present=run.mask_expressions,
             result_formats=result_formats,
             key=self.gw.mask_key,
+            encoding=self.encoding,
         )
 
-    def _mask_row(self, run: StatementRun, body: bytes) -> bytes:
+    def _mask_row(
+        self, run: StatementRun, view: bytes | bytearray, pos: int, end: int
+    ) -> bytes | None:
+        """The masked DataRow frame, or None to relay the row as it is."""
         from gateway.enforce.masking import MaskPlan
 
+        if not run.described:
+            fields = None
+            if run.portal is not None:
+                fields = self._described_portals.get(run.portal)
+                if fields is None and run.statement is not None:
+                    fields = self._described_statements.get(run.statement)
+            run.described = True
+            if fields is not None:
+                run.plan = self._plan(run, fields, run.result_formats)
+            else:
+                # Masks in play but no description of the columns: NULL is valid for any type.
+                run.plan = MaskPlan.all_null()
         plan = run.plan
         if plan is None:
-            # Rows with masks in play but no RowDescription seen: NULL is valid for any type.
-            (count,) = struct.unpack_from("!h", body, 0)
-            plan = run.plan = MaskPlan.all_null(count)
-        result: bytes = plan.apply(body)
-        return result
+            return None
+        try:
+            masked: bytes = plan.apply(bytes(view[pos + 5 : end]))
+        except ProtocolViolation:
+            self._end_reason = "malformed row from the target"
+            self._fatal("08P01", "pgwarden: malformed row from the target; session closed")
+            return b""
+        return masked
 
     def _close_pending(self, name: str) -> bool:
         return any(e.closing == ("S", name) for e in self.tracker.pending())

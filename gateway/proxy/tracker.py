@@ -45,8 +45,15 @@ class StatementRun:
     mask_all: bool = False
     # Whether expression columns (no base column) are masked too: lineage unknown.
     mask_expressions: bool = False
-    # The plan for the result set being relayed (built from RowDescription).
+    # The plan for the result set being relayed (built from RowDescription); `described`
+    # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None
+    described: bool = False
+    # For an Execute: where its RowDescription comes from (an earlier Describe) and the
+    # result formats its Bind chose.
+    portal: str | None = None
+    statement: str | None = None
+    result_formats: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
