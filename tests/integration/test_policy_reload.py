@@ -79,9 +79,12 @@ def wait_for_flip(gw: Any, conn: psycopg.Connection[Any], want: str, old_revisio
     """Run the statement until the answer is `want` (deadline 15 s); once the sidecar reports
     a revision other than `old_revision`, every answer must already be `want`."""
     sidecar = gw.gateway.sidecar
+    cache = gw.gateway.decider
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        new_revision_active = sidecar.revision not in (None, old_revision)
+        # Active once the sidecar reports it or a decision made under it reached the cache.
+        seen = (sidecar.revision, cache.revision)
+        new_revision_active = any(r not in (None, old_revision) for r in seen)
         outcome, value = attempt(conn)
         if new_revision_active:
             assert outcome == want, f"stale decision under revision {sidecar.revision}: {value}"
@@ -112,8 +115,9 @@ def test_policy_change_takes_effect_without_restart(
         try:
             r = wait_for_flip(live, conn, "deny", old_revision)
             assert_policy_refusal(r, reason=LOCKDOWN_REASON)
-            new_revision = sidecar.revision
-            assert new_revision != old_revision and cache.revision == new_revision
+            # The decision carried the new revision (the sidecar's own poll may lag behind).
+            new_revision = cache.revision
+            assert new_revision is not None and new_revision != old_revision
             # No stale answer from now on, from the cache or otherwise; other tables unaffected.
             hits = cache.hits
             for _ in range(5):
@@ -132,8 +136,18 @@ def test_policy_change_takes_effect_without_restart(
 
         # Reverted: allowed again, and never the lockdown once the reverted revision is live.
         assert wait_for_flip(live, conn, "allow", new_revision) == [(3,)]
-        assert sidecar.revision != new_revision
+        deadline = time.monotonic() + 5
+        while sidecar.revision != old_revision and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The sources are the original ones again, so is the revision.
+        assert sidecar.revision == old_revision
         for _ in range(5):
             assert simple(conn, STATEMENT) == [(3,)]
+        # And the cache works again under it: decisions are kept and served.
+        assert cache.revision == old_revision
+        hits = cache.hits
+        for _ in range(3):
+            assert simple(conn, STATEMENT) == [(3,)]
+        assert cache.hits > hits, "the decision cache stopped serving after the revert"
     # OPA was reloaded, not restarted.
     assert sidecar.pid == opa_pid
