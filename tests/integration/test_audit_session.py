@@ -10,7 +10,9 @@ were not forwarded; the session its start and end; a bad token an auth_failure. 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -422,3 +424,56 @@ def test_an_error_at_bind_is_the_outcome_of_its_statement(gateway: Any) -> None:
         (out,) = [r.record() for r in records if r.kind == "outcome" and r.request_id == req.id]
         assert (out["sqlstate"], out["command_tag"]) == (sqlstate, None), (req.text, out)
         assert message in (out["error_message"] or ""), (req.text, out)
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_pgbench_sessions_one_request_and_one_outcome_each(
+    audit_gw: Any, mode: str, tmp_path: Path
+) -> None:
+    """Concurrent sessions (pgbench, every query mode): as many request records as
+    statements the server ran, each with exactly one outcome, and the chain verifies."""
+    gw = audit_gw
+    clients, per_client = 4, 25
+    table = fresh_table(gw, "audit_bench", rows=0)
+    script = tmp_path / "bench.sql"
+    script.write_text(
+        f"\\set v random(1, 1000000000)\nINSERT INTO {table} VALUES (:v, :client_id);\n"
+    )
+    subject = f"agent:bench-{uuid.uuid4().hex[:8]}"
+    token = gw.token(subject, groups=("engineers",))
+    before = records_after(gw.settings)
+    since = before[-1].pos if before else 0
+    env = {**os.environ, "PGPASSWORD": token, "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"}
+    run = subprocess.run(
+        ["pgbench", "-n", "-M", mode, "-c", str(clients), "-t", str(per_client), "-f",
+         str(script), "-h", gw.host, "-p", str(gw.port), "-U", "bench", "app"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    statements = clients * per_client
+    assert direct(gw, f"SELECT count(*) FROM {table}") == [(statements,)]
+
+    def complete() -> list[Any] | None:
+        # pgbench may open one more connection than its clients (it runs nothing there).
+        records = records_after(gw.settings, since)
+        ends = [r for r in records if r.kind == "session_end" and r.subject == subject]
+        mine = {r.id for r in records if r.kind == "request" and r.subject == subject}
+        done = {r.request_id for r in records if r.kind == "outcome"} >= mine
+        return records if len(ends) >= clients and len(mine) >= statements and done else None
+
+    records = wait_for(complete, timeout=15)
+    requests = {
+        r.id: r for r in records
+        if r.kind == "request" and r.subject == subject and table in (r.text or "")
+    }  # fmt: skip
+    assert len(requests) == statements
+    assert {r.record()["protocol"] for r in requests.values()} == {
+        "simple" if mode == "simple" else "extended"
+    }
+    outcomes = Counter(r.request_id for r in records if r.kind == "outcome")
+    assert {rid: outcomes[rid] for rid in requests} == dict.fromkeys(requests, 1)
+    values = {int(v) for (v,) in direct(gw, f"SELECT id FROM {table}")}
+    if mode != "simple":
+        assert {int(r.record()["params"][0]) for r in requests.values()} == values
+    code, report, err = verify_json(store_env(gw.settings))
+    assert code == 0, (report, err)
