@@ -164,6 +164,8 @@ class ClientSession(asyncio.Protocol):
         self._described_portals: dict[str, tuple[FieldDescription, ...]] = {}
         # After pgwarden refused an extended-protocol message, the server discards until Sync.
         self._discarding = False
+        # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
+        self._copy_in = False
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
@@ -305,7 +307,7 @@ class ClientSession(asyncio.Protocol):
             client_addr=self.client_addr,
             application_name=startup.get("application_name", ""),
             startup_user=startup.get("user", ""),
-            target=startup.get("database", ""),
+            target=self.target.name if self.target is not None else startup.get("database", ""),
             principal=self.principal,
             reason=reason,
         )
@@ -684,7 +686,14 @@ class ClientSession(asyncio.Protocol):
             if code in _PASS:
                 if code == 83 and self._discarding:  # Sync ends the discard
                     self._discarding = False
-                if code in (83, 68, 67):  # Sync, Describe, Close expect answers
+                if code in (99, 102):  # CopyDone, CopyFail
+                    if self._copy_in:
+                        self._copy_in = False
+                    else:
+                        self.tracker.expect(Expectation("copy_end"))
+                elif code == 83 and self._copy_in:
+                    pass  # the server ignores Sync during COPY IN: no answer to expect
+                elif code in (83, 68, 67):  # Sync, Describe, Close expect answers
                     self._expect_simple(code, buf, pos, end)
                 pos = end
                 continue
@@ -1092,6 +1101,10 @@ class ClientSession(asyncio.Protocol):
                     else:
                         self._portals.pop(name, None)
                         self._described_portals.pop(name, None)
+            return None
+        if code in (71, 87):  # CopyInResponse, CopyBothResponse
+            if not tracker.copy_in_started():
+                self._copy_in = True
             return None
         if code == 116:  # ParameterDescription
             if front is not None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from gateway.sql.facts import StatementFacts
 
 Kind = Literal[
+    "copy_end",
     "query",
     "parse",
     "bind",
@@ -94,10 +95,37 @@ class ResponseTracker:
         self._queue.append(expectation)
 
     def front(self) -> Expectation | None:
+        self._drop_stray_copy_ends()
         return self._queue[0] if self._queue else None
 
     def pop(self) -> Expectation | None:
+        self._drop_stray_copy_ends()
         return self._queue.popleft() if self._queue else None
+
+    def _drop_stray_copy_ends(self) -> None:
+        # CopyDone/CopyFail outside COPY are ignored by the server: nothing answers them.
+        queue = self._queue
+        while queue and queue[0].kind == "copy_end":
+            queue.popleft()
+
+    def copy_in_started(self) -> bool:
+        """The front statement entered COPY IN: the server ignores Syncs until CopyDone or
+        CopyFail, so their expectations go. True when the client already ended the copy."""
+        queue = self._queue
+        kept: list[Expectation] = []
+        ended = False
+        while len(queue) > 1:
+            e = queue[1]
+            if e.kind == "copy_end":
+                del queue[1]
+                ended = True
+                break
+            del queue[1]
+            if e.kind != "sync":
+                kept.append(e)
+        for i, e in enumerate(kept, start=1):
+            queue.insert(i, e)
+        return ended
 
     def pending(self) -> tuple[Expectation, ...]:
         return tuple(self._queue)
