@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -96,6 +97,13 @@ def state_dir() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+@pytest.fixture
+def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[Any]]:
+    """Straight to the application database, bypassing any gateway."""
+    with psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True) as conn:
+        yield conn
+
+
 def _env(state: Path, opa: Path, port: int) -> dict[str, str]:
     return {
         **os.environ,
@@ -118,7 +126,11 @@ def _cli(env: dict[str, str], *args: str) -> str:
 
 
 def test_kill_9_under_pgbench_loses_no_audited_write(
-    state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path, tmp_path: Path
+    state_dir: Path,
+    pg_cluster: LocalCluster,
+    direct: psycopg.Connection[Any],
+    opa_binary: Path,
+    tmp_path: Path,
 ) -> None:
     env = _env(state_dir, opa_binary, free_port())
     _cli(env, "targets", "add", "app", "--host", "127.0.0.1", "--port", str(pg_cluster.port),
@@ -127,7 +139,6 @@ def test_kill_9_under_pgbench_loses_no_audited_write(
     token = _cli(env, "tokens", "issue", "--subject", "agent:bench", "--group", "admins",
                  "--ttl", "1h")  # fmt: skip
     table = f"crash_{uuid.uuid4().hex[:10]}"
-    direct = psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True)
     direct.execute(f"CREATE TABLE {table} (client int NOT NULL, v bigint PRIMARY KEY)")
     script = tmp_path / "insert.sql"
     script.write_text(
@@ -209,4 +220,3 @@ def test_kill_9_under_pgbench_loses_no_audited_write(
                               "--kind", "request", "--limit", "1", "--json")  # fmt: skip
     assert code == 0 and '"params":["0","0"]' in out, (out, err)
     direct.execute(f"DROP TABLE {table}")
-    direct.close()
