@@ -8,6 +8,8 @@ leaves the database exactly as it was, which is checked by querying it directly 
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -51,6 +53,7 @@ MARKER = f"pgw_{uuid.uuid4().hex[:8]}"
 # Where a program or COPY would leave a file if it ran: writable by the server's OS user.
 SPOOL = Path(tempfile.mkdtemp(prefix="pgw-spool-"))
 SPOOL.chmod(0o777)
+atexit.register(shutil.rmtree, SPOOL, True)
 
 
 def rows_are(expected: list[tuple[Any, ...]]) -> Check:
