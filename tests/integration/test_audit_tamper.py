@@ -24,7 +24,7 @@ import orjson
 import psycopg
 import pytest
 
-from gateway.audit import PostgresAuditStore
+from gateway.audit import HeadWitness, PostgresAuditStore
 from gateway.audit.records import canonical, projections
 
 from . import fresh_table, simple
@@ -48,6 +48,8 @@ class Trail:
     middle: int
     last: int
     _execute: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+    # Whether the gateway's head witness had caught up with its store when copied.
+    head_caught_up: bool
 
     def sql(self, text: str, *args: Any) -> list[tuple[Any, ...]]:
         return self._execute(text, args)
@@ -96,12 +98,30 @@ def _run_session(gw: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def written(gateway: Any, audit_pg_gateway: Any) -> dict[str, tuple[Any, str]]:
-    """Both gateways after one session each: store name → (gateway, session subject)."""
-    return {
-        "sqlite": (gateway, _run_session(gateway)),
-        "postgres": (audit_pg_gateway, _run_session(audit_pg_gateway)),
-    }
+def written(gateway: Any, audit_pg_gateway: Any) -> dict[str, tuple[Any, str, bool]]:
+    """Both gateways after one session each: store name → (gateway, session subject,
+    whether its head witness caught up with the store)."""
+    out = {}
+    for name, gw in (("sqlite", gateway), ("postgres", audit_pg_gateway)):
+        subject = _run_session(gw)
+        out[name] = (gw, subject, _head_caught_up(gw))
+    return out
+
+
+def _head_caught_up(gw: Any) -> bool:
+    """Whether the head witness names the store's last record (give it a moment)."""
+    heads = HeadWitness(gw.settings.state_dir / "audit-head")
+
+    def caught_up() -> bool:
+        head = heads.read(gw.settings.instance)
+        records = records_after(gw.settings)
+        last = max((r for r in records if r.chain == gw.settings.instance), key=lambda r: r.seq)
+        return head == (last.seq, last.link)
+
+    try:
+        return wait_for(caught_up, timeout=2)
+    except AssertionError:
+        return False
 
 
 def _copy_state(gw: Any, dst: Path) -> None:
@@ -113,11 +133,11 @@ def _copy_state(gw: Any, dst: Path) -> None:
 @pytest.fixture(params=["sqlite", "postgres"])
 def trail(
     request: pytest.FixtureRequest,
-    written: dict[str, tuple[Any, str]],
+    written: dict[str, tuple[Any, str, bool]],
     tmp_path: Path,
     pg_cluster: Any,
 ) -> Iterator[Trail]:
-    gw, subject = written[request.param]
+    gw, subject, head_caught_up = written[request.param]
     state = tmp_path / "state"
     state.mkdir()
     _copy_state(gw, state)
@@ -166,7 +186,7 @@ def trail(
         (chain, subject),
     )[0]
     try:
-        yield Trail(env, chain, middle, last, run)
+        yield Trail(env, chain, middle, last, run, head_caught_up)
     finally:
         if scratch is None:
             dst.close()
@@ -195,6 +215,9 @@ def test_the_untouched_copy_verifies(trail: Trail) -> None:
     (chain,) = [c for c in report["chains"] if c["chain"] == trail.chain]
     assert chain["problem"] is None and chain["head_checked"] is True
     assert chain["last_seq"] == trail.last
+    # An idle gateway's head witness names its last record: without that, records cut
+    # from the tail after the witness went stale cannot be noticed.
+    assert trail.head_caught_up, "head witness still behind the store 2 s after the last write"
 
 
 def test_edit_a_field(trail: Trail) -> None:
