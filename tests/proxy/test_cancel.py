@@ -1,0 +1,163 @@
+"""Query cancel via the gateway stops a running query (psycopg, asyncpg); a wrong key does not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg import errors as pgerr
+
+from gateway.protocol import CancelRequest
+
+from .wire import RawClient
+
+pytestmark = pytest.mark.server
+
+
+def _active_sleeps(gateway: Any, pid: int) -> int:
+    with psycopg.connect(gateway.direct_dsn(), autocommit=True) as d:
+        row = d.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+            " AND query LIKE %s",
+            (pid, "%pg_sleep%"),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _wait_until_running(gateway: Any, pid: int) -> None:
+    deadline = time.monotonic() + 5
+    while _active_sleeps(gateway, pid) == 0:
+        assert time.monotonic() < deadline, "the query never started"
+        time.sleep(0.02)
+
+
+def test_psycopg_cancel(gateway: Any, via: psycopg.Connection[Any]) -> None:
+    # cancel_safe, not cancel: the blocking PQcancel holds the GIL while it waits for the
+    # gateway to close the cancel connection, and this gateway runs in the test's process.
+    pid = via.info.backend_pid
+
+    def cancel() -> None:
+        _wait_until_running(gateway, pid)
+        via.cancel_safe(timeout=5)
+
+    t = threading.Thread(target=cancel)
+    start = time.monotonic()
+    t.start()
+    try:
+        with pytest.raises(pgerr.QueryCanceled) as info:
+            via.execute("SELECT pg_sleep(10)")
+    finally:
+        t.join(10)
+    assert time.monotonic() - start < 5
+    assert info.value.sqlstate == "57014"
+    assert via.execute("SELECT 'usable'").fetchone() == ("usable",)
+
+
+def test_psycopg_cancel_in_transaction_then_rollback(
+    gateway: Any, via: psycopg.Connection[Any]
+) -> None:
+    via.autocommit = False
+    pid = via.info.backend_pid
+    via.execute("SELECT 1")
+    t = threading.Thread(target=lambda: (_wait_until_running(gateway, pid), via.cancel_safe()))
+    t.start()
+    with pytest.raises(pgerr.QueryCanceled):
+        via.execute("SELECT pg_sleep(10)")
+    t.join(10)
+    with pytest.raises(pgerr.InFailedSqlTransaction):
+        via.execute("SELECT 1")
+    via.rollback()
+    assert via.execute("SELECT 2").fetchone() == (2,)
+
+
+async def test_asyncpg_timeout_cancels(gateway: Any, admin_token: str) -> None:
+    conn = await asyncpg.connect(gateway.url(admin_token), timeout=10)
+    try:
+        pid = conn.get_server_pid()
+        start = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(conn.fetch("SELECT pg_sleep(10)"), 0.5)
+        assert await conn.fetchval("SELECT 'usable'") == "usable"
+        assert time.monotonic() - start < 5
+        assert await asyncio.to_thread(_active_sleeps, gateway, pid) == 0
+    finally:
+        await conn.close()
+
+
+def test_cancel_with_wrong_secret_does_nothing(gateway: Any, via: psycopg.Connection[Any]) -> None:
+    pid = via.info.backend_pid
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(via.execute("SELECT pg_sleep(1.5), 'finished'").fetchone())
+        except psycopg.Error as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run)
+    start = time.monotonic()
+    t.start()
+    _wait_until_running(gateway, pid)
+    for key_pid, secret in (
+        (pid, b"\x00\x00\x00\x00"),
+        (pid, b"\xde\xad\xbe\xef"),
+        (pid + 1, b"abcd"),
+    ):
+        raw = RawClient.connect(gateway.host, gateway.port, timeout=5)
+        try:
+            raw.send(CancelRequest(key_pid, secret).encode())
+            assert raw.answers_or_closes(5) == "closed"
+        finally:
+            raw.close()
+    t.join(10)
+    assert outcome == [("", "finished")]
+    assert time.monotonic() - start >= 1.5
+
+
+def test_psql_sigint_cancels(gateway: Any, admin_token: str) -> None:
+    """psql sends the classic blocking PQcancel from its SIGINT handler, from its own process."""
+    proc = subprocess.Popen(
+        [
+            "psql",
+            "-X",
+            "-At",
+            gateway.dsn(admin_token),
+            "-c",
+            "SELECT 'pid', pg_backend_pid()",
+            "-c",
+            "SELECT pg_sleep(10)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+    )
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline().strip().split("|")[1])
+        _wait_until_running(gateway, pid)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert time.monotonic() - start < 5
+    assert "canceling statement due to user request" in err
+    assert _active_sleeps(gateway, pid) == 0
+
+
+def test_cancel_when_idle_does_not_hit_the_next_query(via: psycopg.Connection[Any]) -> None:
+    via.cancel_safe()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        assert via.execute("SELECT 1").fetchone() == (1,)
