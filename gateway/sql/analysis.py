@@ -540,7 +540,7 @@ class _Walker:
             self.expr(rt.get("val"), scope, "other")
 
     def where(self, clause: Node | None, scope: _Scope) -> None:
-        if clause is None or _const(clause) is True or _tautology(clause):
+        if clause is None or _is_true(clause) or _tautology(clause):
             self.d.unfiltered = True
         else:
             self.d.filtered = True
@@ -637,6 +637,23 @@ _TRUE_TEXT = {"t", "true", "y", "yes", "on", "1"}
 _FALSE_TEXT = {"f", "false", "n", "no", "off", "0"}
 
 
+def _bool_text(text: str) -> bool | None:
+    """PostgreSQL's parse_bool: surrounding space and case ignored, unique prefixes accepted."""
+    t = text.strip().lower()
+    if t and ("true".startswith(t) or "yes".startswith(t) or t in ("on", "1")):
+        return True
+    if t and ("false".startswith(t) or "no".startswith(t) or t in ("of", "off", "0")):
+        return False
+    return None
+
+
+def _is_true(node: Node) -> bool:
+    """A condition true for every row: `true`, and an untyped literal such as `'t'`, which
+    PostgreSQL reads as a boolean where a condition is expected."""
+    value = _const(node)
+    return value is True or (isinstance(value, str) and _bool_text(value) is True)
+
+
 def _const(node: Node) -> Any:
     """The value of a constant expression, or _UNKNOWN; enough to see `WHERE 1=1` for what it is."""
     if not isinstance(node, dict) or len(node) != 1:
@@ -724,9 +741,9 @@ def _tautology(node: Node) -> bool:
             and _strip_locations(body.get("lexpr")) == _strip_locations(body.get("rexpr"))
         )
     if kind == "BoolExpr" and body.get("boolop") == "OR_EXPR":
-        return any(_const(a) is True or _tautology(a) for a in body.get("args", []))
+        return any(_is_true(a) or _tautology(a) for a in body.get("args", []))
     if kind == "BoolExpr" and body.get("boolop") == "AND_EXPR":
-        return all(_const(a) is True or _tautology(a) for a in body.get("args", []))
+        return all(_is_true(a) or _tautology(a) for a in body.get("args", []))
     return False
 
 
@@ -770,7 +787,7 @@ def _finish(
         has_where = draft.filtered and not draft.unfiltered
     else:
         where = _top_where(kind, body)
-        has_where = where is not None and _const(where) is not True and not _tautology(where)
+        has_where = where is not None and not _is_true(where) and not _tautology(where)
     return StatementFacts(
         text=text,
         fingerprint=_fingerprint(text),
