@@ -227,7 +227,6 @@ class MaskPlan:
         Bind result formats, which override the RowDescription's (a statement Describe
         reports text before Bind chooses).
         """
-        masks_present = masks_present or bool(targets)
         n = len(fields)
         formats = _formats(fields, result_formats)
         steps: list[Step] = [None] * n

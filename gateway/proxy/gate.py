@@ -25,6 +25,19 @@ REFUSED = "42501"
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
 
 
+def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> bool:
+    """Whether an output column PostgreSQL reports no base column for (an expression) may
+    carry a masked value: the statement uses a masked column (any usage; `*` was expanded
+    by the catalog), an unexpanded `*`, or a function pgwarden cannot see into. `count(*)`
+    over a table with masked columns involves none of them."""
+    if facts is None:
+        return True
+    keys = {(m.schema, m.table, m.column) for m in masks}
+    if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):
+        return True
+    return any(not f.startswith("pg_catalog.") for f in facts.functions)
+
+
 class Analyzer(Protocol):
     def analyze(self, text: str) -> tuple[StatementFacts, ...]: ...
 
@@ -307,7 +320,7 @@ class StatementGate:
             if run.facts is not None and run.facts.command == "COPY":
                 return refusal_for("COPY of masked columns is not allowed (masks apply to rows only)")
             run.masked = True
-            run.mask_expressions = True
+            run.mask_expressions = _involves_masked(run.facts, decision.masks)
             resolver = self._catalog
             targets = None
             if resolver is not None and hasattr(resolver, "mask_targets"):
