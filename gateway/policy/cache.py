@@ -90,9 +90,21 @@ class DecisionCache:
         return decision
 
     def revision_seen(self, revision: str | None) -> None:
-        """OPA reports this revision; a new one flushes the cache (and ends a suspension)."""
-        if revision is None or revision in self._retired:
+        """OPA reports this revision; a new one flushes the cache (and ends a suspension).
+
+        While a change is pending, only the revision being replaced is refused: any other is
+        the new policy, even one seen before (a change reverted to earlier sources has the
+        revision it had then). Otherwise a retired revision is a late answer: ignored.
+        """
+        if revision is None:
             return
+        if self._pending_from is not None:
+            if revision == self._pending_from:
+                return
+        elif revision in self._retired:
+            return
+        if revision in self._retired:
+            self._retired.remove(revision)
         if revision != self._revision:
             if self._revision is not None:
                 self._retire(self._revision)
