@@ -166,12 +166,17 @@ class ClientSession(asyncio.Protocol):
         self._discarding = False
         # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
         self._copy_in = False
+        # Bytes for the server gathered during one pass of the relay.
+        self._up_out: list[bytes] = []
+        self._up_answerable = False
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._end_reason = "client quit"
         self._started_at = time.time()
+        # The server's error for a Bind it rejected, for the Execute of that portal it skips.
+        self._bind_error: ErrorResponse | None = None
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -659,21 +664,31 @@ class ClientSession(asyncio.Protocol):
             return
         self._drain_client()
 
+    def _to_server(self, data: bytes) -> None:
+        """Queue bytes for the server; they leave in one write per pass of the relay."""
+        self._up_out.append(data)
+
+    def _flush_server(self) -> None:
+        out = self._up_out
+        if out and self.up is not None:
+            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        self._up_answerable = False
+
     def _drain_client(self) -> None:
         """Forward what can go now; hand the first message that needs a decision to a task."""
         buf = self._inbuf
-        up = self.up
-        assert up is not None
         limit = self.gw.settings.listener.max_message_size
         pos = 0
         start = 0
         end_all = len(buf)
-        write = up.transport.write
+        out = self._up_out
         while end_all - pos >= 5:
             code, length = _HEADER.unpack_from(buf, pos)
             if length < 4 or length > limit:
                 if start < pos:
-                    write(bytes(buf[start:pos]))
+                    out.append(bytes(buf[start:pos]))
+                self._flush_server()
                 buf.clear()
                 self._fatal(
                     "08P01" if length < 4 else "54000",
@@ -695,6 +710,8 @@ class ClientSession(asyncio.Protocol):
                     pass  # the server ignores Sync during COPY IN: no answer to expect
                 elif code in (83, 68, 67):  # Sync, Describe, Close expect answers
                     self._expect_simple(code, buf, pos, end)
+                if code in (83, 72):  # Sync, Flush: the server answers what came before
+                    self._up_answerable = True
                 pos = end
                 continue
             if code == 66:  # Bind needs no decision: note its portal and pass it on
@@ -702,34 +719,36 @@ class ClientSession(asyncio.Protocol):
                     self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
                 except ProtocolViolation as exc:
                     if start < pos:
-                        write(bytes(buf[start:pos]))
+                        out.append(bytes(buf[start:pos]))
+                    self._flush_server()
                     buf.clear()
                     self._fatal("08P01", f"pgwarden: {exc}")
                     return
                 self.tracker.expect(Expectation("bind"))
                 pos = end
                 continue
-            # A message that needs the gate: forward what came before, then decide.
             if start < pos:
-                write(bytes(buf[start:pos]))
+                out.append(bytes(buf[start:pos]))
             if code == 88:  # Terminate
-                write(bytes(buf[pos:end]))
+                out.append(bytes(buf[pos:end]))
+                self._flush_server()
                 buf.clear()
                 self._end_reason = "client quit"
                 self._close()
                 return
+            # A message that needs the gate. What came before waits to leave with it (one
+            # write), unless it holds a Sync or Flush whose answer the client awaits.
+            if self._up_answerable:
+                self._flush_server()
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
             self._spawn(self._gated(code, message))
             return
         if start < pos:
-            if pos == end_all:
-                write(bytes(buf) if start == 0 else bytes(buf[start:pos]))
-                buf.clear()
-            else:
-                write(bytes(buf[start:pos]))
-                del buf[:pos]
+            out.append(bytes(buf) if start == 0 and pos == end_all else bytes(buf[start:pos]))
+            del buf[:pos]
+        self._flush_server()
 
     def _expect_simple(self, code: int, buf: bytearray, pos: int, end: int) -> None:
         if code == 83:
@@ -766,7 +785,6 @@ class ClientSession(asyncio.Protocol):
 
     async def _gate_message(self, code: int, message: bytes) -> None:
         assert self.up is not None and self.gate is not None
-        write = self.up.transport.write
         problem = self._token_problem()
         if problem is not None:
             self._end_session_for_token(problem)
@@ -780,7 +798,7 @@ class ClientSession(asyncio.Protocol):
             elif code == 66:  # Bind
                 self._on_bind(Bind.decode(body))
                 self.tracker.expect(Expectation("bind"))
-                write(message)
+                self._to_server(message)
             elif code == 69:  # Execute
                 await self._on_execute(Execute.decode(body), message)
             elif code == 70:  # FunctionCall
@@ -804,10 +822,10 @@ class ClientSession(asyncio.Protocol):
         assert self.up is not None
         bogus = b"-- pgwarden refused this statement\npgwarden_refused"
         if kind == "query":
-            self.up.transport.write(Query(bogus).encode())
+            self._to_server(Query(bogus).encode())
             self.tracker.expect(Expectation("query", runs, refusal=refusal))
         else:
-            self.up.transport.write(Parse(name, bogus).encode())
+            self._to_server(Parse(name, bogus).encode())
             self.tracker.expect(Expectation("parse", runs, refusal=refusal))
             self._discarding = True
 
@@ -831,7 +849,7 @@ class ClientSession(asyncio.Protocol):
                 self.gate.outcome(run, forwarded=False)
             self._refuse("query", refusal, [])
             return
-        self.up.transport.write(message)
+        self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
@@ -855,7 +873,7 @@ class ClientSession(asyncio.Protocol):
         # A description of an earlier statement of this name must never plan this one's rows.
         self._described_statements.pop(msg.name, None)
         if self._discarding:
-            self.up.transport.write(message)
+            self._to_server(message)
             self.tracker.expect(Expectation("parse"))
             return
         text = self._decode_sql(msg.query)
@@ -884,7 +902,7 @@ class ClientSession(asyncio.Protocol):
             self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
-        self.up.transport.write(message)
+        self._to_server(message)
         self.tracker.expect(Expectation("parse"))
 
     def _on_bind(self, msg: Bind) -> None:
@@ -905,13 +923,13 @@ class ClientSession(asyncio.Protocol):
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
         if self._discarding:
-            self.up.transport.write(message)
+            self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
         portal = self._portals.get(msg.portal)
         if portal is None:
             # The server reports the unknown portal itself; nothing runs.
-            self.up.transport.write(message)
+            self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
         prepared = self._statements.get(portal.statement)
@@ -924,7 +942,7 @@ class ClientSession(asyncio.Protocol):
                 return
             verdict = await self.gate.check_facts((known,), portal.params)
         elif not prepared.facts:
-            self.up.transport.write(message)
+            self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
         else:
@@ -944,14 +962,14 @@ class ClientSession(asyncio.Protocol):
                 run.portal = msg.portal
                 run.statement = portal.statement
                 run.result_formats = portal.result_formats
-        self.up.transport.write(message)
+        self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
 
     def _refuse_function_call(self) -> None:
         assert self.up is not None
         refusal = refusal_for("the function-call protocol message is not allowed through pgwarden")
         # FunctionCall is followed by nothing (it is its own sync point): answer with a failing Query.
-        self.up.transport.write(Query(b"pgwarden_refused").encode())
+        self._to_server(Query(b"pgwarden_refused").encode())
         self.tracker.expect(Expectation("query", [], refusal=refusal))
 
     # -- relay: server to client ---------------------------------------------------------
@@ -1057,6 +1075,7 @@ class ClientSession(asyncio.Protocol):
                 self._finish_skipped(e)
                 if e.kind in ("sync", "query"):
                     break
+            self._bind_error = None
             return None
         if code == 69:  # ErrorResponse
             if front is None:
@@ -1070,6 +1089,10 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
+            elif front.kind == "bind":
+                # Rejected at Bind (a parameter that does not convert, an error while
+                # planning): the error is the outcome of the statement Execute would run.
+                self._bind_error = err
             if front.kind == "query":
                 # The rest of this Query's statements will not run.
                 self._finish_skipped(front)
@@ -1152,6 +1175,11 @@ class ClientSession(asyncio.Protocol):
             e.cursor += 1
             if not run.done:
                 run.done = True
+                failed_bind = self._bind_error if e.kind == "execute" else None
+                if failed_bind is not None:
+                    self._bind_error = None
+                    run.sqlstate = failed_bind.sqlstate
+                    run.error_message = failed_bind.message
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=True)
 
