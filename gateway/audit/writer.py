@@ -30,6 +30,8 @@ class _Prune:
 
 
 _STOP = object()
+# Record kinds whose caller waits for durability before a statement may run.
+_URGENT = frozenset({"request", "key_rotation"})
 
 
 def _expire(done: asyncio.Future[str], timeout: float) -> None:
@@ -78,6 +80,12 @@ class AuditWriter:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Append | _Prune | object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # How long outcome/session records wait for a request record to commit with.
+        self.linger = 0.005
+        self.head_interval = 0.05
+        self._head: tuple[int, bytes] | None = None
+        self._head_written = 0.0
+        self._head_flush: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         try:
@@ -166,6 +174,7 @@ class AuditWriter:
         while not stopping:
             batch: list[_Append] = []
             item = await self._queue.get()
+            urgent = False
             while True:
                 if item is _STOP:
                     stopping = True
@@ -175,10 +184,22 @@ class AuditWriter:
                     await self._prune(item)
                 elif isinstance(item, _Append):
                     batch.append(item)
-                if stopping or len(batch) >= self.max_batch or self._queue.empty():
+                    # A statement waits on its request record; outcome and session records
+                    # may wait a little to share the next request's fsync.
+                    urgent = urgent or item.pending.kind in _URGENT
+                if stopping or len(batch) >= self.max_batch:
                     break
+                if self._queue.empty():
+                    if urgent or not batch:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), self.linger)
+                    except TimeoutError:
+                        break
+                    continue
                 item = self._queue.get_nowait()
             await self._commit(batch)
+        self._write_head()
 
     async def _commit(self, batch: list[_Append]) -> None:
         if not batch:
@@ -227,5 +248,20 @@ class AuditWriter:
             key = self.chain.advance(next_epoch)
             if self.keyring is not None:
                 self.keyring.replace_current(self.chain.name, next_epoch, key)
-        if self.head is not None:
-            self.head.record(self.chain.name, last.seq, last.link)
+        self._head = (last.seq, last.link)
+        # The head file is a witness against truncation; it may lag the store (verify
+        # accepts that) so it is rewritten at most every head_interval, not per commit.
+        wait = self.head_interval - (time.monotonic() - self._head_written)
+        if wait <= 0:
+            self._write_head()
+        elif self._head_flush is None:
+            # Catch up once the interval has passed, so an idle gateway's head is current.
+            self._head_flush = asyncio.get_running_loop().call_later(wait, self._write_head)
+
+    def _write_head(self) -> None:
+        if self._head_flush is not None:
+            self._head_flush.cancel()
+            self._head_flush = None
+        if self.head is not None and self._head is not None:
+            self.head.record(self.chain.name, *self._head)
+            self._head_written = time.monotonic()
