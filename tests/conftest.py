@@ -124,6 +124,9 @@ def start_gateway(state_dir: Path, cluster: LocalCluster, opa: Path, **overrides
                password_env="PGWARDEN_TEST_MD5_PW", sslmode="disable"),
         Target(name="app_trust", host="127.0.0.1", port=cluster.port, dbname=APP_DB, user=TRUST_USER,
                sslmode="disable"),
+        Target(name="app_recorded", host="127.0.0.1", port=cluster.port, dbname=APP_DB, user=SUPERUSER,
+               password_env="PGWARDEN_TEST_UPSTREAM_PW", sslmode="disable",
+               labels={"pgwarden.record": "rows"}),
     ]
     for t in targets:
         if registry.get(t.name) is None:

@@ -140,6 +140,7 @@ class StatementGate:
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
         self._principal_input = ctx.principal.to_input()
+        self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         self.sticky_masks: dict[tuple[int, int], str] = {}
         self.sticky_mask_all = False
         self._target_input = {
@@ -211,6 +212,7 @@ class StatementGate:
                 params=params,
                 decision=d,
                 masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
+                record_rows=d.extra.get("record_rows") is True or self.record_rows,
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
@@ -307,6 +309,9 @@ class StatementGate:
         (FETCH from a cursor, EXECUTE of a prepared statement) are masked all the same.
         """
         for run, decision in zip(runs, decisions, strict=True):
+            # Session recording: asked by the decision (`"record_rows": true`) or the target
+            # (label pgwarden.record=rows).
+            run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
             if not decision.masks:
                 if (self.sticky_masks or self.sticky_mask_all) and run.facts is not None:
                     command = run.facts.command

@@ -26,6 +26,7 @@ from gateway.protocol import (
     Bind,
     CancelRequest,
     CommandComplete,
+    DataRow,
     ErrorResponse,
     Execute,
     FieldDescription,
@@ -142,6 +143,7 @@ class ClientSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_addr = ""
         self._tls: TlsLayer | None = None
+        self._direct_tls = False
         self._ssl_asked = False
         self._inbuf = bytearray()
         self._startup: StartupMessage | None = None
@@ -221,10 +223,20 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._tls is not None:
+            was_done = self._tls.handshake_done
             try:
                 data = self._tls.receive(data)
             except Exception:
                 self._abort("TLS error")
+                return
+            if (
+                self._direct_tls
+                and not was_done
+                and self._tls.handshake_done
+                and self._tls.alpn != "postgresql"
+            ):
+                # As PostgreSQL 17: direct TLS is only for clients that say ALPN postgresql.
+                self._abort("direct TLS without ALPN postgresql")
                 return
             if not data:
                 return
@@ -379,6 +391,7 @@ class ClientSession(asyncio.Protocol):
             return
         transport = self.transport
         self._tls = TlsLayer(self.gw.server_tls, transport.write)
+        self._direct_tls = direct
         if direct:
             pending = bytes(self._inbuf)
             self._inbuf.clear()
@@ -1001,15 +1014,17 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     run = front.current_run()
                     if run is not None:
-                        if run.masked:
+                        if run.masked or run.record_rows:
                             if end > total:
-                                break  # a masked row is rewritten whole
-                            masked = self._mask_row(run, view, pos, end)
+                                break  # a masked or recorded row is handled whole
+                            masked = self._mask_row(run, view, pos, end) if run.masked else None
                             if masked is not None:
                                 if start < pos:
                                     out.append(view[start:pos])
                                 out.append(masked)
                                 start = end
+                            if run.record_rows:
+                                self._record_row(run, masked or bytes(view[pos:end]))
                         run.rows += 1
                         run.bytes_out += length + 1
             elif code in _SERVER_NEEDS:
@@ -1232,6 +1247,19 @@ class ClientSession(asyncio.Protocol):
             self._fatal("08P01", "pgwarden: malformed row from the target; session closed")
             return b""
         return masked
+
+    def _record_row(self, run: StatementRun, frame: bytes) -> None:
+        """Session recording: the row as the client received it (after masking), bounded."""
+        audit = self.gw.settings.audit
+        if len(run.recorded) >= audit.record_rows_limit or run.recorded_bytes >= audit.record_bytes_limit:
+            return
+        try:
+            values = DataRow.decode(frame[5:]).values
+        except ProtocolViolation:
+            return
+        row = tuple(None if v is None else v.decode("utf-8", "replace") for v in values)
+        run.recorded.append(row)
+        run.recorded_bytes += len(frame)
 
     def _close_pending(self, name: str) -> bool:
         return any(e.closing == ("S", name) for e in self.tracker.pending())
