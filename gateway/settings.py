@@ -48,7 +48,9 @@ class PolicySettings(BaseModel):
     opa_url: str = ""
     opa_binary: Path | None = None
     decision_path: str = "pgwarden/decision"
-    timeout_seconds: float = 0.5
+    # Past this a decision is a deny. It bounds the whole hop, queueing included: a burst of
+    # new sessions (each session's first statements miss the cache) must not read as OPA down.
+    timeout_seconds: float = 2.0
     cache_size: int = 10_000
     rego_dir: Path = Path("rego")
     bundle_dir: Path = Path("bundles")
@@ -58,6 +60,9 @@ class AuditSettings(BaseModel):
     store: Literal["sqlite", "postgres"] = "sqlite"
     # SQLite file; relative paths are under the state directory.
     sqlite_path: Path = Path("audit.sqlite3")
+    # full: each commit fsynced (a record survives power loss); normal: a record survives a
+    # gateway crash but the last commits may be lost with the machine; much cheaper.
+    sqlite_synchronous: Literal["full", "normal"] = "full"
     postgres_dsn: str = ""
     # Fail open means statements run when the store is down: they are then unaudited.
     fail_open: bool = False

@@ -48,7 +48,9 @@ def audit_store(settings: Settings) -> AuditStore:
             raise ValueError("audit.store is postgres but audit.postgres_dsn is empty")
         return PostgresAuditStore(audit.postgres_dsn, timeout=audit.timeout_seconds)
     return SqliteAuditStore(
-        settings.state_path(audit.sqlite_path), busy_timeout=audit.timeout_seconds
+        settings.state_path(audit.sqlite_path),
+        busy_timeout=audit.timeout_seconds,
+        synchronous=audit.sqlite_synchronous,
     )
 
 

@@ -84,9 +84,14 @@ class SqliteAuditStore:
     SQLite would go on writing to the unlinked inode and the records would be lost.
     """
 
-    def __init__(self, path: Path, busy_timeout: float = 2.0) -> None:
+    def __init__(
+        self, path: Path, busy_timeout: float = 2.0, synchronous: str = "full"
+    ) -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError("audit sqlite synchronous must be full or normal")
         self.path = path
         self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
         self.commits = 0
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None
@@ -107,8 +112,10 @@ class SqliteAuditStore:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk (WAL fsynced) before COMMIT returns.
-        db.execute("PRAGMA synchronous = FULL")
+        # FULL: a commit is on disk (WAL fsynced) before COMMIT returns, so a record survives
+        # a power loss. NORMAL: in the OS before COMMIT returns (survives the gateway being
+        # killed, not the machine losing power) and fsynced at checkpoints.
+        db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         db.executescript(_SCHEMA)
         os.chmod(self.path, 0o600)
         self._db = db

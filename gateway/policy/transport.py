@@ -37,7 +37,7 @@ class OpaTransport:
         *,
         decision_path: str,
         timeout_seconds: float,
-        max_connections: int = 32,
+        max_connections: int = 64,
     ) -> None:
         self.url = url
         self.decision_path = decision_path.strip("/")
@@ -58,7 +58,9 @@ class OpaTransport:
         self._client = httpx.AsyncClient(
             transport=transport,
             base_url=base_url,
-            timeout=httpx.Timeout(timeout_seconds),
+            # The deadline is for OPA's answer; waiting for a pooled connection under a burst
+            # is queueing, not an unresponsive OPA (the decider bounds the whole hop anyway).
+            timeout=httpx.Timeout(timeout_seconds, pool=None),
             # No default User-Agent/Accept-Encoding: fewer bytes for OPA to parse per call.
             headers={"content-type": "application/json"},
             follow_redirects=False,
