@@ -107,7 +107,7 @@ def scenario(c: Client, simple: bool) -> list[list]:
 
 
 def main() -> int:
-    from conftest import start_gateway, stop_gateway  # tests/conftest.py
+    from tests.harness import start_gateway, stop_gateway
 
     from cli.localpg import LocalCluster, free_port
 

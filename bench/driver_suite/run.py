@@ -147,7 +147,7 @@ def main() -> int:
     prepare()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from conftest import start_gateway, stop_gateway  # tests/conftest.py
+    from tests.harness import start_gateway, stop_gateway
 
     from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
     from gateway.proxy.targets import Target, TargetRegistry

@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import start_gateway, stop_gateway  # tests/conftest.py
 
 from gateway.protocol import Query
+from tests.harness import start_gateway, stop_gateway
 
 from .wire import Closed, RawClient, errors
 

@@ -1,0 +1,177 @@
+"""The real gateway on its own uvloop thread, for integration tests, benches and repros."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cli.certs import CertFiles, ensure_server_cert
+from cli.localpg import (
+    APP_DB,
+    MD5_PASSWORD,
+    MD5_USER,
+    SUPERUSER,
+    SUPERUSER_PASSWORD,
+    TRUST_USER,
+    LocalCluster,
+)
+from gateway.identity.local import LocalTokenIssuer
+from gateway.proxy.targets import Target, TargetRegistry
+from gateway.runtime import Gateway
+from gateway.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@dataclass
+class RunningGateway:
+    """A real gateway on its own uvloop thread; tests talk to it over real sockets."""
+
+    settings: Settings
+    gateway: Gateway
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    host: str
+    port: int
+    cluster: LocalCluster
+    certs: CertFiles
+    environ: dict[str, str] = field(default_factory=dict)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def token(
+        self, subject: str = "agent:test", groups: tuple[str, ...] = ("admins",), ttl: float = 3600
+    ) -> str:
+        issuer = LocalTokenIssuer.from_settings(self.settings)
+        try:
+            return issuer.issue(subject, list(groups), ttl).token
+        finally:
+            issuer.close()
+
+    def dsn(self, token: str, target: str = "app", **extra: str) -> str:
+        params = {
+            "host": self.host,
+            "port": str(self.port),
+            "dbname": target,
+            "user": "tester",
+            "password": token,
+            "sslmode": "disable",
+            **extra,
+        }
+        return " ".join(f"{k}='{v}'" for k, v in params.items())
+
+    def url(self, token: str, target: str = "app") -> str:
+        return f"postgresql://tester:{token}@{self.host}:{self.port}/{target}?sslmode=disable"
+
+    def direct_dsn(self, dbname: str = APP_DB) -> str:
+        return self.cluster.dsn(dbname=dbname)
+
+
+def start_gateway(
+    state_dir: Path, cluster: LocalCluster, opa: Path, **overrides: Any
+) -> RunningGateway:
+    import uvloop
+
+    certs = ensure_server_cert(state_dir / "tls")
+    (state_dir / "upstream.pw").write_text(SUPERUSER_PASSWORD)
+    environ = {
+        "PGWARDEN_TEST_UPSTREAM_PW": SUPERUSER_PASSWORD,
+        "PGWARDEN_TEST_MD5_PW": MD5_PASSWORD,
+    }
+    registry = TargetRegistry(state_dir / "targets.json")
+    targets = [
+        Target(
+            name="app",
+            host="127.0.0.1",
+            port=cluster.port,
+            dbname=APP_DB,
+            user=SUPERUSER,
+            password_env="PGWARDEN_TEST_UPSTREAM_PW",
+            sslmode="disable",
+            labels={"env": "test"},
+        ),
+        Target(
+            name="app_tls",
+            host="localhost",
+            port=cluster.port,
+            dbname=APP_DB,
+            user=SUPERUSER,
+            password_file=str(state_dir / "upstream.pw"),
+            sslmode="verify-full",
+            sslrootcert=str(cluster.ca_cert),
+        ),
+        Target(
+            name="app_md5",
+            host="127.0.0.1",
+            port=cluster.port,
+            dbname=APP_DB,
+            user=MD5_USER,
+            password_env="PGWARDEN_TEST_MD5_PW",
+            sslmode="disable",
+        ),
+        Target(
+            name="app_trust",
+            host="127.0.0.1",
+            port=cluster.port,
+            dbname=APP_DB,
+            user=TRUST_USER,
+            sslmode="disable",
+        ),
+        Target(
+            name="app_recorded",
+            host="127.0.0.1",
+            port=cluster.port,
+            dbname=APP_DB,
+            user=SUPERUSER,
+            password_env="PGWARDEN_TEST_UPSTREAM_PW",
+            sslmode="disable",
+            labels={"pgwarden.record": "rows"},
+        ),
+    ]
+    for t in targets:
+        if registry.get(t.name) is None:
+            registry.add(t)
+    settings_kw: dict[str, Any] = {
+        "state_dir": state_dir,
+        "listener": {"host": "127.0.0.1", "port": 0, "tls_cert": certs.cert, "tls_key": certs.key},
+        "policy": {"opa_binary": opa, "rego_dir": ROOT / "rego", "bundle_dir": ROOT / "bundles"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings_kw.get(key), dict):
+            settings_kw[key] = {**settings_kw[key], **value}
+        else:
+            settings_kw[key] = value
+    settings = load_settings(**settings_kw)
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="pgwarden-gateway", daemon=True)
+    thread.start()
+    gateway = Gateway(settings, environ)
+    host, port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
+    return RunningGateway(settings, gateway, loop, thread, host, port, cluster, certs, environ)
+
+
+def stop_gateway(gw: RunningGateway) -> None:
+    try:
+        gw.run(gw.gateway.stop(), timeout=30)
+    finally:
+        gw.loop.call_soon_threadsafe(gw.loop.stop)
+        gw.thread.join(10)
+
+
+def create_scratch_database(cluster: LocalCluster, prefix: str) -> tuple[str, str]:
+    """A fresh, empty database on the test cluster: (name, superuser DSN)."""
+    import uuid
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    cluster.psql(f"CREATE DATABASE {name}")
+    return name, cluster.dsn(dbname=name)
+
+
+def drop_scratch_database(cluster: LocalCluster, name: str) -> None:
+    cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
