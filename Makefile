@@ -57,7 +57,7 @@ lint: python-deps
 	$(VENV)/bin/ruff check gateway cli tests bench
 	$(VENV)/bin/mypy
 
-test: deps rego-check
+test: deps rego-check lint
 	$(VENV)/bin/pytest
 
 demo: deps

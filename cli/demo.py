@@ -27,9 +27,15 @@ AGENT_STATEMENTS = (
     ("read a table", "SELECT id, customer_id, amount FROM orders ORDER BY id"),
     ("read classified columns", "SELECT name, email FROM customers ORDER BY id"),
     ("write without approval", "DELETE FROM orders WHERE id = 3"),
-    ("a write hidden in a CTE", "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d"),
+    (
+        "a write hidden in a CTE",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+    ),
     ("read a server file", "SELECT pg_read_file('/etc/passwd')"),
-    ("use a classified column as an oracle", "SELECT count(*) FROM customers WHERE email LIKE 'a%'"),
+    (
+        "use a classified column as an oracle",
+        "SELECT count(*) FROM customers WHERE email LIKE 'a%'",
+    ),
     ("text that does not parse", "SELEC 1"),
 )
 
@@ -50,7 +56,10 @@ def _say(text: str = "") -> None:
 def _psql(dsn: str, sql: str, env: dict[str, str]) -> tuple[int, str]:
     done = subprocess.run(
         ["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     return done.returncode, (done.stdout + done.stderr).strip()
 
@@ -92,8 +101,16 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
     pw_file.chmod(0o600)
     registry = TargetRegistry(state / "targets.json")
     registry.add(
-        Target(name="app", host="127.0.0.1", port=cluster.port, dbname=dbname, user=SUPERUSER,
-               password_file=str(pw_file), sslmode="require", labels={"env": "demo"}),
+        Target(
+            name="app",
+            host="127.0.0.1",
+            port=cluster.port,
+            dbname=dbname,
+            user=SUPERUSER,
+            password_file=str(pw_file),
+            sslmode="require",
+            labels={"env": "demo"},
+        ),
         replace=True,
     )
     root = Path(__file__).resolve().parent.parent
@@ -103,6 +120,7 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
         listener={"host": "127.0.0.1", "port": port, "tls_cert": certs.cert, "tls_key": certs.key},
         policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
     )
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 
@@ -138,7 +156,7 @@ def _script(settings: Settings, host: str, port: int, ca: Path) -> None:
     dsn = f"host=localhost port={port} dbname=app user=agent sslmode=verify-full sslrootcert={ca}"
     env = {**os.environ, "PGPASSWORD": token, "PGAPPNAME": "pgwarden-demo"}
     _say()
-    _say("== an AI agent (token: subject agent:demo, group ai-agents) connects with psql over TLS ==")
+    _say("== an AI agent (subject agent:demo, group ai-agents) connects with psql over TLS ==")
     for title, sql in AGENT_STATEMENTS:
         _say()
         _say(f"-- {title}")
@@ -160,7 +178,10 @@ def _serve_until_interrupted(settings: Settings, host: str, port: int, ca: Path)
     _say()
     _say(f"pgwarden is serving on {host}:{port}; target 'app'. Try, in another shell:")
     _say(f"  export PGWARDEN_STATE_DIR={settings.state_dir}")
-    _say("  export PGPASSWORD=$(.venv/bin/pgwarden tokens issue --subject me --group engineers --ttl 1h)")
+    _say(
+        "  export PGPASSWORD=$(.venv/bin/pgwarden tokens issue"
+        " --subject me --group engineers --ttl 1h)"
+    )
     _say(f'  psql "host=localhost port={port} dbname=app sslmode=verify-full sslrootcert={ca}"')
     _say("Ctrl-C stops everything the demo started.")
     stop = threading.Event()

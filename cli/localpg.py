@@ -229,7 +229,8 @@ class LocalCluster:
             self.psql(f"CREATE DATABASE {APP_DB}")
             self.psql(f"GRANT ALL ON DATABASE {APP_DB} TO {MD5_USER}, {TRUST_USER}")
         self.psql(APP_SCHEMA_SQL, dbname=APP_DB)
-        self.psql(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {MD5_USER}, {TRUST_USER}", dbname=APP_DB)
+        grant = f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {MD5_USER}, {TRUST_USER}"
+        self.psql(grant, dbname=APP_DB)
         return APP_DB
 
     def stop(self) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from cli import audit, demo, policy, serve, targets, tokens
 from gateway.settings import load_settings
 
 app = typer.Typer(
@@ -16,9 +16,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-# Command groups, each a module of this package with its own `app`.
-_GROUPS = ("serve", "targets", "tokens", "policy", "audit", "demo")
 
 
 @app.callback()
@@ -33,15 +30,9 @@ def main(
     ctx.obj = load_settings(config)
 
 
-for _name in _GROUPS:
-    try:
-        _module = importlib.import_module(f"cli.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"cli.{_name}":
-            raise
-        continue
-    _group = _module.app
-    if _group.registered_commands and len(_group.registered_commands) == 1 and not _group.registered_groups and _name in ("serve", "demo"):
-        app.command(_name)(_group.registered_commands[0].callback)  # type: ignore[arg-type]
-    else:
-        app.add_typer(_group, name=_name)
+app.command("serve")(serve.serve)
+app.command("demo")(demo.demo)
+app.add_typer(targets.app, name="targets")
+app.add_typer(tokens.app, name="tokens")
+app.add_typer(policy.app, name="policy")
+app.add_typer(audit.app, name="audit")

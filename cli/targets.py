@@ -63,7 +63,7 @@ def add(
             user=user,
             password_env=password_env,
             password_file=password_file,
-            sslmode=sslmode,  # type: ignore[arg-type]
+            sslmode=sslmode,
             sslrootcert=sslrootcert,
             labels=labels,
         )

@@ -107,9 +107,8 @@ def scenario(c: Client, simple: bool) -> list[list]:
 
 
 def main() -> int:
-    from tests.harness import start_gateway, stop_gateway
-
     from cli.localpg import LocalCluster, free_port
+    from tests.harness import start_gateway, stop_gateway
 
     base = Path(tempfile.mkdtemp(prefix="pgwarden-repro-pg-"))
     base.chmod(0o755)

@@ -147,10 +147,9 @@ def main() -> int:
     prepare()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from tests.harness import start_gateway, stop_gateway
-
     from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
     from gateway.proxy.targets import Target, TargetRegistry
+    from tests.harness import start_gateway, stop_gateway
 
     opa = ROOT / ".pgwarden" / "bin" / "opa"
     base = Path(tempfile.mkdtemp(prefix="pgwarden-ds-pg-"))

@@ -84,9 +84,7 @@ class SqliteAuditStore:
     SQLite would go on writing to the unlinked inode and the records would be lost.
     """
 
-    def __init__(
-        self, path: Path, busy_timeout: float = 2.0, synchronous: str = "full"
-    ) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 2.0, synchronous: str = "full") -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("audit sqlite synchronous must be full or normal")
         self.path = path

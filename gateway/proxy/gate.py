@@ -155,7 +155,8 @@ class StatementGate:
         facts = self.prepared.resolve(self._analyzer.analyze(text))
         if self._catalog is not None:
             catalog = self._catalog
-            facts = tuple([await catalog.resolve(f, self.search_path, self.upstream_user) for f in facts])
+            path, user = self.search_path, self.upstream_user
+            facts = tuple([await catalog.resolve(f, path, user) for f in facts])
         return facts
 
     def _input(
@@ -283,7 +284,7 @@ class StatementGate:
         decisions: list[Decision],
         params: tuple[str | None, ...],
     ) -> Verdict:
-        """An Execute of a statement allowed at Parse: recorded, with its parameters, before it runs."""
+        """An Execute of a statement allowed at Parse: recorded, with its parameters, first."""
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:
@@ -302,7 +303,9 @@ class StatementGate:
 
     # -- masks ---------------------------------------------------------------------------
 
-    async def _prepare_masks(self, runs: list[StatementRun], decisions: list[Decision]) -> bytes | None:
+    async def _prepare_masks(
+        self, runs: list[StatementRun], decisions: list[Decision]
+    ) -> bytes | None:
         """Resolve each run's masks to (table oid, attnum) before it is forwarded.
 
         Masks are sticky for the session: rows that reach the client by another statement
@@ -323,7 +326,7 @@ class StatementGate:
                         run.mask_expressions = True
                 continue
             if run.facts is not None and run.facts.command == "COPY":
-                return refusal_for("COPY of masked columns is not allowed (masks apply to rows only)")
+                return refusal_for("COPY of masked columns is not allowed (masks apply to rows)")
             run.masked = True
             run.mask_expressions = _involves_masked(run.facts, decision.masks)
             resolver = self._catalog

@@ -871,7 +871,8 @@ class ClientSession(asyncio.Protocol):
                 value = (f.setting[1] or "").strip("'\"").lower()
                 if value not in ("on", "true", "1", "yes"):
                     return refusal_for(
-                        "standard_conforming_strings must stay on (pgwarden parses SQL as the server does)"
+                        "standard_conforming_strings must stay on"
+                        " (pgwarden parses SQL as the server does)"
                     )
             if (
                 f.command.startswith("RESET")
@@ -959,7 +960,9 @@ class ClientSession(asyncio.Protocol):
             self.tracker.expect(Expectation("execute"))
             return
         else:
-            verdict = await self.gate.check_execute(prepared.facts, prepared.decisions, portal.params)
+            verdict = await self.gate.check_execute(
+                prepared.facts, prepared.decisions, portal.params
+            )
         if self.phase is not Phase.RELAY:
             return
         if not verdict.allowed:
@@ -981,7 +984,7 @@ class ClientSession(asyncio.Protocol):
     def _refuse_function_call(self) -> None:
         assert self.up is not None
         refusal = refusal_for("the function-call protocol message is not allowed through pgwarden")
-        # FunctionCall is followed by nothing (it is its own sync point): answer with a failing Query.
+        # FunctionCall is its own sync point: answer it with a Query the server must reject.
         self._to_server(Query(b"pgwarden_refused").encode())
         self.tracker.expect(Expectation("query", [], refusal=refusal))
 
@@ -1251,7 +1254,10 @@ class ClientSession(asyncio.Protocol):
     def _record_row(self, run: StatementRun, frame: bytes) -> None:
         """Session recording: the row as the client received it (after masking), bounded."""
         audit = self.gw.settings.audit
-        if len(run.recorded) >= audit.record_rows_limit or run.recorded_bytes >= audit.record_bytes_limit:
+        if (
+            len(run.recorded) >= audit.record_rows_limit
+            or run.recorded_bytes >= audit.record_bytes_limit
+        ):
             return
         try:
             values = DataRow.decode(frame[5:]).values

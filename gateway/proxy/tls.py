@@ -3,6 +3,7 @@ in-memory TLS layer for client connections."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -91,8 +92,6 @@ class TlsLayer:
         self._flush()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(ssl.SSLError, ssl.SSLWantReadError):
             self._obj.unwrap()
-        except (ssl.SSLError, ssl.SSLWantReadError):
-            pass
         self._flush()

@@ -156,7 +156,7 @@ async def connect_upstream(
     environ: Mapping[str, str],
     parameters: Mapping[str, str],
     *,
-    timeout: float = 10.0,
+    timeout: float = 10.0,  # noqa: ASYNC109 - bounds the whole login, not one await
 ) -> UpstreamConnection:
     """Open a logged-in connection to `target`, sending the client's allowed `parameters`."""
     try:
