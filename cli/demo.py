@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -15,7 +16,13 @@ import typer
 
 from cli.certs import ensure_server_cert
 from cli.context import settings_of
-from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
+from cli.localpg import (
+    SUPERUSER,
+    SUPERUSER_PASSWORD,
+    LocalCluster,
+    free_port,
+    reachable_by_postgres,
+)
 from gateway.identity.local import LocalTokenIssuer
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings, load_settings
@@ -75,9 +82,12 @@ def demo(
     state = base.state_dir.resolve() / "demo"
     state.mkdir(parents=True, exist_ok=True)
     pg_base = state / "pg"
-    pg_base.mkdir(exist_ok=True)
-    for d in (base.state_dir.resolve(), state, pg_base):
-        d.chmod(0o755)  # PostgreSQL runs as the postgres OS user and must reach its folder
+    if not reachable_by_postgres(state):
+        # As root, PostgreSQL runs as the postgres OS user, which cannot reach a folder
+        # under a private home: keep the throwaway cluster in the temp folder instead.
+        pg_base = Path(tempfile.gettempdir()) / f"pgwarden-demo-pg-{os.getuid()}"
+    pg_base.mkdir(parents=True, exist_ok=True)
+    pg_base.chmod(0o755)
     pg_port = 54329 if _port_free(54329) else free_port()
     cluster = LocalCluster(pg_base, pg_port)
     _say(f"starting PostgreSQL on 127.0.0.1:{pg_port} ({pg_base})")

@@ -45,10 +45,29 @@ def _pg_bindir() -> Path:
     return candidates[0].parent
 
 
+def reachable_by_postgres(path: Path) -> bool:
+    """Whether the postgres OS user (which runs the server when we are root) can reach `path`:
+    every existing parent must be searchable by others."""
+    if os.geteuid() != 0:
+        return True
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        detail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        program = Path(argv[4] if argv[0] == "runuser" else argv[0]).name
+        raise RuntimeError(f"{program} failed: {detail}")
 
 
 @dataclass

@@ -1,0 +1,35 @@
+"""`pgwarden demo --once`: the README's first command runs end to end on a fresh state dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.localpg import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_demo_shows_allow_deny_approval_masks_and_a_verified_trail(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "PGWARDEN_STATE_DIR": str(state)}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "demo", "--once", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "(3 rows)" in out  # the agent's read of orders
+    assert "a***@example.com" in out and "ada@example.com" not in out  # masked
+    assert "approval required: ai-agents may not write without approval" in out
+    assert "statement denied" in out and "pg_read_file" in out
+    assert "a predicate is an oracle" in out
+    assert "do not parse" in out
+    assert "│ ok" in out  # audit verify
+    assert "stopping PostgreSQL" in out

@@ -1,0 +1,74 @@
+"""`pgwarden targets`: add, list, remove; the credential is referenced, never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from typer.testing import CliRunner
+
+from cli.main import app
+from gateway.proxy.targets import TargetRegistry
+
+
+def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(
+        app, list(args), env={"PGWARDEN_STATE_DIR": str(state), **(env or {})}
+    )
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_add_list_remove(tmp_path: Path) -> None:
+    code, out, _ = _run(
+        tmp_path, "targets", "add", "app", "--host", "db.internal", "--port", "5433",
+        "--dbname", "appdb", "--user", "svc", "--password-env", "APP_PW",
+        "--sslmode", "verify-full", "--sslrootcert", "/etc/ca.pem", "--label", "env=prod",
+    )  # fmt: skip
+    assert code == 0, out
+    target = TargetRegistry(tmp_path / "targets.json").get("app")
+    assert target is not None
+    assert (target.host, target.port, target.dbname, target.user) == (
+        "db.internal",
+        5433,
+        "appdb",
+        "svc",
+    )
+    assert target.labels == {"env": "prod"} and target.sslmode == "verify-full"
+    assert target.password({"APP_PW": "s3cret"}) == "s3cret"
+
+    code, out, _ = _run(tmp_path, "targets", "list", "--json", env={"APP_PW": "s3cret"})
+    assert code == 0
+    listed = orjson.loads(out)
+    assert listed[0]["name"] == "app" and listed[0]["credential"] == "env:APP_PW"
+    assert "s3cret" not in out
+
+    code, out, _ = _run(tmp_path, "targets", "list")
+    assert code == 0 and "app" in out and "s3cret" not in out
+
+    code, _, _ = _run(tmp_path, "targets", "remove", "app")
+    assert code == 0
+    assert TargetRegistry(tmp_path / "targets.json").get("app") is None
+
+
+def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
+    assert _run(tmp_path, "targets", "add", "app", "--password-env", "A")[0] == 0
+    code, _, err = _run(tmp_path, "targets", "add", "app", "--password-env", "A")
+    assert code != 0 and err.strip().count("\n") == 0 and "already exists" in err
+    code, _, err = _run(tmp_path, "targets", "add", "b", "--sslmode", "sometimes")
+    assert code != 0 and "sslmode" in err
+    code, _, err = _run(
+        tmp_path, "targets", "add", "c", "--password-env", "A", "--password-file", "/x"
+    )
+    assert code != 0 and "not both" in err
+    code, _, err = _run(tmp_path, "targets", "remove", "nope")
+    assert code != 0 and "no target named nope" in err
+
+
+def test_password_file_is_read_at_connect_time(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    assert _run(tmp_path, "targets", "add", "f", "--password-file", str(secret))[0] == 0
+    target = TargetRegistry(tmp_path / "targets.json").get("f")
+    assert target is not None and target.password({}) == "from-file"
+    secret.write_text("rotated\n")
+    assert target.password({}) == "rotated"
