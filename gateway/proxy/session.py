@@ -526,6 +526,9 @@ class ClientSession(asyncio.Protocol):
         if settings_sql:
             # Startup `options -c name=value` are statements like any other: decide them.
             verdict = await self.gate.check_query(settings_sql)
+            guard = self._guard_settings(verdict)
+            if guard is not None:
+                verdict.allowed, verdict.refusal = False, guard
             if not verdict.allowed:
                 self._fatal(
                     REFUSED, f"pgwarden: startup option refused: {self._refusal_text(verdict)}"
@@ -618,6 +621,10 @@ class ClientSession(asyncio.Protocol):
             from gateway.protocol import ParameterStatus
 
             out.append(ParameterStatus(name, value).encode())
+        if up.parameters.get("standard_conforming_strings", "on") != "on":
+            # The parser reads SQL with standard_conforming_strings on; never relay otherwise.
+            self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
+            return
         encoding = up.parameters.get("client_encoding", "UTF8")
         self.encoding = _ENCODINGS.get(encoding.upper(), "utf-8")
         out.append(BackendKeyData(up.process_id, self._cancel_secret).encode())
