@@ -918,13 +918,14 @@ class ClientSession(asyncio.Protocol):
             self._statements.pop(msg.name, None)
             self._refuse("parse", refusal, [], name=msg.name)
             return
-        if msg.name == "" or msg.name not in self._statements or self._close_pending(msg.name):
-            # A Parse of a name the server still holds fails there: keep what it holds.
-            self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
+        # Installed now, since Bind/Execute of this name may follow in the same pipeline; if
+        # the server rejects the Parse (a name it still holds), what it holds is restored.
+        previous = self._statements.get(msg.name)
+        self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
         self._to_server(message)
-        self.tracker.expect(Expectation("parse"))
+        self.tracker.expect(Expectation("parse", restore=(msg.name, previous)))
 
     def _on_bind(self, msg: Bind) -> None:
         formats = msg.param_formats
@@ -1114,6 +1115,12 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
+            elif front.kind == "parse" and front.restore is not None:
+                name, previous = front.restore
+                if previous is None:
+                    self._statements.pop(name, None)
+                else:
+                    self._statements[name] = previous
             elif front.kind == "bind":
                 # Rejected at Bind (a parameter that does not convert, an error while
                 # planning): the error is the outcome of the statement Execute would run.
@@ -1274,9 +1281,6 @@ class ClientSession(asyncio.Protocol):
         run.recorded.append(row)
         run.recorded_bytes += len(frame)
 
-    def _close_pending(self, name: str) -> bool:
-        return any(e.closing == ("S", name) for e in self.tracker.pending())
-
     def _after_statement(self, run: StatementRun) -> None:
         """Bookkeeping once the server confirms a statement succeeded."""
         facts = run.facts
@@ -1284,6 +1288,16 @@ class ClientSession(asyncio.Protocol):
         if facts is None or gate is None:
             return
         gate.prepared.completed(facts)
+        if facts.command == "DEALLOCATE":
+            # One namespace with protocol Parse: a later Parse of the name must not be judged
+            # by what was deallocated.
+            if facts.prepared_name is None:
+                self._statements.clear()
+            else:
+                self._statements.pop(facts.prepared_name, None)
+        elif facts.command == "DISCARD" and "set_session_authorization" in facts.flags:
+            self._statements.clear()  # DISCARD ALL
+            self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
         setting = facts.setting

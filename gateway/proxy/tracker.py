@@ -71,6 +71,8 @@ class Expectation:
     saw_parameters: bool = False
     # close: ("S"|"P", name) to forget once the server confirms it.
     closing: tuple[str, str] | None = None
+    # parse: the name and what pgwarden knew of it before, restored if the server rejects it.
+    restore: tuple[str, Any] | None = None
 
     def current_run(self) -> StatementRun | None:
         if self.cursor < len(self.runs):
