@@ -1115,6 +1115,14 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
+                if run.masked and replacement is None and err.sqlstate != "57014":
+                    # The server's words may quote a masked value ('invalid input syntax
+                    # for type integer: "ada@example.com"'): keep the code, not the text.
+                    replacement = ErrorResponse.build(
+                        err.severity or "ERROR",
+                        err.sqlstate or "XX000",
+                        "pgwarden: error text withheld: the statement involves masked columns",
+                    ).encode()
             elif front.kind == "parse" and front.restore is not None:
                 name, previous = front.restore
                 if previous is None:

@@ -85,3 +85,15 @@ def test_unclassified_result_of_a_masked_statement_is_untouched(gateway: Any) ->
             "SELECT id, name FROM customers WHERE email LIKE '%a%' ORDER BY id", prepare=False
         ).fetchall()
     assert rows == simple == [(1, "Ada"), (2, "Grace")]
+
+
+def test_server_errors_do_not_quote_masked_values(gateway: Any) -> None:
+    with psycopg.connect(gateway.dsn(_agent(gateway)), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as caught:
+            conn.execute("SELECT email::int FROM customers WHERE id = 1", prepare=False)
+        assert "ada@example.com" not in str(caught.value)
+        assert "withheld" in str(caught.value)
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as caught:
+            conn.execute("SELECT ssn::int FROM customers WHERE id = %s", [1])
+        assert "123-45-6789" not in str(caught.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
