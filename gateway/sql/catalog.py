@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -23,7 +25,7 @@ DEFAULT_SEARCH_PATH: tuple[str, ...] = ("$user", "public")
 _RELKINDS = ["r", "v", "m", "f", "p", "S"]
 
 _QUERY = """
-SELECT n.nspname, c.relname,
+SELECT n.nspname, c.relname, c.relkind::text,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
              ORDER BY a.attnum) AS columns
@@ -64,9 +66,13 @@ views(i, relid) AS (
     FROM children ch
     JOIN pg_catalog.pg_depend d
       ON d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = ch.relid
-     AND d.refobjsubid IN (ch.attnum, 0) AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+     AND d.classid = 'pg_catalog.pg_rewrite'::regclass
     JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
     WHERE r.ev_class <> ch.relid
+      -- PostgreSQL drops a rule's whole-table dependency when it also depends on some
+      -- column of that table, so row_to_json(c) beside c.id leaves no attnum-0 row: a
+      -- whole-row Var anywhere in the rule counts as using every column.
+      AND (d.refobjsubid IN (ch.attnum, 0) OR r.ev_action::text LIKE '%{VAR %:varattno 0 %')
     UNION
     SELECT v.i, r.ev_class
     FROM views v
@@ -83,7 +89,87 @@ FROM views v
 JOIN pg_catalog.pg_attribute a ON a.attrelid = v.relid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
+# Every view and materialized view reachable from the named ones through the relations
+# their SELECT rule (ev_type '1', "_RETURN") depends on, with what lineage needs: the rule's
+# query tree, the view's columns, and each dependency (column-level where PostgreSQL
+# records one, refobjsubid 0 for a relation used as a whole) with all its columns.
+_VIEW_QUERY = """
+WITH RECURSIVE views(oid) AS (
+    SELECT c.oid
+    FROM unnest($1::text[], $2::text[]) AS w(schema, tbl)
+    JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
+    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tbl
+    WHERE c.relkind IN ('v', 'm')
+    UNION
+    SELECT d.refobjid
+    FROM views v
+    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
+    JOIN pg_catalog.pg_depend d
+      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
+    JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('v', 'm')
+),
+deps(view, ref, sub) AS (
+    SELECT DISTINCT v.oid, d.refobjid, d.refobjsubid
+    FROM views v
+    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
+    JOIN pg_catalog.pg_depend d
+      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
+)
+SELECT v.oid::int8, n.nspname, c.relname,
+       (SELECT r.ev_action::text FROM pg_catalog.pg_rewrite r
+        WHERE r.ev_class = v.oid AND r.ev_type = '1' LIMIT 1) AS action,
+       (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
+        FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped)::text AS columns,
+       (SELECT json_agg(json_build_array(
+                   d.ref::int8, dn.nspname::text, dc.relname::text, dc.relkind::text, d.sub,
+                   (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
+                    FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = d.ref AND a.attnum > 0 AND NOT a.attisdropped)))
+        FROM deps d
+        JOIN pg_catalog.pg_class dc ON dc.oid = d.ref
+        JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
+        WHERE d.view = v.oid)::text AS deps
+FROM views v
+JOIN pg_catalog.pg_class c ON c.oid = v.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+"""
+
+# Which schemas hold a function of each name.
+_FUNCTION_QUERY = """
+SELECT p.proname::text, array_agg(DISTINCT n.nspname::text)
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY($1::text[])
+GROUP BY p.proname
+"""
+
+# Built-in functions that run SQL given as text or read a relation given as an OID: what
+# they read is as invisible to the policy as the body of a user-defined function.
+_OPAQUE_BUILTINS = frozenset(
+    {
+        "query_to_xml",
+        "query_to_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "cursor_to_xml",
+        "cursor_to_xmlschema",
+        "table_to_xml",
+        "table_to_xmlschema",
+        "table_to_xml_and_xmlschema",
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+        "ts_stat",
+        "ts_rewrite",
+    }
+)
+
 Connect = Callable[[], Awaitable[Any]]
+Column = tuple[str, str, str]  # (schema, table, column)
 
 
 def parse_search_path(text: str) -> tuple[str, ...]:
@@ -159,6 +245,12 @@ class Catalog:
         self._lock = asyncio.Lock()
         # relname → ({schema: columns}, fetched at)
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
+        # (schema, relname) → relkind, fetched with _relations (and expiring with it)
+        self._relkinds: dict[tuple[str, str], str] = {}
+        # (schema, view) → (lineage, fetched at)
+        self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
+        # function name → (schemas holding a function of that name, fetched at)
+        self._functions: dict[str, tuple[frozenset[str], float]] = {}
         # (schema, table, column) → ((table OID, attnum, derived), ...), fetched at
         self._mask_columns: dict[
             tuple[str, str, str], tuple[tuple[tuple[int, int, bool], ...], float]
@@ -167,6 +259,9 @@ class Catalog:
     def invalidate(self) -> None:
         """Forget all metadata (call after any DDL statement completes)."""
         self._relations.clear()
+        self._relkinds.clear()
+        self._views.clear()
+        self._functions.clear()
         self._mask_columns.clear()
         self._schemas = frozenset()
 
@@ -243,12 +338,11 @@ class Catalog:
         search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
         user: str | None = None,
     ) -> StatementFacts:
-        """`facts` with schemas filled in and `*` expanded to the relations' live columns."""
+        """`facts` with schemas filled in, `*` expanded to the relations' live columns, what
+        views read (flag "via_view") and functions the policy cannot see into (flag
+        "opaque_function")."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
-        needs = any(t.schema == "" for t in (*facts.reads, *facts.writes)) or any(
-            c.schema == "" or c.column == "*" for c in facts.columns
-        )
-        if not needs:
+        if not names and not facts.functions:
             return facts
         try:
             relations = await self._lookup(names)
@@ -287,7 +381,116 @@ class Catalog:
             else:
                 columns[ColumnRef(schema, c.table, c.column, c.usage)] = None
         resolved = replace(facts, reads=reads, writes=writes, columns=tuple(columns))
-        return _flagged(resolved, "unresolved_relation") if unresolved else resolved
+        if unresolved:
+            resolved = _flagged(resolved, "unresolved_relation")
+        try:
+            resolved = await self._through_views(resolved)
+            resolved = await self._opaque_functions(resolved, path)
+        except Exception:
+            return _flagged(resolved, "catalog_unavailable")
+        return resolved
+
+    async def _through_views(self, facts: StatementFacts) -> StatementFacts:
+        """Add what the views and materialized views in `facts` read: their base relations
+        (nested views followed) to reads, and for each view column used, the base columns it
+        comes from with the same usage. Where PostgreSQL does not tell which base column
+        feeds a view column (an expression, a UNION), every column the view uses stands in."""
+        named = dict.fromkeys(
+            (t.schema, t.table) for t in (*facts.reads, *facts.writes)
+        ) | dict.fromkeys((c.schema, c.table) for c in facts.columns)
+        wanted = [name for name in named if self._relkinds.get(name) in ("v", "m")]
+        if not wanted:
+            return facts
+        lineages = await self._view_lineages(wanted)
+        if not lineages:
+            return facts
+        reads = dict.fromkeys(facts.reads)
+        for name in wanted:
+            lineage = lineages.get(name)
+            if lineage is not None:
+                reads.update(dict.fromkeys(lineage.bases))
+        columns = dict.fromkeys(facts.columns)
+        for c in facts.columns:
+            lineage = lineages.get((c.schema, c.table))
+            if lineage is None:
+                continue
+            sources = lineage.columns.get(c.column)
+            for schema, table, column in lineage.everything if sources is None else sources:
+                columns[ColumnRef(schema, table, column, c.usage)] = None
+        return _flagged(replace(facts, reads=tuple(reads), columns=tuple(columns)), "via_view")
+
+    async def _view_lineages(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], _ViewLineage]:
+        now = time.monotonic()
+        found: dict[tuple[str, str], _ViewLineage] = {}
+        missing: list[tuple[str, str]] = []
+        for name in wanted:
+            entry = self._views.get(name)
+            if entry is not None and now - entry[1] < self._ttl:
+                found[name] = entry[0]
+            else:
+                missing.append(name)
+        if missing:
+            rows = await self._fetch(_VIEW_QUERY, [s for s, _ in missing], [t for _, t in missing])
+            fetched = _lineages(rows)
+            for name in missing:
+                lineage = fetched.get(name)
+                if lineage is not None:  # gone since: nothing to add (and nothing cached)
+                    self._views[name] = (lineage, now)
+                    found[name] = lineage
+        return found
+
+    async def _opaque_functions(self, facts: StatementFacts, path: Sequence[str]) -> StatementFacts:
+        """Flag "opaque_function" for functions the policy cannot see into: user-defined
+        ones (anything outside pg_catalog, or an unqualified name that a function of another
+        schema on the path may answer to) and built-ins that run SQL given as text. An
+        unqualified name pg_catalog lacks is qualified with the schema that answers to it."""
+        if not facts.functions:
+            return facts
+        names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
+        holders = await self._function_schemas(names) if names else {}
+        functions: list[str] = []
+        opaque = False
+        for qualified in facts.functions:
+            schema, _, name = qualified.rpartition(".")
+            if schema != "pg_catalog":
+                opaque = True
+            elif name in _OPAQUE_BUILTINS:
+                opaque = True
+            else:
+                schemas = holders.get(name, frozenset())
+                others = [s for s in path if s in schemas and s != "pg_catalog"]
+                if "pg_catalog" not in schemas:
+                    opaque = True
+                    if others:
+                        qualified = f"{others[0]}.{name}"
+                elif others:
+                    # pg_catalog has one; another on the path may fit the arguments better.
+                    opaque = True
+            functions.append(qualified)
+        resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
+        return _flagged(resolved, "opaque_function") if opaque else resolved
+
+    async def _function_schemas(self, names: set[str]) -> dict[str, frozenset[str]]:
+        now = time.monotonic()
+        found: dict[str, frozenset[str]] = {}
+        missing: list[str] = []
+        for name in names:
+            entry = self._functions.get(name)
+            if entry is not None and now - entry[1] < self._ttl:
+                found[name] = entry[0]
+            else:
+                missing.append(name)
+        if missing:
+            rows = await self._fetch(_FUNCTION_QUERY, sorted(missing))
+            fetched = {name: frozenset(schemas) for name, schemas in rows}
+            for name in missing:
+                schemas = fetched.get(name, frozenset())
+                found[name] = schemas
+                if schemas:  # an absent function is asked again: someone may create it
+                    self._functions[name] = (schemas, now)
+        return found
 
     def _effective_path(self, search_path: Sequence[str], user: str | None) -> list[str]:
         path: list[str] = []
@@ -314,8 +517,12 @@ class Catalog:
             rows, schemas = await self._query(sorted(missing))
             self._schemas = schemas
             fetched: dict[str, dict[str, tuple[str, ...]]] = {name: {} for name in missing}
-            for schema, relname, columns in rows:
+            for name in missing:
+                for key in [k for k in self._relkinds if k[1] == name]:
+                    del self._relkinds[key]
+            for schema, relname, relkind, columns in rows:
                 fetched.setdefault(relname, {})[schema] = tuple(columns)
+                self._relkinds[(schema, relname)] = relkind
             for name, holders in fetched.items():
                 self._relations[name] = (holders, now)
                 found[name] = holders
@@ -331,6 +538,20 @@ class Catalog:
                         "SELECT nspname FROM pg_catalog.pg_namespace", timeout=self._timeout
                     )
                     return [tuple(r) for r in rows], frozenset(r[0] for r in schemas)
+                except Exception:
+                    # A dropped connection: one fresh attempt, then report unavailable.
+                    await self.close()
+                    if attempt == 2:
+                        self._failed_at = time.monotonic()
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        async with self._lock:
+            for attempt in (1, 2):
+                conn = await self._connection()
+                try:
+                    return list(await conn.fetch(query, *args, timeout=self._timeout))
                 except Exception:
                     # A dropped connection: one fresh attempt, then report unavailable.
                     await self.close()
@@ -360,3 +581,171 @@ def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:
     if flag in facts.flags:
         return facts
     return replace(facts, flags=(*facts.flags, flag))
+
+
+# --------------------------------------------------------------------------- view lineage
+
+
+@dataclass(frozen=True, slots=True)
+class _ViewLineage:
+    """What reading one view or materialized view really reads."""
+
+    # Every relation read through it: nested views and their base relations.
+    bases: tuple[TableRef, ...]
+    # Each view column → the columns it comes from, at every level down to base tables.
+    columns: Mapping[str, tuple[Column, ...]]
+    # Every column the view draws on: for a name the view does not have.
+    everything: tuple[Column, ...]
+
+
+_NODE_TOKEN = re.compile(r"[(){}]|(?:\\.|[^ \t\n(){}\\])+", re.S)
+
+
+class _Node(list[Any]):
+    """`{NAME :field value ...}` of a pg_node_tree: the name, then fields and values in order."""
+
+    def field(self, name: str) -> Any:
+        key = ":" + name
+        for i in range(1, len(self) - 1):
+            if self[i] == key:
+                return self[i + 1]
+        return None
+
+
+def _node_tree(text: str) -> Any:
+    """A pg_node_tree's text (read.c's pg_strtok tokens) as nested lists and _Nodes."""
+    root: list[Any] = []
+    stack: list[list[Any]] = [root]
+    for match in _NODE_TOKEN.finditer(text):
+        token = match.group()
+        if token in ("(", "{"):
+            item: list[Any] = [] if token == "(" else _Node()
+            stack[-1].append(item)
+            stack.append(item)
+        elif token in (")", "}"):
+            if len(stack) == 1:
+                raise ValueError("unbalanced node tree")
+            stack.pop()
+        else:
+            stack[-1].append(token)
+    if len(stack) != 1:
+        raise ValueError("unbalanced node tree")
+    return root[0] if len(root) == 1 else root
+
+
+def _walk_nodes(tree: Any) -> Iterator[_Node]:
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            if isinstance(item, _Node):
+                yield item
+            stack.extend(item)
+
+
+def _rule_shape(action: str | None) -> tuple[dict[int, tuple[int, int]], bool] | None:
+    """From a SELECT rule's query tree: view attnum → (origin table OID, attnum) for the
+    output columns PostgreSQL traced to one column (resorigtbl), and whether any whole-row
+    Var appears anywhere. None when the tree is not understood."""
+    if not action:
+        return None
+    try:
+        tree = _node_tree(action)
+        queries = [n for n in (tree if isinstance(tree, list) else [tree]) if isinstance(n, _Node)]
+        if len(queries) != 1 or queries[0][0] != "QUERY":
+            return None
+        targets = queries[0].field("targetList")
+        origins: dict[int, tuple[int, int]] = {}
+        for entry in targets if isinstance(targets, list) else ():
+            if not isinstance(entry, _Node) or entry[0] != "TARGETENTRY":
+                continue
+            if entry.field("resjunk") == "true":
+                continue
+            table, column = int(entry.field("resorigtbl")), int(entry.field("resorigcol"))
+            if table and column > 0:
+                origins[int(entry.field("resno"))] = (table, column)
+        whole_row = any(n[0] == "VAR" and n.field("varattno") == "0" for n in _walk_nodes(tree))
+        return origins, whole_row
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
+    """Lineage of every view in `rows` (_VIEW_QUERY's answer), by (schema, name)."""
+    names: dict[int, tuple[str, str, str]] = {}  # OID → (schema, name, relkind)
+    attnames: dict[tuple[int, int], str] = {}
+    views: dict[int, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = {}
+    view_columns: dict[int, list[tuple[int, str]]] = {}
+    shapes: dict[int, tuple[dict[int, tuple[int, int]], bool] | None] = {}
+    for oid, schema, relname, action, columns_json, deps_json in rows:
+        names[oid] = (schema, relname, "v")
+        columns = [(int(a), str(n)) for a, n in json.loads(columns_json or "[]")]
+        view_columns[oid] = columns
+        for attnum, attname in columns:
+            attnames[(oid, attnum)] = attname
+        shapes[oid] = _rule_shape(action)
+        deps: list[tuple[int, int]] = []
+        everything: set[tuple[int, int]] = set()
+        for ref, ref_schema, ref_name, relkind, sub, ref_columns in json.loads(deps_json or "[]"):
+            names.setdefault(ref, (ref_schema, ref_name, relkind))
+            for attnum, attname in ref_columns or ():
+                attnames[(ref, attnum)] = attname
+                everything.add((ref, attnum))
+            deps.append((ref, sub))
+        views[oid] = (deps, everything)
+
+    def direct(oid: int, attnum: int | None) -> set[tuple[int, int]]:
+        """The columns one view column is made of; attnum None: of the whole view."""
+        deps, everything = views[oid]
+        shape = shapes[oid]
+        column_deps = {(ref, sub) for ref, sub in deps if sub > 0}
+        if shape is not None and attnum is not None:
+            origin = shape[0].get(attnum)
+            if origin is not None and origin in column_deps:
+                return {origin}
+        if shape is None or shape[1]:
+            # A whole-row Var (row_to_json(t)) or a tree not understood: every column.
+            return set(everything)
+        return column_deps
+
+    memo: dict[tuple[int, int | None], frozenset[Column]] = {}
+
+    def closure(oid: int, attnum: int | None, seen: frozenset[int]) -> frozenset[Column]:
+        key = (oid, attnum)
+        if key in memo:
+            return memo[key]
+        found: set[Column] = set()
+        for ref, ref_attnum in direct(oid, attnum):
+            schema, table, _ = names[ref]
+            name = attnames.get((ref, ref_attnum))
+            if name is not None:
+                found.add((schema, table, name))
+            if ref in views and ref not in seen:
+                found |= closure(ref, ref_attnum, seen | {ref})
+        memo[key] = frozenset(found)
+        return memo[key]
+
+    def bases(oid: int) -> list[TableRef]:
+        out: dict[TableRef, None] = {}
+        stack, seen = [oid], {oid}
+        while stack:
+            for ref, _ in views[stack.pop()][0]:
+                schema, table, relkind = names[ref]
+                if relkind in _RELKINDS:
+                    out[TableRef(schema, table)] = None
+                if ref in views and ref not in seen:
+                    seen.add(ref)
+                    stack.append(ref)
+        return list(out)
+
+    result: dict[tuple[str, str], _ViewLineage] = {}
+    for oid, columns in view_columns.items():
+        schema, relname, _ = names[oid]
+        mapped = {
+            name: tuple(sorted(closure(oid, attnum, frozenset({oid})))) for attnum, name in columns
+        }
+        every = set(closure(oid, None, frozenset({oid})))
+        for cols in mapped.values():
+            every.update(cols)
+        result[(schema, relname)] = _ViewLineage(tuple(bases(oid)), mapped, tuple(sorted(every)))
+    return result
