@@ -21,6 +21,13 @@ approval_reasons contains "ai-agents may not CALL procedures without approval" i
 	command == "CALL"
 }
 
+# What such a function reads is unmasked and what it writes is unseen: a human decides, as
+# for CALL. This holds for pii-readers too, because the function may write.
+approval_reasons contains "ai-agents may not call functions the policy cannot see into without approval" if {
+	role == "ai-agents"
+	opaque_function
+}
+
 approval_reasons contains "ai-agents may not run maintenance commands without approval" if {
 	role == "ai-agents"
 	category == "utility"

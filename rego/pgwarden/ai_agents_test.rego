@@ -59,6 +59,22 @@ test_ai_agents_call_approved if {
 	d.approvers == ["engineers", "admins"]
 }
 
+test_ai_agents_opaque_function_approved if {
+	every groups in [["ai-agents"], ["ai-agents", "pii-readers"]] {
+		d := decide(groups, {"functions": ["public.get_customers"], "flags": ["opaque_function"]})
+		d.action == "approve"
+		d.reasons == ["ai-agents may not call functions the policy cannot see into without approval"]
+		d.approvers == ["engineers", "admins"]
+	}
+}
+
+test_opaque_function_is_no_concern_of_other_rows if {
+	every groups in [["engineers"], ["admins"]] {
+		d := decide(groups, {"functions": ["public.get_customers"], "flags": ["opaque_function"]})
+		d.action == "allow"
+	}
+}
+
 test_ai_agents_utility_approved if {
 	d := decide(["ai-agents"], statement_of.utility)
 	d.action == "approve"

@@ -66,3 +66,7 @@ unbounded_write if {
 do_block if command == "DO"
 
 do_block if "procedural" in flags
+
+# A function the gateway cannot see into (user-defined, or a built-in that runs SQL given as
+# text): it may read classified columns, or write, without any of it showing in the input.
+opaque_function if "opaque_function" in flags
