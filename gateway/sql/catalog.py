@@ -434,6 +434,10 @@ class Catalog:
         if missing:
             rows = await self._fetch(_VIEW_QUERY, [s for s, _ in missing], [t for _, t in missing])
             fetched = _lineages(rows)
+            # mask_targets() caches, per masked column, the views built on it as they were
+            # then: a view this catalog had not seen (created since, by a session that did
+            # not pass through invalidate()) would stay unmasked until that entry expired.
+            self._mask_columns.clear()
             for name in missing:
                 lineage = fetched.get(name)
                 if lineage is not None:  # gone since: nothing to add (and nothing cached)
@@ -454,9 +458,7 @@ class Catalog:
         opaque = False
         for qualified in facts.functions:
             schema, _, name = qualified.rpartition(".")
-            if schema != "pg_catalog":
-                opaque = True
-            elif name in _OPAQUE_BUILTINS:
+            if schema != "pg_catalog" or name in _OPAQUE_BUILTINS:
                 opaque = True
             else:
                 schemas = holders.get(name, frozenset())

@@ -290,3 +290,24 @@ def test_rule_shape_not_understood_is_none() -> None:
         " :ressortgroupref 0 :resorigtbl 42 :resorigcol 2 :resjunk false})})"
     )
     assert shape == ({2: (42, 2)}, True)
+
+
+async def test_a_view_created_since_the_masks_were_cached_is_masked(
+    catalog: Catalog, pg_cluster: LocalCluster
+) -> None:
+    masks = [Mask("vw", "people", "email", "email")]
+    before = await catalog.mask_targets(masks)
+    assert before is not None
+    pg_cluster.psql("CREATE VIEW vw.v_late AS SELECT email AS late FROM vw.people")
+    # Created directly: nothing called invalidate(). Reading it is what the gateway sees.
+    f = await catalog.resolve(one("SELECT late FROM v_late"), PATH)
+    assert ColumnRef("vw", "people", "email", "output") in f.columns
+    after = await catalog.mask_targets(masks)
+    assert after is not None
+    conn = await asyncpg.connect(pg_cluster.dsn())
+    try:
+        oid = await conn.fetchval("SELECT 'vw.v_late'::regclass::int8")
+    finally:
+        await conn.close()
+    assert (oid, 1) not in before
+    assert after.get((oid, 1)) == "redact"
