@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.audit.keys import AuditKeyring, HeadWitness
-from gateway.audit.records import outcome_record, record_id, request_record, session_record
+from gateway.audit.records import (
+    canonical,
+    outcome_record,
+    record_id,
+    request_record,
+    session_record,
+)
 from gateway.audit.store import AuditStore, AuditStoreError
 from gateway.proxy.ports import AuditUnavailable
 
@@ -113,7 +119,9 @@ class AuditWriter:
     # -- AuditSink -------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
-        pending = PendingRecord("request", record.time, request_record(record))
+        body = request_record(record)
+        # Encoded here, while the previous batch commits, not on the commit's critical path.
+        pending = PendingRecord("request", record.time, body, canonical(body))
         try:
             return await self._append(pending)
         except AuditUnavailable:
@@ -124,10 +132,11 @@ class AuditWriter:
 
     async def outcome(self, record: StatementOutcome) -> None:
         body = outcome_record(record, self.rows_limit, self.bytes_limit)
-        await self._append_logged(PendingRecord("outcome", record.time, body))
+        await self._append_logged(PendingRecord("outcome", record.time, body, canonical(body)))
 
     async def session(self, event: SessionEvent) -> None:
-        await self._append_logged(PendingRecord(event.kind, event.time, session_record(event)))
+        body = session_record(event)
+        await self._append_logged(PendingRecord(event.kind, event.time, body, canonical(body)))
 
     # -- chain maintenance -----------------------------------------------------------------
 
