@@ -59,6 +59,31 @@ _INSERT = (
 )
 
 
+# Appends of at most this many records go as one guarded INSERT (13 variables a row, well
+# under SQLite's limit); larger batches take the transaction path.
+_GUARDED_MAX = 64
+
+
+@functools.cache
+def _guarded_insert(n: int) -> str:
+    """One statement that inserts n sealed records only if the chain still ends where the
+    writer sealed them onto (its last row has the expected seq and link). A single statement
+    is its own transaction: the check and the insert happen under one write lock, with one
+    trip into SQLite (and one GIL hand-off) instead of BEGIN, SELECT, n INSERTs and COMMIT."""
+    rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
+    return _GUARDED_HEAD + rows + _GUARDED_TAIL
+
+
+_GUARDED_HEAD = (
+    "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
+    " action, request_id, text, body, link) SELECT * FROM (VALUES "
+)
+_GUARDED_TAIL = (
+    ") WHERE (SELECT seq = ? AND link = ? FROM audit_record WHERE chain = ?"
+    " ORDER BY seq DESC LIMIT 1)"
+)
+
+
 def _bytes(value: Any) -> bytes:
     # SQLite columns are not typed: a hand-edited body may come back as TEXT, and it must
     # reach the verifier (and fail there), not crash the reader.
@@ -94,6 +119,9 @@ class SqliteAuditStore:
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None
         self._closed = False
+        # Where each chain ended after this store's last commit to it. Valid only while no
+        # one else wrote the chain: every use is checked by the guarded INSERT.
+        self._tails: dict[str, ChainTail] = {}
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sqlite")
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -180,14 +208,59 @@ class SqliteAuditStore:
 
     async def append(self, chain: str, seal: Seal) -> list[Sealed]:
         def work(db: sqlite3.Connection) -> list[Sealed]:
-            sealed, _ = seal(self._tail(db, chain))
+            sealed, tail = seal(self._tail(db, chain))
             db.executemany(_INSERT, [_insert_args(s) for s in sealed])
+            self._tails[chain] = tail
             return sealed
 
-        return await self._run(lambda: self._transaction(work))
+        def slow() -> list[Sealed]:
+            self._tails.pop(chain, None)
+            return self._transaction(work)
+
+        cached = self._tails.get(chain)
+        if cached is not None:
+            # Seal on the caller's thread onto the tail this store last wrote; the store
+            # thread then only runs one statement, which inserts nothing if the chain moved.
+            sealed, tail = seal(cached)
+            if 0 < len(sealed) <= _GUARDED_MAX:
+                return await self._run(
+                    lambda: self._append_guarded(chain, cached, sealed, tail, slow)
+                )
+        return await self._run(slow)
+
+    def _append_guarded(
+        self,
+        chain: str,
+        cached: ChainTail,
+        sealed: list[Sealed],
+        tail: ChainTail,
+        slow: Callable[[], list[Sealed]],
+    ) -> list[Sealed]:
+        args: list[Any] = []
+        for s in sealed:
+            args.extend(_insert_args(s))
+        args += (cached.seq, cached.link, chain)
+        try:
+            db = self._conn()
+            self._check_file()
+            inserted = db.execute(_guarded_insert(len(sealed)), args).rowcount
+        except sqlite3.Error as exc:
+            self._tails.pop(chain, None)
+            raise AuditStoreError(f"audit database {self.path}: {exc}") from exc
+        except BaseException:
+            self._tails.pop(chain, None)
+            raise
+        if inserted != len(sealed):
+            # Another writer (`audit prune`, a second process) moved the chain: seal again
+            # onto the tail as it is now, as the first append does.
+            return slow()
+        self._tails[chain] = tail
+        self.commits += 1
+        return sealed
 
     async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
         def work(db: sqlite3.Connection) -> Anchor | None:
+            self._tails.pop(chain, None)
             last = db.execute(
                 "SELECT max(seq) FROM audit_record WHERE chain = ? AND time < ?", (chain, cutoff)
             ).fetchone()[0]
