@@ -131,7 +131,21 @@ SELECT v.oid::int8, n.nspname, c.relname,
         FROM deps d
         JOIN pg_catalog.pg_class dc ON dc.oid = d.ref
         JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
-        WHERE d.view = v.oid)::text AS deps
+        WHERE d.view = v.oid)::text AS deps,
+       -- Functions its rule calls that pgwarden cannot see into (FROM get_rows(), ...):
+       -- user-defined ones through pg_depend; built-ins are pinned and have no pg_depend
+       -- rows, so those that run SQL text are found by OID in the rule's query tree.
+       EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+               JOIN pg_catalog.pg_depend d
+                 ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
+                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
+               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+               WHERE r.ev_class = v.oid AND r.ev_type = '1'
+                 AND p.pronamespace <> 'pg_catalog'::regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
+                  JOIN pg_catalog.pg_proc p ON p.proname = ANY($3::text[])
+                  WHERE r.ev_class = v.oid AND r.ev_type = '1'
+                    AND r.ev_action::text LIKE '%:funcid ' || p.oid::text || ' %') AS opaque
 FROM views v
 JOIN pg_catalog.pg_class c ON c.oid = v.oid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -405,10 +419,12 @@ class Catalog:
         if not lineages:
             return facts
         reads = dict.fromkeys(facts.reads)
+        opaque = False
         for name in wanted:
             lineage = lineages.get(name)
             if lineage is not None:
                 reads.update(dict.fromkeys(lineage.bases))
+                opaque = opaque or lineage.opaque
         columns = dict.fromkeys(facts.columns)
         for c in facts.columns:
             lineage = lineages.get((c.schema, c.table))
@@ -417,7 +433,8 @@ class Catalog:
             sources = lineage.columns.get(c.column)
             for schema, table, column in lineage.everything if sources is None else sources:
                 columns[ColumnRef(schema, table, column, c.usage)] = None
-        return _flagged(replace(facts, reads=tuple(reads), columns=tuple(columns)), "via_view")
+        resolved = _flagged(replace(facts, reads=tuple(reads), columns=tuple(columns)), "via_view")
+        return _flagged(resolved, "opaque_function") if opaque else resolved
 
     async def _view_lineages(
         self, wanted: Sequence[tuple[str, str]]
@@ -432,7 +449,12 @@ class Catalog:
             else:
                 missing.append(name)
         if missing:
-            rows = await self._fetch(_VIEW_QUERY, [s for s, _ in missing], [t for _, t in missing])
+            rows = await self._fetch(
+                _VIEW_QUERY,
+                [s for s, _ in missing],
+                [t for _, t in missing],
+                sorted(_OPAQUE_BUILTINS),
+            )
             fetched = _lineages(rows)
             # mask_targets() caches, per masked column, the views built on it as they were
             # then: a view this catalog had not seen (created since, by a session that did
@@ -598,6 +620,8 @@ class _ViewLineage:
     columns: Mapping[str, tuple[Column, ...]]
     # Every column the view draws on: for a name the view does not have.
     everything: tuple[Column, ...]
+    # It (or a view under it) calls a function the policy cannot see into.
+    opaque: bool = False
 
 
 _NODE_TOKEN = re.compile(r"[(){}]|(?:\\.|[^ \t\n(){}\\])+", re.S)
@@ -679,7 +703,10 @@ def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
     views: dict[int, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = {}
     view_columns: dict[int, list[tuple[int, str]]] = {}
     shapes: dict[int, tuple[dict[int, tuple[int, int]], bool] | None] = {}
-    for oid, schema, relname, action, columns_json, deps_json in rows:
+    opaque_views: set[int] = set()
+    for oid, schema, relname, action, columns_json, deps_json, opaque in rows:
+        if opaque:
+            opaque_views.add(oid)
         names[oid] = (schema, relname, "v")
         columns = [(int(a), str(n)) for a, n in json.loads(columns_json or "[]")]
         view_columns[oid] = columns
@@ -727,18 +754,21 @@ def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
         memo[key] = frozenset(found)
         return memo[key]
 
-    def bases(oid: int) -> list[TableRef]:
+    def bases(oid: int) -> tuple[list[TableRef], bool]:
         out: dict[TableRef, None] = {}
         stack, seen = [oid], {oid}
+        opaque = False
         while stack:
-            for ref, _ in views[stack.pop()][0]:
+            current = stack.pop()
+            opaque = opaque or current in opaque_views
+            for ref, _ in views[current][0]:
                 schema, table, relkind = names[ref]
                 if relkind in _RELKINDS:
                     out[TableRef(schema, table)] = None
                 if ref in views and ref not in seen:
                     seen.add(ref)
                     stack.append(ref)
-        return list(out)
+        return list(out), opaque
 
     result: dict[tuple[str, str], _ViewLineage] = {}
     for oid, columns in view_columns.items():
@@ -749,5 +779,6 @@ def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
         every = set(closure(oid, None, frozenset({oid})))
         for cols in mapped.values():
             every.update(cols)
-        result[(schema, relname)] = _ViewLineage(tuple(bases(oid)), mapped, tuple(sorted(every)))
+        reads, opaque = bases(oid)
+        result[(schema, relname)] = _ViewLineage(tuple(reads), mapped, tuple(sorted(every)), opaque)
     return result

@@ -39,6 +39,7 @@ def names(gateway: Any) -> Iterator[dict[str, str]]:
         "row": f"pv_row_{tag}",
         "orders": f"pv_orders_{tag}",
         "fn": f"pv_fn_{tag}",
+        "fnview": f"pv_fnview_{tag}",
     }
     direct(
         gateway,
@@ -52,12 +53,14 @@ def names(gateway: Any) -> Iterator[dict[str, str]]:
         CREATE VIEW {made["orders"]} AS SELECT id, customer_id, amount FROM orders;
         CREATE FUNCTION {made["fn"]}() RETURNS SETOF text LANGUAGE sql
             AS 'SELECT email FROM customers';
+        CREATE VIEW {made["fnview"]} AS SELECT e FROM {made["fn"]}() AS e;
         """,
     )
     yield made
     direct(
         gateway,
         f"""
+        DROP VIEW IF EXISTS {made["fnview"]};
         DROP FUNCTION IF EXISTS {made["fn"]}();
         DROP VIEW IF EXISTS {made["orders"]}, {made["row"]}, {made["deep"]}, {made["nested"]},
             {made["v"]};
@@ -167,7 +170,11 @@ def test_a_view_over_orders_only_is_untouched(
 def test_a_user_function_reading_customers_waits_for_approval(
     agent: psycopg.Connection[Any], names: dict[str, str]
 ) -> None:
-    for text in (f"SELECT * FROM {names['fn']}()", f"SELECT public.{names['fn']}()"):
+    for text in (
+        f"SELECT * FROM {names['fn']}()",
+        f"SELECT public.{names['fn']}()",
+        f"SELECT e FROM {names['fnview']}",  # a view over it hides nothing either
+    ):
         with pytest.raises(psycopg.Error) as info:
             simple(agent, text)
         assert_policy_refusal(refusal_of(info.value), approval=True, reason=OPAQUE)

@@ -38,6 +38,10 @@ CREATE VIEW vw.v_count AS SELECT count(*) AS n FROM vw.people;
 CREATE VIEW vw.v_orders AS SELECT id, amount FROM vw.orders;
 CREATE FUNCTION vw_fn.mine(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
 CREATE FUNCTION vw_fn.upper(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
+CREATE FUNCTION vw_fn.emails() RETURNS SETOF text LANGUAGE sql AS 'SELECT email FROM vw.people';
+CREATE VIEW vw.v_fn AS SELECT e FROM vw_fn.emails() AS e;
+CREATE VIEW vw.v_over_fn AS SELECT e AS mail FROM vw.v_fn;
+CREATE VIEW vw.v_xml AS SELECT query_to_xml('SELECT 1', true, false, '') AS x;
 """
 
 PATH = ("vw", "public")
@@ -248,6 +252,15 @@ async def test_builtins_that_run_sql_text_are_opaque(catalog: Catalog) -> None:
     assert "opaque_function" in f.flags
     f = await catalog.resolve(one("SELECT * FROM ts_stat('SELECT 1')"), PATH)
     assert "opaque_function" in f.flags
+
+
+async def test_a_view_over_an_opaque_function_is_opaque(catalog: Catalog) -> None:
+    for text in ("SELECT e FROM v_fn", "SELECT mail FROM v_over_fn", "SELECT x FROM v_xml"):
+        f = await catalog.resolve(one(text), PATH)
+        assert "opaque_function" in f.flags, text
+        assert "via_view" in f.flags, text
+    f = await catalog.resolve(one("SELECT * FROM v_expr"), PATH)  # upper(text) is built in
+    assert "opaque_function" not in f.flags
 
 
 # -- masks of views that use a row whole ------------------------------------------------------
