@@ -94,3 +94,11 @@ test_command_word_alone_makes_a_write if {
 	d.action == "approve"
 	d.reasons == ["ai-agents may not write without approval"]
 }
+
+test_catalog_unavailable_is_denied_to_everyone if {
+	every principal_groups in [["admins"], ["engineers"], ["ai-agents"], ["ai-agents", "pii-readers"]] {
+		d := decide(principal_groups, {"category": "read", "command": "SELECT", "flags": ["catalog_unavailable"]})
+		d.action == "deny"
+		"the target's catalog is unavailable, so the statement cannot be checked" in d.reasons
+	}
+}

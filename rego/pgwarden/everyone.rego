@@ -5,6 +5,12 @@ deny_reasons contains "statements that do not parse are denied to everyone, admi
 	category == "unknown"
 }
 
+# Without the catalog, views and * cannot be read through: the facts may not name every
+# classified column in play, so nothing can be masked or checked reliably.
+deny_reasons contains "the target's catalog is unavailable, so the statement cannot be checked" if {
+	"catalog_unavailable" in flags
+}
+
 deny_reasons contains "principals in none of admins, engineers, ai-agents may not run statements" if {
 	role == "none"
 }
