@@ -30,7 +30,7 @@ def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> boo
     carry a masked value: the statement uses a masked column (any usage; `*` was expanded
     by the catalog), an unexpanded `*`, or a function pgwarden cannot see into. `count(*)`
     over a table with masked columns involves none of them."""
-    if facts is None:
+    if facts is None or "opaque_function" in facts.flags:
         return True
     keys = {(m.schema, m.table, m.column) for m in masks}
     if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):
