@@ -59,6 +59,8 @@ class MaskResolver(Protocol):
 
 
 class Catalog(Protocol):
+    async def function_name(self, oid: int) -> str | None: ...
+
     async def resolve(
         self, facts: StatementFacts, search_path: Sequence[str], user: str | None = None
     ) -> StatementFacts: ...
@@ -277,6 +279,25 @@ class StatementGate:
     ) -> Verdict:
         """Statements known only by their facts (SQL-prepared, run by protocol Execute)."""
         return await self._verdict(facts, "extended", params, record=True)
+
+    async def check_function_call(self, oid: int, args: tuple[str | None, ...]) -> Verdict:
+        """The FunctionCall message: decided as a call of the function its OID names."""
+        name = await self._catalog.function_name(oid) if self._catalog is not None else None
+        if name is None:
+            return Verdict(False, [], [], refusal_for(f"function OID {oid} cannot be resolved"))
+        text = f"-- FunctionCall message\nSELECT {name}(...)"
+        facts = StatementFacts(
+            text=text,
+            fingerprint=f"function_call:{name}",
+            command="FUNCTION CALL",
+            # A function may do anything: the policy treats the call like other code.
+            category="utility",
+            functions=(name,),
+            flags=("function_call",)
+            if name.startswith("pg_catalog.")
+            else ("function_call", "opaque_function"),
+        )
+        return await self._verdict((facts,), "function_call", args, record=True)
 
     async def check_execute(
         self,

@@ -30,6 +30,7 @@ from gateway.protocol import (
     ErrorResponse,
     Execute,
     FieldDescription,
+    FunctionCall,
     GSSENCRequest,
     NegotiateProtocolVersion,
     Parse,
@@ -822,7 +823,7 @@ class ClientSession(asyncio.Protocol):
             elif code == 69:  # Execute
                 await self._on_execute(Execute.decode(body), message)
             elif code == 70:  # FunctionCall
-                self._refuse_function_call()
+                await self._on_function_call(FunctionCall.decode(body), message)
             else:
                 self._fatal("08P01", f"pgwarden: unexpected message type {chr(code)!r}")
         except ProtocolViolation as exc:
@@ -989,12 +990,32 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
 
-    def _refuse_function_call(self) -> None:
-        assert self.up is not None
-        refusal = refusal_for("the function-call protocol message is not allowed through pgwarden")
-        # FunctionCall is its own sync point: answer it with a Query the server must reject.
-        self._to_server(Query(b"pgwarden_refused").encode())
-        self.tracker.expect(Expectation("query", [], refusal=refusal))
+    async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
+        assert self.gate is not None
+        args = tuple(
+            _param_text(
+                v,
+                msg.arg_formats[i]
+                if i < len(msg.arg_formats)
+                else (msg.arg_formats[0] if len(msg.arg_formats) == 1 else 0),
+            )
+            for i, v in enumerate(msg.args)
+        )
+        verdict = await self.gate.check_function_call(msg.function_oid, args)
+        if self.phase is not Phase.RELAY:
+            return
+        if not verdict.allowed:
+            assert verdict.refusal is not None
+            for run in verdict.runs:
+                run.done = True
+                run.sqlstate = REFUSED
+                self.gate.outcome(run, forwarded=False)
+            # FunctionCall is its own sync point: answer it with a Query the server rejects.
+            self._to_server(Query(b"pgwarden_refused").encode())
+            self.tracker.expect(Expectation("query", [], refusal=verdict.refusal))
+            return
+        self._to_server(message)
+        self.tracker.expect(Expectation("function", verdict.runs))
 
     # -- relay: server to client ---------------------------------------------------------
 
@@ -1099,7 +1120,7 @@ class ClientSession(asyncio.Protocol):
                 if e is None:
                     break
                 self._finish_skipped(e)
-                if e.kind in ("sync", "query"):
+                if e.kind in ("sync", "query", "function"):
                     break
             self._bind_error = None
             return None
@@ -1133,7 +1154,7 @@ class ClientSession(asyncio.Protocol):
                 # Rejected at Bind (a parameter that does not convert, an error while
                 # planning): the error is the outcome of the statement Execute would run.
                 self._bind_error = err
-            if front.kind == "query":
+            if front.kind in ("query", "function"):
                 # The rest of this Query's statements will not run.
                 self._finish_skipped(front)
             else:
@@ -1191,9 +1212,14 @@ class ClientSession(asyncio.Protocol):
                     run.plan = self._plan(run, fields, None)
                     run.described = True
             return None
-        if code == 86:  # FunctionCallResponse
+        if code == 86:  # FunctionCallResponse: the call's outcome; ReadyForQuery follows
             if front is not None and front.kind == "function":
-                tracker.pop()
+                run = front.current_run()
+                if run is not None:
+                    run.command_tag = "FUNCTION CALL"
+                    run.done = True
+                    gate.outcome(run)
+                    front.cursor += 1
             return None
         if code == 83:  # ParameterStatus
             from gateway.protocol import ParameterStatus

@@ -570,6 +570,21 @@ class Catalog:
                         raise
         raise AssertionError("unreachable")
 
+    async def function_name(self, oid: int) -> str | None:
+        """`schema.name` of the function with this OID (for the FunctionCall message), or
+        None when there is none or the catalog is unreachable. Never raises."""
+        try:
+            rows = await self._fetch(
+                "SELECT n.nspname, p.proname FROM pg_proc p"
+                " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = $1",
+                oid,
+            )
+        except Exception:
+            return None
+        if not rows:
+            return None
+        return f"{rows[0][0]}.{rows[0][1]}".lower()
+
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
         async with self._lock:
             for attempt in (1, 2):

@@ -340,21 +340,26 @@ def test_admins_may_set_role_at_startup(gateway: Any) -> None:
 # -- the FunctionCall message --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("groups", [("ai-agents",), ("admins",)])
-def test_function_call_message_is_refused(gateway: Any, groups: tuple[str, ...]) -> None:
-    [(lo_creat,)] = direct(gateway, "SELECT 'lo_creat(integer)'::regprocedure::oid")
-    before = direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata")
+def _function_call(gateway: Any, groups: tuple[str, ...], signature: str, arg: bytes) -> Any:
+    [(oid,)] = direct(gateway, f"SELECT '{signature}'::regprocedure::oid")
     client = RawClient(gateway, token_for(gateway, *groups))
+    client.send(FunctionCall(int(oid), (1,), (arg,), 0))
+    return client, client.until_ready()
+
+
+def test_function_call_message_is_decided_as_a_call_of_its_function(gateway: Any) -> None:
+    """ai-agents: a call is code, held for approval; nothing runs, the session carries on."""
+    before = direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata")
+    client, reply = _function_call(
+        gateway, ("ai-agents",), "lo_creat(integer)", b"\xff\xff\xff\xff"
+    )
     try:
-        client.send(FunctionCall(int(lo_creat), (1,), (b"\xff\xff\xff\xff",), 0))
-        reply = client.until_ready()
         codes = [code for code, _ in reply]
         assert "V" not in codes  # no FunctionCallResponse: nothing ran
         [error] = errors_in(reply)
         assert error.sqlstate == REFUSED and "pgwarden" in (error.message or "")
-        assert "function-call" in (error.message or "")
+        assert "approval required" in (error.message or "")
         assert codes[-1] == "Z"
-        # The session carries on.
         client.send(Query(b"SELECT 40 + 2"))
         reply = client.until_ready()
         assert not errors_in(reply)
@@ -362,3 +367,30 @@ def test_function_call_message_is_refused(gateway: Any, groups: tuple[str, ...])
     finally:
         client.close()
     assert direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata") == before
+
+
+def test_function_call_message_allowed_for_admins_runs(gateway: Any) -> None:
+    client, reply = _function_call(gateway, ("admins",), "lo_creat(integer)", b"\xff\xff\xff\xff")
+    try:
+        codes = [code for code, _ in reply]
+        assert codes == ["V", "Z"], reply
+        client.send(Query(b"SELECT 40 + 2"))
+        assert [code for code, _ in client.until_ready()] == ["T", "D", "C", "Z"]
+    finally:
+        client.close()
+    [result] = [body for code, body in reply if code == "V"]
+    loid = int(result[4:].decode())  # int32 length, then the new OID as text (format 0)
+    direct(gateway, f"SELECT lo_unlink({loid})")
+
+
+def test_function_call_of_a_server_side_escape_is_denied(gateway: Any) -> None:
+    """pg_terminate_backend through the FunctionCall message is still an escape."""
+    client, reply = _function_call(
+        gateway, ("engineers",), "pg_terminate_backend(integer,bigint)", b"\x00\x00\x00\x01"
+    )
+    try:
+        [error] = errors_in(reply)
+        assert error.sqlstate == REFUSED and "pg_terminate_backend" in (error.message or "")
+        assert "V" not in [code for code, _ in reply]
+    finally:
+        client.close()
