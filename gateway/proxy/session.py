@@ -110,6 +110,8 @@ class Phase(Enum):
 class PreparedStatement:
     facts: tuple[StatementFacts, ...]
     decisions: list[Decision]
+    # Parameter type OIDs the client gave at Parse (0: the server infers it).
+    param_types: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -126,11 +128,26 @@ def _is_loopback(host: str) -> bool:
         return host in ("localhost", "")
 
 
-def _param_text(value: bytes | None, fmt: int) -> str | None:
+# Binary parameter formats of common types, so policy and audit see `13`, not `\x000d`.
+_BINARY_INTS = {21: 2, 23: 4, 20: 8, 26: 4}  # int2, int4, int8, oid: byte length
+_BINARY_FLOATS = {700: "!f", 701: "!d"}
+_TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})  # text, varchar, bpchar, name, json
+
+
+def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
     if value is None:
         return None
-    if fmt == 0:
+    if fmt == 0 or type_oid in _TEXT_TYPES:
         return value.decode("utf-8", "replace")
+    size = _BINARY_INTS.get(type_oid)
+    if size is not None and len(value) == size:
+        return str(int.from_bytes(value, "big", signed=type_oid != 26))
+    if type_oid in _BINARY_FLOATS and len(value) == struct.calcsize(_BINARY_FLOATS[type_oid]):
+        return repr(struct.unpack(_BINARY_FLOATS[type_oid], value)[0])
+    if type_oid == 16 and len(value) == 1:
+        return "true" if value[0] else "false"
+    if type_oid == 2950 and len(value) == 16:
+        return str(uuid.UUID(bytes=value))
     return "\\x" + value.hex()
 
 
@@ -922,7 +939,9 @@ class ClientSession(asyncio.Protocol):
         # Installed now, since Bind/Execute of this name may follow in the same pipeline; if
         # the server rejects the Parse (a name it still holds), what it holds is restored.
         previous = self._statements.get(msg.name)
-        self._statements[msg.name] = PreparedStatement(verdict.facts, verdict.decisions)
+        self._statements[msg.name] = PreparedStatement(
+            verdict.facts, verdict.decisions, msg.param_types
+        )
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
         self._to_server(message)
@@ -937,8 +956,11 @@ class ClientSession(asyncio.Protocol):
             fmts = [formats[0]] * n
         else:
             fmts = list(formats)
+        prepared = self._statements.get(msg.statement)
+        types = prepared.param_types if prepared is not None else ()
         params = tuple(
-            _param_text(v, fmts[i] if i < len(fmts) else 0) for i, v in enumerate(msg.params)
+            _param_text(v, fmts[i] if i < len(fmts) else 0, types[i] if i < len(types) else 0)
+            for i, v in enumerate(msg.params)
         )
         self._portals[msg.portal] = Portal(msg.statement, params, msg.result_formats)
         self._described_portals.pop(msg.portal, None)
@@ -968,6 +990,9 @@ class ClientSession(asyncio.Protocol):
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
+        elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
+            # The policy asked, at Parse, to see the Bind parameters: decide this execution.
+            verdict = await self.gate.check_facts(prepared.facts, portal.params)
         else:
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params
