@@ -15,23 +15,9 @@ from cli.localpg import LocalCluster, free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _docker_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=2).ping()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[LocalCluster]:
-    """A PostgreSQL server for the whole run: a throwaway initdb cluster under a temp folder.
-
-    With PGWARDEN_TEST_DOCKER=1 and a Docker engine that answers, testcontainers could serve
-    instead; the local cluster is the path that always works here.
-    """
+    """A PostgreSQL server for the whole run: a throwaway initdb cluster under a temp folder."""
     base = Path(tempfile.mkdtemp(prefix="pgwarden-pg-"))
     base.chmod(0o755)
     cluster = LocalCluster(base, free_port())
