@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import os
 import sqlite3
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,6 +86,34 @@ _GUARDED_TAIL = (
 )
 
 
+@dataclass(slots=True)
+class _QueuedAppend:
+    chain: str
+    seal: Seal
+    done: asyncio.Future[list[Sealed]]
+    loop: asyncio.AbstractEventLoop
+
+
+def _seal_all(items: list[_QueuedAppend], tail: ChainTail) -> tuple[list[list[Sealed]], ChainTail]:
+    out: list[list[Sealed]] = []
+    for item in items:
+        sealed, tail = item.seal(tail)
+        out.append(sealed)
+    return out, tail
+
+
+def _settle(
+    results: list[tuple[asyncio.Future[list[Sealed]], list[Sealed] | BaseException]],
+) -> None:
+    for done, result in results:
+        if done.done():
+            continue
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+
 def _bytes(value: Any) -> bytes:
     # SQLite columns are not typed: a hand-edited body may come back as TEXT, and it must
     # reach the verifier (and fail there), not crash the reader.
@@ -122,6 +152,8 @@ class SqliteAuditStore:
         # Where each chain ended after this store's last commit to it. Valid only while no
         # one else wrote the chain: every use is checked by the guarded INSERT.
         self._tails: dict[str, ChainTail] = {}
+        self._appends: collections.deque[_QueuedAppend] = collections.deque()
+        self._draining = False
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sqlite")
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -206,36 +238,78 @@ class SqliteAuditStore:
         self.commits += 1
         return result
 
+    # The writer may have several appends in flight: this store keeps them in order.
+    concurrent_appends = True
+
     async def append(self, chain: str, seal: Seal) -> list[Sealed]:
-        def work(db: sqlite3.Connection) -> list[Sealed]:
-            sealed, tail = seal(self._tail(db, chain))
-            db.executemany(_INSERT, [_insert_args(s) for s in sealed])
-            self._tails[chain] = tail
-            return sealed
+        """Queue the append for the store thread; appends queued while it commits go
+        together in its next commit (sealed in order, one fsync), so callers may call
+        this concurrently: records land in the order the calls were made."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Sealed]] = loop.create_future()
+        self._appends.append(_QueuedAppend(chain, seal, done, loop))
+        if not self._draining:
+            self._draining = True
+            self._thread.submit(self._drain)
+        return await done
 
-        def slow() -> list[Sealed]:
-            self._tails.pop(chain, None)
-            return self._transaction(work)
+    def _drain(self) -> None:
+        """Store thread: commit queued appends until none are left, without a trip back to
+        the event loop between commits."""
+        try:
+            self._drain_queue()
+        except BaseException:
+            self._draining = False
+            raise
 
+    def _drain_queue(self) -> None:
+        queue = self._appends
+        while True:
+            if not queue:
+                self._draining = False
+                # An append queued after the check above may have seen the flag still set.
+                if not queue:
+                    return
+                self._draining = True
+            items: list[_QueuedAppend] = []
+            while queue and (not items or queue[0].chain == items[0].chain):
+                items.append(queue.popleft())
+            try:
+                results: list[list[Sealed] | BaseException] = list(self._commit_appends(items))
+            except AuditStoreError as exc:
+                results = [exc] * len(items)
+            except Exception:
+                # One bad seal (a key epoch out of reach) must not fail the others: alone.
+                results = []
+                for item in items:
+                    try:
+                        results.extend(self._commit_appends([item]))
+                    except Exception as exc:
+                        results.append(exc)
+            settle = [(item.done, r) for item, r in zip(items, results, strict=True)]
+            items[0].loop.call_soon_threadsafe(_settle, settle)
+
+    def _commit_appends(self, items: list[_QueuedAppend]) -> list[list[Sealed]]:
+        chain = items[0].chain
         cached = self._tails.get(chain)
         if cached is not None:
-            # Seal on the caller's thread onto the tail this store last wrote; the store
-            # thread then only runs one statement, which inserts nothing if the chain moved.
-            sealed, tail = seal(cached)
-            if 0 < len(sealed) <= _GUARDED_MAX:
-                return await self._run(
-                    lambda: self._append_guarded(chain, cached, sealed, tail, slow)
-                )
-        return await self._run(slow)
+            out, tail = _seal_all(items, cached)
+            sealed = [s for batch in out for s in batch]
+            if 0 < len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
+                self._tails[chain] = tail
+                return out
+        self._tails.pop(chain, None)
 
-    def _append_guarded(
-        self,
-        chain: str,
-        cached: ChainTail,
-        sealed: list[Sealed],
-        tail: ChainTail,
-        slow: Callable[[], list[Sealed]],
-    ) -> list[Sealed]:
+        def work(db: sqlite3.Connection) -> list[list[Sealed]]:
+            out, tail = _seal_all(items, self._tail(db, chain))
+            db.executemany(_INSERT, [_insert_args(s) for batch in out for s in batch])
+            self._tails[chain] = tail
+            return out
+
+        return self._transaction(work)
+
+    def _insert_guarded(self, chain: str, cached: ChainTail, sealed: list[Sealed]) -> bool:
+        """Insert onto the remembered tail; False (nothing inserted) if the chain moved."""
         args: list[Any] = []
         for s in sealed:
             args.extend(_insert_args(s))
@@ -251,12 +325,11 @@ class SqliteAuditStore:
             self._tails.pop(chain, None)
             raise
         if inserted != len(sealed):
-            # Another writer (`audit prune`, a second process) moved the chain: seal again
-            # onto the tail as it is now, as the first append does.
-            return slow()
-        self._tails[chain] = tail
+            # Another writer (`audit prune`, a second process) moved the chain: the caller
+            # seals again onto the tail as it is now, as the first append does.
+            return False
         self.commits += 1
-        return sealed
+        return True
 
     async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:
         def work(db: sqlite3.Connection) -> Anchor | None:

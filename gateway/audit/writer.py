@@ -92,6 +92,8 @@ class AuditWriter:
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
+        self._concurrent = bool(getattr(store, "concurrent_appends", False))
+        self._inflight: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         try:
@@ -188,8 +190,9 @@ class AuditWriter:
                 if item is _STOP:
                     stopping = True
                 elif isinstance(item, _Prune):
-                    await self._commit(batch)
+                    await self._dispatch(batch)
                     batch = []
+                    await self._drain_commits()
                     await self._prune(item)
                 elif isinstance(item, _Append):
                     batch.append(item)
@@ -207,8 +210,27 @@ class AuditWriter:
                         break
                     continue
                 item = self._queue.get_nowait()
-            await self._commit(batch)
+            await self._dispatch(batch)
+        await self._drain_commits()
         self._write_head()
+
+    async def _dispatch(self, batch: list[_Append]) -> None:
+        if not batch:
+            return
+        if not self._concurrent or any(a.pending.kind == "key_rotation" for a in batch):
+            # One commit at a time; a rotation changes the key that seals what follows.
+            await self._drain_commits()
+            await self._commit(batch)
+            return
+        # The store commits appends in call order and joins those that queue up behind a
+        # commit into its next one: the next batch need not wait for this one to land.
+        task = asyncio.ensure_future(self._commit(batch))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _drain_commits(self) -> None:
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
 
     async def _commit(self, batch: list[_Append]) -> None:
         if not batch:
