@@ -47,6 +47,11 @@ def _expire(done: asyncio.Future[str], timeout: float) -> None:
         )
 
 
+def _log_lost_outcome(done: asyncio.Future[str]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("audit outcome record lost: %s", done.exception())
+
+
 class AuditWriter:
     """Implements the proxy's AuditSink over an AuditStore.
 
@@ -135,6 +140,18 @@ class AuditWriter:
     async def outcome(self, record: StatementOutcome) -> None:
         body = outcome_record(record, self.rows_limit, self.bytes_limit)
         await self._append_logged(PendingRecord("outcome", record.time, body, canonical(body)))
+
+    def outcome_nowait(self, record: StatementOutcome) -> None:
+        """outcome() without a task or a timer per record: nobody waits for an outcome,
+        so it is queued with a callback that logs a failure."""
+        body = outcome_record(record, self.rows_limit, self.bytes_limit)
+        pending = PendingRecord("outcome", record.time, body, canonical(body))
+        if self._task is None or self._task.done():
+            log.error("audit outcome record lost: audit writer is not running")
+            return
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_log_lost_outcome)
+        self._queue.put_nowait(_Append(pending, done))
 
     async def session(self, event: SessionEvent) -> None:
         body = session_record(event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,6 +137,10 @@ class StatementGate:
         self._decider = decider
         self._audit = audit
         self._fail_open = audit_fail_open
+        # The writer's task-free outcome path when it has one (the port needs only outcome()).
+        self._outcome_nowait: Callable[[StatementOutcome], None] | None = getattr(
+            audit, "outcome_nowait", None
+        )
         self.in_transaction = False
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
@@ -380,6 +384,10 @@ class StatementGate:
             recorded_rows=tuple(run.recorded),
             forwarded=forwarded,
         )
+        nowait = self._outcome_nowait
+        if nowait is not None:
+            nowait(record)
+            return
         task = asyncio.ensure_future(self._audit.outcome(record))
         _PENDING_OUTCOMES.add(task)
         task.add_done_callback(_PENDING_OUTCOMES.discard)
