@@ -180,8 +180,9 @@ class ClientSession(asyncio.Protocol):
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
         # RowDescriptions from Describe, needed to mask rows of a later Execute.
-        self._described_statements: dict[str, tuple[FieldDescription, ...]] = {}
-        self._described_portals: dict[str, tuple[FieldDescription, ...]] = {}
+        # Kept as raw bodies and decoded only when a masked result needs them.
+        self._described_statements: dict[str, bytes] = {}
+        self._described_portals: dict[str, bytes] = {}
         # After pgwarden refused an extended-protocol message, the server discards until Sync.
         self._discarding = False
         # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
@@ -1225,11 +1226,10 @@ class ClientSession(asyncio.Protocol):
             if front.kind in ("describe_statement", "describe_portal"):
                 tracker.pop()
                 if front.closing is not None:
-                    fields = RowDescription.decode(bytes(view[pos + 5 : end])).fields
                     kind, name = front.closing
                     (self._described_statements if kind == "S" else self._described_portals)[
                         name
-                    ] = fields
+                    ] = bytes(view[pos + 5 : end])
             elif front.kind == "query":
                 run = front.current_run()
                 if run is not None and run.masked:
@@ -1302,13 +1302,14 @@ class ClientSession(asyncio.Protocol):
         from gateway.enforce.masking import MaskPlan
 
         if not run.described:
-            fields = None
+            described = None
             if run.portal is not None:
-                fields = self._described_portals.get(run.portal)
-                if fields is None and run.statement is not None:
-                    fields = self._described_statements.get(run.statement)
+                described = self._described_portals.get(run.portal)
+                if described is None and run.statement is not None:
+                    described = self._described_statements.get(run.statement)
             run.described = True
-            if fields is not None:
+            if described is not None:
+                fields = RowDescription.decode(described).fields
                 run.plan = self._plan(run, fields, run.result_formats)
             else:
                 # Masks in play but no description of the columns: NULL is valid for any type.
