@@ -879,14 +879,7 @@ class ClientSession(asyncio.Protocol):
         verdict = await self.gate.check_query(text)
         if self.phase is not Phase.RELAY:
             return
-        refusal = self._guard_settings(verdict) or verdict.refusal
-        if not verdict.allowed or refusal is not None:
-            assert refusal is not None
-            for run in verdict.runs:
-                run.done = True
-                run.sqlstate = REFUSED
-                self.gate.outcome(run, forwarded=False)
-            self._refuse("query", refusal, [])
+        if self._refused_verdict(verdict, "query"):
             return
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
@@ -900,13 +893,22 @@ class ClientSession(asyncio.Protocol):
                         "standard_conforming_strings must stay on"
                         " (pgwarden parses SQL as the server does)"
                     )
-            if (
-                f.command.startswith("RESET")
-                and f.setting is not None
-                and f.setting[0].lower() == "all"
-            ):
-                continue
         return None
+
+    def _refused_verdict(self, verdict: Verdict, kind: str, name: str = "") -> bool:
+        """Enforce a refusal (policy's or the settings guard's): record each statement's
+        outcome as not forwarded and send the server one it must reject in its place."""
+        assert self.gate is not None
+        refusal = self._guard_settings(verdict) or verdict.refusal
+        if verdict.allowed and refusal is None:
+            return False
+        assert refusal is not None
+        for run in verdict.runs:
+            run.done = True
+            run.sqlstate = run.sqlstate or REFUSED
+            self.gate.outcome(run, forwarded=False)
+        self._refuse(kind, refusal, [], name=name)
+        return True
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
@@ -928,14 +930,8 @@ class ClientSession(asyncio.Protocol):
         verdict = await self.gate.check_parse(text)
         if self.phase is not Phase.RELAY:
             return
-        refusal = self._guard_settings(verdict) or verdict.refusal
-        if not verdict.allowed or refusal is not None:
-            assert refusal is not None
-            for run in verdict.runs:
-                run.done = True
-                self.gate.outcome(run, forwarded=False)
+        if self._refused_verdict(verdict, "parse", msg.name):
             self._statements.pop(msg.name, None)
-            self._refuse("parse", refusal, [], name=msg.name)
             return
         # Installed now, since Bind/Execute of this name may follow in the same pipeline; if
         # the server rejects the Parse (a name it still holds), what it holds is restored.
