@@ -112,6 +112,14 @@ def refusal_error(decision: Decision) -> bytes:
     return ErrorResponse.build("ERROR", REFUSED, message, detail=detail).encode()
 
 
+def _audit_refusal(
+    exc: AuditUnavailable, decisions: list[Decision], facts: tuple[StatementFacts, ...]
+) -> Verdict:
+    # Fail closed. (audit.fail_open is the sink's to apply: it then returns no record id.)
+    message = f"audit store unavailable, statement not run ({exc})"
+    return Verdict(False, [], decisions, refusal_for(message, "58000"), facts)
+
+
 def refusal_for(message: str, sqlstate: str = REFUSED) -> bytes:
     return ErrorResponse.build("ERROR", sqlstate, f"pgwarden: {message}").encode()
 
@@ -128,7 +136,6 @@ class StatementGate:
         catalog: Catalog | None,
         decider: Decider,
         audit: AuditSink,
-        audit_fail_open: bool = False,
     ) -> None:
         self.ctx = ctx
         self._analyzer = analyzer
@@ -136,7 +143,6 @@ class StatementGate:
         self._catalog = catalog
         self._decider = decider
         self._audit = audit
-        self._fail_open = audit_fail_open
         # The writer's task-free outcome path when it has one (the port needs only outcome()).
         self._outcome_nowait: Callable[[StatementOutcome], None] | None = getattr(
             audit, "outcome_nowait", None
@@ -245,14 +251,7 @@ class StatementGate:
             try:
                 request_ids = await self._record(facts, decisions, protocol, params)
             except AuditUnavailable as exc:
-                if not self._fail_open:
-                    return Verdict(
-                        False,
-                        [],
-                        decisions,
-                        refusal_for(f"audit store unavailable, statement not run ({exc})", "58000"),
-                        facts,
-                    )
+                return _audit_refusal(exc, decisions, facts)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = None if allowed else refusal_error(combined)
         if allowed:
@@ -313,15 +312,7 @@ class StatementGate:
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:
-            if not self._fail_open:
-                return Verdict(
-                    False,
-                    [],
-                    decisions,
-                    refusal_for(f"audit store unavailable, statement not run ({exc})", "58000"),
-                    facts,
-                )
-            request_ids = [None] * len(facts)
+            return _audit_refusal(exc, decisions, facts)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = await self._prepare_masks(runs, decisions)
         return Verdict(refusal is None, runs, decisions, refusal, facts)

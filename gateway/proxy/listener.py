@@ -47,7 +47,6 @@ class GatewayContext:
             catalog=self.catalog_for(session.target),
             decider=self.decider,
             audit=self.audit,
-            audit_fail_open=self.settings.audit.fail_open,
         )
 
     def after_ddl(self, session: ClientSession) -> None:

@@ -33,6 +33,7 @@ from gateway.protocol import (
     FunctionCall,
     GSSENCRequest,
     NegotiateProtocolVersion,
+    ParameterStatus,
     Parse,
     PasswordMessage,
     ProtocolViolation,
@@ -41,6 +42,7 @@ from gateway.protocol import (
     RowDescription,
     SSLRequest,
     StartupMessage,
+    decode_backend,
     decode_startup,
 )
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
@@ -149,6 +151,18 @@ def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
     if type_oid == 2950 and len(value) == 16:
         return str(uuid.UUID(bytes=value))
     return "\\x" + value.hex()
+
+
+def _params_text(
+    values: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...] = ()
+) -> tuple[str | None, ...]:
+    """Bind/FunctionCall values as text: no format code means text for all, one applies to
+    all, else one per value."""
+    out = []
+    for i, value in enumerate(values):
+        fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
+        out.append(_param_text(value, fmt, types[i] if i < len(types) else 0))
+    return tuple(out)
 
 
 class ClientSession(asyncio.Protocol):
@@ -606,8 +620,6 @@ class ClientSession(asyncio.Protocol):
         proto = self.up.protocol
         self.up.transport.write(Query(sql.encode()).encode())
         reported: dict[str, str] = {}
-        from gateway.protocol import ParameterStatus, decode_backend
-
         while True:
             code, body = await proto.read_frame()
             if code == ord("Z"):
@@ -637,8 +649,6 @@ class ClientSession(asyncio.Protocol):
         )
         out = [AuthenticationOk().encode()]
         for name, value in up.parameters.items():
-            from gateway.protocol import ParameterStatus
-
             out.append(ParameterStatus(name, value).encode())
         if up.parameters.get("standard_conforming_strings", "on") != "on":
             # The parser reads SQL with standard_conforming_strings on; never relay otherwise.
@@ -945,20 +955,9 @@ class ClientSession(asyncio.Protocol):
         self.tracker.expect(Expectation("parse", restore=(msg.name, previous)))
 
     def _on_bind(self, msg: Bind) -> None:
-        formats = msg.param_formats
-        n = len(msg.params)
-        if len(formats) == 0:
-            fmts = [0] * n
-        elif len(formats) == 1:
-            fmts = [formats[0]] * n
-        else:
-            fmts = list(formats)
         prepared = self._statements.get(msg.statement)
         types = prepared.param_types if prepared is not None else ()
-        params = tuple(
-            _param_text(v, fmts[i] if i < len(fmts) else 0, types[i] if i < len(types) else 0)
-            for i, v in enumerate(msg.params)
-        )
+        params = _params_text(msg.params, msg.param_formats, types)
         self._portals[msg.portal] = Portal(msg.statement, params, msg.result_formats)
         self._described_portals.pop(msg.portal, None)
 
@@ -1014,15 +1013,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
-        args = tuple(
-            _param_text(
-                v,
-                msg.arg_formats[i]
-                if i < len(msg.arg_formats)
-                else (msg.arg_formats[0] if len(msg.arg_formats) == 1 else 0),
-            )
-            for i, v in enumerate(msg.args)
-        )
+        args = _params_text(msg.args, msg.arg_formats)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
         if self.phase is not Phase.RELAY:
             return
@@ -1121,8 +1112,9 @@ class ClientSession(asyncio.Protocol):
             run = front.current_run()
             if run is not None:
                 if code == 67:
-                    run.command_tag = CommandComplete.decode(bytes(view[pos + 5 : end])).tag
-                    rows = _tag_rows(run.command_tag)
+                    complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
+                    run.command_tag = complete.tag
+                    rows = complete.row_count
                     if rows is not None:
                         run.rows = rows
                 else:
@@ -1243,8 +1235,6 @@ class ClientSession(asyncio.Protocol):
                     front.cursor += 1
             return None
         if code == 83:  # ParameterStatus
-            from gateway.protocol import ParameterStatus
-
             ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
             if ps.name == "client_encoding":
                 self.encoding = _ENCODINGS.get(ps.value.upper(), "utf-8")
@@ -1371,11 +1361,6 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _tag_rows(tag: str) -> int | None:
-    last = tag.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() and " " in tag else None
 
 
 def _quote_literal(value: str) -> str:
