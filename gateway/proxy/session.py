@@ -17,6 +17,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
+from gateway.enforce.masking import MaskPlan
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
 from gateway.protocol import (
@@ -53,7 +54,6 @@ from gateway.sql.catalog import DEFAULT_SEARCH_PATH, parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
-    from gateway.enforce.masking import MaskPlan
     from gateway.proxy.listener import GatewayContext
     from gateway.proxy.targets import Target
 
@@ -1268,8 +1268,6 @@ class ClientSession(asyncio.Protocol):
         fields: tuple[FieldDescription, ...],
         result_formats: tuple[int, ...] | None,
     ) -> MaskPlan | None:
-        from gateway.enforce.masking import MaskPlan
-
         if run.mask_all:
             return MaskPlan.all_null(len(fields))
         return MaskPlan.build(
@@ -1285,8 +1283,6 @@ class ClientSession(asyncio.Protocol):
         self, run: StatementRun, view: bytes | bytearray, pos: int, end: int
     ) -> bytes | None:
         """The masked DataRow frame, or None to relay the row as it is."""
-        from gateway.enforce.masking import MaskPlan
-
         if not run.described:
             described = None
             if run.portal is not None:
