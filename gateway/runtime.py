@@ -128,8 +128,14 @@ class Gateway:
     async def stop(self) -> None:
         if self._listener is not None:
             await self._listener.stop()
-        if self.context is not None and self.context.background:
-            await asyncio.wait(list(self.context.background), timeout=2)
+        if self.context is not None:
+            # Closed sessions write their session_end records from connection_lost, which
+            # runs on a later turn of the loop: let them, before the audit writer closes.
+            deadline = asyncio.get_running_loop().time() + 2
+            while self.context.sessions and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            if self.context.background:
+                await asyncio.wait(list(self.context.background), timeout=2)
         if self.audit is not None:
             await self.audit.close()
         for catalog in self._catalogs.values():
