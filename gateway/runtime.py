@@ -85,6 +85,15 @@ class Gateway:
         return catalog
 
     async def start(self) -> tuple[str, int]:
+        """Start every part; if one fails, stop those already started (OPA, the audit
+        writer, ...) and raise."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> tuple[str, int]:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.verifier = IdentityVerifier.from_settings(s)
@@ -128,14 +137,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._listener is not None:
             await self._listener.stop()
-        if self.context is not None:
-            # Closed sessions write their session_end records from connection_lost, which
-            # runs on a later turn of the loop: let them, before the audit writer closes.
-            deadline = asyncio.get_running_loop().time() + 2
-            while self.context.sessions and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.01)
-            if self.context.background:
-                await asyncio.wait(list(self.context.background), timeout=2)
+        if self.context is not None and self.context.background:
+            await asyncio.wait(list(self.context.background), timeout=2)
         if self.audit is not None:
             await self.audit.close()
         for catalog in self._catalogs.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ class GatewayContext:
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)
     sessions: set[ClientSession] = field(default_factory=set)
     background: set[asyncio.Future[None]] = field(default_factory=set)
+    # Set whenever no session is open (the listener's shutdown waits on it).
+    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def make_gate(self, session: ClientSession, ctx: SessionContext) -> StatementGate:
         assert session.target is not None
@@ -80,4 +83,9 @@ class Listener:
             self._server.close()
             for session in list(self.gw.sessions):
                 session._fatal("57P01", "pgwarden: the gateway is shutting down")
+            # Sessions write their session_end records from connection_lost, a later turn
+            # of the loop: wait for them before the audit writer is closed.
+            if self.gw.sessions:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.gw.all_closed.wait(), 2)
             await self._server.wait_closed()

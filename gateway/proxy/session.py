@@ -222,6 +222,7 @@ class ClientSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "local"
         self.gw.sessions.add(self)
+        self.gw.all_closed.clear()
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(
             self.gw.settings.listener.startup_timeout_seconds, self._startup_timeout
@@ -235,6 +236,8 @@ class ClientSession(asyncio.Protocol):
         was = self.phase
         self.phase = Phase.CLOSED
         self.gw.sessions.discard(self)
+        if not self.gw.sessions:
+            self.gw.all_closed.set()
         for handle in (self._recheck, self._startup_timer):
             if handle is not None:
                 handle.cancel()
