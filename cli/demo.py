@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from cli.certs import ensure_server_cert
-from cli.context import settings_of
+from cli.context import fail, settings_of
 from cli.localpg import (
     SUPERUSER,
     SUPERUSER_PASSWORD,
@@ -141,7 +141,12 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
     thread.start()
     gateway = Gateway(settings, os.environ)
     _say("starting pgwarden (OPA sidecar with the reference policy, SQLite audit store)")
-    host, gw_port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
+    try:
+        host, gw_port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
+    except OSError as exc:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        fail(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); choose another with --port")
     try:
         _script(settings, host, gw_port, certs.ca_cert)
         if not once:
