@@ -139,6 +139,11 @@ class GatewayProcess:
     # Decision-cache counters, filled in once the process has stopped.
     final_stats: dict[str, Any] = field(default_factory=dict)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the gateway process, all threads (not OPA: cached hits)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -282,9 +287,10 @@ def _serve(args: argparse.Namespace) -> None:
             tmp.rename(ready)
             await stop.wait()
             if gw.decider is not None:
-                (ready.parent / "stats.json").write_text(
-                    json.dumps({"cache_hits": gw.decider.hits, "cache_misses": gw.decider.misses})
-                )
+                stats = {"cache_hits": gw.decider.hits, "cache_misses": gw.decider.misses}
+                store = getattr(gw.audit, "store", None)
+                stats["audit_commits"] = getattr(store, "commits", 0)
+                (ready.parent / "stats.json").write_text(json.dumps(stats))
         finally:
             await gw.stop()
 

@@ -70,17 +70,26 @@ def _endpoints(
 
 
 def _interleaved(
-    eps: list[Endpoint], rounds: int, run: Callable[[Endpoint], PgbenchResult]
+    eps: list[Endpoint],
+    rounds: int,
+    run: Callable[[Endpoint], PgbenchResult],
+    gws: dict[str, GatewayProcess] | None = None,
 ) -> dict[str, list[PgbenchResult]]:
     results: dict[str, list[PgbenchResult]] = {ep.name: [] for ep in eps}
     for r in range(rounds):
         order = eps if r % 2 == 0 else list(reversed(eps))
         for ep in order:
+            gw = (gws or {}).get(ep.name)
+            cpu0 = gw.cpu_seconds() if gw else 0.0
             res = run(ep)
             results[ep.name].append(res)
+            cpu = ""
+            if gw and res.transactions:
+                # The gateway's own CPU per transaction: the figure the relay is tuned by.
+                cpu = f"  gateway cpu={1e6 * (gw.cpu_seconds() - cpu0) / res.transactions:.0f} µs/tx"
             print(
                 f"  round {r + 1} {ep.name:<18} tps={res.tps:>10.1f}  "
-                f"lat={res.latency_ms:.3f} ms  failed={res.failed}",
+                f"lat={res.latency_ms:.3f} ms  failed={res.failed}{cpu}",
                 flush=True,
             )
     return results
@@ -91,7 +100,10 @@ def _cache_line(gws: dict[str, GatewayProcess]) -> None:
     for name, gw in gws.items():
         s = gw.final_stats
         if s:
-            print(f"{name}: decision cache hits={s['cache_hits']} misses={s['cache_misses']}")
+            print(
+                f"{name}: decision cache hits={s['cache_hits']} misses={s['cache_misses']}"
+                f" audit commits={s.get('audit_commits', 0)}"
+            )
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -114,6 +126,7 @@ def throughput(args: argparse.Namespace) -> None:
                 lambda ep: pgbench(
                     ep, clients=args.clients, threads=args.threads, seconds=args.seconds
                 ),
+                gws,
             )
         _cache_line(gws)
     tps = {name: statistics.fmean(r.tps for r in rs) for name, rs in results.items()}
@@ -143,7 +156,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 def latency(args: argparse.Namespace) -> None:
     with pg_cluster(scale=args.scale) as cluster, ExitStack() as stack:
-        eps, _gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
+        eps, gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
         for ep in eps:
             pgbench(ep, clients=1, threads=1, seconds=args.warmup)
         print(
@@ -151,7 +164,10 @@ def latency(args: argparse.Namespace) -> None:
             f"{args.rounds} interleaved round(s)"
         )
         results = _interleaved(
-            eps, args.rounds, lambda ep: pgbench(ep, clients=1, threads=1, seconds=args.seconds)
+            eps,
+            args.rounds,
+            lambda ep: pgbench(ep, clients=1, threads=1, seconds=args.seconds),
+            gws,
         )
     lat = {name: statistics.fmean(r.latency_ms for r in rs) for name, rs in results.items()}
     direct = lat["direct"]

@@ -10,12 +10,20 @@ import sqlite3
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.audit.chain import EMPTY_TAIL, Anchor, ChainTail
 from gateway.audit.chain import SealedRecord as Sealed
-from gateway.audit.store import AuditStoreError, RecordFilter, Seal, SealPrune, StoredRecord
+from gateway.audit.store import (
+    AuditStoreError,
+    CommitResult,
+    RecordFilter,
+    Seal,
+    SealPrune,
+    StoredRecord,
+)
 
 T = TypeVar("T")
 
@@ -90,7 +98,8 @@ _GUARDED_TAIL = (
 class _QueuedAppend:
     chain: str
     seal: Seal
-    done: asyncio.Future[list[Sealed]]
+    # Called on the event loop's thread with the sealed records or the failure.
+    done: Callable[[CommitResult], None]
     loop: asyncio.AbstractEventLoop
 
 
@@ -102,16 +111,18 @@ def _seal_all(items: list[_QueuedAppend], tail: ChainTail) -> tuple[list[list[Se
     return out, tail
 
 
-def _settle(
-    results: list[tuple[asyncio.Future[list[Sealed]], list[Sealed] | BaseException]],
-) -> None:
+def _settle(results: list[tuple[Callable[[CommitResult], None], CommitResult]]) -> None:
     for done, result in results:
-        if done.done():
-            continue
-        if isinstance(result, BaseException):
-            done.set_exception(result)
-        else:
-            done.set_result(result)
+        done(result)
+
+
+def _resolve(future: asyncio.Future[list[Sealed]], result: CommitResult) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _bytes(value: Any) -> bytes:
@@ -242,16 +253,20 @@ class SqliteAuditStore:
     concurrent_appends = True
 
     async def append(self, chain: str, seal: Seal) -> list[Sealed]:
-        """Queue the append for the store thread; appends queued while it commits go
-        together in its next commit (sealed in order, one fsync), so callers may call
-        this concurrently: records land in the order the calls were made."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Sealed]] = loop.create_future()
-        self._appends.append(_QueuedAppend(chain, seal, done, loop))
+        self.submit(chain, seal, partial(_resolve, done))
+        return await done
+
+    def submit(self, chain: str, seal: Seal, done: Callable[[CommitResult], None]) -> None:
+        """Queue an append for the store thread; `done` is called on the event loop with
+        the sealed records or the failure. Appends queued while the thread commits go
+        together in its next commit (sealed in order, one fsync), so callers may submit
+        concurrently: records land in the order of the calls."""
+        self._appends.append(_QueuedAppend(chain, seal, done, asyncio.get_running_loop()))
         if not self._draining:
             self._draining = True
             self._thread.submit(self._drain)
-        return await done
 
     def _drain(self) -> None:
         """Store thread: commit queued appends until none are left, without a trip back to
@@ -275,7 +290,7 @@ class SqliteAuditStore:
             while queue and (not items or queue[0].chain == items[0].chain):
                 items.append(queue.popleft())
             try:
-                results: list[list[Sealed] | BaseException] = list(self._commit_appends(items))
+                results: list[CommitResult] = list(self._commit_appends(items))
             except AuditStoreError as exc:
                 results = [exc] * len(items)
             except Exception:

@@ -13,6 +13,8 @@ from gateway.audit.records import record_id
 
 Seal = Callable[[ChainTail], tuple[list[SealedRecord], ChainTail]]
 SealPrune = Callable[[ChainTail, ChainTail], tuple[SealedRecord, Anchor]]
+# What a store's commit callback receives: the sealed records, or why they were not stored.
+CommitResult = list[SealedRecord] | BaseException
 
 
 class AuditStoreError(Exception):

@@ -1,70 +1,57 @@
-"""The audit sink: records of one chain group-committed by a single writer task."""
+"""The audit sink: records of one chain group-committed, in call order, by the store."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.audit.keys import AuditKeyring, HeadWitness
-from gateway.audit.records import (
-    canonical,
-    outcome_record,
-    record_id,
-    request_record,
-    session_record,
-)
-from gateway.audit.store import AuditStore, AuditStoreError
+from gateway.audit.records import canonical, outcome_record, request_record, session_record
+from gateway.audit.store import AuditStore, AuditStoreError, CommitResult, Seal
 from gateway.proxy.ports import AuditUnavailable
 
 log = logging.getLogger("pgwarden.audit")
 
+T = TypeVar("T")
 
-@dataclass(slots=True)
-class _Append:
-    pending: PendingRecord
-    done: asyncio.Future[str]
-
-
-@dataclass(slots=True)
-class _Prune:
-    cutoff: float
-    done: asyncio.Future[Anchor | None]
+# One waiter per queued record, or None for a record nobody waits on (an outcome: the
+# statement has run; a session event): losing one of those is logged.
+_Waiter = asyncio.Future[str] | None
 
 
-_STOP = object()
-# Record kinds whose caller waits for durability before a statement may run.
-_URGENT = frozenset({"request", "key_rotation"})
-
-
-def _expire(done: asyncio.Future[str], timeout: float) -> None:
-    if not done.done():
-        done.set_exception(
-            AuditUnavailable(f"audit store did not confirm the record within {timeout:g}s")
-        )
-
-
-def _log_lost_outcome(done: asyncio.Future[str]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.error("audit outcome record lost: %s", done.exception())
+def _expire(waiters: list[_Waiter], timeout: float) -> None:
+    failure: AuditUnavailable | None = None
+    for w in waiters:
+        if w is not None and not w.done():
+            failure = failure or AuditUnavailable(
+                f"audit store did not confirm the record within {timeout:g}s"
+            )
+            w.set_exception(failure)
 
 
 class AuditWriter:
     """Implements the proxy's AuditSink over an AuditStore.
 
-    Callers queue records and await their own future; one task takes everything queued,
-    seals it onto the chain and commits it in one transaction (one fsync), then resolves the
-    futures. While a commit is in flight the next batch gathers, so throughput grows with
-    concurrency instead of durability serialising the gateway.
+    Records queue in call order. A request record (its statement waits on it) sends what is
+    queued to the store at the end of the current event-loop pass; outcome and session
+    records wait up to `linger` to share the next request's commit. Each batch is one store
+    transaction (one fsync); a store that takes concurrent appends (SQLite) joins batches
+    that queue behind a commit into its next one, others get one batch at a time. So
+    throughput grows with concurrency instead of durability serialising the gateway, and a
+    record costs a list append plus, for a request, one future: no task, timer or queue
+    item per record.
 
     `request()` returns only once its record is committed, and raises AuditUnavailable when
     the store fails or does not confirm within `timeout`. A record whose caller timed out may
     still be committed later: the trail then shows a request without an outcome. Outcome and
-    session records are awaited the same way but only logged on failure, since the
-    statement has already run (or the session already ended) by then.
+    session records are only logged on failure, since the statement has already run (or the
+    session already ended) by then.
     """
 
     def __init__(
@@ -89,16 +76,31 @@ class AuditWriter:
         self.bytes_limit = bytes_limit
         self.fail_open = fail_open
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Append | _Prune | object] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
         # How long outcome/session records wait for a request record to commit with.
         self.linger = 0.005
         self.head_interval = 0.05
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._pending: list[PendingRecord] = []
+        self._waiters: list[_Waiter] = []
+        self._flush_soon = False
+        self._linger: asyncio.TimerHandle | None = None
+        # Fails queued requests that cannot go to the store yet (see _defer).
+        self._watch: asyncio.TimerHandle | None = None
+        # Set while a key rotation or a prune has the chain to itself: records queue.
+        self._held = False
+        self._exclusive_lock = asyncio.Lock()
+        self._inflight = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+        submit = getattr(store, "submit", None)
+        self._concurrent = submit is not None and bool(getattr(store, "concurrent_appends", False))
+        self._store_submit: Callable[[str, Seal, Callable[[CommitResult], None]], None] = (
+            submit if submit is not None else self._submit_task
+        )
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
-        self._concurrent = bool(getattr(store, "concurrent_appends", False))
-        self._inflight: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         try:
@@ -106,14 +108,16 @@ class AuditWriter:
         except AuditStoreError as exc:
             # Not fatal: every batch retries the store, and requests fail closed meanwhile.
             log.warning("audit store not available at start: %s", exc)
-        self._task = asyncio.create_task(self._run(), name=f"audit-writer-{self.chain.name}")
+        self._loop = asyncio.get_running_loop()
+        self._running = True
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer task and close the store."""
-        if self._task is not None:
-            self._queue.put_nowait(_STOP)
-            await self._task
-            self._task = None
+        """Commit what is queued, wait for it, and close the store."""
+        if self._running:
+            self._running = False
+            async with self._exclusive_lock:
+                await self._drain()
+            self._write_head()
         await self.store.close()
 
     async def __aenter__(self) -> AuditWriter:
@@ -127,10 +131,12 @@ class AuditWriter:
 
     async def request(self, record: StatementRequest) -> str:
         body = request_record(record)
-        # Encoded here, while the previous batch commits, not on the commit's critical path.
-        pending = PendingRecord("request", record.time, body, canonical(body))
         try:
-            return await self._append(pending)
+            if not self._running or self._loop is None:
+                raise AuditUnavailable("audit writer is not running")
+            waiter: asyncio.Future[str] = self._loop.create_future()
+            self._queue(PendingRecord("request", record.time, body, canonical(body)), waiter)
+            return await waiter
         except AuditUnavailable:
             if not self.fail_open:
                 raise
@@ -138,155 +144,162 @@ class AuditWriter:
             return ""
 
     async def outcome(self, record: StatementOutcome) -> None:
-        body = outcome_record(record, self.rows_limit, self.bytes_limit)
-        await self._append_logged(PendingRecord("outcome", record.time, body, canonical(body)))
+        self.outcome_nowait(record)
 
     def outcome_nowait(self, record: StatementOutcome) -> None:
-        """outcome() without a task or a timer per record: nobody waits for an outcome,
-        so it is queued with a callback that logs a failure."""
+        """Queue an outcome record: nobody waits for it; a failure to store it is logged."""
         body = outcome_record(record, self.rows_limit, self.bytes_limit)
-        pending = PendingRecord("outcome", record.time, body, canonical(body))
-        if self._task is None or self._task.done():
-            log.error("audit outcome record lost: audit writer is not running")
-            return
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        done.add_done_callback(_log_lost_outcome)
-        self._queue.put_nowait(_Append(pending, done))
+        self._queue_logged(PendingRecord("outcome", record.time, body, canonical(body)))
 
     async def session(self, event: SessionEvent) -> None:
         body = session_record(event)
-        await self._append_logged(PendingRecord(event.kind, event.time, body, canonical(body)))
+        self._queue_logged(PendingRecord(event.kind, event.time, body, canonical(body)))
 
     # -- chain maintenance -----------------------------------------------------------------
 
     async def rotate_key(self) -> str:
         """Append a rotation record and move to the next key; the old key is destroyed."""
-        return await self._append(PendingRecord("key_rotation", time.time(), {}))
+        pending = [PendingRecord("key_rotation", time.time(), {})]
+        chain = self.chain
+        sealed = await self._exclusive(
+            lambda: self.store.append(chain.name, lambda tail: chain.seal(tail, pending))
+        )
+        self._after_commit(sealed[-1])
+        return f"{sealed[-1].chain}:{sealed[-1].seq}"
 
     async def prune(self, older_than: float) -> Anchor | None:
         """Delete this chain's records from before `older_than` (unix time), leaving an anchor."""
-        done: asyncio.Future[Anchor | None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Prune(older_than, done))
-        try:
-            return await done
-        except Exception as exc:
-            raise AuditUnavailable(f"audit prune failed: {exc}") from exc
-
-    # -- the writer task -------------------------------------------------------------------
-
-    async def _append(self, pending: PendingRecord) -> str:
-        if self._task is None or self._task.done():
-            raise AuditUnavailable("audit writer is not running")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[str] = loop.create_future()
-        self._queue.put_nowait(_Append(pending, done))
-        # A timer that fails the future is much cheaper per record than asyncio.wait_for.
-        timer = loop.call_later(self.timeout, _expire, done, self.timeout)
-        try:
-            return await done
-        except AuditUnavailable:
-            raise
-        except Exception as exc:
-            raise AuditUnavailable(f"audit store failed: {exc}") from exc
-        finally:
-            timer.cancel()
-
-    async def _append_logged(self, pending: PendingRecord) -> None:
-        try:
-            await self._append(pending)
-        except AuditUnavailable as exc:
-            log.error("audit %s record lost: %s", pending.kind, exc)
-
-    async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch: list[_Append] = []
-            item = await self._queue.get()
-            urgent = False
-            while True:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, _Prune):
-                    await self._dispatch(batch)
-                    batch = []
-                    await self._drain_commits()
-                    await self._prune(item)
-                elif isinstance(item, _Append):
-                    batch.append(item)
-                    # A statement waits on its request record; outcome and session records
-                    # may wait a little to share the next request's fsync.
-                    urgent = urgent or item.pending.kind in _URGENT
-                if stopping or len(batch) >= self.max_batch:
-                    break
-                if self._queue.empty():
-                    if urgent or not batch:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), self.linger)
-                    except TimeoutError:
-                        break
-                    continue
-                item = self._queue.get_nowait()
-            await self._dispatch(batch)
-        await self._drain_commits()
-        self._write_head()
-
-    async def _dispatch(self, batch: list[_Append]) -> None:
-        if not batch:
-            return
-        if not self._concurrent or any(a.pending.kind == "key_rotation" for a in batch):
-            # One commit at a time; a rotation changes the key that seals what follows.
-            await self._drain_commits()
-            await self._commit(batch)
-            return
-        # The store commits appends in call order and joins those that queue up behind a
-        # commit into its next one: the next batch need not wait for this one to land.
-        task = asyncio.ensure_future(self._commit(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _drain_commits(self) -> None:
-        while self._inflight:
-            await asyncio.wait(list(self._inflight))
-
-    async def _commit(self, batch: list[_Append]) -> None:
-        if not batch:
-            return
-        pendings = [a.pending for a in batch]
-        try:
-            sealed = await self.store.append(
-                self.chain.name, lambda tail: self.chain.seal(tail, pendings)
-            )
-            self._after_commit(sealed[-1])
-        except Exception as exc:
-            log.warning("audit commit of %d records failed: %s", len(batch), exc)
-            failure = AuditUnavailable(f"audit store failed: {exc}")
-            for a in batch:
-                if not a.done.done():
-                    a.done.set_exception(failure)
-            return
-        for a, s in zip(batch, sealed, strict=True):
-            if not a.done.done():
-                a.done.set_result(record_id(s.chain, s.seq))
-
-    async def _prune(self, item: _Prune) -> None:
-        sealed: list[SealedRecord] = []
+        made: list[SealedRecord] = []
 
         def seal(tail: ChainTail, through: ChainTail) -> tuple[SealedRecord, Anchor]:
-            record, anchor = self.chain.seal_prune(tail, through, item.cutoff, time.time())
-            sealed.append(record)
+            record, anchor = self.chain.seal_prune(tail, through, older_than, time.time())
+            made.append(record)
             return record, anchor
 
-        try:
-            anchor = await self.store.prune(self.chain.name, item.cutoff, seal)
-            if anchor is not None:
-                self._after_commit(sealed[-1])
-        except Exception as exc:
-            if not item.done.done():
-                item.done.set_exception(exc)
+        anchor = await self._exclusive(lambda: self.store.prune(self.chain.name, older_than, seal))
+        if anchor is not None:
+            self._after_commit(made[-1])
+        return anchor
+
+    async def _exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op` with the chain to itself: what was queued before is committed first,
+        what is queued meanwhile waits for it (a rotation changes the key that seals it)."""
+        if not self._running:
+            raise AuditUnavailable("audit writer is not running")
+        async with self._exclusive_lock:
+            try:
+                await self._drain()
+                self._held = True
+                return await op()
+            except AuditUnavailable:
+                raise
+            except Exception as exc:
+                raise AuditUnavailable(f"audit store failed: {exc}") from exc
+            finally:
+                self._held = False
+                if self._pending:
+                    self._flush()
+
+    async def _drain(self) -> None:
+        """Until nothing is queued or in flight."""
+        while self._pending or self._inflight:
+            if self._pending:
+                self._flush()
+            await self._settled.wait()
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _queue_logged(self, pending: PendingRecord) -> None:
+        if not self._running or self._loop is None:
+            log.error("audit %s record lost: audit writer is not running", pending.kind)
             return
-        if not item.done.done():
-            item.done.set_result(anchor)
+        self._queue(pending, None)
+
+    def _queue(self, pending: PendingRecord, waiter: _Waiter) -> None:
+        self._pending.append(pending)
+        self._waiters.append(waiter)
+        if self._flush_soon:
+            return
+        assert self._loop is not None
+        if waiter is not None or len(self._pending) >= self.max_batch:
+            # Everything queued in this pass of the event loop goes in one commit.
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+        elif self._linger is None:
+            self._linger = self._loop.call_later(self.linger, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self._pending:
+            return
+        if self._held or (self._inflight and not self._concurrent):
+            self._defer()
+            return
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        pending, waiters = self._pending, self._waiters
+        self._pending, self._waiters = [], []
+        assert self._loop is not None
+        timer = self._loop.call_later(self.timeout, _expire, waiters, self.timeout)
+        self._inflight += 1
+        self._settled.clear()
+        chain = self.chain
+        self._store_submit(
+            chain.name,
+            lambda tail: chain.seal(tail, pending),
+            partial(self._committed, waiters, timer),
+        )
+
+    def _defer(self) -> None:
+        """Queued records wait for the store (a commit in flight that this store must not
+        overlap, or a rotation or prune): their requests still fail after `timeout`."""
+        if self._watch is None and self._loop is not None:
+            self._watch = self._loop.call_later(self.timeout, self._expire_queued)
+
+    def _expire_queued(self) -> None:
+        self._watch = None
+        _expire(self._waiters, self.timeout)
+
+    def _submit_task(self, chain: str, seal: Seal, done: Callable[[CommitResult], None]) -> None:
+        """For stores without a callback path: one task per batch."""
+
+        def finished(task: asyncio.Task[list[SealedRecord]]) -> None:
+            if task.cancelled():
+                done(AuditStoreError("audit commit cancelled"))
+            else:
+                done(task.exception() or task.result())
+
+        asyncio.ensure_future(self.store.append(chain, seal)).add_done_callback(finished)
+
+    def _committed(
+        self, waiters: list[_Waiter], timer: asyncio.TimerHandle, result: CommitResult
+    ) -> None:
+        timer.cancel()
+        self._inflight -= 1
+        if isinstance(result, BaseException):
+            log.warning("audit commit of %d records failed: %s", len(waiters), result)
+            failure = AuditUnavailable(f"audit store failed: {result}")
+            lost = 0
+            for w in waiters:
+                if w is None:
+                    lost += 1
+                elif not w.done():
+                    w.set_exception(failure)
+            if lost:
+                log.error("audit: %d outcome or session records lost: %s", lost, result)
+        else:
+            self._after_commit(result[-1])
+            for w, s in zip(waiters, result, strict=True):
+                if w is not None and not w.done():
+                    w.set_result(f"{s.chain}:{s.seq}")
+        if not self._inflight:
+            self._settled.set()
+        if self._pending and not self._flush_soon and not self._concurrent:
+            self._flush()
 
     def _after_commit(self, last: SealedRecord) -> None:
         next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
@@ -302,9 +315,9 @@ class AuditWriter:
         wait = self.head_interval - (time.monotonic() - self._head_written)
         if wait <= 0:
             self._write_head()
-        elif self._head_flush is None:
+        elif self._head_flush is None and self._loop is not None:
             # Catch up once the interval has passed, so an idle gateway's head is current.
-            self._head_flush = asyncio.get_running_loop().call_later(wait, self._write_head)
+            self._head_flush = self._loop.call_later(wait, self._write_head)
 
     def _write_head(self) -> None:
         if self._head_flush is not None:
