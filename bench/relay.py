@@ -86,7 +86,8 @@ def _interleaved(
             cpu = ""
             if gw and res.transactions:
                 # The gateway's own CPU per transaction: the figure the relay is tuned by.
-                cpu = f"  gateway cpu={1e6 * (gw.cpu_seconds() - cpu0) / res.transactions:.0f} µs/tx"
+                per_tx = 1e6 * (gw.cpu_seconds() - cpu0) / res.transactions
+                cpu = f"  gateway cpu={per_tx:.0f} µs/tx"
             print(
                 f"  round {r + 1} {ep.name:<18} tps={res.tps:>10.1f}  "
                 f"lat={res.latency_ms:.3f} ms  failed={res.failed}{cpu}",
