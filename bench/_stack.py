@@ -153,7 +153,11 @@ class GatewayProcess:
 
 @contextlib.contextmanager
 def gateway_process(
-    cluster: LocalCluster, *, null_audit: bool = False, profile: Path | None = None
+    cluster: LocalCluster,
+    *,
+    null_audit: bool = False,
+    profile: Path | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Iterator[GatewayProcess]:
     """Start `_stack.py serve` against the cluster; SIGTERM (then SIGKILL) it on exit."""
     state = Path(tempfile.mkdtemp(prefix="pgwarden-bench-gw-"))
@@ -171,6 +175,8 @@ def gateway_process(
     ]
     if null_audit:
         argv.append("--null-audit")
+    if audit:
+        argv += ["--audit", json.dumps(audit)]
     if profile is not None:
         argv += ["--profile", str(profile)]
     log = (state / "gateway.log").open("wb")
@@ -202,7 +208,8 @@ def gateway_process(
         if gw is not None:
             with contextlib.suppress(OSError, ValueError):
                 gw.final_stats = json.loads((state / "stats.json").read_text())
-        shutil.rmtree(state, ignore_errors=True)
+        if not os.environ.get("KEEP_STATE"):
+            shutil.rmtree(state, ignore_errors=True)
 
 
 class _NullAudit:
@@ -261,10 +268,10 @@ def _serve(args: argparse.Namespace) -> None:
             "rego_dir": ROOT / "rego",
             "bundle_dir": ROOT / "bundles",
         },
-        audit={"store": "sqlite"},
+        audit={"store": "sqlite", **json.loads(args.audit)},
     )
     if args.null_audit:
-        runtime.audit_writer = lambda _settings, store=None: _NullAudit()  # type: ignore[assignment,misc]
+        runtime.audit_sink = lambda _settings: _NullAudit()  # type: ignore[assignment,misc]
     ready = Path(args.ready)
 
     async def main() -> None:
@@ -432,6 +439,7 @@ def main() -> None:
     serve.add_argument("--pg-port", type=int, required=True)
     serve.add_argument("--ready", required=True)
     serve.add_argument("--null-audit", action="store_true")
+    serve.add_argument("--audit", default="{}", help="audit settings, as JSON")
     serve.add_argument("--profile")
     args = parser.parse_args()
     if args.cmd == "serve":

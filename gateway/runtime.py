@@ -13,8 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.audit import audit_writer
-from gateway.audit.writer import AuditWriter
+from gateway.audit import AuditProcess, AuditWriter, audit_sink
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -69,7 +68,7 @@ class Gateway:
         self.environ = environ
         self.context: GatewayContext | None = None
         self.sidecar: OpaSidecar | None = None
-        self.audit: AuditWriter | None = None
+        self.audit: AuditWriter | AuditProcess | None = None
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None
@@ -111,7 +110,7 @@ class Gateway:
         )
         if self.sidecar is not None:
             self.sidecar.listen(self.decider)
-        self.audit = audit_writer(s)
+        self.audit = audit_sink(s)
         await self.audit.start()
         tls = None
         if s.listener.tls_cert is not None and s.listener.tls_key is not None:

@@ -8,6 +8,7 @@ from gateway.audit.chain import Anchor, AuditChain
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.postgres_store import PostgresAuditStore
+from gateway.audit.process import AuditProcess
 from gateway.audit.sqlite_store import SqliteAuditStore
 from gateway.audit.store import AuditStore, AuditStoreError, RecordFilter, StoredRecord
 from gateway.audit.verify import ChainProblem, ChainReport, VerifyReport, verify
@@ -18,6 +19,7 @@ __all__ = [
     "Anchor",
     "AuditChain",
     "AuditKeyring",
+    "AuditProcess",
     "AuditStore",
     "AuditStoreError",
     "AuditWriter",
@@ -33,6 +35,7 @@ __all__ = [
     "StoredRecord",
     "VerifyReport",
     "audit_keyring",
+    "audit_sink",
     "audit_store",
     "audit_writer",
     "head_witness",
@@ -40,8 +43,8 @@ __all__ = [
 ]
 
 
-def audit_store(settings: Settings) -> AuditStore:
-    """The store the settings name (not yet opened)."""
+def audit_store(settings: Settings, *, inline: bool = False) -> AuditStore:
+    """The store the settings name (not yet opened); `inline` as for SqliteAuditStore."""
     audit = settings.audit
     if audit.store == "postgres":
         if not audit.postgres_dsn:
@@ -51,6 +54,7 @@ def audit_store(settings: Settings) -> AuditStore:
         settings.state_path(audit.sqlite_path),
         busy_timeout=audit.timeout_seconds,
         synchronous=audit.sqlite_synchronous,
+        inline=inline,
     )
 
 
@@ -60,6 +64,14 @@ def audit_keyring(settings: Settings, directory: Path | None = None) -> AuditKey
 
 def head_witness(settings: Settings) -> HeadWitness:
     return HeadWitness(settings.state_path(Path("audit-head")))
+
+
+def audit_sink(settings: Settings) -> AuditWriter | AuditProcess:
+    """What the gateway writes its records to: the audit process, or (audit.in_process)
+    a writer on the gateway's own event loop. `await start()` before use."""
+    if settings.audit.in_process:
+        return audit_writer(settings)
+    return AuditProcess(settings)
 
 
 def audit_writer(settings: Settings, store: AuditStore | None = None) -> AuditWriter:

@@ -144,19 +144,30 @@ def _insert_args(s: Sealed) -> tuple[Any, ...]:
 
 
 class SqliteAuditStore:
-    """All work runs on one dedicated thread, which owns the connection.
+    """All work runs on one dedicated thread, which owns the connection, or (inline) on
+    the caller's.
 
     The file's inode is checked before every append: if the file was removed or replaced,
     SQLite would go on writing to the unlinked inode and the records would be lost.
     """
 
-    def __init__(self, path: Path, busy_timeout: float = 2.0, synchronous: str = "full") -> None:
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout: float = 2.0,
+        synchronous: str = "full",
+        *,
+        inline: bool = False,
+    ) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("audit sqlite synchronous must be full or normal")
         self.path = path
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
         self.commits = 0
+        # Inline: every call does its work on the caller's thread, blocking it (the audit
+        # process, whose event loop has nothing else to do, avoids a thread hand-off).
+        self.inline = inline
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None
         self._closed = False
@@ -168,6 +179,8 @@ class SqliteAuditStore:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sqlite")
 
     async def _run(self, fn: Callable[[], T]) -> T:
+        if self.inline:
+            return fn()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, fn)
 
@@ -262,7 +275,12 @@ class SqliteAuditStore:
         """Queue an append for the store thread; `done` is called on the event loop with
         the sealed records or the failure. Appends queued while the thread commits go
         together in its next commit (sealed in order, one fsync), so callers may submit
-        concurrently: records land in the order of the calls."""
+        concurrently: records land in the order of the calls. Inline, the commit is made
+        (and `done` called) before this returns."""
+        if self.inline:
+            item = _QueuedAppend(chain, seal, done, asyncio.get_running_loop())
+            done(self._commit_items([item])[0])
+            return
         self._appends.append(_QueuedAppend(chain, seal, done, asyncio.get_running_loop()))
         if not self._draining:
             self._draining = True
@@ -289,20 +307,26 @@ class SqliteAuditStore:
             items: list[_QueuedAppend] = []
             while queue and (not items or queue[0].chain == items[0].chain):
                 items.append(queue.popleft())
-            try:
-                results: list[CommitResult] = list(self._commit_appends(items))
-            except AuditStoreError as exc:
-                results = [exc] * len(items)
-            except Exception:
-                # One bad seal (a key epoch out of reach) must not fail the others: alone.
-                results = []
-                for item in items:
-                    try:
-                        results.extend(self._commit_appends([item]))
-                    except Exception as exc:
-                        results.append(exc)
-            settle = [(item.done, r) for item, r in zip(items, results, strict=True)]
+            settle = list(
+                zip([item.done for item in items], self._commit_items(items), strict=True)
+            )
             items[0].loop.call_soon_threadsafe(_settle, settle)
+
+    def _commit_items(self, items: list[_QueuedAppend]) -> list[CommitResult]:
+        """Appends of one chain in one commit; what each of them came to."""
+        try:
+            return list(self._commit_appends(items))
+        except AuditStoreError as exc:
+            return [exc] * len(items)
+        except Exception:
+            # One bad seal (a key epoch out of reach) must not fail the others: alone.
+            results: list[CommitResult] = []
+            for item in items:
+                try:
+                    results.extend(self._commit_appends([item]))
+                except Exception as exc:
+                    results.append(exc)
+            return results
 
     def _commit_appends(self, items: list[_QueuedAppend]) -> list[list[Sealed]]:
         chain = items[0].chain

@@ -101,6 +101,8 @@ class AuditWriter:
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
+        # Told of every commit, in order: how many records it held and what came of them.
+        self.on_commit: Callable[[int, CommitResult], None] | None = None
 
     async def start(self) -> None:
         try:
@@ -135,7 +137,8 @@ class AuditWriter:
             if not self._running or self._loop is None:
                 raise AuditUnavailable("audit writer is not running")
             waiter: asyncio.Future[str] = self._loop.create_future()
-            self._queue(PendingRecord("request", record.time, body, canonical(body)), waiter)
+            pending = PendingRecord("request", record.time, body, canonical(body))
+            self._queue(pending, waiter, urgent=True)
             return await waiter
         except AuditUnavailable:
             if not self.fail_open:
@@ -209,19 +212,25 @@ class AuditWriter:
 
     # -- batching --------------------------------------------------------------------------
 
-    def _queue_logged(self, pending: PendingRecord) -> None:
+    def append(self, pending: PendingRecord, *, urgent: bool) -> bool:
+        """Queue an encoded record nobody awaits (its commit is told to `on_commit`);
+        `urgent` sends it at the end of this loop pass rather than after `linger`."""
         if not self._running or self._loop is None:
-            log.error("audit %s record lost: audit writer is not running", pending.kind)
-            return
-        self._queue(pending, None)
+            return False
+        self._queue(pending, None, urgent=urgent)
+        return True
 
-    def _queue(self, pending: PendingRecord, waiter: _Waiter) -> None:
+    def _queue_logged(self, pending: PendingRecord) -> None:
+        if not self.append(pending, urgent=False):
+            log.error("audit %s record lost: audit writer is not running", pending.kind)
+
+    def _queue(self, pending: PendingRecord, waiter: _Waiter, *, urgent: bool) -> None:
         self._pending.append(pending)
         self._waiters.append(waiter)
         if self._flush_soon:
             return
         assert self._loop is not None
-        if waiter is not None or len(self._pending) >= self.max_batch:
+        if urgent or len(self._pending) >= self.max_batch:
             # Everything queued in this pass of the event loop goes in one commit.
             self._flush_soon = True
             self._loop.call_soon(self._flush)
@@ -290,12 +299,14 @@ class AuditWriter:
                 elif not w.done():
                     w.set_exception(failure)
             if lost:
-                log.error("audit: %d outcome or session records lost: %s", lost, result)
+                log.error("audit: %d records nobody waited on were lost: %s", lost, result)
         else:
             self._after_commit(result[-1])
             for w, s in zip(waiters, result, strict=True):
                 if w is not None and not w.done():
                     w.set_result(f"{s.chain}:{s.seq}")
+        if self.on_commit is not None:
+            self.on_commit(len(waiters), result)
         if not self._inflight:
             self._settled.set()
         if self._pending and not self._flush_soon and not self._concurrent:

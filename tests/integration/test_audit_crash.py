@@ -171,7 +171,8 @@ def test_kill_9_under_pgbench_loses_no_audited_write(
         _, bench_err = bench.communicate(timeout=30)
         assert b"abort" in bench_err.lower() or b"error" in bench_err.lower(), bench_err[-500:]
         assert bench.returncode != 0, "pgbench did not notice the gateway die"
-        # The OPA sidecar does not outlive the gateway (PR_SET_PDEATHSIG).
+        # The OPA sidecar does not outlive the gateway (PR_SET_PDEATHSIG), nor does the
+        # audit process (it commits what it was sent and exits when its socket closes).
         wait_for(lambda: not _pids_mentioning(str(state_dir)), timeout=10)
     finally:
         if bench is not None and bench.poll() is None:
