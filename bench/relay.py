@@ -49,7 +49,11 @@ from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
 
 
 def _endpoints(
-    stack: ExitStack, cluster: LocalCluster, *, with_noaudit: bool
+    stack: ExitStack,
+    cluster: LocalCluster,
+    *,
+    with_noaudit: bool,
+    variants: tuple[str, ...] = (),
 ) -> tuple[list[Endpoint], dict[str, GatewayProcess]]:
     eps = [Endpoint("direct", cluster.port, SUPERUSER, APP_DB, SUPERUSER_PASSWORD)]
     binary = pgbouncer_binary()
@@ -66,6 +70,14 @@ def _endpoints(
         gw2 = stack.enter_context(gateway_process(cluster, null_audit=True))
         gws["pgwarden-noaudit"] = gw2
         eps.append(Endpoint("pgwarden-noaudit", gw2.port, GATEWAY_USER, "app", gw2.token))
+    for variant in variants:
+        # Audit arrangements compared in the same run: the writer on the gateway's own
+        # event loop (in_process) and without the fsync per commit (normal).
+        audit = {"in-process": {"in_process": True}, "normal": {"sqlite_synchronous": "normal"}}
+        gw3 = stack.enter_context(gateway_process(cluster, audit=audit[variant]))
+        name = f"pgwarden-{variant}"
+        gws[name] = gw3
+        eps.append(Endpoint(name, gw3.port, GATEWAY_USER, "app", gw3.token))
     return eps, gws
 
 
@@ -113,7 +125,9 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"cluster ready (pgbench -i -s {args.scale}) in {time.monotonic() - t0:.1f}s")
         gws: dict[str, GatewayProcess] = {}
         with ExitStack() as stack:
-            eps, gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
+            eps, gws = _endpoints(
+                stack, cluster, with_noaudit=not args.no_noaudit, variants=tuple(args.variant)
+            )
             # Warm-up: buffers, the gateway's catalog and decision cache, pgbouncer's pool.
             for ep in eps:
                 pgbench(ep, clients=args.clients, threads=args.threads, seconds=args.warmup)
@@ -157,7 +171,9 @@ def throughput(args: argparse.Namespace) -> None:
 
 def latency(args: argparse.Namespace) -> None:
     with pg_cluster(scale=args.scale) as cluster, ExitStack() as stack:
-        eps, gws = _endpoints(stack, cluster, with_noaudit=not args.no_noaudit)
+        eps, gws = _endpoints(
+            stack, cluster, with_noaudit=not args.no_noaudit, variants=tuple(args.variant)
+        )
         for ep in eps:
             pgbench(ep, clients=1, threads=1, seconds=args.warmup)
         print(
@@ -360,6 +376,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scale", type=int, default=10)
     p.add_argument("--no-noaudit", action="store_true", help="skip the no-op audit variant")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        choices=["in-process", "normal"],
+        help="also run pgwarden with the audit writer in process, or synchronous=normal",
+    )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
     args = p.parse_args()

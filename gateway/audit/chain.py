@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from gateway.audit.records import RecordKind, canonical, envelope, projections
+from orjson import dumps
+
+from gateway.audit.records import RECORD_KINDS, RecordKind, canonical, envelope, projections
 
 ROTATE_LABEL = b"pgwarden-audit-rotate"
 ANCHOR_LABEL = b"pgwarden-audit-anchor\0"
 # The first record of a chain links to this; the chain name is inside every signed body.
 GENESIS_LINK = bytes(32)
+_KIND_BYTES = {kind: canonical(kind) for kind in RECORD_KINDS}
 
 
 def link_of(key: bytes, previous: bytes, body: bytes) -> bytes:
@@ -66,7 +69,7 @@ def envelope_bytes(
 
     The envelope's keys in sorted order are chain, epoch, kind, record, seq, time; orjson's
     compact output is exactly these pieces joined, byte for byte."""
-    return b'{"chain":%s,"epoch":%d,"kind":%s,"record":%s,"seq":%d,"time":%s}' % (
+    return _ENVELOPE % (
         canonical(chain),
         epoch,
         canonical(kind),
@@ -76,8 +79,11 @@ def envelope_bytes(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class SealedRecord:
+_ENVELOPE = b'{"chain":%s,"epoch":%d,"kind":%s,"record":%s,"seq":%d,"time":%s}'
+
+
+class SealedRecord(NamedTuple):
+    # A tuple, not a frozen dataclass: one is made per record on the writer's hot path.
     chain: str
     seq: int
     epoch: int
@@ -85,7 +91,7 @@ class SealedRecord:
     time: float
     body: bytes
     link: bytes
-    columns: dict[str, Any] = field(hash=False)
+    columns: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,8 @@ class AuditChain:
         out: list[SealedRecord] = []
         seq, link, epoch = tail.seq, tail.link, tail.epoch
         key = self.key_for(epoch)
+        # envelope_bytes, with what is the same for every record encoded once.
+        name = canonical(self.name)
         for p in pending:
             seq += 1
             record = p.record
@@ -158,8 +166,8 @@ class AuditChain:
                 body = canonical(envelope(self.name, seq, epoch, p.kind, p.time, record))
             else:
                 encoded = p.encoded if p.encoded is not None else canonical(record)
-                body = envelope_bytes(self.name, seq, epoch, p.kind, p.time, encoded)
-            link = link_of(key, link, body)
+                body = _ENVELOPE % (name, epoch, _KIND_BYTES[p.kind], encoded, seq, dumps(p.time))
+            link = hmac.digest(key, link + body, "sha256")
             out.append(
                 SealedRecord(self.name, seq, epoch, p.kind, p.time, body, link, projections(record))
             )

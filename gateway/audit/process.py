@@ -215,6 +215,8 @@ class AuditProcess:
         self._supervisor: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
         self._flush_soon = False
+        self.linger = 0.005
+        self._linger: asyncio.TimerHandle | None = None
         # Sent, not yet acknowledged, oldest first.
         self._unacked: collections.deque[_Waiter] = collections.deque()
         self._sent = 0
@@ -343,13 +345,23 @@ class AuditProcess:
         self._out.append(body)
         self._unacked.append(waiter)
         self._batch.append(waiter)
-        if not self._flush_soon:
+        if self._flush_soon:
+            return
+        assert self._loop is not None
+        if waiter is not None:
+            # A statement waits: everything queued in this pass of the loop leaves now.
             self._flush_soon = True
-            assert self._loop is not None
             self._loop.call_soon(self._flush)
+        elif self._linger is None:
+            # Nobody waits on an outcome or session record: it rides with the next request
+            # (one write, one commit) or leaves after `linger`.
+            self._linger = self._loop.call_later(self.linger, self._flush)
 
     def _flush(self) -> None:
         self._flush_soon = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if not self._out:
             return
         assert self._transport is not None and self._loop is not None
