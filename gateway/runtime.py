@@ -19,6 +19,7 @@ from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
 from gateway.policy.sidecar import OpaSidecar
 from gateway.policy.transport import OpaTransport
+from gateway.policy.watch import RevisionWatch
 from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
 from gateway.proxy.targets import Target, TargetRegistry
@@ -72,6 +73,7 @@ class Gateway:
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None
+        self._revision_watch: RevisionWatch | None = None
         self._listener: Listener | None = None
         self._catalogs: dict[str, Catalog] = {}
         self.address: tuple[str, int] | None = None
@@ -110,6 +112,11 @@ class Gateway:
         )
         if self.sidecar is not None:
             self.sidecar.listen(self.decider)
+        else:
+            self._revision_watch = RevisionWatch(
+                self._transport, self.decider, poll_seconds=s.policy.revision_poll_seconds
+            )
+            await self._revision_watch.start()
         self.audit = audit_sink(s)
         await self.audit.start()
         tls = None
@@ -142,6 +149,8 @@ class Gateway:
             await self.audit.close()
         for catalog in self._catalogs.values():
             await catalog.close()
+        if self._revision_watch is not None:
+            await self._revision_watch.stop()
         if self._transport is not None:
             await self._transport.aclose()
         if self.sidecar is not None:

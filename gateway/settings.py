@@ -52,6 +52,9 @@ class PolicySettings(BaseModel):
     # new sessions (each session's first statements miss the cache) must not read as OPA down.
     timeout_seconds: float = 2.0
     cache_size: int = 10_000
+    # With opa_url: how often OPA's bundle revision is polled. A policy change OPA loads
+    # reaches decisions kept in memory (cache, prepared statements) within this time.
+    revision_poll_seconds: float = 1.0
     rego_dir: Path = Path("rego")
     bundle_dir: Path = Path("bundles")
 

@@ -242,8 +242,9 @@ class StatementGate:
         params: tuple[str | None, ...],
         *,
         record: bool,
+        decide_params: bool = True,
     ) -> Verdict:
-        decisions = await self._decide_all(facts, protocol, list(params))
+        decisions = await self._decide_all(facts, protocol, list(params) if decide_params else [])
         combined = combine(decisions)
         allowed = combined.action == "allow"
         request_ids: list[str | None] = [None] * len(facts)
@@ -302,13 +303,29 @@ class StatementGate:
         )
         return await self._verdict((facts,), "function_call", args, record=True)
 
+    def still_current(self, decisions: Sequence[Decision]) -> bool:
+        """Whether decisions made earlier (at Parse) were made under the policy in force now.
+
+        A decider that cannot say which policy is in force (no `revision`, or None while a
+        change loads) makes every earlier decision stale: it is decided again."""
+        revision: str | None = getattr(self._decider, "revision", None)
+        return revision is not None and all(d.bundle_revision == revision for d in decisions)
+
+    async def recheck_prepared(
+        self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
+    ) -> Verdict:
+        """An Execute of a statement whose Parse decision predates the policy in force: decided
+        again as at Parse (on its text), then recorded with its parameters."""
+        return await self._verdict(facts, "extended", params, record=True, decide_params=False)
+
     async def check_execute(
         self,
         facts: tuple[StatementFacts, ...],
         decisions: list[Decision],
         params: tuple[str | None, ...],
     ) -> Verdict:
-        """An Execute of a statement allowed at Parse: recorded, with its parameters, first."""
+        """An Execute of a statement allowed at Parse, under the policy still in force
+        (still_current): recorded, with its parameters, first."""
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:

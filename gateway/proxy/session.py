@@ -992,6 +992,11 @@ class ClientSession(asyncio.Protocol):
         elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
+        elif not self.gate.still_current(prepared.decisions):
+            # The policy changed since the Parse: its allow no longer stands on its own.
+            verdict = await self.gate.recheck_prepared(prepared.facts, portal.params)
+            if verdict.allowed:
+                prepared.decisions = verdict.decisions
         else:
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params

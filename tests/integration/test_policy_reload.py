@@ -9,8 +9,10 @@ restart of the gateway or of OPA.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,9 @@ from typing import Any
 
 import psycopg
 import pytest
+import uvloop
+
+from gateway.policy.sidecar import OpaSidecar
 
 from . import REFUSED, assert_policy_refusal, connect, harness, refusal_of, simple, token_for
 
@@ -102,7 +107,14 @@ def test_policy_change_takes_effect_without_restart(
     cache = live.gateway.decider
     opa_pid = sidecar.pid
     rule = rego / "pgwarden" / "zz_lockdown.rego"
-    with connect(live.dsn(token_for(live, "ai-agents"))) as conn:
+    with (
+        connect(live.dsn(token_for(live, "ai-agents"))) as conn,
+        connect(live.dsn(token_for(live, "ai-agents"))) as prepared,
+    ):
+        # A statement prepared (protocol Parse) under the old policy, executed since by
+        # Bind/Execute alone: the change must reach it too, not only new Parses.
+        for _ in range(2):
+            assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
         # Allowed, then served from the cache.
         assert simple(conn, STATEMENT) == [(3,)]
         hits = cache.hits
@@ -126,6 +138,10 @@ def test_policy_change_takes_effect_without_restart(
                 assert LOCKDOWN_REASON in value.message
             assert cache.hits > hits  # the new policy's deny is what the cache now holds
             assert simple(conn, "SELECT 7 * 6") == [(42,)]
+            for _ in range(2):
+                with pytest.raises(psycopg.Error) as info:
+                    prepared.execute(STATEMENT, prepare=True)
+                assert LOCKDOWN_REASON in refusal_of(info.value).message
             # Other sessions see the new policy as well.
             with connect(live.dsn(token_for(live, "admins"))) as other:
                 with pytest.raises(psycopg.Error) as info:
@@ -143,6 +159,7 @@ def test_policy_change_takes_effect_without_restart(
         assert sidecar.revision == old_revision
         for _ in range(5):
             assert simple(conn, STATEMENT) == [(3,)]
+        assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
         # And the cache works again under it: decisions are kept and served.
         assert cache.revision == old_revision
         hits = cache.hits
@@ -151,3 +168,85 @@ def test_policy_change_takes_effect_without_restart(
         assert cache.hits > hits, "the decision cache stopped serving after the revert"
     # OPA was reloaded, not restarted.
     assert sidecar.pid == opa_pid
+
+
+# -- an OPA pgwarden does not run ------------------------------------------------------------
+
+
+@pytest.fixture
+def external_opa(
+    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
+) -> Iterator[tuple[Any, OpaSidecar, Path]]:
+    """A gateway given an OPA URL (`policy.opa_url`): that OPA, on a policy copy of its own,
+    is run here, beside the gateway, not by it."""
+    conftest = harness(request)
+    root = Path(tempfile.mkdtemp(prefix="pgw-ext-"))
+    shutil.copytree(ROOT / "rego", root / "rego")
+    shutil.copytree(ROOT / "bundles", root / "bundles", ignore=shutil.ignore_patterns("*.tar.gz"))
+    loop = uvloop.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="external-opa", daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    opa = OpaSidecar(
+        opa_binary=opa_binary,
+        rego_dir=root / "rego",
+        bundle_dir=root / "bundles",
+        work_dir=root / "opa",
+        poll_seconds=0.2,
+    )
+    run(opa.start())
+    gw = None
+    try:
+        gw = conftest.start_gateway(
+            root / "state",
+            pg_cluster,
+            opa_binary,
+            policy={"opa_url": opa.url, "revision_poll_seconds": 0.2},
+        )
+        assert gw.gateway.sidecar is None
+        yield gw, opa, root / "rego"
+    finally:
+        if gw is not None:
+            conftest.stop_gateway(gw)
+        run(opa.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_external_opa_policy_change_reaches_cached_and_prepared_decisions(
+    external_opa: tuple[Any, OpaSidecar, Path],
+) -> None:
+    gw, opa, rego = external_opa
+    cache = gw.gateway.decider
+    with (
+        connect(gw.dsn(token_for(gw, "ai-agents"))) as conn,
+        connect(gw.dsn(token_for(gw, "ai-agents"))) as prepared,
+    ):
+        for _ in range(2):
+            assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
+            assert simple(conn, STATEMENT) == [(3,)]
+        hits = cache.hits
+        assert simple(conn, STATEMENT) == [(3,)]
+        assert cache.hits > hits, "the decision was not served from the cache"
+        old_revision = opa.revision
+        assert old_revision is not None and cache.revision == old_revision
+
+        (rego / "pgwarden" / "zz_lockdown.rego").write_text(LOCKDOWN)
+        deadline = time.monotonic() + 15
+        while opa.revision == old_revision:
+            assert time.monotonic() < deadline, "the external OPA never loaded the change"
+            time.sleep(0.05)
+        # OPA serves the new policy now; the gateway learns it within its poll interval,
+        # and from then on neither the cache nor a prepared statement may answer the old way.
+        time.sleep(0.2 + 0.5)
+        for _ in range(3):
+            with pytest.raises(psycopg.Error) as info:
+                simple(conn, STATEMENT)
+            assert LOCKDOWN_REASON in refusal_of(info.value).message
+            with pytest.raises(psycopg.Error) as info:
+                prepared.execute(STATEMENT, prepare=True)
+            assert LOCKDOWN_REASON in refusal_of(info.value).message
