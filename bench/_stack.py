@@ -71,6 +71,25 @@ def _chown_postgres(path: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+@contextlib.contextmanager
+def bare_relay(cluster: LocalCluster) -> Iterator[int]:
+    """bench/bare_relay.py in front of the cluster; yields its port."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("bare_relay.py")), "--port", str(port),
+            "--upstream-port", str(cluster.port)]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -37,6 +37,7 @@ from _stack import (
     Endpoint,
     GatewayProcess,
     PgbenchResult,
+    bare_relay,
     gateway_process,
     pg_cluster,
     pgbench,
@@ -70,7 +71,13 @@ def _endpoints(
         gw2 = stack.enter_context(gateway_process(cluster, null_audit=True))
         gws["pgwarden-noaudit"] = gw2
         eps.append(Endpoint("pgwarden-noaudit", gw2.port, GATEWAY_USER, "app", gw2.token))
+    if "bare" in variants:
+        # The floor: a Python relay that only frames and forwards (bench/bare_relay.py).
+        port = stack.enter_context(bare_relay(cluster))
+        eps.append(Endpoint("bare-relay", port, SUPERUSER, APP_DB, SUPERUSER_PASSWORD))
     for variant in variants:
+        if variant == "bare":
+            continue
         # Audit arrangements compared in the same run: the writer on the gateway's own
         # event loop (in_process) and without the fsync per commit (normal).
         audit = {"in-process": {"in_process": True}, "normal": {"sqlite_synchronous": "normal"}}
@@ -380,8 +387,9 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        choices=["in-process", "normal"],
-        help="also run pgwarden with the audit writer in process, or synchronous=normal",
+        choices=["in-process", "normal", "bare"],
+        help="also run pgwarden with the audit writer in process, or synchronous=normal; or"
+        " the bare Python relay (bench/bare_relay.py)",
     )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
