@@ -250,6 +250,11 @@ class _NullAudit:
     async def outcome(self, record: Any) -> None:
         return None
 
+    def outcome_nowait(self, record: Any) -> None:
+        # As the real sinks have it: without, the gate makes a task per outcome and the
+        # no-audit baseline would carry a cost the product does not have.
+        return None
+
     async def session(self, event: Any) -> None:
         return None
 
