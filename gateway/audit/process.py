@@ -81,19 +81,31 @@ class _ChildProtocol(asyncio.Protocol):
         while end - pos >= header:
             length, code, when = _RECORD.unpack_from(buf, pos)
             if length > _MAX_RECORD or code >= len(RECORD_KINDS):
-                log.error("audit process: malformed frame from the gateway; stopping")
-                assert self.transport is not None
-                self.transport.close()
+                self._stop("malformed frame")
                 return
             if end - pos - header < length:
                 break
             body = bytes(buf[pos + header : pos + header + length])
             pos += header + length
             kind = RECORD_KINDS[code]
-            pending = PendingRecord(kind, when, orjson.loads(body), body)
+            try:
+                record = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                self._stop("a record that is not JSON")
+                return
+            # Every record sent is acknowledged, in order; one that cannot be queued would
+            # break that order, so the stream stops instead (the gateway fails what it sent).
+            if not self._append(PendingRecord(kind, when, record, body), urgent=kind in _URGENT):
+                self._stop("the writer is closed")
+                return
             self.records += 1
-            self._append(pending, urgent=kind in _URGENT)
         del buf[:pos]
+
+    def _stop(self, why: str) -> None:
+        log.error("audit process: %s from the gateway; stopping", why)
+        self._buf.clear()
+        if self.transport is not None:
+            self.transport.close()
 
     def committed(self, count: int, result: CommitResult) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -177,14 +189,25 @@ class _GatewayProtocol(asyncio.Protocol):
                 start = pos + _ACK.size + _MESSAGE.size
                 if end - start < length:
                     break
+                if count > owner.unacknowledged:
+                    log.error("audit process answered out of step; restarting it")
+                    self._buf.clear()
+                    owner.abandon()
+                    return
                 owner.failed(count, bytes(buf[start : start + length]).decode("utf-8", "replace"))
                 pos = start + length
                 continue
             pos += _ACK.size
             if status == _READY:
                 owner.ready()
-            else:
+            elif status == _COMMITTED and count <= owner.unacknowledged:
                 owner.committed(count, seq)
+            else:
+                # Out of step with what was sent: nothing it says can be trusted any more.
+                log.error("audit process answered out of step; restarting it")
+                self._buf.clear()
+                owner.abandon()
+                return
         del buf[:pos]
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -374,6 +397,18 @@ class AuditProcess:
         self._batch = []
 
     # -- acknowledgements ---------------------------------------------------------------
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacked)
+
+    def abandon(self) -> None:
+        """Give up on the current child: its records fail, it is killed and restarted."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+        if self._transport is not None:
+            self._transport.close()
+        self.lost(self._protocol)
 
     def ready(self) -> None:
         if self._up is not None and not self._up.done():
