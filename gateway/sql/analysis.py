@@ -455,7 +455,11 @@ class _Walker:
         self.order_clause(body.get("sortClause"), outs, scope)
         self.expr(body.get("limitCount"), scope, "other")
         self.expr(body.get("limitOffset"), scope, "other")
-        self.expr(body.get("lockingClause"), scope, "other")
+        if body.get("lockingClause"):
+            # FOR UPDATE/SHARE marks each row it returns as locked (a write to the row's
+            # header that blocks other writers); PostgreSQL asks for UPDATE privilege.
+            self.d.flag("row_lock")
+            self.expr(body["lockingClause"], scope, "other")
         return outs
 
     def targets(self, items: list[Node] | None, scope: _Scope, usage: str) -> list[_Out]:
@@ -895,9 +899,9 @@ def _explain(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category
     if analyze_:
         d.flag("explain_analyze")
         return "EXPLAIN", category
-    # Plain EXPLAIN only plans: what the statement would read, nothing it would write.
+    # Plain EXPLAIN only plans: what the statement would read, nothing it would write or lock.
     d.writes.clear()
-    for flag in ("select_into", "dml_in_cte"):
+    for flag in ("select_into", "dml_in_cte", "row_lock"):
         d.flags.pop(flag, None)
     return "EXPLAIN", "read"
 

@@ -16,6 +16,12 @@ approval_reasons contains "ai-agents may not change the schema (DDL) without app
 	changes_schema
 }
 
+# Row locks block every other writer of those rows for as long as the transaction lasts.
+approval_reasons contains "ai-agents may not lock rows (SELECT ... FOR UPDATE/SHARE) without approval" if {
+	role == "ai-agents"
+	locks_rows
+}
+
 approval_reasons contains "ai-agents may not CALL procedures without approval" if {
 	role == "ai-agents"
 	command == "CALL"

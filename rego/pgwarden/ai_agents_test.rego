@@ -108,3 +108,23 @@ test_ai_agents_pii_readers_may_use_classified_predicates if {
 	d.action == "allow"
 	d.masks == []
 }
+
+test_ai_agents_data_modifying_functions_approved if {
+	every f in ["pg_catalog.lo_unlink", "pg_catalog.lo_put", "pg_catalog.lo_from_bytea", "pg_catalog.nextval", "public.setval"] {
+		d := decide(["ai-agents"], {"command": "SELECT", "category": "read", "functions": [f]})
+		d.action == "approve"
+		d.reasons == ["ai-agents may not write without approval"]
+	}
+}
+
+test_ai_agents_reading_functions_allowed if {
+	d := decide(["ai-agents"], {"command": "SELECT", "category": "read", "functions": ["pg_catalog.lo_get", "pg_catalog.currval"]})
+	d.action == "allow"
+}
+
+test_ai_agents_row_locks_approved if {
+	d := decide(["ai-agents"], {"command": "SELECT", "category": "read", "flags": ["row_lock"]})
+	d.action == "approve"
+	d.reasons == ["ai-agents may not lock rows (SELECT ... FOR UPDATE/SHARE) without approval"]
+	d.approvers == ["engineers", "admins"]
+}

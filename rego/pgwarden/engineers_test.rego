@@ -103,3 +103,13 @@ test_engineers_may_use_classified_columns_in_predicates if {
 	d := decide(["engineers"], {"reads": [customers], "columns": [customer_column("ssn", "predicate")]})
 	d.action == "allow"
 }
+
+test_engineers_row_locks_and_data_modifying_functions_allowed if {
+	every statement in [
+		{"command": "SELECT", "category": "read", "flags": ["row_lock"]},
+		{"command": "SELECT", "category": "read", "functions": ["pg_catalog.nextval"]},
+	] {
+		d := decide(["engineers"], statement)
+		d.action == "allow"
+	}
+}

@@ -19,11 +19,27 @@ escape_functions := {
 	"pg_file_rename",
 	"pg_file_unlink",
 	"pg_file_sync",
+	# Logical decoding hands out every table's changes, unmasked; replication slots keep
+	# WAL on the server's disk; the rest control the server process itself.
+	"pg_create_logical_replication_slot",
+	"pg_create_physical_replication_slot",
+	"pg_copy_logical_replication_slot",
+	"pg_copy_physical_replication_slot",
+	"pg_drop_replication_slot",
+	"pg_replication_slot_advance",
+	"pg_logical_emit_message",
+	"pg_promote",
+	"pg_switch_wal",
+	"pg_rotate_logfile",
+	"pg_create_restore_point",
+	"pg_backup_start",
+	"pg_backup_stop",
 }
 
-# Name prefixes of escape function families: dblink*, and pg_ls_* (pg_ls_dir, pg_ls_waldir,
-# pg_ls_logdir, ... all list server directories).
-escape_function_prefixes := {"dblink", "pg_ls_"}
+# Name prefixes of escape function families: dblink*, pg_ls_* (pg_ls_dir, pg_ls_waldir,
+# pg_ls_logdir, ... all list server directories) and pg_logical_slot_* (get or peek the
+# changes decoded from WAL).
+escape_function_prefixes := {"dblink", "pg_ls_", "pg_logical_slot_"}
 
 escape_commands := {
 	"ALTER SYSTEM",

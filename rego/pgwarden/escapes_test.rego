@@ -118,3 +118,17 @@ test_escapes_denied_to_no_known_group if {
 	d := decide([], {"command": "ALTER SYSTEM", "category": "utility"})
 	d.action == "deny"
 }
+
+test_logical_decoding_and_server_control_are_escapes if {
+	every f in [
+		"pg_catalog.pg_logical_slot_get_changes",
+		"pg_catalog.pg_logical_slot_peek_binary_changes",
+		"pg_catalog.pg_create_logical_replication_slot",
+		"pg_catalog.pg_switch_wal",
+		"pg_catalog.pg_promote",
+	] {
+		d := decide(["engineers"], {"command": "SELECT", "category": "read", "functions": [f]})
+		d.action == "deny"
+		sprintf("engineers may not use server-side escapes (function %s): only admins may", [f]) in d.reasons
+	}
+}

@@ -25,8 +25,24 @@ unqualified(name) := lower(trim(parts[count(parts) - 1], "\"")) if {
 # Commands whose command word names the rows they change.
 data_modifying_commands := {"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"}
 
+# Built-in functions that change stored data from inside any statement, a SELECT included:
+# large objects (created, written, truncated, unlinked) and sequences (nextval, setval).
+data_modifying_functions := {
+	"lo_create",
+	"lo_creat",
+	"lo_from_bytea",
+	"lo_put",
+	"lowrite",
+	"lo_truncate",
+	"lo_truncate64",
+	"lo_unlink",
+	"nextval",
+	"setval",
+}
+
 # A statement writes data when the analyser says so in any of the ways it can: a write
-# category, a data-modifying command, a written table, or DML hidden in a CTE.
+# category, a data-modifying command, a written table, DML hidden in a CTE, or a call of a
+# function that changes data.
 writes_data if category == "write"
 
 writes_data if command in data_modifying_commands
@@ -34,6 +50,14 @@ writes_data if command in data_modifying_commands
 writes_data if count(input.statement.writes) > 0
 
 writes_data if "dml_in_cte" in flags
+
+writes_data if {
+	some f in functions
+	unqualified(f) in data_modifying_functions
+}
+
+# SELECT ... FOR UPDATE/SHARE locks the rows it reads until the transaction ends.
+locks_rows if "row_lock" in flags
 
 # SELECT ... INTO creates a table whatever category it arrives with.
 changes_schema if category == "ddl"

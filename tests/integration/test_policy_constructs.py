@@ -35,6 +35,7 @@ pytestmark = pytest.mark.server
 MARKER = f"pgw_{uuid.uuid4().hex[:8]}"
 WRITE = "ai-agents may not write without approval"
 DDL = "ai-agents may not change the schema (DDL) without approval"
+LOCK = "ai-agents may not lock rows"
 READ_FILE = "pg_read_file"
 
 
@@ -100,7 +101,8 @@ HIDDEN_WRITES = {
         WRITE,
     ),
     "insert-select": ("INSERT INTO {t} SELECT id + 10, v FROM {t}", WRITE),
-    "select-for-update-then-delete": ("SELECT * FROM {t} FOR UPDATE; DELETE FROM {t}", WRITE),
+    # The message is held on its first statement's row lock; the DELETE never runs either.
+    "select-for-update-then-delete": ("SELECT * FROM {t} FOR UPDATE; DELETE FROM {t}", LOCK),
 }
 
 
@@ -182,6 +184,66 @@ def test_declare_cursor_over_an_escape(
     assert_policy_refusal(r, reason=READ_FILE)
     assert agent.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     unchanged(gateway, table, agent)
+
+
+# -- data changed or rows locked by a SELECT -----------------------------------------------
+
+def test_large_object_writes_wait_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any]
+) -> None:
+    [(oid,)] = direct(gateway, "SELECT lo_from_bytea(0, 'kept')")
+    try:
+        before = direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata")
+        for text in (
+            f"SELECT lo_unlink({oid})",
+            f"SELECT lo_put({oid}, 0, 'gone')",
+            "SELECT lo_from_bytea(0, 'new')",
+            "SELECT lo_create(0)",
+            f"SELECT lowrite(lo_open({oid}, 131072), 'gone')",
+        ):
+            assert_policy_refusal(refused(agent, text), approval=True, reason=WRITE)
+        assert direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata") == before
+        assert direct(gateway, f"SELECT lo_get({oid})") == [(b"kept",)]
+        unchanged(gateway, table, agent)
+    finally:
+        direct(gateway, f"SELECT lo_unlink({oid})")
+
+
+def test_sequence_writes_wait_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any]
+) -> None:
+    seq = f"{table}_seq"
+    direct(gateway, f'CREATE SEQUENCE "{seq}" OWNED BY "{table}".id')
+    for text in (f"SELECT setval('\"{seq}\"', 1000)", f"SELECT nextval('\"{seq}\"')"):
+        assert_policy_refusal(refused(agent, text), approval=True, reason=WRITE)
+    assert direct(gateway, f'SELECT last_value, is_called FROM "{seq}"') == [(1, False)]
+    unchanged(gateway, table, agent)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT * FROM {t} FOR UPDATE",
+        "SELECT * FROM {t} FOR SHARE NOWAIT",
+        "WITH l AS (SELECT id FROM {t} FOR NO KEY UPDATE) SELECT count(*) FROM l",
+        "BEGIN; DECLARE c CURSOR FOR SELECT * FROM {t} FOR UPDATE; FETCH ALL FROM c",
+    ],
+    ids=["for-update", "for-share", "in-cte", "cursor"],
+)
+def test_row_locks_wait_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str
+) -> None:
+    r = refused(agent, text.format(t=f'"{table}"'))
+    assert_policy_refusal(r, approval=True, reason=LOCK)
+    assert agent.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    unchanged(gateway, table, agent)
+
+
+def test_engineers_may_lock_rows(gateway: Any, table: str) -> None:
+    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+        assert simple(conn, f'SELECT id, v FROM "{table}" ORDER BY id FOR UPDATE') == (
+            original_rows()
+        )
 
 
 # -- function calls wherever they are nested, however they are spelled ------------------

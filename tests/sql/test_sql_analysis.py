@@ -80,6 +80,33 @@ def test_plain_explain_only_reads(sql: str) -> None:
     assert "explain_analyze" not in f.flags
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR NO KEY UPDATE SKIP LOCKED",
+        "SELECT * FROM t FOR SHARE NOWAIT",
+        "SELECT * FROM t FOR KEY SHARE OF t",
+        "WITH x AS (SELECT * FROM t FOR UPDATE) SELECT * FROM x",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM t FOR UPDATE)",
+        "DECLARE c CURSOR FOR SELECT * FROM t FOR UPDATE",
+        "EXPLAIN ANALYZE SELECT * FROM t FOR UPDATE",
+    ],
+)
+def test_row_locking_select_is_flagged(sql: str) -> None:
+    """FOR UPDATE/SHARE marks every row it reads (PostgreSQL asks for UPDATE privilege)."""
+    f = one(sql)
+    assert "row_lock" in f.flags
+    assert f.category == "read" and f.writes == ()
+
+
+@pytest.mark.parametrize(
+    "sql", ["SELECT * FROM t", "EXPLAIN SELECT * FROM t FOR UPDATE", "LOCK TABLE t"]
+)
+def test_no_row_lock_without_a_locking_clause_that_runs(sql: str) -> None:
+    assert "row_lock" not in one(sql).flags
+
+
 def test_select_into_creates_a_table() -> None:
     f = one("SELECT a, b INTO new_t FROM src")
     assert (f.command, f.category) == ("SELECT INTO", "ddl")
