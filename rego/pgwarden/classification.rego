@@ -2,8 +2,34 @@
 package pgwarden
 
 # data.pgwarden.classification maps "schema.table.column" to a mask method.
-classified := data.pgwarden.classification if {
+data_classification := data.pgwarden.classification if {
 	is_object(data.pgwarden.classification)
+} else := {}
+
+# The planner's statistics keep sample values of every analysed column, classified ones
+# included: pg_stats.most_common_vals / histogram_bounds of customers.email list e-mail
+# addresses. While anything is classified they are masked like a classified column
+# (NULL: no valid masked value of anyarray exists); which table a row describes is not
+# known to the gateway, so the samples of every table are hidden.
+statistics_samples := {
+	"pg_catalog.pg_stats.most_common_vals": "null",
+	"pg_catalog.pg_stats.histogram_bounds": "null",
+	"pg_catalog.pg_stats.most_common_elems": "null",
+	"pg_catalog.pg_stats_ext.most_common_vals": "null",
+	"pg_catalog.pg_stats_ext_exprs.most_common_vals": "null",
+	"pg_catalog.pg_stats_ext_exprs.histogram_bounds": "null",
+	"pg_catalog.pg_stats_ext_exprs.most_common_elems": "null",
+	"pg_catalog.pg_statistic.stavalues1": "null",
+	"pg_catalog.pg_statistic.stavalues2": "null",
+	"pg_catalog.pg_statistic.stavalues3": "null",
+	"pg_catalog.pg_statistic.stavalues4": "null",
+	"pg_catalog.pg_statistic.stavalues5": "null",
+	"pg_catalog.pg_statistic_ext_data.stxdmcv": "null",
+	"pg_catalog.pg_statistic_ext_data.stxdexpr": "null",
+}
+
+classified := object.union(statistics_samples, data_classification) if {
+	count(data_classification) > 0
 } else := {}
 
 mask_methods := {"redact", "null", "hash", "partial", "email"}
@@ -52,4 +78,45 @@ oracle_uses contains [column_key(col), col.usage] if {
 	some col in input.statement.columns
 	col.usage != "output"
 	classified[column_key(col)]
+}
+
+# Functions that carry a value out of the statement by a way other than its rows, where no
+# mask reaches it: a setting (set_config, read back by current_setting or SHOW, or reported
+# in a ParameterStatus), a notification payload (pg_notify), an advisory lock key (pg_locks),
+# a large object or a sequence (read by a later, unmasked statement), a WAL message, a
+# restore point or backup label, time (pg_sleep*). Matched on the unqualified name.
+value_channel_functions := {
+	"set_config",
+	"pg_notify",
+	"pg_logical_emit_message",
+	"pg_create_restore_point",
+	"pg_backup_start",
+	"pg_start_backup",
+	"setval",
+	"lo_from_bytea",
+	"lo_put",
+	"lowrite",
+	"lo_create",
+	"lo_creat",
+}
+
+value_channel_prefixes := {"pg_advisory_", "pg_try_advisory_", "pg_sleep"}
+
+value_channel(name) if name in value_channel_functions
+
+value_channel(name) if {
+	some prefix in value_channel_prefixes
+	startswith(name, prefix)
+}
+
+# Masks apply to result rows only: with a classified column in play, such a function would
+# hand its value (or any fragment of it) over unmasked. Approval cannot help: once run, the
+# value is out. Separate statements (set_config of a constant) are unaffected.
+deny_reasons contains sprintf(
+	"classified columns are in play and %s would carry their values past the masks",
+	[f],
+) if {
+	count(masks_in_play) > 0
+	some f in functions
+	value_channel(unqualified(f))
 }

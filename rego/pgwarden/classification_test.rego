@@ -93,3 +93,43 @@ test_no_classification_data if {
 	d.action == "allow"
 	d.masks == []
 }
+
+pg_stats := {"schema": "pg_catalog", "table": "pg_stats"}
+
+test_statistics_samples_masked_while_anything_is_classified if {
+	d := decide(["ai-agents"], {"reads": [pg_stats], "columns": [object.union(pg_stats, {"column": "histogram_bounds", "usage": "output"})]})
+	d.action == "allow"
+	d.masks == [
+		{"schema": "pg_catalog", "table": "pg_stats", "column": "histogram_bounds", "method": "null"},
+		{"schema": "pg_catalog", "table": "pg_stats", "column": "most_common_elems", "method": "null"},
+		{"schema": "pg_catalog", "table": "pg_stats", "column": "most_common_vals", "method": "null"},
+	]
+}
+
+test_statistics_samples_are_an_oracle_too if {
+	d := decide(["ai-agents"], {"reads": [pg_stats], "columns": [object.union(pg_stats, {"column": "most_common_vals", "usage": "predicate"})]})
+	d.action == "deny"
+}
+
+test_statistics_samples_open_to_pii_readers if {
+	decide(["ai-agents", "pii-readers"], {"reads": [pg_stats]}).masks == []
+}
+
+test_statistics_samples_unmasked_without_classification if {
+	decide(["ai-agents"], {"reads": [pg_stats]}).masks == [] with data.pgwarden.classification as {}
+}
+
+test_value_channels_denied_with_classified_columns_in_play if {
+	every f in ["pg_catalog.set_config", "pg_notify", "pg_catalog.pg_advisory_lock", "pg_try_advisory_xact_lock_shared", "pg_sleep_for", "lo_from_bytea", "public.SETVAL"] {
+		d := decide(["ai-agents"], {"reads": [customers], "functions": [f]})
+		d.action == "deny"
+		contains(concat(" ", d.reasons), "would carry their values past the masks")
+	}
+	decide(["engineers"], {"reads": [customers], "functions": ["pg_notify"]}).action == "deny"
+}
+
+test_value_channels_allowed_without_classified_columns if {
+	decide(["ai-agents"], {"reads": [{"schema": "public", "table": "orders"}], "functions": ["pg_catalog.set_config"]}).action == "allow"
+	decide(["ai-agents", "pii-readers"], {"reads": [customers], "functions": ["pg_notify"]}).action == "allow"
+	decide(["ai-agents"], {"reads": [customers], "functions": ["pg_catalog.upper"]}).action == "allow"
+}

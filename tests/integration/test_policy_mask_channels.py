@@ -1,0 +1,96 @@
+"""Classified values must not reach an ai-agents client by any way other than masked rows.
+
+Through the real gateway, real OPA and real PostgreSQL: the planner's statistics (pg_stats,
+pg_statistic) keep sample values of customers.email; session settings, notifications and
+advisory locks can carry a value computed in a masked statement to the client or to a
+later, unmasked statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from . import assert_policy_refusal, connect, direct, refusal_of, simple, token_for
+
+pytestmark = pytest.mark.server
+
+SECRETS = ("ada@example.com", "grace@example.org", "123-45-6789", "987-65-4321")
+CHANNEL = "would carry their values past the masks"
+
+
+@pytest.fixture
+def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        yield conn
+
+
+def assert_clean(seen: Any) -> None:
+    text = repr(seen)
+    for secret in SECRETS:
+        assert secret not in text, (secret, text[:500])
+
+
+def test_planner_statistics_do_not_list_classified_values(
+    gateway: Any, agent: psycopg.Connection[Any]
+) -> None:
+    direct(gateway, "ANALYZE customers")
+    # The premise: the statistics hold the cleartext.
+    raw = direct(
+        gateway,
+        "SELECT histogram_bounds::text FROM pg_stats "
+        "WHERE tablename = 'customers' AND attname = 'email'",
+    )
+    assert "ada@example.com" in repr(raw)
+    for text in (
+        "SELECT attname, most_common_vals::text, histogram_bounds::text FROM pg_stats "
+        "WHERE tablename = 'customers'",
+        "SELECT * FROM pg_stats WHERE tablename = 'customers'",
+        "SELECT s::text FROM pg_stats s",
+        "SELECT array_to_string(histogram_bounds, ',') FROM pg_catalog.pg_stats",
+        "SELECT stavalues1::text, stavalues2::text, stavalues3::text FROM pg_statistic",
+    ):
+        rows = simple(agent, text)
+        assert rows, text
+        assert_clean(rows)
+
+
+def test_a_predicate_on_statistics_samples_is_an_oracle(agent: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.Error) as exc:
+        simple(agent, "SELECT attname FROM pg_stats WHERE histogram_bounds::text LIKE '%ada%'")
+    assert_policy_refusal(refusal_of(exc.value))
+
+
+def test_a_setting_does_not_carry_a_masked_value(agent: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.Error) as exc:
+        simple(agent, "SELECT set_config('pgw.leak', email, false) FROM customers WHERE id = 1")
+    assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
+    # Nothing was stored: the setting does not exist.
+    assert simple(agent, "SELECT current_setting('pgw.leak', true)") == [(None,)]
+    with pytest.raises(psycopg.Error):
+        simple(agent, "SELECT set_config('application_name', ssn, false) FROM customers")
+    assert_clean(agent.info.parameter_status("application_name"))
+    # A setting of a constant beside no classified column is unaffected.
+    assert simple(agent, "SELECT set_config('pgw.ok', 'x', false)") == [("x",)]
+
+
+def test_a_notification_does_not_carry_a_masked_value(agent: psycopg.Connection[Any]) -> None:
+    heard: list[str] = []
+    agent.add_notify_handler(lambda n: heard.append(n.payload))
+    simple(agent, "LISTEN pgw_leak")
+    with pytest.raises(psycopg.Error) as exc:
+        simple(agent, "SELECT pg_notify('pgw_leak', email) FROM customers")
+    assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
+    simple(agent, "SELECT 1")
+    assert_clean(heard)
+
+
+def test_an_advisory_lock_does_not_carry_a_masked_fragment(agent: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.Error) as exc:
+        simple(agent, "SELECT pg_advisory_lock(ascii(email)) FROM customers WHERE id = 1")
+    assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
+    held = simple(agent, "SELECT objid FROM pg_locks WHERE locktype = 'advisory'")
+    assert (ord("a"),) not in held
