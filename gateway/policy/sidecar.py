@@ -220,6 +220,10 @@ class OpaSidecar:
             stdout=self._log,
             stderr=self._log,
             preexec_fn=_die_with_parent,
+            # Out of the terminal's process group: a Ctrl-C meant for `pgwarden serve` would
+            # otherwise stop OPA first and the supervisor would restart it during shutdown.
+            # It still dies with the gateway (PR_SET_PDEATHSIG) and is stopped by stop().
+            start_new_session=True,
         )
 
     async def _wait_healthy(self) -> bool:
