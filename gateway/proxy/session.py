@@ -808,10 +808,12 @@ class ClientSession(asyncio.Protocol):
         elif code == 68:
             kind = buf[pos + 5]
             name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
+            held = (self._statements if kind == ord("S") else self._portals).get(name)
             self.tracker.expect(
                 Expectation(
                     "describe_statement" if kind == ord("S") else "describe_portal",
                     closing=(chr(kind), name),
+                    described=held,
                 )
             )
         else:
@@ -1223,9 +1225,12 @@ class ClientSession(asyncio.Protocol):
                 tracker.pop()
                 if front.closing is not None:
                     kind, name = front.closing
-                    (self._described_statements if kind == "S" else self._described_portals)[
-                        name
-                    ] = bytes(view[pos + 5 : end])
+                    # Pipelined, the name may have been parsed or bound again since.
+                    held = (self._statements if kind == "S" else self._portals).get(name)
+                    if held is front.described:
+                        (self._described_statements if kind == "S" else self._described_portals)[
+                            name
+                        ] = bytes(view[pos + 5 : end])
             elif front.kind == "query":
                 run = front.current_run()
                 if run is not None and run.masked:

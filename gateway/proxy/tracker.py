@@ -73,6 +73,10 @@ class Expectation:
     closing: tuple[str, str] | None = None
     # parse: the name and what pgwarden knew of it before, restored if the server rejects it.
     restore: tuple[str, Any] | None = None
+    # describe: the statement or portal described (pgwarden's own record of it). A
+    # description that arrives after the name was parsed or bound again is not kept: it
+    # would plan the masks of another statement's rows.
+    described: Any = None
 
     def current_run(self) -> StatementRun | None:
         if self.cursor < len(self.runs):

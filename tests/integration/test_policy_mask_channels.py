@@ -14,7 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from . import assert_policy_refusal, connect, direct, refusal_of, simple, token_for
+from gateway.protocol import Bind, DataRow, Describe, Execute, Parse, Sync
+
+from . import RawClient, assert_policy_refusal, connect, direct, refusal_of, simple, token_for
 
 pytestmark = pytest.mark.server
 
@@ -94,3 +96,28 @@ def test_an_advisory_lock_does_not_carry_a_masked_fragment(agent: psycopg.Connec
     assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
     held = simple(agent, "SELECT objid FROM pg_locks WHERE locktype = 'advisory'")
     assert (ord("a"),) not in held
+
+
+@pytest.mark.parametrize("kind", ["S", "P"])
+def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks(
+    gateway: Any, kind: str
+) -> None:
+    """Parse A, Describe A, Parse B (same name), Bind, Execute B in one pipeline: A's
+    description arrives after B replaced A, and must not be taken for B's columns."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(
+            Parse("", b"SELECT name FROM customers"),
+            Bind("", ""),
+            Describe(kind, ""),  # type: ignore[arg-type]
+            Parse("", b"SELECT email FROM customers"),
+            Bind("", ""),
+            Execute(""),
+            Sync(),
+        )
+        reply = client.until_ready()
+    finally:
+        client.close()
+    rows = [DataRow.decode(body).values for code, body in reply if code == "D"]
+    assert len(rows) == 2, reply
+    assert_clean(rows)
