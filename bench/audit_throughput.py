@@ -4,7 +4,9 @@
 
 Without --dsn a throwaway local PostgreSQL cluster (cli/localpg.py) is started for the run.
 Each writer awaits one request() at a time, as a gateway session does: a record counts only
-once it is committed (SQLite: WAL, synchronous=FULL; PostgreSQL: COMMIT returned).
+once it is committed (SQLite: WAL, synchronous=FULL; PostgreSQL: COMMIT returned). Each store
+is measured twice: the AuditWriter in this process, and through the audit process
+(AuditProcess -> python -m gateway.audit), which is the gateway's path.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from cli.localpg import LocalCluster, free_port
 from gateway.audit import (
     AuditChain,
     AuditKeyring,
+    AuditProcess,
     AuditStore,
     AuditWriter,
     HeadWitness,
@@ -34,6 +37,7 @@ from gateway.audit import (
 from gateway.audit.events import StatementRequest
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
+from gateway.settings import Settings, load_settings
 
 PRINCIPAL = Principal("agent:bench", "pgwarden", ("ai-agents",), "jti-bench", None)
 
@@ -87,6 +91,35 @@ async def run(name: str, store: AuditStore, folder: Path, writers: int, seconds:
     await check_store.close()
 
 
+async def run_process(name: str, settings: Settings, writers: int, seconds: float) -> None:
+    """The same load through the gateway's own path: AuditProcess feeding the child."""
+    sink = AuditProcess(settings)
+    await sink.start()
+    try:
+        for i in range(200):  # warm-up
+            await sink.request(_request(i))
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def session(k: int) -> None:
+            nonlocal done
+            n = k
+            while time.perf_counter() < stop:
+                await sink.request(_request(n))
+                n += writers
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(session(k) for k in range(writers)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await sink.close()
+    print(
+        f"{name:10s} {done:8d} records in {elapsed:5.2f}s = {done / elapsed:9,.0f} records/s"
+        f" durable  (through the audit process, {writers} writers)"
+    )
+
+
 def _reopen_args(store: AuditStore) -> dict[str, object]:
     if isinstance(store, SqliteAuditStore):
         return {"path": store.path}
@@ -108,6 +141,8 @@ async def main() -> None:
     try:
         await run("sqlite", SqliteAuditStore(folder / "sqlite" / "audit.sqlite3"),
                   folder / "sqlite", args.writers, args.seconds)  # fmt: skip
+        await run_process("sqlite", load_settings(state_dir=folder / "sqlite-process"),
+                          args.writers, args.seconds)  # fmt: skip
         dsn = args.dsn
         if dsn is None:
             # Its own folder, world-traversable: the server runs as the postgres OS user.
@@ -124,6 +159,11 @@ async def main() -> None:
             bench_dsn = dsn.rsplit("/", 1)[0] + "/" + dbname
             await run("postgresql", PostgresAuditStore(bench_dsn), folder / "pg-keys",
                       args.writers, args.seconds)  # fmt: skip
+            settings = load_settings(
+                state_dir=folder / "pg-process",
+                audit={"store": "postgres", "postgres_dsn": bench_dsn},
+            )
+            await run_process("postgresql", settings, args.writers, args.seconds)
         finally:
             await admin.execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
             await admin.close()
