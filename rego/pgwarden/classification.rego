@@ -28,9 +28,24 @@ statistics_samples := {
 	"pg_catalog.pg_statistic_ext_data.stxdexpr": "null",
 }
 
-classified := object.union(statistics_samples, data_classification) if {
+# Other sessions' statement text quotes the values they used (WHERE ssn = '...', an UPDATE
+# of an e-mail address): for ai-agents it is masked like a classified column.
+statement_texts := {"pg_catalog.pg_stat_activity.query": "redact"} if {
+	role == "ai-agents"
+} else := {}
+
+classified := object.union(object.union(statistics_samples, statement_texts), data_classification) if {
 	count(data_classification) > 0
 } else := {}
+
+# The functions under pg_stat_activity return the same text with no column to mask.
+deny_reasons contains sprintf("ai-agents may not read other sessions' statement text (%s)", [f]) if {
+	role == "ai-agents"
+	not pii_reader
+	count(data_classification) > 0
+	some f in functions
+	unqualified(f) in {"pg_stat_get_activity", "pg_stat_get_backend_activity"}
+}
 
 mask_methods := {"redact", "null", "hash", "partial", "email"}
 

@@ -133,3 +133,21 @@ test_value_channels_allowed_without_classified_columns if {
 	decide(["ai-agents", "pii-readers"], {"reads": [customers], "functions": ["pg_notify"]}).action == "allow"
 	decide(["ai-agents"], {"reads": [customers], "functions": ["pg_catalog.upper"]}).action == "allow"
 }
+
+pg_stat_activity := {"schema": "pg_catalog", "table": "pg_stat_activity"}
+
+test_other_sessions_statement_text_masked_for_ai_agents if {
+	d := decide(["ai-agents"], {"reads": [pg_stat_activity]})
+	d.action == "allow"
+	d.masks == [{"schema": "pg_catalog", "table": "pg_stat_activity", "column": "query", "method": "redact"}]
+	decide(["ai-agents"], {"reads": [pg_stat_activity], "columns": [object.union(pg_stat_activity, {"column": "query", "usage": "predicate"})]}).action == "deny"
+	decide(["engineers"], {"reads": [pg_stat_activity]}).masks == []
+	decide(["ai-agents", "pii-readers"], {"reads": [pg_stat_activity]}).masks == []
+}
+
+test_statement_text_functions_denied_to_ai_agents if {
+	every f in ["pg_catalog.pg_stat_get_activity", "pg_stat_get_backend_activity"] {
+		decide(["ai-agents"], {"functions": [f]}).action == "deny"
+		decide(["engineers"], {"functions": [f]}).action == "allow"
+	}
+}

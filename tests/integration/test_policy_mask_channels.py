@@ -121,3 +121,19 @@ def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks
     rows = [DataRow.decode(body).values for code, body in reply if code == "D"]
     assert len(rows) == 2, reply
     assert_clean(rows)
+
+
+def test_other_sessions_statement_text_is_masked(
+    gateway: Any, agent: psycopg.Connection[Any]
+) -> None:
+    with psycopg.connect(gateway.direct_dsn(), autocommit=True) as other:
+        other.execute(b"SELECT id FROM customers WHERE ssn = '987-65-4321'")
+        # The premise: the other session's text, literal and all, is there to read.
+        assert "987-65-4321" in repr(direct(gateway, "SELECT query FROM pg_stat_activity"))
+        rows = simple(agent, "SELECT pid, query FROM pg_stat_activity")
+        assert rows
+        assert_clean(rows)
+        assert_clean(simple(agent, "SELECT a::text FROM pg_stat_activity a"))
+        with pytest.raises(psycopg.Error) as exc:
+            simple(agent, "SELECT query FROM pg_stat_get_activity(NULL)")
+        assert_policy_refusal(refusal_of(exc.value), reason="statement text")
