@@ -178,6 +178,7 @@ class _Draft:
     writes: dict[TableRef, None] = field(default_factory=dict)
     columns: dict[ColumnRef, None] = field(default_factory=dict)
     functions: dict[str, None] = field(default_factory=dict)
+    operators: dict[str, None] = field(default_factory=dict)
     flags: dict[str, None] = field(default_factory=dict)
     dml: list[str] = field(default_factory=list)
     # UPDATE/DELETE seen without a real WHERE anywhere in the statement.
@@ -251,8 +252,13 @@ class _Walker:
             return bases
         if kind == "FuncCall":
             return self.func_call(body, scope, usage)
+        if kind == "A_Expr":
+            self.operator(body.get("name") or [])
+        elif kind == "SortBy":
+            self.operator(body.get("useOp") or [])
         if kind == "SubLink":
             # The sub-select's output is used where the sub-link stands (e.g. in WHERE).
+            self.operator(body.get("operName") or [])
             found = self.expr(body.get("testexpr"), scope, usage)
             outs = self.query(body["subselect"], _Scope(parent=scope, usage=usage))
             for out in outs:
@@ -320,6 +326,18 @@ class _Walker:
             found |= self.expr(over.get("partitionClause"), scope, "group")
             found |= self.expr(over.get("orderClause"), scope, "order")
         return found
+
+    def operator(self, name: list[Node]) -> None:
+        """An operator runs the function behind it: note its name for the catalog to check."""
+        parts = _names(name)
+        if not parts:
+            return
+        if parts[-1].upper().endswith(("BETWEEN", "BETWEEN SYMMETRIC")):
+            words = [">=", "<="]  # x BETWEEN a AND b is x >= a AND x <= b
+        else:
+            words = [parts[-1]]
+        for word in words:
+            self.d.operators[".".join([*parts[:-1], word])] = None
 
     def identity_setting(self, args: list[Node]) -> None:
         first = args[0] if args else None
@@ -490,6 +508,7 @@ class _Walker:
     def order_clause(self, items: list[Node] | None, outs: list[_Out], scope: _Scope) -> None:
         for item in items or ():
             sort = item["SortBy"]
+            self.operator(sort.get("useOp") or [])
             self.d.emit(_output_reference(sort["node"], outs), "order")
             self.expr(sort["node"], scope, "order")
 
@@ -801,6 +820,7 @@ def _finish(
         writes=tuple(draft.writes),
         columns=tuple(draft.columns),
         functions=tuple(draft.functions),
+        operators=tuple(draft.operators),
         has_where=has_where,
         flags=tuple(draft.flags),
         prepared_name=prepared_name,

@@ -159,6 +159,22 @@ WHERE p.proname = ANY($1::text[])
 GROUP BY p.proname
 """
 
+# Which schemas hold an operator of each name whose function someone wrote in SQL or a
+# procedural language: not a built-in (pg_catalog) and not part of an extension (whose
+# code an admin installed; CREATE EXTENSION is denied to everyone else).
+_OPERATOR_QUERY = """
+SELECT o.oprname::text, array_agg(DISTINCT n.nspname::text)
+FROM pg_catalog.pg_operator o
+JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
+WHERE o.oprname = ANY($1::text[])
+  AND p.pronamespace <> 'pg_catalog'::regnamespace
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid
+                    AND d.deptype = 'e')
+GROUP BY o.oprname
+"""
+
 # Built-in functions that run SQL given as text or read a relation given as an OID: what
 # they read is as invisible to the policy as the body of a user-defined function.
 _OPAQUE_BUILTINS = frozenset(
@@ -265,6 +281,8 @@ class Catalog:
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
         # function name → (schemas holding a function of that name, fetched at)
         self._functions: dict[str, tuple[frozenset[str], float]] = {}
+        # operator name → (schemas holding one of that name backed by user code, fetched at)
+        self._operators: dict[str, tuple[frozenset[str], float]] = {}
         # (schema, table, column) → ((table OID, attnum, derived), ...), fetched at
         self._mask_columns: dict[
             tuple[str, str, str], tuple[tuple[tuple[int, int, bool], ...], float]
@@ -276,6 +294,7 @@ class Catalog:
         self._relkinds.clear()
         self._views.clear()
         self._functions.clear()
+        self._operators.clear()
         self._mask_columns.clear()
         self._schemas = frozenset()
 
@@ -356,7 +375,7 @@ class Catalog:
         views read (flag "via_view") and functions the policy cannot see into (flag
         "opaque_function")."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
-        if not names and not facts.functions:
+        if not names and not facts.functions and not facts.operators:
             return facts
         try:
             relations = await self._lookup(names)
@@ -472,7 +491,7 @@ class Catalog:
         ones (anything outside pg_catalog, or an unqualified name that a function of another
         schema on the path may answer to) and built-ins that run SQL given as text. An
         unqualified name pg_catalog lacks is qualified with the schema that answers to it."""
-        if not facts.functions:
+        if not facts.functions and not facts.operators:
             return facts
         names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
         holders = await self._function_schemas(names) if names else {}
@@ -493,27 +512,62 @@ class Catalog:
                     # pg_catalog has one; another on the path may fit the arguments better.
                     opaque = True
             functions.append(qualified)
+        if not opaque and facts.operators:
+            opaque = await self._user_operator_in(facts.operators, path)
         resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
         return _flagged(resolved, "opaque_function") if opaque else resolved
 
+    async def _user_operator_in(self, operators: Sequence[str], path: Sequence[str]) -> bool:
+        """Whether one of `operators` may run a user-written function: `1 #=# 2` calls the
+        function behind #=# as surely as a call by name would. An unqualified operator is
+        looked up along the path (never in pg_temp, as PostgreSQL does not either)."""
+        wanted: list[tuple[str | None, str]] = []
+        for operator in operators:
+            qualifier, dot, name = operator.rpartition(".")
+            wanted.append((qualifier if dot else None, name))
+        # Most names have no user-written operator at all: that answer is kept too (until
+        # invalidate() or the TTL), or "=" would cost a query on every statement.
+        holders = await self._named_schemas(
+            _OPERATOR_QUERY, self._operators, {name for _, name in wanted}, keep_absent=True
+        )
+        for schema, name in wanted:
+            schemas = holders.get(name, frozenset())
+            if schema is not None and schema in schemas:
+                return True
+            if schema is None and any(s in schemas for s in path):
+                return True
+        return False
+
     async def _function_schemas(self, names: set[str]) -> dict[str, frozenset[str]]:
+        return await self._named_schemas(_FUNCTION_QUERY, self._functions, names)
+
+    async def _named_schemas(
+        self,
+        query: str,
+        cache: dict[str, tuple[frozenset[str], float]],
+        names: set[str],
+        *,
+        keep_absent: bool = False,
+    ) -> dict[str, frozenset[str]]:
+        """name → the schemas `query` finds holding an object of that name, cached."""
         now = time.monotonic()
         found: dict[str, frozenset[str]] = {}
         missing: list[str] = []
         for name in names:
-            entry = self._functions.get(name)
+            entry = cache.get(name)
             if entry is not None and now - entry[1] < self._ttl:
                 found[name] = entry[0]
             else:
                 missing.append(name)
         if missing:
-            rows = await self._fetch(_FUNCTION_QUERY, sorted(missing))
+            rows = await self._fetch(query, sorted(missing))
             fetched = {name: frozenset(schemas) for name, schemas in rows}
             for name in missing:
                 schemas = fetched.get(name, frozenset())
                 found[name] = schemas
-                if schemas:  # an absent function is asked again: someone may create it
-                    self._functions[name] = (schemas, now)
+                # An absent function is asked again: someone may create it.
+                if schemas or keep_absent:
+                    cache[name] = (schemas, now)
         return found
 
     def _effective_path(self, search_path: Sequence[str], user: str | None) -> list[str]:

@@ -50,6 +50,9 @@ class StatementFacts:
     prepared_name: str | None = None
     # For SET-like statements: the setting name and value text, when known.
     setting: tuple[str, str | None] | None = None
+    # Operators used ("+", "myschema.#=#"), for the catalog to find those backed by
+    # user-defined functions (flag opaque_function); not part of the policy input.
+    operators: tuple[str, ...] = ()
 
     def to_input(
         self,

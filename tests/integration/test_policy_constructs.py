@@ -188,6 +188,7 @@ def test_declare_cursor_over_an_escape(
 
 # -- data changed or rows locked by a SELECT -----------------------------------------------
 
+
 def test_large_object_writes_wait_for_approval(
     gateway: Any, table: str, agent: psycopg.Connection[Any]
 ) -> None:
@@ -244,6 +245,30 @@ def test_engineers_may_lock_rows(gateway: Any, table: str) -> None:
         assert simple(conn, f'SELECT id, v FROM "{table}" ORDER BY id FOR UPDATE') == (
             original_rows()
         )
+
+
+def test_operator_backed_by_a_writing_function_waits_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any]
+) -> None:
+    """`1 #=# 2` names no function, yet runs the one behind the operator."""
+    wipe = f"{MARKER}_wipe"
+    direct(
+        gateway,
+        f'CREATE FUNCTION public."{wipe}"(int, int) RETURNS boolean LANGUAGE sql '
+        f'AS $$ DELETE FROM "{table}"; SELECT true $$',
+    )
+    try:
+        direct(
+            gateway,
+            "CREATE OPERATOR public.#=# "
+            f'(LEFTARG = int, RIGHTARG = int, FUNCTION = public."{wipe}")',
+        )
+        for text in ("SELECT 1 #=# 2", f'SELECT id FROM "{table}" WHERE id #=# 1'):
+            r = refused(agent, text)
+            assert_policy_refusal(r, approval=True, reason="functions the policy cannot see into")
+        unchanged(gateway, table, agent)
+    finally:
+        direct(gateway, f'DROP FUNCTION public."{wipe}"(int, int) CASCADE')
 
 
 # -- function calls wherever they are nested, however they are spelled ------------------

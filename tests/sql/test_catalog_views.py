@@ -42,6 +42,9 @@ CREATE FUNCTION vw_fn.emails() RETURNS SETOF text LANGUAGE sql AS 'SELECT email 
 CREATE VIEW vw.v_fn AS SELECT e FROM vw_fn.emails() AS e;
 CREATE VIEW vw.v_over_fn AS SELECT e AS mail FROM vw.v_fn;
 CREATE VIEW vw.v_xml AS SELECT query_to_xml('SELECT 1', true, false, '') AS x;
+CREATE FUNCTION vw_fn.same(int, int) RETURNS boolean LANGUAGE sql AS 'SELECT $1 = $2';
+CREATE OPERATOR vw_fn.#=# (LEFTARG = int, RIGHTARG = int, FUNCTION = vw_fn.same);
+CREATE OPERATOR vw_fn.#<# (LEFTARG = int, RIGHTARG = int, FUNCTION = pg_catalog.int4lt);
 """
 
 PATH = ("vw", "public")
@@ -252,6 +255,39 @@ async def test_builtins_that_run_sql_text_are_opaque(catalog: Catalog) -> None:
     assert "opaque_function" in f.flags
     f = await catalog.resolve(one("SELECT * FROM ts_stat('SELECT 1')"), PATH)
     assert "opaque_function" in f.flags
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("SELECT 1 #=# 2", ("vw_fn", "public")),
+        ("SELECT id FROM people WHERE id #=# 1", ("vw", "vw_fn")),
+        ("SELECT 1 WHERE 1 #=# ANY (SELECT id FROM people)", ("vw", "vw_fn")),
+        ("SELECT 1 WHERE 1 #=# ANY ('{1}')", ("vw_fn",)),
+        ("SELECT 1 OPERATOR(vw_fn.#=#) 2", ("public",)),
+    ],
+)
+async def test_an_operator_backed_by_a_user_function_is_opaque(
+    catalog: Catalog, text: str, path: tuple[str, ...]
+) -> None:
+    """No function name appears, yet the operator runs vw_fn.same for every row."""
+    f = await catalog.resolve(one(text), path)
+    assert "opaque_function" in f.flags, text
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("SELECT id + 1 FROM people WHERE id = 1 AND name LIKE 'a%' ORDER BY id", PATH),
+        ("SELECT 1 #=# 2", ("public",)),  # not on the path: PostgreSQL would not find it
+        ("SELECT 1 #<# 2", ("vw_fn",)),  # a user's operator over a built-in function
+    ],
+)
+async def test_builtin_operators_are_not_opaque(
+    catalog: Catalog, text: str, path: tuple[str, ...]
+) -> None:
+    f = await catalog.resolve(one(text), path)
+    assert "opaque_function" not in f.flags, text
 
 
 async def test_a_view_over_an_opaque_function_is_opaque(catalog: Catalog) -> None:

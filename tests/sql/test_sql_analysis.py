@@ -107,6 +107,26 @@ def test_no_row_lock_without_a_locking_clause_that_runs(sql: str) -> None:
     assert "row_lock" not in one(sql).flags
 
 
+@pytest.mark.parametrize(
+    ("sql", "operators"),
+    [
+        ("SELECT a #=# b FROM t", ("#=#",)),
+        ("SELECT 1 OPERATOR(s.#=#) 2", ("s.#=#",)),
+        ("SELECT 1 WHERE 1 #=# ANY (SELECT a FROM t)", ("#=#",)),
+        ("SELECT a #=# ALL ('{1}') FROM t", ("#=#",)),
+        ("SELECT * FROM t ORDER BY a USING #<#", ("#<#",)),
+        ("SELECT sum(a ORDER BY a USING #<#) FROM t", ("#<#",)),
+        ("SELECT 1 WHERE 2 NOT BETWEEN 1 AND 3", (">=", "<=")),
+        ("DELETE FROM t WHERE a LIKE 'x%'", ("~~",)),
+    ],
+)
+def test_operators_are_listed_for_the_catalog(sql: str, operators: tuple[str, ...]) -> None:
+    """An operator calls the function behind it: the catalog checks who wrote that."""
+    f = one(sql)
+    assert f.operators == operators
+    assert "operators" not in f.to_input(protocol="simple", index=0, count=1)
+
+
 def test_select_into_creates_a_table() -> None:
     f = one("SELECT a, b INTO new_t FROM src")
     assert (f.command, f.category) == ("SELECT INTO", "ddl")
