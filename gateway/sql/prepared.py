@@ -31,7 +31,7 @@ def _union(*groups: Iterable[T]) -> tuple[T, ...]:
 
 
 def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
-    """Facts that cover both a and b: every table, column, function and flag of either."""
+    """Facts that cover both a and b: every table, column, function, operator and flag."""
     stronger = a if _CATEGORY_RANK[a.category] >= _CATEGORY_RANK[b.category] else b
     return replace(
         stronger,
@@ -39,6 +39,7 @@ def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
         writes=_union(a.writes, b.writes),
         columns=_union(a.columns, b.columns),
         functions=_union(a.functions, b.functions),
+        operators=_union(a.operators, b.operators),
         flags=_union(a.flags, b.flags),
         has_where=a.has_where and b.has_where,
     )
@@ -112,6 +113,7 @@ class PreparedStatements:
                 text=f.text,
                 fingerprint=f.fingerprint,
                 functions=_union(prepared.functions, f.functions),
+                operators=_union(prepared.operators, f.operators),
                 flags=flags,
                 prepared_name=f.prepared_name,
             )

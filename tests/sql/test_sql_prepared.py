@@ -33,6 +33,20 @@ def test_execute_params_add_their_functions() -> None:
     assert "pg_catalog.pg_terminate_backend" in ex.functions
 
 
+def test_operators_survive_execute_and_merging() -> None:
+    """The catalog checks operators too (one may run a user's function): none may be lost."""
+    reg = PreparedStatements()
+    reg.resolve(analyze("PREPARE p AS SELECT 1 #=# 2"))
+    (ex,) = reg.resolve(analyze("EXPLAIN ANALYZE EXECUTE p"))
+    assert ex.operators == ("#=#",)
+    reg.resolve(analyze("PREPARE r (int) AS SELECT $1"))
+    (ex,) = reg.resolve(analyze("EXECUTE r (1 #<# 2)"))
+    assert ex.operators == ("#<#",)
+    reg.register("p", analyze("DELETE FROM t")[0])  # the server may still hold the old one
+    merged = reg.lookup("p")
+    assert merged is not None and merged.operators == ("#=#",)
+
+
 def test_unknown_name_is_unknown() -> None:
     (ex,) = PreparedStatements().resolve(analyze("EXECUTE nope"))
     assert (ex.command, ex.category) == ("EXECUTE", "unknown")
