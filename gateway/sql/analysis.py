@@ -179,6 +179,7 @@ class _Draft:
     columns: dict[ColumnRef, None] = field(default_factory=dict)
     functions: dict[str, None] = field(default_factory=dict)
     operators: dict[str, None] = field(default_factory=dict)
+    attributes: dict[str, None] = field(default_factory=dict)
     flags: dict[str, None] = field(default_factory=dict)
     dml: list[str] = field(default_factory=list)
     # UPDATE/DELETE seen without a real WHERE anywhere in the statement.
@@ -256,6 +257,9 @@ class _Walker:
             self.operator(body.get("name") or [])
         elif kind == "SortBy":
             self.operator(body.get("useOp") or [])
+        elif kind == "A_Indirection":
+            for name in _names(body.get("indirection") or []):
+                self.d.attributes[name] = None
         if kind == "SubLink":
             # The sub-select's output is used where the sub-link stands (e.g. in WHERE).
             self.operator(body.get("operName") or [])
@@ -294,6 +298,7 @@ class _Walker:
             return set()
         column = names[-1]
         if len(names) >= 2:
+            self.d.attributes[column] = None
             qualified = scope.find(names[-2])
             if qualified is not None:
                 return qualified.column(column)
@@ -821,6 +826,7 @@ def _finish(
         columns=tuple(draft.columns),
         functions=tuple(draft.functions),
         operators=tuple(draft.operators),
+        attributes=tuple(draft.attributes),
         has_where=has_where,
         flags=tuple(draft.flags),
         prepared_name=prepared_name,

@@ -376,7 +376,7 @@ class Catalog:
         "opaque_function")."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
         if not names and not facts.functions and not facts.operators:
-            return facts
+            return facts  # an attribute (t.name) comes with its relation, so with names
         try:
             relations = await self._lookup(names)
         except Exception:
@@ -418,7 +418,13 @@ class Catalog:
             resolved = _flagged(resolved, "unresolved_relation")
         try:
             resolved = await self._through_views(resolved)
-            resolved = await self._opaque_functions(resolved, path)
+            columns_known = {
+                column
+                for holders in relations.values()
+                for known_columns in holders.values()
+                for column in known_columns
+            }
+            resolved = await self._opaque_functions(resolved, path, columns_known)
         except Exception:
             return _flagged(resolved, "catalog_unavailable")
         return resolved
@@ -486,12 +492,16 @@ class Catalog:
                     found[name] = lineage
         return found
 
-    async def _opaque_functions(self, facts: StatementFacts, path: Sequence[str]) -> StatementFacts:
+    async def _opaque_functions(
+        self, facts: StatementFacts, path: Sequence[str], columns_known: set[str]
+    ) -> StatementFacts:
         """Flag "opaque_function" for functions the policy cannot see into: user-defined
         ones (anything outside pg_catalog, or an unqualified name that a function of another
-        schema on the path may answer to) and built-ins that run SQL given as text. An
-        unqualified name pg_catalog lacks is qualified with the schema that answers to it."""
-        if not facts.functions and not facts.operators:
+        schema on the path may answer to), built-ins that run SQL given as text, and those
+        reached without a call: through an operator, or by attribute notation (`t.name`
+        where no relation of the statement has a column `name`). An unqualified name
+        pg_catalog lacks is qualified with the schema that answers to it."""
+        if not facts.functions and not facts.operators and not facts.attributes:
             return facts
         names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
         holders = await self._function_schemas(names) if names else {}
@@ -514,6 +524,10 @@ class Catalog:
             functions.append(qualified)
         if not opaque and facts.operators:
             opaque = await self._user_operator_in(facts.operators, path)
+        attributes = {a for a in facts.attributes if a not in columns_known}
+        if not opaque and attributes:
+            found = await self._function_schemas(attributes)
+            opaque = any(s in path and s != "pg_catalog" for n in attributes for s in found[n])
         resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
         return _flagged(resolved, "opaque_function") if opaque else resolved
 

@@ -53,6 +53,9 @@ class StatementFacts:
     # Operators used ("+", "myschema.#=#"), for the catalog to find those backed by
     # user-defined functions (flag opaque_function); not part of the policy input.
     operators: tuple[str, ...] = ()
+    # Names after a dot (`t.name`, `(row).name`): where no column answers to one, a function
+    # of that name taking the row does (attribute notation), so the catalog checks them.
+    attributes: tuple[str, ...] = ()
 
     def to_input(
         self,

@@ -40,6 +40,7 @@ def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
         columns=_union(a.columns, b.columns),
         functions=_union(a.functions, b.functions),
         operators=_union(a.operators, b.operators),
+        attributes=_union(a.attributes, b.attributes),
         flags=_union(a.flags, b.flags),
         has_where=a.has_where and b.has_where,
     )
@@ -114,6 +115,7 @@ class PreparedStatements:
                 fingerprint=f.fingerprint,
                 functions=_union(prepared.functions, f.functions),
                 operators=_union(prepared.operators, f.operators),
+                attributes=_union(prepared.attributes, f.attributes),
                 flags=flags,
                 prepared_name=f.prepared_name,
             )

@@ -271,6 +271,28 @@ def test_operator_backed_by_a_writing_function_waits_for_approval(
         direct(gateway, f'DROP FUNCTION public."{wipe}"(int, int) CASCADE')
 
 
+def test_function_by_attribute_notation_waits_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any]
+) -> None:
+    """`r.wipe` is wipe(r) when the table has no column wipe: a call with no call syntax."""
+    wipe = f"{MARKER}_wipe"
+    direct(
+        gateway,
+        f'CREATE FUNCTION public."{wipe}"(r "{table}") RETURNS boolean LANGUAGE sql '
+        f'AS $$ DELETE FROM "{table}"; SELECT true $$',
+    )
+    try:
+        for text in (
+            f'SELECT r."{wipe}" FROM "{table}" r',
+            f'SELECT (r)."{wipe}" FROM "{table}" r',
+        ):
+            r = refused(agent, text)
+            assert_policy_refusal(r, approval=True, reason="functions the policy cannot see into")
+        unchanged(gateway, table, agent)
+    finally:
+        direct(gateway, f'DROP FUNCTION public."{wipe}" CASCADE')
+
+
 # -- function calls wherever they are nested, however they are spelled ------------------
 
 ESCAPES = {

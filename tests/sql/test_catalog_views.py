@@ -45,6 +45,7 @@ CREATE VIEW vw.v_xml AS SELECT query_to_xml('SELECT 1', true, false, '') AS x;
 CREATE FUNCTION vw_fn.same(int, int) RETURNS boolean LANGUAGE sql AS 'SELECT $1 = $2';
 CREATE OPERATOR vw_fn.#=# (LEFTARG = int, RIGHTARG = int, FUNCTION = vw_fn.same);
 CREATE OPERATOR vw_fn.#<# (LEFTARG = int, RIGHTARG = int, FUNCTION = pg_catalog.int4lt);
+CREATE FUNCTION vw_fn.shout(vw.people) RETURNS text LANGUAGE sql AS 'SELECT upper($1.name)';
 """
 
 PATH = ("vw", "public")
@@ -288,6 +289,29 @@ async def test_builtin_operators_are_not_opaque(
 ) -> None:
     f = await catalog.resolve(one(text), path)
     assert "opaque_function" not in f.flags, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT p.shout FROM people p",
+        "SELECT (p).shout FROM people p",
+        "SELECT people.shout FROM people",
+    ],
+)
+async def test_a_function_called_by_attribute_notation_is_opaque(
+    catalog: Catalog, text: str
+) -> None:
+    """`p.shout` is vw_fn.shout(p) when people has no column shout."""
+    f = await catalog.resolve(one(text), ("vw", "vw_fn"))
+    assert "opaque_function" in f.flags, text
+    f = await catalog.resolve(one(text), ("vw",))  # not on the path: PostgreSQL would not find it
+    assert "opaque_function" not in f.flags, text
+
+
+async def test_columns_by_attribute_notation_are_not_opaque(catalog: Catalog) -> None:
+    f = await catalog.resolve(one("SELECT p.name, (p).email FROM people p"), ("vw", "vw_fn"))
+    assert "opaque_function" not in f.flags
 
 
 async def test_a_view_over_an_opaque_function_is_opaque(catalog: Catalog) -> None:

@@ -127,6 +127,14 @@ def test_operators_are_listed_for_the_catalog(sql: str, operators: tuple[str, ..
     assert "operators" not in f.to_input(protocol="simple", index=0, count=1)
 
 
+def test_names_after_a_dot_are_listed_for_the_catalog() -> None:
+    """`t.name` may be a function taking t's row (attribute notation): the catalog checks."""
+    f = one("SELECT o.total, (o).shout, s.t.c FROM t o, s.t WHERE o.id = 1")
+    assert set(f.attributes) == {"total", "shout", "c", "id"}
+    assert one("SELECT total FROM t").attributes == ()
+    assert "attributes" not in f.to_input(protocol="simple", index=0, count=1)
+
+
 def test_select_into_creates_a_table() -> None:
     f = one("SELECT a, b INTO new_t FROM src")
     assert (f.command, f.category) == ("SELECT INTO", "ddl")
