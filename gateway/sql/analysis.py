@@ -180,6 +180,7 @@ class _Draft:
     functions: dict[str, None] = field(default_factory=dict)
     operators: dict[str, None] = field(default_factory=dict)
     attributes: dict[str, None] = field(default_factory=dict)
+    types: dict[str, None] = field(default_factory=dict)
     flags: dict[str, None] = field(default_factory=dict)
     dml: list[str] = field(default_factory=list)
     # UPDATE/DELETE seen without a real WHERE anywhere in the statement.
@@ -260,6 +261,12 @@ class _Walker:
         elif kind == "A_Indirection":
             for name in _names(body.get("indirection") or []):
                 self.d.attributes[name] = None
+        elif kind == "CaseExpr" and body.get("arg") is not None:
+            self.operator([{"String": {"sval": "="}}])  # CASE x WHEN v compares x = v
+        elif kind == "TypeCast":
+            type_name = _names((body.get("typeName") or {}).get("names") or [])
+            if type_name:
+                self.d.types[".".join(type_name[-2:])] = None
         if kind == "SubLink":
             # The sub-select's output is used where the sub-link stands (e.g. in WHERE).
             self.operator(body.get("operName") or [])
@@ -372,6 +379,8 @@ class _Walker:
             right = self.from_item(body["rarg"], scope)
             both = [*left, *right]
             inner = _Scope(parent=scope, rels=both)
+            if body.get("usingClause") or body.get("isNatural"):
+                self.operator([{"String": {"sval": "="}}])  # USING (id) compares with =
             for using in _names(body.get("usingClause") or []):
                 for rel in both:
                     self.d.emit(rel.column(using), "join")
@@ -827,6 +836,7 @@ def _finish(
         functions=tuple(draft.functions),
         operators=tuple(draft.operators),
         attributes=tuple(draft.attributes),
+        types=tuple(draft.types),
         has_where=has_where,
         flags=tuple(draft.flags),
         prepared_name=prepared_name,

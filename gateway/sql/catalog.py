@@ -175,6 +175,25 @@ WHERE o.oprname = ANY($1::text[])
 GROUP BY o.oprname
 """
 
+# Which schemas hold a type of each name that a cast to it runs user-written code for: a
+# domain whose CHECK constraint calls such a function, or a cast with such a function.
+_TYPE_QUERY = """
+SELECT t.typname::text, array_agg(DISTINCT n.nspname::text)
+FROM pg_catalog.pg_type t
+JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE t.typname = ANY($1::text[])
+  AND (EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+               JOIN pg_catalog.pg_depend d
+                 ON d.classid = 'pg_catalog.pg_constraint'::regclass AND d.objid = c.oid
+                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
+               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+               WHERE c.contypid = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast k
+                  JOIN pg_catalog.pg_proc p ON p.oid = k.castfunc
+                  WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace))
+GROUP BY t.typname
+"""
+
 # Built-in functions that run SQL given as text or read a relation given as an OID: what
 # they read is as invisible to the policy as the body of a user-defined function.
 _OPAQUE_BUILTINS = frozenset(
@@ -283,6 +302,8 @@ class Catalog:
         self._functions: dict[str, tuple[frozenset[str], float]] = {}
         # operator name → (schemas holding one of that name backed by user code, fetched at)
         self._operators: dict[str, tuple[frozenset[str], float]] = {}
+        # type name → (schemas holding one a cast to which runs user code, fetched at)
+        self._types: dict[str, tuple[frozenset[str], float]] = {}
         # (schema, table, column) → ((table OID, attnum, derived), ...), fetched at
         self._mask_columns: dict[
             tuple[str, str, str], tuple[tuple[tuple[int, int, bool], ...], float]
@@ -295,6 +316,7 @@ class Catalog:
         self._views.clear()
         self._functions.clear()
         self._operators.clear()
+        self._types.clear()
         self._mask_columns.clear()
         self._schemas = frozenset()
 
@@ -375,7 +397,7 @@ class Catalog:
         views read (flag "via_view") and functions the policy cannot see into (flag
         "opaque_function")."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
-        if not names and not facts.functions and not facts.operators:
+        if not names and not (facts.functions or facts.operators or facts.types):
             return facts  # an attribute (t.name) comes with its relation, so with names
         try:
             relations = await self._lookup(names)
@@ -498,10 +520,11 @@ class Catalog:
         """Flag "opaque_function" for functions the policy cannot see into: user-defined
         ones (anything outside pg_catalog, or an unqualified name that a function of another
         schema on the path may answer to), built-ins that run SQL given as text, and those
-        reached without a call: through an operator, or by attribute notation (`t.name`
-        where no relation of the statement has a column `name`). An unqualified name
+        reached without a call: through an operator, by attribute notation (`t.name`
+        where no relation of the statement has a column `name`), or by a cast to a domain
+        or type whose CHECK or cast function is user-written. An unqualified name
         pg_catalog lacks is qualified with the schema that answers to it."""
-        if not facts.functions and not facts.operators and not facts.attributes:
+        if not (facts.functions or facts.operators or facts.attributes or facts.types):
             return facts
         names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
         holders = await self._function_schemas(names) if names else {}
@@ -523,7 +546,14 @@ class Catalog:
                     opaque = True
             functions.append(qualified)
         if not opaque and facts.operators:
-            opaque = await self._user_operator_in(facts.operators, path)
+            opaque = await self._user_code_behind(
+                _OPERATOR_QUERY, self._operators, facts.operators, path
+            )
+        if not opaque and facts.types:
+            # Types are looked up in the session's temporary schema too (operators are not).
+            opaque = await self._user_code_behind(
+                _TYPE_QUERY, self._types, facts.types, [*path, "pg_temp"]
+            )
         attributes = {a for a in facts.attributes if a not in columns_known}
         if not opaque and attributes:
             found = await self._function_schemas(attributes)
@@ -531,21 +561,30 @@ class Catalog:
         resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
         return _flagged(resolved, "opaque_function") if opaque else resolved
 
-    async def _user_operator_in(self, operators: Sequence[str], path: Sequence[str]) -> bool:
-        """Whether one of `operators` may run a user-written function: `1 #=# 2` calls the
-        function behind #=# as surely as a call by name would. An unqualified operator is
-        looked up along the path (never in pg_temp, as PostgreSQL does not either)."""
+    async def _user_code_behind(
+        self,
+        query: str,
+        cache: dict[str, tuple[frozenset[str], float]],
+        names: Sequence[str],
+        path: Sequence[str],
+    ) -> bool:
+        """Whether one of `names` (operators or types, schema-qualified or not) may run a
+        user-written function, as `query` finds them: `1 #=# 2` calls the function behind
+        #=# as surely as a call by name would. An unqualified name is looked up along
+        `path`; "pg_temp" there stands for the session's own temporary schema."""
         wanted: list[tuple[str | None, str]] = []
-        for operator in operators:
-            qualifier, dot, name = operator.rpartition(".")
+        for qualified in names:
+            qualifier, dot, name = qualified.rpartition(".")
             wanted.append((qualifier if dot else None, name))
-        # Most names have no user-written operator at all: that answer is kept too (until
+        # Most names have no user-written code at all: that answer is kept too (until
         # invalidate() or the TTL), or "=" would cost a query on every statement.
         holders = await self._named_schemas(
-            _OPERATOR_QUERY, self._operators, {name for _, name in wanted}, keep_absent=True
+            query, cache, {name for _, name in wanted}, keep_absent=True
         )
         for schema, name in wanted:
-            schemas = holders.get(name, frozenset())
+            schemas = {
+                "pg_temp" if s.startswith("pg_temp_") else s for s in holders.get(name, frozenset())
+            }
             if schema is not None and schema in schemas:
                 return True
             if schema is None and any(s in schemas for s in path):

@@ -56,6 +56,8 @@ class StatementFacts:
     # Names after a dot (`t.name`, `(row).name`): where no column answers to one, a function
     # of that name taking the row does (attribute notation), so the catalog checks them.
     attributes: tuple[str, ...] = ()
+    # Types cast to ("d", "s.d"): a domain's CHECK or a cast may run a user-written function.
+    types: tuple[str, ...] = ()
 
     def to_input(
         self,

@@ -41,6 +41,7 @@ def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
         functions=_union(a.functions, b.functions),
         operators=_union(a.operators, b.operators),
         attributes=_union(a.attributes, b.attributes),
+        types=_union(a.types, b.types),
         flags=_union(a.flags, b.flags),
         has_where=a.has_where and b.has_where,
     )
@@ -116,6 +117,7 @@ class PreparedStatements:
                 functions=_union(prepared.functions, f.functions),
                 operators=_union(prepared.operators, f.operators),
                 attributes=_union(prepared.attributes, f.attributes),
+                types=_union(prepared.types, f.types),
                 flags=flags,
                 prepared_name=f.prepared_name,
             )

@@ -293,6 +293,29 @@ def test_function_by_attribute_notation_waits_for_approval(
         direct(gateway, f'DROP FUNCTION public."{wipe}" CASCADE')
 
 
+def test_cast_to_a_domain_checked_by_a_writing_function_waits_for_approval(
+    gateway: Any, table: str, agent: psycopg.Connection[Any]
+) -> None:
+    """`1::d` runs d's CHECK, and with it whatever function the CHECK calls."""
+    wipe, domain = f"{MARKER}_wipe", f"{MARKER}_d"
+    direct(
+        gateway,
+        f'CREATE FUNCTION public."{wipe}"(int) RETURNS boolean LANGUAGE sql '
+        f'AS $$ DELETE FROM "{table}"; SELECT true $$',
+    )
+    try:
+        direct(gateway, f'CREATE DOMAIN public."{domain}" AS int CHECK (public."{wipe}"(VALUE))')
+        for text in (
+            f'SELECT 1::"{domain}"',
+            f'SELECT CAST(id AS public."{domain}") FROM "{table}"',
+        ):
+            r = refused(agent, text)
+            assert_policy_refusal(r, approval=True, reason="functions the policy cannot see into")
+        unchanged(gateway, table, agent)
+    finally:
+        direct(gateway, f'DROP FUNCTION public."{wipe}" CASCADE')
+
+
 # -- function calls wherever they are nested, however they are spelled ------------------
 
 ESCAPES = {

@@ -46,6 +46,12 @@ CREATE FUNCTION vw_fn.same(int, int) RETURNS boolean LANGUAGE sql AS 'SELECT $1 
 CREATE OPERATOR vw_fn.#=# (LEFTARG = int, RIGHTARG = int, FUNCTION = vw_fn.same);
 CREATE OPERATOR vw_fn.#<# (LEFTARG = int, RIGHTARG = int, FUNCTION = pg_catalog.int4lt);
 CREATE FUNCTION vw_fn.shout(vw.people) RETURNS text LANGUAGE sql AS 'SELECT upper($1.name)';
+CREATE FUNCTION vw_fn.ok(int) RETURNS boolean LANGUAGE sql AS 'SELECT $1 > 0';
+CREATE DOMAIN vw_fn.checked AS int CHECK (vw_fn.ok(VALUE));
+CREATE DOMAIN vw_fn.plain AS int CHECK (VALUE > 0);
+CREATE TYPE vw_fn.wrapped AS (v int);
+CREATE FUNCTION vw_fn.wrap(int) RETURNS vw_fn.wrapped LANGUAGE sql AS 'SELECT ROW($1)';
+CREATE CAST (int AS vw_fn.wrapped) WITH FUNCTION vw_fn.wrap(int);
 """
 
 PATH = ("vw", "public")
@@ -312,6 +318,35 @@ async def test_a_function_called_by_attribute_notation_is_opaque(
 async def test_columns_by_attribute_notation_are_not_opaque(catalog: Catalog) -> None:
     f = await catalog.resolve(one("SELECT p.name, (p).email FROM people p"), ("vw", "vw_fn"))
     assert "opaque_function" not in f.flags
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("SELECT 1::checked", ("vw_fn",)),
+        ("SELECT CAST(id AS vw_fn.checked) FROM vw.people", ("public",)),
+        ("SELECT 1::wrapped", ("vw_fn",)),
+    ],
+)
+async def test_a_cast_running_a_user_function_is_opaque(
+    catalog: Catalog, text: str, path: tuple[str, ...]
+) -> None:
+    f = await catalog.resolve(one(text), path)
+    assert "opaque_function" in f.flags, text
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("SELECT 1::plain, 2::int, 'x'::text, now()::date", ("vw_fn",)),
+        ("SELECT 1::checked", ("public",)),  # not on the path
+    ],
+)
+async def test_casts_to_plain_types_are_not_opaque(
+    catalog: Catalog, text: str, path: tuple[str, ...]
+) -> None:
+    f = await catalog.resolve(one(text), path)
+    assert "opaque_function" not in f.flags, text
 
 
 async def test_a_view_over_an_opaque_function_is_opaque(catalog: Catalog) -> None:

@@ -118,6 +118,9 @@ def test_no_row_lock_without_a_locking_clause_that_runs(sql: str) -> None:
         ("SELECT sum(a ORDER BY a USING #<#) FROM t", ("#<#",)),
         ("SELECT 1 WHERE 2 NOT BETWEEN 1 AND 3", (">=", "<=")),
         ("DELETE FROM t WHERE a LIKE 'x%'", ("~~",)),
+        ("SELECT CASE a WHEN 1 THEN 2 END FROM t", ("=",)),
+        ("SELECT 1 FROM t JOIN u USING (id)", ("=",)),
+        ("SELECT 1 FROM t NATURAL JOIN u", ("=",)),
     ],
 )
 def test_operators_are_listed_for_the_catalog(sql: str, operators: tuple[str, ...]) -> None:
@@ -133,6 +136,13 @@ def test_names_after_a_dot_are_listed_for_the_catalog() -> None:
     assert set(f.attributes) == {"total", "shout", "c", "id"}
     assert one("SELECT total FROM t").attributes == ()
     assert "attributes" not in f.to_input(protocol="simple", index=0, count=1)
+
+
+def test_cast_types_are_listed_for_the_catalog() -> None:
+    """A cast to a domain runs its CHECK; a cast may run a function: the catalog checks."""
+    f = one("SELECT 'x'::d, CAST(1 AS s.d), int '1', a::text FROM t")
+    assert f.types == ("d", "s.d", "pg_catalog.int4", "text")
+    assert "types" not in f.to_input(protocol="simple", index=0, count=1)
 
 
 def test_select_into_creates_a_table() -> None:
