@@ -164,7 +164,10 @@ class StatementGate:
     # -- analysis and decision -------------------------------------------------------
 
     async def _facts(self, text: str) -> tuple[StatementFacts, ...]:
-        facts = self.prepared.resolve(self._analyzer.analyze(text))
+        return await self._resolved(self.prepared.resolve(self._analyzer.analyze(text)))
+
+    async def _resolved(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]:
+        """Facts against the target's catalog as the session stands now (its search_path)."""
         if self._catalog is not None:
             catalog = self._catalog
             path, user = self.search_path, self.upstream_user
@@ -281,8 +284,11 @@ class StatementGate:
     async def check_facts(
         self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
     ) -> Verdict:
-        """Statements known only by their facts (SQL-prepared, run by protocol Execute)."""
-        return await self._verdict(facts, "extended", params, record=True)
+        """Statements known only by their facts (SQL-prepared, run by protocol Execute).
+
+        The registry keeps what PREPARE's text says, before the catalog: resolved here, as
+        a SQL EXECUTE is, or `*` and unqualified tables would match no classified column."""
+        return await self._verdict(await self._resolved(facts), "extended", params, record=True)
 
     async def check_function_call(self, oid: int, args: tuple[str | None, ...]) -> Verdict:
         """The FunctionCall message: decided as a call of the function its OID names."""

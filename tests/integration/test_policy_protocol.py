@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from cli.localpg import SUPERUSER
-from gateway.protocol import FunctionCall, Query
+from gateway.protocol import Bind, DataRow, Execute, FunctionCall, Query, Sync
 
 from . import (
     IN_FAILED_TRANSACTION,
@@ -335,6 +335,30 @@ def test_admins_may_set_role_at_startup(gateway: Any) -> None:
     dsn = gateway.dsn(token_for(gateway, "admins"), options=f"-c role={SUPERUSER}")
     with connect(dsn) as conn:
         assert simple(conn, "SELECT current_user") == [(SUPERUSER,)]
+
+
+# -- a statement prepared by SQL, executed by protocol ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", [b"SELECT email, ssn FROM customers", b"SELECT * FROM customers"], ids=["named", "star"]
+)
+def test_sql_prepared_statement_run_by_bind_is_masked(gateway: Any, text: bytes) -> None:
+    """PREPARE by Query, then Bind/Execute of that name: decided on the same facts as the
+    SQL EXECUTE would be (schemas resolved, * expanded), so the same masks apply."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Query(b"PREPARE by_sql AS " + text))
+        assert not errors_in(client.until_ready())
+        client.send(Bind("", "by_sql"), Execute(""), Sync())
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert not errors_in(reply)
+    rows = [DataRow.decode(body).values for code, body in reply if code == "D"]
+    assert len(rows) == 2
+    for secret in (b"ada@example.com", b"grace@example.org", b"123-45-6789", b"987-65-4321"):
+        assert secret not in repr(rows).encode(), rows
 
 
 # -- the FunctionCall message --------------------------------------------------------------
