@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,6 +14,7 @@ from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision, Mask
 from gateway.protocol import ErrorResponse
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
+from gateway.proxy.search_path import sets_search_path
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH
 from gateway.sql.facts import StatementFacts
@@ -36,6 +37,21 @@ def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> boo
     if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):
         return True
     return any(not f.startswith("pg_catalog.") for f in facts.functions)
+
+
+class PathUnknown(Exception):
+    """The session's search_path cannot be known now: the statements are refused."""
+
+    def __init__(self, reason: str, facts: tuple[StatementFacts, ...]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.facts = facts
+
+
+_PATH_NOT_LAST = Decision.refuse(
+    "a statement that changes search_path must be the last of its Query message"
+    " (send the statements after it separately)"
+)
 
 
 class Analyzer(Protocol):
@@ -151,6 +167,8 @@ class StatementGate:
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
+        # Set by the session: waits until search_path is known; a reason when it cannot be.
+        self.settle_search_path: Callable[[], Awaitable[str | None]] | None = None
         self._principal_input = ctx.principal.to_input()
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         self.sticky_masks: dict[tuple[int, int], str] = {}
@@ -167,12 +185,26 @@ class StatementGate:
         return await self._resolved(self.prepared.resolve(self._analyzer.analyze(text)))
 
     async def _resolved(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]:
-        """Facts against the target's catalog as the session stands now (its search_path)."""
+        """Facts against the target's catalog as the session stands now (its search_path).
+
+        Raises PathUnknown when the session cannot say which search_path the server will
+        use (transaction control needs no names resolved and always goes through)."""
         if self._catalog is not None:
+            if self.settle_search_path is not None and any(f.category != "tcl" for f in facts):
+                problem = await self.settle_search_path()
+                if problem is not None:
+                    raise PathUnknown(problem, facts)
             catalog = self._catalog
             path, user = self.search_path, self.upstream_user
             facts = tuple([await catalog.resolve(f, path, user) for f in facts])
         return facts
+
+    async def _path_refusal(
+        self, exc: PathUnknown, protocol: str, params: tuple[str | None, ...]
+    ) -> Verdict:
+        return await self._verdict(
+            exc.facts, protocol, params, record=True, decided=Decision.refuse(exc.reason)
+        )
 
     def _input(
         self, facts: StatementFacts, protocol: str, index: int, count: int, params: list[str | None]
@@ -246,8 +278,14 @@ class StatementGate:
         *,
         record: bool,
         decide_params: bool = True,
+        decided: Decision | None = None,
     ) -> Verdict:
-        decisions = await self._decide_all(facts, protocol, list(params) if decide_params else [])
+        if decided is not None:  # pgwarden's own refusal: OPA is not asked
+            decisions = [decided] * len(facts)
+        else:
+            decisions = await self._decide_all(
+                facts, protocol, list(params) if decide_params else []
+            )
         combined = combine(decisions)
         allowed = combined.action == "allow"
         request_ids: list[str | None] = [None] * len(facts)
@@ -269,17 +307,37 @@ class StatementGate:
 
     async def check_query(self, text: str) -> Verdict:
         """A simple-protocol Query: every statement in it, decided as a whole, recorded first."""
-        facts = await self._facts(text)
+        raw = self.prepared.resolve(self._analyzer.analyze(text))
+        if any(sets_search_path(f) for f in raw[:-1]):
+            # The statements after it would be resolved under the path before it.
+            return await self._verdict(raw, "simple", (), record=True, decided=_PATH_NOT_LAST)
+        try:
+            facts = await self._resolved(raw)
+        except PathUnknown as exc:
+            return await self._path_refusal(exc, "simple", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
         return await self._verdict(facts, "simple", (), record=True)
 
     async def check_parse(self, text: str) -> Verdict:
         """A Parse: decided on its text; recorded only when refused (Execute records runs)."""
-        facts = await self._facts(text)
+        try:
+            facts = await self._facts(text)
+        except PathUnknown as exc:
+            return await self._path_refusal(exc, "extended", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
         return await self._verdict(facts, "extended", (), record=False)
+
+    async def recheck_text(self, text: str, params: tuple[str | None, ...]) -> Verdict:
+        """An Execute of a statement parsed under another search_path than the session's now:
+        the server plans it again under the new path, so it is analysed and decided again
+        on its text, then recorded with its parameters."""
+        try:
+            facts = await self._facts(text)
+        except PathUnknown as exc:
+            return await self._path_refusal(exc, "extended", params)
+        return await self._verdict(facts, "extended", params, record=True, decide_params=False)
 
     async def check_facts(
         self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
@@ -288,7 +346,11 @@ class StatementGate:
 
         The registry keeps what PREPARE's text says, before the catalog: resolved here, as
         a SQL EXECUTE is, or `*` and unqualified tables would match no classified column."""
-        return await self._verdict(await self._resolved(facts), "extended", params, record=True)
+        try:
+            resolved = await self._resolved(facts)
+        except PathUnknown as exc:
+            return await self._path_refusal(exc, "extended", params)
+        return await self._verdict(resolved, "extended", params, record=True)
 
     async def check_function_call(self, oid: int, args: tuple[str | None, ...]) -> Verdict:
         """The FunctionCall message: decided as a call of the function its OID names."""

@@ -47,10 +47,11 @@ from gateway.protocol import (
     decode_startup,
 )
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.search_path import SHOW_SEARCH_PATH, SearchPathWatch
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
-from gateway.sql.catalog import DEFAULT_SEARCH_PATH, parse_search_path
+from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ _RELAYED_PARAMETERS = frozenset(
 _PASS = frozenset(b"DCSHdcf")
 # Server messages whose bodies the relay needs to read.
 _SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
+# What answers a Query: RowDescription, DataRow, CommandComplete, EmptyQuery, Error, Ready.
+_RESYNC_ANSWER = frozenset(b"TDCIEZ")
 
 # Python codec names for PostgreSQL's client_encoding values that clients actually use.
 _ENCODINGS = {
@@ -114,6 +117,8 @@ class PreparedStatement:
     decisions: list[Decision]
     # Parameter type OIDs the client gave at Parse (0: the server infers it).
     param_types: tuple[int, ...] = ()
+    # The search_path its names were resolved under (the server re-plans it under another).
+    search_path: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -212,6 +217,13 @@ class ClientSession(asyncio.Protocol):
         self._started_at = time.time()
         # The server's error for a Bind it rejected, for the Execute of that portal it skips.
         self._bind_error: ErrorResponse | None = None
+        # The search_path the server resolves names with, and its re-reading from the server.
+        self._path = SearchPathWatch()
+        self._resyncing = False
+        self._resync_value: str | None = None
+        self._resync_error: str | None = None
+        # tracker.added as of the last write upstream: expectations after it are unsent.
+        self._sent_upto = 0
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -558,6 +570,7 @@ class ClientSession(asyncio.Protocol):
                 target_labels=dict(self.target.labels),
             ),
         )
+        self.gate.settle_search_path = self._settle_search_path
         self._session_event("session_start")
         if settings_sql:
             # Startup `options -c name=value` are statements like any other: decide them.
@@ -575,6 +588,11 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 self.gate.outcome(run)
             up.parameters.update(await self._apply_startup_settings(settings_sql))
+        # The role's or database's default, or a startup option, may have set it.
+        path = await self._startup_search_path()
+        if path is None:
+            return
+        self.gate.search_path = path
         self._begin_relay(up)
 
     def _refusal_text(self, verdict: Verdict) -> str:
@@ -637,6 +655,92 @@ class ClientSession(asyncio.Protocol):
                     err.sqlstate or "22023", f"pgwarden: startup option failed: {err.message}"
                 )
                 raise asyncio.CancelledError
+
+    async def _startup_search_path(self) -> tuple[str, ...] | None:
+        """The search_path the session starts with, as the server reports it."""
+        assert self.up is not None
+        proto = self.up.protocol
+        self.up.transport.write(SHOW_SEARCH_PATH)
+        value: str | None = None
+        while True:
+            code, body = await proto.read_frame()
+            if code == ord("D"):
+                value = _first_column(body, self.encoding)
+            elif code == ord("E"):
+                err = ErrorResponse.decode(body)
+                self._fatal(err.sqlstate or "XX000", f"pgwarden: search_path: {err.message}")
+                return None
+            elif code == ord("Z"):
+                break
+        return parse_search_path(value or "")
+
+    # -- search_path: learned again from the server when it may have moved ------------------
+
+    async def _settle_search_path(self) -> str | None:
+        """Wait until the session's search_path is known; why not, when it cannot be."""
+        watch = self._path
+        while watch.uncertain and watch.problem is None:
+            if not self._resyncing and not self._resync_if_idle() and not self._answer_coming():
+                return (
+                    "search_path may have changed earlier in this pipeline; send Sync before"
+                    " statements that depend on it"
+                )
+            await watch.settled.wait()
+        return watch.problem
+
+    async def _moved_since_parse(self, prepared: PreparedStatement) -> bool:
+        """Whether the server would plan the statement under another search_path than the
+        one it was decided under (an unknown path counts as moved)."""
+        assert self.gate is not None
+        if all(f.category == "tcl" for f in prepared.facts):
+            return False
+        problem = await self._settle_search_path()
+        return problem is not None or prepared.search_path != self.gate.search_path
+
+    def _unsent(self) -> int:
+        return self.tracker.added - self._sent_upto
+
+    def _answer_coming(self) -> bool:
+        """Whether the last message sent upstream ends in a ReadyForQuery: once it comes,
+        nothing sent is outstanding."""
+        sent = self.tracker.pending()[: len(self.tracker) - self._unsent()]
+        return bool(sent) and sent[-1].kind in ("sync", "query", "function")
+
+    def _resync_if_idle(self) -> bool:
+        """Send SHOW search_path now if everything sent has been answered (what is still
+        buffered goes after it); True if it was sent or is under way."""
+        if self._resyncing:
+            return True
+        if self.up is None or len(self.tracker) > self._unsent() or self._copy_in:
+            return False
+        self._resyncing = True
+        self._resync_value = self._resync_error = None
+        self.up.transport.write(SHOW_SEARCH_PATH)
+        return True
+
+    def _resync_message(self, code: int, view: bytes | bytearray, pos: int, end: int) -> None:
+        if code == 68:
+            self._resync_value = _first_column(bytes(view[pos + 5 : end]), self.encoding)
+        elif code == 69:
+            self._resync_error = ErrorResponse.decode(bytes(view[pos + 5 : end])).message
+        elif code == 90:
+            self._resyncing = False
+            assert self.gate is not None
+            self.gate.in_transaction = view[pos + 5] != ord("I")
+            if self._resync_value is not None and self._resync_error is None:
+                self.gate.search_path = parse_search_path(self._resync_value)
+                self._path.learned()
+            else:
+                self._path.unknown(
+                    f"search_path could not be read from the server ({self._resync_error})"
+                )
+            # Client messages held while the answer was awaited (a gate task waiting for
+            # the path resumes by itself).
+            asyncio.get_running_loop().call_soon(self._resume_client)
+
+    def _resume_client(self) -> None:
+        if not self._busy and not self._resyncing and self.phase is Phase.RELAY:
+            self._drain_client()
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
         assert self.transport is not None
@@ -710,7 +814,7 @@ class ClientSession(asyncio.Protocol):
     def _client_data(self, data: bytes) -> None:
         buf = self._inbuf
         buf += data
-        if self._busy:
+        if self._busy or self._resyncing:
             if len(buf) > 4 * 1024 * 1024 and self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -725,6 +829,7 @@ class ClientSession(asyncio.Protocol):
         if out and self.up is not None:
             self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+        self._sent_upto = self.tracker.added
         self._up_answerable = False
 
     def _drain_client(self) -> None:
@@ -898,6 +1003,7 @@ class ClientSession(asyncio.Protocol):
             return
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
+        self._path.forwarded(verdict.facts)
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -952,7 +1058,7 @@ class ClientSession(asyncio.Protocol):
         # the server rejects the Parse (a name it still holds), what it holds is restored.
         previous = self._statements.get(msg.name)
         self._statements[msg.name] = PreparedStatement(
-            verdict.facts, verdict.decisions, msg.param_types
+            verdict.facts, verdict.decisions, msg.param_types, self.gate.search_path
         )
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
@@ -994,6 +1100,13 @@ class ClientSession(asyncio.Protocol):
         elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
+        elif await self._moved_since_parse(prepared):
+            # PostgreSQL plans it again under the session's search_path now: so is it judged.
+            verdict = await self.gate.recheck_text(prepared.facts[0].text, portal.params)
+            if verdict.allowed and len(verdict.facts) == 1:
+                prepared.facts, prepared.decisions = verdict.facts, verdict.decisions
+                prepared.search_path = self.gate.search_path
+                self.gate.prepared.register(portal.statement, verdict.facts[0])
         elif not self.gate.still_current(prepared.decisions):
             # The policy changed since the Parse: its allow no longer stands on its own.
             verdict = await self.gate.recheck_prepared(prepared.facts, portal.params)
@@ -1020,6 +1133,7 @@ class ClientSession(asyncio.Protocol):
                 run.result_formats = portal.result_formats
         self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
+        self._path.forwarded(verdict.facts)
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
@@ -1039,6 +1153,7 @@ class ClientSession(asyncio.Protocol):
             return
         self._to_server(message)
         self.tracker.expect(Expectation("function", verdict.runs))
+        self._path.forwarded_opaque()
 
     # -- relay: server to client ---------------------------------------------------------
 
@@ -1064,6 +1179,15 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
+            if self._resyncing and code in _RESYNC_ANSWER:
+                # The answer to pgwarden's own SHOW search_path: not the client's to see.
+                if end > total:
+                    break
+                if start < pos:
+                    out.append(view[start:pos])
+                self._resync_message(code, view, pos, end)
+                start = pos = end
+                continue
             if code == 68:  # DataRow: count it for the current statement
                 front = tracker.front()
                 if front is not None:
@@ -1147,6 +1271,9 @@ class ClientSession(asyncio.Protocol):
                 if e.kind in ("sync", "query", "function"):
                     break
             self._bind_error = None
+            self._path.ready(chr(status))
+            if self._path.uncertain and status != ord("E"):
+                self._resync_if_idle()
             return None
         if code == 69:  # ErrorResponse
             if front is None:
@@ -1355,13 +1482,16 @@ class ClientSession(asyncio.Protocol):
             self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
-        setting = facts.setting
-        if setting is not None and setting[0].lower() == "search_path":
-            gate.search_path = parse_search_path(setting[1]) if setting[1] else DEFAULT_SEARCH_PATH
-        elif facts.command in ("RESET ALL", "DISCARD") or (
-            facts.command == "RESET" and setting is not None and setting[0].lower() == "search_path"
-        ):
-            gate.search_path = DEFAULT_SEARCH_PATH
+
+
+def _first_column(data_row: bytes, encoding: str) -> str | None:
+    """The first value of a DataRow body, as text."""
+    if len(data_row) < 6:
+        return None
+    (length,) = struct.unpack_from("!i", data_row, 2)
+    if length < 0:
+        return None
+    return data_row[6 : 6 + length].decode(encoding, "replace")
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:

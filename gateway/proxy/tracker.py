@@ -87,10 +87,12 @@ class Expectation:
 class ResponseTracker:
     """A queue of expectations in the order messages were forwarded upstream."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("_queue", "added")
 
     def __init__(self) -> None:
         self._queue: deque[Expectation] = deque()
+        # How many expectations were ever queued (the session counts what it has sent).
+        self.added = 0
 
     def __bool__(self) -> bool:
         return bool(self._queue)
@@ -100,6 +102,7 @@ class ResponseTracker:
 
     def expect(self, expectation: Expectation) -> None:
         self._queue.append(expectation)
+        self.added += 1
 
     def front(self) -> Expectation | None:
         self._drop_stray_copy_ends()
