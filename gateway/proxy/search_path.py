@@ -45,8 +45,11 @@ def may_move_search_path(facts: StatementFacts) -> bool:
 
 
 class SearchPathWatch:
-    """The session's search_path is certain or not; `settled` is set while it is certain
-    (or could not be learned: `problem` says why)."""
+    """The session's search_path is certain or not; `wait_settled()` returns once it is
+    certain (or could not be learned: `problem` says why)."""
+
+    # One per session, most of them idle: no Event until somebody waits.
+    __slots__ = ("_touched", "_waiters", "problem", "uncertain")
 
     def __init__(self) -> None:
         self.uncertain = False
@@ -54,8 +57,7 @@ class SearchPathWatch:
         # ROLLBACK TO SAVEPOINT) may move it again.
         self._touched = False
         self.problem: str | None = None
-        self.settled = asyncio.Event()
-        self.settled.set()
+        self._waiters: list[asyncio.Future[None]] = []
 
     def forwarded(self, statements: Iterable[StatementFacts]) -> None:
         for facts in statements:
@@ -78,15 +80,27 @@ class SearchPathWatch:
     def mark(self) -> None:
         self.uncertain = True
         self.problem = None
-        self.settled.clear()
 
     def learned(self) -> None:
         self.uncertain = False
         self.problem = None
-        self.settled.set()
+        self._wake()
 
     def unknown(self, why: str) -> None:
         """The server would not say (an aborted transaction): statements that need the path
         are refused until it can be learned again."""
         self.problem = why
-        self.settled.set()
+        self._wake()
+
+    async def wait_settled(self) -> None:
+        if not self.uncertain or self.problem is not None:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)

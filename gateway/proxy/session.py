@@ -685,7 +685,7 @@ class ClientSession(asyncio.Protocol):
                     "search_path may have changed earlier in this pipeline; send Sync before"
                     " statements that depend on it"
                 )
-            await watch.settled.wait()
+            await watch.wait_settled()
         return watch.problem
 
     async def _moved_since_parse(self, prepared: PreparedStatement) -> bool:
