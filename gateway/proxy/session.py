@@ -679,6 +679,9 @@ class ClientSession(asyncio.Protocol):
     async def _settle_search_path(self) -> str | None:
         """Wait until the session's search_path is known; why not, when it cannot be."""
         watch = self._path
+        if watch.uncertain and watch.problem is not None and not self._resyncing:
+            # The last attempt failed (a cancelled or aborted transaction): ask again.
+            watch.mark()
         while watch.uncertain and watch.problem is None:
             if not self._resyncing and not self._resync_if_idle() and not self._answer_coming():
                 return (

@@ -141,3 +141,18 @@ def test_the_path_check_stays_out_of_the_clients_way(agent: psycopg.Connection[A
         simple(agent, "SET search_path = public")
     cur = agent.execute("SELECT %s::int", (7,))
     assert cur.fetchall() == [(7,)]
+
+
+def test_an_aborted_transaction_then_rollback(agent: psycopg.Connection[Any]) -> None:
+    simple(agent, "SET search_path = public")
+    simple(agent, "BEGIN")
+    simple(agent, "SET search_path = rt_shadow")
+    with pytest.raises(psycopg.Error):
+        simple(agent, "SELECT 1/0")
+    # Aborted: nothing runs (pgwarden cannot read the path; the server would refuse anyway).
+    with pytest.raises(psycopg.Error) as info:
+        simple(agent, QUERY)
+    assert refusal_of(info.value).sqlstate in ("25P02", "42501")
+    simple(agent, "ROLLBACK")
+    assert_masked(simple(agent, QUERY))
+    assert simple(agent, "SHOW search_path") == [("public",)]
