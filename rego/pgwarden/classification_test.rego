@@ -14,6 +14,23 @@ test_bundle_data_classifies_customers if {
 	data.pgwarden.classification["public.customers.card_number"] == "hash"
 }
 
+test_bundle_data_classifies_credentials if {
+	data.pgwarden.classification["pg_catalog.pg_authid.rolpassword"] == "redact"
+	data.pgwarden.classification["pg_catalog.pg_shadow.passwd"] == "redact"
+	data.pgwarden.classification["pg_catalog.pg_user_mapping.umoptions"] == "null"
+	data.pgwarden.classification["pg_catalog.pg_user_mappings.umoptions"] == "null"
+}
+
+test_credentials_masked_for_all_but_pii_readers if {
+	authid := {"schema": "pg_catalog", "table": "pg_authid"}
+	every principal_groups in [["ai-agents"], ["engineers"], ["admins"]] {
+		d := decide(principal_groups, {"reads": [authid]})
+		d.action == "allow"
+		d.masks == [{"schema": "pg_catalog", "table": "pg_authid", "column": "rolpassword", "method": "redact"}]
+	}
+	decide(["admins", "pii-readers"], {"reads": [authid]}).masks == []
+}
+
 test_output_column_masked_with_classified_method if {
 	d := decide(["engineers"], {"columns": [customer_column("phone", "output")]})
 	d.action == "allow"
