@@ -248,6 +248,21 @@ class _Walker:
         return found
 
     def typed(self, kind: str, body: dict[str, Any], scope: _Scope, usage: str) -> set[Base]:
+        if usage == "output":
+            if kind == "A_Indirection":
+                # `(c).email` shows the field itself; a subscript computed from a column
+                # (`a[ascii(email)]`) is a computation.
+                found = self.expr(body.get("arg"), scope, usage)
+                found |= self.typed("List", {"items": body.get("indirection")}, scope, usage)
+                for name in _names(body.get("indirection") or []):
+                    self.d.attributes[name] = None
+                return found
+            if kind == "SubLink" and body.get("subLinkType") in _SHOWN_SUBLINKS:
+                pass  # (SELECT email ...), ARRAY(SELECT ...): the sub-select's list decides
+            elif kind not in _SHOWN_KINDS:
+                # A column under a function, operator, cast, CASE...: the statement computes
+                # on the value, and what it computes (an error, a row count) is not masked.
+                usage = "expression"
         if kind == "ColumnRef":
             bases = self.column_ref(body["fields"], scope)
             self.d.emit(bases, usage)
@@ -384,6 +399,8 @@ class _Walker:
             for using in _names(body.get("usingClause") or []):
                 for rel in both:
                     self.d.emit(rel.column(using), "join")
+            if body.get("isNatural"):
+                self.natural_join(left, right)
             self.expr(body.get("quals"), inner, "join")
             alias = body.get("alias")
             if alias:
@@ -394,7 +411,8 @@ class _Walker:
             outs = self.query(body["subquery"], _Scope(parent=scope))
             return [_Rel(_alias(body), outputs=_rename(outs, body.get("alias")))]
         if kind == "RangeFunction":
-            self.expr(body.get("functions"), scope, "output")
+            # FROM f(col), LATERAL generate_series(1, col): rows computed from the value.
+            self.expr(body.get("functions"), scope, "expression")
             return [_Rel(_alias(body))]
         if kind == "RangeTableSample":
             rels = self.from_item(body["relation"], scope)
@@ -404,6 +422,25 @@ class _Walker:
         # XMLTABLE, JSON_TABLE and the like: their inputs still count.
         self.expr(body, scope, "other")
         return [_Rel(_alias(body))]
+
+    def natural_join(self, left: list[_Rel], right: list[_Rel]) -> None:
+        """NATURAL JOIN compares every column name the two sides share. A side whose names
+        are known (sub-selects, CTEs) bounds them; where neither side's names are known
+        (tables: the catalog has them, not the parser), every column of both is a join
+        column, which over-reports but never misses one."""
+        left_names, right_names = _side_names(left), _side_names(right)
+        if left_names is not None and right_names is not None:
+            shared: set[str] | None = left_names & right_names
+        else:
+            shared = left_names if left_names is not None else right_names
+        for rel in (*left, *right):
+            if shared is None:
+                self.d.emit(rel.star(), "join")
+                continue
+            own = _side_names([rel])
+            for name in shared:
+                if own is None or name in own:
+                    self.d.emit(rel.column(name), "join")
 
     def range_var(self, body: dict[str, Any], scope: _Scope) -> _Rel:
         alias = body.get("alias", {}).get("aliasname") or body["relname"]
@@ -460,6 +497,11 @@ class _Walker:
                 {"SelectStmt": body["rarg"]}, _Scope(parent=scope, usage=scope.usage)
             )
             outs = _union(left, right)
+            if body["op"] != "SETOP_UNION" or not body.get("all"):
+                # INTERSECT, EXCEPT and UNION (not ALL) compare whole rows: which rows come
+                # back says which values are equal, as GROUP BY would.
+                for out in (*left, *right):
+                    self.d.emit(out.sources, "group")
             self.order_clause(body.get("sortClause"), outs, _Scope(parent=scope))
             self.expr(body.get("limitCount"), scope, "other")
             self.expr(body.get("limitOffset"), scope, "other")
@@ -479,7 +521,13 @@ class _Walker:
         self.expr(body.get("whereClause"), scope, "predicate")
         self.expr(body.get("havingClause"), scope, "predicate")
         self.group_clause(body.get("groupClause"), outs, scope)
-        self.expr(body.get("distinctClause"), scope, "group")
+        distinct = body.get("distinctClause") or []
+        if distinct and not any(distinct):
+            # Plain DISTINCT dedupes on every output column: it compares their values.
+            for out in outs:
+                self.d.emit(out.sources, "group")
+        else:  # DISTINCT ON (expr, 1, alias): like GROUP BY
+            self.group_clause([item for item in distinct if item], outs, scope)
         for window in body.get("windowClause") or ():
             w = window["WindowDef"]
             self.expr(w.get("partitionClause"), scope, "group")
@@ -599,6 +647,10 @@ class _Walker:
 
 
 _STATEMENT_KINDS = {"SelectStmt", *_DML}
+# Nodes in an output list that pass a column's value through as it is (masked by lineage):
+# everything else computes on it (usage "expression"). A sub-select decides for itself.
+_SHOWN_KINDS = {"ColumnRef", "List", "ResTarget", "A_Const", "ParamRef", *_STATEMENT_KINDS}
+_SHOWN_SUBLINKS = {"EXPR_SUBLINK", "ARRAY_SUBLINK", "EXISTS_SUBLINK"}
 
 
 def _alias(body: dict[str, Any]) -> str:
@@ -615,6 +667,19 @@ def _rename(outs: list[_Out], alias: dict[str, Any] | None) -> list[_Out]:
         for i, o in enumerate(outs)
     ]
     return renamed
+
+
+def _side_names(rels: list[_Rel]) -> set[str] | None:
+    """The column names of one side of a join, or None where only the catalog knows them."""
+    names: set[str] = set()
+    for rel in rels:
+        if rel.table is not None or rel.outputs is None:
+            return None
+        for out in rel.outputs:
+            if out.name is None or out.star_of:
+                return None
+            names.add(out.name)
+    return names
 
 
 def _union(left: list[_Out], right: list[_Out]) -> list[_Out]:

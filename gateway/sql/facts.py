@@ -22,7 +22,10 @@ class ColumnRef:
     schema: str
     table: str
     column: str
-    # output | predicate | join | order | group | assignment | returning | other
+    # output | expression | predicate | join | order | group | assignment | returning | other
+    # (output: shown as it is, masked; expression: computed on, under a function, operator,
+    # cast or CASE, or an argument of a function in FROM; group: also compared by DISTINCT,
+    # UNION, INTERSECT and EXCEPT; join: also the shared names of a NATURAL JOIN)
     usage: str
 
     def to_input(self) -> dict[str, str]:

@@ -50,4 +50,16 @@ deny_reasons contains sprintf(
 ) if {
 	role == "ai-agents"
 	some [key, usage] in oracle_uses
+	usage != "expression"
+}
+
+# 1/(ascii(email)-97) fails only for some values, generate_series(1, ascii(email)) returns
+# as many rows as the character code: what an expression computes from a masked value (its
+# error, its row count, its timing) reaches the client unmasked.
+deny_reasons contains sprintf(
+	"ai-agents may not use classified column %s outside the output list (expression): a function, operator or cast over it is an oracle",
+	[key],
+) if {
+	role == "ai-agents"
+	some [key, "expression"] in oracle_uses
 }

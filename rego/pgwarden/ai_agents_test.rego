@@ -93,6 +93,30 @@ test_ai_agents_oracle_denied if {
 	}
 }
 
+test_ai_agents_expression_over_classified_column_denied if {
+	# SELECT 1/(ascii(ssn)-97) FROM customers: the error is the answer.
+	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("ssn", "expression")]})
+	d.action == "deny"
+	d.reasons == ["ai-agents may not use classified column public.customers.ssn outside the output list (expression): a function, operator or cast over it is an oracle"]
+	d.masks == []
+}
+
+test_ai_agents_expression_over_unclassified_column_allowed if {
+	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("id", "expression"), customer_column("ssn", "output")]})
+	d.action == "allow"
+}
+
+test_ai_agents_pii_readers_may_compute_on_classified_columns if {
+	d := decide(["ai-agents", "pii-readers"], {"reads": [customers], "columns": [customer_column("ssn", "expression")]})
+	d.action == "allow"
+}
+
+test_engineers_may_compute_on_classified_columns_masked if {
+	d := decide(["engineers"], {"reads": [customers], "columns": [customer_column("ssn", "expression")]})
+	d.action == "allow"
+	d.masks == all_customer_masks
+}
+
 test_ai_agents_unclassified_predicate_allowed if {
 	d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("id", "predicate"), customer_column("ssn", "output")]})
 	d.action == "allow"

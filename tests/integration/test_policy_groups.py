@@ -427,16 +427,21 @@ def test_allowed_reads_of_unclassified_columns_are_intact(
             assert rows == expected, query
 
 
-@pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",), ("admins",)])
+EXPRESSIONS_OVER_CLASSIFIED = [
+    "SELECT upper(email) FROM customers WHERE id = 1",
+    "SELECT row_to_json(c)::text FROM customers c WHERE id = 1",
+    "SELECT x FROM (SELECT ssn || '' AS x FROM customers WHERE id = 1) s",
+]
+
+
+@pytest.mark.parametrize("groups", [("engineers",), ("admins",)])
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_expressions_over_classified_columns_never_show_them(
     gateway: Any, groups: tuple[str, ...], protocol: str
 ) -> None:
     """Masks follow a classified value into expressions (for all but pii-readers)."""
     queries = [
-        "SELECT upper(email) FROM customers WHERE id = 1",
-        "SELECT row_to_json(c)::text FROM customers c WHERE id = 1",
-        "SELECT x FROM (SELECT ssn || '' AS x FROM customers WHERE id = 1) s",
+        *EXPRESSIONS_OVER_CLASSIFIED,
         "SELECT email FROM customers WHERE id = 1 UNION ALL SELECT 'z' WHERE false",
     ]
     secrets = ("ada@example.com", "123-45-6789")
@@ -449,3 +454,23 @@ def test_expressions_over_classified_columns_never_show_them(
             assert len(rows) == 1, query
             shown = str(rows[0][0]).lower()
             assert not any(s in shown for s in secrets), (query, rows)
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_expressions_over_classified_columns_are_oracles_for_ai_agents(
+    gateway: Any, protocol: str
+) -> None:
+    """For ai-agents an expression over a classified column is refused, not masked: what it
+    computes (an error, a row count) would reach the client unmasked."""
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        for query in EXPRESSIONS_OVER_CLASSIFIED:
+            with pytest.raises(psycopg.Error) as exc:
+                if protocol == "simple":
+                    simple(conn, query)
+                else:
+                    conn.execute(query + " LIMIT %s", (10,)).fetchall()
+            assert_policy_refusal(refusal_of(exc.value), reason="(expression)")
+        rows = simple(
+            conn, "SELECT email FROM customers WHERE id = 1 UNION ALL SELECT 'z' WHERE false"
+        )
+        assert len(rows) == 1 and "ada@example.com" not in str(rows[0][0]).lower(), rows

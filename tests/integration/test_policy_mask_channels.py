@@ -48,16 +48,26 @@ def test_planner_statistics_do_not_list_classified_values(
     )
     assert "ada@example.com" in repr(raw)
     for text in (
-        "SELECT attname, most_common_vals::text, histogram_bounds::text FROM pg_stats "
+        "SELECT attname, most_common_vals, histogram_bounds FROM pg_stats "
         "WHERE tablename = 'customers'",
         "SELECT * FROM pg_stats WHERE tablename = 'customers'",
-        "SELECT s::text FROM pg_stats s",
-        "SELECT array_to_string(histogram_bounds, ',') FROM pg_catalog.pg_stats",
-        "SELECT stavalues1::text, stavalues2::text, stavalues3::text FROM pg_statistic",
+        "SELECT s FROM pg_stats s",
+        "SELECT stavalues1, stavalues2, stavalues3 FROM pg_statistic",
     ):
         rows = simple(agent, text)
         assert rows, text
         assert_clean(rows)
+    # Computing on the samples (a cast, a function) is an oracle for ai-agents, not a read.
+    for text in (
+        "SELECT attname, most_common_vals::text, histogram_bounds::text FROM pg_stats "
+        "WHERE tablename = 'customers'",
+        "SELECT s::text FROM pg_stats s",
+        "SELECT array_to_string(histogram_bounds, ',') FROM pg_catalog.pg_stats",
+        "SELECT stavalues1::text, stavalues2::text, stavalues3::text FROM pg_statistic",
+    ):
+        with pytest.raises(psycopg.Error) as exc:
+            simple(agent, text)
+        assert_policy_refusal(refusal_of(exc.value), reason="(expression)")
 
 
 def test_a_predicate_on_statistics_samples_is_an_oracle(agent: psycopg.Connection[Any]) -> None:
@@ -133,7 +143,10 @@ def test_other_sessions_statement_text_is_masked(
         rows = simple(agent, "SELECT pid, query FROM pg_stat_activity")
         assert rows
         assert_clean(rows)
-        assert_clean(simple(agent, "SELECT a::text FROM pg_stat_activity a"))
+        assert_clean(simple(agent, "SELECT a FROM pg_stat_activity a"))
+        with pytest.raises(psycopg.Error) as exc:
+            simple(agent, "SELECT a::text FROM pg_stat_activity a")
+        assert_policy_refusal(refusal_of(exc.value), reason="(expression)")
         with pytest.raises(psycopg.Error) as exc:
             simple(agent, "SELECT query FROM pg_stat_get_activity(NULL)")
         assert_policy_refusal(refusal_of(exc.value), reason="statement text")

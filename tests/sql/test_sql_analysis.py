@@ -591,8 +591,102 @@ def test_order_by_output_alias_and_position() -> None:
 
 
 def test_whole_row_reference_is_every_column() -> None:
+    assert ("", "customers", "*") in cols(one("SELECT c FROM customers c"), "output")
+    # Under a function the whole row is computed on, like each of its columns.
     f = one("SELECT row_to_json(c) FROM customers c")
-    assert ("", "customers", "*") in cols(f, "output")
+    assert ("", "customers", "*") in cols(f, "expression")
+    assert cols(f, "output") == set()
+
+
+# ---------------------------------------------------------------- oracles beyond WHERE
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1/(ascii(email)-97) FROM customers",
+        "SELECT email::int FROM customers",
+        "SELECT email || '' FROM customers",
+        "SELECT CASE WHEN email LIKE 'a%' THEN 1 END FROM customers",
+        "SELECT CASE email WHEN 'x' THEN 1 END FROM customers",
+        "SELECT coalesce(email, 'x') FROM customers",
+        "SELECT email IS NULL FROM customers",
+        "SELECT count(email) FROM customers",
+        "SELECT count(DISTINCT email) FROM customers",
+        "SELECT regexp_split_to_table(email, '') FROM customers",
+        "SELECT x FROM customers, LATERAL generate_series(1, ascii(email)) x",
+        "SELECT x FROM customers c, generate_series(1, length(c.email)) x",
+        "SELECT x FROM customers c, LATERAL unnest(ARRAY[c.email]) x",
+        "SELECT ascii((SELECT email FROM customers LIMIT 1))",
+        "SELECT email IN (SELECT 'x') FROM customers",
+        "SELECT x FROM (SELECT ascii(email) AS x FROM customers) s",
+        "SELECT upper(x) FROM (SELECT email AS x FROM customers) s",
+        "WITH s AS (SELECT email AS x FROM customers) SELECT length(x) FROM s",
+        "SELECT arr[ascii(email)] FROM customers",
+    ],
+)
+def test_a_classified_column_computed_on_is_expression_usage(sql: str) -> None:
+    assert ("", "customers", "email") in cols(one(sql), "expression")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT email FROM customers",
+        "SELECT email AS e FROM customers",
+        "SELECT c.email FROM customers c",
+        "SELECT (c).email FROM customers c",
+        "SELECT * FROM customers",
+        "SELECT c.* FROM customers c",
+        "SELECT (SELECT email FROM customers LIMIT 1)",
+        "SELECT ARRAY(SELECT email FROM customers)",
+        "SELECT e FROM (SELECT email AS e FROM customers) s",
+        "SELECT email FROM customers UNION ALL SELECT 'x'",
+        "SELECT count(*) FROM customers",
+    ],
+)
+def test_a_classified_column_shown_as_it_is_is_output(sql: str) -> None:
+    assert cols(one(sql), "expression") == set()
+    assert {c.usage for c in one(sql).columns} <= {"output"}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT email FROM customers INTERSECT SELECT 'a'",
+        "SELECT 'a' EXCEPT SELECT email FROM customers",
+        "SELECT email FROM customers UNION SELECT 'a'",
+        "SELECT 'a' INTERSECT ALL SELECT email FROM customers",
+        "SELECT * FROM customers EXCEPT SELECT * FROM customers",
+        "SELECT DISTINCT email FROM customers",
+        "SELECT DISTINCT ON (email) id FROM customers",
+        "SELECT DISTINCT ON (2) id, email FROM customers",
+        "SELECT DISTINCT ON (e) id, email AS e FROM customers",
+    ],
+)
+def test_set_operations_and_distinct_compare_values(sql: str) -> None:
+    f = one(sql)
+    assert {("", "customers", "email"), ("", "customers", "*")} & cols(f, "group"), f.columns
+
+
+def test_union_all_does_not_compare() -> None:
+    assert cols(one("SELECT email FROM customers UNION ALL SELECT 'a'"), "group") == set()
+    assert cols(one("SELECT DISTINCT id FROM customers"), "group") == {("", "customers", "id")}
+
+
+def test_natural_join_compares_the_shared_names() -> None:
+    f = one("SELECT id FROM customers NATURAL JOIN (SELECT 'x'::text AS email) v")
+    assert cols(f, "join") == {("", "customers", "email")}
+    f = one("SELECT id FROM (SELECT 1 AS id, 2 AS n) v NATURAL JOIN customers")
+    assert cols(f, "join") == {("", "customers", "id"), ("", "customers", "n")}
+    f = one(
+        "WITH a AS (SELECT email, id FROM customers), b AS (SELECT email FROM customers) "
+        "SELECT 1 FROM a NATURAL JOIN b"
+    )
+    assert cols(f, "join") == {("", "customers", "email")}
+    # Two tables: only the catalog knows their names, so every column counts (over-report).
+    f = one("SELECT 1 FROM customers NATURAL LEFT JOIN orders")
+    assert cols(f, "join") == {("", "customers", "*"), ("", "orders", "*")}
 
 
 def test_correlated_sub_select_sees_outer_alias() -> None:
