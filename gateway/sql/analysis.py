@@ -30,6 +30,9 @@ _DML_COMMAND = {
 # pg_settings is a view whose UPDATE rule calls set_config(): writing it changes settings.
 _SETTINGS_VIEW = {TableRef("", "pg_settings"), TableRef("pg_catalog", "pg_settings")}
 _IDENTITY_SETTINGS = {"role": "set_role", "session_authorization": "set_session_authorization"}
+# Settings that switch off the server's own checks: session_replication_role = replica turns
+# off triggers and foreign-key enforcement for the session's writes.
+_GUARD_SETTINGS = {"session_replication_role": "set_replication_role"}
 
 
 def unknown_facts(text: str, *, flags: tuple[str, ...] = ()) -> StatementFacts:
@@ -377,6 +380,9 @@ class _Walker:
         if flag:
             self.d.flag("set_role")
             self.d.flag(flag)
+        guard = _GUARD_SETTINGS.get(value.strip().lower())
+        if guard:
+            self.d.flag(guard)
 
     # ---- FROM
 
@@ -1078,6 +1084,8 @@ def _set(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     if name == "session_authorization":
         d.flag("set_session_authorization")
         return ("RESET SESSION AUTHORIZATION" if reset else "SET SESSION AUTHORIZATION"), "dcl"
+    if name in _GUARD_SETTINGS:
+        d.flag(_GUARD_SETTINGS[name])
     if name == "transaction":
         return "SET TRANSACTION", "tcl"
     if name == "session characteristics":

@@ -27,6 +27,21 @@ test_ai_agents_hidden_writes_approved if {
 	d.reasons == ["ai-agents may not write without approval"]
 }
 
+test_ai_agents_notify_and_two_phase_commit_approved if {
+	every command in ["NOTIFY", "PREPARE TRANSACTION", "COMMIT PREPARED", "ROLLBACK PREPARED"] {
+		d := decide(["ai-agents"], {"command": command, "category": "session"})
+		d.action == "approve"
+		d.reasons == ["ai-agents may not write without approval"]
+	}
+	d := decide(["ai-agents"], {"command": "SELECT", "category": "read", "functions": ["pg_catalog.pg_notify"]})
+	d.action == "approve"
+}
+
+test_ai_agents_listen_allowed if {
+	d := decide(["ai-agents"], {"command": "LISTEN", "category": "session"})
+	d.action == "allow"
+}
+
 test_ai_agents_ddl_approved if {
 	d := decide(["ai-agents"], statement_of.ddl)
 	d.action == "approve"

@@ -147,7 +147,7 @@ test_value_channels_denied_with_classified_columns_in_play if {
 
 test_value_channels_allowed_without_classified_columns if {
 	decide(["ai-agents"], {"reads": [{"schema": "public", "table": "orders"}], "functions": ["pg_catalog.set_config"]}).action == "allow"
-	decide(["ai-agents", "pii-readers"], {"reads": [customers], "functions": ["pg_notify"]}).action == "allow"
+	decide(["ai-agents", "pii-readers"], {"reads": [customers], "functions": ["pg_advisory_lock"]}).action == "allow"
 	decide(["ai-agents"], {"reads": [customers], "functions": ["pg_catalog.upper"]}).action == "allow"
 }
 

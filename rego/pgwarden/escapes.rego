@@ -65,6 +65,7 @@ escape_flags := {
 	"copy_server_file": "COPY to or from a server file",
 	"set_role": "changing role",
 	"set_session_authorization": "changing session authorization",
+	"set_replication_role": "session_replication_role (switches off triggers and foreign keys)",
 }
 
 escapes contains sprintf("function %s", [f]) if {

@@ -36,7 +36,13 @@ escape_command_names := [
 	"DROP GROUP",
 ]
 
-escape_flag_names := ["copy_program", "copy_server_file", "set_role", "set_session_authorization"]
+escape_flag_names := [
+	"copy_program",
+	"copy_server_file",
+	"set_role",
+	"set_session_authorization",
+	"set_replication_role",
+]
 
 test_escape_functions_denied_to_non_admins if {
 	every name in escape_function_names {

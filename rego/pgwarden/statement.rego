@@ -22,8 +22,20 @@ unqualified(name) := lower(trim(parts[count(parts) - 1], "\"")) if {
 	parts := split(name, ".")
 }
 
-# Commands whose command word names the rows they change.
-data_modifying_commands := {"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"}
+# Commands that change what others see: rows, notifications delivered to other sessions'
+# listeners, and two-phase transactions (committing or discarding another session's
+# prepared writes, or leaving one's own prepared with its locks held).
+data_modifying_commands := {
+	"INSERT",
+	"UPDATE",
+	"DELETE",
+	"MERGE",
+	"TRUNCATE",
+	"NOTIFY",
+	"PREPARE TRANSACTION",
+	"COMMIT PREPARED",
+	"ROLLBACK PREPARED",
+}
 
 # Built-in functions that change stored data from inside any statement, a SELECT included:
 # large objects (created, written, truncated, unlinked) and sequences (nextval, setval).
@@ -38,6 +50,7 @@ data_modifying_functions := {
 	"lo_unlink",
 	"nextval",
 	"setval",
+	"pg_notify",
 }
 
 # A statement writes data when the analyser says so in any of the ways it can: a write

@@ -316,6 +316,19 @@ AI_AGENTS = {
     ),
     "session-setting": Case("SET work_mem = '8MB'", "allow"),
     "unparseable": Case("SELEC 1", "deny", "do not parse"),
+    # A notification reaches other sessions' listeners (workers act on it): a write.
+    "notify": Case("NOTIFY pgwarden_test", "approve", "ai-agents may not write"),
+    "pg-notify": Case("SELECT pg_notify('pgwarden_test', 'x')", "approve", "may not write"),
+    "listen": Case("LISTEN pgwarden_test", "allow"),
+    # Triggers and foreign keys off for the session's writes: a server-side escape.
+    "replication-role": Case(
+        "SET session_replication_role = replica", "deny", "session_replication_role"
+    ),
+    "replication-role-set-config": Case(
+        "SELECT set_config('session_replication_role', 'replica', false)",
+        "deny",
+        "session_replication_role",
+    ),
 }
 
 

@@ -818,3 +818,16 @@ def test_analyze_never_raises(sql: str) -> None:
     for f in analyze(sql):
         assert f.category in ("read", "write", "ddl", "dcl", "tcl", "session", "utility", "unknown")
         assert f.command == f.command.upper()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET session_replication_role = replica",
+        "SET LOCAL session_replication_role TO 'replica'",
+        "SELECT set_config('session_replication_role', 'replica', false)",
+    ],
+)
+def test_switching_off_triggers_and_foreign_keys_is_flagged(sql: str) -> None:
+    (facts,) = analyze(sql)
+    assert "set_replication_role" in facts.flags
