@@ -1103,7 +1103,9 @@ class ClientSession(asyncio.Protocol):
         elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
-        elif await self._moved_since_parse(prepared):
+        elif (
+            self._path.uncertain or prepared.search_path != self.gate.search_path
+        ) and await self._moved_since_parse(prepared):
             # PostgreSQL plans it again under the session's search_path now: so is it judged.
             verdict = await self.gate.recheck_text(prepared.facts[0].text, portal.params)
             if verdict.allowed and len(verdict.facts) == 1:
