@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -53,15 +54,16 @@ def _request(n: int) -> StatementRequest:
     )  # fmt: skip
 
 
-async def run(name: str, store: AuditStore, folder: Path, writers: int, seconds: float) -> None:
-    keys = AuditKeyring(folder / "keys")
-    epoch, key = keys.current("bench")
-    heads = HeadWitness(folder / "head")
-    writer = AuditWriter(store, AuditChain("bench", epoch, key), keyring=keys, head=heads)
-    await writer.start()
-    for i in range(200):  # warm-up: schema, connections, caches
-        await writer.request(_request(i))
-    commits_before = store.commits
+async def _warm_up(request: Callable[[StatementRequest], Awaitable[str]]) -> None:
+    for i in range(200):  # schema, connections, caches
+        await request(_request(i))
+
+
+async def _load(
+    request: Callable[[StatementRequest], Awaitable[str]], writers: int, seconds: float
+) -> tuple[int, float]:
+    """`writers` sessions each awaiting one request() at a time for `seconds`: records
+    committed, and the time taken."""
     done = 0
     stop = time.perf_counter() + seconds
 
@@ -69,13 +71,24 @@ async def run(name: str, store: AuditStore, folder: Path, writers: int, seconds:
         nonlocal done
         n = k
         while time.perf_counter() < stop:
-            await writer.request(_request(n))
+            await request(_request(n))
             n += writers
             done += 1
 
     start = time.perf_counter()
     await asyncio.gather(*(session(k) for k in range(writers)))
-    elapsed = time.perf_counter() - start
+    return done, time.perf_counter() - start
+
+
+async def run(name: str, store: AuditStore, folder: Path, writers: int, seconds: float) -> None:
+    keys = AuditKeyring(folder / "keys")
+    epoch, key = keys.current("bench")
+    heads = HeadWitness(folder / "head")
+    writer = AuditWriter(store, AuditChain("bench", epoch, key), keyring=keys, head=heads)
+    await writer.start()
+    await _warm_up(writer.request)
+    commits_before = store.commits
+    done, elapsed = await _load(writer.request, writers, seconds)
     commits = store.commits - commits_before
     await writer.close()
     rate = done / elapsed
@@ -96,22 +109,8 @@ async def run_process(name: str, settings: Settings, writers: int, seconds: floa
     sink = AuditProcess(settings)
     await sink.start()
     try:
-        for i in range(200):  # warm-up
-            await sink.request(_request(i))
-        done = 0
-        stop = time.perf_counter() + seconds
-
-        async def session(k: int) -> None:
-            nonlocal done
-            n = k
-            while time.perf_counter() < stop:
-                await sink.request(_request(n))
-                n += writers
-                done += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(session(k) for k in range(writers)))
-        elapsed = time.perf_counter() - start
+        await _warm_up(sink.request)
+        done, elapsed = await _load(sink.request, writers, seconds)
     finally:
         await sink.close()
     print(

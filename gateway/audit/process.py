@@ -42,6 +42,7 @@ from gateway.audit.records import (
     session_record,
 )
 from gateway.audit.store import CommitResult
+from gateway.audit.writer import Waiter, expire_waiters, fail_waiters
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -167,9 +168,6 @@ def main() -> None:
 # -- the gateway's side ----------------------------------------------------------------------
 
 
-_Waiter = asyncio.Future[str] | None
-
-
 class _GatewayProtocol(asyncio.Protocol):
     def __init__(self, owner: AuditProcess) -> None:
         self._owner = owner
@@ -241,12 +239,12 @@ class AuditProcess:
         self.linger = 0.005
         self._linger: asyncio.TimerHandle | None = None
         # Sent, not yet acknowledged, oldest first.
-        self._unacked: collections.deque[_Waiter] = collections.deque()
+        self._unacked: collections.deque[Waiter] = collections.deque()
         self._sent = 0
         self._acked = 0
         # (records sent through, timer that fails the waiters of one write)
         self._timers: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()
-        self._batch: list[_Waiter] = []
+        self._batch: list[Waiter] = []
         self._drained: asyncio.Event | None = None
         self._protocol: _GatewayProtocol | None = None
 
@@ -363,7 +361,7 @@ class AuditProcess:
             return
         self._send(kind, when, body, None)
 
-    def _send(self, kind: str, when: float, body: bytes, waiter: _Waiter) -> None:
+    def _send(self, kind: str, when: float, body: bytes, waiter: Waiter) -> None:
         self._out.append(_RECORD.pack(len(body), _KIND_CODE[kind], when))
         self._out.append(body)
         self._unacked.append(waiter)
@@ -392,7 +390,7 @@ class AuditProcess:
         self._out.clear()
         self._sent += len(self._batch)
         if any(w is not None for w in self._batch):
-            timer = self._loop.call_later(self.timeout, _expire, self._batch, self.timeout)
+            timer = self._loop.call_later(self.timeout, expire_waiters, self._batch, self.timeout)
             self._timers.append((self._sent, timer))
         self._batch = []
 
@@ -424,16 +422,8 @@ class AuditProcess:
         self._advance(count)
 
     def failed(self, count: int, message: str) -> None:
-        failure = AuditUnavailable(f"audit store failed: {message}")
-        lost = 0
-        for _ in range(count):
-            w = self._unacked.popleft()
-            if w is None:
-                lost += 1
-            elif not w.done():
-                w.set_exception(failure)
-        if lost:
-            log.error("audit: %d outcome or session records lost: %s", lost, message)
+        failed = [self._unacked.popleft() for _ in range(count)]
+        fail_waiters(failed, AuditUnavailable(f"audit store failed: {message}"), message)
         self._advance(count)
 
     def _advance(self, count: int) -> None:
@@ -455,29 +445,12 @@ class AuditProcess:
         if self._up is not None and not self._up.done():
             self._up.set_result(None)
         self._up = None
-        failure = AuditUnavailable("audit writer process exited")
-        lost = 0
-        while self._unacked:
-            w = self._unacked.popleft()
-            if w is None:
-                lost += 1
-            elif not w.done():
-                w.set_exception(failure)
-        if lost:
-            log.error("audit: %d outcome or session records lost: audit process exited", lost)
+        unacked, self._unacked = self._unacked, collections.deque()
+        why = "audit writer process exited"
+        fail_waiters(unacked, AuditUnavailable(why), why)
         for _, timer in self._timers:
             timer.cancel()
         self._timers.clear()
         self._sent = self._acked = 0
         if self._drained is not None:
             self._drained.set()
-
-
-def _expire(waiters: list[_Waiter], timeout: float) -> None:
-    failure: AuditUnavailable | None = None
-    for w in waiters:
-        if w is not None and not w.done():
-            failure = failure or AuditUnavailable(
-                f"audit store did not confirm the record within {timeout:g}s"
-            )
-            w.set_exception(failure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import TypeVar
 
@@ -22,16 +22,26 @@ T = TypeVar("T")
 
 # One waiter per queued record, or None for a record nobody waits on (an outcome: the
 # statement has run; a session event): losing one of those is logged.
-_Waiter = asyncio.Future[str] | None
+Waiter = asyncio.Future[str] | None
 
 
-def _expire(waiters: list[_Waiter], timeout: float) -> None:
-    failure: AuditUnavailable | None = None
+def fail_waiters(waiters: Iterable[Waiter], failure: AuditUnavailable, why: object) -> None:
+    """Fail the records' waiters; log how many records nobody waited on were lost."""
+    lost = 0
+    for w in waiters:
+        if w is None:
+            lost += 1
+        elif not w.done():
+            w.set_exception(failure)
+    if lost:
+        log.error("audit: %d outcome or session records lost: %s", lost, why)
+
+
+def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
+    """A timer's end: waiters still waiting fail (their records may still commit later)."""
+    failure = AuditUnavailable(f"audit store did not confirm the record within {timeout:g}s")
     for w in waiters:
         if w is not None and not w.done():
-            failure = failure or AuditUnavailable(
-                f"audit store did not confirm the record within {timeout:g}s"
-            )
             w.set_exception(failure)
 
 
@@ -82,7 +92,7 @@ class AuditWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._pending: list[PendingRecord] = []
-        self._waiters: list[_Waiter] = []
+        self._waiters: list[Waiter] = []
         self._flush_soon = False
         self._linger: asyncio.TimerHandle | None = None
         # Fails queued requests that cannot go to the store yet (see _defer).
@@ -224,7 +234,7 @@ class AuditWriter:
         if not self.append(pending, urgent=False):
             log.error("audit %s record lost: audit writer is not running", pending.kind)
 
-    def _queue(self, pending: PendingRecord, waiter: _Waiter, *, urgent: bool) -> None:
+    def _queue(self, pending: PendingRecord, waiter: Waiter, *, urgent: bool) -> None:
         self._pending.append(pending)
         self._waiters.append(waiter)
         if self._flush_soon:
@@ -253,7 +263,7 @@ class AuditWriter:
         pending, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
         assert self._loop is not None
-        timer = self._loop.call_later(self.timeout, _expire, waiters, self.timeout)
+        timer = self._loop.call_later(self.timeout, expire_waiters, waiters, self.timeout)
         self._inflight += 1
         self._settled.clear()
         chain = self.chain
@@ -271,7 +281,7 @@ class AuditWriter:
 
     def _expire_queued(self) -> None:
         self._watch = None
-        _expire(self._waiters, self.timeout)
+        expire_waiters(self._waiters, self.timeout)
 
     def _submit_task(self, chain: str, seal: Seal, done: Callable[[CommitResult], None]) -> None:
         """For stores without a callback path: one task per batch."""
@@ -285,21 +295,13 @@ class AuditWriter:
         asyncio.ensure_future(self.store.append(chain, seal)).add_done_callback(finished)
 
     def _committed(
-        self, waiters: list[_Waiter], timer: asyncio.TimerHandle, result: CommitResult
+        self, waiters: list[Waiter], timer: asyncio.TimerHandle, result: CommitResult
     ) -> None:
         timer.cancel()
         self._inflight -= 1
         if isinstance(result, BaseException):
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
-            failure = AuditUnavailable(f"audit store failed: {result}")
-            lost = 0
-            for w in waiters:
-                if w is None:
-                    lost += 1
-                elif not w.done():
-                    w.set_exception(failure)
-            if lost:
-                log.error("audit: %d records nobody waited on were lost: %s", lost, result)
+            fail_waiters(waiters, AuditUnavailable(f"audit store failed: {result}"), result)
         else:
             self._after_commit(result[-1])
             for w, s in zip(waiters, result, strict=True):
