@@ -49,7 +49,7 @@ class SearchPathWatch:
     certain (or could not be learned: `problem` says why)."""
 
     # One per session, most of them idle: no Event until somebody waits.
-    __slots__ = ("_touched", "_waiters", "problem", "uncertain")
+    __slots__ = ("_touched", "_waiters", "epoch", "problem", "uncertain")
 
     def __init__(self) -> None:
         self.uncertain = False
@@ -58,6 +58,8 @@ class SearchPathWatch:
         self._touched = False
         self.problem: str | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        # Counts the times the path may have moved: equal counts, the same path.
+        self.epoch = 0
 
     def forwarded(self, statements: Iterable[StatementFacts]) -> None:
         for facts in statements:
@@ -80,6 +82,7 @@ class SearchPathWatch:
     def mark(self) -> None:
         self.uncertain = True
         self.problem = None
+        self.epoch += 1
 
     def learned(self) -> None:
         self.uncertain = False

@@ -119,13 +119,25 @@ class PreparedStatement:
     param_types: tuple[int, ...] = ()
     # The search_path its names were resolved under (the server re-plans it under another).
     search_path: tuple[str, ...] = ()
+    # Its RowDescription from a Describe of this very statement (not of another of its name).
+    row_description: bytes | None = None
 
 
 @dataclass(slots=True)
 class Portal:
+    """A Bind: the server planned it then, so it runs what its statement was at the Bind,
+    whatever that name holds by the Execute."""
+
     statement: str
     params: tuple[str | None, ...]
     result_formats: tuple[int, ...] = ()
+    # The protocol-prepared statement it was bound from, or what a SQL PREPARE of the name
+    # was known to run at the Bind.
+    prepared: PreparedStatement | None = None
+    known: StatementFacts | None = None
+    # SearchPathWatch.epoch at the Bind: the path the server planned it under.
+    path_epoch: int = 0
+    row_description: bytes | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -198,10 +210,6 @@ class ClientSession(asyncio.Protocol):
         self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
-        # RowDescriptions from Describe, needed to mask rows of a later Execute.
-        # Kept as raw bodies and decoded only when a masked result needs them.
-        self._described_statements: dict[str, bytes] = {}
-        self._described_portals: dict[str, bytes] = {}
         # After pgwarden refused an extended-protocol message, the server discards until Sync.
         self._discarding = False
         # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
@@ -926,10 +934,12 @@ class ClientSession(asyncio.Protocol):
             )
         else:
             closing = None
+            closed: PreparedStatement | Portal | None = None
             if end - pos > 6:
                 name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
                 closing = (chr(buf[pos + 5]), name)
-            self.tracker.expect(Expectation("close", closing=closing))
+                closed = (self._statements if closing[0] == "S" else self._portals).get(name)
+            self.tracker.expect(Expectation("close", closing=closing, described=closed))
 
     async def _gated(self, code: int, message: bytes) -> None:
         try:
@@ -1036,8 +1046,6 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        # A description of an earlier statement of this name must never plan this one's rows.
-        self._described_statements.pop(msg.name, None)
         if self._discarding:
             self._to_server(message)
             self.tracker.expect(Expectation("parse"))
@@ -1072,8 +1080,12 @@ class ClientSession(asyncio.Protocol):
         prepared = self._statements.get(msg.statement)
         types = prepared.param_types if prepared is not None else ()
         params = _params_text(msg.params, msg.param_formats, types)
-        self._portals[msg.portal] = Portal(msg.statement, params, msg.result_formats)
-        self._described_portals.pop(msg.portal, None)
+        known = None
+        if prepared is None and self.gate is not None:
+            known = self.gate.prepared.lookup(msg.statement)
+        self._portals[msg.portal] = Portal(
+            msg.statement, params, msg.result_formats, prepared, known, self._path.epoch
+        )
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
@@ -1087,10 +1099,23 @@ class ClientSession(asyncio.Protocol):
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
-        prepared = self._statements.get(portal.statement)
+        prepared = portal.prepared
+        if portal.path_epoch != self._path.epoch and not (
+            prepared is not None and all(f.category == "tcl" for f in prepared.facts)
+        ):
+            # The server planned the portal at its Bind, under a search_path that may have
+            # moved since: what pgwarden would resolve now may not be what runs.
+            self._refuse(
+                "parse",
+                refusal_for(
+                    "search_path may have changed since this portal was bound; bind it again"
+                ),
+                [],
+            )
+            return
         if prepared is None:
             # Prepared by SQL PREPARE (one namespace with Parse): decide it now.
-            known = self.gate.prepared.lookup(portal.statement)
+            known = portal.known
             if known is None:
                 # What would run is unknown to pgwarden: fail closed.
                 self._refuse("parse", refusal_for("unknown prepared statement"), [])
@@ -1133,8 +1158,7 @@ class ClientSession(asyncio.Protocol):
             if run.masked:
                 # The plan is built when the rows come: the Describe sent in the same
                 # pipeline has been answered by then.
-                run.portal = msg.portal
-                run.statement = portal.statement
+                run.source = portal
                 run.result_formats = portal.result_formats
         self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
@@ -1316,8 +1340,17 @@ class ClientSession(asyncio.Protocol):
             else:
                 tracker.pop()
                 self._finish_skipped(front)
-                for e in tracker.skip_to_sync():
+                skipped = tracker.skip_to_sync()
+                for e in skipped:
                     self._finish_skipped(e)
+                # The server never ran the Parses it skipped: what their names held stands.
+                for e in reversed(skipped):
+                    if e.kind == "parse" and e.restore is not None:
+                        name, previous = e.restore
+                        if previous is None:
+                            self._statements.pop(name, None)
+                        else:
+                            self._statements[name] = previous
             return replacement
         if code == 115:  # PortalSuspended
             if front is not None:
@@ -1334,13 +1367,12 @@ class ClientSession(asyncio.Protocol):
                 tracker.pop()
                 if code == 51 and front.closing is not None:
                     kind, name = front.closing
-                    if kind == "S":
-                        self._statements.pop(name, None)
-                        self._described_statements.pop(name, None)
-                        gate.prepared.closed(name)
-                    else:
-                        self._portals.pop(name, None)
-                        self._described_portals.pop(name, None)
+                    held = self._statements if kind == "S" else self._portals
+                    # Pipelined, the name may have been parsed or bound again since the Close.
+                    if held.get(name) is front.described:
+                        held.pop(name, None)
+                        if kind == "S":
+                            gate.prepared.closed(name)
             return None
         if code in (71, 87):  # CopyInResponse, CopyBothResponse
             if not tracker.copy_in_started():
@@ -1355,14 +1387,10 @@ class ClientSession(asyncio.Protocol):
                 return None
             if front.kind in ("describe_statement", "describe_portal"):
                 tracker.pop()
-                if front.closing is not None:
-                    kind, name = front.closing
-                    # Pipelined, the name may have been parsed or bound again since.
-                    held = (self._statements if kind == "S" else self._portals).get(name)
-                    if held is front.described:
-                        (self._described_statements if kind == "S" else self._described_portals)[
-                            name
-                        ] = bytes(view[pos + 5 : end])
+                # Kept with what was described: pipelined, the name may have been parsed or
+                # bound again since, and the description is not the new one's.
+                if isinstance(front.described, (PreparedStatement, Portal)):
+                    front.described.row_description = bytes(view[pos + 5 : end])
             elif front.kind == "query":
                 run = front.current_run()
                 if run is not None and run.masked:
@@ -1430,10 +1458,11 @@ class ClientSession(asyncio.Protocol):
         """The masked DataRow frame, or None to relay the row as it is."""
         if not run.described:
             described = None
-            if run.portal is not None:
-                described = self._described_portals.get(run.portal)
-                if described is None and run.statement is not None:
-                    described = self._described_statements.get(run.statement)
+            portal = run.source
+            if isinstance(portal, Portal):
+                described = portal.row_description
+                if described is None and portal.prepared is not None:
+                    described = portal.prepared.row_description
             run.described = True
             if described is not None:
                 fields = RowDescription.decode(described).fields

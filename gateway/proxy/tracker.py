@@ -51,10 +51,9 @@ class StatementRun:
     # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None
     described: bool = False
-    # For an Execute: where its RowDescription comes from (an earlier Describe) and the
-    # result formats its Bind chose.
-    portal: str | None = None
-    statement: str | None = None
+    # For an Execute: the portal it runs (its RowDescription, or its statement's, comes from
+    # an earlier Describe) and the result formats its Bind chose.
+    source: Any = None
     result_formats: tuple[int, ...] = ()
 
 

@@ -1,0 +1,150 @@
+# ruff: noqa: S608 - schema names are the test's own
+"""Red-team of the session layer: portals and prepared statements whose server-side identity
+differs from what pgwarden believes, through the real gateway, OPA and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.protocol import Bind, Close, DataRow, Describe, Execute, Parse, Query, Sync
+
+from . import RawClient, direct, errors_in, run_sql, token_for
+
+pytestmark = pytest.mark.server
+
+SECRETS = (b"ada@example.com", b"grace@example.org")
+
+
+def rows_of(reply: list[tuple[str, bytes]]) -> list[tuple[bytes | None, ...]]:
+    return [DataRow.decode(body).values for code, body in reply if code == "D"]
+
+
+def assert_clean(reply: list[tuple[str, bytes]]) -> None:
+    text = repr(rows_of(reply))
+    for secret in SECRETS:
+        assert secret.decode() not in text, reply
+
+
+def test_portal_of_a_replaced_unnamed_statement(gateway: Any) -> None:
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(
+            Parse("", b"SELECT email FROM customers"),
+            Bind("", ""),
+            Parse("", b"SELECT 'x'::text"),
+            Execute(""),
+            Sync(),
+        )
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
+
+
+def test_portal_of_a_closed_and_reparsed_statement(gateway: Any) -> None:
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(
+            Parse("s1", b"SELECT email FROM customers"),
+            Bind("p1", "s1"),
+            Close("S", "s1"),
+            Parse("s1", b"SELECT 'x'::text"),
+            Execute("p1"),
+            Sync(),
+        )
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
+
+
+def test_a_parse_the_server_skipped_does_not_replace_the_statement(gateway: Any) -> None:
+    """After an error the server skips to Sync: a Parse in between never replaced anything."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Parse("", b"SELECT email FROM customers"), Sync())
+        client.until_ready()
+        client.send(Bind("", "no_such_statement"), Parse("", b"SELECT 'x'::text"), Sync())
+        assert errors_in(client.until_ready())
+        client.send(Bind("", ""), Execute(""), Sync())
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
+
+
+def test_a_description_of_the_replacement_does_not_plan_the_old_portal(gateway: Any) -> None:
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(
+            Parse("", b"SELECT email, name FROM customers"),
+            Bind("", ""),
+            Parse("", b"SELECT name, email FROM customers"),
+            Describe("S", ""),
+            Execute(""),
+            Sync(),
+        )
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert rows_of(reply), reply
+    assert_clean(reply)
+
+
+@pytest.fixture
+def shadow(gateway: Any) -> Iterator[str]:
+    schema = f"rt_red_{uuid.uuid4().hex[:8]}"
+    direct(gateway, f"CREATE SCHEMA {schema}")
+    # Through the gateway, so that its catalog learns the table (DDL invalidates it).
+    run_sql(
+        gateway.dsn(token_for(gateway, "admins")),
+        f"CREATE TABLE {schema}.customers (id int, email text)",
+    )
+    direct(gateway, f"INSERT INTO {schema}.customers VALUES (1, 'shadow@example.net')")
+    try:
+        yield schema
+    finally:
+        direct(gateway, f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_a_portal_runs_the_plan_made_at_bind(gateway: Any, shadow: str) -> None:
+    """The server plans at Bind: a named portal bound under public and executed after the
+    path moved (same transaction) returns public.customers' rows."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Query(b"BEGIN"))
+        client.until_ready()
+        client.send(Parse("s", b"SELECT email FROM customers"), Bind("p", "s"), Sync())
+        client.until_ready()
+        client.send(Query(f"SET search_path = {shadow}".encode()))
+        client.until_ready()
+        client.send(Execute("p"), Sync())
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
+    assert "bind it again" in errors_in(reply)[0].message, reply
+
+
+def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: Any) -> None:
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Query(b"BEGIN"))
+        client.until_ready()
+        client.send(Query(b"PREPARE q AS SELECT email FROM customers"))
+        client.until_ready()
+        client.send(Bind("p", "q"), Sync())
+        client.until_ready()
+        client.send(Query(b"DEALLOCATE q"))
+        client.until_ready()
+        client.send(Query(b"PREPARE q AS SELECT 'x'::text"))
+        client.until_ready()
+        client.send(Execute("p"), Sync())
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
