@@ -718,11 +718,17 @@ class ClientSession(asyncio.Protocol):
         return bool(sent) and sent[-1].kind in ("sync", "query", "function")
 
     def _resync_if_idle(self) -> bool:
-        """Send SHOW search_path now if everything sent has been answered (what is still
-        buffered goes after it); True if it was sent or is under way."""
+        """Send SHOW search_path now if everything forwarded has been answered; True if it
+        was sent or is under way."""
         if self._resyncing:
             return True
-        if self.up is None or len(self.tracker) > self._unsent() or self._copy_in:
+        if self.up is None or self._copy_in:
+            return False
+        if self._up_out:
+            # Decided but still buffered: it may be what moved the path (`SET search_path`
+            # then a pipelined Parse), so it goes first and the SHOW waits for its answer.
+            self._flush_server()
+        if self.tracker:
             return False
         self._resyncing = True
         self._resync_value = self._resync_error = None

@@ -148,3 +148,49 @@ def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: Any) ->
     finally:
         client.close()
     assert_clean(reply)
+
+
+def test_a_set_query_pipelined_before_a_parse_is_applied_first(
+    gateway: Any, shadow: str
+) -> None:
+    """pgwarden's SHOW search_path must not overtake the buffered SET it is asking about."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Query(f"SET search_path = {shadow}".encode()))
+        client.until_ready()
+        client.send(
+            Query(b"SET search_path = public"),
+            Parse("", b"SELECT email FROM customers"),
+            Bind("", ""),
+            Execute(""),
+            Sync(),
+        )
+        client.until_ready()
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert len(rows_of(reply)) == 2, reply
+    assert_clean(reply)
+
+
+def test_an_extended_set_pipelined_before_a_parse_without_sync_is_refused(
+    gateway: Any, shadow: str
+) -> None:
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Query(f"SET search_path = {shadow}".encode()))
+        client.until_ready()
+        client.send(
+            Parse("", b"SET search_path = public"),
+            Bind("", ""),
+            Execute(""),
+            Parse("", b"SELECT email FROM customers"),
+            Bind("", ""),
+            Execute(""),
+            Sync(),
+        )
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert_clean(reply)
+    assert "send Sync" in errors_in(reply)[0].message, reply
