@@ -728,7 +728,9 @@ class ClientSession(asyncio.Protocol):
             # Decided but still buffered: it may be what moved the path (`SET search_path`
             # then a pipelined Parse), so it goes first and the SHOW waits for its answer.
             self._flush_server()
-        if self.tracker:
+        if self.tracker or self.tracker.unsynced:
+            # A Query between extended messages and their Sync would commit the client's
+            # implicit transaction, or be skipped by a server discarding to Sync (no answer).
             return False
         self._resyncing = True
         self._resync_value = self._resync_error = None
@@ -1305,6 +1307,7 @@ class ClientSession(asyncio.Protocol):
                 self._finish_skipped(e)
                 if e.kind in ("sync", "query", "function"):
                     break
+            tracker.ready()
             self._bind_error = None
             self._path.ready(chr(status))
             if self._path.uncertain and status != ord("E"):

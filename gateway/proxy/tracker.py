@@ -83,15 +83,24 @@ class Expectation:
         return None
 
 
+# Extended-protocol messages: after them the server is inside a pipeline until a Sync (its
+# implicit transaction open, or skipping to Sync after an error).
+_EXTENDED = frozenset(
+    {"parse", "bind", "describe_statement", "describe_portal", "execute", "close"}
+)
+
+
 class ResponseTracker:
     """A queue of expectations in the order messages were forwarded upstream."""
 
-    __slots__ = ("_queue", "added")
+    __slots__ = ("_queue", "added", "unsynced")
 
     def __init__(self) -> None:
         self._queue: deque[Expectation] = deque()
         # How many expectations were ever queued (the session counts what it has sent).
         self.added = 0
+        # An extended-protocol message was queued and no ReadyForQuery has come after it.
+        self.unsynced = False
 
     def __bool__(self) -> bool:
         return bool(self._queue)
@@ -102,6 +111,13 @@ class ResponseTracker:
     def expect(self, expectation: Expectation) -> None:
         self._queue.append(expectation)
         self.added += 1
+        if expectation.kind in _EXTENDED:
+            self.unsynced = True
+
+    def ready(self) -> None:
+        """A ReadyForQuery was consumed: only extended messages still queued leave a pipeline
+        open."""
+        self.unsynced = any(e.kind in _EXTENDED for e in self._queue)
 
     def front(self) -> Expectation | None:
         self._drop_stray_copy_ends()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.protocol import Bind, Close, DataRow, Describe, Execute, Parse, Query, Sync
+from gateway.protocol import Bind, Close, DataRow, Describe, Execute, Flush, Parse, Query, Sync
 
 from . import RawClient, direct, errors_in, run_sql, token_for
 
@@ -194,3 +194,58 @@ def test_an_extended_set_pipelined_before_a_parse_without_sync_is_refused(
         client.close()
     assert_clean(reply)
     assert "send Sync" in errors_in(reply)[0].message, reply
+
+
+def read_through(client: RawClient, code: str, count: int = 1) -> str:
+    seen = ""
+    while seen.count(code) < count:
+        seen += chr(client.read()[0])
+    return seen
+
+
+def test_the_path_check_does_not_commit_a_pipeline_half_way(gateway: Any) -> None:
+    """Answers read after a Flush, no Sync yet: a SHOW search_path (a Query) now would commit
+    the pipeline's implicit transaction, and its later error would not undo the INSERT."""
+    table = f"rt_flush_{uuid.uuid4().hex[:8]}"
+    direct(gateway, f"CREATE TABLE {table} (x int)")
+    client = RawClient(gateway, token_for(gateway, "admins"))
+    try:
+        client.send(
+            Parse("i", f"INSERT INTO {table} VALUES (1)".encode()),
+            Bind("", "i"),
+            Execute(""),
+            Parse("", b"SELECT set_config('search_path', 'public', false)"),
+            Bind("", ""),
+            Execute(""),
+            Flush(),
+        )
+        read_through(client, "C", 2)
+        client.send(Parse("", b"SELECT 1/0"), Bind("", ""), Execute(""), Sync())
+        assert errors_in(client.until_ready())
+    finally:
+        client.close()
+    try:
+        assert direct(gateway, f"SELECT count(*) FROM {table}") == [(0,)]
+    finally:
+        direct(gateway, f"DROP TABLE {table}")
+
+
+def test_the_path_check_is_not_sent_to_a_server_skipping_to_sync(gateway: Any) -> None:
+    """After an error (no Sync yet) the server ignores a Query: waiting for its answer held
+    the client's Sync back for ever."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(
+            Parse("", b"SELECT set_config('search_path', 'public', false)"),
+            Bind("", ""),
+            Execute(""),
+            Bind("", "no_such_statement"),
+            Flush(),
+        )
+        read_through(client, "E")
+        client.send(Parse("", b"SELECT 1"), Sync())
+        assert client.until_ready()[-1] == ("Z", b"I")
+        client.send(Query(b"SELECT 2"))
+        assert rows_of(client.until_ready()) == [(b"2",)]
+    finally:
+        client.close()
