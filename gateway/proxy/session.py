@@ -1011,6 +1011,8 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_query(self, msg: Query, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
+        if self._discarding:
+            return  # the server would skip it, answering nothing: neither run nor expected
         text = self._decode_sql(msg.query)
         if text is None:
             self._refuse(
@@ -1018,13 +1020,24 @@ class ClientSession(asyncio.Protocol):
             )
             return
         verdict = await self.gate.check_query(text)
-        if self.phase is not Phase.RELAY:
+        if self.phase is not Phase.RELAY or self._skipped_meanwhile(verdict):
             return
         if self._refused_verdict(verdict, "query"):
             return
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
         self._path.forwarded(verdict.facts)
+
+    def _skipped_meanwhile(self, verdict: Verdict) -> bool:
+        """An extended message failed while this was decided: the server will skip it."""
+        if not self._discarding:
+            return False
+        assert self.gate is not None
+        for run in verdict.runs:
+            run.done = True
+            run.error_message = "not executed: an earlier statement failed"
+            self.gate.outcome(run, forwarded=False)
+        return True
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -1174,9 +1187,11 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
+        if self._discarding:
+            return  # the server would skip it, answering nothing: neither run nor expected
         args = _params_text(msg.args, msg.arg_formats)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
-        if self.phase is not Phase.RELAY:
+        if self.phase is not Phase.RELAY or self._skipped_meanwhile(verdict):
             return
         if not verdict.allowed:
             assert verdict.refusal is not None
@@ -1352,6 +1367,10 @@ class ClientSession(asyncio.Protocol):
                 skipped = tracker.skip_to_sync()
                 for e in skipped:
                     self._finish_skipped(e)
+                if not tracker:
+                    # No Sync forwarded yet: the server ignores what comes until the client's,
+                    # a Query or FunctionCall included (no answer to wait for).
+                    self._discarding = True
                 # The server never ran the Parses it skipped: what their names held stands.
                 for e in reversed(skipped):
                     if e.kind == "parse" and e.restore is not None:

@@ -249,3 +249,20 @@ def test_the_path_check_is_not_sent_to_a_server_skipping_to_sync(gateway: Any) -
         assert rows_of(client.until_ready()) == [(b"2",)]
     finally:
         client.close()
+
+
+def test_a_query_the_server_skips_after_an_error_answers_nothing(gateway: Any) -> None:
+    """After an extended-protocol error (no Sync yet) the server ignores a Query: pgwarden
+    expecting its answer took the next Query's rows for it, unmasked."""
+    client = RawClient(gateway, token_for(gateway, "ai-agents"))
+    try:
+        client.send(Bind("", "no_such_statement"), Flush())
+        read_through(client, "E")
+        client.send(Query(b"SELECT 1"), Sync())
+        assert client.until_ready() == [("Z", b"I")]
+        client.send(Query(b"SELECT email FROM customers"))
+        reply = client.until_ready()
+    finally:
+        client.close()
+    assert len(rows_of(reply)) == 2, reply
+    assert_clean(reply)
