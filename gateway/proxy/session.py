@@ -759,6 +759,9 @@ class ClientSession(asyncio.Protocol):
 
     def _resume_client(self) -> None:
         if not self._busy and not self._resyncing and self.phase is Phase.RELAY:
+            # Reading may have been paused while more than 4 MB arrived during the wait.
+            if self.transport is not None and not self._paused_by_upstream:
+                self.transport.resume_reading()
             self._drain_client()
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
@@ -1361,6 +1364,10 @@ class ClientSession(asyncio.Protocol):
             if front.kind in ("query", "function"):
                 # The rest of this Query's statements will not run.
                 self._finish_skipped(front)
+            elif front.kind == "sync":
+                # The error of a message nothing was expected from (a malformed Flush, say):
+                # the server skips to this Sync, which still answers. Nothing to pop.
+                pass
             else:
                 tracker.pop()
                 self._finish_skipped(front)
