@@ -42,7 +42,7 @@ from gateway.audit.records import (
     session_record,
 )
 from gateway.audit.store import CommitResult
-from gateway.audit.writer import Waiter, expire_waiters, fail_waiters
+from gateway.audit.writer import BatchClock, Waiter, expire_waiters, fail_waiters
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -235,9 +235,7 @@ class AuditProcess:
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
-        self._flush_soon = False
-        self.linger = 0.005
-        self._linger: asyncio.TimerHandle | None = None
+        self._clock = BatchClock(self._flush)
         # Sent, not yet acknowledged, oldest first.
         self._unacked: collections.deque[Waiter] = collections.deque()
         self._sent = 0
@@ -366,23 +364,17 @@ class AuditProcess:
         self._out.append(body)
         self._unacked.append(waiter)
         self._batch.append(waiter)
-        if self._flush_soon:
-            return
         assert self._loop is not None
         if waiter is not None:
             # A statement waits: everything queued in this pass of the loop leaves now.
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
-        elif self._linger is None:
+            self._clock.soon(self._loop)
+        else:
             # Nobody waits on an outcome or session record: it rides with the next request
-            # (one write, one commit) or leaves after `linger`.
-            self._linger = self._loop.call_later(self.linger, self._flush)
+            # (one write, one commit) or leaves after the clock's linger.
+            self._clock.later(self._loop)
 
     def _flush(self) -> None:
-        self._flush_soon = False
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+        self._clock.fired()
         if not self._out:
             return
         assert self._transport is not None and self._loop is not None

@@ -45,6 +45,39 @@ def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
             w.set_exception(failure)
 
 
+class BatchClock:
+    """When a batch of queued records leaves: at the end of the current event-loop pass
+    (`soon`, someone waits on it), or `linger` later (nobody waits: it may ride with the
+    next one). `flush` is called once either way; it calls `fired()` first."""
+
+    __slots__ = ("_flush", "_soon", "_timer", "linger")
+
+    def __init__(self, flush: Callable[[], None], linger: float = 0.005) -> None:
+        self._flush = flush
+        self.linger = linger
+        self._soon = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def soon_pending(self) -> bool:
+        return self._soon
+
+    def soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._soon:
+            self._soon = True
+            loop.call_soon(self._flush)
+
+    def later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._soon and self._timer is None:
+            self._timer = loop.call_later(self.linger, self._flush)
+
+    def fired(self) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class AuditWriter:
     """Implements the proxy's AuditSink over an AuditStore.
 
@@ -87,14 +120,12 @@ class AuditWriter:
         self.fail_open = fail_open
         self.max_batch = max_batch
         # How long outcome/session records wait for a request record to commit with.
-        self.linger = 0.005
+        self._clock = BatchClock(self._flush)
         self.head_interval = 0.05
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._pending: list[PendingRecord] = []
         self._waiters: list[Waiter] = []
-        self._flush_soon = False
-        self._linger: asyncio.TimerHandle | None = None
         # Fails queued requests that cannot go to the store yet (see _defer).
         self._watch: asyncio.TimerHandle | None = None
         # Set while a key rotation or a prune has the chain to itself: records queue.
@@ -237,21 +268,23 @@ class AuditWriter:
     def _queue(self, pending: PendingRecord, waiter: Waiter, *, urgent: bool) -> None:
         self._pending.append(pending)
         self._waiters.append(waiter)
-        if self._flush_soon:
-            return
         assert self._loop is not None
         if urgent or len(self._pending) >= self.max_batch:
             # Everything queued in this pass of the event loop goes in one commit.
-            self._flush_soon = True
-            self._loop.call_soon(self._flush)
-        elif self._linger is None:
-            self._linger = self._loop.call_later(self.linger, self._flush)
+            self._clock.soon(self._loop)
+        else:
+            self._clock.later(self._loop)
+
+    @property
+    def linger(self) -> float:
+        return self._clock.linger
+
+    @linger.setter
+    def linger(self, value: float) -> None:
+        self._clock.linger = value
 
     def _flush(self) -> None:
-        self._flush_soon = False
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+        self._clock.fired()
         if not self._pending:
             return
         if self._held or (self._inflight and not self._concurrent):
@@ -311,7 +344,7 @@ class AuditWriter:
             self.on_commit(len(waiters), result)
         if not self._inflight:
             self._settled.set()
-        if self._pending and not self._flush_soon and not self._concurrent:
+        if self._pending and not self._clock.soon_pending and not self._concurrent:
             self._flush()
 
     def _after_commit(self, last: SealedRecord) -> None:
