@@ -8,13 +8,15 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
 from gateway.sql.facts import ColumnRef, StatementFacts, TableRef
+
+_T = TypeVar("_T")
 
 __all__ = ["DEFAULT_SEARCH_PATH", "Catalog", "parse_search_path"]
 
@@ -660,22 +662,14 @@ class Catalog:
         return found
 
     async def _query(self, names: list[str]) -> tuple[list[Any], frozenset[str]]:
-        async with self._lock:
-            for attempt in (1, 2):
-                conn = await self._connection()
-                try:
-                    rows = await conn.fetch(_QUERY, names, _RELKINDS, timeout=self._timeout)
-                    schemas = await conn.fetch(
-                        "SELECT nspname FROM pg_catalog.pg_namespace", timeout=self._timeout
-                    )
-                    return [tuple(r) for r in rows], frozenset(r[0] for r in schemas)
-                except Exception:
-                    # A dropped connection: one fresh attempt, then report unavailable.
-                    await self.close()
-                    if attempt == 2:
-                        self._failed_at = time.monotonic()
-                        raise
-        raise AssertionError("unreachable")
+        async def work(conn: Any) -> tuple[list[Any], frozenset[str]]:
+            rows = await conn.fetch(_QUERY, names, _RELKINDS, timeout=self._timeout)
+            schemas = await conn.fetch(
+                "SELECT nspname FROM pg_catalog.pg_namespace", timeout=self._timeout
+            )
+            return [tuple(r) for r in rows], frozenset(r[0] for r in schemas)
+
+        return await self._on_connection(work)
 
     async def function_name(self, oid: int) -> str | None:
         """`schema.name` of the function with this OID (for the FunctionCall message), or
@@ -693,11 +687,19 @@ class Catalog:
         return f"{rows[0][0]}.{rows[0][1]}".lower()
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        async def work(conn: Any) -> list[Any]:
+            return list(await conn.fetch(query, *args, timeout=self._timeout))
+
+        return await self._on_connection(work)
+
+    async def _on_connection(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
+        """`work` on the metadata connection, one at a time; after a dropped connection one
+        fresh attempt, then the failure (and no reconnect for a while)."""
         async with self._lock:
             for attempt in (1, 2):
                 conn = await self._connection()
                 try:
-                    return list(await conn.fetch(query, *args, timeout=self._timeout))
+                    return await work(conn)
                 except Exception:
                     # A dropped connection: one fresh attempt, then report unavailable.
                     await self.close()
