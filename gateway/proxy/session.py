@@ -1351,12 +1351,8 @@ class ClientSession(asyncio.Protocol):
                         err.sqlstate or "XX000",
                         "pgwarden: error text withheld: the statement involves masked columns",
                     ).encode()
-            elif front.kind == "parse" and front.restore is not None:
-                name, previous = front.restore
-                if previous is None:
-                    self._statements.pop(name, None)
-                else:
-                    self._statements[name] = previous
+            elif front.kind == "parse":
+                self._undo_parse(front)
             elif front.kind == "bind":
                 # Rejected at Bind (a parameter that does not convert, an error while
                 # planning): the error is the outcome of the statement Execute would run.
@@ -1380,12 +1376,8 @@ class ClientSession(asyncio.Protocol):
                     self._discarding = True
                 # The server never ran the Parses it skipped: what their names held stands.
                 for e in reversed(skipped):
-                    if e.kind == "parse" and e.restore is not None:
-                        name, previous = e.restore
-                        if previous is None:
-                            self._statements.pop(name, None)
-                        else:
-                            self._statements[name] = previous
+                    if e.kind == "parse":
+                        self._undo_parse(e)
             return replacement
         if code == 115:  # PortalSuspended
             if front is not None:
@@ -1452,6 +1444,16 @@ class ClientSession(asyncio.Protocol):
                 self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
             return None
         return None
+
+    def _undo_parse(self, e: Expectation) -> None:
+        """A Parse the server rejected or skipped: its name holds what it held before."""
+        if e.restore is None:
+            return
+        name, previous = e.restore
+        if previous is None:
+            self._statements.pop(name, None)
+        else:
+            self._statements[name] = previous
 
     def _finish_skipped(self, e: Expectation) -> None:
         assert self.gate is not None
