@@ -42,7 +42,13 @@ from gateway.audit.records import (
     session_record,
 )
 from gateway.audit.store import CommitResult
-from gateway.audit.writer import BatchClock, Waiter, expire_waiters, fail_waiters
+from gateway.audit.writer import (
+    BatchClock,
+    Waiter,
+    durable_or_fail_open,
+    expire_waiters,
+    fail_waiters,
+)
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -327,19 +333,17 @@ class AuditProcess:
     # -- AuditSink --------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
-        body = request_record(record)
-        try:
-            if self._transport is None or self._up is None or not self._up.done():
-                raise AuditUnavailable("audit writer process is not running")
-            assert self._loop is not None
-            waiter: asyncio.Future[str] = self._loop.create_future()
-            self._send("request", record.time, canonical(body), waiter)
-            return await waiter
-        except AuditUnavailable:
-            if not self.fail_open:
-                raise
-            log.error("audit store down, statement runs unaudited (fail_open): %s", record.text)
-            return ""
+        return await durable_or_fail_open(
+            self._committed_request(record), fail_open=self.fail_open, text=record.text
+        )
+
+    async def _committed_request(self, record: StatementRequest) -> str:
+        if self._transport is None or self._up is None or not self._up.done():
+            raise AuditUnavailable("audit writer process is not running")
+        assert self._loop is not None
+        waiter: asyncio.Future[str] = self._loop.create_future()
+        self._send("request", record.time, canonical(request_record(record)), waiter)
+        return await waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
         self.outcome_nowait(record)

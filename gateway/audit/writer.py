@@ -45,6 +45,18 @@ def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
             w.set_exception(failure)
 
 
+async def durable_or_fail_open(committed: Awaitable[str], *, fail_open: bool, text: str) -> str:
+    """A request record's id once committed. If the store cannot take it, AuditUnavailable,
+    or (audit.fail_open) an empty id: the statement then runs unaudited, and it is logged."""
+    try:
+        return await committed
+    except AuditUnavailable:
+        if not fail_open:
+            raise
+        log.error("audit store down, statement runs unaudited (fail_open): %s", text)
+        return ""
+
+
 class BatchClock:
     """When a batch of queued records leaves: at the end of the current event-loop pass
     (`soon`, someone waits on it), or `linger` later (nobody waits: it may ride with the
@@ -173,19 +185,19 @@ class AuditWriter:
     # -- AuditSink -------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
+        return await durable_or_fail_open(
+            self._committed_request(record), fail_open=self.fail_open, text=record.text
+        )
+
+    async def _committed_request(self, record: StatementRequest) -> str:
+        if not self._running or self._loop is None:
+            raise AuditUnavailable("audit writer is not running")
         body = request_record(record)
-        try:
-            if not self._running or self._loop is None:
-                raise AuditUnavailable("audit writer is not running")
-            waiter: asyncio.Future[str] = self._loop.create_future()
-            pending = PendingRecord("request", record.time, body, canonical(body))
-            self._queue(pending, waiter, urgent=True)
-            return await waiter
-        except AuditUnavailable:
-            if not self.fail_open:
-                raise
-            log.error("audit store down, statement runs unaudited (fail_open): %s", record.text)
-            return ""
+        waiter: asyncio.Future[str] = self._loop.create_future()
+        self._queue(
+            PendingRecord("request", record.time, body, canonical(body)), waiter, urgent=True
+        )
+        return await waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
         self.outcome_nowait(record)
