@@ -126,7 +126,7 @@ class _Rel:
     def column(self, name: str) -> set[Base]:
         if self.table is not None:
             return {(self.table.schema, self.table.table, name)}
-        if self.outputs is None:  # rows of a function: nothing to trace
+        if self.outputs is None:  # no lineage known
             return set()
         found: set[Base] = set()
         for out in self.outputs:
@@ -397,7 +397,9 @@ class _Walker:
             return [self.range_var(body, scope)]
         if kind == "JoinExpr":
             left = self.from_item(body["larg"], scope)
-            right = self.from_item(body["rarg"], scope)
+            # A LATERAL item on the right of a JOIN sees what is on its left, as the items
+            # of a comma list see those before them (`a CROSS JOIN LATERAL f(a.x)`).
+            right = self.from_item(body["rarg"], _Scope(parent=scope, rels=list(left)))
             both = [*left, *right]
             inner = _Scope(parent=scope, rels=both)
             if body.get("usingClause") or body.get("isNatural"):
@@ -417,17 +419,18 @@ class _Walker:
             outs = self.query(body["subquery"], _Scope(parent=scope))
             return [_Rel(_alias(body), outputs=_rename(outs, body.get("alias")))]
         if kind == "RangeFunction":
-            # FROM f(col), LATERAL generate_series(1, col): rows computed from the value.
-            self.expr(body.get("functions"), scope, "expression")
-            return [_Rel(_alias(body))]
+            # FROM f(col), LATERAL generate_series(1, col), ROWS FROM (...): rows computed
+            # from the value, so every column of them comes from what the arguments read.
+            sources = self.expr(body.get("functions"), scope, "expression")
+            return [_Rel(_alias(body), outputs=[_Out(None, frozenset(sources))])]
         if kind == "RangeTableSample":
             rels = self.from_item(body["relation"], scope)
             self.expr(body.get("args"), scope, "other")
             self.expr(body.get("repeatable"), scope, "other")
             return rels
-        # XMLTABLE, JSON_TABLE and the like: their inputs still count.
-        self.expr(body, scope, "other")
-        return [_Rel(_alias(body))]
+        # XMLTABLE, JSON_TABLE and the like: their columns are computed from their inputs.
+        sources = self.expr(body, scope, "expression")
+        return [_Rel(_alias(body), outputs=[_Out(None, frozenset(sources))])]
 
     def natural_join(self, left: list[_Rel], right: list[_Rel]) -> None:
         """NATURAL JOIN compares every column name the two sides share. A side whose names

@@ -695,6 +695,73 @@ def test_correlated_sub_select_sees_outer_alias() -> None:
     assert ("", "orders", "cid") in cols(f, "predicate")
 
 
+# ---------------------------------------------------------------- LATERAL, whatever the syntax
+
+EMAIL = ("", "customers", "email")
+
+# Each item reads c.email from the item on its left; written with JOIN syntax, nested in
+# joins, as ROWS FROM, XMLTABLE, under TABLESAMPLE: the reference is seen as in the comma form.
+LATERAL_SHAPES = [
+    "customers c, LATERAL (SELECT c.email AS v) l",
+    "customers c CROSS JOIN LATERAL (SELECT c.email AS v) l",
+    "customers c JOIN LATERAL (SELECT c.email AS v) l ON true",
+    "customers c INNER JOIN LATERAL (SELECT c.email AS v) l ON true",
+    "customers c LEFT JOIN LATERAL (SELECT c.email AS v) l ON true",
+    "customers c TABLESAMPLE bernoulli (100) CROSS JOIN LATERAL (SELECT c.email AS v) l",
+    "orders o JOIN customers c ON o.customer_id = c.id CROSS JOIN LATERAL (SELECT c.email AS v) l",
+    "customers c JOIN (orders o CROSS JOIN LATERAL (SELECT c.email AS v) l) ON true",
+    "orders o, customers c JOIN LATERAL (SELECT c.email AS v) l ON true",
+    "customers c CROSS JOIN LATERAL unnest(ARRAY[c.email]) l(v)",
+    "customers c LEFT JOIN LATERAL unnest(ARRAY[c.email]) l(v) ON true",
+    "customers c CROSS JOIN LATERAL ROWS FROM (unnest(ARRAY[c.email])) l(v)",
+    "customers c CROSS JOIN LATERAL XMLTABLE('/x' PASSING xmlelement(name x, c.email)"
+    " COLUMNS v text PATH '.') l",
+]
+
+
+@pytest.mark.parametrize("shape", LATERAL_SHAPES)
+def test_a_lateral_item_sees_the_items_on_its_left(shape: str) -> None:
+    f = one(f"SELECT l.v FROM {shape}")  # noqa: S608
+    assert EMAIL in cols(f, "output") | cols(f, "expression"), f.columns
+    assert f.reads[0] in (TableRef("", "customers"), TableRef("", "orders"))
+
+
+@pytest.mark.parametrize("shape", LATERAL_SHAPES)
+@pytest.mark.parametrize(
+    ("clause", "usage"),
+    [
+        ("WHERE l.v LIKE 'a%'", "predicate"),
+        ("ORDER BY l.v", "order"),
+        ("GROUP BY l.v", "group"),
+        ("GROUP BY 1 HAVING max(l.v) > 'a'", "predicate"),
+    ],
+)
+def test_the_lateral_alias_carries_its_lineage_to_every_clause(
+    shape: str, clause: str, usage: str
+) -> None:
+    f = one(f"SELECT 1 FROM {shape} {clause}")  # noqa: S608
+    assert EMAIL in cols(f, usage), f.columns
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1 FROM customers c JOIN LATERAL (SELECT c.email AS v) l ON l.v LIKE 'a%'",
+        "SELECT 1 FROM customers c LEFT JOIN LATERAL unnest(ARRAY[c.email]) l(v) ON l.v > 'a'",
+    ],
+)
+def test_a_join_condition_on_the_lateral_alias_is_a_join_use(sql: str) -> None:
+    assert EMAIL in cols(one(sql), "join")
+
+
+def test_a_limit_inside_a_lateral_join_computes_on_the_left_side() -> None:
+    f = one(
+        "SELECT 1 FROM customers c CROSS JOIN LATERAL"
+        " (SELECT 1 FROM generate_series(1, 9) LIMIT ascii(c.email)) l"
+    )
+    assert EMAIL in cols(f) - cols(f, "output")
+
+
 # ---------------------------------------------------------------- several statements, text
 
 
