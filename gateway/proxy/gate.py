@@ -17,7 +17,7 @@ from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import sets_search_path
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH
-from gateway.sql.facts import StatementFacts
+from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
 REFUSED = "42501"
@@ -367,6 +367,7 @@ class StatementGate:
             functions=(name,),
             flags=("function_call",)
             if name.startswith("pg_catalog.")
+            and name.removeprefix("pg_catalog.") not in LINEAGE_OPAQUE_BUILTINS
             else ("function_call", "opaque_function"),
         )
         return await self._verdict((facts,), "function_call", args, record=True)

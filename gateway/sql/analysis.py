@@ -12,7 +12,13 @@ import orjson
 from pglast.parser import fingerprint as _pg_fingerprint
 from pglast.parser import parse_sql_json
 
-from gateway.sql.facts import Category, ColumnRef, StatementFacts, TableRef
+from gateway.sql.facts import (
+    LINEAGE_OPAQUE_BUILTINS,
+    Category,
+    ColumnRef,
+    StatementFacts,
+    TableRef,
+)
 
 __all__ = ["analyze", "unknown_facts"]
 
@@ -345,7 +351,12 @@ class _Walker:
     def func_call(self, body: dict[str, Any], scope: _Scope, usage: str) -> set[Base]:
         name = _function_name(_names(body.get("funcname", [])))
         self.d.functions[name] = None
-        if name.rsplit(".", 1)[-1] == "set_config":
+        unqualified = name.rsplit(".", 1)[-1]
+        if unqualified in LINEAGE_OPAQUE_BUILTINS:
+            # It reads what a text, a cursor or a relation's name says: no lineage of ours
+            # reaches its result. Known without the catalog, so flagged even without one.
+            self.d.flag("opaque_function")
+        if unqualified == "set_config":
             self.identity_setting(body.get("args") or [])
         found: set[Base] = set()
         found |= self.expr(body.get("args"), scope, usage)
@@ -604,7 +615,8 @@ class _Walker:
             cols = [t["ResTarget"]["name"] for t in body.get("cols") or ()]
             self.d.emit([(target.schema, target.table, c) for c in cols or ["*"]], "assignment")
             if body.get("selectStmt"):
-                self.query(body["selectStmt"], _Scope(parent=scope, usage="other"))
+                # What the SELECT or VALUES lists is written into the table's columns.
+                self.query(body["selectStmt"], _Scope(parent=scope, usage="source"))
             conflict = body.get("onConflictClause")
             if conflict:
                 inner = _Scope(parent=scope, rels=[rel, _Rel("excluded", table=target)])
@@ -630,8 +642,9 @@ class _Walker:
         for item in items or ():
             rt = item["ResTarget"]
             self.d.emit([(target.schema, target.table, rt["name"])], "assignment")
-            # Values copied into the table are a data flow, not an output: usage "other".
-            self.expr(rt.get("val"), scope, "other")
+            # Values copied into the table are a data flow, not an output: a classified
+            # column read here ends up in a written column (usage "source").
+            self.expr(rt.get("val"), scope, "source")
 
     def where(self, clause: Node | None, scope: _Scope) -> None:
         if clause is None or _is_true(clause) or _tautology(clause):
@@ -650,7 +663,7 @@ class _Walker:
             if when.get("commandType") == "CMD_INSERT":
                 cols = [t["ResTarget"]["name"] for t in when.get("targetList") or ()]
                 self.d.emit([(target.schema, target.table, c) for c in cols or ["*"]], "assignment")
-                self.expr(when.get("values"), scope, "other")
+                self.expr(when.get("values"), scope, "source")
             else:
                 self.assignments(when.get("targetList"), target, scope)
 

@@ -14,7 +14,7 @@ import asyncpg
 
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
-from gateway.sql.facts import ColumnRef, StatementFacts, TableRef
+from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, ColumnRef, StatementFacts, TableRef
 
 _T = TypeVar("_T")
 
@@ -195,29 +195,6 @@ WHERE t.typname = ANY($1::text[])
                   WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace))
 GROUP BY t.typname
 """
-
-# Built-in functions that run SQL given as text or read a relation given as an OID: what
-# they read is as invisible to the policy as the body of a user-defined function.
-_OPAQUE_BUILTINS = frozenset(
-    {
-        "query_to_xml",
-        "query_to_xmlschema",
-        "query_to_xml_and_xmlschema",
-        "cursor_to_xml",
-        "cursor_to_xmlschema",
-        "table_to_xml",
-        "table_to_xmlschema",
-        "table_to_xml_and_xmlschema",
-        "schema_to_xml",
-        "schema_to_xmlschema",
-        "schema_to_xml_and_xmlschema",
-        "database_to_xml",
-        "database_to_xmlschema",
-        "database_to_xml_and_xmlschema",
-        "ts_stat",
-        "ts_rewrite",
-    }
-)
 
 Connect = Callable[[], Awaitable[Any]]
 Column = tuple[str, str, str]  # (schema, table, column)
@@ -502,7 +479,7 @@ class Catalog:
                 _VIEW_QUERY,
                 [s for s, _ in missing],
                 [t for _, t in missing],
-                sorted(_OPAQUE_BUILTINS),
+                sorted(LINEAGE_OPAQUE_BUILTINS),
             )
             fetched = _lineages(rows)
             # mask_targets() caches, per masked column, the views built on it as they were
@@ -534,7 +511,7 @@ class Catalog:
         opaque = False
         for qualified in facts.functions:
             schema, _, name = qualified.rpartition(".")
-            if schema != "pg_catalog" or name in _OPAQUE_BUILTINS:
+            if schema != "pg_catalog" or name in LINEAGE_OPAQUE_BUILTINS:
                 opaque = True
             else:
                 schemas = holders.get(name, frozenset())

@@ -7,6 +7,32 @@ from typing import Any, Literal
 
 Category = Literal["read", "write", "ddl", "dcl", "tcl", "session", "utility", "unknown"]
 
+# Built-in functions that run SQL given as text, read a cursor, or serialise a relation,
+# schema or database named by its OID or name: what they read (and return) is as invisible
+# to lineage as the body of a user-defined function, so a call sets "opaque_function".
+# Built-ins that take the value itself (row_to_json(t), to_jsonb(t), format('%s', t),
+# array_agg(t), xmlforest(col), quote_literal(col)) are traced like any expression.
+LINEAGE_OPAQUE_BUILTINS = frozenset(
+    {
+        "query_to_xml",
+        "query_to_xmlschema",
+        "query_to_xml_and_xmlschema",
+        "cursor_to_xml",
+        "cursor_to_xmlschema",
+        "table_to_xml",
+        "table_to_xmlschema",
+        "table_to_xml_and_xmlschema",
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+        "ts_stat",
+        "ts_rewrite",
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TableRef:
@@ -22,10 +48,13 @@ class ColumnRef:
     schema: str
     table: str
     column: str
-    # output | expression | predicate | join | order | group | assignment | returning | other
+    # output | expression | predicate | join | order | group | assignment | source |
+    # returning | other
     # (output: shown as it is, masked; expression: computed on, under a function, operator,
     # cast or CASE, or an argument of a function in FROM; group: also compared by DISTINCT,
-    # UNION, INTERSECT and EXCEPT; join: also the shared names of a NATURAL JOIN)
+    # UNION, INTERSECT and EXCEPT; join: also the shared names of a NATURAL JOIN;
+    # assignment: a column written; source: read into the value written to a column, by
+    # UPDATE/MERGE SET, INSERT VALUES or INSERT ... SELECT)
     usage: str
 
     def to_input(self) -> dict[str, str]:

@@ -97,7 +97,7 @@ test_ai_agents_utility_approved if {
 }
 
 test_ai_agents_oracle_denied if {
-	every usage in ["predicate", "join", "order", "group", "assignment", "returning", "other"] {
+	every usage in ["predicate", "join", "order", "group", "assignment", "source", "returning", "other"] {
 		d := decide(["ai-agents"], {"reads": [customers], "columns": [customer_column("ssn", usage)]})
 		d.action == "deny"
 		d.reasons == [sprintf(

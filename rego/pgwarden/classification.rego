@@ -86,6 +86,35 @@ masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
 	parts[1] == tbl.table
 }
 
+# A function no lineage reaches into (user-defined, or a built-in that runs SQL text, reads
+# a cursor or serialises a relation named by text or OID: query_to_xml, table_to_xml,
+# ts_stat, ...) may return any classified value: every classified column is in play, and
+# the gateway masks whole each output column whose origin PostgreSQL does not report.
+masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
+	not pii_reader
+	opaque_function
+	some key, method in classified
+	parts := split(key, ".")
+	count(parts) == 3
+}
+
+# Classified columns read into a value written to a column (UPDATE/MERGE SET, INSERT VALUES,
+# INSERT ... SELECT): the copy is no longer under the mask of the column it came from.
+copied_classified contains column_key(col) if {
+	not pii_reader
+	some col in input.statement.columns
+	col.usage == "source"
+	classified[column_key(col)]
+}
+
+# Every column such a write assigns then carries a classified value for RETURNING (which
+# assigned column got which value is not traced): masked whole, whatever its own class.
+masks_in_play contains mask(col.schema, col.table, col.column, "redact") if {
+	count(copied_classified) > 0
+	some col in input.statement.columns
+	col.usage == "assignment"
+}
+
 # A classified column used anywhere but the output list (WHERE, JOIN, ORDER BY, GROUP BY,
 # ...) lets the caller learn masked values by asking questions: a predicate is an oracle.
 oracle_uses contains [column_key(col), col.usage] if {
@@ -134,4 +163,10 @@ deny_reasons contains sprintf(
 	count(masks_in_play) > 0
 	some f in functions
 	value_channel(unqualified(f))
+}
+
+# The FunctionCall message answers with one value, not rows: no mask reaches it.
+deny_reasons contains "classified columns may be in play and the FunctionCall message's result cannot be masked" if {
+	"function_call" in flags
+	count(masks_in_play) > 0
 }

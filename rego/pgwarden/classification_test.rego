@@ -168,3 +168,50 @@ test_statement_text_functions_denied_to_ai_agents if {
 		decide(["engineers"], {"functions": [f]}).action == "allow"
 	}
 }
+
+notes_body(usage) := {"schema": "public", "table": "notes", "column": "body", "usage": usage}
+
+mask_keys(d) := {concat(".", [m.schema, m.table, m.column]) | some m in d.masks}
+
+test_opaque_function_puts_every_classified_column_in_play if {
+	every principal_groups in [["engineers"], ["admins"], ["ai-agents"]] {
+		d := decide(principal_groups, {"functions": ["pg_catalog.table_to_xml"], "flags": ["opaque_function"]})
+		d.action in {"allow", "approve"}
+		every key, _ in data.pgwarden.classification {
+			key in mask_keys(d)
+		}
+	}
+	decide(["engineers", "pii-readers"], {"functions": ["pg_catalog.table_to_xml"], "flags": ["opaque_function"]}).masks == []
+}
+
+test_copied_classified_value_masks_every_assigned_column if {
+	copy := {
+		"command": "UPDATE", "category": "write", "has_where": true, "writes": [{"schema": "public", "table": "notes"}],
+		"columns": [notes_body("assignment"), customer_column("email", "source"), notes_body("returning")],
+	}
+	d := decide(["admins"], copy)
+	d.action == "allow"
+	{"schema": "public", "table": "notes", "column": "body", "method": "redact"} in d.masks
+	decide(["admins", "pii-readers"], copy).masks == []
+}
+
+test_unclassified_source_masks_nothing if {
+	d := decide(["engineers"], {
+		"command": "UPDATE", "category": "write", "has_where": true, "writes": [{"schema": "public", "table": "notes"}],
+		"columns": [notes_body("assignment"), customer_column("name", "source")],
+	})
+	d.action == "allow"
+	d.masks == []
+}
+
+test_function_call_with_masks_in_play_denied if {
+	call := {"command": "FUNCTION CALL", "category": "utility", "functions": ["pg_catalog.query_to_xml"], "flags": ["function_call", "opaque_function"]}
+	every principal_groups in [["engineers"], ["admins"]] {
+		d := decide(principal_groups, call)
+		d.action == "deny"
+		d.reasons == ["classified columns may be in play and the FunctionCall message's result cannot be masked"]
+	}
+	decide(["engineers", "pii-readers"], call).action == "allow"
+	plain := {"command": "FUNCTION CALL", "category": "utility", "functions": ["pg_catalog.now"], "flags": ["function_call"]}
+	decide(["engineers"], plain).action == "allow"
+}

@@ -37,3 +37,14 @@ approval_reasons contains "engineers may not run DO blocks (opaque code) without
 	role == "engineers"
 	do_block
 }
+
+# A classified value copied into another column (UPDATE ... SET note = email, INSERT ...
+# SELECT ssn) leaves its mask behind: any later SELECT of that column reads it in
+# cleartext. An admin looks at the copy first; pii-readers copy nothing classified.
+approval_reasons contains sprintf(
+	"engineers may not copy classified column %s into a written column without approval",
+	[key],
+) if {
+	role == "engineers"
+	some key in copied_classified
+}

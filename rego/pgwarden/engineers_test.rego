@@ -113,3 +113,19 @@ test_engineers_row_locks_and_data_modifying_functions_allowed if {
 		d.action == "allow"
 	}
 }
+
+test_engineers_copying_a_classified_value_need_approval if {
+	copy := {
+		"command": "INSERT", "category": "write", "writes": [{"schema": "public", "table": "notes"}],
+		"columns": [
+			{"schema": "public", "table": "notes", "column": "body", "usage": "assignment"},
+			customer_column("ssn", "source"),
+		],
+	}
+	d := decide(["engineers"], copy)
+	d.action == "approve"
+	d.reasons == ["engineers may not copy classified column public.customers.ssn into a written column without approval"]
+	d.approvers == ["admins"]
+	{"schema": "public", "table": "notes", "column": "body", "method": "redact"} in d.masks
+	decide(["engineers", "pii-readers"], copy).action == "allow"
+}

@@ -553,9 +553,67 @@ def test_update_and_insert_assignments() -> None:
     assert cols(f, "assignment") == {("", "t", "a"), ("", "t", "c")}
     assert cols(f, "predicate") == {("", "t", "id")}
     assert cols(f, "returning") == {("", "t", "a")}
-    assert cols(f, "other") == {("", "t", "b")}
+    # b is read into the value written to a: a data flow into a column, usage "source".
+    assert cols(f, "source") == {("", "t", "b")}
     f = one("INSERT INTO t (a, b) VALUES (1, 2)")
     assert cols(f, "assignment") == {("", "t", "a"), ("", "t", "b")}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE notes SET body = email FROM customers WHERE customers.id = notes.id",
+        "UPDATE notes SET body = (SELECT upper(email) FROM customers LIMIT 1) WHERE id = 1",
+        "UPDATE notes SET (id, body) = (SELECT id, email FROM customers LIMIT 1) WHERE id = 1",
+        "INSERT INTO notes (body) SELECT email FROM customers RETURNING body",
+        "INSERT INTO notes (body) VALUES ((SELECT email FROM customers LIMIT 1))",
+        "INSERT INTO notes SELECT c.id, c.email || '' FROM customers c",
+        "WITH s AS (SELECT email FROM customers) INSERT INTO notes (body) SELECT * FROM s",
+        "INSERT INTO notes (id, body) VALUES (1, 'x')"
+        " ON CONFLICT (id) DO UPDATE SET body = (SELECT email FROM customers LIMIT 1)",
+        "MERGE INTO notes n USING customers c ON n.id = c.id"
+        " WHEN MATCHED THEN UPDATE SET body = c.email",
+        "MERGE INTO notes n USING customers c ON n.id = c.id"
+        " WHEN NOT MATCHED THEN INSERT (id, body) VALUES (c.id, c.email)",
+        "WITH u AS (UPDATE notes SET body = c.email FROM customers c WHERE c.id = notes.id"
+        " RETURNING body) SELECT body FROM u",
+    ],
+)
+def test_a_classified_column_copied_into_a_written_column_is_a_source(sql: str) -> None:
+    f = one(sql)
+    assert ("", "customers", "email") in cols(f, "source"), f.columns
+    assert any(c.table == "notes" for c in f.columns if c.usage == "assignment"), f.columns
+
+
+def test_a_whole_row_copied_into_a_table_is_every_column_as_source() -> None:
+    f = one("INSERT INTO notes (body) SELECT c::text FROM customers c")
+    assert ("", "customers", "*") in cols(f, "source")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT query_to_xml('SELECT email FROM customers', true, false, '')",
+        "SELECT pg_catalog.table_to_xml('customers'::regclass, true, false, '')",
+        "SELECT cursor_to_xml('c', 10, true, false, '')",
+        "SELECT * FROM ts_stat('SELECT to_tsvector(email) FROM customers')",
+        "SELECT x FROM customers c, LATERAL schema_to_xml('public', true, false, '') x",
+        "SELECT database_to_xml_and_xmlschema(true, false, '')",
+    ],
+)
+def test_builtins_that_read_what_a_text_or_name_says_are_opaque(sql: str) -> None:
+    assert "opaque_function" in one(sql).flags
+
+
+def test_builtins_that_take_the_value_itself_are_traced_not_opaque() -> None:
+    for sql in (
+        "SELECT to_jsonb(c) FROM customers c",
+        "SELECT format('%s', c) FROM customers c",
+        "SELECT xmlforest(email) FROM customers",
+    ):
+        f = one(sql)
+        assert "opaque_function" not in f.flags, sql
+        assert cols(f, "expression") & {("", "customers", "*"), ("", "customers", "email")}, sql
 
 
 def test_predicate_through_a_derived_table_reaches_the_base_column() -> None:
