@@ -69,6 +69,23 @@ def assert_policy_refusal(
         assert r.detail is not None and DECISION_ID.search(r.detail), r
 
 
+# The cleartext of every classified column of customers (see cli/localpg.py), by column.
+CUSTOMER_SECRETS = {
+    "email": ("ada@example.com", "grace@example.org"),
+    "phone": ("+44 20 7946 0001", "+1 202 555 0143"),
+    "ssn": ("123-45-6789", "987-65-4321"),
+    "card_number": ("4111111111111111", "5500000000000004"),
+}
+ALL_CUSTOMER_SECRETS = tuple(s for values in CUSTOMER_SECRETS.values() for s in values)
+
+
+def assert_no_customer_secret(seen: Any) -> None:
+    """No classified value of customers, whole, anywhere in what the client was given."""
+    text = repr(seen)
+    for secret in ALL_CUSTOMER_SECRETS:
+        assert secret not in text, (secret, text[:500])
+
+
 def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
 

@@ -18,30 +18,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from . import REFUSED, assert_policy_refusal, connect, direct, refusal_of, simple, token_for
+from . import (
+    ALL_CUSTOMER_SECRETS,
+    CUSTOMER_SECRETS,
+    REFUSED,
+    assert_no_customer_secret,
+    assert_policy_refusal,
+    connect,
+    direct,
+    refusal_of,
+    simple,
+    token_for,
+)
 
 pytestmark = pytest.mark.server
 
-# The cleartext of every classified column of customers (see cli/localpg.py).
-SECRETS = {
-    "email": ("ada@example.com", "grace@example.org"),
-    "phone": ("+44 20 7946 0001", "+1 202 555 0143"),
-    "ssn": ("123-45-6789", "987-65-4321"),
-    "card_number": ("4111111111111111", "5500000000000004"),
-}
-ALL_SECRETS = tuple(s for values in SECRETS.values() for s in values)
+SECRETS = CUSTOMER_SECRETS
+ALL_SECRETS = ALL_CUSTOMER_SECRETS
 
 
 @pytest.fixture
 def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
-
-
-def assert_clean(seen: Any) -> None:
-    text = repr(seen)
-    for secret in ALL_SECRETS:
-        assert secret not in text, (secret, text[:500])
 
 
 def refused_or_rows(conn: psycopg.Connection[Any], text: str) -> tuple[Any, list[Any]]:
@@ -91,10 +90,10 @@ def test_a_lateral_join_relays_no_classified_value(
 ) -> None:
     assert any(s in repr(direct(gateway, text)) for s in ALL_SECRETS)  # the premise
     refusal, rows = refused_or_rows(agent, text)
-    assert_clean(rows)
+    assert_no_customer_secret(rows)
     if refusal is not None:
         assert_policy_refusal(refusal)
-        assert_clean(refusal)
+        assert_no_customer_secret(refusal)
     assert simple(agent, "SELECT 1") == [(1,)]
 
 
@@ -118,7 +117,7 @@ def test_a_lateral_subselect_that_only_shows_a_column_is_masked(
     )
     assert [r[0] for r in rows] == [1, 2]
     assert all(r[1] is None or r[1] not in SECRETS["email"] for r in rows), rows
-    assert_clean(rows)
+    assert_no_customer_secret(rows)
 
 
 # -- property: any FROM-clause shape ------------------------------------------------------
@@ -206,10 +205,10 @@ def test_no_from_clause_shape_relays_a_classified_value_to_ai_agents(
     assert any(s in repr(direct(gateway, text)) for s in SECRETS[col]), text
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         refusal, rows = refused_or_rows(conn, text)
-        assert_clean(rows)
+        assert_no_customer_secret(rows)
         if refusal is not None:
             assert refusal.sqlstate == REFUSED, (text, refusal)
-            assert_clean(refusal)
+            assert_no_customer_secret(refusal)
         else:
             # Only a column shown as it is may pass (masked): anything computed or compared
             # on it answers a question about the value.
