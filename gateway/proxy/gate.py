@@ -29,9 +29,10 @@ _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
 def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> bool:
     """Whether an output column PostgreSQL reports no base column for (an expression) may
     carry a masked value: the statement uses a masked column (any usage; `*` was expanded
-    by the catalog), an unexpanded `*`, or a function pgwarden cannot see into. `count(*)`
+    by the catalog), an unexpanded `*`, a function pgwarden cannot see into, or text it
+    could not analyse (forwarded for admins: it names no columns). `count(*)`
     over a table with masked columns involves none of them."""
-    if facts is None or "opaque_function" in facts.flags:
+    if facts is None or facts.category == "unknown" or "opaque_function" in facts.flags:
         return True
     keys = {(m.schema, m.table, m.column) for m in masks}
     if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):

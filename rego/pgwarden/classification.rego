@@ -86,6 +86,15 @@ masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
 	parts[1] == tbl.table
 }
 
+# Text pgwarden could not analyse names no columns: every classified column may be in it.
+masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
+	not pii_reader
+	input.statement.category == "unknown"
+	some key, method in classified
+	parts := split(key, ".")
+	count(parts) == 3
+}
+
 # A classified column used anywhere but the output list (WHERE, JOIN, ORDER BY, GROUP BY,
 # ...) lets the caller learn masked values by asking questions: a predicate is an oracle.
 oracle_uses contains [column_key(col), col.usage] if {
