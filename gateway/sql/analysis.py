@@ -1075,9 +1075,11 @@ def _set(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     name = str(body.get("name", "")).lower()
     reset = kind in ("VAR_RESET", "VAR_RESET_ALL")
     if kind == "VAR_RESET_ALL":
-        d.flag("set_role")
-        d.flag("set_session_authorization")
-        return "RESET ALL", "dcl"
+        # RESET ALL leaves role and session_authorization alone (PostgreSQL excludes them
+        # from it) and returns every other setting to its value at login; pgwarden reads
+        # search_path again afterwards and ends the session if standard_conforming_strings
+        # came back off. Connection pools send it on every checkout.
+        return "RESET ALL", "session"
     if name == "role":
         d.flag("set_role")
         return ("RESET ROLE" if reset else "SET ROLE"), "dcl"
@@ -1255,9 +1257,10 @@ def _truncate(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Categor
 
 def _discard(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     if body.get("target") == "DISCARD_ALL":
-        # DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
-        d.flag("set_role")
-        d.flag("set_session_authorization")
+        # DISCARD ALL is SET SESSION AUTHORIZATION DEFAULT, RESET ALL, CLOSE ALL, DEALLOCATE
+        # ALL and more: back to the login identity and state, nothing beyond it (pools send
+        # it on every checkout). The flag tells the session to forget prepared statements.
+        d.flag("discard_all")
     return "DISCARD", "session"
 
 
@@ -1298,7 +1301,8 @@ _HANDLERS: dict[str, _Handler] = {
     "DeallocateStmt": _fixed("DEALLOCATE", "session"),
     "DeclareCursorStmt": _declare,
     "FetchStmt": _fetch,
-    "ClosePortalStmt": _fixed("CLOSE", "utility"),
+    # Closing a cursor (or all of them) ends what DECLARE started; drivers do it routinely.
+    "ClosePortalStmt": _fixed("CLOSE", "session"),
     "CreateTableAsStmt": _create_table_as,
     "CreateStmt": _relation_ddl("CREATE TABLE"),
     "CreateForeignTableStmt": _fixed("CREATE FOREIGN TABLE", "ddl"),

@@ -86,8 +86,8 @@ class PreparedStatements:
                 self._by_name.clear()
             else:
                 self._by_name.pop(facts.prepared_name, None)
-        elif facts.command == "DISCARD" and "set_session_authorization" in facts.flags:
-            self._by_name.clear()  # only DISCARD ALL carries that flag
+        elif facts.command == "DISCARD" and "discard_all" in facts.flags:
+            self._by_name.clear()
 
     def resolve(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]:
         """Facts for one message in order: PREPAREs recorded, EXECUTEs replaced by what they run."""

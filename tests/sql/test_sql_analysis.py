@@ -247,7 +247,8 @@ def test_declare_cursor_gives_the_query() -> None:
     [
         ("FETCH 10 FROM c", "FETCH", "read"),
         ("MOVE NEXT IN c", "MOVE", "read"),
-        ("CLOSE c", "CLOSE", "utility"),
+        ("CLOSE c", "CLOSE", "session"),
+        ("CLOSE ALL", "CLOSE", "session"),
     ],
 )
 def test_cursor_commands(sql: str, command: str, category: str) -> None:
@@ -365,7 +366,6 @@ def test_other_set_config_is_not_identity() -> None:
             "set_session_authorization",
         ),
         ("RESET SESSION AUTHORIZATION", "RESET SESSION AUTHORIZATION", "set_session_authorization"),
-        ("RESET ALL", "RESET ALL", "set_role"),
         ("SET role = 'admin'", "SET ROLE", "set_role"),
         ('set "role" to admin', "SET ROLE", "set_role"),
     ],
@@ -374,6 +374,16 @@ def test_identity_changes(sql: str, command: str, flag: str) -> None:
     f = one(sql)
     assert (f.command, f.category) == (command, "dcl")
     assert flag in f.flags
+
+
+@pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "DISCARD PLANS", "DISCARD TEMP"])
+def test_pool_resets_change_no_identity(sql: str) -> None:
+    """RESET ALL leaves role and session_authorization alone; DISCARD ALL returns to the
+    login identity: neither is an identity change a policy must stop."""
+    f = one(sql)
+    assert f.category == "session"
+    assert "set_role" not in f.flags and "set_session_authorization" not in f.flags
+    assert ("discard_all" in f.flags) == (sql == "DISCARD ALL")
 
 
 def test_plain_set_is_session_with_setting() -> None:
