@@ -40,6 +40,39 @@ def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> boo
     return any(not f.startswith("pg_catalog.") for f in facts.functions)
 
 
+# Facts whose output lineage does not say where every value comes from: a function pgwarden
+# cannot see into may read a masked column that no source names; without the catalog (or a
+# relation it does not know) `*` and schemas are guesses.
+_UNTRACED = frozenset({"opaque_function", "catalog_unavailable", "unresolved_relation"})
+
+
+def _output_masks(
+    facts: StatementFacts | None, masks: Sequence[Mask]
+) -> tuple[tuple[str | None, bool], ...] | None:
+    """Per entry of the statement's output list, "redact" when a masked column flows into
+    it and None when none does; None overall where lineage cannot be trusted."""
+    if facts is None or facts.outputs is None or _UNTRACED.intersection(facts.flags):
+        return None
+    if any(not f.startswith("pg_catalog.") for f in facts.functions):
+        return None
+    outputs = facts.outputs
+    if any(o.spread for o in outputs) and any(o.table is not None for o in outputs):
+        # A table's width from a cache that may be stale would shift what the entry of
+        # unknown width takes up: count on nothing.
+        return None
+    keys = {(m.schema, m.table, m.column) for m in masks}
+    tables = {(m.schema, m.table) for m in masks}
+    return tuple(
+        (
+            "redact"
+            if any(s in keys or (s[2] == "*" and (s[0], s[1]) in tables) for s in o.sources)
+            else None,
+            o.spread,
+        )
+        for o in outputs
+    )
+
+
 class PathUnknown(Exception):
     """The session's search_path cannot be known now: the statements are refused."""
 
@@ -431,6 +464,7 @@ class StatementGate:
                 return refusal_for("COPY of masked columns is not allowed (masks apply to rows)")
             run.masked = True
             run.mask_expressions = _involves_masked(run.facts, decision.masks)
+            run.lineage = _output_masks(run.facts, decision.masks)
             resolver = self._catalog
             targets = None
             if resolver is not None and hasattr(resolver, "mask_targets"):

@@ -1504,6 +1504,7 @@ class ClientSession(asyncio.Protocol):
             fields,
             run.mask_targets,
             masks_present=run.mask_expressions,
+            lineage=run.lineage,
             result_formats=result_formats,
             key=self.gw.mask_key,
             encoding=self.encoding,

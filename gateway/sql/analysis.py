@@ -12,7 +12,7 @@ import orjson
 from pglast.parser import fingerprint as _pg_fingerprint
 from pglast.parser import parse_sql_json
 
-from gateway.sql.facts import Category, ColumnRef, StatementFacts, TableRef
+from gateway.sql.facts import Category, ColumnRef, OutputColumn, StatementFacts, TableRef
 
 __all__ = ["analyze", "unknown_facts"]
 
@@ -105,6 +105,8 @@ class _Out:
     name: str | None
     sources: frozenset[Base]
     star_of: tuple[_Rel, ...] = ()
+    # Stands for a number of columns the parser cannot tell: `(f()).*`.
+    spread: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -114,10 +116,16 @@ class _Rel:
     alias: str
     table: TableRef | None = None
     outputs: list[_Out] | None = None  # derived relations (subquery, CTE, VALUES, join alias)
+    # Rows of a function: every column may carry what its arguments read (unnest(ARRAY[x])).
+    inputs: frozenset[Base] = frozenset()
+    # One side of a JOIN ... USING or NATURAL JOIN: `*` shows the shared columns once.
+    merged: bool = False
 
     def star(self) -> set[Base]:
         if self.table is not None:
             return {(self.table.schema, self.table.table, "*")}
+        if self.outputs is None:
+            return set(self.inputs)
         found: set[Base] = set()
         for out in self.outputs or ():
             found |= out.sources
@@ -126,16 +134,20 @@ class _Rel:
     def column(self, name: str) -> set[Base]:
         if self.table is not None:
             return {(self.table.schema, self.table.table, name)}
-        if self.outputs is None:  # rows of a function: nothing to trace
-            return set()
+        if self.outputs is None:  # rows of a function: what its arguments read
+            return set(self.inputs)
         found: set[Base] = set()
+        placed = False
         for out in self.outputs:
             if out.name == name:
                 found |= out.sources
+                placed = True
             for rel in out.star_of:
                 found |= rel.column(name)
+                placed = True
         # A name we cannot place: blame every column the relation draws on (over-report).
-        return found or self.star()
+        # A placed name with no sources (a literal) draws on none.
+        return found if placed else self.star()
 
 
 @dataclass(slots=True, eq=False)
@@ -189,6 +201,8 @@ class _Draft:
     # UPDATE/DELETE seen without a real WHERE anywhere in the statement.
     unfiltered: bool = False
     filtered: bool = False
+    # The output list of the statement's rows (SELECT, VALUES, RETURNING), for lineage.
+    outputs: list[_Out] | None = None
 
     def flag(self, name: str) -> None:
         self.flags[name] = None
@@ -344,6 +358,7 @@ class _Walker:
 
     def func_call(self, body: dict[str, Any], scope: _Scope, usage: str) -> set[Base]:
         name = _function_name(_names(body.get("funcname", [])))
+        counts = name == "pg_catalog.count"
         self.d.functions[name] = None
         if name.rsplit(".", 1)[-1] == "set_config":
             self.identity_setting(body.get("args") or [])
@@ -355,6 +370,10 @@ class _Walker:
         if over:
             found |= self.expr(over.get("partitionClause"), scope, "group")
             found |= self.expr(over.get("orderClause"), scope, "order")
+        if counts:
+            # count(x) is a number of rows: no value of x reaches the output (a user-written
+            # count() on the search_path makes the statement opaque instead).
+            return set()
         return found
 
     def operator(self, name: list[Node]) -> None:
@@ -402,6 +421,8 @@ class _Walker:
             inner = _Scope(parent=scope, rels=both)
             if body.get("usingClause") or body.get("isNatural"):
                 self.operator([{"String": {"sval": "="}}])  # USING (id) compares with =
+                for rel in both:
+                    rel.merged = True
             for using in _names(body.get("usingClause") or []):
                 for rel in both:
                     self.d.emit(rel.column(using), "join")
@@ -418,16 +439,16 @@ class _Walker:
             return [_Rel(_alias(body), outputs=_rename(outs, body.get("alias")))]
         if kind == "RangeFunction":
             # FROM f(col), LATERAL generate_series(1, col): rows computed from the value.
-            self.expr(body.get("functions"), scope, "expression")
-            return [_Rel(_alias(body))]
+            inputs = self.expr(body.get("functions"), scope, "expression")
+            return [_Rel(_alias(body), inputs=frozenset(inputs))]
         if kind == "RangeTableSample":
             rels = self.from_item(body["relation"], scope)
             self.expr(body.get("args"), scope, "other")
             self.expr(body.get("repeatable"), scope, "other")
             return rels
         # XMLTABLE, JSON_TABLE and the like: their inputs still count.
-        self.expr(body, scope, "other")
-        return [_Rel(_alias(body))]
+        inputs = self.expr(body, scope, "other")
+        return [_Rel(_alias(body), inputs=frozenset(inputs))]
 
     def natural_join(self, left: list[_Rel], right: list[_Rel]) -> None:
         """NATURAL JOIN compares every column name the two sides share. A side whose names
@@ -556,6 +577,7 @@ class _Walker:
             val = rt.get("val")
             sources = frozenset(self.expr(val, scope, usage))
             star_of: tuple[_Rel, ...] = ()
+            spread = False
             name = rt.get("name")
             if name is None and isinstance(val, dict) and "ColumnRef" in val:
                 fields = val["ColumnRef"]["fields"]
@@ -563,11 +585,16 @@ class _Walker:
                     qual = _names(fields)
                     found = scope.find(qual[-1]) if qual else None
                     star_of = (found,) if found else tuple(scope.rels)
+                    spread = bool(qual) and found is None
                 else:
                     name = _s(fields[-1])
             elif name is None and isinstance(val, dict) and "FuncCall" in val:
                 name = _s(val["FuncCall"]["funcname"][-1])
-            outs.append(_Out(name, sources, star_of))
+            elif isinstance(val, dict) and "A_Indirection" in val:
+                # (row).* stands for as many columns as the row's type has.
+                indirection = val["A_Indirection"].get("indirection") or [{}]
+                spread = "A_Star" in indirection[-1]
+            outs.append(_Out(name, sources, star_of, spread))
         return outs
 
     def expr_list(self, items: list[Node], scope: _Scope, usage: str) -> list[_Out]:
@@ -689,9 +716,40 @@ def _side_names(rels: list[_Rel]) -> set[str] | None:
 
 
 def _union(left: list[_Out], right: list[_Out]) -> list[_Out]:
-    if len(left) == len(right) and not any(o.star_of for o in (*left, *right)):
+    if len(left) == len(right) and not any(o.star_of or o.spread for o in (*left, *right)):
         return [_Out(a.name, a.sources | b.sources) for a, b in zip(left, right, strict=True)]
-    return [*left, *right]
+    # Arms whose widths the parser cannot match: every name is found, no column is placed.
+    return [_Out(o.name, o.sources, o.star_of, spread=True) for o in (*left, *right)]
+
+
+def _output_columns(outs: list[_Out]) -> tuple[OutputColumn, ...]:
+    """The output list column by column: `*` over derived relations opened up, over a base
+    table left for the catalog to count, over anything else a spread of unknown width."""
+    columns: list[OutputColumn] = []
+
+    def relation(rel: _Rel) -> None:
+        if rel.merged or (rel.table is None and rel.outputs is None):
+            columns.append(OutputColumn(frozenset(rel.star()), spread=True))
+        elif rel.table is not None:
+            columns.append(OutputColumn(frozenset(rel.star()), table=rel.table))
+        else:
+            add(rel.outputs or [])
+
+    def add(items: list[_Out]) -> None:
+        for out in items:
+            if out.spread:
+                sources = set(out.sources)
+                for rel in out.star_of:
+                    sources |= rel.star()
+                columns.append(OutputColumn(frozenset(sources), spread=True))
+            elif out.star_of:
+                for rel in out.star_of:
+                    relation(rel)
+            else:
+                columns.append(OutputColumn(out.sources))
+
+    add(outs)
+    return tuple(columns)
 
 
 def _union_rows(rows: list[list[_Out]]) -> list[_Out]:
@@ -912,6 +970,7 @@ def _finish(
         flags=tuple(draft.flags),
         prepared_name=prepared_name,
         setting=setting,
+        outputs=None if draft.outputs is None else _output_columns(draft.outputs),
     )
 
 
@@ -972,7 +1031,7 @@ def _statement(kind: str, body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[
 
 
 def _select_stmt(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
-    w.query({"SelectStmt": body}, _Scope())
+    d.outputs = w.query({"SelectStmt": body}, _Scope())
     if "select_into" in d.flags:
         return "SELECT INTO", "ddl"
     if body.get("valuesLists") and not body.get("fromClause"):
@@ -982,7 +1041,7 @@ def _select_stmt(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Cate
 
 def _dml_stmt(kind: str) -> _Handler:
     def handle(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
-        w.query({kind: body}, _Scope())
+        d.outputs = w.query({kind: body}, _Scope())  # RETURNING
         return _DML_COMMAND[kind], "write"
 
     return handle
@@ -1003,6 +1062,7 @@ def _explain(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category
             )
     inner_kind, inner = _unwrap(body["query"])
     _, category = _statement(inner_kind, inner, w, d)
+    d.outputs = None  # EXPLAIN returns the plan, not the statement's rows
     if analyze_:
         d.flag("explain_analyze")
         return "EXPLAIN", category

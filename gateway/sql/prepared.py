@@ -44,6 +44,8 @@ def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
         types=_union(a.types, b.types),
         flags=_union(a.flags, b.flags),
         has_where=a.has_where and b.has_where,
+        # Either may run: its rows' lineage is known only when both say the same.
+        outputs=a.outputs if a.outputs == b.outputs else None,
     )
 
 

@@ -841,3 +841,76 @@ def test_analyze_never_raises(sql: str) -> None:
 def test_switching_off_triggers_and_foreign_keys_is_flagged(sql: str) -> None:
     (facts,) = analyze(sql)
     assert "set_replication_role" in facts.flags
+
+
+# ---------------------------------------------------------------- output lineage
+
+
+def lineage(sql: str) -> list[tuple[set[tuple[str, str, str]], bool]]:
+    outputs = one(sql).outputs
+    assert outputs is not None
+    return [(set(o.sources), o.spread) for o in outputs]
+
+
+E = ("", "customers", "email")
+N = ("", "customers", "name")
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # Only filtered or counted: no value flows out.
+        ("SELECT count(*) FROM customers WHERE email LIKE 'a%'", [(set(), False)]),
+        (
+            "SELECT count(email), count(*) FILTER (WHERE email > 'a') FROM customers",
+            [(set(), False), (set(), False)],
+        ),
+        (
+            "SELECT 'x', email, upper(email) FROM customers",
+            [(set(), False), ({E}, False), ({E}, False)],
+        ),
+        (
+            "SELECT max(email), string_agg(email, ','), array_agg(email) FROM customers",
+            [({E}, False)] * 3,
+        ),
+        # Derived tables: a literal output draws on nothing, a named one on its sources.
+        (
+            "SELECT lit, e FROM (SELECT 'x' AS lit, email AS e FROM customers) s",
+            [(set(), False), ({E}, False)],
+        ),
+        ("SELECT * FROM (SELECT name, 1 AS one FROM customers) s", [({N}, False), (set(), False)]),
+        # A function's rows carry what its arguments read.
+        (
+            "SELECT v FROM customers c, unnest(ARRAY[c.email]) v",
+            [({E, ("", "customers", "v")}, False)],
+        ),
+        (
+            "SELECT * FROM customers c, unnest(ARRAY[c.email]) v",
+            [({("", "customers", "*")}, False), ({E}, True)],
+        ),
+        # UNION: each column draws on both arms.
+        ("SELECT name FROM customers UNION SELECT email FROM customers", [({N, E}, False)]),
+        # `*` shown once per shared USING column: widths unknown to the parser.
+        (
+            "SELECT * FROM customers JOIN orders USING (id)",
+            [({("", "customers", "*")}, True), ({("", "orders", "*")}, True)],
+        ),
+        (
+            "SELECT (c).*, 1 FROM customers c",
+            [({("", "customers", "*"), ("", "customers", "c")}, True), (set(), False)],
+        ),
+        (
+            "UPDATE customers SET name = 'x' WHERE id = 1 RETURNING 1, email",
+            [(set(), False), ({E}, False)],
+        ),
+    ],
+)
+def test_output_lineage(sql: str, expected: list[tuple[set[tuple[str, str, str]], bool]]) -> None:
+    assert lineage(sql) == expected
+
+
+def test_no_output_lineage_where_no_rows_or_other_rows() -> None:
+    assert one("EXPLAIN SELECT email FROM customers").outputs is None
+    assert one("COPY (SELECT email FROM customers) TO STDOUT").outputs is None
+    assert one("SET work_mem = '1MB'").outputs is None
+    assert one("INSERT INTO orders VALUES (1)").outputs == ()
