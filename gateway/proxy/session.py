@@ -1113,6 +1113,8 @@ class ClientSession(asyncio.Protocol):
         known = None
         if prepared is None and self.gate is not None:
             known = self.gate.prepared.lookup(msg.statement)
+        if self.gate is not None and msg.portal:
+            self.gate.portal_bound(msg.portal)
         self._portals[msg.portal] = Portal(
             msg.statement, params, msg.result_formats, prepared, known, self._path.epoch
         )
@@ -1562,6 +1564,7 @@ class ClientSession(asyncio.Protocol):
         if facts is None or gate is None:
             return
         gate.prepared.completed(facts)
+        gate.cursor_declared(run)
         if facts.command == "DEALLOCATE":
             # One namespace with protocol Parse: a later Parse of the name must not be judged
             # by what was deallocated.

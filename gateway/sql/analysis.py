@@ -946,6 +946,7 @@ def _finish(
         prepared_name = body.get("name")
     elif "execute" in draft.flags:
         prepared_name = _execute_name(body)
+    portal = body.get("portalname") if kind in _CURSOR_KINDS else None
     if kind == "VariableSetStmt" and body.get("name"):
         name = str(body["name"])
         setting = (name, _setting_value(body, quote=name == "search_path"))
@@ -970,8 +971,12 @@ def _finish(
         flags=tuple(draft.flags),
         prepared_name=prepared_name,
         setting=setting,
+        portal=portal,
         outputs=None if draft.outputs is None else _output_columns(draft.outputs),
     )
+
+
+_CURSOR_KINDS = frozenset({"DeclareCursorStmt", "FetchStmt", "ClosePortalStmt"})
 
 
 def _top_where(kind: str, body: dict[str, Any]) -> Node | None:

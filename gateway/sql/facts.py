@@ -69,6 +69,8 @@ class StatementFacts:
     prepared_name: str | None = None
     # For SET-like statements: the setting name and value text, when known.
     setting: tuple[str, str | None] | None = None
+    # For DECLARE, FETCH, MOVE and CLOSE: the cursor's name (CLOSE ALL: None).
+    portal: str | None = None
     # Operators used ("+", "myschema.#=#"), for the catalog to find those backed by
     # user-defined functions (flag opaque_function); not part of the policy input.
     operators: tuple[str, ...] = ()

@@ -914,3 +914,12 @@ def test_no_output_lineage_where_no_rows_or_other_rows() -> None:
     assert one("COPY (SELECT email FROM customers) TO STDOUT").outputs is None
     assert one("SET work_mem = '1MB'").outputs is None
     assert one("INSERT INTO orders VALUES (1)").outputs == ()
+
+
+def test_cursor_statements_name_their_cursor() -> None:
+    assert one("DECLARE c CURSOR FOR SELECT 1").portal == "c"
+    assert one('FETCH 2 FROM "C x"').portal == "C x"
+    assert one("MOVE NEXT IN c").portal == "c"
+    assert one("CLOSE c").portal == "c"
+    assert one("CLOSE ALL").portal is None
+    assert one("SELECT 1").portal is None
