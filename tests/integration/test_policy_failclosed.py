@@ -246,16 +246,15 @@ def test_undefined_decision_from_a_real_opa_refuses(gateways: Any) -> None:
 
 # -- text that does not parse ------------------------------------------------------------
 
+UNPARSEABLE = [
+    "SELEC 1",
+    "SELECT 'unterminated",
+    "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
+    "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
+]
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "SELEC 1",
-        "SELECT 'unterminated",
-        "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
-        "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
-    ],
-)
+
+@pytest.mark.parametrize("text", UNPARSEABLE)
 @pytest.mark.parametrize("groups", [("engineers",), ("ai-agents",), ("engineers", "pii-readers")])
 def test_unparseable_sql_is_denied_to_all_but_admins(
     gateway: Any, groups: tuple[str, ...], text: str
@@ -277,15 +276,7 @@ def test_unparseable_sql_is_denied_to_all_but_admins(
         direct(gateway, f'DROP TABLE "{table}"')
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "SELEC 1",
-        "SELECT 'unterminated",
-        "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
-        "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
-    ],
-)
+@pytest.mark.parametrize("text", UNPARSEABLE)
 def test_unparseable_sql_of_admins_gets_the_servers_syntax_error(gateway: Any, text: str) -> None:
     """Drivers and tools test for 42601: admins get PostgreSQL's own answer (nothing of a
     multi-statement Query runs, as the server parses it whole first), audited as unparsed."""
