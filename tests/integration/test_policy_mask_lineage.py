@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from . import connect, simple, token_for
 
@@ -197,3 +199,48 @@ def test_a_cursor_whose_lineage_is_unknown_is_masked_whole(gateway: Any) -> None
         )
         assert rows == [("***", "***"), ("***", "***")]
         simple(conn, "CLOSE lu")
+
+
+# -- generated select lists ---------------------------------------------------------------
+
+ROW_ITEMS = ["email", "ssn", "upper(email)", "ssn || 'x'", "name", "length(name)", "phone"]
+AGG_ITEMS = ["count(*)", "count(email)", "max(email)", "string_agg(ssn, ',')", "min(name)"]
+FROMS = [
+    "customers",
+    "(SELECT * FROM customers) s",
+    "(SELECT id, name, email, ssn, phone FROM customers WHERE id > 0) s",
+    "customers c JOIN orders o ON o.customer_id = c.id",
+]
+WHERES = ["", " WHERE email LIKE '%e%'", " WHERE ssn IS NOT NULL AND phone <> ''"]
+
+
+@st.composite
+def select_lists(draw: st.DrawFn) -> tuple[str, dict[int, Any]]:
+    """A SELECT mixing literals with classified and plain columns: (text, literal by position)."""
+    aggregate = draw(st.booleans())
+    pool = AGG_ITEMS if aggregate else ROW_ITEMS
+    items: list[str] = []
+    literals: dict[int, Any] = {}
+    for i in range(draw(st.integers(1, 5))):
+        if draw(st.booleans()):
+            value: Any = draw(st.sampled_from([f"lit{i}", i * 7]))
+            items.append(f"'{value}'" if isinstance(value, str) else str(value))
+            literals[i] = value
+        else:
+            items.append(draw(st.sampled_from(pool)))
+    text = f"SELECT {', '.join(items)} FROM {draw(st.sampled_from(FROMS))}"  # noqa: S608 (generated from the lists above)
+    return text + draw(st.sampled_from(WHERES)), literals
+
+
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(case=select_lists())
+def test_generated_select_lists_show_literals_and_hide_values(
+    gateway: Any, case: tuple[str, dict[int, Any]]
+) -> None:
+    text, literals = case
+    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+        rows = simple(conn, text)
+    assert_clean(rows)
+    for row in rows:
+        for position, value in literals.items():
+            assert row[position] == value, (text, row)
