@@ -14,6 +14,7 @@ __all__ = [
     "MIN_PARTIAL_LENGTH",
     "REDACTED",
     "MaskPlan",
+    "OutputMask",
     "mask_value",
     "stronger_method",
 ]
@@ -44,6 +45,11 @@ _HEADER: Final = struct.Struct("!ci")
 _NULL_LENGTH: Final = _I32.pack(-1)
 
 Masker = Callable[[bytes], bytes | None]
+
+# What the parser's lineage says of one entry of a statement's output list: the method its
+# value needs (None: no masked column flows into it), and whether the entry stands for a
+# number of columns only the server knows (`(f()).*`).
+OutputMask = tuple[str | None, bool]
 
 
 def stronger_method(a: str, b: str) -> str:
@@ -215,26 +221,35 @@ class MaskPlan:
         targets: Mapping[tuple[int, int], str],
         *,
         masks_present: bool,
+        lineage: Sequence[OutputMask] | None = None,
         result_formats: Sequence[int] | None = None,
         key: bytes,
         encoding: str = "utf-8",
     ) -> MaskPlan | None:
         """The plan for a result described by `fields`, or None when no column is masked.
 
-        `targets` maps (table OID, attnum) of masked base columns to a method. With
-        `masks_present`, a column PostgreSQL reports no base column for (an expression)
-        is masked whole, because its lineage is unknown. `result_formats` are the client's
-        Bind result formats, which override the RowDescription's (a statement Describe
-        reports text before Bind chooses).
+        `targets` maps (table OID, attnum) of masked base columns to a method: PostgreSQL
+        names the base column of an output that is one, and then it decides. A column it
+        reports none for (an expression, a UNION, a function's rows) is masked whole
+        ("redact") when the parser's `lineage` of that output says a masked column flows
+        into it, and passed through when it says none does (a literal, count(*)). Where
+        lineage cannot be matched to the columns one to one, or is None (unknown), such a
+        column is masked whenever `masks_present`. `result_formats` are the client's Bind
+        result formats, which override the RowDescription's (a statement Describe reports
+        text before Bind chooses).
         """
         n = len(fields)
         formats = _formats(fields, result_formats)
+        traced = _aligned(lineage, n) if lineage is not None else None
         steps: list[Step] = [None] * n
         names: list[str] = []
         for i, f in enumerate(fields):
             method = targets.get((f.table_oid, f.column_attnum))
-            if method is None and masks_present and (f.table_oid == 0 or f.column_attnum == 0):
-                method = "redact"
+            if method is None and (f.table_oid == 0 or f.column_attnum == 0):
+                if traced is not None:
+                    method = traced[i]
+                elif masks_present:
+                    method = "redact"
             if method is None:
                 continue
             masker = _masker(method, f.type_oid, formats[i], f.type_modifier, key, encoding)
@@ -304,6 +319,22 @@ class MaskPlan:
         append(view[start:])
         out = b"".join(parts)
         return _HEADER.pack(b"D", len(out) + 4) + out
+
+
+def _aligned(lineage: Sequence[OutputMask], n: int) -> list[str | None] | None:
+    """The method of each of `n` result columns from the output entries' lineage, or None
+    when they cannot be matched one to one: a count that differs, or more than one entry of
+    unknown width (one takes up whatever columns the others leave)."""
+    spreads = sum(1 for _, spread in lineage if spread)
+    fixed = len(lineage) - spreads
+    if spreads == 0:
+        return [method for method, _ in lineage] if fixed == n else None
+    if spreads > 1 or fixed > n:
+        return None
+    methods: list[str | None] = []
+    for method, spread in lineage:
+        methods.extend([method] * (n - fixed) if spread else [method])
+    return methods
 
 
 def _sized(value: bytes | None) -> bytes:

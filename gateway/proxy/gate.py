@@ -29,14 +29,52 @@ _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
 def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> bool:
     """Whether an output column PostgreSQL reports no base column for (an expression) may
     carry a masked value: the statement uses a masked column (any usage; `*` was expanded
-    by the catalog), an unexpanded `*`, or a function pgwarden cannot see into. `count(*)`
+    by the catalog), an unexpanded `*`, a function pgwarden cannot see into, or text it
+    could not analyse (forwarded for admins: it names no columns). `count(*)`
     over a table with masked columns involves none of them."""
-    if facts is None or "opaque_function" in facts.flags:
+    if facts is None or facts.category == "unknown" or "opaque_function" in facts.flags:
         return True
     keys = {(m.schema, m.table, m.column) for m in masks}
     if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):
         return True
     return any(not f.startswith("pg_catalog.") for f in facts.functions)
+
+
+# Statements after which no cursor's rows are known by name any more.
+_FORGETS_CURSORS = frozenset({"CLOSE", "DISCARD", "CALL", "DO"})
+_OPENS_CURSORS = frozenset({"opaque_function", "procedural"})
+
+# Facts whose output lineage does not say where every value comes from: a function pgwarden
+# cannot see into may read a masked column that no source names; without the catalog (or a
+# relation it does not know) `*` and schemas are guesses.
+_UNTRACED = frozenset({"opaque_function", "catalog_unavailable", "unresolved_relation"})
+
+
+def _output_masks(
+    facts: StatementFacts | None, masks: Sequence[Mask]
+) -> tuple[tuple[str | None, bool], ...] | None:
+    """Per entry of the statement's output list, "redact" when a masked column flows into
+    it and None when none does; None overall where lineage cannot be trusted."""
+    if facts is None or facts.outputs is None or _UNTRACED.intersection(facts.flags):
+        return None
+    if any(not f.startswith("pg_catalog.") for f in facts.functions):
+        return None
+    outputs = facts.outputs
+    if any(o.spread for o in outputs) and any(o.table is not None for o in outputs):
+        # A table's width from a cache that may be stale would shift what the entry of
+        # unknown width takes up: count on nothing.
+        return None
+    keys = {(m.schema, m.table, m.column) for m in masks}
+    tables = {(m.schema, m.table) for m in masks}
+    return tuple(
+        (
+            "redact"
+            if any(s in keys or (s[2] == "*" and (s[0], s[1]) in tables) for s in o.sources)
+            else None,
+            o.spread,
+        )
+        for o in outputs
+    )
 
 
 class PathUnknown(Exception):
@@ -173,6 +211,9 @@ class StatementGate:
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         self.sticky_masks: dict[tuple[int, int], str] = {}
         self.sticky_mask_all = False
+        # Cursor name → the lineage of its rows, as DECLARE's decision saw them (a FETCH
+        # names the cursor, not the columns). Missing: unknown, so masked as before.
+        self.cursors: dict[str, tuple[tuple[str | None, bool], ...] | None] = {}
         self._target_input = {
             "name": ctx.target_name,
             "database": ctx.target_database,
@@ -417,6 +458,7 @@ class StatementGate:
             # Session recording: asked by the decision (`"record_rows": true`) or the target
             # (label pgwarden.record=rows).
             run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
+            self._track_cursors(run, decision)
             if not decision.masks:
                 if (self.sticky_masks or self.sticky_mask_all) and run.facts is not None:
                     command = run.facts.command
@@ -424,13 +466,17 @@ class StatementGate:
                         run.masked = True
                         run.mask_targets = dict(self.sticky_masks)
                         run.mask_all = self.sticky_mask_all
-                        # Rows from a cursor or a prepared statement: lineage unknown here.
+                        # Rows from a cursor or a prepared statement: where the cursor's
+                        # lineage is not known, every expression column is masked.
                         run.mask_expressions = True
+                        if command == "FETCH" and run.facts.portal is not None:
+                            run.lineage = self.cursors.get(run.facts.portal)
                 continue
             if run.facts is not None and run.facts.command == "COPY":
                 return refusal_for("COPY of masked columns is not allowed (masks apply to rows)")
             run.masked = True
             run.mask_expressions = _involves_masked(run.facts, decision.masks)
+            run.lineage = _output_masks(run.facts, decision.masks)
             resolver = self._catalog
             targets = None
             if resolver is not None and hasattr(resolver, "mask_targets"):
@@ -442,6 +488,32 @@ class StatementGate:
                 run.mask_targets = {**self.sticky_masks, **targets}
                 self.sticky_masks.update(targets)
         return None
+
+    def _track_cursors(self, run: StatementRun, decision: Decision) -> None:
+        """Keep each cursor's lineage from its DECLARE (stored once the server confirms it,
+        see cursor_declared); forget it whenever its name may hold other rows."""
+        facts = run.facts
+        if facts is None:
+            return
+        if facts.command == "DECLARE" and facts.portal is not None:
+            self.cursors.pop(facts.portal, None)
+            run.declares = (facts.portal, _output_masks(facts, decision.masks))
+        elif facts.command == "CLOSE" and facts.portal is not None:
+            self.cursors.pop(facts.portal, None)
+        elif facts.command in _FORGETS_CURSORS or _OPENS_CURSORS.intersection(facts.flags):
+            # CLOSE ALL, DISCARD ALL; code that may open cursors of any name (a PL/pgSQL
+            # OPEN): every name's lineage is unknown from now on.
+            self.cursors.clear()
+
+    def cursor_declared(self, run: StatementRun) -> None:
+        """The server ran a DECLARE: FETCH from that cursor follows its lineage."""
+        if run.declares is not None:
+            name, lineage = run.declares
+            self.cursors[name] = lineage
+
+    def portal_bound(self, name: str) -> None:
+        """A protocol Bind named a portal: FETCH by that name reads its rows now."""
+        self.cursors.pop(name, None)
 
     # -- outcomes ------------------------------------------------------------------------
 

@@ -83,6 +83,16 @@ _SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
 # What answers a Query: RowDescription, DataRow, CommandComplete, EmptyQuery, Error, Ready.
 _RESYNC_ANSWER = frozenset(b"TDCIEZ")
 
+# Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
+# if the server reports it off): pglast reads SQL as PostgreSQL does with it on. With it off,
+# 'a\' OR true --' is a different statement to the server than to the analysis, so the
+# policy would decide on one statement while another runs.
+_CONFORMING_STRINGS = (
+    "standard_conforming_strings must stay on: pgwarden analyses SQL as PostgreSQL reads it"
+    " with the setting on; with it off a backslash in a string literal escapes the quote,"
+    " and the server would run other statements than the policy decided on"
+)
+
 # Python codec names for PostgreSQL's client_encoding values that clients actually use.
 _ENCODINGS = {
     "UTF8": "utf-8",
@@ -780,8 +790,7 @@ class ClientSession(asyncio.Protocol):
         for name, value in up.parameters.items():
             out.append(ParameterStatus(name, value).encode())
         if up.parameters.get("standard_conforming_strings", "on") != "on":
-            # The parser reads SQL with standard_conforming_strings on; never relay otherwise.
-            self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
+            self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return
         encoding = up.parameters.get("client_encoding", "UTF8")
         self.encoding = _ENCODINGS.get(encoding.upper(), "utf-8")
@@ -1047,10 +1056,7 @@ class ClientSession(asyncio.Protocol):
             if f.setting is not None and f.setting[0].lower() == "standard_conforming_strings":
                 value = (f.setting[1] or "").strip("'\"").lower()
                 if value not in ("on", "true", "1", "yes"):
-                    return refusal_for(
-                        "standard_conforming_strings must stay on"
-                        " (pgwarden parses SQL as the server does)"
-                    )
+                    return refusal_for(_CONFORMING_STRINGS)
         return None
 
     def _refused_verdict(self, verdict: Verdict, kind: str, name: str = "") -> bool:
@@ -1107,6 +1113,8 @@ class ClientSession(asyncio.Protocol):
         known = None
         if prepared is None and self.gate is not None:
             known = self.gate.prepared.lookup(msg.statement)
+        if self.gate is not None and msg.portal:
+            self.gate.portal_bound(msg.portal)
         self._portals[msg.portal] = Portal(
             msg.statement, params, msg.result_formats, prepared, known, self._path.epoch
         )
@@ -1343,7 +1351,12 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
-                if run.masked and replacement is None and err.sqlstate != "57014":
+                if (
+                    run.masked
+                    and replacement is None
+                    and err.sqlstate != "57014"
+                    and not _syntax_error_in_client_text(run, err)
+                ):
                     # The server's words may quote a masked value ('invalid input syntax
                     # for type integer: "ada@example.com"'): keep the code, not the text.
                     replacement = ErrorResponse.build(
@@ -1401,6 +1414,14 @@ class ClientSession(asyncio.Protocol):
                         if kind == "S":
                             gate.prepared.closed(name)
             return None
+        if code == 72:  # CopyOutResponse
+            run = front.current_run() if front is not None else None
+            if run is not None and run.masked:
+                # Masks apply to rows; a COPY with masks is refused before it runs, so this
+                # is text pgwarden could not analyse (forwarded for admins) that was a COPY.
+                self._end_reason = "COPY out of a statement with masked columns"
+                self._fatal(REFUSED, "pgwarden: COPY data of a statement with masks is not relayed")
+            return None
         if code in (71, 87):  # CopyInResponse, CopyBothResponse
             if not tracker.copy_in_started():
                 self._copy_in = True
@@ -1439,9 +1460,10 @@ class ClientSession(asyncio.Protocol):
             if ps.name == "client_encoding":
                 self.encoding = _ENCODINGS.get(ps.value.upper(), "utf-8")
             elif ps.name == "standard_conforming_strings" and ps.value != "on":
-                # Should be unreachable (refused at the gate); never parse under other rules.
+                # SET is refused at the gate; set_config(), RESET ALL back to a default of
+                # off, a function: never parse another statement under other rules.
                 self._end_reason = "standard_conforming_strings turned off"
-                self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
+                self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return None
         return None
 
@@ -1484,6 +1506,7 @@ class ClientSession(asyncio.Protocol):
             fields,
             run.mask_targets,
             masks_present=run.mask_expressions,
+            lineage=run.lineage,
             result_formats=result_formats,
             key=self.gw.mask_key,
             encoding=self.encoding,
@@ -1541,6 +1564,7 @@ class ClientSession(asyncio.Protocol):
         if facts is None or gate is None:
             return
         gate.prepared.completed(facts)
+        gate.cursor_declared(run)
         if facts.command == "DEALLOCATE":
             # One namespace with protocol Parse: a later Parse of the name must not be judged
             # by what was deallocated.
@@ -1548,11 +1572,25 @@ class ClientSession(asyncio.Protocol):
                 self._statements.clear()
             else:
                 self._statements.pop(facts.prepared_name, None)
-        elif facts.command == "DISCARD" and "set_session_authorization" in facts.flags:
+        elif facts.command == "DISCARD" and "discard_all" in facts.flags:
             self._statements.clear()  # DISCARD ALL
             self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
+
+
+def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:
+    """The server's own syntax error for text pgwarden could not analyse (forwarded for
+    admins): its words quote the client's text at the position it reports ("P"), never a
+    value. A syntax error raised while running SQL made from data (query_to_xml(email))
+    reports an internal query ("q") instead, and stays withheld."""
+    return (
+        run.facts is not None
+        and run.facts.category == "unknown"
+        and err.sqlstate == "42601"
+        and "P" in err.fields
+        and "q" not in err.fields
+    )
 
 
 def _first_column(data_row: bytes, encoding: str) -> str | None:

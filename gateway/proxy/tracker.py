@@ -47,6 +47,10 @@ class StatementRun:
     mask_all: bool = False
     # Whether expression columns (no base column) are masked too: lineage unknown.
     mask_expressions: bool = False
+    # Per output entry, the mask the parser's lineage says it needs (None: not traced).
+    lineage: tuple[tuple[str | None, bool], ...] | None = None
+    # A DECLARE: the cursor's name and its rows' lineage, kept once the server confirms it.
+    declares: tuple[str, tuple[tuple[str | None, bool], ...] | None] | None = None
     # The plan for the result set being relayed (built from RowDescription); `described`
     # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None

@@ -16,6 +16,7 @@ from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     Category,
     ColumnRef,
+    OutputColumn,
     StatementFacts,
     TableRef,
 )
@@ -111,6 +112,8 @@ class _Out:
     name: str | None
     sources: frozenset[Base]
     star_of: tuple[_Rel, ...] = ()
+    # Stands for a number of columns the parser cannot tell: `(f()).*`.
+    spread: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -120,10 +123,16 @@ class _Rel:
     alias: str
     table: TableRef | None = None
     outputs: list[_Out] | None = None  # derived relations (subquery, CTE, VALUES, join alias)
+    # Rows of a function: every column may carry what its arguments read (unnest(ARRAY[x])).
+    inputs: frozenset[Base] = frozenset()
+    # One side of a JOIN ... USING or NATURAL JOIN: `*` shows the shared columns once.
+    merged: bool = False
 
     def star(self) -> set[Base]:
         if self.table is not None:
             return {(self.table.schema, self.table.table, "*")}
+        if self.outputs is None:
+            return set(self.inputs)
         found: set[Base] = set()
         for out in self.outputs or ():
             found |= out.sources
@@ -132,16 +141,20 @@ class _Rel:
     def column(self, name: str) -> set[Base]:
         if self.table is not None:
             return {(self.table.schema, self.table.table, name)}
-        if self.outputs is None:  # no lineage known
-            return set()
+        if self.outputs is None:  # rows of a function: what its arguments read
+            return set(self.inputs)
         found: set[Base] = set()
+        placed = False
         for out in self.outputs:
             if out.name == name:
                 found |= out.sources
+                placed = True
             for rel in out.star_of:
                 found |= rel.column(name)
+                placed = True
         # A name we cannot place: blame every column the relation draws on (over-report).
-        return found or self.star()
+        # A placed name with no sources (a literal) draws on none.
+        return found if placed else self.star()
 
 
 @dataclass(slots=True, eq=False)
@@ -195,6 +208,8 @@ class _Draft:
     # UPDATE/DELETE seen without a real WHERE anywhere in the statement.
     unfiltered: bool = False
     filtered: bool = False
+    # The output list of the statement's rows (SELECT, VALUES, RETURNING), for lineage.
+    outputs: list[_Out] | None = None
 
     def flag(self, name: str) -> None:
         self.flags[name] = None
@@ -350,6 +365,7 @@ class _Walker:
 
     def func_call(self, body: dict[str, Any], scope: _Scope, usage: str) -> set[Base]:
         name = _function_name(_names(body.get("funcname", [])))
+        counts = name == "pg_catalog.count"
         self.d.functions[name] = None
         unqualified = name.rsplit(".", 1)[-1]
         if unqualified in LINEAGE_OPAQUE_BUILTINS:
@@ -366,6 +382,10 @@ class _Walker:
         if over:
             found |= self.expr(over.get("partitionClause"), scope, "group")
             found |= self.expr(over.get("orderClause"), scope, "order")
+        if counts:
+            # count(x) is a number of rows: no value of x reaches the output (a user-written
+            # count() on the search_path makes the statement opaque instead).
+            return set()
         return found
 
     def operator(self, name: list[Node]) -> None:
@@ -415,6 +435,8 @@ class _Walker:
             inner = _Scope(parent=scope, rels=both)
             if body.get("usingClause") or body.get("isNatural"):
                 self.operator([{"String": {"sval": "="}}])  # USING (id) compares with =
+                for rel in both:
+                    rel.merged = True
             for using in _names(body.get("usingClause") or []):
                 for rel in both:
                     self.d.emit(rel.column(using), "join")
@@ -432,16 +454,16 @@ class _Walker:
         if kind == "RangeFunction":
             # FROM f(col), LATERAL generate_series(1, col), ROWS FROM (...): rows computed
             # from the value, so every column of them comes from what the arguments read.
-            sources = self.expr(body.get("functions"), scope, "expression")
-            return [_Rel(_alias(body), outputs=[_Out(None, frozenset(sources))])]
+            inputs = self.expr(body.get("functions"), scope, "expression")
+            return [_Rel(_alias(body), inputs=frozenset(inputs))]
         if kind == "RangeTableSample":
             rels = self.from_item(body["relation"], scope)
             self.expr(body.get("args"), scope, "other")
             self.expr(body.get("repeatable"), scope, "other")
             return rels
         # XMLTABLE, JSON_TABLE and the like: their columns are computed from their inputs.
-        sources = self.expr(body, scope, "expression")
-        return [_Rel(_alias(body), outputs=[_Out(None, frozenset(sources))])]
+        inputs = self.expr(body, scope, "expression")
+        return [_Rel(_alias(body), inputs=frozenset(inputs))]
 
     def natural_join(self, left: list[_Rel], right: list[_Rel]) -> None:
         """NATURAL JOIN compares every column name the two sides share. A side whose names
@@ -570,6 +592,7 @@ class _Walker:
             val = rt.get("val")
             sources = frozenset(self.expr(val, scope, usage))
             star_of: tuple[_Rel, ...] = ()
+            spread = False
             name = rt.get("name")
             if name is None and isinstance(val, dict) and "ColumnRef" in val:
                 fields = val["ColumnRef"]["fields"]
@@ -577,11 +600,16 @@ class _Walker:
                     qual = _names(fields)
                     found = scope.find(qual[-1]) if qual else None
                     star_of = (found,) if found else tuple(scope.rels)
+                    spread = bool(qual) and found is None
                 else:
                     name = _s(fields[-1])
             elif name is None and isinstance(val, dict) and "FuncCall" in val:
                 name = _s(val["FuncCall"]["funcname"][-1])
-            outs.append(_Out(name, sources, star_of))
+            elif isinstance(val, dict) and "A_Indirection" in val:
+                # (row).* stands for as many columns as the row's type has.
+                indirection = val["A_Indirection"].get("indirection") or [{}]
+                spread = "A_Star" in indirection[-1]
+            outs.append(_Out(name, sources, star_of, spread))
         return outs
 
     def expr_list(self, items: list[Node], scope: _Scope, usage: str) -> list[_Out]:
@@ -705,9 +733,40 @@ def _side_names(rels: list[_Rel]) -> set[str] | None:
 
 
 def _union(left: list[_Out], right: list[_Out]) -> list[_Out]:
-    if len(left) == len(right) and not any(o.star_of for o in (*left, *right)):
+    if len(left) == len(right) and not any(o.star_of or o.spread for o in (*left, *right)):
         return [_Out(a.name, a.sources | b.sources) for a, b in zip(left, right, strict=True)]
-    return [*left, *right]
+    # Arms whose widths the parser cannot match: every name is found, no column is placed.
+    return [_Out(o.name, o.sources, o.star_of, spread=True) for o in (*left, *right)]
+
+
+def _output_columns(outs: list[_Out]) -> tuple[OutputColumn, ...]:
+    """The output list column by column: `*` over derived relations opened up, over a base
+    table left for the catalog to count, over anything else a spread of unknown width."""
+    columns: list[OutputColumn] = []
+
+    def relation(rel: _Rel) -> None:
+        if rel.merged or (rel.table is None and rel.outputs is None):
+            columns.append(OutputColumn(frozenset(rel.star()), spread=True))
+        elif rel.table is not None:
+            columns.append(OutputColumn(frozenset(rel.star()), table=rel.table))
+        else:
+            add(rel.outputs or [])
+
+    def add(items: list[_Out]) -> None:
+        for out in items:
+            if out.spread:
+                sources = set(out.sources)
+                for rel in out.star_of:
+                    sources |= rel.star()
+                columns.append(OutputColumn(frozenset(sources), spread=True))
+            elif out.star_of:
+                for rel in out.star_of:
+                    relation(rel)
+            else:
+                columns.append(OutputColumn(out.sources))
+
+    add(outs)
+    return tuple(columns)
 
 
 def _union_rows(rows: list[list[_Out]]) -> list[_Out]:
@@ -904,6 +963,7 @@ def _finish(
         prepared_name = body.get("name")
     elif "execute" in draft.flags:
         prepared_name = _execute_name(body)
+    portal = body.get("portalname") if kind in _CURSOR_KINDS else None
     if kind == "VariableSetStmt" and body.get("name"):
         name = str(body["name"])
         setting = (name, _setting_value(body, quote=name == "search_path"))
@@ -928,7 +988,12 @@ def _finish(
         flags=tuple(draft.flags),
         prepared_name=prepared_name,
         setting=setting,
+        portal=portal,
+        outputs=None if draft.outputs is None else _output_columns(draft.outputs),
     )
+
+
+_CURSOR_KINDS = frozenset({"DeclareCursorStmt", "FetchStmt", "ClosePortalStmt"})
 
 
 def _top_where(kind: str, body: dict[str, Any]) -> Node | None:
@@ -988,7 +1053,7 @@ def _statement(kind: str, body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[
 
 
 def _select_stmt(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
-    w.query({"SelectStmt": body}, _Scope())
+    d.outputs = w.query({"SelectStmt": body}, _Scope())
     if "select_into" in d.flags:
         return "SELECT INTO", "ddl"
     if body.get("valuesLists") and not body.get("fromClause"):
@@ -998,7 +1063,7 @@ def _select_stmt(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Cate
 
 def _dml_stmt(kind: str) -> _Handler:
     def handle(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
-        w.query({kind: body}, _Scope())
+        d.outputs = w.query({kind: body}, _Scope())  # RETURNING
         return _DML_COMMAND[kind], "write"
 
     return handle
@@ -1019,6 +1084,7 @@ def _explain(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category
             )
     inner_kind, inner = _unwrap(body["query"])
     _, category = _statement(inner_kind, inner, w, d)
+    d.outputs = None  # EXPLAIN returns the plan, not the statement's rows
     if analyze_:
         d.flag("explain_analyze")
         return "EXPLAIN", category
@@ -1091,9 +1157,11 @@ def _set(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     name = str(body.get("name", "")).lower()
     reset = kind in ("VAR_RESET", "VAR_RESET_ALL")
     if kind == "VAR_RESET_ALL":
-        d.flag("set_role")
-        d.flag("set_session_authorization")
-        return "RESET ALL", "dcl"
+        # RESET ALL leaves role and session_authorization alone (PostgreSQL excludes them
+        # from it) and returns every other setting to its value at login; pgwarden reads
+        # search_path again afterwards and ends the session if standard_conforming_strings
+        # came back off. Connection pools send it on every checkout.
+        return "RESET ALL", "session"
     if name == "role":
         d.flag("set_role")
         return ("RESET ROLE" if reset else "SET ROLE"), "dcl"
@@ -1271,9 +1339,10 @@ def _truncate(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Categor
 
 def _discard(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     if body.get("target") == "DISCARD_ALL":
-        # DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
-        d.flag("set_role")
-        d.flag("set_session_authorization")
+        # DISCARD ALL is SET SESSION AUTHORIZATION DEFAULT, RESET ALL, CLOSE ALL, DEALLOCATE
+        # ALL and more: back to the login identity and state, nothing beyond it (pools send
+        # it on every checkout). The flag tells the session to forget prepared statements.
+        d.flag("discard_all")
     return "DISCARD", "session"
 
 
@@ -1314,7 +1383,8 @@ _HANDLERS: dict[str, _Handler] = {
     "DeallocateStmt": _fixed("DEALLOCATE", "session"),
     "DeclareCursorStmt": _declare,
     "FetchStmt": _fetch,
-    "ClosePortalStmt": _fixed("CLOSE", "utility"),
+    # Closing a cursor (or all of them) ends what DECLARE started; drivers do it routinely.
+    "ClosePortalStmt": _fixed("CLOSE", "session"),
     "CreateTableAsStmt": _create_table_as,
     "CreateStmt": _relation_ddl("CREATE TABLE"),
     "CreateForeignTableStmt": _fixed("CREATE FOREIGN TABLE", "ddl"),

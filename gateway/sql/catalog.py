@@ -14,7 +14,13 @@ import asyncpg
 
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
-from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, ColumnRef, StatementFacts, TableRef
+from gateway.sql.facts import (
+    LINEAGE_OPAQUE_BUILTINS,
+    ColumnRef,
+    OutputColumn,
+    StatementFacts,
+    TableRef,
+)
 
 _T = TypeVar("_T")
 
@@ -376,6 +382,8 @@ class Catalog:
         views read (flag "via_view") and functions the policy cannot see into (flag
         "opaque_function")."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
+        for output in facts.outputs or ():
+            names.update(table for _, table, _ in output.sources)
         if not names and not (facts.functions or facts.operators or facts.types):
             return facts  # an attribute (t.name) comes with its relation, so with names
         try:
@@ -414,7 +422,16 @@ class Catalog:
                     columns[ColumnRef(schema, c.table, name, c.usage)] = None
             else:
                 columns[ColumnRef(schema, c.table, c.column, c.usage)] = None
-        resolved = replace(facts, reads=reads, writes=writes, columns=tuple(columns))
+        outputs = None
+        if facts.outputs is not None:
+            outputs = tuple(
+                column
+                for output in facts.outputs
+                for column in _placed_output(output, place, relations)
+            )
+        resolved = replace(
+            facts, reads=reads, writes=writes, columns=tuple(columns), outputs=outputs
+        )
         if unresolved:
             resolved = _flagged(resolved, "unresolved_relation")
         try:
@@ -451,15 +468,29 @@ class Catalog:
             if lineage is not None:
                 reads.update(dict.fromkeys(lineage.bases))
                 opaque = opaque or lineage.opaque
+
+        def behind(schema: str, table: str, column: str) -> tuple[Column, ...]:
+            lineage = lineages.get((schema, table))
+            if lineage is None:
+                return ()
+            sources = lineage.columns.get(column)
+            return lineage.everything if sources is None else sources
+
         columns = dict.fromkeys(facts.columns)
         for c in facts.columns:
-            lineage = lineages.get((c.schema, c.table))
-            if lineage is None:
-                continue
-            sources = lineage.columns.get(c.column)
-            for schema, table, column in lineage.everything if sources is None else sources:
+            for schema, table, column in behind(c.schema, c.table, c.column):
                 columns[ColumnRef(schema, table, column, c.usage)] = None
-        resolved = _flagged(replace(facts, reads=tuple(reads), columns=tuple(columns)), "via_view")
+        outputs = facts.outputs
+        if outputs is not None:
+            # An output drawn from a view column draws on what that column is made of.
+            outputs = tuple(
+                replace(o, sources=o.sources.union(*(behind(*b) for b in o.sources)))
+                for o in outputs
+            )
+        resolved = _flagged(
+            replace(facts, reads=tuple(reads), columns=tuple(columns), outputs=outputs),
+            "via_view",
+        )
         return _flagged(resolved, "opaque_function") if opaque else resolved
 
     async def _view_lineages(
@@ -700,6 +731,34 @@ class Catalog:
             raise
         self._failed_at = None
         return self._conn
+
+
+def _placed_output(
+    output: OutputColumn,
+    place: Callable[[str, str], str],
+    relations: Mapping[str, Mapping[str, tuple[str, ...]]],
+) -> list[OutputColumn]:
+    """One output entry with its sources' schemas placed and `*` made the table's columns;
+    `*` over a known base table becomes one entry per column, as PostgreSQL expands it."""
+    sources: set[Column] = set()
+    for schema, table, column in output.sources:
+        placed = place(schema, table)
+        known = relations.get(table, {}).get(placed)
+        if column == "*" and known is not None:
+            sources.update((placed, table, name) for name in known)
+        else:
+            sources.add((placed, table, column))
+    if output.table is not None and any(column == "*" for _, _, column in output.sources):
+        star = TableRef(place(output.table.schema, output.table.table), output.table.table)
+        known = relations.get(star.table, {}).get(star.schema)
+        if known is None:  # its width is unknown here
+            return [OutputColumn(frozenset(sources), spread=True)]
+        # Each keeps `table`: a column of a `*` whose width came from the catalog's cache.
+        return [
+            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star)
+            for name in known
+        ]
+    return [OutputColumn(frozenset(sources), table=output.table, spread=output.spread)]
 
 
 def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:

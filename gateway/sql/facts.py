@@ -67,6 +67,22 @@ class ColumnRef:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputColumn:
+    """One entry of a statement's output list and the base columns its value comes from.
+
+    `sources` are (schema, table, column) triples whose value may flow into the entry
+    (column "*": any column of that table); a column used only to filter, group, order or
+    count rows is not a source. `table` is set for `*` over a base table (it stands for the
+    table's columns, which the catalog knows); `spread` for an entry that stands for a
+    number of columns nothing here can tell (`(f()).*`, `*` over a function's rows).
+    """
+
+    sources: frozenset[tuple[str, str, str]]
+    table: TableRef | None = None
+    spread: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StatementFacts:
     text: str
     fingerprint: str
@@ -82,6 +98,8 @@ class StatementFacts:
     prepared_name: str | None = None
     # For SET-like statements: the setting name and value text, when known.
     setting: tuple[str, str | None] | None = None
+    # For DECLARE, FETCH, MOVE and CLOSE: the cursor's name (CLOSE ALL: None).
+    portal: str | None = None
     # Operators used ("+", "myschema.#=#"), for the catalog to find those backed by
     # user-defined functions (flag opaque_function); not part of the policy input.
     operators: tuple[str, ...] = ()
@@ -90,6 +108,9 @@ class StatementFacts:
     attributes: tuple[str, ...] = ()
     # Types cast to ("d", "s.d"): a domain's CHECK or a cast may run a user-written function.
     types: tuple[str, ...] = ()
+    # The rows it returns, column by column, for masking by lineage; None where it returns
+    # none or their lineage is unknown. Not part of the policy input.
+    outputs: tuple[OutputColumn, ...] | None = None
 
     def to_input(
         self,

@@ -44,6 +44,8 @@ def merge_facts(a: StatementFacts, b: StatementFacts) -> StatementFacts:
         types=_union(a.types, b.types),
         flags=_union(a.flags, b.flags),
         has_where=a.has_where and b.has_where,
+        # Either may run: its rows' lineage is known only when both say the same.
+        outputs=a.outputs if a.outputs == b.outputs else None,
     )
 
 
@@ -86,8 +88,8 @@ class PreparedStatements:
                 self._by_name.clear()
             else:
                 self._by_name.pop(facts.prepared_name, None)
-        elif facts.command == "DISCARD" and "set_session_authorization" in facts.flags:
-            self._by_name.clear()  # only DISCARD ALL carries that flag
+        elif facts.command == "DISCARD" and "discard_all" in facts.flags:
+            self._by_name.clear()
 
     def resolve(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]:
         """Facts for one message in order: PREPAREs recorded, EXECUTEs replaced by what they run."""

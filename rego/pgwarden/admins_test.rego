@@ -32,10 +32,27 @@ test_admins_never_need_approval if {
 	}
 }
 
-test_admins_denied_unparsable_text if {
+test_admins_may_send_unparsable_text if {
 	d := decide(["admins", "pii-readers"], statement_of.unknown)
+	d.action == "allow"
+	d.reasons == ["admins may send text pgwarden cannot analyse (category unknown): the server answers it"]
+	d.masks == []
+}
+
+# Nothing says which columns unanalysed text reads: every classified column is masked.
+test_admins_unparsable_text_masks_every_classified_column if {
+	d := decide(["admins"], statement_of.unknown)
+	d.action == "allow"
+	keys := {concat(".", [m.schema, m.table, m.column]) | some m in d.masks}
+	keys == {k | some k, _ in classified} with input as request(["admins"], statement_of.unknown)
+	"public.customers.email" in keys
+}
+
+# Only the analyser's own "unknown": a category this policy does not know stays denied.
+test_admins_denied_unrecognised_category if {
+	d := decide(["admins"], {"command": "SELECT", "category": "frobnicate"})
 	d.action == "deny"
-	d.reasons == ["statements that do not parse are denied to everyone, admins included"]
+	d.reasons == ["statements that do not parse are denied to all but admins"]
 }
 
 test_admins_win_over_lesser_groups if {

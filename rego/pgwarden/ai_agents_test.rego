@@ -167,3 +167,33 @@ test_ai_agents_row_locks_approved if {
 	d.reasons == ["ai-agents may not lock rows (SELECT ... FOR UPDATE/SHARE) without approval"]
 	d.approvers == ["engineers", "admins"]
 }
+
+# What connection pools and drivers send around the statements themselves, as the analyser
+# reports it: harmless for every row (RESET ALL and DISCARD ALL return to the login state;
+# pgwarden reads search_path again after them).
+pool_and_driver_statements := [
+	{"command": "CLOSE", "category": "session"},
+	{"command": "DISCARD", "category": "session", "flags": ["discard_all"]},
+	{"command": "DISCARD", "category": "session"},
+	{"command": "DEALLOCATE", "category": "session"},
+	{"command": "RESET ALL", "category": "session"},
+	{"command": "RESET", "category": "session"},
+	{"command": "SET", "category": "session"},
+	{"command": "SHOW", "category": "session"},
+	{"command": "LISTEN", "category": "session"},
+	{"command": "UNLISTEN", "category": "session"},
+	{"command": "BEGIN", "category": "tcl"},
+	{"command": "SAVEPOINT", "category": "tcl"},
+	{"command": "COMMIT", "category": "tcl"},
+	{"command": "FETCH", "category": "read"},
+	{"command": "MOVE", "category": "read"},
+	{"command": "DECLARE", "category": "read", "reads": [customers], "columns": [customer_column("email", "output")]},
+]
+
+test_pool_and_driver_statements_allowed_to_every_row if {
+	every principal_groups in [["ai-agents"], ["engineers"], ["admins"]] {
+		every statement in pool_and_driver_statements {
+			decide(principal_groups, statement).action == "allow"
+		}
+	}
+}

@@ -86,13 +86,18 @@ masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
 	parts[1] == tbl.table
 }
 
-# A function no lineage reaches into (user-defined, or a built-in that runs SQL text, reads
-# a cursor or serialises a relation named by text or OID: query_to_xml, table_to_xml,
-# ts_stat, ...) may return any classified value: every classified column is in play, and
-# the gateway masks whole each output column whose origin PostgreSQL does not report.
+# Every classified column may be in what the statement returns when it calls a function no
+# lineage reaches into (user-defined, or a built-in that runs SQL text, reads a cursor or
+# serialises a relation named by text or OID: query_to_xml, table_to_xml, ts_stat, ...), or
+# when it is text pgwarden could not analyse: the gateway then masks whole each output column
+# whose origin PostgreSQL does not report.
+every_classified_column_in_play if opaque_function
+
+every_classified_column_in_play if input.statement.category == "unknown"
+
 masks_in_play contains mask(parts[0], parts[1], parts[2], method) if {
 	not pii_reader
-	opaque_function
+	every_classified_column_in_play
 	some key, method in classified
 	parts := split(key, ".")
 	count(parts) == 3

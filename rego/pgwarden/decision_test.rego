@@ -20,18 +20,18 @@ test_decision_defined_for_empty_input if {
 	d.action == "deny"
 	d.reasons == [
 		"principals in none of admins, engineers, ai-agents may not run statements",
-		"statements that do not parse are denied to everyone, admins included",
+		"statements that do not parse are denied to all but admins",
 	]
 }
 
 test_unrecognised_category_is_unknown if {
 	d := decide(["admins"], {"category": "frobnicate"})
 	d.action == "deny"
-	d.reasons == ["statements that do not parse are denied to everyone, admins included"]
+	d.reasons == ["statements that do not parse are denied to all but admins"]
 }
 
-test_unknown_denied_for_every_group if {
-	every principal_groups in [["admins"], ["engineers"], ["ai-agents"], ["admins", "pii-readers"], []] {
+test_unknown_denied_for_every_group_but_admins if {
+	every principal_groups in [["engineers"], ["ai-agents"], ["engineers", "pii-readers"], ["pii-readers"], []] {
 		decide(principal_groups, statement_of.unknown).action == "deny"
 	}
 }

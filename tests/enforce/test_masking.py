@@ -301,6 +301,51 @@ def test_no_masks_means_no_plan() -> None:
     assert MaskPlan.build(only_base, {(1, 1): "redact"}, masks_present=True, key=KEY) is None
 
 
+def test_lineage_decides_expression_columns() -> None:
+    """A literal or count(*) beside masked columns comes back as written; an expression a
+    masked value flows into is masked whole; a base column is decided by its OID."""
+    fields = (
+        field("?column?", 0, 0),
+        field("count", 0, 0, INT4),
+        field("email", CUSTOMERS, 2),
+        field("upper", 0, 0),
+    )
+    lineage = [(None, False), (None, False), (None, False), ("redact", False)]
+    plan = MaskPlan.build(
+        fields, {(CUSTOMERS, 2): "email"}, masks_present=True, lineage=lineage, key=KEY
+    )
+    assert plan is not None
+    assert plan.masked_columns == ["email", "upper"]
+    out = run(plan, (b"x", b"2", b"ada@example.com", b"ADA@EXAMPLE.COM"))
+    assert out == (b"x", b"2", b"a***@example.com", b"***")
+
+
+def test_lineage_with_one_entry_of_unknown_width_takes_up_the_rest() -> None:
+    fields = (field("lit", 0, 0), field("a", 0, 0), field("b", 0, 0), field("tail", 0, 0))
+    lineage = [(None, False), ("redact", True), (None, False)]
+    plan = MaskPlan.build(fields, {}, masks_present=True, lineage=lineage, key=KEY)
+    assert plan is not None
+    assert run(plan, (b"x", b"secret", b"secret", b"y")) == (b"x", b"***", b"***", b"y")
+
+
+@pytest.mark.parametrize(
+    "lineage",
+    [
+        [(None, False)] * 3,  # fewer entries than columns
+        [(None, False)] * 5,  # more
+        [(None, True), (None, True), (None, False)],  # two of unknown width
+        [(None, False)] * 3 + [(None, True)] * 2,
+    ],
+)
+def test_lineage_that_does_not_match_the_columns_is_not_used(
+    lineage: list[tuple[str | None, bool]],
+) -> None:
+    fields = tuple(field(f"c{i}", 0, 0) for i in range(4))
+    plan = MaskPlan.build(fields, {}, masks_present=True, lineage=lineage, key=KEY)
+    assert plan is not None  # masks_present: every expression column masked whole
+    assert run(plan, (b"a", b"b", b"c", b"d")) == (b"***",) * 4
+
+
 def test_result_formats_override_the_row_description() -> None:
     # A statement Describe reports text; Bind asked for binary.
     fields = (field("email", CUSTOMERS, 2, JSONB), field("other", CUSTOMERS, 3, JSONB))

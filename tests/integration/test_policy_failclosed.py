@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from . import (
     table_rows,
     token_for,
 )
+from .test_audit_support import records_after, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -244,18 +246,17 @@ def test_undefined_decision_from_a_real_opa_refuses(gateways: Any) -> None:
 
 # -- text that does not parse ------------------------------------------------------------
 
+UNPARSEABLE = [
+    "SELEC 1",
+    "SELECT 'unterminated",
+    "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
+    "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
+]
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "SELEC 1",
-        "SELECT 'unterminated",
-        "INSERT INTO {t} VALUES (10, 'x'); SELEC 2",
-        "INSERT INTO {t} VALUES (10, 'x'); SELECT (",
-    ],
-)
-@pytest.mark.parametrize("groups", [("admins",), ("engineers",), ("ai-agents",)])
-def test_unparseable_sql_is_denied_to_everyone(
+
+@pytest.mark.parametrize("text", UNPARSEABLE)
+@pytest.mark.parametrize("groups", [("engineers",), ("ai-agents",), ("engineers", "pii-readers")])
+def test_unparseable_sql_is_denied_to_all_but_admins(
     gateway: Any, groups: tuple[str, ...], text: str
 ) -> None:
     table = fresh_table(gateway)
@@ -271,5 +272,46 @@ def test_unparseable_sql_is_denied_to_everyone(
             assert_policy_refusal(refusal_of(info.value), reason="do not parse")
             assert conn.execute("SELECT %s::int", (2,)).fetchone() == (2,)
         assert table_rows(gateway, table) == original_rows()
+    finally:
+        direct(gateway, f'DROP TABLE "{table}"')
+
+
+@pytest.mark.parametrize("text", UNPARSEABLE)
+def test_unparseable_sql_of_admins_gets_the_servers_syntax_error(gateway: Any, text: str) -> None:
+    """Drivers and tools test for 42601: admins get PostgreSQL's own answer (nothing of a
+    multi-statement Query runs, as the server parses it whole first), audited as unparsed."""
+    table = fresh_table(gateway)
+    subject = f"admin:unparsed-{uuid.uuid4().hex[:8]}"
+    token = gateway.token(subject, groups=("admins",))
+    before = records_after(gateway.settings)
+    since = before[-1].pos if before else 0
+    try:
+        with connect(gateway.dsn(token)) as conn:
+            with pytest.raises(psycopg.errors.SyntaxError) as info:
+                simple(conn, text.format(t=f'"{table}"'))
+            assert info.value.diag.sqlstate == "42601"
+            assert "pgwarden" not in (info.value.diag.message_primary or "")
+            assert info.value.diag.statement_position is not None  # the server's own words
+            assert simple(conn, "SELECT 1") == [(1,)]
+            # Through Parse as well.
+            with pytest.raises(psycopg.errors.SyntaxError):
+                conn.execute("SELEC %s", (1,))
+            assert conn.execute("SELECT %s::int", (2,)).fetchone() == (2,)
+        assert table_rows(gateway, table) == original_rows()
+
+        def unparsed() -> list[Any] | None:
+            records = records_after(gateway.settings, since)
+            mine = [
+                r.record()
+                for r in records
+                if r.kind == "request"
+                and r.subject == subject
+                and r.record()["fingerprint"].startswith("unparsed:")
+            ]
+            return mine or None
+
+        (first, *_) = wait_for(unparsed)
+        assert first["decision"]["action"] == "allow"
+        assert any("category unknown" in reason for reason in first["decision"]["reasons"])
     finally:
         direct(gateway, f'DROP TABLE "{table}"')

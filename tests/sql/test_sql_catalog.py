@@ -151,3 +151,26 @@ def test_parse_search_path() -> None:
     assert parse_search_path('"$user", public') == ("$user", "public")
     assert parse_search_path('App, "My ""Schema""",x') == ("app", 'My "Schema"', "x")
     assert parse_search_path("") == ()
+
+
+async def test_output_lineage_is_placed_and_star_opened_once(catalog: Catalog) -> None:
+    """`*` over a base table becomes one output entry per live column (dropped ones skipped),
+    in order; sources get their schemas; resolving resolved facts again changes nothing."""
+    f = await catalog.resolve(one("SELECT 'x', *, upper(secret) FROM people, only_b"), ("cat_b",))
+    assert f.outputs is not None
+    assert [sorted(o.sources) for o in f.outputs] == [
+        [],
+        [("cat_b", "people", "id")],
+        [("cat_b", "people", "secret")],
+        [("cat_b", "only_b", "x")],
+        [("cat_b", "only_b", "z")],
+        # Which relation has it is the catalog's to know: listed against both (over-report).
+        [("cat_b", "only_b", "secret"), ("cat_b", "people", "secret")],
+    ]
+    assert [o.table for o in f.outputs][1:5] == [TableRef("cat_b", "people")] * 2 + [
+        TableRef("cat_b", "only_b")
+    ] * 2
+    assert await catalog.resolve(f, ("cat_b",)) == f
+    # An unknown relation's `*` has no width here: an entry of unknown width.
+    g = await catalog.resolve(one("SELECT * FROM nowhere"), ("cat_b",))
+    assert g.outputs is not None and [o.spread for o in g.outputs] == [True]
