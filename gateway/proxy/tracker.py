@@ -47,6 +47,12 @@ class StatementRun:
     mask_all: bool = False
     # Whether expression columns (no base column) are masked too: lineage unknown.
     mask_expressions: bool = False
+    # The masks by name, and the catalog generation mask_targets were resolved under: a
+    # result whose columns the catalog has not seen in that generation resolves them again.
+    masks: tuple[Any, ...] = ()
+    mask_generation: str | None = None
+    # The RowDescription of a Query's result, planned at its first row.
+    description: bytes | None = None
     # The plan for the result set being relayed (built from RowDescription); `described`
     # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None
