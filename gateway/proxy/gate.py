@@ -81,6 +81,8 @@ class MaskResolver(Protocol):
 
     def knows(self, relation: int, attnum: int) -> bool: ...
 
+    def relation_oids(self, facts: StatementFacts) -> frozenset[int] | None: ...
+
     async def learn(self, relations: Iterable[int]) -> bool: ...
 
 
@@ -218,6 +220,10 @@ class StatementGate:
     def _masks_catalog(self) -> MaskResolver | None:
         catalog = self._catalog
         return cast(MaskResolver, catalog) if hasattr(catalog, "mask_targets") else None
+
+    async def _catalog_resolve(self, facts: StatementFacts) -> None:
+        if self._catalog is not None:
+            await self._catalog.resolve(facts, self.search_path, self.upstream_user)
 
     async def _refresh_catalog(self) -> str | None:
         catalog = self._masks_catalog()
@@ -482,8 +488,11 @@ class StatementGate:
         targets = await catalog.mask_targets(run.masks)
         if targets is None or run.mask_generation is None:
             run.mask_all = True
-        else:
-            run.mask_targets = targets
+            return
+        run.mask_targets = targets
+        # A FETCH names no relation: its rows come from the cursor's.
+        named = catalog.relation_oids(run.facts) if run.facts is not None else None
+        run.mask_relations = named or None
 
     def masks_current(self, run: StatementRun, fields: Sequence[FieldDescription]) -> bool:
         """Whether a masked run's targets can plan the result `fields` describe: resolved
@@ -497,8 +506,10 @@ class StatementGate:
             return False
         targets = run.mask_targets
         knows = catalog.knows
+        named = run.mask_relations
         return all(
-            (f.table_oid, f.column_attnum) in targets or knows(f.table_oid, f.column_attnum)
+            (f.table_oid, f.column_attnum) in targets
+            or (knows(f.table_oid, f.column_attnum) and (named is None or f.table_oid in named))
             for f in fields
             if f.table_oid and f.column_attnum
         )
@@ -506,7 +517,9 @@ class StatementGate:
     async def refresh_masks(self, run: StatementRun, fields: Sequence[FieldDescription]) -> None:
         """Resolve the run's masks again against the server's catalog now, before any row of
         the result `fields` describe is relayed. A column of a relation that no longer
-        exists (dropped since the server ran it) is masked whole."""
+        exists (dropped since the server ran it), or that the statement does not name (a
+        description kept from before the DDL: a table swapped away under a prepared
+        statement whose driver does not describe it again) is masked whole."""
         catalog = self._masks_catalog()
         if catalog is None:
             run.mask_all = True
@@ -514,9 +527,16 @@ class StatementGate:
         if await catalog.refresh() is None:
             run.mask_all = True
             return
+        facts = run.facts
+        if facts is not None and consults_catalog(facts) and catalog.relation_oids(facts) is None:
+            # Dropped with the cache: the statement's names resolved again, for their OIDs.
+            await self._catalog_resolve(facts)
+        named_before = run.mask_relations
         await self._resolve_masks(run)
         if run.mask_all:
             return
+        if run.mask_relations is None:
+            run.mask_relations = named_before
         targets = run.mask_targets
         columns = [
             (f.table_oid, f.column_attnum) for f in fields if f.table_oid and f.column_attnum
@@ -525,8 +545,11 @@ class StatementGate:
         if unseen and not await catalog.learn(oid for oid, _ in unseen):
             run.mask_all = True
             return
-        for column in unseen:
-            if not catalog.knows(*column):
+        named = run.mask_relations
+        for column in columns:
+            if column in targets:
+                continue
+            if not catalog.knows(*column) or (named is not None and column[0] not in named):
                 targets[column] = "redact"
 
     # -- outcomes ------------------------------------------------------------------------

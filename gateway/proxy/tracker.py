@@ -51,6 +51,9 @@ class StatementRun:
     # result whose columns the catalog has not seen in that generation resolves them again.
     masks: tuple[Any, ...] = ()
     mask_generation: str | None = None
+    # OIDs of the relations the statement names (None: unknown, or a FETCH naming none):
+    # a column from another comes from a description older than the statement's catalog.
+    mask_relations: frozenset[int] | None = None
     # The RowDescription of a Query's result, planned at its first row.
     description: bytes | None = None
     # The plan for the result set being relayed (built from RowDescription); `described`

@@ -355,6 +355,8 @@ class Catalog:
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
         self._relkinds: dict[tuple[str, str], str] = {}
+        # (schema, relname) → OID, likewise
+        self._oids: dict[tuple[str, str], int] = {}
         # (schema, view) → (lineage, fetched at)
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
         # function name → (schemas holding a function of that name, fetched at)
@@ -383,6 +385,7 @@ class Catalog:
         """Forget all metadata (call after any DDL statement completes)."""
         self._relations.clear()
         self._relkinds.clear()
+        self._oids.clear()
         self._views.clear()
         self._functions.clear()
         self._operators.clear()
@@ -445,6 +448,16 @@ class Catalog:
         if attnum < 0:
             return relation in self._known_relations
         return (relation, attnum) in self._known_columns
+
+    def relation_oids(self, facts: StatementFacts) -> frozenset[int] | None:
+        """OIDs of the relations resolved `facts` name, as resolve() found them; None when
+        one is not known (not resolved, or the cache was dropped since)."""
+        names = {(t.schema, t.table) for t in (*facts.reads, *facts.writes)}
+        names.update((c.schema, c.table) for c in facts.columns)
+        oids = [self._oids.get(name) for name in names]
+        if any(oid is None for oid in oids):
+            return None
+        return frozenset(oid for oid in oids if oid is not None)
 
     async def learn(self, relations: Iterable[int]) -> bool:
         """Fetch the columns of these relations (by OID) into what knows() answers from;
@@ -793,9 +806,11 @@ class Catalog:
             for name in missing:
                 for key in [k for k in self._relkinds if k[1] == name]:
                     del self._relkinds[key]
+                    self._oids.pop(key, None)
             for schema, relname, relkind, columns, oid, attnums in rows:
                 fetched.setdefault(relname, {})[schema] = tuple(columns)
                 self._relkinds[(schema, relname)] = relkind
+                self._oids[(schema, relname)] = oid
                 self._known_columns.update((oid, attnum) for attnum in attnums)
                 self._known_relations.add(oid)
             for name, holders in fetched.items():

@@ -8,6 +8,7 @@ may reach the client in clear.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -210,3 +212,32 @@ def test_swap_committed_while_the_statement_waits(db: Db, agent: psycopg.Connect
         assert_masked(seen[0], EMAILS)
     finally:
         swap.close()
+
+
+def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
+    gateway: Any, db: Db
+) -> None:
+    """asyncpg keeps a prepared statement's description and sends Bind/Execute alone: the
+    only description pgwarden has names the table swapped away."""
+    db.ddl("CREATE TABLE customers_new (LIKE customers INCLUDING ALL)")
+    db.ddl("INSERT INTO customers_new SELECT * FROM customers")
+
+    async def scenario() -> tuple[set[str], set[str]]:
+        conn = await asyncpg.connect(
+            gateway.url(token_for(gateway, "ai-agents"), target=db.target)
+        )
+        try:
+            stmt = await conn.prepare("SELECT id, email FROM customers")
+            before = {str(v) for r in await stmt.fetch() for v in r if v is not None}
+            db.ddl(
+                "BEGIN; ALTER TABLE customers RENAME TO customers_old;"
+                " ALTER TABLE customers_new RENAME TO customers; COMMIT"
+            )
+            after = {str(v) for r in await stmt.fetch() for v in r if v is not None}
+            return before, after
+        finally:
+            await conn.close()
+
+    before, after = asyncio.run(scenario())
+    assert_masked(before, EMAILS)
+    assert_masked(after, EMAILS)
