@@ -25,7 +25,7 @@ from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
 from gateway.proxy.targets import Target, TargetRegistry
 from tests.harness import create_scratch_database, drop_scratch_database
 
-from . import connect, token_for
+from . import connect, simple, token_for
 
 pytestmark = pytest.mark.server
 
@@ -182,7 +182,10 @@ def _wait_for_lock_wait(db: Db, timeout: float = 20.0) -> None:
     raise AssertionError("the gateway's statement never waited for the swap's lock")
 
 
-def test_swap_committed_while_the_statement_waits(db: Db, agent: psycopg.Connection[Any]) -> None:
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_swap_committed_while_the_statement_waits(
+    db: Db, agent: psycopg.Connection[Any], protocol: str
+) -> None:
     """The decision is made before the swap commits, the server runs the statement after:
     the RowDescription names a table the decision never saw, resolved before rows flow."""
     db.ddl("CREATE TABLE customers_new (LIKE customers INCLUDING ALL)")
@@ -199,7 +202,11 @@ def test_swap_committed_while_the_statement_waits(db: Db, agent: psycopg.Connect
 
         def reader() -> None:
             try:
-                seen.append(read(agent, "SELECT id, email FROM customers"))
+                text = "SELECT id, email FROM customers"
+                if protocol == "simple":
+                    seen.append({str(v) for r in simple(agent, text) for v in r if v is not None})
+                else:
+                    seen.append(read(agent, text))
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
