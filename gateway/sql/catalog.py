@@ -343,7 +343,8 @@ class Catalog:
         else:
             self._connect = connect
         self._timeout = timeout
-        # Another session's DDL does not pass through invalidate(): entries also expire.
+        # DDL made elsewhere moves the generation (refresh()); entries also expire, a bound
+        # on what a caller that never refreshes (a CLI evaluation) may see.
         self._ttl = ttl
         self._retry_after = retry_after
         self._conn: Any = None
@@ -494,24 +495,12 @@ class Catalog:
                 missing.append(name)
         if missing:
             try:
-                async with self._lock:
-                    for attempt in (1, 2):
-                        conn = await self._connection()
-                        try:
-                            rows = await conn.fetch(
-                                _MASK_QUERY,
-                                [s for s, _, _ in missing],
-                                [t for _, t, _ in missing],
-                                [c for _, _, c in missing],
-                                timeout=self._timeout,
-                            )
-                            break
-                        except Exception:
-                            # A dropped connection: one fresh attempt, then unavailable.
-                            await self.close()
-                            if attempt == 2:
-                                self._failed_at = time.monotonic()
-                                raise
+                rows = await self._fetch(
+                    _MASK_QUERY,
+                    [s for s, _, _ in missing],
+                    [t for _, t, _ in missing],
+                    [c for _, _, c in missing],
+                )
             except Exception:
                 return None
             fetched: dict[int, list[tuple[int, int, bool]]] = {}
