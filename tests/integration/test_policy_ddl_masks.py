@@ -31,6 +31,12 @@ pytestmark = pytest.mark.server
 
 EMAILS = {"ada@example.com", "grace@example.org"}
 NAMES = {"Ada", "Grace"}
+# A copy of customers, then swapped in under its name (the classic online migration).
+NEW_COPY = "CREATE TABLE customers_new AS TABLE customers"
+SWAP = (
+    "BEGIN; ALTER TABLE customers RENAME TO customers_old;"
+    " ALTER TABLE customers_new RENAME TO customers; COMMIT"
+)
 WATCH_SQL = Path(__file__).resolve().parents[2] / "gateway" / "sql" / "ddl_watch.sql"
 
 
@@ -92,13 +98,9 @@ def assert_masked(seen: set[str], clear: set[str]) -> None:
 
 
 def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
-    db.ddl("CREATE TABLE customers_new (LIKE customers INCLUDING ALL)")
-    db.ddl("INSERT INTO customers_new SELECT * FROM customers")
+    db.ddl(NEW_COPY)
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
-    db.ddl(
-        "BEGIN; ALTER TABLE customers RENAME TO customers_old;"
-        " ALTER TABLE customers_new RENAME TO customers; COMMIT"
-    )
+    db.ddl(SWAP)
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
 
@@ -188,8 +190,7 @@ def test_swap_committed_while_the_statement_waits(
 ) -> None:
     """The decision is made before the swap commits, the server runs the statement after:
     the RowDescription names a table the decision never saw, resolved before rows flow."""
-    db.ddl("CREATE TABLE customers_new (LIKE customers INCLUDING ALL)")
-    db.ddl("INSERT INTO customers_new SELECT * FROM customers")
+    db.ddl(NEW_COPY)
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     swap = psycopg.connect(db.dsn, autocommit=True)
     try:
@@ -226,8 +227,7 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
 ) -> None:
     """asyncpg keeps a prepared statement's description and sends Bind/Execute alone: the
     only description pgwarden has names the table swapped away."""
-    db.ddl("CREATE TABLE customers_new (LIKE customers INCLUDING ALL)")
-    db.ddl("INSERT INTO customers_new SELECT * FROM customers")
+    db.ddl(NEW_COPY)
 
     async def scenario() -> tuple[set[str], set[str]]:
         conn = await asyncpg.connect(
@@ -236,10 +236,7 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
         try:
             stmt = await conn.prepare("SELECT id, email FROM customers")
             before = {str(v) for r in await stmt.fetch() for v in r if v is not None}
-            db.ddl(
-                "BEGIN; ALTER TABLE customers RENAME TO customers_old;"
-                " ALTER TABLE customers_new RENAME TO customers; COMMIT"
-            )
+            db.ddl(SWAP)
             after = {str(v) for r in await stmt.fetch() for v in r if v is not None}
             return before, after
         finally:
