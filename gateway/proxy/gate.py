@@ -83,6 +83,8 @@ class MaskResolver(Protocol):
 
     def relation_oids(self, facts: StatementFacts) -> frozenset[int] | None: ...
 
+    def columns_of(self, relations: Iterable[int]) -> frozenset[tuple[int, int]]: ...
+
     async def learn(self, relations: Iterable[int]) -> bool: ...
 
 
@@ -493,6 +495,9 @@ class StatementGate:
         # A FETCH names no relation: its rows come from the cursor's.
         named = catalog.relation_oids(run.facts) if run.facts is not None else None
         run.mask_relations = named or None
+        if run.mask_relations is not None and run.mask_columns is None:
+            # What the decision was made on (kept when the masks are resolved again).
+            run.mask_columns = catalog.columns_of(run.mask_relations)
 
     def masks_current(self, run: StatementRun, fields: Sequence[FieldDescription]) -> bool:
         """Whether a masked run's targets can plan the result `fields` describe: resolved
@@ -516,10 +521,12 @@ class StatementGate:
 
     async def refresh_masks(self, run: StatementRun, fields: Sequence[FieldDescription]) -> None:
         """Resolve the run's masks again against the server's catalog now, before any row of
-        the result `fields` describe is relayed. A column of a relation that no longer
-        exists (dropped since the server ran it), or that the statement does not name (a
-        description kept from before the DDL: a table swapped away under a prepared
-        statement whose driver does not describe it again) is masked whole."""
+        the result `fields` describe is relayed. Masked whole: a column of a relation
+        that no longer exists (dropped since the server ran it), or that the statement
+        does not name (a description kept from before the DDL: a table swapped away under
+        a prepared statement whose driver does not describe it again), or that the
+        decision did not see (added while the statement waited: `*` may now include a
+        classified column the policy was never asked about)."""
         catalog = self._masks_catalog()
         if catalog is None:
             run.mask_all = True
@@ -545,11 +552,15 @@ class StatementGate:
         if unseen and not await catalog.learn(oid for oid, _ in unseen):
             run.mask_all = True
             return
-        named = run.mask_relations
+        named, decided_on = run.mask_relations, run.mask_columns
         for column in columns:
             if column in targets:
                 continue
-            if not catalog.knows(*column) or (named is not None and column[0] not in named):
+            if (
+                not catalog.knows(*column)
+                or (named is not None and column[0] not in named)
+                or (decided_on is not None and column not in decided_on)
+            ):
                 targets[column] = "redact"
 
     # -- outcomes ------------------------------------------------------------------------

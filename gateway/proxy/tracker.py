@@ -54,6 +54,9 @@ class StatementRun:
     # OIDs of the relations the statement names (None: unknown, or a FETCH naming none):
     # a column from another comes from a description older than the statement's catalog.
     mask_relations: frozenset[int] | None = None
+    # Their columns when the statement was decided: one the server reports beyond these
+    # appeared since (DDL while it waited), unseen by the policy.
+    mask_columns: frozenset[tuple[int, int]] | None = None
     # The RowDescription of a Query's result, planned at its first row.
     description: bytes | None = None
     # The plan for the result set being relayed (built from RowDescription); `described`

@@ -356,8 +356,9 @@ class Catalog:
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
         self._relkinds: dict[tuple[str, str], str] = {}
-        # (schema, relname) → OID, likewise
+        # (schema, relname) → OID, and OID → its columns' attnums, likewise
         self._oids: dict[tuple[str, str], int] = {}
+        self._attnums: dict[int, frozenset[int]] = {}
         # (schema, view) → (lineage, fetched at)
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
         # function name → (schemas holding a function of that name, fetched at)
@@ -387,6 +388,7 @@ class Catalog:
         self._relations.clear()
         self._relkinds.clear()
         self._oids.clear()
+        self._attnums.clear()
         self._views.clear()
         self._functions.clear()
         self._operators.clear()
@@ -459,6 +461,12 @@ class Catalog:
         if any(oid is None for oid in oids):
             return None
         return frozenset(oid for oid in oids if oid is not None)
+
+    def columns_of(self, relations: Iterable[int]) -> frozenset[tuple[int, int]]:
+        """(OID, attnum) of the columns of these relations as resolve() found them."""
+        return frozenset(
+            (oid, attnum) for oid in relations for attnum in self._attnums.get(oid, ())
+        )
 
     async def learn(self, relations: Iterable[int]) -> bool:
         """Fetch the columns of these relations (by OID) into what knows() answers from;
@@ -800,6 +808,7 @@ class Catalog:
                 fetched.setdefault(relname, {})[schema] = tuple(columns)
                 self._relkinds[(schema, relname)] = relkind
                 self._oids[(schema, relname)] = oid
+                self._attnums[oid] = frozenset(attnums)
                 self._known_columns.update((oid, attnum) for attnum in attnums)
                 self._known_relations.add(oid)
             for name, holders in fetched.items():

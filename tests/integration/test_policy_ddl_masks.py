@@ -31,6 +31,7 @@ pytestmark = pytest.mark.server
 
 EMAILS = {"ada@example.com", "grace@example.org"}
 NAMES = {"Ada", "Grace"}
+SSNS = {"123-45-6789", "987-65-4321"}
 # A copy of customers, then swapped in under its name (the classic online migration).
 NEW_COPY = "CREATE TABLE customers_new AS TABLE customers"
 SWAP = (
@@ -230,9 +231,7 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
     db.ddl(NEW_COPY)
 
     async def scenario() -> tuple[set[str], set[str]]:
-        conn = await asyncpg.connect(
-            gateway.url(token_for(gateway, "ai-agents"), target=db.target)
-        )
+        conn = await asyncpg.connect(gateway.url(token_for(gateway, "ai-agents"), target=db.target))
         try:
             stmt = await conn.prepare("SELECT id, email FROM customers")
             before = {str(v) for r in await stmt.fetch() for v in r if v is not None}
@@ -245,3 +244,31 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
     before, after = asyncio.run(scenario())
     assert_masked(before, EMAILS)
     assert_masked(after, EMAILS)
+
+
+def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]) -> None:
+    """`SELECT *` is decided on a table without ssn and nickname; the server runs it after
+    both were added: ssn is masked by its classification, and nickname, which the policy
+    was never asked about, is masked whole."""
+    db.ddl("ALTER TABLE customers DROP COLUMN ssn")
+    assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
+    add = psycopg.connect(db.dsn, autocommit=True)
+    try:
+        add.execute(
+            b"BEGIN; ALTER TABLE customers ADD COLUMN ssn text, ADD COLUMN nickname text;"
+            b" UPDATE customers SET nickname = 'nick-' || name,"
+            b" ssn = CASE id WHEN 1 THEN '123-45-6789' ELSE '987-65-4321' END"
+        )
+        seen: list[set[str]] = []
+        thread = threading.Thread(
+            target=lambda: seen.append(read(agent, "SELECT * FROM customers"))
+        )
+        thread.start()
+        _wait_for_lock_wait(db)
+        add.execute(b"COMMIT")
+        thread.join(30)
+        assert seen, "the read failed"
+        assert_masked(seen[0], EMAILS | SSNS | {"nick-Ada", "nick-Grace"})
+        assert seen[0] >= NAMES  # columns the decision saw keep their own treatment
+    finally:
+        add.close()
