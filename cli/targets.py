@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Annotated
 
 import orjson
@@ -11,7 +13,9 @@ from rich.table import Table
 
 from cli.context import fail, settings_of
 from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
+from gateway.runtime import catalog_connector
 from gateway.settings import Settings
+from gateway.sql.catalog import WATCH_SQL
 
 app = typer.Typer(
     help="Manage targets: the upstream databases a client selects by dbname.", no_args_is_help=True
@@ -110,3 +114,39 @@ def remove(
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} removed")
+
+
+@app.command("install-ddl-watch")
+def install_ddl_watch(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Target whose database gets the watch.")],
+    print_sql: Annotated[
+        bool, typer.Option("--print", help="Print the SQL (for psql -f) instead of running it.")
+    ] = False,
+) -> None:
+    """Install the DDL watch (an event trigger and a counter, superuser only) in the target's
+    database, with the target's credential: the gateway then sees DDL made on the server
+    with one cheap read per statement, and its catalog cache survives ordinary writes."""
+    sql = WATCH_SQL.read_text()
+    if print_sql:
+        typer.echo(sql, nl=False)
+        return
+    target = registry(settings_of(ctx)).get(name)
+    if target is None:
+        fail(f"no target named {name!r}")
+
+    async def install() -> None:
+        conn = await catalog_connector(target, os.environ)()
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(install())
+    except Exception as exc:  # one line, whatever the driver raised
+        fail(
+            f"could not install the DDL watch in target {name}: {exc}"
+            " (it needs a superuser: run the output of --print as one)"
+        )
+    typer.echo(f"DDL watch installed in target {name} (database {target.dbname})")

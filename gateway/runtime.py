@@ -32,7 +32,7 @@ from gateway.sql.prepared import PreparedStatements
 log = logging.getLogger("pgwarden")
 
 
-def _catalog_connector(target: Target, environ: Mapping[str, str]) -> Any:
+def catalog_connector(target: Target, environ: Mapping[str, str]) -> Any:
     async def connect() -> Any:
         return await asyncpg.connect(
             host=target.host,
@@ -81,7 +81,7 @@ class Gateway:
     def _catalog_for(self, target: Target) -> CatalogPort | None:
         catalog = self._catalogs.get(target.name)
         if catalog is None:
-            catalog = Catalog(_catalog_connector(target, self.environ))
+            catalog = Catalog(catalog_connector(target, self.environ))
             self._catalogs[target.name] = catalog
         return catalog
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision, Mask
-from gateway.protocol import ErrorResponse
+from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import sets_search_path
 from gateway.proxy.tracker import StatementRun
-from gateway.sql.catalog import DEFAULT_SEARCH_PATH
+from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
 from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
@@ -109,7 +109,21 @@ class PreparedRegistry(Protocol):
 
 
 class MaskResolver(Protocol):
+    """The parts of the catalog that keep masks exact across DDL made on the server."""
+
+    generation: str | None
+
+    async def refresh(self) -> str | None: ...
+
     async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None: ...
+
+    def knows(self, relation: int, attnum: int) -> bool: ...
+
+    def relation_oids(self, facts: StatementFacts) -> frozenset[int] | None: ...
+
+    def columns_of(self, relations: Iterable[int]) -> frozenset[tuple[int, int]]: ...
+
+    async def learn(self, relations: Iterable[int]) -> bool: ...
 
 
 class Catalog(Protocol):
@@ -209,8 +223,11 @@ class StatementGate:
         self.settle_search_path: Callable[[], Awaitable[str | None]] | None = None
         self._principal_input = ctx.principal.to_input()
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
-        self.sticky_masks: dict[tuple[int, int], str] = {}
-        self.sticky_mask_all = False
+        # Every mask decided in this session, by column and method: re-resolved for each
+        # statement that relays rows decided elsewhere (FETCH, EXECUTE).
+        self.sticky_masks: dict[tuple[str, str, str, str], Mask] = {}
+        # The catalog generation the last statement was resolved under (None: unconfirmed).
+        self.catalog_generation: str | None = None
         # Cursor name → the lineage of its rows, as DECLARE's decision saw them (a FETCH
         # names the cursor, not the columns). Missing: unknown, so masked as before.
         self.cursors: dict[str, tuple[tuple[str | None, bool], ...] | None] = {}
@@ -236,9 +253,32 @@ class StatementGate:
                 if problem is not None:
                     raise PathUnknown(problem, facts)
             catalog = self._catalog
+            if any(consults_catalog(f) for f in facts):
+                # DDL made on the server since the cache was filled must be seen first.
+                self.catalog_generation = await self._refresh_catalog()
             path, user = self.search_path, self.upstream_user
             facts = tuple([await catalog.resolve(f, path, user) for f in facts])
         return facts
+
+    def _masks_catalog(self) -> MaskResolver | None:
+        catalog = self._catalog
+        return cast(MaskResolver, catalog) if hasattr(catalog, "mask_targets") else None
+
+    async def _catalog_resolve(self, facts: StatementFacts) -> None:
+        if self._catalog is not None:
+            await self._catalog.resolve(facts, self.search_path, self.upstream_user)
+
+    async def _refresh_catalog(self) -> str | None:
+        catalog = self._masks_catalog()
+        return await catalog.refresh() if catalog is not None else None
+
+    async def catalog_moved(self, generation: str | None, facts: Sequence[StatementFacts]) -> bool:
+        """Whether statements resolved under catalog `generation` (a Parse's) may mean
+        something else now: DDL committed since, or the generation cannot be confirmed."""
+        if self._masks_catalog() is None or not any(consults_catalog(f) for f in facts):
+            return False
+        now = await self._refresh_catalog()
+        return now is None or now != generation
 
     async def _path_refusal(
         self, exc: PathUnknown, protocol: str, params: tuple[str | None, ...]
@@ -460,33 +500,29 @@ class StatementGate:
             run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
             self._track_cursors(run, decision)
             if not decision.masks:
-                if (self.sticky_masks or self.sticky_mask_all) and run.facts is not None:
-                    command = run.facts.command
-                    if command in _ROW_RELAYS:
-                        run.masked = True
-                        run.mask_targets = dict(self.sticky_masks)
-                        run.mask_all = self.sticky_mask_all
-                        # Rows from a cursor or a prepared statement: where the cursor's
-                        # lineage is not known, every expression column is masked.
-                        run.mask_expressions = True
-                        if command == "FETCH" and run.facts.portal is not None:
-                            run.lineage = self.cursors.get(run.facts.portal)
-                continue
-            if run.facts is not None and run.facts.command == "COPY":
-                return refusal_for("COPY of masked columns is not allowed (masks apply to rows)")
-            run.masked = True
-            run.mask_expressions = _involves_masked(run.facts, decision.masks)
-            run.lineage = _output_masks(run.facts, decision.masks)
-            resolver = self._catalog
-            targets = None
-            if resolver is not None and hasattr(resolver, "mask_targets"):
-                targets = await resolver.mask_targets(decision.masks)
-            if targets is None:
-                run.mask_all = True
-                self.sticky_mask_all = True
+                if not self.sticky_masks or run.facts is None:
+                    continue
+                if run.facts.command not in _ROW_RELAYS:
+                    continue
+                # Rows from a cursor or a prepared statement: where the cursor's lineage is
+                # not known, every expression column is masked.
+                run.mask_expressions = True
+                if run.facts.command == "FETCH" and run.facts.portal is not None:
+                    run.lineage = self.cursors.get(run.facts.portal)
             else:
-                run.mask_targets = {**self.sticky_masks, **targets}
-                self.sticky_masks.update(targets)
+                if run.facts is not None and run.facts.command == "COPY":
+                    return refusal_for(
+                        "COPY of masked columns is not allowed (masks apply to rows)"
+                    )
+                run.mask_expressions = _involves_masked(run.facts, decision.masks)
+                run.lineage = _output_masks(run.facts, decision.masks)
+                self.sticky_masks.update(
+                    {(m.schema, m.table, m.column, m.method): m for m in decision.masks}
+                )
+            run.masked = True
+            # Earlier masks too: what this statement relays may come from an earlier one.
+            run.masks = tuple(self.sticky_masks.values())
+            await self._resolve_masks(run)
         return None
 
     def _track_cursors(self, run: StatementRun, decision: Decision) -> None:
@@ -514,6 +550,91 @@ class StatementGate:
     def portal_bound(self, name: str) -> None:
         """A protocol Bind named a portal: FETCH by that name reads its rows now."""
         self.cursors.pop(name, None)
+
+    async def _resolve_masks(self, run: StatementRun) -> None:
+        """The run's masks as (table OID, attnum) under the catalog's generation now; all
+        columns masked when the catalog cannot say."""
+        catalog = self._masks_catalog()
+        if catalog is None:
+            run.mask_all = True
+            return
+        # Read before the targets: a generation that moves meanwhile leaves them stale.
+        run.mask_generation = catalog.generation
+        targets = await catalog.mask_targets(run.masks)
+        if targets is None or run.mask_generation is None:
+            run.mask_all = True
+            return
+        run.mask_targets = targets
+        # A FETCH names no relation: its rows come from the cursor's.
+        named = catalog.relation_oids(run.facts) if run.facts is not None else None
+        run.mask_relations = named or None
+        if run.mask_relations is not None and run.mask_columns is None:
+            # What the decision was made on (kept when the masks are resolved again).
+            run.mask_columns = catalog.columns_of(run.mask_relations)
+
+    def masks_current(self, run: StatementRun, fields: Sequence[FieldDescription]) -> bool:
+        """Whether a masked run's targets can plan the result `fields` describe: resolved
+        under the catalog's generation now, and every column the server reports is one the
+        catalog has seen in it. Otherwise the server ran the statement against a catalog
+        newer than the one it was decided with (DDL meanwhile): refresh_masks() first."""
+        catalog = self._masks_catalog()
+        if run.mask_all or catalog is None:
+            return True
+        if run.mask_generation is None or run.mask_generation != catalog.generation:
+            return False
+        targets = run.mask_targets
+        knows = catalog.knows
+        named = run.mask_relations
+        return all(
+            (f.table_oid, f.column_attnum) in targets
+            or (knows(f.table_oid, f.column_attnum) and (named is None or f.table_oid in named))
+            for f in fields
+            if f.table_oid and f.column_attnum
+        )
+
+    async def refresh_masks(self, run: StatementRun, fields: Sequence[FieldDescription]) -> None:
+        """Resolve the run's masks again against the server's catalog now, before any row of
+        the result `fields` describe is relayed. Masked whole: a column of a relation
+        that no longer exists (dropped since the server ran it), or that the statement
+        does not name (a description kept from before the DDL: a table swapped away under
+        a prepared statement whose driver does not describe it again), or that the
+        decision did not see (added while the statement waited: `*` may now include a
+        classified column the policy was never asked about)."""
+        catalog = self._masks_catalog()
+        if catalog is None:
+            run.mask_all = True
+            return
+        if await catalog.refresh() is None:
+            run.mask_all = True
+            return
+        facts = run.facts
+        if facts is not None and consults_catalog(facts) and catalog.relation_oids(facts) is None:
+            # Dropped with the cache: the statement's names resolved again, for their OIDs.
+            await self._catalog_resolve(facts)
+        named_before = run.mask_relations
+        await self._resolve_masks(run)
+        if run.mask_all:
+            return
+        if run.mask_relations is None:
+            run.mask_relations = named_before
+        targets = run.mask_targets
+        columns = [
+            (f.table_oid, f.column_attnum) for f in fields if f.table_oid and f.column_attnum
+        ]
+        unseen = [c for c in columns if c not in targets and not catalog.knows(*c)]
+        if unseen and not await catalog.learn(oid for oid, _ in unseen):
+            run.mask_all = True
+            return
+        named, decided_on = run.mask_relations, run.mask_columns
+        for column in columns:
+            if column in targets:
+                continue
+            if (
+                not catalog.knows(*column)
+                or (named is not None and column[0] not in named)
+                or (decided_on is not None and column not in decided_on)
+            ):
+                targets[column] = "redact"
 
     # -- outcomes ------------------------------------------------------------------------
 

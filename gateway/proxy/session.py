@@ -131,6 +131,8 @@ class PreparedStatement:
     search_path: tuple[str, ...] = ()
     # Its RowDescription from a Describe of this very statement (not of another of its name).
     row_description: bytes | None = None
+    # The catalog generation its names were resolved under (DDL since: decided again).
+    catalog_generation: str | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +218,9 @@ class ClientSession(asyncio.Protocol):
         self._paused_by_upstream = False
         self._paused_by_client = False
         self._sbuf = bytearray()
+        # A masked result's rows wait (server reading paused) while its masks are resolved
+        # again against the catalog (_plan_masks).
+        self._mask_wait = False
         # Bytes of an oversized pass-through server frame still to relay without buffering.
         self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
@@ -1099,7 +1104,11 @@ class ClientSession(asyncio.Protocol):
         # the server rejects the Parse (a name it still holds), what it holds is restored.
         previous = self._statements.get(msg.name)
         self._statements[msg.name] = PreparedStatement(
-            verdict.facts, verdict.decisions, msg.param_types, self.gate.search_path
+            verdict.facts,
+            verdict.decisions,
+            msg.param_types,
+            self.gate.search_path,
+            catalog_generation=self.gate.catalog_generation,
         )
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
@@ -1161,13 +1170,16 @@ class ClientSession(asyncio.Protocol):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
         elif (
-            self._path.uncertain or prepared.search_path != self.gate.search_path
-        ) and await self._moved_since_parse(prepared):
-            # PostgreSQL plans it again under the session's search_path now: so is it judged.
+            (self._path.uncertain or prepared.search_path != self.gate.search_path)
+            and await self._moved_since_parse(prepared)
+        ) or await self.gate.catalog_moved(prepared.catalog_generation, prepared.facts):
+            # PostgreSQL plans it again under the session's search_path now, or over the
+            # catalog as DDL left it: so is it judged.
             verdict = await self.gate.recheck_text(prepared.facts[0].text, portal.params)
             if verdict.allowed and len(verdict.facts) == 1:
                 prepared.facts, prepared.decisions = verdict.facts, verdict.decisions
                 prepared.search_path = self.gate.search_path
+                prepared.catalog_generation = self.gate.catalog_generation
                 self.gate.prepared.register(portal.statement, verdict.facts[0])
         elif not self.gate.still_current(prepared.decisions):
             # The policy changed since the Parse: its allow no longer stands on its own.
@@ -1259,6 +1271,8 @@ class ClientSession(asyncio.Protocol):
                         if run.masked or run.record_rows:
                             if end > total:
                                 break  # a masked or recorded row is handled whole
+                            if run.masked and not run.described and self._plan_masks(run):
+                                break  # rows wait here until the masks are resolved again
                             masked = self._mask_row(run, view, pos, end) if run.masked else None
                             if masked is not None:
                                 if start < pos:
@@ -1442,9 +1456,9 @@ class ClientSession(asyncio.Protocol):
             elif front.kind == "query":
                 run = front.current_run()
                 if run is not None and run.masked:
-                    fields = RowDescription.decode(bytes(view[pos + 5 : end])).fields
-                    run.plan = self._plan(run, fields, None)
-                    run.described = True
+                    # Planned at the first row, which may have to wait for the catalog.
+                    run.description = bytes(view[pos + 5 : end])
+                    run.described = False
             return None
         if code == 86:  # FunctionCallResponse: the call's outcome; ReadyForQuery follows
             if front is not None and front.kind == "function":
@@ -1512,24 +1526,56 @@ class ClientSession(asyncio.Protocol):
             encoding=self.encoding,
         )
 
+    def _plan_masks(self, run: StatementRun) -> bool:
+        """Plan a masked run's rows from its RowDescription (its Query's, or its portal's
+        Describe); True while they must wait: the server reported columns the catalog has
+        not seen in the generation the masks were resolved under (DDL meanwhile), and the
+        relay from the server pauses until they are resolved again."""
+        if self._mask_wait:
+            return True
+        described = run.description
+        result_formats: tuple[int, ...] | None = None
+        portal = run.source
+        if isinstance(portal, Portal):
+            described = portal.row_description
+            if described is None and portal.prepared is not None:
+                described = portal.prepared.row_description
+            result_formats = run.result_formats
+        if described is None:
+            # Masks in play but no description of the columns: NULL is valid for any type.
+            run.plan, run.described = MaskPlan.all_null(), True
+            return False
+        assert self.gate is not None
+        fields = RowDescription.decode(described).fields
+        if self.gate.masks_current(run, fields):
+            run.plan, run.described = self._plan(run, fields, result_formats), True
+            return False
+        self._mask_wait = True
+        if self.up is not None:
+            self.up.transport.pause_reading()
+        self._spawn(self._replan_masks(run, fields, result_formats))
+        return True
+
+    async def _replan_masks(
+        self,
+        run: StatementRun,
+        fields: tuple[FieldDescription, ...],
+        result_formats: tuple[int, ...] | None,
+    ) -> None:
+        assert self.gate is not None
+        await self.gate.refresh_masks(run, fields)
+        self._mask_wait = False
+        if self.phase is not Phase.RELAY:
+            return
+        run.plan, run.described = self._plan(run, fields, result_formats), True
+        if self.up is not None and not self._paused_by_client:
+            self.up.transport.resume_reading()
+        self._server_data(b"")
+
     def _mask_row(
         self, run: StatementRun, view: bytes | bytearray, pos: int, end: int
     ) -> bytes | None:
-        """The masked DataRow frame, or None to relay the row as it is."""
-        if not run.described:
-            described = None
-            portal = run.source
-            if isinstance(portal, Portal):
-                described = portal.row_description
-                if described is None and portal.prepared is not None:
-                    described = portal.prepared.row_description
-            run.described = True
-            if described is not None:
-                fields = RowDescription.decode(described).fields
-                run.plan = self._plan(run, fields, run.result_formats)
-            else:
-                # Masks in play but no description of the columns: NULL is valid for any type.
-                run.plan = MaskPlan.all_null()
+        """The masked DataRow frame (planned by _plan_masks), or None to relay it as it is."""
         plan = run.plan
         if plan is None:
             return None

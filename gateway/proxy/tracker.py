@@ -51,6 +51,18 @@ class StatementRun:
     lineage: tuple[tuple[str | None, bool], ...] | None = None
     # A DECLARE: the cursor's name and its rows' lineage, kept once the server confirms it.
     declares: tuple[str, tuple[tuple[str | None, bool], ...] | None] | None = None
+    # The masks by name, and the catalog generation mask_targets were resolved under: a
+    # result whose columns the catalog has not seen in that generation resolves them again.
+    masks: tuple[Any, ...] = ()
+    mask_generation: str | None = None
+    # OIDs of the relations the statement names (None: unknown, or a FETCH naming none):
+    # a column from another comes from a description older than the statement's catalog.
+    mask_relations: frozenset[int] | None = None
+    # Their columns when the statement was decided: one the server reports beyond these
+    # appeared since (DDL while it waited), unseen by the policy.
+    mask_columns: frozenset[tuple[int, int]] | None = None
+    # The RowDescription of a Query's result, planned at its first row.
+    description: bytes | None = None
     # The plan for the result set being relayed (built from RowDescription); `described`
     # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None

@@ -6,8 +6,9 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -24,7 +25,7 @@ from gateway.sql.facts import (
 
 _T = TypeVar("_T")
 
-__all__ = ["DEFAULT_SEARCH_PATH", "Catalog", "parse_search_path"]
+__all__ = ["DEFAULT_SEARCH_PATH", "WATCH_SQL", "Catalog", "consults_catalog", "parse_search_path"]
 
 DEFAULT_SEARCH_PATH: tuple[str, ...] = ("$user", "public")
 
@@ -36,7 +37,10 @@ _QUERY = """
 SELECT n.nspname, c.relname, c.relkind::text,
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY a.attnum) AS columns
+             ORDER BY a.attnum) AS columns,
+       c.oid::int8,
+       ARRAY(SELECT a.attnum::int4 FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS attnums
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = ANY($1::text[]) AND c.relkind::text = ANY($2::text[])
 """
@@ -159,6 +163,40 @@ JOIN pg_catalog.pg_class c ON c.oid = v.oid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 """
 
+# The SQL an operator runs (as a superuser) to install the DDL watch in a target database.
+WATCH_SQL = Path(__file__).with_name("ddl_watch.sql")
+
+# The catalog generation with the DDL watch installed: the counter its event trigger moves
+# in every DDL transaction (read in our own snapshot, so only committed DDL counts), and
+# the versions of the trigger and its function: disabling, re-enabling or replacing
+# either (which the trigger itself cannot see) changes the generation too. No row when the
+# trigger is missing or not ENABLE ALWAYS.
+_WATCH_PROBE = """
+SELECT 'watch:' || (SELECT sum(g.n) FROM pgwarden.ddl_generation g)::text
+       || ':' || e.xmin::text || ':' || p.xmin::text
+FROM pg_catalog.pg_event_trigger e JOIN pg_catalog.pg_proc p ON p.oid = e.evtfoid
+WHERE e.evtname = 'pgwarden_ddl_watch' AND e.evtevent = 'ddl_command_end'
+  AND e.evtenabled = 'A'
+"""
+
+# The catalog generation without it: the snapshot. Identical snapshots mean no transaction
+# committed in between, so the catalog cannot have changed (exact, but any write moves it:
+# on a busy database the cache then lasts one statement). Also: whether the watch is there.
+_SNAPSHOT_PROBE = """
+SELECT 'snapshot:' || pg_catalog.pg_current_snapshot()::text,
+       pg_catalog.to_regclass('pgwarden.ddl_generation') IS NOT NULL
+       AND pg_catalog.has_table_privilege('pgwarden.ddl_generation', 'SELECT')
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger e
+                   WHERE e.evtname = 'pgwarden_ddl_watch' AND e.evtevent = 'ddl_command_end'
+                     AND e.evtenabled = 'A')
+"""
+
+# Every attribute (system ones included) of relations a RowDescription named.
+_ATTRIBUTES_QUERY = """
+SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = ANY($1::oid[]) AND NOT a.attisdropped
+"""
+
 # Which schemas hold a function of each name.
 _FUNCTION_QUERY = """
 SELECT p.proname::text, array_agg(DISTINCT n.nspname::text)
@@ -237,8 +275,27 @@ def parse_search_path(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def consults_catalog(facts: StatementFacts) -> bool:
+    """Whether resolving `facts` reads the target's catalog (names, functions, operators,
+    types): only then does a statement's decision depend on the catalog's generation."""
+    return bool(
+        facts.reads
+        or facts.writes
+        or facts.columns
+        or facts.functions
+        or facts.operators
+        or facts.types
+        or facts.attributes
+    )
+
+
 class Catalog:
     """Relation and column metadata for one target, over a single lazy metadata connection.
+
+    Everything cached belongs to one catalog generation. refresh(), called before a
+    statement is resolved, reads the generation from the server and drops the cache when it
+    moved: a statement that starts after a DDL committed is never resolved or masked from
+    metadata older than that DDL (see _WATCH_PROBE and _SNAPSHOT_PROBE).
 
     Unqualified names take the first schema of the effective search path (pg_catalog first
     unless listed, `$user` replaced by the user) that holds the relation. A relation found
@@ -269,7 +326,8 @@ class Catalog:
         else:
             self._connect = connect
         self._timeout = timeout
-        # Another session's DDL does not pass through invalidate(): entries also expire.
+        # DDL made elsewhere moves the generation (refresh()); entries also expire, a bound
+        # on what a caller that never refreshes (a CLI evaluation) may see.
         self._ttl = ttl
         self._retry_after = retry_after
         self._conn: Any = None
@@ -281,6 +339,9 @@ class Catalog:
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
         self._relkinds: dict[tuple[str, str], str] = {}
+        # (schema, relname) → OID, and OID → its columns' attnums, likewise
+        self._oids: dict[tuple[str, str], int] = {}
+        self._attnums: dict[int, frozenset[int]] = {}
         # (schema, view) → (lineage, fetched at)
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
         # function name → (schemas holding a function of that name, fetched at)
@@ -293,17 +354,116 @@ class Catalog:
         self._mask_columns: dict[
             tuple[str, str, str], tuple[tuple[tuple[int, int, bool], ...], float]
         ] = {}
+        # (table OID, attnum) of every column seen in this generation, and those relations:
+        # a RowDescription naming another was made by a newer catalog than the cache.
+        self._known_columns: set[tuple[int, int]] = set()
+        self._known_relations: set[int] = set()
+        # The generation the cache belongs to (None: not confirmed, nothing cached is used)
+        # and whether it is read from the DDL watch or from the snapshot.
+        self.generation: str | None = None
+        self._watched = True
+        # The probe under way, and the one queued behind it for callers that came later.
+        self._probe_running: asyncio.Future[str | None] | None = None
+        self._probe_queued: asyncio.Future[str | None] | None = None
 
     def invalidate(self) -> None:
         """Forget all metadata (call after any DDL statement completes)."""
         self._relations.clear()
         self._relkinds.clear()
+        self._oids.clear()
+        self._attnums.clear()
         self._views.clear()
         self._functions.clear()
         self._operators.clear()
         self._types.clear()
         self._mask_columns.clear()
+        self._known_columns.clear()
+        self._known_relations.clear()
         self._schemas = frozenset()
+
+    @property
+    def watched(self) -> bool:
+        """Whether the generation comes from the DDL watch (else from the snapshot)."""
+        return self._watched
+
+    async def refresh(self) -> str | None:
+        """Make the cache describe every DDL that committed before this call; the generation
+        it then belongs to, or None when the server could not say (the cache is dropped:
+        what follows fails closed). Concurrent callers share one probe, as long as it was
+        sent after they called. Never raises."""
+        queued = self._probe_queued
+        if queued is None:
+            queued = self._probe_queued = asyncio.ensure_future(
+                self._probe_after(self._probe_running)
+            )
+        return await asyncio.shield(queued)
+
+    async def _probe_after(self, previous: asyncio.Future[str | None] | None) -> str | None:
+        if previous is not None:
+            # It was sent before some of our callers came: they need a probe of their own.
+            await asyncio.wait([previous])
+        self._probe_running, self._probe_queued = self._probe_queued, None
+        try:
+            generation = await self._on_connection(self._probe)
+        except Exception:
+            generation = None
+        if generation is None or generation != self.generation:
+            self.invalidate()
+        self.generation = generation
+        return generation
+
+    async def _probe(self, conn: Any) -> str | None:
+        if self._watched:
+            try:
+                generation = await conn.fetchval(_WATCH_PROBE, timeout=self._timeout)
+            except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
+                generation = None
+            if generation is not None:
+                return str(generation)
+            self._watched = False
+        row = await conn.fetchrow(_SNAPSHOT_PROBE, timeout=self._timeout)
+        if row[1]:
+            # Installed since: the counter from now on (a new generation, so a fresh cache).
+            self._watched = True
+            return await self._probe(conn)
+        return str(row[0])
+
+    def knows(self, relation: int, attnum: int) -> bool:
+        """Whether this column of this relation was seen in the current generation (system
+        columns: whether the relation was)."""
+        if attnum < 0:
+            return relation in self._known_relations
+        return (relation, attnum) in self._known_columns
+
+    def relation_oids(self, facts: StatementFacts) -> frozenset[int] | None:
+        """OIDs of the relations resolved `facts` name, as resolve() found them; None when
+        one is not known (not resolved, or the cache was dropped since)."""
+        names = {(t.schema, t.table) for t in (*facts.reads, *facts.writes)}
+        names.update((c.schema, c.table) for c in facts.columns)
+        oids = [self._oids.get(name) for name in names]
+        if any(oid is None for oid in oids):
+            return None
+        return frozenset(oid for oid in oids if oid is not None)
+
+    def columns_of(self, relations: Iterable[int]) -> frozenset[tuple[int, int]]:
+        """(OID, attnum) of the columns of these relations as resolve() found them."""
+        return frozenset(
+            (oid, attnum) for oid in relations for attnum in self._attnums.get(oid, ())
+        )
+
+    async def learn(self, relations: Iterable[int]) -> bool:
+        """Fetch the columns of these relations (by OID) into what knows() answers from;
+        False when the catalog cannot be reached. Never raises."""
+        wanted = sorted(set(relations))
+        generation = self.generation
+        try:
+            rows = await self._fetch(_ATTRIBUTES_QUERY, wanted)
+        except Exception:
+            return False
+        if generation is not None and generation == self.generation:
+            self._known_columns.update((int(r[0]), int(r[1])) for r in rows)
+            self._known_relations.update(int(r[0]) for r in rows)
+        return True
 
     async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None:
         """(table OID, attnum) → method for the masked columns, as RowDescription reports them.
@@ -326,29 +486,19 @@ class Catalog:
                 missing.append(name)
         if missing:
             try:
-                async with self._lock:
-                    for attempt in (1, 2):
-                        conn = await self._connection()
-                        try:
-                            rows = await conn.fetch(
-                                _MASK_QUERY,
-                                [s for s, _, _ in missing],
-                                [t for _, t, _ in missing],
-                                [c for _, _, c in missing],
-                                timeout=self._timeout,
-                            )
-                            break
-                        except Exception:
-                            # A dropped connection: one fresh attempt, then unavailable.
-                            await self.close()
-                            if attempt == 2:
-                                self._failed_at = time.monotonic()
-                                raise
+                rows = await self._fetch(
+                    _MASK_QUERY,
+                    [s for s, _, _ in missing],
+                    [t for _, t, _ in missing],
+                    [c for _, _, c in missing],
+                )
             except Exception:
                 return None
             fetched: dict[int, list[tuple[int, int, bool]]] = {}
             for i, relid, attnum, derived in rows:
                 fetched.setdefault(i, []).append((relid, attnum, derived))
+                self._known_columns.add((relid, attnum))
+                self._known_relations.add(relid)
             for index, name in enumerate(missing, start=1):
                 columns = tuple(dict.fromkeys(fetched.get(index, ())))
                 found[name] = columns
@@ -661,9 +811,14 @@ class Catalog:
             for name in missing:
                 for key in [k for k in self._relkinds if k[1] == name]:
                     del self._relkinds[key]
-            for schema, relname, relkind, columns in rows:
+                    self._oids.pop(key, None)
+            for schema, relname, relkind, columns, oid, attnums in rows:
                 fetched.setdefault(relname, {})[schema] = tuple(columns)
                 self._relkinds[(schema, relname)] = relkind
+                self._oids[(schema, relname)] = oid
+                self._attnums[oid] = frozenset(attnums)
+                self._known_columns.update((oid, attnum) for attnum in attnums)
+                self._known_relations.add(oid)
             for name, holders in fetched.items():
                 self._relations[name] = (holders, now)
                 found[name] = holders

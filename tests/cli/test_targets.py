@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import psycopg
+import pytest
 from typer.testing import CliRunner
 
+from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
 from cli.main import app
 from gateway.proxy.targets import TargetRegistry
+from tests.harness import create_scratch_database, drop_scratch_database
 
 
 def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -72,3 +76,37 @@ def test_password_file_is_read_at_connect_time(tmp_path: Path) -> None:
     assert target is not None and target.password({}) == "from-file"
     secret.write_text("rotated\n")
     assert target.password({}) == "rotated"
+
+
+@pytest.mark.server
+def test_install_ddl_watch(tmp_path: Path, pg_cluster: LocalCluster) -> None:
+    code, out, _ = _run(tmp_path, "targets", "install-ddl-watch", "nowhere", "--print")
+    assert code == 0 and "CREATE EVENT TRIGGER pgwarden_ddl_watch" in out
+    assert "ENABLE ALWAYS" in out
+    code, _, err = _run(tmp_path, "targets", "install-ddl-watch", "nowhere")
+    assert code != 0 and "no target named 'nowhere'" in err
+
+    name, dsn = create_scratch_database(pg_cluster, "pgwarden_watch")
+    try:
+        code, out, _ = _run(
+            tmp_path, "targets", "add", "db", "--port", str(pg_cluster.port), "--dbname", name,
+            "--user", SUPERUSER, "--password-env", "DB_PW", "--sslmode", "disable",
+        )  # fmt: skip
+        assert code == 0, out
+        for _ in range(2):  # idempotent
+            code, out, err = _run(
+                tmp_path, "targets", "install-ddl-watch", "db", env={"DB_PW": SUPERUSER_PASSWORD}
+            )
+            assert code == 0, err
+            assert "DDL watch installed in target db" in out
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            before = conn.execute("SELECT sum(n) FROM pgwarden.ddl_generation").fetchone()
+            enabled = conn.execute(
+                "SELECT evtenabled FROM pg_event_trigger WHERE evtname = 'pgwarden_ddl_watch'"
+            ).fetchall()
+            conn.execute("CREATE TABLE moved (id int)")
+            after = conn.execute("SELECT sum(n) FROM pgwarden.ddl_generation").fetchone()
+        assert enabled == [("A",)]
+        assert before is not None and after is not None and after[0] == before[0] + 1
+    finally:
+        drop_scratch_database(pg_cluster, name)

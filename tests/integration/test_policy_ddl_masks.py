@@ -1,0 +1,274 @@
+"""Masks never fail open after DDL made directly on the server: an ai-agents token through
+the real gateway, with and without the DDL watch (event trigger) installed.
+
+Each test warms the gateway's catalog with a read, changes the schema straight on the
+server (superuser, bypassing the gateway), then reads again at once: no classified value
+may reach the client in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
+from gateway.proxy.targets import Target, TargetRegistry
+from tests.harness import create_scratch_database, drop_scratch_database
+
+from . import connect, simple, token_for
+
+pytestmark = pytest.mark.server
+
+EMAILS = {"ada@example.com", "grace@example.org"}
+NAMES = {"Ada", "Grace"}
+SSNS = {"123-45-6789", "987-65-4321"}
+# A copy of customers, then swapped in under its name (the classic online migration).
+NEW_COPY = "CREATE TABLE customers_new AS TABLE customers"
+SWAP = (
+    "BEGIN; ALTER TABLE customers RENAME TO customers_old;"
+    " ALTER TABLE customers_new RENAME TO customers; COMMIT"
+)
+WATCH_SQL = Path(__file__).resolve().parents[2] / "gateway" / "sql" / "ddl_watch.sql"
+
+
+@dataclass
+class Db:
+    """A scratch copy of the sample database behind a target of its own."""
+
+    target: str
+    dsn: str  # superuser, straight to the server
+    conn: psycopg.Connection[Any]
+
+    def ddl(self, text: str) -> None:
+        self.conn.execute(text.encode())
+
+
+@pytest.fixture(params=["watched", "unwatched"])
+def db(request: Any, gateway: Any) -> Iterator[Db]:
+    name, dsn = create_scratch_database(gateway.cluster, "pgwarden_ddl")
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(APP_SCHEMA_SQL.encode())
+    if request.param == "watched":
+        conn.execute(WATCH_SQL.read_bytes())
+    target = f"ddl_{uuid.uuid4().hex[:8]}"
+    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry.add(
+        Target(
+            name=target,
+            host="127.0.0.1",
+            port=gateway.cluster.port,
+            dbname=name,
+            user=SUPERUSER,
+            password_env="PGWARDEN_TEST_UPSTREAM_PW",
+            sslmode="disable",
+        )
+    )
+    try:
+        yield Db(target, dsn, conn)
+    finally:
+        conn.close()
+        registry.remove(target)
+        drop_scratch_database(gateway.cluster, name)
+
+
+@pytest.fixture
+def agent(gateway: Any, db: Db) -> Iterator[psycopg.Connection[Any]]:
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"), target=db.target)) as conn:
+        yield conn
+
+
+def read(conn: psycopg.Connection[Any], text: str, *, prepare: bool = False) -> set[str]:
+    with conn.cursor() as cur:
+        cur.execute(text.encode() if not prepare else text, prepare=prepare)
+        return {str(v) for row in cur.fetchall() for v in row if v is not None}
+
+
+def assert_masked(seen: set[str], clear: set[str]) -> None:
+    assert seen, "no rows came back"
+    assert not seen & clear, f"cleartext reached the client: {seen & clear}"
+
+
+def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
+    db.ddl(NEW_COPY)
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    db.ddl(SWAP)
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
+
+
+def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[Any]) -> None:
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    db.ddl("ALTER TABLE customers RENAME TO customers_gone")
+    db.ddl("CREATE TABLE customers (email text, id int)")
+    db.ddl("INSERT INTO customers SELECT email, id FROM customers_gone")
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+
+
+def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[Any]) -> None:
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    db.ddl("ALTER TABLE customers DROP COLUMN email")
+    db.ddl("ALTER TABLE customers ADD COLUMN email text")
+    db.ddl(
+        "UPDATE customers SET email = CASE id WHEN 1 THEN 'ada@example.com'"
+        " ELSE 'grace@example.org' END"
+    )
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
+
+
+def test_schema_renamed(db: Db, agent: psycopg.Connection[Any]) -> None:
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    db.ddl(
+        "BEGIN; ALTER SCHEMA public RENAME TO public_old; CREATE SCHEMA public;"
+        " CREATE TABLE public.customers AS SELECT * FROM public_old.customers; COMMIT"
+    )
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    assert_masked(read(agent, "SELECT id, email FROM public.customers"), EMAILS)
+
+
+def test_view_redefined_over_a_classified_column(db: Db, agent: psycopg.Connection[Any]) -> None:
+    db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
+    assert read(agent, "SELECT label FROM people") == NAMES  # nothing classified: clear
+    db.ddl("CREATE OR REPLACE VIEW people AS SELECT id, email AS label FROM customers")
+    assert_masked(read(agent, "SELECT label FROM people"), EMAILS)
+    assert_masked(read(agent, "SELECT * FROM people"), EMAILS)
+
+
+def test_another_column_renamed_to_the_classified_name(
+    db: Db, agent: psycopg.Connection[Any]
+) -> None:
+    assert read(agent, "SELECT name FROM customers") == NAMES
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    db.ddl(
+        "BEGIN; ALTER TABLE customers RENAME COLUMN email TO email_before;"
+        " ALTER TABLE customers RENAME COLUMN name TO email; COMMIT"
+    )
+    # `email` is classified by name: whatever column now answers to it is masked.
+    assert_masked(read(agent, "SELECT id, email FROM customers"), NAMES)
+
+
+def test_prepared_statement_after_a_view_is_redefined(
+    db: Db, agent: psycopg.Connection[Any]
+) -> None:
+    db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
+    query = "SELECT label FROM people WHERE id > %s"
+    with agent.cursor() as cur:
+        cur.execute(query, (0,), prepare=True)
+        assert {r[0] for r in cur.fetchall()} == NAMES
+        db.ddl("CREATE OR REPLACE VIEW people AS SELECT id, email AS label FROM customers")
+        # The same prepared statement: the server plans it again over the new view.
+        cur.execute(query, (0,), prepare=True)
+        assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
+
+
+def _wait_for_lock_wait(db: Db, timeout: float = 20.0) -> None:
+    """Until a gateway backend waits for a lock (the swap below holds customers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = db.conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        ).fetchall()
+        if rows:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the gateway's statement never waited for the swap's lock")
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_swap_committed_while_the_statement_waits(
+    db: Db, agent: psycopg.Connection[Any], protocol: str
+) -> None:
+    """The decision is made before the swap commits, the server runs the statement after:
+    the RowDescription names a table the decision never saw, resolved before rows flow."""
+    db.ddl(NEW_COPY)
+    assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
+    swap = psycopg.connect(db.dsn, autocommit=True)
+    try:
+        swap.execute(
+            b"BEGIN; ALTER TABLE customers RENAME TO customers_old;"
+            b" ALTER TABLE customers_new RENAME TO customers"
+        )
+        seen: list[set[str]] = []
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                text = "SELECT id, email FROM customers"
+                if protocol == "simple":
+                    seen.append({str(v) for r in simple(agent, text) for v in r if v is not None})
+                else:
+                    seen.append(read(agent, text))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        _wait_for_lock_wait(db)
+        swap.execute(b"COMMIT")
+        thread.join(30)
+        assert not errors, errors
+        assert_masked(seen[0], EMAILS)
+    finally:
+        swap.close()
+
+
+def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
+    gateway: Any, db: Db
+) -> None:
+    """asyncpg keeps a prepared statement's description and sends Bind/Execute alone: the
+    only description pgwarden has names the table swapped away."""
+    db.ddl(NEW_COPY)
+
+    async def scenario() -> tuple[set[str], set[str]]:
+        conn = await asyncpg.connect(gateway.url(token_for(gateway, "ai-agents"), target=db.target))
+        try:
+            stmt = await conn.prepare("SELECT id, email FROM customers")
+            before = {str(v) for r in await stmt.fetch() for v in r if v is not None}
+            db.ddl(SWAP)
+            after = {str(v) for r in await stmt.fetch() for v in r if v is not None}
+            return before, after
+        finally:
+            await conn.close()
+
+    before, after = asyncio.run(scenario())
+    assert_masked(before, EMAILS)
+    assert_masked(after, EMAILS)
+
+
+def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]) -> None:
+    """`SELECT *` is decided on a table without ssn and nickname; the server runs it after
+    both were added: ssn is masked by its classification, and nickname, which the policy
+    was never asked about, is masked whole."""
+    db.ddl("ALTER TABLE customers DROP COLUMN ssn")
+    assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
+    add = psycopg.connect(db.dsn, autocommit=True)
+    try:
+        add.execute(
+            b"BEGIN; ALTER TABLE customers ADD COLUMN ssn text, ADD COLUMN nickname text;"
+            b" UPDATE customers SET nickname = 'nick-' || name,"
+            b" ssn = CASE id WHEN 1 THEN '123-45-6789' ELSE '987-65-4321' END"
+        )
+        seen: list[set[str]] = []
+        thread = threading.Thread(
+            target=lambda: seen.append(read(agent, "SELECT * FROM customers"))
+        )
+        thread.start()
+        _wait_for_lock_wait(db)
+        add.execute(b"COMMIT")
+        thread.join(30)
+        assert seen, "the read failed"
+        assert_masked(seen[0], EMAILS | SSNS | {"nick-Ada", "nick-Grace"})
+        assert seen[0] >= NAMES  # columns the decision saw keep their own treatment
+    finally:
+        add.close()

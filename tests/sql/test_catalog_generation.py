@@ -1,0 +1,139 @@
+"""Catalog.refresh against a real PostgreSQL: the cache follows DDL committed on the server,
+from the DDL watch's counter when installed, from the snapshot otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from cli.localpg import LocalCluster
+from gateway.policy.decision import Mask
+from gateway.sql import Catalog
+from gateway.sql.catalog import WATCH_SQL
+from tests.harness import create_scratch_database, drop_scratch_database
+
+pytestmark = pytest.mark.server
+
+EMAIL = [Mask("public", "people", "email", "email")]
+
+
+@pytest.fixture
+def database(pg_cluster: LocalCluster) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
+    name, dsn = create_scratch_database(pg_cluster, "pgwarden_gen")
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("CREATE TABLE people (id int, email text)")
+    try:
+        yield dsn, conn
+    finally:
+        conn.close()
+        drop_scratch_database(pg_cluster, name)
+
+
+class CountingCatalog(Catalog):
+    """Counts the probes it sends to the server."""
+
+    probes = 0
+
+    async def _probe(self, conn: Any) -> str | None:
+        self.probes += 1
+        return await super()._probe(conn)
+
+
+@pytest.fixture
+async def catalog(database: tuple[str, psycopg.Connection[Any]]) -> AsyncIterator[CountingCatalog]:
+    cat = CountingCatalog(database[0])
+    yield cat
+    await cat.close()
+
+
+def attnum(conn: psycopg.Connection[Any], column: str) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT attrelid::int8, attnum FROM pg_attribute"
+        " WHERE attrelid = 'people'::regclass AND attname = %s",
+        (column,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def test_without_the_watch_any_commit_moves_the_generation(
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+) -> None:
+    _, conn = database
+    first = await catalog.refresh()
+    assert first is not None and first.startswith("snapshot:") and not catalog.watched
+    assert await catalog.refresh() == first  # nothing committed: the cache stands
+    before = await catalog.mask_targets(EMAIL)
+    assert before == {attnum(conn, "email"): "email"}
+    conn.execute("ALTER TABLE people DROP COLUMN email")
+    conn.execute("ALTER TABLE people ADD COLUMN email text")
+    moved = await catalog.refresh()
+    assert moved is not None and moved != first
+    # Resolved again, not served from the entry cached before the DDL.
+    assert await catalog.mask_targets(EMAIL) == {attnum(conn, "email"): "email"}
+    assert attnum(conn, "email") not in (before or {})
+
+
+async def test_with_the_watch_only_ddl_moves_the_generation(
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+) -> None:
+    _, conn = database
+    conn.execute(WATCH_SQL.read_bytes())
+    first = await catalog.refresh()
+    assert first is not None and first.startswith("watch:") and catalog.watched
+    conn.execute("INSERT INTO people VALUES (1, 'ada@example.com')")
+    assert await catalog.refresh() == first  # writes leave the cache alone
+    conn.execute("ALTER TABLE people RENAME COLUMN email TO contact")
+    assert await catalog.refresh() != first
+    assert await catalog.mask_targets(EMAIL) == {}
+
+
+async def test_a_disabled_or_replaced_watch_is_not_trusted(
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+) -> None:
+    _, conn = database
+    conn.execute(WATCH_SQL.read_bytes())
+    watched = await catalog.refresh()
+    assert watched is not None and watched.startswith("watch:")
+    # Disabled, DDL goes unseen by the counter: the snapshot takes over.
+    conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_watch DISABLE")
+    disabled = await catalog.refresh()
+    assert disabled is not None and disabled.startswith("snapshot:") and not catalog.watched
+    # Enabled again, without a probe in between: the trigger's row changed, so does the
+    # generation, though the counter did not move.
+    conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_watch ENABLE ALWAYS")
+    again = await catalog.refresh()
+    assert again is not None and again.startswith("watch:") and again != watched
+    conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_watch DISABLE")
+    conn.execute("ALTER TABLE people ADD COLUMN note text")
+    conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_watch ENABLE ALWAYS")
+    assert await catalog.refresh() not in (again, None)
+    # ENABLE (origin only) skips DDL run under session_replication_role = replica.
+    conn.execute("ALTER EVENT TRIGGER pgwarden_ddl_watch ENABLE")
+    origin = await catalog.refresh()
+    assert origin is not None and origin.startswith("snapshot:")
+
+
+async def test_concurrent_callers_share_a_probe_sent_after_they_called(
+    catalog: CountingCatalog,
+) -> None:
+    await catalog.refresh()
+    catalog.probes = 0
+    results = await asyncio.gather(*(catalog.refresh() for _ in range(20)))
+    assert len(set(results)) == 1
+    # One probe may already be under way when the others call: at most one more.
+    assert 1 <= catalog.probes <= 2
+
+
+async def test_an_unreachable_server_confirms_nothing() -> None:
+    async def refuse() -> Any:
+        raise ConnectionRefusedError("no server")
+
+    cat = Catalog(refuse, timeout=0.5)
+    assert await cat.refresh() is None
+    assert cat.generation is None and not cat.knows(1, 1)
+    assert await cat.mask_targets(EMAIL) is None
