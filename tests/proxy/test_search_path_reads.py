@@ -11,7 +11,6 @@ statement that needs it, so the gateway reads it exactly there.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,6 @@ import pytest
 
 from cli.localpg import APP_DB, SUPERUSER
 from gateway.protocol import (
-    PROTOCOL_3_0,
-    BackendKeyData,
     Bind,
     Close,
     Describe,
@@ -31,7 +28,6 @@ from gateway.protocol import (
     Flush,
     Parse,
     Query,
-    StartupMessage,
     Sync,
 )
 from tests.proxy.wire import RawClient
@@ -53,28 +49,14 @@ class Step:
 
 
 def _direct(gateway: Any) -> RawClient:
-    """A raw session straight to PostgreSQL, as the superuser the gateway's target logs in
-    as (Unix socket: trust)."""
-    cluster = gateway.cluster
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(str(cluster.socket_dir / f".s.PGSQL.{cluster.port}"))
-    client = RawClient(sock)
-    client.send(StartupMessage(PROTOCOL_3_0, {"user": SUPERUSER, "database": APP_DB}).encode())
-    _remember_key(client, client.until_ready_or_error())
-    return client
+    """Straight to PostgreSQL as the superuser the gateway's target logs in as."""
+    return RawClient.direct(gateway.cluster.socket_dir, gateway.cluster.port, SUPERUSER, APP_DB)
 
 
 def _via(gateway: Any, token: str) -> RawClient:
     client = RawClient.connect(gateway.host, gateway.port)
     client.login("app", token)
     return client
-
-
-def _remember_key(client: RawClient, frames: Frames) -> None:
-    for code, body in frames:
-        if code == ord("K"):
-            client.key = BackendKeyData.decode(body)
 
 
 def _play(client: RawClient, steps: list[Step]) -> list[Frames]:
@@ -251,6 +233,7 @@ def test_no_read_in_an_aborted_transaction(compare: Any) -> None:
     """Aborted: the server answers the statement with its own 25P02 (a read would fail and
     start a skip to Sync the client never asked for); after ROLLBACK the unnamed statement
     parsed before is still there."""
+
     def run(name: str, sql: bytes) -> Step:
         return Step((Parse(name, sql), Bind(name, name), Execute(name), Close("P", name), Sync()))
 
