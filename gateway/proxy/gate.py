@@ -205,6 +205,10 @@ class StatementGate:
     async def _path_refusal(
         self, exc: PathUnknown, protocol: str, params: tuple[str | None, ...]
     ) -> Verdict:
+        if exc.problem.skipped:
+            # The server skips it: not run, so neither decided nor recorded (as every message
+            # the server skips once the session knows it does).
+            return Verdict(False, [], [], refusal_for(exc.problem.reason), exc.facts)
         verdict = await self._verdict(
             exc.facts, protocol, params, record=True, decided=Decision.refuse(exc.problem.reason)
         )

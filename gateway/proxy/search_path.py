@@ -38,7 +38,11 @@ REPEATABLE READ transaction, and as little of pg_stat_activity as can be. Hence:
 * If it fails: idle, the waiting statement is refused (inside a transaction block the
   server has then failed the transaction, as it would for the statement itself); inside a
   pipeline, the server now skips to the client's Sync, so the waiting statement gets the
-  error and everything up to that Sync is skipped, as after an error of its own.
+  error and everything up to that Sync is skipped, as after an error of its own (a Query
+  or FunctionCall, which the client expects a ReadyForQuery for, gets it from a Sync of
+  pgwarden's that ends the skip).
+* A portal runs the plan made at its Bind: if the path was known then and equal to the one
+  its statement was decided under, its Execute needs no read, wherever the path has gone.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ class PathProblem:
     # The server's transaction is aborted: it rejects the statement itself (25P02), unless
     # the statement ends the transaction.
     aborted: bool = False
+    # The server skips to the client's Sync: the statement will not run, and is not judged.
+    skipped: bool = False
 
 
 class PathRead:

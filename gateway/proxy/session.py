@@ -43,6 +43,7 @@ from gateway.protocol import (
     RowDescription,
     SSLRequest,
     StartupMessage,
+    Sync,
     decode_backend,
     decode_startup,
 )
@@ -746,7 +747,9 @@ class ClientSession(asyncio.Protocol):
             return
         elif self._discarding or self._owed_error is not None:
             # The server skips to the client's Sync: so it will the statement waiting.
-            problem = PathProblem("not executed: an earlier message of the pipeline failed")
+            problem = PathProblem(
+                "not executed: an earlier message of the pipeline failed", skipped=True
+            )
         elif self._aborted:
             problem = PathProblem(
                 "search_path cannot be read in an aborted transaction", aborted=True
@@ -930,21 +933,31 @@ class ClientSession(asyncio.Protocol):
                 self.tracker.expect(Expectation("bind"))
                 pos = end
                 continue
-            if start < pos:
-                out.append(bytes(buf[start:pos]))
+            passed = bytes(buf[start:pos]) if start < pos else None
             if code == 88:  # Terminate
+                if passed is not None:
+                    out.append(passed)
                 out.append(bytes(buf[pos:end]))
                 self._flush_server()
                 buf.clear()
                 self._end_reason = "client quit"
                 self._close()
                 return
-            # A message that needs the gate. What came before leaves now if it holds a decided
-            # message (a pipeline runs on the server while the rest is decided, and stops
-            # at its first error as it would direct) or a Sync or Flush whose answer the
-            # client awaits; else it waits to leave with this one, in one write.
-            if self._up_answerable or self._up_decided:
+            # A message that needs the gate. Decided messages before it leave now: a pipeline
+            # runs on the server while the rest is decided, and stops at its first error as
+            # it does direct. What passed through since (a Bind, a Describe) leaves with this
+            # one once it is decided and recorded, so that an error at that Bind is the
+            # outcome of the statement it binds; unless it holds a Sync or Flush whose answer
+            # the client awaits.
+            if self._up_answerable:
+                if passed is not None:
+                    out.append(passed)
                 self._flush_server()
+            else:
+                if self._up_decided:
+                    self._flush_server()
+                if passed is not None:
+                    out.append(passed)
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
@@ -1054,10 +1067,11 @@ class ClientSession(asyncio.Protocol):
             self.tracker.expect(Expectation("parse", runs, refusal=refusal, own_error=own_error))
             self._discarding = True
 
-    def _skipped(self, verdict: Verdict) -> bool:
+    def _skipped(self, verdict: Verdict, *, answered_ready: bool = False) -> bool:
         """The server skips to Sync (an error came while this was decided, or pgwarden's own
         read failed): the message is not forwarded, and its statements are recorded as not
-        run."""
+        run. `answered_ready`: a Query or FunctionCall, which the client expects a
+        ReadyForQuery for."""
         if not self._discarding:
             return False
         assert self.gate is not None
@@ -1066,15 +1080,23 @@ class ClientSession(asyncio.Protocol):
                 run.done = True
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=False)
-        self._pay_owed_error()
+        if self._pay_owed_error() and answered_ready:
+            # The client saw no error before this message and awaits its ReadyForQuery: a
+            # Sync of pgwarden's ends the skip its own read started (the pipeline's work is
+            # rolled back, as after an error of the statement) and gives it.
+            self._to_server(Sync().encode())
+            self.tracker.expect(Expectation("sync"))
+            self._discarding = False
         return True
 
-    def _pay_owed_error(self) -> None:
+    def _pay_owed_error(self) -> bool:
         """After pgwarden's own read failed inside a pipeline, the client's next message gets
         its error (everything before it has been answered: the read waited for that)."""
         owed, self._owed_error = self._owed_error, None
-        if owed is not None:
-            self._send(owed)
+        if owed is None:
+            return False
+        self._send(owed)
+        return True
 
     async def _on_query(self, msg: Query, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
@@ -1087,7 +1109,7 @@ class ClientSession(asyncio.Protocol):
             )
             return
         verdict = await self.gate.check_query(text)
-        if self.phase is not Phase.RELAY or self._skipped(verdict):
+        if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
             return
         if self._refused_verdict(verdict, "query"):
             return
@@ -1264,7 +1286,7 @@ class ClientSession(asyncio.Protocol):
             return  # the server would skip it, answering nothing: neither run nor expected
         args = _params_text(msg.args, msg.arg_formats)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
-        if self.phase is not Phase.RELAY or self._skipped(verdict):
+        if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
             return
         if not verdict.allowed:
             assert verdict.refusal is not None

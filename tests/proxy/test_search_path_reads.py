@@ -24,12 +24,14 @@ from gateway.protocol import (
     Bind,
     Close,
     Describe,
+    ErrorResponse,
     Execute,
     Flush,
     Parse,
     Query,
     Sync,
 )
+from gateway.proxy.search_path import READ_NAME
 from tests.proxy.wire import RawClient
 
 pytestmark = pytest.mark.server
@@ -298,3 +300,51 @@ async def test_asyncpg_type_introspection_keeps_the_unnamed_statement(
     finally:
         with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
             conn.execute("DROP TYPE sp_mood")
+
+
+def test_a_read_that_fails_fails_the_statement_that_waited_for_it(
+    gateway: Any, admin_token: str
+) -> None:
+    """The client holds a statement of pgwarden's read's name, so the read fails. Inside a
+    pipeline the server then skips to the client's Sync: the statement that waited gets the
+    error, as if it had failed itself; idle, it is refused. The session goes on."""
+    client = _via(gateway, admin_token)
+    try:
+        answers = _play(
+            client,
+            [
+                Step((Parse(READ_NAME, b"SELECT 1"), Sync())),
+                Step(
+                    (
+                        Parse("m", MOVE),
+                        Bind("pm", "m"),
+                        Execute("pm"),
+                        Parse("t", b"SELECT 2"),
+                        Bind("", "t"),
+                        Execute(""),
+                        Sync(),
+                    )
+                ),
+                Step((Query(b"SELECT 3"),)),
+                Step((Close("S", READ_NAME), Sync())),
+                Step((Query(b"SELECT 4"),)),
+                # A Query after extended messages: it gets its error and its ReadyForQuery.
+                Step((Parse(READ_NAME, b"SELECT 1"), Sync())),
+                Step((Parse("m2", MOVE), Bind("pm2", "m2"), Execute("pm2"), Query(b"SELECT 5"))),
+                Step((Close("S", READ_NAME), Sync())),
+                Step((Query(b"SELECT 6"),)),
+            ],
+        )
+    finally:
+        client.close()
+    pipeline, idle = answers[1], answers[2]
+    assert _codes(pipeline) == "12DCEZ" and pipeline[-1][1] == b"I"
+    # In the pipeline, the server's reason; idle, pgwarden's refusal of the statement.
+    for frames, sqlstate in ((pipeline, "42P05"), (idle, "42501")):
+        error = next(ErrorResponse.decode(b) for c, b in frames if c == ord("E"))
+        assert error.sqlstate == sqlstate, error
+        assert "search_path could not be read" in error.message, error
+    assert _codes(idle) == "EZ"
+    assert _rows(answers[4]) == [b"\x00\x01\x00\x00\x00\x014"]
+    assert _codes(answers[6]) == "12DCEZ", answers[6]
+    assert _rows(answers[8]) == [b"\x00\x01\x00\x00\x00\x016"]
