@@ -11,7 +11,7 @@ statement that needs it, so the gateway reads it exactly there.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from gateway.protocol import (
     Sync,
 )
 from gateway.proxy.search_path import READ_NAME
+from tests.integration import direct
 from tests.proxy.wire import RawClient
 
 pytestmark = pytest.mark.server
@@ -48,6 +49,8 @@ class Step:
     messages: tuple[Any, ...]
     ready: int = 1
     frames: int = 0
+    # Done (on another connection) before the messages are sent.
+    before: Callable[[], None] | None = None
 
 
 def _direct(gateway: Any) -> RawClient:
@@ -64,6 +67,8 @@ def _via(gateway: Any, token: str) -> RawClient:
 def _play(client: RawClient, steps: list[Step]) -> list[Frames]:
     answers = []
     for step in steps:
+        if step.before is not None:
+            step.before()
         client.send(b"".join(m.encode() for m in step.messages))
         if step.frames:
             answers.append([client.frame() for _ in range(step.frames)])
@@ -348,3 +353,35 @@ def test_a_read_that_fails_fails_the_statement_that_waited_for_it(
     assert _rows(answers[4]) == [b"\x00\x01\x00\x00\x00\x014"]
     assert _codes(answers[6]) == "12DCEZ", answers[6]
     assert _rows(answers[8]) == [b"\x00\x01\x00\x00\x00\x016"]
+
+
+def test_the_read_takes_no_snapshot(gateway: Any, compare: Any) -> None:
+    """REPEATABLE READ: the transaction's snapshot is taken by its first statement that
+    needs one. The read (SHOW, a utility statement) must not be it: a row committed
+    elsewhere after the read and before the client's SELECT is seen, as direct."""
+    direct(gateway, "DROP TABLE IF EXISTS sp_rr")
+    direct(gateway, "CREATE TABLE sp_rr (x int)")
+
+    def commit_elsewhere() -> None:
+        direct(gateway, "INSERT INTO sp_rr VALUES (1)")
+
+    try:
+        got = compare(
+            [
+                Step(
+                    (Query(b"BEGIN ISOLATION LEVEL REPEATABLE READ"),),
+                    before=lambda: direct(gateway, "TRUNCATE sp_rr"),
+                ),
+                Step((Query(b"SET search_path = public"),)),
+                # Needs the path, so the read comes before it; takes no snapshot itself.
+                Step((Query(b"SET LOCAL application_name = 'rr'"),)),
+                Step(
+                    (Parse("", b"SELECT count(*) FROM sp_rr"), Bind("", ""), Execute(""), Sync()),
+                    before=commit_elsewhere,
+                ),
+                Step((Query(b"COMMIT"),)),
+            ]
+        )
+    finally:
+        direct(gateway, "DROP TABLE sp_rr")
+    assert _codes(got[3]) == "12DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x011"]
