@@ -770,8 +770,10 @@ class ClientSession(asyncio.Protocol):
         if code == 90:  # ReadyForQuery after the read's Sync
             self.gate.in_transaction = body[0] != ord("I")
             self._aborted = body[0] == ord("E")
+        # A FATAL error ends the session: the client is told why, as direct.
+        fatal = code == 69 and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
         if not read.answer(code, body, self.encoding):
-            return False
+            return fatal
         self._path_read = None
         if read.error is None and read.value is not None:
             self.gate.search_path = parse_search_path(read.value)
@@ -787,7 +789,7 @@ class ClientSession(asyncio.Protocol):
             self._discarding = True
             self._owed_error = refusal_for(problem.reason, sqlstate)
         self._path.unknown(problem)
-        return error is not None and error.severity in ("FATAL", "PANIC")
+        return fatal
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
         assert self.transport is not None
