@@ -14,7 +14,7 @@ from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision, Mask
 from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
-from gateway.proxy.search_path import sets_search_path
+from gateway.proxy.search_path import PathProblem, sets_search_path
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
 from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
@@ -80,9 +80,9 @@ def _output_masks(
 class PathUnknown(Exception):
     """The session's search_path cannot be known now: the statements are refused."""
 
-    def __init__(self, reason: str, facts: tuple[StatementFacts, ...]) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, problem: PathProblem, facts: tuple[StatementFacts, ...]) -> None:
+        super().__init__(problem.reason)
+        self.problem = problem
         self.facts = facts
 
 
@@ -159,6 +159,9 @@ class Verdict:
     # The ErrorResponse the client sees in place of the statement when refused.
     refusal: bytes | None = None
     facts: tuple[StatementFacts, ...] = ()
+    # The server rejects the statement itself (an aborted transaction): its own error, not
+    # `refusal`, is what the client would see direct.
+    server_rejects: bool = False
 
 
 def combine(decisions: Sequence[Decision]) -> Decision:
@@ -220,7 +223,7 @@ class StatementGate:
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
         # Set by the session: waits until search_path is known; a reason when it cannot be.
-        self.settle_search_path: Callable[[], Awaitable[str | None]] | None = None
+        self.settle_search_path: Callable[[], Awaitable[PathProblem | None]] | None = None
         self._principal_input = ctx.principal.to_input()
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
@@ -283,9 +286,18 @@ class StatementGate:
     async def _path_refusal(
         self, exc: PathUnknown, protocol: str, params: tuple[str | None, ...]
     ) -> Verdict:
-        return await self._verdict(
-            exc.facts, protocol, params, record=True, decided=Decision.refuse(exc.reason)
+        if exc.problem.skipped:
+            # The server skips it: not run, so neither decided nor recorded (as every message
+            # the server skips once the session knows it does).
+            return Verdict(False, [], [], refusal_for(exc.problem.reason), exc.facts)
+        verdict = await self._verdict(
+            exc.facts, protocol, params, record=True, decided=Decision.refuse(exc.problem.reason)
         )
+        if verdict.runs and exc.problem.aborted and exc.facts[0].category != "tcl":
+            # Recorded (no audit refusal to show) and the server, in an aborted transaction,
+            # rejects the statement's first command whatever it is.
+            verdict.server_rejects = True
+        return verdict
 
     def _input(
         self, facts: StatementFacts, protocol: str, index: int, count: int, params: list[str | None]

@@ -43,11 +43,20 @@ from gateway.protocol import (
     RowDescription,
     SSLRequest,
     StartupMessage,
+    Sync,
     decode_backend,
     decode_startup,
 )
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
-from gateway.proxy.search_path import SHOW_SEARCH_PATH, SearchPathWatch
+from gateway.proxy.search_path import (
+    FLUSH,
+    READ_ANSWERS,
+    SHOW_SEARCH_PATH,
+    PathProblem,
+    PathRead,
+    SearchPathWatch,
+    first_column,
+)
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
@@ -80,8 +89,14 @@ _RELAYED_PARAMETERS = frozenset(
 _PASS = frozenset(b"DCSHdcf")
 # Server messages whose bodies the relay needs to read.
 _SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
-# What answers a Query: RowDescription, DataRow, CommandComplete, EmptyQuery, Error, Ready.
-_RESYNC_ANSWER = frozenset(b"TDCIEZ")
+# In place of a refused statement: text the server rejects before touching any name.
+_BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
+# In place of a statement the server rejects itself in an aborted transaction (25P02): text
+# that parses, so that the server's own error is the one it gives; fails anywhere else too.
+_REJECTED_IF_ABORTED = b"SELECT pg_catalog.pgwarden_refused()"
+# The statement name of pgwarden's stand-ins for refused Executes: never stored (the Parse
+# fails), so the client's unnamed statement is left as it was.
+_STAND_IN = "pgwarden:refused"
 
 # Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
 # if the server reports it off): pglast reads SQL as PostgreSQL does with it on. With it off,
@@ -147,9 +162,11 @@ class Portal:
     # was known to run at the Bind.
     prepared: PreparedStatement | None = None
     known: StatementFacts | None = None
-    # SearchPathWatch.epoch at the Bind: the path the server planned it under.
+    # SearchPathWatch.epoch at the Bind, and the path then when it was certain: the path the
+    # server planned it under.
     path_epoch: int = 0
     row_description: bytes | None = None
+    search_path: tuple[str, ...] | None = None
 
 
 def _is_loopback(host: str) -> bool:
@@ -232,6 +249,8 @@ class ClientSession(asyncio.Protocol):
         # Bytes for the server gathered during one pass of the relay.
         self._up_out: list[bytes] = []
         self._up_answerable = False
+        # A message the gate decided is among them: it leaves before the next is decided.
+        self._up_decided = False
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
@@ -242,11 +261,14 @@ class ClientSession(asyncio.Protocol):
         self._bind_error: ErrorResponse | None = None
         # The search_path the server resolves names with, and its re-reading from the server.
         self._path = SearchPathWatch()
-        self._resyncing = False
-        self._resync_value: str | None = None
-        self._resync_error: str | None = None
-        # tracker.added as of the last write upstream: expectations after it are unsent.
-        self._sent_upto = 0
+        self._path_read: PathRead | None = None
+        # A statement waits for the path: it is read once every forwarded message is answered.
+        self._path_wanted = False
+        # The server's transaction is aborted (ReadyForQuery "E", and nothing has ended it).
+        self._aborted = False
+        # pgwarden's own read failed inside the client's pipeline: the server skips to the
+        # client's Sync, and the client is owed this error in place of its next message.
+        self._owed_error: bytes | None = None
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -688,7 +710,7 @@ class ClientSession(asyncio.Protocol):
         while True:
             code, body = await proto.read_frame()
             if code == ord("D"):
-                value = _first_column(body, self.encoding)
+                value = first_column(body, self.encoding)
             elif code == ord("E"):
                 err = ErrorResponse.decode(body)
                 self._fatal(err.sqlstate or "XX000", f"pgwarden: search_path: {err.message}")
@@ -697,22 +719,15 @@ class ClientSession(asyncio.Protocol):
                 break
         return parse_search_path(value or "")
 
-    # -- search_path: learned again from the server when it may have moved ------------------
+    # -- search_path: read again from the server when it may have moved (see search_path) ---
 
-    async def _settle_search_path(self) -> str | None:
+    async def _settle_search_path(self) -> PathProblem | None:
         """Wait until the session's search_path is known; why not, when it cannot be."""
         watch = self._path
-        if watch.uncertain and watch.problem is not None and not self._resyncing:
-            # The last attempt failed (a cancelled or aborted transaction): ask again.
-            watch.mark()
-        while watch.uncertain and watch.problem is None:
-            if not self._resyncing and not self._resync_if_idle() and not self._answer_coming():
-                return (
-                    "search_path may have changed earlier in this pipeline; send Sync before"
-                    " statements that depend on it"
-                )
+        if watch.uncertain and watch.problem is None:
+            self._want_path()
             await watch.wait_settled()
-        return watch.problem
+        return watch.problem if watch.uncertain else None
 
     async def _moved_since_parse(self, prepared: PreparedStatement) -> bool:
         """Whether the server would plan the statement under another search_path than the
@@ -723,61 +738,73 @@ class ClientSession(asyncio.Protocol):
         problem = await self._settle_search_path()
         return problem is not None or prepared.search_path != self.gate.search_path
 
-    def _unsent(self) -> int:
-        return self.tracker.added - self._sent_upto
+    def _want_path(self) -> None:
+        """A statement waits for the path: read it once everything forwarded is answered."""
+        if self._path_wanted or self._path_read is not None or self.up is None:
+            return
+        self._path_wanted = True
+        # Decided but still buffered: it may be what moved the path, so it goes first.
+        self._flush_server()
+        if self.tracker.front() is not None and not self._discarding:
+            # Extended messages are answered at a Flush or Sync: ask for the answers without
+            # ending the client's pipeline (a Sync would commit it).
+            self.up.transport.write(FLUSH)
+        self._read_path_if_quiet()
 
-    def _answer_coming(self) -> bool:
-        """Whether the last message sent upstream ends in a ReadyForQuery: once it comes,
-        nothing sent is outstanding."""
-        sent = self.tracker.pending()[: len(self.tracker) - self._unsent()]
-        return bool(sent) and sent[-1].kind in ("sync", "query", "function")
+    def _read_path_if_quiet(self) -> None:
+        """Send the read if nothing forwarded is still unanswered, in the form the server's
+        state allows; or say why the path cannot be read now."""
+        if not self._path_wanted or self.up is None:
+            return
+        if self._copy_in:
+            problem = PathProblem("search_path cannot be read during COPY FROM STDIN")
+        elif self.tracker.front() is not None:
+            return
+        elif self._discarding or self._owed_error is not None:
+            # The server skips to the client's Sync: so it will the statement waiting.
+            problem = PathProblem(
+                "not executed: an earlier message of the pipeline failed", skipped=True
+            )
+        elif self._aborted:
+            problem = PathProblem(
+                "search_path cannot be read in an aborted transaction", aborted=True
+            )
+        else:
+            self._path_wanted = False
+            read = self._path_read = PathRead(in_pipeline=self.tracker.unsynced)
+            self.up.transport.write(read.request)
+            return
+        self._path_wanted = False
+        self._path.unknown(problem)
 
-    def _resync_if_idle(self) -> bool:
-        """Send SHOW search_path now if everything forwarded has been answered; True if it
-        was sent or is under way."""
-        if self._resyncing:
-            return True
-        if self.up is None or self._copy_in:
+    def _path_answer(self, code: int, view: bytes | bytearray, pos: int, end: int) -> bool:
+        """Consume one answer to pgwarden's read; True if the client must see it as well."""
+        read = self._path_read
+        assert read is not None and self.gate is not None
+        body = bytes(view[pos + 5 : end])
+        if code == 90:  # ReadyForQuery after the read's Sync
+            self.gate.in_transaction = body[0] != ord("I")
+            self._aborted = body[0] == ord("E")
+        # A FATAL error ends the session: the client is told why, as direct.
+        fatal = code == 69 and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
+        if not read.answer(code, body, self.encoding):
+            return fatal
+        self._path_read = None
+        if read.error is None and read.value is not None:
+            self.gate.search_path = parse_search_path(read.value)
+            self._path.learned()
             return False
-        if self._up_out:
-            # Decided but still buffered: it may be what moved the path (`SET search_path`
-            # then a pipelined Parse), so it goes first and the SHOW waits for its answer.
-            self._flush_server()
-        if self.tracker or self.tracker.unsynced:
-            # A Query between extended messages and their Sync would commit the client's
-            # implicit transaction, or be skipped by a server discarding to Sync (no answer).
-            return False
-        self._resyncing = True
-        self._resync_value = self._resync_error = None
-        self.up.transport.write(SHOW_SEARCH_PATH)
-        return True
-
-    def _resync_message(self, code: int, view: bytes | bytearray, pos: int, end: int) -> None:
-        if code == 68:
-            self._resync_value = _first_column(bytes(view[pos + 5 : end]), self.encoding)
-        elif code == 69:
-            self._resync_error = ErrorResponse.decode(bytes(view[pos + 5 : end])).message
-        elif code == 90:
-            self._resyncing = False
-            assert self.gate is not None
-            self.gate.in_transaction = view[pos + 5] != ord("I")
-            if self._resync_value is not None and self._resync_error is None:
-                self.gate.search_path = parse_search_path(self._resync_value)
-                self._path.learned()
-            else:
-                self._path.unknown(
-                    f"search_path could not be read from the server ({self._resync_error})"
-                )
-            # Client messages held while the answer was awaited (a gate task waiting for
-            # the path resumes by itself).
-            asyncio.get_running_loop().call_soon(self._resume_client)
-
-    def _resume_client(self) -> None:
-        if not self._busy and not self._resyncing and self.phase is Phase.RELAY:
-            # Reading may have been paused while more than 4 MB arrived during the wait.
-            if self.transport is not None and not self._paused_by_upstream:
-                self.transport.resume_reading()
-            self._drain_client()
+        error = read.error
+        sqlstate = (error.sqlstate if error is not None else None) or "XX000"
+        why = error.message if error is not None else "no value"
+        problem = PathProblem(f"search_path could not be read from the server ({why})")
+        if read.in_pipeline:
+            # The server now skips to the client's Sync: to the client, the statement that
+            # waited for the read is the one that failed.
+            self._discarding = True
+            self._owed_error = refusal_for(problem.reason, sqlstate)
+        self._path.unknown(problem)
+        return fatal
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
         assert self.transport is not None
@@ -850,23 +877,25 @@ class ClientSession(asyncio.Protocol):
     def _client_data(self, data: bytes) -> None:
         buf = self._inbuf
         buf += data
-        if self._busy or self._resyncing:
+        if self._busy:
             if len(buf) > 4 * 1024 * 1024 and self.transport is not None:
                 self.transport.pause_reading()
             return
         self._drain_client()
 
     def _to_server(self, data: bytes) -> None:
-        """Queue bytes for the server; they leave in one write per pass of the relay."""
+        """Queue a decided message for the server; it leaves with what passes through after
+        it, at the latest when the next message is handed to the gate."""
         self._up_out.append(data)
+        self._up_decided = True
 
     def _flush_server(self) -> None:
         out = self._up_out
         if out and self.up is not None:
             self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        self._sent_upto = self.tracker.added
         self._up_answerable = False
+        self._up_decided = False
 
     def _drain_client(self) -> None:
         """Forward what can go now; hand the first message that needs a decision to a task."""
@@ -920,19 +949,31 @@ class ClientSession(asyncio.Protocol):
                 self.tracker.expect(Expectation("bind"))
                 pos = end
                 continue
-            if start < pos:
-                out.append(bytes(buf[start:pos]))
+            passed = bytes(buf[start:pos]) if start < pos else None
             if code == 88:  # Terminate
+                if passed is not None:
+                    out.append(passed)
                 out.append(bytes(buf[pos:end]))
                 self._flush_server()
                 buf.clear()
                 self._end_reason = "client quit"
                 self._close()
                 return
-            # A message that needs the gate. What came before waits to leave with it (one
-            # write), unless it holds a Sync or Flush whose answer the client awaits.
+            # A message that needs the gate. Decided messages before it leave now: a pipeline
+            # runs on the server while the rest is decided, and stops at its first error as
+            # it does direct. What passed through since (a Bind, a Describe) leaves with this
+            # one once it is decided and recorded, so that an error at that Bind is the
+            # outcome of the statement it binds; unless it holds a Sync or Flush whose answer
+            # the client awaits.
             if self._up_answerable:
+                if passed is not None:
+                    out.append(passed)
                 self._flush_server()
+            else:
+                if self._up_decided:
+                    self._flush_server()
+                if passed is not None:
+                    out.append(passed)
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
@@ -1012,19 +1053,66 @@ class ClientSession(asyncio.Protocol):
             return None
 
     def _refuse(
-        self, kind: str, refusal: bytes, runs: list[StatementRun], *, name: str = ""
+        self,
+        kind: str,
+        refusal: bytes,
+        runs: list[StatementRun],
+        *,
+        name: str = _STAND_IN,
+        server_rejects: bool = False,
     ) -> None:
         """Forward, in place of the refused message, one the server is certain to reject, so the
-        server itself fails the transaction and skips to Sync; the error is then rewritten."""
+        server itself fails the transaction and skips to Sync; the error is then rewritten,
+        unless the server rejects it as it would the statement (`server_rejects`: 25P02 in
+        an aborted transaction), when its own error is what the client sees, as direct.
+
+        A Parse stand-in takes the refused Parse's own name (an unnamed one drops the unnamed
+        statement, as the refused Parse would), else one of pgwarden's, never stored."""
         assert self.up is not None
-        bogus = b"-- pgwarden refused this statement\npgwarden_refused"
+        if self._discarding:
+            # The server skips to Sync already: nothing forwarded now would answer.
+            self._pay_owed_error()
+            return
+        text = _REJECTED_IF_ABORTED if server_rejects else _BOGUS
+        own_error = "25P02" if server_rejects else None
         if kind == "query":
-            self._to_server(Query(bogus).encode())
-            self.tracker.expect(Expectation("query", runs, refusal=refusal))
+            self._to_server(Query(text).encode())
+            self.tracker.expect(Expectation("query", runs, refusal=refusal, own_error=own_error))
         else:
-            self._to_server(Parse(name, bogus).encode())
-            self.tracker.expect(Expectation("parse", runs, refusal=refusal))
+            self._to_server(Parse(name, text).encode())
+            self.tracker.expect(Expectation("parse", runs, refusal=refusal, own_error=own_error))
             self._discarding = True
+
+    def _skipped(self, verdict: Verdict, *, answered_ready: bool = False) -> bool:
+        """The server skips to Sync (an error came while this was decided, or pgwarden's own
+        read failed): the message is not forwarded, and its statements are recorded as not
+        run. `answered_ready`: a Query or FunctionCall, which the client expects a
+        ReadyForQuery for."""
+        if not self._discarding:
+            return False
+        assert self.gate is not None
+        for run in verdict.runs:
+            if not run.done:
+                run.done = True
+                run.error_message = run.error_message or "not executed: an earlier statement failed"
+                self.gate.outcome(run, forwarded=False)
+        if self._pay_owed_error() and answered_ready:
+            # The client saw no error before this message and awaits its ReadyForQuery: a
+            # Sync of pgwarden's ends the skip its own read started (the pipeline's work is
+            # rolled back, as after an error of the statement) and gives it.
+            self._to_server(Sync().encode())
+            self.tracker.expect(Expectation("sync"))
+            self._discarding = False
+        return True
+
+    def _pay_owed_error(self) -> bool:
+        """After pgwarden's own read failed inside a pipeline, the client's next message gets
+        its error (everything before it has been answered: the read waited for that)."""
+        owed, self._owed_error = self._owed_error, None
+        if owed is None:
+            return False
+        self._send(owed)
+        return True
 
     async def _on_query(self, msg: Query, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
@@ -1037,24 +1125,13 @@ class ClientSession(asyncio.Protocol):
             )
             return
         verdict = await self.gate.check_query(text)
-        if self.phase is not Phase.RELAY or self._skipped_meanwhile(verdict):
+        if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
             return
         if self._refused_verdict(verdict, "query"):
             return
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
         self._path.forwarded(verdict.facts)
-
-    def _skipped_meanwhile(self, verdict: Verdict) -> bool:
-        """An extended message failed while this was decided: the server will skip it."""
-        if not self._discarding:
-            return False
-        assert self.gate is not None
-        for run in verdict.runs:
-            run.done = True
-            run.error_message = "not executed: an earlier statement failed"
-            self.gate.outcome(run, forwarded=False)
-        return True
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -1076,7 +1153,7 @@ class ClientSession(asyncio.Protocol):
             run.done = True
             run.sqlstate = run.sqlstate or REFUSED
             self.gate.outcome(run, forwarded=False)
-        self._refuse(kind, refusal, [], name=name)
+        self._refuse(kind, refusal, [], name=name, server_rejects=verdict.server_rejects)
         return True
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
@@ -1095,7 +1172,7 @@ class ClientSession(asyncio.Protocol):
             )
             return
         verdict = await self.gate.check_parse(text)
-        if self.phase is not Phase.RELAY:
+        if self.phase is not Phase.RELAY or self._skipped(verdict):
             return
         if self._refused_verdict(verdict, "parse", msg.name):
             self._statements.pop(msg.name, None)
@@ -1124,8 +1201,15 @@ class ClientSession(asyncio.Protocol):
             known = self.gate.prepared.lookup(msg.statement)
         if self.gate is not None and msg.portal:
             self.gate.portal_bound(msg.portal)
+        path = None if self._path.uncertain or self.gate is None else self.gate.search_path
         self._portals[msg.portal] = Portal(
-            msg.statement, params, msg.result_formats, prepared, known, self._path.epoch
+            msg.statement,
+            params,
+            msg.result_formats,
+            prepared,
+            known,
+            self._path.epoch,
+            search_path=path,
         )
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
@@ -1141,8 +1225,17 @@ class ClientSession(asyncio.Protocol):
             self.tracker.expect(Expectation("execute"))
             return
         prepared = portal.prepared
-        if portal.path_epoch != self._path.epoch and not (
-            prepared is not None and all(f.category == "tcl" for f in prepared.facts)
+        # The server planned the portal at its Bind: under the path its Parse was decided
+        # under, the decision describes what runs, wherever the path has gone since.
+        planned_as_decided = (
+            prepared is not None
+            and portal.search_path is not None
+            and portal.search_path == prepared.search_path
+        )
+        if (
+            not planned_as_decided
+            and portal.path_epoch != self._path.epoch
+            and not (prepared is not None and all(f.category == "tcl" for f in prepared.facts))
         ):
             # The server planned the portal at its Bind, under a search_path that may have
             # moved since: what pgwarden would resolve now may not be what runs.
@@ -1170,7 +1263,8 @@ class ClientSession(asyncio.Protocol):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
         elif (
-            (self._path.uncertain or prepared.search_path != self.gate.search_path)
+            not planned_as_decided
+            and (self._path.uncertain or prepared.search_path != self.gate.search_path)
             and await self._moved_since_parse(prepared)
         ) or await self.gate.catalog_moved(prepared.catalog_generation, prepared.facts):
             # PostgreSQL plans it again under the session's search_path now, or over the
@@ -1190,13 +1284,12 @@ class ClientSession(asyncio.Protocol):
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params
             )
-        if self.phase is not Phase.RELAY:
+        if self.phase is not Phase.RELAY or self._skipped(verdict):
             return
         if not verdict.allowed:
             assert verdict.refusal is not None
-            # Execute cannot be replaced by a failing Parse without disturbing named statements,
-            # so the refusal is a Parse of the unnamed statement, which the server rejects.
-            self._refuse("parse", verdict.refusal, [])
+            # In place of the Execute, a Parse of pgwarden's own name that the server rejects.
+            self._refuse("parse", verdict.refusal, [], server_rejects=verdict.server_rejects)
             return
         for run in verdict.runs:
             if run.masked:
@@ -1214,7 +1307,7 @@ class ClientSession(asyncio.Protocol):
             return  # the server would skip it, answering nothing: neither run nor expected
         args = _params_text(msg.args, msg.arg_formats)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
-        if self.phase is not Phase.RELAY or self._skipped_meanwhile(verdict):
+        if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
             return
         if not verdict.allowed:
             assert verdict.refusal is not None
@@ -1254,14 +1347,14 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
-            if self._resyncing and code in _RESYNC_ANSWER:
-                # The answer to pgwarden's own SHOW search_path: not the client's to see.
+            if self._path_read is not None and code in READ_ANSWERS:
+                # The answer to pgwarden's own read of search_path: not the client's to see.
                 if end > total:
                     break
                 if start < pos:
                     out.append(view[start:pos])
-                self._resync_message(code, view, pos, end)
-                start = pos = end
+                start = pos if self._path_answer(code, view, pos, end) else end
+                pos = end
                 continue
             if code == 68:  # DataRow: count it for the current statement
                 front = tracker.front()
@@ -1308,6 +1401,8 @@ class ClientSession(asyncio.Protocol):
             del buf[:pos]
         elif pos < total:
             buf += data[pos:]
+        if self._path_wanted:
+            self._read_path_if_quiet()
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int
@@ -1340,6 +1435,8 @@ class ClientSession(asyncio.Protocol):
         if code == 90:  # ReadyForQuery
             status = view[pos + 5]
             gate.in_transaction = status != ord("I")
+            self._aborted = status == ord("E")
+            skipped: list[Expectation] = []
             while True:
                 e = tracker.pop()
                 if e is None:
@@ -1347,17 +1444,26 @@ class ClientSession(asyncio.Protocol):
                 self._finish_skipped(e)
                 if e.kind in ("sync", "query", "function"):
                     break
+                skipped.append(e)
+            # Still queued before the Sync: forwarded after an error, skipped by the server
+            # (a Parse decided while the error was on its way, say): its name holds what it held.
+            for e in reversed(skipped):
+                if e.kind == "parse":
+                    self._undo_parse(e)
             tracker.ready()
             self._bind_error = None
             self._path.ready(chr(status))
-            if self._path.uncertain and status != ord("E"):
-                self._resync_if_idle()
             return None
         if code == 69:  # ErrorResponse
             if front is None:
+                # The error of a message nothing was expected from (a malformed Flush, say):
+                # the server skips to the client's Sync, not forwarded yet.
+                self._discarding = True
                 return None
-            replacement = front.refusal
             err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
+            replacement = front.refusal
+            if front.own_error is not None and err.sqlstate == front.own_error:
+                replacement = None
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
@@ -1609,6 +1715,11 @@ class ClientSession(asyncio.Protocol):
         gate = self.gate
         if facts is None or gate is None:
             return
+        if facts.category == "tcl":
+            # A transaction began, ended or rewound (in an aborted one, only the last two run):
+            # the server's transaction is not aborted, and the path may be readable again.
+            self._aborted = False
+            self._path.retry()
         gate.prepared.completed(facts)
         gate.cursor_declared(run)
         if facts.command == "DEALLOCATE":
@@ -1637,16 +1748,6 @@ def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:
         and "P" in err.fields
         and "q" not in err.fields
     )
-
-
-def _first_column(data_row: bytes, encoding: str) -> str | None:
-    """The first value of a DataRow body, as text."""
-    if len(data_row) < 6:
-        return None
-    (length,) = struct.unpack_from("!i", data_row, 2)
-    if length < 0:
-        return None
-    return data_row[6 : 6 + length].decode(encoding, "replace")
 
 
 def _no_delay(transport: asyncio.BaseTransport) -> None:

@@ -82,6 +82,9 @@ class Expectation:
     cursor: int = 0
     # When pgwarden replaced the message with one the server must reject: the error to show.
     refusal: bytes | None = None
+    # The server's own error with this SQLSTATE is shown in place of `refusal`: it rejected
+    # the stand-in as it would have the statement (25P02 in an aborted transaction).
+    own_error: str | None = None
     # describe_statement: ParameterDescription seen, RowDescription/NoData still to come.
     saw_parameters: bool = False
     # close: ("S"|"P", name) to forget once the server confirms it.

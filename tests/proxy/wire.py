@@ -8,6 +8,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.protocol import (
     PROTOCOL_3_0,
@@ -38,6 +39,19 @@ class RawClient:
     def connect(cls, host: str, port: int, timeout: float = 10.0) -> RawClient:
         sock = socket.create_connection((host, port), timeout=timeout)
         return cls(sock, timeout)
+
+    @classmethod
+    def direct(cls, socket_dir: Path, port: int, user: str, database: str) -> RawClient:
+        """Straight to PostgreSQL over its Unix socket (trust), logged in, for comparisons."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10.0)
+        sock.connect(str(socket_dir / f".s.PGSQL.{port}"))
+        client = cls(sock)
+        client.send(StartupMessage(PROTOCOL_3_0, {"user": user, "database": database}).encode())
+        for code, body in client.until_ready_or_error():
+            if code == ord("K"):
+                client.key = BackendKeyData.decode(body)
+        return client
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
