@@ -340,6 +340,7 @@ class Catalog:
         """
         if not masks:
             return {}
+        self._forget_if_lost()
         now = time.monotonic()
         found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
         missing: list[tuple[str, str, str]] = []
@@ -386,13 +387,24 @@ class Catalog:
 
     async def release(self) -> None:
         """Close the metadata connection now, once the query in flight (if any) is done: its
-        database must be free for DROP DATABASE, a rename, or CREATE DATABASE copying it.
-        The next lookup connects again; what is cached stays."""
+        database must be free for DROP DATABASE, a rename, or CREATE DATABASE copying it."""
         async with self._lock:
             await self.close()
 
+    def _forget_if_lost(self) -> None:
+        """The server ended the connection (DROP DATABASE ... WITH (FORCE), a terminated
+        backend): the database may be gone and its name another's, so is what it read."""
+        if self._conn is not None and self._conn.is_closed():
+            self._conn = None
+            self._disarm_idle()
+            self.invalidate()
+
     async def close(self) -> None:
+        """Close the connection and forget what it read: the cache describes the database
+        that connection was in, and once none is held open a database of that name may be
+        dropped and made again (new OIDs) without pgwarden seeing it."""
         self._disarm_idle()
+        self.invalidate()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -412,6 +424,7 @@ class Catalog:
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
         if not names and not (facts.functions or facts.operators or facts.types):
             return facts  # an attribute (t.name) comes with its relation, so with names
+        self._forget_if_lost()
         try:
             relations = await self._lookup(names)
         except Exception:

@@ -17,10 +17,12 @@ _DEFAULT_TEMPLATE = "template1"
 
 
 def databases_held_by_statement(facts: StatementFacts) -> tuple[str, ...]:
-    """The databases `facts`' statement fails on (55006, after waiting 5 s) while another
-    connection is open to them: the one DROP DATABASE drops (FORCE ends only client
-    backends), the one ALTER DATABASE renames or moves to another tablespace, and the
-    template CREATE DATABASE copies. pgwarden must not hold them open itself."""
+    """The databases whose name `facts`' statement frees, moves or copies: the one DROP
+    DATABASE drops, the one ALTER DATABASE renames (old and new name) or moves to another
+    tablespace, the template CREATE DATABASE copies and the database it creates. The first
+    kind fail (55006, after waiting 5 s) while another connection is open to them, so
+    pgwarden must not hold them open itself; what pgwarden read from any of them (OIDs,
+    names) may afterwards describe another database of that name."""
     if facts.command not in _COMMANDS:
         return ()
     try:
@@ -34,10 +36,12 @@ def databases_held_by_statement(facts: StatementFacts) -> tuple[str, ...]:
             found[stmt.dbname] = None
         elif isinstance(stmt, ast.RenameStmt) and stmt.renameType == ObjectType.OBJECT_DATABASE:
             found[stmt.subname] = None
+            found[stmt.newname] = None
         elif isinstance(stmt, ast.AlterDatabaseStmt):
             if any(o.defname == "tablespace" for o in stmt.options or ()):
                 found[stmt.dbname] = None
         elif isinstance(stmt, ast.CreatedbStmt):
+            found[stmt.dbname] = None
             template: str | None = _DEFAULT_TEMPLATE
             for option in stmt.options or ():
                 if option.defname == "template" and isinstance(option.arg, ast.String):

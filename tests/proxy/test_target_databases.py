@@ -282,3 +282,32 @@ def test_a_database_in_use_by_a_client_still_refuses_to_drop_as_direct(
             assert held.execute("SELECT current_database()").fetchone() == (name,)
     finally:
         _direct(gateway, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("via", ["gateway", "direct with FORCE"])
+def test_a_database_made_again_under_its_name_is_masked_by_its_own_oids(
+    gateway: Any, server_targets: str, via: str
+) -> None:
+    """What pgwarden read of a dropped database (mask targets by OID) must not describe the
+    new database of the same name."""
+    admin, engineer = _token(gateway, "admins"), _token(gateway, "engineers")
+    name = f"tagain_{uuid.uuid4().hex[:8]}"
+    table = (
+        "CREATE TABLE customers (id int, email text); INSERT INTO customers VALUES (1, 'ann@x.org')"
+    )
+    try:
+        for round_ in (1, 2):
+            if round_ == 2 and via == "gateway":
+                with _connect(gateway, SERVER, admin) as conn:
+                    conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            else:
+                _direct(gateway, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                _direct(gateway, f"CREATE DATABASE {name}")
+            # Other tables first on the second round: the same table gets another OID.
+            _direct(gateway, "CREATE TABLE filler (x int);" * (round_ - 1) + table, name)
+            with _connect(gateway, f"{SERVER}/{name}", engineer) as conn:
+                rows = conn.execute("SELECT id, email FROM customers").fetchall()
+            assert rows == [(1, "a***@x.org")], round_
+    finally:
+        _direct(gateway, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
