@@ -16,6 +16,7 @@ from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import ErrorResponse
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import sets_search_path
+from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH
 from gateway.sql.databases import databases_held_by_statement
@@ -181,6 +182,10 @@ class StatementGate:
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         self.sticky_masks: dict[tuple[int, int], str] = {}
         self.sticky_mask_all = False
+        # A session in another database than the target's default is recorded as TARGET/DB.
+        self._audit_target = dbname_for(
+            ctx.target_name, ctx.target_database, ctx.target_default_database or ctx.target_database
+        )
         self._target_input = target_input(
             TargetInfo(
                 ctx.target_name,
@@ -265,7 +270,7 @@ class StatementGate:
                 client_addr=self.ctx.client_addr,
                 application_name=self.ctx.application_name,
                 principal=self.ctx.principal,
-                target=self.ctx.target_name,
+                target=self._audit_target,
                 text=f.text,
                 fingerprint=f.fingerprint,
                 protocol=protocol,

@@ -48,7 +48,7 @@ from gateway.protocol import (
 )
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
 from gateway.proxy.search_path import SHOW_SEARCH_PATH, SearchPathWatch
-from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, parse_dbname
+from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
@@ -383,7 +383,9 @@ class ClientSession(asyncio.Protocol):
             client_addr=self.client_addr,
             application_name=startup.get("application_name", ""),
             startup_user=startup.get("user", ""),
-            target=self.target.name if self.target is not None else startup.get("database", ""),
+            target=dbname_for(self.target.name, self.database, self.target.dbname)
+            if self.target is not None
+            else startup.get("database", ""),
             principal=self.principal,
             reason=reason,
         )

@@ -37,6 +37,11 @@ def parse_dbname(dbname: str) -> tuple[str, str | None]:
     return name, database if sep else None
 
 
+def dbname_for(target: str, database: str, default: str) -> str:
+    """The `dbname` that reaches `database` of `target`, as the audit trail names it."""
+    return target if database == default else f"{target}{DATABASE_SEPARATOR}{database}"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import orjson
 import psycopg
 import pytest
 from psycopg import sql
@@ -311,3 +312,30 @@ def test_a_database_made_again_under_its_name_is_masked_by_its_own_oids(
             assert rows == [(1, "a***@x.org")], round_
     finally:
         _direct(gateway, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_audit_trail_names_the_database_and_the_connect_decision(
+    gateway: Any, server_targets: str
+) -> None:
+    from tests.integration.test_audit_support import last_pos, records_after, wait_for
+
+    start = last_pos(gateway.settings)
+    marker = f"audit_{uuid.uuid4().hex[:8]}"
+    with _connect(gateway, f"{SERVER}/{server_targets}", _token(gateway, "engineers")) as conn:
+        conn.execute(f"SELECT '{marker}'")
+    _refusal(gateway, f"{SERVER}/{server_targets}", _token(gateway, "ai-agents"))
+
+    dbname = f"{SERVER}/{server_targets}"
+
+    def mine() -> list[Any] | None:
+        ours = [r for r in records_after(gateway.settings, start) if r.target == dbname]
+        # Per session: start, end, the CONNECT; and the engineer's SELECT.
+        return ours if len(ours) >= 7 else None
+
+    records = wait_for(mine)
+    kinds = [r.kind for r in records]
+    assert kinds.count("session_start") == 2 and kinds.count("session_end") == 2, kinds
+    requests = [orjson.loads(r.body)["record"] for r in records if r.kind == "request"]
+    connects = [q for q in requests if q["text"].startswith("-- startup: connect to database")]
+    assert sorted(q["decision"]["action"] for q in connects) == ["allow", "deny"]
+    assert any(marker in q["text"] for q in requests)
