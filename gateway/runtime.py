@@ -90,11 +90,14 @@ class Gateway:
         return catalog
 
     async def _free_databases(self, target: Target, databases: Sequence[str]) -> None:
-        """Close pgwarden's own connections to `databases` of `target` (a statement about to
-        be forwarded drops, renames or copies them); the sessions' are the clients' own."""
-        for database in databases:
-            catalog = self._catalogs.get((target.name, database))
-            if catalog is not None:
+        """Close pgwarden's own connections to `databases` (a statement about to be
+        forwarded through `target` drops, renames or copies them); the sessions' are the
+        clients' own. Every target's catalog of such a name is released, not only
+        `target`'s: several targets may name the same server (by other host names, as other
+        roles), and releasing one on another server costs only a reconnect."""
+        wanted = set(databases)
+        for (_, database), catalog in list(self._catalogs.items()):
+            if database in wanted:
                 await catalog.release()
 
     async def start(self) -> tuple[str, int]:

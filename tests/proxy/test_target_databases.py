@@ -339,3 +339,35 @@ def test_the_audit_trail_names_the_database_and_the_connect_decision(
     connects = [q for q in requests if q["text"].startswith("-- startup: connect to database")]
     assert sorted(q["decision"]["action"] for q in connects) == ["allow", "deny"]
     assert any(marker in q["text"] for q in requests)
+
+
+def test_drop_database_another_target_resolved_names_in(gateway: Any, server_targets: str) -> None:
+    """Two targets may name one server (a suite registers a target per database): pgwarden's
+    connection through either must not hold a database dropped through the other."""
+    admin = _token(gateway, "admins")
+    name = f"tother_{uuid.uuid4().hex[:8]}"
+    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry.add(
+        Target(
+            name=name,
+            host="localhost",  # the same server under another host name
+            port=gateway.cluster.port,
+            dbname=name,
+            user=SUPERUSER,
+            password_env="PGWARDEN_TEST_UPSTREAM_PW",
+            sslmode="disable",
+        )
+    )
+    try:
+        with _connect(gateway, SERVER, admin) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        with _connect(gateway, name, admin) as conn:
+            conn.execute("CREATE TABLE t (id int)")
+            assert conn.execute("SELECT * FROM t").fetchall() == []
+        assert _catalog_connections(gateway, name) == 1
+        with _connect(gateway, SERVER, admin) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+        assert not _database_exists(gateway, name)
+    finally:
+        registry.remove(name)
+        _direct(gateway, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
