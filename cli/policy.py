@@ -21,7 +21,7 @@ from gateway.policy.input import SessionInfo, TargetInfo, build_input
 from gateway.policy.opa import OpaDecider
 from gateway.policy.sidecar import OpaSidecar, SidecarError, opa_binary_of
 from gateway.policy.transport import OpaTransport
-from gateway.proxy.targets import TargetRegistry
+from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
 from gateway.settings import Settings
 
 app = typer.Typer(help="Test, build and evaluate the Rego policy.", no_args_is_help=True)
@@ -84,7 +84,10 @@ def evaluate(
     ctx: typer.Context,
     sql: Annotated[str, typer.Argument(help="The SQL text to decide (it is never run).")],
     subject: Annotated[str, typer.Option(help="The principal's subject.")],
-    target: Annotated[str, typer.Option(help="The target (dbname) the statement goes to.")],
+    target: Annotated[
+        str,
+        typer.Option(help="The target (dbname: TARGET or TARGET/DATABASE) the statement goes to."),
+    ],
     group: Annotated[
         list[str] | None, typer.Option(help="A group of the principal; repeatable.")
     ] = None,
@@ -107,11 +110,18 @@ def evaluate(
         expires_at=None,
         claims={"sub": subject, "groups": list(group or ())},
     )
-    registered = TargetRegistry(settings.state_dir / "targets.json").get(target)
+    try:
+        name, database = parse_dbname(target)
+    except TargetError as exc:
+        fail(str(exc))
+    registered = TargetRegistry(settings.state_dir / "targets.json").get(name)
+    default = registered.dbname if registered is not None else name
     target_info = TargetInfo(
-        name=target,
-        database=registered.dbname if registered is not None else target,
+        name=name,
+        database=database or default,
         labels=registered.labels if registered is not None else {},
+        default_database=default,
+        databases=registered.databases if registered is not None else (),
     )
     session = SessionInfo(
         id=str(uuid.uuid4()),

@@ -1,4 +1,5 @@
-"""`pgwarden targets`: register, list and remove the databases clients reach through the gateway."""
+"""`pgwarden targets`: register, list and remove the servers (and their databases) clients
+reach through the gateway."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from gateway.settings import Settings
 from gateway.sql.catalog import WATCH_SQL
 
 app = typer.Typer(
-    help="Manage targets: the upstream databases a client selects by dbname.", no_args_is_help=True
+    help="Manage targets: the upstream servers a client selects by dbname (target or"
+    " target/database).",
+    no_args_is_help=True,
 )
 
 
@@ -32,7 +35,16 @@ def add(
     name: Annotated[str, typer.Argument(help="The name clients use as dbname.")],
     host: Annotated[str, typer.Option(help="Upstream host.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Upstream port.")] = 5432,
-    dbname: Annotated[str, typer.Option(help="Upstream database name.")] = "postgres",
+    dbname: Annotated[
+        str, typer.Option(help="The default database: what dbname=TARGET reaches.")
+    ] = "postgres",
+    database: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another database clients may choose with dbname=TARGET/DATABASE; repeatable;"
+            " '*' for any database of the server. The policy decides who may."
+        ),
+    ] = None,
     user: Annotated[str, typer.Option(help="Upstream role the gateway logs in as.")] = "postgres",
     password_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the password.")
@@ -70,6 +82,7 @@ def add(
             sslmode=sslmode,
             sslrootcert=sslrootcert,
             labels=labels,
+            databases=tuple(database or ()),
         )
         registry(settings_of(ctx)).add(target, replace=replace)
     except TargetError as exc:
@@ -87,15 +100,20 @@ def list_(
     if json:
         typer.echo(orjson.dumps(targets).decode())
         return
-    table = Table("name", "host", "port", "dbname", "user", "sslmode", "credential", "labels")
+    table = Table(
+        "name", "host", "port", "dbname", "databases", "user", "sslmode", "credential", "labels"
+    )
     for t in targets:
         labels = t["labels"]
         assert isinstance(labels, dict)
+        databases = t["databases"]
+        assert isinstance(databases, tuple)
         table.add_row(
             str(t["name"]),
             str(t["host"]),
             str(t["port"]),
             str(t["dbname"]),
+            ",".join(databases),
             str(t["user"]),
             str(t["sslmode"]),
             str(t["credential"]),
@@ -136,7 +154,7 @@ def install_ddl_watch(
         fail(f"no target named {name!r}")
 
     async def install() -> None:
-        conn = await catalog_connector(target, os.environ)()
+        conn = await catalog_connector(target, target.dbname, os.environ)()
         try:
             await conn.execute(sql)
         finally:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,14 @@ from gateway.sql.prepared import PreparedStatements
 log = logging.getLogger("pgwarden")
 
 
-def catalog_connector(target: Target, environ: Mapping[str, str]) -> Any:
+def catalog_connector(target: Target, database: str, environ: Mapping[str, str]) -> Any:
     async def connect() -> Any:
         return await asyncpg.connect(
             host=target.host,
             port=target.port,
             user=target.user,
             password=target.password(environ),
-            database=target.dbname,
+            database=database,
             ssl=upstream_context(target) or False,
             timeout=5,
             server_settings={"application_name": "pgwarden-catalog"},
@@ -75,15 +75,30 @@ class Gateway:
         self._transport: OpaTransport | None = None
         self._revision_watch: RevisionWatch | None = None
         self._listener: Listener | None = None
-        self._catalogs: dict[str, Catalog] = {}
+        # One per (target, database): names, OIDs and caches differ from database to database.
+        self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
 
-    def _catalog_for(self, target: Target) -> CatalogPort | None:
-        catalog = self._catalogs.get(target.name)
+    def _catalog_for(self, target: Target, database: str) -> CatalogPort | None:
+        catalog = self._catalogs.get((target.name, database))
         if catalog is None:
-            catalog = Catalog(catalog_connector(target, self.environ))
-            self._catalogs[target.name] = catalog
+            catalog = Catalog(
+                catalog_connector(target, database, self.environ),
+                idle_seconds=self.settings.catalog.idle_seconds,
+            )
+            self._catalogs[(target.name, database)] = catalog
         return catalog
+
+    async def _free_databases(self, target: Target, databases: Sequence[str]) -> None:
+        """Close pgwarden's own connections to `databases` (a statement about to be
+        forwarded through `target` drops, renames or copies them); the sessions' are the
+        clients' own. Every target's catalog of such a name is released, not only
+        `target`'s: several targets may name the same server (by other host names, as other
+        roles), and releasing one on another server costs only a reconnect."""
+        wanted = set(databases)
+        for (_, database), catalog in list(self._catalogs.items()):
+            if database in wanted:
+                await catalog.release()
 
     async def start(self) -> tuple[str, int]:
         """Start every part; if one fails, stop those already started (OPA, the audit
@@ -131,6 +146,7 @@ class Gateway:
             analyzer=StatementAnalyzer(),
             new_prepared=PreparedStatements,
             catalog_for=self._catalog_for,
+            free_databases=self._free_databases,
             environ=self.environ,
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),

@@ -78,6 +78,13 @@ class AuditSettings(BaseModel):
     record_bytes_limit: int = 65536
 
 
+class CatalogSettings(BaseModel):
+    # pgwarden's metadata connection to a database (name resolution, masks) is closed after
+    # this long unused: an open one keeps the database from being dropped, renamed or used
+    # as a template. 0 keeps it open. (Such statements through pgwarden close it first.)
+    idle_seconds: float = 10.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PGWARDEN_",
@@ -92,6 +99,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,27 +1,32 @@
-"""Run a real driver's own test suite (pg8000) through the gateway and direct, and compare.
+"""Run a real driver's own test suite (pg8000, asyncpg) through the gateway and direct, and
+compare.
 
 Nothing third-party lives in this repository: the driver's source and a throwaway venv are
 prepared under /tmp (see `prepare`). Then, in this process:
 
-  * a throwaway PostgreSQL cluster (cli.localpg.LocalCluster) is started, with what pg8000's own
-    CI prepares (the hstore extension in the `postgres` database);
+  * a throwaway PostgreSQL cluster (cli.localpg.LocalCluster) is started, with what the
+    driver's own CI prepares (pg8000: the hstore extension in the `postgres` database);
   * the real gateway (tests/conftest.start_gateway: reference policy, real OPA, SQLite audit) is
     started on its own uvloop thread, with one extra target named `postgres` -> database
-    `postgres` as the superuser: pg8000's tests send user=postgres and no database, so the
-    gateway picks the target by the user name, as PostgreSQL picks the database;
-  * pg8000's pytest runs in a separate process (the throwaway venv's Python), twice:
+    `postgres` as the superuser, serving every database of the cluster (`postgres/NAME`):
+    the suites send dbname=postgres (pg8000: user=postgres and no database, so the gateway
+    picks the target by the user name, as PostgreSQL picks the database); and one target
+    per other database name the suite connects to by name (--register-test-databases);
+  * the suite's pytest runs in a separate process (the throwaway venv's Python), twice:
     PGHOST/PGPORT/PGPASSWORD pointing at the gateway (password = an admins JWT), then straight
     at the cluster (password = the superuser's). Each run writes a JUnit XML report;
   * both summaries are printed, and every test whose outcome differs is listed.
 
-Usage (from /work/main):
-    .venv/bin/python bench/driver_suite/run.py            # prepare if needed, then both runs
-    .venv/bin/python bench/driver_suite/run.py -- -k notify   # extra args go to pytest
+Usage (from the repository root):
+    .venv/bin/python bench/driver_suite/run.py                     # pg8000, both runs
+    .venv/bin/python bench/driver_suite/run.py --driver asyncpg    # asyncpg's suite, both runs
+    .venv/bin/python bench/driver_suite/run.py -- -k notify        # extra args go to pytest
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -40,6 +45,17 @@ WORK = Path(os.environ.get("DRIVER_SUITE_WORK", "/tmp/ds"))  # noqa: S108 (a thr
 VENV = Path(os.environ.get("DRIVER_SUITE_VENV", "/tmp/dsuite"))  # noqa: S108
 SRC = WORK / f"pg8000-{PG8000_VERSION}"
 TEST_DEPS = [f"pg8000=={PG8000_VERSION}", "pytest", "pytest-mock", "pytest-benchmark", "pytz"]
+
+# asyncpg: the version the gateway itself is locked to. Its tests/ folder runs against the
+# installed (compiled) asyncpg, whose asyncpg._testbase uses an existing server when PGHOST
+# is set (cluster.RunningCluster; connection parameters from PG* variables).
+ASYNCPG_VERSION = importlib.metadata.version("asyncpg")
+ASYNCPG_VENV = Path(os.environ.get("DRIVER_SUITE_ASYNCPG_VENV", "/tmp/dsuite-asyncpg"))  # noqa: S108
+# Only tests/ is copied here: the sdist's own asyncpg/ (uncompiled) would shadow the wheel.
+ASYNCPG_SUITE = WORK / f"asyncpg-{ASYNCPG_VERSION}-suite"
+ASYNCPG_DEPS = [f"asyncpg=={ASYNCPG_VERSION}", "pytest", "uvloop", "distro"]
+# Databases asyncpg's tests connect to by name besides `postgres`.
+ASYNCPG_DATABASES = ["testdb", "asyncpg_intro_test"]
 
 # pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
 # the auth/ folders need a server whose pg_hba forces one method per run, and the README
@@ -61,35 +77,69 @@ SUITES = {
 TEST_DATABASES = ["pg8000_scram_sha_256"]
 
 
-def prepare() -> None:
-    """The sdist (it carries test/) and a venv with the driver and its test deps, under /tmp."""
-    if not (SRC / "test").is_dir():
+def _venv(venv: Path, deps: list[str]) -> None:
+    """A throwaway venv with `deps`. Made with a Python that has pip (the project's .venv,
+    made by uv, has none)."""
+    if not (venv / "bin" / "pytest").exists():
+        python = shutil.which("python3") or sys.executable
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *deps], check=True)
+
+
+def _sdist(venv: Path, name: str, version: str) -> Path:
+    """The driver's sdist from PyPI (it carries the tests), unpacked under WORK."""
+    src = WORK / f"{name}-{version}"
+    if not src.is_dir():
         WORK.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "-d", str(WORK), f"pg8000=={PG8000_VERSION}"],
+            [str(venv / "bin" / "pip"), "download", "-q", "--no-deps", "--no-binary", ":all:",
+             "-d", str(WORK), f"{name}=={version}"],
             check=True,
         )  # fmt: skip
-        subprocess.run(["tar", "xzf", f"pg8000-{PG8000_VERSION}.tar.gz"], cwd=WORK, check=True)
-    if not (VENV / "bin" / "pytest").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", *TEST_DEPS], check=True)
+        subprocess.run(["tar", "xzf", f"{name}-{version}.tar.gz"], cwd=WORK, check=True)
+    return src
+
+
+def prepare(driver: str) -> None:
+    """The sdist (it carries the tests) and a venv with the driver and its test deps."""
+    if driver == "pg8000":
+        _venv(VENV, TEST_DEPS)
+        _sdist(VENV, "pg8000", PG8000_VERSION)
+        return
+    _venv(ASYNCPG_VENV, ASYNCPG_DEPS)
+    if not (ASYNCPG_SUITE / "tests").is_dir():
+        src = _sdist(ASYNCPG_VENV, "asyncpg", ASYNCPG_VERSION)
+        ASYNCPG_SUITE.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / "tests", ASYNCPG_SUITE / "tests")
 
 
 def run_suite(
-    label: str, suite: str, host: str, port: int, password: str, extra: list[str], out: Path
+    label: str,
+    driver: str,
+    suite: str,
+    host: str,
+    port: int,
+    password: str,
+    extra: list[str],
+    out: Path,
 ) -> dict:
-    label = f"{suite}-{label}"
+    label = f"{driver}-{suite}-{label}"
     report = out / f"{label}.xml"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PYTHONDONTWRITEBYTECODE="1")
-    argv = [str(VENV / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
-            "-rfE", f"--junitxml={report}", *SUITES[suite], *extra]  # fmt: skip
+    if driver == "asyncpg":
+        # The superuser and its database, as asyncpg's CI passes them with PGHOST.
+        env.update(PGUSER="postgres", PGDATABASE="postgres")
+        venv, cwd, selection = ASYNCPG_VENV, ASYNCPG_SUITE, ["tests"]
+    else:
+        venv, cwd, selection = VENV, SRC, SUITES[suite]
+    argv = [str(venv / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+            "-rfE", f"--junitxml={report}", *selection, *extra]  # fmt: skip
     print(
-        f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {SRC})\n$ {' '.join(argv)}", flush=True
+        f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {cwd})\n$ {' '.join(argv)}", flush=True
     )
     started = time.monotonic()
-    proc = subprocess.run(argv, cwd=SRC, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     (out / f"{label}.log").write_text(proc.stdout + proc.stderr)
     tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [proc.stderr[-2000:]]
     print(f"[{label}] {tail[0]}  ({time.monotonic() - started:.1f}s, log {out / (label + '.log')})")
@@ -128,6 +178,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--driver", choices=("pg8000", "asyncpg"), default="pg8000")
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
@@ -138,13 +189,14 @@ def main() -> int:
     ap.add_argument(
         "--register-test-databases",
         action="store_true",
-        help=f"also register targets {TEST_DATABASES} (same-named databases)",
+        help=f"also register targets for the databases the suite names: pg8000 {TEST_DATABASES},"
+        f" asyncpg {ASYNCPG_DATABASES} (same-named databases)",
     )
     ap.add_argument("--keep", action="store_true", help="keep cluster/gateway state dirs")
     ap.add_argument("--out", type=Path, default=WORK / "results")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
-    prepare()
+    prepare(args.driver)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
@@ -162,22 +214,33 @@ def main() -> int:
         cluster.create_app_database()
         cluster.psql("CREATE EXTENSION IF NOT EXISTS hstore;")  # as pg8000's CI does
         registry = TargetRegistry(state / "targets.json")
-        names = ["postgres", *(TEST_DATABASES if args.register_test_databases else [])]
+        test_databases = TEST_DATABASES if args.driver == "pg8000" else ASYNCPG_DATABASES
+        names = ["postgres", *(test_databases if args.register_test_databases else [])]
         for name in names:  # each target: the same-named database, as the superuser
             registry.add(
                 Target(name=name, host="127.0.0.1", port=cluster.port, dbname=name,
-                       user=SUPERUSER, password_env="PGWARDEN_TEST_UPSTREAM_PW", sslmode="disable")
+                       user=SUPERUSER, password_env="PGWARDEN_TEST_UPSTREAM_PW", sslmode="disable",
+                       # postgres/NAME reaches any database of the cluster.
+                       databases=("*",) if name == "postgres" else ())
             )  # fmt: skip
         gw = start_gateway(state, cluster, opa)
-        token = gw.token("agent:pg8000-suite", groups=("admins",), ttl=6 * 3600)
+        token = gw.token(f"agent:{args.driver}-suite", groups=("admins",), ttl=6 * 3600)
         results: dict[str, dict] = {}
         if args.only in (None, "gateway"):
             results["gateway"] = run_suite(
-                "gateway", args.suite, gw.host, gw.port, token, args.pytest_args, args.out
+                "gateway",
+                args.driver,
+                args.suite,
+                gw.host,
+                gw.port,
+                token,
+                args.pytest_args,
+                args.out,
             )
         if args.only in (None, "direct"):
             results["direct"] = run_suite(
                 "direct",
+                args.driver,
                 args.suite,
                 "127.0.0.1",
                 cluster.port,
@@ -193,10 +256,13 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
             shutil.rmtree(state, ignore_errors=True)
 
-    print(
-        f"\n===== pg8000 {PG8000_VERSION} own test suite, selection {args.suite!r}: "
-        + " ".join(SUITES[args.suite])
-    )
+    if args.driver == "pg8000":
+        title = f"pg8000 {PG8000_VERSION}, selection {args.suite!r}: " + " ".join(
+            SUITES[args.suite]
+        )
+    else:
+        title = f"asyncpg {ASYNCPG_VERSION}: tests/"
+    print(f"\n===== {title} own test suite")
     for label, outcomes in results.items():
         print(f"{label:8s} {counts(outcomes)}")
     if len(results) == 2:

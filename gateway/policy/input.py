@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -12,13 +12,19 @@ INPUT_VERSION = 1
 
 
 class TargetLike(Protocol):
-    """What the input needs to know about the database a session reaches."""
+    """What the input needs to know about the target and the database a session reaches."""
 
     @property
     def name(self) -> str: ...
 
     @property
     def database(self) -> str: ...
+
+    @property
+    def default_database(self) -> str: ...
+
+    @property
+    def databases(self) -> Sequence[str]: ...
 
     @property
     def labels(self) -> Mapping[str, str]: ...
@@ -46,8 +52,29 @@ class SessionLike(Protocol):
 @dataclass(frozen=True, slots=True)
 class TargetInfo:
     name: str
+    # The database the session reaches ...
     database: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    # ... the target's own (dbname=TARGET); "" means `database` itself ...
+    default_database: str = ""
+    # ... and the others it lets clients choose (dbname=TARGET/DATABASE; "*": any).
+    databases: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.default_database:
+            object.__setattr__(self, "default_database", self.database)
+
+
+def target_input(target: TargetLike) -> dict[str, Any]:
+    """The input's `target` section: the policy sees which database of the target the
+    session uses, besides the target's default and the others it allows."""
+    return {
+        "name": target.name,
+        "database": target.database,
+        "default_database": target.default_database,
+        "databases": list(target.databases),
+        "labels": dict(target.labels),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +97,7 @@ def build_input(
     return {
         "version": INPUT_VERSION,
         "principal": principal.to_input(),
-        "target": {
-            "name": target.name,
-            "database": target.database,
-            "labels": dict(target.labels),
-        },
+        "target": target_input(target),
         "session": {
             "id": session.id,
             "client_addr": session.client_addr,

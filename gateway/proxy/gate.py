@@ -12,11 +12,14 @@ from typing import Any, Protocol, cast
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision, Mask
+from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import PathProblem, sets_search_path
+from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
+from gateway.sql.databases import databases_held_by_statement
 from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
@@ -145,8 +148,12 @@ class SessionContext:
     startup_user: str
     principal: Principal
     target_name: str
+    # The database of the target the session uses (dbname=TARGET/DATABASE, or the default).
     target_database: str
     target_labels: dict[str, str] = field(default_factory=dict)
+    # The target's own database ("": target_database) and the others it lets clients choose.
+    target_default_database: str = ""
+    target_databases: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -207,8 +214,10 @@ class StatementGate:
         catalog: Catalog | None,
         decider: Decider,
         audit: AuditSink,
+        free_databases: Callable[[Sequence[str]], Awaitable[None]] | None = None,
     ) -> None:
         self.ctx = ctx
+        self._free_databases = free_databases
         self._analyzer = analyzer
         self.prepared = prepared
         self._catalog = catalog
@@ -234,11 +243,19 @@ class StatementGate:
         # Cursor name → the lineage of its rows, as DECLARE's decision saw them (a FETCH
         # names the cursor, not the columns). Missing: unknown, so masked as before.
         self.cursors: dict[str, tuple[tuple[str | None, bool], ...] | None] = {}
-        self._target_input = {
-            "name": ctx.target_name,
-            "database": ctx.target_database,
-            "labels": dict(ctx.target_labels),
-        }
+        # A session in another database than the target's default is recorded as TARGET/DB.
+        self._audit_target = dbname_for(
+            ctx.target_name, ctx.target_database, ctx.target_default_database or ctx.target_database
+        )
+        self._target_input = target_input(
+            TargetInfo(
+                ctx.target_name,
+                ctx.target_database,
+                ctx.target_labels,
+                ctx.target_default_database,
+                ctx.target_databases,
+            )
+        )
 
     # -- analysis and decision -------------------------------------------------------
 
@@ -346,7 +363,7 @@ class StatementGate:
                 client_addr=self.ctx.client_addr,
                 application_name=self.ctx.application_name,
                 principal=self.ctx.principal,
-                target=self.ctx.target_name,
+                target=self._audit_target,
                 text=f.text,
                 fingerprint=f.fingerprint,
                 protocol=protocol,
@@ -392,6 +409,8 @@ class StatementGate:
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
+        if allowed:
+            await self._free_held_databases(facts)
         if not allowed:
             for run in runs:
                 run.sqlstate = REFUSED
@@ -445,6 +464,21 @@ class StatementGate:
             return await self._path_refusal(exc, "extended", params)
         return await self._verdict(resolved, "extended", params, record=True)
 
+    async def check_connect(self) -> Verdict:
+        """The session's choice of a database other than the target's default, decided (and
+        recorded) before pgwarden connects to it, as a statement CONNECT of category
+        "session"; `target.database` in every input lets the policy judge each statement too."""
+        database = self.ctx.target_database
+        quoted = '"' + database.replace('"', '""') + '"'
+        facts = StatementFacts(
+            text=f"-- startup: connect to database {quoted}",
+            fingerprint=f"connect:{database}",
+            command="CONNECT",
+            category="session",
+            flags=("connect",),
+        )
+        return await self._verdict((facts,), "startup", (), record=True)
+
     async def check_function_call(self, oid: int, args: tuple[str | None, ...]) -> Verdict:
         """The FunctionCall message: decided as a call of the function its OID names."""
         name = await self._catalog.function_name(oid) if self._catalog is not None else None
@@ -494,7 +528,19 @@ class StatementGate:
             return _audit_refusal(exc, decisions, facts)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = await self._prepare_masks(runs, decisions)
+        if refusal is None:
+            await self._free_held_databases(facts)
         return Verdict(refusal is None, runs, decisions, refusal, facts)
+
+    async def _free_held_databases(self, facts: Sequence[StatementFacts]) -> None:
+        """Before an allowed DROP DATABASE (rename, CREATE DATABASE ... TEMPLATE) is
+        forwarded: pgwarden's own catalog connection to that database would make it wait 5 s
+        and fail with 55006 where a direct client succeeds."""
+        if self._free_databases is None:
+            return
+        held = [name for f in facts for name in databases_held_by_statement(f)]
+        if held:
+            await self._free_databases(held)
 
     # -- masks ---------------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.proxy.cancel import CancelKeys
@@ -30,8 +31,12 @@ class GatewayContext:
     audit: AuditSink
     analyzer: Analyzer
     new_prepared: Callable[[], PreparedRegistry]
-    catalog_for: Callable[[Target], Catalog | None]
+    # The catalog of one database of a target (each database has its own OIDs and names).
+    catalog_for: Callable[[Target, str], Catalog | None]
     environ: Mapping[str, str]
+    # Closes pgwarden's own connections to some databases of a target before a statement
+    # that needs them free (DROP DATABASE, ...) is forwarded.
+    free_databases: Callable[[Target, Sequence[str]], Awaitable[None]] | None = None
     server_tls: ssl.SSLContext | None = None
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
@@ -42,21 +47,24 @@ class GatewayContext:
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def make_gate(self, session: ClientSession, ctx: SessionContext) -> StatementGate:
-        assert session.target is not None
+        target = session.target
+        assert target is not None
+        free = self.free_databases
         return StatementGate(
             ctx,
             analyzer=self.analyzer,
             prepared=self.new_prepared(),
-            catalog=self.catalog_for(session.target),
+            catalog=self.catalog_for(target, session.database),
             decider=self.decider,
             audit=self.audit,
+            free_databases=None if free is None else functools.partial(free, target),
         )
 
     def after_ddl(self, session: ClientSession) -> None:
-        """DDL may change what `*` means: drop the target's cached catalog entries."""
+        """DDL may change what `*` means: drop the database's cached catalog entries."""
         if session.target is None:
             return
-        catalog = self.catalog_for(session.target)
+        catalog = self.catalog_for(session.target, session.database)
         invalidate = getattr(catalog, "invalidate", None)
         if callable(invalidate):
             invalidate()

@@ -57,6 +57,7 @@ from gateway.proxy.search_path import (
     SearchPathWatch,
     first_column,
 )
+from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
@@ -227,6 +228,8 @@ class ClientSession(asyncio.Protocol):
         self._startup: StartupMessage | None = None
         self.principal: Principal | None = None
         self.target: Target | None = None
+        # Which of the target's databases the session uses (dbname=TARGET/DATABASE).
+        self.database = ""
         self.up: UpstreamConnection | None = None
         self.gate: StatementGate | None = None
         self.tracker = ResponseTracker()
@@ -417,7 +420,9 @@ class ClientSession(asyncio.Protocol):
             client_addr=self.client_addr,
             application_name=startup.get("application_name", ""),
             startup_user=startup.get("user", ""),
-            target=self.target.name if self.target is not None else startup.get("database", ""),
+            target=dbname_for(self.target.name, self.database, self.target.dbname)
+            if self.target is not None
+            else startup.get("database", ""),
             principal=self.principal,
             reason=reason,
         )
@@ -529,13 +534,23 @@ class ClientSession(asyncio.Protocol):
         ):
             self._fatal("28000", "pgwarden: replication connections are not supported")
             return
-        target_name = params.get("database") or params.get("user", "")
+        try:
+            target_name, database = parse_dbname(params.get("database") or params.get("user", ""))
+        except TargetError as exc:
+            self._fatal("3D000", f"pgwarden: {exc}")
+            return
         target = self.gw.targets.get(target_name)
         if target is None:
             self._fatal(
                 "3D000",
-                f'pgwarden: no target named "{target_name}" (the database name selects the target)',
+                f'pgwarden: no target named "{target_name}" (the database name selects the target:'
+                f" dbname=TARGET or TARGET{DATABASE_SEPARATOR}DATABASE)",
             )
+            return
+        try:
+            self.database = target.database_for(database)
+        except TargetError as exc:
+            self._fatal(REFUSED, f"pgwarden: {exc}")
             return
         self.target = target
         tls = self._tls is not None
@@ -592,7 +607,9 @@ class ClientSession(asyncio.Protocol):
         if settings_sql is None:
             return
         try:
-            up = await connect_upstream(self.target, self.gw.environ, relayed)
+            up = await connect_upstream(
+                self.target, self.gw.environ, relayed, database=self.database
+            )
         except UpstreamError as exc:
             self._session_event("auth_failure", str(exc))
             self._fatal(exc.sqlstate, f"pgwarden: {exc}")
@@ -611,12 +628,16 @@ class ClientSession(asyncio.Protocol):
                 startup_user=params.get("user", ""),
                 principal=principal,
                 target_name=self.target.name,
-                target_database=self.target.dbname,
+                target_database=self.database,
                 target_labels=dict(self.target.labels),
+                target_default_database=self.target.dbname,
+                target_databases=self.target.databases,
             ),
         )
         self.gate.settle_search_path = self._settle_search_path
         self._session_event("session_start")
+        if self.database != self.target.dbname and not await self._database_allowed():
+            return
         if settings_sql:
             # Startup `options -c name=value` are statements like any other: decide them.
             verdict = await self.gate.check_query(settings_sql)
@@ -639,6 +660,20 @@ class ClientSession(asyncio.Protocol):
             return
         self.gate.search_path = path
         self._begin_relay(up)
+
+    async def _database_allowed(self) -> bool:
+        """Another database than the target's own: the policy decides the choice itself
+        before the client's first statement (and sees `target.database` in every input)."""
+        assert self.gate is not None
+        verdict = await self.gate.check_connect()
+        if not verdict.allowed:
+            refusal = ErrorResponse.decode((verdict.refusal or b"")[5:])
+            self._fatal(refusal.sqlstate or REFUSED, self._refusal_text(verdict), refusal.detail)
+            return False
+        for run in verdict.runs:
+            run.command_tag, run.done = "CONNECT", True
+            self.gate.outcome(run)
+        return True
 
     def _refusal_text(self, verdict: Verdict) -> str:
         if verdict.refusal is None:

@@ -1,4 +1,5 @@
-"""Registered targets: the upstream databases a client names by `dbname`, and their credentials."""
+"""Registered targets: the upstream servers a client names by `dbname`, the databases each
+serves, and their credentials."""
 
 from __future__ import annotations
 
@@ -14,10 +15,31 @@ import orjson
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 SSL_MODES: tuple[SslMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+# `dbname` is `target` (its default database) or `target/database`: a target name never
+# holds this character, so the first one ends it; a database name may hold more of them.
+DATABASE_SEPARATOR = "/"
+# In Target.databases: every database of the server.
+ANY_DATABASE = "*"
 
 
 class TargetError(Exception):
     """A target is unknown, invalid, or its credential cannot be read."""
+
+
+def parse_dbname(dbname: str) -> tuple[str, str | None]:
+    """A client's `dbname` as (target name, database or None for the target's default)."""
+    name, sep, database = dbname.partition(DATABASE_SEPARATOR)
+    if sep and not database:
+        raise TargetError(
+            f'dbname "{dbname}" names no database after "{DATABASE_SEPARATOR}"'
+            f" (use target{DATABASE_SEPARATOR}database, or the target alone for its default)"
+        )
+    return name, database if sep else None
+
+
+def dbname_for(target: str, database: str, default: str) -> str:
+    """The `dbname` that reaches `database` of `target`, as the audit trail names it."""
+    return target if database == default else f"{target}{DATABASE_SEPARATOR}{database}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +55,33 @@ class Target:
     sslmode: SslMode = "prefer"
     sslrootcert: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # The databases besides `dbname` clients may choose (`target/database`); "*": any of the
+    # server's. Empty: only `dbname`. The credential is the target's whichever is chosen.
+    databases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise TargetError(f"invalid target name {self.name!r}")
+        # The registry file holds a JSON list; the value stays hashable and read-only.
+        object.__setattr__(self, "databases", tuple(dict.fromkeys(self.databases)))
+        if any(not d for d in self.databases):
+            raise TargetError("a database name cannot be empty")
         if self.sslmode not in SSL_MODES:
             raise TargetError(f"invalid sslmode {self.sslmode!r}")
         if self.password_env and self.password_file:
             raise TargetError("give --password-env or --password-file, not both")
+
+    def database_for(self, requested: str | None) -> str:
+        """The database a session reaches when the client asks for `requested` (None: the
+        default); TargetError when this target does not let clients choose it."""
+        if requested is None or requested == self.dbname:
+            return self.dbname
+        if ANY_DATABASE in self.databases or requested in self.databases:
+            return requested
+        raise TargetError(
+            f'target "{self.name}" does not serve database "{requested}" to clients'
+            f" (an administrator can allow it: pgwarden targets add {self.name} --database ...)"
+        )
 
     def password(self, environ: Mapping[str, str]) -> str | None:
         """The credential, read at connect time from its env var or file."""

@@ -156,11 +156,14 @@ async def connect_upstream(
     environ: Mapping[str, str],
     parameters: Mapping[str, str],
     *,
+    database: str | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109 - bounds the whole login, not one await
 ) -> UpstreamConnection:
-    """Open a logged-in connection to `target`, sending the client's allowed `parameters`."""
+    """Open a logged-in connection to `target`'s `database` (None: its default), sending the
+    client's allowed `parameters`."""
+    params = {**parameters, "database": database or target.dbname}
     try:
-        return await asyncio.wait_for(_connect(target, environ, parameters), timeout)
+        return await asyncio.wait_for(_connect(target, environ, params), timeout)
     except TimeoutError:
         raise UpstreamError(f"timed out connecting to target {target.name}") from None
     except OSError as exc:
@@ -210,7 +213,7 @@ async def _login(
             raise UpstreamError(
                 f"target {target.name} does not accept TLS (sslmode={target.sslmode})"
             )
-    params = {**parameters, "user": target.user, "database": target.dbname}
+    params = {"database": target.dbname, **parameters, "user": target.user}
     transport.write(StartupMessage(parameters=params).encode())
     password = target.password(environ)
     scram: scramp.ScramClient | None = None

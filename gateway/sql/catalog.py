@@ -1,4 +1,5 @@
-"""Resolve unqualified relations and `*` columns in facts against one target's live catalog."""
+"""Resolve unqualified relations and `*` columns in facts against the live catalog of one
+database of a target."""
 
 from __future__ import annotations
 
@@ -290,7 +291,8 @@ def consults_catalog(facts: StatementFacts) -> bool:
 
 
 class Catalog:
-    """Relation and column metadata for one target, over a single lazy metadata connection.
+    """Relation and column metadata for one database of a target, over a single lazy
+    metadata connection, closed when idle (see release() for DROP DATABASE).
 
     Everything cached belongs to one catalog generation. refresh(), called before a
     statement is resolved, reads the generation from the server and drops the cache when it
@@ -312,6 +314,7 @@ class Catalog:
         timeout: float = 2.0,
         ttl: float = 60.0,
         retry_after: float = 1.0,
+        idle_seconds: float = 10.0,
     ) -> None:
         if isinstance(connect, str):
             dsn = connect
@@ -335,6 +338,11 @@ class Catalog:
         self._schemas: frozenset[str] = frozenset()
         self._failed_at: float | None = None
         self._lock = asyncio.Lock()
+        # Closing the connection when unused this long (0: never).
+        self._idle_seconds = idle_seconds
+        self._used_at = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Future[None]] = set()
         # relname → ({schema: columns}, fetched at)
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
@@ -475,6 +483,7 @@ class Catalog:
         """
         if not masks:
             return {}
+        self._forget_if_lost()
         now = time.monotonic()
         found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
         missing: list[tuple[str, str, str]] = []
@@ -514,7 +523,26 @@ class Catalog:
                 targets[(relid, attnum)] = method if held is None else stronger_method(held, method)
         return targets
 
+    async def release(self) -> None:
+        """Close the metadata connection now, once the query in flight (if any) is done: its
+        database must be free for DROP DATABASE, a rename, or CREATE DATABASE copying it."""
+        async with self._lock:
+            await self.close()
+
+    def _forget_if_lost(self) -> None:
+        """The server ended the connection (DROP DATABASE ... WITH (FORCE), a terminated
+        backend): the database may be gone and its name another's, so is what it read."""
+        if self._conn is not None and self._conn.is_closed():
+            self._conn = None
+            self._disarm_idle()
+            self.invalidate()
+
     async def close(self) -> None:
+        """Close the connection and forget what it read: the cache describes the database
+        that connection was in, and once none is held open a database of that name may be
+        dropped and made again (new OIDs) without pgwarden seeing it."""
+        self._disarm_idle()
+        self.invalidate()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -536,6 +564,7 @@ class Catalog:
             names.update(table for _, table, _ in output.sources)
         if not names and not (facts.functions or facts.operators or facts.types):
             return facts  # an attribute (t.name) comes with its relation, so with names
+        self._forget_if_lost()
         try:
             relations = await self._lookup(names)
         except Exception:
@@ -859,17 +888,55 @@ class Catalog:
         """`work` on the metadata connection, one at a time; after a dropped connection one
         fresh attempt, then the failure (and no reconnect for a while)."""
         async with self._lock:
-            for attempt in (1, 2):
-                conn = await self._connection()
-                try:
-                    return await work(conn)
-                except Exception:
-                    # A dropped connection: one fresh attempt, then report unavailable.
-                    await self.close()
-                    if attempt == 2:
-                        self._failed_at = time.monotonic()
-                        raise
+            try:
+                for attempt in (1, 2):
+                    conn = await self._connection()
+                    try:
+                        return await work(conn)
+                    except Exception:
+                        # A dropped connection: one fresh attempt, then report unavailable.
+                        await self.close()
+                        if attempt == 2:
+                            self._failed_at = time.monotonic()
+                            raise
+            finally:
+                self._used_at = time.monotonic()
+                self._arm_idle()
         raise AssertionError("unreachable")
+
+    # An open connection keeps its database from being dropped, renamed or copied (and
+    # takes a server slot): one nobody has used for `idle_seconds` is closed.
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is None and self._conn is not None and self._idle_seconds > 0:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._idle_seconds, self._idle_due)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        if self._conn is None:
+            return
+        left = self._used_at + self._idle_seconds - time.monotonic()
+        if left > 0 or self._lock.locked():
+            # Used since, or in use now (its end arms the timer again).
+            if not self._lock.locked():
+                self._idle_timer = asyncio.get_running_loop().call_later(left, self._idle_due)
+            return
+        task = asyncio.ensure_future(self._close_if_idle())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_if_idle(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._used_at >= self._idle_seconds:
+                await self.close()
+            else:
+                self._arm_idle()
 
     async def _connection(self) -> Any:
         if self._conn is not None and not self._conn.is_closed():

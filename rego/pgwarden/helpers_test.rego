@@ -21,7 +21,7 @@ base_statement := {
 request(principal_groups, statement) := {
 	"version": 1,
 	"principal": {"subject": "test:principal", "issuer": "pgwarden", "groups": principal_groups, "token_id": "j", "claims": {}},
-	"target": {"name": "app", "database": "appdb", "labels": {"env": "prod"}},
+	"target": {"name": "app", "database": "appdb", "default_database": "appdb", "databases": [], "labels": {"env": "prod"}},
 	"session": {"id": "s", "client_addr": "127.0.0.1", "application_name": "opa test", "user": "u", "in_transaction": false},
 	"statement": object.union(base_statement, statement),
 }

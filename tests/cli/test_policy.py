@@ -55,7 +55,13 @@ def test_eval_prints_input_and_approve_for_an_agent_write(env: dict[str, str]) -
     assert isinstance(policy_input, dict) and isinstance(decision, dict)
     assert policy_input["version"] == 1
     assert policy_input["principal"]["groups"] == ["ai-agents"]
-    assert policy_input["target"] == {"name": "app", "database": "app", "labels": {}}
+    assert policy_input["target"] == {
+        "name": "app",
+        "database": "app",
+        "default_database": "app",
+        "databases": [],
+        "labels": {},
+    }
     assert policy_input["statement"]["command"] == "DELETE"
     assert decision["action"] == "approve"
     assert set(decision["approvers"]) == {"engineers", "admins"}
@@ -114,3 +120,15 @@ def test_build_writes_the_bundle_with_the_manifest_revision(env: dict[str, str])
         assert orjson.loads(manifest.read())["revision"] == revision
     assert "/pgwarden/decision.rego" in names
     assert not any(n.endswith("_test.rego") for n in names)
+
+
+def test_eval_of_another_database_of_the_target(env: dict[str, str]) -> None:
+    """`--target TARGET/DATABASE` decides as a session in that database would be decided."""
+    args = ("--subject", "agent:ci", "--group", "ai-agents", "--target", "app/reports")
+    [document] = eval_documents(env, *args, "SELECT 1")
+    policy_input, decision = document["input"], document["decision"]
+    assert isinstance(policy_input, dict) and isinstance(decision, dict)
+    assert policy_input["target"]["database"] == "reports"
+    assert policy_input["target"]["default_database"] == "app"
+    assert decision["action"] == "deny"
+    assert "target app does not serve database reports" in " ".join(decision["reasons"])

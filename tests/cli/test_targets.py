@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
 from cli.main import app
-from gateway.proxy.targets import TargetRegistry
+from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
 from tests.harness import create_scratch_database, drop_scratch_database
 
 
@@ -110,3 +110,41 @@ def test_install_ddl_watch(tmp_path: Path, pg_cluster: LocalCluster) -> None:
         assert before is not None and after is not None and after[0] == before[0] + 1
     finally:
         drop_scratch_database(pg_cluster, name)
+
+
+def test_a_target_serves_the_databases_it_lists(tmp_path: Path) -> None:
+    code, out, _ = _run(
+        tmp_path, "targets", "add", "srv", "--dbname", "appdb", "--password-env", "A",
+        "--database", "scratch", "--database", "reports",
+    )  # fmt: skip
+    assert code == 0, out
+    target = TargetRegistry(tmp_path / "targets.json").get("srv")
+    assert target is not None and target.databases == ("scratch", "reports")
+    assert target.database_for(None) == "appdb"
+    assert target.database_for("appdb") == "appdb"
+    assert target.database_for("reports") == "reports"
+    with pytest.raises(TargetError, match='does not serve database "postgres"'):
+        target.database_for("postgres")
+    code, out, _ = _run(tmp_path, "targets", "list", "--json")
+    assert orjson.loads(out)[0]["databases"] == ["scratch", "reports"]
+    code, out, _ = _run(tmp_path, "targets", "list")
+    assert code == 0
+
+    assert _run(tmp_path, "targets", "add", "any", "--password-env", "A", "--database", "*")[0] == 0
+    target = TargetRegistry(tmp_path / "targets.json").get("any")
+    assert target is not None and target.database_for("whatever") == "whatever"
+    # Without --database a target serves its default database alone.
+    assert _run(tmp_path, "targets", "add", "one", "--password-env", "A")[0] == 0
+    target = TargetRegistry(tmp_path / "targets.json").get("one")
+    assert target is not None and target.databases == ()
+    with pytest.raises(TargetError):
+        target.database_for("template1")
+
+
+def test_dbname_names_a_target_and_optionally_one_of_its_databases() -> None:
+    assert parse_dbname("app") == ("app", None)
+    assert parse_dbname("app/reports") == ("app", "reports")
+    # Only the first separator splits: a database name may hold more.
+    assert parse_dbname("app/a/b") == ("app", "a/b")
+    with pytest.raises(TargetError, match="names no database"):
+        parse_dbname("app/")

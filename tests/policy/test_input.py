@@ -48,7 +48,13 @@ def test_input_document_matches_schema_version_1() -> None:
             "token_id": "jti-1",
             "claims": {"sub": "agent:ci-bot", "exp": 1_900_000_000},
         },
-        "target": {"name": "app", "database": "appdb", "labels": {"env": "prod"}},
+        "target": {
+            "name": "app",
+            "database": "appdb",
+            "default_database": "appdb",
+            "databases": [],
+            "labels": {"env": "prod"},
+        },
         "session": {
             "id": "s-1",
             "client_addr": "10.1.2.3",
@@ -86,3 +92,19 @@ def test_labels_are_copied_into_a_plain_dict() -> None:
     document = build_input(principal, target, session, {})
     assert type(document["target"]["labels"]) is dict
     assert document["session"]["client_addr"] is None
+
+
+def test_target_carries_the_chosen_database_beside_the_default_and_the_allowed() -> None:
+    target = TargetInfo(
+        name="app", database="scratch", default_database="appdb", databases=("scratch", "x")
+    )
+    session = SessionInfo(id="s", client_addr=None, application_name="", user="u")
+    principal = Principal("s", "i", (), "j", None)
+    document = build_input(principal, target, session, {})
+    assert document["target"] == {
+        "name": "app",
+        "database": "scratch",
+        "default_database": "appdb",
+        "databases": ["scratch", "x"],
+        "labels": {},
+    }
