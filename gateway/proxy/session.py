@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
 from gateway.protocol import (
@@ -220,6 +221,8 @@ class ClientSession(asyncio.Protocol):
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
+        # Bytes of an oversized password message still to drop before refusing the token.
+        self._password_skip = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._end_reason = "client quit"
         self._started_at = time.time()
@@ -339,6 +342,11 @@ class ClientSession(asyncio.Protocol):
             return
         self._send(ErrorResponse.build("FATAL", sqlstate, message, detail=detail).encode())
         self._close()
+
+    def _protocol_violation(self, problem: str) -> None:
+        """The client broke the protocol: say what, record why the session ended, close."""
+        self._end_reason = f"protocol violation: {problem}"
+        self._fatal("08P01", f"pgwarden: {problem}")
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -522,11 +530,27 @@ class ClientSession(asyncio.Protocol):
 
     def _password_data(self) -> None:
         buf = self._inbuf
+        if self._password_skip:
+            # The rest of an oversized password message: dropped unread, so that the client,
+            # still sending, reads the refusal instead of a connection reset.
+            n = min(self._password_skip, len(buf))
+            del buf[:n]
+            self._password_skip -= n
+            if not self._password_skip:
+                self._reject_token(TOKEN_TOO_LARGE)
+            return
         if len(buf) < 5:
             return
         code, length = _HEADER.unpack_from(buf, 0)
-        if code != ord("p") or length < 4 or length > 65536:
-            self._fatal("08P01", "pgwarden: expected a password message")
+        if code != ord("p") or length < 4:
+            self._protocol_violation("expected a password message")
+            return
+        if length - 4 > self.gw.settings.identity.max_token_bytes + 1:  # the token and its NUL
+            if length + 1 > self.gw.settings.listener.max_message_size:
+                self._reject_token(TOKEN_TOO_LARGE)
+                return
+            self._password_skip = length + 1
+            self._password_data()
             return
         if len(buf) < length + 1:
             return
@@ -535,18 +559,21 @@ class ClientSession(asyncio.Protocol):
         try:
             token = PasswordMessage.decode(body).password
         except ProtocolViolation:
-            self._fatal("08P01", "pgwarden: malformed password message")
+            self._protocol_violation("malformed password message")
             return
         self.phase = Phase.CONNECTING
         self._spawn(self._login(token))
+
+    def _reject_token(self, check: str) -> None:
+        self._session_event("auth_failure", check)
+        self._fatal("28P01", f"pgwarden: token rejected: {check}")
 
     async def _login(self, token: str) -> None:
         assert self.target is not None and self._startup is not None
         try:
             principal = await self.gw.verifier.verify(token.strip())
         except TokenRejected as exc:
-            self._session_event("auth_failure", exc.check)
-            self._fatal("28P01", f"pgwarden: token rejected: {exc.check}")
+            self._reject_token(exc.check)
             return
         self.principal = principal
         params = self._startup.parameters
