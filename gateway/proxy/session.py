@@ -10,8 +10,9 @@ import logging
 import socket
 import struct
 import time
+import traceback
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
@@ -27,8 +28,10 @@ from gateway.protocol import (
     BackendKeyData,
     Bind,
     CancelRequest,
+    Close,
     CommandComplete,
     DataRow,
+    Describe,
     ErrorResponse,
     Execute,
     FieldDescription,
@@ -45,6 +48,7 @@ from gateway.protocol import (
     SSLRequest,
     StartupMessage,
     decode_backend,
+    decode_frontend,
     decode_startup,
 )
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
@@ -223,6 +227,11 @@ class ClientSession(asyncio.Protocol):
         self._startup_timer: asyncio.TimerHandle | None = None
         # Bytes of an oversized password message still to drop before refusing the token.
         self._password_skip = 0
+        # pgwarden is closing the session (its upstream closing is then no news), and whether
+        # that is for an internal error (logged once), or after the server's own FATAL.
+        self._closing = False
+        self._failed = False
+        self._server_fatal = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._end_reason = "client quit"
         self._started_at = time.time()
@@ -248,8 +257,15 @@ class ClientSession(asyncio.Protocol):
         self.gw.all_closed.clear()
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(
-            self.gw.settings.listener.startup_timeout_seconds, self._startup_timeout
+            self.gw.settings.listener.startup_timeout_seconds, self._callback, self._startup_timeout
         )
+
+    def _callback(self, callback: Callable[[], None]) -> None:
+        """A timer or deferred call of this session, run at the callback boundary."""
+        try:
+            callback()
+        except Exception as exc:
+            self._internal_error(exc)
 
     def _startup_timeout(self) -> None:
         if self.phase in (Phase.STARTUP, Phase.PASSWORD):
@@ -270,17 +286,27 @@ class ClientSession(asyncio.Protocol):
         for task in self._tasks:
             task.cancel()
         if self.gate is not None:
+            unfinished = (
+                "client disconnected before the outcome"
+                if self._end_reason == "client quit"
+                else f"not completed: {self._end_reason}"
+            )
             for e in self.tracker.clear():
                 for run in e.runs:
                     if not run.done:
-                        run.error_message = (
-                            run.error_message or "client disconnected before the outcome"
-                        )
+                        run.done = True
+                        run.error_message = run.error_message or unfinished
                         self.gate.outcome(run)
         if was in (Phase.RELAY, Phase.CONNECTING) and self.principal is not None:
             self._session_event("session_end", self._end_reason)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._client_bytes(data)
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._internal_error(exc)
+
+    def _client_bytes(self, data: bytes) -> None:
         if self._tls is not None:
             was_done = self._tls.handshake_done
             try:
@@ -311,7 +337,7 @@ class ClientSession(asyncio.Protocol):
         elif phase is Phase.CONNECTING:
             self._inbuf += data
             if len(self._inbuf) > self.gw.settings.listener.max_message_size:
-                self._fatal("08P01", "pgwarden: too much data before the session was ready")
+                self._protocol_violation("too much data before the session was ready")
 
     def eof_received(self) -> bool | None:
         return False
@@ -348,7 +374,19 @@ class ClientSession(asyncio.Protocol):
         self._end_reason = f"protocol violation: {problem}"
         self._fatal("08P01", f"pgwarden: {problem}")
 
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug in pgwarden hit this session: log it once (its type and where, not its
+        message, which may quote data), record why the session ends, close with a FATAL."""
+        if self.phase is Phase.CLOSED or self._failed:
+            return
+        self._failed = True
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("session %s: internal error %s\n%s", self.id, type(exc).__name__, where.rstrip())
+        self._end_reason = f"internal error ({type(exc).__name__})"
+        self._fatal("XX000", "pgwarden: internal error; the session is closed")
+
     def _close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             if self._tls is not None:
                 with contextlib.suppress(Exception):
@@ -375,8 +413,7 @@ class ClientSession(asyncio.Protocol):
             return
         exc = task.exception()
         if exc is not None:
-            log.error("session %s: internal error", self.id, exc_info=exc)
-            self._fatal("XX000", "pgwarden: internal error; the session is closed")
+            self._internal_error(exc)
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
@@ -761,7 +798,7 @@ class ClientSession(asyncio.Protocol):
             return False
         self._resyncing = True
         self._resync_value = self._resync_error = None
-        self.up.transport.write(SHOW_SEARCH_PATH)
+        self._write_upstream(SHOW_SEARCH_PATH)
         return True
 
     def _resync_message(self, code: int, view: bytes | bytearray, pos: int, end: int) -> None:
@@ -782,7 +819,7 @@ class ClientSession(asyncio.Protocol):
                 )
             # Client messages held while the answer was awaited (a gate task waiting for
             # the path resumes by itself).
-            asyncio.get_running_loop().call_soon(self._resume_client)
+            asyncio.get_running_loop().call_soon(self._callback, self._resume_client)
 
     def _resume_client(self) -> None:
         if not self._busy and not self._resyncing and self.phase is Phase.RELAY:
@@ -827,7 +864,7 @@ class ClientSession(asyncio.Protocol):
     def _schedule_recheck(self) -> None:
         loop = asyncio.get_running_loop()
         self._recheck = loop.call_later(
-            self.gw.settings.identity.recheck_seconds, self._recheck_token
+            self.gw.settings.identity.recheck_seconds, self._callback, self._recheck_token
         )
 
     def _recheck_token(self) -> None:
@@ -844,9 +881,23 @@ class ClientSession(asyncio.Protocol):
         self._fatal("28P01", f"pgwarden: session ended: {reason}")
 
     def _upstream_lost(self, exc: BaseException | None) -> None:
-        if self.phase is Phase.RELAY:
-            self._end_reason = "target closed the connection"
-            self._close()
+        if self.phase is not Phase.RELAY or self._closing:
+            return
+        self._end_reason = "target closed the connection"
+        if self._server_fatal:
+            self._close()  # the server said why itself (terminated, shutting down)
+            return
+        self._fatal("08006", "pgwarden: lost the connection to the target; the session is closed")
+
+    def _write_upstream(self, data: bytes) -> None:
+        """Every write to the server goes here: one that has just closed is a lost target."""
+        up = self.up
+        if up is None:
+            return
+        if up.transport.is_closing():
+            self._upstream_lost(None)
+            return
+        up.transport.write(data)
 
     def _upstream_paused(self) -> None:
         self._paused_by_upstream = True
@@ -876,7 +927,7 @@ class ClientSession(asyncio.Protocol):
     def _flush_server(self) -> None:
         out = self._up_out
         if out and self.up is not None:
-            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write_upstream(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         self._sent_upto = self.tracker.added
         self._up_answerable = False
@@ -896,15 +947,25 @@ class ClientSession(asyncio.Protocol):
                     out.append(bytes(buf[start:pos]))
                 self._flush_server()
                 buf.clear()
-                self._fatal(
-                    "08P01" if length < 4 else "54000",
-                    f"pgwarden: invalid message length {length} (limit {limit})",
-                )
+                problem = f"invalid message length {length} (limit {limit})"
+                self._end_reason = f"protocol violation: {problem}"
+                self._fatal("08P01" if length < 4 else "54000", f"pgwarden: {problem}")
                 return
             end = pos + 1 + length
             if end > end_all:
                 break
             if code in _PASS:
+                passed = None
+                if code != 100:  # all but CopyData have a layout: a malformed one ends here
+                    try:
+                        passed = decode_frontend(code, bytes(buf[pos + 5 : end]))
+                    except ProtocolViolation as exc:
+                        if start < pos:
+                            out.append(bytes(buf[start:pos]))
+                        self._flush_server()
+                        buf.clear()
+                        self._protocol_violation(str(exc))
+                        return
                 if code == 83 and self._discarding:  # Sync ends the discard
                     self._discarding = False
                 if code in (99, 102):  # CopyDone, CopyFail
@@ -914,8 +975,10 @@ class ClientSession(asyncio.Protocol):
                         self.tracker.expect(Expectation("copy_end"))
                 elif code == 83 and self._copy_in:
                     pass  # the server ignores Sync during COPY IN: no answer to expect
-                elif code in (83, 68, 67):  # Sync, Describe, Close expect answers
-                    self._expect_simple(code, buf, pos, end)
+                elif code == 83:
+                    self.tracker.expect(Expectation("sync"))
+                elif isinstance(passed, (Describe, Close)):  # they expect answers too
+                    self._expect_answer(passed)
                 if code in (83, 72):  # Sync, Flush: the server answers what came before
                     self._up_answerable = True
                 pos = end
@@ -928,7 +991,7 @@ class ClientSession(asyncio.Protocol):
                         out.append(bytes(buf[start:pos]))
                     self._flush_server()
                     buf.clear()
-                    self._fatal("08P01", f"pgwarden: {exc}")
+                    self._protocol_violation(str(exc))
                     return
                 self.tracker.expect(Expectation("bind"))
                 pos = end
@@ -956,28 +1019,15 @@ class ClientSession(asyncio.Protocol):
             del buf[:pos]
         self._flush_server()
 
-    def _expect_simple(self, code: int, buf: bytearray, pos: int, end: int) -> None:
-        if code == 83:
-            self.tracker.expect(Expectation("sync"))
-        elif code == 68:
-            kind = buf[pos + 5]
-            name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
-            held = (self._statements if kind == ord("S") else self._portals).get(name)
-            self.tracker.expect(
-                Expectation(
-                    "describe_statement" if kind == ord("S") else "describe_portal",
-                    closing=(chr(kind), name),
-                    described=held,
-                )
-            )
+    def _expect_answer(self, msg: Describe | Close) -> None:
+        held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
+        closing = (msg.kind, msg.name)
+        if isinstance(msg, Close):
+            self.tracker.expect(Expectation("close", closing=closing, described=held))
+        elif msg.kind == "S":
+            self.tracker.expect(Expectation("describe_statement", closing=closing, described=held))
         else:
-            closing = None
-            closed: PreparedStatement | Portal | None = None
-            if end - pos > 6:
-                name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
-                closing = (chr(buf[pos + 5]), name)
-                closed = (self._statements if closing[0] == "S" else self._portals).get(name)
-            self.tracker.expect(Expectation("close", closing=closing, described=closed))
+            self.tracker.expect(Expectation("describe_portal", closing=closing, described=held))
 
     async def _gated(self, code: int, message: bytes) -> None:
         try:
@@ -1014,9 +1064,9 @@ class ClientSession(asyncio.Protocol):
             elif code == 70:  # FunctionCall
                 await self._on_function_call(FunctionCall.decode(body), message)
             else:
-                self._fatal("08P01", f"pgwarden: unexpected message type {chr(code)!r}")
+                self._protocol_violation(f"unexpected message type {chr(code)!r}")
         except ProtocolViolation as exc:
-            self._fatal("08P01", f"pgwarden: {exc}")
+            self._protocol_violation(str(exc))
 
     def _decode_sql(self, raw: bytes) -> str | None:
         try:
@@ -1240,6 +1290,16 @@ class ClientSession(asyncio.Protocol):
     # -- relay: server to client ---------------------------------------------------------
 
     def _server_data(self, data: bytes) -> None:
+        try:
+            self._relay_server_data(data)
+        except ProtocolViolation as exc:
+            log.warning("session %s: malformed message from the target: %s", self.id, exc)
+            self._end_reason = "protocol violation by the target"
+            self._fatal("08P01", "pgwarden: malformed message from the target; session closed")
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._internal_error(exc)
+
+    def _relay_server_data(self, data: bytes) -> None:
         buf = self._sbuf
         if self._skip:
             n = min(self._skip, len(data))
@@ -1359,10 +1419,12 @@ class ClientSession(asyncio.Protocol):
                 self._resync_if_idle()
             return None
         if code == 69:  # ErrorResponse
+            err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
+            if err.severity in ("FATAL", "PANIC"):
+                self._server_fatal = True  # the client learns why from the server itself
             if front is None:
                 return None
             replacement = front.refusal
-            err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
