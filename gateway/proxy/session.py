@@ -51,6 +51,7 @@ from gateway.protocol import (
     decode_frontend,
     decode_startup,
 )
+from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
 from gateway.proxy.search_path import SHOW_SEARCH_PATH, SearchPathWatch
 from gateway.proxy.tls import TlsLayer
@@ -87,25 +88,6 @@ _PASS = frozenset(b"DCSHdcf")
 _SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
 # What answers a Query: RowDescription, DataRow, CommandComplete, EmptyQuery, Error, Ready.
 _RESYNC_ANSWER = frozenset(b"TDCIEZ")
-
-# Python codec names for PostgreSQL's client_encoding values that clients actually use.
-_ENCODINGS = {
-    "UTF8": "utf-8",
-    "UNICODE": "utf-8",
-    "SQL_ASCII": "ascii",
-    "LATIN1": "latin-1",
-    "LATIN9": "iso8859-15",
-    "WIN1252": "cp1252",
-    "WIN1251": "cp1251",
-    "EUC_JP": "euc_jp",
-    "SJIS": "shift_jis",
-    "GBK": "gbk",
-    "UHC": "cp949",
-    "BIG5": "big5",
-    "EUC_KR": "euc_kr",
-    "KOI8R": "koi8_r",
-    "ISO_8859_5": "iso8859-5",
-}
 
 
 class Phase(Enum):
@@ -158,11 +140,11 @@ _BINARY_FLOATS = {700: "!f", 701: "!d"}
 _TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})  # text, varchar, bpchar, name, json
 
 
-def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
+def _param_text(value: bytes | None, fmt: int, type_oid: int, encoding: str) -> str | None:
     if value is None:
         return None
     if fmt == 0 or type_oid in _TEXT_TYPES:
-        return value.decode("utf-8", "replace")
+        return client_text(value, encoding)
     size = _BINARY_INTS.get(type_oid)
     if size is not None and len(value) == size:
         return str(int.from_bytes(value, "big", signed=type_oid != 26))
@@ -176,14 +158,17 @@ def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
 
 
 def _params_text(
-    values: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...] = ()
+    values: tuple[bytes | None, ...],
+    formats: tuple[int, ...],
+    types: tuple[int, ...],
+    encoding: str,
 ) -> tuple[str | None, ...]:
     """Bind/FunctionCall values as text: no format code means text for all, one applies to
     all, else one per value."""
     out = []
     for i, value in enumerate(values):
         fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
-        out.append(_param_text(value, fmt, types[i] if i < len(types) else 0))
+        out.append(_param_text(value, fmt, types[i] if i < len(types) else 0, encoding))
     return tuple(out)
 
 
@@ -366,6 +351,8 @@ class ClientSession(asyncio.Protocol):
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         if self.phase is Phase.CLOSED:
             return
+        message = for_client(message, self.encoding)
+        detail = None if detail is None else for_client(detail, self.encoding)
         self._send(ErrorResponse.build("FATAL", sqlstate, message, detail=detail).encode())
         self._close()
 
@@ -805,7 +792,8 @@ class ClientSession(asyncio.Protocol):
         if code == 68:
             self._resync_value = _first_column(bytes(view[pos + 5 : end]), self.encoding)
         elif code == 69:
-            self._resync_error = ErrorResponse.decode(bytes(view[pos + 5 : end])).message
+            message = ErrorResponse.decode(bytes(view[pos + 5 : end])).message or ""
+            self._resync_error = server_text(message, self.encoding)
         elif code == 90:
             self._resyncing = False
             assert self.gate is not None
@@ -848,7 +836,7 @@ class ClientSession(asyncio.Protocol):
             self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
             return
         encoding = up.parameters.get("client_encoding", "UTF8")
-        self.encoding = _ENCODINGS.get(encoding.upper(), "utf-8")
+        self.encoding = python_codec(encoding)
         out.append(BackendKeyData(up.process_id, self._cancel_secret).encode())
         out.append(ReadyForQuery("I").encode())
         self._send(b"".join(out))
@@ -1180,7 +1168,7 @@ class ClientSession(asyncio.Protocol):
     def _on_bind(self, msg: Bind) -> None:
         prepared = self._statements.get(msg.statement)
         types = prepared.param_types if prepared is not None else ()
-        params = _params_text(msg.params, msg.param_formats, types)
+        params = _params_text(msg.params, msg.param_formats, types, self.encoding)
         known = None
         if prepared is None and self.gate is not None:
             known = self.gate.prepared.lookup(msg.statement)
@@ -1269,7 +1257,7 @@ class ClientSession(asyncio.Protocol):
         assert self.gate is not None
         if self._discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
-        args = _params_text(msg.args, msg.arg_formats)
+        args = _params_text(msg.args, msg.arg_formats, (), self.encoding)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
         if self.phase is not Phase.RELAY or self._skipped_meanwhile(verdict):
             return
@@ -1425,10 +1413,12 @@ class ClientSession(asyncio.Protocol):
             if front is None:
                 return None
             replacement = front.refusal
+            if replacement is not None and self.encoding != "utf-8":
+                replacement = self._refusal_for_client(replacement)
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
-                run.error_message = err.message
+                run.error_message = server_text(err.message or "", self.encoding)
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
@@ -1526,13 +1516,19 @@ class ClientSession(asyncio.Protocol):
         if code == 83:  # ParameterStatus
             ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
             if ps.name == "client_encoding":
-                self.encoding = _ENCODINGS.get(ps.value.upper(), "utf-8")
+                self.encoding = python_codec(ps.value)
             elif ps.name == "standard_conforming_strings" and ps.value != "on":
                 # Should be unreachable (refused at the gate); never parse under other rules.
                 self._end_reason = "standard_conforming_strings turned off"
                 self._fatal(REFUSED, "pgwarden: standard_conforming_strings must stay on")
             return None
         return None
+
+    def _refusal_for_client(self, refusal: bytes) -> bytes:
+        """pgwarden's refusal (built in UTF-8) in the client's encoding."""
+        err = ErrorResponse.decode(refusal[5:])
+        fields = {k: for_client(v, self.encoding) for k, v in err.fields.items()}
+        return ErrorResponse(fields).encode()
 
     def _undo_parse(self, e: Expectation) -> None:
         """A Parse the server rejected or skipped: its name holds what it held before."""
@@ -1555,7 +1551,7 @@ class ClientSession(asyncio.Protocol):
                 if failed_bind is not None:
                     self._bind_error = None
                     run.sqlstate = failed_bind.sqlstate
-                    run.error_message = failed_bind.message
+                    run.error_message = server_text(failed_bind.message or "", self.encoding)
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=True)
 
@@ -1619,7 +1615,7 @@ class ClientSession(asyncio.Protocol):
             values = DataRow.decode(frame[5:]).values
         except ProtocolViolation:
             return
-        row = tuple(None if v is None else v.decode("utf-8", "replace") for v in values)
+        row = tuple(None if v is None else client_text(v, self.encoding) for v in values)
         run.recorded.append(row)
         run.recorded_bytes += len(frame)
 
