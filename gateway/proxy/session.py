@@ -56,7 +56,12 @@ from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, 
 from gateway.proxy.search_path import SHOW_SEARCH_PATH, SearchPathWatch
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
-from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from gateway.proxy.upstream import (
+    UpstreamConnection,
+    UpstreamError,
+    connect_upstream,
+    forward_cancel,
+)
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
@@ -497,18 +502,19 @@ class ClientSession(asyncio.Protocol):
 
     def _handle_cancel(self, packet: CancelRequest) -> None:
         session = self.gw.cancel_keys.find(packet.process_id, packet.secret_key)
-        if session is not None:
-            session.cancel_running()
-        # PostgreSQL answers a cancel with nothing but closing the connection.
-        self._close()
+        forwarded = session.cancel_running() if session is not None else None
+        # PostgreSQL answers a cancel with nothing but closing the connection, once it has
+        # signalled the backend; libpq waits for that close. So the client's cancel
+        # connection closes only after the target's has.
+        if forwarded is None:
+            self._close()
+        else:
+            forwarded.add_done_callback(lambda _: self._close())
 
-    def cancel_running(self) -> None:
+    def cancel_running(self) -> asyncio.Future[None] | None:
         if self.up is None or self.target is None or not self.tracker.running():
-            return
-        target, pid, key = self.target, self.up.process_id, self.up.secret_key
-        task = asyncio.ensure_future(send_cancel(target, pid, key))
-        self.gw.background.add(task)
-        task.add_done_callback(self.gw.background.discard)
+            return None
+        return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
 
     def _on_startup(self, msg: StartupMessage) -> None:
         params = msg.parameters
