@@ -40,8 +40,8 @@ class IdentitySettings(BaseModel):
     # The issuer's key set is fetched again when its Cache-Control max-age (or Expires) runs
     # out, but never sooner than the floor nor later than the ceiling: a key the issuer
     # withdraws stops verifying tokens, and ends sessions it verified, within the ceiling.
-    oidc_jwks_min_refresh_seconds: float = 30.0
-    oidc_jwks_max_refresh_seconds: float = 600.0
+    oidc_jwks_min_refresh_seconds: float = Field(default=30.0, gt=0)
+    oidc_jwks_max_refresh_seconds: float = Field(default=600.0, gt=0)
     # Open sessions re-check their token's expiry this often.
     recheck_seconds: float = 30.0
     # How often the token registry (and the OIDC key set) is looked at for revocations made

@@ -54,7 +54,8 @@ class TokenRegistry:
 
     Gateways keep the revoked ids in memory and look at the file again at most every
     `recheck_seconds`, reloading only when SQLite's data_version says another connection
-    committed, so a revocation made by another process takes effect within about that time.
+    committed; `refresh()` looks at once (the gateway's revocation watch calls it on a short
+    period), and a `fresh` rejection check (a login) looks at once too.
     """
 
     def __init__(
@@ -129,10 +130,11 @@ class TokenRegistry:
             rows = self._db.execute(f"{_SELECT} ORDER BY issued_at, jti").fetchall()
         return [_record(r) for r in rows]
 
-    def rejection(self, jti: str) -> str | None:
-        """None if `jti` was issued here and is not revoked; else the failed check's name."""
+    def rejection(self, jti: str, *, fresh: bool = False) -> str | None:
+        """None if `jti` was issued here and is not revoked; else the failed check's name.
+        `fresh`: look at the file now, so a revocation committed a moment ago counts."""
         with self._lock:
-            self._refresh()
+            self._refresh(force=fresh)
             if jti in self._revoked:
                 return REVOKED
             if jti in self._known:
@@ -147,17 +149,26 @@ class TokenRegistry:
                 return REVOKED
             return None
 
-    def _refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Look at the file now; True if the set of revoked tokens changed."""
+        with self._lock:
+            return self._refresh(force=True)
+
+    def _refresh(self, *, force: bool = False) -> bool:
         now = self._monotonic()
-        if now - self._checked_at < self._recheck_seconds:
-            return
+        if not force and now - self._checked_at < self._recheck_seconds:
+            return False
         self._checked_at = now
+        # One cheap pragma: it changes only when another connection has committed.
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         if version == self._data_version:
-            return
+            return False
         self._data_version = version
         rows = self._db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL")
-        self._revoked = {jti for (jti,) in rows}
+        revoked = {jti for (jti,) in rows}
+        changed = revoked != self._revoked
+        self._revoked = revoked
+        return changed
 
 
 _SELECT = "SELECT jti, subject, groups, issued_at, expires_at, revoked_at FROM tokens"

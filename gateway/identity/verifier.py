@@ -43,6 +43,11 @@ class IdentityVerifier:
             max_token_bytes=settings.identity.max_token_bytes,
         )
 
+    def start(self) -> None:
+        """Start background work (keeping the OIDC issuer's key set fresh)."""
+        if self._oidc is not None:
+            self._oidc.start()
+
     async def aclose(self) -> None:
         self._local.close()
         if self._oidc is not None:
@@ -57,6 +62,14 @@ class IdentityVerifier:
         if self._oidc is not None and issuer == self._oidc.issuer:
             return await self._oidc.verify(token)
         raise TokenRejected(WRONG_ISSUER)
+
+    def tokens_changed(self) -> bool:
+        """Whether a revocation, or the OIDC issuer's key set, changed since the last call:
+        open sessions should then check their tokens again (`still_valid`)."""
+        changed = self._local.revocations_changed()
+        if self._oidc is not None and self._oidc.keys_changed():
+            changed = True
+        return changed
 
     def still_valid(self, principal: Principal) -> str | None:
         if principal.issuer == self._local.issuer:

@@ -824,6 +824,12 @@ class ClientSession(asyncio.Protocol):
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
         assert self.transport is not None
+        # Revoked while the upstream login ran: the token watch skips sessions not yet
+        # relaying, but has already put the revocation where this check finds it.
+        problem = self._token_problem()
+        if problem is not None:
+            self._end_session_for_token(problem)
+            return
         if self._startup_timer is not None:
             self._startup_timer.cancel()
         proto = up.protocol
@@ -860,6 +866,19 @@ class ClientSession(asyncio.Protocol):
         self._recheck = loop.call_later(
             self.gw.settings.identity.recheck_seconds, self._callback, self._recheck_token
         )
+
+    def recheck_token_now(self) -> None:
+        """Revocations or signing keys changed: end the session now if its token is no
+        longer valid (the periodic recheck goes on as scheduled otherwise)."""
+        if self.phase is not Phase.RELAY or self.principal is None:
+            return
+        try:
+            reason = self.gw.verifier.still_valid(self.principal)
+        except Exception as exc:
+            self._internal_error(exc)
+            return
+        if reason is not None:
+            self._end_session_for_token(reason)
 
     def _recheck_token(self) -> None:
         if self.phase is not Phase.RELAY or self.principal is None:

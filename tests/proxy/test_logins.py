@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
+from gateway.protocol import ErrorResponse
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -214,3 +215,36 @@ def test_token_at_the_bound_is_verified_not_refused_for_size(gateway: Any) -> No
     bound = gateway.settings.identity.max_token_bytes
     err = _refusal(gateway, "app", "c" * bound)
     assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: malformed token"
+
+
+def test_revocation_ends_an_idle_session_at_once(gateway: Any) -> None:
+    """Not at the next periodic recheck (identity.recheck_seconds, 30 s): within one poll of
+    the token registry (identity.revocation_poll_seconds)."""
+    token = gateway.token("agent:idle-revoked")
+    client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+    try:
+        client.login("app", token)
+        client.query("SELECT 1")
+        _revoke(gateway, token)
+        revoked = time.monotonic()
+        client.timeout = 5  # well under the 30 s periodic recheck
+        code, body = client.frame()
+        ended = time.monotonic()
+        assert code == ord("E")
+        err = ErrorResponse.decode(body)
+        assert (err.severity, err.sqlstate) == ("FATAL", "28P01")
+        assert err.message == "pgwarden: session ended: token revoked"
+        assert client.answers_or_closes(5) == "closed"
+    finally:
+        client.close()
+    assert ended - revoked < gateway.settings.identity.recheck_seconds
+    print(f"idle session ended {1000 * (ended - revoked):.0f} ms after `tokens revoke` returned")
+
+
+def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
+    for _ in range(5):
+        token = gateway.token("agent:revoked-then-login")
+        _good_client_still_connects(gateway, token)  # verified once: remembered
+        _revoke(gateway, token)
+        err = _refusal(gateway, "app", token)
+        assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: token revoked"
