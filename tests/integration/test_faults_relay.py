@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import struct
 import time
 import uuid
@@ -18,7 +19,20 @@ from typing import Any
 import psycopg
 import pytest
 
-from gateway.protocol import ErrorResponse, Query
+from gateway.protocol import (
+    Bind,
+    Close,
+    CopyDone,
+    CopyFail,
+    Describe,
+    ErrorResponse,
+    Execute,
+    Flush,
+    FunctionCall,
+    Parse,
+    Query,
+    Sync,
+)
 from gateway.proxy.session import ClientSession
 from tests.proxy.wire import Closed, RawClient
 
@@ -166,6 +180,76 @@ def test_malformed_message_pipelined_behind_a_running_statement(
     assert outcomes[0]["error_message"].startswith("not completed: protocol violation")
     ends = wait_for(lambda: _session_records(gateway, app, "session_end"))
     assert ends[0]["reason"].startswith("protocol violation")
+    _no_traceback(caplog)
+
+
+# Well-formed messages of every frontend type, to cut short and to pad.
+WELL_FORMED: dict[str, Any] = {
+    "Describe": Describe("S", "stmt"),
+    "Close": Close("P", "portal"),
+    "Bind": Bind("p", "s", (0,), (b"42", None), (1,)),
+    "Execute": Execute("p", 10),
+    "Parse": Parse("s", b"SELECT $1", (23,)),
+    "FunctionCall": FunctionCall(1598, (0,), (b"1",), 0),
+    "Query": Query(b"SELECT 1"),
+    "CopyFail": CopyFail("stop"),
+    "CopyDone": CopyDone(),
+    "Sync": Sync(),
+    "Flush": Flush(),
+}
+
+
+def _variants() -> dict[str, bytes]:
+    """Each well-formed message truncated at its ends and middle, and with a byte too many;
+    then seeded random bodies under every type byte that has a layout."""
+    out: dict[str, bytes] = {}
+    for name, message in WELL_FORMED.items():
+        wire = message.encode()
+        code, body = wire[:1], wire[5:]
+        for cut in sorted({0, 1, len(body) // 2, len(body) - 1}):
+            if 0 <= cut < len(body):
+                out[f"{name} cut to {cut} bytes"] = frame(code, body[:cut])
+        out[f"{name} one byte too long"] = frame(code, body + b"\xff")
+    rng = random.Random(20261206)
+    for i in range(24):
+        code = bytes([rng.choice(b"BCDEFHPQScfy")])
+        body = bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 40)))
+        out[f"random {code.decode()} #{i}"] = frame(code, body)
+    return out
+
+
+VARIANTS = _variants()
+
+
+def test_every_malformed_variant_is_a_protocol_violation(
+    gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    token = gateway.token("agent:relay-faults", groups=("admins",))
+    apps = {}
+    for case, data in VARIANTS.items():
+        app = f"variant-{uuid.uuid4().hex[:8]}"
+        apps[app] = case
+        client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+        try:
+            client.login("app", token, application_name=app)
+            client.send(data)
+            err = _fatal_then_closed(client)
+        finally:
+            client.close()
+        assert err.sqlstate == "08P01", (case, err)
+        assert err.message is not None and len(err.message) > len("pgwarden: "), case
+
+    def ends() -> dict[str, str] | None:
+        found = {
+            r.record()["application_name"]: r.record()["reason"]
+            for r in records_after(gateway.settings)
+            if r.kind == "session_end" and r.record()["application_name"] in apps
+        }
+        return found if len(found) == len(apps) else None
+
+    for app, reason in wait_for(ends).items():
+        assert reason.startswith("protocol violation"), (apps[app], reason)
     _no_traceback(caplog)
 
 
