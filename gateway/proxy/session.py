@@ -361,10 +361,10 @@ class ClientSession(asyncio.Protocol):
         self._send(ErrorResponse.build("FATAL", sqlstate, message, detail=detail).encode())
         self._close()
 
-    def _protocol_violation(self, problem: str) -> None:
+    def _protocol_violation(self, problem: str, sqlstate: str = "08P01") -> None:
         """The client broke the protocol: say what, record why the session ended, close."""
         self._end_reason = f"protocol violation: {problem}"
-        self._fatal("08P01", f"pgwarden: {problem}")
+        self._fatal(sqlstate, f"pgwarden: {problem}")
 
     def _internal_error(self, exc: BaseException) -> None:
         """A bug in pgwarden hit this session: log it once (its type and where, not its
@@ -956,13 +956,12 @@ class ClientSession(asyncio.Protocol):
         while end_all - pos >= 5:
             code, length = _HEADER.unpack_from(buf, pos)
             if length < 4 or length > limit:
-                if start < pos:
-                    out.append(bytes(buf[start:pos]))
-                self._flush_server()
-                buf.clear()
-                problem = f"invalid message length {length} (limit {limit})"
-                self._end_reason = f"protocol violation: {problem}"
-                self._fatal("08P01" if length < 4 else "54000", f"pgwarden: {problem}")
+                self._violation_in_drain(
+                    start,
+                    pos,
+                    f"invalid message length {length} (limit {limit})",
+                    "08P01" if length < 4 else "54000",
+                )
                 return
             end = pos + 1 + length
             if end > end_all:
@@ -973,11 +972,7 @@ class ClientSession(asyncio.Protocol):
                     try:
                         passed = decode_frontend(code, bytes(buf[pos + 5 : end]))
                     except ProtocolViolation as exc:
-                        if start < pos:
-                            out.append(bytes(buf[start:pos]))
-                        self._flush_server()
-                        buf.clear()
-                        self._protocol_violation(str(exc))
+                        self._violation_in_drain(start, pos, str(exc))
                         return
                 if code == 83 and self._discarding:  # Sync ends the discard
                     self._discarding = False
@@ -1000,11 +995,7 @@ class ClientSession(asyncio.Protocol):
                 try:
                     self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
                 except ProtocolViolation as exc:
-                    if start < pos:
-                        out.append(bytes(buf[start:pos]))
-                    self._flush_server()
-                    buf.clear()
-                    self._protocol_violation(str(exc))
+                    self._violation_in_drain(start, pos, str(exc))
                     return
                 self.tracker.expect(Expectation("bind"))
                 pos = end
@@ -1031,6 +1022,17 @@ class ClientSession(asyncio.Protocol):
             out.append(bytes(buf) if start == 0 and pos == end_all else bytes(buf[start:pos]))
             del buf[:pos]
         self._flush_server()
+
+    def _violation_in_drain(
+        self, start: int, pos: int, problem: str, sqlstate: str = "08P01"
+    ) -> None:
+        """A malformed message at `pos`: the valid ones before it still go, then the end."""
+        buf = self._inbuf
+        if start < pos:
+            self._up_out.append(bytes(buf[start:pos]))
+        self._flush_server()
+        buf.clear()
+        self._protocol_violation(problem, sqlstate)
 
     def _expect_answer(self, msg: Describe | Close) -> None:
         held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
