@@ -404,7 +404,11 @@ class ClientSession(asyncio.Protocol):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if isinstance(exc, UpstreamError):
+            # The target went away while the session was being set up: not a bug.
+            self._end_reason = "target closed the connection"
+            self._fatal(exc.sqlstate, f"pgwarden: {exc}")
+        elif exc is not None:
             self._internal_error(exc)
 
     def _session_event(self, kind: str, reason: str = "") -> None:
