@@ -364,6 +364,9 @@ class ClientSession(asyncio.Protocol):
     def _protocol_violation(self, problem: str, sqlstate: str = "08P01") -> None:
         """The client broke the protocol: say what, record why the session ended, close."""
         self._end_reason = f"protocol violation: {problem}"
+        if self.phase is Phase.PASSWORD:
+            # A login attempt that never presented a token is still a failed login.
+            self._session_event("auth_failure", self._end_reason)
         self._fatal(sqlstate, f"pgwarden: {problem}")
 
     def _internal_error(self, exc: BaseException) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
-from gateway.protocol import ErrorResponse
+from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -248,3 +248,35 @@ def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
         _revoke(gateway, token)
         err = _refusal(gateway, "app", token)
         assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: token revoked"
+
+
+@pytest.mark.parametrize(
+    ("case", "data"),
+    [
+        ("not a password message", b"Q\x00\x00\x00\x0dSELECT 1\x00"),
+        ("no NUL", b"p\x00\x00\x00\x07abc"),
+        ("length below 4", b"p\x00\x00\x00\x02"),
+    ],
+)
+def test_malformed_password_message_is_an_audited_failed_login(
+    gateway: Any, case: str, data: bytes
+) -> None:
+    app = f"badpw-{uuid.uuid4().hex[:8]}"
+    client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+    try:
+        client.send(
+            StartupMessage(
+                PROTOCOL_3_0, {"user": "t", "database": "app", "application_name": app}
+            ).encode()
+        )
+        code, body = client.frame()
+        assert code == ord("R")
+        client.send(data)
+        code, body = client.frame()
+        err = ErrorResponse.decode(body)
+        assert (code, err.severity, err.sqlstate) == (ord("E"), "FATAL", "08P01"), case
+        assert client.answers_or_closes(5) == "closed"
+    finally:
+        client.close()
+    failures = wait_for(lambda: _auth_failures(gateway, app))
+    assert len(failures) == 1 and failures[0]["reason"].startswith("protocol violation"), case
