@@ -77,6 +77,8 @@ class TokenRegistry:
         self._revoked: set[str] = set()
         self._data_version = -1
         self._checked_at = float("-inf")
+        # Set when a look at the file finds the revoked set changed; refresh() reports it.
+        self._revocations_changed = False
 
     def close(self) -> None:
         with self._lock:
@@ -117,6 +119,8 @@ class TokenRegistry:
                 raise UnknownToken(jti)
             self._known.add(jti)
             self._revoked.add(jti)
+            # This connection's own commit does not move its data_version: say so here.
+            self._revocations_changed = True
         return _record(row)
 
     def find(self, jti: str) -> TokenRecord | None:
@@ -150,25 +154,28 @@ class TokenRegistry:
             return None
 
     def refresh(self) -> bool:
-        """Look at the file now; True if the set of revoked tokens changed."""
+        """Look at the file now; True if the set of revoked tokens changed since the last
+        call, whichever look (this one, or a check's on the way) noticed it."""
         with self._lock:
-            return self._refresh(force=True)
+            self._refresh(force=True)
+            changed, self._revocations_changed = self._revocations_changed, False
+            return changed
 
-    def _refresh(self, *, force: bool = False) -> bool:
+    def _refresh(self, *, force: bool = False) -> None:
         now = self._monotonic()
         if not force and now - self._checked_at < self._recheck_seconds:
-            return False
+            return
         self._checked_at = now
         # One cheap pragma: it changes only when another connection has committed.
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         if version == self._data_version:
-            return False
+            return
         self._data_version = version
         rows = self._db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL")
         revoked = {jti for (jti,) in rows}
-        changed = revoked != self._revoked
+        if revoked != self._revoked:
+            self._revocations_changed = True
         self._revoked = revoked
-        return changed
 
 
 _SELECT = "SELECT jti, subject, groups, issued_at, expires_at, revoked_at FROM tokens"
