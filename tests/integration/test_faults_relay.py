@@ -483,3 +483,30 @@ def test_target_lost_while_the_session_is_set_up(
     ends = wait_for(lambda: _session_records(gateway, app, "session_end"))
     assert [e["reason"] for e in ends] == ["target closed the connection"]
     _no_traceback(caplog)
+
+
+def test_target_ending_the_session_itself_is_relayed_once(
+    gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pg_terminate_backend: the server's own FATAL (57P01) reaches the client, and pgwarden
+    adds no second one before closing."""
+    caplog.set_level(logging.WARNING)
+    app = f"terminated-{uuid.uuid4().hex[:8]}"
+    client = _login(gateway, app)
+    try:
+        client.query("SELECT 1")
+        assert client.key is not None
+        with psycopg.connect(gateway.direct_dsn(), autocommit=True) as direct:
+            direct.execute("SELECT pg_terminate_backend(%s)", (client.key.process_id,))
+        fatals = []
+        with contextlib.suppress(Closed, ConnectionError):
+            while True:
+                code, body = client.frame()
+                if code == ord("E"):
+                    fatals.append(ErrorResponse.decode(body))
+    finally:
+        client.close()
+    assert [(e.severity, e.sqlstate) for e in fatals] == [("FATAL", "57P01")]
+    ends = wait_for(lambda: _session_records(gateway, app, "session_end"))
+    assert [e["reason"] for e in ends] == ["target closed the connection"]
+    _no_traceback(caplog)
