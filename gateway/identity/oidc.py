@@ -223,7 +223,10 @@ class IssuerKeys:
         """Refetch the key set whenever its lifetime runs out; runs until cancelled."""
         while True:
             await asyncio.sleep(self.refresh_due_in())
-            await self._refresh()
+            try:
+                await self._refresh()
+            except Exception as exc:  # keep the schedule: the next attempt may succeed
+                log.warning("OIDC key refresh for %s failed: %r", self._issuer, exc)
 
     def changed(self) -> bool:
         """True once after a fetch that added or withdrew keys."""
