@@ -22,7 +22,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from cli.localpg import APP_DB, SUPERUSER
 from gateway.protocol import (
     Bind,
     Close,
@@ -38,7 +37,7 @@ from gateway.protocol import (
     Sync,
 )
 from gateway.proxy.session import ClientSession
-from gateway.proxy.targets import Target, TargetRegistry
+from tests.harness import TcpRelay, pipe, target_through
 from tests.proxy.wire import Closed, LoginRefused, RawClient
 
 from .test_audit_support import records_after, wait_for
@@ -404,47 +403,18 @@ def test_writing_to_a_target_that_has_just_closed(
     _no_traceback(caplog)
 
 
-class DropsAfterLogin:
-    """A TCP relay to the test PostgreSQL that hangs up on the gateway right after the
-    server's first ReadyForQuery: the target is lost while the session is being set up."""
+class DropsAfterLogin(TcpRelay):
+    """Hangs up on the gateway right after the server's first ReadyForQuery: the target is
+    lost while the session is being set up."""
 
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self._server.accept()
-                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-
-        def forward() -> None:
-            with contextlib.suppress(OSError):
-                while data := client.recv(65536):
-                    upstream.sendall(data)
-
-        threading.Thread(target=forward, daemon=True).start()
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
         seen = b""
-        try:
-            while data := upstream.recv(65536):
-                seen += data
-                if b"Z\x00\x00\x00\x05I" in seen:
-                    client.sendall(data)
-                    return
-                client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            client.close()
-            upstream.close()
-
-    def close(self) -> None:
-        self._server.close()
+        while data := upstream.recv(65536):
+            client.sendall(data)
+            seen += data
+            if b"Z\x00\x00\x00\x05I" in seen:
+                return
 
 
 def test_target_lost_while_the_session_is_set_up(
@@ -452,31 +422,18 @@ def test_target_lost_while_the_session_is_set_up(
 ) -> None:
     caplog.set_level(logging.WARNING)
     relay = DropsAfterLogin(gateway.cluster.port)
-    name = f"app_drops_{relay.port}"
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
-    registry.add(
-        Target(
-            name=name,
-            host="127.0.0.1",
-            port=relay.port,
-            dbname=APP_DB,
-            user=SUPERUSER,
-            password_env="PGWARDEN_TEST_UPSTREAM_PW",
-            sslmode="disable",
-        )
-    )
     app = f"lost-setup-{uuid.uuid4().hex[:8]}"
     token = gateway.token("agent:relay-faults", groups=("admins",))
     try:
-        client = RawClient.connect(gateway.host, gateway.port, timeout=10)
-        try:
-            with pytest.raises(LoginRefused) as info:
-                client.login(name, token, application_name=app)
-            assert client.answers_or_closes(5) == "closed"
-        finally:
-            client.close()
+        with target_through(gateway, f"app_drops_{relay.port}", relay.port) as name:
+            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+            try:
+                with pytest.raises(LoginRefused) as info:
+                    client.login(name, token, application_name=app)
+                assert client.answers_or_closes(5) == "closed"
+            finally:
+                client.close()
     finally:
-        registry.remove(name)
         relay.close()
     assert info.value.error.severity == "FATAL"
     assert info.value.error.message == "pgwarden: the target closed the connection during login"

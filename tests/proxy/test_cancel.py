@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -19,9 +18,8 @@ import psycopg
 import pytest
 from psycopg import errors as pgerr
 
-from cli.localpg import APP_DB, SUPERUSER
 from gateway.protocol import BackendKeyData, CancelRequest, ErrorResponse, Query
-from gateway.proxy.targets import Target, TargetRegistry
+from tests.harness import TcpRelay, target_through
 
 from .wire import RawClient
 
@@ -172,83 +170,35 @@ def test_cancel_when_idle_does_not_hit_the_next_query(via: psycopg.Connection[An
 # -- the cancel reaches the target before the client's cancel connection closes ---------------
 
 
-class CancelObserver:
-    """A TCP relay in front of the test PostgreSQL. Ordinary connections are piped through;
-    for a cancel connection it notes when the server closed it, and passes that close on to
-    the gateway only `hold` seconds later, so an early close by the gateway shows."""
+class CancelObserver(TcpRelay):
+    """Pipes ordinary connections through; for a cancel connection it notes when the server
+    closed it, and passes that close on to the gateway only `hold` seconds later, so an
+    early close by the gateway shows."""
 
     def __init__(self, upstream_port: int, hold: float) -> None:
-        self.upstream_port = upstream_port
         self.hold = hold
         self.cancels_closed: list[float] = []  # when the gateway saw the server's close
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        try:
-            first = client.recv(16, socket.MSG_PEEK)
-            if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):
-                upstream.sendall(client.recv(16))
-                while upstream.recv(64):
-                    pass
-                time.sleep(self.hold)
-                self.cancels_closed.append(time.monotonic())
-                return
-            back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
-            back.start()
-            _pipe(client, upstream)
-            back.join(10)
-        except OSError:
-            pass
-        finally:
-            client.close()
-            upstream.close()
-
-    def close(self) -> None:
-        self._server.close()
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        first = client.recv(16, socket.MSG_PEEK)
+        if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):
+            upstream.sendall(client.recv(16))
+            while upstream.recv(64):
+                pass
+            time.sleep(self.hold)
+            self.cancels_closed.append(time.monotonic())
+            return
+        super().relay(client, upstream)
 
 
 @pytest.fixture
 def observed_target(gateway: Any) -> Iterator[tuple[str, CancelObserver]]:
     observer = CancelObserver(gateway.cluster.port, hold=0.3)
-    name = f"app_cancel_{observer.port}"
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
-    registry.add(
-        Target(
-            name=name,
-            host="127.0.0.1",
-            port=observer.port,
-            dbname=APP_DB,
-            user=SUPERUSER,
-            password_env="PGWARDEN_TEST_UPSTREAM_PW",
-            sslmode="disable",
-        )
-    )
     try:
-        yield name, observer
+        with target_through(gateway, f"app_cancel_{observer.port}", observer.port) as name:
+            yield name, observer
     finally:
-        registry.remove(name)
         observer.close()
 
 
