@@ -97,7 +97,10 @@ def revoke(
     ctx: typer.Context,
     jti: Annotated[str, typer.Argument(help="The token's id (see `pgwarden tokens list`).")],
 ) -> None:
-    """Revoke a token; gateways refuse it within about a second, open sessions included."""
+    """Revoke a token. A login with it is refused as soon as this returns; each open
+    session of it, idle or busy, ends with FATAL 28P01 "token revoked" within
+    identity.revocation_poll_seconds (0.25 s by default) on every gateway sharing the
+    state directory."""
     try:
         with open_registry(settings_of(ctx)) as registry:
             record = registry.revoke(jti)

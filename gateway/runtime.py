@@ -113,6 +113,7 @@ class Gateway:
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.verifier = IdentityVerifier.from_settings(s)
+        self.verifier.start()
         opa_url = s.policy.opa_url
         if not opa_url:
             self.sidecar = OpaSidecar.from_settings(s)

@@ -37,10 +37,21 @@ class IdentitySettings(BaseModel):
     oidc_audience: str = ""
     oidc_groups_claim: str = "groups"
     oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
-    oidc_jwks_min_refresh_seconds: float = 30.0
-    # Open sessions re-check their token's expiry and revocation this often.
+    # The issuer's key set is fetched again when its Cache-Control max-age (or Expires) runs
+    # out, but never sooner than the floor nor later than the ceiling: a key the issuer
+    # withdraws stops verifying tokens, and ends sessions it verified, within the ceiling.
+    oidc_jwks_min_refresh_seconds: float = Field(default=30.0, gt=0)
+    oidc_jwks_max_refresh_seconds: float = Field(default=600.0, gt=0)
+    # Open sessions re-check their token's expiry this often.
     recheck_seconds: float = 30.0
+    # How often the token registry (and the OIDC key set) is looked at for revocations made
+    # by another process (`pgwarden tokens revoke`): open sessions of a revoked token end
+    # within this time, idle or not. A login always checks the registry afresh.
+    revocation_poll_seconds: float = Field(default=0.25, gt=0)
     leeway_seconds: float = 30.0
+    # A password message (the token) longer than this is refused as "token too large"
+    # before anything is decoded.
+    max_token_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
 
 
 class PolicySettings(BaseModel):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -154,6 +156,77 @@ def start_gateway(
     gateway = Gateway(settings, environ)
     host, port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
     return RunningGateway(settings, gateway, loop, thread, host, port, cluster, certs, environ)
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 in front of the test cluster, a thread per connection, for
+    tests that must watch or break what passes between the gateway and PostgreSQL.
+    `relay(client, upstream)` handles one connection; by default it pipes both ways."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._server.accept()
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        try:
+            self.relay(client, upstream)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        back.start()
+        pipe(client, upstream)
+        back.join(10)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy until `src` ends, then end `dst`'s sending side."""
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def target_through(gw: RunningGateway, name: str, port: int) -> Iterator[str]:
+    """Target `name` for as long as the block runs: the app database as the superuser, but
+    reached through 127.0.0.1:`port` (a test's TCP relay in front of the cluster)."""
+    registry = TargetRegistry(gw.settings.state_dir / "targets.json")
+    registry.add(
+        Target(
+            name=name,
+            host="127.0.0.1",
+            port=port,
+            dbname=APP_DB,
+            user=SUPERUSER,
+            password_env="PGWARDEN_TEST_UPSTREAM_PW",
+            sslmode="disable",
+        )
+    )
+    try:
+        yield name
+    finally:
+        registry.remove(name)
 
 
 def stop_gateway(gw: RunningGateway) -> None:

@@ -28,7 +28,33 @@ _CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 def canonical(value: Any) -> bytes:
-    return orjson.dumps(value, option=_CANONICAL)
+    try:
+        return orjson.dumps(value, option=_CANONICAL)
+    except orjson.JSONEncodeError:
+        # Text holding lone surrogates (bytes a decoder kept as surrogate escapes) has no
+        # UTF-8 form: a record must still be written, so such text is escaped, and the
+        # escaped form is what is signed and stored.
+        return orjson.dumps(_escaped(value), option=_CANONICAL)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return _escaped_text(value)
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _escaped_text(text: str) -> str:
+    """Surrogate escapes as the bytes they stand for (\\xNN); other lone surrogates as the
+    bytes of their UTF-8-like form, escaped the same way."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def principal_record(principal: Principal | None) -> dict[str, Any] | None:

@@ -22,6 +22,8 @@ UNKNOWN_TOKEN = "unknown token"
 ISSUER_UNREACHABLE = "issuer unreachable"
 ISSUER_METADATA_INVALID = "issuer metadata invalid"
 BAD_GROUPS = "malformed groups claim"
+TOKEN_TOO_LARGE = "token too large"
+SIGNING_KEY_WITHDRAWN = "signing key withdrawn"
 
 # Most specific first: pyjwt's exceptions form a hierarchy (e.g. ExpiredSignatureError is
 # an InvalidTokenError), so the first isinstance match names the check.

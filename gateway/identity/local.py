@@ -147,8 +147,11 @@ class LocalTokenVerifier:
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 del self._verified[next(iter(self._verified))]
             self._verified[digest] = principal
-        # Time and revocation move on, so a remembered token is still checked against both.
-        rejected = self.still_valid(principal)
+        # Time and revocation move on, so a remembered token is still checked against both;
+        # a login reads the registry afresh: refused the moment `tokens revoke` returned.
+        rejected = expiry_rejection(
+            principal.expires_at, self._clock(), self._leeway
+        ) or self._registry.rejection(principal.token_id, fresh=True)
         if rejected is not None:
             raise TokenRejected(rejected)
         return principal
@@ -169,6 +172,10 @@ class LocalTokenVerifier:
             expires_at=float(claims["exp"]),
             claims=claims,
         )
+
+    def revocations_changed(self) -> bool:
+        """Look at the registry now; True if a token was revoked (or restored) since."""
+        return self._registry.refresh()
 
     def still_valid(self, principal: Principal) -> str | None:
         expired = expiry_rejection(principal.expires_at, self._clock(), self._leeway)

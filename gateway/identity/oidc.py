@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import hashlib
 import ipaddress
 import logging
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import jwt
+import orjson
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.identity.checks import (
@@ -22,6 +25,7 @@ from gateway.identity.checks import (
     ISSUER_METADATA_INVALID,
     ISSUER_UNREACHABLE,
     MALFORMED,
+    SIGNING_KEY_WITHDRAWN,
     UNKNOWN_SIGNING_KEY,
     ClaimChecks,
     expiry_rejection,
@@ -97,6 +101,8 @@ class SigningKey:
     crv: str | None
     alg: str | None
     key: Any
+    # What names this key in a Principal: its kid, else a digest of its JWK.
+    ident: str = ""
 
     def verifies(self, algorithm: str) -> bool:
         kty, curves = _KEY_TYPE_OF[algorithm]
@@ -122,21 +128,58 @@ def _signing_keys(jwks: Any) -> list[SigningKey]:
             log.warning("skipping an unreadable JWK (kid %r)", jwk.get("kid"))
             continue
         kid, crv, alg = jwk.get("kid"), jwk.get("crv"), jwk.get("alg")
+        kid = kid if isinstance(kid, str) else None
+        digest = hashlib.sha256(orjson.dumps(jwk, option=orjson.OPT_SORT_KEYS)).hexdigest()
         keys.append(
             SigningKey(
-                kid if isinstance(kid, str) else None,
+                kid,
                 kty,
                 crv if isinstance(crv, str) else None,
                 alg if isinstance(alg, str) else None,
                 key,
+                kid if kid is not None else f"jwk:{digest[:32]}",
             )
         )
     return keys
 
 
+def cache_lifetime(headers: httpx.Headers, now: float) -> float | None:
+    """How long the response may be used, by its Cache-Control max-age (less its Age) or
+    its Expires; 0 for no-store/no-cache; None when it says nothing."""
+    directives: dict[str, str] = {}
+    for part in headers.get("cache-control", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name:
+            directives[name.lower()] = value.strip().strip('"')
+    if "no-store" in directives or "no-cache" in directives:
+        return 0.0
+    if "max-age" in directives:
+        try:
+            age = float(headers.get("age", "0") or 0)
+            return max(0.0, float(int(directives["max-age"])) - age)
+        except ValueError:
+            return 0.0  # unreadable: as short as allowed
+    expires = headers.get("expires")
+    if expires is not None:
+        try:
+            until = email.utils.parsedate_to_datetime(expires).timestamp()
+        except (TypeError, ValueError):
+            return 0.0  # RFC 9111: an invalid Expires means already expired
+        date = headers.get("date")
+        try:
+            base = email.utils.parsedate_to_datetime(date).timestamp() if date else now
+        except (TypeError, ValueError):
+            base = now
+        return max(0.0, until - base)
+    return None
+
+
 class IssuerKeys:
     """The issuer's signing keys: discovered once, refetched when a token names an unknown
-    key id or the set grew old, never more often than `min_refresh_seconds`."""
+    key id or when the set's lifetime ran out (the JWKS response's cache headers, bounded
+    by `min_refresh_seconds` and `max_age_seconds`), never more often than the former.
+    `keep_fresh()` refetches on that schedule even while no token arrives, so a key the
+    issuer withdraws is dropped, and sessions it verified can be ended, within the lifetime."""
 
     def __init__(
         self,
@@ -159,9 +202,44 @@ class IssuerKeys:
         self._attempts = 0
         self._last_failure: str | None = None
         self._lock = asyncio.Lock()
+        # How long the last key set may be used (clamped cache lifetime of its response).
+        self._lifetime = max_age_seconds
+        self._changed = False
+
+    def _stale(self) -> bool:
+        return self._fetched_at is None or self._monotonic() - self._fetched_at >= self._lifetime
+
+    def refresh_due_in(self) -> float:
+        """Seconds until the key set should be fetched again: when its lifetime ends (at once
+        if there is none yet), never sooner than the floor after the last attempt."""
+        due = 0.0
+        if self._fetched_at is not None and self._last_failure is None:
+            due = self._fetched_at + self._lifetime
+        if self._attempted_at is not None:
+            due = max(due, self._attempted_at + self._min_refresh)
+        return max(due - self._monotonic(), 0.0)
+
+    async def keep_fresh(self) -> None:
+        """Refetch the key set whenever its lifetime runs out; runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh_due_in())
+            try:
+                await self._refresh()
+            except Exception as exc:  # keep the schedule: the next attempt may succeed
+                log.warning("OIDC key refresh for %s failed: %r", self._issuer, exc)
+
+    def changed(self) -> bool:
+        """True once after a fetch that added or withdrew keys."""
+        changed, self._changed = self._changed, False
+        return changed
+
+    def withdrawn(self, ident: str) -> bool:
+        """Whether the key named `ident` is gone from the issuer's current key set (a set
+        that could not be fetched withdraws nothing)."""
+        return self._fetched_at is not None and all(k.ident != ident for k in self._keys)
 
     async def key_for(self, kid: str | None, algorithm: str) -> SigningKey:
-        if self._fetched_at is None or self._monotonic() - self._fetched_at >= self._max_age:
+        if self._stale():
             await self._refresh()
         found = self._find(kid, algorithm)
         if found is None:
@@ -196,7 +274,8 @@ class IssuerKeys:
             try:
                 if self._jwks_uri is None:
                     self._jwks_uri = await self._discover()
-                keys = _signing_keys(await self._get_json(self._jwks_uri))
+                response = await self._get(self._jwks_uri)
+                keys = _signing_keys(response.json())
             except httpx.HTTPError as exc:
                 log.warning("OIDC issuer %s unreachable: %s", self._issuer, exc)
                 self._last_failure = ISSUER_UNREACHABLE
@@ -205,9 +284,16 @@ class IssuerKeys:
                 log.warning("OIDC issuer %s metadata invalid: %s", self._issuer, exc)
                 self._last_failure = ISSUER_METADATA_INVALID
                 return
+            if {k.ident for k in keys} != {k.ident for k in self._keys}:
+                self._changed = self._fetched_at is not None
             self._keys = keys
             self._fetched_at = now
             self._last_failure = None
+            lifetime = cache_lifetime(response.headers, time.time())
+            self._lifetime = min(
+                max(self._max_age if lifetime is None else lifetime, self._min_refresh),
+                self._max_age,
+            )
 
     async def _discover(self) -> str:
         url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -221,9 +307,12 @@ class IssuerKeys:
         return jwks_uri
 
     async def _get_json(self, url: str) -> Any:
+        return (await self._get(url)).json()
+
+    async def _get(self, url: str) -> httpx.Response:
         response = await self._http.get(url, headers={"Accept": "application/json"})
         response.raise_for_status()
-        return response.json()
+        return response
 
 
 class OidcVerifier:
@@ -263,6 +352,7 @@ class OidcVerifier:
             monotonic=monotonic,
         )
         self._checks = ClaimChecks(issuer, audience, leeway_seconds, ("iss", "aud", "sub", "exp"))
+        self._refresher: asyncio.Future[None] | None = None
 
     @classmethod
     def from_settings(
@@ -274,11 +364,17 @@ class OidcVerifier:
             algorithms=identity.oidc_algorithms,
             groups_claim=identity.oidc_groups_claim,
             min_refresh_seconds=identity.oidc_jwks_min_refresh_seconds,
+            max_key_age_seconds=identity.oidc_jwks_max_refresh_seconds,
             leeway_seconds=identity.leeway_seconds,
             http=http,
         )
 
     async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
         if self._owns_http:
             await self._http.aclose()
 
@@ -303,11 +399,27 @@ class OidcVerifier:
             token_id=token_id,
             expires_at=float(claims["exp"]),
             claims=claims,
+            key_id=key.ident,
         )
 
+    def start(self) -> None:
+        """Keep the key set fresh in the background (on the running loop) until aclose()."""
+        if self._refresher is None:
+            self._refresher = asyncio.ensure_future(self._keys.keep_fresh())
+
+    def keys_changed(self) -> bool:
+        """True once after the issuer added or withdrew signing keys."""
+        return self._keys.changed()
+
     def still_valid(self, principal: Principal) -> str | None:
-        # IdP tokens cannot be revoked here; the IdP bounds them by their expiry.
-        return expiry_rejection(principal.expires_at, self._clock(), self._leeway)
+        # IdP tokens cannot be revoked here: the IdP bounds them by their expiry, and by
+        # withdrawing the key that signed them.
+        expired = expiry_rejection(principal.expires_at, self._clock(), self._leeway)
+        if expired is not None:
+            return expired
+        if principal.key_id is not None and self._keys.withdrawn(principal.key_id):
+            return SIGNING_KEY_WITHDRAWN
+        return None
 
 
 def _token_hash(token: str) -> str:

@@ -15,6 +15,8 @@ class Principal:
     # Unix time after which the token is no longer valid (None: no expiry claim).
     expires_at: float | None
     claims: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # The issuer's key that verified the token (OIDC), so its withdrawal can end sessions.
+    key_id: str | None = field(default=None, compare=False)
 
     def to_input(self) -> dict[str, Any]:
         return {

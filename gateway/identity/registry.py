@@ -54,7 +54,8 @@ class TokenRegistry:
 
     Gateways keep the revoked ids in memory and look at the file again at most every
     `recheck_seconds`, reloading only when SQLite's data_version says another connection
-    committed, so a revocation made by another process takes effect within about that time.
+    committed; `refresh()` looks at once (the gateway's revocation watch calls it on a short
+    period), and a `fresh` rejection check (a login) looks at once too.
     """
 
     def __init__(
@@ -76,6 +77,8 @@ class TokenRegistry:
         self._revoked: set[str] = set()
         self._data_version = -1
         self._checked_at = float("-inf")
+        # Set when a look at the file finds the revoked set changed; refresh() reports it.
+        self._revocations_changed = False
 
     def close(self) -> None:
         with self._lock:
@@ -116,6 +119,8 @@ class TokenRegistry:
                 raise UnknownToken(jti)
             self._known.add(jti)
             self._revoked.add(jti)
+            # This connection's own commit does not move its data_version: say so here.
+            self._revocations_changed = True
         return _record(row)
 
     def find(self, jti: str) -> TokenRecord | None:
@@ -129,10 +134,11 @@ class TokenRegistry:
             rows = self._db.execute(f"{_SELECT} ORDER BY issued_at, jti").fetchall()
         return [_record(r) for r in rows]
 
-    def rejection(self, jti: str) -> str | None:
-        """None if `jti` was issued here and is not revoked; else the failed check's name."""
+    def rejection(self, jti: str, *, fresh: bool = False) -> str | None:
+        """None if `jti` was issued here and is not revoked; else the failed check's name.
+        `fresh`: look at the file now, so a revocation committed a moment ago counts."""
         with self._lock:
-            self._refresh()
+            self._refresh(force=fresh)
             if jti in self._revoked:
                 return REVOKED
             if jti in self._known:
@@ -147,17 +153,29 @@ class TokenRegistry:
                 return REVOKED
             return None
 
-    def _refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Look at the file now; True if the set of revoked tokens changed since the last
+        call, whichever look (this one, or a check's on the way) noticed it."""
+        with self._lock:
+            self._refresh(force=True)
+            changed, self._revocations_changed = self._revocations_changed, False
+            return changed
+
+    def _refresh(self, *, force: bool = False) -> None:
         now = self._monotonic()
-        if now - self._checked_at < self._recheck_seconds:
+        if not force and now - self._checked_at < self._recheck_seconds:
             return
         self._checked_at = now
+        # One cheap pragma: it changes only when another connection has committed.
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         if version == self._data_version:
             return
         self._data_version = version
         rows = self._db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL")
-        self._revoked = {jti for (jti,) in rows}
+        revoked = {jti for (jti,) in rows}
+        if revoked != self._revoked:
+            self._revocations_changed = True
+        self._revoked = revoked
 
 
 _SELECT = "SELECT jti, subject, groups, issued_at, expires_at, revoked_at FROM tokens"

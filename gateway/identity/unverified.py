@@ -13,8 +13,9 @@ from gateway.identity.checks import MALFORMED
 from gateway.identity.principal import TokenRejected
 
 # Real tokens are a few KiB at most; a bound keeps hostile input from costing much before
-# any signature has been checked.
-MAX_TOKEN_LENGTH = 16 * 1024
+# any signature has been checked. The gateway's own, tighter bound is the setting
+# identity.max_token_bytes (checked first, as "token too large"); this is the hard ceiling.
+MAX_TOKEN_LENGTH = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from gateway.identity.checks import WRONG_ISSUER
+from gateway.identity.checks import TOKEN_TOO_LARGE, WRONG_ISSUER
 from gateway.identity.local import LocalTokenVerifier
 from gateway.identity.oidc import OidcVerifier
 from gateway.identity.principal import Principal, TokenRejected
@@ -15,11 +15,18 @@ from gateway.settings import Settings
 class IdentityVerifier:
     """The unverified `iss` only picks the verifier; that verifier then checks `iss` itself."""
 
-    def __init__(self, local: LocalTokenVerifier, oidc: OidcVerifier | None = None) -> None:
+    def __init__(
+        self,
+        local: LocalTokenVerifier,
+        oidc: OidcVerifier | None = None,
+        *,
+        max_token_bytes: int = 16 * 1024,
+    ) -> None:
         if oidc is not None and oidc.issuer == local.issuer:
             raise ValueError("identity.local_issuer and identity.oidc_issuer must differ")
         self._local = local
         self._oidc = oidc
+        self.max_token_bytes = max_token_bytes
 
     @classmethod
     def from_settings(
@@ -30,7 +37,16 @@ class IdentityVerifier:
         oidc = None
         if settings.identity.oidc_issuer:
             oidc = OidcVerifier.from_settings(settings.identity, http=http)
-        return cls(LocalTokenVerifier.from_settings(settings), oidc)
+        return cls(
+            LocalTokenVerifier.from_settings(settings),
+            oidc,
+            max_token_bytes=settings.identity.max_token_bytes,
+        )
+
+    def start(self) -> None:
+        """Start background work (keeping the OIDC issuer's key set fresh)."""
+        if self._oidc is not None:
+            self._oidc.start()
 
     async def aclose(self) -> None:
         self._local.close()
@@ -38,12 +54,22 @@ class IdentityVerifier:
             await self._oidc.aclose()
 
     async def verify(self, token: str) -> Principal:
+        if len(token) > self.max_token_bytes:
+            raise TokenRejected(TOKEN_TOO_LARGE)
         issuer = peek(token).issuer
         if issuer == self._local.issuer:
             return self._local.verify(token)
         if self._oidc is not None and issuer == self._oidc.issuer:
             return await self._oidc.verify(token)
         raise TokenRejected(WRONG_ISSUER)
+
+    def tokens_changed(self) -> bool:
+        """Whether a revocation, or the OIDC issuer's key set, changed since the last call:
+        open sessions should then check their tokens again (`still_valid`)."""
+        changed = self._local.revocations_changed()
+        if self._oidc is not None and self._oidc.keys_changed():
+            changed = True
+        return changed
 
     def still_valid(self, principal: Principal) -> str | None:
         if principal.issuer == self._local.issuer:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import secrets
 from typing import Protocol
 
 
 class Cancellable(Protocol):
-    def cancel_running(self) -> None:
-        """Forward a cancel upstream if (and only if) a query is running."""
+    def cancel_running(self) -> asyncio.Future[None] | None:
+        """Forward a cancel upstream if (and only if) a query is running: done once the
+        target has closed the cancel connection; None when nothing was forwarded."""
         ...
 
 

@@ -76,6 +76,7 @@ class Listener:
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
         self._server: asyncio.Server | None = None
+        self._token_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -84,9 +85,29 @@ class Listener:
             lambda: ClientSession(self.gw), s.host, s.port, reuse_address=True, backlog=1024
         )
         sock = self._server.sockets[0].getsockname()
+        self._token_watch = asyncio.ensure_future(self._watch_tokens())
         return str(sock[0]), int(sock[1])
 
+    async def _watch_tokens(self) -> None:
+        """A revocation (`pgwarden tokens revoke`, another process) or a withdrawn signing
+        key ends the sessions it concerns within one poll, idle ones included."""
+        period = self.gw.settings.identity.revocation_poll_seconds
+        while True:
+            await asyncio.sleep(period)
+            try:
+                changed = self.gw.verifier.tokens_changed()
+            except Exception as exc:  # a locked or unreadable registry: try again next time
+                log.warning("token registry not readable: %s", exc)
+                continue
+            if changed:
+                for session in list(self.gw.sessions):
+                    session.recheck_token_now()
+
     async def stop(self) -> None:
+        if self._token_watch is not None:
+            self._token_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._token_watch
         if self._server is not None:
             self._server.close()
             for session in list(self.gw.sessions):

@@ -20,6 +20,10 @@ class TokenVerifier(Protocol):
         """None while the principal's token is valid; else why not (expired, revoked)."""
         ...
 
+    def tokens_changed(self) -> bool:
+        """Whether revocations (or signing keys) changed since the last call; polled often."""
+        ...
+
 
 class Decider(Protocol):
     async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:

@@ -10,14 +10,16 @@ import logging
 import socket
 import struct
 import time
+import traceback
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
 from gateway.protocol import (
@@ -26,8 +28,10 @@ from gateway.protocol import (
     BackendKeyData,
     Bind,
     CancelRequest,
+    Close,
     CommandComplete,
     DataRow,
+    Describe,
     ErrorResponse,
     Execute,
     FieldDescription,
@@ -45,8 +49,10 @@ from gateway.protocol import (
     StartupMessage,
     Sync,
     decode_backend,
+    decode_frontend,
     decode_startup,
 )
+from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
 from gateway.proxy.search_path import (
     FLUSH,
@@ -60,7 +66,12 @@ from gateway.proxy.search_path import (
 from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
-from gateway.proxy.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from gateway.proxy.upstream import (
+    UpstreamConnection,
+    UpstreamError,
+    connect_upstream,
+    forward_cancel,
+)
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
@@ -108,25 +119,6 @@ _CONFORMING_STRINGS = (
     " with the setting on; with it off a backslash in a string literal escapes the quote,"
     " and the server would run other statements than the policy decided on"
 )
-
-# Python codec names for PostgreSQL's client_encoding values that clients actually use.
-_ENCODINGS = {
-    "UTF8": "utf-8",
-    "UNICODE": "utf-8",
-    "SQL_ASCII": "ascii",
-    "LATIN1": "latin-1",
-    "LATIN9": "iso8859-15",
-    "WIN1252": "cp1252",
-    "WIN1251": "cp1251",
-    "EUC_JP": "euc_jp",
-    "SJIS": "shift_jis",
-    "GBK": "gbk",
-    "UHC": "cp949",
-    "BIG5": "big5",
-    "EUC_KR": "euc_kr",
-    "KOI8R": "koi8_r",
-    "ISO_8859_5": "iso8859-5",
-}
 
 
 class Phase(Enum):
@@ -183,11 +175,11 @@ _BINARY_FLOATS = {700: "!f", 701: "!d"}
 _TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})  # text, varchar, bpchar, name, json
 
 
-def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
+def _param_text(value: bytes | None, fmt: int, type_oid: int, encoding: str) -> str | None:
     if value is None:
         return None
     if fmt == 0 or type_oid in _TEXT_TYPES:
-        return value.decode("utf-8", "replace")
+        return client_text(value, encoding)
     size = _BINARY_INTS.get(type_oid)
     if size is not None and len(value) == size:
         return str(int.from_bytes(value, "big", signed=type_oid != 26))
@@ -201,14 +193,17 @@ def _param_text(value: bytes | None, fmt: int, type_oid: int = 0) -> str | None:
 
 
 def _params_text(
-    values: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...] = ()
+    values: tuple[bytes | None, ...],
+    formats: tuple[int, ...],
+    types: tuple[int, ...],
+    encoding: str,
 ) -> tuple[str | None, ...]:
     """Bind/FunctionCall values as text: no format code means text for all, one applies to
     all, else one per value."""
     out = []
     for i, value in enumerate(values):
         fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
-        out.append(_param_text(value, fmt, types[i] if i < len(types) else 0))
+        out.append(_param_text(value, fmt, types[i] if i < len(types) else 0, encoding))
     return tuple(out)
 
 
@@ -257,6 +252,13 @@ class ClientSession(asyncio.Protocol):
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
+        # Bytes of an oversized password message still to drop before refusing the token.
+        self._password_skip = 0
+        # pgwarden is closing the session (its upstream closing is then no news), and whether
+        # that is for an internal error (logged once), or after the server's own FATAL.
+        self._closing = False
+        self._failed = False
+        self._server_fatal = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._end_reason = "client quit"
         self._started_at = time.time()
@@ -285,8 +287,15 @@ class ClientSession(asyncio.Protocol):
         self.gw.all_closed.clear()
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(
-            self.gw.settings.listener.startup_timeout_seconds, self._startup_timeout
+            self.gw.settings.listener.startup_timeout_seconds, self._callback, self._startup_timeout
         )
+
+    def _callback(self, callback: Callable[[], None]) -> None:
+        """A timer or deferred call of this session, run at the callback boundary."""
+        try:
+            callback()
+        except Exception as exc:
+            self._internal_error(exc)
 
     def _startup_timeout(self) -> None:
         if self.phase in (Phase.STARTUP, Phase.PASSWORD):
@@ -307,17 +316,27 @@ class ClientSession(asyncio.Protocol):
         for task in self._tasks:
             task.cancel()
         if self.gate is not None:
+            unfinished = (
+                "client disconnected before the outcome"
+                if self._end_reason == "client quit"
+                else f"not completed: {self._end_reason}"
+            )
             for e in self.tracker.clear():
                 for run in e.runs:
                     if not run.done:
-                        run.error_message = (
-                            run.error_message or "client disconnected before the outcome"
-                        )
+                        run.done = True
+                        run.error_message = run.error_message or unfinished
                         self.gate.outcome(run)
         if was in (Phase.RELAY, Phase.CONNECTING) and self.principal is not None:
             self._session_event("session_end", self._end_reason)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._client_bytes(data)
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._internal_error(exc)
+
+    def _client_bytes(self, data: bytes) -> None:
         if self._tls is not None:
             was_done = self._tls.handshake_done
             try:
@@ -348,7 +367,7 @@ class ClientSession(asyncio.Protocol):
         elif phase is Phase.CONNECTING:
             self._inbuf += data
             if len(self._inbuf) > self.gw.settings.listener.max_message_size:
-                self._fatal("08P01", "pgwarden: too much data before the session was ready")
+                self._protocol_violation("too much data before the session was ready")
 
     def eof_received(self) -> bool | None:
         return False
@@ -377,10 +396,32 @@ class ClientSession(asyncio.Protocol):
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         if self.phase is Phase.CLOSED:
             return
+        message = for_client(message, self.encoding)
+        detail = None if detail is None else for_client(detail, self.encoding)
         self._send(ErrorResponse.build("FATAL", sqlstate, message, detail=detail).encode())
         self._close()
 
+    def _protocol_violation(self, problem: str, sqlstate: str = "08P01") -> None:
+        """The client broke the protocol: say what, record why the session ended, close."""
+        self._end_reason = f"protocol violation: {problem}"
+        if self.phase is Phase.PASSWORD:
+            # A login attempt that never presented a token is still a failed login.
+            self._session_event("auth_failure", self._end_reason)
+        self._fatal(sqlstate, f"pgwarden: {problem}")
+
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug in pgwarden hit this session: log it once (its type and where, not its
+        message, which may quote data), record why the session ends, close with a FATAL."""
+        if self.phase is Phase.CLOSED or self._failed:
+            return
+        self._failed = True
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("session %s: internal error %s\n%s", self.id, type(exc).__name__, where.rstrip())
+        self._end_reason = f"internal error ({type(exc).__name__})"
+        self._fatal("XX000", "pgwarden: internal error; the session is closed")
+
     def _close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             if self._tls is not None:
                 with contextlib.suppress(Exception):
@@ -406,9 +447,12 @@ class ClientSession(asyncio.Protocol):
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
-            log.error("session %s: internal error", self.id, exc_info=exc)
-            self._fatal("XX000", "pgwarden: internal error; the session is closed")
+        if isinstance(exc, UpstreamError):
+            # The target went away while the session was being set up: not a bug.
+            self._end_reason = "target closed the connection"
+            self._fatal(exc.sqlstate, f"pgwarden: {exc}")
+        elif exc is not None:
+            self._internal_error(exc)
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
@@ -507,18 +551,19 @@ class ClientSession(asyncio.Protocol):
 
     def _handle_cancel(self, packet: CancelRequest) -> None:
         session = self.gw.cancel_keys.find(packet.process_id, packet.secret_key)
-        if session is not None:
-            session.cancel_running()
-        # PostgreSQL answers a cancel with nothing but closing the connection.
-        self._close()
+        forwarded = session.cancel_running() if session is not None else None
+        # PostgreSQL answers a cancel with nothing but closing the connection, once it has
+        # signalled the backend; libpq waits for that close. So the client's cancel
+        # connection closes only after the target's has.
+        if forwarded is None:
+            self._close()
+        else:
+            forwarded.add_done_callback(lambda _: self._close())
 
-    def cancel_running(self) -> None:
+    def cancel_running(self) -> asyncio.Future[None] | None:
         if self.up is None or self.target is None or not self.tracker.running():
-            return
-        target, pid, key = self.target, self.up.process_id, self.up.secret_key
-        task = asyncio.ensure_future(send_cancel(target, pid, key))
-        self.gw.background.add(task)
-        task.add_done_callback(self.gw.background.discard)
+            return None
+        return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
 
     def _on_startup(self, msg: StartupMessage) -> None:
         params = msg.parameters
@@ -574,11 +619,27 @@ class ClientSession(asyncio.Protocol):
 
     def _password_data(self) -> None:
         buf = self._inbuf
+        if self._password_skip:
+            # The rest of an oversized password message: dropped unread, so that the client,
+            # still sending, reads the refusal instead of a connection reset.
+            n = min(self._password_skip, len(buf))
+            del buf[:n]
+            self._password_skip -= n
+            if not self._password_skip:
+                self._reject_token(TOKEN_TOO_LARGE)
+            return
         if len(buf) < 5:
             return
         code, length = _HEADER.unpack_from(buf, 0)
-        if code != ord("p") or length < 4 or length > 65536:
-            self._fatal("08P01", "pgwarden: expected a password message")
+        if code != ord("p") or length < 4:
+            self._protocol_violation("expected a password message")
+            return
+        if length - 4 > self.gw.settings.identity.max_token_bytes + 1:  # the token and its NUL
+            if length + 1 > self.gw.settings.listener.max_message_size:
+                self._reject_token(TOKEN_TOO_LARGE)
+                return
+            self._password_skip = length + 1
+            self._password_data()
             return
         if len(buf) < length + 1:
             return
@@ -587,18 +648,21 @@ class ClientSession(asyncio.Protocol):
         try:
             token = PasswordMessage.decode(body).password
         except ProtocolViolation:
-            self._fatal("08P01", "pgwarden: malformed password message")
+            self._protocol_violation("malformed password message")
             return
         self.phase = Phase.CONNECTING
         self._spawn(self._login(token))
+
+    def _reject_token(self, check: str) -> None:
+        self._session_event("auth_failure", check)
+        self._fatal("28P01", f"pgwarden: token rejected: {check}")
 
     async def _login(self, token: str) -> None:
         assert self.target is not None and self._startup is not None
         try:
             principal = await self.gw.verifier.verify(token.strip())
         except TokenRejected as exc:
-            self._session_event("auth_failure", exc.check)
-            self._fatal("28P01", f"pgwarden: token rejected: {exc.check}")
+            self._reject_token(exc.check)
             return
         self.principal = principal
         params = self._startup.parameters
@@ -783,7 +847,7 @@ class ClientSession(asyncio.Protocol):
         if self.tracker.front() is not None and not self._discarding:
             # Extended messages are answered at a Flush or Sync: ask for the answers without
             # ending the client's pipeline (a Sync would commit it).
-            self.up.transport.write(FLUSH)
+            self._write_upstream(FLUSH)
         self._read_path_if_quiet()
 
     def _read_path_if_quiet(self) -> None:
@@ -807,7 +871,7 @@ class ClientSession(asyncio.Protocol):
         else:
             self._path_wanted = False
             read = self._path_read = PathRead(in_pipeline=self.tracker.unsynced)
-            self.up.transport.write(read.request)
+            self._write_upstream(read.request)
             return
         self._path_wanted = False
         self._path.unknown(problem)
@@ -831,7 +895,7 @@ class ClientSession(asyncio.Protocol):
             return False
         error = read.error
         sqlstate = (error.sqlstate if error is not None else None) or "XX000"
-        why = error.message if error is not None else "no value"
+        why = server_text(error.message or "", self.encoding) if error is not None else "no value"
         problem = PathProblem(f"search_path could not be read from the server ({why})")
         if read.in_pipeline:
             # The server now skips to the client's Sync: to the client, the statement that
@@ -843,6 +907,12 @@ class ClientSession(asyncio.Protocol):
 
     def _begin_relay(self, up: UpstreamConnection) -> None:
         assert self.transport is not None
+        # Revoked while the upstream login ran: the token watch skips sessions not yet
+        # relaying, but has already put the revocation where this check finds it.
+        problem = self._token_problem()
+        if problem is not None:
+            self._end_session_for_token(problem)
+            return
         if self._startup_timer is not None:
             self._startup_timer.cancel()
         proto = up.protocol
@@ -860,7 +930,7 @@ class ClientSession(asyncio.Protocol):
             self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return
         encoding = up.parameters.get("client_encoding", "UTF8")
-        self.encoding = _ENCODINGS.get(encoding.upper(), "utf-8")
+        self.encoding = python_codec(encoding)
         out.append(BackendKeyData(up.process_id, self._cancel_secret).encode())
         out.append(ReadyForQuery("I").encode())
         self._send(b"".join(out))
@@ -876,8 +946,21 @@ class ClientSession(asyncio.Protocol):
     def _schedule_recheck(self) -> None:
         loop = asyncio.get_running_loop()
         self._recheck = loop.call_later(
-            self.gw.settings.identity.recheck_seconds, self._recheck_token
+            self.gw.settings.identity.recheck_seconds, self._callback, self._recheck_token
         )
+
+    def recheck_token_now(self) -> None:
+        """Revocations or signing keys changed: end the session now if its token is no
+        longer valid (the periodic recheck goes on as scheduled otherwise)."""
+        if self.phase is not Phase.RELAY or self.principal is None:
+            return
+        try:
+            reason = self.gw.verifier.still_valid(self.principal)
+        except Exception as exc:
+            self._internal_error(exc)
+            return
+        if reason is not None:
+            self._end_session_for_token(reason)
 
     def _recheck_token(self) -> None:
         if self.phase is not Phase.RELAY or self.principal is None:
@@ -893,9 +976,23 @@ class ClientSession(asyncio.Protocol):
         self._fatal("28P01", f"pgwarden: session ended: {reason}")
 
     def _upstream_lost(self, exc: BaseException | None) -> None:
-        if self.phase is Phase.RELAY:
-            self._end_reason = "target closed the connection"
-            self._close()
+        if self.phase is not Phase.RELAY or self._closing:
+            return
+        self._end_reason = "target closed the connection"
+        if self._server_fatal:
+            self._close()  # the server said why itself (terminated, shutting down)
+            return
+        self._fatal("08006", "pgwarden: lost the connection to the target; the session is closed")
+
+    def _write_upstream(self, data: bytes) -> None:
+        """Every write to the server goes here: one that has just closed is a lost target."""
+        up = self.up
+        if up is None:
+            return
+        if up.transport.is_closing():
+            self._upstream_lost(None)
+            return
+        up.transport.write(data)
 
     def _upstream_paused(self) -> None:
         self._paused_by_upstream = True
@@ -927,7 +1024,7 @@ class ClientSession(asyncio.Protocol):
     def _flush_server(self) -> None:
         out = self._up_out
         if out and self.up is not None:
-            self.up.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write_upstream(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         self._up_answerable = False
         self._up_decided = False
@@ -943,19 +1040,24 @@ class ClientSession(asyncio.Protocol):
         while end_all - pos >= 5:
             code, length = _HEADER.unpack_from(buf, pos)
             if length < 4 or length > limit:
-                if start < pos:
-                    out.append(bytes(buf[start:pos]))
-                self._flush_server()
-                buf.clear()
-                self._fatal(
+                self._violation_in_drain(
+                    start,
+                    pos,
+                    f"invalid message length {length} (limit {limit})",
                     "08P01" if length < 4 else "54000",
-                    f"pgwarden: invalid message length {length} (limit {limit})",
                 )
                 return
             end = pos + 1 + length
             if end > end_all:
                 break
             if code in _PASS:
+                decoded = None
+                if code != 100:  # all but CopyData have a layout: a malformed one ends here
+                    try:
+                        decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
+                    except ProtocolViolation as exc:
+                        self._violation_in_drain(start, pos, str(exc))
+                        return
                 if code == 83 and self._discarding:  # Sync ends the discard
                     self._discarding = False
                 if code in (99, 102):  # CopyDone, CopyFail
@@ -965,8 +1067,10 @@ class ClientSession(asyncio.Protocol):
                         self.tracker.expect(Expectation("copy_end"))
                 elif code == 83 and self._copy_in:
                     pass  # the server ignores Sync during COPY IN: no answer to expect
-                elif code in (83, 68, 67):  # Sync, Describe, Close expect answers
-                    self._expect_simple(code, buf, pos, end)
+                elif code == 83:
+                    self.tracker.expect(Expectation("sync"))
+                elif isinstance(decoded, (Describe, Close)):  # they expect answers too
+                    self._expect_answer(decoded)
                 if code in (83, 72):  # Sync, Flush: the server answers what came before
                     self._up_answerable = True
                 pos = end
@@ -975,11 +1079,7 @@ class ClientSession(asyncio.Protocol):
                 try:
                     self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
                 except ProtocolViolation as exc:
-                    if start < pos:
-                        out.append(bytes(buf[start:pos]))
-                    self._flush_server()
-                    buf.clear()
-                    self._fatal("08P01", f"pgwarden: {exc}")
+                    self._violation_in_drain(start, pos, str(exc))
                     return
                 self.tracker.expect(Expectation("bind"))
                 pos = end
@@ -1019,28 +1119,26 @@ class ClientSession(asyncio.Protocol):
             del buf[:pos]
         self._flush_server()
 
-    def _expect_simple(self, code: int, buf: bytearray, pos: int, end: int) -> None:
-        if code == 83:
-            self.tracker.expect(Expectation("sync"))
-        elif code == 68:
-            kind = buf[pos + 5]
-            name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
-            held = (self._statements if kind == ord("S") else self._portals).get(name)
-            self.tracker.expect(
-                Expectation(
-                    "describe_statement" if kind == ord("S") else "describe_portal",
-                    closing=(chr(kind), name),
-                    described=held,
-                )
-            )
+    def _violation_in_drain(
+        self, start: int, pos: int, problem: str, sqlstate: str = "08P01"
+    ) -> None:
+        """A malformed message at `pos`: the valid ones before it still go, then the end."""
+        buf = self._inbuf
+        if start < pos:
+            self._up_out.append(bytes(buf[start:pos]))
+        self._flush_server()
+        buf.clear()
+        self._protocol_violation(problem, sqlstate)
+
+    def _expect_answer(self, msg: Describe | Close) -> None:
+        held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
+        closing = (msg.kind, msg.name)
+        if isinstance(msg, Close):
+            self.tracker.expect(Expectation("close", closing=closing, described=held))
+        elif msg.kind == "S":
+            self.tracker.expect(Expectation("describe_statement", closing=closing, described=held))
         else:
-            closing = None
-            closed: PreparedStatement | Portal | None = None
-            if end - pos > 6:
-                name = bytes(buf[pos + 6 : end - 1]).decode("utf-8", "replace")
-                closing = (chr(buf[pos + 5]), name)
-                closed = (self._statements if closing[0] == "S" else self._portals).get(name)
-            self.tracker.expect(Expectation("close", closing=closing, described=closed))
+            self.tracker.expect(Expectation("describe_portal", closing=closing, described=held))
 
     async def _gated(self, code: int, message: bytes) -> None:
         try:
@@ -1077,9 +1175,9 @@ class ClientSession(asyncio.Protocol):
             elif code == 70:  # FunctionCall
                 await self._on_function_call(FunctionCall.decode(body), message)
             else:
-                self._fatal("08P01", f"pgwarden: unexpected message type {chr(code)!r}")
+                self._protocol_violation(f"unexpected message type {chr(code)!r}")
         except ProtocolViolation as exc:
-            self._fatal("08P01", f"pgwarden: {exc}")
+            self._protocol_violation(str(exc))
 
     def _decode_sql(self, raw: bytes) -> str | None:
         try:
@@ -1230,7 +1328,7 @@ class ClientSession(asyncio.Protocol):
     def _on_bind(self, msg: Bind) -> None:
         prepared = self._statements.get(msg.statement)
         types = prepared.param_types if prepared is not None else ()
-        params = _params_text(msg.params, msg.param_formats, types)
+        params = _params_text(msg.params, msg.param_formats, types, self.encoding)
         known = None
         if prepared is None and self.gate is not None:
             known = self.gate.prepared.lookup(msg.statement)
@@ -1340,7 +1438,7 @@ class ClientSession(asyncio.Protocol):
         assert self.gate is not None
         if self._discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
-        args = _params_text(msg.args, msg.arg_formats)
+        args = _params_text(msg.args, msg.arg_formats, (), self.encoding)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
         if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
             return
@@ -1361,6 +1459,16 @@ class ClientSession(asyncio.Protocol):
     # -- relay: server to client ---------------------------------------------------------
 
     def _server_data(self, data: bytes) -> None:
+        try:
+            self._relay_server_data(data)
+        except ProtocolViolation as exc:
+            log.warning("session %s: malformed message from the target: %s", self.id, exc)
+            self._end_reason = "protocol violation by the target"
+            self._fatal("08P01", "pgwarden: malformed message from the target; session closed")
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._internal_error(exc)
+
+    def _relay_server_data(self, data: bytes) -> None:
         buf = self._sbuf
         if self._skip:
             n = min(self._skip, len(data))
@@ -1490,19 +1598,23 @@ class ClientSession(asyncio.Protocol):
             self._path.ready(chr(status))
             return None
         if code == 69:  # ErrorResponse
+            err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
+            if err.severity in ("FATAL", "PANIC"):
+                self._server_fatal = True  # the client learns why from the server itself
             if front is None:
                 # The error of a message nothing was expected from (a malformed Flush, say):
                 # the server skips to the client's Sync, not forwarded yet.
                 self._discarding = True
                 return None
-            err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
             replacement = front.refusal
             if front.own_error is not None and err.sqlstate == front.own_error:
                 replacement = None
+            if replacement is not None and self.encoding != "utf-8":
+                replacement = self._refusal_for_client(replacement)
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
-                run.error_message = err.message
+                run.error_message = server_text(err.message or "", self.encoding)
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
@@ -1613,7 +1725,7 @@ class ClientSession(asyncio.Protocol):
         if code == 83:  # ParameterStatus
             ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
             if ps.name == "client_encoding":
-                self.encoding = _ENCODINGS.get(ps.value.upper(), "utf-8")
+                self.encoding = python_codec(ps.value)
             elif ps.name == "standard_conforming_strings" and ps.value != "on":
                 # SET is refused at the gate; set_config(), RESET ALL back to a default of
                 # off, a function: never parse another statement under other rules.
@@ -1621,6 +1733,12 @@ class ClientSession(asyncio.Protocol):
                 self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return None
         return None
+
+    def _refusal_for_client(self, refusal: bytes) -> bytes:
+        """pgwarden's refusal (built in UTF-8) in the client's encoding."""
+        err = ErrorResponse.decode(refusal[5:])
+        fields = {k: for_client(v, self.encoding) for k, v in err.fields.items()}
+        return ErrorResponse(fields).encode()
 
     def _undo_parse(self, e: Expectation) -> None:
         """A Parse the server rejected or skipped: its name holds what it held before."""
@@ -1643,7 +1761,7 @@ class ClientSession(asyncio.Protocol):
                 if failed_bind is not None:
                     self._bind_error = None
                     run.sqlstate = failed_bind.sqlstate
-                    run.error_message = failed_bind.message
+                    run.error_message = server_text(failed_bind.message or "", self.encoding)
                 run.error_message = run.error_message or "not executed: an earlier statement failed"
                 self.gate.outcome(run, forwarded=True)
 
@@ -1740,7 +1858,7 @@ class ClientSession(asyncio.Protocol):
             values = DataRow.decode(frame[5:]).values
         except ProtocolViolation:
             return
-        row = tuple(None if v is None else v.decode("utf-8", "replace") for v in values)
+        row = tuple(None if v is None else client_text(v, self.encoding) for v in values)
         run.recorded.append(row)
         run.recorded_bytes += len(frame)
 

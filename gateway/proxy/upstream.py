@@ -4,10 +4,13 @@ credential (SCRAM-SHA-256, md5, trust), then a transport handed to the session's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
@@ -22,6 +25,7 @@ from gateway.protocol import (
     AuthenticationSASLContinue,
     AuthenticationSASLFinal,
     BackendKeyData,
+    CancelRequest,
     ErrorResponse,
     NegotiateProtocolVersion,
     NoticeResponse,
@@ -38,6 +42,7 @@ from gateway.proxy.targets import Target
 from gateway.proxy.tls import upstream_context
 
 _HEADER = struct.Struct("!BI")
+log = logging.getLogger("pgwarden.upstream")
 
 
 class UpstreamError(Exception):
@@ -288,13 +293,33 @@ async def _login(
             )
 
 
-async def send_cancel(target: Target, process_id: int, secret_key: bytes) -> None:
-    """Ask the target to cancel the query running on one of the gateway's connections."""
-    from gateway.protocol import CancelRequest
+def forward_cancel(
+    target: Target, process_id: int, secret_key: bytes, *, timeout: float = 5.0
+) -> asyncio.Future[None]:
+    """Ask the target to cancel the query running on one of the gateway's connections; the
+    future is done once the target has closed that cancel connection, which PostgreSQL does
+    only after it has signalled the backend (or after `timeout`, or a failure, logged).
 
-    _, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), 5)
-    try:
-        writer.write(CancelRequest(process_id, secret_key).encode())
-        await writer.drain()
-    finally:
-        writer.close()
+    The exchange runs on a thread of its own: a cancel must never wait for a turn of an
+    event loop busy relaying (a COPY OUT streaming at full speed)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def exchange() -> None:
+        try:
+            with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+                sock.sendall(CancelRequest(process_id, secret_key).encode())
+                while sock.recv(64):
+                    pass  # the server answers a cancel with nothing but closing
+        except OSError as exc:
+            log.warning("cancel for target %s not delivered: %s", target.name, exc)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=exchange, name="pgwarden-cancel", daemon=True).start()
+    return done

@@ -201,10 +201,14 @@ def test_malformed(local_verifier: LocalTokenVerifier, token: str) -> None:
 async def test_malformed_through_the_verifier(settings: Settings) -> None:
     verifier = IdentityVerifier.from_settings(settings)
     try:
-        for token in ["", "x", "a.b", "a.b.c", "e30.W10.", "x" * 20_000 + ".a.b"]:
+        for token in ["", "x", "a.b", "a.b.c", "e30.W10.", "x" * 10_000 + ".a.b"]:
             with pytest.raises(TokenRejected) as caught:
                 await verifier.verify(token)
             assert caught.value.check == "malformed token"
+        # Over identity.max_token_bytes it is refused for its size before being read.
+        with pytest.raises(TokenRejected) as caught:
+            await verifier.verify("x" * 20_000 + ".a.b")
+        assert caught.value.check == "token too large"
     finally:
         await verifier.aclose()
 
@@ -300,3 +304,22 @@ def test_revoking_twice_keeps_the_first_time(issuer: LocalTokenIssuer, settings:
         again = registry.revoke(issued.record.jti, at=200.0)
         assert first.revoked_at == again.revoked_at == 100.0
         assert again.status(time.time()) == "revoked"
+
+
+def test_registry_reports_a_revocation_once_whoever_noticed_it(settings: Settings) -> None:
+    """The gateway's watch asks refresh() whether to recheck open sessions; a statement's
+    check on the way may have read the revocation first, and the change must still show."""
+    path = settings.state_path(Path("tokens.sqlite3"))
+    now = time.time()
+    with TokenRegistry(path, recheck_seconds=0) as gateway_view, TokenRegistry(path) as cli:
+        for jti in ("a", "b"):
+            cli.record(TokenRecord(jti, "agent:x", (), now, now + 60))
+        assert gateway_view.rejection("a") is None
+        gateway_view.refresh()
+        assert gateway_view.refresh() is False
+        cli.revoke("a")
+        assert gateway_view.rejection("a") == "token revoked"  # a statement's check saw it
+        assert gateway_view.refresh() is True  # and the watch still learns of it
+        assert gateway_view.refresh() is False
+        gateway_view.revoke("b")  # its own commit
+        assert gateway_view.refresh() is True

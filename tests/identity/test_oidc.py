@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import socket
@@ -62,6 +63,8 @@ class TestIssuer:
         self.requests: list[str] = []
         self.failing = False
         self.claimed_issuer: str | None = None
+        # Cache headers sent with the JWKS (e.g. {"Cache-Control": "max-age=120"}).
+        self.cache_headers: dict[str, str] = {}
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +85,9 @@ class TestIssuer:
                     return
                 data = orjson.dumps(body)
                 self.send_response(200)
+                if self.path == "/keys":
+                    for name, value in issuer.cache_headers.items():
+                        self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -420,3 +426,81 @@ def test_audience_is_required() -> None:
 def test_plain_http_issuer_only_on_loopback() -> None:
     with pytest.raises(ValueError, match="https"):
         OidcVerifier("http://idp.example.com", AUDIENCE, algorithms=["RS256"])
+
+
+# -- the key set's lifetime follows the JWKS response's cache headers, within bounds ----------
+
+
+@pytest.mark.parametrize(
+    ("headers", "lifetime"),
+    [
+        ({"Cache-Control": "public, max-age=120"}, 120),
+        ({"Cache-Control": "max-age=120", "Age": "20"}, 100),
+        ({"Cache-Control": "max-age=86400"}, 600),  # the ceiling
+        ({"Cache-Control": "max-age=5"}, 30),  # the floor
+        ({"Cache-Control": "no-store"}, 30),
+        ({"Expires": "in 240 s"}, 240),  # against the response's own Date
+        ({"Expires": "0"}, 30),  # invalid: already expired
+        ({}, 600),  # silent: the ceiling
+    ],
+)
+async def test_withdrawn_key_is_dropped_when_the_cache_lifetime_ends(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock, headers: dict[str, str], lifetime: int
+) -> None:
+    if headers.get("Expires") == "in 240 s":
+        headers = {"Expires": email.utils.formatdate(time.time() + 240, usegmt=True)}
+    idp.cache_headers = headers
+    verifier = _verifier(idp.url, http, clock, min_refresh_seconds=30, max_key_age_seconds=600)
+    old_token = idp.keys[0].sign(idp.claims())
+    principal = await verifier.verify(old_token)
+    idp.keys[:] = [IssuerKey("RS256", kid="k2")]  # k1 withdrawn
+    clock.now += lifetime - 2  # (HTTP dates have whole seconds)
+    await verifier.verify(old_token)  # still within the lifetime: not asked again
+    assert verifier.still_valid(principal) is None
+    assert idp.jwks_fetches() == 1
+    clock.now += 2
+    assert await _rejected(verifier, old_token) == "unknown signing key"
+    assert idp.jwks_fetches() == 2
+    # The session that k1 verified ends at its next check; the change is reported once.
+    assert verifier.still_valid(principal) == "signing key withdrawn"
+    assert verifier.keys_changed() is True
+    assert verifier.keys_changed() is False
+
+
+async def test_key_set_is_refreshed_on_schedule_without_tokens(
+    idp: TestIssuer, http: httpx.AsyncClient
+) -> None:
+    """No token needs to arrive: the background refresh drops a withdrawn key by itself, and
+    the sessions it verified are found invalid."""
+    idp.cache_headers = {"Cache-Control": "max-age=0"}
+    verifier = OidcVerifier(
+        idp.url,
+        AUDIENCE,
+        algorithms=["RS256"],
+        min_refresh_seconds=0.2,
+        max_key_age_seconds=5,
+        http=http,
+    )
+    principal = await verifier.verify(idp.keys[0].sign(idp.claims()))
+    verifier.start()
+    try:
+        idp.keys[:] = [IssuerKey("RS256", kid="k2")]
+        deadline = time.monotonic() + 5
+        while verifier.still_valid(principal) is None:
+            assert time.monotonic() < deadline, "the withdrawn key was never dropped"
+            await asyncio.sleep(0.05)
+        assert verifier.still_valid(principal) == "signing key withdrawn"
+        assert verifier.keys_changed() is True
+    finally:
+        await verifier.aclose()
+
+
+async def test_failed_refresh_withdraws_nothing(
+    idp: TestIssuer, http: httpx.AsyncClient, clock: Clock
+) -> None:
+    verifier = _verifier(idp.url, http, clock)
+    principal = await verifier.verify(idp.keys[0].sign(idp.claims()))
+    idp.failing = True
+    clock.now += 3601
+    await _rejected(verifier, IssuerKey("RS256", kid="k9").sign(idp.claims()))
+    assert verifier.still_valid(principal) is None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -15,7 +18,8 @@ import psycopg
 import pytest
 from psycopg import errors as pgerr
 
-from gateway.protocol import CancelRequest
+from gateway.protocol import BackendKeyData, CancelRequest, ErrorResponse, Query
+from tests.harness import TcpRelay, target_through
 
 from .wire import RawClient
 
@@ -161,3 +165,112 @@ def test_cancel_when_idle_does_not_hit_the_next_query(via: psycopg.Connection[An
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
         assert via.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- the cancel reaches the target before the client's cancel connection closes ---------------
+
+
+class CancelObserver(TcpRelay):
+    """Pipes ordinary connections through; for a cancel connection it notes when the server
+    closed it, and passes that close on to the gateway only `hold` seconds later, so an
+    early close by the gateway shows."""
+
+    def __init__(self, upstream_port: int, hold: float) -> None:
+        self.hold = hold
+        self.cancels_closed: list[float] = []  # when the gateway saw the server's close
+        super().__init__(upstream_port)
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        first = client.recv(16, socket.MSG_PEEK)
+        if len(first) >= 8 and struct.unpack("!II", first[:8]) == (16, 80877102):
+            upstream.sendall(client.recv(16))
+            while upstream.recv(64):
+                pass
+            time.sleep(self.hold)
+            self.cancels_closed.append(time.monotonic())
+            return
+        super().relay(client, upstream)
+
+
+@pytest.fixture
+def observed_target(gateway: Any) -> Iterator[tuple[str, CancelObserver]]:
+    observer = CancelObserver(gateway.cluster.port, hold=0.3)
+    try:
+        with target_through(gateway, f"app_cancel_{observer.port}", observer.port) as name:
+            yield name, observer
+    finally:
+        observer.close()
+
+
+def _send_cancel(gateway: Any, key: BackendKeyData) -> float:
+    """A raw CancelRequest to the gateway; when the gateway closed that connection."""
+    raw = RawClient.connect(gateway.host, gateway.port, timeout=10)
+    try:
+        raw.send(CancelRequest(key.process_id, key.secret_key).encode())
+        assert raw.answers_or_closes(10) == "closed"
+        return time.monotonic()
+    finally:
+        raw.close()
+
+
+def _until_error(client: RawClient) -> tuple[ErrorResponse, int]:
+    """Frames up to the ErrorResponse and ReadyForQuery; the error and the CopyData seen."""
+    copied = 0
+    error = None
+    while True:
+        code, body = client.frame()
+        if code == ord("d"):
+            copied += 1
+        elif code == ord("E"):
+            error = ErrorResponse.decode(body)
+        elif code == ord("Z"):
+            assert error is not None
+            return error, copied
+
+
+@pytest.mark.parametrize("statement", ["sleep", "copy out"])
+def test_cancel_is_forwarded_before_the_cancel_connection_closes(
+    gateway: Any, admin_token: str, observed_target: tuple[str, CancelObserver], statement: str
+) -> None:
+    target, observer = observed_target
+    client = RawClient.connect(gateway.host, gateway.port, timeout=15)
+    try:
+        client.login(target, admin_token)
+        assert client.key is not None
+        if statement == "sleep":
+            client.send(Query(b"SELECT pg_sleep(5)").encode())
+            _wait_until_running(gateway, client.key.process_id)
+        else:
+            # Streams as fast as the client reads: the relay is busy when the cancel comes.
+            client.send(
+                Query(
+                    b"COPY (SELECT repeat('x', 200) FROM generate_series(1, 5000000)) TO STDOUT"
+                ).encode()
+            )
+            assert client.frame()[0] == ord("H")  # CopyOutResponse
+        result: dict[str, float] = {}
+
+        def cancel() -> None:
+            result["sent"] = time.monotonic()
+            result["closed"] = _send_cancel(gateway, client.key)  # type: ignore[arg-type]
+
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        error, copied = _until_error(client)
+        errored = time.monotonic()
+        canceller.join(10)
+        assert error.sqlstate == "57014", error
+        assert statement == "sleep" or copied > 0
+        # The client's cancel connection closed only once the target's had (held 0.3 s).
+        assert len(observer.cancels_closed) == 1
+        assert result["closed"] >= observer.cancels_closed[0]
+        # The statement was cancelled, well before it would have ended by itself.
+        assert errored - result["sent"] < 4
+        print(
+            f"{statement}: 57014 after {1000 * (errored - result['sent']):.0f} ms; cancel"
+            f" connection closed {1000 * (result['closed'] - observer.cancels_closed[0]):.1f} ms"
+            " after the target's"
+        )
+        assert client.query("SELECT 1")[-1][0] == ord("Z")
+    finally:
+        client.close()

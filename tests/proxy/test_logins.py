@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from typing import Any
 
 import jwt
@@ -13,6 +14,8 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
+from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
+from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
 
@@ -162,3 +165,118 @@ def test_token_revoked_during_session_ends_it(gateway: Any) -> None:
                 time.sleep(0.05)
         assert "token revoked" in str(info.value)
         assert conn.closed or conn.broken
+
+
+def _auth_failures(gateway: Any, application_name: str) -> list[dict[str, Any]]:
+    found = []
+    for r in records_after(gateway.settings):
+        body = r.record()
+        if r.kind == "auth_failure" and body["application_name"] == application_name:
+            found.append(body)
+    return found
+
+
+def _huge_jwt(gateway: Any, size: int) -> str:
+    """A correctly signed token whose one claim makes it `size` bytes or more."""
+    key = open_signing_key(gateway.settings)
+    claims = {"iss": "pgwarden", "aud": "pgwarden", "sub": "agent:huge", "pad": "x" * size}
+    return jwt.encode(claims, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
+
+
+@pytest.mark.parametrize(
+    "case", ["just over the bound", "garbage over 64 KiB", "JWT with a 1 MiB claim"]
+)
+def test_oversized_token_is_a_bad_token(gateway: Any, admin_token: str, case: str) -> None:
+    """Over identity.max_token_bytes: 28P01 "token too large" and an auth_failure record,
+    however large the message (not 08P01 "expected a password message", nothing recorded)."""
+    bound = gateway.settings.identity.max_token_bytes
+    if case == "just over the bound":
+        token = "a" * (bound + 1)
+    elif case == "garbage over 64 KiB":
+        token = "\x7f garbage " * 8000
+    else:
+        token = _huge_jwt(gateway, 1024 * 1024)
+    app = f"huge-{uuid.uuid4().hex[:8]}"
+    err = _refusal(gateway, "app", token, application_name=app)
+    assert err.sqlstate == "28P01", err
+    assert err.message == "pgwarden: token rejected: token too large"
+    failures = wait_for(lambda: _auth_failures(gateway, app))
+    assert [f["reason"] for f in failures] == ["token too large"]
+    _good_client_still_connects(gateway, admin_token)
+
+
+def test_oversized_token_through_libpq(gateway: Any) -> None:
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(gateway.dsn("b" * 70_000), connect_timeout=10)
+    assert "token too large" in str(info.value)
+
+
+def test_token_at_the_bound_is_verified_not_refused_for_size(gateway: Any) -> None:
+    bound = gateway.settings.identity.max_token_bytes
+    err = _refusal(gateway, "app", "c" * bound)
+    assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: malformed token"
+
+
+def test_revocation_ends_an_idle_session_at_once(gateway: Any) -> None:
+    """Not at the next periodic recheck (identity.recheck_seconds, 30 s): within one poll of
+    the token registry (identity.revocation_poll_seconds)."""
+    token = gateway.token("agent:idle-revoked")
+    client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+    try:
+        client.login("app", token)
+        client.query("SELECT 1")
+        _revoke(gateway, token)
+        revoked = time.monotonic()
+        client.timeout = 5  # well under the 30 s periodic recheck
+        code, body = client.frame()
+        ended = time.monotonic()
+        assert code == ord("E")
+        err = ErrorResponse.decode(body)
+        assert (err.severity, err.sqlstate) == ("FATAL", "28P01")
+        assert err.message == "pgwarden: session ended: token revoked"
+        assert client.answers_or_closes(5) == "closed"
+    finally:
+        client.close()
+    assert ended - revoked < gateway.settings.identity.recheck_seconds
+    print(f"idle session ended {1000 * (ended - revoked):.0f} ms after `tokens revoke` returned")
+
+
+def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
+    for _ in range(5):
+        token = gateway.token("agent:revoked-then-login")
+        _good_client_still_connects(gateway, token)  # verified once: remembered
+        _revoke(gateway, token)
+        err = _refusal(gateway, "app", token)
+        assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: token revoked"
+
+
+@pytest.mark.parametrize(
+    ("case", "data"),
+    [
+        ("not a password message", b"Q\x00\x00\x00\x0dSELECT 1\x00"),
+        ("no NUL", b"p\x00\x00\x00\x07abc"),
+        ("length below 4", b"p\x00\x00\x00\x02"),
+    ],
+)
+def test_malformed_password_message_is_an_audited_failed_login(
+    gateway: Any, case: str, data: bytes
+) -> None:
+    app = f"badpw-{uuid.uuid4().hex[:8]}"
+    client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+    try:
+        client.send(
+            StartupMessage(
+                PROTOCOL_3_0, {"user": "t", "database": "app", "application_name": app}
+            ).encode()
+        )
+        code, body = client.frame()
+        assert code == ord("R")
+        client.send(data)
+        code, body = client.frame()
+        err = ErrorResponse.decode(body)
+        assert (code, err.severity, err.sqlstate) == (ord("E"), "FATAL", "08P01"), case
+        assert client.answers_or_closes(5) == "closed"
+    finally:
+        client.close()
+    failures = wait_for(lambda: _auth_failures(gateway, app))
+    assert len(failures) == 1 and failures[0]["reason"].startswith("protocol violation"), case
