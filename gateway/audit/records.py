@@ -10,7 +10,14 @@ from gateway.audit.events import SessionEvent, StatementOutcome, StatementReques
 from gateway.identity.principal import Principal
 
 RecordKind = Literal[
-    "request", "outcome", "session_start", "session_end", "auth_failure", "key_rotation", "prune"
+    "request",
+    "outcome",
+    "session_start",
+    "session_end",
+    "auth_failure",
+    "key_rotation",
+    "prune",
+    "chain_gap",
 ]
 RECORD_KINDS: tuple[RecordKind, ...] = (
     "request",
@@ -20,6 +27,9 @@ RECORD_KINDS: tuple[RecordKind, ...] = (
     "auth_failure",
     "key_rotation",
     "prune",
+    # Written when an operator starts the gateway on a store behind its head witness: names
+    # the records that were lost, linked to the last one the witness saw.
+    "chain_gap",
 )
 
 # Sorted keys and no floats formatted by locale: the same record always gives the same bytes,

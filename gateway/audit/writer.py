@@ -57,6 +57,11 @@ async def durable_or_fail_open(committed: Awaitable[str], *, fail_open: bool, te
         return ""
 
 
+class ChainGap(AuditStoreError):
+    """The store ends before the record the head witness names: records were lost. The
+    writer will not seal new records onto such a tail without the operator's consent."""
+
+
 class BatchClock:
     """When a batch of queued records leaves: at the end of the current event-loop pass
     (`soon`, someone waits on it), or `linger` later (nobody waits: it may ride with the
@@ -121,6 +126,7 @@ class AuditWriter:
         bytes_limit: int = 65536,
         fail_open: bool = False,
         max_batch: int = 2000,
+        accept_gap: bool = False,
     ) -> None:
         self.store = store
         self.chain = chain
@@ -131,6 +137,8 @@ class AuditWriter:
         self.bytes_limit = bytes_limit
         self.fail_open = fail_open
         self.max_batch = max_batch
+        # The operator's consent to bridge a gap found at this start with a chain_gap record.
+        self.accept_gap = accept_gap
         # How long outcome/session records wait for a request record to commit with.
         self._clock = BatchClock(self._flush)
         self.head_interval = 0.05
@@ -158,13 +166,55 @@ class AuditWriter:
         self.on_commit: Callable[[int, CommitResult], None] | None = None
 
     async def start(self) -> None:
+        """Open the store. Raises ChainGap if the store is behind the head witness and the
+        operator did not consent to bridging the gap (`accept_gap`)."""
+        if self.head is not None:
+            # Never seal onto a tail before the last record this chain is known to have had.
+            self._head = self.head.read(self.chain.name)
         try:
             await self.store.open()
         except AuditStoreError as exc:
-            # Not fatal: every batch retries the store, and requests fail closed meanwhile.
+            # Not fatal: every batch retries the store, and requests fail closed meanwhile
+            # (a gap found then refuses the batch: see _seal).
             log.warning("audit store not available at start: %s", exc)
+        else:
+            await self._check_continuity()
         self._loop = asyncio.get_running_loop()
         self._running = True
+
+    async def _check_continuity(self) -> None:
+        head = self._head
+        if head is None:
+            return
+        try:
+            last_seen = await self.store.get(self.chain.name, head[0])
+        except AuditStoreError as exc:
+            log.warning("audit store not readable at start: %s", exc)
+            return
+        if last_seen is not None and last_seen.link == head[1]:
+            return
+        if not self.accept_gap:
+            raise ChainGap(self._gap_message(head[0]))
+        log.error(
+            "audit: %s; continuing the chain after it with a chain_gap record (accepted by "
+            "the operator)",
+            self._gap_message(head[0], advice=False),
+        )
+
+    def _gap_message(self, seq: int, *, advice: bool = True) -> str:
+        chain = self.chain.name
+        message = (
+            f"the audit store is behind its head witness: chain {chain} reached seq {seq}, "
+            f"but the store does not hold that record (deleted, truncated or restored from an "
+            f"older copy)"
+        )
+        if advice:
+            message += (
+                "; refusing to start a new chain over the evidence. `pgwarden audit verify` "
+                "names what is missing; to start anyway and record the lost range in the "
+                "chain, run `pgwarden serve --accept-audit-gap` once"
+            )
+        return message
 
     async def close(self) -> None:
         """Commit what is queued, wait for it, and close the store."""
@@ -311,12 +361,39 @@ class AuditWriter:
         timer = self._loop.call_later(self.timeout, expire_waiters, waiters, self.timeout)
         self._inflight += 1
         self._settled.clear()
-        chain = self.chain
         self._store_submit(
-            chain.name,
-            lambda tail: chain.seal(tail, pending),
+            self.chain.name,
+            partial(self._seal, pending=pending),
             partial(self._committed, waiters, timer),
         )
+
+    def _seal(
+        self, tail: ChainTail, pending: list[PendingRecord]
+    ) -> tuple[list[SealedRecord], ChainTail]:
+        """Seal a batch onto the store's tail, unless that tail is behind the last record
+        this chain is known to have had (store wiped or restored while it was closed or even
+        while the gateway runs): then refuse, or with consent bridge the gap first."""
+        head = self._head
+        if head is not None and (
+            tail.seq < head[0] or (tail.seq == head[0] and tail.link != head[1])
+        ):
+            if not self.accept_gap:
+                raise ChainGap(self._gap_message(head[0]))
+            gap = PendingRecord(
+                "chain_gap",
+                time.time(),
+                {
+                    "lost_from": tail.seq + 1 if tail.seq < head[0] else head[0],
+                    "lost_through": head[0],
+                    "store_ended_at": tail.seq,
+                    "witness_link": head[1].hex(),
+                    "reason": "store behind its head witness; accepted by the operator",
+                },
+            )
+            # Linked to the last link the witness saw: the new records extend the old chain.
+            tail = ChainTail(head[0], head[1], self.chain.epoch)
+            pending = [gap, *pending]
+        return self.chain.seal(tail, pending)
 
     def _defer(self) -> None:
         """Queued records wait for the store (a commit in flight that this store must not
@@ -348,6 +425,10 @@ class AuditWriter:
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
             fail_waiters(waiters, AuditUnavailable(f"audit store failed: {result}"), result)
         else:
+            self.accept_gap = False  # consent was for the tail found at this start
+            if len(result) > len(waiters):
+                # A chain_gap record went first: it has no waiter of its own.
+                result = result[len(result) - len(waiters) :]
             self._after_commit(result[-1])
             for w, s in zip(waiters, result, strict=True):
                 if w is not None and not w.done():
