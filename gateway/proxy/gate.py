@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.audit.events import StatementOutcome, StatementRequest
@@ -393,7 +393,9 @@ class StatementGate:
         params: tuple[str | None, ...],
     ) -> Verdict:
         """An Execute of a statement allowed at Parse, under the policy still in force
-        (still_current): recorded, with its parameters, first."""
+        (still_current): recorded, with its parameters, first. Its record says that the
+        decision was reused (`cache_hit`), with the revision it was made under."""
+        decisions = [d if d.cache_hit else replace(d, cache_hit=True) for d in decisions]
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:
