@@ -286,6 +286,8 @@ class AuditProcess:
         self.start_timeout = start_timeout
         self.spool_limit = spool_limit
         self.spool_retry = spool_retry
+        # The interpreter that runs a child (fault-injection tests point it elsewhere).
+        self.python = sys.executable
         # What the supervisor is doing: starting, ready, restarting, refused, stopped.
         self.state = "starting"
         self.restarts = 0
@@ -402,7 +404,7 @@ class AuditProcess:
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
+                    self.python,
                     "-m",
                     "gateway.audit",
                     str(theirs.fileno()),
