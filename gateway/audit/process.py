@@ -286,8 +286,6 @@ class AuditProcess:
         self.start_timeout = start_timeout
         self.spool_limit = spool_limit
         self.spool_retry = spool_retry
-        # The interpreter that runs a child (fault-injection tests point it elsewhere).
-        self.python = sys.executable
         # What the supervisor is doing: starting, ready, restarting, refused, stopped.
         self.state = "starting"
         self.restarts = 0
@@ -404,7 +402,7 @@ class AuditProcess:
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    self.python,
+                    sys.executable,
                     "-m",
                     "gateway.audit",
                     str(theirs.fileno()),
@@ -429,7 +427,8 @@ class AuditProcess:
                 proc.stdin.write(settings.model_dump_json().encode())
                 await proc.stdin.drain()
                 proc.stdin.close()
-            except (ConnectionError, OSError) as exc:
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                # RuntimeError: uvloop's pipe is already closed (the child is gone).
                 mine.close()
                 raise _ChildGone(f"exited before reading its settings: {exc}") from exc
             self._up = up = loop.create_future()

@@ -149,13 +149,15 @@ async def test_closing_the_gateway_side_ends_the_child(tmp_path: Path) -> None:
     assert ("outcome", 2, rid) in await _stored(sink.settings)
 
 
-async def test_the_supervisor_survives_every_kind_of_child_failure(sink: AuditProcess) -> None:
+async def test_the_supervisor_survives_every_kind_of_child_failure(
+    sink: AuditProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A child that cannot be spawned, one that exits before reading its settings or before
     its handshake, and one killed while serving: each is logged and retried, and a healthy
     child takes over once one can start."""
     await sink.request(statement_request("SELECT 'before'"))
     assert sink.ready and sink.state == "ready"
-    sink.python = "/nonexistent/python"  # spawn fails (OSError)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # spawn fails (OSError)
     assert sink._proc is not None
     os.kill(sink._proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -169,7 +171,8 @@ async def test_the_supervisor_survives_every_kind_of_child_failure(sink: AuditPr
             await sink.request(statement_request("SELECT 'refused'"))
         await asyncio.sleep(0.05)
     assert "could not be started" in (sink.last_error or "")
-    sink.python = "/bin/true"  # starts, then exits before its settings or its handshake
+    # Starts, then exits before its settings are written or before its handshake.
+    monkeypatch.setattr(sys, "executable", "/bin/true")
     seen = sink.restarts
     while sink.restarts < seen + 2:
         assert time.monotonic() < deadline, "the supervisor stopped retrying"
@@ -177,7 +180,7 @@ async def test_the_supervisor_survives_every_kind_of_child_failure(sink: AuditPr
     # Seen as gone before its handshake, by its exit or by its socket's end, whichever first.
     assert "exited" in (sink.last_error or "") or "ready" in (sink.last_error or "")
     assert sink._supervisor is not None and not sink._supervisor.done()
-    sink.python = sys.executable
+    monkeypatch.undo()
     await _wait_up(sink)
     assert sink.ready and sink.state == "ready"
     await sink.close()
