@@ -48,6 +48,7 @@ from gateway.audit.store import CommitResult
 from gateway.audit.writer import (
     BatchClock,
     ChainGap,
+    Spool,
     Waiter,
     durable_or_fail_open,
     expire_waiters,
@@ -284,14 +285,11 @@ class AuditProcess:
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
         self.start_timeout = start_timeout
-        self.spool_limit = spool_limit
         self.spool_retry = spool_retry
         # What the supervisor is doing: starting, ready, restarting, refused, stopped.
         self.state = "starting"
         self.restarts = 0
         self.last_error: str | None = None
-        # Outcome/session records that could not be kept (spool full) since start.
-        self.records_lost = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._transport: asyncio.Transport | None = None
@@ -312,7 +310,8 @@ class AuditProcess:
         self._timers: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()
         self._batch: list[Waiter] = []
         self._drained: asyncio.Event | None = None
-        self._spool: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        # (frame header, body) of records nobody waits on that no child has committed.
+        self.spool: Spool[tuple[bytes, bytes]] = Spool(spool_limit)
         self._spool_timer: asyncio.TimerHandle | None = None
 
     # -- state ------------------------------------------------------------------------------
@@ -325,7 +324,12 @@ class AuditProcess:
     @property
     def spooled(self) -> int:
         """Outcome and session records waiting for the store."""
-        return len(self._spool)
+        return len(self.spool)
+
+    @property
+    def records_lost(self) -> int:
+        """Outcome and session records that could not be kept (spool full, shutdown)."""
+        return self.spool.lost
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -489,14 +493,8 @@ class AuditProcess:
         if self._spool_timer is not None:
             self._spool_timer.cancel()
             self._spool_timer = None
-        if self._spool:
-            self.records_lost += len(self._spool)
-            log.error(
-                "audit: %d outcome or session records lost at shutdown: the store did not "
-                "take them",
-                len(self._spool),
-            )
-            self._spool.clear()
+        if self.spool:
+            self.spool.drop(len(self.spool.take()), "the store did not take them by shutdown")
         self._first_done(None)
         self.state = "stopped"
 
@@ -568,19 +566,8 @@ class AuditProcess:
     # -- the spool ----------------------------------------------------------------------------
 
     def _keep(self, frames: list[tuple[bytes, bytes]]) -> None:
-        """Spool records the store has not taken; what does not fit is lost, and counted."""
-        room = self.spool_limit - len(self._spool)
-        if len(frames) > room:
-            over = len(frames) - max(room, 0)
-            self.records_lost += over
-            log.error(
-                "audit: %d outcome or session records lost: the spool is full (%d records)",
-                over,
-                self.spool_limit,
-            )
-            frames = frames[: max(room, 0)]
-        self._spool.extend(frames)
-        if self._spool and self._ready:
+        self.spool.keep(frames)
+        if self.spool and self._ready:
             self._retry_later()
 
     def _retry_later(self) -> None:
@@ -592,8 +579,7 @@ class AuditProcess:
         self._spool_timer = None
         if not self._ready:
             return
-        spool, self._spool = self._spool, collections.deque()
-        for header, body in spool:
+        for header, body in self.spool.take():
             self._send(header, body, None)
 
     # -- acknowledgements ---------------------------------------------------------------
@@ -616,7 +602,7 @@ class AuditProcess:
             up.set_result(None)
             self._ready = True
             self.state = "ready"
-            if self._spool:
+            if self.spool:
                 self._resend_spool()
 
     def refused(self, message: str) -> None:

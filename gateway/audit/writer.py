@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
@@ -25,16 +26,44 @@ T = TypeVar("T")
 Waiter = asyncio.Future[str] | None
 
 
-def fail_waiters(waiters: Iterable[Waiter], failure: AuditUnavailable, why: object) -> None:
-    """Fail the records' waiters; log how many records nobody waited on were lost."""
-    lost = 0
+def fail_requests(waiters: Iterable[Waiter], failure: AuditUnavailable) -> None:
+    """Fail the waiters of request records (their statements do not run)."""
     for w in waiters:
-        if w is None:
-            lost += 1
-        elif not w.done():
+        if w is not None and not w.done():
             w.set_exception(failure)
-    if lost:
-        log.error("audit: %d outcome or session records lost: %s", lost, why)
+
+
+class Spool(Generic[T]):
+    """Outcome and session records the store did not take, kept to be sent again.
+
+    Their statements have already run (or their sessions ended): dropping them would leave
+    requests without outcomes. Bounded, so that a long outage costs memory only up to
+    `limit` records; what does not fit is logged and counted in `lost`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lost = 0
+        self._items: collections.deque[T] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keep(self, items: list[T]) -> None:
+        room = max(self.limit - len(self._items), 0)
+        if len(items) > room:
+            self.drop(len(items) - room, f"the spool is full ({self.limit} records)")
+            items = items[:room]
+        self._items.extend(items)
+
+    def take(self) -> list[T]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def drop(self, count: int, why: str) -> None:
+        self.lost += count
+        log.error("audit: %d outcome or session records lost: %s", count, why)
 
 
 def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
@@ -127,6 +156,8 @@ class AuditWriter:
         fail_open: bool = False,
         max_batch: int = 2000,
         accept_gap: bool = False,
+        spool_limit: int = 100_000,
+        spool_retry: float = 0.5,
     ) -> None:
         self.store = store
         self.chain = chain
@@ -139,6 +170,11 @@ class AuditWriter:
         self.max_batch = max_batch
         # The operator's consent to bridge a gap found at this start with a chain_gap record.
         self.accept_gap = accept_gap
+        # Records nobody waits on that a commit failed, sent again every spool_retry (not
+        # in the audit process: its gateway keeps them, see on_commit).
+        self.spool: Spool[PendingRecord] = Spool(spool_limit)
+        self.spool_retry = spool_retry
+        self._spool_timer: asyncio.TimerHandle | None = None
         # How long outcome/session records wait for a request record to commit with.
         self._clock = BatchClock(self._flush)
         self.head_interval = 0.05
@@ -219,10 +255,17 @@ class AuditWriter:
     async def close(self) -> None:
         """Commit what is queued, wait for it, and close the store."""
         if self._running:
+            # One last try for what the store did not take before.
+            self._resend_spool()
             self._running = False
             async with self._exclusive_lock:
                 await self._drain()
             self._write_head()
+        if self._spool_timer is not None:
+            self._spool_timer.cancel()
+            self._spool_timer = None
+        if self.spool:
+            self.spool.drop(len(self.spool.take()), "the store did not take them by shutdown")
         await self.store.close()
 
     async def __aenter__(self) -> AuditWriter:
@@ -364,7 +407,7 @@ class AuditWriter:
         self._store_submit(
             self.chain.name,
             partial(self._seal, pending=pending),
-            partial(self._committed, waiters, timer),
+            partial(self._committed, pending, waiters, timer),
         )
 
     def _seal(
@@ -417,13 +460,20 @@ class AuditWriter:
         asyncio.ensure_future(self.store.append(chain, seal)).add_done_callback(finished)
 
     def _committed(
-        self, waiters: list[Waiter], timer: asyncio.TimerHandle, result: CommitResult
+        self,
+        pending: list[PendingRecord],
+        waiters: list[Waiter],
+        timer: asyncio.TimerHandle,
+        result: CommitResult,
     ) -> None:
         timer.cancel()
         self._inflight -= 1
         if isinstance(result, BaseException):
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
-            fail_waiters(waiters, AuditUnavailable(f"audit store failed: {result}"), result)
+            fail_requests(waiters, AuditUnavailable(f"audit store failed: {result}"))
+            if self.on_commit is None:
+                self.spool.keep([p for p, w in zip(pending, waiters, strict=True) if w is None])
+                self._retry_spool()
         else:
             self.accept_gap = False  # consent was for the tail found at this start
             if len(result) > len(waiters):
@@ -439,6 +489,16 @@ class AuditWriter:
             self._settled.set()
         if self._pending and not self._clock.soon_pending and not self._concurrent:
             self._flush()
+
+    def _retry_spool(self) -> None:
+        if self.spool and self._spool_timer is None and self._loop is not None:
+            self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
+
+    def _resend_spool(self) -> None:
+        self._spool_timer = None
+        if self._running and self._loop is not None:
+            for p in self.spool.take():
+                self._queue(p, None, urgent=False)
 
     def _after_commit(self, last: SealedRecord) -> None:
         next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
