@@ -158,8 +158,11 @@ class DecisionCache:
         self._suspended = False
 
     def opa_down(self) -> None:
-        """OPA is not answering: serve nothing from memory until it reports a revision again."""
-        self._entries.clear()
+        """OPA is not answering: serve nothing from memory until it reports a revision again.
+
+        The entries are kept: if OPA comes back on the same revision they are still that
+        policy's answers (a slow poll under load must not also empty the cache); another
+        revision clears them."""
         self._suspended = True
 
     def clear(self) -> None:
