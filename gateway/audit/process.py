@@ -469,7 +469,7 @@ class AuditProcess:
         """Send what is queued (and spooled), wait for it to be committed, stop the child."""
         self._stopping = True
         if self._ready:
-            self._resend_spool()
+            self._resend_spool(None)  # one last try for all of it
         self._flush()
         if self._drained is not None and self._unacked:
             self._drained.clear()
@@ -574,12 +574,12 @@ class AuditProcess:
         if self._spool_timer is None and self._loop is not None and not self._stopping:
             self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
 
-    def _resend_spool(self) -> None:
+    def _resend_spool(self, most: int | None = Spool.chunk) -> None:
         """Send the spooled records again, oldest first (the store may take them now)."""
         self._spool_timer = None
         if not self._ready:
             return
-        for header, body in self.spool.take():
+        for header, body in self.spool.take(most):
             self._send(header, body, None)
 
     # -- acknowledgements ---------------------------------------------------------------
@@ -618,6 +618,8 @@ class AuditProcess:
             if w is not None and not w.done():
                 w.set_result(f"{chain}:{first_seq + i}")
         self._advance(count)
+        if self.spool and self._spool_timer is None:
+            self._resend_spool()  # the store takes records again: the next chunk
 
     def failed(self, count: int, message: str) -> None:
         failed = [self._unacked.popleft() for _ in range(count)]

@@ -38,8 +38,11 @@ class Spool(Generic[T]):
 
     Their statements have already run (or their sessions ended): dropping them would leave
     requests without outcomes. Bounded, so that a long outage costs memory only up to
-    `limit` records; what does not fit is logged and counted in `lost`.
+    `limit` records; what does not fit is logged and counted in `lost`. They are sent again
+    `chunk` at a time: a store that is still down fails one small commit, not all of them.
     """
+
+    chunk = 1000
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -56,10 +59,14 @@ class Spool(Generic[T]):
             items = items[:room]
         self._items.extend(items)
 
-    def take(self) -> list[T]:
-        items = list(self._items)
-        self._items.clear()
-        return items
+    def take(self, most: int | None = None) -> list[T]:
+        """The oldest `most` records (all by default), no longer in the spool."""
+        items = self._items
+        if most is None or most >= len(items):
+            out = list(items)
+            items.clear()
+            return out
+        return [items.popleft() for _ in range(most)]
 
     def drop(self, count: int, why: str) -> None:
         self.lost += count
@@ -255,8 +262,8 @@ class AuditWriter:
     async def close(self) -> None:
         """Commit what is queued, wait for it, and close the store."""
         if self._running:
-            # One last try for what the store did not take before.
-            self._resend_spool()
+            # One last try for all that the store did not take before.
+            self._resend_spool(None)
             self._running = False
             async with self._exclusive_lock:
                 await self._drain()
@@ -311,7 +318,7 @@ class AuditWriter:
         pending = [PendingRecord("key_rotation", time.time(), {})]
         chain = self.chain
         sealed = await self._exclusive(
-            lambda: self.store.append(chain.name, lambda tail: chain.seal(tail, pending))
+            lambda: self.store.append(chain.name, partial(self._seal, pending=pending))
         )
         self._after_commit(sealed[-1])
         return f"{sealed[-1].chain}:{sealed[-1].seq}"
@@ -483,6 +490,8 @@ class AuditWriter:
             for w, s in zip(waiters, result, strict=True):
                 if w is not None and not w.done():
                     w.set_result(f"{s.chain}:{s.seq}")
+            if self.spool and self._spool_timer is None:
+                self._resend_spool()  # the store takes records again: the next chunk
         if self.on_commit is not None:
             self.on_commit(len(waiters), result)
         if not self._inflight:
@@ -494,10 +503,10 @@ class AuditWriter:
         if self.spool and self._spool_timer is None and self._loop is not None:
             self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
 
-    def _resend_spool(self) -> None:
+    def _resend_spool(self, most: int | None = Spool.chunk) -> None:
         self._spool_timer = None
         if self._running and self._loop is not None:
-            for p in self.spool.take():
+            for p in self.spool.take(most):
                 self._queue(p, None, urgent=False)
 
     def _after_commit(self, last: SealedRecord) -> None:
