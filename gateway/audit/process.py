@@ -64,6 +64,8 @@ _MESSAGE = struct.Struct("<H")
 _COMMITTED, _FAILED, _READY, _REFUSED = 0, 1, 2, 3
 _KIND_CODE: dict[str, int] = {kind: code for code, kind in enumerate(RECORD_KINDS)}
 _URGENT = frozenset({"request", "key_rotation"})
+# A child that served this long before it failed was healthy: backing off starts again.
+_HEALTHY_FOR = 5.0
 # A frame larger than this from the gateway is a bug, not a record: the child stops.
 _MAX_RECORD = 64 * 1024 * 1024
 
@@ -298,6 +300,11 @@ class AuditProcess:
         self._up: asyncio.Future[None] | None = None
         self._ready = False
         self._first: asyncio.Future[None] | None = None
+        # When the current child answered its handshake (loop time), if it did.
+        self._ready_at: float | None = None
+        # What children are started with: the operator's consent to bridge a gap in the
+        # chain (audit.accept_chain_gap) holds until a first commit, then no longer.
+        self._child_settings = settings
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
@@ -349,11 +356,10 @@ class AuditProcess:
 
     async def _supervise(self) -> None:
         delay = self.restart_delay
-        settings = self.settings
         while not self._stopping:
-            ready_at: float | None = None
+            self._ready_at = None
             try:
-                ready_at = await self._run_child(settings)
+                await self._run_child(self._child_settings)
             except AuditStartRefused as exc:
                 self.last_error = str(exc)
                 log.error("audit process refused the store: %s", exc)
@@ -374,11 +380,10 @@ class AuditProcess:
                 log.exception("audit process failed")
             if self._stopping:
                 return
-            if ready_at is not None:
-                # The operator's consent to bridge a gap in the chain was for this start.
-                settings = _without_gap_consent(settings)
+            if self._ready_at is not None:
                 assert self._loop is not None
-                if self._loop.time() - ready_at > 10 * self.max_restart_delay:
+                if self._loop.time() - self._ready_at > _HEALTHY_FOR:
+                    # It served a while: this failure starts a new series of attempts.
                     delay = self.restart_delay
             self.state = "restarting"
             self.restarts += 1
@@ -398,9 +403,9 @@ class AuditProcess:
             else:
                 first.set_exception(failure)
 
-    async def _run_child(self, settings: Settings) -> float | None:
+    async def _run_child(self, settings: Settings) -> None:
         """Start one child, hand it its settings, wait for its handshake and serve until it
-        exits. Returns when it became ready (loop time), or raises why it never did."""
+        exits (`_ready_at` says when it became ready); raises why it failed or ended."""
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -423,7 +428,6 @@ class AuditProcess:
                 raise _ChildGone(f"could not be started: {exc}") from exc
             raise
         self._proc = proc
-        ready_at: float | None = None
         protocol: _GatewayProtocol | None = None
         try:
             assert proc.stdin is not None
@@ -450,14 +454,13 @@ class AuditProcess:
                         raise _ChildGone(f"exited with {proc.returncode} before it was ready")
                     raise _ChildGone(f"did not start within {self.start_timeout:g}s")
                 up.result()  # AuditStartRefused
-                ready_at = loop.time()
+                self._ready_at = loop.time()
                 self._first_done(None)
                 code = await exited
             finally:
                 exited.cancel()
             if not self._stopping:
                 raise _ChildGone(f"exited with {code}")
-            return ready_at
         finally:
             self.lost(protocol)
             if proc.returncode is None and not self._stopping:
@@ -611,6 +614,8 @@ class AuditProcess:
             up.set_exception(AuditStartRefused(message))
 
     def committed(self, count: int, first_seq: int) -> None:
+        if self._child_settings.audit.accept_chain_gap:
+            self._child_settings = _without_gap_consent(self._child_settings)
         unacked = self._unacked
         chain = self.chain
         for i in range(count):
