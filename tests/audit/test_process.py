@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditProcess, audit_keyring, audit_store, head_witness, verify
+from gateway.audit import (
+    AuditProcess,
+    AuditStartRefused,
+    audit_keyring,
+    audit_store,
+    head_witness,
+    verify,
+)
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings, load_settings
 
@@ -256,3 +263,37 @@ async def test_what_overflows_the_spool_is_counted(tmp_path: Path) -> None:
     assert sink.records_lost == 3
     outcomes = [k for k, _, _ in await _stored(settings)].count("outcome")
     assert outcomes == 2
+
+
+def _wipe(path: Path) -> None:
+    """The whole SQLite store deleted, as an operator's mistake or an attacker would."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_gap_consent_holds_for_a_new_child_until_the_gap_is_bridged(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    first = AuditProcess(settings)
+    await first.start()
+    for i in range(3):
+        await first.request(statement_request(f"SELECT {i}"))
+    await first.close()
+    _wipe(settings.state_path(settings.audit.sqlite_path))
+
+    refused = AuditProcess(settings)
+    with pytest.raises(AuditStartRefused, match="behind its head witness"):
+        await refused.start()
+
+    consent = _settings(tmp_path, accept_chain_gap=True)
+    sink = AuditProcess(consent, restart_delay=0.05)
+    await sink.start()
+    try:
+        # Its child dies before anything was committed: the next one still has the consent.
+        assert sink._proc is not None
+        os.kill(sink._proc.pid, signal.SIGKILL)
+        await _wait_up(sink)
+    finally:
+        await sink.close()
+    stored = await _stored(settings)
+    assert stored[0][:2] == ("chain_gap", 4), stored
+    assert [k for k, _, _ in stored[1:]] == ["request"] * (len(stored) - 1)
