@@ -6,10 +6,12 @@ import asyncio
 import logging
 import os
 import signal
+from typing import Annotated
 
 import typer
 
 from cli.context import fail, settings_of
+from gateway.audit import AuditStoreError
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 
@@ -42,10 +44,25 @@ def run_until_signal(settings: Settings, *, banner: bool = True) -> None:
 
 
 @app.command()
-def serve(ctx: typer.Context) -> None:
+def serve(
+    ctx: typer.Context,
+    accept_audit_gap: Annotated[
+        bool,
+        typer.Option(
+            "--accept-audit-gap",
+            help="Start even though the audit store is behind its head witness (records were "
+            "lost): the chain goes on after a chain_gap record naming the lost range, which "
+            "`audit verify` keeps reporting.",
+        ),
+    ] = False,
+) -> None:
     """Run the gateway with the settings from PGWARDEN_* and --config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_of(ctx)
+    if accept_audit_gap:
+        audit = settings.audit.model_copy(update={"accept_chain_gap": True})
+        settings = settings.model_copy(update={"audit": audit})
     try:
-        run_until_signal(settings_of(ctx))
-    except (OSError, ValueError, RuntimeError) as exc:
+        run_until_signal(settings)
+    except (OSError, ValueError, RuntimeError, AuditStoreError) as exc:
         fail(str(exc))

@@ -125,6 +125,8 @@ class Gateway:
         self.decider = DecisionCache(
             OpaDecider(self._transport, timeout_seconds=s.policy.timeout_seconds),
             max_entries=s.policy.cache_size,
+            # An OPA given by URL: its revision is trusted one poll interval after a poll.
+            confirm_within=None if self.sidecar is not None else s.policy.revision_poll_seconds,
         )
         if self.sidecar is not None:
             self.sidecar.listen(self.decider)

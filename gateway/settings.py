@@ -87,6 +87,10 @@ class AuditSettings(BaseModel):
     retention_days: int | None = None
     record_rows_limit: int = 100
     record_bytes_limit: int = 65536
+    # The store is behind the head witness (deleted, truncated, restored from an old copy):
+    # the gateway refuses to start unless this is set, and then writes a `chain_gap` record
+    # naming the lost range (`pgwarden serve --accept-audit-gap` sets it for one start).
+    accept_chain_gap: bool = False
 
 
 class CatalogSettings(BaseModel):

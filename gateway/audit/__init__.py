@@ -8,11 +8,11 @@ from gateway.audit.chain import Anchor, AuditChain
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.postgres_store import PostgresAuditStore
-from gateway.audit.process import AuditProcess
+from gateway.audit.process import AuditProcess, AuditStartRefused
 from gateway.audit.sqlite_store import SqliteAuditStore
 from gateway.audit.store import AuditStore, AuditStoreError, RecordFilter, StoredRecord
 from gateway.audit.verify import ChainProblem, ChainReport, VerifyReport, verify
-from gateway.audit.writer import AuditWriter
+from gateway.audit.writer import AuditWriter, ChainGap
 from gateway.settings import Settings
 
 __all__ = [
@@ -20,9 +20,11 @@ __all__ = [
     "AuditChain",
     "AuditKeyring",
     "AuditProcess",
+    "AuditStartRefused",
     "AuditStore",
     "AuditStoreError",
     "AuditWriter",
+    "ChainGap",
     "ChainProblem",
     "ChainReport",
     "HeadWitness",
@@ -87,4 +89,5 @@ def audit_writer(settings: Settings, store: AuditStore | None = None) -> AuditWr
         rows_limit=settings.audit.record_rows_limit,
         bytes_limit=settings.audit.record_bytes_limit,
         fail_open=settings.audit.fail_open,
+        accept_gap=settings.audit.accept_chain_gap,
     )

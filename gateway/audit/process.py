@@ -11,11 +11,13 @@ The child runs the same AuditWriter and store as everything else. Frames, little
     gateway -> child   u32 body length, u8 record kind, f64 time, body (canonical record)
     child -> gateway   u8 status, u32 count, u64 first seq   (status 0: committed, 2: ready)
                        status 1 adds u16 length + UTF-8 message: the count were not stored
+                       status 3 (instead of ready) adds the same: the store is refused
 
 Records are committed in the order they were sent, so an acknowledgement is about the
 oldest unacknowledged records. The child exits once the gateway closes its end (or dies),
 after committing what it received. If the child dies, waiting requests fail (the statements
-do not run) and it is restarted; statements are refused meanwhile: fail closed.
+do not run) and it is restarted; statements are refused meanwhile: fail closed. Outcome and
+session records it had not committed are kept by the gateway and sent to the next child.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
@@ -44,10 +47,11 @@ from gateway.audit.records import (
 from gateway.audit.store import CommitResult
 from gateway.audit.writer import (
     BatchClock,
+    ChainGap,
+    Spool,
     Waiter,
     durable_or_fail_open,
     expire_waiters,
-    fail_waiters,
 )
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
@@ -57,9 +61,11 @@ log = logging.getLogger("pgwarden.audit")
 _RECORD = struct.Struct("<IBd")
 _ACK = struct.Struct("<BIQ")
 _MESSAGE = struct.Struct("<H")
-_COMMITTED, _FAILED, _READY = 0, 1, 2
+_COMMITTED, _FAILED, _READY, _REFUSED = 0, 1, 2, 3
 _KIND_CODE: dict[str, int] = {kind: code for code, kind in enumerate(RECORD_KINDS)}
 _URGENT = frozenset({"request", "key_rotation"})
+# A child that served this long before it failed was healthy: backing off starts again.
+_HEALTHY_FOR = 5.0
 # A frame larger than this from the gateway is a bug, not a record: the child stops.
 _MAX_RECORD = 64 * 1024 * 1024
 
@@ -132,12 +138,21 @@ class _ChildProtocol(asyncio.Protocol):
             self._closed.set_result(None)
 
 
-async def _serve(settings: Settings, fd: int) -> None:
+async def _serve(settings: Settings, fd: int) -> int:
     from gateway.audit import audit_store, audit_writer
 
     # This process has nothing to do while a commit runs: the store works inline.
     writer = audit_writer(settings, audit_store(settings, inline=True))
-    await writer.start()
+    try:
+        await writer.start()
+    except ChainGap as exc:
+        # Told to the gateway in place of "ready": it must not run on this store.
+        log.error("audit process: %s", exc)
+        message = str(exc).encode()[:4000]
+        with socket.socket(fileno=fd) as sock:
+            sock.sendall(_ACK.pack(_REFUSED, 0, 0) + _MESSAGE.pack(len(message)) + message)
+        await writer.store.close()
+        return 3
     loop = asyncio.get_running_loop()
     closed: asyncio.Future[None] = loop.create_future()
     sock = socket.socket(fileno=fd)
@@ -150,6 +165,7 @@ async def _serve(settings: Settings, fd: int) -> None:
     # The gateway is gone (closed or killed): commit what it sent, then exit.
     await writer.close()
     log.info("audit process: %d records in %d commits", protocol.records, writer.store.commits)
+    return 0
 
 
 def main() -> None:
@@ -166,12 +182,22 @@ def main() -> None:
     try:
         import uvloop
 
-        uvloop.run(_serve(settings, fd))
+        code = uvloop.run(_serve(settings, fd))
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_serve(settings, fd))
+        code = asyncio.run(_serve(settings, fd))
+    sys.exit(code)
 
 
 # -- the gateway's side ----------------------------------------------------------------------
+
+
+class AuditStartRefused(RuntimeError):
+    """The audit writer will not start on this store (it is behind its head witness): the
+    gateway must not start either. The message says why and what the operator can do."""
+
+
+class _ChildGone(Exception):
+    """One child failed before or while serving (spawn, settings, handshake, exit)."""
 
 
 class _GatewayProtocol(asyncio.Protocol):
@@ -186,24 +212,28 @@ class _GatewayProtocol(asyncio.Protocol):
         owner = self._owner
         while end - pos >= _ACK.size:
             status, count, seq = _ACK.unpack_from(buf, pos)
-            if status == _FAILED:
+            if status in (_FAILED, _REFUSED):
                 if end - pos < _ACK.size + _MESSAGE.size:
                     break
                 (length,) = _MESSAGE.unpack_from(buf, pos + _ACK.size)
                 start = pos + _ACK.size + _MESSAGE.size
                 if end - start < length:
                     break
+                message = bytes(buf[start : start + length]).decode("utf-8", "replace")
+                pos = start + length
+                if status == _REFUSED:
+                    owner.refused(message)
+                    continue
                 if count > owner.unacknowledged:
                     log.error("audit process answered out of step; restarting it")
                     self._buf.clear()
                     owner.abandon()
                     return
-                owner.failed(count, bytes(buf[start : start + length]).decode("utf-8", "replace"))
-                pos = start + length
+                owner.failed(count, message)
                 continue
             pos += _ACK.size
             if status == _READY:
-                owner.ready()
+                owner.child_ready()
             elif status == _COMMITTED and count <= owner.unacknowledged:
                 owner.committed(count, seq)
             else:
@@ -218,15 +248,36 @@ class _GatewayProtocol(asyncio.Protocol):
         self._owner.lost(self)
 
 
+# One record sent and not yet acknowledged: who waits on it (None: nobody, an outcome or a
+# session event) and its frame header and body, kept so that such a record can be spooled.
+_Sent = tuple[Waiter, bytes, bytes]
+
+
 class AuditProcess:
     """The gateway's AuditSink: records go to the audit writer's own process.
 
     `request()` returns the record's id once the child has committed it and raises
     AuditUnavailable if the child fails to, dies, or does not answer within the audit
     timeout. Everything queued in one pass of the event loop leaves in one write.
+
+    A supervisor task keeps one child running: whatever fails (spawn, settings, handshake,
+    the child's exit at any moment) it logs, backs off (`restart_delay` doubling up to
+    `max_restart_delay`) and starts another, until close(). Outcome and session records
+    nobody waits on are never dropped for a failing store or a dead child: they wait in a
+    spool (in this process, so it outlives any child) and are sent again until a commit
+    takes them; only what overflows `spool_limit` is lost, and counted in `records_lost`.
     """
 
-    def __init__(self, settings: Settings, *, restart_delay: float = 0.5) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        restart_delay: float = 0.1,
+        max_restart_delay: float = 2.0,
+        start_timeout: float = 60.0,
+        spool_limit: int = 100_000,
+        spool_retry: float = 0.5,
+    ) -> None:
         self.settings = settings
         self.chain = settings.instance
         self.timeout = settings.audit.timeout_seconds
@@ -234,82 +285,194 @@ class AuditProcess:
         self.rows_limit = settings.audit.record_rows_limit
         self.bytes_limit = settings.audit.record_bytes_limit
         self.restart_delay = restart_delay
+        self.max_restart_delay = max_restart_delay
+        self.start_timeout = start_timeout
+        self.spool_retry = spool_retry
+        # What the supervisor is doing: starting, ready, restarting, refused, stopped.
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._transport: asyncio.Transport | None = None
+        self._protocol: _GatewayProtocol | None = None
+        # The current child's handshake: done when it is ready, failed when it refused.
         self._up: asyncio.Future[None] | None = None
+        self._ready = False
+        self._first: asyncio.Future[None] | None = None
+        # When the current child answered its handshake (loop time), if it did.
+        self._ready_at: float | None = None
+        # What children are started with: the operator's consent to bridge a gap in the
+        # chain (audit.accept_chain_gap) holds until a first commit, then no longer.
+        self._child_settings = settings
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._out: list[bytes] = []
         self._clock = BatchClock(self._flush)
         # Sent, not yet acknowledged, oldest first.
-        self._unacked: collections.deque[Waiter] = collections.deque()
+        self._unacked: collections.deque[_Sent] = collections.deque()
         self._sent = 0
         self._acked = 0
         # (records sent through, timer that fails the waiters of one write)
         self._timers: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()
         self._batch: list[Waiter] = []
         self._drained: asyncio.Event | None = None
-        self._protocol: _GatewayProtocol | None = None
+        # (frame header, body) of records nobody waits on that no child has committed.
+        self.spool: Spool[tuple[bytes, bytes]] = Spool(spool_limit)
+        self._spool_timer: asyncio.TimerHandle | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether a child is up and takes records (readiness of the audit path)."""
+        return self._ready
+
+    @property
+    def spooled(self) -> int:
+        """Outcome and session records waiting for the store."""
+        return len(self.spool)
+
+    @property
+    def records_lost(self) -> int:
+        """Outcome and session records that could not be kept (spool full, shutdown)."""
+        return self.spool.lost
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the supervisor and wait for its first child: ready, or failed (the
+        supervisor goes on trying; statements are refused meanwhile). A child that refuses
+        the store (AuditStartRefused) stops the start: the gateway must not run on it."""
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
-        await self._spawn()
+        self._first = self._loop.create_future()
         self._supervisor = asyncio.create_task(self._supervise(), name="audit-process")
+        try:
+            await asyncio.shield(self._first)
+        except AuditStartRefused:
+            await self.close()
+            raise
 
-    async def _spawn(self) -> None:
+    async def _supervise(self) -> None:
+        delay = self.restart_delay
+        while not self._stopping:
+            self._ready_at = None
+            try:
+                await self._run_child(self._child_settings)
+            except AuditStartRefused as exc:
+                self.last_error = str(exc)
+                log.error("audit process refused the store: %s", exc)
+                if self.restarts == 0:
+                    # At start: the gateway does not start (start() raises it).
+                    self.state = "refused"
+                    self._first_done(exc)
+                    return
+                # While running (the store was wiped under it): refused, and tried again.
+            except _ChildGone as exc:
+                self.last_error = str(exc)
+                self._first_done(None)
+                if not self._stopping:
+                    log.error("audit process: %s", exc)
+            except Exception as exc:  # the supervisor must outlive any one child
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._first_done(None)
+                log.exception("audit process failed")
+            if self._stopping:
+                return
+            if self._ready_at is not None:
+                assert self._loop is not None
+                if self._loop.time() - self._ready_at > _HEALTHY_FOR:
+                    # It served a while: this failure starts a new series of attempts.
+                    delay = self.restart_delay
+            self.state = "restarting"
+            self.restarts += 1
+            log.error(
+                "audit process: restart %d in %.1fs (statements are refused meanwhile)",
+                self.restarts,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_restart_delay)
+
+    def _first_done(self, failure: BaseException | None) -> None:
+        first = self._first
+        if first is not None and not first.done():
+            if failure is None:
+                first.set_result(None)
+            else:
+                first.set_exception(failure)
+
+    async def _run_child(self, settings: Settings) -> None:
+        """Start one child, hand it its settings, wait for its handshake and serve until it
+        exits (`_ready_at` says when it became ready); raises why it failed or ended."""
         loop = asyncio.get_running_loop()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.audit",
-                str(theirs.fileno()),
-                # Not read by the child: names, in `ps`, the gateway it belongs to.
-                str(self.settings.state_dir.resolve()),
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(theirs.fileno(),),
-            )
-        finally:
-            theirs.close()
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(self.settings.model_dump_json().encode())
-        self._proc.stdin.close()
-        self._up = loop.create_future()
-        transport, protocol = await loop.create_connection(
-            lambda: _GatewayProtocol(self), sock=mine
-        )
-        self._transport = transport
-        self._protocol = protocol
-        try:
-            await asyncio.wait_for(asyncio.shield(self._up), 60)
-        except TimeoutError:
-            log.error("audit process did not start within 60s")
-
-    async def _supervise(self) -> None:
-        while not self._stopping:
-            proc = self._proc
-            assert proc is not None
-            code = await proc.wait()
-            if self._stopping:
-                return
-            log.error("audit process exited with %s; restarting it", code)
-            self.lost(self._protocol)
-            await asyncio.sleep(self.restart_delay)
-            if self._stopping:
-                return
             try:
-                await self._spawn()
-            except OSError as exc:
-                log.error("audit process could not be started: %s", exc)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "gateway.audit",
+                    str(theirs.fileno()),
+                    # Not read by the child: names, in `ps`, the gateway it belongs to.
+                    str(self.settings.state_dir.resolve()),
+                    stdin=asyncio.subprocess.PIPE,
+                    pass_fds=(theirs.fileno(),),
+                )
+            finally:
+                theirs.close()
+        except BaseException as exc:
+            mine.close()
+            if isinstance(exc, OSError):
+                raise _ChildGone(f"could not be started: {exc}") from exc
+            raise
+        self._proc = proc
+        protocol: _GatewayProtocol | None = None
+        try:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(settings.model_dump_json().encode())
+                await proc.stdin.drain()
+                proc.stdin.close()
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                # RuntimeError: uvloop's pipe is already closed (the child is gone).
+                mine.close()
+                raise _ChildGone(f"exited before reading its settings: {exc}") from exc
+            self._up = up = loop.create_future()
+            transport, protocol = await loop.create_connection(
+                lambda: _GatewayProtocol(self), sock=mine
+            )
+            self._transport, self._protocol = transport, protocol
+            exited = asyncio.ensure_future(proc.wait())
+            try:
+                await asyncio.wait(
+                    (up, exited), timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not up.done():
+                    if exited.done():
+                        raise _ChildGone(f"exited with {proc.returncode} before it was ready")
+                    raise _ChildGone(f"did not start within {self.start_timeout:g}s")
+                up.result()  # AuditStartRefused
+                self._ready_at = loop.time()
+                self._first_done(None)
+                code = await exited
+            finally:
+                exited.cancel()
+            if not self._stopping:
+                raise _ChildGone(f"exited with {code}")
+        finally:
+            self.lost(protocol)
+            if proc.returncode is None and not self._stopping:
+                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.wait()
 
     async def close(self) -> None:
-        """Send what is queued, wait for it to be committed, and stop the child."""
+        """Send what is queued (and spooled), wait for it to be committed, stop the child."""
         self._stopping = True
+        if self._ready:
+            self._resend_spool(None)  # one last try for all of it
         self._flush()
         if self._drained is not None and self._unacked:
             self._drained.clear()
@@ -328,7 +491,15 @@ class AuditProcess:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+            self._supervisor = None
         self.lost(self._protocol)
+        if self._spool_timer is not None:
+            self._spool_timer.cancel()
+            self._spool_timer = None
+        if self.spool:
+            self.spool.drop(len(self.spool.take()), "the store did not take them by shutdown")
+        self._first_done(None)
+        self.state = "stopped"
 
     # -- AuditSink --------------------------------------------------------------------------
 
@@ -338,11 +509,12 @@ class AuditProcess:
         )
 
     async def _committed_request(self, record: StatementRequest) -> str:
-        if self._transport is None or self._up is None or not self._up.done():
+        if not self._ready:
             raise AuditUnavailable("audit writer process is not running")
         assert self._loop is not None
         waiter: asyncio.Future[str] = self._loop.create_future()
-        self._send("request", record.time, canonical(request_record(record)), waiter)
+        body = canonical(request_record(record))
+        self._send(_RECORD.pack(len(body), _KIND_CODE["request"], record.time), body, waiter)
         return await waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
@@ -350,23 +522,25 @@ class AuditProcess:
 
     def outcome_nowait(self, record: StatementOutcome) -> None:
         body = outcome_record(record, self.rows_limit, self.bytes_limit)
-        self._send_logged("outcome", record.time, canonical(body))
+        self._send_kept("outcome", record.time, canonical(body))
 
     async def session(self, event: SessionEvent) -> None:
-        self._send_logged(event.kind, event.time, canonical(session_record(event)))
+        self._send_kept(event.kind, event.time, canonical(session_record(event)))
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _send_logged(self, kind: str, when: float, body: bytes) -> None:
-        if self._transport is None or self._up is None or not self._up.done():
-            log.error("audit %s record lost: audit writer process is not running", kind)
-            return
-        self._send(kind, when, body, None)
+    def _send_kept(self, kind: str, when: float, body: bytes) -> None:
+        """A record nobody waits on: sent now, or spooled until a child can take it."""
+        header = _RECORD.pack(len(body), _KIND_CODE[kind], when)
+        if self._ready:
+            self._send(header, body, None)
+        else:
+            self._keep([(header, body)])
 
-    def _send(self, kind: str, when: float, body: bytes, waiter: Waiter) -> None:
-        self._out.append(_RECORD.pack(len(body), _KIND_CODE[kind], when))
+    def _send(self, header: bytes, body: bytes, waiter: Waiter) -> None:
+        self._out.append(header)
         self._out.append(body)
-        self._unacked.append(waiter)
+        self._unacked.append((waiter, header, body))
         self._batch.append(waiter)
         assert self._loop is not None
         if waiter is not None:
@@ -381,14 +555,35 @@ class AuditProcess:
         self._clock.fired()
         if not self._out:
             return
-        assert self._transport is not None and self._loop is not None
-        self._transport.write(b"".join(self._out))
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._loop is None:
+            return  # the child is going: lost() settles what was queued
+        transport.write(b"".join(self._out))
         self._out.clear()
         self._sent += len(self._batch)
         if any(w is not None for w in self._batch):
             timer = self._loop.call_later(self.timeout, expire_waiters, self._batch, self.timeout)
             self._timers.append((self._sent, timer))
         self._batch = []
+
+    # -- the spool ----------------------------------------------------------------------------
+
+    def _keep(self, frames: list[tuple[bytes, bytes]]) -> None:
+        self.spool.keep(frames)
+        if self.spool and self._ready:
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._spool_timer is None and self._loop is not None and not self._stopping:
+            self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
+
+    def _resend_spool(self, most: int | None = Spool.chunk) -> None:
+        """Send the spooled records again, oldest first (the store may take them now)."""
+        self._spool_timer = None
+        if not self._ready:
+            return
+        for header, body in self.spool.take(most):
+            self._send(header, body, None)
 
     # -- acknowledgements ---------------------------------------------------------------
 
@@ -404,23 +599,48 @@ class AuditProcess:
             self._transport.close()
         self.lost(self._protocol)
 
-    def ready(self) -> None:
-        if self._up is not None and not self._up.done():
-            self._up.set_result(None)
+    def child_ready(self) -> None:
+        up = self._up
+        if up is not None and not up.done():
+            up.set_result(None)
+            self._ready = True
+            self.state = "ready"
+            if self.spool:
+                self._resend_spool()
+
+    def refused(self, message: str) -> None:
+        up = self._up
+        if up is not None and not up.done():
+            up.set_exception(AuditStartRefused(message))
 
     def committed(self, count: int, first_seq: int) -> None:
+        if self._child_settings.audit.accept_chain_gap:
+            self._child_settings = _without_gap_consent(self._child_settings)
         unacked = self._unacked
         chain = self.chain
         for i in range(count):
-            w = unacked.popleft()
+            w = unacked.popleft()[0]
             if w is not None and not w.done():
                 w.set_result(f"{chain}:{first_seq + i}")
         self._advance(count)
+        if self.spool and self._spool_timer is None:
+            self._resend_spool()  # the store takes records again: the next chunk
 
     def failed(self, count: int, message: str) -> None:
         failed = [self._unacked.popleft() for _ in range(count)]
-        fail_waiters(failed, AuditUnavailable(f"audit store failed: {message}"), message)
+        self._settle_failed(failed, AuditUnavailable(f"audit store failed: {message}"))
         self._advance(count)
+
+    def _settle_failed(self, failed: Iterable[_Sent], failure: AuditUnavailable) -> None:
+        """Requests fail (their statements do not run); the rest go to the spool."""
+        kept: list[tuple[bytes, bytes]] = []
+        for waiter, header, body in failed:
+            if waiter is None:
+                kept.append((header, body))
+            elif not waiter.done():
+                waiter.set_exception(failure)
+        if kept:
+            self._keep(kept)
 
     def _advance(self, count: int) -> None:
         self._acked += count
@@ -431,22 +651,35 @@ class AuditProcess:
             self._drained.set()
 
     def lost(self, protocol: _GatewayProtocol | None) -> None:
-        """The child is gone: what it had not acknowledged fails; nothing more is sent."""
-        if protocol is not self._protocol:
+        """The child is gone: its unacknowledged requests fail, its other records are
+        spooled for the next child; nothing more is sent to it."""
+        if protocol is None or protocol is not self._protocol:
             return  # an earlier child's connection, already accounted for
         self._protocol = None
         self._transport = None
+        self._ready = False
+        if self.state == "ready":
+            self.state = "restarting"
         self._out.clear()
         self._batch = []
-        if self._up is not None and not self._up.done():
-            self._up.set_result(None)
+        up = self._up
+        if up is not None and not up.done():
+            up.set_exception(_ChildGone("closed its socket before it was ready"))
+            up.exception()  # retrieved: nobody may be waiting on it any more
         self._up = None
         unacked, self._unacked = self._unacked, collections.deque()
-        why = "audit writer process exited"
-        fail_waiters(unacked, AuditUnavailable(why), why)
+        self._settle_failed(unacked, AuditUnavailable("audit writer process exited"))
         for _, timer in self._timers:
             timer.cancel()
         self._timers.clear()
         self._sent = self._acked = 0
         if self._drained is not None:
             self._drained.set()
+
+
+def _without_gap_consent(settings: Settings) -> Settings:
+    if not settings.audit.accept_chain_gap:
+        return settings
+    return settings.model_copy(
+        update={"audit": settings.audit.model_copy(update={"accept_chain_gap": False})}
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -10,9 +10,6 @@ from gateway.audit.events import SessionEvent, StatementOutcome, StatementReques
 from gateway.identity.principal import Principal
 
 RecordKind = Literal[
-    "request", "outcome", "session_start", "session_end", "auth_failure", "key_rotation", "prune"
-]
-RECORD_KINDS: tuple[RecordKind, ...] = (
     "request",
     "outcome",
     "session_start",
@@ -20,7 +17,12 @@ RECORD_KINDS: tuple[RecordKind, ...] = (
     "auth_failure",
     "key_rotation",
     "prune",
-)
+    # Written when an operator starts the gateway on a store behind its head witness: names
+    # the records that were lost, linked to the last one the witness saw.
+    "chain_gap",
+]
+# In this order: the audit process's frames carry a kind as its index here.
+RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
 
 # Sorted keys and no floats formatted by locale: the same record always gives the same bytes,
 # so a verifier re-reading the store computes the same HMAC the writer did.

@@ -108,7 +108,14 @@ class _Walk:
                 if cur.seq == self.expected + 1
                 else (f"{self.expected}..{cur.seq - 1}")
             )
-            return self.problem(self.expected, "missing", f"record(s) {gone} are missing")
+            detail = f"record(s) {gone} are missing"
+            if cur.kind == "chain_gap":
+                # The gateway was started over the loss on purpose: say so, with when.
+                detail += (
+                    f"; the chain_gap record {record_id(self.chain, cur.seq)} says the store "
+                    "was behind its head witness and the operator accepted the loss"
+                )
+            return self.problem(self.expected, "missing", detail)
         env = _envelope(cur)
         if env is None:
             return self.problem(cur.seq, "changed", "the stored body is not a signed record")

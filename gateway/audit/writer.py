@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
@@ -25,16 +26,51 @@ T = TypeVar("T")
 Waiter = asyncio.Future[str] | None
 
 
-def fail_waiters(waiters: Iterable[Waiter], failure: AuditUnavailable, why: object) -> None:
-    """Fail the records' waiters; log how many records nobody waited on were lost."""
-    lost = 0
+def fail_requests(waiters: Iterable[Waiter], failure: AuditUnavailable) -> None:
+    """Fail the waiters of request records (their statements do not run)."""
     for w in waiters:
-        if w is None:
-            lost += 1
-        elif not w.done():
+        if w is not None and not w.done():
             w.set_exception(failure)
-    if lost:
-        log.error("audit: %d outcome or session records lost: %s", lost, why)
+
+
+class Spool(Generic[T]):
+    """Outcome and session records the store did not take, kept to be sent again.
+
+    Their statements have already run (or their sessions ended): dropping them would leave
+    requests without outcomes. Bounded, so that a long outage costs memory only up to
+    `limit` records; what does not fit is logged and counted in `lost`. They are sent again
+    `chunk` at a time: a store that is still down fails one small commit, not all of them.
+    """
+
+    chunk = 1000
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lost = 0
+        self._items: collections.deque[T] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keep(self, items: list[T]) -> None:
+        room = max(self.limit - len(self._items), 0)
+        if len(items) > room:
+            self.drop(len(items) - room, f"the spool is full ({self.limit} records)")
+            items = items[:room]
+        self._items.extend(items)
+
+    def take(self, most: int | None = None) -> list[T]:
+        """The oldest `most` records (all by default), no longer in the spool."""
+        items = self._items
+        if most is None or most >= len(items):
+            out = list(items)
+            items.clear()
+            return out
+        return [items.popleft() for _ in range(most)]
+
+    def drop(self, count: int, why: str) -> None:
+        self.lost += count
+        log.error("audit: %d outcome or session records lost: %s", count, why)
 
 
 def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
@@ -55,6 +91,11 @@ async def durable_or_fail_open(committed: Awaitable[str], *, fail_open: bool, te
             raise
         log.error("audit store down, statement runs unaudited (fail_open): %s", text)
         return ""
+
+
+class ChainGap(AuditStoreError):
+    """The store ends before the record the head witness names: records were lost. The
+    writer will not seal new records onto such a tail without the operator's consent."""
 
 
 class BatchClock:
@@ -121,6 +162,9 @@ class AuditWriter:
         bytes_limit: int = 65536,
         fail_open: bool = False,
         max_batch: int = 2000,
+        accept_gap: bool = False,
+        spool_limit: int = 100_000,
+        spool_retry: float = 0.5,
     ) -> None:
         self.store = store
         self.chain = chain
@@ -131,6 +175,13 @@ class AuditWriter:
         self.bytes_limit = bytes_limit
         self.fail_open = fail_open
         self.max_batch = max_batch
+        # The operator's consent to bridge a gap found at this start with a chain_gap record.
+        self.accept_gap = accept_gap
+        # Records nobody waits on that a commit failed, sent again every spool_retry (not
+        # in the audit process: its gateway keeps them, see on_commit).
+        self.spool: Spool[PendingRecord] = Spool(spool_limit)
+        self.spool_retry = spool_retry
+        self._spool_timer: asyncio.TimerHandle | None = None
         # How long outcome/session records wait for a request record to commit with.
         self._clock = BatchClock(self._flush)
         self.head_interval = 0.05
@@ -158,21 +209,70 @@ class AuditWriter:
         self.on_commit: Callable[[int, CommitResult], None] | None = None
 
     async def start(self) -> None:
+        """Open the store. Raises ChainGap if the store is behind the head witness and the
+        operator did not consent to bridging the gap (`accept_gap`)."""
+        if self.head is not None:
+            # Never seal onto a tail before the last record this chain is known to have had.
+            self._head = self.head.read(self.chain.name)
         try:
             await self.store.open()
         except AuditStoreError as exc:
-            # Not fatal: every batch retries the store, and requests fail closed meanwhile.
+            # Not fatal: every batch retries the store, and requests fail closed meanwhile
+            # (a gap found then refuses the batch: see _seal).
             log.warning("audit store not available at start: %s", exc)
+        else:
+            await self._check_continuity()
         self._loop = asyncio.get_running_loop()
         self._running = True
+
+    async def _check_continuity(self) -> None:
+        head = self._head
+        if head is None:
+            return
+        try:
+            last_seen = await self.store.get(self.chain.name, head[0])
+        except AuditStoreError as exc:
+            log.warning("audit store not readable at start: %s", exc)
+            return
+        if last_seen is not None and last_seen.link == head[1]:
+            return
+        if not self.accept_gap:
+            raise ChainGap(self._gap_message(head[0]))
+        log.error(
+            "audit: %s; continuing the chain after it with a chain_gap record (accepted by "
+            "the operator)",
+            self._gap_message(head[0], advice=False),
+        )
+
+    def _gap_message(self, seq: int, *, advice: bool = True) -> str:
+        chain = self.chain.name
+        message = (
+            f"the audit store is behind its head witness: chain {chain} reached seq {seq}, "
+            f"but the store does not hold that record (deleted, truncated or restored from an "
+            f"older copy)"
+        )
+        if advice:
+            message += (
+                "; refusing to start a new chain over the evidence. `pgwarden audit verify` "
+                "names what is missing; to start anyway and record the lost range in the "
+                "chain, run `pgwarden serve --accept-audit-gap` once"
+            )
+        return message
 
     async def close(self) -> None:
         """Commit what is queued, wait for it, and close the store."""
         if self._running:
+            # One last try for all that the store did not take before.
+            self._resend_spool(None)
             self._running = False
             async with self._exclusive_lock:
                 await self._drain()
             self._write_head()
+        if self._spool_timer is not None:
+            self._spool_timer.cancel()
+            self._spool_timer = None
+        if self.spool:
+            self.spool.drop(len(self.spool.take()), "the store did not take them by shutdown")
         await self.store.close()
 
     async def __aenter__(self) -> AuditWriter:
@@ -218,7 +318,7 @@ class AuditWriter:
         pending = [PendingRecord("key_rotation", time.time(), {})]
         chain = self.chain
         sealed = await self._exclusive(
-            lambda: self.store.append(chain.name, lambda tail: chain.seal(tail, pending))
+            lambda: self.store.append(chain.name, partial(self._seal, pending=pending))
         )
         self._after_commit(sealed[-1])
         return f"{sealed[-1].chain}:{sealed[-1].seq}"
@@ -311,12 +411,39 @@ class AuditWriter:
         timer = self._loop.call_later(self.timeout, expire_waiters, waiters, self.timeout)
         self._inflight += 1
         self._settled.clear()
-        chain = self.chain
         self._store_submit(
-            chain.name,
-            lambda tail: chain.seal(tail, pending),
-            partial(self._committed, waiters, timer),
+            self.chain.name,
+            partial(self._seal, pending=pending),
+            partial(self._committed, pending, waiters, timer),
         )
+
+    def _seal(
+        self, tail: ChainTail, pending: list[PendingRecord]
+    ) -> tuple[list[SealedRecord], ChainTail]:
+        """Seal a batch onto the store's tail, unless that tail is behind the last record
+        this chain is known to have had (store wiped or restored while it was closed or even
+        while the gateway runs): then refuse, or with consent bridge the gap first."""
+        head = self._head
+        if head is not None and (
+            tail.seq < head[0] or (tail.seq == head[0] and tail.link != head[1])
+        ):
+            if not self.accept_gap:
+                raise ChainGap(self._gap_message(head[0]))
+            gap = PendingRecord(
+                "chain_gap",
+                time.time(),
+                {
+                    "lost_from": tail.seq + 1 if tail.seq < head[0] else head[0],
+                    "lost_through": head[0],
+                    "store_ended_at": tail.seq,
+                    "witness_link": head[1].hex(),
+                    "reason": "store behind its head witness; accepted by the operator",
+                },
+            )
+            # Linked to the last link the witness saw: the new records extend the old chain.
+            tail = ChainTail(head[0], head[1], self.chain.epoch)
+            pending = [gap, *pending]
+        return self.chain.seal(tail, pending)
 
     def _defer(self) -> None:
         """Queued records wait for the store (a commit in flight that this store must not
@@ -340,24 +467,47 @@ class AuditWriter:
         asyncio.ensure_future(self.store.append(chain, seal)).add_done_callback(finished)
 
     def _committed(
-        self, waiters: list[Waiter], timer: asyncio.TimerHandle, result: CommitResult
+        self,
+        pending: list[PendingRecord],
+        waiters: list[Waiter],
+        timer: asyncio.TimerHandle,
+        result: CommitResult,
     ) -> None:
         timer.cancel()
         self._inflight -= 1
         if isinstance(result, BaseException):
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
-            fail_waiters(waiters, AuditUnavailable(f"audit store failed: {result}"), result)
+            fail_requests(waiters, AuditUnavailable(f"audit store failed: {result}"))
+            if self.on_commit is None:
+                self.spool.keep([p for p, w in zip(pending, waiters, strict=True) if w is None])
+                self._retry_spool()
         else:
+            self.accept_gap = False  # consent was for the tail found at this start
+            if len(result) > len(waiters):
+                # A chain_gap record went first: it has no waiter of its own.
+                result = result[len(result) - len(waiters) :]
             self._after_commit(result[-1])
             for w, s in zip(waiters, result, strict=True):
                 if w is not None and not w.done():
                     w.set_result(f"{s.chain}:{s.seq}")
+            if self.spool and self._spool_timer is None:
+                self._resend_spool()  # the store takes records again: the next chunk
         if self.on_commit is not None:
             self.on_commit(len(waiters), result)
         if not self._inflight:
             self._settled.set()
         if self._pending and not self._clock.soon_pending and not self._concurrent:
             self._flush()
+
+    def _retry_spool(self) -> None:
+        if self.spool and self._spool_timer is None and self._loop is not None:
+            self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
+
+    def _resend_spool(self, most: int | None = Spool.chunk) -> None:
+        self._spool_timer = None
+        if self._running and self._loop is not None:
+            for p in self.spool.take(most):
+                self._queue(p, None, urgent=False)
 
     def _after_commit(self, last: SealedRecord) -> None:
         next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch

@@ -1,4 +1,15 @@
-"""A caching Decider: reuses a policy decision for an identical input under the same policy."""
+"""A caching Decider: reuses a policy decision for an identical input under the same policy.
+
+The rule for every decision pgwarden reuses (this cache's entries and the Parse decisions of
+prepared statements): it is served only while the revision it was made under is known to be
+the one OPA serves now. The revision is known while OPA answers: the sidecar reports OPA's
+exit and every failed revision poll (`opa_down`); for an OPA given by URL the revision is
+also only trusted for `confirm_within` seconds after OPA last confirmed it (a poll or a live
+decision). While OPA is down nothing is reused, even though the gateway may know which bundle
+its sidecar would load: a reused allow would let a prepared statement run through an outage
+that refuses the same statement sent as text, and that bundle is only in force once OPA has
+loaded it. A reused decision says so in its record (`cache_hit`).
+"""
 
 from __future__ import annotations
 
@@ -46,12 +57,16 @@ class DecisionCache:
         *,
         max_entries: int,
         ttl_seconds: float | None = None,
+        confirm_within: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.inner = inner
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
+        # None: the revision stands until OPA is reported down or the policy changes.
+        self.confirm_within = confirm_within
         self._clock = clock
+        self._confirmed_at = 0.0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._revision: str | None = None
         self._retired: list[str] = []
@@ -63,7 +78,15 @@ class DecisionCache:
 
     @property
     def revision(self) -> str | None:
-        return self._revision
+        """The policy revision known to be in force now; None while OPA is down, a change
+        loads, or (confirm_within) OPA has not confirmed it recently: nothing decided
+        earlier may then be reused."""
+        return self._revision if self._current(self._clock()) else None
+
+    def _current(self, now: float) -> bool:
+        if self._suspended or self._revision is None:
+            return False
+        return self.confirm_within is None or now - self._confirmed_at <= self.confirm_within
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -71,7 +94,7 @@ class DecisionCache:
     async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
         key = input_digest(policy_input) if self.max_entries > 0 else b""
         now = self._clock()
-        if key and not self._suspended and self._revision is not None:
+        if key and self._current(now):
             entry = self._entries.get(key)
             if entry is not None:
                 if entry.revision == self._revision and (
@@ -105,6 +128,7 @@ class DecisionCache:
             return
         if revision in self._retired:
             self._retired.remove(revision)
+        self._confirmed_at = self._clock()
         if revision != self._revision:
             if self._revision is not None:
                 self._retire(self._revision)
@@ -134,8 +158,11 @@ class DecisionCache:
         self._suspended = False
 
     def opa_down(self) -> None:
-        """OPA is not answering: serve nothing from memory until it reports a revision again."""
-        self._entries.clear()
+        """OPA is not answering: serve nothing from memory until it reports a revision again.
+
+        The entries are kept: if OPA comes back on the same revision they are still that
+        policy's answers (a slow poll under load must not also empty the cache); another
+        revision clears them."""
         self._suspended = True
 
     def clear(self) -> None:

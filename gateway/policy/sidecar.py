@@ -316,6 +316,9 @@ class OpaSidecar:
         try:
             revision = await self._control.revision()
         except OpaUnreachable:
+            # Alive but not answering (hung, overloaded): no decision is reused meanwhile.
+            if self._listeners and self.running:
+                self._notify("opa_down")
             return
         self.revision = revision
         for listener in self._listeners:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
@@ -521,11 +521,16 @@ class StatementGate:
         params: tuple[str | None, ...],
     ) -> Verdict:
         """An Execute of a statement allowed at Parse, under the policy still in force
-        (still_current): recorded, with its parameters, first."""
+        (still_current): recorded, with its parameters, first. The first Execute after the
+        Parse carries the decision made for it; every later one reuses it, and its record
+        says so (`cache_hit`, with the revision the decision was made under)."""
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:
             return _audit_refusal(exc, decisions, facts)
+        if not all(d.cache_hit for d in decisions):
+            # In place: the list is the prepared statement's own, kept for its next Execute.
+            decisions[:] = [d if d.cache_hit else replace(d, cache_hit=True) for d in decisions]
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = await self._prepare_masks(runs, decisions)
         if refusal is None:

@@ -6,13 +6,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditProcess, audit_keyring, audit_store, head_witness, verify
+from gateway.audit import (
+    AuditProcess,
+    AuditStartRefused,
+    audit_keyring,
+    audit_store,
+    head_witness,
+    verify,
+)
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings, load_settings
 
@@ -145,3 +154,146 @@ async def test_closing_the_gateway_side_ends_the_child(tmp_path: Path) -> None:
     assert proc.returncode == 0
     # The outcome sent just before closing was committed, not dropped.
     assert ("outcome", 2, rid) in await _stored(sink.settings)
+
+
+async def test_the_supervisor_survives_every_kind_of_child_failure(
+    sink: AuditProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that cannot be spawned, one that exits before reading its settings or before
+    its handshake, and one killed while serving: each is logged and retried, and a healthy
+    child takes over once one can start."""
+    await sink.request(statement_request("SELECT 'before'"))
+    assert sink.ready and sink.state == "ready"
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # spawn fails (OSError)
+    assert sink._proc is not None
+    os.kill(sink._proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while sink.ready:
+        assert time.monotonic() < deadline, "the killed child was not noticed"
+        await asyncio.sleep(0.02)
+    while sink.restarts < 3:
+        assert time.monotonic() < deadline, "the supervisor stopped retrying"
+        assert not sink.ready
+        with pytest.raises(AuditUnavailable, match="not running"):
+            await sink.request(statement_request("SELECT 'refused'"))
+        await asyncio.sleep(0.05)
+    assert "could not be started" in (sink.last_error or "")
+    # Starts, then exits before its settings are written or before its handshake.
+    monkeypatch.setattr(sys, "executable", "/bin/true")
+    seen = sink.restarts
+    while sink.restarts < seen + 2:
+        assert time.monotonic() < deadline, "the supervisor stopped retrying"
+        await asyncio.sleep(0.05)
+    # Seen as gone before its handshake, by its exit or by its socket's end, whichever first.
+    assert "exited" in (sink.last_error or "") or "ready" in (sink.last_error or "")
+    assert sink._supervisor is not None and not sink._supervisor.done()
+    monkeypatch.undo()
+    await _wait_up(sink)
+    assert sink.ready and sink.state == "ready"
+    await sink.close()
+    assert sink.state == "stopped"
+    assert await _verified(sink.settings)
+
+
+async def test_outcomes_wait_in_the_spool_through_a_store_outage_and_a_new_child(
+    tmp_path: Path,
+) -> None:
+    settings = _settings(tmp_path, timeout_seconds=0.3)
+    sink = AuditProcess(settings, restart_delay=0.05, spool_retry=0.1)
+    await sink.start()
+    lock = None
+    try:
+        rid = await sink.request(statement_request("SELECT 'ran'"))
+        # The store cannot take a commit (another connection holds its write lock).
+        lock = sqlite3.connect(settings.state_path(settings.audit.sqlite_path))
+        lock.isolation_level = None
+        lock.execute("BEGIN EXCLUSIVE")
+        sink.outcome_nowait(statement_outcome(rid))
+        await sink.session(session_event("session_end", "client quit"))
+        deadline = time.monotonic() + 10
+        while sink.spooled < 2:
+            assert time.monotonic() < deadline, "the failed records were not spooled"
+            await asyncio.sleep(0.05)
+        # The spool lives in the gateway: a new child inherits it.
+        assert sink._proc is not None
+        first = sink._proc.pid
+        os.kill(first, signal.SIGKILL)
+        while not (sink.ready and sink._proc is not None and sink._proc.pid != first):
+            assert time.monotonic() < deadline, "no new child"
+            await asyncio.sleep(0.05)
+        lock.execute("ROLLBACK")
+        while sink.spooled or sink.unacknowledged:
+            assert time.monotonic() < deadline, "the spool was not emptied"
+            await asyncio.sleep(0.05)
+    finally:
+        if lock is not None:
+            lock.close()
+        await sink.close()
+    assert sink.records_lost == 0
+    stored = await _stored(settings)
+    assert ("outcome", rid) in {(k, r) for k, _, r in stored}
+    assert [k for k, _, _ in stored].count("session_end") == 1
+    assert await _verified(settings)
+
+
+async def test_what_overflows_the_spool_is_counted(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, timeout_seconds=0.3)
+    sink = AuditProcess(settings, spool_limit=2, spool_retry=60)
+    await sink.start()
+    try:
+        rid = await sink.request(statement_request("SELECT 1"))
+        assert sink._proc is not None
+        os.kill(sink._proc.pid, signal.SIGSTOP)
+        try:
+            # Nothing acknowledges these; when the child is killed they are spooled, and
+            # three of five do not fit.
+            for _ in range(5):
+                sink.outcome_nowait(statement_outcome(rid))
+            await asyncio.sleep(0.05)
+        finally:
+            os.kill(sink._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while sink.records_lost < 3:
+            assert time.monotonic() < deadline, sink.records_lost
+            await asyncio.sleep(0.05)
+        assert sink.spooled <= 2
+        await _wait_up(sink)
+    finally:
+        await sink.close()
+    assert sink.records_lost == 3
+    outcomes = [k for k, _, _ in await _stored(settings)].count("outcome")
+    assert outcomes == 2
+
+
+def _wipe(path: Path) -> None:
+    """The whole SQLite store deleted, as an operator's mistake or an attacker would."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_gap_consent_holds_for_a_new_child_until_the_gap_is_bridged(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    first = AuditProcess(settings)
+    await first.start()
+    for i in range(3):
+        await first.request(statement_request(f"SELECT {i}"))
+    await first.close()
+    _wipe(settings.state_path(settings.audit.sqlite_path))
+
+    refused = AuditProcess(settings)
+    with pytest.raises(AuditStartRefused, match="behind its head witness"):
+        await refused.start()
+
+    consent = _settings(tmp_path, accept_chain_gap=True)
+    sink = AuditProcess(consent, restart_delay=0.05)
+    await sink.start()
+    try:
+        # Its child dies before anything was committed: the next one still has the consent.
+        assert sink._proc is not None
+        os.kill(sink._proc.pid, signal.SIGKILL)
+        await _wait_up(sink)
+    finally:
+        await sink.close()
+    stored = await _stored(settings)
+    assert stored[0][:2] == ("chain_gap", 4), stored
+    assert [k for k, _, _ in stored[1:]] == ["request"] * (len(stored) - 1)

@@ -178,3 +178,36 @@ async def test_size_zero_disables_caching() -> None:
     await cache.decide(INPUT, not_after=None)
     await cache.decide(INPUT, not_after=None)
     assert inner.calls == 2
+
+
+async def test_no_revision_is_in_force_while_opa_is_down() -> None:
+    """What still_current reads: while OPA is down no earlier decision (a prepared
+    statement's included) counts as made under the policy in force."""
+    cache = DecisionCache(ScriptedDecider(), max_entries=10)
+    await cache.decide(INPUT, not_after=None)
+    assert cache.revision == "r1"
+    cache.opa_down()
+    assert cache.revision is None
+    cache.revision_seen("r1")
+    assert cache.revision == "r1"
+    # Back on the same revision: what was cached for it is still its answer.
+    assert (await cache.decide(INPUT, not_after=None)).cache_hit
+
+
+async def test_an_unconfirmed_revision_expires_after_confirm_within() -> None:
+    inner = ScriptedDecider()
+    clock = Clock()
+    cache = DecisionCache(inner, max_entries=10, confirm_within=1.0, clock=clock)
+    cache.revision_seen("r1")
+    await cache.decide(INPUT, not_after=None)
+    clock.now += 0.9
+    assert cache.revision == "r1"
+    assert (await cache.decide(INPUT, not_after=None)).cache_hit
+    clock.now += 0.2  # 1.1 s since OPA last confirmed r1
+    assert cache.revision is None
+    calls = inner.calls
+    assert not (await cache.decide(INPUT, not_after=None)).cache_hit
+    assert inner.calls == calls + 1
+    # That live answer carried r1: confirmed again, so reuse resumes.
+    assert cache.revision == "r1"
+    assert (await cache.decide(INPUT, not_after=None)).cache_hit

@@ -267,11 +267,13 @@ async def test_sidecar_restarts_opa_after_kill_and_refuses_meanwhile(sidecar: Op
     pid = sidecar.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    # The supervisor learns of the death from the child watcher and empties the cache; from
+    # The supervisor learns of the death from the child watcher and suspends the cache (no
+    # revision is in force; the entries stay for OPA's return on the same revision); from
     # then on nothing is allowed until OPA is back.
     deadline = time.monotonic() + 5
-    while len(cache) and time.monotonic() < deadline:  # noqa: ASYNC110
+    while cache.revision is not None and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.001)
+    assert len(cache)
 
     refusals = 0
     deadline = time.monotonic() + 15
