@@ -147,6 +147,14 @@ class TokenRegistry:
                 return REVOKED
             return None
 
+    def refresh(self) -> int:
+        """Read the revocations now rather than at the next recheck; how many there are."""
+        with self._lock:
+            self._checked_at = float("-inf")
+            self._data_version = -1
+            self._refresh()
+            return len(self._revoked)
+
     def _refresh(self) -> None:
         now = self._monotonic()
         if now - self._checked_at < self._recheck_seconds:

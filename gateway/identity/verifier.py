@@ -37,6 +37,10 @@ class IdentityVerifier:
         if self._oidc is not None:
             await self._oidc.aclose()
 
+    def refresh_registry(self) -> int:
+        """Read the local token registry's revocations now (a reload); how many there are."""
+        return self._local.refresh_registry()
+
     async def verify(self, token: str) -> Principal:
         issuer = peek(token).issuer
         if issuer == self._local.issuer:
