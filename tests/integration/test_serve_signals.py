@@ -182,3 +182,78 @@ def test_sigterm_drains_under_load_from_another_folder(
                                      "PGWARDEN_INSTANCE": "gw-sig"})  # fmt: skip
     assert code == 0, (report, err)
     direct.execute(f"DROP TABLE {table}")
+
+
+def test_sighup_reloads_settings_and_targets_and_says_what_needs_a_restart(
+    state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path, tmp_path: Path
+) -> None:
+    env = _env_from_elsewhere(state_dir, opa_binary, free_port())
+    _setup(env, pg_cluster)
+    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
+                "--ttl", "1h")  # fmt: skip
+    config = tmp_path / "pgwarden.toml"
+    config.write_text('instance = "gw-sig"\n\n[shutdown]\ndrain_seconds = 5\n')
+    del env["PGWARDEN_INSTANCE"]  # from the file, so that changing it there is seen
+    big = "SELECT '" + "x" * 4000 + "' AS big"
+
+    gw = GatewayProcess(env, state_dir / "serve.log", args=["--config", str(config)],
+                        cwd=tmp_path)  # fmt: skip
+    try:
+        gw.wait_listening()
+        assert f"config {config.resolve()}" in gw.log_text()
+        with psycopg.connect(_dsn(gw.port, token), autocommit=True) as conn:
+            assert len(conn.execute(big).fetchone()[0]) == 4000  # type: ignore[index]
+        with pytest.raises(psycopg.OperationalError, match="unknown target|app2"):
+            psycopg.connect(_dsn(gw.port, token, target="app2")).close()
+
+        # A setting that reloads, one that needs a restart, and a new target.
+        config.write_text(
+            'instance = "gw-renamed"\n\n[shutdown]\ndrain_seconds = 5\n\n'
+            "[listener]\nmax_message_size = 2000\n"
+        )
+        _setup(env, pg_cluster, target="app2")
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload: policy:" in gw.log_text(), timeout=30)
+        log = gw.log_text()
+        assert "reload: settings: applied listener.max_message_size = 2000" in log, log
+        assert "reload: settings needing a restart: instance" in log, log
+        assert "reload: targets: added app2" in log, log
+        assert "gw-renamed" not in log  # names, not values, of what waits for a restart
+
+        with psycopg.connect(_dsn(gw.port, token, target="app2"), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            with pytest.raises(psycopg.Error, match="limit 2000"):
+                conn.execute(big)
+        # The instance (the audit chain's name) changes only with a restart.
+        with psycopg.connect(_dsn(gw.port, token), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+        os.kill(gw.proc.pid, signal.SIGTERM)
+        assert gw.proc.wait(60) == 0, gw.log_text()[-3000:]
+    finally:
+        gw.kill_group()
+    chains = {r.chain for r in records_after(load_settings(state_dir=state_dir))}
+    assert chains == {"gw-sig"}, chains
+
+
+def test_config_file_that_does_not_parse_on_sighup_keeps_the_running_settings(
+    state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path, tmp_path: Path
+) -> None:
+    env = _env_from_elsewhere(state_dir, opa_binary, free_port())
+    _setup(env, pg_cluster)
+    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
+                "--ttl", "1h")  # fmt: skip
+    config = tmp_path / "pgwarden.toml"
+    config.write_text("[shutdown]\ndrain_seconds = 5\n")
+    gw = GatewayProcess(env, state_dir / "serve.log", args=["--config", str(config)])
+    try:
+        gw.wait_listening()
+        config.write_text("[listener]\nmax_message_size = 'many'\nport = \n")
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload: policy:" in gw.log_text(), timeout=30)
+        assert "reload: settings: not read again, the running ones stay:" in gw.log_text()
+        with psycopg.connect(_dsn(gw.port, token), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        os.kill(gw.proc.pid, signal.SIGTERM)
+        assert gw.proc.wait(60) == 0, gw.log_text()[-3000:]
+    finally:
+        gw.kill_group()
