@@ -203,7 +203,7 @@ def test_sighup_reloads_settings_and_targets_and_says_what_needs_a_restart(
         assert f"config {config.resolve()}" in gw.log_text()
         with psycopg.connect(_dsn(gw.port, token), autocommit=True) as conn:
             assert len(conn.execute(big).fetchone()[0]) == 4000  # type: ignore[index]
-        with pytest.raises(psycopg.OperationalError, match="unknown target|app2"):
+        with pytest.raises(psycopg.OperationalError, match="app2"):
             psycopg.connect(_dsn(gw.port, token, target="app2")).close()
 
         # A setting that reloads, one that needs a restart, and a new target.
