@@ -20,24 +20,27 @@ CONTRACT_SETTINGS = frozenset(
     }
 )
 
-# The Prometheus metrics the gateway exports, by name: the Grafana dashboard is built on them.
-METRICS = {
-    "pgwarden_sessions_open": "gauge",
-    "pgwarden_sessions_total": "counter",
-    "pgwarden_statements_total": "counter",
-    "pgwarden_masked_statements_total": "counter",
-    "pgwarden_decision_seconds": "histogram",
-    "pgwarden_decision_cache_total": "counter",
-    "pgwarden_opa_up": "gauge",
-    "pgwarden_opa_restarts_total": "counter",
-    "pgwarden_audit_position": "gauge",
-    "pgwarden_audit_commit_seconds": "histogram",
-    "pgwarden_audit_index_lag_records": "gauge",
-    "pgwarden_audit_writer_up": "gauge",
-    "pgwarden_audit_writer_restarts_total": "counter",
-    "pgwarden_upstream_connect_errors_total": "counter",
-    "pgwarden_bytes_relayed_total": "counter",
+# The Prometheus metrics the gateway exports, by name, with their kind and labels: the
+# Grafana dashboard is built on exactly these.
+METRICS: dict[str, tuple[str, frozenset[str]]] = {
+    "pgwarden_sessions_open": ("gauge", frozenset({"target", "group"})),
+    "pgwarden_sessions_total": ("counter", frozenset({"target", "group"})),
+    "pgwarden_statements_total": ("counter", frozenset({"target", "action"})),
+    "pgwarden_masked_statements_total": ("counter", frozenset({"target"})),
+    "pgwarden_decision_seconds": ("histogram", frozenset()),
+    "pgwarden_decision_cache_total": ("counter", frozenset({"result"})),
+    "pgwarden_opa_up": ("gauge", frozenset()),
+    "pgwarden_opa_restarts_total": ("counter", frozenset()),
+    "pgwarden_audit_position": ("gauge", frozenset()),
+    "pgwarden_audit_commit_seconds": ("histogram", frozenset()),
+    "pgwarden_audit_index_lag_records": ("gauge", frozenset()),
+    "pgwarden_audit_writer_up": ("gauge", frozenset()),
+    "pgwarden_audit_writer_restarts_total": ("counter", frozenset()),
+    "pgwarden_upstream_connect_errors_total": ("counter", frozenset({"target"})),
+    "pgwarden_bytes_relayed_total": ("counter", frozenset({"direction"})),
 }
+# Labels Prometheus adds to every series it scrapes.
+SCRAPE_LABELS = frozenset({"instance", "job"})
 
 
 def setting_names() -> set[str]:
