@@ -60,6 +60,8 @@ def run_until_signal(
         reloads: set[asyncio.Task[list[str]]] = set()
 
         def on_hup() -> None:
+            if stop.is_set():
+                return  # draining: nothing to take up any more
             try:
                 task = loop.create_task(gateway.reload(reread() if reread else gateway.settings))
             except (OSError, ValueError, ValidationError) as exc:
