@@ -14,10 +14,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import pytest
 from cli.localpg import APP_DB, SUPERUSER, LocalCluster, free_port
 from gateway.settings import load_settings
 
-from .serve_process import GatewayProcess, kill_leftovers, pids_mentioning
+from .serve_process import GatewayProcess, pids_mentioning
 from .serve_process import cli as _cli
 from .serve_process import serve_env as _env
 from .test_audit_support import pgwarden, records_after, verify_json, wait_for
@@ -35,23 +33,6 @@ from .test_audit_support import pgwarden, records_after, verify_json, wait_for
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CLIENTS = 4
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    # Short: OPA's unix socket lives under it and sockaddr_un is small.
-    path = Path(tempfile.mkdtemp(prefix="pgw-crash-"))
-    try:
-        yield path
-    finally:
-        kill_leftovers(path)
-
-
-@pytest.fixture
-def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[Any]]:
-    """Straight to the application database, bypassing any gateway."""
-    with psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True) as conn:
-        yield conn
 
 
 def test_kill_9_under_pgbench_loses_no_audited_write(

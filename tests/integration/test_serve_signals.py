@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from cli.localpg import APP_DB, SUPERUSER, LocalCluster, free_port
+from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
 from gateway.install import tool_candidates
 from gateway.settings import load_settings
 
-from .serve_process import ROOT, GatewayProcess, cli, kill_leftovers
+from .serve_process import ROOT, GatewayProcess, cli
 from .test_audit_support import records_after, verify_json, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -33,23 +31,6 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 CLIENTS = 4
 # The key of the advisory lock that holds one statement running while the gateway drains.
 HOLD = 774411
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    # Short: OPA's unix socket lives under it and sockaddr_un is small.
-    path = Path(tempfile.mkdtemp(prefix="pgw-sig-"))
-    try:
-        yield path
-    finally:
-        kill_leftovers(path)
-
-
-@pytest.fixture
-def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[Any]]:
-    """Straight to the application database, bypassing any gateway."""
-    with psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True) as conn:
-        yield conn
 
 
 def _env_from_elsewhere(state: Path, opa: Path, port: int) -> dict[str, str]:
@@ -64,19 +45,25 @@ def _env_from_elsewhere(state: Path, opa: Path, port: int) -> dict[str, str]:
             "PGWARDEN_INSTANCE": "gw-sig",
             "PGWARDEN_LISTENER__HOST": "127.0.0.1",
             "PGWARDEN_LISTENER__PORT": str(port),
-            "PGWARDEN_SIG_UPSTREAM_PW": os.environ.get("PGWARDEN_SIG_UPSTREAM_PW", ""),
         }
     )
     return env
 
 
 def _setup(env: dict[str, str], cluster: LocalCluster, target: str = "app") -> None:
-    from cli.localpg import SUPERUSER_PASSWORD
-
     env["PGWARDEN_SIG_UPSTREAM_PW"] = SUPERUSER_PASSWORD
     cli(env, "targets", "add", target, "--host", "127.0.0.1", "--port", str(cluster.port),
         "--dbname", APP_DB, "--user", SUPERUSER, "--password-env", "PGWARDEN_SIG_UPSTREAM_PW",
         "--sslmode", "disable")  # fmt: skip
+
+
+def _prepared(state: Path, opa: Path, cluster: LocalCluster) -> tuple[dict[str, str], str]:
+    """The environment of a gateway with target `app`, and an admins token for it."""
+    env = _env_from_elsewhere(state, opa, free_port())
+    _setup(env, cluster)
+    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
+                "--ttl", "1h")  # fmt: skip
+    return env, token
 
 
 def _dsn(port: int, token: str, target: str = "app") -> str:
@@ -91,10 +78,7 @@ def test_sigterm_drains_under_load_from_another_folder(
     opa_binary: Path,
     tmp_path: Path,
 ) -> None:
-    env = _env_from_elsewhere(state_dir, opa_binary, free_port())
-    _setup(env, pg_cluster)
-    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
-                "--ttl", "1h")  # fmt: skip
+    env, token = _prepared(state_dir, opa_binary, pg_cluster)
     table = f"drain_{uuid.uuid4().hex[:10]}"
     direct.execute(f"CREATE TABLE {table} (client int NOT NULL, v bigint PRIMARY KEY)")
     elsewhere = tmp_path / "elsewhere"
@@ -187,10 +171,7 @@ def test_sigterm_drains_under_load_from_another_folder(
 def test_sighup_reloads_settings_and_targets_and_says_what_needs_a_restart(
     state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path, tmp_path: Path
 ) -> None:
-    env = _env_from_elsewhere(state_dir, opa_binary, free_port())
-    _setup(env, pg_cluster)
-    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
-                "--ttl", "1h")  # fmt: skip
+    env, token = _prepared(state_dir, opa_binary, pg_cluster)
     config = tmp_path / "pgwarden.toml"
     config.write_text('instance = "gw-sig"\n\n[shutdown]\ndrain_seconds = 5\n')
     del env["PGWARDEN_INSTANCE"]  # from the file, so that changing it there is seen
@@ -238,10 +219,7 @@ def test_sighup_reloads_settings_and_targets_and_says_what_needs_a_restart(
 def test_config_file_that_does_not_parse_on_sighup_keeps_the_running_settings(
     state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path, tmp_path: Path
 ) -> None:
-    env = _env_from_elsewhere(state_dir, opa_binary, free_port())
-    _setup(env, pg_cluster)
-    token = cli(env, "tokens", "issue", "--subject", "agent:ops", "--group", "admins",
-                "--ttl", "1h")  # fmt: skip
+    env, token = _prepared(state_dir, opa_binary, pg_cluster)
     config = tmp_path / "pgwarden.toml"
     config.write_text("[shutdown]\ndrain_seconds = 5\n")
     gw = GatewayProcess(env, state_dir / "serve.log", args=["--config", str(config)])
