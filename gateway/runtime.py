@@ -79,6 +79,8 @@ class Gateway:
         # One per (target, database): names, OIDs and caches differ from database to database.
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
+        # Set once a drain begins: no new connections; readiness should say not ready.
+        self.draining = False
         # The targets as the last start or reload saw them, to say what a reload changed.
         self._targets_seen: dict[str, Target] = {}
 
@@ -164,6 +166,7 @@ class Gateway:
         """Shut down without cutting a statement short: refuse new connections, let the
         sessions finish what runs (up to shutdown.drain_seconds, or until `cut_short`),
         then stop, which flushes the audit trail."""
+        self.draining = True
         if self._listener is not None:
             await self._listener.drain(self.settings.shutdown.drain_seconds, cut_short)
         await self.stop()
