@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cli import audit, demo, policy, serve, targets, tokens
+from cli.context import fail
 from gateway.settings import load_settings
 
 app = typer.Typer(
@@ -18,6 +20,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pgwarden {version('pgwarden')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -25,8 +33,17 @@ def main(
         Path | None,
         typer.Option("--config", "-c", envvar="PGWARDEN_CONFIG", help="TOML settings file."),
     ] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     """Settings come from PGWARDEN_* environment variables and an optional TOML file."""
+    if config is not None and not config.is_file():
+        # pydantic-settings would quietly run on defaults without it.
+        fail(f"config file {config} not found")
     ctx.obj = load_settings(config)
 
 

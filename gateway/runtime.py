@@ -24,6 +24,7 @@ from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.proxy.tls import server_context, upstream_context
+from gateway.reload import settings_change, targets_change
 from gateway.settings import Settings
 from gateway.sql.analyzer import StatementAnalyzer
 from gateway.sql.catalog import Catalog
@@ -78,6 +79,10 @@ class Gateway:
         # One per (target, database): names, OIDs and caches differ from database to database.
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
+        # Set once a drain begins: no new connections; readiness should say not ready.
+        self.draining = False
+        # The targets as the last start or reload saw them, to say what a reload changed.
+        self._targets_seen: dict[str, Target] = {}
 
     def _catalog_for(self, target: Target, database: str) -> CatalogPort | None:
         catalog = self._catalogs.get((target.name, database))
@@ -154,10 +159,56 @@ class Gateway:
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),
         )
+        self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)
         self.address = await self._listener.start()
         log.info("pgwarden listening on %s:%d", *self.address)
         return self.address
+
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Shut down without cutting a statement short: refuse new connections, let the
+        sessions finish what runs (up to shutdown.drain_seconds, or until `cut_short`),
+        then stop, which flushes the audit trail."""
+        self.draining = True
+        if self._listener is not None:
+            await self._listener.drain(self.settings.shutdown.drain_seconds, cut_short)
+        await self.stop()
+
+    async def reload(self, reread: Settings | None, problem: str | None = None) -> list[str]:
+        """Take up what can change without a restart: `reread` settings (None: they could
+        not be read again, `problem` says why, the running ones stay), the targets file,
+        the token registry's revocations, the policy folders. Logs and returns one line per
+        part: what changed, and which changed settings wait for a restart."""
+        lines: list[str] = []
+        if reread is None:
+            lines.append(f"settings: not read again, the running ones stay: {problem}")
+        else:
+            change = settings_change(self.settings, reread)
+            self.settings = change.settings
+            if self.context is not None:
+                self.context.settings = change.settings
+            applied = ", ".join(change.applied)
+            lines.append(f"settings: applied {applied}" if applied else "settings: unchanged")
+            if change.needs_restart:
+                lines.append("settings needing a restart: " + ", ".join(change.needs_restart))
+        if self.context is not None:
+            try:
+                seen = self.context.targets.refresh()
+            except Exception as exc:  # a half-written or invalid file: keep serving the last
+                lines.append(f"targets: file not read: {exc}")
+            else:
+                lines.append(f"targets: {targets_change(self._targets_seen, seen) or 'unchanged'}")
+                self._targets_seen = seen
+        if self.verifier is not None:
+            revoked = await asyncio.to_thread(self.verifier.refresh_registry)
+            lines.append(f"tokens: registry read again ({revoked} revoked)")
+        if self.sidecar is not None:
+            lines.append(f"policy: {await self.sidecar.reload_now()}")
+        elif self.settings.policy.opa_url:
+            lines.append(f"policy: served by the OPA at {self.settings.policy.opa_url}")
+        for line in lines:
+            log.info("reload: %s", line)
+        return lines
 
     async def stop(self) -> None:
         if self._listener is not None:

@@ -13,6 +13,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.install import shipped
+
 
 class ListenerSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -66,8 +68,10 @@ class PolicySettings(BaseModel):
     # With opa_url: how often OPA's bundle revision is polled. A policy change OPA loads
     # reaches decisions kept in memory (cache, prepared statements) within this time.
     revision_poll_seconds: float = 1.0
-    rego_dir: Path = Path("rego")
-    bundle_dir: Path = Path("bundles")
+    # The policy folders; by default the ones shipped with this installation (never looked
+    # up in the directory the gateway starts from). A relative path is taken from there.
+    rego_dir: Path = Field(default_factory=lambda: shipped("rego"))
+    bundle_dir: Path = Field(default_factory=lambda: shipped("bundles"))
 
 
 class AuditSettings(BaseModel):
@@ -100,6 +104,12 @@ class CatalogSettings(BaseModel):
     idle_seconds: float = 10.0
 
 
+class ShutdownSettings(BaseModel):
+    # SIGTERM: statements already running get this long to finish before their sessions
+    # are closed; new connections are refused from the start.
+    drain_seconds: float = 30.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PGWARDEN_",
@@ -115,6 +125,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol
 
+from gateway.install import tool_candidates
 from gateway.policy.bundle import (
     BundleError,
     build_bundle,
@@ -103,6 +104,8 @@ class OpaSidecar:
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._digest = ""
         self._control = OpaTransport(self.url, decision_path="", timeout_seconds=2.0)
+        # The watcher and a reload must not build the bundle at the same time.
+        self._reloading = asyncio.Lock()
 
     @classmethod
     def from_settings(
@@ -278,10 +281,23 @@ class OpaSidecar:
         while True:
             await asyncio.sleep(self.poll_seconds)
             try:
-                await self._reload_if_changed()
+                async with self._reloading:
+                    await self._reload_if_changed()
                 await self._poll_revision()
             except Exception:  # the watcher must outlive any one bad poll
                 log.exception("policy watch failed")
+
+    async def reload_now(self) -> str:
+        """Rebuild the bundle now if its sources changed (a reload asks; the watcher would
+        within `poll_seconds`); says what became of the policy."""
+        before = self.revision
+        async with self._reloading:
+            await self._reload_if_changed()
+        if self.revision != before:
+            return f"revision {before} -> {self.revision}"
+        if self.last_error is not None:
+            return f"still revision {self.revision}; the sources do not build: {self.last_error}"
+        return f"unchanged (revision {self.revision})"
 
     async def _reload_if_changed(self) -> None:
         stamp = source_stamp(self.rego_dir, self.bundle_dir)
@@ -330,14 +346,26 @@ class OpaSidecar:
 
 
 def opa_binary_of(settings: Settings) -> Path:
-    """The OPA binary: the configured one, else the project's .pgwarden/bin/opa, else PATH."""
-    binary = settings.policy.opa_binary or settings.state_path(Path("bin") / "opa")
-    if binary.exists():
-        return binary.resolve()
+    """The OPA binary: the configured one; else the state directory's bin/opa, PATH, or the
+    one next to the installation (never looked up in the current directory)."""
+    configured = settings.policy.opa_binary
+    if configured is not None:
+        if not configured.is_file():
+            raise SidecarError(f"policy.opa_binary {configured} does not exist")
+        return configured.resolve()
+    in_state = settings.state_path(Path("bin") / "opa")
+    if in_state.is_file():
+        return in_state.resolve()
     found = shutil.which("opa")
-    if found is None:
-        raise SidecarError(f"OPA binary not found at {binary} nor on PATH")
-    return Path(found)
+    if found is not None:
+        return Path(found)
+    for candidate in tool_candidates("opa"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SidecarError(
+        f"OPA binary not found: set policy.opa_binary (PGWARDEN_POLICY__OPA_BINARY), put opa"
+        f" on PATH or in {in_state}"
+    )
 
 
 def _free_port() -> int:

@@ -103,6 +103,30 @@ class Listener:
                 for session in list(self.gw.sessions):
                     session.recheck_token_now()
 
+    async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
+        """Stop accepting (new connections are refused), let every session finish what it
+        is running for up to `seconds` (or until `cut_short` is set), then stop."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.gw.sessions):
+            session.drain()
+        if self.gw.sessions:
+            waits = [asyncio.ensure_future(self.gw.all_closed.wait())]
+            if cut_short is not None:
+                waits.append(asyncio.ensure_future(cut_short.wait()))
+            try:
+                await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if self.gw.sessions:
+                log.warning(
+                    "drain: %d session(s) still busy after %.1f s are closed",
+                    len(self.gw.sessions),
+                    seconds,
+                )
+        await self.stop()
+
     async def stop(self) -> None:
         if self._token_watch is not None:
             self._token_watch.cancel()
@@ -111,7 +135,7 @@ class Listener:
         if self._server is not None:
             self._server.close()
             for session in list(self.gw.sessions):
-                session._fatal("57P01", "pgwarden: the gateway is shutting down")
+                session.shut_down()
             # Sessions write their session_end records from connection_lost, a later turn
             # of the loop: wait for them before the audit writer is closed.
             if self.gw.sessions:

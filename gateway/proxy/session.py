@@ -109,6 +109,8 @@ _REJECTED_IF_ABORTED = b"SELECT pg_catalog.pgwarden_refused()"
 # The statement name of pgwarden's stand-ins for refused Executes: never stored (the Parse
 # fails), so the client's unnamed statement is left as it was.
 _STAND_IN = "pgwarden:refused"
+# admin_shutdown: what PostgreSQL itself sends the sessions it ends when it shuts down.
+SHUTTING_DOWN = "57P01"
 
 # Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
 # if the server reports it off): pglast reads SQL as PostgreSQL does with it on. With it off,
@@ -274,6 +276,8 @@ class ClientSession(asyncio.Protocol):
         # pgwarden's own read failed inside the client's pipeline: the server skips to the
         # client's Sync, and the client is owed this error in place of its next message.
         self._owed_error: bytes | None = None
+        # The gateway is shutting down: the session ends at its next idle point.
+        self._draining = False
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -382,6 +386,40 @@ class ClientSession(asyncio.Protocol):
         self._paused_by_client = False
         if self.up is not None:
             self.up.transport.resume_reading()
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The gateway is shutting down: end the session once nothing the client sent is
+        still running or unanswered (at once when it is idle). A session inside a
+        transaction may still end it; the listener closes what remains at its deadline."""
+        self._draining = True
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.RELAY and (
+            self._busy
+            or self.tracker
+            or self._inbuf
+            or self._sbuf
+            or self._skip
+            or self._up_out
+            or self._copy_in
+            or self._mask_wait
+            or self._path_read is not None
+            or (self.gate is not None and self.gate.in_transaction)
+        ):
+            return
+        # Not logged in yet, or between statements: nothing of the client's is lost.
+        self.shut_down()
+
+    def shut_down(self) -> None:
+        """End the session now, telling the client why (a statement still running gets
+        its outcome record from connection_lost)."""
+        self._end_reason = "gateway shutting down"
+        self._fatal(SHUTTING_DOWN, "pgwarden: the gateway is shutting down")
 
     # -- output helpers ------------------------------------------------------------------
 
@@ -1149,6 +1187,8 @@ class ClientSession(asyncio.Protocol):
             if self.transport is not None and not self._paused_by_upstream:
                 self.transport.resume_reading()
             self._drain_client()
+        if self._draining:
+            self._end_if_drained()
 
     def _token_problem(self) -> str | None:
         assert self.principal is not None
@@ -1546,6 +1586,8 @@ class ClientSession(asyncio.Protocol):
             buf += data[pos:]
         if self._path_wanted:
             self._read_path_if_quiet()
+        if self._draining:
+            self._end_if_drained()
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int

@@ -135,6 +135,12 @@ class TargetRegistry:
         self._targets = {t["name"]: Target(**t) for t in raw.get("targets", [])}
         self._mtime = mtime
 
+    def refresh(self) -> dict[str, Target]:
+        """Read the file again now, whatever its mtime says; the targets by name."""
+        self._mtime = None
+        self._load()
+        return dict(self._targets)
+
     def get(self, name: str) -> Target | None:
         self._load()
         return self._targets.get(name)
