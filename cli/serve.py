@@ -10,10 +10,13 @@ import signal
 import typer
 
 from cli.context import fail, settings_of
+from cli.targets import registry
+from gateway.proxy.targets import TargetError
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 
 app = typer.Typer(help="Run the gateway.")
+log = logging.getLogger("pgwarden.serve")
 
 
 def run_until_signal(settings: Settings, *, banner: bool = True) -> None:
@@ -41,11 +44,23 @@ def run_until_signal(settings: Settings, *, banner: bool = True) -> None:
         asyncio.run(main())
 
 
+def warn_unreadable_credentials(settings: Settings) -> None:
+    """Log each registered target whose credential cannot be read here: its clients would be
+    refused at connect, so the operator hears of it at start rather than from them."""
+    for target in registry(settings).all():
+        try:
+            target.password(os.environ)
+        except TargetError as exc:
+            log.warning("%s: clients of this target will be refused until it is fixed", exc)
+
+
 @app.command()
 def serve(ctx: typer.Context) -> None:
     """Run the gateway with the settings from PGWARDEN_* and --config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_of(ctx)
+    warn_unreadable_credentials(settings)
     try:
-        run_until_signal(settings_of(ctx))
+        run_until_signal(settings)
     except (OSError, ValueError, RuntimeError) as exc:
         fail(str(exc))

@@ -60,6 +60,14 @@ def add(
         list[str] | None, typer.Option(help="k=v label passed to policy; repeatable.")
     ] = None,
     replace: Annotated[bool, typer.Option(help="Replace an existing target of that name.")] = False,
+    no_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-check",
+            help="Skip checking the credential and files here (they exist only where the"
+            " gateway runs).",
+        ),
+    ] = False,
 ) -> None:
     """Register a target. The credential is referenced (env var or file), never stored."""
     labels: dict[str, str] = {}
@@ -84,10 +92,20 @@ def add(
             labels=labels,
             databases=tuple(database or ()),
         )
+        if not no_check:
+            check_local_files(target)
         registry(settings_of(ctx)).add(target, replace=replace)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} added")
+
+
+def check_local_files(target: Target) -> None:
+    """TargetError unless the credential and the CA file can be read here: a reference that
+    resolves to nothing would otherwise surface only when a client connects."""
+    target.password(os.environ)
+    if target.sslrootcert is not None and not os.access(target.sslrootcert, os.R_OK):
+        raise TargetError(f"target {target.name}: cannot read --sslrootcert {target.sslrootcert}")
 
 
 @app.command("list")

@@ -611,6 +611,8 @@ class ClientSession(asyncio.Protocol):
                 self.target, self.gw.environ, relayed, database=self.database
             )
         except UpstreamError as exc:
+            if exc.detail:
+                log.warning("session %s: %s: %s", self.id, exc, exc.detail)
             self._session_event("auth_failure", str(exc))
             self._fatal(exc.sqlstate, f"pgwarden: {exc}")
             return

@@ -34,7 +34,7 @@ from gateway.protocol import (
     StartupMessage,
     decode_backend,
 )
-from gateway.proxy.targets import Target
+from gateway.proxy.targets import Target, TargetError
 from gateway.proxy.tls import upstream_context
 
 _HEADER = struct.Struct("!BI")
@@ -46,9 +46,11 @@ class UpstreamError(Exception):
     The message is safe to show the client: it never holds the target's credential.
     """
 
-    def __init__(self, message: str, sqlstate: str = "08001") -> None:
+    def __init__(self, message: str, sqlstate: str = "08001", detail: str = "") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        # For the gateway's log only, never the client.
+        self.detail = detail
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -215,7 +217,17 @@ async def _login(
             )
     params = {"database": target.dbname, **parameters, "user": target.user}
     transport.write(StartupMessage(parameters=params).encode())
-    password = target.password(environ)
+    try:
+        password = target.password(environ)
+    except TargetError as exc:
+        # The detail (variable or file) is for the operator's log; the client learns only
+        # that the gateway lacks the credential.
+        raise UpstreamError(
+            f"the gateway cannot read the credential of target {target.name}"
+            f" (an administrator can check it with: pgwarden targets test {target.name})",
+            sqlstate="08004",
+            detail=str(exc),
+        ) from None
     scram: scramp.ScramClient | None = None
     process_id, secret = 0, b""
     server_params: dict[str, str] = {}

@@ -17,16 +17,20 @@ from tests.harness import create_scratch_database, drop_scratch_database
 
 def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(
-        app, list(args), env={"PGWARDEN_STATE_DIR": str(state), **(env or {})}
+        # `targets add` checks that the credential it references can be read.
+        app, list(args), env={"PGWARDEN_STATE_DIR": str(state), "A": "pw", **(env or {})}
     )
     return result.exit_code, result.stdout, result.stderr
 
 
 def test_add_list_remove(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     code, out, _ = _run(
         tmp_path, "targets", "add", "app", "--host", "db.internal", "--port", "5433",
         "--dbname", "appdb", "--user", "svc", "--password-env", "APP_PW",
-        "--sslmode", "verify-full", "--sslrootcert", "/etc/ca.pem", "--label", "env=prod",
+        "--sslmode", "verify-full", "--sslrootcert", str(ca), "--label", "env=prod",
+        env={"APP_PW": "s3cret"},
     )  # fmt: skip
     assert code == 0, out
     target = TargetRegistry(tmp_path / "targets.json").get("app")
@@ -91,6 +95,7 @@ def test_install_ddl_watch(tmp_path: Path, pg_cluster: LocalCluster) -> None:
         code, out, _ = _run(
             tmp_path, "targets", "add", "db", "--port", str(pg_cluster.port), "--dbname", name,
             "--user", SUPERUSER, "--password-env", "DB_PW", "--sslmode", "disable",
+            env={"DB_PW": SUPERUSER_PASSWORD},
         )  # fmt: skip
         assert code == 0, out
         for _ in range(2):  # idempotent
