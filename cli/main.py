@@ -7,10 +7,11 @@ import os
 import sqlite3
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from cli import audit, demo, policy, serve, targets, tokens
@@ -74,9 +75,17 @@ class ErrorBoundary(TyperGroup):
     """Runs the command and maps what escapes it: one line for a known error, a hint to rerun
     with --debug for anything else, the traceback itself with --debug."""
 
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            _usage_error(exc)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as exc:
+            _usage_error(exc)
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -94,6 +103,17 @@ class ErrorBoundary(TyperGroup):
                 err=True,
             )
             raise typer.Exit(EXIT_BUG) from None
+
+
+def _usage_error(exc: UsageError) -> NoReturn:
+    """A usage error as one line that says where the help is; a group or command given no
+    arguments still shows its help."""
+    if isinstance(exc, NoArgsIsHelpError):
+        raise exc
+    where = exc.ctx.command_path if exc.ctx is not None else "pgwarden"
+    message = " ".join(exc.format_message().split())
+    typer.echo(f"pgwarden: {message} (see {where} --help)", err=True)
+    raise typer.Exit(exc.exit_code)
 
 
 app = typer.Typer(

@@ -98,6 +98,14 @@ CASES = [
     BadInput("audit search bad time", ("audit", "search", "--since", "yesterday-ish"), "bad time"),
     BadInput("audit prune bad age", ("audit", "prune", "--older-than", "ninety"), "bad age"),
     BadInput("audit export unknown format", ("audit", "export", "--format", "csv"), "only jsonl"),
+    BadInput("audit prune in minutes", ("audit", "prune", "--older-than", "30m"), "use days or hours"),
+    BadInput("audit prune below the floor", ("audit", "prune", "--older-than", "1d"), "retention_floor_days"),
+    BadInput("audit search unknown action", ("audit", "search", "--action", "denied"), "bad --action"),
+    BadInput("audit tail negative count", ("audit", "tail", "-n", "-1"), "greater than or equal to 0"),
+    BadInput("unknown option", ("targets", "list", "--colour"), "No such option"),
+    BadInput("unknown command", ("targets", "rename"), "No such command"),
+    BadInput("missing option", ("tokens", "issue"), "Missing option '--subject'"),
+    BadInput("option of the wrong type", ("targets", "add", "x", "--port", "high"), "--port"),
     BadInput("policy eval bad target", ("policy", "eval", "SELECT 1", "--subject", "s", "--target", "app/"), "names no database"),
 ]  # fmt: skip
 
@@ -179,3 +187,9 @@ def test_a_bug_says_how_to_see_its_traceback(
     ):
         result = CliRunner().invoke(app, args, env={**env, **debug_env})
         assert isinstance(result.exception, KeyError), repr(result.exception)
+
+
+def test_a_group_given_no_command_still_shows_its_help(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["targets"], env={"PGWARDEN_STATE_DIR": str(tmp_path)})
+    shown = result.stdout + result.stderr
+    assert "Usage" in shown and "install-ddl-watch" in shown and "Traceback" not in shown
