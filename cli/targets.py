@@ -9,10 +9,9 @@ from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.context import fail, settings_of
+from cli.context import fail, literal_console, settings_of
 from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings
@@ -137,7 +136,7 @@ def list_(
             str(t["credential"]),
             ",".join(f"{k}={v}" for k, v in labels.items()),
         )
-    Console().print(table)
+    literal_console(None).print(table)
 
 
 @app.command("remove")

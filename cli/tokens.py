@@ -9,10 +9,9 @@ from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.context import fail, settings_of
+from cli.context import fail, literal_console, settings_of
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
 from gateway.identity.registry import TokenRecord, UnknownToken
 from gateway.identity.signing_key import SigningKeyError
@@ -89,7 +88,7 @@ def list_tokens(
             _when(r.expires_at),
             r.status(now),
         )
-    Console(width=200).print(table)
+    literal_console().print(table)
 
 
 @app.command()

@@ -710,6 +710,7 @@ class StatementGate:
             duration_ms=(time.perf_counter() - run.started) * 1000.0,
             bytes_out=run.bytes_out,
             recorded_rows=tuple(run.recorded),
+            recorded_columns=run.recorded_columns,
             forwarded=forwarded,
         )
         nowait = self._outcome_nowait
