@@ -12,7 +12,9 @@ import typer
 from rich.table import Table
 
 from cli.context import fail, literal_console, settings_of
+from gateway.protocol import Terminate
 from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
+from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings
 from gateway.sql.catalog import WATCH_SQL
@@ -149,6 +151,66 @@ def remove(
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} removed")
+
+
+@app.command("test")
+def test(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Target to log in to.")],
+    database: Annotated[
+        str | None, typer.Option(help="One of the databases it serves (default: its own).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Log in to the target as the gateway does and report TLS, the authentication method and
+    the server version (the credential is used, never shown)."""
+    target = registry(settings_of(ctx)).get(name)
+    if target is None:
+        fail(f"no target named {name!r}")
+    chosen = target.database_for(database)
+    report = asyncio.run(_login_report(target, chosen))
+    if as_json:
+        typer.echo(orjson.dumps(report).decode())
+        return
+    tls = report["tls"]
+    tls_text = (
+        "none"
+        if not isinstance(tls, dict)
+        else f"{tls['version']} {tls['cipher']} (sslmode={target.sslmode})"
+    )
+    typer.echo(
+        f"target {name}: logged in to {target.host}:{target.port} database {chosen}"
+        f" as {target.user}; TLS {tls_text}; auth {report['auth_method']};"
+        f" server {report['server_version']}"
+    )
+
+
+async def _login_report(target: Target, database: str) -> dict[str, object]:
+    up = await connect_upstream(target, os.environ, {}, database=database)
+    try:
+        ssl_object = up.transport.get_extra_info("ssl_object")
+        tls: dict[str, object] | None = None
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            tls = {
+                "version": ssl_object.version(),
+                "cipher": cipher[0] if cipher else None,
+                "verified": target.sslmode in ("verify-ca", "verify-full"),
+            }
+        return {
+            "target": target.name,
+            "host": target.host,
+            "port": target.port,
+            "database": database,
+            "user": target.user,
+            "sslmode": target.sslmode,
+            "tls": tls,
+            "auth_method": up.auth_method,
+            "server_version": up.parameters.get("server_version", "unknown"),
+        }
+    finally:
+        up.transport.write(Terminate().encode())
+        up.transport.close()
 
 
 @app.command("install-ddl-watch")

@@ -146,6 +146,8 @@ class UpstreamConnection:
     parameters: dict[str, str] = field(default_factory=dict)
     # Bytes that arrived after ReadyForQuery during login (normally none).
     leftover: bytes = b""
+    # How the target authenticated the gateway: trust, password, md5, SCRAM-SHA-256[-PLUS].
+    auth_method: str = "trust"
 
 
 def _md5_password(user: str, password: str, salt: bytes) -> str:
@@ -229,6 +231,7 @@ async def _login(
             detail=str(exc),
         ) from None
     scram: scramp.ScramClient | None = None
+    auth_method = "trust"
     process_id, secret = 0, b""
     server_params: dict[str, str] = {}
     while True:
@@ -247,6 +250,7 @@ async def _login(
                 else password
             )
             transport.write(PasswordMessage(answer_pw).encode())
+            auth_method = "md5" if isinstance(msg, AuthenticationMD5Password) else "password"
         elif isinstance(msg, AuthenticationSASL):
             if password is None:
                 raise UpstreamError(
@@ -263,6 +267,7 @@ async def _login(
                 mechanisms, target.user, password, channel_binding=channel_binding
             )
             first = scram.get_client_first()
+            auth_method = scram.mechanism_name
             transport.write(SASLInitialResponse(scram.mechanism_name, first.encode()).encode())
         elif isinstance(msg, AuthenticationSASLContinue):
             if scram is None:
@@ -284,7 +289,13 @@ async def _login(
             process_id, secret = msg.process_id, msg.secret_key
         elif isinstance(msg, ReadyForQuery):
             return UpstreamConnection(
-                proto, transport, process_id, secret, server_params, proto.take_buffered()
+                proto,
+                transport,
+                process_id,
+                secret,
+                server_params,
+                proto.take_buffered(),
+                auth_method,
             )
         elif isinstance(msg, ErrorResponse):
             # The server's own words may name the role or database, never the password.

@@ -92,6 +92,7 @@ CASES = [
     BadInput("target name invalid", ("targets", "add", "a/b"), "invalid target name"),
     BadInput("target label not k=v", ("targets", "add", "x", "--label", "env"), "label must be k=v"),
     BadInput("remove unknown target", ("targets", "remove", "nobody"), "no target named"),
+    BadInput("test unknown target", ("targets", "test", "nobody"), "no target named"),
     BadInput("token ttl bad", ("tokens", "issue", "--subject", "s", "--ttl", "soon"), "bad --ttl"),
     BadInput("revoke unknown token", ("tokens", "revoke", "nope"), "no token with id"),
     BadInput("audit show bad id", ("audit", "show", "42"), "bad record id"),
