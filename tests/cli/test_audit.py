@@ -77,6 +77,14 @@ def _append(
     asyncio.run(fill())
 
 
+def _tamper(state: Path, statement: str) -> None:
+    """Change the audit store behind pgwarden's back, as an attacker with the file would."""
+    db = sqlite3.connect(state / "audit.sqlite3")
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
 def _jsonl(out: str) -> list[dict[str, object]]:
     return [orjson.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -129,10 +137,7 @@ def test_show_a_request_with_its_outcome_and_recorded_rows(state: Path) -> None:
 def test_verify_passes_then_names_the_tampered_record(state: Path) -> None:
     code, out, _ = _invoke(state, "verify", "--json")
     assert code == 0 and orjson.loads(out)["ok"] is True
-    db = sqlite3.connect(state / "audit.sqlite3")
-    db.execute("UPDATE audit_record SET body = replace(body, 'orders', 'ordurs') WHERE seq = 4")
-    db.commit()
-    db.close()
+    _tamper(state, "UPDATE audit_record SET body = replace(body, 'orders', 'ordurs') WHERE seq = 4")
     code, out, err = _invoke(state, "verify")
     assert code == 1
     assert "changed at gw-1:4" in err
@@ -235,10 +240,7 @@ def test_verify_fails_when_the_head_witness_is_deleted(state: Path) -> None:
     # The witness is what exposes a cut tail: without it, cutting the tail is invisible.
     for witness in (state / "audit-head").glob("*.head"):
         witness.unlink()
-    db = sqlite3.connect(state / "audit.sqlite3")
-    db.execute("DELETE FROM audit_record WHERE seq = 4")
-    db.commit()
-    db.close()
+    _tamper(state, "DELETE FROM audit_record WHERE seq = 4")
     code, out, err = _invoke(state, "verify")
     assert code == 1 and "no head witness for chain 'gw-1'" in err
     code, out, _ = _invoke(state, "verify", "--json")
@@ -252,10 +254,9 @@ def test_ids_and_text_are_printed_literally(state: Path) -> None:
     now = time.time()
     _append(state, *(_request(f"SELECT {i}", BOT, "allow", now) for i in range(96)))
     _append(state, _request("SELECT ':smile: [bold]x[/bold]'", BOT, "allow", now))
-    db = sqlite3.connect(state / "audit.sqlite3")
-    db.execute("UPDATE audit_record SET body = replace(body, 'SELECT', 'DELETE') WHERE seq = 100")
-    db.commit()
-    db.close()
+    _tamper(
+        state, "UPDATE audit_record SET body = replace(body, 'SELECT', 'DELETE') WHERE seq = 100"
+    )
     code, out, err = _invoke(state, "verify")
     assert code == 1
     # `gw-1:100:` is not the emoji code :100:, neither in the table nor on stderr.
