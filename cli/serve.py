@@ -15,14 +15,15 @@ import typer
 from pydantic import ValidationError
 
 from cli.context import fail, settings_of
+from cli.targets import registry
 from gateway.audit import AuditStoreError
 from gateway.policy.sidecar import SidecarError, opa_binary_of
+from gateway.proxy.targets import TargetError
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
 
 app = typer.Typer(help="Run the gateway.")
-
-log = logging.getLogger("pgwarden")
+log = logging.getLogger("pgwarden.serve")
 
 
 def describe_start(settings: Settings, config: Path | None) -> list[str]:
@@ -101,6 +102,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def warn_unreadable_credentials(settings: Settings) -> None:
+    """Log each registered target whose credential cannot be read here: its clients would be
+    refused at connect, so the operator hears of it at start rather than from them."""
+    for target in registry(settings).all():
+        try:
+            target.password(os.environ)
+        except TargetError as exc:
+            log.warning("%s: clients of this target will be refused until it is fixed", exc)
+
+
 @app.command()
 def serve(
     ctx: typer.Context,
@@ -121,6 +132,7 @@ def serve(
     if accept_audit_gap:
         audit = settings.audit.model_copy(update={"accept_chain_gap": True})
         settings = settings.model_copy(update={"audit": audit})
+    warn_unreadable_credentials(settings)
     try:
         for line in describe_start(settings, config):
             typer.echo(f"pgwarden: {line}", err=True)

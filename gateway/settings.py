@@ -88,7 +88,9 @@ class AuditSettings(BaseModel):
     # The writer (sealing, store inserts) runs in a child process, on another core than the
     # relay. True runs it in the gateway's own process: one process less, a slower relay.
     in_process: bool = False
-    retention_days: int | None = None
+    retention_days: int | None = Field(default=None, ge=1)
+    # `audit prune` refuses to remove records younger than this, whatever it is asked.
+    retention_floor_days: int = Field(default=7, ge=0)
     record_rows_limit: int = 100
     record_bytes_limit: int = 65536
     # The store is behind the head witness (deleted, truncated, restored from an old copy):

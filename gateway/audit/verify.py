@@ -62,13 +62,18 @@ async def verify(
     keys: AuditKeyring,
     heads: HeadWitness | None = None,
     chains: Sequence[str] | None = None,
+    *,
+    require_head: bool = True,
 ) -> VerifyReport:
-    """Verify every chain in the store (or those named), each up to its first problem."""
+    """Verify every chain in the store (or those named), each up to its first problem.
+
+    With `heads`, a chain holding records but no head witness is a problem unless
+    `require_head` is off: deleting the witness must not turn a cut tail into a pass."""
     names = list(chains) if chains is not None else await store.chains()
     if chains is None and heads is not None:
         # A chain whose records were all deleted is known only from its head witness.
         names = sorted(set(names) | set(heads.chains()))
-    reports = [await _verify_chain(store, keys, heads, name) for name in names]
+    reports = [await _verify_chain(store, keys, heads, name, require_head) for name in names]
     return VerifyReport(tuple(reports))
 
 
@@ -213,7 +218,11 @@ def _mismatch(r: StoredRecord, env: dict[str, Any], chain: str) -> str | None:
 
 
 async def _verify_chain(
-    store: AuditStore, keys: AuditKeyring, heads: HeadWitness | None, chain: str
+    store: AuditStore,
+    keys: AuditKeyring,
+    heads: HeadWitness | None,
+    chain: str,
+    require_head: bool,
 ) -> ChainReport:
     head = heads.read(chain) if heads is not None else None
     genesis = keys.genesis_key(chain)
@@ -261,6 +270,17 @@ async def _verify_chain(
             walk,
             walk.problem(
                 anchor.through_seq, "changed", "prune anchor matches no prune record in the chain"
+            ),
+        )
+    if head is None and heads is not None and require_head and walk.records:
+        return report(
+            walk,
+            walk.problem(
+                walk.expected,
+                "unverifiable",
+                f"no head witness for chain {chain!r} in {heads.directory}: records cut from"
+                " the tail could not be detected (was it deleted? if the chain was written on"
+                " another host, verify there or pass --no-head)",
             ),
         )
     if head is not None:

@@ -180,14 +180,38 @@ def combine(decisions: Sequence[Decision]) -> Decision:
     return decisions[0] if decisions else Decision.refuse("empty statement list")
 
 
-def refusal_error(decision: Decision) -> bytes:
-    reason = "; ".join(decision.reasons) or "no reason given"
+def refusal_error(decision: Decision, record_id: str | None = None) -> bytes:
+    """What the client sees of a deny or an approval the gateway cannot wait for yet: one
+    reason in the message, the others and the decision id in DETAIL; for an approval, a HINT
+    saying how to ask for it (the audit record is what an approver reads)."""
+    reasons = list(dict.fromkeys(r.strip() for r in decision.reasons if r.strip()))
+    reason = reasons[0] if reasons else "the policy gave no reason"
+    details = []
+    if len(reasons) > 1:
+        details.append("also: " + "; ".join(reasons[1:]))
+    if decision.decision_id:
+        details.append(f"decision id: {decision.decision_id}")
+    detail = "\n".join(details) or None
+    hint = None
     if decision.action == "approve":
         message = f"pgwarden: approval required: {reason}"
+        who = " or ".join(decision.approvers) or "an approver"
+        shown = f"pgwarden audit show {record_id}" if record_id else "the decision id"
+        hint = (
+            "pgwarden cannot hold a statement for approval yet, so it was not run."
+            f" To ask for approval, send {who} this, for them to review and run:"
+            f" {shown}"
+        )
     else:
         message = f"pgwarden: statement denied: {reason}"
-    detail = f"decision id: {decision.decision_id}" if decision.decision_id else None
-    return ErrorResponse.build("ERROR", REFUSED, message, detail=detail).encode()
+    return ErrorResponse.build("ERROR", REFUSED, message, detail=detail, hint=hint).encode()
+
+
+def _id_of(
+    chosen: Decision, decisions: Sequence[Decision], request_ids: Sequence[str | None]
+) -> str | None:
+    """The audit record of the statement whose decision the message got."""
+    return next((rid for d, rid in zip(decisions, request_ids, strict=False) if d is chosen), None)
 
 
 def _audit_refusal(
@@ -405,7 +429,9 @@ class StatementGate:
             except AuditUnavailable as exc:
                 return _audit_refusal(exc, decisions, facts)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
-        refusal = None if allowed else refusal_error(combined)
+        refusal = (
+            None if allowed else refusal_error(combined, _id_of(combined, decisions, request_ids))
+        )
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
@@ -715,6 +741,7 @@ class StatementGate:
             duration_ms=(time.perf_counter() - run.started) * 1000.0,
             bytes_out=run.bytes_out,
             recorded_rows=tuple(run.recorded),
+            recorded_columns=run.recorded_columns,
             forwarded=forwarded,
         )
         nowait = self._outcome_nowait

@@ -713,6 +713,8 @@ class ClientSession(asyncio.Protocol):
                 self.target, self.gw.environ, relayed, database=self.database
             )
         except UpstreamError as exc:
+            if exc.detail:
+                log.warning("session %s: %s: %s", self.id, exc, exc.detail)
             self._session_event("auth_failure", str(exc))
             self._fatal(exc.sqlstate, f"pgwarden: {exc}")
             return
@@ -1465,9 +1467,9 @@ class ClientSession(asyncio.Protocol):
             self._refuse("parse", verdict.refusal, [], server_rejects=verdict.server_rejects)
             return
         for run in verdict.runs:
-            if run.masked:
-                # The plan is built when the rows come: the Describe sent in the same
-                # pipeline has been answered by then.
+            if run.masked or run.record_rows:
+                # The plan (and the recorded rows' column names) are taken when the rows
+                # come: the Describe sent in the same pipeline has been answered by then.
                 run.source = portal
                 run.result_formats = portal.result_formats
         self._to_server(message)
@@ -1750,8 +1752,9 @@ class ClientSession(asyncio.Protocol):
                     front.described.row_description = bytes(view[pos + 5 : end])
             elif front.kind == "query":
                 run = front.current_run()
-                if run is not None and run.masked:
-                    # Planned at the first row, which may have to wait for the catalog.
+                if run is not None and (run.masked or run.record_rows):
+                    # Planned at the first row, which may have to wait for the catalog;
+                    # recorded rows take their column names from it.
                     run.description = bytes(view[pos + 5 : end])
                     run.described = False
             return None
@@ -1888,6 +1891,22 @@ class ClientSession(asyncio.Protocol):
             return b""
         return masked
 
+    def _column_names(self, run: StatementRun) -> tuple[str, ...]:
+        """The names of a run's output columns, from its Query's or its portal's
+        description; () when none was seen (the rows are then recorded unnamed)."""
+        described = run.description
+        portal = run.source
+        if isinstance(portal, Portal):
+            described = portal.row_description
+            if described is None and portal.prepared is not None:
+                described = portal.prepared.row_description
+        if described is None:
+            return ()
+        try:
+            return tuple(f.name for f in RowDescription.decode(described).fields)
+        except ProtocolViolation:
+            return ()
+
     def _record_row(self, run: StatementRun, frame: bytes) -> None:
         """Session recording: the row as the client received it (after masking), bounded."""
         audit = self.gw.settings.audit
@@ -1901,6 +1920,8 @@ class ClientSession(asyncio.Protocol):
         except ProtocolViolation:
             return
         row = tuple(None if v is None else client_text(v, self.encoding) for v in values)
+        if not run.recorded:
+            run.recorded_columns = self._column_names(run)
         run.recorded.append(row)
         run.recorded_bytes += len(frame)
 
