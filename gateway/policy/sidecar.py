@@ -351,7 +351,9 @@ def opa_binary_of(settings: Settings) -> Path:
     configured = settings.policy.opa_binary
     if configured is not None:
         if not configured.is_file():
-            raise SidecarError(f"policy.opa_binary {configured} does not exist")
+            raise SidecarError(
+                f"OPA binary not found: policy.opa_binary {configured} does not exist"
+            )
         return configured.resolve()
     in_state = settings.state_path(Path("bin") / "opa")
     if in_state.is_file():
