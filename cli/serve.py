@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 
 import typer
 
 from cli.context import fail, settings_of
+from gateway.logs import configure_logging
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 
@@ -44,8 +44,9 @@ def run_until_signal(settings: Settings, *, banner: bool = True) -> None:
 @app.command()
 def serve(ctx: typer.Context) -> None:
     """Run the gateway with the settings from PGWARDEN_* and --config."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_of(ctx)
+    configure_logging(settings.log)
     try:
-        run_until_signal(settings_of(ctx))
+        run_until_signal(settings)
     except (OSError, ValueError, RuntimeError) as exc:
         fail(str(exc))

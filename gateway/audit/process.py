@@ -49,6 +49,8 @@ from gateway.audit.writer import (
     expire_waiters,
     fail_waiters,
 )
+from gateway.logs import configure_logging
+from gateway.metrics import Latencies
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -160,8 +162,9 @@ def main() -> None:
     # it short while the gateway still writes its sessions' last records.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings.model_validate_json(sys.stdin.buffer.read())
+    # The gateway's format: its stderr is this process's.
+    configure_logging(settings.log)
     fd = int(sys.argv[1])
     try:
         import uvloop
@@ -251,6 +254,15 @@ class AuditProcess:
         self._batch: list[Waiter] = []
         self._drained: asyncio.Event | None = None
         self._protocol: _GatewayProtocol | None = None
+        # For the admin listener: the last committed record's seq, the child's restarts,
+        # and the time from a write to the child until its commit is acknowledged.
+        self.position: int | None = None
+        self.restarts = 0
+        self.commit_seconds = Latencies()
+        # Records are indexed as they are committed (the store is the log).
+        self.index_lag = 0
+        # (records sent through, loop time of the write), oldest first.
+        self._writes: collections.deque[tuple[int, float]] = collections.deque()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -297,15 +309,27 @@ class AuditProcess:
             code = await proc.wait()
             if self._stopping:
                 return
-            log.error("audit process exited with %s; restarting it", code)
+            log.error(
+                "audit writer down: process exited with %s; restarting it",
+                code,
+                extra={"event": "audit_writer_down", "restarts": self.restarts},
+            )
             self.lost(self._protocol)
             await asyncio.sleep(self.restart_delay)
             if self._stopping:
                 return
+            self.restarts += 1
             try:
                 await self._spawn()
             except OSError as exc:
                 log.error("audit process could not be started: %s", exc)
+                continue
+            if self.accepting:
+                log.info(
+                    "audit writer up (restart %d)",
+                    self.restarts,
+                    extra={"event": "audit_writer_up", "restarts": self.restarts},
+                )
 
     async def close(self) -> None:
         """Send what is queued, wait for it to be committed, and stop the child."""
@@ -329,6 +353,16 @@ class AuditProcess:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         self.lost(self._protocol)
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def accepting(self) -> bool:
+        """The child is up and takes records (what request() checks first)."""
+        return self._transport is not None and self._up is not None and self._up.done()
 
     # -- AuditSink --------------------------------------------------------------------------
 
@@ -385,6 +419,7 @@ class AuditProcess:
         self._transport.write(b"".join(self._out))
         self._out.clear()
         self._sent += len(self._batch)
+        self._writes.append((self._sent, self._loop.time()))
         if any(w is not None for w in self._batch):
             timer = self._loop.call_later(self.timeout, expire_waiters, self._batch, self.timeout)
             self._timers.append((self._sent, timer))
@@ -415,6 +450,8 @@ class AuditProcess:
             w = unacked.popleft()
             if w is not None and not w.done():
                 w.set_result(f"{chain}:{first_seq + i}")
+        if count:
+            self.position = first_seq + count - 1
         self._advance(count)
 
     def failed(self, count: int, message: str) -> None:
@@ -424,6 +461,12 @@ class AuditProcess:
 
     def _advance(self, count: int) -> None:
         self._acked += count
+        writes = self._writes
+        if writes and writes[0][0] <= self._acked:
+            assert self._loop is not None
+            now = self._loop.time()
+            while writes and writes[0][0] <= self._acked:
+                self.commit_seconds.observe(now - writes.popleft()[1])
         timers = self._timers
         while timers and timers[0][0] <= self._acked:
             timers.popleft()[1].cancel()
@@ -447,6 +490,7 @@ class AuditProcess:
         for _, timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        self._writes.clear()
         self._sent = self._acked = 0
         if self._drained is not None:
             self._drained.set()

@@ -94,6 +94,8 @@ class OpaSidecar:
             self._addr = f"127.0.0.1:{port}"
         self.revision: str | None = None
         self.restarts = 0
+        # OPA answered its last health check or revision poll (pgwarden_opa_up).
+        self.up = False
         self.last_error: str | None = None
         self._listeners: list[RevisionListener] = []
         self._process: asyncio.subprocess.Process | None = None
@@ -141,6 +143,7 @@ class OpaSidecar:
         if not await self._wait_healthy():
             await self.stop()
             raise SidecarError(f"OPA did not become healthy; see {self.log_path}")
+        self._set_up(True)
         await self._poll_revision()
         self._tasks = [
             asyncio.create_task(self._supervise(), name="opa-supervisor"),
@@ -256,8 +259,9 @@ class OpaSidecar:
                 await process.wait()
             if self._stopping:
                 return
-            log.error(
-                "OPA exited (code %s); restarting in %.1fs", process and process.returncode, backoff
+            self._set_up(
+                False,
+                f"OPA exited (code {process and process.returncode}); restarting in {backoff:.1f}s",
             )
             self._notify("opa_down")
             await asyncio.sleep(backoff)
@@ -265,6 +269,7 @@ class OpaSidecar:
             await self._spawn()
             if await self._wait_healthy():
                 backoff = 0.1
+                self._set_up(True)
                 await self._poll_revision()
             else:
                 await self._terminate_quietly()
@@ -315,11 +320,24 @@ class OpaSidecar:
     async def _poll_revision(self) -> None:
         try:
             revision = await self._control.revision()
-        except OpaUnreachable:
+        except OpaUnreachable as exc:
+            self._set_up(False, str(exc))
             return
+        self._set_up(True)
         self.revision = revision
         for listener in self._listeners:
             listener.revision_seen(revision)
+
+    def _set_up(self, up: bool, why: str = "") -> None:
+        """Note whether OPA answers; each change is one log line."""
+        if up == self.up:
+            return
+        self.up = up
+        fields = {"event": "opa_up" if up else "opa_down", "restarts": self.restarts}
+        if up:
+            log.info("OPA up (pid %s)", self.pid, extra=fields)
+        else:
+            log.error("OPA down: %s", why, extra=fields)
 
     def _notify(self, event: str) -> None:
         for listener in self._listeners:

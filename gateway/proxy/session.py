@@ -217,6 +217,8 @@ class ClientSession(asyncio.Protocol):
 
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
+        # Bytes relayed each way: one integer add per data callback, summed at scrape time.
+        self._traffic = gw.metrics.traffic
         self.phase = Phase.STARTUP
         self.id = str(uuid.uuid4())
         self.transport: asyncio.Transport | None = None
@@ -272,6 +274,11 @@ class ClientSession(asyncio.Protocol):
         # pgwarden's own read failed inside the client's pipeline: the server skips to the
         # client's Sync, and the client is owed this error in place of its next message.
         self._owed_error: bytes | None = None
+
+    @property
+    def relaying(self) -> bool:
+        """Past login and the upstream connect: the session's statements flow."""
+        return self.phase is Phase.RELAY
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -412,6 +419,7 @@ class ClientSession(asyncio.Protocol):
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
+        self._log_session(kind, reason, startup)
         event = SessionEvent(
             kind=kind,  # type: ignore[arg-type]
             time=time.time(),
@@ -429,6 +437,33 @@ class ClientSession(asyncio.Protocol):
         task = asyncio.ensure_future(self.gw.audit.session(event))
         self.gw.background.add(task)
         task.add_done_callback(self.gw.background.discard)
+
+    def _log_session(self, kind: str, reason: str, startup: dict[str, str]) -> None:
+        """One log line per session start, end and refused login (never the token)."""
+        target = self.target.name if self.target is not None else startup.get("database", "")
+        principal = self.principal
+        fields: dict[str, object] = {
+            "event": kind,
+            "session_id": self.id,
+            "client_addr": self.client_addr,
+            "application_name": startup.get("application_name", ""),
+            "target": target,
+            "database": self.database,
+        }
+        if principal is not None:
+            fields["subject"] = principal.subject
+            fields["groups"] = list(principal.groups)
+        if kind == "session_start":
+            if principal is not None:
+                self.gw.metrics.session_started(target, principal.groups)
+            log.info("session started", extra=fields)
+        elif kind == "session_end":
+            fields["reason"] = reason
+            fields["duration_seconds"] = round(time.time() - self._started_at, 3)
+            log.info("session ended: %s", reason, extra=fields)
+        else:
+            fields["reason"] = reason
+            log.warning("login refused: %s", reason, extra=fields)
 
     # -- startup -------------------------------------------------------------------------
 
@@ -611,6 +646,7 @@ class ClientSession(asyncio.Protocol):
                 self.target, self.gw.environ, relayed, database=self.database
             )
         except UpstreamError as exc:
+            self.gw.metrics.upstream_connect_failed(self.target.name)
             self._session_event("auth_failure", str(exc))
             self._fatal(exc.sqlstate, f"pgwarden: {exc}")
             return
@@ -910,6 +946,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: client to server ---------------------------------------------------------
 
     def _client_data(self, data: bytes) -> None:
+        self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
         if self._busy:
@@ -1361,6 +1398,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: server to client ---------------------------------------------------------
 
     def _server_data(self, data: bytes) -> None:
+        self._traffic.to_client += len(data)
         buf = self._sbuf
         if self._skip:
             n = min(self._skip, len(data))
