@@ -151,7 +151,12 @@ async def _serve(settings: Settings, fd: int) -> None:
     await closed
     # The gateway is gone (closed or killed): commit what it sent, then exit.
     await writer.close()
-    log.info("audit process: %d records in %d commits", protocol.records, writer.store.commits)
+    log.info(
+        "audit process: %d records in %d commits",
+        protocol.records,
+        writer.store.commits,
+        extra={"event": "audit_writer_stopped"},
+    )
 
 
 def main() -> None:

@@ -304,7 +304,7 @@ class OpaSidecar:
             # OPA keeps serving the last good policy; say why the new one was not taken.
             self._stamp = stamp
             self.last_error = str(exc)
-            log.error("policy change not loaded: %s", exc)
+            log.error("policy change not loaded: %s", exc, extra={"event": "policy_not_loaded"})
             self._notify("policy_unchanged")
             return
         loop = asyncio.get_running_loop()
@@ -314,7 +314,11 @@ class OpaSidecar:
             if self.revision != old_revision:
                 return
             await asyncio.sleep(0.02)
-        log.error("OPA did not load the rebuilt policy bundle; see %s", self.log_path)
+        log.error(
+            "OPA did not load the rebuilt policy bundle; see %s",
+            self.log_path,
+            extra={"event": "policy_not_loaded"},
+        )
         self._notify("policy_unchanged")
 
     async def _poll_revision(self) -> None:
