@@ -9,7 +9,7 @@ import signal
 import typer
 
 from cli.context import fail, settings_of
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, log_format
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 
@@ -47,6 +47,7 @@ def serve(ctx: typer.Context) -> None:
     settings = settings_of(ctx)
     configure_logging(settings.log)
     try:
-        run_until_signal(settings)
+        # JSON logs are for machines: every stderr line is then one JSON object.
+        run_until_signal(settings, banner=log_format(settings.log) == "human")
     except (OSError, ValueError, RuntimeError) as exc:
         fail(str(exc))

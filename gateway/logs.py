@@ -78,11 +78,17 @@ class HumanFormatter(logging.Formatter):
         return redact(line)
 
 
+def log_format(settings: LogSettings, stream: IO[str] | None = None) -> str:
+    """The format in effect: the setting, else human on a terminal and JSON otherwise."""
+    out = stream if stream is not None else sys.stderr
+    return settings.format or ("human" if out.isatty() else "json")
+
+
 def configure_logging(settings: LogSettings, stream: IO[str] | None = None) -> logging.Handler:
     """Send the process's logs to `stream` (stderr) in the settings' format and level; a
     second call replaces the first's handler (a reload changes the level)."""
     out = stream if stream is not None else sys.stderr
-    fmt = settings.format or ("human" if out.isatty() else "json")
+    fmt = log_format(settings, out)
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     handler.set_name("pgwarden")
