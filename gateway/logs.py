@@ -22,9 +22,10 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None
 # A JWT (header.payload.signature, base64url; the header always starts `{"` = `eyJ`): a
 # token that reaches a log line through an exception's text is cut to its header.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-# Libraries whose INFO lines are per request: httpx logs each OPA revision poll (every
-# second) and uvicorn each scrape of /metrics.
-_CHATTY = ("httpx", "httpcore", "uvicorn.access")
+# Libraries whose INFO lines are per request (httpx: each OPA decision and revision poll,
+# every second; uvicorn.access: each scrape) or say what admin_listening says, wrongly for
+# an embedded server ("Press CTRL+C to quit"): their warnings and errors still show.
+_CHATTY = ("httpx", "httpcore", "uvicorn.access", "uvicorn.error")
 
 
 def redact(text: str) -> str:

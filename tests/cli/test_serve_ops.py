@@ -116,6 +116,8 @@ def test_serve_logs_json_lines_and_serves_the_admin_listener(
         "audit_writer_stopped",  # from the audit writer's own process
     ):
         assert wanted in events, (wanted, events)
+    # uvicorn's own start and stop lines repeat admin_listening (and say "Press CTRL+C").
+    assert not [e for e in entries if e["logger"].startswith(("uvicorn", "httpx"))], entries
     refused = next(e for e in entries if e["event"] == "statement_refused")
     assert refused["decision_id"] and refused["subject"] == "agent:ops"
     assert token not in stderr.read_text()
