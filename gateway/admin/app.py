@@ -16,6 +16,8 @@ TokenCheck = Callable[[str], Awaitable[Principal]]
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only. Unlike a client's
+    address, "" is not: to bind() it means every interface."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -20,8 +20,6 @@ from prometheus_client.registry import Collector
 
 from gateway.metrics import GatewayMetrics, Latencies
 
-STATEMENT_ACTIONS = ("allow", "deny", "approve", "error")
-
 
 class DecisionCounts(Protocol):
     hits: int
@@ -60,6 +58,19 @@ def _histogram(name: str, doc: str, latencies: Latencies) -> HistogramMetricFami
     )
 
 
+def _labelled(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    counts: Iterable[tuple[tuple[str, ...], int]],
+) -> Metric:
+    family = kind(name, doc, labels=labels)
+    for values, n in sorted(counts):
+        family.add_metric(list(values), n)
+    return family
+
+
 class GatewayCollector(Collector):
     def __init__(self, state: GatewayState) -> None:
         self.state = state
@@ -68,40 +79,34 @@ class GatewayCollector(Collector):
         s = self.state
         m = s.metrics
 
-        opened = GaugeMetricFamily(
-            "pgwarden_sessions_open", "Client sessions relaying now.", labels=["target", "group"]
+        yield _labelled(
+            GaugeMetricFamily,
+            "pgwarden_sessions_open",
+            "Client sessions relaying now.",
+            ["target", "group"],
+            s.open_sessions().items(),
         )
-        for (target, group), n in sorted(s.open_sessions().items()):
-            opened.add_metric([target, group], n)
-        yield opened
-
-        started = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "pgwarden_sessions",
             "Client sessions that passed login.",
-            labels=["target", "group"],
+            ["target", "group"],
+            m.sessions_started.items(),
         )
-        for (target, group), n in sorted(m.sessions_started.items()):
-            started.add_metric([target, group], n)
-        yield started
-
-        statements = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "pgwarden_statements",
             "Statements by what became of them (error: pgwarden could not decide or record).",
-            labels=["target", "action"],
+            ["target", "action"],
+            m.statements.items(),
         )
-        for (target, action), n in sorted(m.statements.items()):
-            statements.add_metric([target, action], n)
-        yield statements
-
-        masked = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "pgwarden_masked_statements",
             "Allowed statements relayed with masks.",
-            labels=["target"],
+            ["target"],
+            (((t,), n) for t, n in m.masked_statements.items()),
         )
-        for target, n in sorted(m.masked_statements.items()):
-            masked.add_metric([target], n)
-        yield masked
-
         yield _histogram(
             "pgwarden_decision_seconds",
             "Time to decide a message's statements (cache hits included).",
@@ -147,14 +152,13 @@ class GatewayCollector(Collector):
             value=audit.restarts,
         )
 
-        errors = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "pgwarden_upstream_connect_errors",
             "Failed connects to a target (network, TLS, login).",
-            labels=["target"],
+            ["target"],
+            (((t,), n) for t, n in m.upstream_connect_errors.items()),
         )
-        for target, n in sorted(m.upstream_connect_errors.items()):
-            errors.add_metric([target], n)
-        yield errors
 
         relayed = CounterMetricFamily(
             "pgwarden_bytes_relayed", "Bytes relayed between clients and targets.",
