@@ -112,6 +112,8 @@ def test_readyz_is_503_while_opa_is_down_and_200_once_the_supervisor_restarted_i
         body = readyz(admin_gw).json()
         assert body["status"] == "not ready" and "opa" in body["not_ready"], body
         assert "audit" not in body["not_ready"] and "targets" not in body["not_ready"], body
+        # The sidecar's next revision poll times out: the gauge follows.
+        wait_for(lambda: value(scrape(admin_gw), "pgwarden_opa_up") == 0, "opa_up 0")
     finally:
         os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: readyz(admin_gw).status_code == 200, "readyz 200 after the restart")
