@@ -419,6 +419,8 @@ class ClientSession(asyncio.Protocol):
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
+        if kind == "session_start" and self.target is not None and self.principal is not None:
+            self.gw.metrics.session_started(self.target.name, self.principal.groups)
         self._log_session(kind, reason, startup)
         event = SessionEvent(
             kind=kind,  # type: ignore[arg-type]
@@ -454,8 +456,6 @@ class ClientSession(asyncio.Protocol):
             fields["subject"] = principal.subject
             fields["groups"] = list(principal.groups)
         if kind == "session_start":
-            if principal is not None:
-                self.gw.metrics.session_started(target, principal.groups)
             log.info("session started", extra=fields)
         elif kind == "session_end":
             fields["reason"] = reason
