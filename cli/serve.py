@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from cli.context import fail, settings_of
 from cli.targets import registry
 from gateway.audit import AuditStoreError
+from gateway.logs import configure_logging, log_format
 from gateway.policy.sidecar import SidecarError, opa_binary_of
 from gateway.proxy.targets import TargetError
 from gateway.runtime import Gateway
@@ -82,13 +83,14 @@ def run_until_signal(
             log.info(
                 "draining: new connections refused, running statements get up to %.1f s",
                 gateway.settings.shutdown.drain_seconds,
+                extra={"event": "draining"},
             )
             await gateway.drain(hurry)
             drained = True
         finally:
             if not drained:
                 await gateway.stop()
-        log.info("pgwarden stopped")
+        log.info("pgwarden stopped", extra={"event": "stopped"})
 
     try:
         import uvloop
@@ -126,8 +128,11 @@ def serve(
     ] = False,
 ) -> None:
     """Run the gateway with the settings from PGWARDEN_* and --config."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_of(ctx)
+    configure_logging(settings.log)
+    # JSON logs are for machines: every stderr line is then one JSON object (no banner,
+    # and what the gateway starts on is logged rather than printed).
+    human = log_format(settings.log) == "human"
     config: Path | None = ctx.find_root().params.get("config")
     if accept_audit_gap:
         audit = settings.audit.model_copy(update={"accept_chain_gap": True})
@@ -135,7 +140,10 @@ def serve(
     warn_unreadable_credentials(settings)
     try:
         for line in describe_start(settings, config):
-            typer.echo(f"pgwarden: {line}", err=True)
-        run_until_signal(settings, reread=lambda: load_settings(config))
+            if human:
+                typer.echo(f"pgwarden: {line}", err=True)
+            else:
+                log.info("%s", line, extra={"event": "starting"})
+        run_until_signal(settings, banner=human, reread=lambda: load_settings(config))
     except (OSError, ValueError, RuntimeError, SidecarError, AuditStoreError) as exc:
         fail(str(exc))

@@ -13,6 +13,10 @@ from typing import Any
 
 import asyncpg
 
+from gateway.admin import AdminListener, admin_app, check_admin_settings, gateway_registry
+from gateway.admin.app import AdminAccess, is_loopback
+from gateway.admin.exposition import GatewayState
+from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, audit_sink
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
@@ -76,6 +80,7 @@ class Gateway:
         self._transport: OpaTransport | None = None
         self._revision_watch: RevisionWatch | None = None
         self._listener: Listener | None = None
+        self.admin: AdminListener | None = None
         # One per (target, database): names, OIDs and caches differ from database to database.
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
@@ -116,6 +121,9 @@ class Gateway:
 
     async def _start(self) -> tuple[str, int]:
         s = self.settings
+        if s.admin.port:
+            # Before anything starts: an unsafe admin address is a configuration error.
+            check_admin_settings(s.admin)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.verifier = IdentityVerifier.from_settings(s)
         self.verifier.start()
@@ -162,7 +170,10 @@ class Gateway:
         self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)
         self.address = await self._listener.start()
-        log.info("pgwarden listening on %s:%d", *self.address)
+        log.info("pgwarden listening on %s:%d", *self.address, extra={"event": "listening"})
+        if s.admin.port:
+            self.admin = self._admin_listener()
+            await self.admin.start()
         return self.address
 
     async def drain(self, cut_short: asyncio.Event | None = None) -> None:
@@ -207,10 +218,41 @@ class Gateway:
         elif self.settings.policy.opa_url:
             lines.append(f"policy: served by the OPA at {self.settings.policy.opa_url}")
         for line in lines:
-            log.info("reload: %s", line)
+            log.info("reload: %s", line, extra={"event": "reload"})
         return lines
 
+    def _admin_listener(self) -> AdminListener:
+        assert self.context is not None and self._listener is not None
+        assert self.decider is not None and self._transport is not None
+        assert self.audit is not None and self.verifier is not None
+        opa = self.sidecar if self.sidecar is not None else self._revision_watch
+        assert opa is not None
+        state = GatewayState(
+            metrics=self.context.metrics,
+            open_sessions=self._listener.open_sessions,
+            decisions=self.decider,
+            opa=opa,
+            audit=self.audit,
+        )
+        transport = self._transport
+        readiness = ReadinessChecks(
+            opa_serves_bundle=lambda: transport.healthy(bundles=True),
+            audit=self.audit,
+            targets=self.context.targets,
+            draining=lambda: self.draining,
+        )
+        admin = self.settings.admin
+        access = AdminAccess(
+            open_access=is_loopback(admin.host),
+            verify=self.verifier.verify,
+            groups=admin.token_groups,
+        )
+        app = admin_app(registry=gateway_registry(state), readiness=readiness, access=access)
+        return AdminListener(app, admin)
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         if self._listener is not None:
             await self._listener.stop()
         if self.context is not None and self.context.background:

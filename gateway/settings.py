@@ -112,6 +112,26 @@ class ShutdownSettings(BaseModel):
     drain_seconds: float = 30.0
 
 
+class AdminSettings(BaseModel):
+    """The admin listener: /healthz, /readyz, /metrics (and later the approvals API)."""
+
+    host: str = "127.0.0.1"
+    # 0 disables the listener.
+    port: int = 6544
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Off loopback every request needs a bearer token of one of these groups (and TLS): the
+    # metrics name targets and groups, and readiness says what is broken.
+    token_groups: list[str] = Field(default_factory=lambda: ["admins"])
+
+
+class LogSettings(BaseModel):
+    # human: one readable line per event; json: one JSON object per line (log shippers).
+    # Unset: human on a terminal, json otherwise.
+    format: Literal["human", "json"] | None = None
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PGWARDEN_",
@@ -128,6 +148,8 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -95,6 +95,8 @@ class OpaSidecar:
             self._addr = f"127.0.0.1:{port}"
         self.revision: str | None = None
         self.restarts = 0
+        # OPA answered its last health check or revision poll (pgwarden_opa_up).
+        self.up = False
         self.last_error: str | None = None
         self._listeners: list[RevisionListener] = []
         self._process: asyncio.subprocess.Process | None = None
@@ -144,6 +146,7 @@ class OpaSidecar:
         if not await self._wait_healthy():
             await self.stop()
             raise SidecarError(f"OPA did not become healthy; see {self.log_path}")
+        self._set_up(True)
         await self._poll_revision()
         self._tasks = [
             asyncio.create_task(self._supervise(), name="opa-supervisor"),
@@ -259,8 +262,9 @@ class OpaSidecar:
                 await process.wait()
             if self._stopping:
                 return
-            log.error(
-                "OPA exited (code %s); restarting in %.1fs", process and process.returncode, backoff
+            self._set_up(
+                False,
+                f"OPA exited (code {process and process.returncode}); restarting in {backoff:.1f}s",
             )
             self._notify("opa_down")
             await asyncio.sleep(backoff)
@@ -268,6 +272,7 @@ class OpaSidecar:
             await self._spawn()
             if await self._wait_healthy():
                 backoff = 0.1
+                self._set_up(True)
                 await self._poll_revision()
             else:
                 await self._terminate_quietly()
@@ -315,7 +320,7 @@ class OpaSidecar:
             # OPA keeps serving the last good policy; say why the new one was not taken.
             self._stamp = stamp
             self.last_error = str(exc)
-            log.error("policy change not loaded: %s", exc)
+            log.error("policy change not loaded: %s", exc, extra={"event": "policy_not_loaded"})
             self._notify("policy_unchanged")
             return
         loop = asyncio.get_running_loop()
@@ -325,20 +330,37 @@ class OpaSidecar:
             if self.revision != old_revision:
                 return
             await asyncio.sleep(0.02)
-        log.error("OPA did not load the rebuilt policy bundle; see %s", self.log_path)
+        log.error(
+            "OPA did not load the rebuilt policy bundle; see %s",
+            self.log_path,
+            extra={"event": "policy_not_loaded"},
+        )
         self._notify("policy_unchanged")
 
     async def _poll_revision(self) -> None:
         try:
             revision = await self._control.revision()
-        except OpaUnreachable:
+        except OpaUnreachable as exc:
+            self._set_up(False, str(exc))
             # Alive but not answering (hung, overloaded): no decision is reused meanwhile.
             if self._listeners and self.running:
                 self._notify("opa_down")
             return
+        self._set_up(True)
         self.revision = revision
         for listener in self._listeners:
             listener.revision_seen(revision)
+
+    def _set_up(self, up: bool, why: str = "") -> None:
+        """Note whether OPA answers; each change is one log line."""
+        if up == self.up:
+            return
+        self.up = up
+        fields = {"event": "opa_up" if up else "opa_down", "restarts": self.restarts}
+        if up:
+            log.info("OPA up (pid %s)", self.pid, extra=fields)
+        else:
+            log.error("OPA down: %s", why, extra=fields)
 
     def _notify(self, event: str) -> None:
         for listener in self._listeners:

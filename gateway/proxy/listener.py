@@ -7,9 +7,11 @@ import contextlib
 import functools
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
 from gateway.proxy.ports import AuditSink, Decider, TokenVerifier
@@ -41,6 +43,7 @@ class GatewayContext:
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     sessions: set[ClientSession] = field(default_factory=set)
     background: set[asyncio.Future[None]] = field(default_factory=set)
     # Set whenever no session is open (the listener's shutdown waits on it).
@@ -58,6 +61,7 @@ class GatewayContext:
             decider=self.decider,
             audit=self.audit,
             free_databases=None if free is None else functools.partial(free, target),
+            metrics=self.metrics,
         )
 
     def after_ddl(self, session: ClientSession) -> None:
@@ -77,6 +81,14 @@ class Listener:
         self.gw = gw
         self._server: asyncio.Server | None = None
         self._token_watch: asyncio.Task[None] | None = None
+
+    def open_sessions(self) -> Counter[tuple[str, str]]:
+        """(target, group label) -> sessions past login, relaying now."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for session in self.gw.sessions:
+            if session.relaying and session.target is not None and session.principal is not None:
+                counts[(session.target.name, group_label(session.principal.groups))] += 1
+        return counts
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

@@ -214,6 +214,8 @@ class ClientSession(asyncio.Protocol):
 
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
+        # Bytes relayed each way: one integer add per data callback, summed at scrape time.
+        self._traffic = gw.metrics.traffic
         self.phase = Phase.STARTUP
         self.id = str(uuid.uuid4())
         self.transport: asyncio.Transport | None = None
@@ -278,6 +280,11 @@ class ClientSession(asyncio.Protocol):
         self._owed_error: bytes | None = None
         # The gateway is shutting down: the session ends at its next idle point.
         self._draining = False
+
+    @property
+    def relaying(self) -> bool:
+        """Past login and the upstream connect: the session's statements flow."""
+        return self.phase is Phase.RELAY
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -494,6 +501,9 @@ class ClientSession(asyncio.Protocol):
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
+        if kind == "session_start" and self.target is not None and self.principal is not None:
+            self.gw.metrics.session_started(self.target.name, self.principal.groups)
+        self._log_session(kind, reason, startup)
         event = SessionEvent(
             kind=kind,  # type: ignore[arg-type]
             time=time.time(),
@@ -511,6 +521,31 @@ class ClientSession(asyncio.Protocol):
         task = asyncio.ensure_future(self.gw.audit.session(event))
         self.gw.background.add(task)
         task.add_done_callback(self.gw.background.discard)
+
+    def _log_session(self, kind: str, reason: str, startup: dict[str, str]) -> None:
+        """One log line per session start, end and refused login (never the token)."""
+        target = self.target.name if self.target is not None else startup.get("database", "")
+        principal = self.principal
+        fields: dict[str, object] = {
+            "event": kind,
+            "session_id": self.id,
+            "client_addr": self.client_addr,
+            "application_name": startup.get("application_name", ""),
+            "target": target,
+            "database": self.database,
+        }
+        if principal is not None:
+            fields["subject"] = principal.subject
+            fields["groups"] = list(principal.groups)
+        if kind == "session_start":
+            log.info("session started", extra=fields)
+        elif kind == "session_end":
+            fields["reason"] = reason
+            fields["duration_seconds"] = round(time.time() - self._started_at, 3)
+            log.info("session ended: %s", reason, extra=fields)
+        else:
+            fields["reason"] = reason
+            log.warning("login refused: %s", reason, extra=fields)
 
     # -- startup -------------------------------------------------------------------------
 
@@ -713,6 +748,7 @@ class ClientSession(asyncio.Protocol):
                 self.target, self.gw.environ, relayed, database=self.database
             )
         except UpstreamError as exc:
+            self.gw.metrics.upstream_connect_failed(self.target.name)
             if exc.detail:
                 log.warning("session %s: %s: %s", self.id, exc, exc.detail)
             self._session_event("auth_failure", str(exc))
@@ -1047,6 +1083,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: client to server ---------------------------------------------------------
 
     def _client_data(self, data: bytes) -> None:
+        self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
         if self._busy:
@@ -1501,6 +1538,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: server to client ---------------------------------------------------------
 
     def _server_data(self, data: bytes) -> None:
+        self._traffic.to_client += len(data)
         try:
             self._relay_server_data(data)
         except ProtocolViolation as exc:

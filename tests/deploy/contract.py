@@ -1,27 +1,15 @@
-"""What the deployment artefacts may name: the settings of gateway/settings.py and the
-names issue 13's shared contract gives to parts built on another branch (the admin listener,
-logging, the metrics), so that a deployment file naming anything else fails a test."""
+"""What the deployment artefacts may name: the settings of gateway/settings.py (the admin
+listener's and logging's among them) and the metrics gateway/admin exports, so that a
+deployment file naming anything else fails a test. test_contract.py checks METRICS against
+what the admin listener's collector really exposes."""
 
 from __future__ import annotations
 
 from gateway.reload import flat_settings
 from gateway.settings import Settings
 
-# Settings of the admin listener and of logging (wt/opsadmin); merged, they are in Settings.
-CONTRACT_SETTINGS = frozenset(
-    {
-        "admin.host",
-        "admin.port",
-        "admin.tls_cert",
-        "admin.tls_key",
-        "admin.token_groups",
-        "log.format",
-        "log.level",
-    }
-)
-
-# The Prometheus metrics the gateway exports, by name, with their kind and labels: the
-# Grafana dashboard is built on exactly these.
+# The Prometheus metrics the gateway exports (gateway/admin/exposition.py), by name as
+# scraped, with their kind and labels: the Grafana dashboard is built on exactly these.
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "pgwarden_sessions_open": ("gauge", frozenset({"target", "group"})),
     "pgwarden_sessions_total": ("counter", frozenset({"target", "group"})),
@@ -44,8 +32,8 @@ SCRAPE_LABELS = frozenset({"instance", "job"})
 
 
 def setting_names() -> set[str]:
-    """Every setting by dotted name (`listener.port`), the contract's included."""
-    return set(flat_settings(Settings.model_construct())) | CONTRACT_SETTINGS
+    """Every setting by dotted name (`listener.port`)."""
+    return set(flat_settings(Settings.model_construct()))
 
 
 def setting_of_env(name: str) -> str:

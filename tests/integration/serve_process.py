@@ -87,6 +87,8 @@ def serve_env(state: Path, opa: Path, port: int, instance: str = "gw-crash") -> 
         "PGWARDEN_INSTANCE": instance,
         "PGWARDEN_LISTENER__HOST": "127.0.0.1",
         "PGWARDEN_LISTENER__PORT": str(port),
+        # No admin listener: other test runs on this machine may hold its default port.
+        "PGWARDEN_ADMIN__PORT": "0",
         "PGWARDEN_POLICY__OPA_BINARY": str(opa),
         "PGWARDEN_POLICY__REGO_DIR": str(ROOT / "rego"),
         "PGWARDEN_POLICY__BUNDLE_DIR": str(ROOT / "bundles"),

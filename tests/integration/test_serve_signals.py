@@ -45,6 +45,8 @@ def _env_from_elsewhere(state: Path, opa: Path, port: int) -> dict[str, str]:
             "PGWARDEN_INSTANCE": "gw-sig",
             "PGWARDEN_LISTENER__HOST": "127.0.0.1",
             "PGWARDEN_LISTENER__PORT": str(port),
+            # No admin listener: other test runs on this machine may hold its default port.
+            "PGWARDEN_ADMIN__PORT": "0",
         }
     )
     return env
