@@ -85,12 +85,28 @@ def log_format(settings: LogSettings, stream: IO[str] | None = None) -> str:
     return settings.format or ("human" if out.isatty() else "json")
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record is emitted, not the one it was made
+    with: a command run in-process (typer's CliRunner, a test) swaps stderr for a buffer it
+    closes afterwards, and the gateway threads that outlive it must not write to that."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(settings: LogSettings, stream: IO[str] | None = None) -> logging.Handler:
     """Send the process's logs to `stream` (stderr) in the settings' format and level; a
     second call replaces the first's handler (a reload changes the level)."""
     out = stream if stream is not None else sys.stderr
     fmt = log_format(settings, out)
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = (
+        logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
+    )
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     handler.set_name("pgwarden")
     root = logging.getLogger()
