@@ -21,6 +21,7 @@ from gateway.policy.bundle import (
     source_digest,
     source_stamp,
 )
+from gateway.policy.reads import InputPath, policy_reads
 from gateway.policy.transport import OpaTransport, OpaUnreachable
 from gateway.settings import Settings
 
@@ -47,6 +48,8 @@ class RevisionListener(Protocol):
     def policy_unchanged(self) -> None: ...
 
     def opa_down(self) -> None: ...
+
+    def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None: ...
 
 
 class SidecarError(Exception):
@@ -102,6 +105,8 @@ class OpaSidecar:
         self._stopping = False
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._digest = ""
+        # The last bundle built: its revision and the input paths its policy reads.
+        self.input_reads: tuple[str, frozenset[InputPath] | None] | None = None
         self._control = OpaTransport(self.url, decision_path="", timeout_seconds=2.0)
 
     @classmethod
@@ -120,6 +125,8 @@ class OpaSidecar:
 
     def listen(self, listener: RevisionListener) -> None:
         self._listeners.append(listener)
+        if self.input_reads is not None:
+            listener.policy_reads(*self.input_reads)
 
     @property
     def pid(self) -> int | None:
@@ -181,7 +188,7 @@ class OpaSidecar:
         # The digest makes an edit visible (and flushes caches) even when nobody bumped the
         # manifest's revision.
         revision = f"{base if isinstance(base, str) and base else 'local'}+{digest[:12]}"
-        await asyncio.to_thread(
+        modules = await asyncio.to_thread(
             build_bundle,
             self.opa_binary,
             self.rego_dir,
@@ -191,6 +198,10 @@ class OpaSidecar:
         )
         self._stamp, self._digest = stamp, digest
         self.last_error = None
+        # Known before OPA serves the revision: decisions under it are keyed by what it reads.
+        self.input_reads = (revision, policy_reads(modules))
+        for listener in self._listeners:
+            listener.policy_reads(*self.input_reads)
 
     async def _spawn(self) -> None:
         if self._socket_path is not None:
