@@ -128,7 +128,8 @@ class DecisionCache:
     async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
         now = self._clock()
         key, keyed_for = b"", None
-        if self.max_entries > 0 and self._current(now):
+        # Entries are shared by tokens now: none serves a caller whose own token has ended.
+        if self.max_entries > 0 and self._current(now) and (not_after is None or now < not_after):
             key, keyed_for = self._key(policy_input, self._revision), self._revision
             entry = self._entries.get(key)
             if entry is not None:

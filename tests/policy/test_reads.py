@@ -127,3 +127,15 @@ async def test_reads_are_per_revision_and_unknown_reads_key_the_whole_input() ->
     await cache.decide(statement("SELECT 1", "s1", []), not_after=None)
     assert not (await cache.decide(statement("SELECT 2", "s1", []), not_after=None)).cache_hit
     assert (await cache.decide(statement("SELECT 2", "s1", []), not_after=None)).cache_hit
+
+
+async def test_a_shared_entry_never_serves_a_caller_whose_token_has_ended() -> None:
+    inner = Counting()
+    cache = DecisionCache(inner, max_entries=10)
+    cache.policy_reads("r1", frozenset({("statement", "command")}))
+    cache.revision_seen("r1")
+    far = 4102444800.0  # 2100
+    await cache.decide(statement("SELECT 1", "s1", []), not_after=far)
+    assert (await cache.decide(statement("SELECT 1", "s2", []), not_after=far)).cache_hit
+    ended = await cache.decide(statement("SELECT 1", "s3", []), not_after=1.0)
+    assert not ended.cache_hit and inner.calls == 2
