@@ -1,3 +1,4 @@
+# ruff: noqa: S608 - table and schema names are the test's own; literals are what is tested
 """Statements shared by shape through the real gateway: simple-protocol texts that differ only
 in literals share one analysis and one decision across sessions, the trail keeps each exact
 text, and a statement whose literals matter is decided on its own."""
@@ -9,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from . import connect, fresh_table, simple, token_for
+from . import connect, direct, fresh_table, simple, token_for
 from .test_audit_support import last_pos, records_after, wait_for
 
 pytestmark = pytest.mark.server
@@ -65,3 +66,30 @@ def test_a_statement_whose_literals_matter_is_never_served_another_ones_decision
             simple(conn, refused.format(t=table))
         assert why in str(exc.value)
         assert simple(conn, "SELECT 1") == [(1,)]
+
+
+def test_a_shared_shape_is_resolved_and_decided_under_each_sessions_search_path(
+    gateway: Any,
+) -> None:
+    """One shape, two search_paths: `customers` is public.customers (email masked for
+    ai-agents) in one session and an unclassified table in the other; whichever session's
+    decision came first, the other's rows follow its own path."""
+    schema = "plans_shadow"
+    direct(gateway, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    direct(gateway, f"CREATE SCHEMA {schema}")
+    direct(gateway, f"CREATE TABLE {schema}.customers (id int, email text)")
+    direct(gateway, f"INSERT INTO {schema}.customers VALUES (1, 'one@shadow'), (2, 'two@shadow')")
+    dsn = gateway.dsn(token_for(gateway, "ai-agents"))
+    try:
+        with connect(dsn) as shadowed, connect(dsn) as plain:
+            simple(shadowed, f"SET search_path = {schema}")
+            for i in (1, 2):
+                assert simple(shadowed, f"SELECT email FROM customers WHERE id = {i}") == [
+                    (f"{'one' if i == 1 else 'two'}@shadow",)
+                ]
+                rows = simple(plain, f"SELECT email FROM customers WHERE id = {i}")
+                assert rows and all(
+                    secret not in repr(rows) for secret in ("ada@example.com", "grace@example.org")
+                ), rows
+    finally:
+        direct(gateway, f"DROP SCHEMA {schema} CASCADE")
