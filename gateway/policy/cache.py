@@ -50,7 +50,7 @@ def input_digest(policy_input: dict[str, Any]) -> bytes:
     ).digest()
 
 
-def read_digest(policy_input: dict[str, Any], reads: frozenset[InputPath]) -> bytes:
+def read_digest(policy_input: dict[str, Any], reads: tuple[InputPath, ...]) -> bytes:
     """A stable digest of the parts of an input a policy reading `reads` can see."""
     # `person` keeps these keys apart from whole-input digests: the two never meet.
     return hashlib.blake2b(
@@ -90,8 +90,8 @@ class DecisionCache:
         # Between "the policy is about to change" and "OPA reports the new revision".
         self._suspended = False
         self._pending_from: str | None = None
-        # Revision → the input paths its policy can read (None: any), where known.
-        self._reads: OrderedDict[str, frozenset[InputPath] | None] = OrderedDict()
+        # Revision → the input paths its policy can read, sorted (None: any), where known.
+        self._reads: OrderedDict[str, tuple[InputPath, ...] | None] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -112,7 +112,7 @@ class DecisionCache:
 
     def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None:
         """The policy of `revision` can read only `reads` of an input (None: any part)."""
-        self._reads[revision] = reads
+        self._reads[revision] = None if reads is None else tuple(sorted(reads))
         self._reads.move_to_end(revision)
         while len(self._reads) > _RETIRED_KEEP + 1:
             self._reads.popitem(last=False)

@@ -55,16 +55,18 @@ def policy_reads(sources: Iterable[str]) -> frozenset[InputPath] | None:
 _MISSING = "\x00missing"
 
 
-def _at(document: Mapping[str, Any], path: InputPath) -> Any:
-    value: Any = document
-    for part in path:
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
-
-
-def projection(document: Mapping[str, Any], paths: frozenset[InputPath]) -> list[Any]:
-    """The parts of `document` at `paths`, in a stable order: equal for two inputs exactly
-    when a policy that reads only those paths cannot tell them apart."""
-    return [[list(path), _at(document, path)] for path in sorted(paths)]
+def projection(document: Mapping[str, Any], paths: Iterable[InputPath]) -> list[Any]:
+    """The parts of `document` at `paths` (give them sorted: the order is the key's), as
+    [path, value] pairs: equal for two inputs exactly when a policy that reads only those
+    paths cannot tell them apart."""
+    out: list[Any] = []
+    for path in paths:
+        value: Any = document
+        for part in path:
+            # (dict, not Mapping: an ABC check per step would cost more than the digest)
+            if not isinstance(value, dict) or part not in value:
+                value = _MISSING
+                break
+            value = value[part]
+        out.append((path, value))
+    return out
