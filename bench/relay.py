@@ -72,6 +72,15 @@ def _masked_table(cluster: LocalCluster) -> None:
     cluster.psql("VACUUM ANALYZE customers", dbname=APP_DB)
 
 
+def _pgbench(
+    ep: Endpoint, args: argparse.Namespace, seconds: int, mode: str, script: Path | None
+) -> PgbenchResult:
+    """pgbench at the run's -c and -j."""
+    return pgbench(
+        ep, clients=args.clients, threads=args.threads, seconds=seconds, mode=mode, script=script
+    )
+
+
 def _as_group(ep: Endpoint, group: str, gws: dict[str, GatewayProcess]) -> Endpoint:
     gw = gws.get(ep.name)
     if gw is None or group == "admins":
@@ -190,25 +199,11 @@ def throughput(args: argparse.Namespace) -> None:
                 def run(
                     ep: Endpoint, mode: str = mode, s: Path | None = run_script
                 ) -> PgbenchResult:
-                    return pgbench(
-                        ep,
-                        clients=args.clients,
-                        threads=args.threads,
-                        seconds=args.seconds,
-                        mode=mode,
-                        script=s,
-                    )
+                    return _pgbench(ep, args, args.seconds, mode, s)
 
                 # Warm-up: buffers, the gateway's catalog and decision cache, pgbouncer's pool.
                 for ep in group_eps:
-                    pgbench(
-                        ep,
-                        clients=args.clients,
-                        threads=args.threads,
-                        seconds=args.warmup,
-                        mode=mode,
-                        script=run_script,
-                    )
+                    _pgbench(ep, args, args.warmup, mode, run_script)
                 what = f"-f {run_script.name}" if run_script is not None else "-S"
                 print(
                     f"[{mode}/{group}] pgbench -n {what} -M {mode} -c {args.clients} "
@@ -404,26 +399,11 @@ def hotspots(args: argparse.Namespace) -> None:
                 script = tmp / "masked.sql"
                 script.write_text(_MASKED_SCRIPT)
             ep = Endpoint("pgwarden", gw.port, GATEWAY_USER, "app", gw.tokens[group])
-            pgbench(
-                ep,
-                clients=args.clients,
-                threads=args.threads,
-                seconds=args.warmup,
-                mode=mode,
-                script=script,
-            )
+            _pgbench(ep, args, args.warmup, mode, script)
             done: dict[str, PgbenchResult] = {}
             load = threading.Thread(
                 target=lambda: done.setdefault(
-                    "r",
-                    pgbench(
-                        ep,
-                        clients=args.clients,
-                        threads=args.threads,
-                        seconds=args.seconds + 4,
-                        mode=mode,
-                        script=script,
-                    ),
+                    "r", _pgbench(ep, args, args.seconds + 4, mode, script)
                 )
             )
             load.start()
