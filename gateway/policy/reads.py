@@ -44,6 +44,8 @@ def policy_reads(sources: Iterable[str]) -> frozenset[InputPath] | None:
             paths.add(tuple(part.strip() for part in match.group(1).split(".")[1:]))
             covered.add(match.start())
         for match in _OBJECT_GET.finditer(source):
+            if "\\" in match.group(1):
+                continue  # an escape would have to be read as Rego reads it: not covered
             paths.add(tuple(s[1:-1] for s in _STRINGS.findall(match.group(1))))
             covered.add(match.start() + match.group(0).index("input"))
         for match in _ANY.finditer(source):

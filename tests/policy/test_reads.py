@@ -34,6 +34,7 @@ def test_the_reference_policy_reads_no_text_literal_session_or_params() -> None:
         "f(input)",
         'allow if { some k, _ in input; k == "session" }',
         'x := object.get(input, ["statement", k], "")',
+        'x := object.get(input, ["statement", "te\\u0078t"], "")',
         "deny if input[_]",
     ],
 )
