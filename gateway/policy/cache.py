@@ -76,6 +76,7 @@ class DecisionCache:
         ttl_seconds: float | None = None,
         confirm_within: float | None = None,
         clock: Callable[[], float] = time.time,
+        opa_alive: Callable[[], bool] | None = None,
     ) -> None:
         self.inner = inner
         self.max_entries = max_entries
@@ -83,6 +84,8 @@ class DecisionCache:
         # None: the revision stands until OPA is reported down or the policy changes.
         self.confirm_within = confirm_within
         self._clock = clock
+        # The sidecar's check that its OPA has not exited (an exit is reported a moment later).
+        self._opa_alive = opa_alive
         self._confirmed_at = 0.0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._revision: str | None = None
@@ -104,6 +107,8 @@ class DecisionCache:
 
     def _current(self, now: float) -> bool:
         if self._suspended or self._revision is None:
+            return False
+        if self._opa_alive is not None and not self._opa_alive():
             return False
         return self.confirm_within is None or now - self._confirmed_at <= self.confirm_within
 

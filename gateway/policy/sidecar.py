@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -135,6 +136,20 @@ class OpaSidecar:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
+
+    def alive(self) -> bool:
+        """Whether OPA has not exited, asked of the kernel now: the event loop learns of an
+        exit a moment later, and until then a decision must not be reused on the word of an
+        OPA that is gone (nothing else would notice: a reused decision asks OPA nothing)."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return False
+        try:
+            # WNOWAIT: the exit stays for the event loop's own wait to collect.
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, process.pid, flags) is None
+        except ChildProcessError:
+            return False  # collected already
 
     async def start(self) -> None:
         """Build the bundle, start OPA and return once it serves the policy."""
