@@ -155,6 +155,8 @@ class GatewayProcess:
     token: str
     pid: int
     state: Path
+    # A token per group the bench runs as (admins, ai-agents); `token` is the admins one.
+    tokens: dict[str, str] = field(default_factory=dict)
     # Decision-cache counters, filled in once the process has stopped.
     final_stats: dict[str, Any] = field(default_factory=dict)
 
@@ -213,7 +215,9 @@ def gateway_process(
                 raise RuntimeError("gateway did not start within 120s")
             time.sleep(0.05)
         info = json.loads(ready.read_text())
-        gw = GatewayProcess(proc, info["host"], info["port"], info["token"], info["pid"], state)
+        gw = GatewayProcess(
+            proc, info["host"], info["port"], info["token"], info["pid"], state, info["tokens"]
+        )
         yield gw
     finally:
         if proc.poll() is None:
@@ -310,17 +314,22 @@ def _serve(args: argparse.Namespace) -> None:
         try:
             issuer = LocalTokenIssuer.from_settings(settings)
             try:
-                token = issuer.issue("agent:bench", ["admins"], 3 * 3600).token
+                tokens = {
+                    group: issuer.issue(f"agent:bench-{group}", [group], 3 * 3600).token
+                    for group in ("admins", "ai-agents")
+                }
             finally:
                 issuer.close()
             tmp = ready.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"host": host, "port": port, "token": token, "pid": os.getpid()})
-            )
+            info = {"host": host, "port": port, "token": tokens["admins"], "tokens": tokens}
+            tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
             tmp.rename(ready)
             await stop.wait()
             if gw.decider is not None:
                 stats = {"cache_hits": gw.decider.hits, "cache_misses": gw.decider.misses}
+                analyzer = getattr(getattr(gw, "context", None), "analyzer", None)
+                for counter in ("hits", "shape_hits", "misses"):
+                    stats[f"analysis_{counter}"] = getattr(analyzer, counter, 0)
                 store = getattr(gw.audit, "store", None)
                 stats["audit_commits"] = getattr(store, "commits", 0)
                 (ready.parent / "stats.json").write_text(json.dumps(stats))
@@ -402,18 +411,28 @@ class Endpoint:
     password: str | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class PgbenchResult:
     tps: float
     latency_ms: float
     transactions: int
     failed: int
+    # The gateway's own CPU per transaction, where the run went through one.
+    cpu_us: float = 0.0
 
 
 def pgbench(
-    ep: Endpoint, *, clients: int, threads: int, seconds: int, extra: tuple[str, ...] = ()
+    ep: Endpoint,
+    *,
+    clients: int,
+    threads: int,
+    seconds: int,
+    extra: tuple[str, ...] = (),
+    mode: str = "prepared",
+    script: Path | None = None,
 ) -> PgbenchResult:
-    """`pgbench -n -S -M prepared` against an endpoint; raises with its output on failure."""
+    """`pgbench -n -S -M <mode>` (or `-f script`) against an endpoint; raises with its output
+    on failure."""
     env = {**os.environ}
     env.pop("PGPASSWORD", None)
     if ep.password is not None:
@@ -421,9 +440,9 @@ def pgbench(
     argv = [
         "pgbench",
         "-n",
-        "-S",
+        *(["-f", str(script)] if script is not None else ["-S"]),
         "-M",
-        "prepared",
+        mode,
         "-c",
         str(clients),
         "-j",

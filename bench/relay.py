@@ -2,6 +2,8 @@
 
 Run:
     uv run python bench/relay.py [--seconds 15] [--rounds 2]   # throughput, -c 8 -j 2
+    uv run python bench/relay.py --mode prepared --mode simple --group admins --group ai-agents \
+        --variant bare --variant os                            # every combination, one run
     uv run python bench/relay.py --latency [--seconds 10]      # -c 1 -j 1: added µs per txn (d too)
     uv run python bench/relay.py --memory [--sessions 1000]    # gateway RSS per idle session
     uv run python bench/relay.py --hotspots [--null-audit]     # top functions by own time
@@ -11,7 +13,11 @@ Throughput mode runs (a) direct, (b) pgbouncer (when installed), (c) pgwarden wi
 with the audit sink replaced by a no-op (a bench-only harness, not a product setting: the
 product has no "audit off"); d - c prices the audit path. Runs are interleaved over rounds
 (order reversed every other round) and averaged. The last line is
-`ratio=<pgwarden/direct> vs_pgbouncer=<pgwarden/pgbouncer>`.
+`ratio=<pgwarden/direct> vs_pgbouncer=<pgwarden/pgbouncer>` per combination of `--mode`
+(pgbench -M simple|extended|prepared) and `--group` (the token's group: admins run -S;
+ai-agents run a read of `customers`, whose `email` the reference policy masks for them, the
+other paths running the same script), e.g. `prepared/admins ratio=0.3 vs_pgbouncer=0.4 |
+simple/admins ...`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,39 @@ from _stack import (
 )
 
 from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
+from gateway.settings import AuditSettings
+
+# ai-agents read a table with a classified column (public.customers.email): masked rows.
+_MASKED_SCRIPT = """\\set id random(1, 10000)
+SELECT id, email FROM customers WHERE id = :id;
+"""
+_DURABILITY = {"os": {"durability": "os"}, "disk": {"durability": "disk"}}
+
+
+def _masked_table(cluster: LocalCluster) -> None:
+    cluster.psql(
+        "CREATE TABLE IF NOT EXISTS customers (id int PRIMARY KEY, name text, email text);"
+        " INSERT INTO customers SELECT g, 'n' || g, 'user' || g || '@example.com'"
+        " FROM generate_series(1, 10000) g ON CONFLICT DO NOTHING",
+        dbname=APP_DB,
+    )
+    cluster.psql("VACUUM ANALYZE customers", dbname=APP_DB)
+
+
+def _pgbench(
+    ep: Endpoint, args: argparse.Namespace, seconds: int, mode: str, script: Path | None
+) -> PgbenchResult:
+    """pgbench at the run's -c and -j."""
+    return pgbench(
+        ep, clients=args.clients, threads=args.threads, seconds=seconds, mode=mode, script=script
+    )
+
+
+def _as_group(ep: Endpoint, group: str, gws: dict[str, GatewayProcess]) -> Endpoint:
+    gw = gws.get(ep.name)
+    if gw is None or group == "admins":
+        return ep
+    return Endpoint(ep.name, ep.port, ep.user, ep.dbname, gw.tokens[group])
 
 
 def _endpoints(
@@ -80,7 +119,14 @@ def _endpoints(
             continue
         # Audit arrangements compared in the same run: the writer on the gateway's own
         # event loop (in_process) and without the fsync per commit (normal).
-        audit = {"in-process": {"in_process": True}, "normal": {"sqlite_synchronous": "normal"}}
+        audit = {
+            "in-process": {"in_process": True},
+            "normal": {"sqlite_synchronous": "normal"},
+            **_DURABILITY,
+        }
+        if variant in _DURABILITY and "durability" not in AuditSettings.model_fields:
+            print(f"pgwarden-{variant}: this build has no audit.durability setting, skipped")
+            continue
         gw3 = stack.enter_context(gateway_process(cluster, audit=audit[variant]))
         name = f"pgwarden-{variant}"
         gws[name] = gw3
@@ -106,6 +152,7 @@ def _interleaved(
             if gw and res.transactions:
                 # The gateway's own CPU per transaction: the figure the relay is tuned by.
                 per_tx = 1e6 * (gw.cpu_seconds() - cpu0) / res.transactions
+                res.cpu_us = per_tx
                 cpu = f"  gateway cpu={per_tx:.0f} µs/tx"
             print(
                 f"  round {r + 1} {ep.name:<18} tps={res.tps:>10.1f}  "
@@ -122,46 +169,71 @@ def _cache_line(gws: dict[str, GatewayProcess]) -> None:
         if s:
             print(
                 f"{name}: decision cache hits={s['cache_hits']} misses={s['cache_misses']}"
+                f" analysis by text={s.get('analysis_hits', 0)}"
+                f" by shape={s.get('analysis_shape_hits', 0)} parsed={s.get('analysis_misses', 0)}"
                 f" audit commits={s.get('audit_commits', 0)}"
             )
 
 
 def throughput(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
+    combos = [(mode, group) for mode in args.mode for group in args.group]
+    summary: list[str] = []
     with pg_cluster(scale=args.scale) as cluster:
         print(f"cluster ready (pgbench -i -s {args.scale}) in {time.monotonic() - t0:.1f}s")
+        script = None
+        if "ai-agents" in args.group:
+            _masked_table(cluster)
+            script = Path(tempfile.mkdtemp(prefix="pgwarden-bench-script-")) / "masked.sql"
+            script.write_text(_MASKED_SCRIPT)
         gws: dict[str, GatewayProcess] = {}
+        all_results: dict[tuple[str, str], dict[str, list[PgbenchResult]]] = {}
         with ExitStack() as stack:
             eps, gws = _endpoints(
                 stack, cluster, with_noaudit=not args.no_noaudit, variants=tuple(args.variant)
             )
-            # Warm-up: buffers, the gateway's catalog and decision cache, pgbouncer's pool.
-            for ep in eps:
-                pgbench(ep, clients=args.clients, threads=args.threads, seconds=args.warmup)
-            print(
-                f"pgbench -n -S -M prepared -c {args.clients} -j {args.threads} "
-                f"-T {args.seconds}, {args.rounds} interleaved round(s)"
-            )
-            results = _interleaved(
-                eps,
-                args.rounds,
-                lambda ep: pgbench(
-                    ep, clients=args.clients, threads=args.threads, seconds=args.seconds
-                ),
-                gws,
-            )
+            for mode, group in combos:
+                run_script = script if group == "ai-agents" else None
+                group_eps = [_as_group(ep, group, gws) for ep in eps]
+
+                def run(
+                    ep: Endpoint, mode: str = mode, s: Path | None = run_script
+                ) -> PgbenchResult:
+                    return _pgbench(ep, args, args.seconds, mode, s)
+
+                # Warm-up: buffers, the gateway's catalog and decision cache, pgbouncer's pool.
+                for ep in group_eps:
+                    _pgbench(ep, args, args.warmup, mode, run_script)
+                what = f"-f {run_script.name}" if run_script is not None else "-S"
+                print(
+                    f"[{mode}/{group}] pgbench -n {what} -M {mode} -c {args.clients} "
+                    f"-j {args.threads} -T {args.seconds}, {args.rounds} interleaved round(s)"
+                )
+                all_results[(mode, group)] = _interleaved(group_eps, args.rounds, run, gws)
         _cache_line(gws)
+    for (mode, group), results in all_results.items():
+        summary.append(f"{mode}/{group} " + _throughput_table(f"{mode}/{group}", results, args))
+    print(" | ".join(summary))
+
+
+def _throughput_table(
+    title: str, results: dict[str, list[PgbenchResult]], args: argparse.Namespace
+) -> str:
     tps = {name: statistics.fmean(r.tps for r in rs) for name, rs in results.items()}
     lat = {name: statistics.fmean(r.latency_ms for r in rs) for name, rs in results.items()}
+    cpu = {name: statistics.fmean(r.cpu_us for r in rs) for name, rs in results.items()}
     direct = tps["direct"]
     print()
+    print(f"== {title}")
     print(
         f"{'path':<18} {'TPS (mean)':>12} {'min':>10} {'max':>10} {'lat ms':>8} {'vs direct':>10}"
+        f" {'gw cpu µs/tx':>13}"
     )
     for name, rs in results.items():
         print(
             f"{name:<18} {tps[name]:>12.1f} {min(r.tps for r in rs):>10.1f} "
             f"{max(r.tps for r in rs):>10.1f} {lat[name]:>8.3f} {tps[name] / direct:>10.3f}"
+            f" {cpu[name]:>13.0f}"
         )
     if "pgwarden-noaudit" in tps:
         cost = 1000.0 * (lat["pgwarden"] - lat["pgwarden-noaudit"])
@@ -173,7 +245,10 @@ def throughput(args: argparse.Namespace) -> None:
     line = f"ratio={tps['pgwarden'] / direct:.3f}"
     if "pgbouncer" in tps:
         line += f" vs_pgbouncer={tps['pgwarden'] / tps['pgbouncer']:.3f}"
-    print(line)
+    for name in tps:
+        if name.startswith("pgwarden-") or name == "bare-relay":
+            line += f" {name}/pgbouncer={tps[name] / tps.get('pgbouncer', direct):.3f}"
+    return line
 
 
 def latency(args: argparse.Namespace) -> None:
@@ -317,15 +392,18 @@ def hotspots(args: argparse.Namespace) -> None:
             pg_cluster(scale=args.scale) as cluster,
             gateway_process(cluster, null_audit=args.null_audit, profile=profile) as gw,
         ):
-            ep = Endpoint("pgwarden", gw.port, GATEWAY_USER, "app", gw.token)
-            pgbench(ep, clients=args.clients, threads=args.threads, seconds=args.warmup)
+            mode, group = args.mode[0], args.group[0]
+            script = None
+            if group == "ai-agents":
+                _masked_table(cluster)
+                script = tmp / "masked.sql"
+                script.write_text(_MASKED_SCRIPT)
+            ep = Endpoint("pgwarden", gw.port, GATEWAY_USER, "app", gw.tokens[group])
+            _pgbench(ep, args, args.warmup, mode, script)
             done: dict[str, PgbenchResult] = {}
             load = threading.Thread(
                 target=lambda: done.setdefault(
-                    "r",
-                    pgbench(
-                        ep, clients=args.clients, threads=args.threads, seconds=args.seconds + 4
-                    ),
+                    "r", _pgbench(ep, args, args.seconds + 4, mode, script)
                 )
             )
             load.start()
@@ -357,7 +435,7 @@ def hotspots(args: argparse.Namespace) -> None:
                 load.join()
             audit = "no-op sink" if args.null_audit else "SQLite"
             print(
-                f"pgbench -S -c {args.clients} via pgwarden (audit {audit}): "
+                f"pgbench -M {mode} ({group}) -c {args.clients} via pgwarden (audit {audit}): "
                 f"tps={done['r'].tps:.1f}"
             )
         if pyspy:
@@ -384,16 +462,30 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=10)
     p.add_argument("--no-noaudit", action="store_true", help="skip the no-op audit variant")
     p.add_argument(
+        "--mode",
+        action="append",
+        choices=["simple", "extended", "prepared"],
+        help="pgbench -M (repeatable; prepared by default)",
+    )
+    p.add_argument(
+        "--group",
+        action="append",
+        choices=["admins", "ai-agents"],
+        help="the token's group (repeatable; admins by default); ai-agents read masked rows",
+    )
+    p.add_argument(
         "--variant",
         action="append",
         default=[],
-        choices=["in-process", "normal", "bare"],
-        help="also run pgwarden with the audit writer in process, or synchronous=normal; or"
-        " the bare Python relay (bench/bare_relay.py)",
+        choices=["in-process", "normal", "bare", *_DURABILITY],
+        help="also run pgwarden with the audit writer in process, or synchronous=normal, or"
+        " audit.durability os|disk; or the bare Python relay (bench/bare_relay.py)",
     )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
     args = p.parse_args()
+    args.mode = args.mode or ["prepared"]
+    args.group = args.group or ["admins"]
     if args.memory:
         memory(args)
     elif args.hotspots:

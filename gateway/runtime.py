@@ -140,6 +140,7 @@ class Gateway:
             max_entries=s.policy.cache_size,
             # An OPA given by URL: its revision is trusted one poll interval after a poll.
             confirm_within=None if self.sidecar is not None else s.policy.revision_poll_seconds,
+            opa_alive=self.sidecar.alive if self.sidecar is not None else None,
         )
         if self.sidecar is not None:
             self.sidecar.listen(self.decider)

@@ -145,14 +145,18 @@ def stage(rego_dir: Path, bundle_dir: Path, dest: Path, *, tests: bool = False) 
 
 def build_bundle(
     opa_binary: Path, rego_dir: Path, bundle_dir: Path, out: Path, *, revision: str | None
-) -> None:
-    """`opa build` the sources into `out`, replaced atomically; BundleError on failure."""
+) -> list[str]:
+    """`opa build` the sources into `out`, replaced atomically; BundleError on failure.
+
+    Returns the text of the policy modules as built (what OPA will evaluate under `revision`),
+    read from the same staged copy `opa build` reads."""
     if not any(True for _ in _rego_files(rego_dir)):
         raise BundleError(f"no .rego files under {rego_dir}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pgwarden-bundle-") as tmp:
         staged = Path(tmp) / "bundle"
         stage(rego_dir, bundle_dir, staged)
+        modules = [p.read_text(encoding="utf-8", errors="replace") for p in _rego_files(staged)]
         partial = out.with_name(f".{out.name}.partial")
         command = [
             str(opa_binary.resolve()),
@@ -174,6 +178,7 @@ def build_bundle(
             raise BundleError(_first_error(done.stderr or done.stdout))
         # A rename, so that OPA's --watch never reads a half-written bundle.
         partial.replace(out)
+    return modules
 
 
 def _rego_files(rego_dir: Path) -> Iterator[Path]:

@@ -9,6 +9,12 @@ decision). While OPA is down nothing is reused, even though the gateway may know
 its sidecar would load: a reused allow would let a prepared statement run through an outage
 that refuses the same statement sent as text, and that bundle is only in force once OPA has
 loaded it. A reused decision says so in its record (`cache_hit`).
+
+The key: where the parts of the input a revision's policy can read are known
+(`policy_reads`, from its Rego sources), only those parts; otherwise the whole input. So with
+the reference policy, statements that differ only in text or literals (and have the same
+facts), in any session, share one decision; a policy that reads `statement.text`,
+`statement.params` or `session.id` gets them in its key.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import orjson
 
 from gateway.policy.decision import Decision
+from gateway.policy.reads import InputPath, projection
 from gateway.proxy.ports import Decider
 
 # Revisions seen before the current one; an answer made under one of them is never stored.
@@ -43,6 +50,16 @@ def input_digest(policy_input: dict[str, Any]) -> bytes:
     ).digest()
 
 
+def read_digest(policy_input: dict[str, Any], reads: tuple[InputPath, ...]) -> bytes:
+    """A stable digest of the parts of an input a policy reading `reads` can see."""
+    # `person` keeps these keys apart from whole-input digests: the two never meet.
+    return hashlib.blake2b(
+        orjson.dumps(projection(policy_input, reads), option=orjson.OPT_SORT_KEYS),
+        digest_size=16,
+        person=b"pgwarden-reads",
+    ).digest()
+
+
 class DecisionCache:
     """Wraps a Decider; an LRU of its decisions keyed by input digest and bundle revision.
 
@@ -59,6 +76,7 @@ class DecisionCache:
         ttl_seconds: float | None = None,
         confirm_within: float | None = None,
         clock: Callable[[], float] = time.time,
+        opa_alive: Callable[[], bool] | None = None,
     ) -> None:
         self.inner = inner
         self.max_entries = max_entries
@@ -66,6 +84,8 @@ class DecisionCache:
         # None: the revision stands until OPA is reported down or the policy changes.
         self.confirm_within = confirm_within
         self._clock = clock
+        # The sidecar's check that its OPA has not exited (an exit is reported a moment later).
+        self._opa_alive = opa_alive
         self._confirmed_at = 0.0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._revision: str | None = None
@@ -73,6 +93,8 @@ class DecisionCache:
         # Between "the policy is about to change" and "OPA reports the new revision".
         self._suspended = False
         self._pending_from: str | None = None
+        # Revision → the input paths its policy can read, sorted (None: any), where known.
+        self._reads: OrderedDict[str, tuple[InputPath, ...] | None] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -86,15 +108,34 @@ class DecisionCache:
     def _current(self, now: float) -> bool:
         if self._suspended or self._revision is None:
             return False
+        if self._opa_alive is not None and not self._opa_alive():
+            return False
         return self.confirm_within is None or now - self._confirmed_at <= self.confirm_within
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None:
+        """The policy of `revision` can read only `reads` of an input (None: any part)."""
+        self._reads[revision] = None if reads is None else tuple(sorted(reads))
+        self._reads.move_to_end(revision)
+        while len(self._reads) > _RETIRED_KEEP + 1:
+            self._reads.popitem(last=False)
+
+    def _key(self, policy_input: dict[str, Any], revision: str | None) -> bytes:
+        """The input's key for decisions of `revision`: what its policy reads where that is
+        known, else the whole input."""
+        reads = self._reads.get(revision) if revision is not None else None
+        if reads is None:
+            return input_digest(policy_input)
+        return read_digest(policy_input, reads)
+
     async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
-        key = input_digest(policy_input) if self.max_entries > 0 else b""
         now = self._clock()
-        if key and self._current(now):
+        key, keyed_for = b"", None
+        # Entries are shared by tokens now: none serves a caller whose own token has ended.
+        if self.max_entries > 0 and self._current(now) and (not_after is None or now < not_after):
+            key, keyed_for = self._key(policy_input, self._revision), self._revision
             entry = self._entries.get(key)
             if entry is not None:
                 if entry.revision == self._revision and (
@@ -108,7 +149,11 @@ class DecisionCache:
         decision = await self.inner.decide(policy_input, not_after=not_after)
         if decision.bundle_revision is not None:
             self.revision_seen(decision.bundle_revision)
-        if key:
+        if self.max_entries > 0 and decision.bundle_revision is not None:
+            # Keyed by what the policy that answered reads (another may be in force by now:
+            # _store keeps only answers of the one in force).
+            if keyed_for != decision.bundle_revision:
+                key = self._key(policy_input, decision.bundle_revision)
             self._store(key, decision, not_after, self._clock())
         return decision
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from gateway.policy.bundle import (
     source_digest,
     source_stamp,
 )
+from gateway.policy.reads import InputPath, policy_reads
 from gateway.policy.transport import OpaTransport, OpaUnreachable
 from gateway.settings import Settings
 
@@ -48,6 +50,8 @@ class RevisionListener(Protocol):
     def policy_unchanged(self) -> None: ...
 
     def opa_down(self) -> None: ...
+
+    def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None: ...
 
 
 class SidecarError(Exception):
@@ -105,6 +109,8 @@ class OpaSidecar:
         self._stopping = False
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._digest = ""
+        # The last bundle built: its revision and the input paths its policy reads.
+        self.input_reads: tuple[str, frozenset[InputPath] | None] | None = None
         self._control = OpaTransport(self.url, decision_path="", timeout_seconds=2.0)
         # The watcher and a reload must not build the bundle at the same time.
         self._reloading = asyncio.Lock()
@@ -125,6 +131,8 @@ class OpaSidecar:
 
     def listen(self, listener: RevisionListener) -> None:
         self._listeners.append(listener)
+        if self.input_reads is not None:
+            listener.policy_reads(*self.input_reads)
 
     @property
     def pid(self) -> int | None:
@@ -133,6 +141,20 @@ class OpaSidecar:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
+
+    def alive(self) -> bool:
+        """Whether OPA has not exited, asked of the kernel now: the event loop learns of an
+        exit a moment later, and until then a decision must not be reused on the word of an
+        OPA that is gone (nothing else would notice: a reused decision asks OPA nothing)."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return False
+        try:
+            # WNOWAIT: the exit stays for the event loop's own wait to collect.
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, process.pid, flags) is None
+        except ChildProcessError:
+            return False  # collected already
 
     async def start(self) -> None:
         """Build the bundle, start OPA and return once it serves the policy."""
@@ -187,7 +209,7 @@ class OpaSidecar:
         # The digest makes an edit visible (and flushes caches) even when nobody bumped the
         # manifest's revision.
         revision = f"{base if isinstance(base, str) and base else 'local'}+{digest[:12]}"
-        await asyncio.to_thread(
+        modules = await asyncio.to_thread(
             build_bundle,
             self.opa_binary,
             self.rego_dir,
@@ -197,6 +219,10 @@ class OpaSidecar:
         )
         self._stamp, self._digest = stamp, digest
         self.last_error = None
+        # Known before OPA serves the revision: decisions under it are keyed by what it reads.
+        self.input_reads = (revision, policy_reads(modules))
+        for listener in self._listeners:
+            listener.policy_reads(*self.input_reads)
 
     async def _spawn(self) -> None:
         if self._socket_path is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,7 +22,7 @@ from gateway.sql.facts import (
     TableRef,
 )
 
-__all__ = ["analyze", "unknown_facts"]
+__all__ = ["analyze", "analyze_shaped", "unknown_facts"]
 
 # (schema, table, column): a column of a base relation; column "*" means all of them.
 Base = tuple[str, str, str]
@@ -59,30 +60,42 @@ def analyze(text: str) -> tuple[StatementFacts, ...]:
 
     Text holding only comments or whitespace has no statements and gives an empty tuple.
     """
+    return analyze_shaped(text)[0]
+
+
+def analyze_shaped(text: str) -> tuple[tuple[StatementFacts, ...], bool]:
+    """analyze(), and whether its facts hold for every text of the same tokens whatever the
+    literals' values: one query or DML statement none of whose facts read a literal's value.
+    Such texts may share these facts (with their own `text`)."""
     if "\x00" in text:  # the C parser would stop at NUL and never see what follows
-        return (unknown_facts(text),)
+        return (unknown_facts(text),), False
     try:
         tree = orjson.loads(parse_sql_json(text))
     except Exception:  # parse errors, over-deep nesting in the JSON decoder: fail closed
-        return (unknown_facts(text),)
+        return (unknown_facts(text),), False
     stmts = tree.get("stmts") or []
     # Locations are byte offsets into the UTF-8 source.
     source = text.encode("utf-8", "surrogatepass")
     multi = len(stmts) > 1
+    shaped = not multi
     out: list[StatementFacts] = []
     for raw in stmts:
         start = raw.get("stmt_location", 0)
         length = raw.get("stmt_len", 0)
         end = start + length if length else len(source)
         piece = source[start:end].decode("utf-8", "replace").strip()
+        _literals.read = False
         try:
             facts = _analyze_statement(raw["stmt"], piece)
         except Exception:  # a shape this walker does not know: fail closed, not open
             facts = unknown_facts(piece, flags=("analysis_error",))
+            shaped = False
+        if _literals.read or next(iter(raw["stmt"]), None) not in _SHAPED_KINDS:
+            shaped = False
         if multi:
             facts = _with_flag(facts, "multi_statement")
         out.append(facts)
-    return tuple(out)
+    return tuple(out), shaped and bool(out)
 
 
 def _with_flag(facts: StatementFacts, flag: str) -> StatementFacts:
@@ -787,6 +800,7 @@ def _output_reference(node: Node, outs: list[_Out]) -> set[Base]:
     if not isinstance(node, dict):
         return found
     if "A_Const" in node:
+        _literals.read = True
         position = node["A_Const"].get("ival", {}).get("ival")
         if isinstance(position, int):
             if any(o.star_of for o in outs):
@@ -843,6 +857,7 @@ def _const(node: Node) -> Any:
         return _UNKNOWN
     kind, body = next(iter(node.items()))
     if kind == "A_Const":
+        _literals.read = True
         if body.get("isnull"):
             return None
         if "boolval" in body:
@@ -876,8 +891,12 @@ def _const(node: Node) -> Any:
         return _UNKNOWN
     if kind == "A_Expr" and body.get("kind") == "AEXPR_OP":
         op = _names(body.get("name", []))
-        left, right = _const(body.get("lexpr")), _const(body.get("rexpr"))
-        if _UNKNOWN in (left, right) or left is None or right is None or not op:
+        left = _const(body.get("lexpr"))
+        if left is _UNKNOWN or left is None or not op:
+            # Unknown whatever the right side is: its literal decides nothing (`aid = 42`).
+            return _UNKNOWN
+        right = _const(body.get("rexpr"))
+        if right is _UNKNOWN or right is None:
             return _UNKNOWN
         try:
             return _COMPARE[op[-1]](left, right) if op[-1] in _COMPARE else _UNKNOWN
@@ -917,16 +936,28 @@ def _tautology(node: Node) -> bool:
     kind, body = next(iter(node.items()))
     if kind == "A_Expr" and body.get("kind") == "AEXPR_OP":
         op = _names(body.get("name", []))
-        return (
-            bool(op)
-            and op[-1] in ("=", "<=", ">=")
-            and body.get("lexpr") is not None
-            and _strip_locations(body.get("lexpr")) == _strip_locations(body.get("rexpr"))
-        )
+        if not op or op[-1] not in ("=", "<=", ">=") or body.get("lexpr") is None:
+            return False
+        left, right = _strip_locations(body.get("lexpr")), _strip_locations(body.get("rexpr"))
+        if left == right:
+            # `1 = 1` is one with `1 = 2` but for the literals' values: the answer is theirs.
+            _literals.read = _literals.read or _has_literal(left)
+            return True
+        if _literals.read is False and _has_literal(left) and _has_literal(right):
+            _literals.read = True
+        return False
     if kind == "BoolExpr" and body.get("boolop") == "OR_EXPR":
         return any(_is_true(a) or _tautology(a) for a in body.get("args", []))
     if kind == "BoolExpr" and body.get("boolop") == "AND_EXPR":
         return all(_is_true(a) or _tautology(a) for a in body.get("args", []))
+    return False
+
+
+def _has_literal(node: Node) -> bool:
+    if isinstance(node, dict):
+        return "A_Const" in node or any(_has_literal(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_literal(v) for v in node)
     return False
 
 
@@ -937,6 +968,20 @@ def _strip_locations(node: Node) -> Node:
         return [_strip_locations(v) for v in node]
     return node
 
+
+# Statements whose facts may be shared by texts that differ only in literal values (see
+# analyze_shaped): queries and DML, where a literal is a value, never a name or an option.
+_SHAPED_KINDS = frozenset({"SelectStmt", *_DML})
+
+
+class _LiteralReads(threading.local):
+    """Whether the statement being analysed had a fact decided by a literal's value (`WHERE
+    1 = 1`, `ORDER BY 2`, `set_config('role', ...)`): then its facts are its text's own."""
+
+    read = False
+
+
+_literals = _LiteralReads()
 
 # --------------------------------------------------------------------------- statements
 

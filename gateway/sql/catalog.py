@@ -366,6 +366,13 @@ class Catalog:
         # a RowDescription naming another was made by a newer catalog than the cache.
         self._known_columns: set[tuple[int, int]] = set()
         self._known_relations: set[int] = set()
+        # Facts (text left out), search_path and user → (resolved facts, resolved at): texts of
+        # one shape, and the same text again, resolve once per generation. `_epoch` counts
+        # invalidations, so that a resolution that spanned one is not kept.
+        self._resolutions: dict[
+            tuple[StatementFacts, tuple[str, ...], str | None], tuple[StatementFacts, float]
+        ] = {}
+        self._epoch = 0
         # The generation the cache belongs to (None: not confirmed, nothing cached is used)
         # and whether it is read from the DDL watch or from the snapshot.
         self.generation: str | None = None
@@ -387,6 +394,8 @@ class Catalog:
         self._mask_columns.clear()
         self._known_columns.clear()
         self._known_relations.clear()
+        self._resolutions.clear()
+        self._epoch += 1
         self._schemas = frozenset()
 
     @property
@@ -559,6 +568,36 @@ class Catalog:
         """`facts` with schemas filled in, `*` expanded to the relations' live columns, what
         views read (flag "via_view") and functions the policy cannot see into (flag
         "opaque_function")."""
+        self._forget_if_lost()
+        if self.generation is None:
+            return await self._resolve(facts, search_path, user)
+        key = (replace(facts, text=""), tuple(search_path), user)
+        now = time.monotonic()
+        known = self._resolutions.get(key)
+        if known is not None and now - known[1] < self._ttl:
+            return replace(known[0], text=facts.text)
+        epoch = self._epoch
+        resolved = await self._resolve(facts, search_path, user)
+        if epoch == self._epoch and "catalog_unavailable" not in resolved.flags:
+            if len(self._resolutions) >= _MAX_RESOLUTIONS:
+                self._resolutions.clear()
+            # As old as the oldest metadata it may have used, so that the TTL bounds it too.
+            self._resolutions[key] = (resolved, min(now, self._oldest_fetch()))
+        return resolved
+
+    def _oldest_fetch(self) -> float:
+        caches: tuple[dict[Any, tuple[Any, float]], ...] = (
+            self._relations,
+            self._views,
+            self._functions,
+            self._operators,
+            self._types,
+        )
+        return min((fetched for cache in caches for _, fetched in cache.values()), default=0.0)
+
+    async def _resolve(
+        self, facts: StatementFacts, search_path: Sequence[str], user: str | None
+    ) -> StatementFacts:
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
         for output in facts.outputs or ():
             names.update(table for _, table, _ in output.sources)
@@ -977,10 +1016,13 @@ def _placed_output(
             return [OutputColumn(frozenset(sources), spread=True)]
         # Each keeps `table`: a column of a `*` whose width came from the catalog's cache.
         return [
-            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star)
-            for name in known
+            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star) for name in known
         ]
     return [OutputColumn(frozenset(sources), table=output.table, spread=output.spread)]
+
+
+# Resolutions kept per catalog (cleared whole when full: refilled within a generation).
+_MAX_RESOLUTIONS = 4096
 
 
 def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:

@@ -170,6 +170,51 @@ def test_policy_change_takes_effect_without_restart(
     assert sidecar.pid == opa_pid
 
 
+TEXT_RULE = """# Added by a test: a rule that reads the statement's text.
+package pgwarden
+
+deny_reasons contains "the text names a forbidden literal" if {
+\tcontains(input.statement.text, "'forbidden'")
+}
+"""
+
+
+def test_a_policy_that_starts_reading_the_text_keys_its_decisions_by_it(
+    live: Any, policy_copy: tuple[Path, Path]
+) -> None:
+    """Under the reference policy texts that differ only in literals share one decision; once
+    the policy reads `statement.text`, each text is decided on its own, at once."""
+    rego, _ = policy_copy
+    rule = rego / "pgwarden" / "zz_text.rego"
+
+    def run(conn: psycopg.Connection[Any], literal: str) -> tuple[str, Any]:
+        text = "SELECT count(*) FROM customers WHERE name <> '" + literal + "'"  # noqa: S608
+        try:
+            return "allow", simple(conn, text)
+        except psycopg.Error as exc:
+            return "deny", refusal_of(exc)
+
+    with connect(live.dsn(token_for(live, "admins"))) as conn:
+        assert run(conn, "fine") == ("allow", [(2,)])
+        assert run(conn, "forbidden") == ("allow", [(2,)])  # the shared decision
+        rule.write_text(TEXT_RULE)
+        try:
+            deadline = time.monotonic() + 15
+            while run(conn, "forbidden")[0] != "deny":
+                assert time.monotonic() < deadline, "the policy change never took effect"
+                time.sleep(0.05)
+            for _ in range(3):  # neither literal is ever served the other's decision
+                assert run(conn, "fine") == ("allow", [(2,)])
+                outcome, value = run(conn, "forbidden")
+                assert outcome == "deny" and "forbidden literal" in value.message, value
+        finally:
+            rule.unlink(missing_ok=True)
+        deadline = time.monotonic() + 15
+        while run(conn, "forbidden")[0] != "allow":
+            assert time.monotonic() < deadline, "the revert never took effect"
+            time.sleep(0.05)
+
+
 # -- an OPA pgwarden does not run ------------------------------------------------------------
 
 

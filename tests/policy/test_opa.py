@@ -293,3 +293,31 @@ async def test_sidecar_restarts_opa_after_kill_and_refuses_meanwhile(sidecar: Op
     assert refusals > 0
     assert decision.action == "allow"
     await cache.inner.transport.aclose()  # type: ignore[attr-defined]
+
+
+async def test_no_decision_is_reused_once_opa_has_exited_even_before_the_sidecar_hears(
+    sidecar: OpaSidecar,
+) -> None:
+    cache = DecisionCache(decider_for(sidecar.url), max_entries=10, opa_alive=sidecar.alive)
+    sidecar.listen(cache)
+    read = statement_input("read", ["ai-agents"])
+    await cache.decide(read, not_after=None)
+    assert (await cache.decide(read, not_after=None)).cache_hit
+    assert sidecar.alive()
+    pid = sidecar.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    # Without yielding to the event loop: it has not collected the exit, nor told the cache.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            if os.waitid(os.P_PID, pid, flags) is not None:  # noqa: ASYNC222
+                break
+        except ChildProcessError:  # collected by a watcher thread already
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.001)  # noqa: ASYNC251 - the loop must not run meanwhile
+    assert not sidecar.alive() and cache.revision is None
+    assert not (await cache.decide(read, not_after=None)).cache_hit
+    await cache.inner.transport.aclose()  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ import pytest
 
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
-from gateway.sql import Catalog
+from gateway.sql import Catalog, StatementAnalyzer
 from gateway.sql.catalog import WATCH_SQL
 from tests.harness import create_scratch_database, drop_scratch_database
 
@@ -137,3 +137,40 @@ async def test_an_unreachable_server_confirms_nothing() -> None:
     assert await cat.refresh() is None
     assert cat.generation is None and not cat.knows(1, 1)
     assert await cat.mask_targets(EMAIL) is None
+
+
+async def test_a_shape_resolves_once_per_generation_and_afresh_after_ddl(
+    database: tuple[str, psycopg.Connection[Any]], catalog: CountingCatalog
+) -> None:
+    """Texts of one shape resolve once (each keeps its own text); DDL that moves the
+    generation makes the next one resolve against the new catalog."""
+
+    _, conn = database
+    analyzer = StatementAnalyzer()
+    lookups = 0
+    real_lookup = catalog._lookup
+
+    async def counted(names: set[str]) -> Any:
+        nonlocal lookups
+        lookups += 1
+        return await real_lookup(names)
+
+    catalog._lookup = counted  # type: ignore[method-assign]
+    await catalog.refresh()
+    first = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 1")[0])
+    second = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 2")[0])
+    assert lookups == 1
+    assert second.text == "SELECT * FROM people WHERE id = 2"
+    assert (
+        {c.column for c in second.columns}
+        == {c.column for c in first.columns}
+        == {
+            "id",
+            "email",
+        }
+    )
+    conn.execute("ALTER TABLE people ADD COLUMN phone text")
+    await catalog.refresh()
+    third = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 3")[0])
+    assert lookups == 2
+    assert {c.column for c in third.columns} == {"id", "email", "phone"}

@@ -106,8 +106,9 @@ def test_analyzer_caches_by_text_with_a_bound() -> None:
     analyzer = StatementAnalyzer(max_entries=2)
     first = analyzer.analyze("SELECT 1")
     assert analyzer.analyze("SELECT 1") is first
-    analyzer.analyze("SELECT 2")
-    analyzer.analyze("SELECT 3")
+    # Other shapes (not only other literals, which share the first one's analysis).
+    analyzer.analyze("SELECT 2 AS b")
+    analyzer.analyze("SELECT 3 AS c")
     assert len(analyzer) == 2
     assert analyzer.analyze("SELECT 1") is not first  # evicted, analysed again
     assert (analyzer.hits, analyzer.misses) == (1, 4)
