@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,19 +21,26 @@ from rich.table import Table
 
 from cli.context import fail, settings_of
 from gateway.audit import (
+    AuditLogBusy,
     AuditStore,
     AuditStoreError,
+    ChainGap,
+    ChainProblem,
     ChainReport,
     RecordFilter,
     StoredRecord,
     VerifyReport,
     audit_keyring,
+    audit_log,
     audit_store,
     audit_writer,
     head_witness,
+    index_from_log,
     verify,
+    write_ahead_audit,
 )
 from gateway.audit.records import parse_record_id
+from gateway.audit.verify import compare_index, index_lag, verify_log
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -72,9 +80,11 @@ def parse_when(text: str, now: float) -> float:
     return moment.timestamp()
 
 
-def _run(settings: Settings, work: Callable[[AuditStore], Awaitable[T]]) -> T:
+def _run(
+    settings: Settings, work: Callable[[AuditStore], Awaitable[T]], *, catch_up: bool = True
+) -> T:
     async def main() -> T:
-        async with _opened(settings) as store:
+        async with _opened(settings, catch_up=catch_up) as store:
             return await work(store)
 
     try:
@@ -84,10 +94,20 @@ def _run(settings: Settings, work: Callable[[AuditStore], Awaitable[T]]) -> T:
 
 
 @asynccontextmanager
-async def _opened(settings: Settings) -> AsyncIterator[AuditStore]:
+async def _opened(settings: Settings, *, catch_up: bool = True) -> AsyncIterator[AuditStore]:
+    """The store, first brought up to this instance's audit log (`catch_up`): what a gateway
+    wrote to the log and had not indexed when it stopped (or was killed) is searchable."""
     store = audit_store(settings)
     await store.open()
     try:
+        trail = audit_log(settings)
+        if catch_up and trail.segments():
+            try:
+                await index_from_log(store, trail, settings.instance)
+            except AuditStoreError as exc:
+                typer.echo(
+                    f"warning: the index could not be brought up to the log: {exc}", err=True
+                )
         yield store
     finally:
         await store.close()
@@ -269,12 +289,39 @@ def verify_command(
     keyring = audit_keyring(settings, keys)
     heads = head_witness(settings)
 
-    async def work(store: AuditStore) -> VerifyReport:
-        return await verify(store, keyring, heads, chain)
+    trail = audit_log(settings)
+    with_log = bool(trail.segments()) and (chain is None or settings.instance in chain)
 
-    report = _run(settings, work)
+    async def work(store: AuditStore) -> tuple[VerifyReport, _LogCheck | None]:
+        if not with_log:
+            return await verify(store, keyring, heads, chain), None
+        # The head witness follows the log: the index may lag it (that is not truncation).
+        report = await verify(store, keyring, None, chain)
+        name = settings.instance
+        return report, _LogCheck(
+            await verify_log(trail, name, keyring, heads, store),
+            await compare_index(store, trail, name),
+            await index_lag(store, trail, name),
+        )
+
+    report, checked = _run(settings, work, catch_up=False)
+    problems = [str(p) for p in report.problems]
+    if checked is not None:
+        if checked.log.problem is not None:
+            problems.append(f"audit log: {checked.log.problem}")
+        if checked.index is not None:
+            problems.append(f"index: {checked.index}")
     if as_json:
-        doc = {"ok": report.ok, "chains": [_chain_json(c) for c in report.chains]}
+        doc: dict[str, Any] = {
+            "ok": not problems,
+            "chains": [_chain_json(c) for c in report.chains],
+        }
+        if checked is not None:
+            doc["log"] = {
+                **_chain_json(checked.log),
+                "index_problem": None if checked.index is None else str(checked.index),
+                "index_lag": checked.lag,
+            }
         typer.echo(orjson.dumps(doc).decode())
     else:
         table = Table("chain", "records", "seq", "key epoch", "head", "status")
@@ -285,11 +332,29 @@ def verify_command(
                 c.chain, str(c.records), span, str(c.epoch),
                 "checked" if c.head_checked else "none", status,
             )  # fmt: skip
+        if checked is not None:
+            c = checked.log
+            span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
+            status = "[green]ok[/]" if c.problem is None else f"[red]{c.problem}[/]"
+            table.add_row(
+                f"{c.chain} (log)", str(c.records), span, str(c.epoch),
+                "checked" if c.head_checked else "none", status,
+            )  # fmt: skip
         Console(width=200).print(table)
-    if not report.chains:
+        if checked is not None:
+            typer.echo(f"index lag: {checked.lag} records of the log not yet in the store")
+    if not report.chains and checked is None:
         fail("no audit chains found")
-    if not report.ok:
-        fail("; ".join(str(p) for p in report.problems))
+    if problems:
+        fail("; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class _LogCheck:
+    log: ChainReport
+    # The first index record that differs from the log, and how far the index lags it.
+    index: ChainProblem | None
+    lag: int
 
 
 @app.command()
@@ -352,6 +417,20 @@ def prune(
     cutoff = time.time() - age
 
     async def work(store: AuditStore) -> Any:
+        if audit_log(settings).segments():
+            # The log is the trail: the prune record goes into it, the running gateway
+            # (which holds the log) must be stopped first.
+            try:
+                wal = write_ahead_audit(settings, store)
+                await wal.start()
+            except AuditLogBusy as exc:
+                raise AuditStoreError(f"{exc}: stop it to prune") from exc
+            except ChainGap as exc:
+                raise AuditStoreError(str(exc)) from exc
+            try:
+                return await wal.prune(cutoff)
+            finally:
+                await wal.close()
         writer = audit_writer(settings, store)
         await writer.start()
         try:

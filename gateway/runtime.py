@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.audit import AuditProcess, AuditWriter, audit_sink
+from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -69,7 +69,7 @@ class Gateway:
         self.environ = environ
         self.context: GatewayContext | None = None
         self.sidecar: OpaSidecar | None = None
-        self.audit: AuditWriter | AuditProcess | None = None
+        self.audit: WriteAheadAudit | AuditWriter | AuditProcess | None = None
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None

@@ -977,8 +977,7 @@ def _placed_output(
             return [OutputColumn(frozenset(sources), spread=True)]
         # Each keeps `table`: a column of a `*` whose width came from the catalog's cache.
         return [
-            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star)
-            for name in known
+            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star) for name in known
         ]
     return [OutputColumn(frozenset(sources), table=output.table, spread=output.spread)]
 
