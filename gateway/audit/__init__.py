@@ -50,6 +50,7 @@ __all__ = [
     "audit_writer",
     "head_witness",
     "index_from_log",
+    "log_directory",
     "verify",
     "write_ahead_audit",
 ]
