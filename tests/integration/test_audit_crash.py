@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -169,9 +170,10 @@ def _kill_mid_load(env: dict[str, str], state_dir: Path, token: str, script: Pat
         gw.kill_group()
 
 
-def _request_values(requests: list[Any]) -> set[int]:
-    assert all(r.record()["protocol"] == "extended" for r in requests)
-    return {int(r.record()["params"][1]) for r in requests}
+def _request_values(requests: list[dict[str, Any]]) -> set[int]:
+    """The inserted values named by request records (their parameters)."""
+    assert all(r["protocol"] == "extended" for r in requests)
+    return {int(r["params"][1]) for r in requests}
 
 
 @pytest.mark.parametrize("durability", ["disk", "os"])
@@ -208,16 +210,19 @@ def test_kill_9_under_pgbench_loses_no_audited_write(
         rows = {int(r[0]) for r in direct.execute(f"SELECT v FROM {table}").fetchall()}
         assert len(rows) >= 20 * (round_ + 1), f"too little load before the kill: {len(rows)}"
         # The audit log (the point of durability) holds a request for every committed row.
-        logged = (e.sealed() for e in AuditLog(log_directory(state_dir, "gw-crash")).entries())
+        logged = (
+            orjson.loads(e.body) for e in AuditLog(log_directory(state_dir, "gw-crash")).entries()
+        )
         in_log = _request_values([
-            r for r in logged if r.kind == "request" and table in (r.columns["text"] or "")
+            r["record"] for r in logged if r["kind"] == "request" and table in r["record"]["text"]
         ])  # fmt: skip
         assert not rows - in_log, f"{len(rows - in_log)} of {len(rows)} rows not in the log"
         # The index, once `pgwarden audit` brought it up to the log, holds them too.
         code, _, err = pgwarden(verify_env, "audit", "search", "--limit", "1")
         assert code == 0, err
         recorded = _request_values([
-            r for r in records_after(settings) if r.kind == "request" and table in (r.text or "")
+            r.record() for r in records_after(settings)
+            if r.kind == "request" and table in (r.text or "")
         ])  # fmt: skip
         unaudited = rows - recorded
         assert not unaudited, f"{len(unaudited)} of {len(rows)} rows reached PostgreSQL unaudited"
