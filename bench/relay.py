@@ -80,7 +80,14 @@ def _endpoints(
             continue
         # Audit arrangements compared in the same run: the writer on the gateway's own
         # event loop (in_process) and without the fsync per commit (normal).
-        audit = {"in-process": {"in_process": True}, "normal": {"sqlite_synchronous": "normal"}}
+        audit = {
+            "in-process": {"durability": "store", "in_process": True},
+            "normal": {"durability": "store", "sqlite_synchronous": "normal"},
+            # The audit log's other durability (pgwarden itself runs the default, disk), and
+            # the store as the point of durability (the arrangement before the log).
+            "os": {"durability": "os"},
+            "store": {"durability": "store"},
+        }
         gw3 = stack.enter_context(gateway_process(cluster, audit=audit[variant]))
         name = f"pgwarden-{variant}"
         gws[name] = gw3
@@ -387,9 +394,10 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        choices=["in-process", "normal", "bare"],
-        help="also run pgwarden with the audit writer in process, or synchronous=normal; or"
-        " the bare Python relay (bench/bare_relay.py)",
+        choices=["in-process", "normal", "os", "store", "bare"],
+        help="also run pgwarden (audit log, durability disk) with durability os, or the store"
+        " as the point of durability (store; in-process; normal: synchronous=normal); or the"
+        " bare Python relay (bench/bare_relay.py)",
     )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
