@@ -89,8 +89,9 @@ class AuditSettings(BaseModel):
     # Fail open means statements run when the store is down: they are then unaudited.
     fail_open: bool = False
     timeout_seconds: float = 2.0
-    # The writer (sealing, store inserts) runs in a child process, on another core than the
-    # relay. True runs it in the gateway's own process: one process less, a slower relay.
+    # The store's inserts run in a child process, on another core than the relay (with the
+    # audit log: the index fed from the log; durability=store: the writer). True runs them
+    # in the gateway's own process: one process less, a slower relay.
     in_process: bool = False
     retention_days: int | None = None
     record_rows_limit: int = 100

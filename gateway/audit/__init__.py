@@ -7,6 +7,7 @@ from pathlib import Path
 from gateway.audit.chain import Anchor, AuditChain
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.audit.index import LogIndexer, index_from_log
+from gateway.audit.index_process import IndexProcess
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.log import AuditLog, log_directory
 from gateway.audit.postgres_store import PostgresAuditStore
@@ -91,10 +92,12 @@ def audit_log(settings: Settings) -> AuditLog:
 
 
 def write_ahead_audit(settings: Settings, store: AuditStore | None = None) -> WriteAheadAudit:
-    """The audit log as the point of durability, the store as its index."""
+    """The audit log as the point of durability, the store as its index: fed by a process of
+    its own, or (audit.in_process, or a store given: the CLI) by this one."""
     keyring = audit_keyring(settings)
     epoch, key = keyring.current(settings.instance)
     audit = settings.audit
+    own_process = store is None and not audit.in_process
     return WriteAheadAudit(
         audit_log(settings),
         AuditChain(settings.instance, epoch, key),
@@ -102,6 +105,7 @@ def write_ahead_audit(settings: Settings, store: AuditStore | None = None) -> Wr
         # indexed again from the log at the next start).
         store or audit_store(settings, synchronous="normal"),
         durability=audit.durability,
+        index=IndexProcess(settings) if own_process else None,
         keyring=keyring,
         head=head_witness(settings),
         timeout=audit.timeout_seconds,

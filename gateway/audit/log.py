@@ -147,6 +147,9 @@ class AuditLog:
                 return found
         return None
 
+    def follow(self, after_seq: int) -> LogFollower:
+        return LogFollower(self, after_seq)
+
     # -- writing ------------------------------------------------------------------------------
 
     def open(self) -> LogEntry | None:
@@ -277,3 +280,58 @@ class AuditLog:
             a["chain"], a["through_seq"], bytes.fromhex(a["through_link"]), a["next_epoch"],
             a["signed_epoch"], a["time"], bytes.fromhex(a["mac"]),
         )  # fmt: skip
+
+
+class LogFollower:
+    """Reads a log as it grows, from after a seq: each `read()` parses only the bytes added
+    since the last one (a reader beside the writer; a frame not yet whole is read later)."""
+
+    def __init__(self, audit_log: AuditLog, after_seq: int) -> None:
+        self.log = audit_log
+        # The seq the next record read must have: a caller whose position moved (a commit
+        # that failed after the read) starts a new follower.
+        self.next_seq = after_seq + 1
+        self._segment: Path | None = None
+        self._offset = 0
+        segments = audit_log.segments()
+        for i, segment in enumerate(segments):
+            if i + 1 < len(segments) and audit_log.first_seq(segments[i + 1]) <= after_seq + 1:
+                continue
+            self._segment = segment
+            break
+
+    def read(self, most: int) -> list[LogEntry]:
+        out: list[LogEntry] = []
+        while len(out) < most:
+            if self._segment is None:
+                segments = self.log.segments()
+                if not segments:
+                    return out
+                self._segment = segments[0]
+                self._offset = 0
+            try:
+                with open(self._segment, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            got = 0
+            for item in _frames(data, self._segment):
+                if isinstance(item, int):
+                    break
+                got = item.offset + _HEADER.size + _LINK + len(item.body)
+                if item.seq >= self.next_seq:
+                    out.append(item)
+                    self.next_seq = item.seq + 1
+                    if len(out) >= most:
+                        break
+            self._offset += got
+            if len(out) >= most:
+                return out
+            # At the end of this segment's whole frames: on to the next one if there is one
+            # (the writer has rotated: nothing more will be added to this one).
+            later = [p for p in self.log.segments() if p.name > self._segment.name]
+            if not later:
+                return out
+            self._segment, self._offset = later[0], 0
+        return out

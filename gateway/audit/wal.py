@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 
@@ -80,6 +81,25 @@ def _tail_of(entry: LogEntry) -> ChainTail:
     return ChainTail.after(entry.seq, entry.link, env["epoch"], env["kind"])
 
 
+class AuditIndex(Protocol):
+    """What feeds the store from the log: LogIndexer (in this process) or IndexProcess."""
+
+    logged_seq: int
+    indexed_seq: int
+    last_error: str | None
+
+    @property
+    def lag(self) -> int: ...
+
+    def add(self, sealed: list[SealedRecord]) -> None: ...
+
+    def start(self, logged_seq: int) -> None: ...
+
+    async def caught_up(self, within: float) -> bool: ...
+
+    async def close(self, within: float) -> None: ...
+
+
 class WriteAheadAudit:
     """The gateway's AuditSink over the audit log; see the module docstring.
 
@@ -96,6 +116,7 @@ class WriteAheadAudit:
         store: AuditStore,
         *,
         durability: str = "disk",
+        index: AuditIndex | None = None,
         keyring: AuditKeyring | None = None,
         head: HeadWitness | None = None,
         timeout: float = 2.0,
@@ -121,7 +142,7 @@ class WriteAheadAudit:
         self.fail_open = fail_open
         self.accept_gap = accept_gap
         self.max_batch = max_batch
-        self.index = LogIndexer(store, audit_log, chain.name)
+        self.index: AuditIndex = index or LogIndexer(store, audit_log, chain.name)
         self.spool: Spool[PendingRecord] = Spool(spool_limit)
         self.spool_retry = spool_retry
         self._spool_timer: asyncio.TimerHandle | None = None

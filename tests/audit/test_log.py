@@ -239,3 +239,28 @@ async def test_a_log_behind_its_head_witness_is_refused_unless_accepted(rig: Aud
         assert await wal.request(statement_request("SELECT after")) == f"{CHAIN}:6"
     kinds = [e.sealed().kind for e in AuditLog(rig.tmp / "log").entries()]
     assert kinds == ["chain_gap", "request"]
+
+
+async def test_a_follower_reads_what_is_added_whole_frames_only_across_segments(
+    rig: AuditRig,
+) -> None:
+    async with _wal(rig, "os", segment_bytes=1500) as wal:
+        await wal.request(statement_request("SELECT 0"))
+        follower = wal.log.follow(0)
+        assert [e.seq for e in follower.read(100)] == [1]
+        assert follower.read(100) == []
+        for i in range(1, 12):
+            await wal.request(statement_request(f"SELECT {i}"))
+        assert len(wal.log.segments()) > 1
+        assert [e.seq for e in follower.read(5)] == [2, 3, 4, 5, 6]
+        assert [e.seq for e in follower.read(100)] == list(range(7, 13))
+        # Half a frame at the end (a write in progress) is read once it is whole.
+        await wal.request(statement_request("SELECT 12"))
+        segment = wal.log.segments()[-1]
+        whole = segment.read_bytes()
+        segment.write_bytes(whole[:-10])
+        assert follower.read(100) == []
+        segment.write_bytes(whole)
+        assert [e.seq for e in follower.read(100)] == [13]
+    # A follower placed after a seq starts there.
+    assert [e.seq for e in AuditLog(rig.tmp / "log").follow(10).read(100)] == [11, 12, 13]
