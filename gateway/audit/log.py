@@ -108,6 +108,8 @@ class AuditLog:
         self._retired: list[int] = []
         self._dir_dirty = False
         self._lock = threading.Lock()
+        # Segments rotated out and not yet closed (sync() or close_retired() closes them).
+        self.rotated = 0
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -215,7 +217,15 @@ class AuditLog:
         with self._lock:
             if old is not None:
                 self._retired.append(old)
+                self.rotated += 1
             self._dir_dirty = True
+
+    def close_retired(self) -> None:
+        """Close rotated-out segments without syncing them (for a writer that never syncs)."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for fd in retired:
+            os.close(fd)
 
     def sync(self) -> None:
         """Make everything written so far durable (may run on another thread)."""

@@ -414,6 +414,9 @@ class WriteAheadAudit:
         self._tail = tail
         self.index.add(sealed)
         if self.durability == "os":
+            if self.log.rotated:
+                self.log.rotated = 0
+                self.log.close_retired()
             for s, w in zip(sealed, waiters, strict=True):
                 if w is not None and not w.done():
                     w.set_result(f"{s.chain}:{s.seq}")

@@ -264,3 +264,11 @@ async def test_a_follower_reads_what_is_added_whole_frames_only_across_segments(
         assert [e.seq for e in follower.read(100)] == [13]
     # A follower placed after a seq starts there.
     assert [e.seq for e in AuditLog(rig.tmp / "log").follow(10).read(100)] == [11, 12, 13]
+
+
+async def test_os_durability_closes_the_segments_it_rotates_out(rig: AuditRig) -> None:
+    async with _wal(rig, "os", segment_bytes=1000) as wal:
+        for i in range(30):
+            await wal.request(statement_request(f"SELECT {i}"))
+        assert len(wal.log.segments()) > 5
+        assert wal.log._retired == []
