@@ -91,6 +91,9 @@ async def _index_until_orphaned(settings: Settings) -> int:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until the loop's handler is in place, a stop request must not kill the child
+    # half-way through a batch (SQLite would roll it back, but the work is lost).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings.model_validate_json(sys.stdin.buffer.read())
     sys.exit(asyncio.run(_index_until_orphaned(settings)))

@@ -38,7 +38,7 @@ from gateway.audit.chain import (
     SealedRecord,
 )
 from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
-from gateway.audit.index import LogIndexer
+from gateway.audit.index import LogIndexer, index_from_log
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.log import AuditLog, LogEntry, frame
 from gateway.audit.records import canonical, outcome_record, request_record, session_record
@@ -281,6 +281,18 @@ class WriteAheadAudit:
         if self.spool:
             self.spool.drop(len(self.spool.take()), "the log did not take them by shutdown")
         await self.index.close(self.timeout)
+        if self.index.lag:
+            # The indexer stopped short (a child killed or still starting): what the log holds
+            # is indexed here, so a clean stop leaves no lag (a crash leaves it to the next
+            # start or `pgwarden audit`).
+            try:
+                await asyncio.wait_for(
+                    index_from_log(self.store, self.log, self.chain.name), self.timeout
+                )
+            except (AuditStoreError, TimeoutError) as exc:
+                log.warning(
+                    "audit index: %d records left for the next start: %s", self.index.lag, exc
+                )
         self._write_head()
         self._sync_thread.shutdown(wait=True)
         self.log.close()
