@@ -46,6 +46,7 @@ from gateway.audit.store import AuditStore, AuditStoreError
 from gateway.audit.writer import (
     BatchClock,
     ChainGap,
+    ChainHeadKeeper,
     Spool,
     Waiter,
     durable_or_fail_open,
@@ -100,7 +101,7 @@ class AuditIndex(Protocol):
     async def close(self, within: float) -> None: ...
 
 
-class WriteAheadAudit:
+class WriteAheadAudit(ChainHeadKeeper):
     """The gateway's AuditSink over the audit log; see the module docstring.
 
     `request()` returns the record's id once it is durable in the configured sense and
@@ -252,7 +253,7 @@ class WriteAheadAudit:
             self.log.sync()
             self._tail = tail
             self.index.add(sealed)
-            self._after_durable(sealed[-1])
+            self._after_commit(sealed[-1])
 
     async def _store_tail(self, head: tuple[int, bytes] | None) -> ChainTail:
         tail = EMPTY_TAIL
@@ -371,7 +372,7 @@ class WriteAheadAudit:
             record = made[-1]
             self._tail = ChainTail.after(record.seq, record.link, record.epoch, record.kind)
             self.index.logged_seq = self.index.indexed_seq = record.seq
-            self._after_durable(record)
+            self._after_commit(record)
         if anchor is not None:
             self.log.prune(anchor)
         return anchor
@@ -432,7 +433,7 @@ class WriteAheadAudit:
             for s, w in zip(sealed, waiters, strict=True):
                 if w is not None and not w.done():
                     w.set_result(f"{s.chain}:{s.seq}")
-            self._after_durable(sealed[-1])
+            self._after_commit(sealed[-1])
             return
         assert self._loop is not None
         unsynced = self._unsynced
@@ -474,36 +475,13 @@ class WriteAheadAudit:
                 s, w = unsynced.popleft()
                 if not w.done():
                     w.set_result(f"{chain}:{s}")
-            self._after_durable(covered)
+            self._after_commit(covered)
         timers = self._timers
         while timers and timers[0][0] <= seq:
             timers.popleft()[1].cancel()
         if self._written > seq:
             self._start_sync()  # what was written meanwhile: the next group
         self._sync_done.set()
-
-    def _after_durable(self, last: SealedRecord) -> None:
-        next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
-        if next_epoch != self.chain.epoch:
-            # The rotation record is in the log first, the key file replaced second: a crash
-            # in between leaves an old key that the next start hashes forward again.
-            key = self.chain.advance(next_epoch)
-            if self.keyring is not None:
-                self.keyring.replace_current(self.chain.name, next_epoch, key)
-        self._head = (last.seq, last.link)
-        wait = self.head_interval - (time.monotonic() - self._head_written)
-        if wait <= 0:
-            self._write_head()
-        elif self._head_flush is None and self._loop is not None:
-            self._head_flush = self._loop.call_later(wait, self._write_head)
-
-    def _write_head(self) -> None:
-        if self._head_flush is not None:
-            self._head_flush.cancel()
-            self._head_flush = None
-        if self.head is not None and self._head is not None:
-            self.head.record(self.chain.name, *self._head)
-            self._head_written = time.monotonic()
 
     # -- the spool ----------------------------------------------------------------------------
 
