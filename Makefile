@@ -9,13 +9,16 @@ UV_VERSION := 0.13.9
 BIN     := $(STATE)/bin
 OPA     := $(BIN)/opa
 OPA_VERSION := v1.22.3
+HELM    := $(BIN)/helm
+HELM_VERSION := v4.3.2
 VENV    := .venv
 PY      := $(VENV)/bin/python
 
 export UV_PYTHON_DOWNLOADS := never
 export PGWARDEN_OPA_BINARY := $(abspath $(OPA))
+export PGWARDEN_HELM_BINARY := $(abspath $(HELM))
 
-.PHONY: help deps python-deps postgres opa demo test rego-check lint bench
+.PHONY: help deps python-deps postgres opa helm helm-check demo test rego-check lint bench
 
 help:
 	@echo "make demo   - run pgwarden on its embedded defaults (local PostgreSQL, OPA, SQLite audit)"
@@ -46,6 +49,18 @@ $(OPA):
 
 opa: $(OPA)
 
+# Helm, for checking the chart in deploy/helm (built once, like OPA; the first build is slow).
+$(HELM):
+	mkdir -p $(BIN)
+	CGO_ENABLED=0 GOBIN=$(abspath $(BIN)) go install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
+
+helm: $(HELM)
+
+# The chart lints and renders; tests/deploy/test_helm.py renders it again and reads the objects.
+helm-check: helm
+	$(HELM) lint --strict deploy/helm/pgwarden
+	$(HELM) template pgwarden deploy/helm/pgwarden > $(STATE)/helm-template.yaml
+
 rego-check: opa
 	@test -z "$$($(OPA) fmt --list rego)" || { echo "opa fmt: unformatted files:"; $(OPA) fmt --list rego; exit 1; }
 	$(OPA) check --strict rego bundles --ignore '*.tar.gz'
@@ -57,7 +72,7 @@ lint: python-deps
 	$(VENV)/bin/ruff check gateway cli tests bench
 	$(VENV)/bin/mypy
 
-test: deps rego-check lint
+test: deps rego-check lint helm-check
 	$(VENV)/bin/pytest
 
 demo: deps

@@ -287,6 +287,8 @@ def _serve(args: argparse.Namespace) -> None:
     settings = load_settings(
         state_dir=state,
         listener={"host": HOST, "port": 0},
+        # Several benches may run at once: no admin listener on the fixed default port.
+        admin={"port": 0},
         policy={
             "opa_binary": opa_binary(),
             "rego_dir": ROOT / "rego",

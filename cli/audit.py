@@ -11,16 +11,19 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from cli.context import fail, settings_of
+from cli.context import fail, literal_console, settings_of
 from gateway.audit import (
+    Anchor,
     AuditLogBusy,
     AuditStore,
     AuditStoreError,
@@ -39,14 +42,16 @@ from gateway.audit import (
     verify,
     write_ahead_audit,
 )
-from gateway.audit.records import parse_record_id
+from gateway.audit.records import RECORD_KINDS, parse_record_id
 from gateway.audit.verify import compare_index, index_lag, verify_log
+from gateway.policy.decision import Action
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
 app = typer.Typer(help="Read, verify, export and prune the audit trail.", no_args_is_help=True)
 
 T = TypeVar("T")
+ACTIONS: tuple[str, ...] = get_args(Action)
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document per record.")]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -59,6 +64,18 @@ def parse_age(text: str) -> float:
     if not value or not re.fullmatch(r"(?:\d+[smhdw])+", value):
         raise ValueError(f"bad age {text!r}: use a number with s, m, h, d or w (e.g. 90d)")
     return float(sum(int(n) * _UNITS[u] for n, u in _AGE.findall(value)))
+
+
+_RETENTION = re.compile(r"(?:\d+[dh])+")
+
+
+def parse_retention(text: str) -> float:
+    """Seconds in a retention such as `90d`, `36h` or `30d12h`: days and hours only, so that
+    a minute or a second is never mistaken for a month."""
+    value = text.strip().lower()
+    if not _RETENTION.fullmatch(value):
+        raise ValueError(f"bad age {text!r}: use days or hours, e.g. 90d or 36h")
+    return parse_age(value)
 
 
 def parse_when(text: str, now: float) -> float:
@@ -154,13 +171,15 @@ def _print_records(records: list[StoredRecord], as_json: bool, console: Console)
 @app.command()
 def tail(
     ctx: typer.Context,
-    lines: Annotated[int, typer.Option("-n", "--lines", help="How many recent records.")] = 20,
+    lines: Annotated[
+        int, typer.Option("-n", "--lines", min=0, help="How many recent records (0 or more).")
+    ] = 20,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new ones.")] = False,
     follow_for: Annotated[float | None, typer.Option(hidden=True)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """The most recent records, oldest first; -f follows new ones as they are written."""
-    console = Console(width=200)
+    console = literal_console()
 
     async def work(store: AuditStore) -> None:
         recent = list(reversed(await store.search(RecordFilter(), lines)))
@@ -186,16 +205,23 @@ def search(
     ctx: typer.Context,
     subject: Annotated[str | None, typer.Option(help="Token subject, e.g. agent:ci-bot.")] = None,
     target: Annotated[str | None, typer.Option(help="Target name.")] = None,
-    action: Annotated[str | None, typer.Option(help="allow, deny or approve.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Record kind, e.g. request.")] = None,
+    action: Annotated[str | None, typer.Option(help=f"The decision: {', '.join(ACTIONS)}.")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help=f"Record kind: {', '.join(RECORD_KINDS)}.")
+    ] = None,
     session: Annotated[str | None, typer.Option(help="Session id.")] = None,
     since: Annotated[str | None, typer.Option(help="Age (2h), ISO time or unix time.")] = None,
     until: Annotated[str | None, typer.Option(help="Age (2h), ISO time or unix time.")] = None,
     text: Annotated[str | None, typer.Option(help="Substring of the statement.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 100,
     as_json: JsonOption = False,
 ) -> None:
     """Records matching every filter given, newest first."""
+    # A value no record can hold would find nothing and read as "no such records".
+    if action is not None and action not in ACTIONS:
+        fail(f"bad --action {action!r}: one of {', '.join(ACTIONS)}")
+    if kind is not None and kind not in RECORD_KINDS:
+        fail(f"bad --kind {kind!r}: one of {', '.join(RECORD_KINDS)}")
     now = time.time()
     try:
         where = RecordFilter(
@@ -207,7 +233,7 @@ def search(
     except ValueError as exc:
         fail(str(exc))
     records = _run(settings_of(ctx), lambda store: store.search(where, limit))
-    _print_records(records, as_json, Console(width=200))
+    _print_records(records, as_json, literal_console())
 
 
 @app.command()
@@ -237,26 +263,54 @@ def show(
         doc["outcomes"] = [_as_json(o) for o in outcomes]
         typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
-    console = Console(width=200)
+    console = literal_console()
     for r in (record, *outcomes):
-        table = Table("field", "value", title=f"{r.id} ({r.kind})", title_justify="left")
+        table = Table(title=f"{r.id} ({r.kind})", title_justify="left")
+        table.add_column("field", no_wrap=True)
+        # Folded, never cut: a decision's reasons are what the reader came for.
+        table.add_column("value", overflow="fold")
         table.add_row("time", _iso(r.time))
         table.add_row("key epoch", str(r.epoch))
         table.add_row("link", r.link.hex())
-        rows: list[list[str | None]] = []
-        for key, value in sorted(r.record().items()):
-            if key == "recorded_rows":
-                rows = value
-                continue
-            shown = value if isinstance(value, str) else orjson.dumps(value).decode()
+        fields = r.record()
+        rows: list[list[str | None]] = fields.pop("recorded_rows", None) or []
+        columns: list[str] = fields.pop("recorded_columns", None) or []
+        for key, shown in _flattened(fields):
             table.add_row(key, shown)
         console.print(table)
         if rows:
             width = max(len(row) for row in rows)
-            grid = Table(*(f"col {i + 1}" for i in range(width)), title="recorded rows")
+            names = [*columns[:width], *(f"col {i + 1}" for i in range(len(columns), width))]
+            grid = Table(*names, title="recorded rows", title_justify="left")
             for row in rows:
                 grid.add_row(*("NULL" if v is None else v for v in row))
             console.print(grid)
+
+
+def _flattened(value: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A record's fields one per row, nested ones by their path (decision.reasons[0]), so
+    that each reason, mask and approver is printed whole on a row of its own."""
+    out: list[tuple[str, str]] = []
+    for key, item in sorted(value.items()):
+        name = f"{prefix}{key}"
+        if isinstance(item, dict) and item:
+            out.extend(_flattened(item, f"{name}."))
+        elif isinstance(item, list) and item and key == "masks":
+            for i, mask in enumerate(item):
+                shown = (
+                    f"{mask.get('schema')}.{mask.get('table')}.{mask.get('column')}"
+                    f" → {mask.get('method')}"
+                    if isinstance(mask, dict)
+                    else orjson.dumps(mask).decode()
+                )
+                out.append((f"{name}[{i}]", shown))
+        elif isinstance(item, list) and item:
+            for i, element in enumerate(item):
+                shown = element if isinstance(element, str) else orjson.dumps(element).decode()
+                out.append((f"{name}[{i}]", shown))
+        else:
+            out.append((name, item if isinstance(item, str) else orjson.dumps(item).decode()))
+    return out
 
 
 def _chain_json(c: ChainReport) -> dict[str, Any]:
@@ -282,6 +336,14 @@ def verify_command(
         typer.Option(help="Folder holding <chain>.genesis keys (default: the state dir's)."),
     ] = None,
     chain: Annotated[list[str] | None, typer.Option(help="Only this chain (repeatable).")] = None,
+    no_head: Annotated[
+        bool,
+        typer.Option(
+            "--no-head",
+            help="Pass a chain that has no head witness here (written on another host);"
+            " a tail cut from it then goes unnoticed.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Walk every chain; exit 1 naming the first bad record of each broken chain."""
@@ -291,14 +353,15 @@ def verify_command(
 
     trail = audit_log(settings)
     with_log = bool(trail.segments()) and (chain is None or settings.instance in chain)
+    require_head = not no_head
 
     async def work(store: AuditStore) -> tuple[VerifyReport, _LogCheck | None]:
+        report = await verify(store, keyring, heads, chain, require_head=require_head)
         if not with_log:
-            return await verify(store, keyring, heads, chain), None
-        report = await verify(store, keyring, heads, chain)
+            return report, None
         name = settings.instance
         checked = _LogCheck(
-            await verify_log(trail, name, keyring, heads, store),
+            await verify_log(trail, name, keyring, heads, store, require_head=require_head),
             await compare_index(store, trail, name),
             await index_lag(store, trail, name),
         )
@@ -327,7 +390,11 @@ def verify_command(
         table = Table("chain", "records", "seq", "key epoch", "head", "status")
         for c in report.chains:
             span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
-            status = "[green]ok[/]" if c.problem is None else f"[red]{c.problem}[/]"
+            status = (
+                Text("ok", style="green")
+                if c.problem is None
+                else Text(str(c.problem), style="red")
+            )
             table.add_row(
                 c.chain, str(c.records), span, str(c.epoch),
                 "checked" if c.head_checked else "none", status,
@@ -335,12 +402,16 @@ def verify_command(
         if checked is not None:
             c = checked.log
             span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
-            status = "[green]ok[/]" if c.problem is None else f"[red]{c.problem}[/]"
+            status = (
+                Text("ok", style="green")
+                if c.problem is None
+                else Text(str(c.problem), style="red")
+            )
             table.add_row(
                 f"{c.chain} (log)", str(c.records), span, str(c.epoch),
                 "checked" if c.head_checked else "none", status,
             )  # fmt: skip
-        Console(width=200).print(table)
+        literal_console().print(table)
         if checked is not None:
             typer.echo(f"index lag: {checked.lag} records of the log not yet in the store")
     if not report.chains and checked is None:
@@ -420,50 +491,120 @@ def prune(
     ctx: typer.Context,
     older_than: Annotated[
         str | None,
-        typer.Option(help="Age such as 90d (default: the audit.retention_days setting)."),
+        typer.Option(help="Days or hours, e.g. 90d (default: the audit.retention_days setting)."),
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Delete this instance's records older than the age, leaving a signed anchor."""
+    """Delete this instance's records older than the age, leaving a signed anchor; never
+    younger than audit.retention_floor_days."""
     settings = settings_of(ctx)
     try:
         if older_than is not None:
-            age = parse_age(older_than)
+            age = parse_retention(older_than)
         elif settings.audit.retention_days is not None:
             age = settings.audit.retention_days * 86400.0
         else:
             fail("give --older-than or set audit.retention_days")
     except ValueError as exc:
         fail(str(exc))
+    floor = settings.audit.retention_floor_days
+    if age < floor * 86400:
+        fail(
+            f"refusing to prune records younger than audit.retention_floor_days ({floor}d);"
+            " lower that setting to prune closer to now"
+        )
     cutoff = time.time() - age
+    chain = settings.instance
 
-    async def work(store: AuditStore) -> Any:
-        if audit_log(settings).segments():
-            # The log is the trail: the prune record goes into it, the running gateway
-            # (which holds the log) must be stopped first.
-            try:
-                wal = write_ahead_audit(settings, store)
-                await wal.start()
-            except AuditLogBusy as exc:
-                raise AuditStoreError(f"{exc}: stop it to prune") from exc
-            except ChainGap as exc:
-                raise AuditStoreError(str(exc)) from exc
-            try:
-                return await wal.prune(cutoff)
-            finally:
-                await wal.close()
-        writer = audit_writer(settings, store)
-        await writer.start()
-        try:
-            return await writer.prune(cutoff)
-        finally:
-            await writer.close()
+    async def work(store: AuditStore) -> PruneSpan | None:
+        # The store has been brought up to the log (`_run`), so it names what both hold.
+        span = await _prunable(store, chain, cutoff)
+        if span is None or dry_run:
+            return span
+        anchor = await _prune(settings, store, cutoff)
+        # What the store removed: up to the anchor, which a record written meanwhile with an
+        # older clock may have moved past the span read first.
+        return None if anchor is None else span.through(anchor.through_seq)
 
-    anchor = _run(settings, work)
-    through = None if anchor is None else anchor.through_seq
+    span = _run(settings, work)
     if as_json:
-        typer.echo(orjson.dumps({"chain": settings.instance, "through_seq": through}).decode())
-    elif through is None:
-        typer.echo(f"nothing older than {_iso(cutoff)} in chain {settings.instance}")
+        doc: dict[str, Any] = {"chain": chain, "dry_run": dry_run, "cutoff": _iso(cutoff)}
+        doc.update(span.as_json() if span is not None else {"records": 0})
+        typer.echo(orjson.dumps(doc).decode())
+    elif span is None:
+        typer.echo(f"nothing older than {_iso(cutoff)} in chain {chain}")
     else:
-        typer.echo(f"pruned chain {settings.instance} through seq {through}; anchor written")
+        verb = "would remove" if dry_run else "removed"
+        tail = "" if dry_run else "; a signed prune anchor keeps the rest verifiable"
+        typer.echo(f"{verb} {span} from chain {chain}{tail}")
+
+
+async def _prune(settings: Settings, store: AuditStore, cutoff: float) -> Anchor | None:
+    """Prune this instance's chain: through its audit log when it has one (the prune record
+    goes into the log, which the gateway holds while it runs), else through the store."""
+    if audit_log(settings).segments():
+        try:
+            wal = write_ahead_audit(settings, store)
+            await wal.start()
+        except AuditLogBusy as exc:
+            raise AuditStoreError(f"{exc}: stop it to prune") from exc
+        except ChainGap as exc:
+            raise AuditStoreError(str(exc)) from exc
+        try:
+            return await wal.prune(cutoff)
+        finally:
+            await wal.close()
+    writer = audit_writer(settings, store)
+    await writer.start()
+    try:
+        return await writer.prune(cutoff)
+    finally:
+        await writer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class PruneSpan:
+    """The records a prune removes: a run of seqs, from the chain's first to its newest
+    record older than the cutoff (the store prunes through that one)."""
+
+    first_seq: int
+    last_seq: int
+    oldest: float
+    newest: float
+
+    def through(self, seq: int) -> PruneSpan:
+        return PruneSpan(self.first_seq, seq, self.oldest, self.newest)
+
+    @property
+    def records(self) -> int:
+        return self.last_seq - self.first_seq + 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "first_seq": self.first_seq,
+            "through_seq": self.last_seq,
+            "oldest": _iso(self.oldest),
+            "newest": _iso(self.newest),
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.records} record(s) through seq {self.last_seq} (from seq {self.first_seq},"
+            f" written {_iso(self.oldest)} to {_iso(self.newest)})"
+        )
+
+
+async def _prunable(store: AuditStore, chain: str, cutoff: float) -> PruneSpan | None:
+    newest = await store.search(RecordFilter(chain=chain, until=cutoff), 1)
+    if not newest:
+        return None
+    rows = store.scan(chain, batch=1)
+    first = await anext(rows, None)
+    await rows.aclose()
+    if first is None:
+        return None
+    return PruneSpan(first.seq, newest[0].seq, first.time, newest[0].time)

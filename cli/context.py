@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+from rich.console import Console
 
 from gateway.settings import Settings, load_settings
 
@@ -15,6 +16,13 @@ def settings_of(ctx: typer.Context) -> Settings:
     if not isinstance(root.obj, Settings):
         root.obj = load_settings()
     return root.obj
+
+
+def literal_console(width: int | None = 200) -> Console:
+    """A console that prints text as it is: record ids, statements and names come from users
+    and the trail, and rich would otherwise read `:100:` as an emoji code and `[b]` as
+    markup. Colour goes through styled Text, never through markup in the data."""
+    return Console(width=width, emoji=False, markup=False, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -128,6 +128,8 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
     settings = load_settings(
         state_dir=state,
         listener={"host": "127.0.0.1", "port": port, "tls_cert": certs.cert, "tls_key": certs.key},
+        admin=base.admin.model_dump(),
+        log=base.log.model_dump(),
         policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
     )
     loop: asyncio.AbstractEventLoop

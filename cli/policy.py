@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,15 +17,22 @@ import orjson
 import typer
 
 from cli.context import fail, settings_of
+from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
 from gateway.policy.bundle import BundleError, build_bundle, read_manifest
 from gateway.policy.decision import Decision
-from gateway.policy.input import SessionInfo, TargetInfo, build_input
 from gateway.policy.opa import OpaDecider
 from gateway.policy.sidecar import OpaSidecar, SidecarError, opa_binary_of
 from gateway.policy.transport import OpaTransport
-from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
+from gateway.proxy.gate import SessionContext, StatementGate
+from gateway.proxy.ports import Decider
+from gateway.proxy.targets import Target, TargetRegistry, parse_dbname
+from gateway.proxy.tracker import StatementRun
+from gateway.runtime import catalog_connector
 from gateway.settings import Settings
+from gateway.sql.analyzer import StatementAnalyzer
+from gateway.sql.catalog import DEFAULT_SEARCH_PATH, Catalog, parse_search_path
+from gateway.sql.prepared import PreparedStatements
 
 app = typer.Typer(help="Test, build and evaluate the Rego policy.", no_args_is_help=True)
 
@@ -95,13 +105,10 @@ def evaluate(
         bool, typer.Option(help="Decide as if inside an explicit transaction.")
     ] = False,
 ) -> None:
-    """Print the policy input and the decision for each statement of SQL, without running it."""
-    from gateway.sql.analysis import analyze
-
+    """The decision the gateway would make for each statement of SQL, without running it: the
+    gate itself builds the input, against the target's catalog (names resolved, `*`
+    expanded), and says which masks it would apply and what it could not resolve."""
     settings = settings_of(ctx)
-    statements = analyze(sql)
-    if not statements:
-        fail("no statement in the SQL text")
     principal = Principal(
         subject=subject,
         issuer="pgwarden policy eval",
@@ -110,42 +117,176 @@ def evaluate(
         expires_at=None,
         claims={"sub": subject, "groups": list(group or ())},
     )
-    try:
-        name, database = parse_dbname(target)
-    except TargetError as exc:
-        fail(str(exc))
+    name, database = parse_dbname(target)
     registered = TargetRegistry(settings.state_dir / "targets.json").get(name)
-    default = registered.dbname if registered is not None else name
-    target_info = TargetInfo(
-        name=name,
-        database=database or default,
-        labels=registered.labels if registered is not None else {},
-        default_database=default,
-        databases=registered.databases if registered is not None else (),
-    )
-    session = SessionInfo(
-        id=str(uuid.uuid4()),
+    chosen = registered.database_for(database) if registered is not None else database or name
+    session = SessionContext(
+        instance=settings.instance,
+        session_id=str(uuid.uuid4()),
         client_addr="127.0.0.1",
         application_name="pgwarden policy eval",
-        user=subject,
-        in_transaction=in_transaction,
+        startup_user=subject,
+        principal=principal,
+        target_name=name,
+        target_database=chosen,
+        target_labels=dict(registered.labels) if registered is not None else {},
+        target_default_database=registered.dbname if registered is not None else name,
+        target_databases=registered.databases if registered is not None else (),
     )
-    inputs = [
-        build_input(
-            principal,
-            target_info,
-            session,
-            facts.to_input(protocol="simple", index=i, count=len(statements)),
+    results = asyncio.run(_evaluate(settings, registered, session, sql, in_transaction))
+    if not results:
+        fail("no statement in the SQL text")
+    for result in results:
+        typer.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+class _NoAudit:
+    """policy eval runs nothing, so it records nothing."""
+
+    async def request(self, record: StatementRequest) -> str:
+        return ""
+
+    async def outcome(self, record: StatementOutcome) -> None:
+        return None
+
+    async def session(self, event: SessionEvent) -> None:
+        return None
+
+
+class _InputsSeen:
+    """The decider the gate asks, keeping each input as the gate built it."""
+
+    def __init__(self, inner: Decider) -> None:
+        self.inner = inner
+        self.inputs: list[dict[str, Any]] = []
+
+    async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
+        self.inputs.append(policy_input)
+        return await self.inner.decide(policy_input, not_after=not_after)
+
+
+async def _evaluate(
+    settings: Settings,
+    target: Target | None,
+    session: SessionContext,
+    sql: str,
+    in_transaction: bool,
+) -> list[dict[str, Any]]:
+    notes: list[str] = []
+    catalog: Catalog | None = None
+    search_path = DEFAULT_SEARCH_PATH
+    if target is None:
+        notes.append(
+            f"target {session.target_name!r} is not registered here: names are not resolved"
+            " against a catalog, `*` is not expanded and masks are not placed"
         )
-        for i, facts in enumerate(statements)
-    ]
+    else:
+        connect = catalog_connector(target, session.target_database, os.environ)
+        try:
+            conn = await connect()
+            try:
+                search_path = parse_search_path(str(await conn.fetchval("SHOW search_path")))
+            finally:
+                await conn.close()
+            catalog = Catalog(connect, idle_seconds=0)
+        except Exception as exc:  # whatever the driver raised: said, and decided without it
+            notes.append(
+                f"could not log in to target {target.name} ({' '.join(str(exc).split())}):"
+                " names are not resolved against its catalog, `*` is not expanded and masks"
+                " are not placed; the live decision may differ"
+            )
     try:
-        decisions = asyncio.run(_decide_with_throwaway_opa(settings, inputs))
-    except SidecarError as exc:
-        fail(str(exc))
-    for policy_input, decision in zip(inputs, decisions, strict=True):
-        document = {"input": policy_input, "decision": decision_document(decision)}
-        typer.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        async with _throwaway_decider(settings) as decider:
+            seen = _InputsSeen(decider)
+            gate = StatementGate(
+                session,
+                analyzer=StatementAnalyzer(),
+                prepared=PreparedStatements(),
+                catalog=catalog,
+                decider=seen,
+                audit=_NoAudit(),
+            )
+            gate.search_path = search_path
+            gate.upstream_user = target.user if target is not None else None
+            gate.in_transaction = in_transaction
+            verdict = await gate.check_query(sql)
+    finally:
+        if catalog is not None:
+            await catalog.close()
+    runs: list[StatementRun | None] = [*verdict.runs]
+    results = []
+    for i, decision in enumerate(verdict.decisions):
+        # A refusal pgwarden makes itself (e.g. statements after SET search_path) asks no OPA.
+        policy_input = seen.inputs[i] if i < len(seen.inputs) else None
+        results.append(_result(policy_input, decision, runs[i] if i < len(runs) else None, notes))
+    return results
+
+
+def _result(
+    policy_input: dict[str, Any] | None,
+    decision: Decision,
+    run: StatementRun | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    flags = run.facts.flags if run is not None and run.facts is not None else ()
+    unresolved = [_UNRESOLVED[flag] for flag in flags if flag in _UNRESOLVED]
+    return {
+        "input": policy_input,
+        "decision": decision_document(decision),
+        "masks_applied": _masks_applied(decision, run),
+        "unresolved": notes + unresolved,
+    }
+
+
+# Flags that say the analysis, and so the decision, rests on something it could not see.
+_UNRESOLVED = {
+    "unresolved_relation": "a relation it names is not in the target's catalog (as the"
+    " session's search_path reads it): its schema is empty in the input",
+    "catalog_unavailable": "the target's catalog could not be read: names are not resolved",
+    "opaque_function": "it calls a function pgwarden cannot see into: its reads are unknown",
+    "analysis_error": "the text could not be analysed (category unknown)",
+}
+
+
+_ONE_SOURCE = (
+    "its column's mask where the result column is that column itself; the whole value"
+    " (redact) where it is an expression of it"
+)
+
+
+def _masks_applied(decision: Decision, run: StatementRun | None) -> list[dict[str, Any]] | str:
+    """Which output columns the gateway would mask, and how: a base column by its own mask
+    (found by table OID in the result), an expression a masked column flows into whole."""
+    if not decision.masks or decision.action != "allow":
+        return []
+    if run is not None and (run.mask_all or run.lineage is None):
+        return (
+            "every column a masked column may reach is masked whole: the statement's lineage"
+            " is unknown (masks by name: "
+            + ", ".join(f"{m.schema}.{m.table}.{m.column} → {m.method}" for m in decision.masks)
+            + ")"
+        )
+    by_column = {(m.schema, m.table, m.column): m.method for m in decision.masks}
+    tables = {(m.schema, m.table) for m in decision.masks}
+    facts = run.facts if run is not None else None
+    outputs = facts.outputs if facts is not None and facts.outputs is not None else ()
+    applied: list[dict[str, Any]] = []
+    for position, output in enumerate(outputs, start=1):
+        sources = sorted(output.sources)
+        masked = [s for s in sources if s in by_column or (s[2] == "*" and (s[0], s[1]) in tables)]
+        if not masked:
+            continue
+        if len(masked) == 1 and masked[0] in by_column:
+            # The server tells at run time (table OID in RowDescription) whether the result
+            # column is the column itself; the text alone does not.
+            method, how = by_column[masked[0]], _ONE_SOURCE
+        else:
+            method, how = "redact", "whole value: several masked columns flow into it"
+        applied.append(
+            {"output": position, "from": [".".join(s) for s in masked], "method": method,
+             "how": how}
+        )  # fmt: skip
+    return applied
 
 
 def decision_document(decision: Decision) -> dict[str, Any]:
@@ -163,9 +304,9 @@ def decision_document(decision: Decision) -> dict[str, Any]:
     }
 
 
-async def _decide_with_throwaway_opa(
-    settings: Settings, inputs: list[dict[str, Any]]
-) -> list[Decision]:
+@asynccontextmanager
+async def _throwaway_decider(settings: Settings) -> AsyncIterator[Decider]:
+    """OPA on the policy sources as they are now, for as long as the block runs."""
     # A short temp path: the sidecar's Unix socket lives inside it.
     work_dir = Path(tempfile.mkdtemp(prefix="pgw-eval-"))
     sidecar = OpaSidecar(
@@ -176,16 +317,12 @@ async def _decide_with_throwaway_opa(
     )
     try:
         async with sidecar:
+            timeout = max(settings.policy.timeout_seconds, 5.0)
             transport = OpaTransport(
-                sidecar.url,
-                decision_path=settings.policy.decision_path,
-                timeout_seconds=max(settings.policy.timeout_seconds, 5.0),
-            )
-            decider = OpaDecider(
-                transport, timeout_seconds=max(settings.policy.timeout_seconds, 5.0)
+                sidecar.url, decision_path=settings.policy.decision_path, timeout_seconds=timeout
             )
             try:
-                return [await decider.decide(i, not_after=None) for i in inputs]
+                yield OpaDecider(transport, timeout_seconds=timeout)
             finally:
                 await transport.aclose()
     finally:

@@ -9,11 +9,12 @@ from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.context import fail, settings_of
+from cli.context import fail, literal_console, settings_of
+from gateway.protocol import Terminate
 from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
+from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings
 from gateway.sql.catalog import WATCH_SQL
@@ -60,6 +61,14 @@ def add(
         list[str] | None, typer.Option(help="k=v label passed to policy; repeatable.")
     ] = None,
     replace: Annotated[bool, typer.Option(help="Replace an existing target of that name.")] = False,
+    no_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-check",
+            help="Skip checking the credential and files here (they exist only where the"
+            " gateway runs).",
+        ),
+    ] = False,
 ) -> None:
     """Register a target. The credential is referenced (env var or file), never stored."""
     labels: dict[str, str] = {}
@@ -84,10 +93,20 @@ def add(
             labels=labels,
             databases=tuple(database or ()),
         )
+        if not no_check:
+            check_local_files(target)
         registry(settings_of(ctx)).add(target, replace=replace)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} added")
+
+
+def check_local_files(target: Target) -> None:
+    """TargetError unless the credential and the CA file can be read here: a reference that
+    resolves to nothing would otherwise surface only when a client connects."""
+    target.password(os.environ)
+    if target.sslrootcert is not None and not os.access(target.sslrootcert, os.R_OK):
+        raise TargetError(f"target {target.name}: cannot read --sslrootcert {target.sslrootcert}")
 
 
 @app.command("list")
@@ -119,7 +138,7 @@ def list_(
             str(t["credential"]),
             ",".join(f"{k}={v}" for k, v in labels.items()),
         )
-    Console().print(table)
+    literal_console(None).print(table)
 
 
 @app.command("remove")
@@ -132,6 +151,66 @@ def remove(
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} removed")
+
+
+@app.command("test")
+def test(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Target to log in to.")],
+    database: Annotated[
+        str | None, typer.Option(help="One of the databases it serves (default: its own).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """Log in to the target as the gateway does and report TLS, the authentication method and
+    the server version (the credential is used, never shown)."""
+    target = registry(settings_of(ctx)).get(name)
+    if target is None:
+        fail(f"no target named {name!r}")
+    chosen = target.database_for(database)
+    report = asyncio.run(_login_report(target, chosen))
+    if as_json:
+        typer.echo(orjson.dumps(report).decode())
+        return
+    tls = report["tls"]
+    tls_text = (
+        "none"
+        if not isinstance(tls, dict)
+        else f"{tls['version']} {tls['cipher']} (sslmode={target.sslmode})"
+    )
+    typer.echo(
+        f"target {name}: logged in to {target.host}:{target.port} database {chosen}"
+        f" as {target.user}; TLS {tls_text}; auth {report['auth_method']};"
+        f" server {report['server_version']}"
+    )
+
+
+async def _login_report(target: Target, database: str) -> dict[str, object]:
+    up = await connect_upstream(target, os.environ, {}, database=database)
+    try:
+        ssl_object = up.transport.get_extra_info("ssl_object")
+        tls: dict[str, object] | None = None
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            tls = {
+                "version": ssl_object.version(),
+                "cipher": cipher[0] if cipher else None,
+                "verified": target.sslmode in ("verify-ca", "verify-full"),
+            }
+        return {
+            "target": target.name,
+            "host": target.host,
+            "port": target.port,
+            "database": database,
+            "user": target.user,
+            "sslmode": target.sslmode,
+            "tls": tls,
+            "auth_method": up.auth_method,
+            "server_version": up.parameters.get("server_version", "unknown"),
+        }
+    finally:
+        up.transport.write(Terminate().encode())
+        up.transport.close()
 
 
 @app.command("install-ddl-watch")

@@ -9,13 +9,14 @@ from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from cli.context import fail, settings_of
+from cli.context import fail, literal_console, settings_of
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
 from gateway.identity.registry import TokenRecord, UnknownToken
 from gateway.identity.signing_key import SigningKeyError
+from gateway.policy.bundle import mentioned_strings
+from gateway.settings import Settings
 
 app = typer.Typer(help="Issue, list and revoke locally signed tokens.", no_args_is_help=True)
 
@@ -64,6 +65,7 @@ def issue(
         f"issued {issued.record.jti} for {subject}, expires {_when(issued.record.expires_at)}",
         err=True,
     )
+    _warn_about_unknown_groups(settings, group or [])
 
 
 @app.command("list")
@@ -89,7 +91,7 @@ def list_tokens(
             _when(r.expires_at),
             r.status(now),
         )
-    Console(width=200).print(table)
+    literal_console().print(table)
 
 
 @app.command()
@@ -107,6 +109,21 @@ def revoke(
     except UnknownToken:
         fail(f"no token with id {jti}")
     typer.echo(f"revoked {record.jti} ({record.subject})")
+
+
+def _warn_about_unknown_groups(settings: Settings, groups: list[str]) -> None:
+    """A group the policy never spells out is treated like no group at all: most likely a
+    typo (`engineer` for `engineers`), worth a word before the token reaches its user."""
+    mentioned = mentioned_strings(settings.policy.rego_dir, settings.policy.bundle_dir)
+    if mentioned is None:
+        return  # the policy is elsewhere (your own OPA): nothing here to compare with
+    for name in groups:
+        if name not in mentioned:
+            typer.echo(
+                f"warning: the policy in {settings.policy.rego_dir} does not mention group"
+                f" {name!r} (a typo?): it treats it as any group it does not know",
+                err=True,
+            )
 
 
 def _when(timestamp: float | None) -> str:

@@ -13,6 +13,10 @@ from typing import Any
 
 import asyncpg
 
+from gateway.admin import AdminListener, admin_app, check_admin_settings, gateway_registry
+from gateway.admin.app import AdminAccess, is_loopback
+from gateway.admin.exposition import GatewayState
+from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
@@ -24,6 +28,7 @@ from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.proxy.tls import server_context, upstream_context
+from gateway.reload import settings_change, targets_change
 from gateway.settings import Settings
 from gateway.sql.analyzer import StatementAnalyzer
 from gateway.sql.catalog import Catalog
@@ -75,9 +80,14 @@ class Gateway:
         self._transport: OpaTransport | None = None
         self._revision_watch: RevisionWatch | None = None
         self._listener: Listener | None = None
+        self.admin: AdminListener | None = None
         # One per (target, database): names, OIDs and caches differ from database to database.
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
+        # Set once a drain begins: no new connections; readiness should say not ready.
+        self.draining = False
+        # The targets as the last start or reload saw them, to say what a reload changed.
+        self._targets_seen: dict[str, Target] = {}
 
     def _catalog_for(self, target: Target, database: str) -> CatalogPort | None:
         catalog = self._catalogs.get((target.name, database))
@@ -111,6 +121,9 @@ class Gateway:
 
     async def _start(self) -> tuple[str, int]:
         s = self.settings
+        if s.admin.port:
+            # Before anything starts: an unsafe admin address is a configuration error.
+            check_admin_settings(s.admin)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.verifier = IdentityVerifier.from_settings(s)
         self.verifier.start()
@@ -154,12 +167,92 @@ class Gateway:
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),
         )
+        self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)
         self.address = await self._listener.start()
-        log.info("pgwarden listening on %s:%d", *self.address)
+        log.info("pgwarden listening on %s:%d", *self.address, extra={"event": "listening"})
+        if s.admin.port:
+            self.admin = self._admin_listener()
+            await self.admin.start()
         return self.address
 
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Shut down without cutting a statement short: refuse new connections, let the
+        sessions finish what runs (up to shutdown.drain_seconds, or until `cut_short`),
+        then stop, which flushes the audit trail."""
+        self.draining = True
+        if self._listener is not None:
+            await self._listener.drain(self.settings.shutdown.drain_seconds, cut_short)
+        await self.stop()
+
+    async def reload(self, reread: Settings | None, problem: str | None = None) -> list[str]:
+        """Take up what can change without a restart: `reread` settings (None: they could
+        not be read again, `problem` says why, the running ones stay), the targets file,
+        the token registry's revocations, the policy folders. Logs and returns one line per
+        part: what changed, and which changed settings wait for a restart."""
+        lines: list[str] = []
+        if reread is None:
+            lines.append(f"settings: not read again, the running ones stay: {problem}")
+        else:
+            change = settings_change(self.settings, reread)
+            self.settings = change.settings
+            if self.context is not None:
+                self.context.settings = change.settings
+            applied = ", ".join(change.applied)
+            lines.append(f"settings: applied {applied}" if applied else "settings: unchanged")
+            if change.needs_restart:
+                lines.append("settings needing a restart: " + ", ".join(change.needs_restart))
+        if self.context is not None:
+            try:
+                seen = self.context.targets.refresh()
+            except Exception as exc:  # a half-written or invalid file: keep serving the last
+                lines.append(f"targets: file not read: {exc}")
+            else:
+                lines.append(f"targets: {targets_change(self._targets_seen, seen) or 'unchanged'}")
+                self._targets_seen = seen
+        if self.verifier is not None:
+            revoked = await asyncio.to_thread(self.verifier.refresh_registry)
+            lines.append(f"tokens: registry read again ({revoked} revoked)")
+        if self.sidecar is not None:
+            lines.append(f"policy: {await self.sidecar.reload_now()}")
+        elif self.settings.policy.opa_url:
+            lines.append(f"policy: served by the OPA at {self.settings.policy.opa_url}")
+        for line in lines:
+            log.info("reload: %s", line, extra={"event": "reload"})
+        return lines
+
+    def _admin_listener(self) -> AdminListener:
+        assert self.context is not None and self._listener is not None
+        assert self.decider is not None and self._transport is not None
+        assert self.audit is not None and self.verifier is not None
+        opa = self.sidecar if self.sidecar is not None else self._revision_watch
+        assert opa is not None
+        state = GatewayState(
+            metrics=self.context.metrics,
+            open_sessions=self._listener.open_sessions,
+            decisions=self.decider,
+            opa=opa,
+            audit=self.audit,
+        )
+        transport = self._transport
+        readiness = ReadinessChecks(
+            opa_serves_bundle=lambda: transport.healthy(bundles=True),
+            audit=self.audit,
+            targets=self.context.targets,
+            draining=lambda: self.draining,
+        )
+        admin = self.settings.admin
+        access = AdminAccess(
+            open_access=is_loopback(admin.host),
+            verify=self.verifier.verify,
+            groups=admin.token_groups,
+        )
+        app = admin_app(registry=gateway_registry(state), readiness=readiness, access=access)
+        return AdminListener(app, admin)
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         if self._listener is not None:
             await self._listener.stop()
         if self.context is not None and self.context.background:

@@ -13,6 +13,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gateway.install import shipped
+
 
 class ListenerSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -66,8 +68,10 @@ class PolicySettings(BaseModel):
     # With opa_url: how often OPA's bundle revision is polled. A policy change OPA loads
     # reaches decisions kept in memory (cache, prepared statements) within this time.
     revision_poll_seconds: float = 1.0
-    rego_dir: Path = Path("rego")
-    bundle_dir: Path = Path("bundles")
+    # The policy folders; by default the ones shipped with this installation (never looked
+    # up in the directory the gateway starts from). A relative path is taken from there.
+    rego_dir: Path = Field(default_factory=lambda: shipped("rego"))
+    bundle_dir: Path = Field(default_factory=lambda: shipped("bundles"))
 
 
 class AuditSettings(BaseModel):
@@ -93,7 +97,9 @@ class AuditSettings(BaseModel):
     # audit log: the index fed from the log; durability=store: the writer). True runs them
     # in the gateway's own process: one process less, a slower relay.
     in_process: bool = False
-    retention_days: int | None = None
+    retention_days: int | None = Field(default=None, ge=1)
+    # `audit prune` refuses to remove records younger than this, whatever it is asked.
+    retention_floor_days: int = Field(default=7, ge=0)
     record_rows_limit: int = 100
     record_bytes_limit: int = 65536
     # The store is behind the head witness (deleted, truncated, restored from an old copy):
@@ -107,6 +113,32 @@ class CatalogSettings(BaseModel):
     # this long unused: an open one keeps the database from being dropped, renamed or used
     # as a template. 0 keeps it open. (Such statements through pgwarden close it first.)
     idle_seconds: float = 10.0
+
+
+class ShutdownSettings(BaseModel):
+    # SIGTERM: statements already running get this long to finish before their sessions
+    # are closed; new connections are refused from the start.
+    drain_seconds: float = 30.0
+
+
+class AdminSettings(BaseModel):
+    """The admin listener: /healthz, /readyz, /metrics (and later the approvals API)."""
+
+    host: str = "127.0.0.1"
+    # 0 disables the listener.
+    port: int = 6544
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Off loopback every request needs a bearer token of one of these groups (and TLS): the
+    # metrics name targets and groups, and readiness says what is broken.
+    token_groups: list[str] = Field(default_factory=lambda: ["admins"])
+
+
+class LogSettings(BaseModel):
+    # human: one readable line per event; json: one JSON object per line (log shippers).
+    # Unset: human on a terminal, json otherwise.
+    format: Literal["human", "json"] | None = None
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class Settings(BaseSettings):
@@ -124,6 +156,9 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -142,6 +142,8 @@ def start_gateway(
     settings_kw: dict[str, Any] = {
         "state_dir": state_dir,
         "listener": {"host": "127.0.0.1", "port": 0, "tls_cert": certs.cert, "tls_key": certs.key},
+        # Off unless a test asks: several gateways run at once, the default port is fixed.
+        "admin": {"port": 0},
         "policy": {"opa_binary": opa, "rego_dir": ROOT / "rego", "bundle_dir": ROOT / "bundles"},
     }
     for key, value in overrides.items():

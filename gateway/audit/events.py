@@ -61,4 +61,6 @@ class StatementOutcome:
     bytes_out: int
     # Recorded result rows (after masking) when the request asked for it.
     recorded_rows: tuple[tuple[str | None, ...], ...] = field(default=())
+    # The recorded rows' column names, as the client saw them in RowDescription.
+    recorded_columns: tuple[str, ...] = field(default=())
     forwarded: bool = True

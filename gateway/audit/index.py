@@ -91,14 +91,20 @@ class LogIndexer:
                     if not done or self.indexed_seq >= self.logged_seq:
                         break
                 if failing:
-                    log.warning("audit index: the store takes records again")
+                    log.warning(
+                        "audit index: the store takes records again",
+                        extra={"event": "audit_store_up"},
+                    )
                 failing, self.last_error = False, None
                 self._idle.set()
             except Exception as exc:  # the index must outlive any store failure
                 self.last_error = str(exc)
                 if not failing:
                     log.warning(
-                        "audit index: store failed, %d records wait in the log: %s", self.lag, exc
+                        "audit index: store failed, %d records wait in the log: %s",
+                        self.lag,
+                        exc,
+                        extra={"event": "audit_store_down"},
                     )
                 failing = True
                 if self._stopping:

@@ -23,6 +23,7 @@ import sys
 from gateway.audit.chain import ChainTail, SealedRecord
 from gateway.audit.log import AuditLog, LogFollower
 from gateway.audit.store import AuditStore, AuditStoreError
+from gateway.logs import configure_logging
 from gateway.settings import Settings
 
 log = logging.getLogger("pgwarden.audit")
@@ -75,11 +76,18 @@ async def _index_until_orphaned(settings: Settings) -> int:
                 sys.stdout.write(f"indexed {batch[-1].seq}\n")
                 sys.stdout.flush()
             if failing:
-                log.warning("audit index: the store takes records again")
+                log.warning(
+                    "audit index: the store takes records again",
+                    extra={"event": "audit_store_up"},
+                )
             failing = False
         except AuditStoreError as exc:
             if not failing:
-                log.warning("audit index: store failed (records wait in the log): %s", exc)
+                log.warning(
+                    "audit index: store failed (records wait in the log): %s",
+                    exc,
+                    extra={"event": "audit_store_down"},
+                )
             failing = True
         except BrokenPipeError:
             last_pass = True
@@ -94,8 +102,9 @@ def main() -> None:
     # Until the loop's handler is in place, a stop request must not kill the child
     # half-way through a batch (SQLite would roll it back, but the work is lost).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings.model_validate_json(sys.stdin.buffer.read())
+    # The gateway's format: its stderr is this process's.
+    configure_logging(settings.log)
     sys.exit(asyncio.run(_index_until_orphaned(settings)))
 
 

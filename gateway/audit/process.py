@@ -53,6 +53,8 @@ from gateway.audit.writer import (
     durable_or_fail_open,
     expire_waiters,
 )
+from gateway.logs import configure_logging
+from gateway.metrics import Latencies
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -164,7 +166,12 @@ async def _serve(settings: Settings, fd: int) -> int:
     await closed
     # The gateway is gone (closed or killed): commit what it sent, then exit.
     await writer.close()
-    log.info("audit process: %d records in %d commits", protocol.records, writer.store.commits)
+    log.info(
+        "audit process: %d records in %d commits",
+        protocol.records,
+        writer.store.commits,
+        extra={"event": "audit_writer_stopped"},
+    )
     return 0
 
 
@@ -176,8 +183,9 @@ def main() -> None:
     # it short while the gateway still writes its sessions' last records.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings.model_validate_json(sys.stdin.buffer.read())
+    # The gateway's format: its stderr is this process's.
+    configure_logging(settings.log)
     fd = int(sys.argv[1])
     try:
         import uvloop
@@ -320,6 +328,14 @@ class AuditProcess:
         # (frame header, body) of records nobody waits on that no child has committed.
         self.spool: Spool[tuple[bytes, bytes]] = Spool(spool_limit)
         self._spool_timer: asyncio.TimerHandle | None = None
+        # For the admin listener: the last committed record's seq and the time from a write
+        # to the child until its commit is acknowledged (`restarts` is the supervisor's).
+        self.position: int | None = None
+        self.commit_seconds = Latencies()
+        # Records are indexed as they are committed (the store is the log).
+        self.index_lag = 0
+        # (records sent through, loop time of the write), oldest first.
+        self._writes: collections.deque[tuple[int, float]] = collections.deque()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -327,6 +343,17 @@ class AuditProcess:
     def ready(self) -> bool:
         """Whether a child is up and takes records (readiness of the audit path)."""
         return self._ready
+
+    @property
+    def accepting(self) -> bool:
+        """The admin listener's name for `ready` (readiness, pgwarden_audit_writer_up)."""
+        return self._ready
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     @property
     def spooled(self) -> int:
@@ -391,6 +418,11 @@ class AuditProcess:
                 "audit process: restart %d in %.1fs (statements are refused meanwhile)",
                 self.restarts,
                 delay,
+                extra={
+                    "event": "audit_writer_down",
+                    "restarts": self.restarts,
+                    "error": self.last_error,
+                },
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_restart_delay)
@@ -456,6 +488,12 @@ class AuditProcess:
                 up.result()  # AuditStartRefused
                 self._ready_at = loop.time()
                 self._first_done(None)
+                if self.restarts:
+                    log.info(
+                        "audit writer up (restart %d)",
+                        self.restarts,
+                        extra={"event": "audit_writer_up", "restarts": self.restarts},
+                    )
                 code = await exited
             finally:
                 exited.cancel()
@@ -561,6 +599,7 @@ class AuditProcess:
         transport.write(b"".join(self._out))
         self._out.clear()
         self._sent += len(self._batch)
+        self._writes.append((self._sent, self._loop.time()))
         if any(w is not None for w in self._batch):
             timer = self._loop.call_later(self.timeout, expire_waiters, self._batch, self.timeout)
             self._timers.append((self._sent, timer))
@@ -622,6 +661,8 @@ class AuditProcess:
             w = unacked.popleft()[0]
             if w is not None and not w.done():
                 w.set_result(f"{chain}:{first_seq + i}")
+        if count:
+            self.position = first_seq + count - 1
         self._advance(count)
         if self.spool and self._spool_timer is None:
             self._resend_spool()  # the store takes records again: the next chunk
@@ -644,6 +685,12 @@ class AuditProcess:
 
     def _advance(self, count: int) -> None:
         self._acked += count
+        writes = self._writes
+        if writes and writes[0][0] <= self._acked:
+            assert self._loop is not None
+            now = self._loop.time()
+            while writes and writes[0][0] <= self._acked:
+                self.commit_seconds.observe(now - writes.popleft()[1])
         timers = self._timers
         while timers and timers[0][0] <= self._acked:
             timers.popleft()[1].cancel()
@@ -672,6 +719,7 @@ class AuditProcess:
         for _, timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        self._writes.clear()
         self._sent = self._acked = 0
         if self._drained is not None:
             self._drained.set()

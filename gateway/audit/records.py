@@ -116,6 +116,7 @@ def outcome_record(out: StatementOutcome, rows_limit: int, bytes_limit: int) -> 
         "bytes_out": out.bytes_out,
         "forwarded": out.forwarded,
         "recorded_rows": rows,
+        "recorded_columns": list(out.recorded_columns),
         "recorded_rows_truncated": truncated,
     }
 

@@ -55,6 +55,7 @@ class StoredRecord:
 
 @dataclass(frozen=True, slots=True)
 class RecordFilter:
+    chain: str | None = None
     subject: str | None = None
     target: str | None = None
     action: str | None = None
@@ -79,7 +80,7 @@ class RecordFilter:
             args.append(value)
             parts.append(sql.format(placeholder(len(args))))
 
-        for column in ("subject", "target", "action", "kind", "session_id", "request_id"):
+        for column in ("chain", "subject", "target", "action", "kind", "session_id", "request_id"):
             value = getattr(self, column)
             if value is not None:
                 add(f"{column} = {{}}", value)

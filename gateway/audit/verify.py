@@ -107,9 +107,13 @@ async def verify_log(
     keys: AuditKeyring,
     heads: HeadWitness | None,
     index: AuditStore | None = None,
+    *,
+    require_head: bool = True,
 ) -> ChainReport:
     """Verify a chain's audit log. A log that starts after seq 1 without a prune anchor (it
-    was started on a trail the store held before) continues from the index's record there."""
+    was started on a trail the store held before) continues from the index's record there.
+    With `heads`, a log holding records but no head witness is a problem unless
+    `require_head` is off (as for `verify`)."""
     source = _LogSource(audit_log)
     start = None
     first = next(audit_log.entries(), None)
@@ -117,7 +121,7 @@ async def verify_log(
         before = await index.get(chain, first.seq - 1)
         if before is not None:
             start = ChainTail.after(before.seq, before.link, before.epoch, before.kind)
-    return await _verify_chain(source, keys, heads, chain, start)
+    return await _verify_chain(source, keys, heads, chain, require_head, start)
 
 
 async def compare_index(store: AuditStore, audit_log: AuditLog, chain: str) -> ChainProblem | None:
@@ -160,13 +164,18 @@ async def verify(
     keys: AuditKeyring,
     heads: HeadWitness | None = None,
     chains: Sequence[str] | None = None,
+    *,
+    require_head: bool = True,
 ) -> VerifyReport:
-    """Verify every chain in the store (or those named), each up to its first problem."""
+    """Verify every chain in the store (or those named), each up to its first problem.
+
+    With `heads`, a chain holding records but no head witness is a problem unless
+    `require_head` is off: deleting the witness must not turn a cut tail into a pass."""
     names = list(chains) if chains is not None else await store.chains()
     if chains is None and heads is not None:
         # A chain whose records were all deleted is known only from its head witness.
         names = sorted(set(names) | set(heads.chains()))
-    reports = [await _verify_chain(store, keys, heads, name) for name in names]
+    reports = [await _verify_chain(store, keys, heads, name, require_head) for name in names]
     return VerifyReport(tuple(reports))
 
 
@@ -315,6 +324,7 @@ async def _verify_chain(
     keys: AuditKeyring,
     heads: HeadWitness | None,
     chain: str,
+    require_head: bool = True,
     start: ChainTail | None = None,
 ) -> ChainReport:
     head = heads.read(chain) if heads is not None else None
@@ -365,6 +375,17 @@ async def _verify_chain(
             walk,
             walk.problem(
                 anchor.through_seq, "changed", "prune anchor matches no prune record in the chain"
+            ),
+        )
+    if head is None and heads is not None and require_head and walk.records:
+        return report(
+            walk,
+            walk.problem(
+                walk.expected,
+                "unverifiable",
+                f"no head witness for chain {chain!r} in {heads.directory}: records cut from"
+                " the tail could not be detected (was it deleted? if the chain was written on"
+                " another host, verify there or pass --no-head)",
             ),
         )
     if head is not None:

@@ -53,6 +53,7 @@ from gateway.audit.writer import (
     expire_waiters,
     fail_requests,
 )
+from gateway.metrics import Latencies
 from gateway.proxy.ports import AuditUnavailable
 
 log = logging.getLogger("pgwarden.audit")
@@ -167,12 +168,44 @@ class WriteAheadAudit(ChainHeadKeeper):
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
         self.head_interval = 0.05
+        # For the admin listener: the last durable record's seq (ChainHeadKeeper), the time
+        # from a batch's write() to its being durable (the write itself in os mode, until the
+        # fdatasync covering it in disk mode), and whether the log's last write and sync
+        # succeeded. The log is written in this process: nothing restarts.
+        self.position: int | None = None
+        self.commit_seconds = Latencies()
+        self.restarts = 0
+        self.log_ok = True
+        # disk: (last seq of a written batch, loop time of its write), oldest first.
+        self._writes: collections.deque[tuple[int, float]] = collections.deque()
 
     # -- state --------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
         return self._running
+
+    @property
+    def accepting(self) -> bool:
+        """The log is open and takes records: its last write (and, in disk mode, fdatasync)
+        succeeded (readiness, pgwarden_audit_writer_up)."""
+        return self._running and self.log_ok
+
+    def _log_state(self, ok: bool, error: object = None) -> None:
+        """Whether the log took the last write or sync; each change is one log line."""
+        if ok == self.log_ok:
+            return
+        self.log_ok = ok
+        if ok:
+            log.info(
+                "audit log takes records again", extra={"event": "audit_writer_up", "restarts": 0}
+            )
+        else:
+            log.error(
+                "audit log down: %s (statements are refused meanwhile)",
+                error,
+                extra={"event": "audit_writer_down", "restarts": 0, "error": str(error)},
+            )
 
     @property
     def index_lag(self) -> int:
@@ -203,6 +236,8 @@ class WriteAheadAudit(ChainHeadKeeper):
             raise
         self._loop = asyncio.get_running_loop()
         self._running = True
+        if self._tail.seq:
+            self.position = self._tail.seq
         self.index.start(self._tail.seq)
 
     async def _open(self) -> None:
@@ -416,17 +451,22 @@ class WriteAheadAudit(ChainHeadKeeper):
             return
         pending, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
+        assert self._loop is not None
+        started = self._loop.time()
         try:
             sealed, tail = self.chain.seal(self._tail, pending)
             self.log.write(b"".join(map(frame, sealed)), sealed[0].seq)
         except (OSError, ValueError) as exc:
             log.error("audit log write of %d records failed: %s", len(pending), exc)
+            self._log_state(False, f"write failed: {exc}")
             fail_requests(waiters, AuditUnavailable(f"audit log write failed: {exc}"))
             self._keep([p for p, w in zip(pending, waiters, strict=True) if w is None])
             return
         self._tail = tail
         self.index.add(sealed)
         if self.durability == "os":
+            self.commit_seconds.observe(self._loop.time() - started)
+            self._log_state(True)
             if self.log.rotated:
                 self.log.rotated = 0
                 self.log.close_retired()
@@ -435,7 +475,6 @@ class WriteAheadAudit(ChainHeadKeeper):
                     w.set_result(f"{s.chain}:{s.seq}")
             self._after_commit(sealed[-1])
             return
-        assert self._loop is not None
         unsynced = self._unsynced
         for s, w in zip(sealed, waiters, strict=True):
             if w is not None:
@@ -443,6 +482,7 @@ class WriteAheadAudit(ChainHeadKeeper):
         last = sealed[-1]
         self._written_last = last
         self._written = last.seq
+        self._writes.append((last.seq, started))
         if any(w is not None for w in waiters):
             timer = self._loop.call_later(self.timeout, expire_waiters, waiters, self.timeout)
             self._timers.append((last.seq, timer))
@@ -462,8 +502,18 @@ class WriteAheadAudit(ChainHeadKeeper):
         failure = None if future.cancelled() else future.exception()
         unsynced = self._unsynced
         seq = covered.seq
+        writes = self._writes
+        if failure is None and writes and writes[0][0] <= seq:
+            assert self._loop is not None
+            now = self._loop.time()
+            while writes and writes[0][0] <= seq:
+                self.commit_seconds.observe(now - writes.popleft()[1])
+        else:
+            while writes and writes[0][0] <= seq:
+                writes.popleft()
         if failure is not None:
             log.error("audit log fdatasync failed: %s", failure)
+            self._log_state(False, f"fdatasync failed: {failure}")
             error = AuditUnavailable(f"audit log fdatasync failed: {failure}")
             while unsynced and unsynced[0][0] <= seq:
                 w = unsynced.popleft()[1]
@@ -475,6 +525,7 @@ class WriteAheadAudit(ChainHeadKeeper):
                 s, w = unsynced.popleft()
                 if not w.done():
                     w.set_result(f"{chain}:{s}")
+            self._log_state(True)
             self._after_commit(covered)
         timers = self._timers
         while timers and timers[0][0] <= seq:

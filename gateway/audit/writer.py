@@ -15,6 +15,7 @@ from gateway.audit.events import SessionEvent, StatementOutcome, StatementReques
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.records import canonical, outcome_record, request_record, session_record
 from gateway.audit.store import AuditStore, AuditStoreError, CommitResult, Seal
+from gateway.metrics import Latencies
 from gateway.proxy.ports import AuditUnavailable
 
 log = logging.getLogger("pgwarden.audit")
@@ -132,10 +133,12 @@ class BatchClock:
 
 
 class ChainHeadKeeper:
-    """After a record is durable: move the key past a rotation record, and keep the head
-    witness current. Shared by the writers that make records durable (store or log)."""
+    """After a record is durable: move the key past a rotation record, keep the head
+    witness current and `position` (the last durable seq, for the admin listener). Shared by
+    the writers that make records durable (store or log)."""
 
     chain: AuditChain
+    position: int | None
     keyring: AuditKeyring | None
     head: HeadWitness | None
     head_interval: float
@@ -145,6 +148,7 @@ class ChainHeadKeeper:
     _loop: asyncio.AbstractEventLoop | None
 
     def _after_commit(self, last: SealedRecord) -> None:
+        self.position = last.seq
         next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
         if next_epoch != self.chain.epoch:
             # The rotation record is committed first, the key file replaced second: a crash
@@ -247,6 +251,14 @@ class AuditWriter(ChainHeadKeeper):
         self._head_flush: asyncio.TimerHandle | None = None
         # Told of every commit, in order: how many records it held and what came of them.
         self.on_commit: Callable[[int, CommitResult], None] | None = None
+        # For the admin listener: the last committed record's seq, the time from a batch's
+        # submission to its commit, and whether the store took the last batch.
+        self.position: int | None = None
+        self.commit_seconds = Latencies()
+        self.restarts = 0
+        # Records are indexed as they are committed (the store is the log).
+        self.index_lag = 0
+        self.store_ok = True
 
     async def start(self) -> None:
         """Open the store. Raises ChainGap if the store is behind the head witness and the
@@ -454,7 +466,7 @@ class AuditWriter(ChainHeadKeeper):
         self._store_submit(
             self.chain.name,
             partial(self._seal, pending=pending),
-            partial(self._committed, pending, waiters, timer),
+            partial(self._committed, pending, waiters, timer, self._loop.time()),
         )
 
     def _seal(
@@ -511,10 +523,14 @@ class AuditWriter(ChainHeadKeeper):
         pending: list[PendingRecord],
         waiters: list[Waiter],
         timer: asyncio.TimerHandle,
+        submitted: float,
         result: CommitResult,
     ) -> None:
         timer.cancel()
         self._inflight -= 1
+        if self._loop is not None:
+            self.commit_seconds.observe(self._loop.time() - submitted)
+        self._store_state(not isinstance(result, BaseException), result)
         if isinstance(result, BaseException):
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
             fail_requests(waiters, AuditUnavailable(f"audit store failed: {result}"))
@@ -548,3 +564,18 @@ class AuditWriter(ChainHeadKeeper):
         if self._running and self._loop is not None:
             for p in self.spool.take(most):
                 self._queue(p, None, urgent=False)
+
+    @property
+    def accepting(self) -> bool:
+        """The writer runs and takes records (the store may still refuse a commit)."""
+        return self._running
+
+    def _store_state(self, ok: bool, result: object) -> None:
+        """Whether the store took the last batch; each change is one log line."""
+        if ok == self.store_ok:
+            return
+        self.store_ok = ok
+        if ok:
+            log.info("audit store up", extra={"event": "audit_store_up"})
+        else:
+            log.error("audit store down: %s", result, extra={"event": "audit_store_down"})

@@ -161,6 +161,14 @@ class TokenRegistry:
             changed, self._revocations_changed = self._revocations_changed, False
             return changed
 
+    def revoked_count(self) -> int:
+        """Read the revocations now (a reload); how many there are. The change, if any, is
+        still reported by the next refresh(), so the token watch ends the sessions it
+        concerns."""
+        with self._lock:
+            self._refresh(force=True)
+            return len(self._revoked)
+
     def _refresh(self, *, force: bool = False) -> None:
         now = self._monotonic()
         if not force and now - self._checked_at < self._recheck_seconds:

@@ -53,6 +53,10 @@ class IdentityVerifier:
         if self._oidc is not None:
             await self._oidc.aclose()
 
+    def refresh_registry(self) -> int:
+        """Read the local token registry's revocations now (a reload); how many there are."""
+        return self._local.refresh_registry()
+
     async def verify(self, token: str) -> Principal:
         if len(token) > self.max_token_bytes:
             raise TokenRejected(TOKEN_TOO_LARGE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +50,51 @@ def source_files(rego_dir: Path, bundle_dir: Path, *, tests: bool = False) -> li
     if bundle_dir.is_dir():
         files += sorted(p for p in bundle_dir.rglob("*") if p.is_file() and not _is_built(p))
     return files
+
+
+# A Rego string: "..." with escapes, or a raw `...` string.
+_REGO_STRING = re.compile(r'"((?:[^"\\\n]|\\.)*)"|`([^`]*)`')
+
+
+def mentioned_strings(rego_dir: Path, bundle_dir: Path) -> set[str] | None:
+    """Every string the policy's sources spell out (Rego literals outside tests, and the
+    strings anywhere in its data): what a group name must be among for the policy to treat
+    it apart from any other. None when there are no sources here to read."""
+    files = source_files(rego_dir, bundle_dir)
+    if not any(p.suffix == ".rego" for p in files):
+        return None
+    found: set[str] = set()
+    for path in files:
+        text = path.read_text(errors="replace")
+        if path.suffix == ".rego":
+            for quoted, raw in _REGO_STRING.findall(text):
+                found.add(raw or _unescape(quoted))
+        elif path.suffix == ".json":
+            try:
+                _collect_strings(orjson.loads(text), found)
+            except orjson.JSONDecodeError:
+                continue
+    return found
+
+
+def _unescape(quoted: str) -> str:
+    try:
+        value = orjson.loads(f'"{quoted}"')
+    except orjson.JSONDecodeError:
+        return quoted
+    return value if isinstance(value, str) else quoted
+
+
+def _collect_strings(value: Any, found: set[str]) -> None:
+    if isinstance(value, str):
+        found.add(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found.add(key)
+            _collect_strings(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _collect_strings(item, found)
 
 
 def source_stamp(rego_dir: Path, bundle_dir: Path) -> tuple[tuple[str, int, int], ...]:

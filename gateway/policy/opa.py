@@ -38,7 +38,13 @@ class OpaDecider:
         except TimeoutError:
             return Decision.refuse(f"OPA did not answer within {self.timeout_seconds:g}s")
         except OpaUnreachable as exc:
-            return Decision.refuse(str(exc))
+            # Where OPA listens (a socket path, an internal address) is the operator's to
+            # know: the log has it, the client gets what it can act on.
+            log.warning("%s", exc)
+            return Decision.refuse(
+                "OPA unreachable: the policy engine is not answering, so no statement can run;"
+                " retry shortly, or tell the gateway's operator if it persists"
+            )
         except Exception as exc:  # the protocol promises no exception ever reaches the proxy
             log.exception("OPA query failed")
             return Decision.refuse(f"OPA query failed: {type(exc).__name__}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol
 
+from gateway.install import tool_candidates
 from gateway.policy.bundle import (
     BundleError,
     build_bundle,
@@ -94,6 +95,8 @@ class OpaSidecar:
             self._addr = f"127.0.0.1:{port}"
         self.revision: str | None = None
         self.restarts = 0
+        # OPA answered its last health check or revision poll (pgwarden_opa_up).
+        self.up = False
         self.last_error: str | None = None
         self._listeners: list[RevisionListener] = []
         self._process: asyncio.subprocess.Process | None = None
@@ -103,6 +106,8 @@ class OpaSidecar:
         self._stamp: tuple[tuple[str, int, int], ...] = ()
         self._digest = ""
         self._control = OpaTransport(self.url, decision_path="", timeout_seconds=2.0)
+        # The watcher and a reload must not build the bundle at the same time.
+        self._reloading = asyncio.Lock()
 
     @classmethod
     def from_settings(
@@ -141,6 +146,7 @@ class OpaSidecar:
         if not await self._wait_healthy():
             await self.stop()
             raise SidecarError(f"OPA did not become healthy; see {self.log_path}")
+        self._set_up(True)
         await self._poll_revision()
         self._tasks = [
             asyncio.create_task(self._supervise(), name="opa-supervisor"),
@@ -256,8 +262,9 @@ class OpaSidecar:
                 await process.wait()
             if self._stopping:
                 return
-            log.error(
-                "OPA exited (code %s); restarting in %.1fs", process and process.returncode, backoff
+            self._set_up(
+                False,
+                f"OPA exited (code {process and process.returncode}); restarting in {backoff:.1f}s",
             )
             self._notify("opa_down")
             await asyncio.sleep(backoff)
@@ -265,6 +272,7 @@ class OpaSidecar:
             await self._spawn()
             if await self._wait_healthy():
                 backoff = 0.1
+                self._set_up(True)
                 await self._poll_revision()
             else:
                 await self._terminate_quietly()
@@ -278,10 +286,23 @@ class OpaSidecar:
         while True:
             await asyncio.sleep(self.poll_seconds)
             try:
-                await self._reload_if_changed()
+                async with self._reloading:
+                    await self._reload_if_changed()
                 await self._poll_revision()
             except Exception:  # the watcher must outlive any one bad poll
                 log.exception("policy watch failed")
+
+    async def reload_now(self) -> str:
+        """Rebuild the bundle now if its sources changed (a reload asks; the watcher would
+        within `poll_seconds`); says what became of the policy."""
+        before = self.revision
+        async with self._reloading:
+            await self._reload_if_changed()
+        if self.revision != before:
+            return f"revision {before} -> {self.revision}"
+        if self.last_error is not None:
+            return f"still revision {self.revision}; the sources do not build: {self.last_error}"
+        return f"unchanged (revision {self.revision})"
 
     async def _reload_if_changed(self) -> None:
         stamp = source_stamp(self.rego_dir, self.bundle_dir)
@@ -299,7 +320,7 @@ class OpaSidecar:
             # OPA keeps serving the last good policy; say why the new one was not taken.
             self._stamp = stamp
             self.last_error = str(exc)
-            log.error("policy change not loaded: %s", exc)
+            log.error("policy change not loaded: %s", exc, extra={"event": "policy_not_loaded"})
             self._notify("policy_unchanged")
             return
         loop = asyncio.get_running_loop()
@@ -309,20 +330,37 @@ class OpaSidecar:
             if self.revision != old_revision:
                 return
             await asyncio.sleep(0.02)
-        log.error("OPA did not load the rebuilt policy bundle; see %s", self.log_path)
+        log.error(
+            "OPA did not load the rebuilt policy bundle; see %s",
+            self.log_path,
+            extra={"event": "policy_not_loaded"},
+        )
         self._notify("policy_unchanged")
 
     async def _poll_revision(self) -> None:
         try:
             revision = await self._control.revision()
-        except OpaUnreachable:
+        except OpaUnreachable as exc:
+            self._set_up(False, str(exc))
             # Alive but not answering (hung, overloaded): no decision is reused meanwhile.
             if self._listeners and self.running:
                 self._notify("opa_down")
             return
+        self._set_up(True)
         self.revision = revision
         for listener in self._listeners:
             listener.revision_seen(revision)
+
+    def _set_up(self, up: bool, why: str = "") -> None:
+        """Note whether OPA answers; each change is one log line."""
+        if up == self.up:
+            return
+        self.up = up
+        fields = {"event": "opa_up" if up else "opa_down", "restarts": self.restarts}
+        if up:
+            log.info("OPA up (pid %s)", self.pid, extra=fields)
+        else:
+            log.error("OPA down: %s", why, extra=fields)
 
     def _notify(self, event: str) -> None:
         for listener in self._listeners:
@@ -330,14 +368,28 @@ class OpaSidecar:
 
 
 def opa_binary_of(settings: Settings) -> Path:
-    """The OPA binary: the configured one, else the project's .pgwarden/bin/opa, else PATH."""
-    binary = settings.policy.opa_binary or settings.state_path(Path("bin") / "opa")
-    if binary.exists():
-        return binary.resolve()
+    """The OPA binary: the configured one; else the state directory's bin/opa, PATH, or the
+    one next to the installation (never looked up in the current directory)."""
+    configured = settings.policy.opa_binary
+    if configured is not None:
+        if not configured.is_file():
+            raise SidecarError(
+                f"OPA binary not found: policy.opa_binary {configured} does not exist"
+            )
+        return configured.resolve()
+    in_state = settings.state_path(Path("bin") / "opa")
+    if in_state.is_file():
+        return in_state.resolve()
     found = shutil.which("opa")
-    if found is None:
-        raise SidecarError(f"OPA binary not found at {binary} nor on PATH")
-    return Path(found)
+    if found is not None:
+        return Path(found)
+    for candidate in tool_candidates("opa"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SidecarError(
+        f"OPA binary not found: set policy.opa_binary (PGWARDEN_POLICY__OPA_BINARY), put opa"
+        f" on PATH or in {in_state}"
+    )
 
 
 def _free_port() -> int:

@@ -31,6 +31,9 @@ class RevisionWatch:
         self.listener = listener
         self.poll_seconds = poll_seconds
         self._task: asyncio.Task[None] | None = None
+        # OPA answered the last poll (pgwarden_opa_up); pgwarden restarts no OPA of its own.
+        self.up = False
+        self.restarts = 0
 
     async def start(self) -> None:
         await self.poll()
@@ -48,9 +51,15 @@ class RevisionWatch:
             revision = await self.transport.revision()
         except OpaUnreachable as exc:
             # Nothing is served from memory until OPA answers again with a revision.
-            log.warning("policy revision unknown: %s", exc)
+            if self.up or self._task is None:
+                # Once per change, not once a poll.
+                log.warning("OPA down: %s", exc, extra={"event": "opa_down"})
+            self.up = False
             self.listener.opa_down()
             return
+        if not self.up:
+            log.info("OPA up at %s", self.transport.url, extra={"event": "opa_up"})
+        self.up = True
         self.listener.revision_seen(revision)
 
     async def _run(self) -> None:

@@ -4,6 +4,7 @@ write-ahead audit record, producing a verdict the session enforces."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -11,6 +12,7 @@ from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
+from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
 from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
@@ -27,6 +29,8 @@ REFUSED = "42501"
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
+
+log = logging.getLogger("pgwarden.gate")
 
 
 def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> bool:
@@ -180,14 +184,38 @@ def combine(decisions: Sequence[Decision]) -> Decision:
     return decisions[0] if decisions else Decision.refuse("empty statement list")
 
 
-def refusal_error(decision: Decision) -> bytes:
-    reason = "; ".join(decision.reasons) or "no reason given"
+def refusal_error(decision: Decision, record_id: str | None = None) -> bytes:
+    """What the client sees of a deny or an approval the gateway cannot wait for yet: one
+    reason in the message, the others and the decision id in DETAIL; for an approval, a HINT
+    saying how to ask for it (the audit record is what an approver reads)."""
+    reasons = list(dict.fromkeys(r.strip() for r in decision.reasons if r.strip()))
+    reason = reasons[0] if reasons else "the policy gave no reason"
+    details = []
+    if len(reasons) > 1:
+        details.append("also: " + "; ".join(reasons[1:]))
+    if decision.decision_id:
+        details.append(f"decision id: {decision.decision_id}")
+    detail = "\n".join(details) or None
+    hint = None
     if decision.action == "approve":
         message = f"pgwarden: approval required: {reason}"
+        who = " or ".join(decision.approvers) or "an approver"
+        shown = f"pgwarden audit show {record_id}" if record_id else "the decision id"
+        hint = (
+            "pgwarden cannot hold a statement for approval yet, so it was not run."
+            f" To ask for approval, send {who} this, for them to review and run:"
+            f" {shown}"
+        )
     else:
         message = f"pgwarden: statement denied: {reason}"
-    detail = f"decision id: {decision.decision_id}" if decision.decision_id else None
-    return ErrorResponse.build("ERROR", REFUSED, message, detail=detail).encode()
+    return ErrorResponse.build("ERROR", REFUSED, message, detail=detail, hint=hint).encode()
+
+
+def _id_of(
+    chosen: Decision, decisions: Sequence[Decision], request_ids: Sequence[str | None]
+) -> str | None:
+    """The audit record of the statement whose decision the message got."""
+    return next((rid for d, rid in zip(decisions, request_ids, strict=False) if d is chosen), None)
 
 
 def _audit_refusal(
@@ -215,8 +243,10 @@ class StatementGate:
         decider: Decider,
         audit: AuditSink,
         free_databases: Callable[[Sequence[str]], Awaitable[None]] | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.ctx = ctx
+        self._metrics = metrics or GatewayMetrics()
         self._free_databases = free_databases
         self._analyzer = analyzer
         self.prepared = prepared
@@ -339,11 +369,17 @@ class StatementGate:
         not_after = self.ctx.principal.expires_at
         count = len(facts)
         inputs = [self._input(f, protocol, i, count, params) for i, f in enumerate(facts)]
+        started = time.perf_counter()
         if count == 1:
-            return [await self._decider.decide(inputs[0], not_after=not_after)]
-        return list(
-            await asyncio.gather(*(self._decider.decide(i, not_after=not_after) for i in inputs))
-        )
+            decisions = [await self._decider.decide(inputs[0], not_after=not_after)]
+        else:
+            decisions = list(
+                await asyncio.gather(
+                    *(self._decider.decide(i, not_after=not_after) for i in inputs)
+                )
+            )
+        self._metrics.decision_seconds.observe(time.perf_counter() - started)
+        return decisions
 
     # -- write-ahead audit -------------------------------------------------------------
 
@@ -403,9 +439,11 @@ class StatementGate:
             try:
                 request_ids = await self._record(facts, decisions, protocol, params)
             except AuditUnavailable as exc:
-                return _audit_refusal(exc, decisions, facts)
+                return self._tallied(_audit_refusal(exc, decisions, facts), combined)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
-        refusal = None if allowed else refusal_error(combined)
+        refusal = (
+            None if allowed else refusal_error(combined, _id_of(combined, decisions, request_ids))
+        )
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
@@ -415,7 +453,9 @@ class StatementGate:
             for run in runs:
                 run.sqlstate = REFUSED
                 run.error_message = "refused by policy"
-        return Verdict(allowed, runs, decisions, refusal, facts)
+        verdict = Verdict(allowed, runs, decisions, refusal, facts)
+        # An allowed Parse is counted at its Executes, each of which is recorded.
+        return self._tallied(verdict, combined) if record or not allowed else verdict
 
     async def check_query(self, text: str) -> Verdict:
         """A simple-protocol Query: every statement in it, decided as a whole, recorded first."""
@@ -483,7 +523,10 @@ class StatementGate:
         """The FunctionCall message: decided as a call of the function its OID names."""
         name = await self._catalog.function_name(oid) if self._catalog is not None else None
         if name is None:
-            return Verdict(False, [], [], refusal_for(f"function OID {oid} cannot be resolved"))
+            reason = f"function OID {oid} cannot be resolved"
+            return self._tallied(
+                Verdict(False, [], [], refusal_for(reason)), Decision.refuse(reason)
+            )
         text = f"-- FunctionCall message\nSELECT {name}(...)"
         facts = StatementFacts(
             text=text,
@@ -524,10 +567,11 @@ class StatementGate:
         (still_current): recorded, with its parameters, first. The first Execute after the
         Parse carries the decision made for it; every later one reuses it, and its record
         says so (`cache_hit`, with the revision the decision was made under)."""
+        combined = combine(decisions)
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:
-            return _audit_refusal(exc, decisions, facts)
+            return self._tallied(_audit_refusal(exc, decisions, facts), combined)
         if not all(d.cache_hit for d in decisions):
             # In place: the list is the prepared statement's own, kept for its next Execute.
             decisions[:] = [d if d.cache_hit else replace(d, cache_hit=True) for d in decisions]
@@ -535,7 +579,43 @@ class StatementGate:
         refusal = await self._prepare_masks(runs, decisions)
         if refusal is None:
             await self._free_held_databases(facts)
-        return Verdict(refusal is None, runs, decisions, refusal, facts)
+        return self._tallied(Verdict(refusal is None, runs, decisions, refusal, facts), combined)
+
+    def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
+        """Count the verdict's statements by what became of them, and log a refusal (with
+        the decision id, never the statement's text or parameters: literals and parameters
+        may be secrets; the audit trail has them)."""
+        count = len(verdict.facts) or 1
+        if verdict.allowed:
+            action = "allow"
+        elif combined.refused or combined.action == "allow":
+            # pgwarden could not decide or could not enforce (OPA or the audit store down,
+            # masks that cannot apply): not the policy's answer.
+            action = "error"
+        else:
+            action = combined.action
+        masked = verdict.allowed and any(r.masked for r in verdict.runs)
+        self._metrics.statements_decided(self.ctx.target_name, action, count, masked=masked)
+        if not verdict.allowed:
+            reason = ""
+            if verdict.refusal is not None:
+                reason = ErrorResponse.decode(verdict.refusal[5:]).message or ""
+            log.info(
+                "statement refused: %s",
+                reason,
+                extra={
+                    "event": "statement_refused",
+                    "session_id": self.ctx.session_id,
+                    "subject": self.ctx.principal.subject,
+                    "target": self._audit_target,
+                    "action": action,
+                    "decision_id": combined.decision_id,
+                    "reasons": list(combined.reasons),
+                    "commands": [f.command for f in verdict.facts],
+                    "fingerprints": [f.fingerprint for f in verdict.facts],
+                },
+            )
+        return verdict
 
     async def _free_held_databases(self, facts: Sequence[StatementFacts]) -> None:
         """Before an allowed DROP DATABASE (rename, CREATE DATABASE ... TEMPLATE) is
@@ -715,6 +795,7 @@ class StatementGate:
             duration_ms=(time.perf_counter() - run.started) * 1000.0,
             bytes_out=run.bytes_out,
             recorded_rows=tuple(run.recorded),
+            recorded_columns=run.recorded_columns,
             forwarded=forwarded,
         )
         nowait = self._outcome_nowait

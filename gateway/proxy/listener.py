@@ -7,9 +7,11 @@ import contextlib
 import functools
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
 from gateway.proxy.ports import AuditSink, Decider, TokenVerifier
@@ -41,6 +43,7 @@ class GatewayContext:
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     sessions: set[ClientSession] = field(default_factory=set)
     background: set[asyncio.Future[None]] = field(default_factory=set)
     # Set whenever no session is open (the listener's shutdown waits on it).
@@ -58,6 +61,7 @@ class GatewayContext:
             decider=self.decider,
             audit=self.audit,
             free_databases=None if free is None else functools.partial(free, target),
+            metrics=self.metrics,
         )
 
     def after_ddl(self, session: ClientSession) -> None:
@@ -77,6 +81,14 @@ class Listener:
         self.gw = gw
         self._server: asyncio.Server | None = None
         self._token_watch: asyncio.Task[None] | None = None
+
+    def open_sessions(self) -> Counter[tuple[str, str]]:
+        """(target, group label) -> sessions past login, relaying now."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for session in self.gw.sessions:
+            if session.relaying and session.target is not None and session.principal is not None:
+                counts[(session.target.name, group_label(session.principal.groups))] += 1
+        return counts
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -103,6 +115,30 @@ class Listener:
                 for session in list(self.gw.sessions):
                     session.recheck_token_now()
 
+    async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
+        """Stop accepting (new connections are refused), let every session finish what it
+        is running for up to `seconds` (or until `cut_short` is set), then stop."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.gw.sessions):
+            session.drain()
+        if self.gw.sessions:
+            waits = [asyncio.ensure_future(self.gw.all_closed.wait())]
+            if cut_short is not None:
+                waits.append(asyncio.ensure_future(cut_short.wait()))
+            try:
+                await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if self.gw.sessions:
+                log.warning(
+                    "drain: %d session(s) still busy after %.1f s are closed",
+                    len(self.gw.sessions),
+                    seconds,
+                )
+        await self.stop()
+
     async def stop(self) -> None:
         if self._token_watch is not None:
             self._token_watch.cancel()
@@ -111,7 +147,7 @@ class Listener:
         if self._server is not None:
             self._server.close()
             for session in list(self.gw.sessions):
-                session._fatal("57P01", "pgwarden: the gateway is shutting down")
+                session.shut_down()
             # Sessions write their session_end records from connection_lost, a later turn
             # of the loop: wait for them before the audit writer is closed.
             if self.gw.sessions:

@@ -109,6 +109,8 @@ _REJECTED_IF_ABORTED = b"SELECT pg_catalog.pgwarden_refused()"
 # The statement name of pgwarden's stand-ins for refused Executes: never stored (the Parse
 # fails), so the client's unnamed statement is left as it was.
 _STAND_IN = "pgwarden:refused"
+# admin_shutdown: what PostgreSQL itself sends the sessions it ends when it shuts down.
+SHUTTING_DOWN = "57P01"
 
 # Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
 # if the server reports it off): pglast reads SQL as PostgreSQL does with it on. With it off,
@@ -212,6 +214,8 @@ class ClientSession(asyncio.Protocol):
 
     def __init__(self, gw: GatewayContext) -> None:
         self.gw = gw
+        # Bytes relayed each way: one integer add per data callback, summed at scrape time.
+        self._traffic = gw.metrics.traffic
         self.phase = Phase.STARTUP
         self.id = str(uuid.uuid4())
         self.transport: asyncio.Transport | None = None
@@ -274,6 +278,13 @@ class ClientSession(asyncio.Protocol):
         # pgwarden's own read failed inside the client's pipeline: the server skips to the
         # client's Sync, and the client is owed this error in place of its next message.
         self._owed_error: bytes | None = None
+        # The gateway is shutting down: the session ends at its next idle point.
+        self._draining = False
+
+    @property
+    def relaying(self) -> bool:
+        """Past login and the upstream connect: the session's statements flow."""
+        return self.phase is Phase.RELAY
 
     # -- connection callbacks ------------------------------------------------------------
 
@@ -383,6 +394,40 @@ class ClientSession(asyncio.Protocol):
         if self.up is not None:
             self.up.transport.resume_reading()
 
+    # -- shutdown ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The gateway is shutting down: end the session once nothing the client sent is
+        still running or unanswered (at once when it is idle). A session inside a
+        transaction may still end it; the listener closes what remains at its deadline."""
+        self._draining = True
+        self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.phase is Phase.RELAY and (
+            self._busy
+            or self.tracker
+            or self._inbuf
+            or self._sbuf
+            or self._skip
+            or self._up_out
+            or self._copy_in
+            or self._mask_wait
+            or self._path_read is not None
+            or (self.gate is not None and self.gate.in_transaction)
+        ):
+            return
+        # Not logged in yet, or between statements: nothing of the client's is lost.
+        self.shut_down()
+
+    def shut_down(self) -> None:
+        """End the session now, telling the client why (a statement still running gets
+        its outcome record from connection_lost)."""
+        self._end_reason = "gateway shutting down"
+        self._fatal(SHUTTING_DOWN, "pgwarden: the gateway is shutting down")
+
     # -- output helpers ------------------------------------------------------------------
 
     def _send(self, data: bytes | bytearray | memoryview) -> None:
@@ -456,6 +501,9 @@ class ClientSession(asyncio.Protocol):
 
     def _session_event(self, kind: str, reason: str = "") -> None:
         startup = self._startup.parameters if self._startup else {}
+        if kind == "session_start" and self.target is not None and self.principal is not None:
+            self.gw.metrics.session_started(self.target.name, self.principal.groups)
+        self._log_session(kind, reason, startup)
         event = SessionEvent(
             kind=kind,  # type: ignore[arg-type]
             time=time.time(),
@@ -473,6 +521,31 @@ class ClientSession(asyncio.Protocol):
         task = asyncio.ensure_future(self.gw.audit.session(event))
         self.gw.background.add(task)
         task.add_done_callback(self.gw.background.discard)
+
+    def _log_session(self, kind: str, reason: str, startup: dict[str, str]) -> None:
+        """One log line per session start, end and refused login (never the token)."""
+        target = self.target.name if self.target is not None else startup.get("database", "")
+        principal = self.principal
+        fields: dict[str, object] = {
+            "event": kind,
+            "session_id": self.id,
+            "client_addr": self.client_addr,
+            "application_name": startup.get("application_name", ""),
+            "target": target,
+            "database": self.database,
+        }
+        if principal is not None:
+            fields["subject"] = principal.subject
+            fields["groups"] = list(principal.groups)
+        if kind == "session_start":
+            log.info("session started", extra=fields)
+        elif kind == "session_end":
+            fields["reason"] = reason
+            fields["duration_seconds"] = round(time.time() - self._started_at, 3)
+            log.info("session ended: %s", reason, extra=fields)
+        else:
+            fields["reason"] = reason
+            log.warning("login refused: %s", reason, extra=fields)
 
     # -- startup -------------------------------------------------------------------------
 
@@ -675,6 +748,9 @@ class ClientSession(asyncio.Protocol):
                 self.target, self.gw.environ, relayed, database=self.database
             )
         except UpstreamError as exc:
+            self.gw.metrics.upstream_connect_failed(self.target.name)
+            if exc.detail:
+                log.warning("session %s: %s: %s", self.id, exc, exc.detail)
             self._session_event("auth_failure", str(exc))
             self._fatal(exc.sqlstate, f"pgwarden: {exc}")
             return
@@ -1007,6 +1083,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: client to server ---------------------------------------------------------
 
     def _client_data(self, data: bytes) -> None:
+        self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
         if self._busy:
@@ -1149,6 +1226,8 @@ class ClientSession(asyncio.Protocol):
             if self.transport is not None and not self._paused_by_upstream:
                 self.transport.resume_reading()
             self._drain_client()
+        if self._draining:
+            self._end_if_drained()
 
     def _token_problem(self) -> str | None:
         assert self.principal is not None
@@ -1425,9 +1504,9 @@ class ClientSession(asyncio.Protocol):
             self._refuse("parse", verdict.refusal, [], server_rejects=verdict.server_rejects)
             return
         for run in verdict.runs:
-            if run.masked:
-                # The plan is built when the rows come: the Describe sent in the same
-                # pipeline has been answered by then.
+            if run.masked or run.record_rows:
+                # The plan (and the recorded rows' column names) are taken when the rows
+                # come: the Describe sent in the same pipeline has been answered by then.
                 run.source = portal
                 run.result_formats = portal.result_formats
         self._to_server(message)
@@ -1459,6 +1538,7 @@ class ClientSession(asyncio.Protocol):
     # -- relay: server to client ---------------------------------------------------------
 
     def _server_data(self, data: bytes) -> None:
+        self._traffic.to_client += len(data)
         try:
             self._relay_server_data(data)
         except ProtocolViolation as exc:
@@ -1546,6 +1626,8 @@ class ClientSession(asyncio.Protocol):
             buf += data[pos:]
         if self._path_wanted:
             self._read_path_if_quiet()
+        if self._draining:
+            self._end_if_drained()
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int
@@ -1708,8 +1790,9 @@ class ClientSession(asyncio.Protocol):
                     front.described.row_description = bytes(view[pos + 5 : end])
             elif front.kind == "query":
                 run = front.current_run()
-                if run is not None and run.masked:
-                    # Planned at the first row, which may have to wait for the catalog.
+                if run is not None and (run.masked or run.record_rows):
+                    # Planned at the first row, which may have to wait for the catalog;
+                    # recorded rows take their column names from it.
                     run.description = bytes(view[pos + 5 : end])
                     run.described = False
             return None
@@ -1846,6 +1929,22 @@ class ClientSession(asyncio.Protocol):
             return b""
         return masked
 
+    def _column_names(self, run: StatementRun) -> tuple[str, ...]:
+        """The names of a run's output columns, from its Query's or its portal's
+        description; () when none was seen (the rows are then recorded unnamed)."""
+        described = run.description
+        portal = run.source
+        if isinstance(portal, Portal):
+            described = portal.row_description
+            if described is None and portal.prepared is not None:
+                described = portal.prepared.row_description
+        if described is None:
+            return ()
+        try:
+            return tuple(f.name for f in RowDescription.decode(described).fields)
+        except ProtocolViolation:
+            return ()
+
     def _record_row(self, run: StatementRun, frame: bytes) -> None:
         """Session recording: the row as the client received it (after masking), bounded."""
         audit = self.gw.settings.audit
@@ -1859,6 +1958,8 @@ class ClientSession(asyncio.Protocol):
         except ProtocolViolation:
             return
         row = tuple(None if v is None else client_text(v, self.encoding) for v in values)
+        if not run.recorded:
+            run.recorded_columns = self._column_names(run)
         run.recorded.append(row)
         run.recorded_bytes += len(frame)
 

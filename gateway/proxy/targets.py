@@ -15,6 +15,7 @@ import orjson
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 SSL_MODES: tuple[SslMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # `dbname` is `target` (its default database) or `target/database`: a target name never
 # holds this character, so the first one ends it; a database name may hold more of them.
 DATABASE_SEPARATOR = "/"
@@ -60,8 +61,34 @@ class Target:
     databases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise TargetError(f"invalid target name {self.name!r}")
+        for what in ("host", "dbname", "user"):
+            value = getattr(self, what)
+            if not isinstance(value, str) or not value.strip():
+                raise TargetError(f"target {self.name}: {what} must be a non-empty string")
+        if any(c.isspace() or c in "/?#@" for c in self.host):
+            raise TargetError(f"target {self.name}: invalid host {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise TargetError(f"target {self.name}: port must be a number, got {self.port!r}")
+        if not 1 <= self.port <= 65535:
+            raise TargetError(f"target {self.name}: port {self.port} is not in 1..65535")
+        for what in ("password_env", "password_file", "sslrootcert"):
+            value = getattr(self, what)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TargetError(f"target {self.name}: {what} must be a non-empty string")
+        if self.password_env is not None and not _ENV_NAME.match(self.password_env):
+            raise TargetError(
+                f"target {self.name}: {self.password_env!r} is not an environment variable name"
+            )
+        if not isinstance(self.labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+        ):
+            raise TargetError(f"target {self.name}: labels must map text to text")
+        if not isinstance(self.databases, list | tuple) or not all(
+            isinstance(d, str) for d in self.databases
+        ):
+            raise TargetError(f"target {self.name}: databases must be a list of names")
         # The registry file holds a JSON list; the value stays hashable and read-only.
         object.__setattr__(self, "databases", tuple(dict.fromkeys(self.databases)))
         if any(not d for d in self.databases):
@@ -131,9 +158,38 @@ class TargetRegistry:
             return
         if mtime == self._mtime:
             return
-        raw = orjson.loads(self._path.read_bytes())
-        self._targets = {t["name"]: Target(**t) for t in raw.get("targets", [])}
+        self._targets = self._parse(self._path.read_bytes())
         self._mtime = mtime
+
+    def refresh(self) -> dict[str, Target]:
+        """Read the file again now, whatever its mtime says; the targets by name."""
+        self._mtime = None
+        self._load()
+        return dict(self._targets)
+
+    def _parse(self, data: bytes) -> dict[str, Target]:
+        """The file's targets; TargetError naming the file and what is wrong with it, so a
+        hand-edited or damaged file is reported as such, never as a crash."""
+        where = f"targets file {self._path}"
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise TargetError(f"{where} is not valid JSON: {exc}") from None
+        entries = raw.get("targets", []) if isinstance(raw, dict) else None
+        if not isinstance(entries, list):
+            raise TargetError(f'{where} must hold an object {{"targets": [...]}}')
+        targets: dict[str, Target] = {}
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise TargetError(f"{where}: entry {index} is not an object")
+            try:
+                target = Target(**entry)
+            except TypeError as exc:
+                raise TargetError(f"{where}: entry {index}: {exc}") from None
+            except TargetError as exc:
+                raise TargetError(f"{where}: entry {index}: {exc}") from None
+            targets[target.name] = target
+        return targets
 
     def get(self, name: str) -> Target | None:
         self._load()

@@ -39,6 +39,7 @@ class StatementRun:
     done: bool = False
     record_rows: bool = False
     recorded: list[tuple[str | None, ...]] = field(default_factory=list)
+    recorded_columns: tuple[str, ...] = ()
     recorded_bytes: int = 0
     # Masks the policy asked for on this statement: (table oid, attnum) → method, resolved
     # before the statement is forwarded; mask_all when they could not be resolved.

@@ -38,7 +38,7 @@ from gateway.protocol import (
     StartupMessage,
     decode_backend,
 )
-from gateway.proxy.targets import Target
+from gateway.proxy.targets import Target, TargetError
 from gateway.proxy.tls import upstream_context
 
 _HEADER = struct.Struct("!BI")
@@ -51,9 +51,11 @@ class UpstreamError(Exception):
     The message is safe to show the client: it never holds the target's credential.
     """
 
-    def __init__(self, message: str, sqlstate: str = "08001") -> None:
+    def __init__(self, message: str, sqlstate: str = "08001", detail: str = "") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        # For the gateway's log only, never the client.
+        self.detail = detail
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -149,6 +151,8 @@ class UpstreamConnection:
     parameters: dict[str, str] = field(default_factory=dict)
     # Bytes that arrived after ReadyForQuery during login (normally none).
     leftover: bytes = b""
+    # How the target authenticated the gateway: trust, password, md5, SCRAM-SHA-256[-PLUS].
+    auth_method: str = "trust"
 
 
 def _md5_password(user: str, password: str, salt: bytes) -> str:
@@ -220,8 +224,19 @@ async def _login(
             )
     params = {"database": target.dbname, **parameters, "user": target.user}
     transport.write(StartupMessage(parameters=params).encode())
-    password = target.password(environ)
+    try:
+        password = target.password(environ)
+    except TargetError as exc:
+        # The detail (variable or file) is for the operator's log; the client learns only
+        # that the gateway lacks the credential.
+        raise UpstreamError(
+            f"the gateway cannot read the credential of target {target.name}"
+            f" (an administrator can check it with: pgwarden targets test {target.name})",
+            sqlstate="08004",
+            detail=str(exc),
+        ) from None
     scram: scramp.ScramClient | None = None
+    auth_method = "trust"
     process_id, secret = 0, b""
     server_params: dict[str, str] = {}
     while True:
@@ -240,6 +255,7 @@ async def _login(
                 else password
             )
             transport.write(PasswordMessage(answer_pw).encode())
+            auth_method = "md5" if isinstance(msg, AuthenticationMD5Password) else "password"
         elif isinstance(msg, AuthenticationSASL):
             if password is None:
                 raise UpstreamError(
@@ -256,6 +272,7 @@ async def _login(
                 mechanisms, target.user, password, channel_binding=channel_binding
             )
             first = scram.get_client_first()
+            auth_method = scram.mechanism_name
             transport.write(SASLInitialResponse(scram.mechanism_name, first.encode()).encode())
         elif isinstance(msg, AuthenticationSASLContinue):
             if scram is None:
@@ -277,7 +294,13 @@ async def _login(
             process_id, secret = msg.process_id, msg.secret_key
         elif isinstance(msg, ReadyForQuery):
             return UpstreamConnection(
-                proto, transport, process_id, secret, server_params, proto.take_buffered()
+                proto,
+                transport,
+                process_id,
+                secret,
+                server_params,
+                proto.take_buffered(),
+                auth_method,
             )
         elif isinstance(msg, ErrorResponse):
             # The server's own words may name the role or database, never the password.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -15,7 +16,7 @@ from cli.audit import app, parse_age, parse_when
 from gateway.audit import audit_writer
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
-from gateway.policy.decision import Decision
+from gateway.policy.decision import Decision, Mask
 from gateway.settings import load_settings
 
 BOT = Principal("agent:ci-bot", "pgwarden", ("ai-agents",), "jti-9", None)
@@ -53,10 +54,35 @@ def state(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _invoke(state: Path, *args: str) -> tuple[int, str, str]:
+def _invoke(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     runner = CliRunner()
-    result = runner.invoke(app, list(args), env={"PGWARDEN_STATE_DIR": str(state)})
+    result = runner.invoke(app, list(args), env={"PGWARDEN_STATE_DIR": str(state), **(env or {})})
     return result.exit_code, result.stdout, result.stderr
+
+
+def _append(
+    state: Path, *requests: StatementRequest, outcome: StatementOutcome | None = None
+) -> None:
+    """More records on the fixture's chain (concurrent requests share group commits)."""
+    settings = load_settings(state_dir=state, instance="gw-1")
+
+    async def fill() -> None:
+        writer = audit_writer(settings)
+        await writer.start()
+        ids = await asyncio.gather(*(writer.request(r) for r in requests))
+        if outcome is not None:
+            await writer.outcome(replace(outcome, request_id=ids[-1]))
+        await writer.close()
+
+    asyncio.run(fill())
+
+
+def _tamper(state: Path, statement: str) -> None:
+    """Change the audit store behind pgwarden's back, as an attacker with the file would."""
+    db = sqlite3.connect(state / "audit.sqlite3")
+    db.execute(statement)
+    db.commit()
+    db.close()
 
 
 def _jsonl(out: str) -> list[dict[str, object]]:
@@ -111,10 +137,7 @@ def test_show_a_request_with_its_outcome_and_recorded_rows(state: Path) -> None:
 def test_verify_passes_then_names_the_tampered_record(state: Path) -> None:
     code, out, _ = _invoke(state, "verify", "--json")
     assert code == 0 and orjson.loads(out)["ok"] is True
-    db = sqlite3.connect(state / "audit.sqlite3")
-    db.execute("UPDATE audit_record SET body = replace(body, 'orders', 'ordurs') WHERE seq = 4")
-    db.commit()
-    db.close()
+    _tamper(state, "UPDATE audit_record SET body = replace(body, 'orders', 'ordurs') WHERE seq = 4")
     code, out, err = _invoke(state, "verify")
     assert code == 1
     assert "changed at gw-1:4" in err
@@ -166,3 +189,126 @@ def test_ages_and_times() -> None:
     assert parse_when("2024-01-01T00:00:00+00:00", 0) == 1_704_067_200.0
     with pytest.raises(ValueError):
         parse_age("")
+
+
+def test_prune_takes_days_or_hours_only(state: Path) -> None:
+    for age in ("5m", "90m", "7200s", "2w", "1d30m", "-3d"):
+        code, _, err = _invoke(state, "prune", "--older-than", age)
+        assert code == 1 and "use days or hours" in err, (age, err)
+    code, out, _ = _invoke(state, "prune", "--older-than", "2400h")
+    assert code == 0 and "removed 1 record(s) through seq 1" in out
+
+
+def test_prune_refuses_to_go_below_the_retention_floor(state: Path) -> None:
+    code, _, err = _invoke(state, "prune", "--older-than", "6d")
+    assert code == 1 and "audit.retention_floor_days (7d)" in err
+    code, _, err = _invoke(state, "prune", env={"PGWARDEN_AUDIT__RETENTION_DAYS": "3"})
+    assert code == 1 and "audit.retention_floor_days (7d)" in err
+    code, _, err = _invoke(
+        state, "prune", "--older-than", "100d", env={"PGWARDEN_AUDIT__RETENTION_FLOOR_DAYS": "150"}
+    )
+    assert code == 1 and "(150d)" in err
+    # Lowered, the floor lets the recent records go too.
+    code, out, _ = _invoke(
+        state, "prune", "--older-than", "0h", env={"PGWARDEN_AUDIT__RETENTION_FLOOR_DAYS": "0"}
+    )
+    assert code == 0 and "removed 4 record(s) through seq 4 (from seq 1," in out
+    code, _, _ = _invoke(state, "verify")
+    assert code == 0
+
+
+def test_prune_dry_run_says_what_it_would_remove_and_removes_nothing(state: Path) -> None:
+    code, out, _ = _invoke(state, "prune", "--older-than", "90d", "--dry-run")
+    assert code == 0 and out.startswith("would remove 1 record(s) through seq 1 (from seq 1,")
+    code, out, _ = _invoke(state, "prune", "--older-than", "90d", "--dry-run", "--json")
+    doc = orjson.loads(out)
+    assert (doc["dry_run"], doc["records"], doc["first_seq"], doc["through_seq"]) == (
+        True, 1, 1, 1,
+    )  # fmt: skip
+    code, out, _ = _invoke(state, "export")
+    assert [r["seq"] for r in _jsonl(out)] == [1, 2, 3, 4]
+    code, out, _ = _invoke(state, "prune", "--older-than", "90d", "--json")
+    doc = orjson.loads(out)
+    assert (doc["dry_run"], doc["records"], doc["through_seq"]) == (False, 1, 1)
+    code, out, _ = _invoke(state, "prune", "--older-than", "90d", "--dry-run", "--json")
+    assert orjson.loads(out)["records"] == 0
+
+
+def test_verify_fails_when_the_head_witness_is_deleted(state: Path) -> None:
+    code, _, _ = _invoke(state, "verify")
+    assert code == 0
+    # The witness is what exposes a cut tail: without it, cutting the tail is invisible.
+    for witness in (state / "audit-head").glob("*.head"):
+        witness.unlink()
+    _tamper(state, "DELETE FROM audit_record WHERE seq = 4")
+    code, out, err = _invoke(state, "verify")
+    assert code == 1 and "no head witness for chain 'gw-1'" in err
+    code, out, _ = _invoke(state, "verify", "--json")
+    assert code == 1 and orjson.loads(out)["chains"][0]["problem"]["kind"] == "unverifiable"
+    # Asked for explicitly (a chain written on another host), the walk alone decides.
+    code, _, _ = _invoke(state, "verify", "--no-head")
+    assert code == 0
+
+
+def test_ids_and_text_are_printed_literally(state: Path) -> None:
+    now = time.time()
+    _append(state, *(_request(f"SELECT {i}", BOT, "allow", now) for i in range(96)))
+    _append(state, _request("SELECT ':smile: [bold]x[/bold]'", BOT, "allow", now))
+    _tamper(
+        state, "UPDATE audit_record SET body = replace(body, 'SELECT', 'DELETE') WHERE seq = 100"
+    )
+    code, out, err = _invoke(state, "verify")
+    assert code == 1
+    # `gw-1:100:` is not the emoji code :100:, neither in the table nor on stderr.
+    assert "gw-1:100:" in out and "changed at gw-1:100:" in err
+    assert "\U0001f4af" not in out + err
+    code, out, _ = _invoke(state, "tail", "-n", "1")
+    assert code == 0 and "SELECT ':smile: [bold]x[/bold]'" in out
+
+
+def test_show_prints_the_whole_decision_and_named_recorded_rows(state: Path) -> None:
+    long_reason = "ai-agents may not use a classified column in a predicate " * 5
+    decision = Decision(
+        "allow",
+        reasons=(long_reason.strip(), "second reason"),
+        approvers=("engineers", "admins"),
+        masks=(Mask("public", "customers", "email", "email"),),
+        decision_id="d-whole",
+        bundle_revision="rev-7",
+    )
+    request = replace(_request("SELECT id, email FROM customers", BOT, "allow", time.time()),
+                      decision=decision)  # fmt: skip
+    outcome = StatementOutcome("", time.time(), "SELECT 2", 2, None, None, 1.0, 90,
+                               recorded_rows=(("1", "a***@example.com"), ("2", None)),
+                               recorded_columns=("id", "email"))  # fmt: skip
+    _append(state, request, outcome=outcome)
+    code, out, _ = _invoke(state, "show", "gw-1:5")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "decision.reasons[0]" in out and "decision.reasons[1]" in out
+    # Every word of the long reason is there, folded over lines but never cut.
+    assert out.count("predicate") == 5 and "…" not in out
+    for shown in ("second reason", "engineers", "admins", "d-whole", "rev-7",
+                  "public.customers.email → email"):  # fmt: skip
+        assert shown in flat, shown
+    # The recorded rows under the names the client saw.
+    assert "recorded rows" in out and "a***@example.com" in out and "NULL" in out
+    header = next(line for line in out.splitlines() if "email" in line and "id" in line)
+    assert "col 1" not in header
+    code, out, _ = _invoke(state, "show", "gw-1:5", "--json")
+    assert orjson.loads(out)["outcomes"][0]["record"]["recorded_columns"] == ["id", "email"]
+
+
+def test_search_takes_only_real_actions_and_kinds(state: Path) -> None:
+    for option, value in (("--action", "denied"), ("--action", "DENY"), ("--kind", "requests")):
+        code, _, err = _invoke(state, "search", option, value)
+        assert code == 1 and f"bad {option} {value!r}" in err, err
+    code, out, _ = _invoke(state, "search", "--action", "approve", "--json")
+    assert code == 0 and _jsonl(out) == []
+
+
+def test_tail_rejects_a_negative_count(state: Path) -> None:
+    code, _, err = _invoke(state, "tail", "-n", "-1")
+    assert code != 0 and "-n" in err
+    code, out, _ = _invoke(state, "tail", "-n", "0", "--json")
+    assert code == 0 and _jsonl(out) == []

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_shows_allow_deny_approval_masks_and_a_verified_trail(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, "PGWARDEN_STATE_DIR": str(state)}
+    # No admin listener: other test runs on this machine may hold its default port.
+    env = {**os.environ, "PGWARDEN_STATE_DIR": str(state), "PGWARDEN_ADMIN__PORT": "0"}
     done = subprocess.run(
         [sys.executable, "-m", "cli", "demo", "--once", "--port", str(free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,

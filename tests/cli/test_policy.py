@@ -5,12 +5,15 @@ from __future__ import annotations
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from gateway.proxy.targets import Target, TargetRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
@@ -132,3 +135,83 @@ def test_eval_of_another_database_of_the_target(env: dict[str, str]) -> None:
     assert policy_input["target"]["default_database"] == "app"
     assert decision["action"] == "deny"
     assert "target app does not serve database reports" in " ".join(decision["reasons"])
+
+
+@pytest.fixture
+def live(env: dict[str, str], gateway: Any) -> dict[str, str]:
+    """`env` with the running gateway's targets (and the credential they reference)."""
+    return {
+        **env,
+        "PGWARDEN_STATE_DIR": str(gateway.settings.state_dir),
+        "PGWARDEN_TEST_UPSTREAM_PW": gateway.environ["PGWARDEN_TEST_UPSTREAM_PW"],
+    }
+
+
+AGENT = ("--subject", "agent:eval", "--group", "ai-agents", "--target", "app")
+
+
+def test_eval_resolves_names_and_star_against_the_target(live: dict[str, str]) -> None:
+    [document] = eval_documents(live, *AGENT, "SELECT * FROM customers")
+    statement = document["input"]["statement"]  # type: ignore[index]
+    assert statement["reads"] == [{"schema": "public", "table": "customers"}]
+    assert {"schema": "public", "table": "customers", "column": "email", "usage": "output"} in (
+        statement["columns"]
+    )
+    assert document["decision"]["action"] == "allow"  # type: ignore[index]
+    # The masks the gateway would apply, by output column.
+    applied = document["masks_applied"]
+    assert isinstance(applied, list)
+    email = [a for a in applied if a["from"] == ["public.customers.email"]]
+    assert email and email[0]["method"] == "email" and "its column's mask" in email[0]["how"]
+    assert document["unresolved"] == []
+
+    # Engineers may compute on a classified column (ai-agents may not: an oracle); what an
+    # expression of it returns is masked whole.
+    engineer = ("--subject", "eng:eval", "--group", "engineers", "--target", "app")
+    [document] = eval_documents(live, *engineer, "SELECT upper(email) FROM customers")
+    [applied] = document["masks_applied"]  # type: ignore[misc]
+    assert applied["output"] == 1 and applied["from"] == ["public.customers.email"]
+    assert "the whole value (redact) where it is an expression" in applied["how"]
+    # Nothing masked flows into count(email): passed through, as live.
+    [document] = eval_documents(live, *engineer, "SELECT count(email) FROM customers")
+    assert document["masks_applied"] == []
+
+
+def test_eval_gives_the_decision_the_gateway_gives(live: dict[str, str], gateway: Any) -> None:
+    # Unqualified, a classified column in a predicate: an oracle, denied live. Without the
+    # catalog the column could not be placed in public.customers and the eval said allow.
+    text = "SELECT id FROM customers WHERE email = 'ada@example.com'"
+    [document] = eval_documents(live, *AGENT, text)
+    token = gateway.token("agent:eval", groups=("ai-agents",))
+    with (
+        psycopg.connect(gateway.dsn(token), autocommit=True) as conn,
+        pytest.raises(psycopg.Error) as info,
+    ):
+        conn.execute(text)
+    live_message = info.value.diag.message_primary or ""
+    decision = document["decision"]
+    assert isinstance(decision, dict)
+    assert decision["action"] == "deny" and live_message.startswith("pgwarden: statement denied")
+    assert decision["reasons"][0] in live_message
+
+
+def test_eval_says_what_it_could_not_resolve(live: dict[str, str], gateway: Any) -> None:
+    [document] = eval_documents(live, *AGENT, "SELECT * FROM no_such_table")
+    unresolved = document["unresolved"]
+    assert isinstance(unresolved, list) and any(
+        "not in the target's catalog" in u for u in unresolved
+    )
+    # A target pgwarden cannot log in to: decided all the same, and said so.
+    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    if registry.get("eval_nocred") is None:
+        registry.add(
+            Target(name="eval_nocred", host="127.0.0.1", port=gateway.cluster.port,
+                   dbname="postgres", user="postgres", password_env="PGWARDEN_EVAL_UNSET",
+                   sslmode="disable")
+        )  # fmt: skip
+    args = ("--subject", "agent:eval", "--group", "ai-agents", "--target", "eval_nocred")
+    [document] = eval_documents(live, *args, "SELECT * FROM customers")
+    unresolved = document["unresolved"]
+    assert isinstance(unresolved, list)
+    assert any("could not log in to target eval_nocred" in u for u in unresolved), unresolved
+    assert "PGWARDEN_TEST_UPSTREAM_PW" not in str(document)

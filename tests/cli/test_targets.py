@@ -9,7 +9,14 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
+from cli.localpg import (
+    MD5_PASSWORD,
+    MD5_USER,
+    SUPERUSER,
+    SUPERUSER_PASSWORD,
+    TRUST_USER,
+    LocalCluster,
+)
 from cli.main import app
 from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
 from tests.harness import create_scratch_database, drop_scratch_database
@@ -17,16 +24,22 @@ from tests.harness import create_scratch_database, drop_scratch_database
 
 def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(
-        app, list(args), env={"PGWARDEN_STATE_DIR": str(state), **(env or {})}
+        # `targets add` checks that the credential it references can be read.
+        app,
+        list(args),
+        env={"PGWARDEN_STATE_DIR": str(state), "A": "pw", **(env or {})},
     )
     return result.exit_code, result.stdout, result.stderr
 
 
 def test_add_list_remove(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     code, out, _ = _run(
         tmp_path, "targets", "add", "app", "--host", "db.internal", "--port", "5433",
         "--dbname", "appdb", "--user", "svc", "--password-env", "APP_PW",
-        "--sslmode", "verify-full", "--sslrootcert", "/etc/ca.pem", "--label", "env=prod",
+        "--sslmode", "verify-full", "--sslrootcert", str(ca), "--label", "env=prod",
+        env={"APP_PW": "s3cret"},
     )  # fmt: skip
     assert code == 0, out
     target = TargetRegistry(tmp_path / "targets.json").get("app")
@@ -91,6 +104,7 @@ def test_install_ddl_watch(tmp_path: Path, pg_cluster: LocalCluster) -> None:
         code, out, _ = _run(
             tmp_path, "targets", "add", "db", "--port", str(pg_cluster.port), "--dbname", name,
             "--user", SUPERUSER, "--password-env", "DB_PW", "--sslmode", "disable",
+            env={"DB_PW": SUPERUSER_PASSWORD},
         )  # fmt: skip
         assert code == 0, out
         for _ in range(2):  # idempotent
@@ -148,3 +162,93 @@ def test_dbname_names_a_target_and_optionally_one_of_its_databases() -> None:
     assert parse_dbname("app/a/b") == ("app", "a/b")
     with pytest.raises(TargetError, match="names no database"):
         parse_dbname("app/")
+
+
+def test_add_checks_what_it_references_unless_told_not_to(tmp_path: Path) -> None:
+    code, _, err = _run(tmp_path, "targets", "add", "x", "--password-env", "NOT_SET_HERE")
+    assert code == 1 and "NOT_SET_HERE is not set" in err
+    code, _, err = _run(tmp_path, "targets", "add", "x", "--password-file", str(tmp_path / "no"))
+    assert code == 1 and "cannot read password file" in err
+    code, _, err = _run(
+        tmp_path, "targets", "add", "x", "--sslmode", "verify-full",
+        "--sslrootcert", str(tmp_path / "ca.pem"),
+    )  # fmt: skip
+    assert code == 1 and "cannot read --sslrootcert" in err
+    assert TargetRegistry(tmp_path / "targets.json").get("x") is None
+    # The credential may exist only where the gateway runs.
+    code, _, _ = _run(
+        tmp_path, "targets", "add", "x", "--password-env", "NOT_SET_HERE", "--no-check"
+    )
+    assert code == 0
+    # A bad port or host is refused whatever --no-check says.
+    for option, value, says in (
+        ("--port", "0", "not in 1..65535"),
+        ("--port", "65536", "not in 1..65535"),
+        ("--host", "", "host must be"),
+        ("--host", "db host", "invalid host"),
+        ("--password-env", "A-B", "not an environment variable name"),
+    ):
+        code, _, err = _run(tmp_path, "targets", "add", "y", option, value, "--no-check")
+        assert code == 1 and says in err, (option, value, err)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("options", "env", "auth", "tls"),
+    [
+        (("--user", SUPERUSER, "--password-env", "DB_PW", "--sslmode", "disable"),
+         {"DB_PW": SUPERUSER_PASSWORD}, "SCRAM-SHA-256", False),
+        (("--user", MD5_USER, "--password-env", "DB_PW", "--sslmode", "disable"),
+         {"DB_PW": MD5_PASSWORD}, "md5", False),
+        (("--user", TRUST_USER, "--sslmode", "disable"), {}, "trust", False),
+        (("--host", "localhost", "--user", SUPERUSER, "--password-env", "DB_PW",
+          "--sslmode", "verify-full", "--sslrootcert", "{ca}"),
+         {"DB_PW": SUPERUSER_PASSWORD}, "SCRAM-SHA-256-PLUS", True),
+    ],
+)  # fmt: skip
+def test_targets_test_logs_in_and_reports_tls_auth_and_version(
+    tmp_path: Path,
+    pg_cluster: LocalCluster,
+    app_database: str,
+    options: tuple[str, ...],
+    env: dict[str, str],
+    auth: str,
+    tls: bool,
+) -> None:
+    args = [a.replace("{ca}", str(pg_cluster.ca_cert)) for a in options]
+    if "--host" not in args:
+        args += ["--host", "127.0.0.1"]
+    code, _, err = _run(
+        tmp_path, "targets", "add", "db", "--port", str(pg_cluster.port), "--dbname", app_database,
+        *args, env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = _run(tmp_path, "targets", "test", "db", env=env)
+    assert code == 0, err
+    assert f"auth {auth};" in out and f"database {app_database}" in out
+    assert ("TLS TLSv1." in out) == tls and ("TLS none" in out) != tls
+    code, out, _ = _run(tmp_path, "targets", "test", "db", "--json", env=env)
+    report = orjson.loads(out)
+    assert report["auth_method"] == auth and report["server_version"].split(".")[0].isdigit()
+    assert (report["tls"] is not None) == tls
+    for secret in env.values():
+        assert secret not in out
+
+
+@pytest.mark.server
+def test_targets_test_reports_a_refused_login_in_one_line(
+    tmp_path: Path, pg_cluster: LocalCluster
+) -> None:
+    env = {"DB_PW": "wrong-password-123"}
+    code, _, err = _run(
+        tmp_path, "targets", "add", "db", "--port", str(pg_cluster.port), "--user", SUPERUSER,
+        "--password-env", "DB_PW", "--sslmode", "disable", env=env,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = _run(tmp_path, "targets", "test", "db", env=env)
+    assert code == 1 and err.count("\n") == 1
+    assert "refused the gateway's login" in err and "wrong-password-123" not in out + err
+    code, _, err = _run(tmp_path, "targets", "test", "db", "--database", "other", env=env)
+    assert code == 1 and "does not serve database" in err
+    code, _, err = _run(tmp_path, "targets", "test", "nobody")
+    assert code == 1 and "no target named" in err

@@ -111,3 +111,48 @@ def test_empty_subject_fails(runner: CliRunner) -> None:
     result = runner.invoke(app, ["tokens", "issue", "--subject", " "])
     assert result.exit_code == 1
     assert "subject" in result.stderr and result.stdout == ""
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_issue_warns_about_a_group_the_policy_does_not_mention(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    reference = {
+        "PGWARDEN_POLICY__REGO_DIR": str(ROOT / "rego"),
+        "PGWARDEN_POLICY__BUNDLE_DIR": str(ROOT / "bundles"),
+    }
+    args = ["tokens", "issue", "--subject", "agent:x"]
+    result = runner.invoke(app, [*args, "--group", "engineer", "--group", "pii-readers"],
+                           env=reference)  # fmt: skip
+    assert result.exit_code == 0 and result.stdout.count(".") == 2  # still issued
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "group 'engineer' (a typo?)" in warnings[0]
+    result = runner.invoke(app, [*args, "--group", "engineers", "--group", "ai-agents"],
+                           env=reference)  # fmt: skip
+    assert result.exit_code == 0 and "warning" not in result.stderr
+
+    # Another policy knows other groups; a group in its data counts as mentioned.
+    rego, data = tmp_path / "rego", tmp_path / "bundles"
+    rego.mkdir()
+    data.mkdir()
+    (rego / "p.rego").write_text('package p\n\nallow if "analysts" in input.principal.groups\n')
+    (rego / "p_test.rego").write_text(
+        'package p\n\ntest_x if allow with input as {"g": "testers"}\n'
+    )
+    (data / "data.json").write_text('{"teams": {"auditors": ["read"]}}')
+    own = {"PGWARDEN_POLICY__REGO_DIR": str(rego), "PGWARDEN_POLICY__BUNDLE_DIR": str(data)}
+    result = runner.invoke(app, [*args, "--group", "analysts", "--group", "auditors"], env=own)
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    # Strings only a test spells out are not the policy's.
+    for group in ("engineers", "testers"):
+        result = runner.invoke(app, [*args, "--group", group], env=own)
+        assert f"does not mention group {group!r}" in result.stderr
+
+    # With the policy elsewhere (your own OPA) there is nothing to compare with.
+    result = runner.invoke(
+        app, [*args, "--group", "engineer"],
+        env={"PGWARDEN_POLICY__REGO_DIR": str(tmp_path / "none")},
+    )  # fmt: skip
+    assert result.exit_code == 0 and "warning" not in result.stderr

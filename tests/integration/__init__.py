@@ -54,7 +54,8 @@ def refusal_of(exc: BaseException) -> Refusal:
 def assert_policy_refusal(
     r: Refusal, *, approval: bool = False, reason: str | None = None, decided: bool = True
 ) -> None:
-    """A pgwarden refusal: 42501, names pgwarden (and the reason), decision id in DETAIL."""
+    """A pgwarden refusal: 42501, names pgwarden (and the reason: in the message, or among
+    the decision's other reasons in DETAIL's "also:"), decision id in DETAIL."""
     assert r.sqlstate == REFUSED, r
     assert "pgwarden" in r.message, r
     if approval:
@@ -64,7 +65,10 @@ def assert_policy_refusal(
         if decided:
             assert "denied" in r.message, r
     if reason is not None:
-        assert reason in r.message, r
+        others = next(
+            (line for line in (r.detail or "").splitlines() if line.startswith("also: ")), ""
+        )
+        assert reason in r.message or reason in others, r
     if decided:
         assert r.detail is not None and DECISION_ID.search(r.detail), r
 

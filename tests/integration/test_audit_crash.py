@@ -12,16 +12,11 @@ state dir (each restart cuts a torn log tail, if any, and carries on the same ch
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,105 +24,18 @@ import orjson
 import psycopg
 import pytest
 
-from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
+from cli.localpg import APP_DB, SUPERUSER, LocalCluster, free_port
 from gateway.audit import AuditLog, log_directory
 from gateway.settings import load_settings
 
+from .serve_process import GatewayProcess, pids_mentioning
+from .serve_process import cli as _cli
+from .serve_process import serve_env as _env
 from .test_audit_support import pgwarden, records_after, verify_json, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-PGWARDEN = Path(sys.executable).with_name("pgwarden")
 CLIENTS = 8
-
-
-def _pids_mentioning(needle: str) -> list[int]:
-    """Processes whose command line mentions `needle` (the gateway's state dir)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            if needle.encode() in cmdline and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
-    return found
-
-
-class GatewayProcess:
-    """`pgwarden serve` in its own process group, with its OPA sidecar under it."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.port = int(env["PGWARDEN_LISTENER__PORT"])
-        self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [str(PGWARDEN), "serve"], env=env, stdout=self._log, stderr=self._log,
-            start_new_session=True,
-        )  # fmt: skip
-        self.pgid = self.proc.pid
-
-    def wait_listening(self, timeout: float = 60) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"pgwarden serve exited with {self.proc.returncode}")
-            with socket.socket() as s:
-                s.settimeout(0.5)
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_for(up, timeout=timeout, interval=0.2)
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    # Short: OPA's unix socket lives under it and sockaddr_un is small.
-    path = Path(tempfile.mkdtemp(prefix="pgw-crash-"))
-    try:
-        yield path
-    finally:
-        # Whatever still runs from this state dir (gateway, OPA) goes with it.
-        for pid in _pids_mentioning(str(path)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@pytest.fixture
-def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[Any]]:
-    """Straight to the application database, bypassing any gateway."""
-    with psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True) as conn:
-        yield conn
-
-
-def _env(state: Path, opa: Path, port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PGWARDEN_STATE_DIR": str(state),
-        "PGWARDEN_INSTANCE": "gw-crash",
-        "PGWARDEN_LISTENER__HOST": "127.0.0.1",
-        "PGWARDEN_LISTENER__PORT": str(port),
-        "PGWARDEN_POLICY__OPA_BINARY": str(opa),
-        "PGWARDEN_POLICY__REGO_DIR": str(ROOT / "rego"),
-        "PGWARDEN_POLICY__BUNDLE_DIR": str(ROOT / "bundles"),
-        "PGWARDEN_CRASH_UPSTREAM_PW": SUPERUSER_PASSWORD,
-    }
-
-
-def _cli(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run([str(PGWARDEN), *args], env=env, capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
-    assert out.returncode == 0, (args, out.stdout, out.stderr)
-    return out.stdout.strip()
-
-
 ROUNDS = 3
 
 
@@ -161,8 +69,8 @@ def _kill_mid_load(env: dict[str, str], state_dir: Path, token: str, script: Pat
         assert b"abort" in bench_err.lower() or b"error" in bench_err.lower(), bench_err[-500:]
         assert bench.returncode != 0, "pgbench did not notice the gateway die"
         # The OPA sidecar does not outlive the gateway (PR_SET_PDEATHSIG), nor does an
-        # audit process.
-        wait_for(lambda: not _pids_mentioning(str(state_dir)), timeout=10)
+        # audit or index process.
+        wait_for(lambda: not pids_mentioning(str(state_dir)), timeout=10)
     finally:
         if bench is not None and bench.poll() is None:
             bench.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -31,6 +32,14 @@ def test_recorded_rows_are_what_the_client_saw_after_masking(gateway: Any) -> No
     assert [["1"]] in recorded
     for rows in recorded:  # never the cleartext value
         assert "ada@example.com" not in str(rows)
+    # Each recorded row set carries the column names the client saw, simple protocol (the
+    # first statement) and extended (the second, with a parameter) alike.
+    named = {
+        orjson.dumps(o["recorded_rows"]).decode(): o.get("recorded_columns")
+        for o in wait_for(outcomes)
+    }
+    assert named['[["1","a***@example.com"],["2","g***@example.org"]]'] == ["id", "email"]
+    assert named['[["1"]]'] == ["id"]
 
 
 def test_unlabelled_target_records_no_rows(gateway: Any) -> None:

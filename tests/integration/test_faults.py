@@ -41,13 +41,16 @@ from gateway.runtime import Gateway
 from gateway.settings import load_settings
 
 from . import REFUSED, connect, direct, fresh_table, harness, refusal_of, simple, token_for
-from .test_audit_crash import PGWARDEN, GatewayProcess, _cli, _env, _pids_mentioning, state_dir
+from .serve_process import PGWARDEN, GatewayProcess
+from .serve_process import cli as _cli
+from .serve_process import pids_mentioning as _pids_mentioning
+from .serve_process import serve_env as _env
 from .test_audit_support import records_after, store_env, verify_json, wait_for
 from .test_policy_reload import external_opa
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-__all__ = ["external_opa", "state_dir"]  # fixtures shared with their home modules
+__all__ = ["external_opa"]  # a fixture shared with its home module
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
+from gateway.proxy.targets import Target, TargetRegistry
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -137,6 +138,40 @@ def test_bad_token_error_through_libpq_names_the_check(gateway: Any, admin_token
 def test_unknown_target(gateway: Any, admin_token: str) -> None:
     err = _refusal(gateway, "no_such_target", admin_token)
     assert err.sqlstate == "3D000" and "no_such_target" in (err.message or "")
+    _good_client_still_connects(gateway, admin_token)
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        ("nocred_env", {"password_env": "PGWARDEN_TEST_NO_SUCH_VARIABLE"}),
+        ("nocred_file", {"password_file": "/nonexistent/pgwarden-test.pw"}),
+    ],
+)
+def test_target_whose_credential_is_missing_is_refused_cleanly(
+    gateway: Any, admin_token: str, name: str, reference: dict[str, str]
+) -> None:
+    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    if registry.get(name) is None:
+        registry.add(
+            Target(
+                name=name,
+                host="127.0.0.1",
+                port=gateway.cluster.port,
+                dbname="postgres",
+                user="postgres",
+                sslmode="disable",
+                **reference,  # type: ignore[arg-type]
+            )
+        )
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(gateway.dsn(admin_token, target=name), connect_timeout=10)
+    message = str(info.value)
+    assert f"cannot read the credential of target {name}" in message
+    assert f"pgwarden targets test {name}" in message
+    # Not an internal error, and where the credential lives is the operator's business.
+    assert "internal error" not in message
+    assert next(iter(reference.values())) not in message
     _good_client_still_connects(gateway, admin_token)
 
 
