@@ -336,6 +336,12 @@ class WriteAheadAudit(ChainHeadKeeper):
             os.close(self._lock_fd)
             self._lock_fd = None
         await self.store.close()
+        log.info(
+            "audit log closed at seq %d (%d records not yet indexed)",
+            self._tail.seq,
+            self.index.lag,
+            extra={"event": "audit_writer_stopped"},
+        )
 
     async def __aenter__(self) -> WriteAheadAudit:
         await self.start()
