@@ -151,6 +151,7 @@ class WriteAheadAudit(ChainHeadKeeper):
         self._clock = BatchClock(self._flush)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._closed = False
         self._lock_fd: int | None = None
         self._tail = EMPTY_TAIL
         self._pending: list[PendingRecord] = []
@@ -306,7 +307,11 @@ class WriteAheadAudit(ChainHeadKeeper):
         return tail
 
     async def close(self) -> None:
-        """Write and sync what is queued, index what the log holds, close."""
+        """Write and sync what is queued, index what the log holds, close. Once: a gateway
+        that drained (SIGTERM) is stopped again by whoever started it."""
+        if self._closed:
+            return
+        self._closed = True
         if self._running:
             self._resend_spool(None)
             await self._settle()
@@ -325,6 +330,7 @@ class WriteAheadAudit(ChainHeadKeeper):
                 await asyncio.wait_for(
                     index_from_log(self.store, self.log, self.chain.name), self.timeout
                 )
+                self.index.indexed_seq = self.index.logged_seq
             except (AuditStoreError, TimeoutError) as exc:
                 log.warning(
                     "audit index: %d records left for the next start: %s", self.index.lag, exc
