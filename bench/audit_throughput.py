@@ -6,7 +6,8 @@ Without --dsn a throwaway local PostgreSQL cluster (cli/localpg.py) is started f
 Each writer awaits one request() at a time, as a gateway session does: a record counts only
 once it is committed (SQLite: WAL, synchronous=FULL; PostgreSQL: COMMIT returned). Each store
 is measured twice: the AuditWriter in this process, and through the audit process
-(AuditProcess -> python -m gateway.audit), which is the gateway's path.
+(AuditProcess -> python -m gateway.audit), the gateway's path with audit.durability=store.
+Then the gateway's default path: the audit log (WriteAheadAudit), durability disk and os.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ from gateway.audit import (
     HeadWitness,
     PostgresAuditStore,
     SqliteAuditStore,
+    audit_keyring,
+    audit_log,
+    head_witness,
     verify,
+    write_ahead_audit,
 )
 from gateway.audit.events import StatementRequest
+from gateway.audit.verify import verify_log
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
 from gateway.settings import Settings, load_settings
@@ -119,6 +125,31 @@ async def run_process(name: str, settings: Settings, writers: int, seconds: floa
     )
 
 
+async def run_log(name: str, settings: Settings, writers: int, seconds: float) -> None:
+    """The same load through the audit log (the gateway's default path): records durable in
+    the log (`disk`: fdatasynced, `os`: written), the SQLite index fed beside it. CPU is this
+    process's (sealing, writing, the sync thread, the indexer), per record."""
+    sink = write_ahead_audit(settings)
+    await sink.start()
+    try:
+        await _warm_up(sink.request)
+        cpu = time.process_time()
+        done, elapsed = await _load(sink.request, writers, seconds)
+        cpu = time.process_time() - cpu
+        lag = sink.index_lag
+    finally:
+        await sink.close()
+    print(
+        f"{name:10s} {done:8d} records in {elapsed:5.2f}s = {done / elapsed:9,.0f} records/s"
+        f" durable  (audit log, durability {settings.audit.durability}, {writers} writers;"
+        f" {cpu / max(done, 1) * 1e6:.1f} µs CPU/record in this process, index lag {lag})"
+    )
+    report = await verify_log(
+        audit_log(settings), settings.instance, audit_keyring(settings), head_witness(settings)
+    )
+    print(f"{'':10s} verify log: {'ok' if report.problem is None else report.problem}")
+
+
 def _reopen_args(store: AuditStore) -> dict[str, object]:
     if isinstance(store, SqliteAuditStore):
         return {"path": store.path}
@@ -142,6 +173,11 @@ async def main() -> None:
                   folder / "sqlite", args.writers, args.seconds)  # fmt: skip
         await run_process("sqlite", load_settings(state_dir=folder / "sqlite-process"),
                           args.writers, args.seconds)  # fmt: skip
+        for durability in ("disk", "os"):
+            settings = load_settings(
+                state_dir=folder / f"log-{durability}", audit={"durability": durability}
+            )
+            await run_log(f"log-{durability}", settings, args.writers, args.seconds)
         dsn = args.dsn
         if dsn is None:
             # Its own folder, world-traversable: the server runs as the postgres OS user.

@@ -53,13 +53,11 @@ from _stack import (
 )
 
 from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
-from gateway.settings import AuditSettings
 
 # ai-agents read a table with a classified column (public.customers.email): masked rows.
 _MASKED_SCRIPT = """\\set id random(1, 10000)
 SELECT id, email FROM customers WHERE id = :id;
 """
-_DURABILITY = {"os": {"durability": "os"}, "disk": {"durability": "disk"}}
 
 
 def _masked_table(cluster: LocalCluster) -> None:
@@ -120,13 +118,13 @@ def _endpoints(
         # Audit arrangements compared in the same run: the writer on the gateway's own
         # event loop (in_process) and without the fsync per commit (normal).
         audit = {
-            "in-process": {"in_process": True},
-            "normal": {"sqlite_synchronous": "normal"},
-            **_DURABILITY,
+            "in-process": {"durability": "store", "in_process": True},
+            "normal": {"durability": "store", "sqlite_synchronous": "normal"},
+            # The audit log's other durability (pgwarden itself runs the default, disk), and
+            # the store as the point of durability (the arrangement before the log).
+            "os": {"durability": "os"},
+            "store": {"durability": "store"},
         }
-        if variant in _DURABILITY and "durability" not in AuditSettings.model_fields:
-            print(f"pgwarden-{variant}: this build has no audit.durability setting, skipped")
-            continue
         gw3 = stack.enter_context(gateway_process(cluster, audit=audit[variant]))
         name = f"pgwarden-{variant}"
         gws[name] = gw3
@@ -477,9 +475,10 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        choices=["in-process", "normal", "bare", *_DURABILITY],
-        help="also run pgwarden with the audit writer in process, or synchronous=normal, or"
-        " audit.durability os|disk; or the bare Python relay (bench/bare_relay.py)",
+        choices=["in-process", "normal", "os", "store", "bare"],
+        help="also run pgwarden (audit log, durability disk) with durability os, or the store"
+        " as the point of durability (store; in-process; normal: synchronous=normal); or the"
+        " bare Python relay (bench/bare_relay.py)",
     )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")

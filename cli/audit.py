@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import re
 import sys
@@ -22,19 +23,27 @@ from rich.text import Text
 
 from cli.context import fail, literal_console, settings_of
 from gateway.audit import (
+    Anchor,
+    AuditLogBusy,
     AuditStore,
     AuditStoreError,
+    ChainGap,
+    ChainProblem,
     ChainReport,
     RecordFilter,
     StoredRecord,
     VerifyReport,
     audit_keyring,
+    audit_log,
     audit_store,
     audit_writer,
     head_witness,
+    index_from_log,
     verify,
+    write_ahead_audit,
 )
 from gateway.audit.records import RECORD_KINDS, parse_record_id
+from gateway.audit.verify import compare_index, index_lag, verify_log
 from gateway.policy.decision import Action
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
@@ -88,9 +97,11 @@ def parse_when(text: str, now: float) -> float:
     return moment.timestamp()
 
 
-def _run(settings: Settings, work: Callable[[AuditStore], Awaitable[T]]) -> T:
+def _run(
+    settings: Settings, work: Callable[[AuditStore], Awaitable[T]], *, catch_up: bool = True
+) -> T:
     async def main() -> T:
-        async with _opened(settings) as store:
+        async with _opened(settings, catch_up=catch_up) as store:
             return await work(store)
 
     try:
@@ -100,10 +111,20 @@ def _run(settings: Settings, work: Callable[[AuditStore], Awaitable[T]]) -> T:
 
 
 @asynccontextmanager
-async def _opened(settings: Settings) -> AsyncIterator[AuditStore]:
+async def _opened(settings: Settings, *, catch_up: bool = True) -> AsyncIterator[AuditStore]:
+    """The store, first brought up to this instance's audit log (`catch_up`): what a gateway
+    wrote to the log and had not indexed when it stopped (or was killed) is searchable."""
     store = audit_store(settings)
     await store.open()
     try:
+        trail = audit_log(settings)
+        if catch_up and trail.segments():
+            try:
+                await index_from_log(store, trail, settings.instance)
+            except AuditStoreError as exc:
+                typer.echo(
+                    f"warning: the index could not be brought up to the log: {exc}", err=True
+                )
         yield store
     finally:
         await store.close()
@@ -330,12 +351,40 @@ def verify_command(
     keyring = audit_keyring(settings, keys)
     heads = head_witness(settings)
 
-    async def work(store: AuditStore) -> VerifyReport:
-        return await verify(store, keyring, heads, chain, require_head=not no_head)
+    trail = audit_log(settings)
+    with_log = bool(trail.segments()) and (chain is None or settings.instance in chain)
+    require_head = not no_head
 
-    report = _run(settings, work)
+    async def work(store: AuditStore) -> tuple[VerifyReport, _LogCheck | None]:
+        report = await verify(store, keyring, heads, chain, require_head=require_head)
+        if not with_log:
+            return report, None
+        name = settings.instance
+        checked = _LogCheck(
+            await verify_log(trail, name, keyring, heads, store, require_head=require_head),
+            await compare_index(store, trail, name),
+            await index_lag(store, trail, name),
+        )
+        return _lag_is_not_truncation(report, checked), checked
+
+    report, checked = _run(settings, work, catch_up=False)
+    problems = [str(p) for p in report.problems]
+    if checked is not None:
+        if checked.log.problem is not None:
+            problems.append(f"audit log: {checked.log.problem}")
+        if checked.index is not None:
+            problems.append(f"index: {checked.index}")
     if as_json:
-        doc = {"ok": report.ok, "chains": [_chain_json(c) for c in report.chains]}
+        doc: dict[str, Any] = {
+            "ok": not problems,
+            "chains": [_chain_json(c) for c in report.chains],
+        }
+        if checked is not None:
+            doc["log"] = {
+                **_chain_json(checked.log),
+                "index_problem": None if checked.index is None else str(checked.index),
+                "index_lag": checked.lag,
+            }
         typer.echo(orjson.dumps(doc).decode())
     else:
         table = Table("chain", "records", "seq", "key epoch", "head", "status")
@@ -350,11 +399,54 @@ def verify_command(
                 c.chain, str(c.records), span, str(c.epoch),
                 "checked" if c.head_checked else "none", status,
             )  # fmt: skip
+        if checked is not None:
+            c = checked.log
+            span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
+            status = (
+                Text("ok", style="green")
+                if c.problem is None
+                else Text(str(c.problem), style="red")
+            )
+            table.add_row(
+                f"{c.chain} (log)", str(c.records), span, str(c.epoch),
+                "checked" if c.head_checked else "none", status,
+            )  # fmt: skip
         literal_console().print(table)
-    if not report.chains:
+        if checked is not None:
+            typer.echo(f"index lag: {checked.lag} records of the log not yet in the store")
+    if not report.chains and checked is None:
         fail("no audit chains found")
-    if not report.ok:
-        fail("; ".join(str(p) for p in report.problems))
+    if problems:
+        fail("; ".join(problems))
+
+
+def _lag_is_not_truncation(report: VerifyReport, checked: _LogCheck) -> VerifyReport:
+    """The head witness follows the log, which the index may lag (a gateway killed before
+    indexing its last records): an index that ends before the witness while the verified
+    log holds all it names is behind, not truncated (the lag is reported)."""
+    log_report = checked.log
+    chains = []
+    for c in report.chains:
+        p = c.problem
+        if (
+            c.chain == log_report.chain
+            and p is not None
+            and p.kind == "truncated"
+            and log_report.problem is None
+            and checked.index is None
+            and checked.lag > 0
+        ):
+            c = dataclasses.replace(c, problem=None)
+        chains.append(c)
+    return VerifyReport(tuple(chains))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _LogCheck:
+    log: ChainReport
+    # The first index record that differs from the log, and how far the index lags it.
+    index: ChainProblem | None
+    lag: int
 
 
 @app.command()
@@ -428,15 +520,11 @@ def prune(
     chain = settings.instance
 
     async def work(store: AuditStore) -> PruneSpan | None:
+        # The store has been brought up to the log (`_run`), so it names what both hold.
         span = await _prunable(store, chain, cutoff)
         if span is None or dry_run:
             return span
-        writer = audit_writer(settings, store)
-        await writer.start()
-        try:
-            anchor = await writer.prune(cutoff)
-        finally:
-            await writer.close()
+        anchor = await _prune(settings, store, cutoff)
         # What the store removed: up to the anchor, which a record written meanwhile with an
         # older clock may have moved past the span read first.
         return None if anchor is None else span.through(anchor.through_seq)
@@ -452,6 +540,29 @@ def prune(
         verb = "would remove" if dry_run else "removed"
         tail = "" if dry_run else "; a signed prune anchor keeps the rest verifiable"
         typer.echo(f"{verb} {span} from chain {chain}{tail}")
+
+
+async def _prune(settings: Settings, store: AuditStore, cutoff: float) -> Anchor | None:
+    """Prune this instance's chain: through its audit log when it has one (the prune record
+    goes into the log, which the gateway holds while it runs), else through the store."""
+    if audit_log(settings).segments():
+        try:
+            wal = write_ahead_audit(settings, store)
+            await wal.start()
+        except AuditLogBusy as exc:
+            raise AuditStoreError(f"{exc}: stop it to prune") from exc
+        except ChainGap as exc:
+            raise AuditStoreError(str(exc)) from exc
+        try:
+            return await wal.prune(cutoff)
+        finally:
+            await wal.close()
+    writer = audit_writer(settings, store)
+    await writer.start()
+    try:
+        return await writer.prune(cutoff)
+    finally:
+        await writer.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from gateway.admin import AdminListener, admin_app, check_admin_settings, gatewa
 from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
-from gateway.audit import AuditProcess, AuditWriter, audit_sink
+from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -74,7 +74,7 @@ class Gateway:
         self.environ = environ
         self.context: GatewayContext | None = None
         self.sidecar: OpaSidecar | None = None
-        self.audit: AuditWriter | AuditProcess | None = None
+        self.audit: WriteAheadAudit | AuditWriter | AuditProcess | None = None
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None

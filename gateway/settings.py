@@ -82,11 +82,20 @@ class AuditSettings(BaseModel):
     # gateway crash but the last commits may be lost with the machine; much cheaper.
     sqlite_synchronous: Literal["full", "normal"] = "full"
     postgres_dsn: str = ""
+    # Where a request record must be before its statement is forwarded. disk: in the audit
+    # log and fdatasynced (one fdatasync shared by the records of all sessions written
+    # meanwhile); os: written to the audit log with write() (survives the gateway being
+    # killed, not the machine losing power). The store is then an index fed from the log.
+    # store: no log, committed to the store (the arrangement before the log; see in_process).
+    durability: Literal["disk", "os", "store"] = "disk"
+    # The audit log's segment files are rotated past this size.
+    log_segment_mb: int = Field(default=64, ge=1)
     # Fail open means statements run when the store is down: they are then unaudited.
     fail_open: bool = False
     timeout_seconds: float = 2.0
-    # The writer (sealing, store inserts) runs in a child process, on another core than the
-    # relay. True runs it in the gateway's own process: one process less, a slower relay.
+    # The store's inserts run in a child process, on another core than the relay (with the
+    # audit log: the index fed from the log; durability=store: the writer). True runs them
+    # in the gateway's own process: one process less, a slower relay.
     in_process: bool = False
     retention_days: int | None = Field(default=None, ge=1)
     # `audit prune` refuses to remove records younger than this, whatever it is asked.

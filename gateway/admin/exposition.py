@@ -34,8 +34,10 @@ class OpaHealth(Protocol):
 class AuditState(Protocol):
     position: int | None
     restarts: int
-    index_lag: int
     commit_seconds: Latencies
+
+    @property
+    def index_lag(self) -> int: ...
 
     @property
     def accepting(self) -> bool: ...

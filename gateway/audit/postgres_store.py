@@ -235,6 +235,10 @@ class PostgresAuditStore:
             cached = self._tails.pop(chain, None)
             tail = cached or await self._tail(conn, chain)
             sealed, after = seal(tail)
+            if not sealed:
+                # Nothing after the tail (the audit log's indexer caught up): no statement.
+                self._tails[chain] = tail
+                return sealed
             # One statement over arrays: a single round trip for the whole batch.
             columns = list(zip(*(_insert_args(s) for s in sealed), strict=True))
             if cached is None:
@@ -250,7 +254,8 @@ class PostgresAuditStore:
 
         new_tail: list[ChainTail] = []
         sealed = await self._transaction(chain, work)
-        self._tails[chain] = new_tail[-1]
+        if new_tail:
+            self._tails[chain] = new_tail[-1]
         return sealed
 
     async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:

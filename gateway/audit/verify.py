@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
-from gateway.audit.chain import GENESIS_LINK, key_for_epoch, link_of
+from gateway.audit.chain import GENESIS_LINK, Anchor, ChainTail, key_for_epoch, link_of
 from gateway.audit.keys import AuditKeyring, HeadWitness
+from gateway.audit.log import AuditLog, LogEntry
 from gateway.audit.records import PROJECTED_COLUMNS, projections, record_id
 from gateway.audit.store import AuditStore, StoredRecord
 
@@ -55,6 +56,107 @@ class VerifyReport:
     @property
     def problems(self) -> list[ChainProblem]:
         return [c.problem for c in self.chains if c.problem is not None]
+
+
+class _ChainSource(Protocol):
+    """What a walk reads: a store, or the audit log seen as one."""
+
+    def scan(
+        self, chain: str, after_seq: int = 0, batch: int = 1000
+    ) -> AsyncGenerator[StoredRecord, None]: ...
+
+    async def anchor(self, chain: str) -> Anchor | None: ...
+
+
+class _LogSource:
+    def __init__(self, audit_log: AuditLog) -> None:
+        self.log = audit_log
+
+    async def scan(
+        self, chain: str, after_seq: int = 0, batch: int = 1000
+    ) -> AsyncGenerator[StoredRecord, None]:
+        anchor = self.log.anchor()
+        # Pruning deletes whole segments: what is left of one before the anchor is skipped.
+        after = max(after_seq, anchor.through_seq if anchor is not None else 0)
+        for entry in self.log.entries(after):
+            yield _stored(entry, chain)
+
+    async def anchor(self, chain: str) -> Anchor | None:
+        return self.log.anchor()
+
+
+def _stored(entry: LogEntry, chain: str) -> StoredRecord:
+    """A log frame as a stored record; a body that is not a signed record still reaches the
+    walk (which reports it), with empty columns."""
+    try:
+        env = orjson.loads(entry.body)
+        record = env["record"]
+        columns = projections(record)
+        epoch, kind, when = env["epoch"], env["kind"], env["time"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        columns = dict.fromkeys(PROJECTED_COLUMNS)
+        epoch, kind, when = -1, "", 0.0
+    return StoredRecord(
+        entry.offset, chain, entry.seq, epoch, kind, when, entry.body, entry.link, **columns
+    )
+
+
+async def verify_log(
+    audit_log: AuditLog,
+    chain: str,
+    keys: AuditKeyring,
+    heads: HeadWitness | None,
+    index: AuditStore | None = None,
+    *,
+    require_head: bool = True,
+) -> ChainReport:
+    """Verify a chain's audit log. A log that starts after seq 1 without a prune anchor (it
+    was started on a trail the store held before) continues from the index's record there.
+    With `heads`, a log holding records but no head witness is a problem unless
+    `require_head` is off (as for `verify`)."""
+    source = _LogSource(audit_log)
+    start = None
+    first = next(audit_log.entries(), None)
+    if first is not None and first.seq > 1 and audit_log.anchor() is None and index is not None:
+        before = await index.get(chain, first.seq - 1)
+        if before is not None:
+            start = ChainTail.after(before.seq, before.link, before.epoch, before.kind)
+    return await _verify_chain(source, keys, heads, chain, require_head, start)
+
+
+async def compare_index(store: AuditStore, audit_log: AuditLog, chain: str) -> ChainProblem | None:
+    """The first index record that is not the log's record of the same seq (the index may
+    end before the log: that is lag, see `index_lag`)."""
+    anchor = audit_log.anchor()
+    pruned_through = anchor.through_seq if anchor is not None else 0
+    entries = audit_log.entries()
+    entry = next(entries, None)
+    async for r in store.scan(chain):
+        while entry is not None and entry.seq < r.seq:
+            entry = next(entries, None)
+        if entry is None:
+            if r.seq > pruned_through:
+                return ChainProblem(chain, r.seq, "inserted", "in the index but not in the log")
+            continue
+        if entry.seq != r.seq:
+            continue  # pruned from the log only
+        if entry.body != r.body or not hmac.compare_digest(entry.link, r.link):
+            return ChainProblem(chain, r.seq, "changed", "the index differs from the audit log")
+    return None
+
+
+async def index_lag(store: AuditStore, audit_log: AuditLog, chain: str) -> int:
+    """Records the log holds after the index's last one."""
+    last = audit_log.last()
+    if last is None:
+        return 0
+    indexed = 0
+    anchor = await store.anchor(chain)
+    if anchor is not None:
+        indexed = anchor.through_seq
+    async for r in store.scan(chain, after_seq=max(indexed, last.seq - 100_000), batch=5000):
+        indexed = r.seq
+    return max(last.seq - indexed, 0)
 
 
 async def verify(
@@ -218,11 +320,12 @@ def _mismatch(r: StoredRecord, env: dict[str, Any], chain: str) -> str | None:
 
 
 async def _verify_chain(
-    store: AuditStore,
+    store: _ChainSource,
     keys: AuditKeyring,
     heads: HeadWitness | None,
     chain: str,
-    require_head: bool,
+    require_head: bool = True,
+    start: ChainTail | None = None,
 ) -> ChainReport:
     head = heads.read(chain) if heads is not None else None
     genesis = keys.genesis_key(chain)
@@ -252,6 +355,8 @@ async def _verify_chain(
         walk.expected = anchor.through_seq + 1
         walk.prev = anchor.through_link
         walk.epoch = anchor.next_epoch
+    elif start is not None:
+        walk.expected, walk.prev, walk.epoch = start.seq + 1, start.link, start.epoch
     head_seq = head[0] if head is not None else None
     walk.head_seq = head_seq
 

@@ -132,7 +132,50 @@ class BatchClock:
             self._timer = None
 
 
-class AuditWriter:
+class ChainHeadKeeper:
+    """After a record is durable: move the key past a rotation record, keep the head
+    witness current and `position` (the last durable seq, for the admin listener). Shared by
+    the writers that make records durable (store or log)."""
+
+    chain: AuditChain
+    position: int | None
+    keyring: AuditKeyring | None
+    head: HeadWitness | None
+    head_interval: float
+    _head: tuple[int, bytes] | None
+    _head_written: float
+    _head_flush: asyncio.TimerHandle | None
+    _loop: asyncio.AbstractEventLoop | None
+
+    def _after_commit(self, last: SealedRecord) -> None:
+        self.position = last.seq
+        next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
+        if next_epoch != self.chain.epoch:
+            # The rotation record is committed first, the key file replaced second: a crash
+            # in between leaves an old key that the next start hashes forward again.
+            key = self.chain.advance(next_epoch)
+            if self.keyring is not None:
+                self.keyring.replace_current(self.chain.name, next_epoch, key)
+        self._head = (last.seq, last.link)
+        # The head file is a witness against truncation; it may lag the store (verify
+        # accepts that) so it is rewritten at most every head_interval, not per commit.
+        wait = self.head_interval - (time.monotonic() - self._head_written)
+        if wait <= 0:
+            self._write_head()
+        elif self._head_flush is None and self._loop is not None:
+            # Catch up once the interval has passed, so an idle gateway's head is current.
+            self._head_flush = self._loop.call_later(wait, self._write_head)
+
+    def _write_head(self) -> None:
+        if self._head_flush is not None:
+            self._head_flush.cancel()
+            self._head_flush = None
+        if self.head is not None and self._head is not None:
+            self.head.record(self.chain.name, *self._head)
+            self._head_written = time.monotonic()
+
+
+class AuditWriter(ChainHeadKeeper):
     """Implements the proxy's AuditSink over an AuditStore.
 
     Records queue in call order. A request record (its statement waits on it) sends what is
@@ -536,30 +579,3 @@ class AuditWriter:
             log.info("audit store up", extra={"event": "audit_store_up"})
         else:
             log.error("audit store down: %s", result, extra={"event": "audit_store_down"})
-
-    def _after_commit(self, last: SealedRecord) -> None:
-        self.position = last.seq
-        next_epoch = last.epoch + 1 if last.kind == "key_rotation" else last.epoch
-        if next_epoch != self.chain.epoch:
-            # The rotation record is committed first, the key file replaced second: a crash
-            # in between leaves an old key that the next start hashes forward again.
-            key = self.chain.advance(next_epoch)
-            if self.keyring is not None:
-                self.keyring.replace_current(self.chain.name, next_epoch, key)
-        self._head = (last.seq, last.link)
-        # The head file is a witness against truncation; it may lag the store (verify
-        # accepts that) so it is rewritten at most every head_interval, not per commit.
-        wait = self.head_interval - (time.monotonic() - self._head_written)
-        if wait <= 0:
-            self._write_head()
-        elif self._head_flush is None and self._loop is not None:
-            # Catch up once the interval has passed, so an idle gateway's head is current.
-            self._head_flush = self._loop.call_later(wait, self._write_head)
-
-    def _write_head(self) -> None:
-        if self._head_flush is not None:
-            self._head_flush.cancel()
-            self._head_flush = None
-        if self.head is not None and self._head is not None:
-            self.head.record(self.chain.name, *self._head)
-            self._head_written = time.monotonic()

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin import AdminConfigError
+from gateway.audit import WriteAheadAudit
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.runtime import Gateway
 from gateway.settings import load_settings
@@ -126,26 +127,76 @@ def test_readyz_is_503_while_opa_is_down_and_200_once_the_supervisor_restarted_i
     wait_for(lambda: value(scrape(admin_gw), "pgwarden_opa_up") == 1, "opa_up back to 1")
 
 
-def test_readyz_is_503_while_the_audit_writer_is_down(admin_gw: RunningGateway) -> None:
-    audit = admin_gw.gateway.audit
+@pytest.fixture(scope="module")
+def store_gw(pg_cluster: Any, app_database: str, opa_binary: Path) -> Iterator[RunningGateway]:
+    """A gateway whose point of durability is the store (audit.durability=store): its
+    records are committed by the audit writer process."""
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-admin-store-"))
+    gw = start_gateway(
+        state,
+        pg_cluster,
+        opa_binary,
+        admin={"host": "127.0.0.1", "port": free_port()},
+        audit={"durability": "store"},
+    )
+    try:
+        yield gw
+    finally:
+        stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_readyz_is_503_while_the_audit_writer_process_is_down(store_gw: RunningGateway) -> None:
+    audit = store_gw.gateway.audit
     pid = getattr(audit, "pid", None)
-    assert pid is not None, "the default audit sink is the writer process"
-    before = scrape(admin_gw)
+    assert pid is not None, "with durability=store the audit sink is the writer process"
+    before = scrape(store_gw)
     os.kill(pid, signal.SIGKILL)
     # Between the child's death and its restart (at least the 0.5 s restart delay).
-    wait_for(lambda: readyz(admin_gw).status_code == 503, "readyz 503 with the writer dead")
-    body = readyz(admin_gw).json()
+    wait_for(lambda: readyz(store_gw).status_code == 503, "readyz 503 with the writer dead")
+    body = readyz(store_gw).json()
     assert "audit" in body["not_ready"], body
-    wait_for(lambda: readyz(admin_gw).status_code == 200, "readyz 200 after the writer restart")
-    after = scrape(admin_gw)
+    wait_for(lambda: readyz(store_gw).status_code == 200, "readyz 200 after the writer restart")
+    after = scrape(store_gw)
     assert value(after, "pgwarden_audit_writer_up") == 1
     assert (
         value(after, "pgwarden_audit_writer_restarts_total")
         == value(before, "pgwarden_audit_writer_restarts_total") + 1
     )
     # And statements are recorded again.
+    with connect(store_gw.dsn(token_for(store_gw, "engineers"))) as conn:
+        assert simple(conn, "SELECT 1") == [(1,)]
+
+
+def test_readyz_is_503_while_the_audit_log_cannot_be_written(admin_gw: RunningGateway) -> None:
+    # The default sink: the audit log, written in the gateway's process.
+    audit = admin_gw.gateway.audit
+    assert isinstance(audit, WriteAheadAudit)
+    real_write = audit.log.write
+
+    def full(data: bytes, first_seq: int) -> None:
+        raise OSError(28, "No space left on device")
+
     with connect(admin_gw.dsn(token_for(admin_gw, "engineers"))) as conn:
         assert simple(conn, "SELECT 1") == [(1,)]
+        audit.log.write = full  # type: ignore[method-assign]
+        try:
+            with pytest.raises(psycopg.Error) as refused:
+                simple(conn, "SELECT 2")
+            assert refusal_of(refused.value).sqlstate == "58000"
+            wait_for(lambda: readyz(admin_gw).status_code == 503, "readyz 503, log not written")
+            body = readyz(admin_gw).json()
+            assert "audit" in body["not_ready"], body
+            assert value(scrape(admin_gw), "pgwarden_audit_writer_up") == 0
+        finally:
+            audit.log.write = real_write  # type: ignore[method-assign]
+        # The records the failed write did not take are written again: the log is back.
+        wait_for(lambda: readyz(admin_gw).status_code == 200, "readyz 200, log written again")
+        assert simple(conn, "SELECT 3") == [(3,)]
+    after = scrape(admin_gw)
+    assert value(after, "pgwarden_audit_writer_up") == 1
+    assert value(after, "pgwarden_audit_writer_restarts_total") == 0
+    assert value(after, "pgwarden_audit_position") > 0
 
 
 # -- metrics ------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_serve_logs_json_lines_and_serves_the_admin_listener(
         "session_start",
         "statement_refused",
         "session_end",
-        "audit_writer_stopped",  # from the audit writer's own process
+        "audit_writer_stopped",  # the audit log closed after the drain
     ):
         assert wanted in events, (wanted, events)
     # uvicorn's own start and stop lines repeat admin_listening (and say "Press CTRL+C").

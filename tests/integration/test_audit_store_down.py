@@ -109,7 +109,9 @@ def own_gateway(
 
     def start(postgres: bool = False, **audit: Any) -> Any:
         state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-down-"))
-        audit = {"timeout_seconds": AUDIT_TIMEOUT, **audit}
+        # These are about the store as the point of durability (durability=store, no audit
+        # log): with the log, a store outage only delays the index (test_audit_log.py).
+        audit = {"timeout_seconds": AUDIT_TIMEOUT, "durability": "store", **audit}
         if "sqlite_path" in audit:
             audit["sqlite_path"] = state / audit["sqlite_path"]
         name = None

@@ -112,7 +112,8 @@ def test_audit_child_failing_again_and_again_while_it_restarts(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    gw = gateways()
+    # The audit child exists where the store is the point of durability (no audit log).
+    gw = gateways(audit={"durability": "store"})
     audit = gw.gateway.audit
     table = fresh_table(gw, "faults_sup", rows=0)
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
@@ -182,6 +183,8 @@ def test_serve_exits_0_on_sigterm_after_its_audit_child_was_killed_repeatedly(
          "PGWARDEN_CRASH_UPSTREAM_PW", "--sslmode", "disable")  # fmt: skip
     token = _cli(env, "tokens", "issue", "--subject", "agent:faults", "--group", "admins",
                  "--ttl", "1h")  # fmt: skip
+    # The audit child exists where the store is the point of durability (no audit log).
+    env["PGWARDEN_AUDIT__DURABILITY"] = "store"
     gw = GatewayProcess(env, state_dir / "serve.log")
     try:
         gw.wait_listening()
@@ -231,7 +234,7 @@ def _start_fails(settings: Any) -> str:
 def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
     gateways: Callable[..., Any], in_process: bool
 ) -> None:
-    gw = gateways(audit={"in_process": in_process})
+    gw = gateways(audit={"in_process": in_process, "durability": "store"})
     table = fresh_table(gw, "faults_gap", rows=0)
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         for i in range(3):
@@ -254,7 +257,7 @@ def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
     assert not any(r.seq == 1 and r.kind != "chain_gap" for r in records_after(settings))
 
     # With it: the chain goes on after a chain_gap record naming what was lost.
-    gw = gateways(audit={"in_process": in_process, "accept_chain_gap": True})
+    gw = gateways(audit={"in_process": in_process, "accept_chain_gap": True, "durability": "store"})
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (10, 'after the gap')")
     gateways.stop(gw)  # type: ignore[attr-defined]
@@ -270,7 +273,7 @@ def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
     assert f"1..{last}" in problem["detail"] and "chain_gap" in problem["detail"], problem
 
     # The gap is on record; the next start needs no flag and verify still reports it.
-    gw = gateways(audit={"in_process": in_process})
+    gw = gateways(audit={"in_process": in_process, "durability": "store"})
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (11, 'later')")
     gateways.stop(gw)  # type: ignore[attr-defined]
@@ -304,7 +307,9 @@ def test_pgwarden_serve_refuses_a_wiped_store_with_a_clear_message(
 def test_a_store_wiped_under_a_running_gateway_is_not_restarted_as_a_new_chain(
     gateways: Callable[..., Any],
 ) -> None:
-    gw = gateways()
+    # With the audit log a wiped store is only an index, rebuilt from the log: this is
+    # about the store as the point of durability.
+    gw = gateways(audit={"durability": "store"})
     audit = _child_of(gw)
     path = gw.settings.state_path(gw.settings.audit.sqlite_path)
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
@@ -412,7 +417,7 @@ def test_prepared_statement_refused_while_an_external_opa_is_down(
 def test_outcome_records_are_kept_through_a_store_outage(
     gateways: Callable[..., Any], in_process: bool
 ) -> None:
-    gw = gateways(audit={"timeout_seconds": 0.5, "in_process": in_process})
+    gw = gateways(audit={"timeout_seconds": 0.5, "in_process": in_process, "durability": "store"})
     audit = gw.gateway.audit
     table = fresh_table(gw, "faults_out", rows=0)
     lock = sqlite3.connect(gw.settings.state_path(gw.settings.audit.sqlite_path))

@@ -1,0 +1,562 @@
+"""The write-ahead audit sink: records sealed onto the audit log on the gateway's event loop.
+
+Everything queued in one pass of the event loop is sealed (HMAC chain) and appended to the
+log with one `write()`; no thread or process hop is needed for that. Durability is a setting:
+
+- `os`: a request's statement is released once its record is written to the log file. It
+  survives the gateway being killed (the bytes are in the kernel), not the machine losing
+  power.
+- `disk` (default): released once an fdatasync covering its record returns. One sync runs at
+  a time on a thread of its own and covers every record written before it started: records
+  written meanwhile ride on the next one (group commit across sessions).
+
+No mode forwards a statement before its record is written. The SQLite or PostgreSQL store is
+an index fed from the log by a LogIndexer, off the statement path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+from gateway.audit.chain import (
+    EMPTY_TAIL,
+    Anchor,
+    AuditChain,
+    ChainTail,
+    PendingRecord,
+    SealedRecord,
+)
+from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.index import LogIndexer, index_from_log
+from gateway.audit.keys import AuditKeyring, HeadWitness
+from gateway.audit.log import AuditLog, LogEntry, frame
+from gateway.audit.records import canonical, outcome_record, request_record, session_record
+from gateway.audit.store import AuditStore, AuditStoreError
+from gateway.audit.writer import (
+    BatchClock,
+    ChainGap,
+    ChainHeadKeeper,
+    Spool,
+    Waiter,
+    durable_or_fail_open,
+    expire_waiters,
+    fail_requests,
+)
+from gateway.metrics import Latencies
+from gateway.proxy.ports import AuditUnavailable
+
+log = logging.getLogger("pgwarden.audit")
+
+
+class AuditLogBusy(AuditStoreError):
+    """Another process (a running gateway of this instance) writes this chain's log."""
+
+
+def lock_log(directory: Path) -> int:
+    """An exclusive lock on a chain's log, held while writing it; its file descriptor."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise AuditLogBusy(
+            f"the audit log {directory} is being written by another process (a running "
+            "gateway of this instance)"
+        ) from exc
+    return fd
+
+
+def _tail_of(entry: LogEntry) -> ChainTail:
+    env = orjson.loads(entry.body)
+    return ChainTail.after(entry.seq, entry.link, env["epoch"], env["kind"])
+
+
+class AuditIndex(Protocol):
+    """What feeds the store from the log: LogIndexer (in this process) or IndexProcess."""
+
+    logged_seq: int
+    indexed_seq: int
+    last_error: str | None
+
+    @property
+    def lag(self) -> int: ...
+
+    def add(self, sealed: list[SealedRecord]) -> None: ...
+
+    def start(self, logged_seq: int) -> None: ...
+
+    async def caught_up(self, within: float) -> bool: ...
+
+    async def close(self, within: float) -> None: ...
+
+
+class WriteAheadAudit(ChainHeadKeeper):
+    """The gateway's AuditSink over the audit log; see the module docstring.
+
+    `request()` returns the record's id once it is durable in the configured sense and
+    raises AuditUnavailable if the log cannot take it (write or fdatasync failed, or no
+    confirmation within `timeout`). Outcome and session records a failed write did not take
+    are spooled and written again.
+    """
+
+    def __init__(
+        self,
+        audit_log: AuditLog,
+        chain: AuditChain,
+        store: AuditStore,
+        *,
+        durability: str = "disk",
+        index: AuditIndex | None = None,
+        keyring: AuditKeyring | None = None,
+        head: HeadWitness | None = None,
+        timeout: float = 2.0,
+        rows_limit: int = 100,
+        bytes_limit: int = 65536,
+        fail_open: bool = False,
+        accept_gap: bool = False,
+        max_batch: int = 5000,
+        spool_limit: int = 100_000,
+        spool_retry: float = 0.5,
+    ) -> None:
+        if durability not in ("disk", "os"):
+            raise ValueError("audit durability must be disk or os")
+        self.log = audit_log
+        self.chain = chain
+        self.store = store
+        self.durability = durability
+        self.keyring = keyring
+        self.head = head
+        self.timeout = timeout
+        self.rows_limit = rows_limit
+        self.bytes_limit = bytes_limit
+        self.fail_open = fail_open
+        self.accept_gap = accept_gap
+        self.max_batch = max_batch
+        self.index: AuditIndex = index or LogIndexer(store, audit_log, chain.name)
+        self.spool: Spool[PendingRecord] = Spool(spool_limit)
+        self.spool_retry = spool_retry
+        self._spool_timer: asyncio.TimerHandle | None = None
+        self._clock = BatchClock(self._flush)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._closed = False
+        self._lock_fd: int | None = None
+        self._tail = EMPTY_TAIL
+        self._pending: list[PendingRecord] = []
+        self._waiters: list[Waiter] = []
+        # disk: (seq, waiter) written and waiting for the fdatasync that covers them, and
+        # (last seq, timer) failing them if none does in time.
+        self._unsynced: collections.deque[tuple[int, asyncio.Future[str]]] = collections.deque()
+        self._timers: collections.deque[tuple[int, asyncio.TimerHandle]] = collections.deque()
+        self._written = 0
+        self._written_last: SealedRecord | None = None
+        self._syncing = False
+        self._sync_thread = ThreadPoolExecutor(1, thread_name_prefix="pgwarden-audit-sync")
+        self._sync_done = asyncio.Event()
+        self._head: tuple[int, bytes] | None = None
+        self._head_written = 0.0
+        self._head_flush: asyncio.TimerHandle | None = None
+        self.head_interval = 0.05
+        # For the admin listener: the last durable record's seq (ChainHeadKeeper), the time
+        # from a batch's write() to its being durable (the write itself in os mode, until the
+        # fdatasync covering it in disk mode), and whether the log's last write and sync
+        # succeeded. The log is written in this process: nothing restarts.
+        self.position: int | None = None
+        self.commit_seconds = Latencies()
+        self.restarts = 0
+        self.log_ok = True
+        # disk: (last seq of a written batch, loop time of its write), oldest first.
+        self._writes: collections.deque[tuple[int, float]] = collections.deque()
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._running
+
+    @property
+    def accepting(self) -> bool:
+        """The log is open and takes records: its last write (and, in disk mode, fdatasync)
+        succeeded (readiness, pgwarden_audit_writer_up)."""
+        return self._running and self.log_ok
+
+    def _log_state(self, ok: bool, error: object = None) -> None:
+        """Whether the log took the last write or sync; each change is one log line."""
+        if ok == self.log_ok:
+            return
+        self.log_ok = ok
+        if ok:
+            log.info(
+                "audit log takes records again", extra={"event": "audit_writer_up", "restarts": 0}
+            )
+        else:
+            log.error(
+                "audit log down: %s (statements are refused meanwhile)",
+                error,
+                extra={"event": "audit_writer_down", "restarts": 0, "error": str(error)},
+            )
+
+    @property
+    def index_lag(self) -> int:
+        """Records in the log that the store (the index) does not hold yet."""
+        return self.index.lag
+
+    @property
+    def spooled(self) -> int:
+        return len(self.spool)
+
+    @property
+    def records_lost(self) -> int:
+        return self.spool.lost
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the log (cutting a torn final record off it) and continue its chain. Raises
+        ChainGap if the log is behind the head witness and the operator did not consent to
+        bridging the gap (`accept_gap`), AuditLogBusy if another process writes it."""
+        self._lock_fd = lock_log(self.log.directory)
+        try:
+            await self._open()
+        except BaseException:
+            self.log.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        if self._tail.seq:
+            self.position = self._tail.seq
+        self.index.start(self._tail.seq)
+
+    async def _open(self) -> None:
+        last = self.log.open()
+        head = self.head.read(self.chain.name) if self.head is not None else None
+        self._head = head
+        try:
+            await self.store.open()
+        except AuditStoreError as exc:
+            log.warning("audit index store not available at start: %s", exc)
+        if last is not None:
+            tail = _tail_of(last)
+        else:
+            # A new log: continue the chain the store holds (a trail from before the log).
+            tail = await self._store_tail(head)
+        gap = head is not None and (
+            tail.seq < head[0] or (tail.seq == head[0] and tail.link != head[1])
+        )
+        self._tail = tail
+        if gap:
+            assert head is not None
+            message = (
+                f"the audit log is behind its head witness: chain {self.chain.name} reached seq "
+                f"{head[0]}, but the log ends at seq {tail.seq} (deleted, truncated or restored "
+                "from an older copy)"
+            )
+            if not self.accept_gap:
+                raise ChainGap(
+                    message + "; refusing to start a new chain over the evidence. `pgwarden "
+                    "audit verify` names what is missing; to start anyway and record the lost "
+                    "range in the chain, run `pgwarden serve --accept-audit-gap` once"
+                )
+            log.error("audit: %s; continuing after it with a chain_gap record (accepted)", message)
+            gap_record = PendingRecord(
+                "chain_gap",
+                time.time(),
+                {
+                    "lost_from": tail.seq + 1 if tail.seq < head[0] else head[0],
+                    "lost_through": head[0],
+                    "store_ended_at": tail.seq,
+                    "witness_link": head[1].hex(),
+                    "reason": "audit log behind its head witness; accepted by the operator",
+                },
+            )
+            self._tail = ChainTail(head[0], head[1], self.chain.epoch)
+            sealed, tail = self.chain.seal(self._tail, [gap_record])
+            self.log.write(b"".join(map(frame, sealed)), sealed[0].seq)
+            self.log.sync()
+            self._tail = tail
+            self.index.add(sealed)
+            self._after_commit(sealed[-1])
+
+    async def _store_tail(self, head: tuple[int, bytes] | None) -> ChainTail:
+        tail = EMPTY_TAIL
+        try:
+            anchor = await self.store.anchor(self.chain.name)
+            if anchor is not None:
+                tail = ChainTail(anchor.through_seq, anchor.through_link, anchor.next_epoch)
+            start = max(head[0] - 1, tail.seq) if head is not None else tail.seq
+            async for r in self.store.scan(self.chain.name, after_seq=start, batch=5000):
+                tail = ChainTail.after(r.seq, r.link, r.epoch, r.kind)
+        except AuditStoreError as exc:
+            log.warning("audit index store not readable at start: %s", exc)
+        if tail.seq:
+            log.info("audit log: new, continuing chain %s after seq %d", self.chain.name, tail.seq)
+        return tail
+
+    async def close(self) -> None:
+        """Write and sync what is queued, index what the log holds, close. Once: a gateway
+        that drained (SIGTERM) is stopped again by whoever started it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._running:
+            self._resend_spool(None)
+            await self._settle()
+            self._running = False
+        if self._spool_timer is not None:
+            self._spool_timer.cancel()
+            self._spool_timer = None
+        if self.spool:
+            self.spool.drop(len(self.spool.take()), "the log did not take them by shutdown")
+        await self.index.close(self.timeout)
+        if self.index.lag:
+            # The indexer stopped short (a child killed or still starting): what the log holds
+            # is indexed here, so a clean stop leaves no lag (a crash leaves it to the next
+            # start or `pgwarden audit`).
+            try:
+                await asyncio.wait_for(
+                    index_from_log(self.store, self.log, self.chain.name), self.timeout
+                )
+                self.index.indexed_seq = self.index.logged_seq
+            except (AuditStoreError, TimeoutError) as exc:
+                log.warning(
+                    "audit index: %d records left for the next start: %s", self.index.lag, exc
+                )
+        self._write_head()
+        self._sync_thread.shutdown(wait=True)
+        self.log.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        await self.store.close()
+        log.info(
+            "audit log closed at seq %d (%d records not yet indexed)",
+            self._tail.seq,
+            self.index.lag,
+            extra={"event": "audit_writer_stopped"},
+        )
+
+    async def __aenter__(self) -> WriteAheadAudit:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- AuditSink ----------------------------------------------------------------------------
+
+    async def request(self, record: StatementRequest) -> str:
+        return await durable_or_fail_open(
+            self._durable_request(record), fail_open=self.fail_open, text=record.text
+        )
+
+    async def _durable_request(self, record: StatementRequest) -> str:
+        if not self._running or self._loop is None:
+            raise AuditUnavailable("audit log is not open")
+        body = request_record(record)
+        waiter: asyncio.Future[str] = self._loop.create_future()
+        self._queue(PendingRecord("request", record.time, body, canonical(body)), waiter, True)
+        return await waiter
+
+    async def outcome(self, record: StatementOutcome) -> None:
+        self.outcome_nowait(record)
+
+    def outcome_nowait(self, record: StatementOutcome) -> None:
+        body = outcome_record(record, self.rows_limit, self.bytes_limit)
+        self._queue_kept(PendingRecord("outcome", record.time, body, canonical(body)))
+
+    async def session(self, event: SessionEvent) -> None:
+        body = session_record(event)
+        self._queue_kept(PendingRecord(event.kind, event.time, body, canonical(body)))
+
+    async def rotate_key(self) -> str:
+        """Append a rotation record and move to the next key; the old key is destroyed."""
+        if not self._running or self._loop is None:
+            raise AuditUnavailable("audit log is not open")
+        waiter: asyncio.Future[str] = self._loop.create_future()
+        self._queue(PendingRecord("key_rotation", time.time(), {}), waiter, True)
+        return await waiter
+
+    async def prune(self, older_than: float) -> Anchor | None:
+        """Delete this chain's records from before `older_than` (unix time) from the index
+        and the log, leaving a signed anchor in both and a prune record in the chain. For a
+        writer that has the log to itself (`pgwarden audit prune`, the gateway stopped)."""
+        if not self._running:
+            raise AuditUnavailable("audit log is not open")
+        await self._settle()
+        if not await self.index.caught_up(self.timeout):
+            raise AuditUnavailable(
+                f"the audit index is {self.index.lag} records behind the log: "
+                f"{self.index.last_error or 'not indexed in time'}"
+            )
+        made: list[SealedRecord] = []
+
+        def seal(tail: ChainTail, through: ChainTail) -> tuple[SealedRecord, Anchor]:
+            if (tail.seq, tail.link) != (self._tail.seq, self._tail.link):
+                raise AuditStoreError("the audit index does not end where the log does")
+            record, anchor = self.chain.seal_prune(tail, through, older_than, time.time())
+            # In the log (and on disk) before the index commits it.
+            self.log.write(frame(record), record.seq)
+            self.log.sync()
+            made.append(record)
+            return record, anchor
+
+        anchor = await self.store.prune(self.chain.name, older_than, seal)
+        if made:
+            record = made[-1]
+            self._tail = ChainTail.after(record.seq, record.link, record.epoch, record.kind)
+            self.index.logged_seq = self.index.indexed_seq = record.seq
+            self._after_commit(record)
+        if anchor is not None:
+            self.log.prune(anchor)
+        return anchor
+
+    async def _settle(self) -> None:
+        """Until what is queued is written and synced."""
+        self._flush()
+        while self._syncing or self._unsynced:
+            self._sync_done.clear()
+            await self._sync_done.wait()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _queue_kept(self, pending: PendingRecord) -> None:
+        if not self._running or self._loop is None:
+            log.error("audit %s record lost: the audit log is not open", pending.kind)
+            return
+        self._queue(pending, None, False)
+
+    def _queue(self, pending: PendingRecord, waiter: Waiter, urgent: bool) -> None:
+        self._pending.append(pending)
+        self._waiters.append(waiter)
+        assert self._loop is not None
+        if urgent or len(self._pending) >= self.max_batch:
+            self._clock.soon(self._loop)
+        else:
+            self._clock.later(self._loop)
+
+    @property
+    def linger(self) -> float:
+        return self._clock.linger
+
+    @linger.setter
+    def linger(self, value: float) -> None:
+        self._clock.linger = value
+
+    def _flush(self) -> None:
+        """Seal what this loop pass queued onto the log's tail and write it in one call."""
+        self._clock.fired()
+        if not self._pending:
+            return
+        pending, waiters = self._pending, self._waiters
+        self._pending, self._waiters = [], []
+        assert self._loop is not None
+        started = self._loop.time()
+        try:
+            sealed, tail = self.chain.seal(self._tail, pending)
+            self.log.write(b"".join(map(frame, sealed)), sealed[0].seq)
+        except (OSError, ValueError) as exc:
+            log.error("audit log write of %d records failed: %s", len(pending), exc)
+            self._log_state(False, f"write failed: {exc}")
+            fail_requests(waiters, AuditUnavailable(f"audit log write failed: {exc}"))
+            self._keep([p for p, w in zip(pending, waiters, strict=True) if w is None])
+            return
+        self._tail = tail
+        self.index.add(sealed)
+        if self.durability == "os":
+            self.commit_seconds.observe(self._loop.time() - started)
+            self._log_state(True)
+            if self.log.rotated:
+                self.log.rotated = 0
+                self.log.close_retired()
+            for s, w in zip(sealed, waiters, strict=True):
+                if w is not None and not w.done():
+                    w.set_result(f"{s.chain}:{s.seq}")
+            self._after_commit(sealed[-1])
+            return
+        unsynced = self._unsynced
+        for s, w in zip(sealed, waiters, strict=True):
+            if w is not None:
+                unsynced.append((s.seq, w))
+        last = sealed[-1]
+        self._written_last = last
+        self._written = last.seq
+        self._writes.append((last.seq, started))
+        if any(w is not None for w in waiters):
+            timer = self._loop.call_later(self.timeout, expire_waiters, waiters, self.timeout)
+            self._timers.append((last.seq, timer))
+        if not self._syncing:
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        assert self._loop is not None
+        self._syncing = True
+        covered = self._written_last
+        assert covered is not None
+        future = self._loop.run_in_executor(self._sync_thread, self.log.sync)
+        future.add_done_callback(partial(self._synced, covered))
+
+    def _synced(self, covered: SealedRecord, future: asyncio.Future[None]) -> None:
+        self._syncing = False
+        failure = None if future.cancelled() else future.exception()
+        unsynced = self._unsynced
+        seq = covered.seq
+        writes = self._writes
+        if failure is None and writes and writes[0][0] <= seq:
+            assert self._loop is not None
+            now = self._loop.time()
+            while writes and writes[0][0] <= seq:
+                self.commit_seconds.observe(now - writes.popleft()[1])
+        else:
+            while writes and writes[0][0] <= seq:
+                writes.popleft()
+        if failure is not None:
+            log.error("audit log fdatasync failed: %s", failure)
+            self._log_state(False, f"fdatasync failed: {failure}")
+            error = AuditUnavailable(f"audit log fdatasync failed: {failure}")
+            while unsynced and unsynced[0][0] <= seq:
+                w = unsynced.popleft()[1]
+                if not w.done():
+                    w.set_exception(error)
+        else:
+            chain = self.chain.name
+            while unsynced and unsynced[0][0] <= seq:
+                s, w = unsynced.popleft()
+                if not w.done():
+                    w.set_result(f"{chain}:{s}")
+            self._log_state(True)
+            self._after_commit(covered)
+        timers = self._timers
+        while timers and timers[0][0] <= seq:
+            timers.popleft()[1].cancel()
+        if self._written > seq:
+            self._start_sync()  # what was written meanwhile: the next group
+        self._sync_done.set()
+
+    # -- the spool ----------------------------------------------------------------------------
+
+    def _keep(self, kept: list[PendingRecord]) -> None:
+        if not kept:
+            return
+        self.spool.keep(kept)
+        if self._spool_timer is None and self._loop is not None:
+            self._spool_timer = self._loop.call_later(self.spool_retry, self._resend_spool)
+
+    def _resend_spool(self, most: int | None = Spool.chunk) -> None:
+        self._spool_timer = None
+        if self._running and self._loop is not None:
+            for p in self.spool.take(most):
+                self._queue(p, None, False)

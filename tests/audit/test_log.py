@@ -1,0 +1,274 @@
+"""The write-ahead audit log: durability modes, group fdatasync, torn tails, the index fed
+from the log, rotation and pruning, all verified."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import (
+    AuditChain,
+    AuditLog,
+    AuditLogBusy,
+    ChainGap,
+    SqliteAuditStore,
+    WriteAheadAudit,
+    index_from_log,
+    verify,
+)
+from gateway.audit.store import AuditStore
+from gateway.audit.verify import compare_index, index_lag, verify_log
+from gateway.proxy.ports import AuditUnavailable
+
+from .conftest import CHAIN, AuditRig, statement_outcome, statement_request
+
+
+def _wal(
+    rig: AuditRig, durability: str, store: AuditStore | None = None, **options: Any
+) -> WriteAheadAudit:
+    epoch, key = rig.keyring.current(CHAIN)
+    segment_bytes = options.pop("segment_bytes", 64 * 1024 * 1024)
+    return WriteAheadAudit(
+        AuditLog(rig.tmp / "log", segment_bytes=segment_bytes),
+        AuditChain(CHAIN, epoch, key),
+        store or rig.store(),
+        durability=durability,
+        keyring=rig.keyring,
+        head=rig.heads,
+        **options,
+    )
+
+
+async def _all_verified(rig: AuditRig) -> None:
+    """The log verifies, the index verifies and holds what the log holds."""
+    trail = AuditLog(rig.tmp / "log")
+    store = rig.store()
+    log_report = await verify_log(trail, CHAIN, rig.keyring, rig.heads, store)
+    assert log_report.problem is None, log_report
+    index_report = await verify(store, rig.keyring, None)
+    assert index_report.ok, index_report.problems
+    assert await compare_index(store, trail, CHAIN) is None
+    assert await index_lag(store, trail, CHAIN) == 0
+
+
+@pytest.mark.parametrize("durability", ["disk", "os"])
+async def test_records_go_to_the_log_then_the_index(rig: AuditRig, durability: str) -> None:
+    async with _wal(rig, durability) as wal:
+        ids = await asyncio.gather(
+            *(wal.request(statement_request(f"SELECT {i}")) for i in range(20))
+        )
+        for rid in ids:
+            await wal.outcome(statement_outcome(rid))
+        assert sorted(int(i.split(":")[1]) for i in ids) == list(range(1, 21))
+    entries = list(AuditLog(rig.tmp / "log").entries())
+    assert [e.seq for e in entries] == list(range(1, 41))
+    await _all_verified(rig)
+
+
+async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(rig: AuditRig) -> None:
+    wal = _wal(rig, "disk")
+    syncs = 0
+    real = wal.log.sync
+
+    def counted() -> None:
+        nonlocal syncs
+        syncs += 1
+        real()
+
+    wal.log.sync = counted  # type: ignore[method-assign]
+    async with wal:
+        await asyncio.gather(*(wal.request(statement_request(f"SELECT {i}")) for i in range(100)))
+        assert 1 <= syncs < 100
+    await _all_verified(rig)
+
+
+async def test_os_forwards_after_the_write_and_disk_fails_closed_without_fdatasync(
+    rig: AuditRig,
+) -> None:
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    async with _wal(rig, "os") as wal:
+        wal.log.sync = broken  # type: ignore[method-assign]
+        assert await wal.request(statement_request("SELECT os")) == f"{CHAIN}:1"
+    async with _wal(rig, "disk") as wal:
+        wal.log.sync = broken  # type: ignore[method-assign]
+        with pytest.raises(AuditUnavailable, match="fdatasync failed"):
+            await wal.request(statement_request("SELECT disk"))
+        wal.log.sync = AuditLog.sync.__get__(wal.log)  # type: ignore[method-assign]
+        # The session goes on once the disk takes records again.
+        assert await wal.request(statement_request("SELECT again")) == f"{CHAIN}:3"
+
+
+async def test_a_failed_write_refuses_the_request_and_keeps_the_outcome(rig: AuditRig) -> None:
+    async with _wal(rig, "os", spool_retry=0.01) as wal:
+        rid = await wal.request(statement_request("SELECT 1"))
+        real = wal.log.write
+
+        def full(data: bytes, first_seq: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        wal.log.write = full  # type: ignore[method-assign]
+        await wal.outcome(statement_outcome(rid))
+        with pytest.raises(AuditUnavailable, match="No space left"):
+            await wal.request(statement_request("SELECT refused"))
+        assert wal.spooled == 1
+        wal.log.write = real  # type: ignore[method-assign]
+        assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:2"
+        for _ in range(100):
+            if not wal.spooled:
+                break
+            await asyncio.sleep(0.01)
+    kinds = [e.sealed().kind for e in AuditLog(rig.tmp / "log").entries()]
+    assert sorted(kinds) == ["outcome", "request", "request"]
+    await _all_verified(rig)
+
+
+@pytest.mark.parametrize("cut", [3, 20, 60])
+async def test_a_torn_final_record_is_cut_off_at_start_and_said(
+    rig: AuditRig, cut: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _wal(rig, "disk") as wal:
+        for i in range(3):
+            await wal.request(statement_request(f"SELECT {i}"))
+    (segment,) = AuditLog(rig.tmp / "log").segments()
+    whole = segment.read_bytes()
+    head = rig.heads.path(CHAIN).read_bytes()
+    # A fourth record's first bytes, as a kill in the middle of write() leaves them: the
+    # write never returned, so nothing (the head witness included) learnt of the record.
+    async with _wal(rig, "disk") as wal:
+        await wal.request(statement_request("SELECT torn"))
+    fourth = segment.read_bytes()[len(whole) :]
+    segment.write_bytes(whole + fourth[:cut])
+    rig.heads.path(CHAIN).write_bytes(head)
+    await rig.sql("DELETE FROM audit_record WHERE seq = 4")  # nor the index
+    caplog.set_level(logging.ERROR, "pgwarden.audit")
+    async with _wal(rig, "disk") as wal:
+        assert "not a whole record" in caplog.text
+        # The chain goes on from the last whole record.
+        assert await wal.request(statement_request("SELECT after")) == f"{CHAIN}:4"
+    assert list(segment.parent.glob("*.torn-*"))
+    await _all_verified(rig)
+
+
+async def test_a_garbled_final_record_is_not_accepted(rig: AuditRig) -> None:
+    async with _wal(rig, "os") as wal:
+        for i in range(3):
+            await wal.request(statement_request(f"SELECT {i}"))
+    (segment,) = AuditLog(rig.tmp / "log").segments()
+    data = bytearray(segment.read_bytes())
+    data[-5] ^= 0xFF  # the CRC no longer matches the last frame
+    segment.write_bytes(bytes(data))
+    # It was acknowledged (the head witness names it): cut off, the loss is not papered over.
+    with pytest.raises(ChainGap, match="reached seq 3, but the log ends at seq 2"):
+        await _wal(rig, "os").start()
+
+
+async def test_the_index_catches_up_from_the_log_idempotently(
+    rig: AuditRig, tmp_path: Path
+) -> None:
+    async with _wal(rig, "os") as wal:
+        for i in range(30):
+            await wal.request(statement_request(f"SELECT {i}"))
+    # A second index, empty, as after a kill before anything was indexed.
+    fresh = SqliteAuditStore(tmp_path / "fresh.sqlite3")
+    await fresh.open()
+    try:
+        trail = AuditLog(rig.tmp / "log")
+        assert await index_lag(fresh, trail, CHAIN) == 30
+        assert await index_from_log(fresh, trail, CHAIN) == 30
+        assert await index_from_log(fresh, trail, CHAIN) == 0
+        assert await index_lag(fresh, trail, CHAIN) == 0
+        assert await compare_index(fresh, trail, CHAIN) is None
+        assert (await verify(fresh, rig.keyring, rig.heads)).ok
+    finally:
+        await fresh.close()
+
+
+async def test_an_index_edit_is_told_apart_from_the_log(rig: AuditRig) -> None:
+    async with _wal(rig, "os") as wal:
+        for i in range(5):
+            await wal.request(statement_request(f"SELECT {i}"))
+    await rig.sql("UPDATE audit_record SET link = ? WHERE seq = 3", bytes(32))
+    problem = await compare_index(rig.store(), AuditLog(rig.tmp / "log"), CHAIN)
+    assert problem is not None and problem.seq == 3 and problem.kind == "changed"
+
+
+async def test_segments_rotate_and_prune_keeps_log_and_index_verifiable(rig: AuditRig) -> None:
+    async with _wal(rig, "disk", segment_bytes=2000) as wal:
+        for i in range(40):
+            await wal.request(statement_request(f"SELECT {i}"))
+        cutoff = time.time()
+        await wal.rotate_key()
+        for i in range(5):
+            await wal.request(statement_request(f"SELECT late {i}"))
+    trail = AuditLog(rig.tmp / "log")
+    assert len(trail.segments()) > 3
+    await _all_verified(rig)
+    async with _wal(rig, "disk", segment_bytes=2000) as wal:
+        anchor = await wal.prune(cutoff)
+        assert anchor is not None and anchor.through_seq == 40
+        after = await wal.request(statement_request("SELECT after prune"))
+    assert after == f"{CHAIN}:{40 + 1 + 5 + 1 + 1}"
+    assert AuditLog.first_seq(trail.segments()[0]) > 1
+    await _all_verified(rig)
+
+
+async def test_one_writer_per_log(rig: AuditRig) -> None:
+    async with _wal(rig, "os"):
+        with pytest.raises(AuditLogBusy):
+            await _wal(rig, "os").start()
+
+
+async def test_a_log_behind_its_head_witness_is_refused_unless_accepted(rig: AuditRig) -> None:
+    async with _wal(rig, "disk") as wal:
+        for i in range(4):
+            await wal.request(statement_request(f"SELECT {i}"))
+    for segment in AuditLog(rig.tmp / "log").segments():
+        segment.unlink()
+    with pytest.raises(ChainGap, match="behind its head witness"):
+        await _wal(rig, "disk", store=SqliteAuditStore(rig.tmp / "other.sqlite3")).start()
+    async with _wal(
+        rig, "disk", store=SqliteAuditStore(rig.tmp / "other.sqlite3"), accept_gap=True
+    ) as wal:
+        assert await wal.request(statement_request("SELECT after")) == f"{CHAIN}:6"
+    kinds = [e.sealed().kind for e in AuditLog(rig.tmp / "log").entries()]
+    assert kinds == ["chain_gap", "request"]
+
+
+async def test_a_follower_reads_what_is_added_whole_frames_only_across_segments(
+    rig: AuditRig,
+) -> None:
+    async with _wal(rig, "os", segment_bytes=1500) as wal:
+        await wal.request(statement_request("SELECT 0"))
+        follower = wal.log.follow(0)
+        assert [e.seq for e in follower.read(100)] == [1]
+        assert follower.read(100) == []
+        for i in range(1, 12):
+            await wal.request(statement_request(f"SELECT {i}"))
+        assert len(wal.log.segments()) > 1
+        assert [e.seq for e in follower.read(5)] == [2, 3, 4, 5, 6]
+        assert [e.seq for e in follower.read(100)] == list(range(7, 13))
+        # Half a frame at the end (a write in progress) is read once it is whole.
+        await wal.request(statement_request("SELECT 12"))
+        segment = wal.log.segments()[-1]
+        whole = segment.read_bytes()
+        segment.write_bytes(whole[:-10])
+        assert follower.read(100) == []
+        segment.write_bytes(whole)
+        assert [e.seq for e in follower.read(100)] == [13]
+    # A follower placed after a seq starts there.
+    assert [e.seq for e in AuditLog(rig.tmp / "log").follow(10).read(100)] == [11, 12, 13]
+
+
+async def test_os_durability_closes_the_segments_it_rotates_out(rig: AuditRig) -> None:
+    async with _wal(rig, "os", segment_bytes=1000) as wal:
+        for i in range(30):
+            await wal.request(statement_request(f"SELECT {i}"))
+        assert len(wal.log.segments()) > 5
+        assert wal.log._retired == []
