@@ -45,6 +45,7 @@ from gateway.audit.records import canonical, outcome_record, request_record, ses
 from gateway.audit.store import AuditStore, AuditStoreError
 from gateway.audit.writer import (
     BatchClock,
+    BatchedRecords,
     ChainGap,
     ChainHeadKeeper,
     Spool,
@@ -102,7 +103,7 @@ class AuditIndex(Protocol):
     async def close(self, within: float) -> None: ...
 
 
-class WriteAheadAudit(ChainHeadKeeper):
+class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     """The gateway's AuditSink over the audit log; see the module docstring.
 
     `request()` returns the record's id once it is durable in the configured sense and
@@ -368,7 +369,9 @@ class WriteAheadAudit(ChainHeadKeeper):
             raise AuditUnavailable("audit log is not open")
         body = request_record(record)
         waiter: asyncio.Future[str] = self._loop.create_future()
-        self._queue(PendingRecord("request", record.time, body, canonical(body)), waiter, True)
+        self._queue(
+            PendingRecord("request", record.time, body, canonical(body)), waiter, urgent=True
+        )
         return await waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
@@ -387,7 +390,7 @@ class WriteAheadAudit(ChainHeadKeeper):
         if not self._running or self._loop is None:
             raise AuditUnavailable("audit log is not open")
         waiter: asyncio.Future[str] = self._loop.create_future()
-        self._queue(PendingRecord("key_rotation", time.time(), {}), waiter, True)
+        self._queue(PendingRecord("key_rotation", time.time(), {}), waiter, urgent=True)
         return await waiter
 
     async def prune(self, older_than: float) -> Anchor | None:
@@ -437,24 +440,7 @@ class WriteAheadAudit(ChainHeadKeeper):
         if not self._running or self._loop is None:
             log.error("audit %s record lost: the audit log is not open", pending.kind)
             return
-        self._queue(pending, None, False)
-
-    def _queue(self, pending: PendingRecord, waiter: Waiter, urgent: bool) -> None:
-        self._pending.append(pending)
-        self._waiters.append(waiter)
-        assert self._loop is not None
-        if urgent or len(self._pending) >= self.max_batch:
-            self._clock.soon(self._loop)
-        else:
-            self._clock.later(self._loop)
-
-    @property
-    def linger(self) -> float:
-        return self._clock.linger
-
-    @linger.setter
-    def linger(self, value: float) -> None:
-        self._clock.linger = value
+        self._queue(pending, None, urgent=False)
 
     def _flush(self) -> None:
         """Seal what this loop pass queued onto the log's tail and write it in one call."""
@@ -559,4 +545,4 @@ class WriteAheadAudit(ChainHeadKeeper):
         self._spool_timer = None
         if self._running and self._loop is not None:
             for p in self.spool.take(most):
-                self._queue(p, None, False)
+                self._queue(p, None, urgent=False)

@@ -175,7 +175,36 @@ class ChainHeadKeeper:
             self._head_written = time.monotonic()
 
 
-class AuditWriter(ChainHeadKeeper):
+class BatchedRecords:
+    """Records queued for the next batch, with their waiters, and when that batch leaves
+    (BatchClock): the part the store writer and the log writer share."""
+
+    _pending: list[PendingRecord]
+    _waiters: list[Waiter]
+    _loop: asyncio.AbstractEventLoop | None
+    _clock: BatchClock
+    max_batch: int
+
+    def _queue(self, pending: PendingRecord, waiter: Waiter, *, urgent: bool) -> None:
+        self._pending.append(pending)
+        self._waiters.append(waiter)
+        assert self._loop is not None
+        if urgent or len(self._pending) >= self.max_batch:
+            # Everything queued in this pass of the event loop goes in one batch.
+            self._clock.soon(self._loop)
+        else:
+            self._clock.later(self._loop)
+
+    @property
+    def linger(self) -> float:
+        return self._clock.linger
+
+    @linger.setter
+    def linger(self, value: float) -> None:
+        self._clock.linger = value
+
+
+class AuditWriter(BatchedRecords, ChainHeadKeeper):
     """Implements the proxy's AuditSink over an AuditStore.
 
     Records queue in call order. A request record (its statement waits on it) sends what is
@@ -428,24 +457,6 @@ class AuditWriter(ChainHeadKeeper):
     def _queue_logged(self, pending: PendingRecord) -> None:
         if not self.append(pending, urgent=False):
             log.error("audit %s record lost: audit writer is not running", pending.kind)
-
-    def _queue(self, pending: PendingRecord, waiter: Waiter, *, urgent: bool) -> None:
-        self._pending.append(pending)
-        self._waiters.append(waiter)
-        assert self._loop is not None
-        if urgent or len(self._pending) >= self.max_batch:
-            # Everything queued in this pass of the event loop goes in one commit.
-            self._clock.soon(self._loop)
-        else:
-            self._clock.later(self._loop)
-
-    @property
-    def linger(self) -> float:
-        return self._clock.linger
-
-    @linger.setter
-    def linger(self, value: float) -> None:
-        self._clock.linger = value
 
     def _flush(self) -> None:
         self._clock.fired()
