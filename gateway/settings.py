@@ -134,6 +134,38 @@ class AdminSettings(BaseModel):
     token_groups: list[str] = Field(default_factory=lambda: ["admins"])
 
 
+class ControlSettings(BaseModel):
+    """The control-plane store: approval requests, their votes and grants."""
+
+    # sqlite: one file in the state directory (one gateway; other processes on the machine
+    # see changes within poll_seconds); postgres: several gateways share it, and a change
+    # made through one reaches the others at once (LISTEN/NOTIFY).
+    store: Literal["sqlite", "postgres"] = "sqlite"
+    # Under the state directory unless absolute.
+    sqlite_path: Path = Path("control.sqlite3")
+    postgres_dsn: str = ""
+    # A held statement looks at its request this often for changes no notification told of.
+    poll_seconds: float = Field(default=0.25, gt=0)
+
+
+class ApprovalSettings(BaseModel):
+    """Holding a statement the policy answered `approve` for until a person decides."""
+
+    # How long a held statement waits for its approvers; 0 asks and refuses at once (the
+    # statement may be run again once approved, as a grant).
+    wait_seconds: float = Field(default=120.0, ge=0)
+    # An approval given after the hold ended is a one-time grant usable this long.
+    grant_seconds: float = Field(default=900.0, gt=0)
+    # Each new request and each decision is POSTed here (empty: no webhook).
+    webhook_url: str = ""
+    # The environment variable holding the key the webhook body is signed with (HMAC-SHA256).
+    webhook_secret_env: str = "PGWARDEN_WEBHOOK_SECRET"
+    # json: pgwarden's own event; slack: a Slack incoming-webhook message ({"text": ...}).
+    webhook_format: Literal["json", "slack"] = "json"
+    # Attempts per event (with backoff doubling from 0.5 s) before it is logged as lost.
+    webhook_attempts: int = Field(default=5, ge=1)
+
+
 class LogSettings(BaseModel):
     # human: one readable line per event; json: one JSON object per line (log shippers).
     # Unset: human on a terminal, json otherwise.
@@ -158,6 +190,8 @@ class Settings(BaseSettings):
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

@@ -1,0 +1,272 @@
+"""The shared control store: PostgreSQL (asyncpg) for several gateways. Every change is
+NOTIFYed on one channel, so that an approval made through one gateway releases a statement
+held on another at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import asyncpg
+
+from gateway.control.models import ApprovalRequest, Grant, RequestStatus, Vote
+from gateway.control.rules import Ballot, Judgement, judge
+from gateway.control.store import ChangeListener, UnknownRequest
+
+log = logging.getLogger("pgwarden.control")
+
+CHANNEL = "pgwarden_control"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pgwarden_approval_request (
+    id text PRIMARY KEY,
+    created double precision NOT NULL,
+    status text NOT NULL,
+    decided_at double precision,
+    note text NOT NULL DEFAULT '',
+    body jsonb NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pgwarden_approval_vote (
+    request_id text NOT NULL REFERENCES pgwarden_approval_request (id),
+    subject text NOT NULL,
+    groups jsonb NOT NULL,
+    verdict text NOT NULL,
+    note text NOT NULL,
+    time double precision NOT NULL,
+    PRIMARY KEY (request_id, subject)
+);
+CREATE TABLE IF NOT EXISTS pgwarden_approval_grant (
+    id text PRIMARY KEY,
+    request_id text NOT NULL,
+    kind text NOT NULL,
+    subject text NOT NULL,
+    target text NOT NULL,
+    key text NOT NULL,
+    created double precision NOT NULL,
+    expires double precision NOT NULL,
+    used_at double precision,
+    used_by text
+);
+CREATE INDEX IF NOT EXISTS pgwarden_approval_grant_key
+    ON pgwarden_approval_grant (subject, target, key);
+"""
+
+_GRANT_COLUMNS = "id, request_id, kind, subject, target, key, created, expires, used_at, used_by"
+
+
+def _grant(row: Any) -> Grant:
+    return Grant(*tuple(row))
+
+
+class PostgresControlStore:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+        self._listen: asyncpg.Connection | None = None
+        self._listeners: list[ChangeListener] = []
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "control store is not open"
+        return self._pool
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=10)
+        # Several gateways may start at once: one creates the tables, the others wait.
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgwarden_control'))")
+            await conn.execute(_SCHEMA)
+        self._listen = await asyncpg.connect(self.dsn, timeout=10)
+        await self._listen.add_listener(CHANNEL, self._notified)
+
+    async def close(self) -> None:
+        if self._listen is not None:
+            conn, self._listen = self._listen, None
+            await conn.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._changed(payload)
+
+    def _changed(self, request_id: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(request_id)
+            except Exception:
+                log.exception("control store listener failed")
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def create_request(self, request: ApprovalRequest) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO pgwarden_approval_request (id, created, status, body)"
+                " VALUES ($1, $2, $3, $4::jsonb)",
+                request.id,
+                request.created,
+                request.status,
+                json.dumps(request.to_json()),
+            )
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, request.id)
+
+    async def request(self, request_id: str) -> ApprovalRequest | None:
+        async with self.pool.acquire() as conn:
+            return await _load(conn, request_id)
+
+    async def requests(
+        self, status: RequestStatus | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM pgwarden_approval_request WHERE $1::text IS NULL OR status = $1"
+                " ORDER BY created DESC LIMIT $2",
+                status,
+                limit,
+            )
+            return [r for row in rows if (r := await _load(conn, row["id"])) is not None]
+
+    async def vote(
+        self, request_id: str, ballot: Ballot, now: float, grant_seconds: float
+    ) -> Judgement:
+        async with self.pool.acquire() as conn, conn.transaction():
+            request = await _load(conn, request_id, lock=True)
+            if request is None:
+                raise UnknownRequest(request_id)
+            judgement = judge(request, ballot, now, grant_seconds)
+            v = judgement.vote
+            await conn.execute(
+                "INSERT INTO pgwarden_approval_vote VALUES ($1, $2, $3::jsonb, $4, $5, $6)",
+                request_id,
+                v.subject,
+                json.dumps(v.groups),
+                v.verdict,
+                v.note,
+                v.time,
+            )
+            r = judgement.request
+            await conn.execute(
+                "UPDATE pgwarden_approval_request SET status = $1, decided_at = $2, note = $3"
+                " WHERE id = $4",
+                r.status,
+                r.decided_at,
+                r.note,
+                request_id,
+            )
+            g = judgement.grant
+            if g is not None:
+                await conn.execute(
+                    f"INSERT INTO pgwarden_approval_grant ({_GRANT_COLUMNS})"  # noqa: S608
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, NULL)",
+                    g.id,
+                    g.request_id,
+                    g.kind,
+                    g.subject,
+                    g.target,
+                    g.key,
+                    g.created,
+                    g.expires,
+                )
+            # Delivered at commit, to every gateway listening (this one included).
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, request_id)
+        self._changed(request_id)
+        return judgement
+
+    async def settle(
+        self, request_id: str, to: RequestStatus, now: float
+    ) -> tuple[ApprovalRequest, bool]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = await conn.execute(
+                "UPDATE pgwarden_approval_request SET status = $1, decided_at = $2"
+                " WHERE id = $3 AND status = 'pending'",
+                to,
+                now,
+                request_id,
+            )
+            request = await _load(conn, request_id)
+            if request is None:
+                raise UnknownRequest(request_id)
+            if moved == "UPDATE 1":
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, request_id)
+        return request, moved == "UPDATE 1"
+
+    # -- grants ----------------------------------------------------------------------------
+
+    async def use_grant(
+        self, subject: str, target: str, grant_key: str, fingerprint: str, now: float, used_by: str
+    ) -> Grant | None:
+        async with self.pool.acquire() as conn:
+            # The row lock makes two sessions racing for one grant take it once.
+            row = await conn.fetchrow(
+                f"UPDATE pgwarden_approval_grant SET used_at = $1, used_by = $2 WHERE id = ("  # noqa: S608
+                "  SELECT id FROM pgwarden_approval_grant WHERE subject = $3 AND target = $4"
+                "  AND key = $5 AND kind = 'once' AND used_at IS NULL AND expires > $1"
+                "  ORDER BY created LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {_GRANT_COLUMNS}",
+                now,
+                used_by,
+                subject,
+                target,
+                grant_key,
+            )
+            if row is not None:
+                return _grant(row)
+            row = await conn.fetchrow(
+                f"SELECT {_GRANT_COLUMNS} FROM pgwarden_approval_grant"  # noqa: S608
+                " WHERE subject = $1 AND target = $2 AND key = $3 AND kind = 'window'"
+                " AND expires > $4 ORDER BY expires DESC LIMIT 1",
+                subject,
+                target,
+                fingerprint,
+                now,
+            )
+            return _grant(row) if row is not None else None
+
+    async def grants(self, live_at: float | None = None) -> list[Grant]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_GRANT_COLUMNS} FROM pgwarden_approval_grant"  # noqa: S608
+                " WHERE $1::float8 IS NULL"
+                " OR (expires > $1 AND (kind = 'window' OR used_at IS NULL))"
+                " ORDER BY created DESC",
+                live_at,
+            )
+            return [_grant(r) for r in rows]
+
+
+_LOAD = (
+    "SELECT status, decided_at, note, body::text AS body FROM pgwarden_approval_request"
+    " WHERE id = $1"
+)
+# A vote reads the request and its votes, judges and writes: one at a time per request.
+_LOAD_LOCKED = _LOAD + " FOR UPDATE"
+
+
+async def _load(conn: Any, request_id: str, *, lock: bool = False) -> ApprovalRequest | None:
+    query = _LOAD_LOCKED if lock else _LOAD
+    row = await conn.fetchrow(query, request_id)
+    if row is None:
+        return None
+    votes = tuple(
+        Vote(
+            request_id,
+            v["subject"],
+            tuple(json.loads(v["groups"])),
+            v["verdict"],
+            v["note"],
+            v["time"],
+        )
+        for v in await conn.fetch(
+            "SELECT subject, groups::text AS groups, verdict, note, time"
+            " FROM pgwarden_approval_vote WHERE request_id = $1 ORDER BY time",
+            request_id,
+        )
+    )
+    d = json.loads(row["body"])
+    d.update(status=row["status"], decided_at=row["decided_at"], note=row["note"])
+    return ApprovalRequest.from_json(d, votes)
