@@ -7,6 +7,7 @@ decision := {
 	"action": action,
 	"reasons": reasons,
 	"approvers": approvers,
+	"approvers_required": approvers_required,
 	"masks": masks,
 }
 
@@ -25,6 +26,14 @@ reasons := sort(deny_reasons) if {
 approvers := object.get(approvers_by_role, role, ["admins"]) if {
 	action == "approve"
 } else := []
+
+# Four eyes: a schema change an AI agent asks for needs two distinct approvers (the
+# requester is never one of them). Everything else needs one.
+approvers_required := 2 if {
+	action == "approve"
+	role == "ai-agents"
+	changes_schema
+} else := 1
 
 # Masks travel with allow and approve alike: an approved statement runs later and its
 # results still need masking. A denied statement returns nothing to mask.

@@ -1,6 +1,6 @@
 package pgwarden
 
-decision_keys := {"action", "reasons", "approvers", "masks"}
+decision_keys := {"action", "reasons", "approvers", "approvers_required", "masks"}
 
 test_decision_always_has_the_contract_shape if {
 	every principal_groups in [[], ["admins"], ["engineers"], ["ai-agents"], ["pii-readers"]] {
@@ -10,6 +10,7 @@ test_decision_always_has_the_contract_shape if {
 			d.action in {"allow", "deny", "approve"}
 			count(d.reasons) > 0
 			is_array(d.approvers)
+			d.approvers_required >= 1
 			is_array(d.masks)
 		}
 	}
@@ -101,4 +102,21 @@ test_catalog_unavailable_is_denied_to_everyone if {
 		d.action == "deny"
 		"the target's catalog is unavailable, so the statement cannot be checked" in d.reasons
 	}
+}
+
+test_schema_changes_by_ai_agents_need_two_approvers if {
+	d := decide(["ai-agents"], {"command": "CREATE TABLE", "category": "ddl"})
+	d.action == "approve"
+	d.approvers == ["engineers", "admins"]
+	d.approvers_required == 2
+
+	# SELECT ... INTO creates a table: a schema change too.
+	into := decide(["ai-agents"], {"command": "SELECT", "category": "read", "flags": ["select_into"]})
+	into.approvers_required == 2
+}
+
+test_other_approvals_need_one_approver if {
+	decide(["ai-agents"], {"command": "DELETE", "category": "write", "has_where": true}).approvers_required == 1
+	decide(["engineers"], {"command": "CREATE TABLE", "category": "ddl"}).approvers_required == 1
+	decide(["admins"], {"command": "CREATE TABLE", "category": "ddl"}).approvers_required == 1
 }
