@@ -131,6 +131,7 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
         admin=base.admin.model_dump(),
         log=base.log.model_dump(),
         policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
+        approval={"wait_seconds": 0},
     )
     loop: asyncio.AbstractEventLoop
     try:

@@ -17,7 +17,7 @@ import orjson
 import typer
 
 from cli.context import fail, settings_of
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.events import ApprovalEvent, SessionEvent, StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
 from gateway.policy.bundle import BundleError, build_bundle, read_manifest
 from gateway.policy.decision import Decision
@@ -150,6 +150,9 @@ class _NoAudit:
         return None
 
     async def session(self, event: SessionEvent) -> None:
+        return None
+
+    async def approval(self, event: ApprovalEvent) -> None:
         return None
 
 

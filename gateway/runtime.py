@@ -18,6 +18,8 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.control import ControlStore, control_store
+from gateway.enforce.approvals import ApprovalDesk
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -75,6 +77,8 @@ class Gateway:
         self.context: GatewayContext | None = None
         self.sidecar: OpaSidecar | None = None
         self.audit: WriteAheadAudit | AuditWriter | AuditProcess | None = None
+        self.control: ControlStore | None = None
+        self.approvals: ApprovalDesk | None = None
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None
@@ -151,6 +155,16 @@ class Gateway:
             await self._revision_watch.start()
         self.audit = audit_sink(s)
         await self.audit.start()
+        control = control_store(s)
+        await control.start()
+        self.control = control
+        self.approvals = ApprovalDesk(
+            control,
+            self.audit,
+            s.approval,
+            instance=s.instance,
+            poll_seconds=s.control.poll_seconds,
+        )
         tls = None
         if s.listener.tls_cert is not None and s.listener.tls_key is not None:
             tls = server_context(Path(s.listener.tls_cert), Path(s.listener.tls_key))
@@ -167,6 +181,7 @@ class Gateway:
             environ=self.environ,
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),
+            approvals=self.approvals,
         )
         self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)
@@ -258,8 +273,12 @@ class Gateway:
             await self._listener.stop()
         if self.context is not None and self.context.background:
             await asyncio.wait(list(self.context.background), timeout=2)
+        if self.approvals is not None:
+            await self.approvals.close()
         if self.audit is not None:
             await self.audit.close()
+        if self.control is not None:
+            await self.control.close()
         for catalog in self._catalogs.values():
             await catalog.close()
         if self._revision_watch is not None:

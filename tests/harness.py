@@ -145,6 +145,9 @@ def start_gateway(
         # Off unless a test asks: several gateways run at once, the default port is fixed.
         "admin": {"port": 0},
         "policy": {"opa_binary": opa, "rego_dir": ROOT / "rego", "bundle_dir": ROOT / "bundles"},
+        # A statement the policy holds for approval is asked about and refused at once unless
+        # a test asks for a wait: most tests check what is held, not the wait.
+        "approval": {"wait_seconds": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(settings_kw.get(key), dict):

@@ -64,3 +64,30 @@ class StatementOutcome:
     # The recorded rows' column names, as the client saw them in RowDescription.
     recorded_columns: tuple[str, ...] = field(default=())
     forwarded: bool = True
+
+
+# What happened to an approval request: asked; one approver's vote; decided (approved while
+# held, granted after the hold, denied); the hold ended unanswered (timed_out) or by the
+# client (withdrawn); a grant used in place of a hold.
+ApprovalEventKind = Literal[
+    "requested", "vote", "approved", "granted", "denied", "timed_out", "withdrawn", "grant_used"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEvent:
+    event: ApprovalEventKind
+    time: float
+    instance: str
+    approval_id: str
+    # Who acted: the requester (requested, timed_out, withdrawn, grant_used) or the approver.
+    principal: Principal | None
+    target: str
+    session_id: str
+    # The audit record of the held statement (its request record).
+    request_id: str | None
+    status: str
+    note: str = ""
+    grant_id: str | None = None
+    grant_kind: str | None = None
+    grant_expires: float | None = None

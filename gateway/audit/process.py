@@ -36,9 +36,15 @@ from typing import Any, cast
 import orjson
 
 from gateway.audit.chain import PendingRecord
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.events import (
+    ApprovalEvent,
+    SessionEvent,
+    StatementOutcome,
+    StatementRequest,
+)
 from gateway.audit.records import (
     RECORD_KINDS,
+    approval_record,
     canonical,
     outcome_record,
     request_record,
@@ -564,6 +570,9 @@ class AuditProcess:
 
     async def session(self, event: SessionEvent) -> None:
         self._send_kept(event.kind, event.time, canonical(session_record(event)))
+
+    async def approval(self, event: ApprovalEvent) -> None:
+        self._send_kept("approval", event.time, canonical(approval_record(event)))
 
     # -- sending ------------------------------------------------------------------------------
 

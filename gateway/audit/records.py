@@ -6,7 +6,12 @@ from typing import Any, Literal, get_args
 
 import orjson
 
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.events import (
+    ApprovalEvent,
+    SessionEvent,
+    StatementOutcome,
+    StatementRequest,
+)
 from gateway.identity.principal import Principal
 
 RecordKind = Literal[
@@ -20,6 +25,8 @@ RecordKind = Literal[
     # Written when an operator starts the gateway on a store behind its head witness: names
     # the records that were lost, linked to the last one the witness saw.
     "chain_gap",
+    # The approvals workflow: a request, a vote, a decision, a hold's end, a grant's use.
+    "approval",
 ]
 # In this order: the audit process's frames carry a kind as its index here.
 RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
@@ -147,6 +154,24 @@ def session_record(event: SessionEvent) -> dict[str, Any]:
         "target": event.target,
         "principal": principal_record(event.principal),
         "reason": event.reason,
+    }
+
+
+def approval_record(event: ApprovalEvent) -> dict[str, Any]:
+    return {
+        "time": event.time,
+        "instance": event.instance,
+        "event": event.event,
+        "approval_id": event.approval_id,
+        "principal": principal_record(event.principal),
+        "target": event.target,
+        "session_id": event.session_id,
+        "request_id": event.request_id,
+        "status": event.status,
+        "note": event.note,
+        "grant_id": event.grant_id,
+        "grant_kind": event.grant_kind,
+        "grant_expires": event.grant_expires,
     }
 
 

@@ -37,11 +37,22 @@ from gateway.audit.chain import (
     PendingRecord,
     SealedRecord,
 )
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.events import (
+    ApprovalEvent,
+    SessionEvent,
+    StatementOutcome,
+    StatementRequest,
+)
 from gateway.audit.index import LogIndexer, index_from_log
 from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.log import AuditLog, LogEntry, frame
-from gateway.audit.records import canonical, outcome_record, request_record, session_record
+from gateway.audit.records import (
+    approval_record,
+    canonical,
+    outcome_record,
+    request_record,
+    session_record,
+)
 from gateway.audit.store import AuditStore, AuditStoreError
 from gateway.audit.writer import (
     BatchClock,
@@ -384,6 +395,10 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     async def session(self, event: SessionEvent) -> None:
         body = session_record(event)
         self._queue_kept(PendingRecord(event.kind, event.time, body, canonical(body)))
+
+    async def approval(self, event: ApprovalEvent) -> None:
+        body = approval_record(event)
+        self._queue_kept(PendingRecord("approval", event.time, body, canonical(body)))
 
     async def rotate_key(self) -> str:
         """Append a rotation record and move to the next key; the old key is destroyed."""

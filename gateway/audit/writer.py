@@ -11,9 +11,20 @@ from functools import partial
 from typing import Generic, TypeVar
 
 from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
-from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+from gateway.audit.events import (
+    ApprovalEvent,
+    SessionEvent,
+    StatementOutcome,
+    StatementRequest,
+)
 from gateway.audit.keys import AuditKeyring, HeadWitness
-from gateway.audit.records import canonical, outcome_record, request_record, session_record
+from gateway.audit.records import (
+    approval_record,
+    canonical,
+    outcome_record,
+    request_record,
+    session_record,
+)
 from gateway.audit.store import AuditStore, AuditStoreError, CommitResult, Seal
 from gateway.metrics import Latencies
 from gateway.proxy.ports import AuditUnavailable
@@ -391,6 +402,10 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
     async def session(self, event: SessionEvent) -> None:
         body = session_record(event)
         self._queue_logged(PendingRecord(event.kind, event.time, body, canonical(body)))
+
+    async def approval(self, event: ApprovalEvent) -> None:
+        body = approval_record(event)
+        self._queue_logged(PendingRecord("approval", event.time, body, canonical(body)))
 
     # -- chain maintenance -----------------------------------------------------------------
 

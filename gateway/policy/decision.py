@@ -22,6 +22,8 @@ class Decision:
     action: Action
     reasons: tuple[str, ...] = ()
     approvers: tuple[str, ...] = ()
+    # For approve: how many distinct approvers must say yes (four eyes: 2).
+    approvers_required: int = 1
     masks: tuple[Mask, ...] = ()
     decision_id: str | None = None
     bundle_revision: str | None = None

@@ -10,7 +10,7 @@ import orjson
 from gateway.policy.decision import MASK_METHODS, Action, Decision, Mask
 
 ACTIONS: frozenset[str] = frozenset(get_args(Action))
-_KNOWN_KEYS = frozenset({"action", "reasons", "approvers", "masks"})
+_KNOWN_KEYS = frozenset({"action", "reasons", "approvers", "approvers_required", "masks"})
 _MASK_KEYS = ("schema", "table", "column", "method")
 
 
@@ -95,12 +95,18 @@ def _decision(result: object) -> Decision:
     if action == "approve" and not approvers:
         # Nobody could ever approve it, so the statement would hang until it times out.
         raise _Malformed("approve names no approvers")
+    required = result.get("approvers_required", 1)
+    if isinstance(required, bool) or not isinstance(required, int) or required < 1:
+        raise _Malformed(
+            f"approvers_required must be a whole number of at least 1, got {required!r}"
+        )
     masks = tuple(_mask(m, i) for i, m in enumerate(_list(result, "masks")))
     extra = {k: v for k, v in result.items() if k not in _KNOWN_KEYS}
     return Decision(
         action=action,
         reasons=reasons,
         approvers=approvers,
+        approvers_required=required,
         masks=masks,
         extra=extra,
     )

@@ -11,12 +11,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.audit.records import principal_record
+from gateway.control.models import ApprovalRequest
+from gateway.enforce.approvals import grant_key, new_request_id, shape_key
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
 from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
-from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
+from gateway.proxy.holds import cannot_ask, grant_notice, held_notice, hold_refusal
+from gateway.proxy.ports import Approvals, AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import PathProblem, sets_search_path
 from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
@@ -26,6 +30,8 @@ from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
 REFUSED = "42501"
+# The setting a client gives its justification for approvals in.
+JUSTIFICATION_SETTING = "pgwarden.reason"
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
@@ -230,6 +236,21 @@ def refusal_for(message: str, sqlstate: str = REFUSED) -> bytes:
     return ErrorResponse.build("ERROR", sqlstate, f"pgwarden: {message}").encode()
 
 
+@dataclass(slots=True)
+class _Ask:
+    """A message the policy holds for approval, before it is recorded: the id its request
+    will have, or the grant it runs under instead."""
+
+    id: str
+    key: str
+    shape: str
+    granted: bool = False
+
+
+# What a session sends the client at once (a NoticeResponse), at the next message boundary.
+Notify = Callable[[bytes], Awaitable[None]]
+
+
 class StatementGate:
     """Per-session: turns statement text into a verdict, recording each statement first."""
 
@@ -244,8 +265,16 @@ class StatementGate:
         audit: AuditSink,
         free_databases: Callable[[Sequence[str]], Awaitable[None]] | None = None,
         metrics: GatewayMetrics | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         self.ctx = ctx
+        self._approvals = approvals
+        # Set by the session: how a notice reaches the client while a statement is held.
+        self.notify: Notify | None = None
+        # The justification for approvals (SET pgwarden.reason = '...'), and the request
+        # held now, if any (a CancelRequest withdraws it).
+        self.justification = ""
+        self.held: str | None = None
         self._metrics = metrics or GatewayMetrics()
         self._free_databases = free_databases
         self._analyzer = analyzer
@@ -389,6 +418,7 @@ class StatementGate:
         decisions: list[Decision],
         protocol: str,
         params: tuple[str | None, ...],
+        approval_id: str | None = None,
     ) -> list[str | None]:
         now = time.time()
         records = [
@@ -405,6 +435,7 @@ class StatementGate:
                 protocol=protocol,
                 params=params,
                 decision=d,
+                approval_id=approval_id,
                 masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
                 record_rows=d.extra.get("record_rows") is True or self.record_rows,
             )
@@ -425,37 +456,167 @@ class StatementGate:
         record: bool,
         decide_params: bool = True,
         decided: Decision | None = None,
+        known: list[Decision] | None = None,
     ) -> Verdict:
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
+        elif known is not None:  # decided at Parse, under the policy still in force
+            decisions = known
         else:
             decisions = await self._decide_all(
                 facts, protocol, list(params) if decide_params else []
             )
         combined = combine(decisions)
         allowed = combined.action == "allow"
+        ask = None
+        if combined.action == "approve" and decided is None and self._approvals is not None:
+            if not record:
+                # A Parse: nothing runs until Execute, which is held with its parameters.
+                return Verdict(True, [], decisions, None, facts)
+            ask = await self._ask_first(facts, params)
+            allowed = ask.granted
         request_ids: list[str | None] = [None] * len(facts)
         if record or not allowed:
             try:
-                request_ids = await self._record(facts, decisions, protocol, params)
+                request_ids = await self._record(
+                    facts, decisions, protocol, params, ask.id if ask is not None else None
+                )
             except AuditUnavailable as exc:
                 return self._tallied(_audit_refusal(exc, decisions, facts), combined)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
-        refusal = (
-            None if allowed else refusal_error(combined, _id_of(combined, decisions, request_ids))
-        )
+        if ask is not None and not ask.granted:
+            refusal = await self._hold(ask, facts, decisions, protocol, params, request_ids)
+            allowed = refusal is None
+        else:
+            refusal = (
+                None
+                if allowed
+                else refusal_error(combined, _id_of(combined, decisions, request_ids))
+            )
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
         if allowed:
             await self._free_held_databases(facts)
         if not allowed:
+            sqlstate, message = REFUSED, "refused by policy"
+            if ask is not None and refusal is not None:
+                # The hold's end: denied, timed out, withdrawn, or not asked at all.
+                ended = ErrorResponse.decode(refusal[5:])
+                sqlstate, message = ended.sqlstate or REFUSED, ended.message or message
             for run in runs:
-                run.sqlstate = REFUSED
-                run.error_message = "refused by policy"
+                run.sqlstate = sqlstate
+                run.error_message = message
+        elif ask is None:
+            self._note_justification(facts)
         verdict = Verdict(allowed, runs, decisions, refusal, facts)
         # An allowed Parse is counted at its Executes, each of which is recorded.
         return self._tallied(verdict, combined) if record or not allowed else verdict
+
+    # -- approvals ---------------------------------------------------------------------
+
+    async def _ask_first(
+        self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
+    ) -> _Ask:
+        """Before a held message is recorded: a grant it may run under (taken now), else the
+        id of the request it will make."""
+        assert self._approvals is not None
+        ask = _Ask(
+            new_request_id(),
+            grant_key(tuple(f.text for f in facts), params),
+            shape_key(tuple(f.fingerprint for f in facts)),
+        )
+        try:
+            grant = await self._approvals.use_grant(
+                self.ctx.principal, self._audit_target, ask.key, ask.shape, self.ctx.session_id
+            )
+        except Exception as exc:
+            # The store is down: no grant can be known, so the statement is held (and its
+            # request, made on the same store, fails closed).
+            log.warning("approvals: grants cannot be read: %s", exc)
+            return ask
+        if grant is not None:
+            ask.id, ask.granted = grant.request_id, True
+            if self.notify is not None:
+                await self.notify(grant_notice(grant))
+        return ask
+
+    async def _hold(
+        self,
+        ask: _Ask,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        protocol: str,
+        params: tuple[str | None, ...],
+        request_ids: list[str | None],
+    ) -> bytes | None:
+        """Ask for approval and hold the message: None once approved (it runs), else the
+        error the client reads in its place. Nothing is sent upstream meanwhile."""
+        approvals = self._approvals
+        assert approvals is not None
+        held = [d for d in decisions if d.action == "approve"]
+        combined = held[0]
+        now = time.time()
+        count = len(facts)
+        request = ApprovalRequest(
+            id=ask.id,
+            created=now,
+            status="pending",
+            principal=principal_record(self.ctx.principal) or {},
+            target=self._audit_target,
+            database=self.ctx.target_database,
+            session_id=self.ctx.session_id,
+            instance=self.ctx.instance,
+            text="\n".join(f.text for f in facts),
+            protocol=protocol,
+            params=params,
+            facts=tuple(
+                f.to_input(protocol=protocol, index=i, count=count, params=list(params))
+                for i, f in enumerate(facts)
+            ),
+            fingerprint=ask.shape,
+            grant_key=ask.key,
+            reasons=tuple(dict.fromkeys(r for d in held for r in d.reasons)),
+            approvers=combined.approvers,
+            approvers_required=max(d.approvers_required for d in held),
+            justification=self.justification,
+            decision_id=combined.decision_id,
+            audit_record=_id_of(combined, decisions, request_ids),
+            wait_until=now + approvals.wait_seconds,
+        )
+        self.held = request.id
+        try:
+            try:
+                await approvals.ask(request, self.ctx.principal)
+            except Exception as exc:
+                log.warning("approvals: request %s not made: %s", request.id, exc)
+                return cannot_ask(str(exc) or type(exc).__name__)
+            if self.notify is not None:
+                await self.notify(held_notice(request, approvals.wait_seconds))
+            try:
+                end = await approvals.hold(request, self.ctx.principal)
+            except Exception as exc:
+                log.warning("approvals: request %s lost: %s", request.id, exc)
+                return cannot_ask(str(exc) or type(exc).__name__)
+        finally:
+            self.held = None
+        if end.runs:
+            return None
+        return hold_refusal(end.request, combined, approvals.wait_seconds)
+
+    def withdraw_held(self) -> bool:
+        """A CancelRequest: withdraw the request held now, if any."""
+        if self.held is None or self._approvals is None:
+            return False
+        self._approvals.withdraw(self.held)
+        return True
+
+    def _note_justification(self, facts: tuple[StatementFacts, ...]) -> None:
+        """`SET pgwarden.reason = '...'` (or the startup option pgwarden.reason) is the
+        justification every later approval request of the session carries."""
+        for f in facts:
+            if f.setting is not None and f.setting[0].lower() == JUSTIFICATION_SETTING:
+                self.justification = (f.setting[1] or "").strip()
 
     async def check_query(self, text: str) -> Verdict:
         """A simple-protocol Query: every statement in it, decided as a whole, recorded first."""
@@ -568,6 +729,11 @@ class StatementGate:
         Parse carries the decision made for it; every later one reuses it, and its record
         says so (`cache_hit`, with the revision the decision was made under)."""
         combined = combine(decisions)
+        if combined.action == "approve" and self._approvals is not None:
+            # Held at each Execute, with its parameters (the Parse was let through).
+            return await self._verdict(
+                facts, "extended", params, record=True, decided=None, known=decisions
+            )
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
         except AuditUnavailable as exc:

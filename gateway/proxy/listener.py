@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
-from gateway.proxy.ports import AuditSink, Decider, TokenVerifier
+from gateway.proxy.ports import Approvals, AuditSink, Decider, TokenVerifier
 from gateway.proxy.session import ClientSession
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings
@@ -42,6 +42,8 @@ class GatewayContext:
     server_tls: ssl.SSLContext | None = None
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
+    # The approvals workflow; None refuses what the policy holds for approval at once.
+    approvals: Approvals | None = None
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     sessions: set[ClientSession] = field(default_factory=set)
@@ -62,6 +64,7 @@ class GatewayContext:
             audit=self.audit,
             free_databases=None if free is None else functools.partial(free, target),
             metrics=self.metrics,
+            approvals=self.approvals,
         )
 
     def after_ddl(self, session: ClientSession) -> None:

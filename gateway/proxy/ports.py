@@ -6,7 +6,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     # Types only: the audit package imports AuditUnavailable from here.
-    from gateway.audit.events import SessionEvent, StatementOutcome, StatementRequest
+    from gateway.audit.events import (
+        ApprovalEvent,
+        SessionEvent,
+        StatementOutcome,
+        StatementRequest,
+    )
+    from gateway.control.models import ApprovalRequest, Grant
+    from gateway.enforce.approvals import HoldEnd
     from gateway.identity.principal import Principal
     from gateway.policy.decision import Decision
 
@@ -39,6 +46,29 @@ class AuditSink(Protocol):
     async def outcome(self, record: StatementOutcome) -> None: ...
 
     async def session(self, event: SessionEvent) -> None: ...
+
+    async def approval(self, event: ApprovalEvent) -> None: ...
+
+
+class Approvals(Protocol):
+    """The approvals workflow as the session sees it (gateway/enforce/approvals.py)."""
+
+    @property
+    def wait_seconds(self) -> float: ...
+
+    async def use_grant(
+        self, principal: Principal, target: str, key: str, shape: str, session_id: str
+    ) -> Grant | None:
+        """A live grant for this statement, taken (a one-time one is used up)."""
+        ...
+
+    async def ask(self, request: ApprovalRequest, principal: Principal) -> None: ...
+
+    async def hold(self, request: ApprovalRequest, principal: Principal) -> HoldEnd:
+        """Until the request is decided, its wait ends, or it is withdrawn."""
+        ...
+
+    def withdraw(self, request_id: str) -> None: ...
 
 
 class AuditUnavailable(Exception):

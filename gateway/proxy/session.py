@@ -38,6 +38,7 @@ from gateway.protocol import (
     FunctionCall,
     GSSENCRequest,
     NegotiateProtocolVersion,
+    NoticeResponse,
     ParameterStatus,
     Parse,
     PasswordMessage,
@@ -634,6 +635,9 @@ class ClientSession(asyncio.Protocol):
             forwarded.add_done_callback(lambda _: self._close())
 
     def cancel_running(self) -> asyncio.Future[None] | None:
+        if self.gate is not None:
+            # A statement held for approval is withdrawn (nothing of it runs upstream).
+            self.gate.withdraw_held()
         if self.up is None or self.target is None or not self.tracker.running():
             return None
         return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
@@ -775,6 +779,7 @@ class ClientSession(asyncio.Protocol):
             ),
         )
         self.gate.settle_search_path = self._settle_search_path
+        self.gate.notify = self._notify_client
         self._session_event("session_start")
         if self.database != self.target.dbname and not await self._database_allowed():
             return
@@ -1816,6 +1821,17 @@ class ClientSession(asyncio.Protocol):
                 self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return None
         return None
+
+    async def _notify_client(self, notice: bytes) -> None:
+        """A NoticeResponse of pgwarden's (built in UTF-8), sent between two server
+        messages: a large frame the relay passes through in pieces is finished first."""
+        # Polled rather than signalled: the relay's hot path stays free of it, and only a
+        # held statement's notice ever waits here.
+        while self._skip and self.phase is Phase.RELAY:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        note = NoticeResponse.decode(notice[5:])
+        fields = {k: for_client(v, self.encoding) for k, v in note.fields.items()}
+        self._send(NoticeResponse(fields).encode())
 
     def _refusal_for_client(self, refusal: bytes) -> bytes:
         """pgwarden's refusal (built in UTF-8) in the client's encoding."""

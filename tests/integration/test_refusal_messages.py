@@ -1,6 +1,6 @@
 """What a client's user reads when pgwarden refuses a statement: one reason, stated once, in
 words they can act on; an approval the gateway cannot wait for yet reads differently from a
-deny and says how to ask for it; nothing internal (socket paths, addresses) shows."""
+deny and says how to have it approved; nothing internal (socket paths, addresses) shows."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from . import DECISION_ID, REFUSED
 pytestmark = pytest.mark.server
 
 AUDIT_SHOW = re.compile(r"pgwarden audit show (\S+:\d+)")
+REQUEST = re.compile(r"approval request: (apr-[0-9a-f]+)")
 
 
 def _refused(gateway: Any, groups: tuple[str, ...], statement: str) -> psycopg.errors.Diagnostic:
@@ -53,11 +54,15 @@ def test_approval_required_reads_apart_from_a_deny_and_says_how_to_ask(gateway: 
     message = diag.message_primary or ""
     assert message == ("pgwarden: approval required: ai-agents may not write without approval")
     assert "denied" not in message
+    # Asked and not held (this gateway waits 0 s): the hint names who approves, how, and
+    # that the statement may then be run again; DETAIL the request and the statement's record.
     hint = diag.message_hint or ""
-    assert "cannot hold a statement for approval yet" in hint
+    assert "It did not run" in hint and "run the same statement again" in hint
     assert "engineers or admins" in hint
-    asked = AUDIT_SHOW.search(hint)
-    assert asked is not None, hint
+    request = REQUEST.search(diag.message_detail or "")
+    assert request is not None and f"pgwarden approvals approve {request.group(1)}" in hint
+    asked = AUDIT_SHOW.search(diag.message_detail or "")
+    assert asked is not None, diag.message_detail
     # The command in the hint shows an approver the very statement that was asked for.
     result = CliRunner().invoke(
         app,

@@ -59,6 +59,23 @@ def test_approve_carries_approvers() -> None:
     )
     assert decision.action == "approve"
     assert decision.approvers == ("admins", "engineers")
+    # One approver unless the policy asks for more.
+    assert decision.approvers_required == 1
+
+
+def test_approve_may_ask_for_several_approvers() -> None:
+    decision = parse_answer(
+        {
+            "result": {
+                "action": "approve",
+                "reasons": ["r"],
+                "approvers": ["admins"],
+                "approvers_required": 2,
+            }
+        }
+    )
+    assert decision.approvers_required == 2
+    assert "approvers_required" not in decision.extra
 
 
 def test_policy_deny_is_not_a_refusal() -> None:
@@ -86,6 +103,18 @@ def test_several_bundles_name_each_revision() -> None:
         ({"action": "allow", "reasons": [1]}, "reasons must hold strings, got number"),
         ({"action": "approve"}, "approve names no approvers"),
         ({"action": "approve", "approvers": [None]}, "approvers must hold strings, got null"),
+        (
+            {"action": "approve", "approvers": ["admins"], "approvers_required": 0},
+            "approvers_required must be a whole number of at least 1, got 0",
+        ),
+        (
+            {"action": "approve", "approvers": ["admins"], "approvers_required": "2"},
+            "approvers_required must be a whole number of at least 1, got '2'",
+        ),
+        (
+            {"action": "approve", "approvers": ["admins"], "approvers_required": True},
+            "approvers_required must be a whole number of at least 1, got True",
+        ),
         ({"action": "allow", "masks": {}}, "masks must be a list, got object"),
         ({"action": "allow", "masks": ["x"]}, "masks[0] must be an object, got string"),
         (
