@@ -10,6 +10,7 @@ import asyncio
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -399,3 +400,47 @@ def test_four_eyes_a_schema_change_by_an_agent_needs_two_people(held_gw: Any) ->
     finally:
         held.close()
         direct(held_gw, f'DROP TABLE IF EXISTS "{name}"')
+
+
+def _request_of(error: BaseException) -> str:
+    assert isinstance(error, psycopg.Error), error
+    found = REQUEST_ID.search(error.diag.message_detail or "")
+    assert found is not None, error.diag.message_detail
+    return found.group(1)
+
+
+def test_a_grant_names_the_bind_parameters(brief_gw: Any) -> None:
+    name = fresh_table(brief_gw)
+    statement = f'DELETE FROM "{name}" WHERE id = %s RETURNING id'
+    with psycopg.connect(brief_gw.dsn(agent(brief_gw)), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(statement, (1,))
+        vote(brief_gw, _request_of(info.value), engineer(brief_gw))
+        # Other parameters are another statement: asked about again.
+        with pytest.raises(psycopg.Error, match="approval required"):
+            conn.execute(statement, (2,))
+        assert conn.execute(statement, (1,)).fetchall() == [(1,)]
+    assert table_rows(brief_gw, name) == [(2, "v2"), (3, "v3")]
+
+
+def test_a_time_window_grant_covers_the_shape_until_it_ends(brief_gw: Any) -> None:
+    name = fresh_table(brief_gw, rows=5)
+    with psycopg.connect(brief_gw.dsn(agent(brief_gw)), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            simple(conn, f'DELETE FROM "{name}" WHERE id = 1')
+        rid = _request_of(info.value)
+        judged = vote(brief_gw, rid, engineer(brief_gw), window_seconds=3)
+        grant = judged.grant
+        assert grant is not None and grant.kind == "window"
+        assert grant.expires == pytest.approx(judged.vote.time + 3)
+        # Any literal, several times, while the window lasts.
+        for i in (1, 2, 3):
+            simple(conn, f'DELETE FROM "{name}" WHERE id = {i}')
+        # Another shape is not covered.
+        with pytest.raises(psycopg.Error, match="approval required"):
+            simple(conn, f"UPDATE \"{name}\" SET v = 'x' WHERE id = 4")
+        while time.time() < grant.expires + 0.2:
+            time.sleep(0.1)
+        with pytest.raises(psycopg.Error, match="approval required"):
+            simple(conn, f'DELETE FROM "{name}" WHERE id = 4')
+    assert table_rows(brief_gw, name) == [(4, "v4"), (5, "v5")]
