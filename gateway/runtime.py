@@ -20,6 +20,7 @@ from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.control import ControlStore, control_store
 from gateway.enforce.approvals import ApprovalDesk
+from gateway.enforce.webhook import Webhook
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -79,6 +80,7 @@ class Gateway:
         self.audit: WriteAheadAudit | AuditWriter | AuditProcess | None = None
         self.control: ControlStore | None = None
         self.approvals: ApprovalDesk | None = None
+        self.webhook: Webhook | None = None
         self.verifier: IdentityVerifier | None = None
         self.decider: DecisionCache | None = None
         self._transport: OpaTransport | None = None
@@ -158,12 +160,14 @@ class Gateway:
         control = control_store(s)
         await control.start()
         self.control = control
+        self.webhook = self._webhook()
         self.approvals = ApprovalDesk(
             control,
             self.audit,
             s.approval,
             instance=s.instance,
             poll_seconds=s.control.poll_seconds,
+            announce=self.webhook.announce if self.webhook is not None else None,
         )
         tls = None
         if s.listener.tls_cert is not None and s.listener.tls_key is not None:
@@ -191,6 +195,20 @@ class Gateway:
             self.admin = self._admin_listener()
             await self.admin.start()
         return self.address
+
+    def _webhook(self) -> Webhook | None:
+        a = self.settings.approval
+        if not a.webhook_url:
+            return None
+        key = self.environ.get(a.webhook_secret_env, "")
+        if not key:
+            # Unsigned, a receiver could not tell the gateway's events from anyone's.
+            raise ValueError(
+                f"approval.webhook_url is set but ${a.webhook_secret_env} holds no signing key"
+            )
+        return Webhook(
+            a.webhook_url, key.encode(), fmt=a.webhook_format, attempts=a.webhook_attempts
+        )
 
     async def drain(self, cut_short: asyncio.Event | None = None) -> None:
         """Shut down without cutting a statement short: refuse new connections, let the
@@ -263,7 +281,12 @@ class Gateway:
             verify=self.verifier.verify,
             groups=admin.token_groups,
         )
-        app = admin_app(registry=gateway_registry(state), readiness=readiness, access=access)
+        app = admin_app(
+            registry=gateway_registry(state),
+            readiness=readiness,
+            access=access,
+            approvals=self.approvals,
+        )
         return AdminListener(app, admin)
 
     async def stop(self) -> None:
@@ -275,6 +298,8 @@ class Gateway:
             await asyncio.wait(list(self.context.background), timeout=2)
         if self.approvals is not None:
             await self.approvals.close()
+        if self.webhook is not None:
+            await self.webhook.aclose()
         if self.audit is not None:
             await self.audit.close()
         if self.control is not None:

@@ -76,7 +76,11 @@ class RunningGateway:
 
 
 def start_gateway(
-    state_dir: Path, cluster: LocalCluster, opa: Path, **overrides: Any
+    state_dir: Path,
+    cluster: LocalCluster,
+    opa: Path,
+    extra_environ: dict[str, str] | None = None,
+    **overrides: Any,
 ) -> RunningGateway:
     import uvloop
 
@@ -85,6 +89,7 @@ def start_gateway(
     environ = {
         "PGWARDEN_TEST_UPSTREAM_PW": SUPERUSER_PASSWORD,
         "PGWARDEN_TEST_MD5_PW": MD5_PASSWORD,
+        **(extra_environ or {}),
     }
     registry = TargetRegistry(state_dir / "targets.json")
     targets = [

@@ -1,18 +1,22 @@
-"""The admin HTTP app: /healthz, /readyz and /metrics (later the approvals API and console)."""
+"""The admin HTTP app: /healthz, /readyz, /metrics, the approvals API and its OpenAPI
+document (/openapi.json)."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gateway.admin.approvals import TokenCheck, approvals_router
 from gateway.admin.readiness import ReadinessChecks
-from gateway.identity.principal import Principal, TokenRejected
+from gateway.enforce.approvals import ApprovalDesk
+from gateway.identity.principal import TokenRejected
 
-TokenCheck = Callable[[str], Awaitable[Principal]]
+# The admin API's version in its OpenAPI document (gateway/admin/openapi.json).
+API_VERSION = "1"
 
 
 def is_loopback(host: str) -> bool:
@@ -51,9 +55,19 @@ class AdminAccess:
 
 
 def admin_app(
-    *, registry: CollectorRegistry, readiness: ReadinessChecks, access: AdminAccess
+    *,
+    registry: CollectorRegistry,
+    readiness: ReadinessChecks,
+    access: AdminAccess,
+    approvals: ApprovalDesk | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="pgwarden admin", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="pgwarden admin",
+        version=API_VERSION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -71,4 +85,6 @@ def admin_app(
         await access.check(request)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    if approvals is not None:
+        app.include_router(approvals_router(approvals, access.verify, access.groups))
     return app
