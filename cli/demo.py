@@ -1,5 +1,6 @@
 """`pgwarden demo`: a local PostgreSQL, the gateway with the reference policy and SQLite audit,
-an agent's statements run through it with psql, its audit trail, then serving until Ctrl-C."""
+an agent's statements run through it with psql (one held for approval and approved from the
+approver's CLI, one denied), its audit trail, then serving until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -29,22 +31,31 @@ from gateway.settings import Settings, load_settings
 
 app = typer.Typer(help="Run the demo.")
 
-# The statements an AI agent tries, and what the reference policy is expected to do.
-AGENT_STATEMENTS = (
-    ("read a table", "SELECT id, customer_id, amount FROM orders ORDER BY id"),
-    ("read classified columns", "SELECT name, email FROM customers ORDER BY id"),
-    ("write without approval", "DELETE FROM orders WHERE id = 3"),
+# The statements an AI agent tries, and what a human approver does when the reference
+# policy holds one for approval (None: the policy decides alone).
+AGENT_STATEMENTS: tuple[tuple[str, str, tuple[str, str] | None], ...] = (
+    ("read a table", "SELECT id, customer_id, amount FROM orders ORDER BY id", None),
+    ("read classified columns", "SELECT name, email FROM customers ORDER BY id", None),
     (
-        "a write hidden in a CTE",
-        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+        "a write held for approval, approved from the CLI",
+        "DELETE FROM orders WHERE id = 3 RETURNING id, amount",
+        ("approve", "order 3 was a test order"),
     ),
-    ("read a server file", "SELECT pg_read_file('/etc/passwd')"),
+    (
+        "a write hidden in a CTE, held, denied from the CLI",
+        "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+        ("deny", "this deletes every order"),
+    ),
+    ("read a server file", "SELECT pg_read_file('/etc/passwd')", None),
     (
         "use a classified column as an oracle",
         "SELECT count(*) FROM customers WHERE email LIKE 'a%'",
+        None,
     ),
-    ("text that does not parse", "SELEC 1"),
+    ("text that does not parse", "SELEC 1", None),
 )
+# How long the demo's gateway holds a statement for its approver.
+DEMO_WAIT_SECONDS = 60
 
 
 def _port_free(port: int) -> bool:
@@ -58,17 +69,6 @@ def _port_free(port: int) -> bool:
 
 def _say(text: str = "") -> None:
     typer.echo(text)
-
-
-def _psql(dsn: str, sql: str, env: dict[str, str]) -> tuple[int, str]:
-    done = subprocess.run(
-        ["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    return done.returncode, (done.stdout + done.stderr).strip()
 
 
 @app.command()
@@ -124,14 +124,18 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
         replace=True,
     )
     root = Path(__file__).resolve().parent.parent
+    admin_port = base.admin.port
+    if not admin_port or not _port_free(admin_port):
+        admin_port = free_port()
     opa = base.policy.opa_binary or (root / ".pgwarden" / "bin" / "opa")
     settings = load_settings(
         state_dir=state,
         listener={"host": "127.0.0.1", "port": port, "tls_cert": certs.cert, "tls_key": certs.key},
-        admin=base.admin.model_dump(),
+        # The approver's CLI talks to the admin listener: the demo always has one.
+        admin={**base.admin.model_dump(), "port": admin_port},
         log=base.log.model_dump(),
         policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
-        approval={"wait_seconds": 0},
+        approval={"wait_seconds": DEMO_WAIT_SECONDS},
     )
     loop: asyncio.AbstractEventLoop
     try:
@@ -151,7 +155,9 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
         thread.join(10)
         fail(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); choose another with --port")
     try:
-        _script(settings, host, gw_port, certs.ca_cert)
+        assert gateway.admin is not None and gateway.admin.address is not None
+        admin_url = "http://{}:{}".format(*gateway.admin.address)
+        _script(settings, host, gw_port, certs.ca_cert, admin_url)
         if not once:
             _serve_until_interrupted(settings, host, gw_port, certs.ca_cert)
     finally:
@@ -169,18 +175,28 @@ def _issue(settings: Settings, subject: str, groups: list[str]) -> str:
         issuer.close()
 
 
-def _script(settings: Settings, host: str, port: int, ca: Path) -> None:
+def _script(settings: Settings, host: str, port: int, ca: Path, admin_url: str) -> None:
     token = _issue(settings, "agent:demo", ["ai-agents"])
+    approver = _issue(settings, "user:alice", ["engineers"])
     dsn = f"host=localhost port={port} dbname=app user=agent sslmode=verify-full sslrootcert={ca}"
     env = {**os.environ, "PGPASSWORD": token, "PGAPPNAME": "pgwarden-demo"}
+    cli_env = {
+        **os.environ,
+        "PGWARDEN_STATE_DIR": str(settings.state_dir),
+        "PGWARDEN_ADMIN_URL": admin_url,
+        "PGWARDEN_TOKEN": approver,
+    }
     _say()
     _say("== an AI agent (subject agent:demo, group ai-agents) connects with psql over TLS ==")
-    for title, sql in AGENT_STATEMENTS:
+    for title, sql, approval in AGENT_STATEMENTS:
         _say()
         _say(f"-- {title}")
         _say(f"agent> {sql}")
-        _code, output = _psql(dsn, sql, env)
-        for line in output.splitlines():
+        agent = _psql_started(dsn, sql, env)
+        if approval is not None:
+            _approve_from_cli(admin_url, approver, cli_env, *approval)
+        output, _ = agent.communicate(timeout=DEMO_WAIT_SECONDS + 30)
+        for line in output.strip().splitlines():
             _say(f"   {line}")
     _say()
     _say("== the audit trail of that session (pgwarden audit tail) ==")
@@ -190,6 +206,51 @@ def _script(settings: Settings, host: str, port: int, ca: Path) -> None:
     _say()
     _say("== verifying the hash chain (pgwarden audit verify) ==")
     subprocess.run([*pgwarden, "audit", "verify"], env=audit_env, check=False)
+
+
+def _psql_started(dsn: str, sql: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def _approve_from_cli(
+    admin_url: str, approver: str, cli_env: dict[str, str], verdict: str, note: str
+) -> None:
+    """What an approver does: find the held request, then approve or deny it with the CLI."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {approver}"}
+    deadline = time.monotonic() + 30
+    request_id = None
+    while request_id is None and time.monotonic() < deadline:
+        pending = httpx.get(
+            f"{admin_url}/approvals?status=pending", headers=headers, timeout=10
+        ).json()
+        mine = [r for r in pending if r["principal"].get("subject") == "agent:demo"]
+        if mine:
+            request_id = mine[0]["id"]
+        else:
+            time.sleep(0.2)
+    if request_id is None:
+        _say("   (no request was held)")
+        return
+    pgwarden = [sys.executable, "-m", "cli", "approvals"]
+    _say("   ... held. An engineer (user:alice) looks at it and decides:")
+    _say(f"engineer> pgwarden approvals {verdict} {request_id} --note '{note}'")
+    done = subprocess.run(
+        [*pgwarden, verdict, request_id, "--note", note],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        check=False,
+    )
+    for line in (done.stdout + done.stderr).strip().splitlines():
+        _say(f"   {line}")
 
 
 def _serve_until_interrupted(settings: Settings, host: str, port: int, ca: Path) -> None:
