@@ -169,6 +169,7 @@ class Gateway:
             poll_seconds=s.control.poll_seconds,
             announce=self.webhook.announce if self.webhook is not None else None,
         )
+        self.approvals.start()
         tls = None
         if s.listener.tls_cert is not None and s.listener.tls_key is not None:
             tls = server_context(Path(s.listener.tls_cert), Path(s.listener.tls_key))

@@ -5,7 +5,6 @@ is who its token says, and sees the requests it may decide, its own, or all (adm
 No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time,
 and the caller dependency is local to the router."""
 
-
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Literal

@@ -68,9 +68,18 @@ class StatementOutcome:
 
 # What happened to an approval request: asked; one approver's vote; decided (approved while
 # held, granted after the hold, denied); the hold ended unanswered (timed_out) or by the
-# client (withdrawn); a grant used in place of a hold.
+# client (withdrawn); a grant used in place of a hold; a grant that ended unused, or whose
+# time window closed.
 ApprovalEventKind = Literal[
-    "requested", "vote", "approved", "granted", "denied", "timed_out", "withdrawn", "grant_used"
+    "requested",
+    "vote",
+    "approved",
+    "granted",
+    "denied",
+    "timed_out",
+    "withdrawn",
+    "grant_used",
+    "grant_expired",
 ]
 
 

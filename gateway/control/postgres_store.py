@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS pgwarden_approval_grant (
     created double precision NOT NULL,
     expires double precision NOT NULL,
     used_at double precision,
-    used_by text
+    used_by text,
+    -- Set once the grant's end is recorded in the audit trail.
+    ended boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS pgwarden_approval_grant_key
     ON pgwarden_approval_grant (subject, target, key);
@@ -235,6 +237,16 @@ class PostgresControlStore:
                 " OR (expires > $1 AND (kind = 'window' OR used_at IS NULL))"
                 " ORDER BY created DESC",
                 live_at,
+            )
+            return [_grant(r) for r in rows]
+
+    async def expire_grants(self, now: float) -> list[Grant]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "UPDATE pgwarden_approval_grant SET ended = true WHERE NOT ended"  # noqa: S608
+                " AND expires <= $1 AND (kind = 'window' OR used_at IS NULL)"
+                f" RETURNING {_GRANT_COLUMNS}",
+                now,
             )
             return [_grant(r) for r in rows]
 

@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS approval_grant (
     created REAL NOT NULL,
     expires REAL NOT NULL,
     used_at REAL,
-    used_by TEXT
+    used_by TEXT,
+    -- Set once the grant's end is recorded in the audit trail.
+    ended INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS approval_grant_key ON approval_grant (subject, target, key);
 """
@@ -221,6 +223,18 @@ class SqliteControlStore:
             return [_grant(r) for r in rows]
 
         return await self._run(select)
+
+    async def expire_grants(self, now: float) -> list[Grant]:
+        def sweep(db: sqlite3.Connection) -> list[Grant]:
+            rows = db.execute(
+                "UPDATE approval_grant SET ended = 1 WHERE ended = 0 AND expires <= ?"  # noqa: S608
+                " AND (kind = 'window' OR used_at IS NULL)"
+                f" RETURNING {_GRANT_COLUMNS}",
+                (now,),
+            ).fetchall()
+            return [_grant(r) for r in rows]
+
+        return await self._run(sweep)
 
 
 def _insert_grant(db: sqlite3.Connection, g: Grant) -> None:

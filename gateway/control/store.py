@@ -58,6 +58,11 @@ class ControlStore(Protocol):
 
     async def grants(self, live_at: float | None = None) -> list[Grant]: ...
 
+    async def expire_grants(self, now: float) -> list[Grant]:
+        """Grants that ended unused (one-time) or whose window closed, each returned once
+        (several gateways sweeping: one of them gets it), so that its end is recorded."""
+        ...
+
 
 def control_store(settings: Settings) -> ControlStore:
     c = settings.control

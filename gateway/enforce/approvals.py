@@ -91,6 +91,7 @@ class ApprovalDesk:
         self._waiting: dict[str, asyncio.Event] = {}
         self._withdrawn: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Future[None] | None = None
         store.on_change(self._changed)
 
     @property
@@ -103,7 +104,40 @@ class ApprovalDesk:
             # A shared store's notifications arrive on its connection's callbacks.
             event.set()
 
+    def start(self, sweep_seconds: float = 5.0) -> None:
+        """Record the end of grants as they expire (checked every `sweep_seconds`)."""
+        self._sweeper = asyncio.ensure_future(self._sweep(sweep_seconds))
+
+    async def _sweep(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.sweep_grants()
+            except Exception as exc:  # the store is down: the next sweep records them
+                log.warning("approvals: expired grants not swept: %s", exc)
+
+    async def sweep_grants(self) -> list[Grant]:
+        """Record each grant that has ended unused (or whose window closed) once."""
+        ended = await self.store.expire_grants(time.time())
+        for grant in ended:
+            await self._record(
+                "grant_expired",
+                grant.request_id,
+                None,
+                grant.target,
+                "",
+                None,
+                "expired",
+                grant=grant,
+            )
+        return ended
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._background:
             await asyncio.wait(list(self._background), timeout=2)
 

@@ -27,7 +27,7 @@ from tests.harness import create_scratch_database, drop_scratch_database
 pytestmark = pytest.mark.server
 
 
-def held(required: int = 1, wait: float = 60.0) -> ApprovalRequest:
+def held(required: int = 1, wait: float = 60.0, key: str = "key-delete-1") -> ApprovalRequest:
     now = time.time()
     return ApprovalRequest(
         id=new_id("apr"),
@@ -43,7 +43,7 @@ def held(required: int = 1, wait: float = 60.0) -> ApprovalRequest:
         params=(),
         facts=({"command": "DELETE"},),
         fingerprint="fp-delete",
-        grant_key="key-delete-1",
+        grant_key=key,
         reasons=("ai-agents may not write without approval",),
         approvers=("engineers", "admins"),
         approvers_required=required,
@@ -205,3 +205,23 @@ async def test_postgres_tells_every_gateway_of_a_change(control_dsn: str) -> Non
     finally:
         await one.close()
         await other.close()
+
+
+async def test_an_ended_grant_is_swept_once(store: ControlStore) -> None:
+    r = held()
+    await store.create_request(r)
+    now = time.time()
+    await store.settle(r.id, "timed_out", now)
+    unused = (await store.vote(r.id, ballot("user:ann"), now, 0.01)).grant
+    used_request = held(key="key-delete-2")
+    await store.create_request(used_request)
+    await store.settle(used_request.id, "timed_out", now)
+    used = (await store.vote(used_request.id, ballot("user:ann"), now, 0.01)).grant
+    assert unused is not None and used is not None
+    assert await store.use_grant("agent:bot", "app", used.key, "fp", now, "s") is not None
+    later = now + 1
+    swept = await asyncio.gather(store.expire_grants(later), store.expire_grants(later))
+    ids = [g.id for batch in swept for g in batch]
+    # The unused one ends once; a used one-time grant has no end to record.
+    assert ids.count(unused.id) == 1 and used.id not in ids
+    assert unused.id not in [g.id for g in await store.expire_grants(later)]

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from typer.testing import CliRunner
 
+from cli.localpg import LocalCluster
 from cli.main import app
 from gateway.control.models import ApprovalRequest
 from gateway.control.rules import Judgement
+from tests.harness import RunningGateway, start_gateway, stop_gateway
+
+from . import direct, fresh_table
 
 REQUEST_ID = re.compile(r"\b(apr-[0-9a-f]{10})\b")
 
@@ -115,21 +122,54 @@ def wait_status(gateway: Any, request_id: str, status: str, timeout: float = 10)
     raise AssertionError(f"{request_id} is {stored(gateway, request_id).status}, not {status}")
 
 
-def approval_events(gateway: Any, session_id: str, want: int, timeout: float = 15) -> list[str]:
-    """The `approval` audit records of a session, oldest first, as their event names (the
-    index is fed from the log shortly after a record is written: polled)."""
+def approval_records(
+    gateway: Any, *args: str, want: int, timeout: float = 15
+) -> list[dict[str, Any]]:
+    """`approval` audit records found by `pgwarden audit search --kind approval *args`, oldest
+    first (the index is fed from the log shortly after a record is written: polled until
+    `want` are found)."""
     deadline = time.monotonic() + timeout
-    events: list[str] = []
+    records: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         result = CliRunner().invoke(
             app,
-            ["audit", "search", "--kind", "approval", "--session", session_id, "--json"],
+            ["audit", "search", "--kind", "approval", *args, "--json"],
             env={"PGWARDEN_STATE_DIR": str(gateway.settings.state_dir)},
         )
         assert result.exit_code == 0, result.output
-        records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-        events = [r["record"]["event"] for r in sorted(records, key=lambda r: r["seq"])]
-        if len(events) >= want:
-            return events
+        found = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        records = [r["record"] for r in sorted(found, key=lambda r: r["seq"])]
+        if len(records) >= want:
+            return records
         time.sleep(0.1)
-    return events
+    return records
+
+
+def approval_events(gateway: Any, session_id: str, want: int) -> list[str]:
+    """The events of a session's `approval` records, oldest first."""
+    return [r["event"] for r in approval_records(gateway, "--session", session_id, want=want)]
+
+
+def gateway_for_approvals(
+    cluster: LocalCluster, opa: Path, extra_environ: dict[str, str] | None = None, **settings: Any
+) -> Iterator[RunningGateway]:
+    """A gateway of a module's own (settings as for start_gateway), on a fresh state dir."""
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-approvals-"))
+    gw = start_gateway(state, cluster, opa, extra_environ, **settings)
+    try:
+        yield gw
+    finally:
+        stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def own_table(gw: Any) -> Iterator[str]:
+    """A fresh table (id, v; 3 rows) for one test, dropped after it."""
+    name = fresh_table(gw)
+    yield name
+    direct(gw, f'DROP TABLE IF EXISTS "{name}"')
+
+
+def agent(gw: Any) -> str:
+    """The requester of the approvals tests: an AI agent."""
+    return str(gw.token("agent:bot", groups=("ai-agents",)))

@@ -7,8 +7,6 @@ request; a held session leaves the others alone."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -22,7 +20,6 @@ import pytest
 
 from cli.localpg import LocalCluster
 from gateway.control import VoteRefused
-from tests.harness import RunningGateway, start_gateway, stop_gateway
 
 from . import (
     IN_FAILED_TRANSACTION,
@@ -35,42 +32,37 @@ from . import (
     table_exists,
     table_rows,
 )
-from .approvals import REQUEST_ID, Held, approval_events, stored, vote, wait_status
+from .approvals import (
+    REQUEST_ID,
+    Held,
+    agent,
+    approval_events,
+    approval_records,
+    gateway_for_approvals,
+    own_table,
+    stored,
+    vote,
+    wait_status,
+)
 
 pytestmark = pytest.mark.server
-
-
-def _gateway(cluster: LocalCluster, opa: Path, wait: float) -> Iterator[RunningGateway]:
-    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-approvals-"))
-    gw = start_gateway(state, cluster, opa, approval={"wait_seconds": wait})
-    try:
-        yield gw
-    finally:
-        stop_gateway(gw)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def held_gw(pg_cluster: LocalCluster, app_database: str, opa_binary: Path) -> Iterator[Any]:
     """Statements wait up to 60 s: each test decides them well before."""
-    yield from _gateway(pg_cluster, opa_binary, 60)
+    yield from gateway_for_approvals(pg_cluster, opa_binary, approval={"wait_seconds": 60})
 
 
 @pytest.fixture(scope="module")
 def brief_gw(pg_cluster: LocalCluster, app_database: str, opa_binary: Path) -> Iterator[Any]:
     """Statements wait 1 s: for time-outs."""
-    yield from _gateway(pg_cluster, opa_binary, 1)
+    yield from gateway_for_approvals(pg_cluster, opa_binary, approval={"wait_seconds": 1})
 
 
 @pytest.fixture
 def table(held_gw: Any) -> Iterator[str]:
-    name = fresh_table(held_gw)
-    yield name
-    direct(held_gw, f'DROP TABLE IF EXISTS "{name}"')
-
-
-def agent(gw: Any) -> str:
-    return str(gw.token("agent:bot", groups=("ai-agents",)))
+    yield from own_table(held_gw)
 
 
 def engineer(gw: Any, name: str = "user:ann") -> str:
@@ -444,3 +436,29 @@ def test_a_time_window_grant_covers_the_shape_until_it_ends(brief_gw: Any) -> No
         with pytest.raises(psycopg.Error, match="approval required"):
             simple(conn, f'DELETE FROM "{name}" WHERE id = 4')
     assert table_rows(brief_gw, name) == [(4, "v4"), (5, "v5")]
+    # The window's end is an audit record too (the sweep runs every few seconds; hastened).
+    brief_gw.run(brief_gw.gateway.approvals.sweep_grants())
+    ends: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 15
+    while not ends and time.monotonic() < deadline:
+        records = approval_records(brief_gw, "--limit", "1000", want=0)
+        ends = [r for r in records if r["event"] == "grant_expired" and r["approval_id"] == rid]
+    assert len(ends) == 1 and ends[0]["grant_id"] == grant.id
+
+
+def test_a_message_of_several_statements_is_held_and_run_as_a_whole(
+    held_gw: Any, table: str
+) -> None:
+    message = f'SELECT 1; DELETE FROM "{table}" WHERE id = 1; UPDATE "{table}" SET v = \'w\''
+    held = Held(held_gw.dsn(agent(held_gw)), lambda c: simple(c, message))
+    try:
+        rid = held.request_id()
+        request = stored(held_gw, rid)
+        assert len(request.facts) == 3 and "UPDATE" in request.text
+        # Nothing of it ran, not even the statement the policy allows.
+        assert table_rows(held_gw, table) == original_rows()
+        vote(held_gw, rid, engineer(held_gw))
+        assert held.done() and held.error is None, held.error
+        assert table_rows(held_gw, table) == [(2, "w"), (3, "w")]
+    finally:
+        held.close()

@@ -6,8 +6,6 @@ received by a real local HTTP server that checks the signature."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +21,9 @@ from cli.localpg import LocalCluster, free_port
 from cli.main import app
 from gateway.admin.openapi import DOCUMENT, openapi_document, render
 from gateway.enforce.webhook import EVENT_HEADER, SIGNATURE_HEADER, verify_signature
-from tests.harness import start_gateway, stop_gateway
 
-from . import REFUSED, direct, fresh_table, original_rows, refusal_of, simple, table_rows
-from .approvals import Held, stored
+from . import REFUSED, original_rows, refusal_of, simple, table_rows
+from .approvals import Held, agent, gateway_for_approvals, own_table, stored
 
 pytestmark = pytest.mark.server
 
@@ -93,20 +90,13 @@ def receiver() -> Iterator[Receiver]:
 def api_gw(
     pg_cluster: LocalCluster, app_database: str, opa_binary: Path, receiver: Receiver
 ) -> Iterator[Any]:
-    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-api-"))
-    gw = start_gateway(
-        state,
+    yield from gateway_for_approvals(
         pg_cluster,
         opa_binary,
-        extra_environ={"PGWARDEN_WEBHOOK_SECRET": WEBHOOK_KEY},
+        {"PGWARDEN_WEBHOOK_SECRET": WEBHOOK_KEY},
         admin={"port": free_port()},
         approval={"wait_seconds": 60, "webhook_url": receiver.url},
     )
-    try:
-        yield gw
-    finally:
-        stop_gateway(gw)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def admin_url(gw: Any) -> str:
@@ -129,13 +119,7 @@ def pgwarden(gw: Any, token: str, *args: str) -> Any:
 
 @pytest.fixture
 def table(api_gw: Any) -> Iterator[str]:
-    name = fresh_table(api_gw)
-    yield name
-    direct(api_gw, f'DROP TABLE IF EXISTS "{name}"')
-
-
-def agent(gw: Any) -> str:
-    return str(gw.token("agent:bot", groups=("ai-agents",)))
+    yield from own_table(api_gw)
 
 
 def test_the_openapi_document_in_the_repo_is_the_running_apis(api_gw: Any) -> None:
