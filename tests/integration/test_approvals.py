@@ -462,3 +462,24 @@ def test_a_message_of_several_statements_is_held_and_run_as_a_whole(
         assert table_rows(held_gw, table) == [(2, "w"), (3, "w")]
     finally:
         held.close()
+
+
+@pytest.fixture
+def storeless_gw(pg_cluster: LocalCluster, app_database: str, opa_binary: Path) -> Iterator[Any]:
+    """A gateway whose control store is closed under it once started."""
+    for gw in gateway_for_approvals(pg_cluster, opa_binary, approval={"wait_seconds": 30}):
+        control = gw.gateway.control
+        assert control is not None
+        gw.run(control.close())
+        yield gw
+
+
+def test_a_control_store_that_cannot_take_the_request_fails_closed(storeless_gw: Any) -> None:
+    name = fresh_table(storeless_gw)
+    with psycopg.connect(storeless_gw.dsn(agent(storeless_gw)), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            simple(conn, f'DELETE FROM "{name}"')
+        assert info.value.diag.sqlstate == "58000"
+        assert "approval request could not be made, statement not run" in str(info.value)
+        assert simple(conn, "SELECT 1") == [(1,)]
+    assert table_rows(storeless_gw, name) == original_rows()
