@@ -485,8 +485,18 @@ class StatementGate:
                 return self._tallied(_audit_refusal(exc, decisions, facts), combined)
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         if ask is not None and not ask.granted:
-            refusal = await self._hold(ask, facts, decisions, protocol, params, request_ids)
+            try:
+                refusal = await self._hold(ask, facts, decisions, protocol, params, request_ids)
+            except asyncio.CancelledError:
+                # The client went away while held: each statement's record gets its outcome.
+                for run in runs:
+                    run.sqlstate, run.error_message = "57014", "withdrawn: the client went away"
+                    self.outcome(run, forwarded=False)
+                raise
             allowed = refusal is None
+            for run in runs:
+                # The outcome's duration is the statement's own, not its wait for approval.
+                run.started = time.perf_counter()
         else:
             refusal = (
                 None

@@ -17,8 +17,10 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from cli.localpg import LocalCluster
+from cli.main import app
 from gateway.control import VoteRefused
 
 from . import (
@@ -220,6 +222,22 @@ def test_disconnect_while_held_withdraws_the_request(held_gw: Any, table: str) -
     wait_status(held_gw, rid, "withdrawn")
     assert held.done(15)
     assert table_rows(held_gw, table) == original_rows()
+    # The statement's own record gets its outcome: not run, withdrawn.
+    record = stored(held_gw, rid).audit_record
+    assert record is not None
+    shown = ""
+    deadline = time.monotonic() + 15
+    while "57014" not in shown and time.monotonic() < deadline:
+        shown = (
+            CliRunner()
+            .invoke(
+                app,
+                ["audit", "show", record, "--json"],
+                env={"PGWARDEN_STATE_DIR": str(held_gw.settings.state_dir)},
+            )
+            .stdout
+        )
+    assert "57014" in shown and "withdrawn: the client went away" in shown
 
 
 def test_justification_travels_with_the_request(held_gw: Any, table: str) -> None:
