@@ -501,3 +501,31 @@ def test_a_control_store_that_cannot_take_the_request_fails_closed(storeless_gw:
         assert "approval request could not be made, statement not run" in str(info.value)
         assert simple(conn, "SELECT 1") == [(1,)]
     assert table_rows(storeless_gw, name) == original_rows()
+
+
+async def test_asyncpg_timeout_withdraws_the_held_execute(held_gw: Any, table: str) -> None:
+    """asyncpg's own timeout sends a CancelRequest: the request held at Execute is withdrawn
+    and the connection goes on, in and out of a transaction."""
+    conn = await asyncpg.connect(held_gw.url(agent(held_gw)))
+    notices: asyncio.Queue[str] = asyncio.Queue()
+    conn.add_log_listener(lambda _c, msg: notices.put_nowait(str(msg)))
+    try:
+        statement = f'DELETE FROM "{table}" WHERE id = $1'
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.execute(statement, 1, timeout=1.5)
+        found = REQUEST_ID.search(await notices.get())
+        assert found is not None
+        await asyncio.to_thread(wait_status, held_gw, found.group(1), "withdrawn")
+        assert await conn.fetchval("SELECT 1") == 1
+        tr = conn.transaction()
+        await tr.start()
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.execute(statement, 2, timeout=1.5)
+        # As after a cancelled statement on PostgreSQL: the transaction is failed.
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await conn.fetchval("SELECT 1")
+        await tr.rollback()
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    assert table_rows(held_gw, table) == original_rows()
