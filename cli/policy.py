@@ -298,6 +298,7 @@ def decision_document(decision: Decision) -> dict[str, Any]:
         "action": decision.action,
         "reasons": list(decision.reasons),
         "approvers": list(decision.approvers),
+        "approvers_required": decision.approvers_required,
         "masks": [
             {"schema": m.schema, "table": m.table, "column": m.column, "method": m.method}
             for m in decision.masks

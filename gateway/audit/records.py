@@ -96,6 +96,7 @@ def request_record(req: StatementRequest) -> dict[str, Any]:
             "action": d.action,
             "reasons": list(d.reasons),
             "approvers": list(d.approvers),
+            "approvers_required": d.approvers_required,
             "masks": [
                 {"schema": m.schema, "table": m.table, "column": m.column, "method": m.method}
                 for m in d.masks

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +31,6 @@ log = logging.getLogger("pgwarden.approvals")
 
 # Called with the event name ("requested", or the decision) and the request, for the webhook.
 Announce = Callable[[str, ApprovalRequest], None]
-# What a hold can end in, besides the statement running (approved).
-HOLD_ENDS: frozenset[RequestStatus] = frozenset({"approved", "denied", "timed_out", "withdrawn"})
 
 
 def normalized_text(text: str) -> str:
@@ -90,7 +88,7 @@ class ApprovalDesk:
         # Request id → woken when the store says it changed (here, or through another gateway).
         self._waiting: dict[str, asyncio.Event] = {}
         self._withdrawn: set[str] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[HoldEnd]] = set()
         self._sweeper: asyncio.Future[None] | None = None
         store.on_change(self._changed)
 
@@ -306,8 +304,8 @@ class ApprovalDesk:
             except Exception:
                 log.exception("approvals: the webhook could not take event %s", event)
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, HoldEnd]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -68,6 +68,7 @@ def test_eval_prints_input_and_approve_for_an_agent_write(env: dict[str, str]) -
     assert policy_input["statement"]["command"] == "DELETE"
     assert decision["action"] == "approve"
     assert set(decision["approvers"]) == {"engineers", "admins"}
+    assert decision["approvers_required"] == 1
     assert str(decision["bundle_revision"]).startswith(f"{manifest_revision(env)}+")
 
 

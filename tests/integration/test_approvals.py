@@ -407,6 +407,20 @@ def test_four_eyes_a_schema_change_by_an_agent_needs_two_people(held_gw: Any) ->
         assert second.decided and second.request.status == "approved"
         assert held.done() and held.error is None, held.error
         assert table_exists(held_gw, name)
+        # The statement's own audit record names its request and the approvers it needed.
+        record = stored(held_gw, rid).audit_record
+        assert record is not None
+        shown = (
+            CliRunner()
+            .invoke(
+                app,
+                ["audit", "show", record, "--json"],
+                env={"PGWARDEN_STATE_DIR": str(held_gw.settings.state_dir)},
+            )
+            .stdout
+        )
+        assert f'"approval_id":"{rid}"' in shown.replace(" ", "")
+        assert '"approvers_required":2' in shown.replace(" ", "")
     finally:
         held.close()
         direct(held_gw, f'DROP TABLE IF EXISTS "{name}"')
