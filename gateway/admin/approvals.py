@@ -147,7 +147,7 @@ def approvals_router(
     async def decide(
         request_id: str, who: Principal, verdict: str, note: str, window: float | None
     ) -> DecisionOut:
-        await found(request_id, who)
+        # Not found() first: whoever may not decide is told why (403), as the rules say it.
         try:
             judged = await desk.vote(request_id, who, verdict, note, window)
         except UnknownRequest:

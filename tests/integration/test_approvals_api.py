@@ -190,11 +190,17 @@ def test_the_api_refuses_whoever_may_not_decide(api_gw: Any, table: str) -> None
         own = api_gw.token("agent:bot", groups=("ai-agents", "engineers"))
         refused = pgwarden(api_gw, own, "approve", rid, "--note", "mine")
         assert refused.exit_code == 1 and "its own request" in refused.output
-        # Outside the approvers' groups: the request is not even shown.
+        # Outside the approvers' groups: refused (403), and the request is not shown.
         outsider = api_gw.token("user:eve", groups=("pii-readers",))
         refused = pgwarden(api_gw, outsider, "approve", rid)
-        assert refused.exit_code == 1 and "no approval request" in refused.output
+        assert refused.exit_code == 1, refused.output
+        assert "only members of engineers or admins" in refused.output
+        assert "HTTP 403" in refused.output
         assert pgwarden(api_gw, outsider, "list", "--json").stdout.strip() == ""
+        hidden = pgwarden(api_gw, outsider, "show", rid)
+        assert hidden.exit_code == 1 and "no approval request" in hidden.output
+        unknown = pgwarden(api_gw, outsider, "approve", "apr-0000000000")
+        assert unknown.exit_code == 1 and "HTTP 404" in unknown.output
         assert held.running and stored(api_gw, rid).status == "pending"
         missing = pgwarden(api_gw, "", "list")
         assert missing.exit_code == 1 and "PGWARDEN_TOKEN" in missing.output
