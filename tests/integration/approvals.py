@@ -145,6 +145,26 @@ def approval_records(
     return records
 
 
+def statement_record(gateway: Any, request_id: str, until: str = "", timeout: float = 15) -> str:
+    """`pgwarden audit show --json` of the held statement's own record (with the records
+    linked to it), polled until it holds `until`."""
+    record = stored(gateway, request_id).audit_record
+    assert record is not None
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while time.monotonic() < deadline:
+        result = CliRunner().invoke(
+            app,
+            ["audit", "show", record, "--json"],
+            env={"PGWARDEN_STATE_DIR": str(gateway.settings.state_dir)},
+        )
+        shown = result.stdout
+        if result.exit_code == 0 and until in shown:
+            break
+        time.sleep(0.1)
+    return shown
+
+
 def approval_events(gateway: Any, session_id: str, want: int) -> list[str]:
     """The events of a session's `approval` records, oldest first."""
     return [r["event"] for r in approval_records(gateway, "--session", session_id, want=want)]

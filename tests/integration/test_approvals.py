@@ -17,10 +17,8 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
 from cli.localpg import LocalCluster
-from cli.main import app
 from gateway.control import VoteRefused
 
 from . import (
@@ -42,6 +40,7 @@ from .approvals import (
     approval_records,
     gateway_for_approvals,
     own_table,
+    statement_record,
     stored,
     vote,
     wait_status,
@@ -223,20 +222,7 @@ def test_disconnect_while_held_withdraws_the_request(held_gw: Any, table: str) -
     assert held.done(15)
     assert table_rows(held_gw, table) == original_rows()
     # The statement's own record gets its outcome: not run, withdrawn.
-    record = stored(held_gw, rid).audit_record
-    assert record is not None
-    shown = ""
-    deadline = time.monotonic() + 15
-    while "57014" not in shown and time.monotonic() < deadline:
-        shown = (
-            CliRunner()
-            .invoke(
-                app,
-                ["audit", "show", record, "--json"],
-                env={"PGWARDEN_STATE_DIR": str(held_gw.settings.state_dir)},
-            )
-            .stdout
-        )
+    shown = statement_record(held_gw, rid, until="57014")
     assert "57014" in shown and "withdrawn: the client went away" in shown
 
 
@@ -408,17 +394,7 @@ def test_four_eyes_a_schema_change_by_an_agent_needs_two_people(held_gw: Any) ->
         assert held.done() and held.error is None, held.error
         assert table_exists(held_gw, name)
         # The statement's own audit record names its request and the approvers it needed.
-        record = stored(held_gw, rid).audit_record
-        assert record is not None
-        shown = (
-            CliRunner()
-            .invoke(
-                app,
-                ["audit", "show", record, "--json"],
-                env={"PGWARDEN_STATE_DIR": str(held_gw.settings.state_dir)},
-            )
-            .stdout
-        )
+        shown = statement_record(held_gw, rid)
         assert f'"approval_id":"{rid}"' in shown.replace(" ", "")
         assert '"approvers_required":2' in shown.replace(" ", "")
     finally:
