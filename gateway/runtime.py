@@ -18,6 +18,7 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.guards.rules import OpaSessionRules
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -167,6 +168,11 @@ class Gateway:
             environ=self.environ,
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),
+            session_rules=OpaSessionRules(
+                self._transport,
+                path=s.policy.session_path,
+                timeout_seconds=s.policy.timeout_seconds,
+            ),
         )
         self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)

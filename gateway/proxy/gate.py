@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.guards.enforced import EnforcedSettings
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
@@ -264,6 +266,9 @@ class StatementGate:
         # Set by the session: waits until search_path is known; a reason when it cannot be.
         self.settle_search_path: Callable[[], Awaitable[PathProblem | None]] | None = None
         self._principal_input = ctx.principal.to_input()
+        # Settings the policy's session rule enforces (gateway/guards): statements that would
+        # raise or clear them are denied before the policy is asked.
+        self.enforced = EnforcedSettings()
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
         # statement that relays rows decided elsewhere (FETCH, EXECUTE).
@@ -426,6 +431,11 @@ class StatementGate:
         decide_params: bool = True,
         decided: Decision | None = None,
     ) -> Verdict:
+        if decided is None:
+            guard = self.enforced.refusal(facts)
+            if guard is not None:
+                # The policy's own session rule denies it: a deny with an id, like OPA's.
+                decided = Decision("deny", (guard,), decision_id=str(uuid.uuid4()))
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
         else:

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.guards.rules import SessionRules
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
@@ -40,6 +41,8 @@ class GatewayContext:
     # that needs them free (DROP DATABASE, ...) is forwarded.
     free_databases: Callable[[Target, Sequence[str]], Awaitable[None]] | None = None
     server_tls: ssl.SSLContext | None = None
+    # The policy's session rule (enforced settings, rate limits); None: no guards.
+    session_rules: SessionRules | None = None
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)

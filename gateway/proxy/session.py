@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
 from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
+from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import (
     AuthenticationCleartextPassword,
     AuthenticationOk,
@@ -280,6 +282,8 @@ class ClientSession(asyncio.Protocol):
         self._owed_error: bytes | None = None
         # The gateway is shutting down: the session ends at its next idle point.
         self._draining = False
+        # What the policy's session rule enforces on this session (gateway/guards).
+        self.guards: SessionGuards = NO_GUARDS
 
     @property
     def relaying(self) -> bool:
@@ -738,8 +742,14 @@ class ClientSession(asyncio.Protocol):
             self._reject_token(exc.check)
             return
         self.principal = principal
+        guards = await self._session_guards(principal)
+        if guards is None:
+            return
+        self.guards = guards
         params = self._startup.parameters
         relayed = {k: v for k, v in params.items() if k in _RELAYED_PARAMETERS}
+        # The enforced settings start the upstream session, and so are its reset values.
+        relayed.update(guards.enforced.startup_parameters())
         settings_sql = self._startup_settings(params)
         if settings_sql is None:
             return
@@ -775,6 +785,7 @@ class ClientSession(asyncio.Protocol):
             ),
         )
         self.gate.settle_search_path = self._settle_search_path
+        self.gate.enforced = guards.enforced
         self._session_event("session_start")
         if self.database != self.target.dbname and not await self._database_allowed():
             return
@@ -800,6 +811,30 @@ class ClientSession(asyncio.Protocol):
             return
         self.gate.search_path = path
         self._begin_relay(up)
+
+    async def _session_guards(self, principal: Principal) -> SessionGuards | None:
+        """The policy's session rule for this principal and target, read once per login;
+        None when it cannot be read (the login is refused: fail closed)."""
+        rules = self.gw.session_rules
+        if rules is None:
+            return NO_GUARDS
+        assert self.target is not None
+        target = self.target
+        policy_input = {
+            "version": 1,
+            "principal": principal.to_input(),
+            "target": target_input(
+                TargetInfo(
+                    target.name, self.database, target.labels, target.dbname, target.databases
+                )
+            ),
+        }
+        try:
+            return await rules.for_session(policy_input)
+        except RulesUnavailable as exc:
+            self._session_event("auth_failure", f"session rules unavailable: {exc}")
+            self._fatal("08004", f"pgwarden: session rules unavailable: {exc}; retry shortly")
+            return None
 
     async def _database_allowed(self) -> bool:
         """Another database than the target's own: the policy decides the choice itself
@@ -946,7 +981,9 @@ class ClientSession(asyncio.Protocol):
             )
         else:
             self._path_wanted = False
-            read = self._path_read = PathRead(in_pipeline=self.tracker.unsynced)
+            read = self._path_read = PathRead(
+                in_pipeline=self.tracker.unsynced, also=self.guards.enforced.read_back
+            )
             self._write_upstream(read.request)
             return
         self._path_wanted = False
@@ -967,6 +1004,17 @@ class ClientSession(asyncio.Protocol):
         self._path_read = None
         if read.error is None and read.value is not None:
             self.gate.search_path = parse_search_path(read.value)
+            escaped = self.guards.enforced.escaped(read.settings) if read.also else None
+            if escaped is not None:
+                # Code pgwarden could not see into changed what the policy enforces: nothing
+                # more runs in this session.
+                self._end_reason = f"enforced setting changed: {escaped}"
+                self._fatal(
+                    REFUSED,
+                    "pgwarden: a setting enforced on this session was changed by code pgwarden"
+                    f" cannot see into ({escaped}); the session is closed",
+                )
+                return False
             self._path.learned()
             return False
         error = read.error

@@ -1,0 +1,27 @@
+package pgwarden
+
+session_of(principal_groups) := s if {
+	s := session with input as {"principal": {"subject": "agent:x", "groups": principal_groups}}
+}
+
+test_ai_agents_sessions_are_read_only_with_timeouts_and_rate_limits if {
+	s := session_of(["ai-agents"])
+	s.default_transaction_read_only == true
+	s.statement_timeout_ms == 30000
+	s.idle_in_transaction_session_timeout_ms == 60000
+	s.statements_per_second == 50
+	s.max_sessions_per_principal == 20
+	s.max_sessions_per_token == 10
+}
+
+test_other_rows_have_no_guards if {
+	every groups in [["admins"], ["engineers"], ["ai-agents", "engineers"], [], ["pii-readers"]] {
+		session_of(groups) == {}
+	}
+}
+
+test_the_guards_come_from_data if {
+	s := session with input as {"principal": {"groups": ["engineers"]}}
+		with data.pgwarden.session_guards as {"engineers": {"statement_timeout_ms": 5}}
+	s == {"statement_timeout_ms": 5}
+}

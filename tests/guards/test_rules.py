@@ -1,0 +1,91 @@
+"""The session rule's answer and the enforced settings' arithmetic, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.guards.enforced import EnforcedSettings, boolean, milliseconds
+from gateway.guards.rules import NO_GUARDS, RateLimits, RulesUnavailable, parse_rules
+from gateway.sql.analyzer import StatementAnalyzer
+
+
+def test_undefined_means_no_guards() -> None:
+    assert parse_rules(None) == NO_GUARDS
+    assert parse_rules({}) == NO_GUARDS
+    assert not NO_GUARDS.enforced.active
+
+
+def test_rules_are_read() -> None:
+    guards = parse_rules(
+        {
+            "default_transaction_read_only": True,
+            "statement_timeout_ms": 30000,
+            "idle_in_transaction_session_timeout_ms": 60000,
+            "statements_per_second": 0.5,
+            "statement_burst": 3,
+            "max_sessions_per_principal": 4,
+            "max_sessions_per_token": 2,
+        }
+    )
+    assert guards.enforced == EnforcedSettings(True, 30000, 60000)
+    assert guards.limits == RateLimits(0.5, 3, 4, 2)
+    assert guards.enforced.startup_parameters() == {
+        "default_transaction_read_only": "on",
+        "statement_timeout": "30000",
+        "idle_in_transaction_session_timeout": "60000",
+    }
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [],
+        "on",
+        {"default_transaction_read_only": "yes"},
+        {"statement_timeout_ms": 0},
+        {"statement_timeout_ms": -5},
+        {"statement_timeout_ms": 1.5},
+        {"statement_timeout_ms": True},
+        {"max_sessions_per_token": "2"},
+        {"statement_timeout": 5},  # unknown: it would silently not be enforced
+    ],
+)
+def test_malformed_rules_refuse_the_login(answer: object) -> None:
+    with pytest.raises(RulesUnavailable):
+        parse_rules(answer)
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("5000", 5000), ("'30s'", 30000), ("1.5min", 90000), ("1 h", 3_600_000), ("0", 0)],
+)
+def test_time_values_read_as_postgresql_does(text: str, ms: float) -> None:
+    assert milliseconds(text) == ms
+
+
+@pytest.mark.parametrize("text", ["forever", "5 parsecs", ""])
+def test_unreadable_time_values(text: str) -> None:
+    assert milliseconds(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("on", True), ("of", False), ("t", True), ("NO", False), ("1", True), ("o", None)],
+)
+def test_booleans_read_as_postgresql_does(text: str, value: bool | None) -> None:
+    assert boolean(text) is value
+
+
+def test_read_only_guard_refuses_read_write_only_when_enforced() -> None:
+    facts = StatementAnalyzer().analyze("BEGIN READ WRITE")
+    assert EnforcedSettings(read_only=True).refusal(facts) is not None
+    assert EnforcedSettings(statement_timeout_ms=10).refusal(facts) is None
+    assert EnforcedSettings().refusal(facts) is None
+
+
+def test_escaped_names_what_moved() -> None:
+    guards = EnforcedSettings(True, 2000, None)
+    ok = {"default_transaction_read_only": "on", "statement_timeout": "1s"}
+    assert guards.escaped(ok) is None
+    assert "statement_timeout" in (guards.escaped({**ok, "statement_timeout": "0"}) or "")
+    assert guards.escaped({**ok, "default_transaction_read_only": "off"}) is not None
