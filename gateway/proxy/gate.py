@@ -431,11 +431,6 @@ class StatementGate:
         decide_params: bool = True,
         decided: Decision | None = None,
     ) -> Verdict:
-        if decided is None:
-            guard = self.enforced.refusal(facts)
-            if guard is not None:
-                # The policy's own session rule denies it: a deny with an id, like OPA's.
-                decided = Decision("deny", (guard,), decision_id=str(uuid.uuid4()))
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
         else:
@@ -443,6 +438,12 @@ class StatementGate:
                 facts, protocol, list(params) if decide_params else []
             )
         combined = combine(decisions)
+        guard = self.enforced.refusal(facts) if combined.action != "deny" else None
+        if guard is not None:
+            # The session rule's settings would not hold: denied (with an id, like OPA's
+            # denies) where the policy did not deny it already for its own reasons.
+            combined = Decision("deny", (guard,), decision_id=str(uuid.uuid4()))
+            decisions = [combined] * len(facts)
         allowed = combined.action == "allow"
         request_ids: list[str | None] = [None] * len(facts)
         if record or not allowed:
