@@ -18,6 +18,7 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.guards.kill import SessionDirectory
 from gateway.guards.rules import OpaSessionRules
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
@@ -254,7 +255,13 @@ class Gateway:
             verify=self.verifier.verify,
             groups=admin.token_groups,
         )
-        app = admin_app(registry=gateway_registry(state), readiness=readiness, access=access)
+        context = self.context
+        app = admin_app(
+            registry=gateway_registry(state),
+            readiness=readiness,
+            access=access,
+            sessions=SessionDirectory(lambda: context.sessions),
+        )
         return AdminListener(app, admin)
 
     async def stop(self) -> None:

@@ -1,15 +1,18 @@
-"""The admin HTTP app: /healthz, /readyz and /metrics (later the approvals API and console)."""
+"""The admin HTTP app: /healthz, /readyz, /metrics and the kill switch (/sessions)."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
 
 from gateway.admin.readiness import ReadinessChecks
+from gateway.guards.kill import SessionDirectory
 from gateway.identity.principal import Principal, TokenRejected
 
 TokenCheck = Callable[[str], Awaitable[Principal]]
@@ -37,6 +40,11 @@ class AdminAccess:
     async def check(self, request: Request) -> None:
         if self.open_access:
             return
+        await self.principal(request)
+
+    async def principal(self, request: Request) -> Principal:
+        """The bearer token's principal, of one of `groups`, on any address: what names
+        who acted (a kill is audited with it) needs a token even on loopback."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
@@ -48,10 +56,23 @@ class AdminAccess:
             ) from None
         if not self.groups.intersection(principal.groups):
             raise HTTPException(403, "the token's groups may not read the admin listener")
+        return principal
+
+
+class KillRequest(BaseModel):
+    """What `pgwarden sessions kill` sends: one session by id, or every session of a subject."""
+
+    session_id: str | None = None
+    subject: str | None = None
+    reason: str = Field(default="no reason given", max_length=500)
 
 
 def admin_app(
-    *, registry: CollectorRegistry, readiness: ReadinessChecks, access: AdminAccess
+    *,
+    registry: CollectorRegistry,
+    readiness: ReadinessChecks,
+    access: AdminAccess,
+    sessions: SessionDirectory | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pgwarden admin", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -70,5 +91,29 @@ def admin_app(
     async def metrics(request: Request) -> Response:
         await access.check(request)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if sessions is not None:
+        directory = sessions
+
+        @app.get("/sessions")
+        async def list_sessions(request: Request) -> dict[str, Any]:
+            # Current statements are client text (literals may be secrets): a token always.
+            await access.principal(request)
+            return {"sessions": [s.to_json() for s in directory.summaries()]}
+
+        @app.post("/sessions/kill")
+        async def kill_sessions(request: Request, wanted: KillRequest) -> JSONResponse:
+            principal = await access.principal(request)
+            if (wanted.session_id is None) == (wanted.subject is None):
+                raise HTTPException(422, "name a session_id or a subject, not both")
+            killed = await directory.kill(
+                reason=wanted.reason,
+                by=principal.subject,
+                session_id=wanted.session_id,
+                subject=wanted.subject,
+            )
+            if not killed:
+                raise HTTPException(404, "no such session")
+            return JSONResponse({"killed": killed})
 
     return app

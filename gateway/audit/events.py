@@ -8,7 +8,7 @@ from typing import Literal
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
 
-SessionEventKind = Literal["session_start", "session_end", "auth_failure"]
+SessionEventKind = Literal["session_start", "session_end", "auth_failure", "session_kill"]
 
 
 @dataclass(frozen=True, slots=True)

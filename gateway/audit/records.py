@@ -20,6 +20,8 @@ RecordKind = Literal[
     # Written when an operator starts the gateway on a store behind its head witness: names
     # the records that were lost, linked to the last one the witness saw.
     "chain_gap",
+    # An operator ended a session (`pgwarden sessions kill`): who, and why.
+    "session_kill",
 ]
 # In this order: the audit process's frames carry a kind as its index here.
 RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)

@@ -260,6 +260,9 @@ class StatementGate:
             audit, "outcome_nowait", None
         )
         self.in_transaction = False
+        # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
+        self.statements_recorded = 0
+        self.rows_relayed = 0
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
@@ -796,6 +799,9 @@ class StatementGate:
         """Write the outcome record of one run, without holding up the relay."""
         if run.request_id is None:
             return
+        self.statements_recorded += 1
+        if forwarded:
+            self.rows_relayed += run.rows
         record = StatementOutcome(
             request_id=run.request_id,
             time=time.time(),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.guards.kill import SessionSummary
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
 from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
@@ -641,6 +642,42 @@ class ClientSession(asyncio.Protocol):
         if self.up is None or self.target is None or not self.tracker.running():
             return None
         return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+
+    # -- the kill switch (gateway/guards/kill.py) -----------------------------------------
+
+    def summary(self) -> SessionSummary | None:
+        if self.phase is not Phase.RELAY or self.principal is None or self.gate is None:
+            return None
+        assert self.target is not None and self._startup is not None
+        front = self.tracker.front()
+        run = front.current_run() if front is not None else None
+        current = run.facts.text if run is not None and run.facts is not None else None
+        return SessionSummary(
+            id=self.id,
+            subject=self.principal.subject,
+            groups=self.principal.groups,
+            token_id=self.principal.token_id,
+            target=self.target.name,
+            database=self.database,
+            client_addr=self.client_addr,
+            application_name=self._startup.parameters.get("application_name", ""),
+            since=self._started_at,
+            statements=self.gate.statements_recorded,
+            rows=self.gate.rows_relayed,
+            current_statement=current if self.tracker.running() else None,
+        )
+
+    def kill(self, reason: str, by: str) -> asyncio.Future[None] | None:
+        """An operator ends the session: the running query is cancelled upstream (a
+        CancelRequest, as the client's own cancel), the kill is audited, and the client is
+        told why with a FATAL, as PostgreSQL's pg_terminate_backend does (57P01)."""
+        if self.phase is Phase.CLOSED:
+            return None
+        cancel = self.cancel_running()
+        self._session_event("session_kill", f"by {by}: {reason}")
+        self._end_reason = f"killed by {by}: {reason}"
+        self._fatal(SHUTTING_DOWN, f"pgwarden: session ended by an administrator: {reason}")
+        return cancel
 
     def _on_startup(self, msg: StartupMessage) -> None:
         params = msg.parameters
