@@ -173,6 +173,7 @@ class Gateway:
                 self._transport,
                 path=s.policy.session_path,
                 timeout_seconds=s.policy.timeout_seconds,
+                fresh_seconds=s.policy.revision_poll_seconds,
             ),
         )
         self._targets_seen = self.context.targets.refresh()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +20,8 @@ from gateway.guards.enforced import EnforcedSettings
 from gateway.policy.transport import OpaTransport, OpaUnreachable
 
 log = logging.getLogger("pgwarden.guards")
+# Session-rule answers kept at most (expired ones are dropped when it is reached).
+_MAX_ANSWERS = 10_000
 
 
 class RulesUnavailable(Exception):
@@ -99,14 +102,47 @@ class SessionRules(Protocol):
 
 
 class OpaSessionRules:
-    """Reads the session rule from OPA's data API, bounded in time."""
+    """Reads the session rule from OPA's data API, bounded in time.
 
-    def __init__(self, transport: OpaTransport, *, path: str, timeout_seconds: float) -> None:
+    Logins with the same input (a pool opening 200 connections on one token) share one
+    query while it runs and its answer for `fresh_seconds` after: a burst of logins must
+    not queue 200 queries behind each other into the timeout. A policy change reaches new
+    logins within that time; a failed query is never reused."""
+
+    def __init__(
+        self,
+        transport: OpaTransport,
+        *,
+        path: str,
+        timeout_seconds: float,
+        fresh_seconds: float = 1.0,
+    ) -> None:
         self.transport = transport
         self.path = path.strip("/")
         self.timeout_seconds = timeout_seconds
+        self.fresh_seconds = fresh_seconds
+        self._answers: dict[bytes, tuple[float, asyncio.Future[SessionGuards]]] = {}
 
     async def for_session(self, policy_input: dict[str, Any]) -> SessionGuards:
+        key = orjson.dumps(policy_input, option=orjson.OPT_SORT_KEYS)
+        now = time.monotonic()
+        held = self._answers.get(key)
+        if held is not None and (not held[1].done() or now - held[0] < self.fresh_seconds):
+            return await asyncio.shield(held[1])
+        if len(self._answers) >= _MAX_ANSWERS:
+            self._answers = {
+                k: v for k, v in self._answers.items() if now - v[0] < self.fresh_seconds
+            }
+        answer = asyncio.ensure_future(self._ask(policy_input))
+        self._answers[key] = (now, answer)
+        try:
+            return await asyncio.shield(answer)
+        except RulesUnavailable:
+            if self._answers.get(key, (0.0, None))[1] is answer:
+                del self._answers[key]
+            raise
+
+    async def _ask(self, policy_input: dict[str, Any]) -> SessionGuards:
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 status, body = await self.transport.query_rule(self.path, policy_input)

@@ -13,6 +13,7 @@ from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.guards.enforced import EnforcedSettings
+from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
@@ -270,8 +271,11 @@ class StatementGate:
         self.settle_search_path: Callable[[], Awaitable[PathProblem | None]] | None = None
         self._principal_input = ctx.principal.to_input()
         # Settings the policy's session rule enforces (gateway/guards): statements that would
-        # raise or clear them are denied before the policy is asked.
+        # raise or clear them are denied where the policy lets them run.
         self.enforced = EnforcedSettings()
+        # The session's statement rate limit (gateway/guards/rates.py): takes a message's
+        # statements, or says why not. None: no limit.
+        self.rate_check: Callable[[int], str | None] | None = None
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
         # statement that relays rows decided elsewhere (FETCH, EXECUTE).
@@ -434,6 +438,10 @@ class StatementGate:
         decide_params: bool = True,
         decided: Decision | None = None,
     ) -> Verdict:
+        if decided is None and record and self.rate_check is not None:
+            limited = await self._rate_limited(facts, protocol, params)
+            if limited is not None:
+                return limited
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
         else:
@@ -581,6 +589,10 @@ class StatementGate:
         (still_current): recorded, with its parameters, first. The first Execute after the
         Parse carries the decision made for it; every later one reuses it, and its record
         says so (`cache_hit`, with the revision the decision was made under)."""
+        if self.rate_check is not None:
+            limited = await self._rate_limited(facts, "extended", params)
+            if limited is not None:
+                return limited
         combined = combine(decisions)
         try:
             request_ids = await self._record(facts, decisions, "extended", params)
@@ -594,6 +606,28 @@ class StatementGate:
         if refusal is None:
             await self._free_held_databases(facts)
         return self._tallied(Verdict(refusal is None, runs, decisions, refusal, facts), combined)
+
+    async def _rate_limited(
+        self, facts: tuple[StatementFacts, ...], protocol: str, params: tuple[str | None, ...]
+    ) -> Verdict | None:
+        """Over the statement rate: refused before the policy is asked (the limit spares
+        OPA too), recorded like any refusal, with 53400 rather than a policy deny's 42501."""
+        assert self.rate_check is not None
+        reason = self.rate_check(len(facts))
+        if reason is None:
+            return None
+        decided = Decision("deny", (reason,), decision_id=str(uuid.uuid4()))
+        verdict = await self._verdict(facts, protocol, params, record=True, decided=decided)
+        if verdict.runs:  # recorded (else the audit refusal stands)
+            verdict.refusal = ErrorResponse.build(
+                "ERROR",
+                TOO_MANY_STATEMENTS,
+                f"pgwarden: {reason}",
+                detail=f"decision id: {decided.decision_id}",
+            ).encode()
+            for run in verdict.runs:
+                run.sqlstate = TOO_MANY_STATEMENTS
+        return verdict
 
     def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
         """Count the verdict's statements by what became of them, and log a refusal (with

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.guards.rates import RateLimiter
 from gateway.guards.rules import SessionRules
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
@@ -43,6 +44,7 @@ class GatewayContext:
     server_tls: ssl.SSLContext | None = None
     # The policy's session rule (enforced settings, rate limits); None: no guards.
     session_rules: SessionRules | None = None
+    rates: RateLimiter = field(default_factory=RateLimiter)
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
     cancel_keys: CancelKeys = field(default_factory=CancelKeys)

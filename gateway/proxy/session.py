@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
 from gateway.guards.kill import SessionSummary
+from gateway.guards.rates import TOO_MANY_SESSIONS
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
 from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
@@ -321,6 +323,7 @@ class ClientSession(asyncio.Protocol):
         was = self.phase
         self.phase = Phase.CLOSED
         self.gw.sessions.discard(self)
+        self.gw.rates.close_session(self.id)
         if not self.gw.sessions:
             self.gw.all_closed.set()
         for handle in (self._recheck, self._startup_timer):
@@ -783,6 +786,13 @@ class ClientSession(asyncio.Protocol):
         if guards is None:
             return
         self.guards = guards
+        over = self.gw.rates.open_session(
+            self.id, principal.subject, principal.token_id, guards.limits
+        )
+        if over is not None:
+            self._session_event("auth_failure", over)
+            self._fatal(TOO_MANY_SESSIONS, f"pgwarden: {over}")
+            return
         params = self._startup.parameters
         relayed = {k: v for k, v in params.items() if k in _RELAYED_PARAMETERS}
         # The enforced settings start the upstream session, and so are its reset values.
@@ -823,6 +833,10 @@ class ClientSession(asyncio.Protocol):
         )
         self.gate.settle_search_path = self._settle_search_path
         self.gate.enforced = guards.enforced
+        if guards.limits.statements_per_second is not None:
+            self.gate.rate_check = functools.partial(
+                self.gw.rates.take, principal.subject, principal.token_id, guards.limits
+            )
         self._session_event("session_start")
         if self.database != self.target.dbname and not await self._database_allowed():
             return

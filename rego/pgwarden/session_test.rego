@@ -9,9 +9,9 @@ test_ai_agents_sessions_are_read_only_with_timeouts_and_rate_limits if {
 	s.default_transaction_read_only == true
 	s.statement_timeout_ms == 30000
 	s.idle_in_transaction_session_timeout_ms == 60000
-	s.statements_per_second == 50
-	s.max_sessions_per_principal == 20
-	s.max_sessions_per_token == 10
+	s.statements_per_second == 100
+	s.max_sessions_per_principal == 50
+	s.max_sessions_per_token == 20
 }
 
 test_other_rows_have_no_guards if {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.guards.enforced import EnforcedSettings, boolean, milliseconds
+from gateway.guards.rates import RateLimiter
 from gateway.guards.rules import NO_GUARDS, RateLimits, RulesUnavailable, parse_rules
 from gateway.sql.analyzer import StatementAnalyzer
 
@@ -89,3 +90,48 @@ def test_escaped_names_what_moved() -> None:
     assert guards.escaped(ok) is None
     assert "statement_timeout" in (guards.escaped({**ok, "statement_timeout": "0"}) or "")
     assert guards.escaped({**ok, "default_transaction_read_only": "off"}) is not None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_statement_bucket_counts_exactly() -> None:
+    clock = _Clock()
+    rates = RateLimiter(clock)
+    limits = RateLimits(statements_per_second=2, statement_burst=3)
+    assert [rates.take("p", "t", limits, 1) for _ in range(3)] == [None, None, None]
+    assert rates.take("p", "t", limits, 1) is not None
+    clock.now += 0.5  # one statement's worth
+    assert rates.take("p", "t", limits, 1) is None
+    assert rates.take("p", "t", limits, 1) is not None
+    clock.now += 100  # never beyond the burst
+    assert rates.take("p", "t", limits, 4) is not None
+    assert rates.take("p", "t", limits, 3) is None
+
+
+def test_principal_and_token_buckets_are_both_taken_or_neither() -> None:
+    clock = _Clock()
+    rates = RateLimiter(clock)
+    limits = RateLimits(statements_per_second=1, statement_burst=2)
+    assert rates.take("p", "t1", limits, 2) is None
+    # Another token of the same principal: the principal's bucket is empty.
+    assert rates.take("p", "t2", limits, 1) is not None
+    # Another principal: its own buckets.
+    assert rates.take("q", "t3", limits, 2) is None
+
+
+def test_session_counts_release_on_close() -> None:
+    rates = RateLimiter()
+    limits = RateLimits(max_sessions_per_principal=2, max_sessions_per_token=1)
+    assert rates.open_session("s1", "p", "t1", limits) is None
+    assert "token t1" in (rates.open_session("s2", "p", "t1", limits) or "")
+    assert rates.open_session("s3", "p", "t2", limits) is None
+    assert "principal p" in (rates.open_session("s4", "p", "t3", limits) or "")
+    rates.close_session("s1")
+    rates.close_session("s1")  # idempotent
+    assert rates.open_session("s5", "p", "t1", limits) is None
