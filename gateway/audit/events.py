@@ -64,3 +64,5 @@ class StatementOutcome:
     # The recorded rows' column names, as the client saw them in RowDescription.
     recorded_columns: tuple[str, ...] = field(default=())
     forwarded: bool = True
+    # Rows (or COPY data messages) of the result not relayed: over the decision's budget.
+    rows_withheld: int = 0

@@ -120,6 +120,8 @@ def outcome_record(out: StatementOutcome, rows_limit: int, bytes_limit: int) -> 
         "recorded_rows": rows,
         "recorded_columns": list(out.recorded_columns),
         "recorded_rows_truncated": truncated,
+        # Only where a budget cut the result: earlier records keep their exact form.
+        **({"rows_withheld": out.rows_withheld} if out.rows_withheld else {}),
     }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
 from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
@@ -264,6 +265,8 @@ class StatementGate:
         # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
         self.statements_recorded = 0
         self.rows_relayed = 0
+        # A statement of this session has had a budget: its relay counts COPY data too.
+        self.budgeted = False
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
@@ -469,6 +472,7 @@ class StatementGate:
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
+            self._budget(runs, decisions)
         if allowed:
             await self._free_held_databases(facts)
         if not allowed:
@@ -603,6 +607,7 @@ class StatementGate:
             decisions[:] = [d if d.cache_hit else replace(d, cache_hit=True) for d in decisions]
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = await self._prepare_masks(runs, decisions)
+        self._budget(runs, decisions)
         if refusal is None:
             await self._free_held_databases(facts)
         return self._tallied(Verdict(refusal is None, runs, decisions, refusal, facts), combined)
@@ -674,6 +679,27 @@ class StatementGate:
         held = [name for f in facts for name in databases_held_by_statement(f)]
         if held:
             await self._free_databases(held)
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def _budget(self, runs: list[StatementRun], decisions: list[Decision]) -> None:
+        """Each run's budget from its decision's `limits`; the session's rows so far count
+        against `max_rows_total`."""
+        for run, decision in zip(runs, decisions, strict=True):
+            limits = decision.extra.get("limits")
+            if not isinstance(limits, StatementLimits):
+                continue
+            max_rows = limits.max_rows
+            if limits.max_rows_total is not None:
+                left = max(0, limits.max_rows_total - self.rows_relayed)
+                max_rows = left if max_rows is None else min(max_rows, left)
+            if max_rows is None and limits.max_bytes is None and not limits.statement_timeout_ms:
+                continue
+            run.budget = RowBudget(
+                max_rows=max_rows, max_bytes=limits.max_bytes, decision_id=decision.decision_id
+            )
+            run.timeout_ms = limits.statement_timeout_ms
+            self.budgeted = True
 
     # -- masks ---------------------------------------------------------------------------
 
@@ -848,6 +874,7 @@ class StatementGate:
             recorded_rows=tuple(run.recorded),
             recorded_columns=run.recorded_columns,
             forwarded=forwarded,
+            rows_withheld=run.budget.withheld if run.budget is not None else 0,
         )
         nowait = self._outcome_nowait
         if nowait is not None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.guards.budgets import RowBudget
 from gateway.guards.kill import SessionSummary
 from gateway.guards.rates import TOO_MANY_SESSIONS
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
@@ -287,6 +288,9 @@ class ClientSession(asyncio.Protocol):
         self._draining = False
         # What the policy's session rule enforces on this session (gateway/guards).
         self.guards: SessionGuards = NO_GUARDS
+        # A statement cut short by its budget completed inside a transaction block: the
+        # block is failed at the next ReadyForQuery, as the client saw an error.
+        self._fail_block = False
 
     @property
     def relaying(self) -> bool:
@@ -1443,6 +1447,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
         self._path.forwarded(verdict.facts)
+        self._arm_timeouts(verdict.runs)
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -1611,6 +1616,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
         self._path.forwarded(verdict.facts)
+        self._arm_timeouts(verdict.runs)
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
@@ -1683,6 +1689,17 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     run = front.current_run()
                     if run is not None:
+                        budget = run.budget
+                        if budget is not None:
+                            if end > total:
+                                break  # a budgeted row is judged whole
+                            if not budget.admit(length + 1):
+                                # Over the decision's budget: never relayed.
+                                if start < pos:
+                                    out.append(view[start:pos])
+                                start = pos = end
+                                self._over_budget(budget)
+                                continue
                         if run.masked or run.record_rows:
                             if end > total:
                                 break  # a masked or recorded row is handled whole
@@ -1698,6 +1715,20 @@ class ClientSession(asyncio.Protocol):
                                 self._record_row(run, masked or bytes(view[pos:end]))
                         run.rows += 1
                         run.bytes_out += length + 1
+            elif (code == 100 or code == 99) and self.gate is not None and self.gate.budgeted:
+                # COPY TO STDOUT data counts against a budget as rows do.
+                front = tracker.front()
+                run = front.current_run() if front is not None else None
+                budget = run.budget if run is not None else None
+                if budget is not None:
+                    if end > total:
+                        break
+                    if budget.cut if code == 99 else not budget.admit(length + 1):
+                        if start < pos:
+                            out.append(view[start:pos])
+                        start = pos = end
+                        self._over_budget(budget)
+                        continue
             elif code in _SERVER_NEEDS:
                 if end > total:
                     break
@@ -1740,8 +1771,13 @@ class ClientSession(asyncio.Protocol):
             if front is None:
                 return None
             run = front.current_run()
+            cut: bytes | None = None
             if run is not None:
-                if code == 67:
+                if run.budget is not None and run.budget.cut:
+                    # The statement completed before the cancel reached it: it still ends
+                    # with the budget's error, as if cancelled there.
+                    cut = self._cut_short(run, completed=True)
+                elif code == 67:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
                     rows = complete.row_count
@@ -1755,7 +1791,7 @@ class ClientSession(asyncio.Protocol):
                 self._after_statement(run)
             if front.kind in ("execute", "function"):
                 tracker.pop()
-            return None
+            return cut
         if code == 90:  # ReadyForQuery
             status = view[pos + 5]
             gate.in_transaction = status != ord("I")
@@ -1776,6 +1812,15 @@ class ClientSession(asyncio.Protocol):
                     self._undo_parse(e)
             tracker.ready()
             self._bind_error = None
+            if self._fail_block:
+                self._fail_block = False
+                if status == ord("T"):
+                    # The client saw an error in a transaction block: the server's block is
+                    # failed to match (25P02 until ROLLBACK), by a statement it rejects, in
+                    # place of this ReadyForQuery; the client gets that one's ("E").
+                    self._write_upstream(Query(_REJECTED_IF_ABORTED).encode())
+                    tracker.expect(Expectation("query", [], refusal=b""))
+                    return b""
             self._path.ready(chr(status))
             return None
         if code == 69:  # ErrorResponse
@@ -1790,12 +1835,16 @@ class ClientSession(asyncio.Protocol):
             replacement = front.refusal
             if front.own_error is not None and err.sqlstate == front.own_error:
                 replacement = None
-            if replacement is not None and self.encoding != "utf-8":
+            if replacement and self.encoding != "utf-8":
                 replacement = self._refusal_for_client(replacement)
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
                 run.error_message = server_text(err.message or "", self.encoding)
+                if run.budget is not None and run.budget.cut:
+                    # Cancelled for its budget (or ended otherwise meanwhile): the client
+                    # gets the budget's error in place of the server's.
+                    replacement = self._cut_short(run, completed=False)
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
@@ -1843,12 +1892,16 @@ class ClientSession(asyncio.Protocol):
         if code == 115:  # PortalSuspended
             if front is not None:
                 run = front.current_run()
+                cut = None
                 if run is not None:
                     run.command_tag = "SUSPENDED"
+                    if run.budget is not None and run.budget.cut:
+                        cut = self._cut_short(run, completed=True)
                     run.done = True
                     gate.outcome(run)
                 if front.kind == "execute":
                     tracker.pop()
+                return cut
             return None
         if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
             if front is not None and front.kind not in ("query", "execute"):
@@ -1915,6 +1968,39 @@ class ClientSession(asyncio.Protocol):
                 self._fatal(REFUSED, f"pgwarden: {_CONFORMING_STRINGS}")
             return None
         return None
+
+    # -- budgets (gateway/guards/budgets.py) ------------------------------------------------
+
+    def _over_budget(self, budget: RowBudget) -> None:
+        """A budget ran out: cancel the statement upstream, once; its rows are withheld."""
+        if not budget.cancelled:
+            budget.cancelled = True
+            self.cancel_running()
+
+    def _cut_short(self, run: StatementRun, *, completed: bool) -> bytes:
+        """The end of a statement whose budget ran out: the budget's error for the client,
+        and in its outcome. `completed`: the server finished it without error, so a
+        transaction block it ran in is failed at its ReadyForQuery, as the error would."""
+        assert run.budget is not None
+        error = ErrorResponse.decode(run.budget.error[5:])
+        run.sqlstate, run.error_message, run.command_tag = error.sqlstate, error.message, None
+        if completed and self.gate is not None and self.gate.in_transaction:
+            self._fail_block = True
+        return self._refusal_for_client(run.budget.error)
+
+    def _arm_timeouts(self, runs: list[StatementRun]) -> None:
+        """The decision's statement_timeout_ms: from when pgwarden forwards the statement."""
+        loop = asyncio.get_running_loop()
+        for run in runs:
+            if run.timeout_ms is not None and run.budget is not None:
+                timed_out = functools.partial(self._timed_out, run, run.timeout_ms)
+                loop.call_later(run.timeout_ms / 1000, self._callback, timed_out)
+
+    def _timed_out(self, run: StatementRun, ms: int) -> None:
+        if run.done or run.budget is None or self.phase is not Phase.RELAY:
+            return
+        run.budget.time_out(ms)
+        self._over_budget(run.budget)
 
     def _refusal_for_client(self, refusal: bytes) -> bytes:
         """pgwarden's refusal (built in UTF-8) in the client's encoding."""

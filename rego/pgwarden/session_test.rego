@@ -25,3 +25,18 @@ test_the_guards_come_from_data if {
 		with data.pgwarden.session_guards as {"engineers": {"statement_timeout_ms": 5}}
 	s == {"statement_timeout_ms": 5}
 }
+
+test_ai_agents_reads_carry_their_row_budget if {
+	d := decide(["ai-agents"], statement_of.read)
+	d.action == "allow"
+	d.limits == {"max_rows": 10000, "max_bytes": 67108864}
+}
+
+test_other_rows_and_denied_statements_carry_no_budget if {
+	every groups in [["admins"], ["engineers"]] {
+		not decide(groups, statement_of.read).limits
+	}
+	d := decide(["ai-agents"], statement_of.dcl)
+	d.action == "deny"
+	not d.limits
+}
