@@ -43,6 +43,9 @@ class RateLimits:
 class SessionGuards:
     enforced: EnforcedSettings = field(default_factory=EnforcedSettings)
     limits: RateLimits = field(default_factory=RateLimits)
+    # Reads are explained first and `statement.estimate` goes into the input; a sequential
+    # scan estimated to return more rows than this is flagged (gateway/guards/estimate.py).
+    estimate_seq_scan_rows: int | None = None
 
 
 NO_GUARDS = SessionGuards()
@@ -53,6 +56,7 @@ _MILLISECONDS = {
     "idle_in_transaction_session_timeout_ms": "idle_in_transaction_ms",
 }
 _COUNTS = {
+    "estimate_seq_scan_rows",
     "statement_burst",
     "max_sessions_per_principal",
     "max_sessions_per_token",
@@ -92,7 +96,8 @@ def parse_rules(result: Any) -> SessionGuards:
     for name in _RATES:
         if name in result:
             limits[name] = _positive(name, result[name], whole=False)
-    return SessionGuards(EnforcedSettings(**enforced), RateLimits(**limits))
+    threshold = limits.pop("estimate_seq_scan_rows", None)
+    return SessionGuards(EnforcedSettings(**enforced), RateLimits(**limits), threshold)
 
 
 class SessionRules(Protocol):
@@ -152,7 +157,11 @@ class OpaSessionRules:
             ) from None
         except OpaUnreachable as exc:
             log.warning("%s", exc)
-            raise RulesUnavailable("the policy engine is not answering") from None
+            # Worded as the decider's own refusal: the client reads the same advice.
+            raise RulesUnavailable(
+                "OPA unreachable: the policy engine is not answering, so no statement can run;"
+                " retry shortly, or tell the gateway's operator if it persists"
+            ) from None
         if status != 200:
             raise RulesUnavailable(f"the policy engine answered HTTP {status}")
         try:

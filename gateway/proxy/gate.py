@@ -14,6 +14,7 @@ from typing import Any, Protocol, cast
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
+from gateway.guards.estimate import estimate_of, explainable
 from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
@@ -30,6 +31,8 @@ from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 
 # The SQLSTATE of every refusal pgwarden makes (insufficient_privilege).
 REFUSED = "42501"
+# Cost estimates kept per session (gateway/guards/estimate.py), the oldest dropped first.
+_ESTIMATES_KEPT = 1000
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
@@ -230,6 +233,13 @@ def _audit_refusal(
     return Verdict(False, [], decisions, refusal_for(message, "58000"), facts)
 
 
+def _rules_refusal(problem: str) -> Decision:
+    # With an id, as the decider gives its own refusals one (the client's DETAIL names it).
+    return replace(
+        Decision.refuse(f"session rules unavailable: {problem}"), decision_id=str(uuid.uuid4())
+    )
+
+
 def refusal_for(message: str, sqlstate: str = REFUSED) -> bytes:
     return ErrorResponse.build("ERROR", sqlstate, f"pgwarden: {message}").encode()
 
@@ -279,6 +289,16 @@ class StatementGate:
         # The session's statement rate limit (gateway/guards/rates.py): takes a message's
         # statements, or says why not. None: no limit.
         self.rate_check: Callable[[int], str | None] | None = None
+        # The policy's session rule could not be read (the session says why): every
+        # statement is refused until it is, since its guards are unknown.
+        self.rules_problem: str | None = None
+        # Explains a statement's text on the session's upstream connection (None: it cannot
+        # now); set where the session rule asks for estimates (gateway/guards/estimate.py).
+        self.explain: Callable[[str], Awaitable[str | None]] | None = None
+        self.estimate_seq_scan_rows = 0
+        # Estimates by statement text: a known one is not explained again. Not by shape: the
+        # literals decide the estimate (WHERE g < 10 against WHERE g < 10000000).
+        self._estimates: dict[str, dict[str, Any] | None] = {}
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
         # statement that relays rows decided elsewhere (FETCH, EXECUTE).
@@ -379,11 +399,17 @@ class StatementGate:
         }
 
     async def _decide_all(
-        self, facts: tuple[StatementFacts, ...], protocol: str, params: list[str | None]
+        self,
+        facts: tuple[StatementFacts, ...],
+        protocol: str,
+        params: list[str | None],
+        estimate: dict[str, Any] | None = None,
     ) -> list[Decision]:
         not_after = self.ctx.principal.expires_at
         count = len(facts)
         inputs = [self._input(f, protocol, i, count, params) for i, f in enumerate(facts)]
+        if estimate is not None:
+            inputs[0]["statement"]["estimate"] = estimate
         started = time.perf_counter()
         if count == 1:
             decisions = [await self._decider.decide(inputs[0], not_after=not_after)]
@@ -440,7 +466,10 @@ class StatementGate:
         record: bool,
         decide_params: bool = True,
         decided: Decision | None = None,
+        estimate: dict[str, Any] | None = None,
     ) -> Verdict:
+        if decided is None and self.rules_problem is not None:
+            decided = _rules_refusal(self.rules_problem)
         if decided is None and record and self.rate_check is not None:
             limited = await self._rate_limited(facts, protocol, params)
             if limited is not None:
@@ -449,7 +478,7 @@ class StatementGate:
             decisions = [decided] * len(facts)
         else:
             decisions = await self._decide_all(
-                facts, protocol, list(params) if decide_params else []
+                facts, protocol, list(params) if decide_params else [], estimate
             )
         combined = combine(decisions)
         guard = self.enforced.refusal(facts) if combined.action != "deny" else None
@@ -495,7 +524,26 @@ class StatementGate:
             return await self._path_refusal(exc, "simple", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
-        return await self._verdict(facts, "simple", (), record=True)
+        estimate = await self._estimate(facts) if self.explain is not None else None
+        return await self._verdict(facts, "simple", (), record=True, estimate=estimate)
+
+    async def _estimate(self, facts: tuple[StatementFacts, ...]) -> dict[str, Any] | None:
+        """The cost estimate of a single explainable SELECT, from the shape's cache or by
+        explaining it now (None: not explainable, or not now)."""
+        assert self.explain is not None
+        if len(facts) != 1 or not explainable(facts[0]):
+            return None
+        text = facts[0].text
+        if text in self._estimates:
+            return self._estimates[text]
+        plan = await self.explain(text)
+        if plan is None:
+            return None  # not now (in a transaction, something in flight): next time
+        estimate = estimate_of(plan, self.estimate_seq_scan_rows)
+        if len(self._estimates) >= _ESTIMATES_KEPT:
+            del self._estimates[next(iter(self._estimates))]  # the oldest
+        self._estimates[text] = estimate
+        return estimate
 
     async def check_parse(self, text: str) -> Verdict:
         """A Parse: decided on its text; recorded only when refused (Execute records runs)."""
@@ -593,6 +641,10 @@ class StatementGate:
         (still_current): recorded, with its parameters, first. The first Execute after the
         Parse carries the decision made for it; every later one reuses it, and its record
         says so (`cache_hit`, with the revision the decision was made under)."""
+        if self.rules_problem is not None:
+            return await self._verdict(
+                facts, "extended", params, record=True, decided=_rules_refusal(self.rules_problem)
+            )
         if self.rate_check is not None:
             limited = await self._rate_limited(facts, "extended", params)
             if limited is not None:

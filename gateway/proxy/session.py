@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget
+from gateway.guards.estimate import EXPLAIN
 from gateway.guards.kill import SessionSummary
 from gateway.guards.rates import TOO_MANY_SESSIONS
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
@@ -291,6 +292,11 @@ class ClientSession(asyncio.Protocol):
         # A statement cut short by its budget completed inside a transaction block: the
         # block is failed at the next ReadyForQuery, as the client saw an error.
         self._fail_block = False
+        # Why the policy's session rule could not be read (None: it was): statements are
+        # refused until it is.
+        self._rules_problem: str | None = None
+        # pgwarden's own EXPLAIN in flight (cost estimates): its answers are not the client's.
+        self._explain_read: ExplainRead | None = None
 
     @property
     def relaying(self) -> bool:
@@ -787,8 +793,6 @@ class ClientSession(asyncio.Protocol):
             return
         self.principal = principal
         guards = await self._session_guards(principal)
-        if guards is None:
-            return
         self.guards = guards
         over = self.gw.rates.open_session(
             self.id, principal.subject, principal.token_id, guards.limits
@@ -837,6 +841,10 @@ class ClientSession(asyncio.Protocol):
         )
         self.gate.settle_search_path = self._settle_search_path
         self.gate.enforced = guards.enforced
+        self.gate.rules_problem = self._rules_problem
+        if guards.estimate_seq_scan_rows is not None:
+            self.gate.explain = self._explain
+            self.gate.estimate_seq_scan_rows = guards.estimate_seq_scan_rows
         if guards.limits.statements_per_second is not None:
             self.gate.rate_check = functools.partial(
                 self.gw.rates.take, principal.subject, principal.token_id, guards.limits
@@ -867,9 +875,40 @@ class ClientSession(asyncio.Protocol):
         self.gate.search_path = path
         self._begin_relay(up)
 
-    async def _session_guards(self, principal: Principal) -> SessionGuards | None:
-        """The policy's session rule for this principal and target, read once per login;
-        None when it cannot be read (the login is refused: fail closed)."""
+    async def _session_guards(self, principal: Principal) -> SessionGuards:
+        """The policy's session rule for this principal and target, read once per login.
+        When it cannot be read (OPA down, a malformed answer) the login goes on, as with
+        OPA down it always has, but no statement runs until the rule is read
+        (_rules_known)."""
+        try:
+            return await self._read_rules(principal)
+        except RulesUnavailable as exc:
+            self._rules_problem = str(exc)
+            return NO_GUARDS
+
+    async def _rules_known(self) -> bool:
+        """Before a statement of a session whose rule could not be read at login: read it
+        again. None to enforce: the session goes on. Guards: they can only be set at login
+        (the upstream session's reset values), so the session ends and the client
+        reconnects. Unreadable still: the statement is refused (the gate says why)."""
+        assert self.principal is not None and self.gate is not None
+        try:
+            guards = await self._read_rules(self.principal)
+        except RulesUnavailable as exc:
+            self._rules_problem = self.gate.rules_problem = str(exc)
+            return True
+        self._rules_problem = self.gate.rules_problem = None
+        if guards == NO_GUARDS:
+            return True
+        self._end_reason = "session rules read after login"
+        self._fatal(
+            "57P01",
+            "pgwarden: the policy's session rule could not be read at login and asks for"
+            " guards now; reconnect",
+        )
+        return False
+
+    async def _read_rules(self, principal: Principal) -> SessionGuards:
         rules = self.gw.session_rules
         if rules is None:
             return NO_GUARDS
@@ -884,12 +923,7 @@ class ClientSession(asyncio.Protocol):
                 )
             ),
         }
-        try:
-            return await rules.for_session(policy_input)
-        except RulesUnavailable as exc:
-            self._session_event("auth_failure", f"session rules unavailable: {exc}")
-            self._fatal("08004", f"pgwarden: session rules unavailable: {exc}; retry shortly")
-            return None
+        return await rules.for_session(policy_input)
 
     async def _database_allowed(self) -> bool:
         """Another database than the target's own: the policy decides the choice itself
@@ -1342,6 +1376,8 @@ class ClientSession(asyncio.Protocol):
         if problem is not None:
             self._end_session_for_token(problem)
             return
+        if self._rules_problem is not None and not await self._rules_known():
+            return
         body = message[5:]
         try:
             if code == 81:  # Query
@@ -1675,6 +1711,15 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
+            if self._explain_read is not None and code in _EXPLAIN_ANSWERS:
+                if end > total:
+                    break
+                if start < pos:
+                    out.append(view[start:pos])
+                if self._explain_read.answer(code, view[pos:end]):
+                    self._explain_read = None
+                start = pos = end
+                continue
             if self._path_read is not None and code in READ_ANSWERS:
                 # The answer to pgwarden's own read of search_path: not the client's to see.
                 if end > total:
@@ -1988,6 +2033,31 @@ class ClientSession(asyncio.Protocol):
             self._fail_block = True
         return self._refusal_for_client(run.budget.error)
 
+    async def _explain(self, text: str) -> str | None:
+        """EXPLAIN's JSON for `text`, asked on the session's upstream connection when the
+        client cannot notice: nothing in flight, between transactions (EXPLAIN takes a
+        snapshot); None otherwise or if it fails."""
+        if (
+            self.tracker
+            or self._up_out
+            or self._path_read is not None
+            or self._path_wanted
+            or self._explain_read is not None
+            or self._discarding
+            or self._copy_in
+            or self._aborted
+            or self.gate is None
+            or self.gate.in_transaction
+        ):
+            return None
+        try:
+            sql = (EXPLAIN + text).encode(self.encoding)
+        except UnicodeEncodeError:
+            return None
+        read = self._explain_read = ExplainRead(self.encoding)
+        self._write_upstream(Query(sql).encode())
+        return await read.done
+
     def _arm_timeouts(self, runs: list[StatementRun]) -> None:
         """The decision's statement_timeout_ms: from when pgwarden forwards the statement."""
         loop = asyncio.get_running_loop()
@@ -2173,6 +2243,35 @@ class ClientSession(asyncio.Protocol):
             self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
+
+
+# Answers to pgwarden's own EXPLAIN (RowDescription, DataRow, CommandComplete, ErrorResponse,
+# ReadyForQuery); notices and parameter status are the client's.
+_EXPLAIN_ANSWERS = frozenset(b"TDCEZ")
+
+
+class ExplainRead:
+    """One EXPLAIN in flight: `done` resolves to its JSON text (None: it failed)."""
+
+    __slots__ = ("_failed", "_plan", "done", "encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._plan: str | None = None
+        self._failed = False
+
+    def answer(self, code: int, frame: bytes | bytearray) -> bool:
+        """Consume one answer frame; True once the read is over (its ReadyForQuery)."""
+        if code == 68:
+            self._plan = first_column(bytes(frame[5:]), self.encoding)
+        elif code == 69:
+            self._failed = True
+        elif code == 90:
+            if not self.done.done():
+                self.done.set_result(None if self._failed else self._plan)
+            return True
+        return False
 
 
 def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:

@@ -12,6 +12,7 @@ test_ai_agents_sessions_are_read_only_with_timeouts_and_rate_limits if {
 	s.statements_per_second == 100
 	s.max_sessions_per_principal == 50
 	s.max_sessions_per_token == 20
+	s.estimate_seq_scan_rows == 100000
 }
 
 test_other_rows_have_no_guards if {
@@ -39,4 +40,25 @@ test_other_rows_and_denied_statements_carry_no_budget if {
 	d := decide(["ai-agents"], statement_of.dcl)
 	d.action == "deny"
 	not d.limits
+}
+
+estimated(rows, seq) := object.union(statement_of.read, {"estimate": {
+	"total_cost": 1.0,
+	"plan_rows": rows,
+	"relations": [],
+	"seq_scan_over_threshold": seq,
+}})
+
+test_ai_agents_reads_estimated_above_the_threshold_need_approval if {
+	d := decide(["ai-agents"], estimated(100001, false))
+	d.action == "approve"
+	d.reasons == ["ai-agents may not run reads estimated at more than 100000 rows without approval"]
+	s := decide(["ai-agents"], estimated(5, true))
+	s.action == "approve"
+	s.reasons == ["ai-agents may not run reads estimated to scan a large table sequentially without approval"]
+}
+
+test_small_estimates_and_other_rows_run if {
+	decide(["ai-agents"], estimated(100000, false)).action == "allow"
+	decide(["engineers"], estimated(100000000, true)).action == "allow"
 }
