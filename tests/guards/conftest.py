@@ -21,8 +21,10 @@ ENGINEER_GUARDS = {
     "statement_timeout_ms": 2000,
     "idle_in_transaction_session_timeout_ms": 60000,
 }
-# Per-statement budgets of engineers' decisions (data.pgwarden.statement_limits).
+# Per-statement budgets of engineers' decisions (data.pgwarden.statement_limits), and a
+# statement timeout for admins' (who have no session guards: the decision's timeout alone).
 ENGINEER_LIMITS = {"max_rows": 5, "max_rows_total": 40}
+ADMIN_LIMITS = {"statement_timeout_ms": 1000}
 AGENT_GUARDS = {
     "statements_per_second": 2,
     "statement_burst": 5,
@@ -41,7 +43,7 @@ def guarded_gateway(
     data_file = bundles / "pgwarden" / "data.json"
     data = json.loads(data_file.read_text())
     data["session_guards"] = {"engineers": ENGINEER_GUARDS, "ai-agents": AGENT_GUARDS}
-    data["statement_limits"] = {"engineers": ENGINEER_LIMITS}
+    data["statement_limits"] = {"engineers": ENGINEER_LIMITS, "admins": ADMIN_LIMITS}
     data_file.write_text(json.dumps(data))
     gw = start_gateway(state, pg_cluster, opa_binary, policy={"bundle_dir": bundles})
     try:

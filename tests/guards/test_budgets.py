@@ -19,7 +19,7 @@ from tests.harness import RunningGateway
 from tests.integration.test_audit_support import pgwarden, store_env
 from tests.proxy.wire import RawClient
 
-from .conftest import ENGINEER_LIMITS
+from .conftest import ADMIN_LIMITS, ENGINEER_LIMITS
 
 pytestmark = pytest.mark.server
 
@@ -205,3 +205,23 @@ def test_the_outcome_record_says_how_many_rows_were_withheld(
     text = orjson.dumps(outcome).decode()
     assert '"rows_withheld":3' in text, text
     assert OVER_BUDGET in text
+
+
+def test_the_decisions_statement_timeout_cancels_upstream(guarded_gateway: RunningGateway) -> None:
+    """Admins here have no session guards; their decisions carry statement_timeout_ms."""
+    admin = guarded_gateway.token("user:admin-timeout", groups=("admins",))
+    with _connect(guarded_gateway, admin, application_name="budget-timeout") as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT pg_sleep(30)")
+        assert info.value.diag.sqlstate == "57014"
+        assert info.value.diag.message_primary == (
+            f"pgwarden: statement timeout of {ADMIN_LIMITS['statement_timeout_ms']} ms exceeded"
+        )
+        # Cancelled upstream while the session stays open, not left running.
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            running = direct.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'budget-timeout'"
+                " AND query LIKE '%pg_sleep%' AND state = 'active'"
+            ).fetchone()
+        assert running == (0,)
+        assert conn.execute("SELECT 6").fetchone() == (6,)
