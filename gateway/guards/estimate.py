@@ -13,10 +13,12 @@ the literals decide the estimate.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 
+from gateway.proxy.search_path import first_column
 from gateway.sql.facts import StatementFacts
 
 EXPLAIN = "EXPLAIN (FORMAT JSON, VERBOSE) "
@@ -63,3 +65,32 @@ def estimate_of(plan_json: str, seq_scan_rows: int) -> dict[str, Any] | None:
         "relations": sorted(relations, key=lambda r: (r["schema"], r["table"], r["rows"])),
         "seq_scan_over_threshold": seq_over,
     }
+
+
+# Answers to pgwarden's own EXPLAIN (RowDescription, DataRow, CommandComplete, ErrorResponse,
+# ReadyForQuery); notices and parameter status are the client's.
+EXPLAIN_ANSWERS = frozenset(b"TDCEZ")
+
+
+class ExplainRead:
+    """One EXPLAIN in flight: `done` resolves to its JSON text (None: it failed)."""
+
+    __slots__ = ("_failed", "_plan", "done", "encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._plan: str | None = None
+        self._failed = False
+
+    def answer(self, code: int, frame: bytes | bytearray) -> bool:
+        """Consume one answer frame; True once the read is over (its ReadyForQuery)."""
+        if code == 68:
+            self._plan = first_column(bytes(frame[5:]), self.encoding)
+        elif code == 69:
+            self._failed = True
+        elif code == 90:
+            if not self.done.done():
+                self.done.set_result(None if self._failed else self._plan)
+            return True
+        return False

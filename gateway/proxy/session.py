@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget
-from gateway.guards.estimate import EXPLAIN
+from gateway.guards.estimate import EXPLAIN, EXPLAIN_ANSWERS, ExplainRead
 from gateway.guards.kill import SessionSummary
 from gateway.guards.rates import TOO_MANY_SESSIONS
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
@@ -1711,7 +1711,7 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
-            if self._explain_read is not None and code in _EXPLAIN_ANSWERS:
+            if self._explain_read is not None and code in EXPLAIN_ANSWERS:
                 if end > total:
                     break
                 if start < pos:
@@ -2243,35 +2243,6 @@ class ClientSession(asyncio.Protocol):
             self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
-
-
-# Answers to pgwarden's own EXPLAIN (RowDescription, DataRow, CommandComplete, ErrorResponse,
-# ReadyForQuery); notices and parameter status are the client's.
-_EXPLAIN_ANSWERS = frozenset(b"TDCEZ")
-
-
-class ExplainRead:
-    """One EXPLAIN in flight: `done` resolves to its JSON text (None: it failed)."""
-
-    __slots__ = ("_failed", "_plan", "done", "encoding")
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._plan: str | None = None
-        self._failed = False
-
-    def answer(self, code: int, frame: bytes | bytearray) -> bool:
-        """Consume one answer frame; True once the read is over (its ReadyForQuery)."""
-        if code == 68:
-            self._plan = first_column(bytes(frame[5:]), self.encoding)
-        elif code == 69:
-            self._failed = True
-        elif code == 90:
-            if not self.done.done():
-                self.done.set_result(None if self._failed else self._plan)
-            return True
-        return False
 
 
 def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:
