@@ -13,7 +13,9 @@ import psycopg
 import pytest
 
 from cli.localpg import APP_DB
+from gateway.protocol import FunctionCall
 from tests.harness import RunningGateway
+from tests.proxy.wire import RawClient, errors
 
 pytestmark = pytest.mark.server
 
@@ -340,3 +342,28 @@ def test_opaque_code_asyncpg(guarded_gateway: RunningGateway, engineer: str) -> 
             await conn.close()
 
     assert "enforced" in asyncio.run(run())
+
+
+def test_function_call_message_of_set_config_is_refused(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    """The FunctionCall protocol message names set_config by OID: its setting is an
+    argument pgwarden does not read, so it is refused whatever it names."""
+    with psycopg.connect(guarded_gateway.direct_dsn()) as direct:
+        row = direct.execute("SELECT 'pg_catalog.set_config'::regproc::oid").fetchone()
+    assert row is not None
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login("app", engineer)
+        client.send(
+            FunctionCall(int(row[0]), (0,), (b"statement_timeout", b"0", b"false")).encode()
+        )
+        frames = client.until_ready()
+        refused = errors(frames)
+        assert len(refused) == 1 and refused[0].sqlstate == REFUSED, frames
+        assert "enforced" in (refused[0].message or "")
+        shown = client.query("SHOW statement_timeout")
+        values = [body for code, body in shown if code == ord("D")]
+        assert len(values) == 1 and values[0].endswith(b"2s"), shown
+    finally:
+        client.close()

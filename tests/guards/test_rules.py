@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.guards.budgets import RowBudget, StatementLimits, parse_limits
 from gateway.guards.enforced import EnforcedSettings, boolean, milliseconds
 from gateway.guards.rates import RateLimiter
 from gateway.guards.rules import NO_GUARDS, RateLimits, RulesUnavailable, parse_rules
+from gateway.policy.parse import parse_answer
 from gateway.sql.analyzer import StatementAnalyzer
 
 
@@ -135,3 +137,31 @@ def test_session_counts_release_on_close() -> None:
     rates.close_session("s1")
     rates.close_session("s1")  # idempotent
     assert rates.open_session("s5", "p", "t1", limits) is None
+
+
+def test_row_budget_counts_rows_and_bytes() -> None:
+    rows = RowBudget(max_rows=2, max_bytes=None, decision_id="d")
+    assert [rows.admit(10) for _ in range(4)] == [True, True, False, False]
+    assert rows.withheld == 2 and rows.cut
+    assert b"row budget of 2 exceeded" in rows.error and b"decision id: d" in rows.error
+    size = RowBudget(max_rows=None, max_bytes=25, decision_id=None)
+    assert [size.admit(10) for _ in range(3)] == [True, True, False]
+    assert b"byte budget of 25 exceeded" in size.error
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [[], {"max_rows": 0}, {"max_rows": 1.5}, {"max_rows": True}, {"rows": 5}],
+)
+def test_malformed_limits_are_refused(limits: object) -> None:
+    with pytest.raises(ValueError):
+        parse_limits(limits)
+
+
+def test_a_decision_with_malformed_limits_is_a_deny() -> None:
+    bad = parse_answer({"result": {"action": "allow", "limits": {"max_rows": -1}}})
+    assert bad.action == "deny" and bad.refused
+    assert "limits.max_rows" in bad.reasons[0]
+    good = parse_answer({"result": {"action": "allow", "limits": {"max_rows": 3}}})
+    assert good.action == "allow"
+    assert good.extra["limits"] == StatementLimits(max_rows=3)
