@@ -35,13 +35,15 @@ def _connect(gw: RunningGateway, token: str) -> psycopg.Connection[Any]:
 
 
 def _run_until_refused(conn: psycopg.Connection[Any], attempts: int) -> tuple[int, psycopg.Error]:
-    """Statements as fast as the client can send them: how many ran before the first
-    refusal, and that refusal."""
-    for ran in range(attempts):
+    """Statements as fast as the client can send them: how many the bucket let through
+    before the first rate refusal, and that refusal. (One the audit trail could not take in
+    time on a loaded machine, 58000, was let through by the bucket all the same.)"""
+    for taken in range(attempts):
         try:
             conn.execute("SELECT 1")
         except psycopg.Error as exc:
-            return ran, exc
+            if exc.diag.sqlstate == TOO_MANY_STATEMENTS:
+                return taken, exc
     raise AssertionError(f"{attempts} statements and no refusal")
 
 
@@ -112,10 +114,11 @@ def test_statement_rate_is_per_principal_across_sessions_and_tokens_asyncpg(
             for i in range(200):
                 try:
                     await (a if i % 2 else b).fetchval("SELECT $1::int", i)
-                    ran += 1
                 except asyncpg.PostgresError as exc:
-                    refused = exc.sqlstate
-                    break
+                    if exc.sqlstate == TOO_MANY_STATEMENTS:
+                        refused = exc.sqlstate
+                        break
+                ran += 1  # taken from the bucket (run, or refused by a slow audit: 58000)
             # Another principal's bucket is its own.
             return ran, refused, await c.fetchval("SELECT $1::int", 7)
         finally:
