@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
-from cli import approvals, audit, demo, policy, serve, targets, tokens
+from cli import approvals, audit, demo, policy, serve, sessions, targets, tokens
 from gateway.audit import AuditStoreError
 from gateway.identity.signing_key import SigningKeyError
 from gateway.policy.bundle import BundleError
@@ -166,3 +166,4 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(policy.app, name="policy")
 app.add_typer(audit.app, name="audit")
 app.add_typer(approvals.app, name="approvals")
+app.add_typer(sessions.app, name="sessions")

@@ -21,6 +21,8 @@ from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.control import ControlStore, control_store
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
+from gateway.guards.kill import SessionDirectory
+from gateway.guards.rules import OpaSessionRules
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -187,6 +189,12 @@ class Gateway:
             server_tls=tls,
             mask_key=load_or_create_key(s.state_dir / "mask.key"),
             approvals=self.approvals,
+            session_rules=OpaSessionRules(
+                self._transport,
+                path=s.policy.session_path,
+                timeout_seconds=s.policy.timeout_seconds,
+                fresh_seconds=s.policy.revision_poll_seconds,
+            ),
         )
         self._targets_seen = self.context.targets.refresh()
         self._listener = Listener(self.context)
@@ -282,11 +290,13 @@ class Gateway:
             verify=self.verifier.verify,
             groups=admin.token_groups,
         )
+        context = self.context
         app = admin_app(
             registry=gateway_registry(state),
             readiness=readiness,
             access=access,
             approvals=self.approvals,
+            sessions=SessionDirectory(lambda: context.sessions),
         )
         return AdminListener(app, admin)
 

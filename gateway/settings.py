@@ -61,6 +61,9 @@ class PolicySettings(BaseModel):
     opa_url: str = ""
     opa_binary: Path | None = None
     decision_path: str = "pgwarden/decision"
+    # The rule read once per login for the session's guards (enforced settings, rate
+    # limits); undefined means none.
+    session_path: str = "pgwarden/session"
     # Past this a decision is a deny. It bounds the whole hop, queueing included: a burst of
     # new sessions (each session's first statements miss the cache) must not read as OPA down.
     timeout_seconds: float = 2.0

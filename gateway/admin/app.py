@@ -1,19 +1,22 @@
-"""The admin HTTP app: /healthz, /readyz, /metrics, the approvals API and its OpenAPI
-document (/openapi.json)."""
+"""The admin HTTP app: /healthz, /readyz, /metrics, the approvals API, the kill switch
+(/sessions) and its OpenAPI document (/openapi.json)."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
 
 from gateway.admin.approvals import TokenCheck, approvals_router
 from gateway.admin.readiness import ReadinessChecks
 from gateway.enforce.approvals import ApprovalDesk
-from gateway.identity.principal import TokenRejected
+from gateway.guards.kill import SessionDirectory
+from gateway.identity.principal import Principal, TokenRejected
 
 # The admin API's version in its OpenAPI document (gateway/admin/openapi.json).
 API_VERSION = "1"
@@ -41,6 +44,11 @@ class AdminAccess:
     async def check(self, request: Request) -> None:
         if self.open_access:
             return
+        await self.principal(request)
+
+    async def principal(self, request: Request) -> Principal:
+        """The bearer token's principal, of one of `groups`, on any address: what names
+        who acted (a kill is audited with it) needs a token even on loopback."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
@@ -52,6 +60,15 @@ class AdminAccess:
             ) from None
         if not self.groups.intersection(principal.groups):
             raise HTTPException(403, "the token's groups may not read the admin listener")
+        return principal
+
+
+class KillRequest(BaseModel):
+    """What `pgwarden sessions kill` sends: one session by id, or every session of a subject."""
+
+    session_id: str | None = None
+    subject: str | None = None
+    reason: str = Field(default="no reason given", max_length=500)
 
 
 def admin_app(
@@ -60,6 +77,7 @@ def admin_app(
     readiness: ReadinessChecks,
     access: AdminAccess,
     approvals: ApprovalDesk | None = None,
+    sessions: SessionDirectory | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="pgwarden admin",
@@ -87,4 +105,28 @@ def admin_app(
 
     if approvals is not None:
         app.include_router(approvals_router(approvals, access.verify, access.groups))
+    if sessions is not None:
+        directory = sessions
+
+        @app.get("/sessions")
+        async def list_sessions(request: Request) -> dict[str, Any]:
+            # Current statements are client text (literals may be secrets): a token always.
+            await access.principal(request)
+            return {"sessions": [s.to_json() for s in directory.summaries()]}
+
+        @app.post("/sessions/kill")
+        async def kill_sessions(request: Request, wanted: KillRequest) -> JSONResponse:
+            principal = await access.principal(request)
+            if (wanted.session_id is None) == (wanted.subject is None):
+                raise HTTPException(422, "name a session_id or a subject, not both")
+            killed = await directory.kill(
+                reason=wanted.reason,
+                by=principal.subject,
+                session_id=wanted.session_id,
+                subject=wanted.subject,
+            )
+            if not killed:
+                raise HTTPException(404, "no such session")
+            return JSONResponse({"killed": killed})
+
     return app

@@ -8,7 +8,7 @@ from typing import Literal
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
 
-SessionEventKind = Literal["session_start", "session_end", "auth_failure"]
+SessionEventKind = Literal["session_start", "session_end", "auth_failure", "session_kill"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,8 @@ class StatementOutcome:
     # The recorded rows' column names, as the client saw them in RowDescription.
     recorded_columns: tuple[str, ...] = field(default=())
     forwarded: bool = True
+    # Rows (or COPY data messages) of the result not relayed: over the decision's budget.
+    rows_withheld: int = 0
 
 
 # What happened to an approval request: asked; one approver's vote; decided (approved while

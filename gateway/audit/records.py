@@ -27,6 +27,8 @@ RecordKind = Literal[
     "chain_gap",
     # The approvals workflow: a request, a vote, a decision, a hold's end, a grant's use.
     "approval",
+    # An operator ended a session (`pgwarden sessions kill`): who, and why.
+    "session_kill",
 ]
 # In this order: the audit process's frames carry a kind as its index here.
 RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
@@ -126,6 +128,8 @@ def outcome_record(out: StatementOutcome, rows_limit: int, bytes_limit: int) -> 
         "recorded_rows": rows,
         "recorded_columns": list(out.recorded_columns),
         "recorded_rows_truncated": truncated,
+        # Only where a budget cut the result: earlier records keep their exact form.
+        **({"rows_withheld": out.rows_withheld} if out.rows_withheld else {}),
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any, get_args
 
 import orjson
 
+from gateway.guards.budgets import parse_limits
 from gateway.policy.decision import MASK_METHODS, Action, Decision, Mask
 
 ACTIONS: frozenset[str] = frozenset(get_args(Action))
@@ -102,6 +103,12 @@ def _decision(result: object) -> Decision:
         )
     masks = tuple(_mask(m, i) for i, m in enumerate(_list(result, "masks")))
     extra = {k: v for k, v in result.items() if k not in _KNOWN_KEYS}
+    if "limits" in extra:
+        # A budget that cannot be enforced as the policy meant it: fail closed.
+        try:
+            extra["limits"] = parse_limits(extra["limits"])
+        except ValueError as exc:
+            raise _Malformed(str(exc)) from None
     return Decision(
         action=action,
         reasons=reasons,

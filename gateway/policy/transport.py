@@ -71,10 +71,17 @@ class OpaTransport:
 
     async def query(self, policy_input: dict[str, Any]) -> tuple[int, bytes]:
         """POST one input to the decision path; the HTTP status and the raw body."""
+        return await self._post(self._decision_url, policy_input)
+
+    async def query_rule(self, path: str, policy_input: dict[str, Any]) -> tuple[int, bytes]:
+        """POST one input to another rule than the decision (the session rules)."""
+        return await self._post(f"/v1/data/{path}", policy_input)
+
+    async def _post(self, url: str, policy_input: dict[str, Any]) -> tuple[int, bytes]:
         # Wrapping the serialised input avoids building a second dict just to dump it.
         body = b'{"input":' + orjson.dumps(policy_input) + b"}"
         try:
-            response = await self._client.post(self._decision_url, content=body)
+            response = await self._client.post(url, content=body)
         except httpx.TimeoutException as exc:
             raise OpaUnreachable(f"OPA did not answer in time ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:

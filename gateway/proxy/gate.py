@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
@@ -14,6 +15,10 @@ from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.audit.records import principal_record
 from gateway.control.models import ApprovalRequest
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
+from gateway.guards.budgets import RowBudget, StatementLimits
+from gateway.guards.enforced import EnforcedSettings
+from gateway.guards.estimate import estimate_of, explainable
+from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
@@ -32,6 +37,8 @@ from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
 REFUSED = "42501"
 # The setting a client gives its justification for approvals in.
 JUSTIFICATION_SETTING = "pgwarden.reason"
+# Cost estimates kept per session (gateway/guards/estimate.py), the oldest dropped first.
+_ESTIMATES_KEPT = 1000
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
@@ -232,6 +239,13 @@ def _audit_refusal(
     return Verdict(False, [], decisions, refusal_for(message, "58000"), facts)
 
 
+def _rules_refusal(problem: str) -> Decision:
+    # With an id, as the decider gives its own refusals one (the client's DETAIL names it).
+    return replace(
+        Decision.refuse(f"session rules unavailable: {problem}"), decision_id=str(uuid.uuid4())
+    )
+
+
 def refusal_for(message: str, sqlstate: str = REFUSED) -> bytes:
     return ErrorResponse.build("ERROR", sqlstate, f"pgwarden: {message}").encode()
 
@@ -287,12 +301,33 @@ class StatementGate:
             audit, "outcome_nowait", None
         )
         self.in_transaction = False
+        # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
+        self.statements_recorded = 0
+        self.rows_relayed = 0
+        # A statement of this session has had a budget: its relay counts COPY data too.
+        self.budgeted = False
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
         self.upstream_user: str | None = None
         # Set by the session: waits until search_path is known; a reason when it cannot be.
         self.settle_search_path: Callable[[], Awaitable[PathProblem | None]] | None = None
         self._principal_input = ctx.principal.to_input()
+        # Settings the policy's session rule enforces (gateway/guards): statements that would
+        # raise or clear them are denied where the policy lets them run.
+        self.enforced = EnforcedSettings()
+        # The session's statement rate limit (gateway/guards/rates.py): takes a message's
+        # statements, or says why not. None: no limit.
+        self.rate_check: Callable[[int], str | None] | None = None
+        # The policy's session rule could not be read (the session says why): every
+        # statement is refused until it is, since its guards are unknown.
+        self.rules_problem: str | None = None
+        # Explains a statement's text on the session's upstream connection (None: it cannot
+        # now); set where the session rule asks for estimates (gateway/guards/estimate.py).
+        self.explain: Callable[[str], Awaitable[str | None]] | None = None
+        self.estimate_seq_scan_rows = 0
+        # Estimates by statement text: a known one is not explained again. Not by shape: the
+        # literals decide the estimate (WHERE g < 10 against WHERE g < 10000000).
+        self._estimates: dict[str, dict[str, Any] | None] = {}
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
         # statement that relays rows decided elsewhere (FETCH, EXECUTE).
@@ -393,11 +428,17 @@ class StatementGate:
         }
 
     async def _decide_all(
-        self, facts: tuple[StatementFacts, ...], protocol: str, params: list[str | None]
+        self,
+        facts: tuple[StatementFacts, ...],
+        protocol: str,
+        params: list[str | None],
+        estimate: dict[str, Any] | None = None,
     ) -> list[Decision]:
         not_after = self.ctx.principal.expires_at
         count = len(facts)
         inputs = [self._input(f, protocol, i, count, params) for i, f in enumerate(facts)]
+        if estimate is not None:
+            inputs[0]["statement"]["estimate"] = estimate
         started = time.perf_counter()
         if count == 1:
             decisions = [await self._decider.decide(inputs[0], not_after=not_after)]
@@ -457,16 +498,29 @@ class StatementGate:
         decide_params: bool = True,
         decided: Decision | None = None,
         known: list[Decision] | None = None,
+        estimate: dict[str, Any] | None = None,
     ) -> Verdict:
+        if decided is None and self.rules_problem is not None:
+            decided = _rules_refusal(self.rules_problem)
+        if decided is None and record and self.rate_check is not None:
+            limited = await self._rate_limited(facts, protocol, params)
+            if limited is not None:
+                return limited
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
         elif known is not None:  # decided at Parse, under the policy still in force
             decisions = known
         else:
             decisions = await self._decide_all(
-                facts, protocol, list(params) if decide_params else []
+                facts, protocol, list(params) if decide_params else [], estimate
             )
         combined = combine(decisions)
+        guard = self.enforced.refusal(facts) if combined.action != "deny" else None
+        if guard is not None:
+            # The session rule's settings would not hold: denied (with an id, like OPA's
+            # denies) where the policy did not deny it already for its own reasons.
+            combined = Decision("deny", (guard,), decision_id=str(uuid.uuid4()))
+            decisions = [combined] * len(facts)
         allowed = combined.action == "allow"
         ask = None
         if combined.action == "approve" and decided is None and self._approvals is not None:
@@ -506,6 +560,7 @@ class StatementGate:
         if allowed:
             refusal = await self._prepare_masks(runs, decisions)
             allowed = refusal is None
+            self._budget(runs, decisions)
         if allowed:
             await self._free_held_databases(facts)
         if not allowed:
@@ -640,7 +695,26 @@ class StatementGate:
             return await self._path_refusal(exc, "simple", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
-        return await self._verdict(facts, "simple", (), record=True)
+        estimate = await self._estimate(facts) if self.explain is not None else None
+        return await self._verdict(facts, "simple", (), record=True, estimate=estimate)
+
+    async def _estimate(self, facts: tuple[StatementFacts, ...]) -> dict[str, Any] | None:
+        """The cost estimate of a single explainable SELECT, from the shape's cache or by
+        explaining it now (None: not explainable, or not now)."""
+        assert self.explain is not None
+        if len(facts) != 1 or not explainable(facts[0]):
+            return None
+        text = facts[0].text
+        if text in self._estimates:
+            return self._estimates[text]
+        plan = await self.explain(text)
+        if plan is None:
+            return None  # not now (in a transaction, something in flight): next time
+        estimate = estimate_of(plan, self.estimate_seq_scan_rows)
+        if len(self._estimates) >= _ESTIMATES_KEPT:
+            del self._estimates[next(iter(self._estimates))]  # the oldest
+        self._estimates[text] = estimate
+        return estimate
 
     async def check_parse(self, text: str) -> Verdict:
         """A Parse: decided on its text; recorded only when refused (Execute records runs)."""
@@ -738,6 +812,14 @@ class StatementGate:
         (still_current): recorded, with its parameters, first. The first Execute after the
         Parse carries the decision made for it; every later one reuses it, and its record
         says so (`cache_hit`, with the revision the decision was made under)."""
+        if self.rules_problem is not None:
+            return await self._verdict(
+                facts, "extended", params, record=True, decided=_rules_refusal(self.rules_problem)
+            )
+        if self.rate_check is not None:
+            limited = await self._rate_limited(facts, "extended", params)
+            if limited is not None:
+                return limited
         combined = combine(decisions)
         if combined.action == "approve" and self._approvals is not None:
             # Held at each Execute, with its parameters (the Parse was let through).
@@ -753,9 +835,32 @@ class StatementGate:
             decisions[:] = [d if d.cache_hit else replace(d, cache_hit=True) for d in decisions]
         runs = [StatementRun(rid, f) for rid, f in zip(request_ids, facts, strict=True)]
         refusal = await self._prepare_masks(runs, decisions)
+        self._budget(runs, decisions)
         if refusal is None:
             await self._free_held_databases(facts)
         return self._tallied(Verdict(refusal is None, runs, decisions, refusal, facts), combined)
+
+    async def _rate_limited(
+        self, facts: tuple[StatementFacts, ...], protocol: str, params: tuple[str | None, ...]
+    ) -> Verdict | None:
+        """Over the statement rate: refused before the policy is asked (the limit spares
+        OPA too), recorded like any refusal, with 53400 rather than a policy deny's 42501."""
+        assert self.rate_check is not None
+        reason = self.rate_check(len(facts))
+        if reason is None:
+            return None
+        decided = Decision("deny", (reason,), decision_id=str(uuid.uuid4()))
+        verdict = await self._verdict(facts, protocol, params, record=True, decided=decided)
+        if verdict.runs:  # recorded (else the audit refusal stands)
+            verdict.refusal = ErrorResponse.build(
+                "ERROR",
+                TOO_MANY_STATEMENTS,
+                f"pgwarden: {reason}",
+                detail=f"decision id: {decided.decision_id}",
+            ).encode()
+            for run in verdict.runs:
+                run.sqlstate = TOO_MANY_STATEMENTS
+        return verdict
 
     def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
         """Count the verdict's statements by what became of them, and log a refusal (with
@@ -802,6 +907,27 @@ class StatementGate:
         held = [name for f in facts for name in databases_held_by_statement(f)]
         if held:
             await self._free_databases(held)
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def _budget(self, runs: list[StatementRun], decisions: list[Decision]) -> None:
+        """Each run's budget from its decision's `limits`; the session's rows so far count
+        against `max_rows_total`."""
+        for run, decision in zip(runs, decisions, strict=True):
+            limits = decision.extra.get("limits")
+            if not isinstance(limits, StatementLimits):
+                continue
+            max_rows = limits.max_rows
+            if limits.max_rows_total is not None:
+                left = max(0, limits.max_rows_total - self.rows_relayed)
+                max_rows = left if max_rows is None else min(max_rows, left)
+            if max_rows is None and limits.max_bytes is None and not limits.statement_timeout_ms:
+                continue
+            run.budget = RowBudget(
+                max_rows=max_rows, max_bytes=limits.max_bytes, decision_id=decision.decision_id
+            )
+            run.timeout_ms = limits.statement_timeout_ms
+            self.budgeted = True
 
     # -- masks ---------------------------------------------------------------------------
 
@@ -961,6 +1087,9 @@ class StatementGate:
         """Write the outcome record of one run, without holding up the relay."""
         if run.request_id is None:
             return
+        self.statements_recorded += 1
+        if forwarded:
+            self.rows_relayed += run.rows
         record = StatementOutcome(
             request_id=run.request_id,
             time=time.time(),
@@ -973,6 +1102,7 @@ class StatementGate:
             recorded_rows=tuple(run.recorded),
             recorded_columns=run.recorded_columns,
             forwarded=forwarded,
+            rows_withheld=run.budget.withheld if run.budget is not None else 0,
         )
         nowait = self._outcome_nowait
         if nowait is not None:

@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.guards.rates import RateLimiter
+from gateway.guards.rules import SessionRules
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
@@ -40,6 +42,9 @@ class GatewayContext:
     # that needs them free (DROP DATABASE, ...) is forwarded.
     free_databases: Callable[[Target, Sequence[str]], Awaitable[None]] | None = None
     server_tls: ssl.SSLContext | None = None
+    # The policy's session rule (enforced settings, rate limits); None: no guards.
+    session_rules: SessionRules | None = None
+    rates: RateLimiter = field(default_factory=RateLimiter)
     # Key of the `hash` mask method: stable per gateway, never sent anywhere.
     mask_key: bytes = b""
     # The approvals workflow; None refuses what the policy holds for approval at once.

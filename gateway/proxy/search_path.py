@@ -58,13 +58,19 @@ from gateway.sql.facts import StatementFacts
 SHOW_SEARCH_PATH = Query(b"SHOW search_path").encode()
 # pgwarden's own statement and portal name (each in its own namespace); closed after use.
 READ_NAME = "pgwarden:search_path"
-_READ = (
-    Parse(READ_NAME, b"SHOW search_path").encode()
-    + Bind(READ_NAME, READ_NAME).encode()
-    + Execute(READ_NAME).encode()
-    + Close("P", READ_NAME).encode()
-    + Close("S", READ_NAME).encode()
-)
+
+
+def _show(setting: str) -> bytes:
+    return (
+        Parse(READ_NAME, f"SHOW {setting}".encode()).encode()
+        + Bind(READ_NAME, READ_NAME).encode()
+        + Execute(READ_NAME).encode()
+        + Close("P", READ_NAME).encode()
+        + Close("S", READ_NAME).encode()
+    )
+
+
+_READ = _show("search_path")
 READ_IDLE = _READ + Sync().encode()
 READ_IN_PIPELINE = _READ + Flush().encode()
 # Makes the server answer what was forwarded without ending the client's pipeline.
@@ -110,29 +116,45 @@ class PathProblem:
 
 
 class PathRead:
-    """One read in flight: consumes its answers (`answer` says when the read is over)."""
+    """One read in flight: consumes its answers (`answer` says when the read is over).
 
-    __slots__ = ("_closes", "error", "in_pipeline", "value")
+    `also` names settings read in the same request after search_path, each by its own
+    SHOW (the settings a session's guards enforce: code that may move the path may have
+    changed them too); their values are in `settings`."""
 
-    def __init__(self, *, in_pipeline: bool) -> None:
+    __slots__ = ("_closes", "_values", "also", "error", "in_pipeline", "value")
+
+    def __init__(self, *, in_pipeline: bool, also: tuple[str, ...] = ()) -> None:
         self.in_pipeline = in_pipeline
+        self.also = also
         self.value: str | None = None
         self.error: ErrorResponse | None = None
         self._closes = 0
+        self._values: list[str | None] = []
 
     @property
     def request(self) -> bytes:
-        return READ_IN_PIPELINE if self.in_pipeline else READ_IDLE
+        if not self.also:
+            return READ_IN_PIPELINE if self.in_pipeline else READ_IDLE
+        shows = _READ + b"".join(_show(name) for name in self.also)
+        return shows + (Flush() if self.in_pipeline else Sync()).encode()
+
+    @property
+    def settings(self) -> dict[str, str | None]:
+        """The `also` settings as the server showed them (None: not read)."""
+        values = self._values[1:]
+        return {name: values[i] if i < len(values) else None for i, name in enumerate(self.also)}
 
     def answer(self, code: int, body: bytes, encoding: str) -> bool:
-        if code == 68:  # DataRow: one column, the path
-            self.value = first_column(body, encoding)
+        if code == 68:  # DataRow: one column, the path (then each `also` setting)
+            self._values.append(first_column(body, encoding))
+            self.value = self._values[0]
         elif code == 69:  # ErrorResponse: after a Sync its ReadyForQuery still comes
             self.error = ErrorResponse.decode(body)
             return self.in_pipeline
-        elif code == 51:  # CloseComplete: the second one ends a read in a pipeline
+        elif code == 51:  # CloseComplete: the last one ends a read in a pipeline
             self._closes += 1
-            return self.in_pipeline and self._closes == 2
+            return self.in_pipeline and self._closes == 2 * (1 + len(self.also))
         elif code == 90:  # ReadyForQuery
             return True
         return False

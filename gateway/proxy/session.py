@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -19,9 +20,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
 from gateway.enforce.masking import MaskPlan
+from gateway.guards.budgets import RowBudget
+from gateway.guards.estimate import EXPLAIN, EXPLAIN_ANSWERS, ExplainRead
+from gateway.guards.kill import SessionSummary
+from gateway.guards.rates import TOO_MANY_SESSIONS
+from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
 from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
+from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import (
     AuthenticationCleartextPassword,
     AuthenticationOk,
@@ -281,6 +288,16 @@ class ClientSession(asyncio.Protocol):
         self._owed_error: bytes | None = None
         # The gateway is shutting down: the session ends at its next idle point.
         self._draining = False
+        # What the policy's session rule enforces on this session (gateway/guards).
+        self.guards: SessionGuards = NO_GUARDS
+        # A statement cut short by its budget completed inside a transaction block: the
+        # block is failed at the next ReadyForQuery, as the client saw an error.
+        self._fail_block = False
+        # Why the policy's session rule could not be read (None: it was): statements are
+        # refused until it is.
+        self._rules_problem: str | None = None
+        # pgwarden's own EXPLAIN in flight (cost estimates): its answers are not the client's.
+        self._explain_read: ExplainRead | None = None
 
     @property
     def relaying(self) -> bool:
@@ -317,6 +334,7 @@ class ClientSession(asyncio.Protocol):
         was = self.phase
         self.phase = Phase.CLOSED
         self.gw.sessions.discard(self)
+        self.gw.rates.close_session(self.id)
         if not self.gw.sessions:
             self.gw.all_closed.set()
         for handle in (self._recheck, self._startup_timer):
@@ -642,6 +660,42 @@ class ClientSession(asyncio.Protocol):
             return None
         return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
 
+    # -- the kill switch (gateway/guards/kill.py) -----------------------------------------
+
+    def summary(self) -> SessionSummary | None:
+        if self.phase is not Phase.RELAY or self.principal is None or self.gate is None:
+            return None
+        assert self.target is not None and self._startup is not None
+        front = self.tracker.front()
+        run = front.current_run() if front is not None else None
+        current = run.facts.text if run is not None and run.facts is not None else None
+        return SessionSummary(
+            id=self.id,
+            subject=self.principal.subject,
+            groups=self.principal.groups,
+            token_id=self.principal.token_id,
+            target=self.target.name,
+            database=self.database,
+            client_addr=self.client_addr,
+            application_name=self._startup.parameters.get("application_name", ""),
+            since=self._started_at,
+            statements=self.gate.statements_recorded,
+            rows=self.gate.rows_relayed,
+            current_statement=current if self.tracker.running() else None,
+        )
+
+    def kill(self, reason: str, by: str) -> asyncio.Future[None] | None:
+        """An operator ends the session: the running query is cancelled upstream (a
+        CancelRequest, as the client's own cancel), the kill is audited, and the client is
+        told why with a FATAL, as PostgreSQL's pg_terminate_backend does (57P01)."""
+        if self.phase is Phase.CLOSED:
+            return None
+        cancel = self.cancel_running()
+        self._session_event("session_kill", f"by {by}: {reason}")
+        self._end_reason = f"killed by {by}: {reason}"
+        self._fatal(SHUTTING_DOWN, f"pgwarden: session ended by an administrator: {reason}")
+        return cancel
+
     def _on_startup(self, msg: StartupMessage) -> None:
         params = msg.parameters
         self._startup = msg
@@ -742,8 +796,19 @@ class ClientSession(asyncio.Protocol):
             self._reject_token(exc.check)
             return
         self.principal = principal
+        guards = await self._session_guards(principal)
+        self.guards = guards
+        over = self.gw.rates.open_session(
+            self.id, principal.subject, principal.token_id, guards.limits
+        )
+        if over is not None:
+            self._session_event("auth_failure", over)
+            self._fatal(TOO_MANY_SESSIONS, f"pgwarden: {over}")
+            return
         params = self._startup.parameters
         relayed = {k: v for k, v in params.items() if k in _RELAYED_PARAMETERS}
+        # The enforced settings start the upstream session, and so are its reset values.
+        relayed.update(guards.enforced.startup_parameters())
         settings_sql = self._startup_settings(params)
         if settings_sql is None:
             return
@@ -780,6 +845,15 @@ class ClientSession(asyncio.Protocol):
         )
         self.gate.settle_search_path = self._settle_search_path
         self.gate.notify = self._notify_client
+        self.gate.enforced = guards.enforced
+        self.gate.rules_problem = self._rules_problem
+        if guards.estimate_seq_scan_rows is not None:
+            self.gate.explain = self._explain
+            self.gate.estimate_seq_scan_rows = guards.estimate_seq_scan_rows
+        if guards.limits.statements_per_second is not None:
+            self.gate.rate_check = functools.partial(
+                self.gw.rates.take, principal.subject, principal.token_id, guards.limits
+            )
         self._session_event("session_start")
         if self.database != self.target.dbname and not await self._database_allowed():
             return
@@ -805,6 +879,56 @@ class ClientSession(asyncio.Protocol):
             return
         self.gate.search_path = path
         self._begin_relay(up)
+
+    async def _session_guards(self, principal: Principal) -> SessionGuards:
+        """The policy's session rule for this principal and target, read once per login.
+        When it cannot be read (OPA down, a malformed answer) the login goes on, as with
+        OPA down it always has, but no statement runs until the rule is read
+        (_rules_known)."""
+        try:
+            return await self._read_rules(principal)
+        except RulesUnavailable as exc:
+            self._rules_problem = str(exc)
+            return NO_GUARDS
+
+    async def _rules_known(self) -> bool:
+        """Before a statement of a session whose rule could not be read at login: read it
+        again. None to enforce: the session goes on. Guards: they can only be set at login
+        (the upstream session's reset values), so the session ends and the client
+        reconnects. Unreadable still: the statement is refused (the gate says why)."""
+        assert self.principal is not None and self.gate is not None
+        try:
+            guards = await self._read_rules(self.principal)
+        except RulesUnavailable as exc:
+            self._rules_problem = self.gate.rules_problem = str(exc)
+            return True
+        self._rules_problem = self.gate.rules_problem = None
+        if guards == NO_GUARDS:
+            return True
+        self._end_reason = "session rules read after login"
+        self._fatal(
+            "57P01",
+            "pgwarden: the policy's session rule could not be read at login and asks for"
+            " guards now; reconnect",
+        )
+        return False
+
+    async def _read_rules(self, principal: Principal) -> SessionGuards:
+        rules = self.gw.session_rules
+        if rules is None:
+            return NO_GUARDS
+        assert self.target is not None
+        target = self.target
+        policy_input = {
+            "version": 1,
+            "principal": principal.to_input(),
+            "target": target_input(
+                TargetInfo(
+                    target.name, self.database, target.labels, target.dbname, target.databases
+                )
+            ),
+        }
+        return await rules.for_session(policy_input)
 
     async def _database_allowed(self) -> bool:
         """Another database than the target's own: the policy decides the choice itself
@@ -951,7 +1075,9 @@ class ClientSession(asyncio.Protocol):
             )
         else:
             self._path_wanted = False
-            read = self._path_read = PathRead(in_pipeline=self.tracker.unsynced)
+            read = self._path_read = PathRead(
+                in_pipeline=self.tracker.unsynced, also=self.guards.enforced.read_back
+            )
             self._write_upstream(read.request)
             return
         self._path_wanted = False
@@ -972,6 +1098,17 @@ class ClientSession(asyncio.Protocol):
         self._path_read = None
         if read.error is None and read.value is not None:
             self.gate.search_path = parse_search_path(read.value)
+            escaped = self.guards.enforced.escaped(read.settings) if read.also else None
+            if escaped is not None:
+                # Code pgwarden could not see into changed what the policy enforces: nothing
+                # more runs in this session.
+                self._end_reason = f"enforced setting changed: {escaped}"
+                self._fatal(
+                    REFUSED,
+                    "pgwarden: a setting enforced on this session was changed by code pgwarden"
+                    f" cannot see into ({escaped}); the session is closed",
+                )
+                return False
             self._path.learned()
             return False
         error = read.error
@@ -1244,6 +1381,8 @@ class ClientSession(asyncio.Protocol):
         if problem is not None:
             self._end_session_for_token(problem)
             return
+        if self._rules_problem is not None and not await self._rules_known():
+            return
         body = message[5:]
         try:
             if code == 81:  # Query
@@ -1349,6 +1488,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
         self._path.forwarded(verdict.facts)
+        self._arm_timeouts(verdict.runs)
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -1517,6 +1657,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("execute", verdict.runs))
         self._path.forwarded(verdict.facts)
+        self._arm_timeouts(verdict.runs)
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
@@ -1575,6 +1716,15 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
+            if self._explain_read is not None and code in EXPLAIN_ANSWERS:
+                if end > total:
+                    break
+                if start < pos:
+                    out.append(view[start:pos])
+                if self._explain_read.answer(code, view[pos:end]):
+                    self._explain_read = None
+                start = pos = end
+                continue
             if self._path_read is not None and code in READ_ANSWERS:
                 # The answer to pgwarden's own read of search_path: not the client's to see.
                 if end > total:
@@ -1589,6 +1739,17 @@ class ClientSession(asyncio.Protocol):
                 if front is not None:
                     run = front.current_run()
                     if run is not None:
+                        budget = run.budget
+                        if budget is not None:
+                            if end > total:
+                                break  # a budgeted row is judged whole
+                            if not budget.admit(length + 1):
+                                # Over the decision's budget: never relayed.
+                                if start < pos:
+                                    out.append(view[start:pos])
+                                start = pos = end
+                                self._over_budget(budget)
+                                continue
                         if run.masked or run.record_rows:
                             if end > total:
                                 break  # a masked or recorded row is handled whole
@@ -1604,6 +1765,20 @@ class ClientSession(asyncio.Protocol):
                                 self._record_row(run, masked or bytes(view[pos:end]))
                         run.rows += 1
                         run.bytes_out += length + 1
+            elif (code == 100 or code == 99) and self.gate is not None and self.gate.budgeted:
+                # COPY TO STDOUT data counts against a budget as rows do.
+                front = tracker.front()
+                run = front.current_run() if front is not None else None
+                budget = run.budget if run is not None else None
+                if budget is not None:
+                    if end > total:
+                        break
+                    if budget.cut if code == 99 else not budget.admit(length + 1):
+                        if start < pos:
+                            out.append(view[start:pos])
+                        start = pos = end
+                        self._over_budget(budget)
+                        continue
             elif code in _SERVER_NEEDS:
                 if end > total:
                     break
@@ -1646,8 +1821,13 @@ class ClientSession(asyncio.Protocol):
             if front is None:
                 return None
             run = front.current_run()
+            cut: bytes | None = None
             if run is not None:
-                if code == 67:
+                if run.budget is not None and run.budget.cut:
+                    # The statement completed before the cancel reached it: it still ends
+                    # with the budget's error, as if cancelled there.
+                    cut = self._cut_short(run, completed=True)
+                elif code == 67:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
                     rows = complete.row_count
@@ -1661,7 +1841,7 @@ class ClientSession(asyncio.Protocol):
                 self._after_statement(run)
             if front.kind in ("execute", "function"):
                 tracker.pop()
-            return None
+            return cut
         if code == 90:  # ReadyForQuery
             status = view[pos + 5]
             gate.in_transaction = status != ord("I")
@@ -1682,6 +1862,15 @@ class ClientSession(asyncio.Protocol):
                     self._undo_parse(e)
             tracker.ready()
             self._bind_error = None
+            if self._fail_block:
+                self._fail_block = False
+                if status == ord("T"):
+                    # The client saw an error in a transaction block: the server's block is
+                    # failed to match (25P02 until ROLLBACK), by a statement it rejects, in
+                    # place of this ReadyForQuery; the client gets that one's ("E").
+                    self._write_upstream(Query(_REJECTED_IF_ABORTED).encode())
+                    tracker.expect(Expectation("query", [], refusal=b""))
+                    return b""
             self._path.ready(chr(status))
             return None
         if code == 69:  # ErrorResponse
@@ -1696,12 +1885,16 @@ class ClientSession(asyncio.Protocol):
             replacement = front.refusal
             if front.own_error is not None and err.sqlstate == front.own_error:
                 replacement = None
-            if replacement is not None and self.encoding != "utf-8":
+            if replacement and self.encoding != "utf-8":
                 replacement = self._refusal_for_client(replacement)
             run = front.current_run()
             if run is not None:
                 run.sqlstate = err.sqlstate
                 run.error_message = server_text(err.message or "", self.encoding)
+                if run.budget is not None and run.budget.cut:
+                    # Cancelled for its budget (or ended otherwise meanwhile): the client
+                    # gets the budget's error in place of the server's.
+                    replacement = self._cut_short(run, completed=False)
                 run.done = True
                 gate.outcome(run)
                 front.cursor += 1
@@ -1749,12 +1942,16 @@ class ClientSession(asyncio.Protocol):
         if code == 115:  # PortalSuspended
             if front is not None:
                 run = front.current_run()
+                cut = None
                 if run is not None:
                     run.command_tag = "SUSPENDED"
+                    if run.budget is not None and run.budget.cut:
+                        cut = self._cut_short(run, completed=True)
                     run.done = True
                     gate.outcome(run)
                 if front.kind == "execute":
                     tracker.pop()
+                return cut
             return None
         if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
             if front is not None and front.kind not in ("query", "execute"):
@@ -1832,6 +2029,63 @@ class ClientSession(asyncio.Protocol):
         note = NoticeResponse.decode(notice[5:])
         fields = {k: for_client(v, self.encoding) for k, v in note.fields.items()}
         self._send(NoticeResponse(fields).encode())
+    # -- budgets (gateway/guards/budgets.py) ------------------------------------------------
+
+    def _over_budget(self, budget: RowBudget) -> None:
+        """A budget ran out: cancel the statement upstream, once; its rows are withheld."""
+        if not budget.cancelled:
+            budget.cancelled = True
+            self.cancel_running()
+
+    def _cut_short(self, run: StatementRun, *, completed: bool) -> bytes:
+        """The end of a statement whose budget ran out: the budget's error for the client,
+        and in its outcome. `completed`: the server finished it without error, so a
+        transaction block it ran in is failed at its ReadyForQuery, as the error would."""
+        assert run.budget is not None
+        error = ErrorResponse.decode(run.budget.error[5:])
+        run.sqlstate, run.error_message, run.command_tag = error.sqlstate, error.message, None
+        if completed and self.gate is not None and self.gate.in_transaction:
+            self._fail_block = True
+        return self._refusal_for_client(run.budget.error)
+
+    async def _explain(self, text: str) -> str | None:
+        """EXPLAIN's JSON for `text`, asked on the session's upstream connection when the
+        client cannot notice: nothing in flight, between transactions (EXPLAIN takes a
+        snapshot); None otherwise or if it fails."""
+        if (
+            self.tracker
+            or self._up_out
+            or self._path_read is not None
+            or self._path_wanted
+            or self._explain_read is not None
+            or self._discarding
+            or self._copy_in
+            or self._aborted
+            or self.gate is None
+            or self.gate.in_transaction
+        ):
+            return None
+        try:
+            sql = (EXPLAIN + text).encode(self.encoding)
+        except UnicodeEncodeError:
+            return None
+        read = self._explain_read = ExplainRead(self.encoding)
+        self._write_upstream(Query(sql).encode())
+        return await read.done
+
+    def _arm_timeouts(self, runs: list[StatementRun]) -> None:
+        """The decision's statement_timeout_ms: from when pgwarden forwards the statement."""
+        loop = asyncio.get_running_loop()
+        for run in runs:
+            if run.timeout_ms is not None and run.budget is not None:
+                timed_out = functools.partial(self._timed_out, run, run.timeout_ms)
+                loop.call_later(run.timeout_ms / 1000, self._callback, timed_out)
+
+    def _timed_out(self, run: StatementRun, ms: int) -> None:
+        if run.done or run.budget is None or self.phase is not Phase.RELAY:
+            return
+        run.budget.time_out(ms)
+        self._over_budget(run.budget)
 
     def _refusal_for_client(self, refusal: bytes) -> bytes:
         """pgwarden's refusal (built in UTF-8) in the client's encoding."""

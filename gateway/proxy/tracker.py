@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.guards.budgets import RowBudget
 from gateway.sql.facts import StatementFacts
 
 Kind = Literal[
@@ -72,6 +73,9 @@ class StatementRun:
     # an earlier Describe) and the result formats its Bind chose.
     source: Any = None
     result_formats: tuple[int, ...] = ()
+    # The decision's row/byte budget and statement timeout (gateway/guards/budgets.py).
+    budget: RowBudget | None = None
+    timeout_ms: int | None = None
 
 
 @dataclass(slots=True)

@@ -41,6 +41,18 @@ _IDENTITY_SETTINGS = {"role": "set_role", "session_authorization": "set_session_
 # Settings that switch off the server's own checks: session_replication_role = replica turns
 # off triggers and foreign-key enforcement for the session's writes.
 _GUARD_SETTINGS = {"session_replication_role": "set_replication_role"}
+# Settings pgwarden can enforce on a session (gateway/guards): a statement that may change one
+# other than by a plain SET or RESET of it (set_config(), ALTER ROLE/DATABASE ... SET, a
+# write to pg_settings) is flagged "enforced_setting"; one that asks for a read-write
+# transaction, "read_write".
+ENFORCEABLE_SETTINGS = frozenset(
+    {
+        "default_transaction_read_only",
+        "transaction_read_only",
+        "statement_timeout",
+        "idle_in_transaction_session_timeout",
+    }
+)
 
 
 def unknown_facts(text: str, *, flags: tuple[str, ...] = ()) -> StatementFacts:
@@ -419,7 +431,10 @@ class _Walker:
         if not isinstance(value, str):  # computed name: it could be 'role'
             self.d.flag("set_role")
             self.d.flag("set_session_authorization")
+            self.d.flag("enforced_setting")
             return
+        if value.strip().lower() in ENFORCEABLE_SETTINGS:
+            self.d.flag("enforced_setting")
         flag = _IDENTITY_SETTINGS.get(value.strip().lower())
         if flag:
             self.d.flag("set_role")
@@ -1000,6 +1015,7 @@ def _finish(
     if any(t in _SETTINGS_VIEW for t in draft.writes):
         draft.flag("set_role")
         draft.flag("set_session_authorization")
+        draft.flag("enforced_setting")
     prepared_name: str | None = None
     setting: tuple[str, str | None] | None = None
     if kind == "PrepareStmt":
@@ -1216,15 +1232,43 @@ def _set(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
     if name in _GUARD_SETTINGS:
         d.flag(_GUARD_SETTINGS[name])
     if name == "transaction":
+        _read_write(body.get("args"), d)
         return "SET TRANSACTION", "tcl"
     if name == "session characteristics":
+        _read_write(body.get("args"), d)
         return "SET SESSION CHARACTERISTICS", "session"
     w.expr(body.get("args"), _Scope(), "other")
     return ("RESET" if reset else "SET"), "session"
 
 
 def _transaction(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
+    _read_write(body.get("options"), d)
     return _TRANSACTION_COMMANDS.get(body.get("kind", ""), "TRANSACTION"), "tcl"
+
+
+def _read_write(options: list[Node] | None, d: _Draft) -> None:
+    """BEGIN/START TRANSACTION/SET TRANSACTION/SET SESSION CHARACTERISTICS ... READ WRITE
+    (transaction_read_only = 0): flagged "read_write", since it lifts an enforced read-only."""
+    for option in options or ():
+        kind, body = _unwrap(option)
+        read_only = body.get("defname") == "transaction_read_only"
+        if kind == "DefElem" and read_only and _const(body.get("arg")) != 1:
+            d.flag("read_write")
+
+
+def _alter_defaults(command: str, category: Category) -> _Handler:
+    """ALTER ROLE/DATABASE ... SET/RESET: another session's defaults, flagged
+    "enforced_setting" when it names a setting pgwarden can enforce (or RESET ALL)."""
+
+    def handle(body: dict[str, Any], w: _Walker, d: _Draft) -> tuple[str, Category]:
+        setstmt = body.get("setstmt") or {}
+        name = str(setstmt.get("name") or "").lower()
+        if name in ENFORCEABLE_SETTINGS or setstmt.get("kind") == "VAR_RESET_ALL":
+            d.flag("enforced_setting")
+        w.expr(body, _Scope(), "other")
+        return command, category
+
+    return handle
 
 
 _TRANSACTION_COMMANDS = {
@@ -1450,7 +1494,7 @@ _HANDLERS: dict[str, _Handler] = {
     "GrantRoleStmt": _grant,
     "CreateRoleStmt": _create_role,
     "AlterRoleStmt": _fixed("ALTER ROLE", "dcl"),
-    "AlterRoleSetStmt": _fixed("ALTER ROLE", "dcl"),
+    "AlterRoleSetStmt": _alter_defaults("ALTER ROLE", "dcl"),
     "DropRoleStmt": _fixed("DROP ROLE", "dcl"),
     "ReassignOwnedStmt": _fixed("REASSIGN OWNED", "dcl"),
     "DropOwnedStmt": _fixed("DROP OWNED", "dcl"),
@@ -1481,7 +1525,7 @@ _HANDLERS: dict[str, _Handler] = {
     "CreatedbStmt": _fixed("CREATE DATABASE", "ddl"),
     "DropdbStmt": _fixed("DROP DATABASE", "ddl"),
     "AlterDatabaseStmt": _fixed("ALTER DATABASE", "ddl"),
-    "AlterDatabaseSetStmt": _fixed("ALTER DATABASE", "ddl"),
+    "AlterDatabaseSetStmt": _alter_defaults("ALTER DATABASE", "ddl"),
     "CommentStmt": _fixed("COMMENT", "ddl"),
     "CreateSeqStmt": _relation_ddl("CREATE SEQUENCE"),
     "AlterSeqStmt": _relation_ddl("ALTER SEQUENCE"),

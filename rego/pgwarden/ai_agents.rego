@@ -34,6 +34,24 @@ approval_reasons contains "ai-agents may not call functions the policy cannot se
 	opaque_function
 }
 
+# The gateway explains ai-agents' reads (session rule: estimate_seq_scan_rows) and puts the
+# server's estimate in the input: a read estimated to return more rows than the bundle's
+# threshold (data.pgwarden.read_estimates), or to scan a table sequentially for more than the
+# session rule's count, waits for a human.
+approval_reasons contains sprintf(
+	"ai-agents may not run reads estimated at more than %d rows without approval",
+	[limit],
+) if {
+	role == "ai-agents"
+	limit := data.pgwarden.read_estimates[role].approve_above_rows
+	input.statement.estimate.plan_rows > limit
+}
+
+approval_reasons contains "ai-agents may not run reads estimated to scan a large table sequentially without approval" if {
+	role == "ai-agents"
+	input.statement.estimate.seq_scan_over_threshold == true
+}
+
 approval_reasons contains "ai-agents may not run maintenance commands without approval" if {
 	role == "ai-agents"
 	category == "utility"

@@ -3,13 +3,23 @@ package pgwarden
 
 # Total by construction: every part below has a final else. Allow is never a fallthrough:
 # everyone.rego denies a statement that no rule allows or holds.
-decision := {
-	"action": action,
-	"reasons": reasons,
-	"approvers": approvers,
-	"approvers_required": approvers_required,
-	"masks": masks,
-}
+decision := object.union(
+	{
+		"action": action,
+		"reasons": reasons,
+		"approvers": approvers,
+		"approvers_required": approvers_required,
+		"masks": masks,
+	},
+	limits_part,
+)
+
+# Budgets per statement for the row that governs the principal (data.pgwarden.statement_limits:
+# max_rows, max_bytes, max_rows_total, statement_timeout_ms); the gateway enforces them as the
+# result is relayed. A denied statement has nothing to bound.
+limits_part := {"limits": data.pgwarden.statement_limits[role]} if {
+	action != "deny"
+} else := {}
 
 action := "deny" if {
 	count(deny_reasons) > 0

@@ -108,6 +108,10 @@ CASES = [
     BadInput("missing option", ("tokens", "issue"), "Missing option '--subject'"),
     BadInput("option of the wrong type", ("targets", "add", "x", "--port", "high"), "--port"),
     BadInput("policy eval bad target", ("policy", "eval", "SELECT 1", "--subject", "s", "--target", "app/"), "names no database"),
+    BadInput("sessions with the admin listener off", ("sessions", "list"), "admin listener is off", env={"PGWARDEN_ADMIN__PORT": "0"}),
+    BadInput("sessions with no admin listener there", ("sessions", "list", "--admin-url", "http://127.0.0.1:1"), "cannot reach the admin listener"),
+    BadInput("sessions kill naming nothing", ("sessions", "kill"), "name a session ID or --subject"),
+    BadInput("sessions kill naming both", ("sessions", "kill", "x", "--subject", "s"), "name a session ID or --subject"),
 ]  # fmt: skip
 
 

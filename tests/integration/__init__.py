@@ -196,22 +196,28 @@ def prepared_names(gateway: Any) -> list[str]:
 # -- a misbehaving OPA -------------------------------------------------------------------
 
 
+# Where the gateway reads the session rule (policy.session_path, default pgwarden/session).
+SESSION_RULE_PATH = b"/v1/data/pgwarden/session"
+
+
 class FaultServer:
     """A tiny HTTP server on 127.0.0.1 standing in for OPA, on its own threads.
 
     Every request is answered with `reply` (raw bytes, None: hang up without a word) after
-    `delay` seconds; both can be changed while it runs.
+    `delay` seconds; both can be changed while it runs. The session rule's path (read once
+    per login) is answered with `session_reply`, by default as a real OPA without that rule
+    answers it (undefined); it is not counted in `requests`.
     """
 
     def __init__(self, reply: bytes | None = None, delay: float = 0.0) -> None:
         self.reply = reply
         self.delay = delay
+        self.session_reply: bytes | None = http_answer("200 OK", b"{}")
         self.requests = 0
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                outer.requests += 1
                 sock: socket.socket = self.request
                 sock.settimeout(10)
                 data = b""
@@ -231,6 +237,11 @@ class FaultServer:
                         if not chunk:
                             return
                         body += chunk
+                    if head.split(b" ", 2)[1:2] == [SESSION_RULE_PATH]:
+                        if outer.session_reply is not None:
+                            sock.sendall(outer.session_reply)
+                        return
+                    outer.requests += 1
                     if outer.delay:
                         time.sleep(outer.delay)
                     if outer.reply is not None:

@@ -1,0 +1,227 @@
+"""Row budgets from the decision's `limits` (issue 11 item 1): a large SELECT, a COPY TO
+STDOUT and a cursor FETCH are cut at exactly N rows, the client gets those rows and then
+54000 "row budget of N exceeded" with the decision id, the upstream query is cancelled,
+the next statement works, and the outcome record says how many rows were withheld."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+import psycopg
+import pytest
+
+from gateway.protocol import ErrorResponse
+from tests.harness import RunningGateway
+from tests.integration.test_audit_support import pgwarden, store_env
+from tests.proxy.wire import RawClient
+
+from .conftest import ADMIN_LIMITS, ENGINEER_LIMITS
+
+pytestmark = pytest.mark.server
+
+N = ENGINEER_LIMITS["max_rows"]
+OVER_BUDGET = "54000"
+BIG = "SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g"
+
+
+@pytest.fixture(scope="module")
+def engineer(guarded_gateway: RunningGateway) -> str:
+    return guarded_gateway.token("user:eng-budget", groups=("engineers",))
+
+
+def _connect(gw: RunningGateway, token: str, **extra: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(gw.dsn(token, **extra), autocommit=True, connect_timeout=10)
+
+
+def _assert_budget_error(exc: BaseException) -> None:
+    assert isinstance(exc, psycopg.Error), exc
+    assert exc.diag.sqlstate == OVER_BUDGET, exc
+    assert exc.diag.message_primary == f"pgwarden: row budget of {N} exceeded"
+    assert "decision id:" in (exc.diag.message_detail or "")
+
+
+def test_select_is_cut_at_exactly_n_rows_on_the_wire(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login("app", engineer)
+        frames = client.query(BIG)
+        codes = [chr(c) for c, _ in frames]
+        assert codes == ["T", *["D"] * N, "E", "Z"], codes
+        error = ErrorResponse.decode(frames[-2][1])
+        assert error.sqlstate == OVER_BUDGET
+        assert error.message == f"pgwarden: row budget of {N} exceeded"
+        assert "decision id:" in (error.detail or "")
+        assert frames[-1][1] == b"I"
+        # The session goes on.
+        after = client.query("SELECT 42")
+        assert [chr(c) for c, _ in after] == ["T", "D", "C", "Z"]
+    finally:
+        client.close()
+
+
+def test_select_psycopg_streams_n_rows_then_the_error(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    with _connect(guarded_gateway, engineer) as conn:
+        got: list[int] = []
+        with pytest.raises(psycopg.Error) as info:
+            for row in conn.cursor().stream(BIG):
+                got.append(int(row[0]))
+        _assert_budget_error(info.value)
+        assert got == list(range(1, N + 1))
+        row = conn.execute("SELECT 1").fetchone()
+        assert row == (1,)
+
+
+def test_within_the_budget_nothing_changes(guarded_gateway: RunningGateway, engineer: str) -> None:
+    with _connect(guarded_gateway, engineer) as conn:
+        rows = conn.execute(f"SELECT generate_series(1, {N})").fetchall()
+        assert [r[0] for r in rows] == list(range(1, N + 1))
+
+
+def test_in_a_transaction_the_cut_fails_the_block(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    """As after any error: 25P02 until ROLLBACK, whether the server finished the statement
+    before the cancel reached it (a small result) or not (a large one)."""
+    for sql in (f"SELECT generate_series(1, {N + 1})", BIG):
+        with _connect(guarded_gateway, engineer) as conn:
+            conn.execute("BEGIN")
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute(sql)
+            _assert_budget_error(info.value)
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("SELECT 1")
+            conn.execute("ROLLBACK")
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_copy_to_stdout_is_cut_at_exactly_n_rows(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    with _connect(guarded_gateway, engineer) as conn:
+        got: list[bytes] = []
+        copy_out = "COPY (SELECT generate_series(1, 100000)) TO STDOUT"
+        with pytest.raises(psycopg.Error) as info, conn.cursor().copy(copy_out) as copy:
+            for block in copy:
+                got.append(bytes(block))
+        _assert_budget_error(info.value)
+        assert b"".join(got).split() == [str(i).encode() for i in range(1, N + 1)]
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_cursor_fetch_is_cut_at_exactly_n_rows(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    with _connect(guarded_gateway, engineer) as conn:
+        conn.execute("BEGIN")
+        conn.execute("DECLARE c CURSOR FOR SELECT generate_series(1, 1000)")
+        got: list[int] = []
+        with pytest.raises(psycopg.Error) as info:
+            for row in conn.cursor().stream("FETCH 100 FROM c"):
+                got.append(int(row[0]))
+        _assert_budget_error(info.value)
+        assert got == list(range(1, N + 1))
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+
+
+def test_budgets_asyncpg(guarded_gateway: RunningGateway, engineer: str) -> None:
+    """Extended protocol: Execute of a prepared SELECT, a cursor's FETCH, COPY."""
+
+    async def scenario() -> tuple[str, str, list[int], str, int]:
+        conn = await asyncpg.connect(guarded_gateway.url(engineer))
+        try:
+            with pytest.raises(asyncpg.PostgresError) as selected:
+                await conn.fetch("SELECT g FROM generate_series(1, $1::int) g", 100000)
+            rows: list[int] = []
+            with pytest.raises(asyncpg.PostgresError) as fetched:
+                async with conn.transaction():
+                    await conn.execute("DECLARE c2 CURSOR FOR SELECT generate_series(1, 1000)")
+                    for record in await conn.fetch("FETCH 100 FROM c2"):
+                        rows.append(int(record[0]))
+            sink: list[bytes] = []
+
+            async def collect(data: bytes) -> None:
+                sink.append(data)
+
+            with pytest.raises(asyncpg.PostgresError) as copied:
+                await conn.copy_from_query("SELECT generate_series(1, 100000)", output=collect)
+            return (
+                f"{selected.value.sqlstate} {str(selected.value).splitlines()[0]}",
+                f"{fetched.value.sqlstate} {str(fetched.value).splitlines()[0]}",
+                rows,
+                f"{copied.value.sqlstate} {b''.join(sink).split()}",
+                int(await conn.fetchval("SELECT 5")),
+            )
+        finally:
+            await conn.close()
+
+    selected, fetched, rows, copied, after = asyncio.run(scenario())
+    expected = f"{OVER_BUDGET} pgwarden: row budget of {N} exceeded"
+    assert selected == expected
+    assert fetched == expected
+    assert rows == []  # asyncpg's fetch returns nothing on error
+    assert copied.startswith(OVER_BUDGET)
+    assert copied.endswith(str([str(i).encode() for i in range(1, N + 1)]))
+    assert after == 5
+
+
+def test_the_session_budget_counts_every_statement(guarded_gateway: RunningGateway) -> None:
+    total = ENGINEER_LIMITS["max_rows_total"]
+    token = guarded_gateway.token(f"user:{uuid.uuid4().hex[:6]}", groups=("engineers",))
+    with _connect(guarded_gateway, token) as conn:
+        for _ in range(total // N):
+            assert len(conn.execute(f"SELECT generate_series(1, {N})").fetchall()) == N
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT 1")
+        assert info.value.diag.sqlstate == OVER_BUDGET
+        assert info.value.diag.message_primary == "pgwarden: row budget of 0 exceeded"
+
+
+def test_the_outcome_record_says_how_many_rows_were_withheld(
+    guarded_gateway: RunningGateway, engineer: str
+) -> None:
+    marker = f"budget-{uuid.uuid4().hex[:8]}"
+    with _connect(guarded_gateway, engineer) as conn:
+        with pytest.raises(psycopg.Error):
+            conn.execute(f"SELECT g, '{marker}' FROM generate_series(1, {N + 3}) g")  # noqa: S608 - test's own marker
+        conn.execute("SELECT 1")
+    env = {**store_env(guarded_gateway.settings), "PGWARDEN_CONFIG": ""}
+    code, out, err = pgwarden(env, "audit", "export", "--format", "jsonl")
+    assert code == 0, err
+    records = [orjson.loads(line) for line in out.splitlines() if line.strip()]
+    request = next(r for r in records if marker in orjson.dumps(r).decode())
+    request_id = next(v for k, v in request.items() if k in ("id", "record_id"))
+    outcome = next(
+        r for r in records if orjson.dumps(r).decode().count(str(request_id)) and r is not request
+    )
+    text = orjson.dumps(outcome).decode()
+    assert '"rows_withheld":3' in text, text
+    assert OVER_BUDGET in text
+
+
+def test_the_decisions_statement_timeout_cancels_upstream(guarded_gateway: RunningGateway) -> None:
+    """Admins here have no session guards; their decisions carry statement_timeout_ms."""
+    admin = guarded_gateway.token("user:admin-timeout", groups=("admins",))
+    with _connect(guarded_gateway, admin, application_name="budget-timeout") as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT pg_sleep(30)")
+        assert info.value.diag.sqlstate == "57014"
+        assert info.value.diag.message_primary == (
+            f"pgwarden: statement timeout of {ADMIN_LIMITS['statement_timeout_ms']} ms exceeded"
+        )
+        # Cancelled upstream while the session stays open, not left running.
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            running = direct.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'budget-timeout'"
+                " AND query LIKE '%pg_sleep%' AND state = 'active'"
+            ).fetchone()
+        assert running == (0,)
+        assert conn.execute("SELECT 6").fetchone() == (6,)
