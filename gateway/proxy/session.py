@@ -2029,6 +2029,7 @@ class ClientSession(asyncio.Protocol):
         note = NoticeResponse.decode(notice[5:])
         fields = {k: for_client(v, self.encoding) for k, v in note.fields.items()}
         self._send(NoticeResponse(fields).encode())
+
     # -- budgets (gateway/guards/budgets.py) ------------------------------------------------
 
     def _over_budget(self, budget: RowBudget) -> None:
