@@ -27,6 +27,7 @@ def openapi_document() -> dict[str, Any]:
         readiness=cast(Any, None),
         access=AdminAccess(open_access=True, verify=_no_token, groups=["admins"]),
         approvals=cast(Any, object()),
+        sessions=cast(Any, object()),
     )
     return app.openapi()
 
