@@ -4,6 +4,7 @@ approver's CLI, one denied), its audit trail, then serving until Ctrl-C."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -84,8 +85,10 @@ def demo(
     pg_base = state / "pg"
     if not reachable_by_postgres(state):
         # As root, PostgreSQL runs as the postgres OS user, which cannot reach a folder
-        # under a private home: keep the throwaway cluster in the temp folder instead.
-        pg_base = Path(tempfile.gettempdir()) / f"pgwarden-demo-pg-{os.getuid()}"
+        # under a private home: keep the throwaway cluster in the temp folder instead, one
+        # per state directory (two demos, or two test runs, never share a cluster).
+        tag = hashlib.sha256(str(state).encode()).hexdigest()[:10]
+        pg_base = Path(tempfile.gettempdir()) / f"pgwarden-demo-pg-{os.getuid()}-{tag}"
     pg_base.mkdir(parents=True, exist_ok=True)
     pg_base.chmod(0o755)
     pg_port = 54329 if _port_free(54329) else free_port()
