@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,7 +84,8 @@ def demo(
     state = base.state_dir.resolve() / "demo"
     state.mkdir(parents=True, exist_ok=True)
     pg_base = state / "pg"
-    if not reachable_by_postgres(state):
+    in_temp = not reachable_by_postgres(state)
+    if in_temp:
         # As root, PostgreSQL runs as the postgres OS user, which cannot reach a folder
         # under a private home: keep the throwaway cluster in the temp folder instead, one
         # per state directory (two demos, or two test runs, never share a cluster).
@@ -100,6 +102,8 @@ def demo(
     finally:
         _say("stopping PostgreSQL")
         cluster.stop()
+        if in_temp and once:
+            shutil.rmtree(pg_base, ignore_errors=True)  # a one-off run keeps nothing in /tmp
 
 
 def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, once: bool) -> None:
