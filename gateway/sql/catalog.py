@@ -198,13 +198,37 @@ SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = ANY($1::oid[]) AND NOT a.attisdropped
 """
 
-# Which schemas hold a function of each name.
-_FUNCTION_QUERY = """
-SELECT p.proname::text, array_agg(DISTINCT n.nspname::text)
+# Whether the function `p` computes its result from its arguments alone, so that lineage
+# runs through it as through a built-in: a member of an extension (code an admin installed;
+# CREATE EXTENSION is denied to everyone else), written in C (only a superuser creates C
+# functions, so nobody else can swap in a body), and IMMUTABLE: PostgreSQL's contract for
+# that is "no database lookups, nothing but the argument list", which rules out what makes
+# a function opaque to lineage (running SQL text, reading a cursor, a relation by name or a
+# page, another database: dblink, crosstab, get_raw_page, ... are all STABLE or VOLATILE).
+# An argument that names what to read (a regclass, an OID, a cursor) keeps it opaque anyway.
+_TRACED_FUNCTION = """(
+    p.provolatile = 'i'
+    AND p.prolang IN (SELECT l.oid FROM pg_catalog.pg_language l
+                      WHERE l.lanname IN ('c', 'internal'))
+    AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                WHERE e.classid = 'pg_catalog.pg_proc'::regclass AND e.objid = p.oid
+                  AND e.deptype = 'e')
+    AND NOT p.proargtypes::oid[] && ARRAY[
+        'pg_catalog.regclass'::regtype, 'pg_catalog.regnamespace'::regtype,
+        'pg_catalog.regproc'::regtype, 'pg_catalog.regprocedure'::regtype,
+        'pg_catalog.refcursor'::regtype, 'pg_catalog.oid'::regtype]::oid[]
+)"""
+
+# Which schemas hold a function of each name, and which of them one that is not traced
+# (pg_catalog aside: built-ins are judged by name, see LINEAGE_OPAQUE_BUILTINS).
+_FUNCTION_QUERY = f"""
+SELECT p.proname::text, array_agg(DISTINCT n.nspname::text),
+       coalesce(array_agg(DISTINCT n.nspname::text)
+                FILTER (WHERE n.nspname <> 'pg_catalog' AND NOT {_TRACED_FUNCTION}), '{{}}')
 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 WHERE p.proname = ANY($1::text[])
 GROUP BY p.proname
-"""
+"""  # noqa: S608 (constants of this module, no input)
 
 # Which schemas hold an operator of each name whose function someone wrote in SQL or a
 # procedural language: not a built-in (pg_catalog) and not part of an extension (whose
@@ -223,8 +247,10 @@ GROUP BY o.oprname
 """
 
 # Which schemas hold a type of each name that a cast to it runs user-written code for: a
-# domain whose CHECK constraint calls such a function, or a cast with such a function.
-_TYPE_QUERY = """
+# domain whose CHECK constraint calls such a function, or a cast with such a function (an
+# extension's traced functions aside: `$1::hstore`, `'x'::citext`). I/O conversion and
+# binary-coercible casts (castmethod 'i', 'b') have no function and carry their argument.
+_TYPE_QUERY = f"""
 SELECT t.typname::text, array_agg(DISTINCT n.nspname::text)
 FROM pg_catalog.pg_type t
 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
@@ -234,15 +260,19 @@ WHERE t.typname = ANY($1::text[])
                  ON d.classid = 'pg_catalog.pg_constraint'::regclass AND d.objid = c.oid
                 AND d.refclassid = 'pg_catalog.pg_proc'::regclass
                JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-               WHERE c.contypid = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace)
+               WHERE c.contypid = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace
+                 AND NOT {_TRACED_FUNCTION})
        OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast k
                   JOIN pg_catalog.pg_proc p ON p.oid = k.castfunc
-                  WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace))
+                  WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace
+                    AND NOT {_TRACED_FUNCTION}))
 GROUP BY t.typname
-"""
+"""  # noqa: S608 (constants of this module, no input)
 
 Connect = Callable[[], Awaitable[Any]]
 Column = tuple[str, str, str]  # (schema, table, column)
+# (schemas holding a function of a name, those of them holding one that is not traced)
+_FunctionHolders = tuple[frozenset[str], frozenset[str]]
 
 
 def parse_search_path(text: str) -> tuple[str, ...]:
@@ -352,8 +382,9 @@ class Catalog:
         self._attnums: dict[int, frozenset[int]] = {}
         # (schema, view) → (lineage, fetched at)
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
-        # function name → (schemas holding a function of that name, fetched at)
-        self._functions: dict[str, tuple[frozenset[str], float]] = {}
+        # function name → ((schemas holding a function of that name, those holding one not
+        # traced), fetched at)
+        self._functions: dict[str, tuple[_FunctionHolders, float]] = {}
         # operator name → (schemas holding one of that name backed by user code, fetched at)
         self._operators: dict[str, tuple[frozenset[str], float]] = {}
         # type name → (schemas holding one a cast to which runs user code, fetched at)
@@ -754,24 +785,38 @@ class Catalog:
         pg_catalog lacks is qualified with the schema that answers to it."""
         if not (facts.functions or facts.operators or facts.attributes or facts.types):
             return facts
-        names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
-        holders = await self._function_schemas(names) if names else {}
+        names = {f.rsplit(".", 1)[-1] for f in facts.functions}
+        holders = await self._function_holders(names) if names else {}
         functions: list[str] = []
+        traced: list[str] = []
         opaque = False
         for qualified in facts.functions:
             schema, _, name = qualified.rpartition(".")
-            if schema != "pg_catalog" or name in LINEAGE_OPAQUE_BUILTINS:
+            schemas, untraced = holders.get(name, (frozenset(), frozenset()))
+            untraced = frozenset("pg_temp" if s.startswith("pg_temp_") else s for s in untraced)
+            if name in LINEAGE_OPAQUE_BUILTINS:
                 opaque = True
+            elif schema != "pg_catalog":
+                # Named with its schema: that schema's functions of the name are the
+                # candidates (none at all: the call fails, and is not traced either).
+                known = any(
+                    s == schema or (schema == "pg_temp" and s.startswith("pg_temp_"))
+                    for s in schemas
+                )
+                if known and schema not in untraced:
+                    traced.append(qualified)
+                else:
+                    opaque = True
             else:
-                schemas = holders.get(name, frozenset())
+                # Unqualified (the analysis writes it pg_catalog.name): every function of the
+                # name on the path is a candidate, as the arguments' types decide which runs.
                 others = [s for s in path if s in schemas and s != "pg_catalog"]
-                if "pg_catalog" not in schemas:
+                if not schemas or any(s in untraced for s in others):
                     opaque = True
-                    if others:
-                        qualified = f"{others[0]}.{name}"
-                elif others:
-                    # pg_catalog has one; another on the path may fit the arguments better.
-                    opaque = True
+                if "pg_catalog" not in schemas and others:
+                    qualified = f"{others[0]}.{name}"
+                    if not opaque:
+                        traced.append(qualified)
             functions.append(qualified)
         if not opaque and facts.operators:
             opaque = await self._user_code_behind(
@@ -786,7 +831,11 @@ class Catalog:
         if not opaque and attributes:
             found = await self._function_schemas(attributes)
             opaque = any(s in path and s != "pg_catalog" for n in attributes for s in found[n])
-        resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
+        resolved = replace(
+            facts,
+            functions=tuple(dict.fromkeys(functions)),
+            traced_functions=() if opaque else tuple(dict.fromkeys(traced)),
+        )
         return _flagged(resolved, "opaque_function") if opaque else resolved
 
     async def _user_code_behind(
@@ -820,7 +869,31 @@ class Catalog:
         return False
 
     async def _function_schemas(self, names: set[str]) -> dict[str, frozenset[str]]:
-        return await self._named_schemas(_FUNCTION_QUERY, self._functions, names)
+        return {name: found[0] for name, found in (await self._function_holders(names)).items()}
+
+    async def _function_holders(self, names: set[str]) -> dict[str, _FunctionHolders]:
+        """name → (schemas holding a function of that name, those of them holding one that
+        is not traced), cached; an absent name is asked again (someone may create it)."""
+        now = time.monotonic()
+        found: dict[str, _FunctionHolders] = {}
+        missing: list[str] = []
+        for name in names:
+            entry = self._functions.get(name)
+            if entry is not None and now - entry[1] < self._ttl:
+                found[name] = entry[0]
+            else:
+                missing.append(name)
+        if missing:
+            rows = await self._fetch(_FUNCTION_QUERY, sorted(missing))
+            fetched = {
+                name: (frozenset(schemas), frozenset(untraced)) for name, schemas, untraced in rows
+            }
+            for name in missing:
+                holders = fetched.get(name, (frozenset(), frozenset()))
+                found[name] = holders
+                if holders[0]:
+                    self._functions[name] = (holders, now)
+        return found
 
     async def _named_schemas(
         self,

@@ -1,0 +1,199 @@
+"""Lineage runs through the code of an extension that computes from its arguments alone
+(an IMMUTABLE C function: casts to hstore, citext or issn, hstore(...), hstore's operators),
+so what reads no classified column comes back as written to every group, admins and
+ai-agents included; what such code computes from a classified column is masked like any
+expression. Code whose lineage stays unknown (a plpgsql function, an extension's function
+that runs SQL text) keeps every classified column in play: its output is masked whole.
+
+Real asyncpg (and psycopg) clients through the real gateway, real OPA, real PostgreSQL with
+the contrib extensions (Debian's postgresql-contrib) installed in the app database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import asyncpg
+import psycopg
+import pytest
+
+from . import (
+    assert_no_customer_secret,
+    assert_policy_refusal,
+    connect,
+    direct,
+    refusal_of,
+    simple,
+    token_for,
+)
+
+pytestmark = pytest.mark.server
+
+_T = TypeVar("_T")
+EXTENSIONS = ("hstore", "citext", "isn", "tablefunc")
+
+
+@pytest.fixture(scope="module")
+def extensions(gateway: Any) -> Iterator[None]:
+    """The contrib extensions asyncpg's own codec tests install, and a plpgsql function."""
+    available = {
+        name for (name,) in direct(gateway, "SELECT name FROM pg_catalog.pg_available_extensions")
+    }
+    missing = set(EXTENSIONS) - available
+    assert not missing, f"postgresql-contrib is needed for these tests: {sorted(missing)}"
+    direct(
+        gateway,
+        "".join(f"CREATE EXTENSION IF NOT EXISTS {name};" for name in EXTENSIONS)
+        + "CREATE OR REPLACE FUNCTION pgw_constant_plpgsql() RETURNS text LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN 'abc'; END $$",
+    )
+    yield
+    direct(
+        gateway,
+        "DROP FUNCTION pgw_constant_plpgsql();"
+        + "".join(f"DROP EXTENSION {name} CASCADE;" for name in EXTENSIONS),
+    )
+
+
+def on_asyncpg(
+    gateway: Any, role: str | tuple[str, ...], work: Callable[[asyncpg.Connection], Awaitable[_T]]
+) -> _T:
+    groups = (role,) if isinstance(role, str) else role
+
+    async def run() -> _T:
+        conn = await asyncpg.connect(gateway.url(token_for(gateway, *groups)))
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+# Statements that read no table, through an extension's IMMUTABLE C code, with what a
+# direct connection returns.
+UNCLASSIFIED: list[tuple[str, tuple[Any, ...], Any]] = [
+    ("SELECT $1::citext", ("CiText",), "CiText"),
+    ("SELECT $1::hstore::text", ("ham=>spam",), '"ham"=>"spam"'),
+    ("SELECT 'a=>1'::hstore -> 'a'", (), "1"),
+    ("SELECT hstore('k', 'v')::text", (), '"k"=>"v"'),
+    ("SELECT public.hstore('k', 'v')::text", (), '"k"=>"v"'),
+    ("SELECT akeys(hstore(ARRAY['x', '1', 'y', '2']))::text", (), "{x,y}"),
+    ("SELECT $1::issn::text", ("1436-4522",), "1436-4522"),
+    ("SELECT upper($1::citext)::text", ("ab",), "AB"),
+]
+
+
+@pytest.mark.parametrize("role", ["admins", "engineers", "ai-agents"])
+@pytest.mark.parametrize(("text", "args", "expected"), UNCLASSIFIED)
+def test_extension_code_over_no_classified_column_returns_values(
+    gateway: Any, extensions: None, role: str, text: str, args: tuple[Any, ...], expected: Any
+) -> None:
+    assert direct(gateway, text.replace("$1", "%s"), args or None) == [(expected,)]
+    got = on_asyncpg(gateway, role, lambda conn: conn.fetchval(text, *args))
+    assert got == expected
+
+
+def test_asyncpg_custom_codec_over_an_extension_type(gateway: Any, extensions: None) -> None:
+    """asyncpg's own TestCodecs.test_custom_codec_text, for admins and ai-agents."""
+
+    async def work(conn: asyncpg.Connection) -> Any:
+        await conn.set_type_codec(
+            "hstore",
+            encoder=lambda d: ",".join(f"{k}=>{v}" for k, v in d.items()),
+            decoder=lambda s: dict(
+                (k.strip('"'), v.strip('"'))
+                for k, _, v in (item.partition("=>") for item in s.split(","))
+            ),
+        )
+        return await (await conn.prepare("SELECT $1::hstore AS result")).fetchval({"ham": "spam"})
+
+    for role in ("admins", "ai-agents"):
+        assert on_asyncpg(gateway, role, work) == {"ham": "spam"}
+
+
+# Extension code over a classified column: traced from its argument, so masked as an
+# expression is (engineers) or refused as an oracle (ai-agents).
+CLASSIFIED = [
+    "SELECT hstore('e', email)::text FROM customers ORDER BY id",
+    "SELECT email::citext FROM customers ORDER BY id",
+    "SELECT upper(ssn::citext)::text FROM customers ORDER BY id",
+    "SELECT (hstore('e', email) -> 'e') FROM customers ORDER BY id",
+]
+
+
+@pytest.mark.parametrize("text", CLASSIFIED)
+def test_extension_code_over_a_classified_column_is_masked(
+    gateway: Any, extensions: None, text: str
+) -> None:
+    cleartext = direct(gateway, text)
+    assert any("@example." in repr(r) or "-45-" in repr(r) for r in cleartext)  # the premise
+    rows = on_asyncpg(gateway, "engineers", lambda conn: conn.fetch(text))
+    assert len(rows) == len(cleartext)
+    assert_no_customer_secret([tuple(r) for r in rows])
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            simple(conn, text)
+        assert_policy_refusal(refusal_of(exc.value), reason="classified column")
+        assert_no_customer_secret(refusal_of(exc.value))
+
+
+def test_a_plpgsql_function_stays_opaque(gateway: Any, extensions: None) -> None:
+    """Its body could read any table: masked whole for whoever is not a pii-reader, admins
+    included; held for approval for ai-agents (it may also write)."""
+    text = "SELECT pgw_constant_plpgsql()"
+    assert direct(gateway, text) == [("abc",)]
+    for role in ("admins", "engineers"):
+        assert on_asyncpg(gateway, role, lambda conn: conn.fetchval(text)) in (None, "***")
+    # A pii-reader has no masks: the value as written.
+    reader = ("engineers", "pii-readers")
+    assert on_asyncpg(gateway, reader, lambda conn: conn.fetchval(text)) == "abc"
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            simple(conn, text)
+        assert_policy_refusal(refusal_of(exc.value), approval=True)
+
+
+def test_a_user_function_of_an_extension_function_s_name_keeps_the_call_opaque(
+    gateway: Any, extensions: None
+) -> None:
+    """Which of the functions of one name runs is for the arguments' types to decide: one
+    user-written function of that name on the search_path makes the call opaque."""
+    direct(
+        gateway,
+        "CREATE FUNCTION public.skeys(text) RETURNS SETOF text LANGUAGE sql"
+        " AS 'SELECT email FROM customers'",
+    )
+    try:
+        text = "SELECT skeys('a=>1'::hstore)"
+        assert direct(gateway, text) == [("a",)]
+        for role in ("admins", "engineers"):
+            assert on_asyncpg(gateway, role, lambda conn: conn.fetchval(text)) in (None, "***")
+        # Named with the schema both live in, the user's is still a candidate.
+        qualified = "SELECT public.skeys('a=>1'::hstore)"
+        assert on_asyncpg(gateway, "admins", lambda conn: conn.fetchval(qualified)) == "***"
+    finally:
+        direct(gateway, "DROP FUNCTION public.skeys(text)")
+
+
+def test_an_extension_function_that_runs_sql_text_stays_opaque(
+    gateway: Any, extensions: None
+) -> None:
+    """tablefunc's crosstab (C, STABLE) runs the query it is given: no lineage reaches its
+    rows, so every classified column is in play and its output columns are masked whole."""
+    text = (
+        "SELECT * FROM crosstab('SELECT id, ''e'', email FROM customers ORDER BY 1')"
+        " AS ct(id int, e text)"
+    )
+    cleartext = direct(gateway, text)
+    assert "ada@example.com" in repr(cleartext)
+    for role in ("admins", "engineers"):
+        rows = on_asyncpg(gateway, role, lambda conn: conn.fetch(text))
+        assert len(rows) == len(cleartext)
+        assert_no_customer_secret([tuple(r) for r in rows])
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            simple(conn, text)
+        assert_policy_refusal(refusal_of(exc.value), approval=True)
