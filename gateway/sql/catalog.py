@@ -16,6 +16,7 @@ import asyncpg
 
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
+from gateway.sql.analysis import analyze
 from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     ColumnRef,
@@ -230,6 +231,26 @@ WHERE p.proname = ANY($1::text[])
 GROUP BY p.proname
 """  # noqa: S608 (constants of this module, no input)
 
+# The functions of each name outside pg_catalog that are not traced, with what it takes to
+# read a LANGUAGE sql one's body: its language, kind, source text and the search_path it
+# sets for itself (SET search_path = ...), if any.
+_UNTRACED_FUNCTION_QUERY = f"""
+SELECT p.proname::text, n.nspname::text, l.lanname::text, p.prokind::text, p.prosrc,
+       (SELECT substr(c, 13) FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%' LIMIT 1)
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+WHERE p.proname = ANY($1::text[]) AND n.nspname <> 'pg_catalog' AND NOT {_TRACED_FUNCTION}
+"""  # noqa: S608 (constants of this module, no input)
+
+# How deep calls of LANGUAGE sql functions are followed into their bodies (f calls g calls
+# h ...); a call deeper than that stays opaque, as does one that recurses.
+_MAX_BODY_DEPTH = 4
+
+# What a LANGUAGE sql function's body may be and still have its lineage traced: reads only
+# (a body that writes, locks rows, or runs code of its own is opaque: a human decides).
+_TRACEABLE_BODY_FLAGS = frozenset({"multi_statement", "via_view"})
+
 # Which schemas hold an operator of each name whose function someone wrote in SQL or a
 # procedural language: not a built-in (pg_catalog) and not part of an extension (whose
 # code an admin installed; CREATE EXTENSION is denied to everyone else).
@@ -273,6 +294,8 @@ Connect = Callable[[], Awaitable[Any]]
 Column = tuple[str, str, str]  # (schema, table, column)
 # (schemas holding a function of a name, those of them holding one that is not traced)
 _FunctionHolders = tuple[frozenset[str], frozenset[str]]
+# An untraced function: schema, language, kind, source text, the search_path it sets.
+_UntracedFunction = tuple[str, str, str, str, str | None]
 
 
 def parse_search_path(text: str) -> tuple[str, ...]:
@@ -385,6 +408,8 @@ class Catalog:
         # function name → ((schemas holding a function of that name, those holding one not
         # traced), fetched at)
         self._functions: dict[str, tuple[_FunctionHolders, float]] = {}
+        # function name → (its untraced functions outside pg_catalog, fetched at)
+        self._untraced: dict[str, tuple[tuple[_UntracedFunction, ...], float]] = {}
         # operator name → (schemas holding one of that name backed by user code, fetched at)
         self._operators: dict[str, tuple[frozenset[str], float]] = {}
         # type name → (schemas holding one a cast to which runs user code, fetched at)
@@ -420,6 +445,7 @@ class Catalog:
         self._attnums.clear()
         self._views.clear()
         self._functions.clear()
+        self._untraced.clear()
         self._operators.clear()
         self._types.clear()
         self._mask_columns.clear()
@@ -621,14 +647,21 @@ class Catalog:
             self._relations,
             self._views,
             self._functions,
+            self._untraced,
             self._operators,
             self._types,
         )
         return min((fetched for cache in caches for _, fetched in cache.values()), default=0.0)
 
     async def _resolve(
-        self, facts: StatementFacts, search_path: Sequence[str], user: str | None
+        self,
+        facts: StatementFacts,
+        search_path: Sequence[str],
+        user: str | None,
+        calling: frozenset[str] = frozenset(),
     ) -> StatementFacts:
+        """resolve() without the cache; `calling`: the LANGUAGE sql functions whose bodies
+        are being resolved, outermost first (see _sql_bodies)."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
         for output in facts.outputs or ():
             names.update(table for _, table, _ in output.sources)
@@ -691,7 +724,9 @@ class Catalog:
                 for known_columns in holders.values()
                 for column in known_columns
             }
-            resolved = await self._opaque_functions(resolved, path, columns_known)
+            resolved = await self._opaque_functions(
+                resolved, path, columns_known, search_path, user, calling
+            )
         except Exception:
             return _flagged(resolved, "catalog_unavailable")
         return resolved
@@ -774,7 +809,13 @@ class Catalog:
         return found
 
     async def _opaque_functions(
-        self, facts: StatementFacts, path: Sequence[str], columns_known: set[str]
+        self,
+        facts: StatementFacts,
+        path: Sequence[str],
+        columns_known: set[str],
+        search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
+        user: str | None = None,
+        calling: frozenset[str] = frozenset(),
     ) -> StatementFacts:
         """Flag "opaque_function" for functions the policy cannot see into: user-defined
         ones (anything outside pg_catalog, or an unqualified name that a function of another
@@ -789,11 +830,14 @@ class Catalog:
         holders = await self._function_holders(names) if names else {}
         functions: list[str] = []
         traced: list[str] = []
+        bodies: list[StatementFacts] = []
         opaque = False
         for qualified in facts.functions:
             schema, _, name = qualified.rpartition(".")
             schemas, untraced = holders.get(name, (frozenset(), frozenset()))
             untraced = frozenset("pg_temp" if s.startswith("pg_temp_") else s for s in untraced)
+            # The schemas whose untraced functions of the name may be the one that runs.
+            candidates: list[str] = []
             if name in LINEAGE_OPAQUE_BUILTINS:
                 opaque = True
             elif schema != "pg_catalog":
@@ -803,20 +847,30 @@ class Catalog:
                     s == schema or (schema == "pg_temp" and s.startswith("pg_temp_"))
                     for s in schemas
                 )
-                if known and schema not in untraced:
-                    traced.append(qualified)
-                else:
+                if not known:
                     opaque = True
+                elif schema in untraced:
+                    candidates = [schema]
+                else:
+                    traced.append(qualified)
             else:
                 # Unqualified (the analysis writes it pg_catalog.name): every function of the
                 # name on the path is a candidate, as the arguments' types decide which runs.
                 others = [s for s in path if s in schemas and s != "pg_catalog"]
-                if not schemas or any(s in untraced for s in others):
+                if not schemas:
                     opaque = True
+                candidates = [s for s in others if s in untraced]
                 if "pg_catalog" not in schemas and others:
                     qualified = f"{others[0]}.{name}"
-                    if not opaque:
+                    if not candidates and schemas:
                         traced.append(qualified)
+            if candidates and not opaque:
+                read = await self._sql_bodies(name, candidates, search_path, user, calling)
+                if read is None:
+                    opaque = True
+                else:
+                    bodies.extend(read)
+                    traced.append(qualified)
             functions.append(qualified)
         if not opaque and facts.operators:
             opaque = await self._user_code_behind(
@@ -836,7 +890,60 @@ class Catalog:
             functions=tuple(dict.fromkeys(functions)),
             traced_functions=() if opaque else tuple(dict.fromkeys(traced)),
         )
-        return _flagged(resolved, "opaque_function") if opaque else resolved
+        if opaque:
+            return _flagged(resolved, "opaque_function")
+        return _with_bodies(resolved, bodies) if bodies else resolved
+
+    async def _sql_bodies(
+        self,
+        name: str,
+        schemas: Sequence[str],
+        search_path: Sequence[str],
+        user: str | None,
+        calling: frozenset[str],
+    ) -> list[StatementFacts] | None:
+        """The resolved statements of the bodies of every untraced function named `name` in
+        `schemas`, when each is a plain LANGUAGE sql function whose body only reads; None
+        when any is not (plpgsql, C outside an extension, a body that writes, recursion or
+        calls nested deeper than _MAX_BODY_DEPTH): what it reads is then unknown. A body's
+        names are resolved under the search_path the function sets for itself, else the
+        caller's, as PostgreSQL does when it runs it."""
+        if len(calling) >= _MAX_BODY_DEPTH:
+            return None
+        candidates = await self._untraced_functions(name)
+        found: list[StatementFacts] = []
+        for schema, language, kind, source, own_path in candidates:
+            if ("pg_temp" if schema.startswith("pg_temp_") else schema) not in schemas:
+                continue
+            key = f"{schema}.{name}"
+            if language != "sql" or kind != "f" or not source.strip() or key in calling:
+                return None
+            body_path = parse_search_path(own_path) if own_path is not None else search_path
+            for statement in analyze(source):
+                if (
+                    statement.category != "read"
+                    or statement.command != "SELECT"
+                    or not _TRACEABLE_BODY_FLAGS.issuperset(statement.flags)
+                ):
+                    return None
+                body = await self._resolve(statement, body_path, user, calling | {key})
+                if body.outputs is None or not _TRACEABLE_BODY_FLAGS.issuperset(body.flags):
+                    return None  # (outputs None: where its values come from is unknown)
+                found.append(body)
+        return found
+
+    async def _untraced_functions(self, name: str) -> tuple[_UntracedFunction, ...]:
+        now = time.monotonic()
+        entry = self._untraced.get(name)
+        if entry is not None and now - entry[1] < self._ttl:
+            return entry[0]
+        rows = await self._fetch(_UNTRACED_FUNCTION_QUERY, [name])
+        found = tuple(
+            (schema, language, kind, source or "", own_path)
+            for _, schema, language, kind, source, own_path in rows
+        )
+        self._untraced[name] = (found, now)
+        return found
 
     async def _user_code_behind(
         self,
@@ -1102,6 +1209,42 @@ def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:
     if flag in facts.flags:
         return facts
     return replace(facts, flags=(*facts.flags, flag))
+
+
+def _with_bodies(facts: StatementFacts, bodies: Sequence[StatementFacts]) -> StatementFacts:
+    """`facts` calling LANGUAGE sql functions whose bodies are `bodies` (resolved): what
+    they read is read by the statement, every column they use is used under a function
+    (usage "expression": an oracle for whoever may not see it) and, in a statement that
+    writes, may be copied into what it writes (usage "source"), the functions they call
+    are called, and any value of those columns may flow into any output column (which
+    output calls which function is not traced here)."""
+    usages = ("expression", "source") if facts.writes else ("expression",)
+    reads = dict.fromkeys(facts.reads)
+    columns = dict.fromkeys(facts.columns)
+    functions = dict.fromkeys(facts.functions)
+    traced = dict.fromkeys(facts.traced_functions)
+    sources: set[Column] = set()
+    for body in bodies:
+        reads.update(dict.fromkeys(body.reads))
+        for c in body.columns:
+            for usage in usages:
+                columns[ColumnRef(c.schema, c.table, c.column, usage)] = None
+            sources.add((c.schema, c.table, c.column))
+        functions.update(dict.fromkeys(body.functions))
+        traced.update(dict.fromkeys(body.traced_functions))
+        for output in body.outputs or ():
+            sources.update(output.sources)
+    outputs = facts.outputs
+    if outputs is not None and sources:
+        outputs = tuple(replace(o, sources=o.sources | sources) for o in outputs)
+    return replace(
+        facts,
+        reads=tuple(reads),
+        columns=tuple(columns),
+        functions=tuple(functions),
+        traced_functions=tuple(traced),
+        outputs=outputs,
+    )
 
 
 # --------------------------------------------------------------------------- view lineage

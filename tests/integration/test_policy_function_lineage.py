@@ -1,3 +1,4 @@
+# ruff: noqa: S608  (tests build SQL around table names of their own)
 """Lineage runs through the code of an extension that computes from its arguments alone
 (an IMMUTABLE C function: casts to hstore, citext or issn, hstore(...), hstore's operators),
 so what reads no classified column comes back as written to every group, admins and
@@ -24,6 +25,7 @@ from . import (
     assert_policy_refusal,
     connect,
     direct,
+    fresh_table,
     refusal_of,
     simple,
     token_for,
@@ -197,3 +199,151 @@ def test_an_extension_function_that_runs_sql_text_stays_opaque(
         with pytest.raises(psycopg.Error) as exc:
             simple(conn, text)
         assert_policy_refusal(refusal_of(exc.value), approval=True)
+
+
+# -- LANGUAGE sql functions: lineage from their bodies -----------------------------------
+
+SQL_FUNCTIONS = (
+    "CREATE OR REPLACE FUNCTION pgw_double(int) RETURNS int LANGUAGE sql IMMUTABLE"
+    " AS 'SELECT $1 * 2';"
+    " CREATE OR REPLACE FUNCTION pgw_spent(int) RETURNS numeric LANGUAGE sql STABLE"
+    " AS 'SELECT sum(amount) FROM orders WHERE customer_id = $1';"
+    " CREATE OR REPLACE FUNCTION pgw_spent_twice(int) RETURNS numeric LANGUAGE sql STABLE"
+    " AS 'SELECT pgw_spent($1) * pgw_double(1)';"
+    " CREATE OR REPLACE FUNCTION pgw_mail(int) RETURNS text LANGUAGE sql STABLE"
+    " AS 'SELECT email FROM customers WHERE id = $1';"
+    " CREATE OR REPLACE FUNCTION pgw_mail_via(int) RETURNS text LANGUAGE sql STABLE"
+    " AS 'SELECT upper(pgw_mail($1))';"
+    " CREATE OR REPLACE FUNCTION pgw_everyone() RETURNS SETOF customers LANGUAGE sql STABLE"
+    " AS 'SELECT * FROM customers ORDER BY id';"
+    " CREATE OR REPLACE FUNCTION pgw_count_mail(text) RETURNS bigint LANGUAGE sql STABLE"
+    " AS 'SELECT count(*) FROM customers WHERE email LIKE $1';"
+    " CREATE OR REPLACE FUNCTION pgw_fact(int) RETURNS int LANGUAGE sql IMMUTABLE"
+    " AS 'SELECT CASE WHEN $1 <= 1 THEN 1 ELSE $1 * pgw_fact($1 - 1) END';"
+    " CREATE OR REPLACE FUNCTION pgw_touch() RETURNS int LANGUAGE sql"
+    " AS 'UPDATE orders SET amount = amount WHERE id = 1 RETURNING id';"
+    " CREATE SCHEMA IF NOT EXISTS pgw_shadow;"
+    " CREATE TABLE IF NOT EXISTS pgw_shadow.customers (id int, email text);"
+    " INSERT INTO pgw_shadow.customers VALUES (1, 'shadow@example.net');"
+    " CREATE OR REPLACE FUNCTION pgw_mail_pinned(int) RETURNS text LANGUAGE sql STABLE"
+    " SET search_path = public AS 'SELECT email FROM customers WHERE id = $1';"
+)
+DROP_SQL_FUNCTIONS = (
+    "DROP FUNCTION pgw_double(int), pgw_spent(int), pgw_spent_twice(int), pgw_mail(int),"
+    " pgw_mail_via(int), pgw_everyone(), pgw_count_mail(text), pgw_fact(int), pgw_touch(),"
+    " pgw_mail_pinned(int); DROP SCHEMA pgw_shadow CASCADE"
+)
+
+
+@pytest.fixture(scope="module")
+def sql_functions(gateway: Any) -> Iterator[None]:
+    direct(gateway, SQL_FUNCTIONS)
+    yield
+    direct(gateway, DROP_SQL_FUNCTIONS)
+
+
+# Bodies that read no classified column: every group gets the values, ai-agents without
+# approval (a body that only reads is seen into).
+UNMASKED_CALLS = [
+    ("SELECT pgw_double(21)", 42),
+    ("SELECT pgw_spent(1)", 30.5),
+    ("SELECT pgw_spent_twice(1)", 61.0),
+    ("SELECT pgw_spent(c.id) FROM customers c WHERE c.id = 2", 7.25),
+]
+
+
+@pytest.mark.parametrize("role", ["admins", "engineers", "ai-agents"])
+@pytest.mark.parametrize(("text", "expected"), UNMASKED_CALLS)
+def test_a_sql_function_whose_body_reads_no_classified_column_returns_values(
+    gateway: Any, sql_functions: None, role: str, text: str, expected: Any
+) -> None:
+    assert direct(gateway, text) == [(expected,)]
+    assert on_asyncpg(gateway, role, lambda conn: conn.fetchval(text)) == expected
+
+
+# Bodies (or bodies they call) that read a classified column: masked for whoever is not a
+# pii-reader, admins included; refused to ai-agents (a function over it is an oracle).
+MASKED_CALLS = [
+    "SELECT pgw_mail(1)",
+    "SELECT pgw_mail_via(1)",
+    "SELECT id, pgw_mail(id) FROM orders ORDER BY id",
+    "SELECT * FROM pgw_everyone()",
+    "SELECT e.email FROM pgw_everyone() e",
+    "SELECT pgw_count_mail('ada%') = 1",
+]
+
+
+@pytest.mark.parametrize("text", MASKED_CALLS)
+def test_a_sql_function_whose_body_reads_a_classified_column_is_masked(
+    gateway: Any, sql_functions: None, text: str
+) -> None:
+    for role in ("admins", "engineers"):
+        rows = on_asyncpg(gateway, role, lambda conn: conn.fetch(text))
+        assert rows, text
+        assert_no_customer_secret([tuple(r) for r in rows])
+    reader = ("admins", "pii-readers")
+    rows = on_asyncpg(gateway, reader, lambda conn: conn.fetch(text))
+    assert [tuple(r) for r in rows] == direct(gateway, text)
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            simple(conn, text)
+        assert_policy_refusal(refusal_of(exc.value), reason="classified column")
+
+
+def test_a_sql_function_is_read_under_the_search_path_it_sets_for_itself(
+    gateway: Any, sql_functions: None
+) -> None:
+    """pgw_mail_pinned sets search_path = public: its `customers` is public.customers
+    whatever the caller's path says; pgw_mail has none: the caller's path decides, as it
+    does when PostgreSQL runs it."""
+
+    async def work(conn: asyncpg.Connection) -> tuple[Any, Any]:
+        await conn.execute("SET search_path TO pgw_shadow, public")
+        return await conn.fetchval("SELECT pgw_mail_pinned(1)"), await conn.fetchval(
+            "SELECT pgw_mail(1)"
+        )
+
+    pinned, unpinned = on_asyncpg(gateway, "engineers", work)
+    assert pinned != "ada@example.com" and pinned is not None  # public.customers: masked
+    assert unpinned == "shadow@example.net"  # pgw_shadow.customers: not classified
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT pgw_fact(5)",  # calls itself: followed no further
+        "SELECT pgw_touch()",  # writes
+    ],
+)
+def test_a_sql_function_that_recurses_or_writes_stays_opaque(
+    gateway: Any, sql_functions: None, text: str
+) -> None:
+    want = direct(gateway, text)[0][0]
+    assert on_asyncpg(gateway, "admins", lambda conn: conn.fetchval(text)) != want
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        with pytest.raises(psycopg.Error) as exc:
+            simple(conn, text)
+        assert_policy_refusal(refusal_of(exc.value), approval=True)
+
+
+def test_a_copy_through_a_sql_function_is_held_like_a_direct_copy(
+    gateway: Any, sql_functions: None
+) -> None:
+    """INSERT ... VALUES (pgw_mail(1)) copies customers.email as surely as INSERT ...
+    SELECT email: engineers wait for an admin, and nothing is written meanwhile."""
+    table = fresh_table(gateway, "pgw_copy", rows=1)
+    try:
+        text = f"INSERT INTO {table} (id, v) VALUES (9, pgw_mail(1)) RETURNING v"
+        with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+            with pytest.raises(psycopg.Error) as exc:
+                simple(conn, text)
+            refusal = refusal_of(exc.value)
+            assert_policy_refusal(refusal, approval=True)
+            assert "may not copy classified column public.customers.email" in refusal.message
+        assert direct(gateway, f"SELECT id FROM {table} ORDER BY id") == [(1,)]
+        # What it copies from an unclassified column goes through.
+        spent = f"UPDATE {table} SET v = pgw_spent(1)::text WHERE id = 1 RETURNING v"
+        with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+            assert simple(conn, spent) == [("30.5",)]
+    finally:
+        direct(gateway, f"DROP TABLE {table}")
