@@ -347,3 +347,30 @@ def test_a_copy_through_a_sql_function_is_held_like_a_direct_copy(
             assert simple(conn, spent) == [("30.5",)]
     finally:
         direct(gateway, f"DROP TABLE {table}")
+
+
+def test_a_write_of_what_opaque_code_computes_keeps_classified_values_masked(
+    gateway: Any, extensions: None
+) -> None:
+    """A plpgsql function reading customers.email, its value written to another column:
+    which classified column it copies is unknown, so engineers wait for an admin and what
+    the write assigns comes back masked in RETURNING, admins included."""
+    direct(
+        gateway,
+        "CREATE OR REPLACE FUNCTION pgw_mail_pl(int) RETURNS text LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN (SELECT email FROM customers WHERE id = $1); END $$",
+    )
+    table = fresh_table(gateway, "pgw_opaque_copy", rows=1)
+    try:
+        text = f"INSERT INTO {table} (id, v) VALUES (9, pgw_mail_pl(1)) RETURNING v"
+        with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+            with pytest.raises(psycopg.Error) as exc:
+                simple(conn, text)
+            assert_policy_refusal(refusal_of(exc.value), approval=True)
+        assert direct(gateway, f"SELECT id FROM {table} ORDER BY id") == [(1,)]
+        rows = on_asyncpg(gateway, "admins", lambda conn: conn.fetch(text))
+        assert len(rows) == 1
+        assert_no_customer_secret([tuple(r) for r in rows])
+        assert direct(gateway, f"SELECT v FROM {table} WHERE id = 9") == [("ada@example.com",)]
+    finally:
+        direct(gateway, f"DROP TABLE {table}; DROP FUNCTION pgw_mail_pl(int)")
