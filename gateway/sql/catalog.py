@@ -4,11 +4,9 @@ database of a target."""
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,32 +18,33 @@ from gateway.sql.analysis import analyze
 from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     ColumnRef,
-    OutputColumn,
     StatementFacts,
     TableRef,
 )
+from gateway.sql.functions import (
+    _FUNCTION_QUERY,
+    _MAX_BODY_DEPTH,
+    _OPERATOR_QUERY,
+    _TRACEABLE_BODY_FLAGS,
+    _TYPE_QUERY,
+    _UNTRACED_FUNCTION_QUERY,
+    _FunctionHolders,
+    _UntracedFunction,
+    _with_bodies,
+)
+from gateway.sql.names import (
+    _QUERY,
+    _RELKINDS,
+    DEFAULT_SEARCH_PATH,
+    Column,
+    _placed_output,
+    parse_search_path,
+)
+from gateway.sql.views import _VIEW_QUERY, _lineages, _ViewLineage
 
 _T = TypeVar("_T")
 
 __all__ = ["DEFAULT_SEARCH_PATH", "WATCH_SQL", "Catalog", "consults_catalog", "parse_search_path"]
-
-DEFAULT_SEARCH_PATH: tuple[str, ...] = ("$user", "public")
-
-# Relations a statement can name in FROM: tables, views, matviews, foreign and
-# partitioned tables, sequences.
-_RELKINDS = ["r", "v", "m", "f", "p", "S"]
-
-_QUERY = """
-SELECT n.nspname, c.relname, c.relkind::text,
-       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY a.attnum) AS columns,
-       c.oid::int8,
-       ARRAY(SELECT a.attnum::int4 FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS attnums
-FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname = ANY($1::text[]) AND c.relkind::text = ANY($2::text[])
-"""
 
 # Each masked column by name, plus every column of each view that (directly or through
 # other views) reads it, plus the same-named column of inheritance children and partitions:
@@ -103,68 +102,6 @@ FROM views v
 JOIN pg_catalog.pg_attribute a ON a.attrelid = v.relid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
-# Every view and materialized view reachable from the named ones through the relations
-# their SELECT rule (ev_type '1', "_RETURN") depends on, with what lineage needs: the rule's
-# query tree, the view's columns, and each dependency (column-level where PostgreSQL
-# records one, refobjsubid 0 for a relation used as a whole) with all its columns.
-_VIEW_QUERY = """
-WITH RECURSIVE views(oid) AS (
-    SELECT c.oid
-    FROM unnest($1::text[], $2::text[]) AS w(schema, tbl)
-    JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
-    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tbl
-    WHERE c.relkind IN ('v', 'm')
-    UNION
-    SELECT d.refobjid
-    FROM views v
-    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
-    JOIN pg_catalog.pg_depend d
-      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
-    JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('v', 'm')
-),
-deps(view, ref, sub) AS (
-    SELECT DISTINCT v.oid, d.refobjid, d.refobjsubid
-    FROM views v
-    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
-    JOIN pg_catalog.pg_depend d
-      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
-)
-SELECT v.oid::int8, n.nspname, c.relname,
-       (SELECT r.ev_action::text FROM pg_catalog.pg_rewrite r
-        WHERE r.ev_class = v.oid AND r.ev_type = '1' LIMIT 1) AS action,
-       (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
-        FROM pg_catalog.pg_attribute a
-        WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped)::text AS columns,
-       (SELECT json_agg(json_build_array(
-                   d.ref::int8, dn.nspname::text, dc.relname::text, dc.relkind::text, d.sub,
-                   (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
-                    FROM pg_catalog.pg_attribute a
-                    WHERE a.attrelid = d.ref AND a.attnum > 0 AND NOT a.attisdropped)))
-        FROM deps d
-        JOIN pg_catalog.pg_class dc ON dc.oid = d.ref
-        JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
-        WHERE d.view = v.oid)::text AS deps,
-       -- Functions its rule calls that pgwarden cannot see into (FROM get_rows(), ...):
-       -- user-defined ones through pg_depend; built-ins are pinned and have no pg_depend
-       -- rows, so those that run SQL text are found by OID in the rule's query tree.
-       EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
-               JOIN pg_catalog.pg_depend d
-                 ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
-               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-               WHERE r.ev_class = v.oid AND r.ev_type = '1'
-                 AND p.pronamespace <> 'pg_catalog'::regnamespace)
-       OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
-                  JOIN pg_catalog.pg_proc p ON p.proname = ANY($3::text[])
-                  WHERE r.ev_class = v.oid AND r.ev_type = '1'
-                    AND r.ev_action::text LIKE '%:funcid ' || p.oid::text || ' %') AS opaque
-FROM views v
-JOIN pg_catalog.pg_class c ON c.oid = v.oid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-"""
-
 # The SQL an operator runs (as a superuser) to install the DDL watch in a target database.
 WATCH_SQL = Path(__file__).with_name("ddl_watch.sql")
 
@@ -199,134 +136,7 @@ SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = ANY($1::oid[]) AND NOT a.attisdropped
 """
 
-# Whether the function `p` computes its result from its arguments alone, so that lineage
-# runs through it as through a built-in: a member of an extension (code an admin installed;
-# CREATE EXTENSION is denied to everyone else), written in C (only a superuser creates C
-# functions, so nobody else can swap in a body), and IMMUTABLE: PostgreSQL's contract for
-# that is "no database lookups, nothing but the argument list", which rules out what makes
-# a function opaque to lineage (running SQL text, reading a cursor, a relation by name or a
-# page, another database: dblink, crosstab, get_raw_page, ... are all STABLE or VOLATILE).
-# An argument that names what to read (a regclass, an OID, a cursor) keeps it opaque anyway.
-_TRACED_FUNCTION = """(
-    p.provolatile = 'i'
-    AND p.prolang IN (SELECT l.oid FROM pg_catalog.pg_language l
-                      WHERE l.lanname IN ('c', 'internal'))
-    AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
-                WHERE e.classid = 'pg_catalog.pg_proc'::regclass AND e.objid = p.oid
-                  AND e.deptype = 'e')
-    AND NOT p.proargtypes::oid[] && ARRAY[
-        'pg_catalog.regclass'::regtype, 'pg_catalog.regnamespace'::regtype,
-        'pg_catalog.regproc'::regtype, 'pg_catalog.regprocedure'::regtype,
-        'pg_catalog.refcursor'::regtype, 'pg_catalog.oid'::regtype]::oid[]
-)"""
-
-# Which schemas hold a function of each name, and which of them one that is not traced
-# (pg_catalog aside: built-ins are judged by name, see LINEAGE_OPAQUE_BUILTINS).
-_FUNCTION_QUERY = f"""
-SELECT p.proname::text, array_agg(DISTINCT n.nspname::text),
-       coalesce(array_agg(DISTINCT n.nspname::text)
-                FILTER (WHERE n.nspname <> 'pg_catalog' AND NOT {_TRACED_FUNCTION}), '{{}}')
-FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-WHERE p.proname = ANY($1::text[])
-GROUP BY p.proname
-"""  # noqa: S608 (constants of this module, no input)
-
-# The functions of each name outside pg_catalog that are not traced, with what it takes to
-# read a LANGUAGE sql one's body: its language, kind, source text and the search_path it
-# sets for itself (SET search_path = ...), if any.
-_UNTRACED_FUNCTION_QUERY = f"""
-SELECT p.proname::text, n.nspname::text, l.lanname::text, p.prokind::text, p.prosrc,
-       (SELECT substr(c, 13) FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%' LIMIT 1)
-FROM pg_catalog.pg_proc p
-JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-WHERE p.proname = ANY($1::text[]) AND n.nspname <> 'pg_catalog' AND NOT {_TRACED_FUNCTION}
-"""  # noqa: S608 (constants of this module, no input)
-
-# How deep calls of LANGUAGE sql functions are followed into their bodies (f calls g calls
-# h ...); a call deeper than that stays opaque, as does one that recurses.
-_MAX_BODY_DEPTH = 4
-
-# What a LANGUAGE sql function's body may be and still have its lineage traced: reads only
-# (a body that writes, locks rows, or runs code of its own is opaque: a human decides).
-_TRACEABLE_BODY_FLAGS = frozenset({"multi_statement", "via_view"})
-
-# Which schemas hold an operator of each name whose function someone wrote in SQL or a
-# procedural language: not a built-in (pg_catalog) and not part of an extension (whose
-# code an admin installed; CREATE EXTENSION is denied to everyone else).
-_OPERATOR_QUERY = """
-SELECT o.oprname::text, array_agg(DISTINCT n.nspname::text)
-FROM pg_catalog.pg_operator o
-JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
-JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
-WHERE o.oprname = ANY($1::text[])
-  AND p.pronamespace <> 'pg_catalog'::regnamespace
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                  WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid
-                    AND d.deptype = 'e')
-GROUP BY o.oprname
-"""
-
-# Which schemas hold a type of each name that a cast to it runs user-written code for: a
-# domain whose CHECK constraint calls such a function, or a cast with such a function (an
-# extension's traced functions aside: `$1::hstore`, `'x'::citext`). I/O conversion and
-# binary-coercible casts (castmethod 'i', 'b') have no function and carry their argument.
-_TYPE_QUERY = f"""
-SELECT t.typname::text, array_agg(DISTINCT n.nspname::text)
-FROM pg_catalog.pg_type t
-JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-WHERE t.typname = ANY($1::text[])
-  AND (EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
-               JOIN pg_catalog.pg_depend d
-                 ON d.classid = 'pg_catalog.pg_constraint'::regclass AND d.objid = c.oid
-                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
-               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-               WHERE c.contypid = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace
-                 AND NOT {_TRACED_FUNCTION})
-       OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast k
-                  JOIN pg_catalog.pg_proc p ON p.oid = k.castfunc
-                  WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace
-                    AND NOT {_TRACED_FUNCTION}))
-GROUP BY t.typname
-"""  # noqa: S608 (constants of this module, no input)
-
 Connect = Callable[[], Awaitable[Any]]
-Column = tuple[str, str, str]  # (schema, table, column)
-# (schemas holding a function of a name, those of them holding one that is not traced)
-_FunctionHolders = tuple[frozenset[str], frozenset[str]]
-# An untraced function: schema, language, kind, source text, the search_path it sets.
-_UntracedFunction = tuple[str, str, str, str, str | None]
-
-
-def parse_search_path(text: str) -> tuple[str, ...]:
-    """Split a search_path value as PostgreSQL does: commas, double-quoted names kept as is."""
-    names: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n:
-            break
-        if text[i] == '"':
-            i += 1
-            part: list[str] = []
-            while i < n:
-                if text[i] == '"':
-                    if i + 1 < n and text[i + 1] == '"':
-                        part.append('"')
-                        i += 2
-                        continue
-                    i += 1
-                    break
-                part.append(text[i])
-                i += 1
-            names.append("".join(part))
-        else:
-            start = i
-            while i < n and text[i] != ",":
-                i += 1
-            names.append(text[start:i].strip().lower())
-    return tuple(names)
 
 
 def consults_catalog(facts: StatementFacts) -> bool:
@@ -1174,33 +984,6 @@ class Catalog:
         return self._conn
 
 
-def _placed_output(
-    output: OutputColumn,
-    place: Callable[[str, str], str],
-    relations: Mapping[str, Mapping[str, tuple[str, ...]]],
-) -> list[OutputColumn]:
-    """One output entry with its sources' schemas placed and `*` made the table's columns;
-    `*` over a known base table becomes one entry per column, as PostgreSQL expands it."""
-    sources: set[Column] = set()
-    for schema, table, column in output.sources:
-        placed = place(schema, table)
-        known = relations.get(table, {}).get(placed)
-        if column == "*" and known is not None:
-            sources.update((placed, table, name) for name in known)
-        else:
-            sources.add((placed, table, column))
-    if output.table is not None and any(column == "*" for _, _, column in output.sources):
-        star = TableRef(place(output.table.schema, output.table.table), output.table.table)
-        known = relations.get(star.table, {}).get(star.schema)
-        if known is None:  # its width is unknown here
-            return [OutputColumn(frozenset(sources), spread=True)]
-        # Each keeps `table`: a column of a `*` whose width came from the catalog's cache.
-        return [
-            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star) for name in known
-        ]
-    return [OutputColumn(frozenset(sources), table=output.table, spread=output.spread)]
-
-
 # Resolutions kept per catalog (cleared whole when full: refilled within a generation).
 _MAX_RESOLUTIONS = 4096
 
@@ -1209,216 +992,3 @@ def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:
     if flag in facts.flags:
         return facts
     return replace(facts, flags=(*facts.flags, flag))
-
-
-def _with_bodies(facts: StatementFacts, bodies: Sequence[StatementFacts]) -> StatementFacts:
-    """`facts` calling LANGUAGE sql functions whose bodies are `bodies` (resolved): what
-    they read is read by the statement, every column they use is used under a function
-    (usage "expression": an oracle for whoever may not see it) and, in a statement that
-    writes, may be copied into what it writes (usage "source"), the functions they call
-    are called, and any value of those columns may flow into any output column (which
-    output calls which function is not traced here)."""
-    usages = ("expression", "source") if facts.writes else ("expression",)
-    reads = dict.fromkeys(facts.reads)
-    columns = dict.fromkeys(facts.columns)
-    functions = dict.fromkeys(facts.functions)
-    traced = dict.fromkeys(facts.traced_functions)
-    sources: set[Column] = set()
-    for body in bodies:
-        reads.update(dict.fromkeys(body.reads))
-        for c in body.columns:
-            for usage in usages:
-                columns[ColumnRef(c.schema, c.table, c.column, usage)] = None
-            sources.add((c.schema, c.table, c.column))
-        functions.update(dict.fromkeys(body.functions))
-        traced.update(dict.fromkeys(body.traced_functions))
-        for output in body.outputs or ():
-            sources.update(output.sources)
-    outputs = facts.outputs
-    if outputs is not None and sources:
-        outputs = tuple(replace(o, sources=o.sources | sources) for o in outputs)
-    return replace(
-        facts,
-        reads=tuple(reads),
-        columns=tuple(columns),
-        functions=tuple(functions),
-        traced_functions=tuple(traced),
-        outputs=outputs,
-    )
-
-
-# --------------------------------------------------------------------------- view lineage
-
-
-@dataclass(frozen=True, slots=True)
-class _ViewLineage:
-    """What reading one view or materialized view really reads."""
-
-    # Every relation read through it: nested views and their base relations.
-    bases: tuple[TableRef, ...]
-    # Each view column → the columns it comes from, at every level down to base tables.
-    columns: Mapping[str, tuple[Column, ...]]
-    # Every column the view draws on: for a name the view does not have.
-    everything: tuple[Column, ...]
-    # It (or a view under it) calls a function the policy cannot see into.
-    opaque: bool = False
-
-
-_NODE_TOKEN = re.compile(r"[(){}]|(?:\\.|[^ \t\n(){}\\])+", re.S)
-
-
-class _Node(list[Any]):
-    """`{NAME :field value ...}` of a pg_node_tree: the name, then fields and values in order."""
-
-    def field(self, name: str) -> Any:
-        key = ":" + name
-        for i in range(1, len(self) - 1):
-            if self[i] == key:
-                return self[i + 1]
-        return None
-
-
-def _node_tree(text: str) -> Any:
-    """A pg_node_tree's text (read.c's pg_strtok tokens) as nested lists and _Nodes."""
-    root: list[Any] = []
-    stack: list[list[Any]] = [root]
-    for match in _NODE_TOKEN.finditer(text):
-        token = match.group()
-        if token in ("(", "{"):
-            item: list[Any] = [] if token == "(" else _Node()
-            stack[-1].append(item)
-            stack.append(item)
-        elif token in (")", "}"):
-            if len(stack) == 1:
-                raise ValueError("unbalanced node tree")
-            stack.pop()
-        else:
-            stack[-1].append(token)
-    if len(stack) != 1:
-        raise ValueError("unbalanced node tree")
-    return root[0] if len(root) == 1 else root
-
-
-def _walk_nodes(tree: Any) -> Iterator[_Node]:
-    stack = [tree]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            if isinstance(item, _Node):
-                yield item
-            stack.extend(item)
-
-
-def _rule_shape(action: str | None) -> tuple[dict[int, tuple[int, int]], bool] | None:
-    """From a SELECT rule's query tree: view attnum → (origin table OID, attnum) for the
-    output columns PostgreSQL traced to one column (resorigtbl), and whether any whole-row
-    Var appears anywhere. None when the tree is not understood."""
-    if not action:
-        return None
-    try:
-        tree = _node_tree(action)
-        queries = [n for n in (tree if isinstance(tree, list) else [tree]) if isinstance(n, _Node)]
-        if len(queries) != 1 or queries[0][0] != "QUERY":
-            return None
-        targets = queries[0].field("targetList")
-        origins: dict[int, tuple[int, int]] = {}
-        for entry in targets if isinstance(targets, list) else ():
-            if not isinstance(entry, _Node) or entry[0] != "TARGETENTRY":
-                continue
-            if entry.field("resjunk") == "true":
-                continue
-            table, column = int(entry.field("resorigtbl")), int(entry.field("resorigcol"))
-            if table and column > 0:
-                origins[int(entry.field("resno"))] = (table, column)
-        whole_row = any(n[0] == "VAR" and n.field("varattno") == "0" for n in _walk_nodes(tree))
-        return origins, whole_row
-    except (ValueError, TypeError, IndexError):
-        return None
-
-
-def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
-    """Lineage of every view in `rows` (_VIEW_QUERY's answer), by (schema, name)."""
-    names: dict[int, tuple[str, str, str]] = {}  # OID → (schema, name, relkind)
-    attnames: dict[tuple[int, int], str] = {}
-    views: dict[int, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = {}
-    view_columns: dict[int, list[tuple[int, str]]] = {}
-    shapes: dict[int, tuple[dict[int, tuple[int, int]], bool] | None] = {}
-    opaque_views: set[int] = set()
-    for oid, schema, relname, action, columns_json, deps_json, opaque in rows:
-        if opaque:
-            opaque_views.add(oid)
-        names[oid] = (schema, relname, "v")
-        columns = [(int(a), str(n)) for a, n in json.loads(columns_json or "[]")]
-        view_columns[oid] = columns
-        for attnum, attname in columns:
-            attnames[(oid, attnum)] = attname
-        shapes[oid] = _rule_shape(action)
-        deps: list[tuple[int, int]] = []
-        everything: set[tuple[int, int]] = set()
-        for ref, ref_schema, ref_name, relkind, sub, ref_columns in json.loads(deps_json or "[]"):
-            names.setdefault(ref, (ref_schema, ref_name, relkind))
-            for attnum, attname in ref_columns or ():
-                attnames[(ref, attnum)] = attname
-                everything.add((ref, attnum))
-            deps.append((ref, sub))
-        views[oid] = (deps, everything)
-
-    def direct(oid: int, attnum: int | None) -> set[tuple[int, int]]:
-        """The columns one view column is made of; attnum None: of the whole view."""
-        deps, everything = views[oid]
-        shape = shapes[oid]
-        column_deps = {(ref, sub) for ref, sub in deps if sub > 0}
-        if shape is not None and attnum is not None:
-            origin = shape[0].get(attnum)
-            if origin is not None and origin in column_deps:
-                return {origin}
-        if shape is None or shape[1]:
-            # A whole-row Var (row_to_json(t)) or a tree not understood: every column.
-            return set(everything)
-        return column_deps
-
-    memo: dict[tuple[int, int | None], frozenset[Column]] = {}
-
-    def closure(oid: int, attnum: int | None, seen: frozenset[int]) -> frozenset[Column]:
-        key = (oid, attnum)
-        if key in memo:
-            return memo[key]
-        found: set[Column] = set()
-        for ref, ref_attnum in direct(oid, attnum):
-            schema, table, _ = names[ref]
-            name = attnames.get((ref, ref_attnum))
-            if name is not None:
-                found.add((schema, table, name))
-            if ref in views and ref not in seen:
-                found |= closure(ref, ref_attnum, seen | {ref})
-        memo[key] = frozenset(found)
-        return memo[key]
-
-    def bases(oid: int) -> tuple[list[TableRef], bool]:
-        out: dict[TableRef, None] = {}
-        stack, seen = [oid], {oid}
-        opaque = False
-        while stack:
-            current = stack.pop()
-            opaque = opaque or current in opaque_views
-            for ref, _ in views[current][0]:
-                schema, table, relkind = names[ref]
-                if relkind in _RELKINDS:
-                    out[TableRef(schema, table)] = None
-                if ref in views and ref not in seen:
-                    seen.add(ref)
-                    stack.append(ref)
-        return list(out), opaque
-
-    result: dict[tuple[str, str], _ViewLineage] = {}
-    for oid, columns in view_columns.items():
-        schema, relname, _ = names[oid]
-        mapped = {
-            name: tuple(sorted(closure(oid, attnum, frozenset({oid})))) for attnum, name in columns
-        }
-        every = set(closure(oid, None, frozenset({oid})))
-        for cols in mapped.values():
-            every.update(cols)
-        reads, opaque = bases(oid)
-        result[(schema, relname)] = _ViewLineage(tuple(reads), mapped, tuple(sorted(every)), opaque)
-    return result

@@ -16,7 +16,7 @@ import pytest
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
 from gateway.sql import Catalog, ColumnRef, StatementFacts, TableRef, analyze
-from gateway.sql.catalog import _node_tree, _rule_shape
+from gateway.sql.views import _node_tree, _rule_shape
 
 pytestmark = pytest.mark.server
 
