@@ -15,6 +15,7 @@ import asyncpg
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
 from gateway.sql.analysis import analyze
+from gateway.sql.catalog_connection import CatalogConnection, Connect
 from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     ColumnRef,
@@ -136,8 +137,6 @@ SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = ANY($1::oid[]) AND NOT a.attisdropped
 """
 
-Connect = Callable[[], Awaitable[Any]]
-
 
 def consults_catalog(facts: StatementFacts) -> bool:
     """Whether resolving `facts` reads the target's catalog (names, functions, operators,
@@ -179,33 +178,19 @@ class Catalog:
         retry_after: float = 1.0,
         idle_seconds: float = 10.0,
     ) -> None:
-        if isinstance(connect, str):
-            dsn = connect
-
-            async def _connect() -> Any:
-                # A name operators (and tests) can tell apart in pg_stat_activity.
-                return await asyncpg.connect(
-                    dsn, timeout=timeout, server_settings={"application_name": "pgwarden-catalog"}
-                )
-
-            self._connect: Connect = _connect
-        else:
-            self._connect = connect
+        # Closing the connection forgets what it read (see close()).
+        self._db = CatalogConnection(
+            connect,
+            timeout=timeout,
+            retry_after=retry_after,
+            idle_seconds=idle_seconds,
+            on_close=self.invalidate,
+        )
         self._timeout = timeout
         # DDL made elsewhere moves the generation (refresh()); entries also expire, a bound
         # on what a caller that never refreshes (a CLI evaluation) may see.
         self._ttl = ttl
-        self._retry_after = retry_after
-        self._conn: Any = None
-        self._user: str | None = None
         self._schemas: frozenset[str] = frozenset()
-        self._failed_at: float | None = None
-        self._lock = asyncio.Lock()
-        # Closing the connection when unused this long (0: never).
-        self._idle_seconds = idle_seconds
-        self._used_at = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Future[None]] = set()
         # relname → ({schema: columns}, fetched at)
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
@@ -402,29 +387,19 @@ class Catalog:
     async def release(self) -> None:
         """Close the metadata connection now, once the query in flight (if any) is done: its
         database must be free for DROP DATABASE, a rename, or CREATE DATABASE copying it."""
-        async with self._lock:
-            await self.close()
+        await self._db.release()
 
     def _forget_if_lost(self) -> None:
         """The server ended the connection (DROP DATABASE ... WITH (FORCE), a terminated
         backend): the database may be gone and its name another's, so is what it read."""
-        if self._conn is not None and self._conn.is_closed():
-            self._conn = None
-            self._disarm_idle()
+        if self._db.lost():
             self.invalidate()
 
     async def close(self) -> None:
         """Close the connection and forget what it read: the cache describes the database
         that connection was in, and once none is held open a database of that name may be
         dropped and made again (new OIDs) without pgwarden seeing it."""
-        self._disarm_idle()
-        self.invalidate()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close(timeout=self._timeout)
-            except Exception:
-                conn.terminate()
+        await self._db.close()
 
     async def resolve(
         self,
@@ -845,7 +820,7 @@ class Catalog:
         path: list[str] = []
         for name in search_path:
             if name == "$user":
-                name = user or self._user or ""
+                name = user or self._db.user or ""
             if name and name not in path:
                 path.append(name)
         if "pg_catalog" not in path:
@@ -908,80 +883,10 @@ class Catalog:
         return f"{rows[0][0]}.{rows[0][1]}".lower()
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
-        async def work(conn: Any) -> list[Any]:
-            return list(await conn.fetch(query, *args, timeout=self._timeout))
-
-        return await self._on_connection(work)
+        return await self._db.fetch(query, *args)
 
     async def _on_connection(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
-        """`work` on the metadata connection, one at a time; after a dropped connection one
-        fresh attempt, then the failure (and no reconnect for a while)."""
-        async with self._lock:
-            try:
-                for attempt in (1, 2):
-                    conn = await self._connection()
-                    try:
-                        return await work(conn)
-                    except Exception:
-                        # A dropped connection: one fresh attempt, then report unavailable.
-                        await self.close()
-                        if attempt == 2:
-                            self._failed_at = time.monotonic()
-                            raise
-            finally:
-                self._used_at = time.monotonic()
-                self._arm_idle()
-        raise AssertionError("unreachable")
-
-    # An open connection keeps its database from being dropped, renamed or copied (and
-    # takes a server slot): one nobody has used for `idle_seconds` is closed.
-
-    def _arm_idle(self) -> None:
-        if self._idle_timer is None and self._conn is not None and self._idle_seconds > 0:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self._idle_seconds, self._idle_due)
-
-    def _disarm_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _idle_due(self) -> None:
-        self._idle_timer = None
-        if self._conn is None:
-            return
-        left = self._used_at + self._idle_seconds - time.monotonic()
-        if left > 0 or self._lock.locked():
-            # Used since, or in use now (its end arms the timer again).
-            if not self._lock.locked():
-                self._idle_timer = asyncio.get_running_loop().call_later(left, self._idle_due)
-            return
-        task = asyncio.ensure_future(self._close_if_idle())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    async def _close_if_idle(self) -> None:
-        async with self._lock:
-            if time.monotonic() - self._used_at >= self._idle_seconds:
-                await self.close()
-            else:
-                self._arm_idle()
-
-    async def _connection(self) -> Any:
-        if self._conn is not None and not self._conn.is_closed():
-            return self._conn
-        if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_after:
-            # Do not make every statement wait a connect timeout while the target is down.
-            raise ConnectionError("catalog connection failed recently")
-        try:
-            self._conn = await asyncio.wait_for(self._connect(), self._timeout)
-            self._user = await self._conn.fetchval("SELECT current_user", timeout=self._timeout)
-        except Exception:
-            self._failed_at = time.monotonic()
-            self._conn = None
-            raise
-        self._failed_at = None
-        return self._conn
+        return await self._db.run(work)
 
 
 # Resolutions kept per catalog (cleared whole when full: refilled within a generation).
