@@ -15,7 +15,7 @@ import asyncpg
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
 from gateway.sql.analysis import analyze
-from gateway.sql.catalog_connection import CatalogConnection, Connect
+from gateway.sql.catalog_connection import CATALOG_FAILURES, CatalogConnection, Connect
 from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     ColumnRef,
@@ -166,7 +166,8 @@ class Catalog:
     nowhere gets the creation schema (the first existing schema of the path, where an
     unqualified CREATE would put it) and the flag "unresolved_relation"; its `*` stays `*`.
     If the catalog cannot be reached the facts keep "" and "*" and gain "catalog_unavailable".
-    resolve() never raises.
+    resolve() does not raise when the catalog cannot be read (CATALOG_FAILURES); what else
+    it raises is a bug, never reported as catalog_unavailable.
     """
 
     def __init__(
@@ -259,7 +260,7 @@ class Catalog:
         """Make the cache describe every DDL that committed before this call; the generation
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
-        sent after they called. Never raises."""
+        sent after they called. Raises only for a bug (not for an unreachable catalog)."""
         queued = self._probe_queued
         if queued is None:
             queued = self._probe_queued = asyncio.ensure_future(
@@ -274,7 +275,7 @@ class Catalog:
         self._probe_running, self._probe_queued = self._probe_queued, None
         try:
             generation = await self._on_connection(self._probe)
-        except Exception:
+        except CATALOG_FAILURES:
             generation = None
         if generation is None or generation != self.generation:
             self.invalidate()
@@ -322,12 +323,12 @@ class Catalog:
 
     async def learn(self, relations: Iterable[int]) -> bool:
         """Fetch the columns of these relations (by OID) into what knows() answers from;
-        False when the catalog cannot be reached. Never raises."""
+        False when the catalog cannot be reached (raises only for a bug)."""
         wanted = sorted(set(relations))
         generation = self.generation
         try:
             rows = await self._fetch(_ATTRIBUTES_QUERY, wanted)
-        except Exception:
+        except CATALOG_FAILURES:
             return False
         if generation is not None and generation == self.generation:
             self._known_columns.update((int(r[0]), int(r[1])) for r in rows)
@@ -340,7 +341,7 @@ class Catalog:
         Columns of views built on a masked column get "redact" (which of their columns came
         from it is unknown); inheritance children and partitions get the mask's own method.
         A mask whose column does not exist is skipped. None when the catalog cannot be
-        reached: the caller must then mask every column. Never raises.
+        reached: the caller must then mask every column (raises only for a bug).
         """
         if not masks:
             return {}
@@ -362,7 +363,7 @@ class Catalog:
                     [t for _, t, _ in missing],
                     [c for _, _, c in missing],
                 )
-            except Exception:
+            except CATALOG_FAILURES:
                 return None
             fetched: dict[int, list[tuple[int, int, bool]]] = {}
             for i, relid, attnum, derived in rows:
@@ -455,7 +456,7 @@ class Catalog:
         self._forget_if_lost()
         try:
             relations = await self._lookup(names)
-        except Exception:
+        except CATALOG_FAILURES:
             return _flagged(facts, "catalog_unavailable")
         path = self._effective_path(search_path, user)
         unresolved = False
@@ -512,7 +513,7 @@ class Catalog:
             resolved = await self._opaque_functions(
                 resolved, path, columns_known, search_path, user, calling
             )
-        except Exception:
+        except CATALOG_FAILURES:
             return _flagged(resolved, "catalog_unavailable")
         return resolved
 
@@ -869,14 +870,14 @@ class Catalog:
 
     async def function_name(self, oid: int) -> str | None:
         """`schema.name` of the function with this OID (for the FunctionCall message), or
-        None when there is none or the catalog is unreachable. Never raises."""
+        None when there is none or the catalog is unreachable (raises only for a bug)."""
         try:
             rows = await self._fetch(
                 "SELECT n.nspname, p.proname FROM pg_proc p"
                 " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = $1",
                 oid,
             )
-        except Exception:
+        except CATALOG_FAILURES:
             return None
         if not rows:
             return None

@@ -4,6 +4,7 @@ needed, one query at a time, not retried for a while after it failed, closed whe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,6 +14,18 @@ import asyncpg
 _T = TypeVar("_T")
 
 Connect = Callable[[], Awaitable[Any]]
+
+log = logging.getLogger("pgwarden.catalog")
+
+# How reading the catalog fails when it is unavailable: the network or the server (refused,
+# reset, timed out, the connection closed under a query) or the server's own error (the
+# database dropped, a permission revoked, the query cancelled). Anything else raised on the
+# way is a bug in pgwarden: it propagates, and is never reported as "catalog_unavailable".
+CATALOG_FAILURES: tuple[type[Exception], ...] = (
+    OSError,  # ConnectionError and TimeoutError (asyncio's too) included
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 class CatalogConnection:
@@ -75,7 +88,7 @@ class CatalogConnection:
         if conn is not None:
             try:
                 await conn.close(timeout=self.timeout)
-            except Exception:
+            except CATALOG_FAILURES:
                 conn.terminate()
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
@@ -93,11 +106,12 @@ class CatalogConnection:
                     conn = await self._connection()
                     try:
                         return await work(conn)
-                    except Exception:
+                    except CATALOG_FAILURES as exc:
                         # A dropped connection: one fresh attempt, then report unavailable.
                         await self.close()
                         if attempt == 2:
                             self._failed_at = time.monotonic()
+                            log.warning("catalog unavailable: %s: %s", type(exc).__name__, exc)
                             raise
             finally:
                 self._used_at = time.monotonic()
@@ -147,9 +161,10 @@ class CatalogConnection:
         try:
             self._conn = await asyncio.wait_for(self._connect(), self.timeout)
             self.user = await self._conn.fetchval("SELECT current_user", timeout=self.timeout)
-        except Exception:
+        except CATALOG_FAILURES as exc:
             self._failed_at = time.monotonic()
             self._conn = None
+            log.warning("catalog connection failed: %s: %s", type(exc).__name__, exc)
             raise
         self._failed_at = None
         return self._conn
