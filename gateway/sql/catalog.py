@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +44,8 @@ from gateway.sql.names import (
 from gateway.sql.views import _VIEW_QUERY, _lineages, _ViewLineage
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 __all__ = ["DEFAULT_SEARCH_PATH", "WATCH_SQL", "Catalog", "consults_catalog", "parse_search_path"]
 
@@ -347,14 +349,12 @@ class Catalog:
             return {}
         self._forget_if_lost()
         now = time.monotonic()
-        found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
-        missing: list[tuple[str, str, str]] = []
-        for name in sorted({(m.schema, m.table, m.column) for m in masks}):
-            entry = self._mask_columns.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(
+            self._mask_columns,
+            sorted({(m.schema, m.table, m.column) for m in masks}),
+            self._ttl,
+            now,
+        )
         if missing:
             try:
                 rows = await self._fetch(
@@ -567,14 +567,7 @@ class Catalog:
         self, wanted: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], _ViewLineage]:
         now = time.monotonic()
-        found: dict[tuple[str, str], _ViewLineage] = {}
-        missing: list[tuple[str, str]] = []
-        for name in wanted:
-            entry = self._views.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(self._views, wanted, self._ttl, now)
         if missing:
             rows = await self._fetch(
                 _VIEW_QUERY,
@@ -768,14 +761,7 @@ class Catalog:
         """name → (schemas holding a function of that name, those of them holding one that
         is not traced), cached; an absent name is asked again (someone may create it)."""
         now = time.monotonic()
-        found: dict[str, _FunctionHolders] = {}
-        missing: list[str] = []
-        for name in names:
-            entry = self._functions.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(self._functions, names, self._ttl, now)
         if missing:
             rows = await self._fetch(_FUNCTION_QUERY, sorted(missing))
             fetched = {
@@ -798,14 +784,7 @@ class Catalog:
     ) -> dict[str, frozenset[str]]:
         """name → the schemas `query` finds holding an object of that name, cached."""
         now = time.monotonic()
-        found: dict[str, frozenset[str]] = {}
-        missing: list[str] = []
-        for name in names:
-            entry = cache.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(cache, names, self._ttl, now)
         if missing:
             rows = await self._fetch(query, sorted(missing))
             fetched = {name: frozenset(schemas) for name, schemas in rows}
@@ -830,14 +809,7 @@ class Catalog:
 
     async def _lookup(self, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
         now = time.monotonic()
-        found: dict[str, dict[str, tuple[str, ...]]] = {}
-        missing: list[str] = []
-        for name in names:
-            entry = self._relations.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(self._relations, names, self._ttl, now)
         if missing or not self._schemas:
             rows, schemas = await self._query(sorted(missing))
             self._schemas = schemas
@@ -888,6 +860,22 @@ class Catalog:
 
     async def _on_connection(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
         return await self._db.run(work)
+
+
+def _fresh(
+    cache: Mapping[_K, tuple[_V, float]], names: Iterable[_K], ttl: float, now: float
+) -> tuple[dict[_K, _V], list[_K]]:
+    """What `cache` holds for `names` that is younger than `ttl` (entries are (value,
+    fetched at)), and the names it holds nothing fresh for, in order."""
+    found: dict[_K, _V] = {}
+    missing: list[_K] = []
+    for name in names:
+        entry = cache.get(name)
+        if entry is not None and now - entry[1] < ttl:
+            found[name] = entry[0]
+        else:
+            missing.append(name)
+    return found, missing
 
 
 # Resolutions kept per catalog (cleared whole when full: refilled within a generation).
