@@ -57,7 +57,7 @@ def _involves_masked(facts: StatementFacts | None, masks: Sequence[Mask]) -> boo
     keys = {(m.schema, m.table, m.column) for m in masks}
     if any((c.schema, c.table, c.column) in keys or c.column == "*" for c in facts.columns):
         return True
-    return any(not f.startswith("pg_catalog.") for f in facts.functions)
+    return facts.calls_untraced_function()
 
 
 # Statements after which no cursor's rows are known by name any more.
@@ -77,7 +77,7 @@ def _output_masks(
     it and None when none does; None overall where lineage cannot be trusted."""
     if facts is None or facts.outputs is None or _UNTRACED.intersection(facts.flags):
         return None
-    if any(not f.startswith("pg_catalog.") for f in facts.functions):
+    if facts.calls_untraced_function():
         return None
     outputs = facts.outputs
     if any(o.spread for o in outputs) and any(o.table is not None for o in outputs):

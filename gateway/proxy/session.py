@@ -107,6 +107,14 @@ _RELAYED_PARAMETERS = frozenset(
 )
 # Client messages the relay passes through untouched.
 _PASS = frozenset(b"DCSHdcf")
+
+# The client's input pgwarden holds while a message is with the gate (the undecided messages
+# behind it, and what passed through to leave with it): beyond this the client is not read,
+# so that it feels the server's pace as it would direct (a pipeline stops soon after the
+# server's error, a stalled server stalls the client's writes) and a session's memory stays
+# bounded. The server's own write buffer is bounded by the upstream transport's high-water
+# mark (pause_writing). asyncio's default high-water mark, the same size.
+READ_AHEAD = 64 * 1024
 # Server messages whose bodies the relay needs to read.
 _SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
 # In place of a refused statement: text the server rejects before touching any name.
@@ -1224,12 +1232,17 @@ class ClientSession(asyncio.Protocol):
 
     # -- relay: client to server ---------------------------------------------------------
 
+    @property
+    def held_input(self) -> int:
+        """Bytes the client sent that pgwarden holds and has not handed to the server yet."""
+        return len(self._inbuf) + sum(len(b) for b in self._up_out)
+
     def _client_data(self, data: bytes) -> None:
         self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
         if self._busy:
-            if len(buf) > 4 * 1024 * 1024 and self.transport is not None:
+            if self.transport is not None and self.held_input > READ_AHEAD:
                 self.transport.pause_reading()
             return
         self._drain_client()
@@ -1365,9 +1378,17 @@ class ClientSession(asyncio.Protocol):
         finally:
             self._busy = False
         if self.phase is Phase.RELAY:
-            if self.transport is not None and not self._paused_by_upstream:
-                self.transport.resume_reading()
             self._drain_client()
+            # Read on unless the next message went to the gate with a full read-ahead
+            # behind it (reading resumes when that one is through) or the server's write
+            # buffer is full (resume_writing resumes it).
+            if (
+                self.phase is Phase.RELAY
+                and self.transport is not None
+                and not self._paused_by_upstream
+                and not (self._busy and self.held_input > READ_AHEAD)
+            ):
+                self.transport.resume_reading()
         if self._draining:
             self._end_if_drained()
 

@@ -4,11 +4,9 @@ database of a target."""
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,35 +14,40 @@ import asyncpg
 
 from gateway.enforce.masking import stronger_method
 from gateway.policy.decision import Mask
+from gateway.sql.analysis import analyze
+from gateway.sql.catalog_connection import CATALOG_FAILURES, CatalogConnection, Connect
 from gateway.sql.facts import (
     LINEAGE_OPAQUE_BUILTINS,
     ColumnRef,
-    OutputColumn,
     StatementFacts,
     TableRef,
 )
+from gateway.sql.functions import (
+    _FUNCTION_QUERY,
+    _MAX_BODY_DEPTH,
+    _OPERATOR_QUERY,
+    _TRACEABLE_BODY_FLAGS,
+    _TYPE_QUERY,
+    _UNTRACED_FUNCTION_QUERY,
+    _FunctionHolders,
+    _UntracedFunction,
+    _with_bodies,
+)
+from gateway.sql.names import (
+    _QUERY,
+    _RELKINDS,
+    DEFAULT_SEARCH_PATH,
+    Column,
+    _placed_output,
+    parse_search_path,
+)
+from gateway.sql.views import _VIEW_QUERY, _lineages, _ViewLineage
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 __all__ = ["DEFAULT_SEARCH_PATH", "WATCH_SQL", "Catalog", "consults_catalog", "parse_search_path"]
-
-DEFAULT_SEARCH_PATH: tuple[str, ...] = ("$user", "public")
-
-# Relations a statement can name in FROM: tables, views, matviews, foreign and
-# partitioned tables, sequences.
-_RELKINDS = ["r", "v", "m", "f", "p", "S"]
-
-_QUERY = """
-SELECT n.nspname, c.relname, c.relkind::text,
-       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY a.attnum) AS columns,
-       c.oid::int8,
-       ARRAY(SELECT a.attnum::int4 FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS attnums
-FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname = ANY($1::text[]) AND c.relkind::text = ANY($2::text[])
-"""
 
 # Each masked column by name, plus every column of each view that (directly or through
 # other views) reads it, plus the same-named column of inheritance children and partitions:
@@ -102,68 +105,6 @@ FROM views v
 JOIN pg_catalog.pg_attribute a ON a.attrelid = v.relid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
-# Every view and materialized view reachable from the named ones through the relations
-# their SELECT rule (ev_type '1', "_RETURN") depends on, with what lineage needs: the rule's
-# query tree, the view's columns, and each dependency (column-level where PostgreSQL
-# records one, refobjsubid 0 for a relation used as a whole) with all its columns.
-_VIEW_QUERY = """
-WITH RECURSIVE views(oid) AS (
-    SELECT c.oid
-    FROM unnest($1::text[], $2::text[]) AS w(schema, tbl)
-    JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
-    JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tbl
-    WHERE c.relkind IN ('v', 'm')
-    UNION
-    SELECT d.refobjid
-    FROM views v
-    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
-    JOIN pg_catalog.pg_depend d
-      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
-    JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('v', 'm')
-),
-deps(view, ref, sub) AS (
-    SELECT DISTINCT v.oid, d.refobjid, d.refobjsubid
-    FROM views v
-    JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.oid AND r.ev_type = '1'
-    JOIN pg_catalog.pg_depend d
-      ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
-)
-SELECT v.oid::int8, n.nspname, c.relname,
-       (SELECT r.ev_action::text FROM pg_catalog.pg_rewrite r
-        WHERE r.ev_class = v.oid AND r.ev_type = '1' LIMIT 1) AS action,
-       (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
-        FROM pg_catalog.pg_attribute a
-        WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped)::text AS columns,
-       (SELECT json_agg(json_build_array(
-                   d.ref::int8, dn.nspname::text, dc.relname::text, dc.relkind::text, d.sub,
-                   (SELECT json_agg(json_build_array(a.attnum, a.attname::text) ORDER BY a.attnum)
-                    FROM pg_catalog.pg_attribute a
-                    WHERE a.attrelid = d.ref AND a.attnum > 0 AND NOT a.attisdropped)))
-        FROM deps d
-        JOIN pg_catalog.pg_class dc ON dc.oid = d.ref
-        JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
-        WHERE d.view = v.oid)::text AS deps,
-       -- Functions its rule calls that pgwarden cannot see into (FROM get_rows(), ...):
-       -- user-defined ones through pg_depend; built-ins are pinned and have no pg_depend
-       -- rows, so those that run SQL text are found by OID in the rule's query tree.
-       EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
-               JOIN pg_catalog.pg_depend d
-                 ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid
-                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
-               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-               WHERE r.ev_class = v.oid AND r.ev_type = '1'
-                 AND p.pronamespace <> 'pg_catalog'::regnamespace)
-       OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r
-                  JOIN pg_catalog.pg_proc p ON p.proname = ANY($3::text[])
-                  WHERE r.ev_class = v.oid AND r.ev_type = '1'
-                    AND r.ev_action::text LIKE '%:funcid ' || p.oid::text || ' %') AS opaque
-FROM views v
-JOIN pg_catalog.pg_class c ON c.oid = v.oid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-"""
-
 # The SQL an operator runs (as a superuser) to install the DDL watch in a target database.
 WATCH_SQL = Path(__file__).with_name("ddl_watch.sql")
 
@@ -198,83 +139,6 @@ SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = ANY($1::oid[]) AND NOT a.attisdropped
 """
 
-# Which schemas hold a function of each name.
-_FUNCTION_QUERY = """
-SELECT p.proname::text, array_agg(DISTINCT n.nspname::text)
-FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-WHERE p.proname = ANY($1::text[])
-GROUP BY p.proname
-"""
-
-# Which schemas hold an operator of each name whose function someone wrote in SQL or a
-# procedural language: not a built-in (pg_catalog) and not part of an extension (whose
-# code an admin installed; CREATE EXTENSION is denied to everyone else).
-_OPERATOR_QUERY = """
-SELECT o.oprname::text, array_agg(DISTINCT n.nspname::text)
-FROM pg_catalog.pg_operator o
-JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
-JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode
-WHERE o.oprname = ANY($1::text[])
-  AND p.pronamespace <> 'pg_catalog'::regnamespace
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
-                  WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid
-                    AND d.deptype = 'e')
-GROUP BY o.oprname
-"""
-
-# Which schemas hold a type of each name that a cast to it runs user-written code for: a
-# domain whose CHECK constraint calls such a function, or a cast with such a function.
-_TYPE_QUERY = """
-SELECT t.typname::text, array_agg(DISTINCT n.nspname::text)
-FROM pg_catalog.pg_type t
-JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-WHERE t.typname = ANY($1::text[])
-  AND (EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
-               JOIN pg_catalog.pg_depend d
-                 ON d.classid = 'pg_catalog.pg_constraint'::regclass AND d.objid = c.oid
-                AND d.refclassid = 'pg_catalog.pg_proc'::regclass
-               JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-               WHERE c.contypid = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace)
-       OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast k
-                  JOIN pg_catalog.pg_proc p ON p.oid = k.castfunc
-                  WHERE k.casttarget = t.oid AND p.pronamespace <> 'pg_catalog'::regnamespace))
-GROUP BY t.typname
-"""
-
-Connect = Callable[[], Awaitable[Any]]
-Column = tuple[str, str, str]  # (schema, table, column)
-
-
-def parse_search_path(text: str) -> tuple[str, ...]:
-    """Split a search_path value as PostgreSQL does: commas, double-quoted names kept as is."""
-    names: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n:
-            break
-        if text[i] == '"':
-            i += 1
-            part: list[str] = []
-            while i < n:
-                if text[i] == '"':
-                    if i + 1 < n and text[i + 1] == '"':
-                        part.append('"')
-                        i += 2
-                        continue
-                    i += 1
-                    break
-                part.append(text[i])
-                i += 1
-            names.append("".join(part))
-        else:
-            start = i
-            while i < n and text[i] != ",":
-                i += 1
-            names.append(text[start:i].strip().lower())
-    return tuple(names)
-
 
 def consults_catalog(facts: StatementFacts) -> bool:
     """Whether resolving `facts` reads the target's catalog (names, functions, operators,
@@ -304,7 +168,8 @@ class Catalog:
     nowhere gets the creation schema (the first existing schema of the path, where an
     unqualified CREATE would put it) and the flag "unresolved_relation"; its `*` stays `*`.
     If the catalog cannot be reached the facts keep "" and "*" and gain "catalog_unavailable".
-    resolve() never raises.
+    resolve() does not raise when the catalog cannot be read (CATALOG_FAILURES); what else
+    it raises is a bug, never reported as catalog_unavailable.
     """
 
     def __init__(
@@ -316,33 +181,19 @@ class Catalog:
         retry_after: float = 1.0,
         idle_seconds: float = 10.0,
     ) -> None:
-        if isinstance(connect, str):
-            dsn = connect
-
-            async def _connect() -> Any:
-                # A name operators (and tests) can tell apart in pg_stat_activity.
-                return await asyncpg.connect(
-                    dsn, timeout=timeout, server_settings={"application_name": "pgwarden-catalog"}
-                )
-
-            self._connect: Connect = _connect
-        else:
-            self._connect = connect
+        # Closing the connection forgets what it read (see close()).
+        self._db = CatalogConnection(
+            connect,
+            timeout=timeout,
+            retry_after=retry_after,
+            idle_seconds=idle_seconds,
+            on_close=self.invalidate,
+        )
         self._timeout = timeout
         # DDL made elsewhere moves the generation (refresh()); entries also expire, a bound
         # on what a caller that never refreshes (a CLI evaluation) may see.
         self._ttl = ttl
-        self._retry_after = retry_after
-        self._conn: Any = None
-        self._user: str | None = None
         self._schemas: frozenset[str] = frozenset()
-        self._failed_at: float | None = None
-        self._lock = asyncio.Lock()
-        # Closing the connection when unused this long (0: never).
-        self._idle_seconds = idle_seconds
-        self._used_at = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Future[None]] = set()
         # relname → ({schema: columns}, fetched at)
         self._relations: dict[str, tuple[dict[str, tuple[str, ...]], float]] = {}
         # (schema, relname) → relkind, fetched with _relations (and expiring with it)
@@ -352,8 +203,11 @@ class Catalog:
         self._attnums: dict[int, frozenset[int]] = {}
         # (schema, view) → (lineage, fetched at)
         self._views: dict[tuple[str, str], tuple[_ViewLineage, float]] = {}
-        # function name → (schemas holding a function of that name, fetched at)
-        self._functions: dict[str, tuple[frozenset[str], float]] = {}
+        # function name → ((schemas holding a function of that name, those holding one not
+        # traced), fetched at)
+        self._functions: dict[str, tuple[_FunctionHolders, float]] = {}
+        # function name → (its untraced functions outside pg_catalog, fetched at)
+        self._untraced: dict[str, tuple[tuple[_UntracedFunction, ...], float]] = {}
         # operator name → (schemas holding one of that name backed by user code, fetched at)
         self._operators: dict[str, tuple[frozenset[str], float]] = {}
         # type name → (schemas holding one a cast to which runs user code, fetched at)
@@ -389,6 +243,7 @@ class Catalog:
         self._attnums.clear()
         self._views.clear()
         self._functions.clear()
+        self._untraced.clear()
         self._operators.clear()
         self._types.clear()
         self._mask_columns.clear()
@@ -407,7 +262,7 @@ class Catalog:
         """Make the cache describe every DDL that committed before this call; the generation
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
-        sent after they called. Never raises."""
+        sent after they called. Raises only for a bug (not for an unreachable catalog)."""
         queued = self._probe_queued
         if queued is None:
             queued = self._probe_queued = asyncio.ensure_future(
@@ -422,7 +277,7 @@ class Catalog:
         self._probe_running, self._probe_queued = self._probe_queued, None
         try:
             generation = await self._on_connection(self._probe)
-        except Exception:
+        except CATALOG_FAILURES:
             generation = None
         if generation is None or generation != self.generation:
             self.invalidate()
@@ -470,12 +325,12 @@ class Catalog:
 
     async def learn(self, relations: Iterable[int]) -> bool:
         """Fetch the columns of these relations (by OID) into what knows() answers from;
-        False when the catalog cannot be reached. Never raises."""
+        False when the catalog cannot be reached (raises only for a bug)."""
         wanted = sorted(set(relations))
         generation = self.generation
         try:
             rows = await self._fetch(_ATTRIBUTES_QUERY, wanted)
-        except Exception:
+        except CATALOG_FAILURES:
             return False
         if generation is not None and generation == self.generation:
             self._known_columns.update((int(r[0]), int(r[1])) for r in rows)
@@ -488,20 +343,18 @@ class Catalog:
         Columns of views built on a masked column get "redact" (which of their columns came
         from it is unknown); inheritance children and partitions get the mask's own method.
         A mask whose column does not exist is skipped. None when the catalog cannot be
-        reached: the caller must then mask every column. Never raises.
+        reached: the caller must then mask every column (raises only for a bug).
         """
         if not masks:
             return {}
         self._forget_if_lost()
         now = time.monotonic()
-        found: dict[tuple[str, str, str], tuple[tuple[int, int, bool], ...]] = {}
-        missing: list[tuple[str, str, str]] = []
-        for name in sorted({(m.schema, m.table, m.column) for m in masks}):
-            entry = self._mask_columns.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(
+            self._mask_columns,
+            sorted({(m.schema, m.table, m.column) for m in masks}),
+            self._ttl,
+            now,
+        )
         if missing:
             try:
                 rows = await self._fetch(
@@ -510,7 +363,7 @@ class Catalog:
                     [t for _, t, _ in missing],
                     [c for _, _, c in missing],
                 )
-            except Exception:
+            except CATALOG_FAILURES:
                 return None
             fetched: dict[int, list[tuple[int, int, bool]]] = {}
             for i, relid, attnum, derived in rows:
@@ -535,29 +388,19 @@ class Catalog:
     async def release(self) -> None:
         """Close the metadata connection now, once the query in flight (if any) is done: its
         database must be free for DROP DATABASE, a rename, or CREATE DATABASE copying it."""
-        async with self._lock:
-            await self.close()
+        await self._db.release()
 
     def _forget_if_lost(self) -> None:
         """The server ended the connection (DROP DATABASE ... WITH (FORCE), a terminated
         backend): the database may be gone and its name another's, so is what it read."""
-        if self._conn is not None and self._conn.is_closed():
-            self._conn = None
-            self._disarm_idle()
+        if self._db.lost():
             self.invalidate()
 
     async def close(self) -> None:
         """Close the connection and forget what it read: the cache describes the database
         that connection was in, and once none is held open a database of that name may be
         dropped and made again (new OIDs) without pgwarden seeing it."""
-        self._disarm_idle()
-        self.invalidate()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close(timeout=self._timeout)
-            except Exception:
-                conn.terminate()
+        await self._db.close()
 
     async def resolve(
         self,
@@ -590,14 +433,21 @@ class Catalog:
             self._relations,
             self._views,
             self._functions,
+            self._untraced,
             self._operators,
             self._types,
         )
         return min((fetched for cache in caches for _, fetched in cache.values()), default=0.0)
 
     async def _resolve(
-        self, facts: StatementFacts, search_path: Sequence[str], user: str | None
+        self,
+        facts: StatementFacts,
+        search_path: Sequence[str],
+        user: str | None,
+        calling: frozenset[str] = frozenset(),
     ) -> StatementFacts:
+        """resolve() without the cache; `calling`: the LANGUAGE sql functions whose bodies
+        are being resolved, outermost first (see _sql_bodies)."""
         names = {t.table for t in (*facts.reads, *facts.writes)} | {c.table for c in facts.columns}
         for output in facts.outputs or ():
             names.update(table for _, table, _ in output.sources)
@@ -606,7 +456,7 @@ class Catalog:
         self._forget_if_lost()
         try:
             relations = await self._lookup(names)
-        except Exception:
+        except CATALOG_FAILURES:
             return _flagged(facts, "catalog_unavailable")
         path = self._effective_path(search_path, user)
         unresolved = False
@@ -660,8 +510,10 @@ class Catalog:
                 for known_columns in holders.values()
                 for column in known_columns
             }
-            resolved = await self._opaque_functions(resolved, path, columns_known)
-        except Exception:
+            resolved = await self._opaque_functions(
+                resolved, path, columns_known, search_path, user, calling
+            )
+        except CATALOG_FAILURES:
             return _flagged(resolved, "catalog_unavailable")
         return resolved
 
@@ -715,14 +567,7 @@ class Catalog:
         self, wanted: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], _ViewLineage]:
         now = time.monotonic()
-        found: dict[tuple[str, str], _ViewLineage] = {}
-        missing: list[tuple[str, str]] = []
-        for name in wanted:
-            entry = self._views.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(self._views, wanted, self._ttl, now)
         if missing:
             rows = await self._fetch(
                 _VIEW_QUERY,
@@ -743,7 +588,13 @@ class Catalog:
         return found
 
     async def _opaque_functions(
-        self, facts: StatementFacts, path: Sequence[str], columns_known: set[str]
+        self,
+        facts: StatementFacts,
+        path: Sequence[str],
+        columns_known: set[str],
+        search_path: Sequence[str] = DEFAULT_SEARCH_PATH,
+        user: str | None = None,
+        calling: frozenset[str] = frozenset(),
     ) -> StatementFacts:
         """Flag "opaque_function" for functions the policy cannot see into: user-defined
         ones (anything outside pg_catalog, or an unqualified name that a function of another
@@ -754,24 +605,51 @@ class Catalog:
         pg_catalog lacks is qualified with the schema that answers to it."""
         if not (facts.functions or facts.operators or facts.attributes or facts.types):
             return facts
-        names = {f.rsplit(".", 1)[-1] for f in facts.functions if f.startswith("pg_catalog.")}
-        holders = await self._function_schemas(names) if names else {}
+        names = {f.rsplit(".", 1)[-1] for f in facts.functions}
+        holders = await self._function_holders(names) if names else {}
         functions: list[str] = []
+        traced: list[str] = []
+        bodies: list[StatementFacts] = []
         opaque = False
         for qualified in facts.functions:
             schema, _, name = qualified.rpartition(".")
-            if schema != "pg_catalog" or name in LINEAGE_OPAQUE_BUILTINS:
+            schemas, untraced = holders.get(name, (frozenset(), frozenset()))
+            untraced = frozenset("pg_temp" if s.startswith("pg_temp_") else s for s in untraced)
+            # The schemas whose untraced functions of the name may be the one that runs.
+            candidates: list[str] = []
+            if name in LINEAGE_OPAQUE_BUILTINS:
                 opaque = True
+            elif schema != "pg_catalog":
+                # Named with its schema: that schema's functions of the name are the
+                # candidates (none at all: the call fails, and is not traced either).
+                known = any(
+                    s == schema or (schema == "pg_temp" and s.startswith("pg_temp_"))
+                    for s in schemas
+                )
+                if not known:
+                    opaque = True
+                elif schema in untraced:
+                    candidates = [schema]
+                else:
+                    traced.append(qualified)
             else:
-                schemas = holders.get(name, frozenset())
+                # Unqualified (the analysis writes it pg_catalog.name): every function of the
+                # name on the path is a candidate, as the arguments' types decide which runs.
                 others = [s for s in path if s in schemas and s != "pg_catalog"]
-                if "pg_catalog" not in schemas:
+                if not schemas:
                     opaque = True
-                    if others:
-                        qualified = f"{others[0]}.{name}"
-                elif others:
-                    # pg_catalog has one; another on the path may fit the arguments better.
+                candidates = [s for s in others if s in untraced]
+                if "pg_catalog" not in schemas and others:
+                    qualified = f"{others[0]}.{name}"
+                    if not candidates and schemas:
+                        traced.append(qualified)
+            if candidates and not opaque:
+                read = await self._sql_bodies(name, candidates, search_path, user, calling)
+                if read is None:
                     opaque = True
+                else:
+                    bodies.extend(read)
+                    traced.append(qualified)
             functions.append(qualified)
         if not opaque and facts.operators:
             opaque = await self._user_code_behind(
@@ -786,8 +664,65 @@ class Catalog:
         if not opaque and attributes:
             found = await self._function_schemas(attributes)
             opaque = any(s in path and s != "pg_catalog" for n in attributes for s in found[n])
-        resolved = replace(facts, functions=tuple(dict.fromkeys(functions)))
-        return _flagged(resolved, "opaque_function") if opaque else resolved
+        resolved = replace(
+            facts,
+            functions=tuple(dict.fromkeys(functions)),
+            traced_functions=() if opaque else tuple(dict.fromkeys(traced)),
+        )
+        if opaque:
+            return _flagged(resolved, "opaque_function")
+        return _with_bodies(resolved, bodies) if bodies else resolved
+
+    async def _sql_bodies(
+        self,
+        name: str,
+        schemas: Sequence[str],
+        search_path: Sequence[str],
+        user: str | None,
+        calling: frozenset[str],
+    ) -> list[StatementFacts] | None:
+        """The resolved statements of the bodies of every untraced function named `name` in
+        `schemas`, when each is a plain LANGUAGE sql function whose body only reads; None
+        when any is not (plpgsql, C outside an extension, a body that writes, recursion or
+        calls nested deeper than _MAX_BODY_DEPTH): what it reads is then unknown. A body's
+        names are resolved under the search_path the function sets for itself, else the
+        caller's, as PostgreSQL does when it runs it."""
+        if len(calling) >= _MAX_BODY_DEPTH:
+            return None
+        candidates = await self._untraced_functions(name)
+        found: list[StatementFacts] = []
+        for schema, language, kind, source, own_path in candidates:
+            if ("pg_temp" if schema.startswith("pg_temp_") else schema) not in schemas:
+                continue
+            key = f"{schema}.{name}"
+            if language != "sql" or kind != "f" or not source.strip() or key in calling:
+                return None
+            body_path = parse_search_path(own_path) if own_path is not None else search_path
+            for statement in analyze(source):
+                if (
+                    statement.category != "read"
+                    or statement.command != "SELECT"
+                    or not _TRACEABLE_BODY_FLAGS.issuperset(statement.flags)
+                ):
+                    return None
+                body = await self._resolve(statement, body_path, user, calling | {key})
+                if body.outputs is None or not _TRACEABLE_BODY_FLAGS.issuperset(body.flags):
+                    return None  # (outputs None: where its values come from is unknown)
+                found.append(body)
+        return found
+
+    async def _untraced_functions(self, name: str) -> tuple[_UntracedFunction, ...]:
+        now = time.monotonic()
+        entry = self._untraced.get(name)
+        if entry is not None and now - entry[1] < self._ttl:
+            return entry[0]
+        rows = await self._fetch(_UNTRACED_FUNCTION_QUERY, [name])
+        found = tuple(
+            (schema, language, kind, source or "", own_path)
+            for _, schema, language, kind, source, own_path in rows
+        )
+        self._untraced[name] = (found, now)
+        return found
 
     async def _user_code_behind(
         self,
@@ -820,7 +755,24 @@ class Catalog:
         return False
 
     async def _function_schemas(self, names: set[str]) -> dict[str, frozenset[str]]:
-        return await self._named_schemas(_FUNCTION_QUERY, self._functions, names)
+        return {name: found[0] for name, found in (await self._function_holders(names)).items()}
+
+    async def _function_holders(self, names: set[str]) -> dict[str, _FunctionHolders]:
+        """name → (schemas holding a function of that name, those of them holding one that
+        is not traced), cached; an absent name is asked again (someone may create it)."""
+        now = time.monotonic()
+        found, missing = _fresh(self._functions, names, self._ttl, now)
+        if missing:
+            rows = await self._fetch(_FUNCTION_QUERY, sorted(missing))
+            fetched = {
+                name: (frozenset(schemas), frozenset(untraced)) for name, schemas, untraced in rows
+            }
+            for name in missing:
+                holders = fetched.get(name, (frozenset(), frozenset()))
+                found[name] = holders
+                if holders[0]:
+                    self._functions[name] = (holders, now)
+        return found
 
     async def _named_schemas(
         self,
@@ -832,14 +784,7 @@ class Catalog:
     ) -> dict[str, frozenset[str]]:
         """name → the schemas `query` finds holding an object of that name, cached."""
         now = time.monotonic()
-        found: dict[str, frozenset[str]] = {}
-        missing: list[str] = []
-        for name in names:
-            entry = cache.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(cache, names, self._ttl, now)
         if missing:
             rows = await self._fetch(query, sorted(missing))
             fetched = {name: frozenset(schemas) for name, schemas in rows}
@@ -855,7 +800,7 @@ class Catalog:
         path: list[str] = []
         for name in search_path:
             if name == "$user":
-                name = user or self._user or ""
+                name = user or self._db.user or ""
             if name and name not in path:
                 path.append(name)
         if "pg_catalog" not in path:
@@ -864,14 +809,7 @@ class Catalog:
 
     async def _lookup(self, names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
         now = time.monotonic()
-        found: dict[str, dict[str, tuple[str, ...]]] = {}
-        missing: list[str] = []
-        for name in names:
-            entry = self._relations.get(name)
-            if entry is not None and now - entry[1] < self._ttl:
-                found[name] = entry[0]
-            else:
-                missing.append(name)
+        found, missing = _fresh(self._relations, names, self._ttl, now)
         if missing or not self._schemas:
             rows, schemas = await self._query(sorted(missing))
             self._schemas = schemas
@@ -904,121 +842,40 @@ class Catalog:
 
     async def function_name(self, oid: int) -> str | None:
         """`schema.name` of the function with this OID (for the FunctionCall message), or
-        None when there is none or the catalog is unreachable. Never raises."""
+        None when there is none or the catalog is unreachable (raises only for a bug)."""
         try:
             rows = await self._fetch(
                 "SELECT n.nspname, p.proname FROM pg_proc p"
                 " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = $1",
                 oid,
             )
-        except Exception:
+        except CATALOG_FAILURES:
             return None
         if not rows:
             return None
         return f"{rows[0][0]}.{rows[0][1]}".lower()
 
     async def _fetch(self, query: str, *args: Any) -> list[Any]:
-        async def work(conn: Any) -> list[Any]:
-            return list(await conn.fetch(query, *args, timeout=self._timeout))
-
-        return await self._on_connection(work)
+        return await self._db.fetch(query, *args)
 
     async def _on_connection(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
-        """`work` on the metadata connection, one at a time; after a dropped connection one
-        fresh attempt, then the failure (and no reconnect for a while)."""
-        async with self._lock:
-            try:
-                for attempt in (1, 2):
-                    conn = await self._connection()
-                    try:
-                        return await work(conn)
-                    except Exception:
-                        # A dropped connection: one fresh attempt, then report unavailable.
-                        await self.close()
-                        if attempt == 2:
-                            self._failed_at = time.monotonic()
-                            raise
-            finally:
-                self._used_at = time.monotonic()
-                self._arm_idle()
-        raise AssertionError("unreachable")
-
-    # An open connection keeps its database from being dropped, renamed or copied (and
-    # takes a server slot): one nobody has used for `idle_seconds` is closed.
-
-    def _arm_idle(self) -> None:
-        if self._idle_timer is None and self._conn is not None and self._idle_seconds > 0:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self._idle_seconds, self._idle_due)
-
-    def _disarm_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _idle_due(self) -> None:
-        self._idle_timer = None
-        if self._conn is None:
-            return
-        left = self._used_at + self._idle_seconds - time.monotonic()
-        if left > 0 or self._lock.locked():
-            # Used since, or in use now (its end arms the timer again).
-            if not self._lock.locked():
-                self._idle_timer = asyncio.get_running_loop().call_later(left, self._idle_due)
-            return
-        task = asyncio.ensure_future(self._close_if_idle())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    async def _close_if_idle(self) -> None:
-        async with self._lock:
-            if time.monotonic() - self._used_at >= self._idle_seconds:
-                await self.close()
-            else:
-                self._arm_idle()
-
-    async def _connection(self) -> Any:
-        if self._conn is not None and not self._conn.is_closed():
-            return self._conn
-        if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry_after:
-            # Do not make every statement wait a connect timeout while the target is down.
-            raise ConnectionError("catalog connection failed recently")
-        try:
-            self._conn = await asyncio.wait_for(self._connect(), self._timeout)
-            self._user = await self._conn.fetchval("SELECT current_user", timeout=self._timeout)
-        except Exception:
-            self._failed_at = time.monotonic()
-            self._conn = None
-            raise
-        self._failed_at = None
-        return self._conn
+        return await self._db.run(work)
 
 
-def _placed_output(
-    output: OutputColumn,
-    place: Callable[[str, str], str],
-    relations: Mapping[str, Mapping[str, tuple[str, ...]]],
-) -> list[OutputColumn]:
-    """One output entry with its sources' schemas placed and `*` made the table's columns;
-    `*` over a known base table becomes one entry per column, as PostgreSQL expands it."""
-    sources: set[Column] = set()
-    for schema, table, column in output.sources:
-        placed = place(schema, table)
-        known = relations.get(table, {}).get(placed)
-        if column == "*" and known is not None:
-            sources.update((placed, table, name) for name in known)
+def _fresh(
+    cache: Mapping[_K, tuple[_V, float]], names: Iterable[_K], ttl: float, now: float
+) -> tuple[dict[_K, _V], list[_K]]:
+    """What `cache` holds for `names` that is younger than `ttl` (entries are (value,
+    fetched at)), and the names it holds nothing fresh for, in order."""
+    found: dict[_K, _V] = {}
+    missing: list[_K] = []
+    for name in names:
+        entry = cache.get(name)
+        if entry is not None and now - entry[1] < ttl:
+            found[name] = entry[0]
         else:
-            sources.add((placed, table, column))
-    if output.table is not None and any(column == "*" for _, _, column in output.sources):
-        star = TableRef(place(output.table.schema, output.table.table), output.table.table)
-        known = relations.get(star.table, {}).get(star.schema)
-        if known is None:  # its width is unknown here
-            return [OutputColumn(frozenset(sources), spread=True)]
-        # Each keeps `table`: a column of a `*` whose width came from the catalog's cache.
-        return [
-            OutputColumn(frozenset({(star.schema, star.table, name)}), table=star) for name in known
-        ]
-    return [OutputColumn(frozenset(sources), table=output.table, spread=output.spread)]
+            missing.append(name)
+    return found, missing
 
 
 # Resolutions kept per catalog (cleared whole when full: refilled within a generation).
@@ -1029,180 +886,3 @@ def _flagged(facts: StatementFacts, flag: str) -> StatementFacts:
     if flag in facts.flags:
         return facts
     return replace(facts, flags=(*facts.flags, flag))
-
-
-# --------------------------------------------------------------------------- view lineage
-
-
-@dataclass(frozen=True, slots=True)
-class _ViewLineage:
-    """What reading one view or materialized view really reads."""
-
-    # Every relation read through it: nested views and their base relations.
-    bases: tuple[TableRef, ...]
-    # Each view column → the columns it comes from, at every level down to base tables.
-    columns: Mapping[str, tuple[Column, ...]]
-    # Every column the view draws on: for a name the view does not have.
-    everything: tuple[Column, ...]
-    # It (or a view under it) calls a function the policy cannot see into.
-    opaque: bool = False
-
-
-_NODE_TOKEN = re.compile(r"[(){}]|(?:\\.|[^ \t\n(){}\\])+", re.S)
-
-
-class _Node(list[Any]):
-    """`{NAME :field value ...}` of a pg_node_tree: the name, then fields and values in order."""
-
-    def field(self, name: str) -> Any:
-        key = ":" + name
-        for i in range(1, len(self) - 1):
-            if self[i] == key:
-                return self[i + 1]
-        return None
-
-
-def _node_tree(text: str) -> Any:
-    """A pg_node_tree's text (read.c's pg_strtok tokens) as nested lists and _Nodes."""
-    root: list[Any] = []
-    stack: list[list[Any]] = [root]
-    for match in _NODE_TOKEN.finditer(text):
-        token = match.group()
-        if token in ("(", "{"):
-            item: list[Any] = [] if token == "(" else _Node()
-            stack[-1].append(item)
-            stack.append(item)
-        elif token in (")", "}"):
-            if len(stack) == 1:
-                raise ValueError("unbalanced node tree")
-            stack.pop()
-        else:
-            stack[-1].append(token)
-    if len(stack) != 1:
-        raise ValueError("unbalanced node tree")
-    return root[0] if len(root) == 1 else root
-
-
-def _walk_nodes(tree: Any) -> Iterator[_Node]:
-    stack = [tree]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            if isinstance(item, _Node):
-                yield item
-            stack.extend(item)
-
-
-def _rule_shape(action: str | None) -> tuple[dict[int, tuple[int, int]], bool] | None:
-    """From a SELECT rule's query tree: view attnum → (origin table OID, attnum) for the
-    output columns PostgreSQL traced to one column (resorigtbl), and whether any whole-row
-    Var appears anywhere. None when the tree is not understood."""
-    if not action:
-        return None
-    try:
-        tree = _node_tree(action)
-        queries = [n for n in (tree if isinstance(tree, list) else [tree]) if isinstance(n, _Node)]
-        if len(queries) != 1 or queries[0][0] != "QUERY":
-            return None
-        targets = queries[0].field("targetList")
-        origins: dict[int, tuple[int, int]] = {}
-        for entry in targets if isinstance(targets, list) else ():
-            if not isinstance(entry, _Node) or entry[0] != "TARGETENTRY":
-                continue
-            if entry.field("resjunk") == "true":
-                continue
-            table, column = int(entry.field("resorigtbl")), int(entry.field("resorigcol"))
-            if table and column > 0:
-                origins[int(entry.field("resno"))] = (table, column)
-        whole_row = any(n[0] == "VAR" and n.field("varattno") == "0" for n in _walk_nodes(tree))
-        return origins, whole_row
-    except (ValueError, TypeError, IndexError):
-        return None
-
-
-def _lineages(rows: Sequence[Any]) -> dict[tuple[str, str], _ViewLineage]:
-    """Lineage of every view in `rows` (_VIEW_QUERY's answer), by (schema, name)."""
-    names: dict[int, tuple[str, str, str]] = {}  # OID → (schema, name, relkind)
-    attnames: dict[tuple[int, int], str] = {}
-    views: dict[int, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = {}
-    view_columns: dict[int, list[tuple[int, str]]] = {}
-    shapes: dict[int, tuple[dict[int, tuple[int, int]], bool] | None] = {}
-    opaque_views: set[int] = set()
-    for oid, schema, relname, action, columns_json, deps_json, opaque in rows:
-        if opaque:
-            opaque_views.add(oid)
-        names[oid] = (schema, relname, "v")
-        columns = [(int(a), str(n)) for a, n in json.loads(columns_json or "[]")]
-        view_columns[oid] = columns
-        for attnum, attname in columns:
-            attnames[(oid, attnum)] = attname
-        shapes[oid] = _rule_shape(action)
-        deps: list[tuple[int, int]] = []
-        everything: set[tuple[int, int]] = set()
-        for ref, ref_schema, ref_name, relkind, sub, ref_columns in json.loads(deps_json or "[]"):
-            names.setdefault(ref, (ref_schema, ref_name, relkind))
-            for attnum, attname in ref_columns or ():
-                attnames[(ref, attnum)] = attname
-                everything.add((ref, attnum))
-            deps.append((ref, sub))
-        views[oid] = (deps, everything)
-
-    def direct(oid: int, attnum: int | None) -> set[tuple[int, int]]:
-        """The columns one view column is made of; attnum None: of the whole view."""
-        deps, everything = views[oid]
-        shape = shapes[oid]
-        column_deps = {(ref, sub) for ref, sub in deps if sub > 0}
-        if shape is not None and attnum is not None:
-            origin = shape[0].get(attnum)
-            if origin is not None and origin in column_deps:
-                return {origin}
-        if shape is None or shape[1]:
-            # A whole-row Var (row_to_json(t)) or a tree not understood: every column.
-            return set(everything)
-        return column_deps
-
-    memo: dict[tuple[int, int | None], frozenset[Column]] = {}
-
-    def closure(oid: int, attnum: int | None, seen: frozenset[int]) -> frozenset[Column]:
-        key = (oid, attnum)
-        if key in memo:
-            return memo[key]
-        found: set[Column] = set()
-        for ref, ref_attnum in direct(oid, attnum):
-            schema, table, _ = names[ref]
-            name = attnames.get((ref, ref_attnum))
-            if name is not None:
-                found.add((schema, table, name))
-            if ref in views and ref not in seen:
-                found |= closure(ref, ref_attnum, seen | {ref})
-        memo[key] = frozenset(found)
-        return memo[key]
-
-    def bases(oid: int) -> tuple[list[TableRef], bool]:
-        out: dict[TableRef, None] = {}
-        stack, seen = [oid], {oid}
-        opaque = False
-        while stack:
-            current = stack.pop()
-            opaque = opaque or current in opaque_views
-            for ref, _ in views[current][0]:
-                schema, table, relkind = names[ref]
-                if relkind in _RELKINDS:
-                    out[TableRef(schema, table)] = None
-                if ref in views and ref not in seen:
-                    seen.add(ref)
-                    stack.append(ref)
-        return list(out), opaque
-
-    result: dict[tuple[str, str], _ViewLineage] = {}
-    for oid, columns in view_columns.items():
-        schema, relname, _ = names[oid]
-        mapped = {
-            name: tuple(sorted(closure(oid, attnum, frozenset({oid})))) for attnum, name in columns
-        }
-        every = set(closure(oid, None, frozenset({oid})))
-        for cols in mapped.values():
-            every.update(cols)
-        reads, opaque = bases(oid)
-        result[(schema, relname)] = _ViewLineage(tuple(reads), mapped, tuple(sorted(every)), opaque)
-    return result

@@ -111,6 +111,18 @@ class StatementFacts:
     # The rows it returns, column by column, for masking by lineage; None where it returns
     # none or their lineage is unknown. Not part of the policy input.
     outputs: tuple[OutputColumn, ...] | None = None
+    # Functions outside pg_catalog that the catalog found to compute from their arguments
+    # alone (an extension's IMMUTABLE C code): lineage runs through them as through a
+    # built-in. Not part of the policy input.
+    traced_functions: tuple[str, ...] = ()
+
+    def calls_untraced_function(self) -> bool:
+        """Whether a function in `functions` may compute from more than its arguments as far
+        as anything here knows: outside pg_catalog and not found traced by the catalog."""
+        return any(
+            not f.startswith("pg_catalog.") and f not in self.traced_functions
+            for f in self.functions
+        )
 
     def to_input(
         self,

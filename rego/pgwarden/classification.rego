@@ -112,13 +112,26 @@ copied_classified contains column_key(col) if {
 	classified[column_key(col)]
 }
 
+# Code no lineage reaches into (an opaque function, unanalysed text) in a statement that
+# writes may copy any classified value into what it writes, as a named source would.
+copies_unseen_values if {
+	not pii_reader
+	every_classified_column_in_play
+	writes_data
+	count(classified) > 0
+}
+
 # Every column such a write assigns then carries a classified value for RETURNING (which
 # assigned column got which value is not traced): masked whole, whatever its own class.
 masks_in_play contains mask(col.schema, col.table, col.column, "redact") if {
-	count(copied_classified) > 0
+	copies_classified
 	some col in input.statement.columns
 	col.usage == "assignment"
 }
+
+copies_classified if count(copied_classified) > 0
+
+copies_classified if copies_unseen_values
 
 # A classified column used anywhere but the output list (WHERE, JOIN, ORDER BY, GROUP BY,
 # ...) lets the caller learn masked values by asking questions: a predicate is an oracle.

@@ -215,3 +215,21 @@ test_function_call_with_masks_in_play_denied if {
 	plain := {"command": "FUNCTION CALL", "category": "utility", "functions": ["pg_catalog.now"], "flags": ["function_call"]}
 	decide(["engineers"], plain).action == "allow"
 }
+
+test_a_write_through_opaque_code_masks_every_assigned_column if {
+	write := {
+		"command": "INSERT", "category": "write", "writes": [{"schema": "public", "table": "notes"}],
+		"columns": [notes_body("assignment")], "functions": ["public.pl_mail"], "flags": ["opaque_function"],
+	}
+	d := decide(["admins"], write)
+	d.action == "allow"
+	{"schema": "public", "table": "notes", "column": "body", "method": "redact"} in d.masks
+	decide(["admins", "pii-readers"], write).masks == []
+	unparsed := {"command": "UNKNOWN", "category": "unknown", "writes": [{"schema": "public", "table": "notes"}], "columns": [notes_body("assignment")]}
+	{"schema": "public", "table": "notes", "column": "body", "method": "redact"} in decide(["admins"], unparsed).masks
+}
+
+test_a_read_through_opaque_code_assigns_nothing if {
+	read := {"command": "SELECT", "category": "read", "columns": [notes_body("output")], "functions": ["public.pl_mail"], "flags": ["opaque_function"]}
+	not {"schema": "public", "table": "notes", "column": "body", "method": "redact"} in decide(["admins"], read).masks
+}

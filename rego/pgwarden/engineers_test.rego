@@ -129,3 +129,18 @@ test_engineers_copying_a_classified_value_need_approval if {
 	{"schema": "public", "table": "notes", "column": "body", "method": "redact"} in d.masks
 	decide(["engineers", "pii-readers"], copy).action == "allow"
 }
+
+test_engineers_writing_what_opaque_code_computes_need_approval if {
+	write := {
+		"command": "INSERT", "category": "write", "writes": [{"schema": "public", "table": "notes"}],
+		"columns": [{"schema": "public", "table": "notes", "column": "body", "usage": "assignment"}],
+		"functions": ["public.pl_mail"], "flags": ["opaque_function"],
+	}
+	d := decide(["engineers"], write)
+	d.action == "approve"
+	"engineers may not write what code the policy cannot see into computes without approval while columns are classified" in d.reasons
+	d.approvers == ["admins"]
+	decide(["engineers", "pii-readers"], write).action == "allow"
+	seen := object.union(write, {"functions": ["pg_catalog.upper"], "flags": []})
+	decide(["engineers"], seen).action == "allow"
+}

@@ -167,17 +167,20 @@ def test_a_view_over_orders_only_is_untouched(
     assert simple(agent, f"SELECT count(*) FROM {names['orders']} WHERE amount > 8") == [(2,)]
 
 
-def test_a_user_function_reading_customers_waits_for_approval(
+def test_a_user_function_reading_customers_is_refused(
     agent: psycopg.Connection[Any], names: dict[str, str]
 ) -> None:
-    for text in (
-        f"SELECT * FROM {names['fn']}()",
-        f"SELECT public.{names['fn']}()",
-        f"SELECT e FROM {names['fnview']}",  # a view over it hides nothing either
-    ):
+    # Its LANGUAGE sql body is read: what it returns is computed from customers.email, an
+    # oracle for ai-agents wherever the call stands (denied, as `upper(email)` is).
+    for text in (f"SELECT * FROM {names['fn']}()", f"SELECT public.{names['fn']}()"):
         with pytest.raises(psycopg.Error) as info:
             simple(agent, text)
-        assert_policy_refusal(refusal_of(info.value), approval=True, reason=OPAQUE)
+        assert_policy_refusal(refusal_of(info.value), reason="public.customers.email")
+    # A view over it hides nothing either: the view's lineage stops at the function, so it
+    # waits for approval as opaque code.
+    with pytest.raises(psycopg.Error) as info:
+        simple(agent, f"SELECT e FROM {names['fnview']}")
+    assert_policy_refusal(refusal_of(info.value), approval=True, reason=OPAQUE)
     assert simple(agent, "SELECT lower('A'), now() IS NOT NULL") == [("a", True)]
 
 

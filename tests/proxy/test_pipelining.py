@@ -19,6 +19,7 @@ import pytest
 
 from cli.localpg import APP_DB, SUPERUSER
 from gateway.protocol import Bind, Execute, Parse, Sync
+from gateway.proxy.session import READ_AHEAD
 from tests.integration.test_audit_support import records_after, wait_for
 from tests.proxy.wire import RawClient
 
@@ -196,3 +197,72 @@ async def test_time_to_first_execution_of_a_pipelined_batch(
     via = _first_run_after(gateway, table, started)
     assert _ran(gateway, table) == (1000, 1000)
     print(f"\nfirst row ran after: direct {direct * 1000:.1f} ms, via pgwarden {via * 1000:.1f} ms")
+
+
+def test_a_stalled_server_stalls_the_client_and_the_session_holds_little(
+    gateway: Any, admin_token: str, table: str
+) -> None:
+    """The server waits on a lock while the client pipelines 2,000 Bind/Execute pairs of
+    32 kB (64 MB, no Sync). Direct, the client's writes stall once the socket buffers are
+    full; through pgwarden too: the session stops reading the client once it holds
+    READ_AHEAD of undecided input, so the client cannot write the batch and what the
+    session holds (the client's input, the server's write buffer) stays within a bound,
+    not the batch."""
+    text = f"INSERT INTO {table} (id, payload) VALUES ($1, $2)"
+    payload = b"x" * 32 * 1024
+    pair = Bind("", "ins", (), (b"1", payload)).encode() + Execute("").encode()
+    pairs = 2000
+    locker = psycopg.connect(gateway.direct_dsn())
+    via = RawClient.connect(gateway.host, gateway.port)
+    try:
+        locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        via.login("app", admin_token, application_name="stall-pipeline")
+        # The first insert waits on the lock; the SET makes the gate read the search_path
+        # before it decides the next execute, which waits for the server too: the gate is
+        # busy (with the server stalled) while the client writes on.
+        via.send(
+            Parse("ins", text.encode(), (23, 25)).encode()
+            + pair
+            + Parse("", b"SET search_path TO public").encode()
+            + Bind("", "", (), ()).encode()
+            + Execute("").encode()
+        )
+        sock = via.sock
+        sock.setblocking(False)
+        batch = memoryview(b"".join([pair] * pairs))
+        sent, idle = 0, 0
+        # Write until the gateway has taken nothing for a while: the client is stalled.
+        while sent < len(batch) and idle < 40:
+            try:
+                n = sock.send(batch[sent : sent + 1024 * 1024])
+            except BlockingIOError:
+                idle += 1
+                time.sleep(0.05)
+                continue
+            sent += n
+            idle = 0
+
+        async def held() -> tuple[int, int]:
+            [session] = [
+                s
+                for s in gateway.gateway.context.sessions
+                if s._startup is not None
+                and s._startup.parameters.get("application_name") == "stall-pipeline"
+            ]
+            return session.held_input, session.up.transport.get_write_buffer_size()
+
+        held_input, server_buffer = gateway.run(held())
+        print(
+            f"\nclient wrote {sent / 2**20:.1f} MiB of {len(batch) / 2**20:.0f} MiB;"
+            f" the session holds {held_input} B of its input,"
+            f" {server_buffer} B for the server"
+        )
+        assert sent < len(batch) // 4, sent  # the client felt the stall
+        # READ_AHEAD, one read of the socket (uvloop reads 256 KiB at most) and the message
+        # with the gate; the server's buffer takes what was decided since it filled.
+        assert held_input <= READ_AHEAD + 256 * 1024 + len(pair), held_input
+        assert held_input + server_buffer <= 2 * READ_AHEAD + 256 * 1024 + 4 * len(pair)
+    finally:
+        via.close()
+        locker.rollback()
+        locker.close()

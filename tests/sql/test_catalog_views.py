@@ -16,7 +16,7 @@ import pytest
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
 from gateway.sql import Catalog, ColumnRef, StatementFacts, TableRef, analyze
-from gateway.sql.catalog import _node_tree, _rule_shape
+from gateway.sql.views import _node_tree, _rule_shape
 
 pytestmark = pytest.mark.server
 
@@ -38,6 +38,11 @@ CREATE VIEW vw.v_count AS SELECT count(*) AS n FROM vw.people;
 CREATE VIEW vw.v_orders AS SELECT id, amount FROM vw.orders;
 CREATE FUNCTION vw_fn.mine(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
 CREATE FUNCTION vw_fn.upper(int) RETURNS int LANGUAGE sql AS 'SELECT $1';
+CREATE FUNCTION vw_fn.mine_pl(int) RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN $1; END';
+CREATE FUNCTION vw_fn.lower(int) RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN $1; END';
+CREATE FUNCTION vw_fn.bump() RETURNS int LANGUAGE sql
+    AS 'UPDATE vw.orders SET amount = amount RETURNING 1';
+CREATE FUNCTION vw_fn.loop(int) RETURNS int LANGUAGE sql AS 'SELECT vw_fn.loop($1)';
 CREATE FUNCTION vw_fn.emails() RETURNS SETOF text LANGUAGE sql AS 'SELECT email FROM vw.people';
 CREATE VIEW vw.v_fn AS SELECT e FROM vw_fn.emails() AS e;
 CREATE VIEW vw.v_over_fn AS SELECT e AS mail FROM vw.v_fn;
@@ -235,11 +240,36 @@ async def test_failure_while_reading_through_views_is_flagged_not_raised(
 
 
 async def test_user_function_is_opaque_and_qualified(catalog: Catalog) -> None:
+    # plpgsql: its body is not read (LANGUAGE sql bodies are, below).
+    f = await catalog.resolve(one("SELECT mine_pl(1)"), ("vw_fn", "public"))
+    assert "opaque_function" in f.flags
+    assert f.functions == ("vw_fn.mine_pl",)
+    f = await catalog.resolve(one("SELECT vw_fn.mine_pl(1)"), ("public",))
+    assert "opaque_function" in f.flags
+
+
+async def test_a_sql_function_is_traced_through_its_body(catalog: Catalog) -> None:
     f = await catalog.resolve(one("SELECT mine(1)"), ("vw_fn", "public"))
+    assert "opaque_function" not in f.flags
+    assert f.functions == ("vw_fn.mine",) and f.traced_functions == ("vw_fn.mine",)
+    assert not f.calls_untraced_function()
+    f = await catalog.resolve(one("SELECT 1 AS k, vw_fn.emails()"), ("public",))
+    assert "opaque_function" not in f.flags
+    assert TableRef("vw", "people") in f.reads
+    assert ColumnRef("vw", "people", "email", "expression") in f.columns
+    assert f.outputs is not None and all(("vw", "people", "email") in o.sources for o in f.outputs)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["SELECT vw_fn.bump()", "SELECT vw_fn.loop(1)", "SELECT e FROM vw_fn.emails() e, mine_pl(1)"],
+)
+async def test_a_sql_function_that_writes_recurses_or_calls_opaque_code_is_opaque(
+    catalog: Catalog, text: str
+) -> None:
+    f = await catalog.resolve(one(text), ("vw_fn", "public"))
     assert "opaque_function" in f.flags
-    assert f.functions == ("vw_fn.mine",)
-    f = await catalog.resolve(one("SELECT vw_fn.mine(1)"), ("public",))
-    assert "opaque_function" in f.flags
+    assert f.traced_functions == ()
 
 
 async def test_builtins_are_not_opaque(catalog: Catalog) -> None:
@@ -249,9 +279,12 @@ async def test_builtins_are_not_opaque(catalog: Catalog) -> None:
 
 
 async def test_a_builtin_name_shadowed_on_the_path_is_opaque(catalog: Catalog) -> None:
-    f = await catalog.resolve(one("SELECT upper(1)"), ("vw_fn", "public"))
+    f = await catalog.resolve(one("SELECT lower(1)"), ("vw_fn", "public"))
     assert "opaque_function" in f.flags
-    f = await catalog.resolve(one("SELECT upper('a')"), ("public",))
+    f = await catalog.resolve(one("SELECT lower('a')"), ("public",))
+    assert "opaque_function" not in f.flags
+    # Shadowed by a LANGUAGE sql function that only reads: traced through its body.
+    f = await catalog.resolve(one("SELECT upper(1)"), ("vw_fn", "public"))
     assert "opaque_function" not in f.flags
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,6 +10,7 @@ import asyncpg
 import pytest
 
 from cli.localpg import LocalCluster
+from gateway.policy.decision import Mask
 from gateway.sql import Catalog, ColumnRef, TableRef, analyze, parse_search_path
 
 pytestmark = pytest.mark.server
@@ -135,6 +137,47 @@ async def test_unreachable_catalog_leaves_markers_and_flags() -> None:
     assert f.reads == (TableRef("", "people"),)
     assert f.columns == (ColumnRef("", "people", "*", "output"),)
     assert "catalog_unavailable" in f.flags
+
+
+async def test_an_unreachable_catalog_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def refuse() -> asyncpg.Connection:
+        raise ConnectionRefusedError("connection refused")
+
+    with caplog.at_level(logging.WARNING, logger="pgwarden.catalog"):
+        f = await Catalog(refuse, timeout=0.5).resolve(one("SELECT * FROM people"))
+    assert "catalog_unavailable" in f.flags
+    assert any("ConnectionRefusedError" in r.getMessage() for r in caplog.records)
+
+
+class _BuggyConnection:
+    """A real connection under code that fails the way a bug in pgwarden would."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
+        raise KeyError("a bug, not the catalog")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_a_bug_is_not_read_as_an_unavailable_catalog(pg_cluster: LocalCluster) -> None:
+    """Only the network's, the server's and asyncpg's own failures mean "catalog_unavailable";
+    anything else propagates, so that it is seen (the session reports an internal error)
+    rather than passing as an outage."""
+
+    async def connect() -> Any:
+        return _BuggyConnection(await asyncpg.connect(pg_cluster.dsn()))
+
+    cat = Catalog(connect, timeout=1.0)
+    try:
+        with pytest.raises(KeyError):
+            await cat.resolve(one("SELECT * FROM people"))
+        with pytest.raises(KeyError):
+            await cat.mask_targets([Mask("public", "people", "secret", "redact")])
+    finally:
+        await cat.close()
 
 
 async def test_nothing_to_resolve_needs_no_connection() -> None:
