@@ -84,6 +84,10 @@ def _output_masks(
     )
 
 
+def _relays_rows(facts: StatementFacts | None) -> bool:
+    return facts is not None and facts.command in _ROW_RELAYS
+
+
 class PathUnknown(Exception):
     """The session's search_path cannot be known now: the statements are refused."""
 
@@ -121,6 +125,8 @@ class MaskResolver(Protocol):
     generation: str | None
 
     async def refresh(self) -> str | None: ...
+
+    def refresh_soon(self) -> asyncio.Future[str | None]: ...
 
     async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None: ...
 
@@ -253,10 +259,6 @@ class StatementGate:
         self._catalog = catalog
         self._decider = decider
         self._audit = audit
-        # The writer's task-free outcome path when it has one (the port needs only outcome()).
-        self._outcome_nowait: Callable[[StatementOutcome], None] | None = getattr(
-            audit, "outcome_nowait", None
-        )
         self.in_transaction = False
         # The session's search_path as the server will apply it to unqualified names.
         self.search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
@@ -390,8 +392,22 @@ class StatementGate:
         protocol: str,
         params: tuple[str | None, ...],
     ) -> list[str | None]:
+        records = self._requests(facts, decisions, protocol, params)
+        # An empty id means the store is down and audit.fail_open let the statement through.
+        if len(records) == 1:
+            return [await self._audit.request(records[0]) or None]
+        ids = await asyncio.gather(*(self._audit.request(r) for r in records))
+        return [i or None for i in ids]
+
+    def _requests(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        protocol: str,
+        params: tuple[str | None, ...],
+    ) -> list[StatementRequest]:
         now = time.time()
-        records = [
+        return [
             StatementRequest(
                 time=now,
                 instance=self.ctx.instance,
@@ -410,11 +426,6 @@ class StatementGate:
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
-        # An empty id means the store is down and audit.fail_open let the statement through.
-        if len(records) == 1:
-            return [await self._audit.request(records[0]) or None]
-        ids = await asyncio.gather(*(self._audit.request(r) for r in records))
-        return [i or None for i in ids]
 
     async def _verdict(
         self,
@@ -581,6 +592,69 @@ class StatementGate:
             await self._free_held_databases(facts)
         return self._tallied(Verdict(refusal is None, runs, decisions, refusal, facts), combined)
 
+    # -- an Execute whose plan holds: nothing awaited but its catalog check and its record ----
+
+    def plan_holds(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
+        """Whether an Execute of a statement allowed at Parse may be relayed from the data
+        callback (see check_execute): its decisions stand under the policy in force, the
+        policy did not ask to see the parameters, and enforcing them needs nothing awaited
+        but the catalog check (catalog_check) and the request record (no masks to resolve,
+        no database connection of pgwarden's to free first)."""
+        if len(facts) != 1 or not self.still_current(decisions):
+            return False
+        decision = decisions[0]
+        return (
+            decision.action == "allow"
+            and not decision.masks
+            and decision.extra.get("decide_with_params") is not True
+            and not (self.sticky_masks and _relays_rows(facts[0]))
+            and not databases_held_by_statement(facts[0])
+        )
+
+    def catalog_check(self, facts: Sequence[StatementFacts]) -> asyncio.Future[str | None] | None:
+        """catalog_moved() without a coroutine: the generation a probe sent now reads (to
+        compare with the one the statements were resolved under; None: unconfirmed), or
+        None when their meaning does not depend on the catalog."""
+        catalog = self._masks_catalog()
+        if catalog is None or not any(consults_catalog(f) for f in facts):
+            return None
+        return catalog.refresh_soon()
+
+    def request_execute(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        params: tuple[str | None, ...],
+    ) -> asyncio.Future[str]:
+        """The request record of an Execute whose plan holds, queued now: its id once
+        durable (the statement waits for nothing else), or AuditUnavailable."""
+        (record,) = self._requests(facts, decisions, "extended", params)
+        return self._audit.request_soon(record)
+
+    def executed(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        recorded: asyncio.Future[str],
+    ) -> Verdict:
+        """check_execute()'s verdict for an Execute whose plan holds, once request_execute()
+        is done: allowed, or refused when its record could not be written (fail closed)."""
+        combined = combine(decisions)
+        if recorded.cancelled():
+            problem = AuditUnavailable("the request record was not written")
+            return self._tallied(_audit_refusal(problem, decisions, facts), combined)
+        exc = recorded.exception()
+        if isinstance(exc, AuditUnavailable):
+            return self._tallied(_audit_refusal(exc, decisions, facts), combined)
+        if exc is not None:
+            raise exc
+        if not decisions[0].cache_hit:
+            decisions[0] = replace(decisions[0], cache_hit=True)
+        run = StatementRun(recorded.result() or None, facts[0])
+        self._needs_masks(run, decisions[0])
+        self._metrics.execute_planned(self.ctx.target_name)
+        return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
+
     def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
         """Count the verdict's statements by what became of them, and log a refusal (with
         the decision id, never the statement's text or parameters: literals and parameters
@@ -638,15 +712,10 @@ class StatementGate:
         (FETCH from a cursor, EXECUTE of a prepared statement) are masked all the same.
         """
         for run, decision in zip(runs, decisions, strict=True):
-            # Session recording: asked by the decision (`"record_rows": true`) or the target
-            # (label pgwarden.record=rows).
-            run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
-            self._track_cursors(run, decision)
+            if not self._needs_masks(run, decision):
+                continue
             if not decision.masks:
-                if not self.sticky_masks or run.facts is None:
-                    continue
-                if run.facts.command not in _ROW_RELAYS:
-                    continue
+                assert run.facts is not None
                 # Rows from a cursor or a prepared statement: where the cursor's lineage is
                 # not known, every expression column is masked.
                 run.mask_expressions = True
@@ -667,6 +736,17 @@ class StatementGate:
             run.masks = tuple(self.sticky_masks.values())
             await self._resolve_masks(run)
         return None
+
+    def _needs_masks(self, run: StatementRun, decision: Decision) -> bool:
+        """Note the run's session recording and cursors; whether masks apply to its rows
+        (its own, or the session's sticky ones for rows relayed from elsewhere)."""
+        # Session recording: asked by the decision (`"record_rows": true`) or the target
+        # (label pgwarden.record=rows).
+        run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
+        self._track_cursors(run, decision)
+        if decision.masks:
+            return True
+        return bool(self.sticky_masks) and _relays_rows(run.facts)
 
     def _track_cursors(self, run: StatementRun, decision: Decision) -> None:
         """Keep each cursor's lineage from its DECLARE (stored once the server confirms it,
@@ -798,13 +878,4 @@ class StatementGate:
             recorded_columns=run.recorded_columns,
             forwarded=forwarded,
         )
-        nowait = self._outcome_nowait
-        if nowait is not None:
-            nowait(record)
-            return
-        task = asyncio.ensure_future(self._audit.outcome(record))
-        _PENDING_OUTCOMES.add(task)
-        task.add_done_callback(_PENDING_OUTCOMES.discard)
-
-
-_PENDING_OUTCOMES: set[asyncio.Future[None]] = set()
+        self._audit.outcome_nowait(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -36,7 +37,16 @@ class AuditSink(Protocol):
         """Durably store a request record; its id. Raises AuditUnavailable if it cannot."""
         ...
 
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        """request() for a caller that is not a coroutine: the record is queued now; the
+        future holds its id once durable, or fails with AuditUnavailable."""
+        ...
+
     async def outcome(self, record: StatementOutcome) -> None: ...
+
+    def outcome_nowait(self, record: StatementOutcome) -> None:
+        """Queue an outcome record; nobody waits for it (a failure to store it is logged)."""
+        ...
 
     async def session(self, event: SessionEvent) -> None: ...
 

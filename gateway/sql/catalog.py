@@ -408,12 +408,18 @@ class Catalog:
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
         sent after they called. Never raises."""
+        return await asyncio.shield(self.refresh_soon())
+
+    def refresh_soon(self) -> asyncio.Future[str | None]:
+        """refresh() for a caller that is not a coroutine (the session's fast path): the
+        shared probe's future, sent after this call. Only to add callbacks to: cancelling
+        it would cancel every caller's probe."""
         queued = self._probe_queued
         if queued is None:
             queued = self._probe_queued = asyncio.ensure_future(
                 self._probe_after(self._probe_running)
             )
-        return await asyncio.shield(queued)
+        return queued
 
     async def _probe_after(self, previous: asyncio.Future[str | None] | None) -> str | None:
         if previous is not None:
