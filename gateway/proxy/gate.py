@@ -8,15 +8,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
-from gateway.policy.input import TargetInfo, target_input
+from gateway.policy.input import SessionInfo, TargetInfo, assemble_input, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
-from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
+from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider, PolicyRevision
 from gateway.proxy.search_path import PathProblem, sets_search_path
 from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
@@ -119,6 +119,7 @@ class PreparedRegistry(Protocol):
     def completed(self, facts: StatementFacts) -> None: ...
 
 
+@runtime_checkable
 class MaskResolver(Protocol):
     """The parts of the catalog that keep masks exact across DDL made on the server."""
 
@@ -257,7 +258,11 @@ class StatementGate:
         self._analyzer = analyzer
         self.prepared = prepared
         self._catalog = catalog
+        # What the catalog and the decider offer beyond their ports, declared and checked
+        # once here rather than probed per statement.
+        self._mask_catalog = catalog if isinstance(catalog, MaskResolver) else None
         self._decider = decider
+        self._revisions = decider if isinstance(decider, PolicyRevision) else None
         self._audit = audit
         self.in_transaction = False
         # The session's search_path as the server will apply it to unqualified names.
@@ -313,8 +318,7 @@ class StatementGate:
         return facts
 
     def _masks_catalog(self) -> MaskResolver | None:
-        catalog = self._catalog
-        return cast(MaskResolver, catalog) if hasattr(catalog, "mask_targets") else None
+        return self._mask_catalog
 
     async def _catalog_resolve(self, facts: StatementFacts) -> None:
         if self._catalog is not None:
@@ -351,19 +355,19 @@ class StatementGate:
     def _input(
         self, facts: StatementFacts, protocol: str, index: int, count: int, params: list[str | None]
     ) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "principal": self._principal_input,
-            "target": self._target_input,
-            "session": {
-                "id": self.ctx.session_id,
-                "client_addr": self.ctx.client_addr,
-                "application_name": self.ctx.application_name,
-                "user": self.ctx.startup_user,
-                "in_transaction": self.in_transaction,
-            },
-            "statement": facts.to_input(protocol=protocol, index=index, count=count, params=params),
-        }
+        ctx = self.ctx
+        return assemble_input(
+            self._principal_input,
+            self._target_input,
+            SessionInfo(
+                ctx.session_id,
+                ctx.client_addr,
+                ctx.application_name,
+                ctx.startup_user,
+                self.in_transaction,
+            ),
+            facts.to_input(protocol=protocol, index=index, count=count, params=params),
+        )
 
     async def _decide_all(
         self, facts: tuple[StatementFacts, ...], protocol: str, params: list[str | None]
@@ -558,7 +562,8 @@ class StatementGate:
 
         A decider that cannot say which policy is in force (no `revision`, or None while a
         change loads) makes every earlier decision stale: it is decided again."""
-        revision: str | None = getattr(self._decider, "revision", None)
+        revisions = self._revisions
+        revision = revisions.revision if revisions is not None else None
         return revision is not None and all(d.bundle_revision == revision for d in decisions)
 
     async def recheck_prepared(
@@ -594,13 +599,14 @@ class StatementGate:
 
     # -- an Execute whose plan holds: nothing awaited but its catalog check and its record ----
 
-    def plan_holds(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
+    def plan_fits(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
         """Whether an Execute of a statement allowed at Parse may be relayed from the data
-        callback (see check_execute): its decisions stand under the policy in force, the
-        policy did not ask to see the parameters, and enforcing them needs nothing awaited
-        but the catalog check (catalog_check) and the request record (no masks to resolve,
-        no database connection of pgwarden's to free first)."""
-        if len(facts) != 1 or not self.still_current(decisions):
+        callback (see check_execute), as long as its decisions are still current (checked
+        with still_current() just before it is recorded): the policy did not ask to see
+        the parameters, and enforcing them needs nothing awaited but the catalog check
+        (catalog_check) and the request record (no masks to resolve, no database
+        connection of pgwarden's to free first)."""
+        if len(facts) != 1:
             return False
         decision = decisions[0]
         return (

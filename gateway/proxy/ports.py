@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     # Types only: the audit package imports AuditUnavailable from here.
@@ -29,6 +29,18 @@ class TokenVerifier(Protocol):
 class Decider(Protocol):
     async def decide(self, policy_input: dict[str, Any], *, not_after: float | None) -> Decision:
         """The decision for one input; never raises (failures are a deny with a reason)."""
+        ...
+
+
+@runtime_checkable
+class PolicyRevision(Protocol):
+    """A Decider that knows which policy revision is in force (the decision cache): a
+    decision made under another is not reused. Checked once per session, not probed per
+    statement."""
+
+    @property
+    def revision(self) -> str | None:
+        """The revision in force now; None while that is unknown (OPA down, a change loading)."""
         ...
 
 

@@ -1240,10 +1240,10 @@ class ClientSession(asyncio.Protocol):
 
     def _execute_planned(self, message: bytes) -> bool:
         """Take an Execute of a protocol-prepared statement whose Parse-time plan still holds
-        (the gate's plan_holds: policy revision, parameters, masks; here: the portal was
-        planned under the search_path the statement was decided under, the token is
-        valid); it then waits only for the catalog check and its request record, on
-        callbacks. False: the task path decides it (everything else, and any doubt)."""
+        (the gate's plan_fits and still_current: parameters, masks, policy revision; here:
+        the portal was planned under the search_path the statement was decided under, the
+        token is valid); it then waits only for the catalog check and its request record,
+        on callbacks. False: the task path decides it (everything else, and any doubt)."""
         gate = self.gate
         if (
             gate is None
@@ -1263,11 +1263,13 @@ class ClientSession(asyncio.Protocol):
             or prepared is None
             or portal.search_path is None
             or portal.search_path != prepared.search_path
-            or not gate.plan_holds(prepared.facts, prepared.decisions)
+            or not gate.plan_fits(prepared.facts, prepared.decisions)
         ):
             return False
         probe = gate.catalog_check(prepared.facts)
         if probe is None:
+            if not gate.still_current(prepared.decisions):
+                return False
             self._record_planned(message, portal, prepared)
         else:
             probe.add_done_callback(
@@ -1290,7 +1292,7 @@ class ClientSession(asyncio.Protocol):
             if (
                 generation is None
                 or generation != prepared.catalog_generation
-                or not self.gate.plan_holds(prepared.facts, prepared.decisions)
+                or not self.gate.still_current(prepared.decisions)
             ):
                 # DDL committed since the Parse (or the generation cannot be confirmed), or
                 # the policy changed meanwhile: decided afresh on the task path.
