@@ -577,11 +577,11 @@ class Catalog:
         self._forget_if_lost()
         if self.generation is None:
             return await self._resolve(facts, search_path, user)
-        key = (replace(facts, text=""), tuple(search_path), user)
+        key = (facts.with_text(""), tuple(search_path), user)
         now = time.monotonic()
         known = self._resolutions.get(key)
         if known is not None and now - known[1] < self._ttl:
-            return replace(known[0], text=facts.text)
+            return known[0].with_text(facts.text)
         epoch = self._epoch
         resolved = await self._resolve(facts, search_path, user)
         if epoch == self._epoch and "catalog_unavailable" not in resolved.flags:
