@@ -10,7 +10,9 @@ import orjson
 from gateway.policy.decision import MASK_METHODS, Action, Decision, Mask
 
 ACTIONS: frozenset[str] = frozenset(get_args(Action))
-_KNOWN_KEYS = frozenset({"action", "reasons", "approvers", "masks"})
+_KNOWN_KEYS = frozenset(
+    {"action", "reasons", "approvers", "masks", "record_rows", "decide_with_params"}
+)
 _MASK_KEYS = ("schema", "table", "column", "method")
 
 
@@ -102,6 +104,9 @@ def _decision(result: object) -> Decision:
         reasons=reasons,
         approvers=approvers,
         masks=masks,
+        # Only a JSON true turns either on: anything else is the default.
+        record_rows=result.get("record_rows") is True,
+        decide_with_params=result.get("decide_with_params") is True,
         extra=extra,
     )
 

@@ -426,7 +426,7 @@ class StatementGate:
                 params=params,
                 decision=d,
                 masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
-                record_rows=d.extra.get("record_rows") is True or self.record_rows,
+                record_rows=d.record_rows or self.record_rows,
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
@@ -612,7 +612,7 @@ class StatementGate:
         return (
             decision.action == "allow"
             and not decision.masks
-            and decision.extra.get("decide_with_params") is not True
+            and not decision.decide_with_params
             and not (self.sticky_masks and _relays_rows(facts[0]))
             and not databases_held_by_statement(facts[0])
         )
@@ -748,7 +748,7 @@ class StatementGate:
         (its own, or the session's sticky ones for rows relayed from elsewhere)."""
         # Session recording: asked by the decision (`"record_rows": true`) or the target
         # (label pgwarden.record=rows).
-        run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
+        run.record_rows = decision.record_rows or self.record_rows
         self._track_cursors(run, decision)
         if decision.masks:
             return True

@@ -1571,7 +1571,7 @@ class ClientSession(asyncio.Protocol):
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
-        elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
+        elif any(d.decide_with_params for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
         elif (
