@@ -13,12 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import jwt
 import psycopg
 import pytest
-from typer.testing import CliRunner
-
-from cli.main import app as cli_app
 
 from . import assert_no_customer_secret, connect, direct, fresh_table, simple, token_for
 
@@ -65,16 +61,6 @@ def test_a_planned_execute_is_decided_afresh_once_the_search_path_moved(
             assert_no_customer_secret(rows)
 
 
-def _revoke(gateway: Any, token: str) -> None:
-    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
-    result = CliRunner().invoke(
-        cli_app,
-        ["tokens", "revoke", jti],
-        env={"PGWARDEN_STATE_DIR": str(gateway.settings.state_dir)},
-    )
-    assert result.exit_code == 0, result.output
-
-
 def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: Any) -> None:
     table = fresh_table(gateway, "plan_revoked")
     token = gateway.token("agent:plan-revoked")
@@ -84,7 +70,7 @@ def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: Any) ->
         for _ in range(3):
             assert conn.execute(query, (0,), prepare=True).fetchall() == [(3,)]
         assert planned_executes(gateway) >= before + 2
-        _revoke(gateway, token)
+        gateway.revoke(token)
         # Nothing in flight while the gateway learns of it (polled every 0.25 s), so that
         # whatever ends the session, no Execute is answered by the session's end instead.
         time.sleep(1.0)
