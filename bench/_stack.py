@@ -248,8 +248,13 @@ class _NullAudit:
         return None
 
     async def request(self, record: Any) -> str:
+        return await self.request_soon(record)
+
+    def request_soon(self, record: Any) -> asyncio.Future[str]:
         self._n += 1
-        return f"null:{self._n}"
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done.set_result(f"null:{self._n}")
+        return done
 
     async def outcome(self, record: Any) -> None:
         return None

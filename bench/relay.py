@@ -440,7 +440,11 @@ def hotspots(args: argparse.Namespace) -> None:
             _own_time_table(tmp / "raw.txt", args.top)
         else:
             print("py-spy unavailable: cProfile (whole run, tottime)")
-            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(args.top)
+            stats = pstats.Stats(str(profile)).sort_stats(args.sort)
+            stats.print_stats(args.top)
+            if args.save_profile is not None:
+                # Kept for a look at callers and callees (python -m pstats FILE).
+                shutil.copyfile(profile, args.save_profile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -452,6 +456,13 @@ def main() -> None:
     p.add_argument("--hotspots", action="store_true", help="profile the gateway under -S")
     p.add_argument("--null-audit", action="store_true", help="--hotspots: no-op audit sink")
     p.add_argument("--top", type=int, default=15, help="--hotspots: rows to print")
+    p.add_argument(
+        "--sort",
+        default="tottime",
+        choices=["tottime", "cumulative"],
+        help="--hotspots (cProfile): own time, or time including callees",
+    )
+    p.add_argument("--save-profile", type=Path, default=None, help="--hotspots: keep the .prof")
     p.add_argument("--seconds", type=int, default=None, help="pgbench -T (15; 10 for --latency)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per path")
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per path")

@@ -146,7 +146,15 @@ class _NoAudit:
     async def request(self, record: StatementRequest) -> str:
         return ""
 
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done.set_result("")
+        return done
+
     async def outcome(self, record: StatementOutcome) -> None:
+        return None
+
+    def outcome_nowait(self, record: StatementOutcome) -> None:
         return None
 
     async def session(self, event: SessionEvent) -> None:

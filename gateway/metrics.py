@@ -90,6 +90,8 @@ class GatewayMetrics:
         self.statements: Counter[tuple[str, str]] = Counter()
         # target -> allowed statements relayed with at least one mask.
         self.masked_statements: Counter[str] = Counter()
+        # target -> Executes relayed on the plan their Parse made (no task per statement).
+        self.planned_executes: Counter[str] = Counter()
         # target -> failed connects to the target (network, TLS, login).
         self.upstream_connect_errors: Counter[str] = Counter()
         # Each decision of a message's statements, cache hits included.
@@ -102,6 +104,9 @@ class GatewayMetrics:
         self.statements[(target, action)] += count
         if masked:
             self.masked_statements[target] += count
+
+    def execute_planned(self, target: str) -> None:
+        self.planned_executes[target] += 1
 
     def upstream_connect_failed(self, target: str) -> None:
         self.upstream_connect_errors[target] += 1

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jwt
+from typer.testing import CliRunner
+
 from cli.certs import CertFiles, ensure_server_cert
 from cli.localpg import (
     APP_DB,
@@ -21,6 +24,7 @@ from cli.localpg import (
     TRUST_USER,
     LocalCluster,
 )
+from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer
 from gateway.proxy.targets import Target, TargetRegistry
 from gateway.runtime import Gateway
@@ -55,6 +59,16 @@ class RunningGateway:
             return issuer.issue(subject, list(groups), ttl).token
         finally:
             issuer.close()
+
+    def revoke(self, token: str) -> None:
+        """`pgwarden tokens revoke` of the token's jti, as an operator runs it."""
+        jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+        result = CliRunner().invoke(
+            cli_app,
+            ["tokens", "revoke", jti],
+            env={"PGWARDEN_STATE_DIR": str(self.settings.state_dir)},
+        )
+        assert result.exit_code == 0, result.output
 
     def dsn(self, token: str, target: str = "app", **extra: str) -> str:
         params = {

@@ -109,6 +109,13 @@ class GatewayCollector(Collector):
             ["target"],
             (((t,), n) for t, n in m.masked_statements.items()),
         )
+        yield _labelled(
+            CounterMetricFamily,
+            "pgwarden_planned_executes",
+            "Executes of prepared statements relayed on their Parse-time plan, still valid.",
+            ["target"],
+            (((t,), n) for t, n in m.planned_executes.items()),
+        )
         yield _histogram(
             "pgwarden_decision_seconds",
             "Time to decide a message's statements (cache hits included).",

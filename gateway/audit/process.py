@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, cast
 
 import orjson
@@ -548,18 +549,21 @@ class AuditProcess:
     # -- AuditSink --------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
-        return await durable_or_fail_open(
-            self._committed_request(record), fail_open=self.fail_open, text=record.text
+        return await self.request_soon(record)
+
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        return durable_or_fail_open(
+            partial(self._committed_request, record), fail_open=self.fail_open, text=record.text
         )
 
-    async def _committed_request(self, record: StatementRequest) -> str:
+    def _committed_request(self, record: StatementRequest) -> asyncio.Future[str]:
         if not self._ready:
             raise AuditUnavailable("audit writer process is not running")
         assert self._loop is not None
         waiter: asyncio.Future[str] = self._loop.create_future()
         body = canonical(request_record(record))
         self._send(_RECORD.pack(len(body), _KIND_CODE["request"], record.time), body, waiter)
-        return await waiter
+        return waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
         self.outcome_nowait(record)

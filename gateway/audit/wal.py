@@ -371,11 +371,16 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     # -- AuditSink ----------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
-        return await durable_or_fail_open(
-            self._durable_request(record), fail_open=self.fail_open, text=record.text
+        return await self.request_soon(record)
+
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        # Released by log position: when the write (os) or the fdatasync (disk) covering
+        # the record is done.
+        return durable_or_fail_open(
+            partial(self._durable_request, record), fail_open=self.fail_open, text=record.text
         )
 
-    async def _durable_request(self, record: StatementRequest) -> str:
+    def _durable_request(self, record: StatementRequest) -> asyncio.Future[str]:
         if not self._running or self._loop is None:
             raise AuditUnavailable("audit log is not open")
         body = request_record(record)
@@ -383,7 +388,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._queue(
             PendingRecord("request", record.time, body, canonical(body)), waiter, urgent=True
         )
-        return await waiter
+        return waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
         self.outcome_nowait(record)

@@ -93,16 +93,38 @@ def expire_waiters(waiters: list[Waiter], timeout: float) -> None:
             w.set_exception(failure)
 
 
-async def durable_or_fail_open(committed: Awaitable[str], *, fail_open: bool, text: str) -> str:
-    """A request record's id once committed. If the store cannot take it, AuditUnavailable,
+def durable_or_fail_open(
+    queue: Callable[[], asyncio.Future[str]], *, fail_open: bool, text: str
+) -> asyncio.Future[str]:
+    """A request record's id once committed, as a future (a statement relayed from a data
+    callback waits on it without a task). If the store cannot take it, AuditUnavailable,
     or (audit.fail_open) an empty id: the statement then runs unaudited, and it is logged."""
     try:
-        return await committed
-    except AuditUnavailable:
-        if not fail_open:
-            raise
-        log.error("audit store down, statement runs unaudited (fail_open): %s", text)
-        return ""
+        committed = queue()
+    except AuditUnavailable as exc:
+        committed = asyncio.get_running_loop().create_future()
+        committed.set_exception(exc)
+    if not fail_open:
+        return committed
+    settled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def settle(done: asyncio.Future[str]) -> None:
+        if settled.done():
+            return
+        if done.cancelled():
+            settled.cancel()
+            return
+        exc = done.exception()
+        if isinstance(exc, AuditUnavailable):
+            log.error("audit store down, statement runs unaudited (fail_open): %s", text)
+            settled.set_result("")
+        elif exc is not None:
+            settled.set_exception(exc)
+        else:
+            settled.set_result(done.result())
+
+    committed.add_done_callback(settle)
+    return settled
 
 
 class ChainGap(AuditStoreError):
@@ -377,11 +399,14 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
     # -- AuditSink -------------------------------------------------------------------------
 
     async def request(self, record: StatementRequest) -> str:
-        return await durable_or_fail_open(
-            self._committed_request(record), fail_open=self.fail_open, text=record.text
+        return await self.request_soon(record)
+
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        return durable_or_fail_open(
+            partial(self._committed_request, record), fail_open=self.fail_open, text=record.text
         )
 
-    async def _committed_request(self, record: StatementRequest) -> str:
+    def _committed_request(self, record: StatementRequest) -> asyncio.Future[str]:
         if not self._running or self._loop is None:
             raise AuditUnavailable("audit writer is not running")
         body = request_record(record)
@@ -389,7 +414,7 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         self._queue(
             PendingRecord("request", record.time, body, canonical(body)), waiter, urgent=True
         )
-        return await waiter
+        return waiter
 
     async def outcome(self, record: StatementOutcome) -> None:
         self.outcome_nowait(record)

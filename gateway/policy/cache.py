@@ -38,6 +38,7 @@ _RETIRED_KEEP = 16
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    # As served: marked a cache hit once, when stored, not copied at every hit.
     decision: Decision
     revision: str
     expires_at: float | None
@@ -143,7 +144,7 @@ class DecisionCache:
                 ):
                     self._entries.move_to_end(key)
                     self.hits += 1
-                    return replace(entry.decision, cache_hit=True)
+                    return entry.decision
                 del self._entries[key]
         self.misses += 1
         decision = await self.inner.decide(policy_input, not_after=not_after)
@@ -224,7 +225,9 @@ class DecisionCache:
             expires_at = ttl_end if expires_at is None else min(expires_at, ttl_end)
         if expires_at is not None and expires_at <= now:
             return
-        self._entries[key] = _Entry(decision, decision.bundle_revision, expires_at)
+        self._entries[key] = _Entry(
+            replace(decision, cache_hit=True), decision.bundle_revision, expires_at
+        )
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -28,6 +28,13 @@ class Decision:
     decision_id: str | None = None
     bundle_revision: str | None = None
     cache_hit: bool = False
+    # `"record_rows": true`: the rows the client receives (after masking) are recorded with
+    # the statement's outcome.
+    record_rows: bool = False
+    # `"decide_with_params": true`: each Execute of the prepared statement is decided again
+    # with its Bind parameters.
+    decide_with_params: bool = False
+    # Any other key of the policy's answer, kept as it came (nothing in pgwarden reads it).
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # True when pgwarden denied on the policy's behalf (OPA down, malformed answer, ...):
     # such a deny says nothing about the policy, so it is never cached.

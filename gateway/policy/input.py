@@ -94,10 +94,21 @@ def build_input(
     statement: dict[str, Any],
 ) -> dict[str, Any]:
     """The input document for one statement; `statement` comes from StatementFacts.to_input."""
+    return assemble_input(principal.to_input(), target_input(target), session, statement)
+
+
+def assemble_input(
+    principal: dict[str, Any],
+    target: dict[str, Any],
+    session: SessionLike,
+    statement: dict[str, Any],
+) -> dict[str, Any]:
+    """build_input() from the principal's and the target's parts already in input form (the
+    statement gate makes them once per session): the one place the document is laid out."""
     return {
         "version": INPUT_VERSION,
-        "principal": principal.to_input(),
-        "target": target_input(target),
+        "principal": principal,
+        "target": target,
         "session": {
             "id": session.id,
             "client_addr": session.client_addr,

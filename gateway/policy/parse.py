@@ -11,7 +11,17 @@ from gateway.guards.budgets import parse_limits
 from gateway.policy.decision import MASK_METHODS, Action, Decision, Mask
 
 ACTIONS: frozenset[str] = frozenset(get_args(Action))
-_KNOWN_KEYS = frozenset({"action", "reasons", "approvers", "approvers_required", "masks"})
+_KNOWN_KEYS = frozenset(
+    {
+        "action",
+        "reasons",
+        "approvers",
+        "approvers_required",
+        "masks",
+        "record_rows",
+        "decide_with_params",
+    }
+)
 _MASK_KEYS = ("schema", "table", "column", "method")
 
 
@@ -115,6 +125,9 @@ def _decision(result: object) -> Decision:
         approvers=approvers,
         approvers_required=required,
         masks=masks,
+        # Only a JSON true turns either on: anything else is the default.
+        record_rows=result.get("record_rows") is True,
+        decide_with_params=result.get("decide_with_params") is True,
         extra=extra,
     )
 

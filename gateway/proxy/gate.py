@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.audit.records import principal_record
@@ -22,10 +22,10 @@ from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
-from gateway.policy.input import TargetInfo, target_input
+from gateway.policy.input import SessionInfo, TargetInfo, assemble_input, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.holds import cannot_ask, grant_notice, held_notice, hold_refusal
-from gateway.proxy.ports import Approvals, AuditSink, AuditUnavailable, Decider
+from gateway.proxy.ports import Approvals, AuditSink, AuditUnavailable, Decider, PolicyRevision
 from gateway.proxy.search_path import PathProblem, sets_search_path
 from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
@@ -97,6 +97,10 @@ def _output_masks(
     )
 
 
+def _relays_rows(facts: StatementFacts | None) -> bool:
+    return facts is not None and facts.command in _ROW_RELAYS
+
+
 class PathUnknown(Exception):
     """The session's search_path cannot be known now: the statements are refused."""
 
@@ -128,12 +132,15 @@ class PreparedRegistry(Protocol):
     def completed(self, facts: StatementFacts) -> None: ...
 
 
+@runtime_checkable
 class MaskResolver(Protocol):
     """The parts of the catalog that keep masks exact across DDL made on the server."""
 
     generation: str | None
 
     async def refresh(self) -> str | None: ...
+
+    def refresh_soon(self) -> asyncio.Future[str | None]: ...
 
     async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None: ...
 
@@ -294,12 +301,12 @@ class StatementGate:
         self._analyzer = analyzer
         self.prepared = prepared
         self._catalog = catalog
+        # What the catalog and the decider offer beyond their ports, declared and checked
+        # once here rather than probed per statement.
+        self._mask_catalog = catalog if isinstance(catalog, MaskResolver) else None
         self._decider = decider
+        self._revisions = decider if isinstance(decider, PolicyRevision) else None
         self._audit = audit
-        # The writer's task-free outcome path when it has one (the port needs only outcome()).
-        self._outcome_nowait: Callable[[StatementOutcome], None] | None = getattr(
-            audit, "outcome_nowait", None
-        )
         self.in_transaction = False
         # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
         self.statements_recorded = 0
@@ -375,8 +382,7 @@ class StatementGate:
         return facts
 
     def _masks_catalog(self) -> MaskResolver | None:
-        catalog = self._catalog
-        return cast(MaskResolver, catalog) if hasattr(catalog, "mask_targets") else None
+        return self._mask_catalog
 
     async def _catalog_resolve(self, facts: StatementFacts) -> None:
         if self._catalog is not None:
@@ -413,19 +419,19 @@ class StatementGate:
     def _input(
         self, facts: StatementFacts, protocol: str, index: int, count: int, params: list[str | None]
     ) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "principal": self._principal_input,
-            "target": self._target_input,
-            "session": {
-                "id": self.ctx.session_id,
-                "client_addr": self.ctx.client_addr,
-                "application_name": self.ctx.application_name,
-                "user": self.ctx.startup_user,
-                "in_transaction": self.in_transaction,
-            },
-            "statement": facts.to_input(protocol=protocol, index=index, count=count, params=params),
-        }
+        ctx = self.ctx
+        return assemble_input(
+            self._principal_input,
+            self._target_input,
+            SessionInfo(
+                ctx.session_id,
+                ctx.client_addr,
+                ctx.application_name,
+                ctx.startup_user,
+                self.in_transaction,
+            ),
+            facts.to_input(protocol=protocol, index=index, count=count, params=params),
+        )
 
     async def _decide_all(
         self,
@@ -461,8 +467,23 @@ class StatementGate:
         params: tuple[str | None, ...],
         approval_id: str | None = None,
     ) -> list[str | None]:
+        records = self._requests(facts, decisions, protocol, params, approval_id)
+        # An empty id means the store is down and audit.fail_open let the statement through.
+        if len(records) == 1:
+            return [await self._audit.request(records[0]) or None]
+        ids = await asyncio.gather(*(self._audit.request(r) for r in records))
+        return [i or None for i in ids]
+
+    def _requests(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        protocol: str,
+        params: tuple[str | None, ...],
+        approval_id: str | None = None,
+    ) -> list[StatementRequest]:
         now = time.time()
-        records = [
+        return [
             StatementRequest(
                 time=now,
                 instance=self.ctx.instance,
@@ -478,15 +499,10 @@ class StatementGate:
                 decision=d,
                 approval_id=approval_id,
                 masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
-                record_rows=d.extra.get("record_rows") is True or self.record_rows,
+                record_rows=d.record_rows or self.record_rows,
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
-        # An empty id means the store is down and audit.fail_open let the statement through.
-        if len(records) == 1:
-            return [await self._audit.request(records[0]) or None]
-        ids = await asyncio.gather(*(self._audit.request(r) for r in records))
-        return [i or None for i in ids]
 
     async def _verdict(
         self,
@@ -792,7 +808,8 @@ class StatementGate:
 
         A decider that cannot say which policy is in force (no `revision`, or None while a
         change loads) makes every earlier decision stale: it is decided again."""
-        revision: str | None = getattr(self._decider, "revision", None)
+        revisions = self._revisions
+        revision = revisions.revision if revisions is not None else None
         return revision is not None and all(d.bundle_revision == revision for d in decisions)
 
     async def recheck_prepared(
@@ -861,6 +878,72 @@ class StatementGate:
             for run in verdict.runs:
                 run.sqlstate = TOO_MANY_STATEMENTS
         return verdict
+
+    # -- an Execute whose plan holds: nothing awaited but its catalog check and its record ----
+
+    def plan_fits(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
+        """Whether an Execute of a statement allowed at Parse may be relayed from the data
+        callback (see check_execute), as long as its decisions are still current (checked
+        with still_current() just before it is recorded): the policy did not ask to see
+        the parameters, and enforcing them needs nothing awaited but the catalog check
+        (catalog_check) and the request record (no masks to resolve, no database
+        connection of pgwarden's to free first). The session's guards keep it on the task
+        path too: a statement rate to take from, session rules not read, a row budget."""
+        if len(facts) != 1 or self.rules_problem is not None or self.rate_check is not None:
+            return False
+        decision = decisions[0]
+        return (
+            decision.action == "allow"
+            and not decision.masks
+            and not decision.decide_with_params
+            and "limits" not in decision.extra
+            and not (self.sticky_masks and _relays_rows(facts[0]))
+            and not databases_held_by_statement(facts[0])
+        )
+
+    def catalog_check(self, facts: Sequence[StatementFacts]) -> asyncio.Future[str | None] | None:
+        """catalog_moved() without a coroutine: the generation a probe sent now reads (to
+        compare with the one the statements were resolved under; None: unconfirmed), or
+        None when their meaning does not depend on the catalog."""
+        catalog = self._masks_catalog()
+        if catalog is None or not any(consults_catalog(f) for f in facts):
+            return None
+        return catalog.refresh_soon()
+
+    def request_execute(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        params: tuple[str | None, ...],
+    ) -> asyncio.Future[str]:
+        """The request record of an Execute whose plan holds, queued now: its id once
+        durable (the statement waits for nothing else), or AuditUnavailable."""
+        (record,) = self._requests(facts, decisions, "extended", params)
+        return self._audit.request_soon(record)
+
+    def executed(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        recorded: asyncio.Future[str],
+    ) -> Verdict:
+        """check_execute()'s verdict for an Execute whose plan holds, once request_execute()
+        is done: allowed, or refused when its record could not be written (fail closed)."""
+        combined = combine(decisions)
+        if recorded.cancelled():
+            problem = AuditUnavailable("the request record was not written")
+            return self._tallied(_audit_refusal(problem, decisions, facts), combined)
+        exc = recorded.exception()
+        if isinstance(exc, AuditUnavailable):
+            return self._tallied(_audit_refusal(exc, decisions, facts), combined)
+        if exc is not None:
+            raise exc
+        if not decisions[0].cache_hit:
+            decisions[0] = replace(decisions[0], cache_hit=True)
+        run = StatementRun(recorded.result() or None, facts[0])
+        self._needs_masks(run, decisions[0])
+        self._metrics.execute_planned(self.ctx.target_name)
+        return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
 
     def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
         """Count the verdict's statements by what became of them, and log a refusal (with
@@ -940,15 +1023,10 @@ class StatementGate:
         (FETCH from a cursor, EXECUTE of a prepared statement) are masked all the same.
         """
         for run, decision in zip(runs, decisions, strict=True):
-            # Session recording: asked by the decision (`"record_rows": true`) or the target
-            # (label pgwarden.record=rows).
-            run.record_rows = decision.extra.get("record_rows") is True or self.record_rows
-            self._track_cursors(run, decision)
+            if not self._needs_masks(run, decision):
+                continue
             if not decision.masks:
-                if not self.sticky_masks or run.facts is None:
-                    continue
-                if run.facts.command not in _ROW_RELAYS:
-                    continue
+                assert run.facts is not None
                 # Rows from a cursor or a prepared statement: where the cursor's lineage is
                 # not known, every expression column is masked.
                 run.mask_expressions = True
@@ -969,6 +1047,17 @@ class StatementGate:
             run.masks = tuple(self.sticky_masks.values())
             await self._resolve_masks(run)
         return None
+
+    def _needs_masks(self, run: StatementRun, decision: Decision) -> bool:
+        """Note the run's session recording and cursors; whether masks apply to its rows
+        (its own, or the session's sticky ones for rows relayed from elsewhere)."""
+        # Session recording: asked by the decision (`"record_rows": true`) or the target
+        # (label pgwarden.record=rows).
+        run.record_rows = decision.record_rows or self.record_rows
+        self._track_cursors(run, decision)
+        if decision.masks:
+            return True
+        return bool(self.sticky_masks) and _relays_rows(run.facts)
 
     def _track_cursors(self, run: StatementRun, decision: Decision) -> None:
         """Keep each cursor's lineage from its DECLARE (stored once the server confirms it,
@@ -1104,13 +1193,4 @@ class StatementGate:
             forwarded=forwarded,
             rows_withheld=run.budget.withheld if run.budget is not None else 0,
         )
-        nowait = self._outcome_nowait
-        if nowait is not None:
-            nowait(record)
-            return
-        task = asyncio.ensure_future(self._audit.outcome(record))
-        _PENDING_OUTCOMES.add(task)
-        task.add_done_callback(_PENDING_OUTCOMES.discard)
-
-
-_PENDING_OUTCOMES: set[asyncio.Future[None]] = set()
+        self._audit.outcome_nowait(record)

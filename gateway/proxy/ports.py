@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     # Types only: the audit package imports AuditUnavailable from here.
@@ -38,12 +39,33 @@ class Decider(Protocol):
         ...
 
 
+@runtime_checkable
+class PolicyRevision(Protocol):
+    """A Decider that knows which policy revision is in force (the decision cache): a
+    decision made under another is not reused. Checked once per session, not probed per
+    statement."""
+
+    @property
+    def revision(self) -> str | None:
+        """The revision in force now; None while that is unknown (OPA down, a change loading)."""
+        ...
+
+
 class AuditSink(Protocol):
     async def request(self, record: StatementRequest) -> str:
         """Durably store a request record; its id. Raises AuditUnavailable if it cannot."""
         ...
 
+    def request_soon(self, record: StatementRequest) -> asyncio.Future[str]:
+        """request() for a caller that is not a coroutine: the record is queued now; the
+        future holds its id once durable, or fails with AuditUnavailable."""
+        ...
+
     async def outcome(self, record: StatementOutcome) -> None: ...
+
+    def outcome_nowait(self, record: StatementOutcome) -> None:
+        """Queue an outcome record; nobody waits for it (a failure to store it is logged)."""
+        ...
 
     async def session(self, event: SessionEvent) -> None: ...
 

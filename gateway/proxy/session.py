@@ -1344,7 +1344,8 @@ class ClientSession(asyncio.Protocol):
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
-            self._spawn(self._gated(code, message))
+            if code != 69 or not self._execute_planned(message):
+                self._spawn(self._gated(code, message))
             return
         if start < pos:
             out.append(bytes(buf) if start == 0 and pos == end_all else bytes(buf[start:pos]))
@@ -1377,6 +1378,11 @@ class ClientSession(asyncio.Protocol):
             await self._gate_message(code, message)
         finally:
             self._busy = False
+        self._gate_done()
+
+    def _gate_done(self) -> None:
+        """The message handed to the gate is dealt with: the client's next ones go on."""
+        self._busy = False
         if self.phase is Phase.RELAY:
             self._drain_client()
             # Read on unless the next message went to the gate with a full read-ahead
@@ -1391,6 +1397,99 @@ class ClientSession(asyncio.Protocol):
                 self.transport.resume_reading()
         if self._draining:
             self._end_if_drained()
+
+    # -- an Execute whose plan holds: relayed from callbacks, no task per statement --------
+
+    def _execute_planned(self, message: bytes) -> bool:
+        """Take an Execute of a protocol-prepared statement whose Parse-time plan still holds
+        (the gate's plan_fits and still_current: parameters, masks, policy revision; here:
+        the portal was planned under the search_path the statement was decided under, the
+        token is valid); it then waits only for the catalog check and its request record,
+        on callbacks. False: the task path decides it (everything else, and any doubt)."""
+        gate = self.gate
+        if (
+            gate is None
+            or self._discarding
+            or self._owed_error is not None
+            or self._token_problem() is not None
+        ):
+            return False
+        try:
+            msg = Execute.decode(message[5:])
+        except ProtocolViolation:
+            return False  # the task path says what is wrong with it
+        portal = self._portals.get(msg.portal)
+        prepared = portal.prepared if portal is not None else None
+        if (
+            portal is None
+            or prepared is None
+            or portal.search_path is None
+            or portal.search_path != prepared.search_path
+            or not gate.plan_fits(prepared.facts, prepared.decisions)
+        ):
+            return False
+        probe = gate.catalog_check(prepared.facts)
+        if probe is None:
+            if not gate.still_current(prepared.decisions):
+                return False
+            self._record_planned(message, portal, prepared)
+        else:
+            probe.add_done_callback(
+                functools.partial(self._catalog_checked, message, portal, prepared)
+            )
+        return True
+
+    def _catalog_checked(
+        self,
+        message: bytes,
+        portal: Portal,
+        prepared: PreparedStatement,
+        probe: asyncio.Future[str | None],
+    ) -> None:
+        if self.phase is not Phase.RELAY or self._closing:
+            return  # the session ended meanwhile: nothing was recorded or sent
+        assert self.gate is not None
+        try:
+            generation = None if probe.cancelled() or probe.exception() else probe.result()
+            if (
+                generation is None
+                or generation != prepared.catalog_generation
+                or not self.gate.still_current(prepared.decisions)
+            ):
+                # DDL committed since the Parse (or the generation cannot be confirmed), or
+                # the policy changed meanwhile: decided afresh on the task path.
+                self._spawn(self._gated(69, message))
+                return
+            self._record_planned(message, portal, prepared)
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._busy = False
+            self._internal_error(exc)
+
+    def _record_planned(self, message: bytes, portal: Portal, prepared: PreparedStatement) -> None:
+        assert self.gate is not None
+        recorded = self.gate.request_execute(prepared.facts, prepared.decisions, portal.params)
+        recorded.add_done_callback(
+            functools.partial(self._planned_recorded, message, portal, prepared)
+        )
+
+    def _planned_recorded(
+        self,
+        message: bytes,
+        portal: Portal,
+        prepared: PreparedStatement,
+        recorded: asyncio.Future[str],
+    ) -> None:
+        if self.phase is not Phase.RELAY or self._closing:
+            return  # as a cancelled task: the record is written, the statement not sent
+        assert self.gate is not None
+        try:
+            verdict = self.gate.executed(prepared.facts, prepared.decisions, recorded)
+            self._execute_decided(verdict, message, portal)
+        except Exception as exc:  # the callback boundary: never a silent drop
+            self._busy = False
+            self._internal_error(exc)
+            return
+        self._gate_done()
 
     def _token_problem(self) -> str | None:
         assert self.principal is not None
@@ -1637,7 +1736,7 @@ class ClientSession(asyncio.Protocol):
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
-        elif any(d.extra.get("decide_with_params") is True for d in prepared.decisions):
+        elif any(d.decide_with_params for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
         elif (
@@ -1662,6 +1761,10 @@ class ClientSession(asyncio.Protocol):
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params
             )
+        self._execute_decided(verdict, message, portal)
+
+    def _execute_decided(self, verdict: Verdict, message: bytes, portal: Portal) -> None:
+        """Enforce an Execute's verdict: forward it, or a stand-in the server rejects."""
         if self.phase is not Phase.RELAY or self._skipped(verdict):
             return
         if not verdict.allowed:

@@ -4,7 +4,6 @@ differ only in literal values."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
 
 from pglast.parser import scan
 
@@ -93,7 +92,7 @@ class StatementAnalyzer:
                 self.shape_hits += 1
                 model, span = shared
                 start, end = spans[span]
-                facts: tuple[StatementFacts, ...] = (replace(model, text=text[start:end]),)
+                facts: tuple[StatementFacts, ...] = (model.with_text(text[start:end]),)
                 self._remember(text, facts)
                 return facts
         self.misses += 1

@@ -263,12 +263,18 @@ class Catalog:
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
         sent after they called. Raises only for a bug (not for an unreachable catalog)."""
+        return await asyncio.shield(self.refresh_soon())
+
+    def refresh_soon(self) -> asyncio.Future[str | None]:
+        """refresh() for a caller that is not a coroutine (the session's fast path): the
+        shared probe's future, sent after this call. Only to add callbacks to: cancelling
+        it would cancel every caller's probe."""
         queued = self._probe_queued
         if queued is None:
             queued = self._probe_queued = asyncio.ensure_future(
                 self._probe_after(self._probe_running)
             )
-        return await asyncio.shield(queued)
+        return queued
 
     async def _probe_after(self, previous: asyncio.Future[str | None] | None) -> str | None:
         if previous is not None:
@@ -414,11 +420,11 @@ class Catalog:
         self._forget_if_lost()
         if self.generation is None:
             return await self._resolve(facts, search_path, user)
-        key = (replace(facts, text=""), tuple(search_path), user)
+        key = (facts.with_text(""), tuple(search_path), user)
         now = time.monotonic()
         known = self._resolutions.get(key)
         if known is not None and now - known[1] < self._ttl:
-            return replace(known[0], text=facts.text)
+            return known[0].with_text(facts.text)
         epoch = self._epoch
         resolved = await self._resolve(facts, search_path, user)
         if epoch == self._epoch and "catalog_unavailable" not in resolved.flags:

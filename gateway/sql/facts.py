@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 Category = Literal["read", "write", "ddl", "dcl", "tcl", "session", "utility", "unknown"]
@@ -124,6 +124,15 @@ class StatementFacts:
             for f in self.functions
         )
 
+    def with_text(self, text: str) -> StatementFacts:
+        """These facts for another text of the same statement shape (dataclasses.replace,
+        at less than half its cost: it runs for every simple-protocol statement)."""
+        clone = _new_facts(StatementFacts)
+        for slot in _FACT_SLOTS:
+            slot.__set__(clone, slot.__get__(self))
+        _TEXT_SLOT.__set__(clone, text)
+        return clone
+
     def to_input(
         self,
         *,
@@ -148,3 +157,11 @@ class StatementFacts:
             "flags": list(self.flags),
             "params": params or [],
         }
+
+
+# StatementFacts.with_text: the slots' descriptors set a frozen instance's fields directly.
+_new_facts = object.__new__
+_TEXT_SLOT: Any = StatementFacts.__dict__["text"]
+_FACT_SLOTS: tuple[Any, ...] = tuple(
+    StatementFacts.__dict__[f.name] for f in fields(StatementFacts) if f.name != "text"
+)

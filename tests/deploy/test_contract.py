@@ -33,6 +33,7 @@ def test_the_contract_names_exactly_the_exposed_metrics() -> None:
     metrics.session_started("app", ["engineers"])
     metrics.statements_decided("app", "allow", 1, masked=True)
     metrics.upstream_connect_failed("app")
+    metrics.execute_planned("app")
     part = _Part()
     state = GatewayState(
         metrics=metrics,

@@ -48,6 +48,8 @@ class Db:
     target: str
     dsn: str  # superuser, straight to the server
     conn: psycopg.Connection[Any]
+    # The DDL watch is installed (else the generation is the snapshot).
+    watched: bool = False
 
     def ddl(self, text: str) -> None:
         self.conn.execute(text.encode())
@@ -74,7 +76,7 @@ def db(request: Any, gateway: Any) -> Iterator[Db]:
         )
     )
     try:
-        yield Db(target, dsn, conn)
+        yield Db(target, dsn, conn, watched=request.param == "watched")
     finally:
         conn.close()
         registry.remove(target)
@@ -272,3 +274,29 @@ def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]
         assert seen[0] >= NAMES  # columns the decision saw keep their own treatment
     finally:
         add.close()
+
+
+def test_a_planned_execute_is_decided_afresh_after_ddl(
+    gateway: Any, db: Db, agent: psycopg.Connection[Any]
+) -> None:
+    """A prepared statement executed on the plan its Parse made (nothing to mask: a table
+    without classified columns) is decided again once DDL put a classified column under
+    its name, however the generation is read (watch or snapshot)."""
+    db.ddl("CREATE TABLE notes (id int, body text)")
+    db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
+    query = "SELECT body FROM notes WHERE id > %s"
+    metrics = gateway.gateway.context.metrics
+    with agent.cursor() as cur:
+        before = sum(metrics.planned_executes.values())
+        for _ in range(3):
+            cur.execute(query, (0,), prepare=True)
+            assert {r[0] for r in cur.fetchall()} == {"plain", "text"}
+        # Without the watch any commit anywhere moves the generation: only watched is sure.
+        if db.watched:
+            assert sum(metrics.planned_executes.values()) >= before + 2
+        db.ddl(
+            "BEGIN; ALTER TABLE notes RENAME TO notes_old;"
+            " CREATE VIEW notes AS SELECT id, email AS body FROM customers; COMMIT"
+        )
+        cur.execute(query, (0,), prepare=True)
+        assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)

@@ -295,3 +295,39 @@ def test_external_opa_policy_change_reaches_cached_and_prepared_decisions(
             with pytest.raises(psycopg.Error) as info:
                 prepared.execute(STATEMENT, prepare=True)
             assert LOCKDOWN_REASON in refusal_of(info.value).message
+
+
+def test_a_planned_execute_is_decided_afresh_after_a_policy_change(
+    live: Any, policy_copy: tuple[Path, Path]
+) -> None:
+    """An Execute relayed on the plan its Parse made (no decision of its own) stops being so
+    the moment another policy is in force: the next one is refused by the new policy."""
+    rego, _ = policy_copy
+    sidecar = live.gateway.sidecar
+    metrics = live.gateway.context.metrics
+    rule = rego / "pgwarden" / "zz_plan_lockdown.rego"
+    with (
+        connect(live.dsn(token_for(live, "admins"))) as prepared,
+        connect(live.dsn(token_for(live, "ai-agents"))) as conn,
+    ):
+        before = sum(metrics.planned_executes.values())
+        for _ in range(3):
+            assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
+        assert sum(metrics.planned_executes.values()) >= before + 2
+        old_revision = sidecar.revision
+        assert old_revision is not None
+        rule.write_text(LOCKDOWN)
+        try:
+            wait_for_flip(live, conn, "deny", old_revision)
+            new_revision = live.gateway.decider.revision
+            planned = sum(metrics.planned_executes.values())
+            with pytest.raises(psycopg.Error) as info:
+                prepared.execute(STATEMENT, prepare=True)
+            assert LOCKDOWN_REASON in refusal_of(info.value).message
+            assert sum(metrics.planned_executes.values()) == planned
+        finally:
+            rule.unlink(missing_ok=True)
+        wait_for_flip(live, conn, "allow", new_revision or old_revision)
+        # Decided afresh under the reverted policy, then relayed on the new plan again.
+        for _ in range(2):
+            assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]

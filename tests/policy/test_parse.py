@@ -48,9 +48,12 @@ def test_allow_with_masks_and_provenance() -> None:
         masks=(Mask("public", "customers", "email", "email"),),
         decision_id="abc",
         bundle_revision="v7",
+        record_rows=True,
     )
     assert not decision.refused
-    assert decision.extra == {"record_rows": True}
+    # A typed field now, not a key left in `extra`.
+    assert decision.record_rows is True
+    assert decision.extra == {}
 
 
 def test_approve_carries_approvers() -> None:

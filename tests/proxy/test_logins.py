@@ -10,9 +10,7 @@ from typing import Any
 import jwt
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
-from cli.main import app as cli_app
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
 from gateway.proxy.targets import Target, TargetRegistry
@@ -61,16 +59,6 @@ def _tamper_signature(token: str) -> str:
     return f"{head}.{body}.{base64.urlsafe_b64encode(bytes(raw)).rstrip(b'=').decode()}"
 
 
-def _revoke(gateway: Any, token: str) -> None:
-    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
-    result = CliRunner().invoke(
-        cli_app,
-        ["tokens", "revoke", jti],
-        env={"PGWARDEN_STATE_DIR": str(gateway.settings.state_dir)},
-    )
-    assert result.exit_code == 0, result.output
-
-
 def _expired_token(gateway: Any) -> str:
     """Issued an hour ago for a minute: past its expiry and the verifier's leeway."""
     s = gateway.settings
@@ -116,7 +104,7 @@ def test_bad_token_refused(gateway: Any, admin_token: str, case: str, check: str
         token = ""
     else:
         token = gateway.token()
-        _revoke(gateway, token)
+        gateway.revoke(token)
     err = _refusal(gateway, "app", token)
     assert err.sqlstate == "28P01"
     assert err.message is not None and check in err.message
@@ -192,7 +180,7 @@ def test_token_revoked_during_session_ends_it(gateway: Any) -> None:
     token = gateway.token("agent:revoked-later")
     with psycopg.connect(gateway.dsn(token), autocommit=True, connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-        _revoke(gateway, token)
+        gateway.revoke(token)
         deadline = time.monotonic() + 5
         with pytest.raises(psycopg.OperationalError) as info:
             while time.monotonic() < deadline:
@@ -260,7 +248,7 @@ def test_revocation_ends_an_idle_session_at_once(gateway: Any) -> None:
     try:
         client.login("app", token)
         client.query("SELECT 1")
-        _revoke(gateway, token)
+        gateway.revoke(token)
         revoked = time.monotonic()
         client.timeout = 5  # well under the 30 s periodic recheck
         code, body = client.frame()
@@ -280,7 +268,7 @@ def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
     for _ in range(5):
         token = gateway.token("agent:revoked-then-login")
         _good_client_still_connects(gateway, token)  # verified once: remembered
-        _revoke(gateway, token)
+        gateway.revoke(token)
         err = _refusal(gateway, "app", token)
         assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: token revoked"
 

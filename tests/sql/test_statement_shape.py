@@ -3,11 +3,14 @@ and only where no fact depends on a literal's value."""
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 
 from gateway.sql import StatementAnalyzer, analyze
 from gateway.sql.analysis import analyze_shaped
 from gateway.sql.analyzer import statement_shape
+from gateway.sql.facts import StatementFacts
 
 # Pairs of one shape whose facts differ because a literal's value decides them: a text must
 # never be served the other's analysis.
@@ -74,3 +77,24 @@ def test_several_statements_and_unparsed_text_are_never_shared() -> None:
     assert analyze_shaped("SELECT 1; SELECT 2")[1] is False
     assert analyze_shaped("SELEC 1")[1] is False
     assert analyze_shaped("SELECT a FROM t WHERE id = 3")[1] is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 42",
+        "WITH d AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT * FROM d",
+        "SELECT upper(email) FROM customers c JOIN orders o ON o.customer_id = c.id",
+    ],
+)
+def test_with_text_is_replace_of_the_text_alone(text: str) -> None:
+    """The fast copy used for every statement of a shared shape: every field but the text
+    is the model's, the model is left as it was."""
+    (model,) = analyze(text)
+    copy = model.with_text("-- another text of the same shape")
+    assert copy == replace(model, text="-- another text of the same shape")
+    assert type(copy) is StatementFacts
+    assert model.text == text
+    assert all(
+        getattr(copy, f.name) is getattr(model, f.name) for f in fields(model) if f.name != "text"
+    )
