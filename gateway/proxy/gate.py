@@ -888,7 +888,8 @@ class StatementGate:
         the parameters, and enforcing them needs nothing awaited but the catalog check
         (catalog_check) and the request record (no masks to resolve, no database
         connection of pgwarden's to free first). The session's guards keep it on the task
-        path too: a statement rate to take from, session rules not read, a row budget."""
+        path too: a statement rate to take from, session rules not read (a row budget is
+        set here, in executed())."""
         if len(facts) != 1 or self.rules_problem is not None or self.rate_check is not None:
             return False
         decision = decisions[0]
@@ -896,7 +897,6 @@ class StatementGate:
             decision.action == "allow"
             and not decision.masks
             and not decision.decide_with_params
-            and "limits" not in decision.extra
             and not (self.sticky_masks and _relays_rows(facts[0]))
             and not databases_held_by_statement(facts[0])
         )
@@ -942,6 +942,7 @@ class StatementGate:
             decisions[0] = replace(decisions[0], cache_hit=True)
         run = StatementRun(recorded.result() or None, facts[0])
         self._needs_masks(run, decisions[0])
+        self._budget([run], decisions)
         self._metrics.execute_planned(self.ctx.target_name)
         return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
 
