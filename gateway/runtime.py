@@ -18,6 +18,7 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.control.targets import Target, TargetRegistry
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -26,7 +27,6 @@ from gateway.policy.transport import OpaTransport
 from gateway.policy.watch import RevisionWatch
 from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.proxy.tls import server_context, upstream_context
 from gateway.reload import settings_change, targets_change
 from gateway.settings import Settings

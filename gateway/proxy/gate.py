@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.control.targets import dbname_for
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
 from gateway.policy.decision import Decision, Mask
@@ -18,7 +19,6 @@ from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.ports import AuditSink, AuditUnavailable, Decider
 from gateway.proxy.search_path import PathProblem, sets_search_path
-from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
 from gateway.sql.databases import databases_held_by_statement

@@ -1,0 +1,1 @@
+"""The control plane: what operators register (targets today; tokens, approvals, grants)."""
