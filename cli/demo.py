@@ -25,8 +25,8 @@ from cli.localpg import (
     free_port,
     reachable_by_postgres,
 )
+from gateway.control.targets import Target, TargetRegistry
 from gateway.identity.local import LocalTokenIssuer
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings, load_settings
 
 app = typer.Typer(help="Run the demo.")

@@ -18,6 +18,7 @@ import typer
 
 from cli.context import fail, settings_of
 from gateway.audit.events import ApprovalEvent, SessionEvent, StatementOutcome, StatementRequest
+from gateway.control.targets import Target, TargetRegistry, parse_dbname
 from gateway.identity.principal import Principal
 from gateway.policy.bundle import BundleError, build_bundle, read_manifest
 from gateway.policy.decision import Decision
@@ -26,7 +27,6 @@ from gateway.policy.sidecar import OpaSidecar, SidecarError, opa_binary_of
 from gateway.policy.transport import OpaTransport
 from gateway.proxy.gate import SessionContext, StatementGate
 from gateway.proxy.ports import Decider
-from gateway.proxy.targets import Target, TargetRegistry, parse_dbname
 from gateway.proxy.tracker import StatementRun
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from cli.context import fail, settings_of
 from cli.targets import registry
 from gateway.audit import AuditStoreError
+from gateway.control.targets import TargetError
 from gateway.logs import configure_logging, log_format
 from gateway.policy.sidecar import SidecarError, opa_binary_of
-from gateway.proxy.targets import TargetError
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
 

@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from cli.context import fail, literal_console, settings_of
+from gateway.control.targets import SSL_MODES, Target, TargetError, TargetRegistry
 from gateway.protocol import Terminate
-from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
 from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings

@@ -19,6 +19,7 @@ from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.control import ControlStore, control_store
+from gateway.control.targets import Target, TargetRegistry
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
 from gateway.identity.verifier import IdentityVerifier
@@ -29,7 +30,6 @@ from gateway.policy.transport import OpaTransport
 from gateway.policy.watch import RevisionWatch
 from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.proxy.tls import server_context, upstream_context
 from gateway.reload import settings_change, targets_change
 from gateway.settings import Settings

@@ -21,8 +21,8 @@ from cli.localpg import (
     TRUST_USER,
     LocalCluster,
 )
+from gateway.control.targets import Target, TargetRegistry
 from gateway.identity.local import LocalTokenIssuer
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
 

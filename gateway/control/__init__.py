@@ -1,4 +1,4 @@
-"""The control plane: approval requests, votes and grants, shared by every gateway that
+"""The control plane: targets, approval requests, votes and grants, shared by every gateway that
 serves the same users (SQLite in the state directory, or PostgreSQL)."""
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.control.targets import Target, TargetRegistry
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
 from gateway.proxy.ports import Approvals, AuditSink, Decider, TokenVerifier
 from gateway.proxy.session import ClientSession
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings
 
 log = logging.getLogger("pgwarden.listener")

@@ -18,6 +18,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
+from gateway.control.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.enforce.masking import MaskPlan
 from gateway.identity.checks import TOKEN_TOO_LARGE
 from gateway.identity.principal import Principal, TokenRejected
@@ -64,7 +65,6 @@ from gateway.proxy.search_path import (
     SearchPathWatch,
     first_column,
 )
-from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import (
@@ -77,8 +77,8 @@ from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
+    from gateway.control.targets import Target
     from gateway.proxy.listener import GatewayContext
-    from gateway.proxy.targets import Target
 
 log = logging.getLogger("pgwarden.session")
 

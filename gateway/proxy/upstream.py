@@ -17,6 +17,7 @@ from typing import cast
 
 import scramp
 
+from gateway.control.targets import Target, TargetError
 from gateway.protocol import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -38,7 +39,6 @@ from gateway.protocol import (
     StartupMessage,
     decode_backend,
 )
-from gateway.proxy.targets import Target, TargetError
 from gateway.proxy.tls import upstream_context
 
 _HEADER = struct.Struct("!BI")

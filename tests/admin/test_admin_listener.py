@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin import AdminConfigError
 from gateway.audit import WriteAheadAudit
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target, TargetRegistry
 from gateway.runtime import Gateway
 from gateway.settings import load_settings
 from tests.harness import RunningGateway, start_gateway, stop_gateway

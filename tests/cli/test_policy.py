@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target, TargetRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server

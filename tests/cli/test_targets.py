@@ -18,7 +18,7 @@ from cli.localpg import (
     LocalCluster,
 )
 from cli.main import app
-from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
+from gateway.control.targets import TargetError, TargetRegistry, parse_dbname
 from tests.harness import create_scratch_database, drop_scratch_database
 
 

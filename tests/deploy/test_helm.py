@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.control.targets import Target
 from gateway.identity.signing_key import SIGNING_KEY_FILE
-from gateway.proxy.targets import Target
 
 from .contract import setting_names, setting_of_env
 

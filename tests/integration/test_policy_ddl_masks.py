@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target, TargetRegistry
 from tests.harness import create_scratch_database, drop_scratch_database
 
 from . import connect, simple, token_for

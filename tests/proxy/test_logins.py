@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
+from gateway.control.targets import Target, TargetRegistry
 from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
-from gateway.proxy.targets import Target, TargetRegistry
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient

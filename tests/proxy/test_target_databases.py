@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from cli.localpg import SUPERUSER
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target, TargetRegistry
 
 pytestmark = pytest.mark.server
 

@@ -20,7 +20,7 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* The registry file pgwarden reads (gateway/proxy/targets.py), from targets.list. */}}
+{{/* The registry file pgwarden reads (gateway/control/targets.py), from targets.list. */}}
 {{- define "pgwarden.targetsJson" -}}
 {{- $targets := list -}}
 {{- range .Values.targets.list -}}
