@@ -11,8 +11,8 @@ import orjson
 import typer
 from rich.table import Table
 
-from cli.context import fail, literal_console, settings_of
-from gateway.control.targets import SSL_MODES, Target, TargetError, TargetRegistry
+from cli.context import control_client, fail, literal_console, settings_of
+from gateway.control.targets import SSL_MODES, Target, TargetError
 from gateway.protocol import Terminate
 from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
@@ -26,8 +26,18 @@ app = typer.Typer(
 )
 
 
-def registry(settings: Settings) -> TargetRegistry:
-    return TargetRegistry(settings.state_dir / "targets.json")
+def registered(settings: Settings) -> list[Target]:
+    """Every target in the control store, by name."""
+    with control_client(settings) as control:
+        return sorted(control.targets().values(), key=lambda t: t.name)
+
+
+def registered_target(settings: Settings, name: str) -> Target:
+    with control_client(settings) as control:
+        target = control.target(name)
+    if target is None:
+        fail(f"no target named {name!r}")
+    return target
 
 
 @app.command("add")
@@ -95,7 +105,8 @@ def add(
         )
         if not no_check:
             check_local_files(target)
-        registry(settings_of(ctx)).add(target, replace=replace)
+        with control_client(settings_of(ctx)) as control:
+            control.add_target(target, replace=replace)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} added")
@@ -115,7 +126,7 @@ def list_(
     json: Annotated[bool, typer.Option("--json", help="One JSON document for machines.")] = False,
 ) -> None:
     """List targets (credentials are shown only as where they come from)."""
-    targets = [t.describe() for t in registry(settings_of(ctx)).all()]
+    targets = [t.describe() for t in registered(settings_of(ctx))]
     if json:
         typer.echo(orjson.dumps(targets).decode())
         return
@@ -147,7 +158,8 @@ def remove(
 ) -> None:
     """Remove a target; open sessions to it keep running until they end."""
     try:
-        registry(settings_of(ctx)).remove(name)
+        with control_client(settings_of(ctx)) as control:
+            control.remove_target(name)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} removed")
@@ -164,9 +176,7 @@ def test(
 ) -> None:
     """Log in to the target as the gateway does and report TLS, the authentication method and
     the server version (the credential is used, never shown)."""
-    target = registry(settings_of(ctx)).get(name)
-    if target is None:
-        fail(f"no target named {name!r}")
+    target = registered_target(settings_of(ctx), name)
     chosen = target.database_for(database)
     report = asyncio.run(_login_report(target, chosen))
     if as_json:
@@ -228,9 +238,7 @@ def install_ddl_watch(
     if print_sql:
         typer.echo(sql, nl=False)
         return
-    target = registry(settings_of(ctx)).get(name)
-    if target is None:
-        fail(f"no target named {name!r}")
+    target = registered_target(settings_of(ctx), name)
 
     async def install() -> None:
         conn = await catalog_connector(target, target.dbname, os.environ)()

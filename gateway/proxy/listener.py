@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.control.targets import Target, TargetRegistry
+from gateway.control.mirror import ControlMirror
+from gateway.control.targets import Target
 from gateway.metrics import GatewayMetrics, group_label
 from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
@@ -27,7 +28,7 @@ class GatewayContext:
     """Everything sessions share; built once by the composition root."""
 
     settings: Settings
-    targets: TargetRegistry
+    targets: ControlMirror
     verifier: TokenVerifier
     decider: Decider
     audit: AuditSink

@@ -18,6 +18,7 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
+from gateway.control.store import ControlStoreUnavailable
 from gateway.control.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.enforce.masking import MaskPlan
 from gateway.identity.checks import TOKEN_TOO_LARGE
@@ -56,6 +57,7 @@ from gateway.protocol import (
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
     FLUSH,
     READ_ANSWERS,
@@ -661,6 +663,11 @@ class ClientSession(asyncio.Protocol):
         except TargetError as exc:
             self._fatal("3D000", f"pgwarden: {exc}")
             return
+        if self.gw.targets.problem is not None:
+            # The targets and the token registry cannot be read: who may connect where, and
+            # whether a token was revoked, are unknown. Fail closed.
+            self._control_unavailable(self.gw.targets.problem)
+            return
         target = self.gw.targets.get(target_name)
         if target is None:
             self._fatal(
@@ -740,6 +747,9 @@ class ClientSession(asyncio.Protocol):
             principal = await self.gw.verifier.verify(token.strip())
         except TokenRejected as exc:
             self._reject_token(exc.check)
+            return
+        except ControlStoreUnavailable as exc:
+            self._control_unavailable(str(exc))
             return
         self.principal = principal
         params = self._startup.parameters
@@ -1051,6 +1061,15 @@ class ClientSession(asyncio.Protocol):
             self._end_session_for_token(reason)
             return
         self._schedule_recheck()
+
+    def _control_unavailable(self, problem: str) -> None:
+        """A login cannot be checked against the control store: refused, with why."""
+        self._session_event("auth_failure", f"control store unavailable: {problem}")
+        self._fatal(
+            CONTROL_UNAVAILABLE,
+            "pgwarden: login refused: the control store (targets and token registry) cannot"
+            f" be read: {problem}; try again once it is back",
+        )
 
     def _end_session_for_token(self, reason: str) -> None:
         self._end_reason = reason
