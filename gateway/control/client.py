@@ -1,9 +1,11 @@
-"""The control store from synchronous code (the CLI, the token issuer, tests' threads): the
-store the settings select, driven on an event loop of its own in the calling thread."""
+"""The control store from synchronous code (the CLI, the token issuer, tests): the store the
+settings select, driven on an event loop of its own in a thread of its own, so that the
+caller may be any thread, one running an event loop of its own included (it then waits)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -34,21 +36,30 @@ class ControlClient:
     never used on a running gateway's event loop."""
 
     def __init__(self, settings: Settings) -> None:
-        self._runner = asyncio.Runner()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pgwarden-control-client", daemon=True
+        )
+        self._thread.start()
         try:
-            self.store = self._runner.run(open_control_store(settings, listen=False))
+            self.store = self._run(open_control_store(settings, listen=False))
         except BaseException:
-            self._runner.close()
+            self._stop_loop()
             raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._runner.run(coro)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def close(self) -> None:
         try:
             self._run(self.store.close())
         finally:
-            self._runner.close()
+            self._stop_loop()
 
     def __enter__(self) -> ControlClient:
         return self

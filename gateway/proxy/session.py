@@ -228,6 +228,8 @@ class ClientSession(asyncio.Protocol):
         self._ssl_asked = False
         self._inbuf = bytearray()
         self._startup: StartupMessage | None = None
+        # Set once an unknown target name made this session read the control store again.
+        self._targets_read_again = False
         self.principal: Principal | None = None
         self.target: Target | None = None
         # Which of the target's databases the session uses (dbname=TARGET/DATABASE).
@@ -669,6 +671,14 @@ class ClientSession(asyncio.Protocol):
             self._control_unavailable(self.gw.targets.problem)
             return
         target = self.gw.targets.get(target_name)
+        if target is None and not self._targets_read_again:
+            # A target added a moment ago (the CLI, another gateway) may not have reached
+            # this gateway's copy yet: read the store once before refusing the name.
+            self._targets_read_again = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._spawn(self._startup_after_reading_targets(msg))
+            return
         if target is None:
             self._fatal(
                 "3D000",
@@ -1061,6 +1071,14 @@ class ClientSession(asyncio.Protocol):
             self._end_session_for_token(reason)
             return
         self._schedule_recheck()
+
+    async def _startup_after_reading_targets(self, msg: StartupMessage) -> None:
+        await self.gw.targets.refresh()
+        if self.phase is Phase.CLOSED:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._on_startup(msg)
 
     def _control_unavailable(self, problem: str) -> None:
         """A login cannot be checked against the control store: refused, with why."""

@@ -18,8 +18,8 @@ from cli.localpg import (
     LocalCluster,
 )
 from cli.main import app
-from gateway.control.targets import TargetError, TargetRegistry, parse_dbname
-from tests.harness import create_scratch_database, drop_scratch_database
+from gateway.control.targets import TargetError, parse_dbname
+from tests.harness import create_scratch_database, drop_scratch_database, stored_target
 
 
 def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -42,7 +42,7 @@ def test_add_list_remove(tmp_path: Path) -> None:
         env={"APP_PW": "s3cret"},
     )  # fmt: skip
     assert code == 0, out
-    target = TargetRegistry(tmp_path / "targets.json").get("app")
+    target = stored_target(tmp_path, "app")
     assert target is not None
     assert (target.host, target.port, target.dbname, target.user) == (
         "db.internal",
@@ -64,7 +64,7 @@ def test_add_list_remove(tmp_path: Path) -> None:
 
     code, _, _ = _run(tmp_path, "targets", "remove", "app")
     assert code == 0
-    assert TargetRegistry(tmp_path / "targets.json").get("app") is None
+    assert stored_target(tmp_path, "app") is None
 
 
 def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_password_file_is_read_at_connect_time(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
     assert _run(tmp_path, "targets", "add", "f", "--password-file", str(secret))[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("f")
+    target = stored_target(tmp_path, "f")
     assert target is not None and target.password({}) == "from-file"
     secret.write_text("rotated\n")
     assert target.password({}) == "rotated"
@@ -132,7 +132,7 @@ def test_a_target_serves_the_databases_it_lists(tmp_path: Path) -> None:
         "--database", "scratch", "--database", "reports",
     )  # fmt: skip
     assert code == 0, out
-    target = TargetRegistry(tmp_path / "targets.json").get("srv")
+    target = stored_target(tmp_path, "srv")
     assert target is not None and target.databases == ("scratch", "reports")
     assert target.database_for(None) == "appdb"
     assert target.database_for("appdb") == "appdb"
@@ -145,11 +145,11 @@ def test_a_target_serves_the_databases_it_lists(tmp_path: Path) -> None:
     assert code == 0
 
     assert _run(tmp_path, "targets", "add", "any", "--password-env", "A", "--database", "*")[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("any")
+    target = stored_target(tmp_path, "any")
     assert target is not None and target.database_for("whatever") == "whatever"
     # Without --database a target serves its default database alone.
     assert _run(tmp_path, "targets", "add", "one", "--password-env", "A")[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("one")
+    target = stored_target(tmp_path, "one")
     assert target is not None and target.databases == ()
     with pytest.raises(TargetError):
         target.database_for("template1")
@@ -174,7 +174,7 @@ def test_add_checks_what_it_references_unless_told_not_to(tmp_path: Path) -> Non
         "--sslrootcert", str(tmp_path / "ca.pem"),
     )  # fmt: skip
     assert code == 1 and "cannot read --sslrootcert" in err
-    assert TargetRegistry(tmp_path / "targets.json").get("x") is None
+    assert stored_target(tmp_path, "x") is None
     # The credential may exist only where the gateway runs.
     code, _, _ = _run(
         tmp_path, "targets", "add", "x", "--password-env", "NOT_SET_HERE", "--no-check"
