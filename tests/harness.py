@@ -177,9 +177,10 @@ class TcpRelay:
     tests that must watch or break what passes between the gateway and PostgreSQL.
     `relay(client, upstream)` handles one connection; by default it pipes both ways."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, port: int = 0) -> None:
+        """`port`: listen there (a relay closed earlier, back again), else any free port."""
         self.upstream_port = upstream_port
-        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server = socket.create_server(("127.0.0.1", port))
         self.port: int = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
