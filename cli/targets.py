@@ -4,7 +4,9 @@ reach through the gateway."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -12,7 +14,7 @@ import typer
 from rich.table import Table
 
 from cli.context import control_client, fail, literal_console, settings_of
-from gateway.control.targets import SSL_MODES, Target, TargetError
+from gateway.control.targets import SSL_MODES, Target, TargetError, read_targets_file
 from gateway.protocol import Terminate
 from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
@@ -110,6 +112,40 @@ def add(
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} added")
+
+
+@app.command("apply")
+def apply(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help='A targets file: {"targets": [{"name": ..., ...}, ...]}.')
+    ],
+    prune: Annotated[
+        bool, typer.Option(help="Also remove every target the file does not name.")
+    ] = False,
+) -> None:
+    """Make the control store hold the file's targets (added, or replaced when they differ),
+    as a deployment declares them (the Helm chart runs this at each pod start). Credentials
+    and CA files are not checked here: they exist where the gateway runs."""
+    try:
+        wanted = read_targets_file(file)
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}")
+    except TargetError as exc:
+        fail(str(exc))
+    with control_client(settings_of(ctx)) as control:
+        held = control.targets()
+        changed = [t for name, t in wanted.items() if held.get(name) != t]
+        for target in changed:
+            control.add_target(target, replace=True)
+        gone = sorted(set(held) - set(wanted)) if prune else []
+        for name in gone:
+            with contextlib.suppress(TargetError):  # removed meanwhile by someone else
+                control.remove_target(name)
+    typer.echo(
+        f"targets: {len(changed)} added or replaced, {len(gone)} removed,"
+        f" {len(wanted) - len(changed)} unchanged"
+    )
 
 
 def check_local_files(target: Target) -> None:

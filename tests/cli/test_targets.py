@@ -252,3 +252,38 @@ def test_targets_test_reports_a_refused_login_in_one_line(
     assert code == 1 and "does not serve database" in err
     code, _, err = _run(tmp_path, "targets", "test", "nobody")
     assert code == 1 and "no target named" in err
+
+
+def test_apply_makes_the_store_hold_the_files_targets(tmp_path: Path) -> None:
+    declared = tmp_path / "declared.json"
+
+    def declare(*targets: dict[str, object]) -> None:
+        declared.write_bytes(orjson.dumps({"targets": list(targets)}))
+
+    one = {"name": "one", "host": "db1", "port": 5432, "dbname": "d", "user": "u",
+           "password_env": "ONLY_IN_THE_POD"}  # fmt: skip
+    two = {"name": "two", "host": "db2", "port": 5433, "dbname": "d", "user": "u"}
+    declare(one, two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 0, err
+    assert "2 added or replaced, 0 removed, 0 unchanged" in out
+    assert stored_target(tmp_path, "one") is not None  # its credential is not checked here
+    code, _, _ = _run(tmp_path, "targets", "add", "by-hand", "--host", "db3")
+    assert code == 0
+
+    declare({**one, "port": 6000}, two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 0 and "1 added or replaced, 0 removed, 1 unchanged" in out, err
+    changed = stored_target(tmp_path, "one")
+    assert changed is not None and changed.port == 6000
+    assert stored_target(tmp_path, "by-hand") is not None  # kept without --prune
+
+    declare(two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared), "--prune")
+    assert code == 0 and "0 added or replaced, 2 removed, 1 unchanged" in out, err
+    assert stored_target(tmp_path, "one") is None and stored_target(tmp_path, "by-hand") is None
+
+    declared.write_text('{"targets": [')
+    code, _, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 1 and "not valid JSON" in err and err.count("\n") == 1
+    assert stored_target(tmp_path, "two") is not None

@@ -32,3 +32,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- dict "targets" $targets | toPrettyJson -}}
 {{- end -}}
+
+{{/*
+The state directory and the shared PostgreSQL control store: the same for the gateway and
+for the CLI run in its pod (init container, kubectl exec).
+*/}}
+{{- define "pgwarden.stateAndControlEnv" -}}
+- name: PGWARDEN_STATE_DIR
+  value: /var/lib/pgwarden
+- name: PGWARDEN_CONTROL__STORE
+  value: postgres
+- name: PGWARDEN_CONTROL__POSTGRES_DSN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.control.dsnSecret.name }}
+      key: {{ .Values.control.dsnSecret.key }}
+{{- end -}}
