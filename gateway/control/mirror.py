@@ -22,6 +22,8 @@ from gateway.identity.registry import TokenRecord
 
 log = logging.getLogger("pgwarden.control")
 
+SAFETY_POLL_SECONDS = 30.0
+
 
 class ControlMirror:
     def __init__(self, store: ControlStore, *, poll_seconds: float) -> None:
@@ -56,11 +58,12 @@ class ControlMirror:
 
     async def _keep_fresh(self) -> None:
         while True:
-            if self.store.notifies_others and self.problem is None:
-                await self._wake.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+            # Told of changes: a slow look all the same, in case a connection died without
+            # the store noticing (no notification would then arrive, nor news of the loss).
+            told = self.store.notifies_others and self.problem is None
+            period = max(self._poll_seconds, SAFETY_POLL_SECONDS) if told else self._poll_seconds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), period)
             self._wake.clear()
             await self.refresh()
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import jwt
 import psycopg
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster
+from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
 from cli.main import app
 from gateway.identity.signing_key import SIGNING_KEY_FILE, LocalSigningKey
 from gateway.settings import load_settings
@@ -95,6 +96,12 @@ def pair(
         for state in states:
             shutil.rmtree(state, ignore_errors=True)
         drop_scratch_database(pg_cluster, name)
+
+
+def admin_url(gw: RunningGateway) -> str:
+    assert gw.gateway.admin is not None and gw.gateway.admin.address is not None
+    host, port = gw.gateway.admin.address
+    return f"http://{host}:{port}"
 
 
 def issue(gw: RunningGateway, subject: str, group: str = "admins") -> tuple[str, str]:
@@ -195,6 +202,7 @@ def behind_relay(
             opa_binary,
             control={"store": "postgres", "postgres_dsn": relayed},
             identity={"revocation_poll_seconds": 0.1},
+            admin={"port": free_port()},
         )
         yield gw, relay, name
     finally:
@@ -233,6 +241,10 @@ def test_control_store_down_logins_fail_closed_and_running_sessions_go_on(
         # The CLI says so in one line, too.
         listed = cli(gw, "tokens", "list")
         assert listed.exit_code == 1 and "control store is unreachable" in listed.stderr
+        # Readiness names it, so a load balancer sends new clients elsewhere.
+        ready = httpx.get(admin_url(gw) + "/readyz")
+        assert ready.status_code == 503
+        assert "control store" in ready.json()["not_ready"]["targets"], ready.text
         # The session that was running keeps working: its statements need no store.
         for n in range(3):
             assert running.execute("SELECT %s::int", (n,)).fetchone() == (n,)
@@ -243,6 +255,7 @@ def test_control_store_down_logins_fail_closed_and_running_sessions_go_on(
             with psycopg.connect(gw.dsn(token), autocommit=True) as again:
                 assert again.execute("SELECT 1").fetchone() == (1,)
             assert running.execute("SELECT 4").fetchone() == (4,)
+            assert httpx.get(admin_url(gw) + "/readyz").status_code == 200
         finally:
             back.close()
 
