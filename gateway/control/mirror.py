@@ -73,11 +73,12 @@ class ControlMirror:
         try:
             targets = await self.store.targets()
             revoked = await self.store.revoked_tokens()
-        except (ControlStoreUnavailable, TargetError, OSError) as exc:
+        except Exception as exc:  # whatever it is, logins cannot be checked: fail closed
             if self.problem is None:
                 log.warning(
                     "control store not readable: %s (logins are refused until it is)",
                     exc,
+                    exc_info=not isinstance(exc, ControlStoreUnavailable | TargetError | OSError),
                     extra={"event": "control_unavailable"},
                 )
             self.problem = str(exc)

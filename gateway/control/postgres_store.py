@@ -117,10 +117,12 @@ class PostgresControlStore:
                 yield conn
         except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise ControlStoreUnavailable(f"the control store is unreachable: {exc}") from exc
-        except (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as exc:
-            raise ControlStoreUnavailable(f"the control store is unreachable: {exc}") from exc
-        except asyncpg.AdminShutdownError as exc:
-            raise ControlStoreUnavailable(f"the control store shut down: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            # Connection trouble, insufficient resources, operator intervention (shutdown,
+            # cancel): the store is not answering now. Anything else is a bug to report.
+            if str(exc.sqlstate)[:2] not in ("08", "53", "57"):
+                raise
+            raise ControlStoreUnavailable(f"the control store is not answering: {exc}") from exc
 
     async def start(self) -> None:
         try:
