@@ -317,3 +317,36 @@ async def identity_verifier(settings: Settings) -> AsyncIterator[IdentityVerifie
             yield verifier
         finally:
             await verifier.aclose()
+
+
+@contextlib.contextmanager
+def gateways_sharing_control(
+    cluster: LocalCluster,
+    opa: Path,
+    control: dict[str, Any] | None = None,
+    one: dict[str, Any] | None = None,
+    two: dict[str, Any] | None = None,
+) -> Iterator[tuple[RunningGateway, RunningGateway]]:
+    """Two gateways, each with a state directory of its own, sharing one PostgreSQL control
+    store (a scratch database; `control` adds settings) and the first one's signing key, so
+    that a token issued for either is verified by both. `one`, `two`: their own settings."""
+    import shutil
+    import tempfile
+
+    from gateway.identity.signing_key import SIGNING_KEY_FILE
+
+    name, dsn = create_scratch_database(cluster, "pgwarden_control")
+    shared = {"store": "postgres", "postgres_dsn": dsn, **(control or {})}
+    states = [Path(tempfile.mkdtemp(prefix=f"pgwarden-gw-{n}-")) for n in ("one", "two")]
+    started: list[RunningGateway] = []
+    try:
+        started.append(start_gateway(states[0], cluster, opa, control=shared, **(one or {})))
+        shutil.copy(states[0] / SIGNING_KEY_FILE, states[1] / SIGNING_KEY_FILE)
+        started.append(start_gateway(states[1], cluster, opa, control=shared, **(two or {})))
+        yield started[0], started[1]
+    finally:
+        for gw in started:
+            stop_gateway(gw)
+        for state in states:
+            shutil.rmtree(state, ignore_errors=True)
+        drop_scratch_database(cluster, name)

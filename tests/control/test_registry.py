@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -25,15 +25,6 @@ from gateway.settings import Settings, load_settings
 from tests.harness import create_scratch_database, drop_scratch_database
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def control_dsn(pg_cluster: LocalCluster) -> Iterator[str]:
-    name, dsn = create_scratch_database(pg_cluster, "pgwarden_registry")
-    try:
-        yield dsn
-    finally:
-        drop_scratch_database(pg_cluster, name)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

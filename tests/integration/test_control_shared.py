@@ -31,6 +31,7 @@ from tests.harness import (
     TcpRelay,
     create_scratch_database,
     drop_scratch_database,
+    gateways_sharing_control,
     start_gateway,
     stop_gateway,
 )
@@ -76,26 +77,10 @@ def wait_until(what: str, done: Callable[[], bool], seconds: float = 10.0) -> No
 def pair(
     pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> Iterator[tuple[RunningGateway, RunningGateway]]:
-    name, dsn = create_scratch_database(pg_cluster, "pgwarden_control")
-    states = [Path(tempfile.mkdtemp(prefix=f"pgwarden-gw-{n}-")) for n in ("one", "two")]
-    control = {"store": "postgres", "postgres_dsn": dsn}
-    started: list[RunningGateway] = []
-    try:
-        one = start_gateway(states[0], pg_cluster, opa_binary, control=control)
-        started.append(one)
-        # Both verify the tokens signed with one key; the registry itself is shared.
-        shutil.copy(states[0] / SIGNING_KEY_FILE, states[1] / SIGNING_KEY_FILE)
-        two = start_gateway(
-            states[1], pg_cluster, opa_binary, control=control, identity=SLOW_POLL, instance="gw-2"
-        )
-        started.append(two)
-        yield one, two
-    finally:
-        for gw in started:
-            stop_gateway(gw)
-        for state in states:
-            shutil.rmtree(state, ignore_errors=True)
-        drop_scratch_database(pg_cluster, name)
+    with gateways_sharing_control(
+        pg_cluster, opa_binary, two={"identity": SLOW_POLL, "instance": "gw-2"}
+    ) as pair:
+        yield pair
 
 
 def admin_url(gw: RunningGateway) -> str:
