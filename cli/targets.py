@@ -257,6 +257,11 @@ async def _login_report(target: Target, database: str) -> dict[str, object]:
     finally:
         up.transport.write(Terminate().encode())
         up.transport.close()
+        try:
+            async with asyncio.timeout(2):
+                await up.protocol.wait_closed()
+        except TimeoutError:
+            up.transport.abort()
 
 
 @app.command("install-ddl-watch")

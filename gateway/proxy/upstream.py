@@ -117,6 +117,14 @@ class UpstreamProtocol(asyncio.Protocol):
         await self._waiter
         self._waiter = None
 
+    async def wait_closed(self) -> None:
+        """Until the connection is lost: after close(), a TLS shutdown takes a few turns of
+        the loop, and a loop closed before then leaves the socket to the garbage collector."""
+        while not self._closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
     async def read_byte(self) -> int:
         while not self._buf:
             await self._wait()
