@@ -272,8 +272,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvloop
 
     import gateway.runtime as runtime
+    from gateway.control.targets import Target, TargetRegistry
     from gateway.identity.local import LocalTokenIssuer
-    from gateway.proxy.targets import Target, TargetRegistry
     from gateway.settings import load_settings
 
     raise_nofile()

@@ -27,8 +27,9 @@ from cli.localpg import (
     free_port,
     reachable_by_postgres,
 )
+from gateway.control.client import ControlClient
+from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings, load_settings
 
 app = typer.Typer(help="Run the demo.")
@@ -116,20 +117,6 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
     pw_file = state / "upstream.pw"
     pw_file.write_text(SUPERUSER_PASSWORD)
     pw_file.chmod(0o600)
-    registry = TargetRegistry(state / "targets.json")
-    registry.add(
-        Target(
-            name="app",
-            host="127.0.0.1",
-            port=cluster.port,
-            dbname=dbname,
-            user=SUPERUSER,
-            password_file=str(pw_file),
-            sslmode="require",
-            labels={"env": "demo"},
-        ),
-        replace=True,
-    )
     root = Path(__file__).resolve().parent.parent
     admin_port = base.admin.port
     if not admin_port or not _port_free(admin_port):
@@ -144,6 +131,20 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
         policy={"opa_binary": opa, "rego_dir": root / "rego", "bundle_dir": root / "bundles"},
         approval={"wait_seconds": DEMO_WAIT_SECONDS},
     )
+    with ControlClient(settings) as control:
+        control.add_target(
+            Target(
+                name="app",
+                host="127.0.0.1",
+                port=cluster.port,
+                dbname=dbname,
+                user=SUPERUSER,
+                password_file=str(pw_file),
+                sslmode="require",
+                labels={"env": "demo"},
+            ),
+            replace=True,
+        )
     loop: asyncio.AbstractEventLoop
     try:
         import uvloop

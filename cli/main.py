@@ -17,11 +17,11 @@ from typer.core import TyperGroup
 
 from cli import approvals, audit, demo, policy, serve, sessions, targets, tokens
 from gateway.audit import AuditStoreError
+from gateway.control.targets import TargetError
 from gateway.identity.signing_key import SigningKeyError
 from gateway.policy.bundle import BundleError
 from gateway.policy.sidecar import SidecarError
 from gateway.proxy.ports import AuditUnavailable
-from gateway.proxy.targets import TargetError
 from gateway.proxy.upstream import UpstreamError
 from gateway.settings import load_settings
 

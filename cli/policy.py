@@ -16,8 +16,9 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from cli.context import fail, settings_of
+from cli.context import control_client, fail, settings_of
 from gateway.audit.events import ApprovalEvent, SessionEvent, StatementOutcome, StatementRequest
+from gateway.control.targets import Target, parse_dbname
 from gateway.identity.principal import Principal
 from gateway.policy.bundle import BundleError, build_bundle, read_manifest
 from gateway.policy.decision import Decision
@@ -26,7 +27,6 @@ from gateway.policy.sidecar import OpaSidecar, SidecarError, opa_binary_of
 from gateway.policy.transport import OpaTransport
 from gateway.proxy.gate import SessionContext, StatementGate
 from gateway.proxy.ports import Decider
-from gateway.proxy.targets import Target, TargetRegistry, parse_dbname
 from gateway.proxy.tracker import StatementRun
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings
@@ -118,7 +118,8 @@ def evaluate(
         claims={"sub": subject, "groups": list(group or ())},
     )
     name, database = parse_dbname(target)
-    registered = TargetRegistry(settings.state_dir / "targets.json").get(name)
+    with control_client(settings) as control:
+        registered = control.target(name)
     chosen = registered.database_for(database) if registered is not None else database or name
     session = SessionContext(
         instance=settings.instance,

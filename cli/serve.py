@@ -15,11 +15,12 @@ import typer
 from pydantic import ValidationError
 
 from cli.context import fail, settings_of
-from cli.targets import registry
+from cli.targets import registered
 from gateway.audit import AuditStoreError
+from gateway.control.store import ControlStoreUnavailable
+from gateway.control.targets import TargetError
 from gateway.logs import configure_logging, log_format
 from gateway.policy.sidecar import SidecarError, opa_binary_of
-from gateway.proxy.targets import TargetError
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
 
@@ -107,7 +108,7 @@ def _one_line(exc: BaseException) -> str:
 def warn_unreadable_credentials(settings: Settings) -> None:
     """Log each registered target whose credential cannot be read here: its clients would be
     refused at connect, so the operator hears of it at start rather than from them."""
-    for target in registry(settings).all():
+    for target in registered(settings):
         try:
             target.password(os.environ)
         except TargetError as exc:
@@ -145,5 +146,13 @@ def serve(
             else:
                 log.info("%s", line, extra={"event": "starting"})
         run_until_signal(settings, banner=human, reread=lambda: load_settings(config))
-    except (OSError, ValueError, RuntimeError, SidecarError, AuditStoreError) as exc:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        SidecarError,
+        AuditStoreError,
+        ControlStoreUnavailable,
+        TargetError,
+    ) as exc:
         fail(str(exc))

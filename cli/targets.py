@@ -4,16 +4,18 @@ reach through the gateway."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 from rich.table import Table
 
-from cli.context import fail, literal_console, settings_of
+from cli.context import control_client, fail, literal_console, settings_of
+from gateway.control.targets import SSL_MODES, Target, TargetError, read_targets_file
 from gateway.protocol import Terminate
-from gateway.proxy.targets import SSL_MODES, Target, TargetError, TargetRegistry
 from gateway.proxy.upstream import connect_upstream
 from gateway.runtime import catalog_connector
 from gateway.settings import Settings
@@ -26,8 +28,18 @@ app = typer.Typer(
 )
 
 
-def registry(settings: Settings) -> TargetRegistry:
-    return TargetRegistry(settings.state_dir / "targets.json")
+def registered(settings: Settings) -> list[Target]:
+    """Every target in the control store, by name."""
+    with control_client(settings) as control:
+        return sorted(control.targets().values(), key=lambda t: t.name)
+
+
+def registered_target(settings: Settings, name: str) -> Target:
+    with control_client(settings) as control:
+        target = control.target(name)
+    if target is None:
+        fail(f"no target named {name!r}")
+    return target
 
 
 @app.command("add")
@@ -95,10 +107,45 @@ def add(
         )
         if not no_check:
             check_local_files(target)
-        registry(settings_of(ctx)).add(target, replace=replace)
+        with control_client(settings_of(ctx)) as control:
+            control.add_target(target, replace=replace)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} added")
+
+
+@app.command("apply")
+def apply(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help='A targets file: {"targets": [{"name": ..., ...}, ...]}.')
+    ],
+    prune: Annotated[
+        bool, typer.Option(help="Also remove every target the file does not name.")
+    ] = False,
+) -> None:
+    """Make the control store hold the file's targets (added, or replaced when they differ),
+    as a deployment declares them (the Helm chart runs this at each pod start). Credentials
+    and CA files are not checked here: they exist where the gateway runs."""
+    try:
+        wanted = read_targets_file(file)
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}")
+    except TargetError as exc:
+        fail(str(exc))
+    with control_client(settings_of(ctx)) as control:
+        held = control.targets()
+        changed = [t for name, t in wanted.items() if held.get(name) != t]
+        for target in changed:
+            control.add_target(target, replace=True)
+        gone = sorted(set(held) - set(wanted)) if prune else []
+        for name in gone:
+            with contextlib.suppress(TargetError):  # removed meanwhile by someone else
+                control.remove_target(name)
+    typer.echo(
+        f"targets: {len(changed)} added or replaced, {len(gone)} removed,"
+        f" {len(wanted) - len(changed)} unchanged"
+    )
 
 
 def check_local_files(target: Target) -> None:
@@ -115,7 +162,7 @@ def list_(
     json: Annotated[bool, typer.Option("--json", help="One JSON document for machines.")] = False,
 ) -> None:
     """List targets (credentials are shown only as where they come from)."""
-    targets = [t.describe() for t in registry(settings_of(ctx)).all()]
+    targets = [t.describe() for t in registered(settings_of(ctx))]
     if json:
         typer.echo(orjson.dumps(targets).decode())
         return
@@ -147,7 +194,8 @@ def remove(
 ) -> None:
     """Remove a target; open sessions to it keep running until they end."""
     try:
-        registry(settings_of(ctx)).remove(name)
+        with control_client(settings_of(ctx)) as control:
+            control.remove_target(name)
     except TargetError as exc:
         fail(str(exc))
     typer.echo(f"target {name} removed")
@@ -164,9 +212,7 @@ def test(
 ) -> None:
     """Log in to the target as the gateway does and report TLS, the authentication method and
     the server version (the credential is used, never shown)."""
-    target = registry(settings_of(ctx)).get(name)
-    if target is None:
-        fail(f"no target named {name!r}")
+    target = registered_target(settings_of(ctx), name)
     chosen = target.database_for(database)
     report = asyncio.run(_login_report(target, chosen))
     if as_json:
@@ -211,6 +257,11 @@ async def _login_report(target: Target, database: str) -> dict[str, object]:
     finally:
         up.transport.write(Terminate().encode())
         up.transport.close()
+        try:
+            async with asyncio.timeout(2):
+                await up.protocol.wait_closed()
+        except TimeoutError:
+            up.transport.abort()
 
 
 @app.command("install-ddl-watch")
@@ -228,9 +279,7 @@ def install_ddl_watch(
     if print_sql:
         typer.echo(sql, nl=False)
         return
-    target = registry(settings_of(ctx)).get(name)
-    if target is None:
-        fail(f"no target named {name!r}")
+    target = registered_target(settings_of(ctx), name)
 
     async def install() -> None:
         conn = await catalog_connector(target, target.dbname, os.environ)()

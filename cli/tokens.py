@@ -11,8 +11,8 @@ import orjson
 import typer
 from rich.table import Table
 
-from cli.context import fail, literal_console, settings_of
-from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
+from cli.context import control_client, fail, literal_console, settings_of
+from gateway.identity.local import LocalTokenIssuer, open_signing_key
 from gateway.identity.registry import TokenRecord, UnknownToken
 from gateway.identity.signing_key import SigningKeyError
 from gateway.policy.bundle import mentioned_strings
@@ -50,7 +50,7 @@ def issue(
     settings = settings_of(ctx)
     try:
         seconds = parse_ttl(ttl)
-        with open_registry(settings) as registry:
+        with control_client(settings) as registry:
             issuer = LocalTokenIssuer(
                 open_signing_key(settings),
                 registry,
@@ -74,7 +74,7 @@ def list_tokens(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
     """Every token issued here, with its status (active, expired, revoked)."""
-    with open_registry(settings_of(ctx)) as registry:
+    with control_client(settings_of(ctx)) as registry:
         records = registry.tokens()
     now = time.time()
     if as_json:
@@ -100,12 +100,12 @@ def revoke(
     jti: Annotated[str, typer.Argument(help="The token's id (see `pgwarden tokens list`).")],
 ) -> None:
     """Revoke a token. A login with it is refused as soon as this returns; each open
-    session of it, idle or busy, ends with FATAL 28P01 "token revoked" within
-    identity.revocation_poll_seconds (0.25 s by default) on every gateway sharing the
-    state directory."""
+    session of it, idle or busy, ends with FATAL 28P01 "token revoked" on every gateway
+    sharing the control store: at once with a PostgreSQL store (NOTIFY), within
+    identity.revocation_poll_seconds (0.25 s by default) with SQLite."""
     try:
-        with open_registry(settings_of(ctx)) as registry:
-            record = registry.revoke(jti)
+        with control_client(settings_of(ctx)) as registry:
+            record = registry.revoke_token(jti)
     except UnknownToken:
         fail(f"no token with id {jti}")
     typer.echo(f"revoked {record.jti} ({record.subject})")

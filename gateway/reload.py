@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gateway.proxy.targets import Target
+from gateway.control.targets import Target
 from gateway.settings import Settings
 
 # Settings read where they are used (by each new session, at each statement), so a new

@@ -18,7 +18,10 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
-from gateway.control import ControlStore, control_store
+from gateway.control import ControlStore
+from gateway.control.client import open_control_store
+from gateway.control.mirror import ControlMirror
+from gateway.control.targets import Target
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
 from gateway.guards.kill import SessionDirectory
@@ -31,7 +34,6 @@ from gateway.policy.transport import OpaTransport
 from gateway.policy.watch import RevisionWatch
 from gateway.proxy.gate import Catalog as CatalogPort
 from gateway.proxy.listener import GatewayContext, Listener
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.proxy.tls import server_context, upstream_context
 from gateway.reload import settings_change, targets_change
 from gateway.settings import Settings
@@ -81,6 +83,7 @@ class Gateway:
         self.sidecar: OpaSidecar | None = None
         self.audit: WriteAheadAudit | AuditWriter | AuditProcess | None = None
         self.control: ControlStore | None = None
+        self.mirror: ControlMirror | None = None
         self.approvals: ApprovalDesk | None = None
         self.webhook: Webhook | None = None
         self.verifier: IdentityVerifier | None = None
@@ -133,7 +136,12 @@ class Gateway:
             # Before anything starts: an unsafe admin address is a configuration error.
             check_admin_settings(s.admin)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        self.verifier = IdentityVerifier.from_settings(s)
+        # The targets and the token registry first: no login is checked without them.
+        control = await open_control_store(s)
+        self.control = control
+        self.mirror = ControlMirror(control, poll_seconds=s.identity.revocation_poll_seconds)
+        await self.mirror.start()
+        self.verifier = IdentityVerifier.from_settings(s, self.mirror)
         self.verifier.start()
         opa_url = s.policy.opa_url
         if not opa_url:
@@ -159,9 +167,6 @@ class Gateway:
             await self._revision_watch.start()
         self.audit = audit_sink(s)
         await self.audit.start()
-        control = control_store(s)
-        await control.start()
-        self.control = control
         self.webhook = self._webhook()
         self.approvals = ApprovalDesk(
             control,
@@ -177,7 +182,7 @@ class Gateway:
             tls = server_context(Path(s.listener.tls_cert), Path(s.listener.tls_key))
         self.context = GatewayContext(
             settings=s,
-            targets=TargetRegistry(s.state_dir / "targets.json"),
+            targets=self.mirror,
             verifier=self.verifier,
             decider=self.decider,
             audit=self.audit,
@@ -196,7 +201,7 @@ class Gateway:
                 fresh_seconds=s.policy.revision_poll_seconds,
             ),
         )
-        self._targets_seen = self.context.targets.refresh()
+        self._targets_seen = {t.name: t for t in self.mirror.all()}
         self._listener = Listener(self.context)
         self.address = await self._listener.start()
         log.info("pgwarden listening on %s:%d", *self.address, extra={"event": "listening"})
@@ -230,9 +235,9 @@ class Gateway:
 
     async def reload(self, reread: Settings | None, problem: str | None = None) -> list[str]:
         """Take up what can change without a restart: `reread` settings (None: they could
-        not be read again, `problem` says why, the running ones stay), the targets file,
-        the token registry's revocations, the policy folders. Logs and returns one line per
-        part: what changed, and which changed settings wait for a restart."""
+        not be read again, `problem` says why, the running ones stay), the control store's
+        targets and revocations, the policy folders. Logs and returns one line per part:
+        what changed, and which changed settings wait for a restart."""
         lines: list[str] = []
         if reread is None:
             lines.append(f"settings: not read again, the running ones stay: {problem}")
@@ -245,17 +250,14 @@ class Gateway:
             lines.append(f"settings: applied {applied}" if applied else "settings: unchanged")
             if change.needs_restart:
                 lines.append("settings needing a restart: " + ", ".join(change.needs_restart))
-        if self.context is not None:
-            try:
-                seen = self.context.targets.refresh()
-            except Exception as exc:  # a half-written or invalid file: keep serving the last
-                lines.append(f"targets: file not read: {exc}")
+        if self.mirror is not None:
+            seen = await self.mirror.refresh()
+            if self.mirror.problem is not None:  # keep serving the last targets read
+                lines.append(f"targets: control store not read: {self.mirror.problem}")
             else:
                 lines.append(f"targets: {targets_change(self._targets_seen, seen) or 'unchanged'}")
                 self._targets_seen = seen
-        if self.verifier is not None:
-            revoked = await asyncio.to_thread(self.verifier.refresh_registry)
-            lines.append(f"tokens: registry read again ({revoked} revoked)")
+            lines.append(f"tokens: registry read again ({self.mirror.revoked_count()} revoked)")
         if self.sidecar is not None:
             lines.append(f"policy: {await self.sidecar.reload_now()}")
         elif self.settings.policy.opa_url:
@@ -268,6 +270,7 @@ class Gateway:
         assert self.context is not None and self._listener is not None
         assert self.decider is not None and self._transport is not None
         assert self.audit is not None and self.verifier is not None
+        assert self.mirror is not None
         opa = self.sidecar if self.sidecar is not None else self._revision_watch
         assert opa is not None
         state = GatewayState(
@@ -281,7 +284,7 @@ class Gateway:
         readiness = ReadinessChecks(
             opa_serves_bundle=lambda: transport.healthy(bundles=True),
             audit=self.audit,
-            targets=self.context.targets,
+            targets=self.mirror,
             draining=lambda: self.draining,
         )
         admin = self.settings.admin
@@ -313,6 +316,8 @@ class Gateway:
             await self.webhook.aclose()
         if self.audit is not None:
             await self.audit.close()
+        if self.mirror is not None:
+            await self.mirror.close()
         if self.control is not None:
             await self.control.close()
         for catalog in self._catalogs.values():

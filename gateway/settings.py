@@ -46,9 +46,10 @@ class IdentitySettings(BaseModel):
     oidc_jwks_max_refresh_seconds: float = Field(default=600.0, gt=0)
     # Open sessions re-check their token's expiry this often.
     recheck_seconds: float = 30.0
-    # How often the token registry (and the OIDC key set) is looked at for revocations made
-    # by another process (`pgwarden tokens revoke`): open sessions of a revoked token end
-    # within this time, idle or not. A login always checks the registry afresh.
+    # How often the control store's targets and revocations are looked at when it cannot
+    # tell of changes (SQLite; a PostgreSQL store's LISTEN connection being reopened), and
+    # the OIDC key set: open sessions of a revoked token end within this time, idle or not.
+    # A login always checks the registry afresh.
     revocation_poll_seconds: float = Field(default=0.25, gt=0)
     leeway_seconds: float = 30.0
     # A password message (the token) longer than this is refused as "token too large"
@@ -138,11 +139,13 @@ class AdminSettings(BaseModel):
 
 
 class ControlSettings(BaseModel):
-    """The control-plane store: approval requests, their votes and grants."""
+    """The control-plane store: targets, the token registry, approval requests, their votes
+    and grants."""
 
     # sqlite: one file in the state directory (one gateway; other processes on the machine
-    # see changes within poll_seconds); postgres: several gateways share it, and a change
-    # made through one reaches the others at once (LISTEN/NOTIFY).
+    # see changes within poll_seconds, or identity.revocation_poll_seconds for targets and
+    # revocations); postgres: several gateways share it, and a change made through one (or
+    # the CLI) reaches the others at once (LISTEN/NOTIFY).
     store: Literal["sqlite", "postgres"] = "sqlite"
     # Under the state directory unless absolute.
     sqlite_path: Path = Path("control.sqlite3")

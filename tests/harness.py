@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,8 +25,11 @@ from cli.localpg import (
     LocalCluster,
 )
 from cli.main import app as cli_app
+from gateway.control.client import ControlClient, open_control_store
+from gateway.control.mirror import ControlMirror
+from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.identity.verifier import IdentityVerifier
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
 
@@ -105,7 +108,6 @@ def start_gateway(
         "PGWARDEN_TEST_MD5_PW": MD5_PASSWORD,
         **(extra_environ or {}),
     }
-    registry = TargetRegistry(state_dir / "targets.json")
     targets = [
         Target(
             name="app",
@@ -155,9 +157,6 @@ def start_gateway(
             labels={"pgwarden.record": "rows"},
         ),
     ]
-    for t in targets:
-        if registry.get(t.name) is None:
-            registry.add(t)
     settings_kw: dict[str, Any] = {
         "state_dir": state_dir,
         "listener": {"host": "127.0.0.1", "port": 0, "tls_cert": certs.cert, "tls_key": certs.key},
@@ -174,6 +173,11 @@ def start_gateway(
         else:
             settings_kw[key] = value
     settings = load_settings(**settings_kw)
+    with ControlClient(settings) as control:
+        known = control.targets()
+        for t in targets:
+            if t.name not in known:
+                control.add_target(t)
     loop = uvloop.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="pgwarden-gateway", daemon=True)
     thread.start()
@@ -187,9 +191,10 @@ class TcpRelay:
     tests that must watch or break what passes between the gateway and PostgreSQL.
     `relay(client, upstream)` handles one connection; by default it pipes both ways."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, port: int = 0) -> None:
+        """`port`: listen there (a relay closed earlier, back again), else any free port."""
         self.upstream_port = upstream_port
-        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server = socket.create_server(("127.0.0.1", port))
         self.port: int = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -235,22 +240,23 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
 def target_through(gw: RunningGateway, name: str, port: int) -> Iterator[str]:
     """Target `name` for as long as the block runs: the app database as the superuser, but
     reached through 127.0.0.1:`port` (a test's TCP relay in front of the cluster)."""
-    registry = TargetRegistry(gw.settings.state_dir / "targets.json")
-    registry.add(
-        Target(
-            name=name,
-            host="127.0.0.1",
-            port=port,
-            dbname=APP_DB,
-            user=SUPERUSER,
-            password_env="PGWARDEN_TEST_UPSTREAM_PW",
-            sslmode="disable",
+    with ControlClient(gw.settings) as control:
+        control.add_target(
+            Target(
+                name=name,
+                host="127.0.0.1",
+                port=port,
+                dbname=APP_DB,
+                user=SUPERUSER,
+                password_env="PGWARDEN_TEST_UPSTREAM_PW",
+                sslmode="disable",
+            )
         )
-    )
     try:
         yield name
     finally:
-        registry.remove(name)
+        with ControlClient(gw.settings) as control:
+            control.remove_target(name)
 
 
 def stop_gateway(gw: RunningGateway) -> None:
@@ -272,3 +278,89 @@ def create_scratch_database(cluster: LocalCluster, prefix: str) -> tuple[str, st
 
 def drop_scratch_database(cluster: LocalCluster, name: str) -> None:
     cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def stored_target(settings: Settings | Path, name: str) -> Target | None:
+    """The target of that name in the control store of `settings` (or of a state directory
+    with default settings), as the CLI or a gateway would read it."""
+    if isinstance(settings, Path):
+        settings = load_settings(state_dir=settings)
+    with ControlClient(settings) as control:
+        return control.target(name)
+
+
+class StoredTargets:
+    """The targets in the control store of `settings`, added and removed as `pgwarden
+    targets add|remove` does (each call opens the store and closes it again)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def get(self, name: str) -> Target | None:
+        return stored_target(self.settings, name)
+
+    def add(self, target: Target, *, replace: bool = False) -> None:
+        with ControlClient(self.settings) as control:
+            control.add_target(target, replace=replace)
+
+    def remove(self, name: str) -> None:
+        with ControlClient(self.settings) as control:
+            control.remove_target(name)
+
+
+@contextlib.asynccontextmanager
+async def control_mirror(settings: Settings) -> AsyncIterator[ControlMirror]:
+    """The control store of `settings` started (its old files imported) and mirrored as a
+    gateway mirrors it, on the running event loop."""
+    store = await open_control_store(settings)
+    mirror = ControlMirror(store, poll_seconds=settings.identity.revocation_poll_seconds)
+    try:
+        await mirror.start()
+        yield mirror
+    finally:
+        await mirror.close()
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def identity_verifier(settings: Settings) -> AsyncIterator[IdentityVerifier]:
+    """The gateway's token verifier, reading the control store of `settings`."""
+    async with control_mirror(settings) as mirror:
+        verifier = IdentityVerifier.from_settings(settings, mirror)
+        try:
+            yield verifier
+        finally:
+            await verifier.aclose()
+
+
+@contextlib.contextmanager
+def gateways_sharing_control(
+    cluster: LocalCluster,
+    opa: Path,
+    control: dict[str, Any] | None = None,
+    one: dict[str, Any] | None = None,
+    two: dict[str, Any] | None = None,
+) -> Iterator[tuple[RunningGateway, RunningGateway]]:
+    """Two gateways, each with a state directory of its own, sharing one PostgreSQL control
+    store (a scratch database; `control` adds settings) and the first one's signing key, so
+    that a token issued for either is verified by both. `one`, `two`: their own settings."""
+    import shutil
+    import tempfile
+
+    from gateway.identity.signing_key import SIGNING_KEY_FILE
+
+    name, dsn = create_scratch_database(cluster, "pgwarden_control")
+    shared = {"store": "postgres", "postgres_dsn": dsn, **(control or {})}
+    states = [Path(tempfile.mkdtemp(prefix=f"pgwarden-gw-{n}-")) for n in ("one", "two")]
+    started: list[RunningGateway] = []
+    try:
+        started.append(start_gateway(states[0], cluster, opa, control=shared, **(one or {})))
+        shutil.copy(states[0] / SIGNING_KEY_FILE, states[1] / SIGNING_KEY_FILE)
+        started.append(start_gateway(states[1], cluster, opa, control=shared, **(two or {})))
+        yield started[0], started[1]
+    finally:
+        for gw in started:
+            stop_gateway(gw)
+        for state in states:
+            shutil.rmtree(state, ignore_errors=True)
+        drop_scratch_database(cluster, name)

@@ -200,7 +200,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
-    from gateway.proxy.targets import Target, TargetRegistry
+    from gateway.control.targets import Target, TargetRegistry
     from tests.harness import start_gateway, stop_gateway
 
     opa = ROOT / ".pgwarden" / "bin" / "opa"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from gateway.admin.approvals import TokenCheck, approvals_router
 from gateway.admin.readiness import ReadinessChecks
+from gateway.control.store import ControlStoreUnavailable
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.guards.kill import SessionDirectory
 from gateway.identity.principal import Principal, TokenRejected
@@ -58,6 +59,9 @@ class AdminAccess:
             raise HTTPException(
                 401, f"token rejected: {exc.check}", {"WWW-Authenticate": "Bearer"}
             ) from None
+        except ControlStoreUnavailable as exc:
+            # The token's revocation cannot be checked: refused, and said to be temporary.
+            raise HTTPException(503, f"the control store cannot be read: {exc}") from None
         if not self.groups.intersection(principal.groups):
             raise HTTPException(403, "the token's groups may not read the admin listener")
         return principal

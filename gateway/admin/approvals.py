@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from gateway.control.models import ApprovalRequest, RequestStatus
 from gateway.control.rules import VoteRefused
-from gateway.control.store import UnknownRequest
+from gateway.control.store import ControlStoreUnavailable, UnknownRequest
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.identity.principal import Principal, TokenRejected
 
@@ -107,6 +107,9 @@ def approvals_router(
             raise HTTPException(
                 401, f"token rejected: {exc.check}", {"WWW-Authenticate": "Bearer"}
             ) from None
+        except ControlStoreUnavailable as exc:
+            # The token's revocation cannot be checked: refused, and said to be temporary.
+            raise HTTPException(503, f"the control store cannot be read: {exc}") from None
 
     Caller = Annotated[Principal, Depends(caller)]
 

@@ -19,7 +19,10 @@ class AuditHealth(Protocol):
 
 
 class TargetList(Protocol):
-    def all(self) -> object: ...
+    # Why the control store holding the targets (and the token registry) was not readable
+    # at its last look; None while it is.
+    @property
+    def problem(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,6 @@ def audit_problem(audit: AuditHealth) -> str | None:
 
 
 def targets_problem(targets: TargetList) -> str | None:
-    try:
-        targets.all()
-    except (OSError, ValueError, TypeError) as exc:
-        return f"the target registry does not load: {exc}"
-    return None
+    if targets.problem is None:
+        return None
+    return f"the control store (targets, token registry) is not readable: {targets.problem}"

@@ -1,6 +1,6 @@
 """The embedded control store: one SQLite file in the state directory, driven from one
 thread. Changes made in this process are told to listeners at once; other processes on the
-machine (a second gateway on the same state directory) are seen by polling."""
+machine (the CLI, a second gateway on the same state directory) are seen by polling."""
 
 from __future__ import annotations
 
@@ -12,9 +12,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import orjson
+
 from gateway.control.models import ApprovalRequest, Grant, RequestStatus, Vote
 from gateway.control.rules import Ballot, Judgement, judge
-from gateway.control.store import ChangeListener, UnknownRequest
+from gateway.control.store import (
+    TARGETS_CHANGED,
+    TOKENS_CHANGED,
+    ChangeListener,
+    ControlStoreUnavailable,
+    UnknownRequest,
+)
+from gateway.control.targets import Target, TargetError, stored_target, target_json
+from gateway.identity.registry import TokenRecord, UnknownToken, token_from_row
 
 T = TypeVar("T")
 
@@ -52,7 +62,21 @@ CREATE TABLE IF NOT EXISTS approval_grant (
     ended INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS approval_grant_key ON approval_grant (subject, target, key);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    subject TEXT NOT NULL,
+    groups TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS target (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 """
+
+_TOKEN_COLUMNS = "jti, subject, groups, issued_at, expires_at, revoked_at"
 
 _GRANT_COLUMNS = "id, request_id, kind, subject, target, key, created, expires, used_at, used_by"
 
@@ -70,14 +94,23 @@ class SqliteControlStore:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
-            assert self._db is not None, "control store is not open"
-            return fn(self._db)
+            if self._db is None:
+                raise ControlStoreUnavailable(f"the control store {self.path} is not open")
+            try:
+                return fn(self._db)
+            except sqlite3.OperationalError as exc:  # locked too long, unreadable, full disk
+                raise ControlStoreUnavailable(f"the control store {self.path}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
+    @property
+    def notifies_others(self) -> bool:
+        return False
+
     async def start(self) -> None:
         def open_db() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The token registry is about who may connect: keep it from other users.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=5000")
@@ -235,6 +268,103 @@ class SqliteControlStore:
             return [_grant(r) for r in rows]
 
         return await self._run(sweep)
+
+    # -- the token registry ----------------------------------------------------------------
+
+    async def record_token(self, token: TokenRecord) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"  # noqa: S608
+                " ON CONFLICT (jti) DO NOTHING",
+                (
+                    token.jti,
+                    token.subject,
+                    orjson.dumps(list(token.groups)).decode(),
+                    token.issued_at,
+                    token.expires_at,
+                    token.revoked_at,
+                ),
+            )
+
+        await self._run(insert)
+        self._changed(TOKENS_CHANGED)
+
+    async def revoke_token(self, jti: str, at: float) -> TokenRecord:
+        def revoke(db: sqlite3.Connection) -> TokenRecord:
+            db.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE jti = ? AND revoked_at IS NULL", (at, jti)
+            )
+            record = _token(db, jti)
+            if record is None:
+                raise UnknownToken(jti)
+            return record
+
+        record = await self._run(revoke)
+        self._changed(TOKENS_CHANGED)
+        return record
+
+    async def token(self, jti: str) -> TokenRecord | None:
+        return await self._run(lambda db: _token(db, jti))
+
+    async def tokens(self) -> list[TokenRecord]:
+        def select(db: sqlite3.Connection) -> list[TokenRecord]:
+            rows = db.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY issued_at, jti"  # noqa: S608
+            ).fetchall()
+            return [token_from_row(r) for r in rows]
+
+        return await self._run(select)
+
+    async def revoked_tokens(self) -> frozenset[str]:
+        def select(db: sqlite3.Connection) -> frozenset[str]:
+            rows = db.execute("SELECT jti FROM tokens WHERE revoked_at IS NOT NULL")
+            return frozenset(jti for (jti,) in rows)
+
+        return await self._run(select)
+
+    # -- targets ---------------------------------------------------------------------------
+
+    async def targets(self) -> dict[str, Target]:
+        def select(db: sqlite3.Connection) -> dict[str, Target]:
+            rows = db.execute("SELECT name, body FROM target ORDER BY name").fetchall()
+            return {name: stored_target(name, body) for name, body in rows}
+
+        return await self._run(select)
+
+    async def add_target(self, target: Target, *, replace: bool = False) -> None:
+        body = target_json(target).decode()
+
+        def insert(db: sqlite3.Connection) -> None:
+            if replace:
+                db.execute(
+                    "INSERT INTO target (name, body) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                    (target.name, body),
+                )
+                return
+            try:
+                db.execute("INSERT INTO target (name, body) VALUES (?, ?)", (target.name, body))
+            except sqlite3.IntegrityError:
+                raise TargetError(f"target {target.name} already exists") from None
+
+        await self._run(insert)
+        self._changed(TARGETS_CHANGED)
+
+    async def remove_target(self, name: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM target WHERE name = ?", (name,)).rowcount == 0:
+                raise TargetError(f"no target named {name}")
+
+        await self._run(delete)
+        self._changed(TARGETS_CHANGED)
+
+
+def _token(db: sqlite3.Connection, jti: str) -> TokenRecord | None:
+    row = db.execute(
+        f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE jti = ?",  # noqa: S608
+        (jti,),
+    ).fetchone()
+    return None if row is None else token_from_row(row)
 
 
 def _insert_grant(db: sqlite3.Connection, g: Grant) -> None:

@@ -20,7 +20,7 @@ from pglast.stream import RawStream
 from gateway.audit.events import ApprovalEvent, ApprovalEventKind
 from gateway.control.models import ApprovalRequest, Grant, RequestStatus
 from gateway.control.rules import Ballot, Judgement, new_id
-from gateway.control.store import ControlStore, UnknownRequest
+from gateway.control.store import ANYTHING_CHANGED, ControlStore, UnknownRequest
 from gateway.identity.principal import Principal
 
 if TYPE_CHECKING:
@@ -97,6 +97,12 @@ class ApprovalDesk:
         return self.settings.wait_seconds
 
     def _changed(self, request_id: str) -> None:
+        if request_id == ANYTHING_CHANGED:
+            # Notifications may have been missed (a LISTEN connection reopened): every held
+            # statement looks at its request again.
+            for waiting in self._waiting.values():
+                waiting.set()
+            return
         event = self._waiting.get(request_id)
         if event is not None:
             # A shared store's notifications arrive on its connection's callbacks.

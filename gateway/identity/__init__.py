@@ -3,7 +3,7 @@
 from gateway.identity.local import IssuedToken, LocalTokenIssuer, LocalTokenVerifier
 from gateway.identity.oidc import OidcVerifier
 from gateway.identity.principal import Principal, TokenRejected
-from gateway.identity.registry import TokenRecord, TokenRegistry, UnknownToken
+from gateway.identity.registry import TokenRecord, UnknownToken
 from gateway.identity.signing_key import LocalSigningKey, SigningKeyError
 from gateway.identity.verifier import IdentityVerifier
 
@@ -17,7 +17,6 @@ __all__ = [
     "Principal",
     "SigningKeyError",
     "TokenRecord",
-    "TokenRegistry",
     "TokenRejected",
     "UnknownToken",
 ]

@@ -7,15 +7,19 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import jwt
 
 from gateway.identity.checks import BAD_GROUPS, MALFORMED, ClaimChecks, expiry_rejection
 from gateway.identity.principal import Principal, TokenRejected
-from gateway.identity.registry import REGISTRY_FILE, TokenRecord, TokenRegistry
+from gateway.identity.registry import TokenRecord
 from gateway.identity.signing_key import SIGNING_KEY_FILE, LocalSigningKey
 from gateway.identity.unverified import peek
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.control.client import ControlClient
 
 ALGORITHM = "EdDSA"
 # Clients that reconnect per transaction (pgbench -C, serverless functions) present the same
@@ -34,8 +38,35 @@ def open_signing_key(settings: Settings) -> LocalSigningKey:
     return LocalSigningKey.load_or_create(settings.state_path(SIGNING_KEY_FILE))
 
 
-def open_registry(settings: Settings) -> TokenRegistry:
-    return TokenRegistry(settings.state_path(REGISTRY_FILE))
+class TokenBook(Protocol):
+    """Where an issued token is recorded (the control store, from synchronous code)."""
+
+    def record_token(self, token: TokenRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RegistryView(Protocol):
+    """The token registry as a gateway reads it (gateway/control/mirror.py)."""
+
+    async def fresh_rejection(self, jti: str) -> str | None:
+        """None if `jti` was issued and is not revoked, as the store says now; else the
+        failed check. Raises ControlStoreUnavailable when the store cannot be asked."""
+        ...
+
+    def rejection(self, jti: str) -> str | None:
+        """REVOKED if `jti` is among the revocations read last (no I/O)."""
+        ...
+
+    def revocations_changed(self) -> bool: ...
+
+    def revoked_count(self) -> int: ...
+
+
+def open_token_book(settings: Settings) -> ControlClient:
+    from gateway.control.client import ControlClient
+
+    return ControlClient(settings)
 
 
 class LocalTokenIssuer:
@@ -44,7 +75,7 @@ class LocalTokenIssuer:
     def __init__(
         self,
         key: LocalSigningKey,
-        registry: TokenRegistry,
+        registry: TokenBook,
         *,
         issuer: str,
         audience: str,
@@ -60,7 +91,7 @@ class LocalTokenIssuer:
     def from_settings(cls, settings: Settings) -> LocalTokenIssuer:
         return cls(
             open_signing_key(settings),
-            open_registry(settings),
+            open_token_book(settings),
             issuer=settings.identity.local_issuer,
             audience=settings.identity.local_audience,
         )
@@ -98,7 +129,7 @@ class LocalTokenIssuer:
             claims, self._key.private_key, algorithm=ALGORITHM, headers={"kid": self._key.kid}
         )
         # Recorded first: a token the registry does not know is refused by every verifier.
-        self._registry.record(record)
+        self._registry.record_token(record)
         return IssuedToken(token, record)
 
 
@@ -108,7 +139,7 @@ class LocalTokenVerifier:
     def __init__(
         self,
         key: LocalSigningKey,
-        registry: TokenRegistry,
+        registry: RegistryView,
         *,
         issuer: str,
         audience: str,
@@ -126,24 +157,20 @@ class LocalTokenVerifier:
         self._verified: dict[bytes, Principal] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalTokenVerifier:
+    def from_settings(cls, settings: Settings, registry: RegistryView) -> LocalTokenVerifier:
         return cls(
             open_signing_key(settings),
-            open_registry(settings),
+            registry,
             issuer=settings.identity.local_issuer,
             audience=settings.identity.local_audience,
             leeway_seconds=settings.identity.leeway_seconds,
         )
 
-    def close(self) -> None:
-        """Close the registry this verifier reads."""
-        self._registry.close()
-
-    def refresh_registry(self) -> int:
-        """Read the registry's revocations now; how many there are."""
+    def revoked_count(self) -> int:
+        """How many revocations the registry's last read found."""
         return self._registry.revoked_count()
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode()).digest()
         principal = self._verified.get(digest)
         if principal is None:
@@ -152,10 +179,11 @@ class LocalTokenVerifier:
                 del self._verified[next(iter(self._verified))]
             self._verified[digest] = principal
         # Time and revocation move on, so a remembered token is still checked against both;
-        # a login reads the registry afresh: refused the moment `tokens revoke` returned.
+        # a login asks the registry afresh: refused the moment `tokens revoke` returned,
+        # and refused (ControlStoreUnavailable) while the registry cannot be asked.
         rejected = expiry_rejection(
             principal.expires_at, self._clock(), self._leeway
-        ) or self._registry.rejection(principal.token_id, fresh=True)
+        ) or await self._registry.fresh_rejection(principal.token_id)
         if rejected is not None:
             raise TokenRejected(rejected)
         return principal
@@ -178,8 +206,9 @@ class LocalTokenVerifier:
         )
 
     def revocations_changed(self) -> bool:
-        """Look at the registry now; True if a token was revoked (or restored) since."""
-        return self._registry.refresh()
+        """True once after the registry's revocations changed (read by the control
+        mirror, as its store tells it or it polls)."""
+        return self._registry.revocations_changed()
 
     def still_valid(self, principal: Principal) -> str | None:
         expired = expiry_rejection(principal.expires_at, self._clock(), self._leeway)

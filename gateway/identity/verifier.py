@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from gateway.identity.checks import TOKEN_TOO_LARGE, WRONG_ISSUER
-from gateway.identity.local import LocalTokenVerifier
+from gateway.identity.local import LocalTokenVerifier, RegistryView
 from gateway.identity.oidc import OidcVerifier
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.unverified import peek
@@ -30,7 +30,11 @@ class IdentityVerifier:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, http: httpx.AsyncClient | None = None
+        cls,
+        settings: Settings,
+        registry: RegistryView,
+        *,
+        http: httpx.AsyncClient | None = None,
     ) -> IdentityVerifier:
         """Local tokens always; OIDC when identity.oidc_issuer is set. Raises ValueError on
         settings that would weaken verification (no audience, HMAC or `none` algorithms)."""
@@ -38,7 +42,7 @@ class IdentityVerifier:
         if settings.identity.oidc_issuer:
             oidc = OidcVerifier.from_settings(settings.identity, http=http)
         return cls(
-            LocalTokenVerifier.from_settings(settings),
+            LocalTokenVerifier.from_settings(settings, registry),
             oidc,
             max_token_bytes=settings.identity.max_token_bytes,
         )
@@ -49,20 +53,19 @@ class IdentityVerifier:
             self._oidc.start()
 
     async def aclose(self) -> None:
-        self._local.close()
         if self._oidc is not None:
             await self._oidc.aclose()
 
-    def refresh_registry(self) -> int:
-        """Read the local token registry's revocations now (a reload); how many there are."""
-        return self._local.refresh_registry()
+    def revoked_count(self) -> int:
+        """How many local tokens the registry's last read found revoked."""
+        return self._local.revoked_count()
 
     async def verify(self, token: str) -> Principal:
         if len(token) > self.max_token_bytes:
             raise TokenRejected(TOKEN_TOO_LARGE)
         issuer = peek(token).issuer
         if issuer == self._local.issuer:
-            return self._local.verify(token)
+            return await self._local.verify(token)
         if self._oidc is not None and issuer == self._oidc.issuer:
             return await self._oidc.verify(token)
         raise TokenRejected(WRONG_ISSUER)

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.audit.records import principal_record
 from gateway.control.models import ApprovalRequest
+from gateway.control.targets import dbname_for
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
@@ -27,7 +28,6 @@ from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.holds import cannot_ask, grant_notice, held_notice, hold_refusal
 from gateway.proxy.ports import Approvals, AuditSink, AuditUnavailable, Decider, PolicyRevision
 from gateway.proxy.search_path import PathProblem, sets_search_path
-from gateway.proxy.targets import dbname_for
 from gateway.proxy.tracker import StatementRun
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
 from gateway.sql.databases import databases_held_by_statement

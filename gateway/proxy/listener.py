@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gateway.control.mirror import ControlMirror
+from gateway.control.targets import Target
 from gateway.guards.rates import RateLimiter
 from gateway.guards.rules import SessionRules
 from gateway.metrics import GatewayMetrics, group_label
@@ -18,7 +20,6 @@ from gateway.proxy.cancel import CancelKeys
 from gateway.proxy.gate import Analyzer, Catalog, PreparedRegistry, SessionContext, StatementGate
 from gateway.proxy.ports import Approvals, AuditSink, Decider, TokenVerifier
 from gateway.proxy.session import ClientSession
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import Settings
 
 log = logging.getLogger("pgwarden.listener")
@@ -29,7 +30,7 @@ class GatewayContext:
     """Everything sessions share; built once by the composition root."""
 
     settings: Settings
-    targets: TargetRegistry
+    targets: ControlMirror
     verifier: TokenVerifier
     decider: Decider
     audit: AuditSink

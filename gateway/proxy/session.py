@@ -19,6 +19,8 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.audit.events import SessionEvent
+from gateway.control.store import ControlStoreUnavailable
+from gateway.control.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget
 from gateway.guards.estimate import EXPLAIN, EXPLAIN_ANSWERS, ExplainRead
@@ -62,6 +64,7 @@ from gateway.protocol import (
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
     FLUSH,
     READ_ANSWERS,
@@ -71,7 +74,6 @@ from gateway.proxy.search_path import (
     SearchPathWatch,
     first_column,
 )
-from gateway.proxy.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.proxy.tls import TlsLayer
 from gateway.proxy.tracker import Expectation, ResponseTracker, StatementRun
 from gateway.proxy.upstream import (
@@ -84,8 +86,8 @@ from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
+    from gateway.control.targets import Target
     from gateway.proxy.listener import GatewayContext
-    from gateway.proxy.targets import Target
 
 log = logging.getLogger("pgwarden.session")
 
@@ -241,6 +243,8 @@ class ClientSession(asyncio.Protocol):
         self._ssl_asked = False
         self._inbuf = bytearray()
         self._startup: StartupMessage | None = None
+        # Set once an unknown target name made this session read the control store again.
+        self._targets_read_again = False
         self.principal: Principal | None = None
         self.target: Target | None = None
         # Which of the target's databases the session uses (dbname=TARGET/DATABASE).
@@ -723,7 +727,20 @@ class ClientSession(asyncio.Protocol):
         except TargetError as exc:
             self._fatal("3D000", f"pgwarden: {exc}")
             return
+        if self.gw.targets.problem is not None:
+            # The targets and the token registry cannot be read: who may connect where, and
+            # whether a token was revoked, are unknown. Fail closed.
+            self._control_unavailable(self.gw.targets.problem)
+            return
         target = self.gw.targets.get(target_name)
+        if target is None and not self._targets_read_again:
+            # A target added a moment ago (the CLI, another gateway) may not have reached
+            # this gateway's copy yet: read the store once before refusing the name.
+            self._targets_read_again = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self._spawn(self._startup_after_reading_targets(msg))
+            return
         if target is None:
             self._fatal(
                 "3D000",
@@ -802,6 +819,9 @@ class ClientSession(asyncio.Protocol):
             principal = await self.gw.verifier.verify(token.strip())
         except TokenRejected as exc:
             self._reject_token(exc.check)
+            return
+        except ControlStoreUnavailable as exc:
+            self._control_unavailable(str(exc))
             return
         self.principal = principal
         guards = await self._session_guards(principal)
@@ -1196,6 +1216,23 @@ class ClientSession(asyncio.Protocol):
             self._end_session_for_token(reason)
             return
         self._schedule_recheck()
+
+    async def _startup_after_reading_targets(self, msg: StartupMessage) -> None:
+        await self.gw.targets.refresh()
+        if self.phase is Phase.CLOSED:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._on_startup(msg)
+
+    def _control_unavailable(self, problem: str) -> None:
+        """A login cannot be checked against the control store: refused, with why."""
+        self._session_event("auth_failure", f"control store unavailable: {problem}")
+        self._fatal(
+            CONTROL_UNAVAILABLE,
+            "pgwarden: login refused: the control store (targets and token registry) cannot"
+            f" be read: {problem}; try again once it is back",
+        )
 
     def _end_session_for_token(self, reason: str) -> None:
         self._end_reason = reason

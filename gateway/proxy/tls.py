@@ -8,7 +8,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.proxy.targets import Target
+from gateway.control.targets import Target
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:

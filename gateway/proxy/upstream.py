@@ -17,6 +17,7 @@ from typing import cast
 
 import scramp
 
+from gateway.control.targets import Target, TargetError
 from gateway.protocol import (
     AuthenticationCleartextPassword,
     AuthenticationMD5Password,
@@ -38,7 +39,6 @@ from gateway.protocol import (
     StartupMessage,
     decode_backend,
 )
-from gateway.proxy.targets import Target, TargetError
 from gateway.proxy.tls import upstream_context
 
 _HEADER = struct.Struct("!BI")
@@ -116,6 +116,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
         self._waiter = None
+
+    async def wait_closed(self) -> None:
+        """Until the connection is lost: after close(), a TLS shutdown takes a few turns of
+        the loop, and a loop closed before then leaves the socket to the garbage collector."""
+        while not self._closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
 
     async def read_byte(self) -> int:
         while not self._buf:

@@ -17,6 +17,7 @@ from gateway.identity.local import LocalTokenIssuer
 from gateway.identity.verifier import IdentityVerifier
 from gateway.metrics import GatewayMetrics, Latencies
 from gateway.settings import Settings, load_settings
+from tests.harness import identity_verifier
 
 
 class _Up:
@@ -31,8 +32,8 @@ class _Up:
     def __init__(self) -> None:
         self.commit_seconds = Latencies()
 
-    def all(self) -> list[object]:
-        return []
+    # The control store answers (readiness's targets part).
+    problem: str | None = None
 
 
 async def _bundle_loaded() -> bool:
@@ -46,7 +47,12 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    verifier = IdentityVerifier.from_settings(settings)
+    async with identity_verifier(settings) as verifier:
+        async for c in _admin_client(verifier):
+            yield c
+
+
+async def _admin_client(verifier: IdentityVerifier) -> AsyncIterator[httpx.AsyncClient]:
     part = _Up()
     state = GatewayState(
         metrics=GatewayMetrics(), open_sessions=Counter, decisions=part, opa=part, audit=part
@@ -60,7 +66,6 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         transport=httpx.ASGITransport(app=app), base_url="http://admin"
     ) as c:
         yield c
-    await verifier.aclose()
 
 
 def _token(settings: Settings, *groups: str) -> str:

@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.admin import AdminConfigError
 from gateway.audit import WriteAheadAudit
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target
 from gateway.runtime import Gateway
 from gateway.settings import load_settings
-from tests.harness import RunningGateway, start_gateway, stop_gateway
+from tests.harness import RunningGateway, StoredTargets, start_gateway, stop_gateway
 from tests.integration import REFUSED, connect, refusal_of, simple, token_for
 
 pytestmark = [pytest.mark.server]
@@ -273,7 +273,7 @@ def test_metrics_count_statements_by_action_decisions_audit_and_bytes(
 
 
 def test_metrics_count_upstream_connect_errors_by_target(admin_gw: RunningGateway) -> None:
-    registry = TargetRegistry(admin_gw.settings.state_dir / "targets.json")
+    registry = StoredTargets(admin_gw.settings)
     if registry.get("unreachable") is None:
         registry.add(
             Target(

@@ -177,7 +177,7 @@ def test_a_bug_says_how_to_see_its_traceback(
     def broken(*_: object) -> None:
         raise KeyError("no such thing")
 
-    monkeypatch.setattr(cli.targets, "registry", broken)
+    monkeypatch.setattr(cli.targets, "registered", broken)
     env = {"PGWARDEN_STATE_DIR": str(tmp_path)}
     result = CliRunner().invoke(app, ["targets", "list"], env=env)
     assert result.exit_code == EXIT_BUG

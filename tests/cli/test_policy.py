@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target
+from tests.harness import StoredTargets
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
@@ -203,7 +204,7 @@ def test_eval_says_what_it_could_not_resolve(live: dict[str, str], gateway: Any)
         "not in the target's catalog" in u for u in unresolved
     )
     # A target pgwarden cannot log in to: decided all the same, and said so.
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry = StoredTargets(gateway.settings)
     if registry.get("eval_nocred") is None:
         registry.add(
             Target(name="eval_nocred", host="127.0.0.1", port=gateway.cluster.port,

@@ -19,9 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
+from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer
-from gateway.proxy.targets import Target, TargetRegistry
 from gateway.settings import load_settings
+from tests.harness import StoredTargets
 
 ROOT = Path(__file__).resolve().parents[2]
 PGWARDEN = Path(sys.executable).with_name("pgwarden")
@@ -46,7 +47,7 @@ def test_serve_logs_json_lines_and_serves_the_admin_listener(
     tmp_path: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> None:
     state = tmp_path / "state"
-    TargetRegistry(state / "targets.json").add(
+    StoredTargets(load_settings(state_dir=state)).add(
         Target(
             name="app",
             host="127.0.0.1",

@@ -18,8 +18,8 @@ from cli.localpg import (
     LocalCluster,
 )
 from cli.main import app
-from gateway.proxy.targets import TargetError, TargetRegistry, parse_dbname
-from tests.harness import create_scratch_database, drop_scratch_database
+from gateway.control.targets import TargetError, parse_dbname
+from tests.harness import create_scratch_database, drop_scratch_database, stored_target
 
 
 def _run(state: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -42,7 +42,7 @@ def test_add_list_remove(tmp_path: Path) -> None:
         env={"APP_PW": "s3cret"},
     )  # fmt: skip
     assert code == 0, out
-    target = TargetRegistry(tmp_path / "targets.json").get("app")
+    target = stored_target(tmp_path, "app")
     assert target is not None
     assert (target.host, target.port, target.dbname, target.user) == (
         "db.internal",
@@ -64,7 +64,7 @@ def test_add_list_remove(tmp_path: Path) -> None:
 
     code, _, _ = _run(tmp_path, "targets", "remove", "app")
     assert code == 0
-    assert TargetRegistry(tmp_path / "targets.json").get("app") is None
+    assert stored_target(tmp_path, "app") is None
 
 
 def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_password_file_is_read_at_connect_time(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
     assert _run(tmp_path, "targets", "add", "f", "--password-file", str(secret))[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("f")
+    target = stored_target(tmp_path, "f")
     assert target is not None and target.password({}) == "from-file"
     secret.write_text("rotated\n")
     assert target.password({}) == "rotated"
@@ -132,7 +132,7 @@ def test_a_target_serves_the_databases_it_lists(tmp_path: Path) -> None:
         "--database", "scratch", "--database", "reports",
     )  # fmt: skip
     assert code == 0, out
-    target = TargetRegistry(tmp_path / "targets.json").get("srv")
+    target = stored_target(tmp_path, "srv")
     assert target is not None and target.databases == ("scratch", "reports")
     assert target.database_for(None) == "appdb"
     assert target.database_for("appdb") == "appdb"
@@ -145,11 +145,11 @@ def test_a_target_serves_the_databases_it_lists(tmp_path: Path) -> None:
     assert code == 0
 
     assert _run(tmp_path, "targets", "add", "any", "--password-env", "A", "--database", "*")[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("any")
+    target = stored_target(tmp_path, "any")
     assert target is not None and target.database_for("whatever") == "whatever"
     # Without --database a target serves its default database alone.
     assert _run(tmp_path, "targets", "add", "one", "--password-env", "A")[0] == 0
-    target = TargetRegistry(tmp_path / "targets.json").get("one")
+    target = stored_target(tmp_path, "one")
     assert target is not None and target.databases == ()
     with pytest.raises(TargetError):
         target.database_for("template1")
@@ -174,7 +174,7 @@ def test_add_checks_what_it_references_unless_told_not_to(tmp_path: Path) -> Non
         "--sslrootcert", str(tmp_path / "ca.pem"),
     )  # fmt: skip
     assert code == 1 and "cannot read --sslrootcert" in err
-    assert TargetRegistry(tmp_path / "targets.json").get("x") is None
+    assert stored_target(tmp_path, "x") is None
     # The credential may exist only where the gateway runs.
     code, _, _ = _run(
         tmp_path, "targets", "add", "x", "--password-env", "NOT_SET_HERE", "--no-check"
@@ -252,3 +252,38 @@ def test_targets_test_reports_a_refused_login_in_one_line(
     assert code == 1 and "does not serve database" in err
     code, _, err = _run(tmp_path, "targets", "test", "nobody")
     assert code == 1 and "no target named" in err
+
+
+def test_apply_makes_the_store_hold_the_files_targets(tmp_path: Path) -> None:
+    declared = tmp_path / "declared.json"
+
+    def declare(*targets: dict[str, object]) -> None:
+        declared.write_bytes(orjson.dumps({"targets": list(targets)}))
+
+    one = {"name": "one", "host": "db1", "port": 5432, "dbname": "d", "user": "u",
+           "password_env": "ONLY_IN_THE_POD"}  # fmt: skip
+    two = {"name": "two", "host": "db2", "port": 5433, "dbname": "d", "user": "u"}
+    declare(one, two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 0, err
+    assert "2 added or replaced, 0 removed, 0 unchanged" in out
+    assert stored_target(tmp_path, "one") is not None  # its credential is not checked here
+    code, _, _ = _run(tmp_path, "targets", "add", "by-hand", "--host", "db3")
+    assert code == 0
+
+    declare({**one, "port": 6000}, two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 0 and "1 added or replaced, 0 removed, 1 unchanged" in out, err
+    changed = stored_target(tmp_path, "one")
+    assert changed is not None and changed.port == 6000
+    assert stored_target(tmp_path, "by-hand") is not None  # kept without --prune
+
+    declare(two)
+    code, out, err = _run(tmp_path, "targets", "apply", str(declared), "--prune")
+    assert code == 0 and "0 added or replaced, 2 removed, 1 unchanged" in out, err
+    assert stored_target(tmp_path, "one") is None and stored_target(tmp_path, "by-hand") is None
+
+    declared.write_text('{"targets": [')
+    code, _, err = _run(tmp_path, "targets", "apply", str(declared))
+    assert code == 1 and "not valid JSON" in err and err.count("\n") == 1
+    assert stored_target(tmp_path, "two") is not None

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from cli.localpg import LocalCluster
 from gateway.control import (
     ApprovalRequest,
     Ballot,
@@ -22,7 +21,6 @@ from gateway.control import (
 from gateway.control.postgres_store import PostgresControlStore
 from gateway.control.rules import new_id
 from gateway.control.sqlite_store import SqliteControlStore
-from tests.harness import create_scratch_database, drop_scratch_database
 
 pytestmark = pytest.mark.server
 
@@ -58,15 +56,6 @@ def ballot(
     subject: str, verdict: str = "approve", groups: tuple[str, ...] = ("engineers",)
 ) -> Ballot:
     return Ballot(subject, groups, verdict, f"note by {subject}")  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def control_dsn(pg_cluster: LocalCluster) -> Iterator[str]:
-    name, dsn = create_scratch_database(pg_cluster, "pgwarden_control")
-    try:
-        yield dsn
-    finally:
-        drop_scratch_database(pg_cluster, name)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.control.targets import Target
 from gateway.identity.signing_key import SIGNING_KEY_FILE
-from gateway.proxy.targets import Target
 
 from .contract import setting_names, setting_of_env
 
@@ -127,7 +127,28 @@ def test_targets_are_a_registry_pgwarden_reads(chart: dict[str, list[dict[str, A
     assert targets[0].password_env == "APP_DB_PASSWORD" and targets[0].sslrootcert is None
     (sts,) = chart["StatefulSet"]
     (init,) = sts["spec"]["template"]["spec"]["initContainers"]
-    assert init["command"][-1] == "/var/lib/pgwarden/targets.json"
+    # Applied to the shared control store at each pod start (was: copied into each pod).
+    assert init["args"][-4:] == ["targets", "apply", "--prune", "/etc/pgwarden/targets.json"]
+    assert init["args"][:2] == ["--config", "/etc/pgwarden/pgwarden.toml"]
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert mounts["/etc/pgwarden"] == "config"
+    assert {e["name"]: e for e in init["env"]} == {e["name"]: e for e in _control_env(chart)}
+
+
+def _control_env(chart: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    names = {"PGWARDEN_STATE_DIR", "PGWARDEN_CONTROL__STORE", "PGWARDEN_CONTROL__POSTGRES_DSN"}
+    return [e for e in _container(chart)["env"] if e["name"] in names]
+
+
+def test_replicas_share_one_control_store(chart: dict[str, list[dict[str, Any]]]) -> None:
+    """Targets, tokens and approvals in one PostgreSQL control store: a token issued in one
+    pod is accepted by every replica, without an OIDC provider."""
+    env = {e["name"]: e for e in _control_env(chart)}
+    assert env["PGWARDEN_CONTROL__STORE"]["value"] == "postgres"
+    ref = env["PGWARDEN_CONTROL__POSTGRES_DSN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pgwarden-control", "key": "dsn"}
+    (sts,) = chart["StatefulSet"]
+    assert sts["spec"]["replicas"] > 1
 
 
 def test_credentials_and_keys_come_from_secrets(chart: dict[str, list[dict[str, Any]]]) -> None:
@@ -151,6 +172,6 @@ def test_credentials_and_keys_come_from_secrets(chart: dict[str, list[dict[str, 
         for listener in ("LISTENER", "ADMIN"):
             path = Path(env[f"PGWARDEN_{listener}__{key}"]["value"])
             assert "secret" in volumes[by_path[str(path.parent)]["name"]]
-    # Each replica's own state (audit chain keys, token registry) outlives its pod.
+    # Each replica's own state (audit chain keys) outlives its pod.
     claims = [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]]
     assert by_path[str(state)]["name"] in claims

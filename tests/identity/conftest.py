@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from gateway.control.mirror import ControlMirror
 from gateway.identity.local import LocalTokenIssuer, LocalTokenVerifier
 from gateway.settings import Settings, load_settings
+from tests.harness import control_mirror
 
 
 @pytest.fixture
@@ -27,10 +29,15 @@ def issuer(settings: Settings) -> Iterator[LocalTokenIssuer]:
 
 
 @pytest.fixture
-def local_verifier(settings: Settings) -> Iterator[LocalTokenVerifier]:
-    verifier = LocalTokenVerifier.from_settings(settings)
-    yield verifier
-    verifier.close()
+async def mirror(settings: Settings) -> AsyncIterator[ControlMirror]:
+    """The control store as a gateway reads it (polled: the SQLite store)."""
+    async with control_mirror(settings) as mirror:
+        yield mirror
+
+
+@pytest.fixture
+def local_verifier(settings: Settings, mirror: ControlMirror) -> LocalTokenVerifier:
+    return LocalTokenVerifier.from_settings(settings, mirror)
 
 
 def b64(data: bytes) -> str:

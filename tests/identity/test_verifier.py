@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from test_oidc import AUDIENCE, IssuerKey, TestIssuer
 
+from gateway.control.client import ControlClient
 from gateway.identity.local import LocalTokenIssuer
 from gateway.identity.principal import Principal, TokenRejected
-from gateway.identity.registry import TokenRegistry
 from gateway.identity.verifier import IdentityVerifier
 from gateway.settings import Settings, load_settings
+from tests.harness import identity_verifier
 
 
 @pytest.fixture
@@ -32,9 +32,8 @@ async def verifier(settings: Settings, idp: TestIssuer) -> AsyncIterator[Identit
         state_dir=settings.state_dir,
         identity={"oidc_issuer": idp.url, "oidc_audience": AUDIENCE},
     )
-    verifier = IdentityVerifier.from_settings(with_oidc)
-    yield verifier
-    await verifier.aclose()
+    async with identity_verifier(with_oidc) as verifier:
+        yield verifier
 
 
 if TYPE_CHECKING:
@@ -83,8 +82,8 @@ async def test_still_valid_reports_expiry_and_revocation(
 ) -> None:
     issued = issuer.issue("agent:ci", [], 60)
     principal = await verifier.verify(issued.token)
-    with TokenRegistry(settings.state_path(Path("tokens.sqlite3"))) as registry:
-        registry.revoke(issued.record.jti)
+    with ControlClient(settings) as registry:
+        registry.revoke_token(issued.record.jti)
     deadline = time.monotonic() + 1.5
     while verifier.still_valid(principal) is None:
         assert time.monotonic() < deadline
@@ -95,7 +94,7 @@ async def test_still_valid_reports_expiry_and_revocation(
     assert verifier.still_valid(Principal("x", "elsewhere", (), "t2", None)) == "wrong issuer"
 
 
-def test_settings_that_weaken_verification_are_refused(settings: Settings) -> None:
+async def test_settings_that_weaken_verification_are_refused(settings: Settings) -> None:
     for identity in (
         {"oidc_issuer": "https://idp.example.com", "oidc_audience": ""},
         {
@@ -111,4 +110,5 @@ def test_settings_that_weaken_verification_are_refused(settings: Settings) -> No
     ):
         weak = load_settings(state_dir=settings.state_dir, identity=identity)
         with pytest.raises(ValueError):
-            IdentityVerifier.from_settings(weak)
+            async with identity_verifier(weak):
+                pass

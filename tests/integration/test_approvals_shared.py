@@ -5,8 +5,6 @@ is set far too slow to be what releases it)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +12,10 @@ from typing import Any
 import pytest
 
 from cli.localpg import LocalCluster, free_port
-from gateway.identity.local import LocalTokenIssuer, open_registry
-from gateway.identity.signing_key import SIGNING_KEY_FILE
+from gateway.identity.local import LocalTokenIssuer
 from tests.harness import (
     RunningGateway,
-    create_scratch_database,
-    drop_scratch_database,
-    start_gateway,
-    stop_gateway,
+    gateways_sharing_control,
 )
 
 from . import direct, fresh_table, simple, table_rows
@@ -35,49 +29,25 @@ pytestmark = pytest.mark.server
 def pair(
     pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> Iterator[tuple[RunningGateway, RunningGateway]]:
-    name, dsn = create_scratch_database(pg_cluster, "pgwarden_control")
-    states = [Path(tempfile.mkdtemp(prefix=f"pgwarden-gw-{n}-")) for n in ("one", "two")]
     # A poll slower than any test: only a notification can release a held statement.
-    control = {"store": "postgres", "postgres_dsn": dsn, "poll_seconds": 300}
-    started: list[RunningGateway] = []
-    try:
-        one = start_gateway(
-            states[0], pg_cluster, opa_binary, control=control, approval={"wait_seconds": 60}
-        )
-        started.append(one)
-        # The second gateway verifies the tokens the first signs (its registry is told of
-        # each one as it is issued, below).
-        shutil.copy(states[0] / SIGNING_KEY_FILE, states[1] / SIGNING_KEY_FILE)
-        two = start_gateway(
-            states[1],
-            pg_cluster,
-            opa_binary,
-            control=control,
-            admin={"port": free_port()},
-            instance="gw-2",
-        )
-        started.append(two)
-        yield one, two
-    finally:
-        for gw in started:
-            stop_gateway(gw)
-        for state in states:
-            shutil.rmtree(state, ignore_errors=True)
-        drop_scratch_database(pg_cluster, name)
+    with gateways_sharing_control(
+        pg_cluster,
+        opa_binary,
+        control={"poll_seconds": 300},
+        one={"approval": {"wait_seconds": 60}},
+        two={"admin": {"port": free_port()}, "instance": "gw-2"},
+    ) as pair:
+        yield pair
 
 
 def token_for_both(one: Any, two: Any, subject: str, groups: tuple[str, ...]) -> str:
+    """Issued through the first gateway's settings: the token registry is in the control
+    store both share, and both hold the signing key."""
     issuer = LocalTokenIssuer.from_settings(one.settings)
     try:
-        issued = issuer.issue(subject, list(groups), 3600)
+        return issuer.issue(subject, list(groups), 3600).token
     finally:
         issuer.close()
-    registry = open_registry(two.settings)
-    try:
-        registry.record(issued.record)
-    finally:
-        registry.close()
-    return issued.token
 
 
 def test_held_on_one_gateway_released_through_the_other(

@@ -22,8 +22,8 @@ import psycopg
 import pytest
 
 from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
-from gateway.proxy.targets import Target, TargetRegistry
-from tests.harness import create_scratch_database, drop_scratch_database
+from gateway.control.targets import Target
+from tests.harness import StoredTargets, create_scratch_database, drop_scratch_database
 
 from . import connect, simple, token_for
 
@@ -63,7 +63,7 @@ def db(request: Any, gateway: Any) -> Iterator[Db]:
     if request.param == "watched":
         conn.execute(WATCH_SQL.read_bytes())
     target = f"ddl_{uuid.uuid4().hex[:8]}"
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry = StoredTargets(gateway.settings)
     registry.add(
         Target(
             name=target,

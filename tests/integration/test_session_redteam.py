@@ -181,9 +181,7 @@ def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: Any) ->
     assert_clean(reply)
 
 
-def test_a_set_query_pipelined_before_a_parse_is_applied_first(
-    gateway: Any, shadow: str
-) -> None:
+def test_a_set_query_pipelined_before_a_parse_is_applied_first(gateway: Any, shadow: str) -> None:
     """pgwarden's SHOW search_path must not overtake the buffered SET it is asking about."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:

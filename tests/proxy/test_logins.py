@@ -11,9 +11,10 @@ import jwt
 import psycopg
 import pytest
 
-from gateway.identity.local import LocalTokenIssuer, open_registry, open_signing_key
+from gateway.control.targets import Target
+from gateway.identity.local import LocalTokenIssuer, open_signing_key, open_token_book
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
-from gateway.proxy.targets import Target, TargetRegistry
+from tests.harness import StoredTargets
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -64,7 +65,7 @@ def _expired_token(gateway: Any) -> str:
     s = gateway.settings
     issuer = LocalTokenIssuer(
         open_signing_key(s),
-        open_registry(s),
+        open_token_book(s),
         issuer=s.identity.local_issuer,
         audience=s.identity.local_audience,
         clock=lambda: time.time() - 3600,
@@ -139,7 +140,7 @@ def test_unknown_target(gateway: Any, admin_token: str) -> None:
 def test_target_whose_credential_is_missing_is_refused_cleanly(
     gateway: Any, admin_token: str, name: str, reference: dict[str, str]
 ) -> None:
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry = StoredTargets(gateway.settings)
     if registry.get(name) is None:
         registry.add(
             Target(

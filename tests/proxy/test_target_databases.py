@@ -16,7 +16,8 @@ import pytest
 from psycopg import sql
 
 from cli.localpg import SUPERUSER
-from gateway.proxy.targets import Target, TargetRegistry
+from gateway.control.targets import Target
+from tests.harness import StoredTargets
 
 pytestmark = pytest.mark.server
 
@@ -43,7 +44,7 @@ def server_targets(gateway: Any) -> Iterator[str]:
     """Targets over the test cluster: SERVER serves any database; LISTED one scratch database."""
     scratch = f"tdb_{uuid.uuid4().hex[:8]}"
     _direct(gateway, f"CREATE DATABASE {scratch}")
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry = StoredTargets(gateway.settings)
     common: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": gateway.cluster.port,
@@ -346,7 +347,7 @@ def test_drop_database_another_target_resolved_names_in(gateway: Any, server_tar
     connection through either must not hold a database dropped through the other."""
     admin = _token(gateway, "admins")
     name = f"tother_{uuid.uuid4().hex[:8]}"
-    registry = TargetRegistry(gateway.settings.state_dir / "targets.json")
+    registry = StoredTargets(gateway.settings)
     registry.add(
         Target(
             name=name,

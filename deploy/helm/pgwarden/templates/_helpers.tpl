@@ -20,7 +20,7 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* The registry file pgwarden reads (gateway/proxy/targets.py), from targets.list. */}}
+{{/* The registry file pgwarden reads (gateway/control/targets.py), from targets.list. */}}
 {{- define "pgwarden.targetsJson" -}}
 {{- $targets := list -}}
 {{- range .Values.targets.list -}}
@@ -31,4 +31,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $targets = append $targets $t -}}
 {{- end -}}
 {{- dict "targets" $targets | toPrettyJson -}}
+{{- end -}}
+
+{{/*
+The state directory and the shared PostgreSQL control store: the same for the gateway and
+for the CLI run in its pod (init container, kubectl exec).
+*/}}
+{{- define "pgwarden.stateAndControlEnv" -}}
+- name: PGWARDEN_STATE_DIR
+  value: /var/lib/pgwarden
+- name: PGWARDEN_CONTROL__STORE
+  value: postgres
+- name: PGWARDEN_CONTROL__POSTGRES_DSN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.control.dsnSecret.name }}
+      key: {{ .Values.control.dsnSecret.key }}
 {{- end -}}

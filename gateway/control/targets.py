@@ -3,7 +3,6 @@ serves, and their credentials."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -89,7 +88,7 @@ class Target:
             isinstance(d, str) for d in self.databases
         ):
             raise TargetError(f"target {self.name}: databases must be a list of names")
-        # The registry file holds a JSON list; the value stays hashable and read-only.
+        # Stored as a JSON list; the value stays hashable and read-only.
         object.__setattr__(self, "databases", tuple(dict.fromkeys(self.databases)))
         if any(not d for d in self.databases):
             raise TargetError("a database name cannot be empty")
@@ -142,86 +141,49 @@ class Target:
         return data
 
 
-class TargetRegistry:
-    """Targets kept in one JSON file in the state directory, re-read when it changes."""
+def target_from_json(entry: object) -> Target:
+    """A target from its stored JSON object; TargetError saying what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise TargetError("not an object")
+    try:
+        return Target(**entry)
+    except TypeError as exc:
+        raise TargetError(str(exc)) from None
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._mtime: float | None = None
-        self._targets: dict[str, Target] = {}
 
-    def _load(self) -> None:
+def stored_target(name: str, body: str | bytes) -> Target:
+    """A target as a control store holds it; one edited by hand into something invalid is
+    reported by name."""
+    try:
+        return target_from_json(orjson.loads(body))
+    except (TargetError, orjson.JSONDecodeError) as exc:
+        raise TargetError(f"stored target {name} is invalid: {exc}") from None
+
+
+def target_json(target: Target) -> bytes:
+    return orjson.dumps(asdict(target))
+
+
+# Where targets were kept before they moved into the control store.
+LEGACY_TARGETS_FILE = Path("targets.json")
+
+
+def read_targets_file(path: Path) -> dict[str, Target]:
+    """The targets of a `targets.json` file; TargetError naming the file and what is wrong
+    with it, so a hand-edited or damaged file is reported as such, never as a crash."""
+    where = f"targets file {path}"
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise TargetError(f"{where} is not valid JSON: {exc}") from None
+    entries = raw.get("targets", []) if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise TargetError(f'{where} must hold an object {{"targets": [...]}}')
+    targets: dict[str, Target] = {}
+    for index, entry in enumerate(entries):
         try:
-            mtime = self._path.stat().st_mtime_ns
-        except FileNotFoundError:
-            self._targets, self._mtime = {}, None
-            return
-        if mtime == self._mtime:
-            return
-        self._targets = self._parse(self._path.read_bytes())
-        self._mtime = mtime
-
-    def refresh(self) -> dict[str, Target]:
-        """Read the file again now, whatever its mtime says; the targets by name."""
-        self._mtime = None
-        self._load()
-        return dict(self._targets)
-
-    def _parse(self, data: bytes) -> dict[str, Target]:
-        """The file's targets; TargetError naming the file and what is wrong with it, so a
-        hand-edited or damaged file is reported as such, never as a crash."""
-        where = f"targets file {self._path}"
-        try:
-            raw = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise TargetError(f"{where} is not valid JSON: {exc}") from None
-        entries = raw.get("targets", []) if isinstance(raw, dict) else None
-        if not isinstance(entries, list):
-            raise TargetError(f'{where} must hold an object {{"targets": [...]}}')
-        targets: dict[str, Target] = {}
-        for index, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise TargetError(f"{where}: entry {index} is not an object")
-            try:
-                target = Target(**entry)
-            except TypeError as exc:
-                raise TargetError(f"{where}: entry {index}: {exc}") from None
-            except TargetError as exc:
-                raise TargetError(f"{where}: entry {index}: {exc}") from None
-            targets[target.name] = target
-        return targets
-
-    def get(self, name: str) -> Target | None:
-        self._load()
-        return self._targets.get(name)
-
-    def all(self) -> list[Target]:
-        self._load()
-        return sorted(self._targets.values(), key=lambda t: t.name)
-
-    def _save(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_suffix(".tmp")
-        tmp.write_bytes(
-            orjson.dumps(
-                {"targets": [asdict(t) for t in self.all_unloaded()]}, option=orjson.OPT_INDENT_2
-            )
-        )
-        os.replace(tmp, self._path)
-        self._mtime = None
-
-    def all_unloaded(self) -> list[Target]:
-        return sorted(self._targets.values(), key=lambda t: t.name)
-
-    def add(self, target: Target, *, replace: bool = False) -> None:
-        self._load()
-        if target.name in self._targets and not replace:
-            raise TargetError(f"target {target.name} already exists")
-        self._targets[target.name] = target
-        self._save()
-
-    def remove(self, name: str) -> None:
-        self._load()
-        if self._targets.pop(name, None) is None:
-            raise TargetError(f"no target named {name}")
-        self._save()
+            target = target_from_json(entry)
+        except TargetError as exc:
+            raise TargetError(f"{where}: entry {index}: {exc}") from None
+        targets[target.name] = target
+    return targets
