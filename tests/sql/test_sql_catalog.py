@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
 from cli.localpg import LocalCluster
-from gateway.sql import Catalog, ColumnRef, TableRef, analyze, parse_search_path
+from gateway.sql import Catalog, ColumnRef, StatementFacts, TableRef, analyze, parse_search_path
 
 pytestmark = pytest.mark.server
 
@@ -31,7 +30,7 @@ async def catalog(pg_cluster: LocalCluster) -> AsyncIterator[Catalog]:
     await cat.close()
 
 
-def one(sql: str) -> Any:
+def one(sql: str) -> StatementFacts:
     (facts,) = analyze(sql)
     return facts
 
