@@ -172,10 +172,14 @@ def test_hs256_keyed_with_the_public_key(
         (serialization.Encoding.Raw, serialization.PublicFormat.Raw),
     ):
         secret = key.public_key.public_bytes(encoding, fmt)
+
+        def keyed(data: bytes, key: bytes = secret) -> bytes:
+            return hmac.new(key, data, hashlib.sha256).digest()
+
         token = forge(
             {"alg": "HS256", "typ": "JWT"},
             _claims(settings),
-            lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest(),
+            keyed,
         )
         assert _rejected(local_verifier, token) == "algorithm not allowed"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from test_oidc import AUDIENCE, IssuerKey, TestIssuer
 
 from gateway.identity.local import LocalTokenIssuer
 from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.registry import TokenRegistry
 from gateway.identity.verifier import IdentityVerifier
 from gateway.settings import Settings, load_settings
+from tests.identity.test_oidc import AUDIENCE, IssuerKey, TestIssuer
 
 
 @pytest.fixture
