@@ -33,6 +33,7 @@ import asyncpg
 import orjson
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import APP_DB, SUPERUSER, LocalCluster, free_port
 from gateway.audit import AuditLog, log_directory
@@ -93,7 +94,7 @@ def _kill_mid_load(env: dict[str, str], state_dir: Path, load: WriteLoad) -> Non
 class Pgbench:
     """pgbench -M extended: one INSERT of a random unique value per transaction."""
 
-    def __init__(self, token: str, table: str, direct: psycopg.Connection[Any], script: Path):
+    def __init__(self, token: str, table: str, direct: psycopg.Connection[TupleRow], script: Path):
         self.token, self.table, self.direct, self.script = token, table, direct, script
         self.bench: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -211,7 +212,7 @@ class DriverClients:
         return (f"host=127.0.0.1 port={port} dbname=app user=bench password={self.token}"
                 " sslmode=disable connect_timeout=10")  # fmt: skip
 
-    def _psycopg(self, port: int) -> Iterator[psycopg.Connection[Any]]:
+    def _psycopg(self, port: int) -> Iterator[psycopg.Connection[TupleRow]]:
         with psycopg.connect(self._conninfo(port), autocommit=True) as conn:
             while True:
                 yield conn
@@ -413,7 +414,7 @@ def _kill_rounds(
 def test_kill_9_under_pgbench_loses_no_audited_write(
     state_dir: Path,
     pg_cluster: LocalCluster,
-    direct: psycopg.Connection[Any],
+    direct: psycopg.Connection[TupleRow],
     opa_binary: Path,
     tmp_path: Path,
     durability: str,
@@ -461,7 +462,7 @@ def test_kill_9_under_pgbench_loses_no_audited_write(
 def test_kill_9_under_eight_driver_clients_loses_no_audited_write(
     state_dir: Path,
     pg_cluster: LocalCluster,
-    direct: psycopg.Connection[Any],
+    direct: psycopg.Connection[TupleRow],
     opa_binary: Path,
     durability: str,
 ) -> None:

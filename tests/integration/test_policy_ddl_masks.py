@@ -15,15 +15,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
 from gateway.control.targets import Target, TargetRegistry
-from tests.harness import create_scratch_database, drop_scratch_database
+from tests.harness import RunningGateway, create_scratch_database, drop_scratch_database
 
 from . import connect, simple, token_for
 
@@ -47,14 +47,14 @@ class Db:
 
     target: str
     dsn: str  # superuser, straight to the server
-    conn: psycopg.Connection[Any]
+    conn: psycopg.Connection[TupleRow]
 
     def ddl(self, text: str) -> None:
         self.conn.execute(text.encode())
 
 
 @pytest.fixture(params=["watched", "unwatched"])
-def db(request: Any, gateway: Any) -> Iterator[Db]:
+def db(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterator[Db]:
     name, dsn = create_scratch_database(gateway.cluster, "pgwarden_ddl")
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute(APP_SCHEMA_SQL.encode())
@@ -82,12 +82,12 @@ def db(request: Any, gateway: Any) -> Iterator[Db]:
 
 
 @pytest.fixture
-def agent(gateway: Any, db: Db) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway, db: Db) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"), target=db.target)) as conn:
         yield conn
 
 
-def read(conn: psycopg.Connection[Any], text: str, *, prepare: bool = False) -> set[str]:
+def read(conn: psycopg.Connection[TupleRow], text: str, *, prepare: bool = False) -> set[str]:
     with conn.cursor() as cur:
         cur.execute(text.encode() if not prepare else text, prepare=prepare)
         return {str(v) for row in cur.fetchall() for v in row if v is not None}
@@ -98,7 +98,7 @@ def assert_masked(seen: set[str], clear: set[str]) -> None:
     assert not seen & clear, f"cleartext reached the client: {seen & clear}"
 
 
-def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_table_swap(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     db.ddl(NEW_COPY)
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl(SWAP)
@@ -106,7 +106,7 @@ def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
     assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
 
 
-def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl("ALTER TABLE customers RENAME TO customers_gone")
     db.ddl("CREATE TABLE customers (email text, id int)")
@@ -114,7 +114,7 @@ def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[A
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
 
 
-def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl("ALTER TABLE customers DROP COLUMN email")
     db.ddl("ALTER TABLE customers ADD COLUMN email text")
@@ -126,7 +126,7 @@ def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[A
     assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
 
 
-def test_schema_renamed(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_schema_renamed(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl(
         "BEGIN; ALTER SCHEMA public RENAME TO public_old; CREATE SCHEMA public;"
@@ -136,7 +136,9 @@ def test_schema_renamed(db: Db, agent: psycopg.Connection[Any]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM public.customers"), EMAILS)
 
 
-def test_view_redefined_over_a_classified_column(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_view_redefined_over_a_classified_column(
+    db: Db, agent: psycopg.Connection[TupleRow]
+) -> None:
     db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
     assert read(agent, "SELECT label FROM people") == NAMES  # nothing classified: clear
     db.ddl("CREATE OR REPLACE VIEW people AS SELECT id, email AS label FROM customers")
@@ -145,7 +147,7 @@ def test_view_redefined_over_a_classified_column(db: Db, agent: psycopg.Connecti
 
 
 def test_another_column_renamed_to_the_classified_name(
-    db: Db, agent: psycopg.Connection[Any]
+    db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     assert read(agent, "SELECT name FROM customers") == NAMES
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
@@ -158,7 +160,7 @@ def test_another_column_renamed_to_the_classified_name(
 
 
 def test_prepared_statement_after_a_view_is_redefined(
-    db: Db, agent: psycopg.Connection[Any]
+    db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
     query = "SELECT label FROM people WHERE id > %s"
@@ -187,7 +189,7 @@ def _wait_for_lock_wait(db: Db, timeout: float = 20.0) -> None:
 
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_swap_committed_while_the_statement_waits(
-    db: Db, agent: psycopg.Connection[Any], protocol: str
+    db: Db, agent: psycopg.Connection[TupleRow], protocol: str
 ) -> None:
     """The decision is made before the swap commits, the server runs the statement after:
     the RowDescription names a table the decision never saw, resolved before rows flow."""
@@ -224,7 +226,7 @@ def test_swap_committed_while_the_statement_waits(
 
 
 def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
-    gateway: Any, db: Db
+    gateway: RunningGateway, db: Db
 ) -> None:
     """asyncpg keeps a prepared statement's description and sends Bind/Execute alone: the
     only description pgwarden has names the table swapped away."""
@@ -246,7 +248,7 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
     assert_masked(after, EMAILS)
 
 
-def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     """`SELECT *` is decided on a table without ssn and nickname; the server runs it after
     both were added: ssn is masked by its classification, and nickname, which the policy
     was never asked about, is masked whole."""
