@@ -14,6 +14,7 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.abc import Params
 from psycopg.rows import TupleRow
 
 from cli.localpg import SUPERUSER
@@ -32,7 +33,7 @@ def _token(gateway: RunningGateway, *groups: str) -> str:
 
 
 def _direct(
-    gateway: RunningGateway, text: str, dbname: str | None = None, params: Any = None
+    gateway: RunningGateway, text: str, dbname: str | None = None, params: Params | None = None
 ) -> list[tuple[Any, ...]]:
     dsn = gateway.direct_dsn(dbname) if dbname else gateway.direct_dsn()
     with psycopg.connect(dsn, autocommit=True) as conn:
