@@ -18,6 +18,7 @@ so that no path a write can take to the server skips the write-ahead record.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,13 +153,11 @@ ROUND_TRIPS_BEFORE_KILL = 3
 
 
 def _driver_keys(record: Mapping[str, Any]) -> set[str]:
-    """The keys a request record names, in its text (simple) or its parameters (extended)."""
+    """The keys a request record names, in its text (simple) or its parameters (extended;
+    asyncpg's, bound in binary, read as the text they are)."""
     found = set(KEY.findall(record.get("text") or ""))
     for param in record.get("params") or ():
         found.update(KEY.findall(param or ""))
-        if param and param.startswith("\\x"):
-            # A binary value whose type the Parse left open (asyncpg) is recorded as hex.
-            found.update(KEY.findall(bytes.fromhex(param[2:]).decode("latin-1")))
     return found
 
 
@@ -184,12 +183,14 @@ class DriverClients:
 
     def __init__(self, token: str, table: str) -> None:
         self.token, self.table = token, table
+        self.insert = f"INSERT INTO {table} (client, k) VALUES (%s, %s)"
+        self.numbered_insert = f"INSERT INTO {table} (client, k) VALUES ($1, $2)"
         self.counters = [0] * CLIENTS
         self.writers: list[Callable[[int, int], None]] = [
             self._simple,
             self._simple_transaction,
-            self._extended,
-            self._prepared,
+            functools.partial(self._extended, prepare=False),
+            functools.partial(self._extended, prepare=True),
             self._pipeline,
             self._transaction,
             self._asyncpg_prepared,
@@ -231,79 +232,70 @@ class DriverClients:
             simple(conn, f"BEGIN; {inserts}; COMMIT")
             self.round_trips[client] += 1
 
-    def _extended(self, client: int, port: int) -> None:
-        """Parse/Bind/Execute of the unnamed statement, autocommit."""
+    def _extended(self, client: int, port: int, *, prepare: bool) -> None:
+        """Parse/Bind/Execute, autocommit: of the unnamed statement, or (`prepare`) of a
+        named one parsed once and bound again and again."""
         for conn in self._psycopg(port):
             (key,) = self._keys(client, 1)
-            sql = f"INSERT INTO {self.table} (client, k) VALUES (%s, %s)"
-            conn.execute(sql, (client, key), prepare=False)
-            self.round_trips[client] += 1
-
-    def _prepared(self, client: int, port: int) -> None:
-        """A named prepared statement, parsed once and bound again and again."""
-        for conn in self._psycopg(port):
-            (key,) = self._keys(client, 1)
-            sql = f"INSERT INTO {self.table} (client, k) VALUES (%s, %s)"
-            conn.execute(sql, (client, key), prepare=True)
+            conn.execute(self.insert, (client, key), prepare=prepare)
             self.round_trips[client] += 1
 
     def _pipeline(self, client: int, port: int) -> None:
         """Several Bind/Execute in one pipeline, in a transaction, one Sync."""
         for conn in self._psycopg(port):
-            sql = f"INSERT INTO {self.table} (client, k) VALUES (%s, %s)"
             with conn.pipeline(), conn.transaction():
                 for key in self._keys(client, BATCH):
-                    conn.execute(sql, (client, key))
+                    conn.execute(self.insert, (client, key))
             self.round_trips[client] += 1
 
     def _transaction(self, client: int, port: int) -> None:
         """An explicit transaction, one extended-protocol round trip per statement."""
         for conn in self._psycopg(port):
-            sql = f"INSERT INTO {self.table} (client, k) VALUES (%s, %s)"
             with conn.transaction():
                 for key in self._keys(client, BATCH):
-                    conn.execute(sql, (client, key))
+                    conn.execute(self.insert, (client, key))
             self.round_trips[client] += 1
 
-    async def _asyncpg(self, port: int) -> Any:
-        return await asyncpg.connect(
-            host="127.0.0.1", port=port, user="bench", password=self.token, database="app",
-            ssl=False, timeout=10,
-        )  # fmt: skip
-
-    def _asyncpg_prepared(self, client: int, port: int) -> None:
-        """asyncpg's statement cache: binary parameters bound to a reused named statement."""
+    def _asyncpg(
+        self,
+        client: int,
+        port: int,
+        keys_per_trip: int,
+        write: Callable[[Any, list[str]], Awaitable[None]],
+    ) -> None:
+        """An asyncpg connection (asyncpg is untyped) that writes until the gateway dies."""
 
         async def run() -> None:
-            conn = await self._asyncpg(port)
+            conn = await asyncpg.connect(
+                host="127.0.0.1", port=port, user="bench", password=self.token,
+                database="app", ssl=False, timeout=10,
+            )  # fmt: skip
             try:
-                sql = f"INSERT INTO {self.table} (client, k) VALUES ($1, $2)"
                 while True:
-                    (key,) = self._keys(client, 1)
-                    await conn.execute(sql, client, key)
+                    await write(conn, self._keys(client, keys_per_trip))
                     self.round_trips[client] += 1
             finally:
                 conn.terminate()
 
         asyncio.run(run())
+
+    def _asyncpg_prepared(self, client: int, port: int) -> None:
+        """asyncpg's statement cache: binary parameters bound to a reused named statement
+        whose Parse left their types to the server."""
+
+        async def write(conn: Any, keys: list[str]) -> None:
+            await conn.execute(self.numbered_insert, client, *keys)
+
+        self._asyncpg(client, port, 1, write)
 
     def _asyncpg_executemany(self, client: int, port: int) -> None:
         """asyncpg's executemany: many Bind/Execute sent before one Sync, in a transaction."""
 
-        async def run() -> None:
-            conn = await self._asyncpg(port)
-            try:
-                sql = f"INSERT INTO {self.table} (client, k) VALUES ($1, $2)"
-                while True:
-                    async with conn.transaction():
-                        await conn.executemany(
-                            sql, [(client, k) for k in self._keys(client, BATCH)]
-                        )
-                    self.round_trips[client] += 1
-            finally:
-                conn.terminate()
+        async def write(conn: Any, keys: list[str]) -> None:
+            async with conn.transaction():
+                await conn.executemany(self.numbered_insert, [(client, k) for k in keys])
 
-        asyncio.run(run())
+        self._asyncpg(client, port, BATCH, write)
 
     def _run(self, client: int, port: int) -> None:
         try:
