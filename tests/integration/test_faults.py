@@ -399,12 +399,19 @@ def _prepared_through_outage(gw: RunningGateway, opa_pid: int) -> None:
     rows = direct(gw, f"SELECT id FROM {table} WHERE id > 100000")
     assert len(rows) == ran_during
     assert direct(gw, f"SELECT count(*) FROM {table} WHERE id IN (999, 1000)") == [(1,)]
+
     # Executions that reused the Parse decision say so, with the revision it was made under.
-    runs = [
-        r.record() for r in records_after(gw.settings)
-        if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
-        and r.record()["protocol"] == "extended" and r.record()["decision"]["action"] == "allow"
-    ]  # fmt: skip
+    def allowed_runs() -> list[dict[str, Any]] | None:
+        runs = [
+            r.record() for r in records_after(gw.settings)
+            if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
+            and r.record()["protocol"] == "extended" and r.record()["decision"]["action"] == "allow"
+        ]  # fmt: skip
+        # The store is an index fed from the audit log, in log order: once it holds the
+        # last execution (id 1000), it holds every one before it.
+        return runs if any(r["params"] == ["1000"] for r in runs) else None
+
+    runs = wait_for(allowed_runs, timeout=20, interval=0.2)
     # The first Execute carries the decision its Parse made for it; the next ones reuse it.
     assert [r["decision"]["cache_hit"] for r in runs[:3]] == [False, True, True], runs[:3]
     reused = [r for r in runs if r["decision"]["cache_hit"]]
