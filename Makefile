@@ -68,8 +68,10 @@ rego-check: opa
 	@$(PY) -c "import json;print('rego coverage: %.1f%%' % json.load(open('$(STATE)/rego-coverage.json'))['coverage'])"
 	$(OPA) test rego bundles --ignore '*.tar.gz'
 
+# mypy --strict covers what pyproject.toml's [tool.mypy] files names: the code, its tests, the benches.
 lint: python-deps
 	$(VENV)/bin/ruff check gateway cli tests bench
+	$(VENV)/bin/ruff format --check gateway cli tests bench
 	$(VENV)/bin/mypy
 
 test: deps rego-check lint helm-check

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
 
@@ -272,27 +273,14 @@ def _serve(args: argparse.Namespace) -> None:
     import uvloop
 
     import gateway.runtime as runtime
-    from gateway.control.targets import Target, TargetRegistry
+    from gateway.control.client import ControlClient
+    from gateway.control.targets import Target
     from gateway.identity.local import LocalTokenIssuer
     from gateway.settings import load_settings
 
     raise_nofile()
     state = Path(args.state)
     environ = {**os.environ, "PGWARDEN_BENCH_UPSTREAM_PW": SUPERUSER_PASSWORD}
-    registry = TargetRegistry(state / "targets.json")
-    if registry.get("app") is None:
-        registry.add(
-            Target(
-                name="app",
-                host=HOST,
-                port=args.pg_port,
-                dbname=APP_DB,
-                user=SUPERUSER,
-                password_env="PGWARDEN_BENCH_UPSTREAM_PW",
-                sslmode="disable",
-                labels={"env": "bench"},
-            )
-        )
     settings = load_settings(
         state_dir=state,
         listener={"host": HOST, "port": 0},
@@ -305,8 +293,23 @@ def _serve(args: argparse.Namespace) -> None:
         },
         audit={"store": "sqlite", **json.loads(args.audit)},
     )
+    with ControlClient(settings) as control:
+        if control.target("app") is None:
+            control.add_target(
+                Target(
+                    name="app",
+                    host=HOST,
+                    port=args.pg_port,
+                    dbname=APP_DB,
+                    user=SUPERUSER,
+                    password_env="PGWARDEN_BENCH_UPSTREAM_PW",
+                    sslmode="disable",
+                    labels={"env": "bench"},
+                )
+            )
     if args.null_audit:
-        runtime.audit_sink = lambda _settings: _NullAudit()  # type: ignore[assignment,misc]
+        # For the life of this bench process: the runtime builds its sink through this name.
+        mock.patch.object(runtime, "audit_sink", lambda _settings: _NullAudit()).start()
     ready = Path(args.ready)
 
     async def main() -> None:

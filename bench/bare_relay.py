@@ -33,7 +33,8 @@ class _Half(asyncio.Protocol):
         self.messages = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
@@ -93,7 +94,7 @@ async def _serve(port: int, upstream_host: str, upstream_port: int) -> None:
             up, _ = await loop.create_connection(lambda: server_half, upstream_host, upstream_port)
             assert half.transport is not None
             server_half.peer = half.transport
-            half.connected(up)  # type: ignore[arg-type]
+            half.connected(up)
 
         pending.add(task := loop.create_task(connect()))
         task.add_done_callback(pending.discard)

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from _stack import (
     GATEWAY_USER,
@@ -117,7 +118,7 @@ def _endpoints(
             continue
         # Audit arrangements compared in the same run: the writer on the gateway's own
         # event loop (in_process) and without the fsync per commit (normal).
-        audit = {
+        audit: dict[str, dict[str, Any]] = {
             "in-process": {"durability": "store", "in_process": True},
             "normal": {"durability": "store", "sqlite_synchronous": "normal"},
             # The audit log's other durability (pgwarden itself runs the default, disk), and
@@ -282,12 +283,12 @@ def latency(args: argparse.Namespace) -> None:
     print(" ".join(parts))
 
 
-async def _open_sessions(gw: GatewayProcess, n: int, concurrency: int) -> list[object]:
+async def _open_sessions(gw: GatewayProcess, n: int, concurrency: int) -> list[Any]:
     import asyncpg
 
     sem = asyncio.Semaphore(concurrency)
 
-    async def one() -> object:
+    async def one() -> Any:  # asyncpg is untyped
         async with sem:
             return await asyncpg.connect(
                 host=HOST,
@@ -339,7 +340,7 @@ def memory(args: argparse.Namespace) -> None:
                 f"{args.sessions:>9} {before:>14} {after:>13} "
                 f"{(after - before) / args.sessions:>11.1f} {args.sessions / opened:>13.1f}"
             )
-            await asyncio.gather(*(c.close() for c in conns))  # type: ignore[attr-defined]
+            await asyncio.gather(*(c.close() for c in conns))
 
         asyncio.run(run())
 
@@ -442,7 +443,7 @@ def hotspots(args: argparse.Namespace) -> None:
             print("py-spy unavailable: cProfile (whole run, tottime)")
             stats = pstats.Stats(str(profile)).sort_stats(args.sort)
             stats.print_stats(args.top)
-            if args.save_profile is not None:
+            if args.save_profile is not None and profile is not None:
                 # Kept for a look at callers and callees (python -m pstats FILE).
                 shutil.copyfile(profile, args.save_profile)
     finally:

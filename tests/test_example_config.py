@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic.fields import FieldInfo
 
 from gateway.reload import RELOADABLE, flat_settings
 from gateway.settings import Settings, load_settings
@@ -93,10 +94,10 @@ def _flat_toml(table: dict[str, object], prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _fields() -> dict[str, object]:
+def _fields() -> dict[str, FieldInfo]:
     from pydantic import BaseModel
 
-    out: dict[str, object] = {}
+    out: dict[str, FieldInfo] = {}
     for name, field in Settings.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -24,6 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+# A DataRow's values, or an ErrorResponse's body.
+Row = list[str | None] | tuple[str, bytes]
+
 
 def msg(t: bytes, body: bytes = b"") -> bytes:
     return t + struct.pack("!i", len(body) + 4) + body
@@ -51,8 +54,8 @@ class Client:
     def _read(self, n: int) -> bytes:
         return self.s.recv(n, socket.MSG_WAITALL) if n else b""
 
-    def until_ready(self) -> list:
-        rows: list = []
+    def until_ready(self) -> list[Row]:
+        rows: list[Row] = []
         while True:
             t = self._read(1)
             (n,) = struct.unpack("!i", self._read(4))
@@ -61,7 +64,7 @@ class Client:
                 self.s.sendall(msg(b"p", cstr(self.token)))
             elif t == b"D":
                 (cnt,) = struct.unpack_from("!h", body)
-                p, row = 2, []
+                p, row = 2, list[str | None]()
                 for _ in range(cnt):
                     (ln,) = struct.unpack_from("!i", body, p)
                     p += 4
@@ -73,7 +76,7 @@ class Client:
             elif t == b"Z":
                 return rows
 
-    def query(self, sql: str) -> list:
+    def query(self, sql: str) -> list[Row]:
         self.s.sendall(msg(b"Q", cstr(sql)))
         return self.until_ready()
 
@@ -82,7 +85,7 @@ class Client:
         self.s.close()
 
 
-def scenario(c: Client, simple: bool) -> list[list]:
+def scenario(c: Client, simple: bool) -> list[list[Row]]:
     probe = "SELECT ssn, card_number FROM customers ORDER BY id"
     out = [c.query(probe)]
     c.query("CREATE TEMP TABLE IF NOT EXISTS t (a int)")

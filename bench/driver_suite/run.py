@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+# Each test's outcome (passed, failed, error, skipped) and the first line of its message.
+Outcomes = dict[str, tuple[str, str]]
+
 PG8000_VERSION = "1.31.6"
 WORK = Path(os.environ.get("DRIVER_SUITE_WORK", "/tmp/ds"))  # noqa: S108 (a throwaway work dir, by design)
 VENV = Path(os.environ.get("DRIVER_SUITE_VENV", "/tmp/dsuite"))  # noqa: S108
@@ -122,7 +125,7 @@ def run_suite(
     password: str,
     extra: list[str],
     out: Path,
-) -> dict:
+) -> Outcomes:
     label = f"{driver}-{suite}-{label}"
     report = out / f"{label}.xml"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -146,8 +149,8 @@ def run_suite(
     return parse_junit(report)
 
 
-def parse_junit(path: Path) -> dict:
-    outcomes: dict[str, tuple[str, str]] = {}
+def parse_junit(path: Path) -> Outcomes:
+    outcomes: Outcomes = {}
     if not path.exists():
         return outcomes
     root = ET.parse(path).getroot()  # noqa: S314 (our own pytest run's report)
@@ -167,7 +170,7 @@ def parse_junit(path: Path) -> dict:
     return outcomes
 
 
-def counts(outcomes: dict) -> str:
+def counts(outcomes: Outcomes) -> str:
     c = {k: 0 for k in ("passed", "failed", "error", "skipped")}
     for outcome, _ in outcomes.values():
         c[outcome] += 1
@@ -200,8 +203,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
-    from gateway.control.targets import Target, TargetRegistry
-    from tests.harness import start_gateway, stop_gateway
+    from gateway.control.targets import Target
+    from tests.harness import StoredTargets, start_gateway, stop_gateway
 
     opa = ROOT / ".pgwarden" / "bin" / "opa"
     base = Path(tempfile.mkdtemp(prefix="pgwarden-ds-pg-"))
@@ -213,19 +216,21 @@ def main() -> int:
     try:
         cluster.create_app_database()
         cluster.psql("CREATE EXTENSION IF NOT EXISTS hstore;")  # as pg8000's CI does
-        registry = TargetRegistry(state / "targets.json")
+        gw = start_gateway(state, cluster, opa)
+        # Added once the gateway runs, into its control store (a login naming a target
+        # the gateway has not seen reads the store).
+        stored = StoredTargets(gw.settings)
         test_databases = TEST_DATABASES if args.driver == "pg8000" else ASYNCPG_DATABASES
         names = ["postgres", *(test_databases if args.register_test_databases else [])]
         for name in names:  # each target: the same-named database, as the superuser
-            registry.add(
+            stored.add(
                 Target(name=name, host="127.0.0.1", port=cluster.port, dbname=name,
                        user=SUPERUSER, password_env="PGWARDEN_TEST_UPSTREAM_PW", sslmode="disable",
                        # postgres/NAME reaches any database of the cluster.
                        databases=("*",) if name == "postgres" else ())
             )  # fmt: skip
-        gw = start_gateway(state, cluster, opa)
         token = gw.token(f"agent:{args.driver}-suite", groups=("admins",), ttl=6 * 3600)
-        results: dict[str, dict] = {}
+        results: dict[str, Outcomes] = {}
         if args.only in (None, "gateway"):
             results["gateway"] = run_suite(
                 "gateway",

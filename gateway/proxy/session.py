@@ -48,6 +48,7 @@ from gateway.protocol import (
     GSSENCRequest,
     NegotiateProtocolVersion,
     NoticeResponse,
+    ParameterDescription,
     ParameterStatus,
     Parse,
     PasswordMessage,
@@ -153,7 +154,8 @@ class Phase(Enum):
 class PreparedStatement:
     facts: tuple[StatementFacts, ...]
     decisions: list[Decision]
-    # Parameter type OIDs the client gave at Parse (0: the server infers it).
+    # Parameter type OIDs the client gave at Parse (0: the server infers it), replaced by the
+    # server's own once a Describe of the statement has read them back.
     param_types: tuple[int, ...] = ()
     # The search_path its names were resolved under (the server re-plans it under another).
     search_path: tuple[str, ...] = ()
@@ -180,6 +182,8 @@ class Portal:
     path_epoch: int = 0
     row_description: bytes | None = None
     search_path: tuple[str, ...] | None = None
+    # A value bound in binary whose type nobody declared: its text is only its bytes.
+    undeclared_binary: bool = False
 
 
 def _is_loopback(host: str) -> bool:
@@ -193,6 +197,31 @@ def _is_loopback(host: str) -> bool:
 _BINARY_INTS = {21: 2, 23: 4, 20: 8, 26: 4}  # int2, int4, int8, oid: byte length
 _BINARY_FLOATS = {700: "!f", 701: "!d"}
 _TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})  # text, varchar, bpchar, name, json
+
+
+# Refused where the policy decides on parameter values and one of them cannot be read.
+_UNDECLARED_BINARY = (
+    "a binary parameter of a type neither the Parse declared nor a Describe read back "
+    "cannot be decided by its value; declare its type or send it as text"
+)
+
+
+def _format_of(formats: tuple[int, ...], i: int) -> int:
+    """Bind's format codes: none means text for all, one applies to all, else one each."""
+    return formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
+
+
+def _undeclared_binary(
+    values: tuple[bytes | None, ...], formats: tuple[int, ...], types: tuple[int, ...]
+) -> bool:
+    """Whether a value is bound in binary with no type to read it as (not at Parse, not
+    from the server's description): what policy and audit see of it is its bytes."""
+    return any(
+        value is not None
+        and _format_of(formats, i) == 1
+        and (types[i] if i < len(types) else 0) == 0
+        for i, value in enumerate(values)
+    )
 
 
 def _param_text(value: bytes | None, fmt: int, type_oid: int, encoding: str) -> str | None:
@@ -218,11 +247,10 @@ def _params_text(
     types: tuple[int, ...],
     encoding: str,
 ) -> tuple[str | None, ...]:
-    """Bind/FunctionCall values as text: no format code means text for all, one applies to
-    all, else one per value."""
+    """Bind/FunctionCall values as text."""
     out = []
     for i, value in enumerate(values):
-        fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
+        fmt = _format_of(formats, i)
         out.append(_param_text(value, fmt, types[i] if i < len(types) else 0, encoding))
     return tuple(out)
 
@@ -1724,6 +1752,7 @@ class ClientSession(asyncio.Protocol):
             known,
             self._path.epoch,
             search_path=path,
+            undeclared_binary=_undeclared_binary(msg.params, msg.param_formats, types),
         )
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
@@ -1769,12 +1798,21 @@ class ClientSession(asyncio.Protocol):
                 self._refuse("parse", refusal_for("unknown prepared statement"), [])
                 return
             verdict = await self.gate.check_facts((known,), portal.params)
+            if portal.undeclared_binary and any(
+                d.extra.get("decide_with_params") is True for d in verdict.decisions
+            ):
+                self._refuse("parse", refusal_for(_UNDECLARED_BINARY), [])
+                return
         elif not prepared.facts:
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
         elif any(d.decide_with_params for d in prepared.decisions):
             # The policy asked, at Parse, to see the Bind parameters: decide this execution.
+            if portal.undeclared_binary:
+                # Shown its bytes, a policy could not tell 13 from anything: fail closed.
+                self._refuse("parse", refusal_for(_UNDECLARED_BINARY), [])
+                return
             verdict = await self.gate.check_facts(prepared.facts, portal.params)
         elif (
             not planned_as_decided
@@ -2141,6 +2179,13 @@ class ClientSession(asyncio.Protocol):
         if code == 116:  # ParameterDescription
             if front is not None:
                 front.saw_parameters = True
+                if isinstance(front.described, PreparedStatement):
+                    # The types the server settled on, where the Parse may have left them
+                    # open (asyncpg's does): a value bound in binary then reads as what it
+                    # is, for the audit and for a policy deciding on parameters.
+                    with contextlib.suppress(ProtocolViolation):
+                        described = ParameterDescription.decode(bytes(view[pos + 5 : end]))
+                        front.described.param_types = described.type_oids
             return None
         if code == 84:  # RowDescription
             if front is None:

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.localpg import LocalCluster
 from gateway.admin import AdminConfigError
 from gateway.audit import WriteAheadAudit
 from gateway.control.targets import Target
@@ -40,7 +41,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def admin_gw(pg_cluster: Any, app_database: str, opa_binary: Path) -> Iterator[RunningGateway]:
+def admin_gw(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[RunningGateway]:
     state = Path(tempfile.mkdtemp(prefix="pgwarden-admin-"))
     gw = start_gateway(
         state, pg_cluster, opa_binary, admin={"host": "127.0.0.1", "port": free_port()}
@@ -128,7 +131,9 @@ def test_readyz_is_503_while_opa_is_down_and_200_once_the_supervisor_restarted_i
 
 
 @pytest.fixture(scope="module")
-def store_gw(pg_cluster: Any, app_database: str, opa_binary: Path) -> Iterator[RunningGateway]:
+def store_gw(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[RunningGateway]:
     """A gateway whose point of durability is the store (audit.durability=store): its
     records are committed by the audit writer process."""
     state = Path(tempfile.mkdtemp(prefix="pgwarden-admin-store-"))
@@ -179,7 +184,7 @@ def test_readyz_is_503_while_the_audit_log_cannot_be_written(admin_gw: RunningGa
 
     with connect(admin_gw.dsn(token_for(admin_gw, "engineers"))) as conn:
         assert simple(conn, "SELECT 1") == [(1,)]
-        audit.log.write = full  # type: ignore[method-assign]
+        audit.log.write = full  # type: ignore[method-assign]  # fault: the disk is full
         try:
             with pytest.raises(psycopg.Error) as refused:
                 simple(conn, "SELECT 2")
@@ -189,7 +194,7 @@ def test_readyz_is_503_while_the_audit_log_cannot_be_written(admin_gw: RunningGa
             assert "audit" in body["not_ready"], body
             assert value(scrape(admin_gw), "pgwarden_audit_writer_up") == 0
         finally:
-            audit.log.write = real_write  # type: ignore[method-assign]
+            audit.log.write = real_write  # type: ignore[method-assign]  # the fault ends
         # The records the failed write did not take are written again: the log is back.
         wait_for(lambda: readyz(admin_gw).status_code == 200, "readyz 200, log written again")
         assert simple(conn, "SELECT 3") == [(3,)]

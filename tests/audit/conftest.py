@@ -26,7 +26,7 @@ from gateway.audit import (
     StatementRequest,
     verify,
 )
-from gateway.audit.events import SessionEvent
+from gateway.audit.events import SessionEvent, SessionEventKind
 from gateway.audit.verify import VerifyReport
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision, Mask
@@ -80,7 +80,7 @@ def statement_outcome(request_id: str, **changes: Any) -> StatementOutcome:
     return StatementOutcome(**fields)
 
 
-def session_event(kind: Any, reason: str = "") -> SessionEvent:
+def session_event(kind: SessionEventKind, reason: str = "") -> SessionEvent:
     return SessionEvent(
         kind, time.time(), CHAIN, "sess-1", "10.1.2.3", "psql", "bob", "app",
         None if kind == "auth_failure" else PRINCIPAL, reason,

@@ -80,7 +80,7 @@ async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(rig: Au
         syncs += 1
         real()
 
-    wal.log.sync = counted  # type: ignore[method-assign]
+    wal.log.sync = counted  # type: ignore[method-assign]  # counting syncs
     async with wal:
         await asyncio.gather(*(wal.request(statement_request(f"SELECT {i}")) for i in range(100)))
         assert 1 <= syncs < 100
@@ -94,13 +94,13 @@ async def test_os_forwards_after_the_write_and_disk_fails_closed_without_fdatasy
         raise OSError(5, "Input/output error")
 
     async with _wal(rig, "os") as wal:
-        wal.log.sync = broken  # type: ignore[method-assign]
+        wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         assert await wal.request(statement_request("SELECT os")) == f"{CHAIN}:1"
     async with _wal(rig, "disk") as wal:
-        wal.log.sync = broken  # type: ignore[method-assign]
+        wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         with pytest.raises(AuditUnavailable, match="fdatasync failed"):
             await wal.request(statement_request("SELECT disk"))
-        wal.log.sync = AuditLog.sync.__get__(wal.log)  # type: ignore[method-assign]
+        wal.log.sync = AuditLog.sync.__get__(wal.log)  # type: ignore[method-assign]  # the fault ends
         # The session goes on once the disk takes records again.
         assert await wal.request(statement_request("SELECT again")) == f"{CHAIN}:3"
 
@@ -113,12 +113,12 @@ async def test_a_failed_write_refuses_the_request_and_keeps_the_outcome(rig: Aud
         def full(data: bytes, first_seq: int) -> None:
             raise OSError(28, "No space left on device")
 
-        wal.log.write = full  # type: ignore[method-assign]
+        wal.log.write = full  # type: ignore[method-assign]  # fault: the disk is full
         await wal.outcome(statement_outcome(rid))
         with pytest.raises(AuditUnavailable, match="No space left"):
             await wal.request(statement_request("SELECT refused"))
         assert wal.spooled == 1
-        wal.log.write = real  # type: ignore[method-assign]
+        wal.log.write = real  # type: ignore[method-assign]  # the fault ends
         assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:2"
         for _ in range(100):
             if not wal.spooled:

@@ -7,6 +7,7 @@ import sqlite3
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,17 +17,17 @@ from cli.audit import app, parse_age, parse_when
 from gateway.audit import audit_writer
 from gateway.audit.events import StatementOutcome, StatementRequest
 from gateway.identity.principal import Principal
-from gateway.policy.decision import Decision, Mask
+from gateway.policy.decision import Action, Decision, Mask
 from gateway.settings import load_settings
 
 BOT = Principal("agent:ci-bot", "pgwarden", ("ai-agents",), "jti-9", None)
 ALICE = Principal("alice", "https://idp.example", ("engineers",), "jti-3", None)
 
 
-def _request(text: str, principal: Principal, action: str, at: float) -> StatementRequest:
+def _request(text: str, principal: Principal, action: Action, at: float) -> StatementRequest:
     return StatementRequest(
         at, "gw-1", "s-1", "127.0.0.1", "psql", principal, "app", text, "fp", "simple", (),
-        Decision(action, decision_id="d-" + text[:6]),  # type: ignore[arg-type]
+        Decision(action, decision_id="d-" + text[:6]),
     )  # fmt: skip
 
 
@@ -85,7 +86,7 @@ def _tamper(state: Path, statement: str) -> None:
     db.close()
 
 
-def _jsonl(out: str) -> list[dict[str, object]]:
+def _jsonl(out: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -107,7 +108,7 @@ def test_search_by_subject_action_text_and_time(state: Path) -> None:
         state, "search", "--subject", "agent:ci-bot", "--kind", "request", "--json"
     )
     assert code == 0
-    assert [r["record"]["text"] for r in _jsonl(out)] == [  # type: ignore[index]
+    assert [r["record"]["text"] for r in _jsonl(out)] == [
         "DELETE FROM orders", "SELECT email FROM customers",
     ]  # fmt: skip
     code, out, _ = _invoke(state, "search", "--action", "deny", "--json")

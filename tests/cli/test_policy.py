@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from gateway.control.targets import Target
-from tests.harness import StoredTargets
+from tests.harness import RunningGateway, StoredTargets
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.server
@@ -43,11 +43,11 @@ def manifest_revision(env: dict[str, str]) -> str:
     return str(orjson.loads(manifest.read_bytes())["revision"])
 
 
-def eval_documents(env: dict[str, str], *args: str) -> list[dict[str, object]]:
+def eval_documents(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
     code, out, err = run(env, "eval", *args)
     assert code == 0, err
     decoder_input = "[" + out.strip().replace("}\n{", "},\n{") + "]"
-    documents: list[dict[str, object]] = orjson.loads(decoder_input)
+    documents: list[dict[str, Any]] = orjson.loads(decoder_input)
     return documents
 
 
@@ -76,13 +76,13 @@ def test_eval_prints_input_and_approve_for_an_agent_write(env: dict[str, str]) -
 def test_eval_gives_one_decision_per_statement(env: dict[str, str]) -> None:
     args = ("--subject", "bob", "--group", "admins", "--target", "app")
     documents = eval_documents(env, *args, "SELECT 1; DROP TABLE public.t")
-    assert [d["decision"]["action"] for d in documents] == ["allow", "allow"]  # type: ignore[index]
-    assert [d["input"]["statement"]["index"] for d in documents] == [0, 1]  # type: ignore[index]
+    assert [d["decision"]["action"] for d in documents] == ["allow", "allow"]
+    assert [d["input"]["statement"]["index"] for d in documents] == [0, 1]
 
 
 def test_eval_denies_a_principal_in_no_group(env: dict[str, str]) -> None:
     [document] = eval_documents(env, "--subject", "nobody", "--target", "app", "SELECT 1")
-    assert document["decision"]["action"] == "deny"  # type: ignore[index]
+    assert document["decision"]["action"] == "deny"
 
 
 def test_eval_with_a_broken_policy_is_one_line_and_non_zero(env: dict[str, str]) -> None:
@@ -140,7 +140,7 @@ def test_eval_of_another_database_of_the_target(env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def live(env: dict[str, str], gateway: Any) -> dict[str, str]:
+def live(env: dict[str, str], gateway: RunningGateway) -> dict[str, str]:
     """`env` with the running gateway's targets (and the credential they reference)."""
     return {
         **env,
@@ -154,12 +154,12 @@ AGENT = ("--subject", "agent:eval", "--group", "ai-agents", "--target", "app")
 
 def test_eval_resolves_names_and_star_against_the_target(live: dict[str, str]) -> None:
     [document] = eval_documents(live, *AGENT, "SELECT * FROM customers")
-    statement = document["input"]["statement"]  # type: ignore[index]
+    statement = document["input"]["statement"]
     assert statement["reads"] == [{"schema": "public", "table": "customers"}]
     assert {"schema": "public", "table": "customers", "column": "email", "usage": "output"} in (
         statement["columns"]
     )
-    assert document["decision"]["action"] == "allow"  # type: ignore[index]
+    assert document["decision"]["action"] == "allow"
     # The masks the gateway would apply, by output column.
     applied = document["masks_applied"]
     assert isinstance(applied, list)
@@ -171,7 +171,7 @@ def test_eval_resolves_names_and_star_against_the_target(live: dict[str, str]) -
     # expression of it returns is masked whole.
     engineer = ("--subject", "eng:eval", "--group", "engineers", "--target", "app")
     [document] = eval_documents(live, *engineer, "SELECT upper(email) FROM customers")
-    [applied] = document["masks_applied"]  # type: ignore[misc]
+    [applied] = document["masks_applied"]
     assert applied["output"] == 1 and applied["from"] == ["public.customers.email"]
     assert "the whole value (redact) where it is an expression" in applied["how"]
     # Nothing masked flows into count(email): passed through, as live.
@@ -179,7 +179,9 @@ def test_eval_resolves_names_and_star_against_the_target(live: dict[str, str]) -
     assert document["masks_applied"] == []
 
 
-def test_eval_gives_the_decision_the_gateway_gives(live: dict[str, str], gateway: Any) -> None:
+def test_eval_gives_the_decision_the_gateway_gives(
+    live: dict[str, str], gateway: RunningGateway
+) -> None:
     # Unqualified, a classified column in a predicate: an oracle, denied live. Without the
     # catalog the column could not be placed in public.customers and the eval said allow.
     text = "SELECT id FROM customers WHERE email = 'ada@example.com'"
@@ -197,7 +199,7 @@ def test_eval_gives_the_decision_the_gateway_gives(live: dict[str, str], gateway
     assert decision["reasons"][0] in live_message
 
 
-def test_eval_says_what_it_could_not_resolve(live: dict[str, str], gateway: Any) -> None:
+def test_eval_says_what_it_could_not_resolve(live: dict[str, str], gateway: RunningGateway) -> None:
     [document] = eval_documents(live, *AGENT, "SELECT * FROM no_such_table")
     unresolved = document["unresolved"]
     assert isinstance(unresolved, list) and any(

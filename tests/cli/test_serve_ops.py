@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import httpx
 import psycopg
@@ -30,7 +31,10 @@ PGWARDEN = Path(sys.executable).with_name("pgwarden")
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-def _until(check: Any, what: str, timeout: float = 60) -> Any:
+T = TypeVar("T")
+
+
+def _until(check: Callable[[], T | None], what: str, timeout: float = 60) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def services() -> dict[str, Any]:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    return compose["services"]  # type: ignore[no-any-return]
+    services: dict[str, Any] = compose["services"]
+    return services
 
 
 def _command(service: dict[str, Any]) -> str:

@@ -56,8 +56,9 @@ def chart() -> dict[str, list[dict[str, Any]]]:
 
 def _container(chart: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     (sts,) = chart["StatefulSet"]
-    (container,) = sts["spec"]["template"]["spec"]["containers"]
-    return container  # type: ignore[no-any-return]
+    containers: list[dict[str, Any]] = sts["spec"]["template"]["spec"]["containers"]
+    (container,) = containers
+    return container
 
 
 def test_lint_passes() -> None:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_unit_serves_reloads_and_drains() -> None:
     unit = configparser.ConfigParser(interpolation=None, strict=False)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # ConfigParser's hook: keep keys' case
     unit.read(ROOT / "deploy" / "pgwarden.service")
     service = unit["Service"]
     start = shlex.split(service["ExecStart"])

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import pq
+from psycopg.pq.abc import PGresult
+from psycopg.rows import TupleRow
 
 from cli.localpg import LocalCluster
 from gateway.enforce.masking import (
@@ -516,7 +518,7 @@ COLUMNS = [
 
 
 @pytest.fixture(scope="module")
-def server(pg_cluster: LocalCluster) -> Iterator[psycopg.Connection[Any]]:
+def server(pg_cluster: LocalCluster) -> Iterator[psycopg.Connection[TupleRow]]:
     cols = ", ".join(f"{name} {ddl}" for name, ddl, _ in COLUMNS)
     values = ", ".join(v for _, _, v in COLUMNS)
     insert = f"INSERT INTO mk_src VALUES ({values})"  # noqa: S608 (only the constants above)
@@ -529,16 +531,16 @@ def server(pg_cluster: LocalCluster) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-def fetch(conn: psycopg.Connection[Any], sql: str, fmt: int) -> Any:
+def fetch(conn: psycopg.Connection[TupleRow], sql: str, fmt: int) -> PGresult:
     res = conn.pgconn.exec_params(sql.encode(), [], result_format=fmt)
     assert res.status == pq.ExecStatus.TUPLES_OK, res.error_message
     return res
 
 
-def described(res: Any) -> list[FieldDescription]:
+def described(res: PGresult) -> list[FieldDescription]:
     return [
         FieldDescription(
-            res.fname(i).decode(),
+            (res.fname(i) or b"").decode(),
             res.ftable(i),
             res.ftablecol(i),
             res.ftype(i),
@@ -554,7 +556,7 @@ def described(res: Any) -> list[FieldDescription]:
 @pytest.mark.parametrize("fmt", [0, 1])
 @pytest.mark.parametrize("method", METHODS)
 def test_server_accepts_every_masked_value(
-    server: psycopg.Connection[Any], method: str, fmt: int
+    server: psycopg.Connection[TupleRow], method: str, fmt: int
 ) -> None:
     res = fetch(server, "SELECT * FROM mk_src", fmt)
     fields = described(res)
@@ -604,7 +606,7 @@ def test_server_accepts_every_masked_value(
 @pytest.mark.server
 @pytest.mark.parametrize("fmt", [0, 1])
 def test_server_expression_columns_are_masked_whole(
-    server: psycopg.Connection[Any], fmt: int
+    server: psycopg.Connection[TupleRow], fmt: int
 ) -> None:
     res = fetch(
         server,

@@ -35,7 +35,7 @@ class IssuerKey:
     def __init__(self, algorithm: str = "RS256", kid: str | None = None) -> None:
         self.algorithm = algorithm
         self.kid = kid or uuid.uuid4().hex[:8]
-        self.private: Any
+        self.private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
         if algorithm.startswith("RS"):
             self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             self.jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
@@ -73,6 +73,7 @@ class TestIssuer:
                 if issuer.failing:
                     self.send_error(503)
                     return
+                body: dict[str, Any]
                 if self.path == "/.well-known/openid-configuration":
                     body = {
                         "issuer": issuer.claimed_issuer or issuer.url,
@@ -404,10 +405,14 @@ async def test_alg_none_and_hs256_with_the_public_key(
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     for secret in (public_pem, orjson.dumps(idp.keys[0].jwk)):
+
+        def keyed(data: bytes, key: bytes = secret) -> bytes:
+            return hmac.new(key, data, hashlib.sha256).digest()
+
         token = forge(
             {"alg": "HS256", "kid": "k1"},
             idp.claims(),
-            lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest(),
+            keyed,
         )
         assert await _rejected(verifier, token) == "algorithm not allowed"
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from test_oidc import AUDIENCE, IssuerKey, TestIssuer
 
 from gateway.control.client import ControlClient
 from gateway.identity.local import LocalTokenIssuer
@@ -16,6 +15,7 @@ from gateway.identity.principal import Principal, TokenRejected
 from gateway.identity.verifier import IdentityVerifier
 from gateway.settings import Settings, load_settings
 from tests.harness import identity_verifier
+from tests.identity.test_oidc import AUDIENCE, IssuerKey, TestIssuer
 
 
 @pytest.fixture

@@ -16,22 +16,50 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
+import pytest
 from psycopg import sql
+from psycopg.abc import Params
+from psycopg.rows import TupleRow
 
-from gateway.protocol import ErrorResponse, PasswordMessage, StartupMessage, Terminate
+import tests.harness
+from cli.localpg import LocalCluster
+from gateway.protocol import (
+    ErrorResponse,
+    FrontendMessage,
+    PasswordMessage,
+    StartupMessage,
+    StartupPacket,
+    Terminate,
+)
+from tests.harness import RunningGateway
 
 REFUSED = "42501"
 TESTS = Path(__file__).resolve().parent.parent
 
 
-def harness(request: Any) -> Any:
-    """tests/conftest.py as pytest loaded it (start_gateway, stop_gateway)."""
+class GatewayHarness(Protocol):
+    """What a test that runs gateways of its own uses of tests/harness.py."""
+
+    def start_gateway(
+        self, state_dir: Path, cluster: LocalCluster, opa: Path, **overrides: Any
+    ) -> RunningGateway: ...
+
+    def stop_gateway(self, gw: RunningGateway) -> None: ...
+
+    def create_scratch_database(self, cluster: LocalCluster, prefix: str) -> tuple[str, str]: ...
+
+    def drop_scratch_database(self, cluster: LocalCluster, name: str) -> None: ...
+
+
+def harness(request: pytest.FixtureRequest) -> GatewayHarness:
+    """The harness tests/conftest.py serves its gateway fixtures from (start_gateway,
+    stop_gateway, scratch databases)."""
     module = request.config.pluginmanager.get_plugin(str(TESTS / "conftest.py"))
-    assert module is not None and hasattr(module, "start_gateway")
-    return module
+    assert module is not None and module.start_gateway is tests.harness.start_gateway
+    return tests.harness
 
 
 IN_FAILED_TRANSACTION = "25P02"
@@ -90,18 +118,18 @@ def assert_no_customer_secret(seen: Any) -> None:
         assert secret not in text, (secret, text[:500])
 
 
-def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[TupleRow]:
     return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
 
 
-def run_sql(dsn: str, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+def run_sql(dsn: str, text: str, params: Params | None = None) -> list[tuple[Any, ...]]:
     """One statement (or message) on a fresh autocommit connection; rows of the last result."""
     with connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(text.encode() if params is None else text, params, prepare=False)
         return cur.fetchall() if cur.description is not None else []
 
 
-def simple(conn: psycopg.Connection[Any], text: str) -> list[tuple[Any, ...]]:
+def simple(conn: psycopg.Connection[TupleRow], text: str) -> list[tuple[Any, ...]]:
     """Send `text` as one simple-protocol Query message; the rows of its last result."""
     with psycopg.ClientCursor(conn) as cur:
         cur.execute(text.encode())
@@ -125,7 +153,7 @@ def refused_by(dsn: str, text: str) -> Refusal:
         return r
 
 
-_DIRECT: dict[str, psycopg.Connection[Any]] = {}
+_DIRECT: dict[str, psycopg.Connection[TupleRow]] = {}
 
 
 @atexit.register
@@ -134,7 +162,7 @@ def _close_direct() -> None:
         conn.close()
 
 
-def direct_conn(gateway: Any) -> psycopg.Connection[Any]:
+def direct_conn(gateway: RunningGateway) -> psycopg.Connection[TupleRow]:
     dsn = gateway.direct_dsn()
     conn = _DIRECT.get(dsn)
     if conn is None or conn.closed:
@@ -142,7 +170,9 @@ def direct_conn(gateway: Any) -> psycopg.Connection[Any]:
     return conn
 
 
-def direct(gateway: Any, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+def direct(
+    gateway: RunningGateway, text: str, params: Params | None = None
+) -> list[tuple[Any, ...]]:
     """Straight to the database as superuser, bypassing the gateway."""
     with direct_conn(gateway).cursor() as cur:
         cur.execute(text if params is not None else text.encode(), params)
@@ -152,7 +182,7 @@ def direct(gateway: Any, text: str, params: Any = None) -> list[tuple[Any, ...]]
 _TOKENS: dict[tuple[str, tuple[str, ...]], str] = {}
 
 
-def token_for(gateway: Any, *groups: str) -> str:
+def token_for(gateway: RunningGateway, *groups: str) -> str:
     """One token per gateway and groups (issuing loads the signing key each time)."""
     key = (str(gateway.settings.state_dir), groups)
     if key not in _TOKENS:
@@ -160,7 +190,7 @@ def token_for(gateway: Any, *groups: str) -> str:
     return _TOKENS[key]
 
 
-def fresh_table(gateway: Any, prefix: str = "t", rows: int = 3) -> str:
+def fresh_table(gateway: RunningGateway, prefix: str = "t", rows: int = 3) -> str:
     """A table of our own (created directly) with `rows` rows: id int, v text."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     conn = direct_conn(gateway)
@@ -177,11 +207,11 @@ def fresh_table(gateway: Any, prefix: str = "t", rows: int = 3) -> str:
     return name
 
 
-def table_rows(gateway: Any, name: str) -> list[tuple[Any, ...]]:
+def table_rows(gateway: RunningGateway, name: str) -> list[tuple[Any, ...]]:
     return direct(gateway, f'SELECT id, v FROM "{name}" ORDER BY id')  # noqa: S608
 
 
-def table_exists(gateway: Any, name: str) -> bool:
+def table_exists(gateway: RunningGateway, name: str) -> bool:
     return bool(direct(gateway, "SELECT to_regclass(%s) IS NOT NULL", (f'public."{name}"',))[0][0])
 
 
@@ -189,7 +219,7 @@ def original_rows(n: int = 3) -> list[tuple[int, str]]:
     return [(i, f"v{i}") for i in range(1, n + 1)]
 
 
-def prepared_names(gateway: Any) -> list[str]:
+def prepared_names(gateway: RunningGateway) -> list[str]:
     return [r[0] for r in direct(gateway, "SELECT name FROM pg_prepared_statements")]
 
 
@@ -279,7 +309,9 @@ ALLOW_ALL = http_answer(
 class RawClient:
     """Speaks the v3 protocol over a plain socket, with pgwarden's own codec for messages."""
 
-    def __init__(self, gateway: Any, token: str, target: str = "app", **params: str) -> None:
+    def __init__(
+        self, gateway: RunningGateway, token: str, target: str = "app", **params: str
+    ) -> None:
         self.sock = socket.create_connection((gateway.host, gateway.port), timeout=15)
         startup = StartupMessage(parameters={"user": "tester", "database": target, **params})
         self.sock.sendall(startup.encode())
@@ -311,7 +343,7 @@ class RawClient:
             if code == ord("E") and ErrorResponse.decode(body).severity == "FATAL":
                 return out
 
-    def send(self, *messages: Any) -> None:
+    def send(self, *messages: FrontendMessage | StartupPacket) -> None:
         self.sock.sendall(b"".join(m.encode() for m in messages))
 
     def close(self) -> None:

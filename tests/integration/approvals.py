@@ -87,12 +87,14 @@ class Held:
         self.conn.close()
 
 
-def principal_of(gateway: Any, token: str) -> Any:
-    return gateway.run(gateway.gateway.verifier.verify(token))
+def principal_of(gateway: RunningGateway, token: str) -> Any:
+    verifier = gateway.gateway.verifier
+    assert verifier is not None
+    return gateway.run(verifier.verify(token))
 
 
 def vote(
-    gateway: Any,
+    gateway: RunningGateway,
     request_id: str,
     token: str,
     verdict: str = "approve",
@@ -100,20 +102,21 @@ def vote(
     window_seconds: float | None = None,
 ) -> Judgement:
     desk = gateway.gateway.approvals
+    assert desk is not None
     approver = principal_of(gateway, token)
     judged: Judgement = gateway.run(desk.vote(request_id, approver, verdict, note, window_seconds))
     return judged
 
 
-def stored(gateway: Any, request_id: str) -> ApprovalRequest:
-    request: ApprovalRequest | None = gateway.run(
-        gateway.gateway.approvals.store.request(request_id)
-    )
+def stored(gateway: RunningGateway, request_id: str) -> ApprovalRequest:
+    desk = gateway.gateway.approvals
+    assert desk is not None
+    request: ApprovalRequest | None = gateway.run(desk.store.request(request_id))
     assert request is not None, request_id
     return request
 
 
-def wait_status(gateway: Any, request_id: str, status: str, timeout: float = 10) -> None:
+def wait_status(gateway: RunningGateway, request_id: str, status: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stored(gateway, request_id).status == status:
@@ -123,7 +126,7 @@ def wait_status(gateway: Any, request_id: str, status: str, timeout: float = 10)
 
 
 def approval_records(
-    gateway: Any, *args: str, want: int, timeout: float = 15
+    gateway: RunningGateway, *args: str, want: int, timeout: float = 15
 ) -> list[dict[str, Any]]:
     """`approval` audit records found by `pgwarden audit search --kind approval *args`, oldest
     first (the index is fed from the log shortly after a record is written: polled until
@@ -145,7 +148,9 @@ def approval_records(
     return records
 
 
-def statement_record(gateway: Any, request_id: str, until: str = "", timeout: float = 15) -> str:
+def statement_record(
+    gateway: RunningGateway, request_id: str, until: str = "", timeout: float = 15
+) -> str:
     """`pgwarden audit show --json` of the held statement's own record (with the records
     linked to it), polled until it holds `until`."""
     record = stored(gateway, request_id).audit_record
@@ -165,7 +170,7 @@ def statement_record(gateway: Any, request_id: str, until: str = "", timeout: fl
     return shown
 
 
-def approval_events(gateway: Any, session_id: str, want: int) -> list[str]:
+def approval_events(gateway: RunningGateway, session_id: str, want: int) -> list[str]:
     """The events of a session's `approval` records, oldest first."""
     return [r["event"] for r in approval_records(gateway, "--session", session_id, want=want)]
 

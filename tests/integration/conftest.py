@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import APP_DB, LocalCluster
 
@@ -27,7 +27,7 @@ def state_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[Any]]:
+def direct(pg_cluster: LocalCluster, app_database: str) -> Iterator[psycopg.Connection[TupleRow]]:
     """Straight to the application database, bypassing any gateway."""
     with psycopg.connect(pg_cluster.dsn(dbname=APP_DB), autocommit=True) as conn:
         yield conn

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from gateway.audit import AuditLog, WriteAheadAudit
+from tests.harness import RunningGateway
 
 from . import direct, fresh_table, simple
 from .test_audit_store_down import _audit_refusal, own_gateway
@@ -29,13 +30,13 @@ pytestmark = pytest.mark.server
 __all__ = ["own_gateway"]
 
 
-def _wal(gw: Any) -> WriteAheadAudit:
+def _wal(gw: RunningGateway) -> WriteAheadAudit:
     audit = gw.gateway.audit
     assert isinstance(audit, WriteAheadAudit)
     return audit
 
 
-def _requests_for(gw: Any, table: str) -> list[Any]:
+def _requests_for(gw: RunningGateway, table: str) -> list[Any]:
     return [
         r for r in records_after(gw.settings)
         if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
@@ -56,7 +57,7 @@ def test_a_statement_waits_for_the_durability_of_its_record(
         gate.wait(20)
         real_sync()
 
-    wal.log.sync = held_sync  # type: ignore[method-assign]
+    wal.log.sync = held_sync  # type: ignore[method-assign]  # fault: a slow disk
     table = fresh_table(gw, "audit_log_wait", rows=0)
     token = gw.token("agent:waiter", groups=("admins",))
     try:
@@ -101,13 +102,13 @@ def test_a_log_that_cannot_be_written_refuses_the_statement(
 
     with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (1, 'before')")
-        wal.log.write = full  # type: ignore[method-assign]
+        wal.log.write = full  # type: ignore[method-assign]  # fault: the disk is full
         try:
             message = _audit_refusal(conn, f"INSERT INTO {table} VALUES (%t, %t)", (2, "refused"))
             assert "No space left on device" in message, message
             assert direct(gw, f"SELECT id FROM {table}") == [(1,)]
         finally:
-            wal.log.write = real_write  # type: ignore[method-assign]
+            wal.log.write = real_write  # type: ignore[method-assign]  # the fault ends
         simple(conn, f"INSERT INTO {table} VALUES (3, 'after')")
     assert direct(gw, f"SELECT id FROM {table} ORDER BY id") == [(1,), (3,)]
     code, report, err = verify_json(store_env(gw.settings))

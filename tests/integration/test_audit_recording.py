@@ -9,12 +9,13 @@ import orjson
 import psycopg
 import pytest
 
+from tests.harness import RunningGateway
 from tests.integration.test_audit_support import last_pos, records_after, wait_for
 
 pytestmark = pytest.mark.server
 
 
-def test_recorded_rows_are_what_the_client_saw_after_masking(gateway: Any) -> None:
+def test_recorded_rows_are_what_the_client_saw_after_masking(gateway: RunningGateway) -> None:
     settings = gateway.settings
     start = last_pos(settings)
     token = gateway.token("agent:recorded", groups=("ai-agents",))
@@ -42,7 +43,7 @@ def test_recorded_rows_are_what_the_client_saw_after_masking(gateway: Any) -> No
     assert named['[["1"]]'] == ["id"]
 
 
-def test_unlabelled_target_records_no_rows(gateway: Any) -> None:
+def test_unlabelled_target_records_no_rows(gateway: RunningGateway) -> None:
     settings = gateway.settings
     start = last_pos(settings)
     token = gateway.token("eng:unrecorded", groups=("engineers",))

@@ -27,6 +27,9 @@ import psycopg
 import pytest
 from pglast.parser import fingerprint
 
+from cli.localpg import LocalCluster
+from tests.harness import RunningGateway
+
 from . import direct, fresh_table, harness, simple
 from .test_audit_support import pgwarden, records_after, store_env, verify_json, wait_for
 
@@ -67,12 +70,15 @@ class Script:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def audit_gw(request: pytest.FixtureRequest) -> Any:
+def audit_gw(request: pytest.FixtureRequest) -> RunningGateway:
     """The default gateway (SQLite store) or the one writing to a PostgreSQL store."""
-    return request.getfixturevalue("gateway" if request.param == "sqlite" else "audit_pg_gateway")
+    gw: RunningGateway = request.getfixturevalue(
+        "gateway" if request.param == "sqlite" else "audit_pg_gateway"
+    )
+    return gw
 
 
-def run_script(gw: Any) -> Script:
+def run_script(gw: RunningGateway) -> Script:
     """One engineers' session through the gateway: every kind of statement the trail knows."""
     table = fresh_table(gw, "audit_e2e")
     subject = f"agent:audit-{uuid.uuid4().hex[:8]}"
@@ -147,7 +153,7 @@ def run_script(gw: Any) -> Script:
     return Script(table, subject, token, app, started, finished, exp)
 
 
-def _trail(gw: Any, since_pos: int, subject: str, n_requests: int) -> list[Any]:
+def _trail(gw: RunningGateway, since_pos: int, subject: str, n_requests: int) -> list[Any]:
     """The records after `since_pos` once the session's outcomes and end are all written."""
 
     def complete() -> list[Any] | None:
@@ -165,7 +171,7 @@ def _trail(gw: Any, since_pos: int, subject: str, n_requests: int) -> list[Any]:
     return wait_for(complete, timeout=10)
 
 
-def test_every_statement_has_one_request_and_one_outcome(audit_gw: Any) -> None:
+def test_every_statement_has_one_request_and_one_outcome(audit_gw: RunningGateway) -> None:
     gw = audit_gw
     before = records_after(gw.settings)
     since = before[-1].pos if before else 0
@@ -294,7 +300,7 @@ def test_every_statement_has_one_request_and_one_outcome(audit_gw: Any) -> None:
     assert chain["last_seq"] >= max(r.seq for r in records if r.chain == chain["chain"])
 
 
-def test_bad_tokens_are_recorded_as_authentication_failures(audit_gw: Any) -> None:
+def test_bad_tokens_are_recorded_as_authentication_failures(audit_gw: RunningGateway) -> None:
     gw = audit_gw
     before = records_after(gw.settings)
     since = before[-1].pos if before else 0
@@ -336,7 +342,7 @@ def test_bad_tokens_are_recorded_as_authentication_failures(audit_gw: Any) -> No
     ]
 
 
-def _session_end(gw: Any, since: int, subject: str) -> dict[str, Any]:
+def _session_end(gw: RunningGateway, since: int, subject: str) -> dict[str, Any]:
     def ended() -> list[Any] | None:
         found = [
             r for r in records_after(gw.settings, since)
@@ -349,7 +355,7 @@ def _session_end(gw: Any, since: int, subject: str) -> dict[str, Any]:
     return record
 
 
-def test_session_end_names_the_target_closing_the_connection(audit_gw: Any) -> None:
+def test_session_end_names_the_target_closing_the_connection(audit_gw: RunningGateway) -> None:
     gw = audit_gw
     before = records_after(gw.settings)
     since = before[-1].pos if before else 0
@@ -369,7 +375,7 @@ def test_session_end_names_the_target_closing_the_connection(audit_gw: Any) -> N
 
 
 def test_session_end_names_a_token_revoked_mid_session(
-    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> None:
     conftest = harness(request)
     state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-revoke-"))
@@ -395,7 +401,7 @@ def test_session_end_names_a_token_revoked_mid_session(
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_an_error_at_bind_is_the_outcome_of_its_statement(gateway: Any) -> None:
+def test_an_error_at_bind_is_the_outcome_of_its_statement(gateway: RunningGateway) -> None:
     """The server may reject a statement at Bind (a parameter that does not convert, an
     error while planning with the parameters): that error is the statement's outcome, not
     "an earlier statement failed" (there was none) with no SQLSTATE."""
@@ -428,7 +434,7 @@ def test_an_error_at_bind_is_the_outcome_of_its_statement(gateway: Any) -> None:
 
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench_sessions_one_request_and_one_outcome_each(
-    audit_gw: Any, mode: str, tmp_path: Path
+    audit_gw: RunningGateway, mode: str, tmp_path: Path
 ) -> None:
     """Concurrent sessions (pgbench, every query mode): as many request records as
     statements the server ran, each with exactly one outcome, and the chain verifies."""

@@ -28,10 +28,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.abc import Params
+from psycopg.rows import TupleRow
 
-from gateway.audit import SqliteAuditStore
+from cli.localpg import LocalCluster
+from gateway.audit import AuditProcess, AuditWriter, SqliteAuditStore
+from tests.harness import RunningGateway
 
-from . import direct, fresh_table, harness, simple
+from . import GatewayHarness, direct, fresh_table, harness, simple
 from .test_audit_support import records_after, store_env, verify_json
 
 pytestmark = pytest.mark.server
@@ -39,7 +43,9 @@ pytestmark = pytest.mark.server
 AUDIT_TIMEOUT = 1.0
 
 
-def _audit_refusal(conn: psycopg.Connection[Any], text: str, params: Any = None) -> str:
+def _audit_refusal(
+    conn: psycopg.Connection[TupleRow], text: str, params: Params | None = None
+) -> str:
     """Run a statement that must be refused because the store is down; its message."""
     t0 = time.monotonic()
     with pytest.raises(psycopg.Error) as caught:
@@ -58,7 +64,7 @@ def _audit_refusal(conn: psycopg.Connection[Any], text: str, params: Any = None)
 
 
 def _exercise_outage(
-    gw: Any, break_store: Callable[[], None], restore_store: Callable[[], None]
+    gw: RunningGateway, break_store: Callable[[], object], restore_store: Callable[[], object]
 ) -> list[str]:
     """Statements before, during and after an outage; returns the refusal messages."""
     table = fresh_table(gw, "audit_down", rows=0)
@@ -95,19 +101,18 @@ def _exercise_outage(
     return messages
 
 
-@pytest.fixture
-def own_gateway(
-    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
-) -> Iterator[Callable[..., Any]]:
-    """Start gateways of this test's own (stopped and removed afterwards).
+class OwnGateways:
+    """Gateways of a test's own, each on a fresh state directory.
 
-    `start(postgres=True)` gives the gateway a PostgreSQL store on a scratch database of
-    its own (`gw.audit_db` is its name), dropped once the gateway has stopped.
+    `own_gateway(postgres=True)` gives the gateway a PostgreSQL store on a scratch database
+    of its own (`audit_db(gw)` is its name), dropped once the gateway has stopped.
     """
-    conftest = harness(request)
-    started: list[tuple[Any, Path, str | None]] = []
 
-    def start(postgres: bool = False, **audit: Any) -> Any:
+    def __init__(self, conftest: GatewayHarness, cluster: LocalCluster, opa: Path) -> None:
+        self.conftest, self.cluster, self.opa = conftest, cluster, opa
+        self.started: list[tuple[RunningGateway, Path, str | None]] = []
+
+    def __call__(self, postgres: bool = False, **audit: Any) -> RunningGateway:
         state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-down-"))
         # These are about the store as the point of durability (durability=store, no audit
         # log): with the log, a store outage only delays the index (test_audit_log.py).
@@ -116,23 +121,36 @@ def own_gateway(
             audit["sqlite_path"] = state / audit["sqlite_path"]
         name = None
         if postgres:
-            name, dsn = conftest.create_scratch_database(pg_cluster, "audit_down")
+            name, dsn = self.conftest.create_scratch_database(self.cluster, "audit_down")
             audit.update(store="postgres", postgres_dsn=dsn)
-        gw = conftest.start_gateway(state, pg_cluster, opa_binary, audit=audit)
-        gw.audit_db = name
-        started.append((gw, state, name))
+        gw = self.conftest.start_gateway(state, self.cluster, self.opa, audit=audit)
+        self.started.append((gw, state, name))
         return gw
 
-    yield start
-    for gw, state, name in started:
-        conftest.stop_gateway(gw)
-        shutil.rmtree(state, ignore_errors=True)
-        if name is not None:
-            conftest.drop_scratch_database(pg_cluster, name)
+    def audit_db(self, gw: RunningGateway) -> str:
+        (name,) = [name for started, _, name in self.started if started is gw and name]
+        return name
+
+    def stop_all(self) -> None:
+        for gw, state, name in self.started:
+            self.conftest.stop_gateway(gw)
+            shutil.rmtree(state, ignore_errors=True)
+            if name is not None:
+                self.conftest.drop_scratch_database(self.cluster, name)
+
+
+@pytest.fixture
+def own_gateway(
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[OwnGateways]:
+    """Start gateways of this test's own (stopped and removed afterwards)."""
+    gateways = OwnGateways(harness(request), pg_cluster, opa_binary)
+    yield gateways
+    gateways.stop_all()
 
 
 def test_sqlite_store_gone_refuses_statements_until_it_is_back(
-    own_gateway: Callable[..., Any],
+    own_gateway: OwnGateways,
 ) -> None:
     gw = own_gateway(sqlite_path="audit/audit.sqlite3")
     folder = gw.settings.audit.sqlite_path.parent
@@ -144,12 +162,14 @@ def test_sqlite_store_gone_refuses_statements_until_it_is_back(
 
 
 def test_sqlite_store_full_refuses_statements_until_there_is_room(
-    own_gateway: Callable[..., Any],
+    own_gateway: OwnGateways,
 ) -> None:
     # The store's own connection is reached in process (SQLITE_FULL is per connection);
     # through the audit process the same store error takes the same path as "gone" above.
     gw = own_gateway(in_process=True)
-    store = gw.gateway.audit.store
+    audit = gw.gateway.audit
+    assert isinstance(audit, AuditWriter)
+    store = audit.store
     assert isinstance(store, SqliteAuditStore)
 
     def pragma(sql: str) -> Any:
@@ -180,10 +200,10 @@ def test_sqlite_store_full_refuses_statements_until_there_is_room(
 
 
 def test_postgres_store_down_refuses_statements_until_it_is_back(
-    own_gateway: Callable[..., Any], pg_cluster: Any
+    own_gateway: OwnGateways, pg_cluster: LocalCluster
 ) -> None:
     gw = own_gateway(postgres=True)
-    name = gw.audit_db
+    name = own_gateway.audit_db(gw)
 
     def down() -> None:
         pg_cluster.psql(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
@@ -198,14 +218,16 @@ def test_postgres_store_down_refuses_statements_until_it_is_back(
     assert all("audit database" in m for m in messages), messages
 
 
-def _audit_process(gw: Any) -> int:
-    proc = gw.gateway.audit._proc
+def _audit_process(gw: RunningGateway) -> int:
+    audit = gw.gateway.audit
+    assert isinstance(audit, AuditProcess)
+    proc = audit._proc
     assert proc is not None and proc.returncode is None
     return int(proc.pid)
 
 
 def test_stalled_audit_process_refuses_statements_until_it_answers(
-    own_gateway: Callable[..., Any],
+    own_gateway: OwnGateways,
 ) -> None:
     gw = own_gateway()
     pid = _audit_process(gw)
@@ -216,7 +238,7 @@ def test_stalled_audit_process_refuses_statements_until_it_answers(
 
 
 def test_killed_audit_process_is_restarted_and_nothing_runs_meanwhile(
-    own_gateway: Callable[..., Any],
+    own_gateway: OwnGateways,
 ) -> None:
     gw = own_gateway()
     table = fresh_table(gw, "audit_killed", rows=0)
@@ -252,11 +274,10 @@ def test_killed_audit_process_is_restarted_and_nothing_runs_meanwhile(
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
-def test_a_statement_waits_for_its_request_record(
-    own_gateway: Callable[..., Any], store: str
-) -> None:
+def test_a_statement_waits_for_its_request_record(own_gateway: OwnGateways, store: str) -> None:
     """Write-ahead, seen from outside: while the store is locked against writes the
     statement is held before PostgreSQL; once the lock goes, record first, then the row."""
+    lock: sqlite3.Connection | psycopg.Connection[TupleRow]
     if store == "sqlite":
         gw = own_gateway(timeout_seconds=5.0)
         lock = sqlite3.connect(gw.settings.state_path(gw.settings.audit.sqlite_path))
@@ -269,7 +290,7 @@ def test_a_statement_waits_for_its_request_record(
             lock.execute("ROLLBACK")
     else:
         gw = own_gateway(postgres=True, timeout_seconds=5.0)
-        lock = psycopg.connect(gw.settings.audit.postgres_dsn)  # type: ignore[assignment]
+        lock = psycopg.connect(gw.settings.audit.postgres_dsn)
 
         def hold() -> None:
             lock.execute("LOCK TABLE audit_record IN EXCLUSIVE MODE")

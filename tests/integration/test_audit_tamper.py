@@ -24,8 +24,10 @@ import orjson
 import psycopg
 import pytest
 
+from cli.localpg import LocalCluster
 from gateway.audit import HeadWitness, PostgresAuditStore
 from gateway.audit.records import canonical, projections
+from tests.harness import RunningGateway
 
 from . import fresh_table, simple
 from .test_audit_support import records_after, store_env, verify_json, wait_for
@@ -75,7 +77,7 @@ class Trail:
         self.sql("UPDATE audit_record SET seq = 1 - seq WHERE chain = %s AND seq < 0", self.chain)
 
 
-def _run_session(gw: Any) -> str:
+def _run_session(gw: RunningGateway) -> str:
     """A short session through the gateway; returns its subject once its end is recorded."""
     table = fresh_table(gw, "audit_tamper")
     subject = f"agent:tamper-{uuid.uuid4().hex[:8]}"
@@ -98,7 +100,9 @@ def _run_session(gw: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def written(gateway: Any, audit_pg_gateway: Any) -> dict[str, tuple[Any, str, bool]]:
+def written(
+    gateway: RunningGateway, audit_pg_gateway: RunningGateway
+) -> dict[str, tuple[RunningGateway, str, bool]]:
     """Both gateways after one session each: store name → (gateway, session subject,
     whether its head witness caught up with the store)."""
     out = {}
@@ -108,7 +112,7 @@ def written(gateway: Any, audit_pg_gateway: Any) -> dict[str, tuple[Any, str, bo
     return out
 
 
-def _head_caught_up(gw: Any) -> bool:
+def _head_caught_up(gw: RunningGateway) -> bool:
     """Whether the head witness names the store's last record (give it a moment)."""
     heads = HeadWitness(gw.settings.state_dir / "audit-head")
 
@@ -124,7 +128,7 @@ def _head_caught_up(gw: Any) -> bool:
         return False
 
 
-def _copy_state(gw: Any, dst: Path) -> None:
+def _copy_state(gw: RunningGateway, dst: Path) -> None:
     # Keys and the head witness first: the head may lag the store, never lead it.
     shutil.copytree(gw.settings.state_dir / "audit-keys", dst / "audit-keys")
     shutil.copytree(gw.settings.state_dir / "audit-head", dst / "audit-head")
@@ -133,9 +137,9 @@ def _copy_state(gw: Any, dst: Path) -> None:
 @pytest.fixture(params=["sqlite", "postgres"])
 def trail(
     request: pytest.FixtureRequest,
-    written: dict[str, tuple[Any, str, bool]],
+    written: dict[str, tuple[RunningGateway, str, bool]],
     tmp_path: Path,
-    pg_cluster: Any,
+    pg_cluster: LocalCluster,
 ) -> Iterator[Trail]:
     gw, subject, head_caught_up = written[request.param]
     state = tmp_path / "state"
@@ -164,8 +168,8 @@ def trail(
             await store.close()
 
         asyncio.run(schema())
-        with psycopg.connect(gw.settings.audit.postgres_dsn) as src:
-            rows = src.execute(f"SELECT {COLUMNS} FROM audit_record ORDER BY pos").fetchall()
+        with psycopg.connect(gw.settings.audit.postgres_dsn) as live:
+            rows = live.execute(f"SELECT {COLUMNS} FROM audit_record ORDER BY pos").fetchall()
         dst_pg = psycopg.connect(dsn, autocommit=True)
         with dst_pg.cursor() as cur:
             cur.executemany(

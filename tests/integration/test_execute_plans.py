@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
+
+from tests.harness import RunningGateway
 
 from . import assert_no_customer_secret, connect, direct, fresh_table, simple, token_for
 
@@ -23,13 +24,15 @@ pytestmark = pytest.mark.server
 SHADOW = "shadow@example.net"
 
 
-def planned_executes(gateway: Any) -> int:
+def planned_executes(gateway: RunningGateway) -> int:
     """Executes the gateway relayed on their Parse-time plan so far, over all targets."""
-    return sum(gateway.gateway.context.metrics.planned_executes.values())
+    context = gateway.gateway.context
+    assert context is not None
+    return sum(context.metrics.planned_executes.values())
 
 
 @pytest.fixture(scope="module")
-def shadow(gateway: Any) -> Iterator[None]:
+def shadow(gateway: RunningGateway) -> Iterator[None]:
     """rt_plan.customers: a table of the name whose email column is not classified."""
     direct(gateway, "DROP SCHEMA IF EXISTS rt_plan CASCADE")
     direct(gateway, "CREATE SCHEMA rt_plan")
@@ -42,7 +45,7 @@ def shadow(gateway: Any) -> Iterator[None]:
 
 
 def test_a_planned_execute_is_decided_afresh_once_the_search_path_moved(
-    gateway: Any, shadow: None
+    gateway: RunningGateway, shadow: None
 ) -> None:
     query = "SELECT email FROM customers WHERE id > %s"
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
@@ -61,7 +64,7 @@ def test_a_planned_execute_is_decided_afresh_once_the_search_path_moved(
             assert_no_customer_secret(rows)
 
 
-def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: Any) -> None:
+def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: RunningGateway) -> None:
     table = fresh_table(gateway, "plan_revoked")
     token = gateway.token("agent:plan-revoked")
     query = f'SELECT count(*) FROM "{table}" WHERE id > %s'

@@ -27,20 +27,32 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
-from cli.localpg import APP_DB, SUPERUSER, free_port
-from gateway.audit import AuditProcess, AuditStartRefused, ChainGap, audit_writer
+from cli.localpg import APP_DB, SUPERUSER, LocalCluster, free_port
+from gateway.audit import AuditProcess, AuditStartRefused, AuditWriter, ChainGap, audit_writer
 from gateway.policy.sidecar import OpaSidecar
 from gateway.runtime import Gateway
-from gateway.settings import load_settings
+from gateway.settings import Settings, load_settings
+from tests.harness import RunningGateway
 
-from . import REFUSED, connect, direct, fresh_table, harness, refusal_of, simple, token_for
+from . import (
+    REFUSED,
+    GatewayHarness,
+    connect,
+    direct,
+    fresh_table,
+    harness,
+    refusal_of,
+    simple,
+    token_for,
+)
 from .serve_process import PGWARDEN, GatewayProcess
 from .serve_process import cli as _cli
 from .serve_process import pids_mentioning as _pids_mentioning
@@ -53,41 +65,46 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 __all__ = ["external_opa"]  # a fixture shared with its home module
 
 
-@pytest.fixture
-def gateways(
-    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
-) -> Iterator[Callable[..., Any]]:
-    """Start gateways of this test's own on one state directory (restartable: `start`
-    again after `stop`); all are stopped and the directory removed at the end."""
-    conftest = harness(request)
-    state = Path(tempfile.mkdtemp(prefix="pgw-faults-"))
-    running: list[Any] = []
+class Gateways:
+    """Gateways of a test's own on one state directory (restartable: call again after
+    `stop`)."""
 
-    def start(**overrides: Any) -> Any:
+    def __init__(self, conftest: GatewayHarness, cluster: LocalCluster, opa: Path) -> None:
+        self.conftest, self.cluster, self.opa = conftest, cluster, opa
+        self.state = Path(tempfile.mkdtemp(prefix="pgw-faults-"))
+        self.running: list[RunningGateway] = []
+
+    def __call__(self, **overrides: Any) -> RunningGateway:
         overrides["audit"] = {"timeout_seconds": 1.0, **overrides.get("audit", {})}
-        gw = conftest.start_gateway(state, pg_cluster, opa_binary, **overrides)
-        running.append(gw)
+        gw = self.conftest.start_gateway(self.state, self.cluster, self.opa, **overrides)
+        self.running.append(gw)
         return gw
 
-    def stop(gw: Any) -> None:
-        running.remove(gw)
-        conftest.stop_gateway(gw)
-
-    start.stop = stop  # type: ignore[attr-defined]
-    start.state = state  # type: ignore[attr-defined]
-    yield start
-    for gw in running:
-        conftest.stop_gateway(gw)
-    shutil.rmtree(state, ignore_errors=True)
+    def stop(self, gw: RunningGateway) -> None:
+        self.running.remove(gw)
+        self.conftest.stop_gateway(gw)
 
 
-def _child_of(gw: Any) -> AuditProcess:
+@pytest.fixture
+def gateways(
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[Gateways]:
+    """Start gateways of this test's own on one state directory; all are stopped and the
+    directory removed at the end."""
+    started = Gateways(harness(request), pg_cluster, opa_binary)
+    yield started
+    for gw in started.running:
+        started.conftest.stop_gateway(gw)
+    shutil.rmtree(started.state, ignore_errors=True)
+
+
+def _child_of(gw: RunningGateway) -> AuditProcess:
     audit = gw.gateway.audit
     assert isinstance(audit, AuditProcess)
     return audit
 
 
-def _until_it_runs(conn: psycopg.Connection[Any], text: str, timeout: float = 30) -> int:
+def _until_it_runs(conn: psycopg.Connection[TupleRow], text: str, timeout: float = 30) -> int:
     """Send `text` until it runs; each refusal must be pgwarden's audit refusal (58000).
     How many were refused."""
     refused = 0
@@ -108,13 +125,13 @@ def _until_it_runs(conn: psycopg.Connection[Any], text: str, timeout: float = 30
 
 
 def test_audit_child_failing_again_and_again_while_it_restarts(
-    gateways: Callable[..., Any],
+    gateways: Gateways,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The audit child exists where the store is the point of durability (no audit log).
     gw = gateways(audit={"durability": "store"})
-    audit = gw.gateway.audit
+    audit = _child_of(gw)
     table = fresh_table(gw, "faults_sup", rows=0)
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (1, 'before')")
@@ -175,7 +192,7 @@ def _audit_child_pids(state: Path) -> list[int]:
 
 
 def test_serve_exits_0_on_sigterm_after_its_audit_child_was_killed_repeatedly(
-    state_dir: Path, pg_cluster: Any, app_database: str, opa_binary: Path
+    state_dir: Path, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> None:
     env = _env(state_dir, opa_binary, free_port())
     _cli(env, "targets", "add", "app", "--host", "127.0.0.1", "--port", str(pg_cluster.port),
@@ -219,7 +236,7 @@ def _wipe_sqlite(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _start_fails(settings: Any) -> str:
+def _start_fails(settings: Settings) -> str:
     async def start() -> None:
         gateway = Gateway(settings, {})
         await gateway.start()  # stops what it started when it fails
@@ -232,7 +249,7 @@ def _start_fails(settings: Any) -> str:
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["audit-process", "in-process"])
 def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
-    gateways: Callable[..., Any], in_process: bool
+    gateways: Gateways, in_process: bool
 ) -> None:
     gw = gateways(audit={"in_process": in_process, "durability": "store"})
     table = fresh_table(gw, "faults_gap", rows=0)
@@ -240,7 +257,7 @@ def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
         for i in range(3):
             simple(conn, f"INSERT INTO {table} VALUES ({i}, 'evidence')")
     settings = gw.settings
-    gateways.stop(gw)  # type: ignore[attr-defined]
+    gateways.stop(gw)
     _, before, _ = verify_json(store_env(settings))
     (chain,) = before["chains"]
     last = chain["last_seq"]
@@ -260,7 +277,7 @@ def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
     gw = gateways(audit={"in_process": in_process, "accept_chain_gap": True, "durability": "store"})
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (10, 'after the gap')")
-    gateways.stop(gw)  # type: ignore[attr-defined]
+    gateways.stop(gw)
     records = records_after(settings)
     gap = records[0]
     assert gap.kind == "chain_gap" and gap.seq == last + 1, records[:3]
@@ -276,7 +293,7 @@ def test_a_wiped_store_stops_the_gateway_unless_the_operator_accepts_the_gap(
     gw = gateways(audit={"in_process": in_process, "durability": "store"})
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO {table} VALUES (11, 'later')")
-    gateways.stop(gw)  # type: ignore[attr-defined]
+    gateways.stop(gw)
     code, report, _ = verify_json(store_env(settings))
     assert code != 0 and f"1..{last}" in report["chains"][0]["problem"]["detail"], report
 
@@ -305,7 +322,7 @@ def test_pgwarden_serve_refuses_a_wiped_store_with_a_clear_message(
 
 
 def test_a_store_wiped_under_a_running_gateway_is_not_restarted_as_a_new_chain(
-    gateways: Callable[..., Any],
+    gateways: Gateways,
 ) -> None:
     # With the audit log a wiped store is only an index, rebuilt from the log: this is
     # about the store as the point of durability.
@@ -335,7 +352,7 @@ def test_a_store_wiped_under_a_running_gateway_is_not_restarted_as_a_new_chain(
 # -- 3. OPA down with a prepared statement -------------------------------------------------------
 
 
-def _prepared_through_outage(gw: Any, opa_pid: int) -> None:
+def _prepared_through_outage(gw: RunningGateway, opa_pid: int) -> None:
     """A statement prepared while OPA is up; OPA hangs (SIGSTOP): the prepared statement is
     refused like any other once the gateway cannot know the revision in force, and runs
     again once OPA is back."""
@@ -382,12 +399,19 @@ def _prepared_through_outage(gw: Any, opa_pid: int) -> None:
     rows = direct(gw, f"SELECT id FROM {table} WHERE id > 100000")
     assert len(rows) == ran_during
     assert direct(gw, f"SELECT count(*) FROM {table} WHERE id IN (999, 1000)") == [(1,)]
+
     # Executions that reused the Parse decision say so, with the revision it was made under.
-    runs = [
-        r.record() for r in records_after(gw.settings)
-        if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
-        and r.record()["protocol"] == "extended" and r.record()["decision"]["action"] == "allow"
-    ]  # fmt: skip
+    def allowed_runs() -> list[dict[str, Any]] | None:
+        runs = [
+            r.record() for r in records_after(gw.settings)
+            if r.kind == "request" and table in (r.text or "") and "INSERT" in (r.text or "")
+            and r.record()["protocol"] == "extended" and r.record()["decision"]["action"] == "allow"
+        ]  # fmt: skip
+        # The store is an index fed from the audit log, in log order: once it holds the
+        # last execution (id 1000), it holds every one before it.
+        return runs if any(r["params"] == ["1000"] for r in runs) else None
+
+    runs = wait_for(allowed_runs, timeout=20, interval=0.2)
     # The first Execute carries the decision its Parse made for it; the next ones reuse it.
     assert [r["decision"]["cache_hit"] for r in runs[:3]] == [False, True, True], runs[:3]
     reused = [r for r in runs if r["decision"]["cache_hit"]]
@@ -395,7 +419,7 @@ def _prepared_through_outage(gw: Any, opa_pid: int) -> None:
 
 
 def test_prepared_statement_refused_while_the_sidecar_opa_is_down(
-    gateways: Callable[..., Any],
+    gateways: Gateways,
 ) -> None:
     gw = gateways(policy={"timeout_seconds": 0.5})
     assert gw.gateway.sidecar is not None and gw.gateway.sidecar.pid is not None
@@ -415,10 +439,11 @@ def test_prepared_statement_refused_while_an_external_opa_is_down(
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["audit-process", "in-process"])
 def test_outcome_records_are_kept_through_a_store_outage(
-    gateways: Callable[..., Any], in_process: bool
+    gateways: Gateways, in_process: bool
 ) -> None:
     gw = gateways(audit={"timeout_seconds": 0.5, "in_process": in_process, "durability": "store"})
     audit = gw.gateway.audit
+    assert isinstance(audit, AuditProcess | AuditWriter)
     table = fresh_table(gw, "faults_out", rows=0)
     lock = sqlite3.connect(gw.settings.state_path(gw.settings.audit.sqlite_path))
     lock.isolation_level = None
@@ -454,7 +479,7 @@ def test_outcome_records_are_kept_through_a_store_outage(
                 assert info.value.diag.sqlstate == "58000", info.value
             if not in_process:
                 # What was not stored lives in the gateway: a new audit child must get it.
-                assert audit._proc is not None
+                assert isinstance(audit, AuditProcess) and audit._proc is not None
                 first = audit._proc.pid
                 os.kill(first, signal.SIGKILL)
                 wait_for(lambda: audit._proc is not None and audit._proc.pid != first, timeout=20)

@@ -37,7 +37,7 @@ from gateway.protocol import (
     Sync,
 )
 from gateway.proxy.session import ClientSession
-from tests.harness import TcpRelay, pipe, target_through
+from tests.harness import RunningGateway, TcpRelay, pipe, target_through
 from tests.proxy.wire import Closed, LoginRefused, RawClient
 
 from .test_audit_support import records_after, wait_for
@@ -88,7 +88,7 @@ MALFORMED: dict[str, bytes] = {
 }
 
 
-def _login(gateway: Any, app: str) -> RawClient:
+def _login(gateway: RunningGateway, app: str) -> RawClient:
     client = RawClient.connect(gateway.host, gateway.port, timeout=10)
     client.login(
         "app", gateway.token("agent:relay-faults", groups=("admins",)), application_name=app
@@ -112,7 +112,7 @@ def _fatal_then_closed(client: RawClient) -> ErrorResponse:
     return errors[-1]
 
 
-def _session_records(gateway: Any, app: str, kind: str) -> list[dict[str, Any]]:
+def _session_records(gateway: RunningGateway, app: str, kind: str) -> list[dict[str, Any]]:
     found = []
     for r in records_after(gateway.settings):
         body = r.record()
@@ -121,7 +121,7 @@ def _session_records(gateway: Any, app: str, kind: str) -> list[dict[str, Any]]:
     return found
 
 
-def _outcomes_of(gateway: Any, app: str) -> list[dict[str, Any]]:
+def _outcomes_of(gateway: RunningGateway, app: str) -> list[dict[str, Any]]:
     """The outcome records of the statements of the session named `app`."""
     records = records_after(gateway.settings)
     requests = {
@@ -145,7 +145,7 @@ def _no_traceback(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_message_is_a_protocol_violation(
-    gateway: Any, caplog: pytest.LogCaptureFixture, case: str
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = f"malformed-{uuid.uuid4().hex[:8]}"
@@ -167,7 +167,7 @@ def test_malformed_message_is_a_protocol_violation(
 
 
 def test_malformed_message_pipelined_behind_a_running_statement(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The statement already forwarded gets an outcome; the session_end says why."""
     caplog.set_level(logging.WARNING)
@@ -226,7 +226,7 @@ VARIANTS = _variants()
 
 
 def test_every_malformed_variant_is_a_protocol_violation(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     token = gateway.token("agent:relay-faults", groups=("admins",))
@@ -274,14 +274,16 @@ def _internal_error_logged_once(caplog: pytest.LogCaptureFixture, secret: str) -
 
 
 def test_exception_on_the_server_data_path(
-    gateway: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = f"server-bug-{uuid.uuid4().hex[:8]}"
     secret = f"secret-{uuid.uuid4().hex}"
     original = ClientSession._server_message
 
-    def buggy(self: ClientSession, code: int, view: Any, pos: int, end: int) -> bytes | None:
+    def buggy(
+        self: ClientSession, code: int, view: bytes | bytearray, pos: int, end: int
+    ) -> bytes | None:
         if code == ord("C") and _only_for(app, self):
             raise RuntimeError(secret)
         return original(self, code, view, pos, end)
@@ -303,7 +305,7 @@ def test_exception_on_the_server_data_path(
 
 
 def test_exception_on_the_client_data_path(
-    gateway: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = f"client-bug-{uuid.uuid4().hex[:8]}"
@@ -338,15 +340,16 @@ def test_exception_on_the_client_data_path(
 # -- a lost target ---------------------------------------------------------------------------
 
 
-def _session_named(gateway: Any, app: str) -> ClientSession:
+def _session_named(gateway: RunningGateway, app: str) -> ClientSession:
     context = gateway.gateway.context
+    assert context is not None
     found = [s for s in context.sessions if _only_for(app, s)]
     assert len(found) == 1
     return found[0]
 
 
 def test_lost_target_gets_a_fatal_that_says_so(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = f"lost-{uuid.uuid4().hex[:8]}"
@@ -371,7 +374,7 @@ def test_lost_target_gets_a_fatal_that_says_so(
 
 
 def test_writing_to_a_target_that_has_just_closed(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The session has not yet heard that the target went away when the next statement is
     forwarded: the write finds the connection closed, and that is a lost target."""
@@ -418,7 +421,7 @@ class DropsAfterLogin(TcpRelay):
 
 
 def test_target_lost_while_the_session_is_set_up(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     relay = DropsAfterLogin(gateway.cluster.port)
@@ -443,7 +446,7 @@ def test_target_lost_while_the_session_is_set_up(
 
 
 def test_target_ending_the_session_itself_is_relayed_once(
-    gateway: Any, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     """pg_terminate_backend: the server's own FATAL (57P01) reaches the client, and pgwarden
     adds no second one before closing."""

@@ -36,6 +36,10 @@ import asyncpg
 import orjson
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from cli.localpg import LocalCluster
+from tests.harness import RunningGateway
 
 from . import REFUSED, harness
 
@@ -121,7 +125,7 @@ class Seen:
 class Probe:
     """One principal's connections; every way a value can reach the client is captured."""
 
-    def __init__(self, gateway: Any, groups: tuple[str, ...]) -> None:
+    def __init__(self, gateway: RunningGateway, groups: tuple[str, ...]) -> None:
         token = gateway.token(f"leak:{'+'.join(groups)}:{RUN}", groups=groups)
         self.dsn = gateway.dsn(token)
         self.url = gateway.url(token)
@@ -129,7 +133,7 @@ class Probe:
         self.conn = self._connect()
         self.seen = Seen()
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self) -> psycopg.Connection[TupleRow]:
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
         conn.add_notice_handler(lambda d: self.side.append(_diag_text(d)))
         conn.add_notify_handler(lambda n: self.side.append(f"{n.channel}:{n.payload}"))
@@ -209,7 +213,7 @@ class Probe:
         return " ".join(str(self.conn.info.parameter_status(n)) for n in names)
 
 
-def _diag_text(diag: Any) -> str:
+def _diag_text(diag: object) -> str:
     parts = ("message_primary", "message_detail", "message_hint", "context", "internal_query")
     return " ".join(str(getattr(diag, p, None) or "") for p in parts)
 
@@ -515,11 +519,11 @@ class Tally:
 
 
 @pytest.fixture(scope="module")
-def leak_gateway(request: pytest.FixtureRequest) -> Iterator[Any]:
+def leak_gateway(request: pytest.FixtureRequest) -> Iterator[RunningGateway]:
     """A gateway with the reference policy and the shipped classification plus leakprobe's."""
     conftest = harness(request)
-    pg_cluster = request.getfixturevalue("pg_cluster")
-    opa_binary = request.getfixturevalue("opa_binary")
+    pg_cluster: LocalCluster = request.getfixturevalue("pg_cluster")
+    opa_binary: Path = request.getfixturevalue("opa_binary")
     request.getfixturevalue("app_database")
     root = Path(tempfile.mkdtemp(prefix="pgwarden-leak-"))
     bundles = root / "bundles"
@@ -564,7 +568,7 @@ def _summary(tally: Tally) -> str:
 
 
 def test_no_classified_value_reaches_a_client(
-    leak_gateway: Any, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+    leak_gateway: RunningGateway, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     route_ids = [route_id for _, route_id, _ in ROUTES]
     assert len(route_ids) == len(set(route_ids)), "route ids must be unique"

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import MD5_USER, SUPERUSER
+from tests.harness import RunningGateway
 
 from . import (
     Refusal,
@@ -40,7 +41,7 @@ READ_FILE = "pg_read_file"
 
 
 @pytest.fixture
-def table(gateway: Any) -> Iterator[str]:
+def table(gateway: RunningGateway) -> Iterator[str]:
     name = fresh_table(gateway)
     yield name
     direct(gateway, f'DROP TABLE IF EXISTS "{name}"')
@@ -53,12 +54,12 @@ def table(gateway: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
 
-def refused(conn: psycopg.Connection[Any], text: str) -> Refusal:
+def refused(conn: psycopg.Connection[TupleRow], text: str) -> Refusal:
     try:
         rows = simple(conn, text)
     except psycopg.Error as exc:
@@ -66,7 +67,9 @@ def refused(conn: psycopg.Connection[Any], text: str) -> Refusal:
     raise AssertionError(f"not refused: {text!r} returned {rows!r}")
 
 
-def unchanged(gateway: Any, table: str, conn: psycopg.Connection[Any] | None = None) -> None:
+def unchanged(
+    gateway: RunningGateway, table: str, conn: psycopg.Connection[TupleRow] | None = None
+) -> None:
     """Nothing of the refused message happened, as the database itself reports."""
     assert table_exists(gateway, table)
     assert table_rows(gateway, table) == original_rows()
@@ -108,7 +111,7 @@ HIDDEN_WRITES = {
 
 @pytest.mark.parametrize(("text", "reason"), list(HIDDEN_WRITES.values()), ids=list(HIDDEN_WRITES))
 def test_hidden_writes_wait_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str, reason: str
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow], text: str, reason: str
 ) -> None:
     r = refused(agent, text.format(t=f'"{table}"', marker=MARKER))
     assert_policy_refusal(r, approval=True, reason=reason)
@@ -116,7 +119,7 @@ def test_hidden_writes_wait_for_approval(
 
 
 def test_copy_of_a_delete_to_stdout(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     with pytest.raises(psycopg.Error) as info, agent.cursor() as cur:
         with cur.copy(f'COPY (DELETE FROM "{table}" RETURNING *) TO STDOUT') as copy:
@@ -127,7 +130,7 @@ def test_copy_of_a_delete_to_stdout(
 
 
 def test_prepare_then_execute_a_delete(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """PREPARE may be refused, EXECUTE must be; the delete never runs either way."""
     try:
@@ -146,7 +149,7 @@ def test_prepare_then_execute_a_delete(
 
 
 def test_prepare_and_execute_in_one_message(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     r = refused(agent, f'PREPARE {MARKER}_p AS DELETE FROM "{table}"; EXECUTE {MARKER}_p')
     assert_policy_refusal(r, approval=True, reason=WRITE)
@@ -156,14 +159,14 @@ def test_prepare_and_execute_in_one_message(
 
 
 def test_prepared_read_then_execute_is_allowed(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     simple(agent, f'PREPARE {MARKER}_r AS SELECT id, v FROM "{table}" ORDER BY id')
     assert simple(agent, f"EXECUTE {MARKER}_r") == original_rows()
 
 
 def test_declare_cursor_over_a_write_cte(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     r = refused(
         agent,
@@ -176,7 +179,7 @@ def test_declare_cursor_over_a_write_cte(
 
 
 def test_declare_cursor_over_an_escape(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     r = refused(
         agent, "BEGIN; DECLARE c CURSOR FOR SELECT pg_read_file('/etc/hostname'); FETCH ALL FROM c"
@@ -190,7 +193,7 @@ def test_declare_cursor_over_an_escape(
 
 
 def test_large_object_writes_wait_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     [(oid,)] = direct(gateway, "SELECT lo_from_bytea(0, 'kept')")
     try:
@@ -211,7 +214,7 @@ def test_large_object_writes_wait_for_approval(
 
 
 def test_sequence_writes_wait_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     seq = f"{table}_seq"
     direct(gateway, f'CREATE SEQUENCE "{seq}" OWNED BY "{table}".id')
@@ -232,7 +235,7 @@ def test_sequence_writes_wait_for_approval(
     ids=["for-update", "for-share", "in-cte", "cursor"],
 )
 def test_row_locks_wait_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow], text: str
 ) -> None:
     r = refused(agent, text.format(t=f'"{table}"'))
     assert_policy_refusal(r, approval=True, reason=LOCK)
@@ -240,7 +243,7 @@ def test_row_locks_wait_for_approval(
     unchanged(gateway, table, agent)
 
 
-def test_engineers_may_lock_rows(gateway: Any, table: str) -> None:
+def test_engineers_may_lock_rows(gateway: RunningGateway, table: str) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         assert simple(conn, f'SELECT id, v FROM "{table}" ORDER BY id FOR UPDATE') == (
             original_rows()
@@ -248,7 +251,7 @@ def test_engineers_may_lock_rows(gateway: Any, table: str) -> None:
 
 
 def test_operator_backed_by_a_writing_function_waits_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """`1 #=# 2` names no function, yet runs the one behind the operator."""
     wipe = f"{MARKER}_wipe"
@@ -272,7 +275,7 @@ def test_operator_backed_by_a_writing_function_waits_for_approval(
 
 
 def test_function_by_attribute_notation_waits_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """`r.wipe` is wipe(r) when the table has no column wipe: a call with no call syntax."""
     wipe = f"{MARKER}_wipe"
@@ -294,7 +297,7 @@ def test_function_by_attribute_notation_waits_for_approval(
 
 
 def test_cast_to_a_domain_checked_by_a_writing_function_waits_for_approval(
-    gateway: Any, table: str, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """`1::d` runs d's CHECK, and with it whatever function the CHECK calls."""
     wipe, domain = f"{MARKER}_wipe", f"{MARKER}_d"
@@ -349,7 +352,7 @@ ESCAPES = {
 
 @pytest.mark.parametrize("text", list(ESCAPES.values()), ids=list(ESCAPES))
 def test_escape_functions_are_found_wherever_nested(
-    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow], text: str
 ) -> None:
     before = direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata")
     r = refused(agent, text.format(t=f'"{table}"', marker=MARKER))
@@ -386,7 +389,7 @@ IDENTITY = {
 
 @pytest.mark.parametrize(("text", "reason"), list(IDENTITY.values()), ids=list(IDENTITY))
 def test_identity_changes_are_denied(
-    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str, reason: str
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow], text: str, reason: str
 ) -> None:
     r = refused(agent, text)
     assert_policy_refusal(r, reason=reason)
@@ -409,7 +412,7 @@ HIDDEN_SECOND = {
 
 @pytest.mark.parametrize("text", list(HIDDEN_SECOND.values()), ids=list(HIDDEN_SECOND))
 def test_hidden_second_statement_refuses_the_whole_message(
-    gateway: Any, table: str, agent: psycopg.Connection[Any], text: str
+    gateway: RunningGateway, table: str, agent: psycopg.Connection[TupleRow], text: str
 ) -> None:
     r = refused(agent, text.format(t=f'"{table}"', marker=MARKER))
     assert_policy_refusal(r, approval=True, reason=WRITE)
@@ -427,7 +430,7 @@ def test_hidden_second_statement_refuses_the_whole_message(
     ids=["block-comment", "dollar-quote"],
 )
 def test_engineers_bounded_delete_does_not_run_when_the_message_is_held(
-    gateway: Any, table: str, text: str
+    gateway: RunningGateway, table: str, text: str
 ) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         r = refused(conn, text.format(t=f'"{table}"'))
@@ -439,7 +442,9 @@ def test_engineers_bounded_delete_does_not_run_when_the_message_is_held(
     "where",
     ["true", "'t'", "1 = 1", "true OR id = 1", "NOT false", "id = id"],
 )
-def test_engineers_trivial_where_counts_as_no_where(gateway: Any, table: str, where: str) -> None:
+def test_engineers_trivial_where_counts_as_no_where(
+    gateway: RunningGateway, table: str, where: str
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         r = refused(conn, f'DELETE FROM "{table}" WHERE {where}')
         assert_policy_refusal(r, approval=True, reason="without a WHERE clause")

@@ -15,15 +15,20 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
 from gateway.control.targets import Target
-from tests.harness import StoredTargets, create_scratch_database, drop_scratch_database
+from tests.harness import (
+    RunningGateway,
+    StoredTargets,
+    create_scratch_database,
+    drop_scratch_database,
+)
 
 from . import connect, simple, token_for
 
@@ -47,7 +52,7 @@ class Db:
 
     target: str
     dsn: str  # superuser, straight to the server
-    conn: psycopg.Connection[Any]
+    conn: psycopg.Connection[TupleRow]
     # The DDL watch is installed (else the generation is the snapshot).
     watched: bool = False
 
@@ -56,7 +61,7 @@ class Db:
 
 
 @pytest.fixture(params=["watched", "unwatched"])
-def db(request: Any, gateway: Any) -> Iterator[Db]:
+def db(request: pytest.FixtureRequest, gateway: RunningGateway) -> Iterator[Db]:
     name, dsn = create_scratch_database(gateway.cluster, "pgwarden_ddl")
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute(APP_SCHEMA_SQL.encode())
@@ -84,12 +89,12 @@ def db(request: Any, gateway: Any) -> Iterator[Db]:
 
 
 @pytest.fixture
-def agent(gateway: Any, db: Db) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway, db: Db) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"), target=db.target)) as conn:
         yield conn
 
 
-def read(conn: psycopg.Connection[Any], text: str, *, prepare: bool = False) -> set[str]:
+def read(conn: psycopg.Connection[TupleRow], text: str, *, prepare: bool = False) -> set[str]:
     with conn.cursor() as cur:
         cur.execute(text.encode() if not prepare else text, prepare=prepare)
         return {str(v) for row in cur.fetchall() for v in row if v is not None}
@@ -100,7 +105,7 @@ def assert_masked(seen: set[str], clear: set[str]) -> None:
     assert not seen & clear, f"cleartext reached the client: {seen & clear}"
 
 
-def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_table_swap(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     db.ddl(NEW_COPY)
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl(SWAP)
@@ -108,7 +113,7 @@ def test_table_swap(db: Db, agent: psycopg.Connection[Any]) -> None:
     assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
 
 
-def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl("ALTER TABLE customers RENAME TO customers_gone")
     db.ddl("CREATE TABLE customers (email text, id int)")
@@ -116,7 +121,7 @@ def test_new_table_under_the_classified_name(db: Db, agent: psycopg.Connection[A
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
 
 
-def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl("ALTER TABLE customers DROP COLUMN email")
     db.ddl("ALTER TABLE customers ADD COLUMN email text")
@@ -128,7 +133,7 @@ def test_classified_column_dropped_and_added(db: Db, agent: psycopg.Connection[A
     assert_masked(read(agent, "SELECT * FROM customers"), EMAILS)
 
 
-def test_schema_renamed(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_schema_renamed(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
     db.ddl(
         "BEGIN; ALTER SCHEMA public RENAME TO public_old; CREATE SCHEMA public;"
@@ -138,7 +143,9 @@ def test_schema_renamed(db: Db, agent: psycopg.Connection[Any]) -> None:
     assert_masked(read(agent, "SELECT id, email FROM public.customers"), EMAILS)
 
 
-def test_view_redefined_over_a_classified_column(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_view_redefined_over_a_classified_column(
+    db: Db, agent: psycopg.Connection[TupleRow]
+) -> None:
     db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
     assert read(agent, "SELECT label FROM people") == NAMES  # nothing classified: clear
     db.ddl("CREATE OR REPLACE VIEW people AS SELECT id, email AS label FROM customers")
@@ -147,7 +154,7 @@ def test_view_redefined_over_a_classified_column(db: Db, agent: psycopg.Connecti
 
 
 def test_another_column_renamed_to_the_classified_name(
-    db: Db, agent: psycopg.Connection[Any]
+    db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     assert read(agent, "SELECT name FROM customers") == NAMES
     assert_masked(read(agent, "SELECT id, email FROM customers"), EMAILS)
@@ -160,7 +167,7 @@ def test_another_column_renamed_to_the_classified_name(
 
 
 def test_prepared_statement_after_a_view_is_redefined(
-    db: Db, agent: psycopg.Connection[Any]
+    db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     db.ddl("CREATE VIEW people AS SELECT id, name AS label FROM customers")
     query = "SELECT label FROM people WHERE id > %s"
@@ -189,7 +196,7 @@ def _wait_for_lock_wait(db: Db, timeout: float = 20.0) -> None:
 
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_swap_committed_while_the_statement_waits(
-    db: Db, agent: psycopg.Connection[Any], protocol: str
+    db: Db, agent: psycopg.Connection[TupleRow], protocol: str
 ) -> None:
     """The decision is made before the swap commits, the server runs the statement after:
     the RowDescription names a table the decision never saw, resolved before rows flow."""
@@ -226,7 +233,7 @@ def test_swap_committed_while_the_statement_waits(
 
 
 def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
-    gateway: Any, db: Db
+    gateway: RunningGateway, db: Db
 ) -> None:
     """asyncpg keeps a prepared statement's description and sends Bind/Execute alone: the
     only description pgwarden has names the table swapped away."""
@@ -248,7 +255,7 @@ def test_table_swapped_under_a_statement_the_driver_does_not_describe_again(
     assert_masked(after, EMAILS)
 
 
-def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]) -> None:
+def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[TupleRow]) -> None:
     """`SELECT *` is decided on a table without ssn and nickname; the server runs it after
     both were added: ssn is masked by its classification, and nickname, which the policy
     was never asked about, is masked whole."""
@@ -277,7 +284,7 @@ def test_columns_added_while_a_star_waits(db: Db, agent: psycopg.Connection[Any]
 
 
 def test_a_planned_execute_is_decided_afresh_after_ddl(
-    gateway: Any, db: Db, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """A prepared statement executed on the plan its Parse made (nothing to mask: a table
     without classified columns) is decided again once DDL put a classified column under
@@ -285,7 +292,9 @@ def test_a_planned_execute_is_decided_afresh_after_ddl(
     db.ddl("CREATE TABLE notes (id int, body text)")
     db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
     query = "SELECT body FROM notes WHERE id > %s"
-    metrics = gateway.gateway.context.metrics
+    context = gateway.gateway.context
+    assert context is not None
+    metrics = context.metrics
     with agent.cursor() as cur:
         before = sum(metrics.planned_executes.values())
         for _ in range(3):

@@ -15,19 +15,22 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
-from cli.localpg import free_port
+from cli.localpg import LocalCluster, free_port
+from tests.harness import RunningGateway
 
 from . import (
     ALLOW_ALL,
     REFUSED,
     FaultServer,
+    Refusal,
     assert_policy_refusal,
     connect,
     direct,
@@ -49,13 +52,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def gateways(
-    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
-) -> Iterator[Any]:
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[Callable[..., RunningGateway]]:
     """Starts gateways of the module's own on demand; stops them all at the end."""
-    started: list[tuple[Any, Path]] = []
+    started: list[tuple[RunningGateway, Path]] = []
     conftest = harness(request)
 
-    def start(**overrides: Any) -> Any:
+    def start(**overrides: Any) -> RunningGateway:
         state = Path(tempfile.mkdtemp(prefix="pgw-fc-"))
         gw = conftest.start_gateway(state, pg_cluster, opa_binary, **overrides)
         started.append((gw, state))
@@ -80,7 +83,9 @@ def wait_until_exited(pid: int) -> None:
     raise AssertionError(f"process {pid} did not exit")
 
 
-def insert_refused(gw: Any, conn: psycopg.Connection[Any], table: str, row: int) -> Any:
+def insert_refused(
+    gw: RunningGateway, conn: psycopg.Connection[TupleRow], table: str, row: int
+) -> Refusal:
     """An admin's INSERT, which the policy would allow, is refused; nothing was written."""
     with pytest.raises(psycopg.Error) as info:
         simple(conn, f"INSERT INTO \"{table}\" VALUES ({row}, 'x')")
@@ -94,13 +99,15 @@ def insert_refused(gw: Any, conn: psycopg.Connection[Any], table: str, row: int)
 # -- OPA killed: the sidecar restarts it; meanwhile nothing is allowed -----------------
 
 
-def test_opa_killed_refuses_until_restarted(gateways: Any) -> None:
+def test_opa_killed_refuses_until_restarted(gateways: Callable[..., RunningGateway]) -> None:
     gw = gateways()
     sidecar = gw.gateway.sidecar
+    assert sidecar is not None
     table = fresh_table(gw)
     with connect(gw.dsn(token_for(gw, "admins"))) as conn:
         simple(conn, f"INSERT INTO \"{table}\" VALUES (100, 'before')")
         old_pid = sidecar.pid
+        assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
         # Gone once it has exited: a kill still in flight leaves an OPA that answered a
         # moment ago, and a decision it made (shared by every text of the statement's shape)
@@ -142,7 +149,7 @@ def test_opa_killed_refuses_until_restarted(gateways: Any) -> None:
 # -- nothing listening where OPA should be -----------------------------------------------
 
 
-def test_nothing_listening_at_the_opa_url(gateways: Any) -> None:
+def test_nothing_listening_at_the_opa_url(gateways: Callable[..., RunningGateway]) -> None:
     port = free_port()
     gw = gateways(policy={"opa_url": f"http://127.0.0.1:{port}"})
     table = fresh_table(gw)
@@ -189,7 +196,7 @@ GARBAGE = {
 
 
 @pytest.fixture(scope="module")
-def faulty(gateways: Any) -> Iterator[tuple[Any, FaultServer]]:
+def faulty(gateways: Callable[..., RunningGateway]) -> Iterator[tuple[RunningGateway, FaultServer]]:
     server = FaultServer(reply=ALLOW_ALL)
     gw = gateways(policy={"opa_url": server.url, "timeout_seconds": 0.5})
     try:
@@ -199,7 +206,9 @@ def faulty(gateways: Any) -> Iterator[tuple[Any, FaultServer]]:
 
 
 @pytest.mark.parametrize(("reply", "reason"), list(GARBAGE.values()), ids=list(GARBAGE))
-def test_garbage_from_opa_refuses(faulty: tuple[Any, FaultServer], reply: Any, reason: str) -> None:
+def test_garbage_from_opa_refuses(
+    faulty: tuple[RunningGateway, FaultServer], reply: bytes | None, reason: str
+) -> None:
     gw, server = faulty
     table = fresh_table(gw)
     server.reply, server.delay = ALLOW_ALL, 0.0
@@ -219,7 +228,7 @@ def test_garbage_from_opa_refuses(faulty: tuple[Any, FaultServer], reply: Any, r
         direct(gw, f'DROP TABLE "{table}"')
 
 
-def test_slow_opa_refuses_at_the_timeout(faulty: tuple[Any, FaultServer]) -> None:
+def test_slow_opa_refuses_at_the_timeout(faulty: tuple[RunningGateway, FaultServer]) -> None:
     gw, server = faulty
     table = fresh_table(gw)
     timeout = gw.settings.policy.timeout_seconds
@@ -244,7 +253,9 @@ def test_slow_opa_refuses_at_the_timeout(faulty: tuple[Any, FaultServer]) -> Non
 # -- a real OPA whose policy has no `decision` -------------------------------------------
 
 
-def test_undefined_decision_from_a_real_opa_refuses(gateways: Any) -> None:
+def test_undefined_decision_from_a_real_opa_refuses(
+    gateways: Callable[..., RunningGateway],
+) -> None:
     rego = Path(tempfile.mkdtemp(prefix="pgw-rego-"))
     (rego / "pgwarden").mkdir()
     (rego / "pgwarden" / "other.rego").write_text("package pgwarden\n\nother := true\n")
@@ -279,7 +290,7 @@ UNPARSEABLE = [
 @pytest.mark.parametrize("text", UNPARSEABLE)
 @pytest.mark.parametrize("groups", [("engineers",), ("ai-agents",), ("engineers", "pii-readers")])
 def test_unparseable_sql_is_denied_to_all_but_admins(
-    gateway: Any, groups: tuple[str, ...], text: str
+    gateway: RunningGateway, groups: tuple[str, ...], text: str
 ) -> None:
     table = fresh_table(gateway)
     try:
@@ -299,7 +310,9 @@ def test_unparseable_sql_is_denied_to_all_but_admins(
 
 
 @pytest.mark.parametrize("text", UNPARSEABLE)
-def test_unparseable_sql_of_admins_gets_the_servers_syntax_error(gateway: Any, text: str) -> None:
+def test_unparseable_sql_of_admins_gets_the_servers_syntax_error(
+    gateway: RunningGateway, text: str
+) -> None:
     """Drivers and tools test for 42601: admins get PostgreSQL's own answer (nothing of a
     multi-statement Query runs, as the server parses it whole first), audited as unparsed."""
     table = fresh_table(gateway)

@@ -20,6 +20,8 @@ import asyncpg
 import psycopg
 import pytest
 
+from tests.harness import RunningGateway
+
 from . import (
     assert_no_customer_secret,
     assert_policy_refusal,
@@ -38,7 +40,7 @@ EXTENSIONS = ("hstore", "citext", "isn", "tablefunc")
 
 
 @pytest.fixture(scope="module")
-def extensions(gateway: Any) -> Iterator[None]:
+def extensions(gateway: RunningGateway) -> Iterator[None]:
     """The contrib extensions asyncpg's own codec tests install, and a plpgsql function."""
     available = {
         name for (name,) in direct(gateway, "SELECT name FROM pg_catalog.pg_available_extensions")
@@ -60,7 +62,9 @@ def extensions(gateway: Any) -> Iterator[None]:
 
 
 def on_asyncpg(
-    gateway: Any, role: str | tuple[str, ...], work: Callable[[asyncpg.Connection], Awaitable[_T]]
+    gateway: RunningGateway,
+    role: str | tuple[str, ...],
+    work: Callable[[asyncpg.Connection], Awaitable[_T]],
 ) -> _T:
     groups = (role,) if isinstance(role, str) else role
 
@@ -91,14 +95,21 @@ UNCLASSIFIED: list[tuple[str, tuple[Any, ...], Any]] = [
 @pytest.mark.parametrize("role", ["admins", "engineers", "ai-agents"])
 @pytest.mark.parametrize(("text", "args", "expected"), UNCLASSIFIED)
 def test_extension_code_over_no_classified_column_returns_values(
-    gateway: Any, extensions: None, role: str, text: str, args: tuple[Any, ...], expected: Any
+    gateway: RunningGateway,
+    extensions: None,
+    role: str,
+    text: str,
+    args: tuple[Any, ...],
+    expected: Any,
 ) -> None:
     assert direct(gateway, text.replace("$1", "%s"), args or None) == [(expected,)]
     got = on_asyncpg(gateway, role, lambda conn: conn.fetchval(text, *args))
     assert got == expected
 
 
-def test_asyncpg_custom_codec_over_an_extension_type(gateway: Any, extensions: None) -> None:
+def test_asyncpg_custom_codec_over_an_extension_type(
+    gateway: RunningGateway, extensions: None
+) -> None:
     """asyncpg's own TestCodecs.test_custom_codec_text, for admins and ai-agents."""
 
     async def work(conn: asyncpg.Connection) -> Any:
@@ -128,7 +139,7 @@ CLASSIFIED = [
 
 @pytest.mark.parametrize("text", CLASSIFIED)
 def test_extension_code_over_a_classified_column_is_masked(
-    gateway: Any, extensions: None, text: str
+    gateway: RunningGateway, extensions: None, text: str
 ) -> None:
     cleartext = direct(gateway, text)
     assert any("@example." in repr(r) or "-45-" in repr(r) for r in cleartext)  # the premise
@@ -136,7 +147,7 @@ def test_extension_code_over_a_classified_column_is_masked(
 
 
 def assert_masked_and_an_oracle(
-    gateway: Any, text: str, roles: tuple[str, ...], rows: int | None = None
+    gateway: RunningGateway, text: str, roles: tuple[str, ...], rows: int | None = None
 ) -> None:
     """`roles` (not pii-readers) get rows without a classified value (`rows` of them);
     ai-agents are refused: a function over a classified column is an oracle."""
@@ -151,7 +162,7 @@ def assert_masked_and_an_oracle(
         assert_no_customer_secret(refusal_of(exc.value))
 
 
-def test_a_plpgsql_function_stays_opaque(gateway: Any, extensions: None) -> None:
+def test_a_plpgsql_function_stays_opaque(gateway: RunningGateway, extensions: None) -> None:
     """Its body could read any table: masked whole for whoever is not a pii-reader, admins
     included; held for approval for ai-agents (it may also write)."""
     text = "SELECT pgw_constant_plpgsql()"
@@ -168,7 +179,7 @@ def test_a_plpgsql_function_stays_opaque(gateway: Any, extensions: None) -> None
 
 
 def test_a_user_function_of_an_extension_function_s_name_keeps_the_call_opaque(
-    gateway: Any, extensions: None
+    gateway: RunningGateway, extensions: None
 ) -> None:
     """Which of the functions of one name runs is for the arguments' types to decide: one
     user-written function of that name on the search_path makes the call opaque."""
@@ -190,7 +201,7 @@ def test_a_user_function_of_an_extension_function_s_name_keeps_the_call_opaque(
 
 
 def test_an_extension_function_that_runs_sql_text_stays_opaque(
-    gateway: Any, extensions: None
+    gateway: RunningGateway, extensions: None
 ) -> None:
     """tablefunc's crosstab (C, STABLE) runs the query it is given: no lineage reaches its
     rows, so every classified column is in play and its output columns are masked whole."""
@@ -245,7 +256,7 @@ DROP_SQL_FUNCTIONS = (
 
 
 @pytest.fixture(scope="module")
-def sql_functions(gateway: Any) -> Iterator[None]:
+def sql_functions(gateway: RunningGateway) -> Iterator[None]:
     direct(gateway, SQL_FUNCTIONS)
     yield
     direct(gateway, DROP_SQL_FUNCTIONS)
@@ -264,7 +275,7 @@ UNMASKED_CALLS = [
 @pytest.mark.parametrize("role", ["admins", "engineers", "ai-agents"])
 @pytest.mark.parametrize(("text", "expected"), UNMASKED_CALLS)
 def test_a_sql_function_whose_body_reads_no_classified_column_returns_values(
-    gateway: Any, sql_functions: None, role: str, text: str, expected: Any
+    gateway: RunningGateway, sql_functions: None, role: str, text: str, expected: Any
 ) -> None:
     assert direct(gateway, text) == [(expected,)]
     assert on_asyncpg(gateway, role, lambda conn: conn.fetchval(text)) == expected
@@ -284,7 +295,7 @@ MASKED_CALLS = [
 
 @pytest.mark.parametrize("text", MASKED_CALLS)
 def test_a_sql_function_whose_body_reads_a_classified_column_is_masked(
-    gateway: Any, sql_functions: None, text: str
+    gateway: RunningGateway, sql_functions: None, text: str
 ) -> None:
     assert_masked_and_an_oracle(gateway, text, ("admins", "engineers"))
     reader = ("admins", "pii-readers")
@@ -293,7 +304,7 @@ def test_a_sql_function_whose_body_reads_a_classified_column_is_masked(
 
 
 def test_a_sql_function_is_read_under_the_search_path_it_sets_for_itself(
-    gateway: Any, sql_functions: None
+    gateway: RunningGateway, sql_functions: None
 ) -> None:
     """pgw_mail_pinned sets search_path = public: its `customers` is public.customers
     whatever the caller's path says; pgw_mail has none: the caller's path decides, as it
@@ -318,7 +329,7 @@ def test_a_sql_function_is_read_under_the_search_path_it_sets_for_itself(
     ],
 )
 def test_a_sql_function_that_recurses_or_writes_stays_opaque(
-    gateway: Any, sql_functions: None, text: str
+    gateway: RunningGateway, sql_functions: None, text: str
 ) -> None:
     want = direct(gateway, text)[0][0]
     assert on_asyncpg(gateway, "admins", lambda conn: conn.fetchval(text)) != want
@@ -329,7 +340,7 @@ def test_a_sql_function_that_recurses_or_writes_stays_opaque(
 
 
 def test_a_copy_through_a_sql_function_is_held_like_a_direct_copy(
-    gateway: Any, sql_functions: None
+    gateway: RunningGateway, sql_functions: None
 ) -> None:
     """INSERT ... VALUES (pgw_mail(1)) copies customers.email as surely as INSERT ...
     SELECT email: engineers wait for an admin, and nothing is written meanwhile."""
@@ -352,7 +363,7 @@ def test_a_copy_through_a_sql_function_is_held_like_a_direct_copy(
 
 
 def test_a_write_of_what_opaque_code_computes_keeps_classified_values_masked(
-    gateway: Any, extensions: None
+    gateway: RunningGateway, extensions: None
 ) -> None:
     """A plpgsql function reading customers.email, its value written to another column:
     which classified column it copies is unknown, so engineers wait for an admin and what

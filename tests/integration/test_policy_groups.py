@@ -19,6 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 from . import (
     assert_policy_refusal,
@@ -57,30 +60,30 @@ atexit.register(shutil.rmtree, SPOOL, True)
 
 
 def rows_are(expected: list[tuple[Any, ...]]) -> Check:
-    def check(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+    def check(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
         assert result == expected
 
     return check
 
 
 def table_now(expected: list[tuple[Any, ...]]) -> Check:
-    def check(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+    def check(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
         assert table_rows(gateway, table) == expected
 
     return check
 
 
-def table_gone(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+def table_gone(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
     assert not table_exists(gateway, table)
 
 
-def granted_to_public(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+def granted_to_public(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
     assert direct(
         gateway, "SELECT has_table_privilege('public', %s, 'SELECT')", (f'"{table}"',)
     ) == [(True,)]
 
 
-def renamed_column(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+def renamed_column(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
     assert direct(
         gateway,
         "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum = 2",
@@ -89,19 +92,19 @@ def renamed_column(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> N
 
 
 def same_as_direct(query: str) -> Check:
-    def check(gateway: Any, table: str, result: list[tuple[Any, ...]]) -> None:
+    def check(gateway: RunningGateway, table: str, result: list[tuple[Any, ...]]) -> None:
         assert result == direct(gateway, query)
 
     return check
 
 
-def assert_idle(conn: psycopg.Connection[Any]) -> None:
+def assert_idle(conn: psycopg.Connection[TupleRow]) -> None:
     """The connection is idle and open after a refusal."""
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert not conn.closed
 
 
-def run_case(gateway: Any, groups: tuple[str, ...], case: Case) -> None:
+def run_case(gateway: RunningGateway, groups: tuple[str, ...], case: Case) -> None:
     table = fresh_table(gateway)
     try:
         token = token_for(gateway, *groups)
@@ -368,39 +371,39 @@ def params(table: dict[str, Case]) -> list[Any]:
 
 
 @pytest.mark.parametrize("case", params(ADMINS))
-def test_admins(gateway: Any, case: Case) -> None:
+def test_admins(gateway: RunningGateway, case: Case) -> None:
     run_case(gateway, ("admins",), case)
 
 
 @pytest.mark.parametrize("case", params(ENGINEERS))
-def test_engineers(gateway: Any, case: Case) -> None:
+def test_engineers(gateway: RunningGateway, case: Case) -> None:
     run_case(gateway, ("engineers",), case)
     assert list(SPOOL.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", params(AI_AGENTS))
-def test_ai_agents(gateway: Any, case: Case) -> None:
+def test_ai_agents(gateway: RunningGateway, case: Case) -> None:
     run_case(gateway, ("ai-agents",), case)
     assert list(SPOOL.iterdir()) == []
 
 
 @pytest.mark.parametrize("groups", [(), ("viewers",), ("pii-readers",), ("Admins", "AI-agents")])
 @pytest.mark.parametrize("case", params(NOBODY))
-def test_nobody(gateway: Any, groups: tuple[str, ...], case: Case) -> None:
+def test_nobody(gateway: RunningGateway, groups: tuple[str, ...], case: Case) -> None:
     run_case(gateway, groups, case)
 
 
 @pytest.mark.parametrize("case", params(AI_PII))
-def test_ai_agents_who_are_pii_readers(gateway: Any, case: Case) -> None:
+def test_ai_agents_who_are_pii_readers(gateway: RunningGateway, case: Case) -> None:
     run_case(gateway, ("ai-agents", "pii-readers"), case)
 
 
 @pytest.mark.parametrize("case", params(ENGINEERS_PII))
-def test_engineers_who_are_pii_readers(gateway: Any, case: Case) -> None:
+def test_engineers_who_are_pii_readers(gateway: RunningGateway, case: Case) -> None:
     run_case(gateway, ("pii-readers", "engineers"), case)
 
 
-def test_most_privileged_row_applies(gateway: Any) -> None:
+def test_most_privileged_row_applies(gateway: RunningGateway) -> None:
     """Groups grant, never restrict: ai-agents + admins may write."""
     run_case(
         gateway,
@@ -409,7 +412,7 @@ def test_most_privileged_row_applies(gateway: Any) -> None:
     )
 
 
-def test_alter_system_left_no_trace(gateway: Any) -> None:
+def test_alter_system_left_no_trace(gateway: RunningGateway) -> None:
     """The refused ALTER SYSTEMs above never reached postgresql.auto.conf."""
     auto_conf = direct(gateway, "SELECT pg_read_file('postgresql.auto.conf')")[0][0]
     assert "7777kB" not in auto_conf
@@ -418,7 +421,7 @@ def test_alter_system_left_no_trace(gateway: Any) -> None:
 @pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",), ("admins",)])
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_allowed_reads_of_unclassified_columns_are_intact(
-    gateway: Any, groups: tuple[str, ...], protocol: str
+    gateway: RunningGateway, groups: tuple[str, ...], protocol: str
 ) -> None:
     """An allowed read returns the right rows: masks cover classified columns, nothing else."""
     queries = {
@@ -447,7 +450,7 @@ EXPRESSIONS_OVER_CLASSIFIED = [
 @pytest.mark.parametrize("groups", [("engineers",), ("admins",)])
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_expressions_over_classified_columns_never_show_them(
-    gateway: Any, groups: tuple[str, ...], protocol: str
+    gateway: RunningGateway, groups: tuple[str, ...], protocol: str
 ) -> None:
     """Masks follow a classified value into expressions (for all but pii-readers)."""
     queries = [
@@ -468,7 +471,7 @@ def test_expressions_over_classified_columns_never_show_them(
 
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 def test_expressions_over_classified_columns_are_oracles_for_ai_agents(
-    gateway: Any, protocol: str
+    gateway: RunningGateway, protocol: str
 ) -> None:
     """For ai-agents an expression over a classified column is refused, not masked: what it
     computes (an error, a row count) would reach the client unmasked."""
@@ -487,7 +490,9 @@ def test_expressions_over_classified_columns_are_oracles_for_ai_agents(
 
 
 @pytest.mark.parametrize("groups", [("ai-agents",), ("engineers",)])
-def test_what_pools_and_drivers_send_is_allowed(gateway: Any, groups: tuple[str, ...]) -> None:
+def test_what_pools_and_drivers_send_is_allowed(
+    gateway: RunningGateway, groups: tuple[str, ...]
+) -> None:
     """A server-side cursor of psycopg (DECLARE, FETCH, MOVE, CLOSE), and what pools send on
     every checkout (DISCARD ALL, RESET ALL...), work for every row; afterwards masks and
     search_path tracking still hold."""

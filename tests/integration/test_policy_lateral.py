@@ -17,6 +17,9 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 from . import (
     ALL_CUSTOMER_SECRETS,
@@ -38,12 +41,12 @@ ALL_SECRETS = ALL_CUSTOMER_SECRETS
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
 
-def refused_or_rows(conn: psycopg.Connection[Any], text: str) -> tuple[Any, list[Any]]:
+def refused_or_rows(conn: psycopg.Connection[TupleRow], text: str) -> tuple[Any, list[Any]]:
     """(the refusal or None, the rows): whatever the client is given, nothing else."""
     try:
         return None, simple(conn, text)
@@ -86,7 +89,7 @@ ORACLES = [
 
 @pytest.mark.parametrize("text", LEAKS)
 def test_a_lateral_join_relays_no_classified_value(
-    gateway: Any, agent: psycopg.Connection[Any], text: str
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow], text: str
 ) -> None:
     assert any(s in repr(direct(gateway, text)) for s in ALL_SECRETS)  # the premise
     refusal, rows = refused_or_rows(agent, text)
@@ -99,7 +102,7 @@ def test_a_lateral_join_relays_no_classified_value(
 
 @pytest.mark.parametrize("text", ORACLES)
 def test_a_question_over_a_lateral_alias_is_refused(
-    gateway: Any, agent: psycopg.Connection[Any], text: str
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow], text: str
 ) -> None:
     assert direct(gateway, text) is not None  # the premise: it runs
     with pytest.raises(psycopg.Error) as exc:
@@ -108,7 +111,7 @@ def test_a_question_over_a_lateral_alias_is_refused(
 
 
 def test_a_lateral_subselect_that_only_shows_a_column_is_masked(
-    agent: psycopg.Connection[Any],
+    agent: psycopg.Connection[TupleRow],
 ) -> None:
     rows = simple(
         agent,
@@ -198,7 +201,7 @@ def from_shapes(draw: st.DrawFn) -> tuple[str, str, bool]:
 )
 @given(shape=from_shapes())
 def test_no_from_clause_shape_relays_a_classified_value_to_ai_agents(
-    gateway: Any, shape: tuple[str, str, bool]
+    gateway: RunningGateway, shape: tuple[str, str, bool]
 ) -> None:
     text, col, only_shown = shape
     # The premise: the statement runs and, straight to the database, shows the cleartext.

@@ -9,12 +9,14 @@ later, unmasked statement.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from gateway.protocol import Bind, DataRow, Describe, Execute, Parse, Sync
+from tests.harness import RunningGateway
 
 from . import RawClient, assert_policy_refusal, connect, direct, refusal_of, simple, token_for
 
@@ -25,7 +27,7 @@ CHANNEL = "would carry their values past the masks"
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
@@ -37,7 +39,7 @@ def assert_clean(seen: Any) -> None:
 
 
 def test_planner_statistics_do_not_list_classified_values(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     direct(gateway, "ANALYZE customers")
     # The premise: the statistics hold the cleartext.
@@ -70,13 +72,15 @@ def test_planner_statistics_do_not_list_classified_values(
         assert_policy_refusal(refusal_of(exc.value), reason="(expression)")
 
 
-def test_a_predicate_on_statistics_samples_is_an_oracle(agent: psycopg.Connection[Any]) -> None:
+def test_a_predicate_on_statistics_samples_is_an_oracle(
+    agent: psycopg.Connection[TupleRow],
+) -> None:
     with pytest.raises(psycopg.Error) as exc:
         simple(agent, "SELECT attname FROM pg_stats WHERE histogram_bounds::text LIKE '%ada%'")
     assert_policy_refusal(refusal_of(exc.value))
 
 
-def test_a_setting_does_not_carry_a_masked_value(agent: psycopg.Connection[Any]) -> None:
+def test_a_setting_does_not_carry_a_masked_value(agent: psycopg.Connection[TupleRow]) -> None:
     with pytest.raises(psycopg.Error) as exc:
         simple(agent, "SELECT set_config('pgw.leak', email, false) FROM customers WHERE id = 1")
     assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
@@ -89,7 +93,7 @@ def test_a_setting_does_not_carry_a_masked_value(agent: psycopg.Connection[Any])
     assert simple(agent, "SELECT set_config('pgw.ok', 'x', false)") == [("x",)]
 
 
-def test_a_notification_does_not_carry_a_masked_value(agent: psycopg.Connection[Any]) -> None:
+def test_a_notification_does_not_carry_a_masked_value(agent: psycopg.Connection[TupleRow]) -> None:
     heard: list[str] = []
     agent.add_notify_handler(lambda n: heard.append(n.payload))
     simple(agent, "LISTEN pgw_leak")
@@ -100,7 +104,9 @@ def test_a_notification_does_not_carry_a_masked_value(agent: psycopg.Connection[
     assert_clean(heard)
 
 
-def test_an_advisory_lock_does_not_carry_a_masked_fragment(agent: psycopg.Connection[Any]) -> None:
+def test_an_advisory_lock_does_not_carry_a_masked_fragment(
+    agent: psycopg.Connection[TupleRow],
+) -> None:
     with pytest.raises(psycopg.Error) as exc:
         simple(agent, "SELECT pg_advisory_lock(ascii(email)) FROM customers WHERE id = 1")
     assert_policy_refusal(refusal_of(exc.value), reason=CHANNEL)
@@ -110,7 +116,7 @@ def test_an_advisory_lock_does_not_carry_a_masked_fragment(agent: psycopg.Connec
 
 @pytest.mark.parametrize("kind", ["S", "P"])
 def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks(
-    gateway: Any, kind: str
+    gateway: RunningGateway, kind: Literal["S", "P"]
 ) -> None:
     """Parse A, Describe A, Parse B (same name), Bind, Execute B in one pipeline: A's
     description arrives after B replaced A, and must not be taken for B's columns."""
@@ -119,7 +125,7 @@ def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks
         client.send(
             Parse("", b"SELECT name FROM customers"),
             Bind("", ""),
-            Describe(kind, ""),  # type: ignore[arg-type]
+            Describe(kind, ""),
             Parse("", b"SELECT email FROM customers"),
             Bind("", ""),
             Execute(""),
@@ -134,7 +140,7 @@ def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks
 
 
 def test_other_sessions_statement_text_is_masked(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as other:
         other.execute(b"SELECT id FROM customers WHERE ssn = '987-65-4321'")

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.harness import RunningGateway
+
 from . import connect, simple, token_for
 
 pytestmark = pytest.mark.server
@@ -99,7 +101,9 @@ ENGINEER_CASES = [
 
 
 @pytest.mark.parametrize(("text", "expected"), ENGINEER_CASES)
-def test_engineers_see_what_lineage_allows(gateway: Any, text: str, expected: Any) -> None:
+def test_engineers_see_what_lineage_allows(
+    gateway: RunningGateway, text: str, expected: Any
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         rows = simple(conn, text)
         assert rows == expected
@@ -126,14 +130,16 @@ AGENT_CASES = [
 
 
 @pytest.mark.parametrize(("text", "expected"), AGENT_CASES)
-def test_ai_agents_see_what_lineage_allows(gateway: Any, text: str, expected: Any) -> None:
+def test_ai_agents_see_what_lineage_allows(
+    gateway: RunningGateway, text: str, expected: Any
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         rows = simple(conn, text)
         assert rows == expected
         assert_clean(rows)
 
 
-def test_asyncpg_binary_results_follow_lineage(gateway: Any) -> None:
+def test_asyncpg_binary_results_follow_lineage(gateway: RunningGateway) -> None:
     async def run() -> list[Any]:
         conn = await asyncpg.connect(gateway.url(token_for(gateway, "engineers")))
         try:
@@ -153,7 +159,7 @@ def test_asyncpg_binary_results_follow_lineage(gateway: Any) -> None:
     assert_clean(rows)
 
 
-def test_a_prepared_statement_keeps_its_lineage(gateway: Any) -> None:
+def test_a_prepared_statement_keeps_its_lineage(gateway: RunningGateway) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         simple(conn, "PREPARE q AS SELECT 'x', count(*), max(email) FROM customers WHERE ssn <> ''")
         assert simple(conn, "EXECUTE q") == [("x", 2, "***")]
@@ -164,7 +170,7 @@ def test_a_prepared_statement_keeps_its_lineage(gateway: Any) -> None:
             assert row == ("y", 2)
 
 
-def test_a_cursor_keeps_its_lineage(gateway: Any) -> None:
+def test_a_cursor_keeps_its_lineage(gateway: RunningGateway) -> None:
     """FETCH names the cursor, not the columns: the rows follow what DECLARE selected."""
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         simple(
@@ -188,7 +194,7 @@ def test_a_cursor_keeps_its_lineage(gateway: Any) -> None:
         assert sorted(rows) == [(1, "z", "a***@example.com"), (1, "z", "g***@example.org")]
 
 
-def test_a_cursor_whose_lineage_is_unknown_is_masked_whole(gateway: Any) -> None:
+def test_a_cursor_whose_lineage_is_unknown_is_masked_whole(gateway: RunningGateway) -> None:
     """A FETCH in the same Query as its DECLARE (not confirmed yet), or of a name reused by
     code pgwarden cannot see into: every expression column masked, as before."""
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
@@ -235,7 +241,7 @@ def select_lists(draw: st.DrawFn) -> tuple[str, dict[int, Any]]:
 @settings(max_examples=40, derandomize=True, deadline=None)
 @given(case=select_lists())
 def test_generated_select_lists_show_literals_and_hide_values(
-    gateway: Any, case: tuple[str, dict[int, Any]]
+    gateway: RunningGateway, case: tuple[str, dict[int, Any]]
 ) -> None:
     text, literals = case
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:

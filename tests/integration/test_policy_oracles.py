@@ -16,6 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 from . import assert_policy_refusal, connect, direct, refusal_of, simple, token_for
 
@@ -26,12 +29,12 @@ ORACLE = "ai-agents may not use classified column public.customers.email"
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
 
-def assert_refused(conn: psycopg.Connection[Any], text: str, reason: str = ORACLE) -> None:
+def assert_refused(conn: psycopg.Connection[TupleRow], text: str, reason: str = ORACLE) -> None:
     with pytest.raises(psycopg.Error) as exc:
         simple(conn, text)
     assert_policy_refusal(refusal_of(exc.value), reason=reason)
@@ -44,7 +47,7 @@ def assert_clean(seen: Any) -> None:
 
 
 def test_natural_join_on_a_classified_column_is_an_oracle(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     probe = "SELECT id FROM customers NATURAL JOIN (SELECT 'ada@example.com'::text AS email) v"
     # The premise: the join answers the question.
@@ -72,7 +75,7 @@ def test_natural_join_on_a_classified_column_is_an_oracle(
     ],
 )
 def test_set_operations_and_distinct_compare_classified_values(
-    gateway: Any, agent: psycopg.Connection[Any], probe: str
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow], probe: str
 ) -> None:
     assert direct(gateway, probe) is not None
     with pytest.raises(psycopg.Error) as exc:
@@ -82,7 +85,7 @@ def test_set_operations_and_distinct_compare_classified_values(
     assert "(group)" in refusal.message, refusal
 
 
-def test_union_all_only_shows_masked_values(agent: psycopg.Connection[Any]) -> None:
+def test_union_all_only_shows_masked_values(agent: psycopg.Connection[TupleRow]) -> None:
     rows = simple(agent, "SELECT email FROM customers UNION ALL SELECT 'x'")
     assert len(rows) == 3
     assert_clean(rows)
@@ -109,13 +112,13 @@ def test_union_all_only_shows_masked_values(agent: psycopg.Connection[Any]) -> N
     ],
 )
 def test_classified_columns_inside_expressions_are_oracles(
-    agent: psycopg.Connection[Any], probe: str
+    agent: psycopg.Connection[TupleRow], probe: str
 ) -> None:
     assert_refused(agent, probe, reason=f"{ORACLE} outside the output list (expression)")
 
 
 def test_division_by_zero_no_longer_reaches_the_client(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     probe = "SELECT 1/(ascii(email)-97) FROM customers"
     with pytest.raises(psycopg.Error) as direct_exc:
@@ -138,7 +141,7 @@ def test_division_by_zero_no_longer_reaches_the_client(
     ],
 )
 def test_bare_classified_columns_are_still_shown_masked(
-    agent: psycopg.Connection[Any], query: str
+    agent: psycopg.Connection[TupleRow], query: str
 ) -> None:
     rows = simple(agent, query)
     assert len(rows) == 2, query
@@ -146,7 +149,7 @@ def test_bare_classified_columns_are_still_shown_masked(
 
 
 def test_credentials_in_the_system_catalogs_are_masked(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     role = "pgw_oracle_cred"
     direct(
@@ -184,7 +187,9 @@ def test_credentials_in_the_system_catalogs_are_masked(
         direct(gateway, f"DROP ROLE IF EXISTS {role}")
 
 
-def test_user_mapping_options_are_masked(gateway: Any, agent: psycopg.Connection[Any]) -> None:
+def test_user_mapping_options_are_masked(
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
+) -> None:
     direct(
         gateway,
         "CREATE FOREIGN DATA WRAPPER pgw_oracle_fdw;"
@@ -216,7 +221,9 @@ def test_user_mapping_options_are_masked(gateway: Any, agent: psycopg.Connection
         )
 
 
-def test_expressions_through_views(gateway: Any, agent: psycopg.Connection[Any]) -> None:
+def test_expressions_through_views(
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
+) -> None:
     """An expression written into a view by its owner is read like a column (masked, as
     pgwarden reads through the view); an expression the agent writes over a view column that
     comes from a classified column is an oracle like one over the column itself."""

@@ -7,13 +7,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
 from cli.localpg import LocalCluster
+from gateway.protocol import Bind, Execute, Parse, Sync
 from tests.harness import RunningGateway, start_gateway, stop_gateway
+
+from . import REFUSED, RawClient, errors_in
 
 pytestmark = pytest.mark.server
 
@@ -49,7 +52,7 @@ def params_gateway(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_each_execution_is_decided_with_its_parameters(params_gateway: Any) -> None:
+def test_each_execution_is_decided_with_its_parameters(params_gateway: RunningGateway) -> None:
     token = params_gateway.token("svc:params", groups=("services",))
     with psycopg.connect(params_gateway.dsn(token), autocommit=True) as conn:
         query = "SELECT id, amount FROM orders WHERE id = %s OR id = 13"
@@ -58,3 +61,53 @@ def test_each_execution_is_decided_with_its_parameters(params_gateway: Any) -> N
             conn.execute(query, [13], prepare=True)
         # The same prepared statement with another value runs again.
         assert conn.execute(query, [2], prepare=True).fetchall() == [(2, 20)]
+
+
+async def test_binary_parameters_of_types_the_server_described_are_decided_as_values(
+    params_gateway: RunningGateway,
+) -> None:
+    """asyncpg leaves the parameter types to the server (its Parse declares none, its
+    Describe reads them back) and binds values in binary: the policy must see `13`, not the
+    bytes of an int4, or the deny on 13 is passed by."""
+    token = params_gateway.token("svc:params", groups=("services",))
+    conn = await asyncpg.connect(params_gateway.url(token), timeout=10)
+    try:
+        query = "SELECT id, amount FROM orders WHERE id = $1 OR id = 13"
+        assert [tuple(r) for r in await conn.fetch(query, 1)] == [(1, 10.5)]
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="order 13 is off limits"):
+            await conn.fetch(query, 13)
+        assert [tuple(r) for r in await conn.fetch(query, 2)] == [(2, 20)]
+        # Text in binary is its characters, so a policy reading text parameters sees them.
+        by_note = "SELECT count(*) FROM orders WHERE $1::text = '13'"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="order 13 is off limits"):
+            await conn.fetchval(by_note, "13")
+    finally:
+        await conn.close()
+
+
+def test_a_binary_parameter_of_an_undeclared_type_is_refused_where_values_decide(
+    params_gateway: RunningGateway,
+) -> None:
+    """Bound in binary with a type neither the Parse declared nor a Describe read back, a
+    value cannot be shown to the policy as what it is: the execution is refused (fail
+    closed), the session carries on, and the same value in text is decided as usual."""
+    token = params_gateway.token("svc:params", groups=("services",))
+    client = RawClient(params_gateway, token)
+    query = b"SELECT id FROM orders WHERE id = $1 OR id = 13"
+    thirteen = (13).to_bytes(4, "big")
+    try:
+        client.send(Parse("p", query, (0,)), Bind("", "p", (1,), (thirteen,), ()), Execute(""))
+        client.send(Sync())
+        reply = client.until_ready()
+        (error,) = errors_in(reply)
+        assert error.sqlstate == REFUSED and "binary parameter" in (error.message or ""), error
+        assert not [body for code, body in reply if code == "D"], reply
+        # The session is usable; in text, 13 meets the policy's own deny, 1 runs.
+        client.send(Bind("", "p", (), (b"13",), ()), Execute(""), Sync())
+        (error,) = errors_in(client.until_ready())
+        assert "order 13 is off limits" in (error.message or ""), error
+        client.send(Bind("", "p", (), (b"1",), ()), Execute(""), Sync())
+        reply = client.until_ready()
+        assert not errors_in(reply) and [c for c, _ in reply].count("D") == 1, reply
+    finally:
+        client.close()

@@ -17,9 +17,11 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import SUPERUSER
 from gateway.protocol import Bind, DataRow, Execute, FunctionCall, Query, Sync
+from tests.harness import RunningGateway
 
 from . import (
     IN_FAILED_TRANSACTION,
@@ -45,20 +47,20 @@ SERVER_REJECTS = "SELECT * FROM pgwarden_no_such_table WHERE %s IS NOT NULL"
 
 
 @pytest.fixture
-def table(gateway: Any) -> Iterator[str]:
+def table(gateway: RunningGateway) -> Iterator[str]:
     name = fresh_table(gateway)
     yield name
     direct(gateway, f'DROP TABLE IF EXISTS "{name}"')
 
 
-def engineers(gateway: Any, **kw: Any) -> psycopg.Connection[Any]:
+def engineers(gateway: RunningGateway, **kw: Any) -> psycopg.Connection[TupleRow]:
     return connect(gateway.dsn(token_for(gateway, "engineers")), **kw)
 
 
 # -- multi-statement simple Query messages -------------------------------------------------
 
 
-def test_message_with_a_denied_statement_runs_nothing(gateway: Any, table: str) -> None:
+def test_message_with_a_denied_statement_runs_nothing(gateway: RunningGateway, table: str) -> None:
     with engineers(gateway) as conn:
         with pytest.raises(psycopg.Error) as info:
             simple(
@@ -71,7 +73,7 @@ def test_message_with_a_denied_statement_runs_nothing(gateway: Any, table: str) 
     assert table_rows(gateway, table) == original_rows()
 
 
-def test_deny_beats_approval_in_one_message(gateway: Any, table: str) -> None:
+def test_deny_beats_approval_in_one_message(gateway: RunningGateway, table: str) -> None:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         with pytest.raises(psycopg.Error) as info:
             simple(conn, f"DELETE FROM \"{table}\"; SELECT pg_read_file('/etc/hostname')")
@@ -79,7 +81,7 @@ def test_deny_beats_approval_in_one_message(gateway: Any, table: str) -> None:
     assert table_rows(gateway, table) == original_rows()
 
 
-def test_message_of_allowed_statements_runs_them_all(gateway: Any, table: str) -> None:
+def test_message_of_allowed_statements_runs_them_all(gateway: RunningGateway, table: str) -> None:
     with engineers(gateway) as conn:
         rows = simple(
             conn,
@@ -122,7 +124,7 @@ def pipeline_outcome(
 
 @pytest.mark.parametrize("sync_after_first", [False, True], ids=["one-sync", "sync-between"])
 def test_denied_parse_in_a_pipeline_behaves_as_a_server_error(
-    gateway: Any, sync_after_first: bool
+    gateway: RunningGateway, sync_after_first: bool
 ) -> None:
     # First straight to PostgreSQL, with a statement the server itself rejects at Parse.
     t_direct = fresh_table(gateway)
@@ -149,7 +151,7 @@ def test_denied_parse_in_a_pipeline_behaves_as_a_server_error(
     assert rows_gw == ([*original_rows(), (10, "a")] if sync_after_first else original_rows())
 
 
-def test_denied_parse_error_fields(gateway: Any) -> None:
+def test_denied_parse_error_fields(gateway: RunningGateway) -> None:
     with engineers(gateway) as conn:
         with pytest.raises(psycopg.Error) as info:
             conn.execute(DENIED_READ, ("/etc/hostname",))
@@ -157,7 +159,7 @@ def test_denied_parse_error_fields(gateway: Any) -> None:
         assert conn.execute("SELECT %s::text", ("ok",)).fetchone() == ("ok",)
 
 
-async def test_asyncpg_prepared_statements(gateway: Any, table: str) -> None:
+async def test_asyncpg_prepared_statements(gateway: RunningGateway, table: str) -> None:
     conn = await asyncpg.connect(gateway.url(token_for(gateway, "ai-agents")), timeout=10)
     try:
         kept = await conn.prepare(f'SELECT v FROM "{table}" WHERE id = $1')
@@ -185,7 +187,9 @@ async def test_asyncpg_prepared_statements(gateway: Any, table: str) -> None:
 # -- explicit transactions -----------------------------------------------------------------
 
 
-def test_transaction_after_a_refusal_is_aborted_until_rollback(gateway: Any, table: str) -> None:
+def test_transaction_after_a_refusal_is_aborted_until_rollback(
+    gateway: RunningGateway, table: str
+) -> None:
     with engineers(gateway, autocommit=False) as conn:
         conn.execute(f"INSERT INTO \"{table}\" VALUES (10, 'a')")
         with pytest.raises(psycopg.Error) as info:
@@ -208,7 +212,9 @@ def test_transaction_after_a_refusal_is_aborted_until_rollback(gateway: Any, tab
 
 
 @pytest.mark.parametrize("refused", ["DELETE FROM {t}", "SELECT pg_read_file('/etc/hostname')"])
-def test_commit_after_a_refusal_rolls_back(gateway: Any, table: str, refused: str) -> None:
+def test_commit_after_a_refusal_rolls_back(
+    gateway: RunningGateway, table: str, refused: str
+) -> None:
     """As in PostgreSQL, COMMIT of a failed transaction is a ROLLBACK: nothing is kept."""
     with engineers(gateway) as conn:
         simple(conn, "BEGIN")
@@ -225,7 +231,7 @@ def test_commit_after_a_refusal_rolls_back(gateway: Any, table: str, refused: st
     assert table_rows(gateway, table) == original_rows()
 
 
-def test_savepoint_recovers_from_a_refusal(gateway: Any, table: str) -> None:
+def test_savepoint_recovers_from_a_refusal(gateway: RunningGateway, table: str) -> None:
     with engineers(gateway) as conn:
         simple(conn, "BEGIN")
         simple(conn, f"INSERT INTO \"{table}\" VALUES (10, 'kept')")
@@ -241,7 +247,9 @@ def test_savepoint_recovers_from_a_refusal(gateway: Any, table: str) -> None:
     assert table_rows(gateway, table) == [*original_rows(), (10, "kept"), (11, "also")]
 
 
-def test_extended_protocol_refusal_inside_a_transaction(gateway: Any, table: str) -> None:
+def test_extended_protocol_refusal_inside_a_transaction(
+    gateway: RunningGateway, table: str
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "ai-agents")), autocommit=False) as conn:
         assert conn.execute(f'SELECT v FROM "{table}" WHERE id = %s', (1,)).fetchone() == ("v1",)
         with pytest.raises(psycopg.Error) as info:
@@ -254,7 +262,7 @@ def test_extended_protocol_refusal_inside_a_transaction(gateway: Any, table: str
     assert table_rows(gateway, table) == original_rows()
 
 
-def test_psql_transaction_matches_postgresql(gateway: Any, table: str) -> None:
+def test_psql_transaction_matches_postgresql(gateway: RunningGateway, table: str) -> None:
     """The same psql script straight to PostgreSQL (with a server-side error) and through
     pgwarden (with a refusal) gives the same statement-by-statement output."""
     script = (
@@ -293,7 +301,7 @@ def test_psql_transaction_matches_postgresql(gateway: Any, table: str) -> None:
 # -- startup options ---------------------------------------------------------------------
 
 
-def test_startup_search_path_option_works(gateway: Any) -> None:
+def test_startup_search_path_option_works(gateway: RunningGateway) -> None:
     dsn = gateway.dsn(token_for(gateway, "ai-agents"), options="-c search_path=public")
     with connect(dsn) as conn:
         assert simple(conn, "SHOW search_path") == [("public",)]
@@ -304,7 +312,7 @@ def test_startup_search_path_option_works(gateway: Any) -> None:
     "option",
     ["-c role=postgres", "-c session_authorization=postgres", "-crole=postgres", "--role=postgres"],
 )
-def test_startup_option_changing_identity_is_refused(gateway: Any, option: str) -> None:
+def test_startup_option_changing_identity_is_refused(gateway: RunningGateway, option: str) -> None:
     dsn = gateway.dsn(token_for(gateway, "ai-agents"), options=option)
     with pytest.raises(psycopg.OperationalError) as info:
         connect(dsn)
@@ -320,7 +328,7 @@ def test_startup_option_changing_identity_is_refused(gateway: Any, option: str) 
         client.close()
 
 
-async def test_startup_parameter_role_via_asyncpg_is_refused(gateway: Any) -> None:
+async def test_startup_parameter_role_via_asyncpg_is_refused(gateway: RunningGateway) -> None:
     with pytest.raises(asyncpg.PostgresError) as info:
         await asyncpg.connect(
             gateway.url(token_for(gateway, "ai-agents")),
@@ -331,7 +339,7 @@ async def test_startup_parameter_role_via_asyncpg_is_refused(gateway: Any) -> No
     assert "pgwarden" in str(info.value)
 
 
-def test_admins_may_set_role_at_startup(gateway: Any) -> None:
+def test_admins_may_set_role_at_startup(gateway: RunningGateway) -> None:
     dsn = gateway.dsn(token_for(gateway, "admins"), options=f"-c role={SUPERUSER}")
     with connect(dsn) as conn:
         assert simple(conn, "SELECT current_user") == [(SUPERUSER,)]
@@ -343,7 +351,7 @@ def test_admins_may_set_role_at_startup(gateway: Any) -> None:
 @pytest.mark.parametrize(
     "text", [b"SELECT email, ssn FROM customers", b"SELECT * FROM customers"], ids=["named", "star"]
 )
-def test_sql_prepared_statement_run_by_bind_is_masked(gateway: Any, text: bytes) -> None:
+def test_sql_prepared_statement_run_by_bind_is_masked(gateway: RunningGateway, text: bytes) -> None:
     """PREPARE by Query, then Bind/Execute of that name: decided on the same facts as the
     SQL EXECUTE would be (schemas resolved, * expanded), so the same masks apply."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
@@ -364,14 +372,18 @@ def test_sql_prepared_statement_run_by_bind_is_masked(gateway: Any, text: bytes)
 # -- the FunctionCall message --------------------------------------------------------------
 
 
-def _function_call(gateway: Any, groups: tuple[str, ...], signature: str, arg: bytes) -> Any:
+def _function_call(
+    gateway: RunningGateway, groups: tuple[str, ...], signature: str, arg: bytes
+) -> tuple[RawClient, list[tuple[str, bytes]]]:
     [(oid,)] = direct(gateway, f"SELECT '{signature}'::regprocedure::oid")
     client = RawClient(gateway, token_for(gateway, *groups))
     client.send(FunctionCall(int(oid), (1,), (arg,), 0))
     return client, client.until_ready()
 
 
-def test_function_call_message_is_decided_as_a_call_of_its_function(gateway: Any) -> None:
+def test_function_call_message_is_decided_as_a_call_of_its_function(
+    gateway: RunningGateway,
+) -> None:
     """ai-agents: a call is code, held for approval; nothing runs, the session carries on."""
     before = direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata")
     client, reply = _function_call(
@@ -393,7 +405,7 @@ def test_function_call_message_is_decided_as_a_call_of_its_function(gateway: Any
     assert direct(gateway, "SELECT count(*) FROM pg_largeobject_metadata") == before
 
 
-def test_function_call_message_allowed_for_admins_runs(gateway: Any) -> None:
+def test_function_call_message_allowed_for_admins_runs(gateway: RunningGateway) -> None:
     client, reply = _function_call(gateway, ("admins",), "lo_creat(integer)", b"\xff\xff\xff\xff")
     try:
         codes = [code for code, _ in reply]
@@ -407,7 +419,7 @@ def test_function_call_message_allowed_for_admins_runs(gateway: Any) -> None:
     direct(gateway, f"SELECT lo_unlink({loid})")
 
 
-def test_function_call_of_a_server_side_escape_is_denied(gateway: Any) -> None:
+def test_function_call_of_a_server_side_escape_is_denied(gateway: RunningGateway) -> None:
     """pg_terminate_backend through the FunctionCall message is still an escape."""
     client, reply = _function_call(
         gateway, ("engineers",), "pg_terminate_backend(integer,bigint)", b"\x00\x00\x00\x01"

@@ -14,17 +14,22 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 import uvloop
+from psycopg.rows import TupleRow
 
+from cli.localpg import LocalCluster
 from gateway.policy.sidecar import OpaSidecar
+from tests.harness import RunningGateway
 
 from . import REFUSED, assert_policy_refusal, connect, harness, refusal_of, simple, token_for
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.server
 
@@ -55,11 +60,11 @@ def policy_copy() -> Iterator[tuple[Path, Path]]:
 @pytest.fixture(scope="module")
 def live(
     request: pytest.FixtureRequest,
-    pg_cluster: Any,
+    pg_cluster: LocalCluster,
     app_database: str,
     opa_binary: Path,
     policy_copy: tuple[Path, Path],
-) -> Iterator[Any]:
+) -> Iterator[RunningGateway]:
     conftest = harness(request)
     rego, bundles = policy_copy
     state = Path(tempfile.mkdtemp(prefix="pgw-rl-"))
@@ -73,18 +78,21 @@ def live(
         shutil.rmtree(state, ignore_errors=True)
 
 
-def attempt(conn: psycopg.Connection[Any]) -> tuple[str, Any]:
+def attempt(conn: psycopg.Connection[TupleRow]) -> tuple[str, Any]:
     try:
         return "allow", simple(conn, STATEMENT)
     except psycopg.Error as exc:
         return "deny", refusal_of(exc)
 
 
-def wait_for_flip(gw: Any, conn: psycopg.Connection[Any], want: str, old_revision: str) -> Any:
+def wait_for_flip(
+    gw: RunningGateway, conn: psycopg.Connection[TupleRow], want: str, old_revision: str
+) -> Any:
     """Run the statement until the answer is `want` (deadline 15 s); once the sidecar reports
     a revision other than `old_revision`, every answer must already be `want`."""
     sidecar = gw.gateway.sidecar
     cache = gw.gateway.decider
+    assert sidecar is not None and cache is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         # Active once the sidecar reports it or a decision made under it reached the cache.
@@ -100,11 +108,12 @@ def wait_for_flip(gw: Any, conn: psycopg.Connection[Any], want: str, old_revisio
 
 
 def test_policy_change_takes_effect_without_restart(
-    live: Any, policy_copy: tuple[Path, Path]
+    live: RunningGateway, policy_copy: tuple[Path, Path]
 ) -> None:
     rego, _ = policy_copy
     sidecar = live.gateway.sidecar
     cache = live.gateway.decider
+    assert sidecar is not None and cache is not None
     opa_pid = sidecar.pid
     rule = rego / "pgwarden" / "zz_lockdown.rego"
     with (
@@ -180,14 +189,14 @@ deny_reasons contains "the text names a forbidden literal" if {
 
 
 def test_a_policy_that_starts_reading_the_text_keys_its_decisions_by_it(
-    live: Any, policy_copy: tuple[Path, Path]
+    live: RunningGateway, policy_copy: tuple[Path, Path]
 ) -> None:
     """Under the reference policy texts that differ only in literals share one decision; once
     the policy reads `statement.text`, each text is decided on its own, at once."""
     rego, _ = policy_copy
     rule = rego / "pgwarden" / "zz_text.rego"
 
-    def run(conn: psycopg.Connection[Any], literal: str) -> tuple[str, Any]:
+    def run(conn: psycopg.Connection[TupleRow], literal: str) -> tuple[str, Any]:
         text = "SELECT count(*) FROM customers WHERE name <> '" + literal + "'"  # noqa: S608
         try:
             return "allow", simple(conn, text)
@@ -220,8 +229,8 @@ def test_a_policy_that_starts_reading_the_text_keys_its_decisions_by_it(
 
 @pytest.fixture
 def external_opa(
-    request: pytest.FixtureRequest, pg_cluster: Any, app_database: str, opa_binary: Path
-) -> Iterator[tuple[Any, OpaSidecar, Path]]:
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[tuple[RunningGateway, OpaSidecar, Path]]:
     """A gateway given an OPA URL (`policy.opa_url`): that OPA, on a policy copy of its own,
     is run here, beside the gateway, not by it."""
     conftest = harness(request)
@@ -232,7 +241,7 @@ def external_opa(
     thread = threading.Thread(target=loop.run_forever, name="external-opa", daemon=True)
     thread.start()
 
-    def run(coro: Any) -> Any:
+    def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
     opa = OpaSidecar(
@@ -263,10 +272,11 @@ def external_opa(
 
 
 def test_external_opa_policy_change_reaches_cached_and_prepared_decisions(
-    external_opa: tuple[Any, OpaSidecar, Path],
+    external_opa: tuple[RunningGateway, OpaSidecar, Path],
 ) -> None:
     gw, opa, rego = external_opa
     cache = gw.gateway.decider
+    assert cache is not None
     with (
         connect(gw.dsn(token_for(gw, "ai-agents"))) as conn,
         connect(gw.dsn(token_for(gw, "ai-agents"))) as prepared,

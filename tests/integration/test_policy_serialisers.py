@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
 
 from gateway.protocol import FunctionCall, Query
+from tests.harness import RunningGateway
 
 from . import (
     ALL_CUSTOMER_SECRETS,
@@ -42,7 +42,7 @@ ROLES = ("engineers", "ai-agents")
 
 
 @pytest.fixture(scope="module")
-def user_functions(gateway: Any) -> Iterator[None]:
+def user_functions(gateway: RunningGateway) -> Iterator[None]:
     """Server-side SQL functions that return classified columns (created by a DBA)."""
     direct(
         gateway,
@@ -82,7 +82,7 @@ SERIALISERS = [
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("text", SERIALISERS)
 def test_serialisers_and_functions_relay_no_classified_value(
-    gateway: Any, user_functions: None, role: str, text: str
+    gateway: RunningGateway, user_functions: None, role: str, text: str
 ) -> None:
     assert any(s in repr(direct(gateway, text)) for s in SECRETS), text  # the premise
     with connect(gateway.dsn(token_for(gateway, role))) as conn:
@@ -103,7 +103,7 @@ def test_serialisers_and_functions_relay_no_classified_value(
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_a_cursor_serialised_by_cursor_to_xml_is_masked(gateway: Any, role: str) -> None:
+def test_a_cursor_serialised_by_cursor_to_xml_is_masked(gateway: RunningGateway, role: str) -> None:
     with connect(gateway.dsn(token_for(gateway, role)), autocommit=False) as conn:
         simple(conn, "DECLARE pgw_c CURSOR FOR SELECT id, email, ssn FROM customers")
         try:
@@ -120,7 +120,9 @@ def test_a_cursor_serialised_by_cursor_to_xml_is_masked(gateway: Any, role: str)
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_the_function_call_message_serialises_nothing_classified(gateway: Any, role: str) -> None:
+def test_the_function_call_message_serialises_nothing_classified(
+    gateway: RunningGateway, role: str
+) -> None:
     [(oid,)] = direct(gateway, "SELECT 'query_to_xml(text,bool,bool,text)'::regprocedure::oid")
     client = RawClient(gateway, token_for(gateway, role))
     try:
@@ -141,7 +143,7 @@ def test_the_function_call_message_serialises_nothing_classified(gateway: Any, r
 
 
 @pytest.fixture
-def notes(gateway: Any) -> Iterator[str]:
+def notes(gateway: RunningGateway) -> Iterator[str]:
     """An unclassified table of our own: id int, body text, rows 1 and 2."""
     name = f"notes_{uuid.uuid4().hex[:10]}"
     direct(
@@ -171,7 +173,7 @@ COPIES = [
 @pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("role", ROLES)
 def test_a_copy_of_a_classified_value_is_held_and_cannot_be_read_back(
-    gateway: Any, notes: str, role: str, copy: str
+    gateway: RunningGateway, notes: str, role: str, copy: str
 ) -> None:
     text = copy.format(t=notes)
     before = direct(gateway, f"SELECT id, body FROM {notes} ORDER BY id")
@@ -192,7 +194,7 @@ def test_a_copy_of_a_classified_value_is_held_and_cannot_be_read_back(
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_copying_within_customers_is_held_too(gateway: Any, role: str) -> None:
+def test_copying_within_customers_is_held_too(gateway: RunningGateway, role: str) -> None:
     """UPDATE customers SET name = email RETURNING name: name is not classified, email is."""
     with connect(gateway.dsn(token_for(gateway, role))) as conn:
         with pytest.raises(psycopg.Error) as exc:
@@ -201,7 +203,7 @@ def test_copying_within_customers_is_held_too(gateway: Any, role: str) -> None:
     assert direct(gateway, "SELECT name FROM customers WHERE id = 1") == [("Ada",)]
 
 
-def test_an_admins_copy_runs_with_its_returning_masked(gateway: Any, notes: str) -> None:
+def test_an_admins_copy_runs_with_its_returning_masked(gateway: RunningGateway, notes: str) -> None:
     with connect(gateway.dsn(token_for(gateway, "admins"))) as conn:
         rows = simple(
             conn,
@@ -214,7 +216,7 @@ def test_an_admins_copy_runs_with_its_returning_masked(gateway: Any, notes: str)
     assert direct(gateway, f"SELECT body FROM {notes} WHERE id = 1") == [("ada@example.com",)]
 
 
-def test_pii_readers_copy_freely(gateway: Any, notes: str) -> None:
+def test_pii_readers_copy_freely(gateway: RunningGateway, notes: str) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers", "pii-readers"))) as conn:
         rows = simple(
             conn,

@@ -16,6 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 from . import assert_policy_refusal, connect, direct, refusal_of, simple, token_for
 
@@ -28,7 +31,7 @@ OPAQUE = "ai-agents may not call functions the policy cannot see into without ap
 
 
 @pytest.fixture
-def names(gateway: Any) -> Iterator[dict[str, str]]:
+def names(gateway: RunningGateway) -> Iterator[dict[str, str]]:
     """Fresh views of our own: a unique suffix keeps the gateway's catalog cache honest."""
     tag = uuid.uuid4().hex[:8]
     made = {
@@ -70,7 +73,7 @@ def names(gateway: Any) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
@@ -87,47 +90,53 @@ def assert_no_cleartext(rows: list[tuple[Any, ...]], secrets: set[str] = EMAILS)
         assert not any(secret.upper() in v for v in shown), (secret, rows)
 
 
-def test_the_views_hold_cleartext_directly(gateway: Any, names: dict[str, str]) -> None:
+def test_the_views_hold_cleartext_directly(gateway: RunningGateway, names: dict[str, str]) -> None:
     """The premise: the data is there, and only the gateway hides it."""
     assert values(direct(gateway, f"SELECT email FROM {names['v']}")) == EMAILS
     assert values(direct(gateway, f"SELECT email FROM {names['mv']}")) == EMAILS
 
 
 def test_a_classified_column_of_a_view_is_masked(
-    agent: psycopg.Connection[Any], names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
 ) -> None:
     assert_no_cleartext(simple(agent, f"SELECT email FROM {names['v']} ORDER BY id"))
     assert_no_cleartext(simple(agent, f"SELECT ssn FROM {names['v']}"), SSNS)
 
 
-def test_star_over_a_view_is_masked(agent: psycopg.Connection[Any], names: dict[str, str]) -> None:
+def test_star_over_a_view_is_masked(
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
+) -> None:
     rows = simple(agent, f"SELECT * FROM {names['v']}")
     assert len(rows) == 2
     assert_no_cleartext(rows, EMAILS | SSNS)
 
 
 def test_extended_protocol_over_a_view_is_masked(
-    agent: psycopg.Connection[Any], names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
 ) -> None:
     with agent.cursor() as cur:
         cur.execute(f"SELECT email FROM {names['v']} WHERE id = %s", (1,), prepare=True)
         assert_no_cleartext(cur.fetchall(), {"ada@example.com"})
 
 
-def test_nested_views_are_masked(agent: psycopg.Connection[Any], names: dict[str, str]) -> None:
+def test_nested_views_are_masked(
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
+) -> None:
     assert_no_cleartext(simple(agent, f"SELECT contact FROM {names['nested']}"))
     assert_no_cleartext(simple(agent, f"SELECT loud FROM {names['deep']}"))
 
 
 def test_a_materialized_view_is_masked(
-    agent: psycopg.Connection[Any], names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
 ) -> None:
     rows = simple(agent, f"SELECT email, amount FROM {names['mv']}")
     assert len(rows) == 3
     assert_no_cleartext(rows)
 
 
-def test_a_whole_row_view_is_masked(agent: psycopg.Connection[Any], names: dict[str, str]) -> None:
+def test_a_whole_row_view_is_masked(
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
+) -> None:
     assert_no_cleartext(simple(agent, f"SELECT j FROM {names['row']}"), EMAILS | SSNS)
 
 
@@ -139,7 +148,7 @@ def test_a_whole_row_view_is_masked(agent: psycopg.Connection[Any], names: dict[
     ],
 )
 def test_a_predicate_on_a_classified_view_column_is_an_oracle(
-    agent: psycopg.Connection[Any], names: dict[str, str], where: str
+    agent: psycopg.Connection[TupleRow], names: dict[str, str], where: str
 ) -> None:
     view = names["v"] if where.startswith("email") else names["nested"]
     with pytest.raises(psycopg.Error) as info:
@@ -149,7 +158,7 @@ def test_a_predicate_on_a_classified_view_column_is_an_oracle(
 
 
 def test_a_predicate_on_an_unclassified_view_column_is_allowed(
-    agent: psycopg.Connection[Any], names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
 ) -> None:
     assert simple(agent, f"SELECT count(*) FROM {names['v']} WHERE id = 1") == [(1,)]
     with pytest.raises(psycopg.Error) as info:
@@ -158,7 +167,7 @@ def test_a_predicate_on_an_unclassified_view_column_is_allowed(
 
 
 def test_a_view_over_orders_only_is_untouched(
-    agent: psycopg.Connection[Any], gateway: Any, names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], gateway: RunningGateway, names: dict[str, str]
 ) -> None:
     text = f"SELECT id, customer_id, amount FROM {names['orders']} ORDER BY id"
     rows = simple(agent, text)
@@ -168,7 +177,7 @@ def test_a_view_over_orders_only_is_untouched(
 
 
 def test_a_user_function_reading_customers_is_refused(
-    agent: psycopg.Connection[Any], names: dict[str, str]
+    agent: psycopg.Connection[TupleRow], names: dict[str, str]
 ) -> None:
     # Its LANGUAGE sql body is read: what it returns is computed from customers.email, an
     # oracle for ai-agents wherever the call stands (denied, as `upper(email)` is).
@@ -184,11 +193,15 @@ def test_a_user_function_reading_customers_is_refused(
     assert simple(agent, "SELECT lower('A'), now() IS NOT NULL") == [("a", True)]
 
 
-def test_engineers_see_view_columns_masked_too(gateway: Any, names: dict[str, str]) -> None:
+def test_engineers_see_view_columns_masked_too(
+    gateway: RunningGateway, names: dict[str, str]
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
         assert_no_cleartext(simple(conn, f"SELECT email FROM {names['v']}"))
 
 
-def test_pii_readers_see_cleartext_through_views(gateway: Any, names: dict[str, str]) -> None:
+def test_pii_readers_see_cleartext_through_views(
+    gateway: RunningGateway, names: dict[str, str]
+) -> None:
     with connect(gateway.dsn(token_for(gateway, "ai-agents", "pii-readers"))) as conn:
         assert values(simple(conn, f"SELECT email FROM {names['v']}")) == EMAILS

@@ -5,13 +5,13 @@ deny and says how to have it approved; nothing internal (socket paths, addresses
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import psycopg
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.harness import RunningGateway
 
 from . import DECISION_ID, REFUSED
 
@@ -21,7 +21,9 @@ AUDIT_SHOW = re.compile(r"pgwarden audit show (\S+:\d+)")
 REQUEST = re.compile(r"approval request: (apr-[0-9a-f]+)")
 
 
-def _refused(gateway: Any, groups: tuple[str, ...], statement: str) -> psycopg.errors.Diagnostic:
+def _refused(
+    gateway: RunningGateway, groups: tuple[str, ...], statement: str
+) -> psycopg.errors.Diagnostic:
     token = gateway.token("agent:refusals", groups=groups)
     with psycopg.connect(gateway.dsn(token), autocommit=True) as conn:
         with pytest.raises(psycopg.Error) as info:
@@ -33,7 +35,7 @@ def _refused(gateway: Any, groups: tuple[str, ...], statement: str) -> psycopg.e
     return diag
 
 
-def test_a_deny_states_one_reason_once(gateway: Any) -> None:
+def test_a_deny_states_one_reason_once(gateway: RunningGateway) -> None:
     diag = _refused(gateway, ("ai-agents",), "SELECT pg_read_file('/etc/hostname'), pg_ls_dir('/')")
     message = diag.message_primary or ""
     assert message.startswith("pgwarden: statement denied: ai-agents may not use server-side")
@@ -49,7 +51,9 @@ def test_a_deny_states_one_reason_once(gateway: Any) -> None:
     assert "also" not in (diag.message_detail or "")
 
 
-def test_approval_required_reads_apart_from_a_deny_and_says_how_to_ask(gateway: Any) -> None:
+def test_approval_required_reads_apart_from_a_deny_and_says_how_to_ask(
+    gateway: RunningGateway,
+) -> None:
     diag = _refused(gateway, ("ai-agents",), "DELETE FROM orders WHERE id = 424242")
     message = diag.message_primary or ""
     assert message == ("pgwarden: approval required: ai-agents may not write without approval")

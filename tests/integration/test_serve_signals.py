@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import APP_DB, SUPERUSER, SUPERUSER_PASSWORD, LocalCluster, free_port
 from gateway.install import tool_candidates
@@ -76,7 +77,7 @@ def _dsn(port: int, token: str, target: str = "app") -> str:
 def test_sigterm_drains_under_load_from_another_folder(
     state_dir: Path,
     pg_cluster: LocalCluster,
-    direct: psycopg.Connection[Any],
+    direct: psycopg.Connection[TupleRow],
     opa_binary: Path,
     tmp_path: Path,
 ) -> None:
@@ -127,7 +128,7 @@ def test_sigterm_drains_under_load_from_another_folder(
         held = threading.Thread(target=held_client)
         held.start()
         waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-        wait_for(lambda: direct.execute(waiting).fetchone()[0] == 1, timeout=30)  # type: ignore[index]
+        wait_for(lambda: direct.execute(waiting).fetchone() == (1,), timeout=30)
 
         os.kill(gw.proc.pid, signal.SIGTERM)
         # Draining: the held statement keeps the gateway up, and a new client is refused.
@@ -185,7 +186,8 @@ def test_sighup_reloads_settings_and_targets_and_says_what_needs_a_restart(
         gw.wait_listening()
         assert f"config {config.resolve()}" in gw.log_text()
         with psycopg.connect(_dsn(gw.port, token), autocommit=True) as conn:
-            assert len(conn.execute(big).fetchone()[0]) == 4000  # type: ignore[index]
+            row = conn.execute(big).fetchone()
+            assert row is not None and len(row[0]) == 4000
         with pytest.raises(psycopg.OperationalError, match="app2"):
             psycopg.connect(_dsn(gw.port, token, target="app2")).close()
 

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.audit.records import canonical
 from gateway.proxy.encodings import python_codec
+from tests.harness import RunningGateway
 
 from .test_audit_support import records_after, store_env, verify_json, wait_for
 
@@ -62,7 +63,7 @@ SAMPLES = {
 }
 
 
-def _outcomes(gateway: Any, app: str) -> dict[str, dict[str, Any]]:
+def _outcomes(gateway: RunningGateway, app: str) -> dict[str, dict[str, Any]]:
     records = records_after(gateway.settings)
     requests = {
         r.id: r.record()
@@ -77,7 +78,7 @@ def _outcomes(gateway: Any, app: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("encoding", list(SAMPLES))
-def test_rows_notices_and_errors_round_trip(gateway: Any, encoding: str) -> None:
+def test_rows_notices_and_errors_round_trip(gateway: RunningGateway, encoding: str) -> None:
     text = SAMPLES[encoding]
     assert text.encode(python_codec(encoding)).decode(python_codec(encoding)) == text
     app = f"enc-{encoding.lower()}-{uuid.uuid4().hex[:6]}"

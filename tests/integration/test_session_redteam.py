@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from gateway.protocol import Bind, Close, DataRow, Describe, Execute, Flush, Parse, Query, Sync
+from tests.harness import RunningGateway
 
 from . import RawClient, direct, errors_in, run_sql, token_for
 
@@ -29,7 +29,7 @@ def assert_clean(reply: list[tuple[str, bytes]]) -> None:
         assert secret.decode() not in text, reply
 
 
-def test_portal_of_a_replaced_unnamed_statement(gateway: Any) -> None:
+def test_portal_of_a_replaced_unnamed_statement(gateway: RunningGateway) -> None:
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
         client.send(
@@ -45,7 +45,7 @@ def test_portal_of_a_replaced_unnamed_statement(gateway: Any) -> None:
     assert_clean(reply)
 
 
-def test_portal_of_a_closed_and_reparsed_statement(gateway: Any) -> None:
+def test_portal_of_a_closed_and_reparsed_statement(gateway: RunningGateway) -> None:
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
         client.send(
@@ -62,7 +62,7 @@ def test_portal_of_a_closed_and_reparsed_statement(gateway: Any) -> None:
     assert_clean(reply)
 
 
-def test_a_parse_the_server_skipped_does_not_replace_the_statement(gateway: Any) -> None:
+def test_a_parse_the_server_skipped_does_not_replace_the_statement(gateway: RunningGateway) -> None:
     """After an error the server skips to Sync: a Parse in between never replaced anything."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
@@ -77,7 +77,9 @@ def test_a_parse_the_server_skipped_does_not_replace_the_statement(gateway: Any)
     assert_clean(reply)
 
 
-def test_a_description_of_the_replacement_does_not_plan_the_old_portal(gateway: Any) -> None:
+def test_a_description_of_the_replacement_does_not_plan_the_old_portal(
+    gateway: RunningGateway,
+) -> None:
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
         client.send(
@@ -96,7 +98,7 @@ def test_a_description_of_the_replacement_does_not_plan_the_old_portal(gateway: 
 
 
 @pytest.fixture
-def shadow(gateway: Any) -> Iterator[str]:
+def shadow(gateway: RunningGateway) -> Iterator[str]:
     schema = f"rt_red_{uuid.uuid4().hex[:8]}"
     direct(gateway, f"CREATE SCHEMA {schema}")
     # Through the gateway, so that its catalog learns the table (DDL invalidates it).
@@ -111,7 +113,7 @@ def shadow(gateway: Any) -> Iterator[str]:
         direct(gateway, f"DROP SCHEMA {schema} CASCADE")
 
 
-def test_a_portal_runs_the_plan_made_at_bind(gateway: Any, shadow: str) -> None:
+def test_a_portal_runs_the_plan_made_at_bind(gateway: RunningGateway, shadow: str) -> None:
     """The server plans at Bind: a named portal bound under public and executed after the
     path moved (same transaction) returns public.customers' rows, masked as decided at its
     Parse under public (as direct, it runs)."""
@@ -133,7 +135,7 @@ def test_a_portal_runs_the_plan_made_at_bind(gateway: Any, shadow: str) -> None:
 
 
 def test_a_portal_bound_while_the_path_was_unknown_is_not_run_under_a_guess(
-    gateway: Any, shadow: str
+    gateway: RunningGateway, shadow: str
 ) -> None:
     """Bound right after set_config() (the path unknown then) and executed after the path
     moved again: pgwarden cannot tell what the server planned it under, so it refuses."""
@@ -158,10 +160,10 @@ def test_a_portal_bound_while_the_path_was_unknown_is_not_run_under_a_guess(
     finally:
         client.close()
     assert_clean(reply)
-    assert "bind it again" in errors_in(reply)[0].message, reply
+    assert "bind it again" in (errors_in(reply)[0].message or ""), reply
 
 
-def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: Any) -> None:
+def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: RunningGateway) -> None:
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
         client.send(Query(b"BEGIN"))
@@ -181,7 +183,9 @@ def test_a_portal_of_a_sql_prepared_statement_deallocated_since(gateway: Any) ->
     assert_clean(reply)
 
 
-def test_a_set_query_pipelined_before_a_parse_is_applied_first(gateway: Any, shadow: str) -> None:
+def test_a_set_query_pipelined_before_a_parse_is_applied_first(
+    gateway: RunningGateway, shadow: str
+) -> None:
     """pgwarden's SHOW search_path must not overtake the buffered SET it is asking about."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
@@ -203,7 +207,7 @@ def test_a_set_query_pipelined_before_a_parse_is_applied_first(gateway: Any, sha
 
 
 def test_an_extended_set_pipelined_before_a_parse_without_sync_is_followed(
-    gateway: Any, shadow: str
+    gateway: RunningGateway, shadow: str
 ) -> None:
     """The path is read inside the pipeline (no Sync of pgwarden's): the SELECT is judged
     under public, where the server runs it."""
@@ -235,7 +239,7 @@ def read_through(client: RawClient, code: str, count: int = 1) -> str:
     return seen
 
 
-def test_the_path_check_does_not_commit_a_pipeline_half_way(gateway: Any) -> None:
+def test_the_path_check_does_not_commit_a_pipeline_half_way(gateway: RunningGateway) -> None:
     """Answers read after a Flush, no Sync yet: a SHOW search_path (a Query) now would commit
     the pipeline's implicit transaction, and its later error would not undo the INSERT."""
     table = f"rt_flush_{uuid.uuid4().hex[:8]}"
@@ -262,7 +266,7 @@ def test_the_path_check_does_not_commit_a_pipeline_half_way(gateway: Any) -> Non
         direct(gateway, f"DROP TABLE {table}")
 
 
-def test_the_path_check_is_not_sent_to_a_server_skipping_to_sync(gateway: Any) -> None:
+def test_the_path_check_is_not_sent_to_a_server_skipping_to_sync(gateway: RunningGateway) -> None:
     """After an error (no Sync yet) the server ignores a Query: waiting for its answer held
     the client's Sync back for ever."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
@@ -283,7 +287,7 @@ def test_the_path_check_is_not_sent_to_a_server_skipping_to_sync(gateway: Any) -
         client.close()
 
 
-def test_a_query_the_server_skips_after_an_error_answers_nothing(gateway: Any) -> None:
+def test_a_query_the_server_skips_after_an_error_answers_nothing(gateway: RunningGateway) -> None:
     """After an extended-protocol error (no Sync yet) the server ignores a Query: pgwarden
     expecting its answer took the next Query's rows for it, unmasked."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))

@@ -15,6 +15,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 from . import connect, direct, refusal_of, simple, token_for
 
@@ -26,7 +29,7 @@ QUERY = "SELECT email FROM customers"
 
 
 @pytest.fixture(scope="module")
-def shadow(gateway: Any) -> Iterator[None]:
+def shadow(gateway: RunningGateway) -> Iterator[None]:
     direct(gateway, "DROP SCHEMA IF EXISTS rt_shadow CASCADE")
     direct(gateway, "CREATE SCHEMA rt_shadow")
     direct(gateway, "CREATE TABLE rt_shadow.customers (id int, email text)")
@@ -38,7 +41,7 @@ def shadow(gateway: Any) -> Iterator[None]:
 
 
 @pytest.fixture
-def agent(gateway: Any, shadow: None) -> Iterator[psycopg.Connection[Any]]:
+def agent(gateway: RunningGateway, shadow: None) -> Iterator[psycopg.Connection[TupleRow]]:
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         yield conn
 
@@ -51,7 +54,7 @@ def assert_masked(rows: Any) -> None:
 
 
 def test_prepared_statement_replanned_under_a_new_path_is_judged_again(
-    agent: psycopg.Connection[Any],
+    agent: psycopg.Connection[TupleRow],
 ) -> None:
     simple(agent, "SET search_path = rt_shadow")
     # Parsed (and decided) under rt_shadow: the unclassified table, nothing to mask.
@@ -62,7 +65,7 @@ def test_prepared_statement_replanned_under_a_new_path_is_judged_again(
         assert_masked(agent.execute(QUERY, prepare=True).fetchall())
 
 
-def test_rollback_undoes_a_set_and_pgwarden_follows(agent: psycopg.Connection[Any]) -> None:
+def test_rollback_undoes_a_set_and_pgwarden_follows(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "BEGIN")
     simple(agent, "SET search_path = rt_shadow")
     assert simple(agent, QUERY) == [(SHADOW,)]
@@ -72,7 +75,7 @@ def test_rollback_undoes_a_set_and_pgwarden_follows(agent: psycopg.Connection[An
     assert_masked(agent.execute(QUERY).fetchall())
 
 
-def test_set_local_ends_with_its_transaction(agent: psycopg.Connection[Any]) -> None:
+def test_set_local_ends_with_its_transaction(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "SET search_path = public")
     simple(agent, "BEGIN")
     simple(agent, "SET LOCAL search_path = rt_shadow")
@@ -81,7 +84,7 @@ def test_set_local_ends_with_its_transaction(agent: psycopg.Connection[Any]) -> 
     assert_masked(simple(agent, QUERY))
 
 
-def test_rollback_to_savepoint_undoes_a_set(agent: psycopg.Connection[Any]) -> None:
+def test_rollback_to_savepoint_undoes_a_set(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "BEGIN")
     simple(agent, "SAVEPOINT s")
     simple(agent, "SET search_path = rt_shadow")
@@ -91,7 +94,7 @@ def test_rollback_to_savepoint_undoes_a_set(agent: psycopg.Connection[Any]) -> N
     simple(agent, "COMMIT")
 
 
-def test_set_config_is_followed(agent: psycopg.Connection[Any]) -> None:
+def test_set_config_is_followed(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "SET search_path = rt_shadow")
     simple(agent, "SELECT set_config('search_path', 'public', false)")
     assert_masked(simple(agent, QUERY))
@@ -99,7 +102,7 @@ def test_set_config_is_followed(agent: psycopg.Connection[Any]) -> None:
     assert simple(agent, QUERY) == [(SHADOW,)]
 
 
-def test_a_failed_implicit_transaction_undoes_its_set(agent: psycopg.Connection[Any]) -> None:
+def test_a_failed_implicit_transaction_undoes_its_set(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "SET search_path = public")
     with pytest.raises(psycopg.Error) as info:
         # The SET comes last (allowed) but the division fails first: the SET never runs,
@@ -110,7 +113,7 @@ def test_a_failed_implicit_transaction_undoes_its_set(agent: psycopg.Connection[
 
 
 def test_statements_after_a_set_in_the_same_message_are_refused(
-    gateway: Any, agent: psycopg.Connection[Any]
+    gateway: RunningGateway, agent: psycopg.Connection[TupleRow]
 ) -> None:
     simple(agent, "SET search_path = rt_shadow")
     with pytest.raises(psycopg.Error) as info:
@@ -123,7 +126,9 @@ def test_statements_after_a_set_in_the_same_message_are_refused(
     assert simple(agent, "SHOW search_path") == [("rt_shadow",)]
 
 
-def test_startup_option_sets_the_path_pgwarden_starts_from(gateway: Any, shadow: None) -> None:
+def test_startup_option_sets_the_path_pgwarden_starts_from(
+    gateway: RunningGateway, shadow: None
+) -> None:
     dsn = gateway.dsn(token_for(gateway, "ai-agents"), options="-c search_path=rt_shadow")
     with connect(dsn) as conn:
         assert simple(conn, QUERY) == [(SHADOW,)]
@@ -133,7 +138,7 @@ def test_startup_option_sets_the_path_pgwarden_starts_from(gateway: Any, shadow:
         assert_masked(simple(conn, QUERY))
 
 
-def test_the_path_check_stays_out_of_the_clients_way(agent: psycopg.Connection[Any]) -> None:
+def test_the_path_check_stays_out_of_the_clients_way(agent: psycopg.Connection[TupleRow]) -> None:
     """pgwarden's own SHOW search_path is never seen by the client: results line up."""
     simple(agent, "SET search_path = public")
     for i in range(5):
@@ -143,7 +148,7 @@ def test_the_path_check_stays_out_of_the_clients_way(agent: psycopg.Connection[A
     assert cur.fetchall() == [(7,)]
 
 
-def test_an_aborted_transaction_then_rollback(agent: psycopg.Connection[Any]) -> None:
+def test_an_aborted_transaction_then_rollback(agent: psycopg.Connection[TupleRow]) -> None:
     simple(agent, "SET search_path = public")
     simple(agent, "BEGIN")
     simple(agent, "SET search_path = rt_shadow")

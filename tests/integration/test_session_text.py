@@ -3,15 +3,18 @@ and SQL text is decoded in the session's client_encoding."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
 
-def _connect(gateway: Any, groups: tuple[str, ...], **extra: str) -> psycopg.Connection[Any]:
+def _connect(
+    gateway: RunningGateway, groups: tuple[str, ...], **extra: str
+) -> psycopg.Connection[TupleRow]:
     token = gateway.token("text:" + "-".join(groups), groups=groups)
     return psycopg.connect(gateway.dsn(token, **extra), autocommit=True)
 
@@ -21,7 +24,9 @@ def _connect(gateway: Any, groups: tuple[str, ...], **extra: str) -> psycopg.Con
     "SET standard_conforming_strings TO 'off'",
     "SET SESSION standard_conforming_strings = false",
 ])  # fmt: skip
-def test_turning_standard_conforming_strings_off_is_refused(gateway: Any, statement: str) -> None:
+def test_turning_standard_conforming_strings_off_is_refused(
+    gateway: RunningGateway, statement: str
+) -> None:
     with _connect(gateway, ("admins",)) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="standard_conforming"):
             conn.execute(statement, prepare=False)
@@ -37,13 +42,13 @@ def assert_says_why(message: str) -> None:
     assert "backslash" in message, message
 
 
-def test_startup_option_turning_it_off_is_refused(gateway: Any) -> None:
+def test_startup_option_turning_it_off_is_refused(gateway: RunningGateway) -> None:
     with pytest.raises(psycopg.OperationalError, match="standard_conforming") as info:
         _connect(gateway, ("admins",), options="-c standard_conforming_strings=off")
     assert_says_why(str(info.value))
 
 
-def test_turning_it_off_by_set_config_ends_the_session(gateway: Any) -> None:
+def test_turning_it_off_by_set_config_ends_the_session(gateway: RunningGateway) -> None:
     """set_config() is not a SET the gate can refuse in advance: the server reports the new
     value, and the session ends before another statement is read under other rules."""
     with _connect(gateway, ("admins",)) as conn:
@@ -56,7 +61,7 @@ def test_turning_it_off_by_set_config_ends_the_session(gateway: Any) -> None:
         assert conn.closed or conn.broken
 
 
-def test_sql_is_decoded_in_the_session_encoding(gateway: Any) -> None:
+def test_sql_is_decoded_in_the_session_encoding(gateway: RunningGateway) -> None:
     with _connect(gateway, ("admins",)) as conn:
         conn.execute("SET client_encoding = 'LATIN1'", prepare=False)
         assert conn.info.encoding == "iso8859-1"
@@ -64,7 +69,7 @@ def test_sql_is_decoded_in_the_session_encoding(gateway: Any) -> None:
         assert row == ("café", 4)
 
 
-def test_a_write_after_a_latin1_comment_is_still_seen(gateway: Any) -> None:
+def test_a_write_after_a_latin1_comment_is_still_seen(gateway: RunningGateway) -> None:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as direct:
         before = direct.execute("SELECT count(*) FROM orders").fetchone()
     with _connect(gateway, ("ai-agents",)) as conn:

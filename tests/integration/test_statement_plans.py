@@ -10,13 +10,15 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.harness import RunningGateway
+
 from . import connect, direct, fresh_table, simple, token_for
 from .test_audit_support import last_pos, records_after, wait_for
 
 pytestmark = pytest.mark.server
 
 
-def _requests(gateway: Any, pos: int, count: int) -> list[dict[str, Any]]:
+def _requests(gateway: RunningGateway, pos: int, count: int) -> list[dict[str, Any]]:
     def ready() -> list[dict[str, Any]] | None:
         found = [r.record() for r in records_after(gateway.settings, pos) if r.kind == "request"]
         return found if len(found) >= count else None
@@ -24,7 +26,9 @@ def _requests(gateway: Any, pos: int, count: int) -> list[dict[str, Any]]:
     return wait_for(ready)
 
 
-def test_texts_differing_in_literals_share_a_decision_across_sessions(gateway: Any) -> None:
+def test_texts_differing_in_literals_share_a_decision_across_sessions(
+    gateway: RunningGateway,
+) -> None:
     table = fresh_table(gateway, "shape", rows=5)
     dsn = gateway.dsn(token_for(gateway, "engineers"))
     pos = last_pos(gateway.settings)
@@ -55,7 +59,7 @@ def test_texts_differing_in_literals_share_a_decision_across_sessions(gateway: A
     ],
 )  # fmt: skip
 def test_a_statement_whose_literals_matter_is_never_served_another_ones_decision(
-    gateway: Any, allowed: str, refused: str, why: str
+    gateway: RunningGateway, allowed: str, refused: str, why: str
 ) -> None:
     table = fresh_table(gateway, "lit", rows=3)
     dsn = gateway.dsn(token_for(gateway, "engineers"))
@@ -69,7 +73,7 @@ def test_a_statement_whose_literals_matter_is_never_served_another_ones_decision
 
 
 def test_a_shared_shape_is_resolved_and_decided_under_each_sessions_search_path(
-    gateway: Any,
+    gateway: RunningGateway,
 ) -> None:
     """One shape, two search_paths: `customers` is public.customers (email masked for
     ai-agents) in one session and an unclassified table in the other; whichever session's

@@ -242,7 +242,8 @@ async def test_policy_change_takes_effect_without_restart_and_cache_serves_nothi
     assert decision.cache_hit
     assert decision.bundle_revision != old_revision
     assert sidecar.pid == pid
-    await cache.inner.transport.aclose()  # type: ignore[attr-defined]
+    assert isinstance(cache.inner, OpaDecider)
+    await cache.inner.transport.aclose()
 
 
 async def test_broken_policy_keeps_the_last_good_one(
@@ -292,7 +293,8 @@ async def test_sidecar_restarts_opa_after_kill_and_refuses_meanwhile(sidecar: Op
     assert sidecar.restarts >= 1
     assert refusals > 0
     assert decision.action == "allow"
-    await cache.inner.transport.aclose()  # type: ignore[attr-defined]
+    assert isinstance(cache.inner, OpaDecider)
+    await cache.inner.transport.aclose()
 
 
 async def test_no_decision_is_reused_once_opa_has_exited_even_before_the_sidecar_hears(
@@ -320,4 +322,5 @@ async def test_no_decision_is_reused_once_opa_has_exited_even_before_the_sidecar
         time.sleep(0.001)  # noqa: ASYNC251 - the loop must not run meanwhile
     assert not sidecar.alive() and cache.revision is None
     assert not (await cache.decide(read, not_after=None)).cache_hit
-    await cache.inner.transport.aclose()  # type: ignore[attr-defined]
+    assert isinstance(cache.inner, OpaDecider)
+    await cache.inner.transport.aclose()

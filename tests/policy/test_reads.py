@@ -124,7 +124,7 @@ async def test_reads_are_per_revision_and_unknown_reads_key_the_whole_input() ->
         inner.calls += 1
         return inner_r2
 
-    inner.decide = r2  # type: ignore[method-assign]
+    inner.decide = r2  # type: ignore[method-assign]  # a scripted answer
     await cache.decide(statement("SELECT 1", "s1", []), not_after=None)
     assert not (await cache.decide(statement("SELECT 2", "s1", []), not_after=None)).cache_hit
     assert (await cache.decide(statement("SELECT 2", "s1", []), not_after=None)).cache_hit

@@ -46,7 +46,7 @@ fields = st.builds(
 )
 diagnostic_fields = st.dictionaries(field_codes, cstrings, max_size=8)
 
-FRONTEND: dict[type[Any], st.SearchStrategy[Any]] = {
+FRONTEND: dict[type[p.FrontendMessage], st.SearchStrategy[p.FrontendMessage]] = {
     p.Query: st.builds(p.Query, sql),
     p.Parse: st.builds(p.Parse, cstrings, sql, _tuple(uint32)),
     p.Bind: st.builds(p.Bind, cstrings, cstrings, formats, _tuple(nullable), formats),
@@ -66,7 +66,7 @@ FRONTEND: dict[type[Any], st.SearchStrategy[Any]] = {
     p.GSSResponse: st.builds(p.GSSResponse, blobs),
 }
 
-BACKEND: dict[type[Any], st.SearchStrategy[Any]] = {
+BACKEND: dict[type[p.BackendMessage], st.SearchStrategy[p.BackendMessage]] = {
     p.AuthenticationOk: st.just(p.AuthenticationOk()),
     p.AuthenticationKerberosV5: st.just(p.AuthenticationKerberosV5()),
     p.AuthenticationCleartextPassword: st.just(p.AuthenticationCleartextPassword()),
@@ -104,7 +104,7 @@ BACKEND: dict[type[Any], st.SearchStrategy[Any]] = {
     p.RowDescription: st.builds(p.RowDescription, _tuple(fields, 6)),
 }
 
-STARTUP: dict[type[Any], st.SearchStrategy[Any]] = {
+STARTUP: dict[type[p.StartupPacket], st.SearchStrategy[p.StartupPacket]] = {
     p.StartupMessage: st.builds(
         p.StartupMessage,
         st.sampled_from([p.PROTOCOL_3_0, p.PROTOCOL_3_2]) | st.integers(3 << 16, (4 << 16) - 1),

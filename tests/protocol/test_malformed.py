@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,7 @@ def decoders(type_code: int) -> list[Callable[[bytes], Any]]:
     """Every way a body with this type byte may be decoded, in either direction."""
     found: list[Callable[[bytes], Any]] = [lambda b: p.decode_backend(type_code, b)]
     if type_code == ord("p"):
-        found += [lambda b, a=a: p.decode_frontend(type_code, b, auth=a) for a in AUTH_TYPES]  # type: ignore[misc]
+        found += [functools.partial(p.decode_frontend, type_code, auth=a) for a in AUTH_TYPES]
     else:
         found.append(lambda b: p.decode_frontend(type_code, b))
     return found
@@ -136,7 +137,9 @@ def test_malformed_bodies_raise_protocol_violation(
 
 
 @given(st.one_of(*FRONTEND.values(), *BACKEND.values(), *STARTUP.values()))
-def test_every_truncation_and_every_extension_is_refused(message: Any) -> None:
+def test_every_truncation_and_every_extension_is_refused(
+    message: p.FrontendMessage | p.BackendMessage | p.StartupPacket,
+) -> None:
     cls = type(message)
     wire = message.encode()
     body = wire[4:] if cls in STARTUP else wire[5:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -68,9 +67,10 @@ def test_codec_does_no_io() -> None:
 def test_messages_are_frozen_and_slotted() -> None:
     for cls in (*FRONTEND, *BACKEND, *STARTUP, p.FieldDescription, p.RawFrame):
         assert "__slots__" in vars(cls), cls
-        assert cls.__dataclass_params__.frozen, cls  # type: ignore[attr-defined]
+        # Set by @dataclass on each class; typeshed does not declare it.
+        assert cls.__dataclass_params__.frozen, cls  # type: ignore[union-attr]
     with pytest.raises(AttributeError):
-        p.Query(b"x").query = b"y"  # type: ignore[misc]
+        p.Query(b"x").query = b"y"  # type: ignore[misc]  # frozen: the error is the point
 
 
 def test_frontend_and_backend_types_are_distinct_where_bytes_collide() -> None:
@@ -145,11 +145,14 @@ def test_frontend_and_backend_types_are_distinct_where_bytes_collide() -> None:
         ),
     ],
 )
-def test_wire_bytes_match_the_documented_layout(message: Any, wire: bytes) -> None:
+def test_wire_bytes_match_the_documented_layout(
+    message: p.FrontendMessage | p.BackendMessage | p.StartupPacket, wire: bytes
+) -> None:
     assert message.encode() == wire
     if isinstance(message, p.StartupPacket):
         assert p.decode_startup(wire[4:]) == message
     elif wire[0] == ord("p"):
+        assert isinstance(message, p.AuthResponse)
         assert p.decode_frontend(wire[0], wire[5:], auth=type(message)) == message
     elif type(message) in FRONTEND:
         assert p.decode_frontend(wire[0], wire[5:]) == message
@@ -197,7 +200,7 @@ def test_build_rejects_a_malformed_sqlstate() -> None:
 def test_ready_for_query_accepts_only_the_three_statuses() -> None:
     assert p.ReadyForQuery("E").status == "E"
     with pytest.raises(p.ProtocolViolation):
-        p.ReadyForQuery("X")  # type: ignore[arg-type]
+        p.ReadyForQuery("X")  # type: ignore[arg-type]  # a status the type forbids, on purpose
 
 
 @pytest.mark.parametrize(
@@ -278,7 +281,7 @@ def test_authentication_types_check_their_own_code() -> None:
         p.Bind(param_formats=(2**15,)),
         p.Bind(params=(None,) * 65536),
         p.Execute("", -1),
-        p.Describe("X"),  # type: ignore[arg-type]
+        p.Describe("X"),  # type: ignore[arg-type]  # a kind the type forbids, on purpose
         p.ParameterStatus("a", "\x00"),
         p.ParameterStatus("\ud800", "lone surrogate that is not an escaped byte"),
         p.AuthenticationMD5Password(b"abc"),
@@ -295,7 +298,9 @@ def test_authentication_types_check_their_own_code() -> None:
         p.NotificationResponse(2**32, "c"),
     ],
 )
-def test_values_that_cannot_be_put_on_the_wire_raise_protocol_violation(message: Any) -> None:
+def test_values_that_cannot_be_put_on_the_wire_raise_protocol_violation(
+    message: p.FrontendMessage | p.BackendMessage | p.StartupPacket,
+) -> None:
     with pytest.raises(p.ProtocolViolation, match="cannot encode"):
         message.encode()
 

@@ -14,10 +14,15 @@ from .strategies import BACKEND, FRONTEND, STARTUP
 ALL_TYPES = {*FRONTEND, *BACKEND, *STARTUP}
 
 
-def decode_as_sent(message: Any, type_code: int, body: bytes) -> Any:
+def decode_as_sent(
+    message: p.FrontendMessage | p.BackendMessage, type_code: int, body: bytes
+) -> p.FrontendMessage | p.BackendMessage:
     """Decode with what the receiving side would know: direction, and the auth context for 'p'."""
     if type(message) in FRONTEND:
-        auth = type(message) if type_code == ord("p") else None
+        auth = None
+        if type_code == ord("p"):
+            assert isinstance(message, p.AuthResponse)
+            auth = type(message)
         return p.decode_frontend(type_code, body, auth=auth)
     return p.decode_backend(type_code, body)
 
@@ -32,7 +37,7 @@ def test_every_exported_message_type_has_a_strategy() -> None:
 
 
 @given(st.one_of(*FRONTEND.values()) | st.one_of(*BACKEND.values()))
-def test_typed_messages_round_trip(message: Any) -> None:
+def test_typed_messages_round_trip(message: p.FrontendMessage | p.BackendMessage) -> None:
     wire = message.encode()
     assert wire[0] == message.type_code
     assert int.from_bytes(wire[1:5], "big") == len(wire) - 1
@@ -43,7 +48,7 @@ def test_typed_messages_round_trip(message: Any) -> None:
 
 
 @given(st.one_of(*STARTUP.values()))
-def test_startup_packets_round_trip(packet: Any) -> None:
+def test_startup_packets_round_trip(packet: p.StartupPacket) -> None:
     wire = packet.encode()
     assert int.from_bytes(wire[:4], "big") == len(wire)
     assert p.decode_startup(wire[4:]) == packet

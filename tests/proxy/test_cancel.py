@@ -17,16 +17,17 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg import errors as pgerr
+from psycopg.rows import TupleRow
 
 from gateway.protocol import BackendKeyData, CancelRequest, ErrorResponse, Query
-from tests.harness import TcpRelay, target_through
+from tests.harness import RunningGateway, TcpRelay, target_through
 
 from .wire import RawClient
 
 pytestmark = pytest.mark.server
 
 
-def _active_sleeps(gateway: Any, pid: int) -> int:
+def _active_sleeps(gateway: RunningGateway, pid: int) -> int:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as d:
         row = d.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
@@ -37,14 +38,14 @@ def _active_sleeps(gateway: Any, pid: int) -> int:
     return int(row[0])
 
 
-def _wait_until_running(gateway: Any, pid: int) -> None:
+def _wait_until_running(gateway: RunningGateway, pid: int) -> None:
     deadline = time.monotonic() + 5
     while _active_sleeps(gateway, pid) == 0:
         assert time.monotonic() < deadline, "the query never started"
         time.sleep(0.02)
 
 
-def test_psycopg_cancel(gateway: Any, via: psycopg.Connection[Any]) -> None:
+def test_psycopg_cancel(gateway: RunningGateway, via: psycopg.Connection[TupleRow]) -> None:
     # cancel_safe, not cancel: the blocking PQcancel holds the GIL while it waits for the
     # gateway to close the cancel connection, and this gateway runs in the test's process.
     pid = via.info.backend_pid
@@ -67,12 +68,17 @@ def test_psycopg_cancel(gateway: Any, via: psycopg.Connection[Any]) -> None:
 
 
 def test_psycopg_cancel_in_transaction_then_rollback(
-    gateway: Any, via: psycopg.Connection[Any]
+    gateway: RunningGateway, via: psycopg.Connection[TupleRow]
 ) -> None:
     via.autocommit = False
     pid = via.info.backend_pid
     via.execute("SELECT 1")
-    t = threading.Thread(target=lambda: (_wait_until_running(gateway, pid), via.cancel_safe()))
+
+    def cancel_once_running() -> None:
+        _wait_until_running(gateway, pid)
+        via.cancel_safe()
+
+    t = threading.Thread(target=cancel_once_running)
     t.start()
     with pytest.raises(pgerr.QueryCanceled):
         via.execute("SELECT pg_sleep(10)")
@@ -83,7 +89,7 @@ def test_psycopg_cancel_in_transaction_then_rollback(
     assert via.execute("SELECT 2").fetchone() == (2,)
 
 
-async def test_asyncpg_timeout_cancels(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_timeout_cancels(gateway: RunningGateway, admin_token: str) -> None:
     conn = await asyncpg.connect(gateway.url(admin_token), timeout=10)
     try:
         pid = conn.get_server_pid()
@@ -97,7 +103,9 @@ async def test_asyncpg_timeout_cancels(gateway: Any, admin_token: str) -> None:
         await conn.close()
 
 
-def test_cancel_with_wrong_secret_does_nothing(gateway: Any, via: psycopg.Connection[Any]) -> None:
+def test_cancel_with_wrong_secret_does_nothing(
+    gateway: RunningGateway, via: psycopg.Connection[TupleRow]
+) -> None:
     pid = via.info.backend_pid
     outcome: list[Any] = []
 
@@ -127,7 +135,7 @@ def test_cancel_with_wrong_secret_does_nothing(gateway: Any, via: psycopg.Connec
     assert time.monotonic() - start >= 1.5
 
 
-def test_psql_sigint_cancels(gateway: Any, admin_token: str) -> None:
+def test_psql_sigint_cancels(gateway: RunningGateway, admin_token: str) -> None:
     """psql sends the classic blocking PQcancel from its SIGINT handler, from its own process."""
     proc = subprocess.Popen(
         [
@@ -160,7 +168,7 @@ def test_psql_sigint_cancels(gateway: Any, admin_token: str) -> None:
     assert _active_sleeps(gateway, pid) == 0
 
 
-def test_cancel_when_idle_does_not_hit_the_next_query(via: psycopg.Connection[Any]) -> None:
+def test_cancel_when_idle_does_not_hit_the_next_query(via: psycopg.Connection[TupleRow]) -> None:
     via.cancel_safe()
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
@@ -193,7 +201,7 @@ class CancelObserver(TcpRelay):
 
 
 @pytest.fixture
-def observed_target(gateway: Any) -> Iterator[tuple[str, CancelObserver]]:
+def observed_target(gateway: RunningGateway) -> Iterator[tuple[str, CancelObserver]]:
     observer = CancelObserver(gateway.cluster.port, hold=0.3)
     try:
         with target_through(gateway, f"app_cancel_{observer.port}", observer.port) as name:
@@ -202,7 +210,7 @@ def observed_target(gateway: Any) -> Iterator[tuple[str, CancelObserver]]:
         observer.close()
 
 
-def _send_cancel(gateway: Any, key: BackendKeyData) -> float:
+def _send_cancel(gateway: RunningGateway, key: BackendKeyData) -> float:
     """A raw CancelRequest to the gateway; when the gateway closed that connection."""
     raw = RawClient.connect(gateway.host, gateway.port, timeout=10)
     try:
@@ -230,7 +238,10 @@ def _until_error(client: RawClient) -> tuple[ErrorResponse, int]:
 
 @pytest.mark.parametrize("statement", ["sleep", "copy out"])
 def test_cancel_is_forwarded_before_the_cancel_connection_closes(
-    gateway: Any, admin_token: str, observed_target: tuple[str, CancelObserver], statement: str
+    gateway: RunningGateway,
+    admin_token: str,
+    observed_target: tuple[str, CancelObserver],
+    statement: str,
 ) -> None:
     target, observer = observed_target
     client = RawClient.connect(gateway.host, gateway.port, timeout=15)
@@ -250,9 +261,12 @@ def test_cancel_is_forwarded_before_the_cancel_connection_closes(
             assert client.frame()[0] == ord("H")  # CopyOutResponse
         result: dict[str, float] = {}
 
+        key = client.key
+        assert key is not None
+
         def cancel() -> None:
             result["sent"] = time.monotonic()
-            result["closed"] = _send_cancel(gateway, client.key)  # type: ignore[arg-type]
+            result["closed"] = _send_cancel(gateway, key)
 
         canceller = threading.Thread(target=cancel)
         canceller.start()

@@ -11,8 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from gateway.protocol import Query
+from tests.harness import RunningGateway
 
 from .wire import RawClient
 
@@ -34,7 +36,7 @@ def _copy_out(dsn: str, sql: str, **kw: Any) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["text", "csv", "binary"])
-def test_copy_to_stdout_byte_identical(gateway: Any, admin_token: str, fmt: str) -> None:
+def test_copy_to_stdout_byte_identical(gateway: RunningGateway, admin_token: str, fmt: str) -> None:
     sql = f"COPY ({ROWS_SQL.format(n=5000)}) TO STDOUT WITH (FORMAT {fmt})"
     direct = _copy_out(gateway.direct_dsn(), sql)
     via = _copy_out(gateway.dsn(admin_token), sql, connect_timeout=10)
@@ -42,7 +44,7 @@ def test_copy_to_stdout_byte_identical(gateway: Any, admin_token: str, fmt: str)
     assert via == direct
 
 
-def test_large_copy_out_200k_rows(gateway: Any, admin_token: str) -> None:
+def test_large_copy_out_200k_rows(gateway: RunningGateway, admin_token: str) -> None:
     sql = f"COPY ({ROWS_SQL.format(n=200_000)}) TO STDOUT"
     direct = _copy_out(gateway.direct_dsn(), sql)
     start = time.monotonic()
@@ -52,7 +54,7 @@ def test_large_copy_out_200k_rows(gateway: Any, admin_token: str) -> None:
     assert via.count(b"\n") == 200_000
 
 
-def test_copy_out_to_slow_reader_resumes(gateway: Any, admin_token: str) -> None:
+def test_copy_out_to_slow_reader_resumes(gateway: RunningGateway, admin_token: str) -> None:
     """The client stops reading mid-COPY (the gateway must pause the server), then drains it all."""
     client = RawClient.connect(gateway.host, gateway.port, timeout=20)
     try:
@@ -80,7 +82,7 @@ def test_copy_out_to_slow_reader_resumes(gateway: Any, admin_token: str) -> None
         client.close()
 
 
-def test_psycopg_copy_from_stdin_same_as_direct(gateway: Any, admin_token: str) -> None:
+def test_psycopg_copy_from_stdin_same_as_direct(gateway: RunningGateway, admin_token: str) -> None:
     rows = [(i, f"name ✓ {i}" if i % 5 else None, b"\x00\xff" * (i % 4)) for i in range(3000)]
 
     def load(dsn: str, binary: bool, **kw: Any) -> list[Any]:
@@ -101,7 +103,7 @@ def test_psycopg_copy_from_stdin_same_as_direct(gateway: Any, admin_token: str) 
         assert [(r[0], r[1], bytes(r[2])) for r in via] == rows
 
 
-def test_copy_from_stdin_error_leaves_session_usable(via: psycopg.Connection[Any]) -> None:
+def test_copy_from_stdin_error_leaves_session_usable(via: psycopg.Connection[TupleRow]) -> None:
     via.execute("CREATE TEMP TABLE cbad (i int)")
     with (
         pytest.raises(psycopg.errors.InvalidTextRepresentation),
@@ -112,7 +114,7 @@ def test_copy_from_stdin_error_leaves_session_usable(via: psycopg.Connection[Any
     assert via.execute("SELECT count(*) FROM cbad").fetchone() == (0,)
 
 
-def test_psql_copy_in_and_out(gateway: Any, admin_token: str, tmp_path: Path) -> None:
+def test_psql_copy_in_and_out(gateway: RunningGateway, admin_token: str, tmp_path: Path) -> None:
     data = "".join(f"{i}\tline {i} ☃\n" for i in range(20_000))
     src = tmp_path / "in.tsv"
     src.write_text(data)
@@ -139,7 +141,7 @@ def test_psql_copy_in_and_out(gateway: Any, admin_token: str, tmp_path: Path) ->
     assert via.stderr == direct.stderr == ""
 
 
-def test_psql_copy_from_stdin_inline(gateway: Any, admin_token: str) -> None:
+def test_psql_copy_from_stdin_inline(gateway: RunningGateway, admin_token: str) -> None:
     script = (
         "CREATE TEMP TABLE pi (a int, b text);\nCOPY pi FROM STDIN;\n1\tone\n2\t\\N\n\\.\n"
         "SELECT * FROM pi ORDER BY a;\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from gateway.protocol import (
     Sync,
     Terminate,
 )
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
@@ -70,7 +70,9 @@ class WireClient:
 
 
 @pytest.mark.parametrize("protocol", ["extended", "simple"])
-def test_masks_still_apply_after_copy_in_with_a_sync_inside(gateway: Any, protocol: str) -> None:
+def test_masks_still_apply_after_copy_in_with_a_sync_inside(
+    gateway: RunningGateway, protocol: str
+) -> None:
     token = gateway.token("admin:copy", groups=("admins",))  # admins are masked too
     client = WireClient(gateway.host, gateway.port, token)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import psycopg
 import pytest
@@ -11,6 +10,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gateway.protocol import Bind, Close, CopyData, Describe, Execute, Flush, Parse, Query, Sync
+from tests.harness import RunningGateway
 
 from .wire import Closed, RawClient
 
@@ -76,7 +76,7 @@ FUZZ = settings(
 PROBE = b"ROLLBACK; SELECT 'probe-answered'"
 
 
-def _exercise(gateway: Any, token: str, frames: list[bytes]) -> str:
+def _exercise(gateway: RunningGateway, token: str, frames: list[bytes]) -> str:
     """Send frames then Sync and a probe query; the gateway must answer the probe or close."""
     client = RawClient.connect(gateway.host, gateway.port, timeout=5)
     try:
@@ -100,28 +100,30 @@ def _exercise(gateway: Any, token: str, frames: list[bytes]) -> str:
         client.close()
 
 
-def _still_serves(gateway: Any, token: str) -> None:
+def _still_serves(gateway: RunningGateway, token: str) -> None:
     with psycopg.connect(gateway.dsn(token), connect_timeout=10) as conn:
         assert conn.execute("SELECT 'fresh'").fetchone() == ("fresh",)
 
 
 @FUZZ
 @given(frames=SEQUENCE_RANDOM)
-def test_random_frames(gateway: Any, admin_token: str, frames: list[bytes]) -> None:
+def test_random_frames(gateway: RunningGateway, admin_token: str, frames: list[bytes]) -> None:
     _exercise(gateway, admin_token, frames)
 
 
 @FUZZ
 @given(frames=SEQUENCE_MUTATED)
-def test_mutated_valid_frames(gateway: Any, admin_token: str, frames: list[bytes]) -> None:
+def test_mutated_valid_frames(
+    gateway: RunningGateway, admin_token: str, frames: list[bytes]
+) -> None:
     _exercise(gateway, admin_token, frames)
 
 
-def test_gateway_serves_after_fuzz(gateway: Any, admin_token: str) -> None:
+def test_gateway_serves_after_fuzz(gateway: RunningGateway, admin_token: str) -> None:
     """Runs after the fuzz tests in file order; it also checks no session is stuck open."""
     _still_serves(gateway, admin_token)
 
 
-def test_valid_sequences_are_answered(gateway: Any, admin_token: str) -> None:
+def test_valid_sequences_are_answered(gateway: RunningGateway, admin_token: str) -> None:
     """The unmutated corpus itself is a legal conversation: the probe must be answered."""
     assert _exercise(gateway, admin_token, VALID) == "answered"

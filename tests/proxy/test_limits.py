@@ -8,14 +8,14 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 
+from cli.localpg import LocalCluster
 from gateway.protocol import Query
-from tests.harness import start_gateway, stop_gateway
+from tests.harness import RunningGateway, start_gateway, stop_gateway
 
 from .wire import Closed, RawClient, errors
 
@@ -25,7 +25,9 @@ LIMIT = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def small_gateway(pg_cluster: Any, app_database: str, opa_binary: Path) -> Iterator[Any]:
+def small_gateway(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> Iterator[RunningGateway]:
     state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-small-"))
     gw = start_gateway(state, pg_cluster, opa_binary, listener={"max_message_size": LIMIT})
     try:
@@ -35,7 +37,7 @@ def small_gateway(pg_cluster: Any, app_database: str, opa_binary: Path) -> Itera
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_oversized_query_gets_error_and_disconnect(small_gateway: Any) -> None:
+def test_oversized_query_gets_error_and_disconnect(small_gateway: RunningGateway) -> None:
     token = small_gateway.token()
     with psycopg.connect(small_gateway.dsn(token), autocommit=True, connect_timeout=10) as other:
         big = RawClient.connect(small_gateway.host, small_gateway.port, timeout=10)
@@ -63,7 +65,7 @@ def test_oversized_query_gets_error_and_disconnect(small_gateway: Any) -> None:
         assert fresh.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_message_just_under_the_limit_passes(small_gateway: Any) -> None:
+def test_message_just_under_the_limit_passes(small_gateway: RunningGateway) -> None:
     token = small_gateway.token()
     with psycopg.connect(small_gateway.dsn(token), autocommit=True, connect_timeout=10) as conn:
         value = "y" * (LIMIT - 1000)
@@ -77,7 +79,7 @@ async def _until(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> N
             await asyncio.sleep(0.05)
 
 
-async def _upstream_count(gateway: Any, app_name: str) -> int:
+async def _upstream_count(gateway: RunningGateway, app_name: str) -> int:
     direct = await asyncpg.connect(gateway.direct_dsn())
     try:
         return int(
@@ -89,8 +91,9 @@ async def _upstream_count(gateway: Any, app_name: str) -> int:
         await direct.close()
 
 
-async def test_200_idle_connections(gateway: Any, admin_token: str) -> None:
+async def test_200_idle_connections(gateway: RunningGateway, admin_token: str) -> None:
     ctx = gateway.gateway.context
+    assert ctx is not None
     sessions_before, keys_before = len(ctx.sessions), len(ctx.cancel_keys)
     dsn = gateway.dsn(admin_token, application_name="idle-200")
     conns = await asyncio.gather(
@@ -119,7 +122,7 @@ async def test_200_idle_connections(gateway: Any, admin_token: str) -> None:
         await conn.close()
 
 
-async def test_200_sessions_query_at_once(gateway: Any, admin_token: str) -> None:
+async def test_200_sessions_query_at_once(gateway: RunningGateway, admin_token: str) -> None:
     """A burst of first statements from 200 sessions is answered, not refused."""
     conns = await asyncio.gather(
         *(asyncpg.connect(gateway.url(admin_token), timeout=30) for _ in range(200))

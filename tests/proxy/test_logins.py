@@ -14,7 +14,7 @@ import pytest
 from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer, open_signing_key, open_token_book
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
-from tests.harness import StoredTargets
+from tests.harness import RunningGateway, StoredTargets
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -33,13 +33,15 @@ WHO = "SELECT current_user, (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_
         ("app_trust", "trustuser", False),
     ],
 )
-def test_upstream_login(gateway: Any, admin_token: str, target: str, user: str, tls: bool) -> None:
+def test_upstream_login(
+    gateway: RunningGateway, admin_token: str, target: str, user: str, tls: bool
+) -> None:
     with psycopg.connect(gateway.dsn(admin_token, target=target), connect_timeout=10) as conn:
         assert conn.execute(WHO).fetchone() == (user, tls)
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (3,)
 
 
-def _refusal(gateway: Any, target: str, token: str, **params: str) -> Any:
+def _refusal(gateway: RunningGateway, target: str, token: str, **params: str) -> ErrorResponse:
     client = RawClient.connect(gateway.host, gateway.port, timeout=10)
     try:
         with pytest.raises(LoginRefused) as info:
@@ -60,7 +62,7 @@ def _tamper_signature(token: str) -> str:
     return f"{head}.{body}.{base64.urlsafe_b64encode(bytes(raw)).rstrip(b'=').decode()}"
 
 
-def _expired_token(gateway: Any) -> str:
+def _expired_token(gateway: RunningGateway) -> str:
     """Issued an hour ago for a minute: past its expiry and the verifier's leeway."""
     s = gateway.settings
     issuer = LocalTokenIssuer(
@@ -76,7 +78,7 @@ def _expired_token(gateway: Any) -> str:
         issuer.close()
 
 
-def _good_client_still_connects(gateway: Any, token: str) -> None:
+def _good_client_still_connects(gateway: RunningGateway, token: str) -> None:
     with psycopg.connect(gateway.dsn(token), connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
@@ -92,7 +94,9 @@ def _good_client_still_connects(gateway: Any, token: str) -> None:
         ("empty", "malformed token"),
     ],
 )
-def test_bad_token_refused(gateway: Any, admin_token: str, case: str, check: str) -> None:
+def test_bad_token_refused(
+    gateway: RunningGateway, admin_token: str, case: str, check: str
+) -> None:
     if case == "bad signature":
         token = _tamper_signature(gateway.token())
     elif case == "expired":
@@ -116,7 +120,9 @@ def test_bad_token_refused(gateway: Any, admin_token: str, case: str, check: str
     _good_client_still_connects(gateway, admin_token)
 
 
-def test_bad_token_error_through_libpq_names_the_check(gateway: Any, admin_token: str) -> None:
+def test_bad_token_error_through_libpq_names_the_check(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     token = _tamper_signature(gateway.token())
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(gateway.dsn(token), connect_timeout=10)
@@ -124,7 +130,7 @@ def test_bad_token_error_through_libpq_names_the_check(gateway: Any, admin_token
     assert token not in str(info.value)
 
 
-def test_unknown_target(gateway: Any, admin_token: str) -> None:
+def test_unknown_target(gateway: RunningGateway, admin_token: str) -> None:
     err = _refusal(gateway, "no_such_target", admin_token)
     assert err.sqlstate == "3D000" and "no_such_target" in (err.message or "")
     _good_client_still_connects(gateway, admin_token)
@@ -138,7 +144,7 @@ def test_unknown_target(gateway: Any, admin_token: str) -> None:
     ],
 )
 def test_target_whose_credential_is_missing_is_refused_cleanly(
-    gateway: Any, admin_token: str, name: str, reference: dict[str, str]
+    gateway: RunningGateway, admin_token: str, name: str, reference: dict[str, str]
 ) -> None:
     registry = StoredTargets(gateway.settings)
     if registry.get(name) is None:
@@ -150,7 +156,8 @@ def test_target_whose_credential_is_missing_is_refused_cleanly(
                 dbname="postgres",
                 user="postgres",
                 sslmode="disable",
-                **reference,  # type: ignore[arg-type]
+                password_env=reference.get("password_env"),
+                password_file=reference.get("password_file"),
             )
         )
     with pytest.raises(psycopg.OperationalError) as info:
@@ -164,7 +171,7 @@ def test_target_whose_credential_is_missing_is_refused_cleanly(
     _good_client_still_connects(gateway, admin_token)
 
 
-def test_replication_connection_refused(gateway: Any, admin_token: str) -> None:
+def test_replication_connection_refused(gateway: RunningGateway, admin_token: str) -> None:
     for value in ("database", "true"):
         client = RawClient.connect(gateway.host, gateway.port, timeout=10)
         try:
@@ -177,7 +184,7 @@ def test_replication_connection_refused(gateway: Any, admin_token: str) -> None:
     _good_client_still_connects(gateway, admin_token)
 
 
-def test_token_revoked_during_session_ends_it(gateway: Any) -> None:
+def test_token_revoked_during_session_ends_it(gateway: RunningGateway) -> None:
     token = gateway.token("agent:revoked-later")
     with psycopg.connect(gateway.dsn(token), autocommit=True, connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -191,7 +198,7 @@ def test_token_revoked_during_session_ends_it(gateway: Any) -> None:
         assert conn.closed or conn.broken
 
 
-def _auth_failures(gateway: Any, application_name: str) -> list[dict[str, Any]]:
+def _auth_failures(gateway: RunningGateway, application_name: str) -> list[dict[str, Any]]:
     found = []
     for r in records_after(gateway.settings):
         body = r.record()
@@ -200,7 +207,7 @@ def _auth_failures(gateway: Any, application_name: str) -> list[dict[str, Any]]:
     return found
 
 
-def _huge_jwt(gateway: Any, size: int) -> str:
+def _huge_jwt(gateway: RunningGateway, size: int) -> str:
     """A correctly signed token whose one claim makes it `size` bytes or more."""
     key = open_signing_key(gateway.settings)
     claims = {"iss": "pgwarden", "aud": "pgwarden", "sub": "agent:huge", "pad": "x" * size}
@@ -210,7 +217,9 @@ def _huge_jwt(gateway: Any, size: int) -> str:
 @pytest.mark.parametrize(
     "case", ["just over the bound", "garbage over 64 KiB", "JWT with a 1 MiB claim"]
 )
-def test_oversized_token_is_a_bad_token(gateway: Any, admin_token: str, case: str) -> None:
+def test_oversized_token_is_a_bad_token(
+    gateway: RunningGateway, admin_token: str, case: str
+) -> None:
     """Over identity.max_token_bytes: 28P01 "token too large" and an auth_failure record,
     however large the message (not 08P01 "expected a password message", nothing recorded)."""
     bound = gateway.settings.identity.max_token_bytes
@@ -229,19 +238,19 @@ def test_oversized_token_is_a_bad_token(gateway: Any, admin_token: str, case: st
     _good_client_still_connects(gateway, admin_token)
 
 
-def test_oversized_token_through_libpq(gateway: Any) -> None:
+def test_oversized_token_through_libpq(gateway: RunningGateway) -> None:
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(gateway.dsn("b" * 70_000), connect_timeout=10)
     assert "token too large" in str(info.value)
 
 
-def test_token_at_the_bound_is_verified_not_refused_for_size(gateway: Any) -> None:
+def test_token_at_the_bound_is_verified_not_refused_for_size(gateway: RunningGateway) -> None:
     bound = gateway.settings.identity.max_token_bytes
     err = _refusal(gateway, "app", "c" * bound)
     assert err.sqlstate == "28P01" and err.message == "pgwarden: token rejected: malformed token"
 
 
-def test_revocation_ends_an_idle_session_at_once(gateway: Any) -> None:
+def test_revocation_ends_an_idle_session_at_once(gateway: RunningGateway) -> None:
     """Not at the next periodic recheck (identity.recheck_seconds, 30 s): within one poll of
     the token registry (identity.revocation_poll_seconds)."""
     token = gateway.token("agent:idle-revoked")
@@ -265,7 +274,7 @@ def test_revocation_ends_an_idle_session_at_once(gateway: Any) -> None:
     print(f"idle session ended {1000 * (ended - revoked):.0f} ms after `tokens revoke` returned")
 
 
-def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
+def test_login_right_after_revoke_is_refused(gateway: RunningGateway) -> None:
     for _ in range(5):
         token = gateway.token("agent:revoked-then-login")
         _good_client_still_connects(gateway, token)  # verified once: remembered
@@ -283,7 +292,7 @@ def test_login_right_after_revoke_is_refused(gateway: Any) -> None:
     ],
 )
 def test_malformed_password_message_is_an_audited_failed_login(
-    gateway: Any, case: str, data: bytes
+    gateway: RunningGateway, case: str, data: bytes
 ) -> None:
     app = f"badpw-{uuid.uuid4().hex[:8]}"
     client = RawClient.connect(gateway.host, gateway.port, timeout=10)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
@@ -15,13 +17,13 @@ CHANNEL = "orders changed ✓"
 PAYLOAD = "id=42 — ünïcode payload"
 
 
-def _one_notify(conn: psycopg.Connection[Any]) -> psycopg.Notify:
+def _one_notify(conn: psycopg.Connection[TupleRow]) -> psycopg.Notify:
     got = list(conn.notifies(timeout=5, stop_after=1))
     assert got, "no notification within 5 s"
     return got[0]
 
 
-def test_backend_pid_matches_backend_key_data(via: psycopg.Connection[Any]) -> None:
+def test_backend_pid_matches_backend_key_data(via: psycopg.Connection[TupleRow]) -> None:
     row = via.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
     assert row[0] == via.info.backend_pid != 0
@@ -29,7 +31,7 @@ def test_backend_pid_matches_backend_key_data(via: psycopg.Connection[Any]) -> N
 
 @pytest.mark.parametrize("sender_path", ["direct", "gateway"])
 def test_notification_reaches_listener_through_gateway(
-    gateway: Any, admin_token: str, via: psycopg.Connection[Any], sender_path: str
+    gateway: RunningGateway, admin_token: str, via: psycopg.Connection[TupleRow], sender_path: str
 ) -> None:
     via.execute(f'LISTEN "{CHANNEL}"')
     dsn = gateway.direct_dsn() if sender_path == "direct" else gateway.dsn(admin_token)
@@ -46,7 +48,7 @@ def test_notification_reaches_listener_through_gateway(
 
 
 def test_notify_inside_transaction_arrives_at_commit(
-    gateway: Any, via: psycopg.Connection[Any]
+    gateway: RunningGateway, via: psycopg.Connection[TupleRow]
 ) -> None:
     via.execute("LISTEN tx_chan")
     with psycopg.connect(gateway.direct_dsn()) as sender:
@@ -58,7 +60,9 @@ def test_notify_inside_transaction_arrives_at_commit(
     assert [n.payload for n in got] == ["first", "second"]
 
 
-def test_notification_to_self_arrives_with_command_results(via: psycopg.Connection[Any]) -> None:
+def test_notification_to_self_arrives_with_command_results(
+    via: psycopg.Connection[TupleRow],
+) -> None:
     """A notification PostgreSQL sends just before ReadyForQuery must reach the client too."""
     via.execute("LISTEN self_chan")
     seen: list[psycopg.Notify] = []
@@ -69,7 +73,7 @@ def test_notification_to_self_arrives_with_command_results(via: psycopg.Connecti
     ]
 
 
-async def test_asyncpg_listener(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_listener(gateway: RunningGateway, admin_token: str) -> None:
     listener = await asyncpg.connect(gateway.url(admin_token), timeout=10)
     sender = await asyncpg.connect(gateway.url(admin_token), timeout=10)
     try:

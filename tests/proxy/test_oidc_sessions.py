@@ -8,7 +8,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -46,7 +45,7 @@ def oidc_gateway(
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _login(gw: Any, token: str) -> RawClient:
+def _login(gw: RunningGateway, token: str) -> RawClient:
     client = RawClient.connect(gw.host, gw.port, timeout=10)
     try:
         client.login("app", token)

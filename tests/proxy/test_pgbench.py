@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from cli.localpg import SUPERUSER, SUPERUSER_PASSWORD
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
@@ -26,7 +27,7 @@ UPDATE pgb_count SET n = n + 1 WHERE run = :run RETURNING n;
 
 
 @pytest.fixture(scope="module")
-def bench_tables(gateway: Any) -> None:
+def bench_tables(gateway: RunningGateway) -> None:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS pgb_rows, pgb_count")
         conn.execute("CREATE TABLE pgb_rows (run int, client int)")
@@ -62,7 +63,7 @@ def _pgbench(env: dict[str, str], dbname: str, mode: str, run: int, script: Path
     return out.stdout
 
 
-def _state(gateway: Any, run: int) -> tuple[Any, ...]:
+def _state(gateway: RunningGateway, run: int) -> tuple[Any, ...]:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
         per_client = conn.execute(
             "SELECT client, count(*) FROM pgb_rows WHERE run = %s GROUP BY client ORDER BY client",
@@ -74,7 +75,7 @@ def _state(gateway: Any, run: int) -> tuple[Any, ...]:
 
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench_through_gateway_matches_direct(
-    gateway: Any, admin_token: str, bench_tables: None, mode: str, tmp_path: Path
+    gateway: RunningGateway, admin_token: str, bench_tables: None, mode: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "bench.sql"
     script.write_text(SCRIPT)

@@ -20,6 +20,7 @@ import pytest
 from cli.localpg import APP_DB, SUPERUSER
 from gateway.protocol import Bind, Execute, Parse, Sync
 from gateway.proxy.session import READ_AHEAD
+from tests.harness import RunningGateway
 from tests.integration.test_audit_support import records_after, wait_for
 from tests.proxy.wire import RawClient
 
@@ -29,7 +30,7 @@ SKIPPED = "not executed: an earlier statement failed"
 
 
 @pytest.fixture
-def table(gateway: Any) -> Iterator[str]:
+def table(gateway: RunningGateway) -> Iterator[str]:
     """id is unique; seq counts the rows the server ran (nextval survives a rollback)."""
     name = f"pl_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
@@ -44,13 +45,13 @@ def table(gateway: Any) -> Iterator[str]:
         conn.execute(f"DROP SEQUENCE {name}_seq")
 
 
-def _direct(gateway: Any, sql: str) -> list[tuple[Any, ...]]:
+def _direct(gateway: RunningGateway, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
         cur = conn.execute(sql.encode())
         return cur.fetchall() if cur.description is not None else []
 
 
-def _ran(gateway: Any, table: str) -> tuple[int, int]:
+def _ran(gateway: RunningGateway, table: str) -> tuple[int, int]:
     """(rows in the table, rows the server ran since the sequence was last reset)."""
     count = _direct(gateway, f"SELECT count(*) FROM {table}")[0][0]
     seq = _direct(
@@ -59,12 +60,14 @@ def _ran(gateway: Any, table: str) -> tuple[int, int]:
     return int(count), int(seq[0][0])
 
 
-def _reset(gateway: Any, table: str) -> None:
+def _reset(gateway: RunningGateway, table: str) -> None:
     _direct(gateway, f"TRUNCATE {table}")
     _direct(gateway, f"ALTER SEQUENCE {table}_seq RESTART")
 
 
-def _statement_trail(gateway: Any, since: int, text: str, requests: int) -> dict[str, Any]:
+def _statement_trail(
+    gateway: RunningGateway, since: int, text: str, requests: int
+) -> dict[str, Any]:
     """Each request record of `text` after `since`, with its outcome record, once every
     request has one: {request id: (request record, outcome record)}."""
 
@@ -79,13 +82,13 @@ def _statement_trail(gateway: Any, since: int, text: str, requests: int) -> dict
     return wait_for(complete, timeout=20)
 
 
-def _last_pos(gateway: Any) -> int:
+def _last_pos(gateway: RunningGateway) -> int:
     records = records_after(gateway.settings)
     return records[-1].pos if records else 0
 
 
 def test_a_pipeline_without_sync_runs_while_the_rest_is_decided(
-    gateway: Any, admin_token: str, table: str
+    gateway: RunningGateway, admin_token: str, table: str
 ) -> None:
     """200 Bind/Execute pairs and no Sync, in one write; the 3rd violates the key. Direct,
     the server's error comes back at once; through pgwarden it must too, not after all 200
@@ -149,13 +152,13 @@ async def _executemany(dsn: str, table: str, rows: list[tuple[int, str]]) -> flo
         await conn.close()
 
 
-def _first_run_after(gateway: Any, table: str, started: float) -> float:
+def _first_run_after(gateway: RunningGateway, table: str, started: float) -> float:
     at = _direct(gateway, f"SELECT extract(epoch FROM min(at)) FROM {table}")[0][0]
     return float(at) - started
 
 
 async def test_executemany_stops_at_the_first_error_as_direct(
-    gateway: Any, admin_token: str, table: str
+    gateway: RunningGateway, admin_token: str, table: str
 ) -> None:
     """1,000 rows of 32 kB, row 10 a duplicate key: the server runs the same rows through
     pgwarden as direct, the batch fails as a whole, and every recorded execute after the
@@ -185,7 +188,7 @@ async def test_executemany_stops_at_the_first_error_as_direct(
 
 
 async def test_time_to_first_execution_of_a_pipelined_batch(
-    gateway: Any, admin_token: str, table: str
+    gateway: RunningGateway, admin_token: str, table: str
 ) -> None:
     """Measured, not asserted: how long after executemany() was called the server ran the
     first row, direct and through pgwarden."""
@@ -200,7 +203,7 @@ async def test_time_to_first_execution_of_a_pipelined_batch(
 
 
 def test_a_stalled_server_stalls_the_client_and_the_session_holds_little(
-    gateway: Any, admin_token: str, table: str
+    gateway: RunningGateway, admin_token: str, table: str
 ) -> None:
     """The server waits on a lock while the client pipelines 2,000 Bind/Execute pairs of
     32 kB (64 MB, no Sync). Direct, the client's writes stall once the socket buffers are
@@ -243,12 +246,15 @@ def test_a_stalled_server_stalls_the_client_and_the_session_holds_little(
             idle = 0
 
         async def held() -> tuple[int, int]:
+            context = gateway.gateway.context
+            assert context is not None
             [session] = [
                 s
-                for s in gateway.gateway.context.sessions
+                for s in context.sessions
                 if s._startup is not None
                 and s._startup.parameters.get("application_name") == "stall-pipeline"
             ]
+            assert session.up is not None
             return session.held_input, session.up.transport.get_write_buffer_size()
 
         held_input, server_buffer = gateway.run(held())

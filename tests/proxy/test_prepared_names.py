@@ -4,11 +4,12 @@ an Execute by an older statement's decision."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from gateway.protocol import Bind, DataRow, Describe, Execute, Parse, Sync
+from tests.harness import RunningGateway
 from tests.proxy.wire import RawClient, errors
 
 pytestmark = pytest.mark.server
@@ -31,14 +32,14 @@ def _run_named(client: RawClient, name: str, sql: str | None) -> list[tuple[int,
 
 
 @pytest.fixture
-def agent(gateway: Any) -> Any:
+def agent(gateway: RunningGateway) -> Iterator[RawClient]:
     client = RawClient.connect(gateway.host, gateway.port)
     client.login("app", gateway.token("agent:names", groups=("ai-agents",)))
     yield client
     client.close()
 
 
-def test_name_reused_after_deallocate_is_judged_by_its_new_text(agent: Any) -> None:
+def test_name_reused_after_deallocate_is_judged_by_its_new_text(agent: RawClient) -> None:
     first = _run_named(agent, "s1", "SELECT id FROM orders WHERE id = 1")
     assert _rows(first) == [(b"1",)] and not errors(first)
     agent.query("DEALLOCATE s1")
@@ -47,7 +48,7 @@ def test_name_reused_after_deallocate_is_judged_by_its_new_text(agent: Any) -> N
     assert _rows(second) == [(b"a***@example.com",)]
 
 
-def test_a_rejected_parse_of_a_held_name_keeps_the_held_statement(agent: Any) -> None:
+def test_a_rejected_parse_of_a_held_name_keeps_the_held_statement(agent: RawClient) -> None:
     held = _run_named(agent, "s2", "SELECT email FROM customers WHERE id = 2")
     assert _rows(held) == [(b"g***@example.org",)]
     # The server refuses a second Parse of s2 (it still holds s2): nothing in that pipeline runs.

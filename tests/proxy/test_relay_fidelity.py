@@ -7,21 +7,26 @@ import hashlib
 import os
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import psycopg
+import psycopg.types.json
 import pytest
 from psycopg import errors as pgerr
+from psycopg.rows import TupleRow
+
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
-Conn = psycopg.Connection[Any]
+Conn = psycopg.Connection[TupleRow]
+T = TypeVar("T")
 
 
-def _both(gateway: Any, token: str, scenario: Callable[[Conn], Any]) -> Any:
+def _both(gateway: RunningGateway, token: str, scenario: Callable[[Conn], T]) -> T:
     """Run a scenario on a direct and a gateway connection; they must observe the same."""
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as d:
         want = scenario(d)
@@ -31,7 +36,9 @@ def _both(gateway: Any, token: str, scenario: Callable[[Conn], Any]) -> Any:
     return got
 
 
-async def _both_async(gateway: Any, token: str, scenario: Callable[[Any], Any]) -> Any:
+async def _both_async(
+    gateway: RunningGateway, token: str, scenario: Callable[[Any], Awaitable[T]]
+) -> T:
     d = await asyncpg.connect(gateway.direct_dsn())
     try:
         want = await scenario(d)
@@ -61,7 +68,7 @@ def _psql(dsn: str, script: str) -> subprocess.CompletedProcess[str]:
 # -- simple query protocol --------------------------------------------------------------
 
 
-def test_psycopg_several_statements_in_one_query(gateway: Any, admin_token: str) -> None:
+def test_psycopg_several_statements_in_one_query(gateway: RunningGateway, admin_token: str) -> None:
     def scenario(conn: Conn) -> list[Any]:
         cur = conn.cursor()
         cur.execute(
@@ -84,7 +91,7 @@ def test_psycopg_several_statements_in_one_query(gateway: Any, admin_token: str)
     assert len(got) == 5
 
 
-def test_psql_script_identical_to_direct(gateway: Any, admin_token: str) -> None:
+def test_psql_script_identical_to_direct(gateway: RunningGateway, admin_token: str) -> None:
     script = r"""
 CREATE TEMP TABLE s (id int PRIMARY KEY, t text, n numeric, b bytea);
 INSERT INTO s VALUES (1, 'plain', 1.50, '\x00ff'), (2, NULL, NULL, NULL),
@@ -115,7 +122,9 @@ SELECT id, t FROM s ORDER BY id;
     assert "ünï ☃ 🐘 日本" in via.stdout and via.stdout.rstrip().endswith("done")
 
 
-async def test_asyncpg_several_statements_in_one_execute(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_several_statements_in_one_execute(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     async def scenario(conn: Any) -> Any:
         status = await conn.execute(
             "CREATE TEMP TABLE am (a int); INSERT INTO am SELECT generate_series(1, 10);"
@@ -145,7 +154,7 @@ _VALUES = (
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
-def test_psycopg_parameters(gateway: Any, admin_token: str, binary: bool) -> None:
+def test_psycopg_parameters(gateway: RunningGateway, admin_token: str, binary: bool) -> None:
     def scenario(conn: Conn) -> Any:
         cur = conn.cursor(binary=binary)
         cur.execute(_VALUES_SQL, _VALUES, binary=binary)
@@ -160,7 +169,9 @@ def test_psycopg_parameters(gateway: Any, admin_token: str, binary: bool) -> Non
     assert types[0] == 23
 
 
-def test_psycopg_pipeline_many_statements_before_one_sync(gateway: Any, admin_token: str) -> None:
+def test_psycopg_pipeline_many_statements_before_one_sync(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     def scenario(conn: Conn) -> Any:
         conn.execute("CREATE TEMP TABLE pl (i int, s text)")
         cursors = []
@@ -180,7 +191,9 @@ def test_psycopg_pipeline_many_statements_before_one_sync(gateway: Any, admin_to
     assert total is not None and total[0] == 200
 
 
-def test_psycopg_pipeline_error_aborts_the_rest_like_direct(gateway: Any, admin_token: str) -> None:
+def test_psycopg_pipeline_error_aborts_the_rest_like_direct(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     def scenario(conn: Conn) -> Any:
         conn.execute("CREATE TEMP TABLE pe (i int PRIMARY KEY)")
         seen: list[str] = []
@@ -198,7 +211,9 @@ def test_psycopg_pipeline_error_aborts_the_rest_like_direct(gateway: Any, admin_
     assert got[0] == "UniqueViolation:23505"
 
 
-async def test_asyncpg_executemany_and_binary_parameters(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_executemany_and_binary_parameters(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     async def scenario(conn: Any) -> Any:
         await conn.execute("CREATE TEMP TABLE em (i int, s text, b bytea, n numeric)")
         rows = [
@@ -225,7 +240,7 @@ async def test_asyncpg_executemany_and_binary_parameters(gateway: Any, admin_tok
 # -- portal suspension ------------------------------------------------------------------
 
 
-def test_psycopg_server_side_cursor(gateway: Any, admin_token: str) -> None:
+def test_psycopg_server_side_cursor(gateway: RunningGateway, admin_token: str) -> None:
     def scenario(conn: Conn) -> Any:
         with conn.transaction(), conn.cursor(name="ssc") as cur:
             cur.itersize = 7
@@ -238,7 +253,7 @@ def test_psycopg_server_side_cursor(gateway: Any, admin_token: str) -> None:
     assert first[0] == (1, "x") and n == 995 and last[0] == 1000
 
 
-async def test_asyncpg_cursor_with_prefetch(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_cursor_with_prefetch(gateway: RunningGateway, admin_token: str) -> None:
     async def scenario(conn: Any) -> Any:
         out = []
         async with conn.transaction():
@@ -272,7 +287,7 @@ def test_large_bytea_round_trip_psycopg(via: Conn) -> None:
         assert bytes(row[0]) == blob
 
 
-async def test_large_bytea_round_trip_asyncpg(gateway: Any, admin_token: str) -> None:
+async def test_large_bytea_round_trip_asyncpg(gateway: RunningGateway, admin_token: str) -> None:
     blob = os.urandom(5 * 1024 * 1024)
     conn = await asyncpg.connect(gateway.url(admin_token), timeout=10)
     try:
@@ -290,7 +305,7 @@ async def test_large_bytea_round_trip_asyncpg(gateway: Any, admin_token: str) ->
         await conn.close()
 
 
-def test_nulls_and_unicode(gateway: Any, admin_token: str) -> None:
+def test_nulls_and_unicode(gateway: RunningGateway, admin_token: str) -> None:
     def scenario(conn: Conn) -> Any:
         rows = conn.execute(
             'SELECT NULL::text AS "ñull", %s AS "列", %s::text IS NULL,'
@@ -310,9 +325,9 @@ def test_nulls_and_unicode(gateway: Any, admin_token: str) -> None:
 # -- errors and transactions ------------------------------------------------------------
 
 
-def test_error_leaves_session_usable(gateway: Any, admin_token: str) -> None:
+def test_error_leaves_session_usable(gateway: RunningGateway, admin_token: str) -> None:
     def scenario(conn: Conn) -> Any:
-        seen = []
+        seen: list[tuple[Any, ...] | None] = []
         for sql in ("SELECT 1/0", "SELECT %s::int / 0"):
             try:
                 conn.execute(sql, (1,) if "%s" in sql else None)
@@ -325,7 +340,9 @@ def test_error_leaves_session_usable(gateway: Any, admin_token: str) -> None:
     assert got[0] == ("22012", "division by zero")
 
 
-async def test_asyncpg_error_leaves_session_usable(gateway: Any, admin_token: str) -> None:
+async def test_asyncpg_error_leaves_session_usable(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     async def scenario(conn: Any) -> Any:
         seen = []
         for args in (("SELECT 1/0",), ("SELECT $1::int / 0", 5)):
@@ -370,14 +387,14 @@ def _tx_scenario(conn: Conn) -> list[Any]:
     return seen
 
 
-def test_transactions_and_savepoints_psycopg(gateway: Any, admin_token: str) -> None:
+def test_transactions_and_savepoints_psycopg(gateway: RunningGateway, admin_token: str) -> None:
     got = _both(gateway, admin_token, _tx_scenario)
     assert ("SELECT 1", "error", "25P02") in got
     assert ("SELECT count(*) FROM tx", "error", "25P02") in got
     assert ("SELECT array_agg(i ORDER BY i) FROM tx", "SELECT 1", [([1, 2],)]) in got
 
 
-async def test_transactions_asyncpg(gateway: Any, admin_token: str) -> None:
+async def test_transactions_asyncpg(gateway: RunningGateway, admin_token: str) -> None:
     async def scenario(conn: Any) -> Any:
         seen = []
         await conn.execute("CREATE TEMP TABLE atx (i int)")

@@ -32,12 +32,15 @@ from gateway.protocol import (
     Sync,
 )
 from gateway.proxy.search_path import READ_NAME
+from tests.harness import RunningGateway
 from tests.integration import direct
 from tests.proxy.wire import RawClient
 
 pytestmark = pytest.mark.server
 
 Frames = list[tuple[int, bytes]]
+# Plays steps direct and through the gateway, asserts both answered alike; the answers.
+Compare = Callable[[list["Step"]], list[Frames]]
 MOVE = b"SELECT set_config('jit', 'off', false)"  # any set_config makes the path uncertain
 
 
@@ -50,15 +53,15 @@ class Step:
     ready: int = 1
     frames: int = 0
     # Done (on another connection) before the messages are sent.
-    before: Callable[[], None] | None = None
+    before: Callable[[], object] | None = None
 
 
-def _direct(gateway: Any) -> RawClient:
+def _direct(gateway: RunningGateway) -> RawClient:
     """Straight to PostgreSQL as the superuser the gateway's target logs in as."""
     return RawClient.direct(gateway.cluster.socket_dir, gateway.cluster.port, SUPERUSER, APP_DB)
 
 
-def _via(gateway: Any, token: str) -> RawClient:
+def _via(gateway: RunningGateway, token: str) -> RawClient:
     client = RawClient.connect(gateway.host, gateway.port)
     client.login("app", token)
     return client
@@ -80,7 +83,7 @@ def _play(client: RawClient, steps: list[Step]) -> list[Frames]:
     return answers
 
 
-def _activity(gateway: Any, client: RawClient) -> tuple[str, str]:
+def _activity(gateway: RunningGateway, client: RawClient) -> tuple[str, str]:
     assert client.key is not None
     with psycopg.connect(gateway.direct_dsn(), autocommit=True) as conn:
         row = conn.execute(
@@ -91,7 +94,7 @@ def _activity(gateway: Any, client: RawClient) -> tuple[str, str]:
 
 
 @pytest.fixture
-def compare(gateway: Any, admin_token: str) -> Iterator[Any]:
+def compare(gateway: RunningGateway, admin_token: str) -> Iterator[Compare]:
     opened: list[RawClient] = []
 
     def run(steps: list[Step]) -> list[Frames]:
@@ -117,7 +120,7 @@ def _codes(frames: Frames) -> str:
     return "".join(chr(c) for c, _ in frames)
 
 
-def test_unnamed_statement_survives_a_read_at_idle(compare: Any) -> None:
+def test_unnamed_statement_survives_a_read_at_idle(compare: Compare) -> None:
     """asyncpg: Parse "" of the user's query, introspection calling set_config(), then
     Bind "" — the read (made for the Parse of "t", between Syncs) left "" alone."""
     got = compare(
@@ -131,7 +134,7 @@ def test_unnamed_statement_survives_a_read_at_idle(compare: Any) -> None:
     assert _codes(got[3]) == "2DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x0242"]
 
 
-def test_unnamed_statement_survives_a_read_inside_the_pipeline(compare: Any) -> None:
+def test_unnamed_statement_survives_a_read_inside_the_pipeline(compare: Compare) -> None:
     """The same with no Sync before Bind "": the read is made for its Execute, inside the
     pipeline (the unnamed portal is open across it)."""
     got = compare(
@@ -144,7 +147,7 @@ def test_unnamed_statement_survives_a_read_inside_the_pipeline(compare: Any) -> 
     assert _codes(got[2]) == "2DCZ"
 
 
-def test_unnamed_portal_open_across_a_read_inside_a_transaction(compare: Any) -> None:
+def test_unnamed_portal_open_across_a_read_inside_a_transaction(compare: Compare) -> None:
     """An unnamed portal, half-fetched, in a transaction block: the read (idle, between
     Syncs) neither closes nor advances it, and the transaction stays as it was."""
     got = compare(
@@ -167,7 +170,7 @@ def test_unnamed_portal_open_across_a_read_inside_a_transaction(compare: Any) ->
     assert _codes(got[4]) == "DDCZ" and got[4][-1][1] == b"T"
 
 
-def test_unnamed_portal_open_across_a_read_inside_the_pipeline(compare: Any) -> None:
+def test_unnamed_portal_open_across_a_read_inside_the_pipeline(compare: Compare) -> None:
     """No Sync at all: the portal is bound, the path moves, a Parse needs the path (read
     with a Flush inside the pipeline), then the portal is executed."""
     got = compare(
@@ -192,7 +195,7 @@ def test_unnamed_portal_open_across_a_read_inside_the_pipeline(compare: Any) -> 
     assert _codes(got[0]) == "12Ds12DC12DCDDCZ"
 
 
-def test_a_read_inside_the_implicit_transaction_does_not_commit_it(compare: Any) -> None:
+def test_a_read_inside_the_implicit_transaction_does_not_commit_it(compare: Compare) -> None:
     """The read is made between extended messages and their Sync: a Sync (or a Query) of
     pgwarden's would commit the INSERT before the pipeline's error undoes it."""
     got = compare(
@@ -222,7 +225,7 @@ def test_a_read_inside_the_implicit_transaction_does_not_commit_it(compare: Any)
     assert _rows(got[2]) == [b"\x00\x01\x00\x00\x00\x010"]
 
 
-def test_a_read_after_flushed_answers_keeps_the_pipeline_open(compare: Any) -> None:
+def test_a_read_after_flushed_answers_keeps_the_pipeline_open(compare: Compare) -> None:
     """The client reads its answers after a Flush, then goes on: the read comes in
     between, with a Flush of its own."""
     got = compare(
@@ -236,7 +239,7 @@ def test_a_read_after_flushed_answers_keeps_the_pipeline_open(compare: Any) -> N
     assert _codes(got[2]) == "12DC" and _codes(got[3]) == "2DCZ"
 
 
-def test_no_read_in_an_aborted_transaction(compare: Any) -> None:
+def test_no_read_in_an_aborted_transaction(compare: Compare) -> None:
     """Aborted: the server answers the statement with its own 25P02 (a read would fail and
     start a skip to Sync the client never asked for); after ROLLBACK the unnamed statement
     parsed before is still there."""
@@ -260,7 +263,7 @@ def test_no_read_in_an_aborted_transaction(compare: Any) -> None:
     assert _codes(got[7]) == "2DCZ"
 
 
-def test_no_read_while_the_server_skips_to_sync(compare: Any) -> None:
+def test_no_read_while_the_server_skips_to_sync(compare: Compare) -> None:
     """An error, no Sync yet: the server skips what follows, so no read is made (it would
     never be answered); the client's Sync then ends the skip as direct."""
     got = compare(
@@ -288,7 +291,7 @@ def test_no_read_while_the_server_skips_to_sync(compare: Any) -> None:
 
 
 async def test_asyncpg_type_introspection_keeps_the_unnamed_statement(
-    gateway: Any, admin_token: str
+    gateway: RunningGateway, admin_token: str
 ) -> None:
     """asyncpg without a statement cache parses the query unnamed, then introspects its
     result type (set_config('jit', ...) first) and binds the unnamed statement."""
@@ -308,7 +311,7 @@ async def test_asyncpg_type_introspection_keeps_the_unnamed_statement(
 
 
 def test_a_read_that_fails_fails_the_statement_that_waited_for_it(
-    gateway: Any, admin_token: str
+    gateway: RunningGateway, admin_token: str
 ) -> None:
     """The client holds a statement of pgwarden's read's name, so the read fails. Inside a
     pipeline the server then skips to the client's Sync: the statement that waited gets the
@@ -348,14 +351,14 @@ def test_a_read_that_fails_fails_the_statement_that_waited_for_it(
     for frames, sqlstate in ((pipeline, "42P05"), (idle, "42501")):
         error = next(ErrorResponse.decode(b) for c, b in frames if c == ord("E"))
         assert error.sqlstate == sqlstate, error
-        assert "search_path could not be read" in error.message, error
+        assert "search_path could not be read" in (error.message or ""), error
     assert _codes(idle) == "EZ"
     assert _rows(answers[4]) == [b"\x00\x01\x00\x00\x00\x014"]
     assert _codes(answers[6]) == "12DCEZ", answers[6]
     assert _rows(answers[8]) == [b"\x00\x01\x00\x00\x00\x016"]
 
 
-def test_the_read_takes_no_snapshot(gateway: Any, compare: Any) -> None:
+def test_the_read_takes_no_snapshot(gateway: RunningGateway, compare: Compare) -> None:
     """REPEATABLE READ: the transaction's snapshot is taken by its first statement that
     needs one. The read (SHOW, a utility statement) must not be it: a row committed
     elsewhere after the read and before the client's SELECT is seen, as direct."""

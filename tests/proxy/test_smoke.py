@@ -7,10 +7,12 @@ import subprocess
 
 import pytest
 
+from tests.harness import RunningGateway
+
 pytestmark = pytest.mark.server
 
 
-def test_psql_select_through_gateway(gateway) -> None:  # type: ignore[no-untyped-def]
+def test_psql_select_through_gateway(gateway: RunningGateway) -> None:
     token = gateway.token(groups=("admins",))
     out = subprocess.run(
         ["psql", "-X", "-At", gateway.dsn(token), "-c", "SELECT count(*) FROM orders; SELECT 2"],

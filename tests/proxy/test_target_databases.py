@@ -14,10 +14,12 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.abc import Params
+from psycopg.rows import TupleRow
 
 from cli.localpg import SUPERUSER
 from gateway.control.targets import Target
-from tests.harness import StoredTargets
+from tests.harness import RunningGateway, StoredTargets
 
 pytestmark = pytest.mark.server
 
@@ -26,12 +28,12 @@ SERVER = "srv_any"
 LISTED = "srv_listed"
 
 
-def _token(gateway: Any, *groups: str) -> str:
+def _token(gateway: RunningGateway, *groups: str) -> str:
     return str(gateway.token(f"test:{'+'.join(groups)}", groups=groups))
 
 
 def _direct(
-    gateway: Any, text: str, dbname: str | None = None, params: Any = None
+    gateway: RunningGateway, text: str, dbname: str | None = None, params: Params | None = None
 ) -> list[tuple[Any, ...]]:
     dsn = gateway.direct_dsn(dbname) if dbname else gateway.direct_dsn()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -40,7 +42,7 @@ def _direct(
 
 
 @pytest.fixture(scope="module")
-def server_targets(gateway: Any) -> Iterator[str]:
+def server_targets(gateway: RunningGateway) -> Iterator[str]:
     """Targets over the test cluster: SERVER serves any database; LISTED one scratch database."""
     scratch = f"tdb_{uuid.uuid4().hex[:8]}"
     _direct(gateway, f"CREATE DATABASE {scratch}")
@@ -61,11 +63,11 @@ def server_targets(gateway: Any) -> Iterator[str]:
         _direct(gateway, f"DROP DATABASE IF EXISTS {scratch} WITH (FORCE)")
 
 
-def _connect(gateway: Any, dbname: str, token: str) -> psycopg.Connection[Any]:
+def _connect(gateway: RunningGateway, dbname: str, token: str) -> psycopg.Connection[TupleRow]:
     return psycopg.connect(gateway.dsn(token, target=dbname), autocommit=True, connect_timeout=10)
 
 
-def _refusal(gateway: Any, dbname: str, token: str) -> asyncpg.PostgresError:
+def _refusal(gateway: RunningGateway, dbname: str, token: str) -> asyncpg.PostgresError:
     """The server error a real driver gets when connecting (asyncpg reports its SQLSTATE)."""
 
     async def connect() -> None:
@@ -90,7 +92,7 @@ def _refusal(gateway: Any, dbname: str, token: str) -> asyncpg.PostgresError:
 @pytest.mark.parametrize("group", ["admins", "engineers"])
 @pytest.mark.parametrize("target", [SERVER, LISTED])
 def test_admins_and_engineers_reach_a_database_the_target_serves(
-    gateway: Any, server_targets: str, group: str, target: str
+    gateway: RunningGateway, server_targets: str, group: str, target: str
 ) -> None:
     with _connect(gateway, f"{target}/{server_targets}", _token(gateway, group)) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == (server_targets,)
@@ -102,7 +104,7 @@ def test_admins_and_engineers_reach_a_database_the_target_serves(
             assert conn.execute("SELECT current_database()").fetchone() == ("appdb",)
 
 
-def test_postgres_database_with_asyncpg(gateway: Any, server_targets: str) -> None:
+def test_postgres_database_with_asyncpg(gateway: RunningGateway, server_targets: str) -> None:
     async def main() -> list[Any]:
         conn = await asyncpg.connect(
             host=gateway.host,
@@ -121,7 +123,7 @@ def test_postgres_database_with_asyncpg(gateway: Any, server_targets: str) -> No
 
 
 def test_ai_agents_are_refused_another_database_by_the_policy(
-    gateway: Any, server_targets: str
+    gateway: RunningGateway, server_targets: str
 ) -> None:
     agent = _token(gateway, "ai-agents")
     error = _refusal(gateway, f"{SERVER}/{server_targets}", agent)
@@ -134,7 +136,9 @@ def test_ai_agents_are_refused_another_database_by_the_policy(
         assert conn.execute("SELECT current_database()").fetchone() == ("appdb",)
 
 
-def test_a_database_the_target_does_not_serve_is_refused(gateway: Any, server_targets: str) -> None:
+def test_a_database_the_target_does_not_serve_is_refused(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     admin = _token(gateway, "admins")
     for dbname in (f"app/{server_targets}", f"{LISTED}/postgres"):
         error = _refusal(gateway, dbname, admin)
@@ -142,7 +146,9 @@ def test_a_database_the_target_does_not_serve_is_refused(gateway: Any, server_ta
         assert "does not serve database" in error.message, error.message
 
 
-def test_malformed_and_unknown_dbnames_are_clear_errors(gateway: Any, server_targets: str) -> None:
+def test_malformed_and_unknown_dbnames_are_clear_errors(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     admin = _token(gateway, "admins")
     error = _refusal(gateway, f"{SERVER}/", admin)
     assert error.sqlstate == "3D000"
@@ -155,7 +161,9 @@ def test_malformed_and_unknown_dbnames_are_clear_errors(gateway: Any, server_tar
     assert "does not exist" in error.message
 
 
-def test_masks_follow_each_databases_own_tables(gateway: Any, server_targets: str) -> None:
+def test_masks_follow_each_databases_own_tables(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     """Each database has its own OIDs: a classified column is masked in the database the
     session uses, not looked up in the target's default one."""
     _direct(
@@ -177,7 +185,7 @@ def test_masks_follow_each_databases_own_tables(gateway: Any, server_targets: st
 # -- DROP DATABASE and friends while pgwarden has resolved names in the database -----------
 
 
-def _catalog_connections(gateway: Any, database: str) -> int:
+def _catalog_connections(gateway: RunningGateway, database: str) -> int:
     rows = _direct(
         gateway,
         "SELECT count(*) FROM pg_stat_activity"
@@ -187,7 +195,7 @@ def _catalog_connections(gateway: Any, database: str) -> int:
     return int(rows[0][0])
 
 
-def _database_with_resolved_names(gateway: Any, admin: str) -> str:
+def _database_with_resolved_names(gateway: RunningGateway, admin: str) -> str:
     """A new database in which a session through pgwarden has had names resolved (so
     pgwarden's catalog connection to it is open), that session closed again."""
     name = f"tdrop_{uuid.uuid4().hex[:8]}"
@@ -200,13 +208,13 @@ def _database_with_resolved_names(gateway: Any, admin: str) -> str:
     return name
 
 
-def _database_exists(gateway: Any, name: str) -> bool:
+def _database_exists(gateway: RunningGateway, name: str) -> bool:
     return bool(_direct(gateway, "SELECT 1 FROM pg_database WHERE datname = %s", params=[name]))
 
 
 @pytest.mark.parametrize("force", ["", " WITH (FORCE)"])
 def test_drop_database_that_pgwarden_resolved_names_in(
-    gateway: Any, server_targets: str, force: str
+    gateway: RunningGateway, server_targets: str, force: str
 ) -> None:
     admin = _token(gateway, "admins")
     name = _database_with_resolved_names(gateway, admin)
@@ -219,7 +227,7 @@ def test_drop_database_that_pgwarden_resolved_names_in(
 
 
 def test_create_database_from_a_template_pgwarden_resolved_names_in(
-    gateway: Any, server_targets: str
+    gateway: RunningGateway, server_targets: str
 ) -> None:
     admin = _token(gateway, "admins")
     template = _database_with_resolved_names(gateway, admin)
@@ -239,7 +247,9 @@ def test_create_database_from_a_template_pgwarden_resolved_names_in(
             _direct(gateway, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
-def test_rename_a_database_pgwarden_resolved_names_in(gateway: Any, server_targets: str) -> None:
+def test_rename_a_database_pgwarden_resolved_names_in(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     admin = _token(gateway, "admins")
     name = _database_with_resolved_names(gateway, admin)
     renamed = f"{name}_renamed"
@@ -256,7 +266,9 @@ def test_rename_a_database_pgwarden_resolved_names_in(gateway: Any, server_targe
             _direct(gateway, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
-def test_drop_database_in_the_extended_protocol(gateway: Any, server_targets: str) -> None:
+def test_drop_database_in_the_extended_protocol(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     admin = _token(gateway, "admins")
     name = _database_with_resolved_names(gateway, admin)
     with _connect(gateway, SERVER, admin) as conn:
@@ -268,7 +280,7 @@ def test_drop_database_in_the_extended_protocol(gateway: Any, server_targets: st
 
 
 def test_a_database_in_use_by_a_client_still_refuses_to_drop_as_direct(
-    gateway: Any, server_targets: str
+    gateway: RunningGateway, server_targets: str
 ) -> None:
     admin = _token(gateway, "admins")
     name = _database_with_resolved_names(gateway, admin)
@@ -288,7 +300,7 @@ def test_a_database_in_use_by_a_client_still_refuses_to_drop_as_direct(
 
 @pytest.mark.parametrize("via", ["gateway", "direct with FORCE"])
 def test_a_database_made_again_under_its_name_is_masked_by_its_own_oids(
-    gateway: Any, server_targets: str, via: str
+    gateway: RunningGateway, server_targets: str, via: str
 ) -> None:
     """What pgwarden read of a dropped database (mask targets by OID) must not describe the
     new database of the same name."""
@@ -316,7 +328,7 @@ def test_a_database_made_again_under_its_name_is_masked_by_its_own_oids(
 
 
 def test_the_audit_trail_names_the_database_and_the_connect_decision(
-    gateway: Any, server_targets: str
+    gateway: RunningGateway, server_targets: str
 ) -> None:
     from tests.integration.test_audit_support import last_pos, records_after, wait_for
 
@@ -342,7 +354,9 @@ def test_the_audit_trail_names_the_database_and_the_connect_decision(
     assert any(marker in q["text"] for q in requests)
 
 
-def test_drop_database_another_target_resolved_names_in(gateway: Any, server_targets: str) -> None:
+def test_drop_database_another_target_resolved_names_in(
+    gateway: RunningGateway, server_targets: str
+) -> None:
     """Two targets may name one server (a suite registers a target per database): pgwarden's
     connection through either must not hold a database dropped through the other."""
     admin = _token(gateway, "admins")

@@ -6,12 +6,12 @@ import os
 import socket
 import ssl
 import subprocess
-from typing import Any
 
 import psycopg
 import pytest
 
 from gateway.protocol import GSSENCRequest, SSLRequest, StartupMessage
+from tests.harness import RunningGateway
 
 from .wire import Closed, RawClient, errors
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.server
 SSL_QUERY = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
 
 
-def _tls_dsn(gateway: Any, token: str, **extra: str) -> str:
+def _tls_dsn(gateway: RunningGateway, token: str, **extra: str) -> str:
     params = {
         "host": "localhost",
         "sslmode": "verify-full",
@@ -29,14 +29,14 @@ def _tls_dsn(gateway: Any, token: str, **extra: str) -> str:
     return gateway.dsn(token, **{**params, **extra})
 
 
-def test_psycopg_verify_full(gateway: Any, admin_token: str) -> None:
+def test_psycopg_verify_full(gateway: RunningGateway, admin_token: str) -> None:
     with psycopg.connect(_tls_dsn(gateway, admin_token), connect_timeout=10) as conn:
         assert conn.pgconn.ssl_in_use
         # pg_stat_ssl describes the gateway's own upstream connection: no TLS for target app.
         assert conn.execute(SSL_QUERY).fetchone() == (False,)
 
 
-def test_psql_verify_full(gateway: Any, admin_token: str) -> None:
+def test_psql_verify_full(gateway: RunningGateway, admin_token: str) -> None:
     out = subprocess.run(
         ["psql", "-X", "-At", _tls_dsn(gateway, admin_token), "-c", SSL_QUERY, "-c", r"\conninfo"],
         capture_output=True,
@@ -51,7 +51,7 @@ def test_psql_verify_full(gateway: Any, admin_token: str) -> None:
     assert "SSL connection" in out.stdout
 
 
-def test_verify_full_refuses_wrong_host_name(gateway: Any, admin_token: str) -> None:
+def test_verify_full_refuses_wrong_host_name(gateway: RunningGateway, admin_token: str) -> None:
     # The certificate names localhost and 127.0.0.1; libpq must refuse another name.
     with pytest.raises(psycopg.OperationalError, match=r"does not match|certificate"):
         psycopg.connect(
@@ -60,7 +60,7 @@ def test_verify_full_refuses_wrong_host_name(gateway: Any, admin_token: str) -> 
         )
 
 
-def test_libpq_direct_tls(gateway: Any, admin_token: str) -> None:
+def test_libpq_direct_tls(gateway: RunningGateway, admin_token: str) -> None:
     assert psycopg.pq.version() >= 170000, "psycopg's libpq must support sslnegotiation=direct"
     dsn = _tls_dsn(gateway, admin_token, sslnegotiation="direct")
     with psycopg.connect(dsn, connect_timeout=10) as conn:
@@ -68,7 +68,7 @@ def test_libpq_direct_tls(gateway: Any, admin_token: str) -> None:
         assert conn.execute("SELECT 'direct'").fetchone() == ("direct",)
 
 
-def _direct_tls_client(gateway: Any, alpn: list[str] | None) -> RawClient:
+def _direct_tls_client(gateway: RunningGateway, alpn: list[str] | None) -> RawClient:
     ctx = ssl.create_default_context(cafile=str(gateway.certs.ca_cert))
     if alpn is not None:
         ctx.set_alpn_protocols(alpn)
@@ -76,7 +76,7 @@ def _direct_tls_client(gateway: Any, alpn: list[str] | None) -> RawClient:
     return RawClient(ctx.wrap_socket(raw, server_hostname="localhost"), timeout=10)
 
 
-def test_raw_direct_tls_with_alpn(gateway: Any, admin_token: str) -> None:
+def test_raw_direct_tls_with_alpn(gateway: RunningGateway, admin_token: str) -> None:
     client = _direct_tls_client(gateway, ["postgresql"])
     try:
         assert isinstance(client.sock, ssl.SSLSocket)
@@ -88,7 +88,7 @@ def test_raw_direct_tls_with_alpn(gateway: Any, admin_token: str) -> None:
         client.close()
 
 
-def test_raw_direct_tls_without_alpn_is_refused(gateway: Any, admin_token: str) -> None:
+def test_raw_direct_tls_without_alpn_is_refused(gateway: RunningGateway, admin_token: str) -> None:
     """As PostgreSQL 17 does: direct TLS without ALPN "postgresql" could be a cross-protocol
     attack, so the connection is refused (at the handshake or right after it)."""
     try:
@@ -102,7 +102,7 @@ def test_raw_direct_tls_without_alpn_is_refused(gateway: Any, admin_token: str) 
         client.close()
 
 
-def test_bytes_after_ssl_request_are_refused(gateway: Any, admin_token: str) -> None:
+def test_bytes_after_ssl_request_are_refused(gateway: RunningGateway, admin_token: str) -> None:
     """CVE-2021-23222: data piggybacked on SSLRequest must not be read as if it were encrypted."""
     client = RawClient.connect(gateway.host, gateway.port, timeout=5)
     try:
@@ -121,7 +121,7 @@ def test_bytes_after_ssl_request_are_refused(gateway: Any, admin_token: str) -> 
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_ssl_request_then_handshake_works(gateway: Any, admin_token: str) -> None:
+def test_ssl_request_then_handshake_works(gateway: RunningGateway, admin_token: str) -> None:
     raw = socket.create_connection((gateway.host, gateway.port), timeout=10)
     raw.sendall(SSLRequest().encode())
     assert raw.recv(1) == b"S"
@@ -134,7 +134,9 @@ def test_ssl_request_then_handshake_works(gateway: Any, admin_token: str) -> Non
         client.close()
 
 
-def test_gssenc_request_gets_n_then_startup_works(gateway: Any, admin_token: str) -> None:
+def test_gssenc_request_gets_n_then_startup_works(
+    gateway: RunningGateway, admin_token: str
+) -> None:
     client = RawClient.connect(gateway.host, gateway.port, timeout=10)
     try:
         client.send(GSSENCRequest().encode())
@@ -146,6 +148,6 @@ def test_gssenc_request_gets_n_then_startup_works(gateway: Any, admin_token: str
         client.close()
 
 
-def test_libpq_gssencmode_prefer_falls_back(gateway: Any, admin_token: str) -> None:
+def test_libpq_gssencmode_prefer_falls_back(gateway: RunningGateway, admin_token: str) -> None:
     with psycopg.connect(gateway.dsn(admin_token, gssencmode="prefer"), connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)

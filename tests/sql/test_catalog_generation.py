@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
+from psycopg.rows import TupleRow
 
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
@@ -22,7 +23,7 @@ EMAIL = [Mask("public", "people", "email", "email")]
 
 
 @pytest.fixture
-def database(pg_cluster: LocalCluster) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
+def database(pg_cluster: LocalCluster) -> Iterator[tuple[str, psycopg.Connection[TupleRow]]]:
     name, dsn = create_scratch_database(pg_cluster, "pgwarden_gen")
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute("CREATE TABLE people (id int, email text)")
@@ -44,13 +45,15 @@ class CountingCatalog(Catalog):
 
 
 @pytest.fixture
-async def catalog(database: tuple[str, psycopg.Connection[Any]]) -> AsyncIterator[CountingCatalog]:
+async def catalog(
+    database: tuple[str, psycopg.Connection[TupleRow]],
+) -> AsyncIterator[CountingCatalog]:
     cat = CountingCatalog(database[0])
     yield cat
     await cat.close()
 
 
-def attnum(conn: psycopg.Connection[Any], column: str) -> tuple[int, int]:
+def attnum(conn: psycopg.Connection[TupleRow], column: str) -> tuple[int, int]:
     row = conn.execute(
         "SELECT attrelid::int8, attnum FROM pg_attribute"
         " WHERE attrelid = 'people'::regclass AND attname = %s",
@@ -61,7 +64,7 @@ def attnum(conn: psycopg.Connection[Any], column: str) -> tuple[int, int]:
 
 
 async def test_without_the_watch_any_commit_moves_the_generation(
-    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[TupleRow]]
 ) -> None:
     _, conn = database
     first = await catalog.refresh()
@@ -79,7 +82,7 @@ async def test_without_the_watch_any_commit_moves_the_generation(
 
 
 async def test_with_the_watch_only_ddl_moves_the_generation(
-    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[TupleRow]]
 ) -> None:
     _, conn = database
     conn.execute(WATCH_SQL.read_bytes())
@@ -93,7 +96,7 @@ async def test_with_the_watch_only_ddl_moves_the_generation(
 
 
 async def test_a_disabled_or_replaced_watch_is_not_trusted(
-    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[Any]]
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[TupleRow]]
 ) -> None:
     _, conn = database
     conn.execute(WATCH_SQL.read_bytes())
@@ -130,7 +133,7 @@ async def test_concurrent_callers_share_a_probe_sent_after_they_called(
 
 
 async def test_an_unreachable_server_confirms_nothing() -> None:
-    async def refuse() -> Any:
+    async def refuse() -> NoReturn:
         raise ConnectionRefusedError("no server")
 
     cat = Catalog(refuse, timeout=0.5)
@@ -140,7 +143,7 @@ async def test_an_unreachable_server_confirms_nothing() -> None:
 
 
 async def test_a_shape_resolves_once_per_generation_and_afresh_after_ddl(
-    database: tuple[str, psycopg.Connection[Any]], catalog: CountingCatalog
+    database: tuple[str, psycopg.Connection[TupleRow]], catalog: CountingCatalog
 ) -> None:
     """Texts of one shape resolve once (each keeps its own text); DDL that moves the
     generation makes the next one resolve against the new catalog."""
@@ -150,12 +153,12 @@ async def test_a_shape_resolves_once_per_generation_and_afresh_after_ddl(
     lookups = 0
     real_lookup = catalog._lookup
 
-    async def counted(names: set[str]) -> Any:
+    async def counted(names: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
         nonlocal lookups
         lookups += 1
         return await real_lookup(names)
 
-    catalog._lookup = counted  # type: ignore[method-assign]
+    catalog._lookup = counted  # type: ignore[method-assign]  # counting this catalog's lookups
     await catalog.refresh()
     first = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 1")[0])
     second = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 2")[0])

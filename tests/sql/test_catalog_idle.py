@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from cli.localpg import LocalCluster
-from gateway.sql import Catalog, TableRef, analyze
+from gateway.sql import Catalog, StatementFacts, TableRef, analyze
 
 pytestmark = pytest.mark.server
 
@@ -31,7 +31,7 @@ class Connections:
         return sum(not c.is_closed() for c in self.made)
 
 
-def one(sql: str) -> Any:
+def one(sql: str) -> StatementFacts:
     (facts,) = analyze(sql)
     return facts
 

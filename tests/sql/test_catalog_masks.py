@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import NoReturn
 
 import asyncpg
 import psycopg
@@ -107,7 +107,7 @@ async def test_case_matters_for_quoted_names(catalog: Catalog) -> None:
 
 
 async def test_no_masks_needs_no_query(pg_cluster: LocalCluster) -> None:
-    async def refuse() -> Any:
+    async def refuse() -> NoReturn:
         raise AssertionError("must not connect")
 
     assert await Catalog(refuse).mask_targets([]) == {}
@@ -212,7 +212,7 @@ async def test_entries_expire_after_the_ttl(pg_cluster: LocalCluster) -> None:
 
 
 async def test_unreachable_catalog_returns_none(pg_cluster: LocalCluster) -> None:
-    async def broken() -> Any:
+    async def broken() -> NoReturn:
         raise OSError("connection refused")
 
     cat = Catalog(broken, timeout=0.5)

@@ -11,7 +11,7 @@ import pytest
 
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
-from gateway.sql import Catalog, ColumnRef, TableRef, analyze, parse_search_path
+from gateway.sql import Catalog, ColumnRef, StatementFacts, TableRef, analyze, parse_search_path
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +33,7 @@ async def catalog(pg_cluster: LocalCluster) -> AsyncIterator[Catalog]:
     await cat.close()
 
 
-def one(sql: str) -> Any:
+def one(sql: str) -> StatementFacts:
     (facts,) = analyze(sql)
     return facts
 
