@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,38 @@ async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(rig: Au
     async with wal:
         await asyncio.gather(*(wal.request(statement_request(f"SELECT {i}")) for i in range(100)))
         assert 1 <= syncs < 100
+    await _all_verified(rig)
+
+
+async def test_disk_syncs_on_one_thread_of_its_own_without_an_executor_hop(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fdatasync is one wake-up of the log's sync thread: no executor work item, queue
+    and futures per sync (their GIL hand-offs cost the event loop more than the sync)."""
+    wal = _wal(rig, "disk")
+    threads: list[int] = []
+    real = wal.log.sync
+
+    def on_thread() -> None:
+        threads.append(threading.get_ident())
+        real()
+
+    wal.log.sync = on_thread  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    executor = loop.run_in_executor
+
+    def no_sync_in_executor(pool: Any, func: Any, *args: Any) -> Any:
+        assert func is not on_thread, "an fdatasync went through an executor"
+        return executor(pool, func, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", no_sync_in_executor)
+    async with wal:
+        for burst in range(3):
+            await asyncio.gather(
+                *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(20))
+            )
+    assert threads and len(set(threads)) == 1
+    assert threads[0] != threading.get_ident()
     await _all_verified(rig)
 
 
