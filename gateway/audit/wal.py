@@ -105,9 +105,9 @@ class AuditIndex(Protocol):
 
 
 class SyncThread:
-    """The thread that fdatasyncs the log: woken with `request()` (one sync at a time: the
-    caller asks again only after `done` was called), `done(error)` called on the event loop
-    once per sync.
+    """The thread that fdatasyncs the log and rewrites its head witness: woken with
+    `request()` (one pass at a time: the caller asks again only after `done` was called),
+    `done(error)` called on the event loop once per pass.
 
     Not an executor: a sync through `run_in_executor` costs a work item, a queue, a
     concurrent and an asyncio future and their callbacks, run partly on this thread, and
@@ -226,6 +226,8 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
+        # What the head witness file holds (written by the sync thread, see _sync_pass).
+        self._head_on_file: tuple[int, bytes] | None = None
         self.head_interval = 0.05
         # For the admin listener: the last durable record's seq (ChainHeadKeeper), the time
         # from a batch's write() to its being durable (the write itself in os mode, until the
@@ -294,9 +296,8 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self._lock_fd = None
             raise
         self._loop = asyncio.get_running_loop()
-        if self.durability == "disk":
-            # log.sync looked up per sync (tests replace it).
-            self._sync_thread = SyncThread(lambda: self.log.sync(), self._loop, self._synced)
+        done = self._synced if self.durability == "disk" else self._head_passed
+        self._sync_thread = SyncThread(self._sync_pass, self._loop, done)
         self._running = True
         if self._tail.seq:
             self.position = self._tail.seq
@@ -396,10 +397,11 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
                 log.warning(
                     "audit index: %d records left for the next start: %s", self.index.lag, exc
                 )
-        self._write_head()
         if self._sync_thread is not None:
+            await self._settle()  # a head pass a timer started meanwhile
             self._sync_thread.stop()
             self._sync_thread = None
+        self._write_head()
         self.log.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -529,6 +531,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             return
         self._tail = tail
         self.index.add(sealed)
+        self._written_last = sealed[-1]
         if self.durability == "os":
             self.commit_seconds.observe(self._loop.time() - started)
             self._log_state(True)
@@ -545,7 +548,6 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             if w is not None:
                 unsynced.append((s.seq, w))
         last = sealed[-1]
-        self._written_last = last
         self._written = last.seq
         self._writes.append((last.seq, started))
         if any(w is not None for w in waiters):
@@ -559,6 +561,49 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._syncing = True
         self._sync_covers = self._written_last
         self._sync_thread.request()
+
+    def _sync_pass(self) -> None:
+        """On the sync thread: fdatasync the log (disk), then rewrite the head witness if it
+        is due. The witness is a file replaced by rename, which takes milliseconds under load
+        (ext4 starts writing the new file out at the rename): not on the event loop. It names
+        the last record this pass covers, so it is never ahead of the log."""
+        covered = self._sync_covers
+        if self.durability == "disk":
+            self.log.sync()  # looked up per pass: tests replace it
+        head = (covered.seq, covered.link) if covered is not None else None
+        if (
+            self.head is None
+            or head is None
+            or head == self._head_on_file
+            or time.monotonic() - self._head_written < self.head_interval
+        ):
+            return
+        try:
+            self.head.record(self.chain.name, *head)
+        except OSError as exc:
+            # A witness that lags is allowed (verify accepts it); the records are durable.
+            log.warning("audit head witness not written: %s", exc)
+            return
+        self._head_written = time.monotonic()
+        self._head_on_file = head
+
+    def _write_head(self) -> None:
+        """The head witness of the last durable record: by the sync thread (its running
+        pass, or one started for it), by this thread only once that is stopped (close)."""
+        if self._sync_thread is None:
+            super()._write_head()
+            self._head_on_file = self._head
+            return
+        if self._head_flush is not None:
+            self._head_flush.cancel()
+            self._head_flush = None
+        if self._head is not None and self._head != self._head_on_file and not self._syncing:
+            self._start_sync()
+
+    def _head_passed(self, failure: BaseException | None) -> None:
+        """os: a head witness pass is done (the records were durable at their write)."""
+        self._syncing = False
+        self._sync_done.set()
 
     def _synced(self, failure: BaseException | None) -> None:
         self._syncing = False
