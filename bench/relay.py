@@ -71,6 +71,14 @@ def _masked_table(cluster: LocalCluster) -> None:
     cluster.psql("VACUUM ANALYZE customers", dbname=APP_DB)
 
 
+def _install_ddl_watch(cluster: LocalCluster) -> None:
+    """The catalog generation from the DDL watch (event trigger), as deploy recommends,
+    rather than the snapshot: a planned Execute's record then overlaps its catalog check."""
+    from gateway.sql.catalog import WATCH_SQL
+
+    cluster.psql(WATCH_SQL.read_text(), dbname=APP_DB)
+
+
 def _pgbench(
     ep: Endpoint, args: argparse.Namespace, seconds: int, mode: str, script: Path | None
 ) -> PgbenchResult:
@@ -252,6 +260,8 @@ def _throughput_table(
 
 def latency(args: argparse.Namespace) -> None:
     with pg_cluster(scale=args.scale) as cluster, ExitStack() as stack:
+        if args.ddl_watch:
+            _install_ddl_watch(cluster)
         eps, gws = _endpoints(
             stack, cluster, with_noaudit=not args.no_noaudit, variants=tuple(args.variant)
         )
@@ -491,6 +501,12 @@ def main() -> None:
         help="also run pgwarden (audit log, durability disk) with durability os, or the store"
         " as the point of durability (store; in-process; normal: synchronous=normal); or the"
         " bare Python relay (bench/bare_relay.py)",
+    )
+    p.add_argument(
+        "--ddl-watch",
+        action="store_true",
+        help="--latency: install the DDL watch in the bench database (catalog generation"
+        " from the event trigger, not the snapshot)",
     )
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")

@@ -138,6 +138,9 @@ class MaskResolver(Protocol):
 
     generation: str | None
 
+    @property
+    def watched(self) -> bool: ...
+
     async def refresh(self) -> str | None: ...
 
     def refresh_soon(self) -> asyncio.Future[str | None]: ...
@@ -910,6 +913,16 @@ class StatementGate:
             return None
         return catalog.refresh_soon()
 
+    def record_during_catalog_check(self) -> bool:
+        """Whether an Execute's request record may be written while its catalog check is
+        in flight (the two waits overlap): only where the generation comes from the DDL
+        watch, so that a stale answer means DDL, which is rare (the record is then closed
+        as not sent, see superseded(), and the statement recorded afresh). A snapshot
+        generation moves with every committed write: there the check comes first and each
+        statement keeps one request record."""
+        catalog = self._masks_catalog()
+        return catalog is not None and catalog.watched
+
     def request_execute(
         self,
         facts: tuple[StatementFacts, ...],
@@ -945,6 +958,19 @@ class StatementGate:
         self._budget([run], decisions)
         self._metrics.execute_planned(self.ctx.target_name)
         return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
+
+    def superseded(self, facts: tuple[StatementFacts, ...], recorded: asyncio.Future[str]) -> None:
+        """A request_execute() record whose plan the catalog check then found stale: its
+        outcome says the statement was not sent under it (it is decided and recorded
+        afresh), so the trail never shows a statement run on a decision it was not."""
+        if recorded.cancelled() or recorded.exception() is not None:
+            return  # not written: nothing to close
+        run = StatementRun(recorded.result() or None, facts[0])
+        run.error_message = (
+            "not sent: its plan was stale (the catalog or the policy changed since it was"
+            " prepared); decided again"
+        )
+        self.outcome(run, forwarded=False)
 
     def _tallied(self, verdict: Verdict, combined: Decision) -> Verdict:
         """Count the verdict's statements by what became of them, and log a refusal (with

@@ -1470,7 +1470,8 @@ class ClientSession(asyncio.Protocol):
         (the gate's plan_fits and still_current: parameters, masks, policy revision; here:
         the portal was planned under the search_path the statement was decided under, the
         token is valid); it then waits only for the catalog check and its request record,
-        on callbacks. False: the task path decides it (everything else, and any doubt)."""
+        on callbacks, both at once (the longer of the two, not their sum). False: the task
+        path decides it (everything else, and any doubt)."""
         gate = self.gate
         if (
             gate is None
@@ -1493,16 +1494,31 @@ class ClientSession(asyncio.Protocol):
             or not gate.plan_fits(prepared.facts, prepared.decisions)
         ):
             return False
+        if not gate.still_current(prepared.decisions):
+            return False
         probe = gate.catalog_check(prepared.facts)
         if probe is None:
-            if not gate.still_current(prepared.decisions):
-                return False
-            self._record_planned(message, portal, prepared)
+            self._record_planned(message, portal, prepared, None)
+        elif gate.record_during_catalog_check():
+            # The probe's round trip and the record's write (and fdatasync) overlap: the
+            # statement waits for the longer, not the sum (_planned_recorded).
+            self._record_planned(message, portal, prepared, probe)
         else:
             probe.add_done_callback(
                 functools.partial(self._catalog_checked, message, portal, prepared)
             )
         return True
+
+    def _plan_stale(self, prepared: PreparedStatement, probe: asyncio.Future[str | None]) -> bool:
+        """DDL committed since the Parse (or the generation cannot be confirmed), or the
+        policy changed meanwhile: the statement is decided afresh on the task path."""
+        assert self.gate is not None
+        generation = None if probe.cancelled() or probe.exception() else probe.result()
+        return (
+            generation is None
+            or generation != prepared.catalog_generation
+            or not self.gate.still_current(prepared.decisions)
+        )
 
     def _catalog_checked(
         self,
@@ -1511,43 +1527,52 @@ class ClientSession(asyncio.Protocol):
         prepared: PreparedStatement,
         probe: asyncio.Future[str | None],
     ) -> None:
+        """The catalog check of a record not yet written answered."""
         if self.phase is not Phase.RELAY or self._closing:
             return  # the session ended meanwhile: nothing was recorded or sent
-        assert self.gate is not None
         try:
-            generation = None if probe.cancelled() or probe.exception() else probe.result()
-            if (
-                generation is None
-                or generation != prepared.catalog_generation
-                or not self.gate.still_current(prepared.decisions)
-            ):
-                # DDL committed since the Parse (or the generation cannot be confirmed), or
-                # the policy changed meanwhile: decided afresh on the task path.
+            if self._plan_stale(prepared, probe):
                 self._spawn(self._gated(69, message))
                 return
-            self._record_planned(message, portal, prepared)
+            self._record_planned(message, portal, prepared, None)
         except Exception as exc:  # the callback boundary: never a silent drop
             self._busy = False
             self._internal_error(exc)
 
-    def _record_planned(self, message: bytes, portal: Portal, prepared: PreparedStatement) -> None:
+    def _record_planned(
+        self,
+        message: bytes,
+        portal: Portal,
+        prepared: PreparedStatement,
+        probe: asyncio.Future[str | None] | None,
+    ) -> None:
+        """Queue the request record; `probe`: a catalog check still to be waited for too."""
         assert self.gate is not None
         recorded = self.gate.request_execute(prepared.facts, prepared.decisions, portal.params)
-        recorded.add_done_callback(
-            functools.partial(self._planned_recorded, message, portal, prepared)
-        )
+        done = functools.partial(self._planned_recorded, message, portal, prepared, probe)
+        if probe is None:
+            recorded.add_done_callback(done)
+        else:
+            probe.add_done_callback(lambda _: recorded.add_done_callback(done))
 
     def _planned_recorded(
         self,
         message: bytes,
         portal: Portal,
         prepared: PreparedStatement,
+        probe: asyncio.Future[str | None] | None,
         recorded: asyncio.Future[str],
     ) -> None:
         if self.phase is not Phase.RELAY or self._closing:
             return  # as a cancelled task: the record is written, the statement not sent
         assert self.gate is not None
         try:
+            if probe is not None and self._plan_stale(prepared, probe):
+                # Recorded during a check that found the plan stale: the record is closed
+                # as not sent under it, the statement decided and recorded afresh.
+                self.gate.superseded(prepared.facts, recorded)
+                self._spawn(self._gated(69, message))
+                return
             verdict = self.gate.executed(prepared.facts, prepared.decisions, recorded)
             self._execute_decided(verdict, message, portal)
         except Exception as exc:  # the callback boundary: never a silent drop

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,86 @@ async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(rig: Au
     async with wal:
         await asyncio.gather(*(wal.request(statement_request(f"SELECT {i}")) for i in range(100)))
         assert 1 <= syncs < 100
+    await _all_verified(rig)
+
+
+async def test_disk_syncs_on_one_thread_of_its_own_without_an_executor_hop(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fdatasync is one wake-up of the log's sync thread: no executor work item, queue
+    and futures per sync (their GIL hand-offs cost the event loop more than the sync)."""
+    wal = _wal(rig, "disk")
+    threads: list[int] = []
+    real = wal.log.sync
+
+    def on_thread() -> None:
+        threads.append(threading.get_ident())
+        real()
+
+    wal.log.sync = on_thread  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    executor = loop.run_in_executor
+
+    def no_sync_in_executor(pool: Any, func: Any, *args: Any) -> Any:
+        assert func is not on_thread, "an fdatasync went through an executor"
+        return executor(pool, func, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", no_sync_in_executor)
+    async with wal:
+        for burst in range(3):
+            await asyncio.gather(
+                *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(20))
+            )
+    assert threads and len(set(threads)) == 1
+    assert threads[0] != threading.get_ident()
+    await _all_verified(rig)
+
+
+@pytest.mark.parametrize("durability", ["disk", "os"])
+async def test_the_head_witness_is_rewritten_off_the_event_loop_never_ahead_of_the_log(
+    rig: AuditRig, durability: str
+) -> None:
+    """The witness is a file replaced by rename (milliseconds under load): the sync thread
+    writes it, naming a record already durable in the log, and it catches up once idle."""
+    wal = _wal(rig, durability)
+    wal.head_interval = 0.01
+    loop_thread = threading.get_ident()
+    durable_through = 0
+    real_sync = wal.log.sync
+
+    def sync() -> None:
+        nonlocal durable_through
+        last = wal.log.last()  # written before this fdatasync: covered by it
+        real_sync()
+        durable_through = max(durable_through, last.seq if last else 0)
+
+    wal.log.sync = sync  # type: ignore[method-assign]
+    written: list[tuple[int, int]] = []
+    heads = wal.head
+    assert heads is not None
+    real_record = heads.record
+
+    def record(chain: str, seq: int, link: bytes) -> None:
+        if durability == "disk":
+            assert seq <= durable_through, "head witness ahead of the fdatasynced log"
+        written.append((threading.get_ident(), seq))
+        real_record(chain, seq, link)
+
+    heads.record = record  # type: ignore[method-assign]
+    async with wal:
+        for burst in range(5):
+            await asyncio.gather(
+                *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(10))
+            )
+            await asyncio.sleep(0.02)
+        last = await wal.request(statement_request("SELECT last"))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if rig.heads.read(CHAIN) == (int(last.split(":")[1]), wal.log.last().link):  # type: ignore[union-attr]
+                break
+        assert rig.heads.read(CHAIN) is not None
+        assert rig.heads.read(CHAIN)[0] == int(last.split(":")[1])  # type: ignore[index]
+        assert written and all(thread != loop_thread for thread, _ in written)
     await _all_verified(rig)
 
 

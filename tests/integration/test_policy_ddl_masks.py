@@ -31,6 +31,8 @@ from tests.harness import (
 )
 
 from . import connect, simple, token_for
+from .test_audit_support import records_after, wait_for
+from .test_execute_plans import planned_executes
 
 pytestmark = pytest.mark.server
 
@@ -309,3 +311,47 @@ def test_a_planned_execute_is_decided_afresh_after_ddl(
         )
         cur.execute(query, (0,), prepare=True)
         assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
+
+
+def test_a_planned_execute_checked_while_ddl_moved_the_catalog_is_recorded_truthfully(
+    gateway: Any, db: Db
+) -> None:
+    """With the DDL watch, an Execute on its Parse-time plan is recorded while its catalog
+    check is in flight (the waits overlap); a record written for a plan the check then finds
+    stale gets an outcome saying the statement was not sent under it, and the statement is
+    decided and recorded afresh. Without the watch (a snapshot generation moves with every
+    write) the check comes first: one request record per statement. The client sees what a
+    direct connection would either way."""
+    db.ddl("CREATE TABLE plan_ddl (id int); INSERT INTO plan_ddl VALUES (1), (2), (3)")
+    subject = f"agent:plan-ddl-{uuid.uuid4().hex[:8]}"
+    query = "SELECT count(*) FROM plan_ddl WHERE id > %s"
+    before = records_after(gateway.settings)
+    since = before[-1].pos if before else 0
+    with connect(gateway.dsn(gateway.token(subject), target=db.target)) as conn:
+        planned = planned_executes(gateway)
+        for _ in range(3):
+            assert conn.execute(query, (0,), prepare=True).fetchall() == [(3,)]
+        assert planned_executes(gateway) >= planned + 2
+        db.ddl("ALTER TABLE plan_ddl ADD COLUMN added_later int")
+        for _ in range(2):
+            assert conn.execute(query, (0,), prepare=True).fetchall() == [(3,)]
+
+    def trail() -> list[dict[str, Any]] | None:
+        records = records_after(gateway.settings, since)
+        requests = [r for r in records if r.kind == "request" and r.subject == subject]
+        outcomes = {r.request_id: r.record() for r in records if r.kind == "outcome"}
+        if len(requests) < 5 or any(r.id not in outcomes for r in requests):
+            return None
+        return [outcomes[r.id] for r in requests]
+
+    outcomes = wait_for(trail)
+    sent = [o for o in outcomes if o["forwarded"]]
+    stale = [o for o in outcomes if not o["forwarded"]]
+    assert [o["command_tag"] for o in sent] == ["SELECT 1"] * 5
+    if not db.watched:
+        assert stale == []
+    else:
+        # The first Execute after the DDL: recorded under the stale plan, never sent.
+        assert len(stale) == 1, outcomes
+        assert stale[0]["command_tag"] is None
+        assert "decided again" in (stale[0]["error_message"] or "")
