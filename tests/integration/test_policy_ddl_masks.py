@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -314,7 +315,7 @@ def test_a_planned_execute_is_decided_afresh_after_ddl(
 
 
 def test_a_planned_execute_checked_while_ddl_moved_the_catalog_is_recorded_truthfully(
-    gateway: Any, db: Db
+    gateway: RunningGateway, db: Db
 ) -> None:
     """With the DDL watch, an Execute on its Parse-time plan is recorded while its catalog
     check is in flight (the waits overlap); a record written for a plan the check then finds
