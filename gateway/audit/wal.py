@@ -248,6 +248,9 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self.commit_seconds = Latencies()
         self.restarts = 0
         self.log_ok = True
+        # The last write() took its records: a sync pass that follows a failed write (one
+        # started for the head witness, say) says nothing of whether the log takes records.
+        self._write_ok = True
         # disk: (last seq of a written batch, loop time of its write), oldest first.
         self._writes: collections.deque[tuple[int, float]] = collections.deque()
 
@@ -540,10 +543,12 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self.log.write(b"".join(map(frame, sealed)), sealed[0].seq)
         except (OSError, ValueError) as exc:
             log.error("audit log write of %d records failed: %s", len(pending), exc)
+            self._write_ok = False
             self._log_state(False, f"write failed: {exc}")
             fail_requests(waiters, AuditUnavailable(f"audit log write failed: {exc}"))
             self._keep([p for p, w in zip(pending, waiters, strict=True) if w is None])
             return
+        self._write_ok = True
         self._tail = tail
         self.index.add(sealed)
         self._written_last = sealed[-1]
@@ -649,7 +654,8 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
                 s, w = unsynced.popleft()
                 if not w.done():
                     w.set_result(f"{chain}:{s}")
-            self._log_state(True)
+            if self._write_ok:
+                self._log_state(True)
             self._after_commit(covered)
         timers = self._timers
         while timers and timers[0][0] <= seq:

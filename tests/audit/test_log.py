@@ -210,6 +210,36 @@ async def test_a_failed_write_refuses_the_request_and_keeps_the_outcome(rig: Aud
     await _all_verified(rig)
 
 
+async def test_a_sync_pass_after_a_failed_write_does_not_say_the_log_takes_records(
+    rig: AuditRig,
+) -> None:
+    """disk: a sync pass can run without a write (the head witness's, the idle catch-up);
+    one that follows a failed write must not turn readiness back on while the disk is
+    still full: only a write that takes its records does."""
+    async with _wal(rig, "disk", spool_retry=3600) as wal:
+        wal.head_interval = 0.01
+        await wal.request(statement_request("SELECT 1"))
+        real = wal.log.write
+
+        def full(data: bytes, first_seq: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        wal.log.write = full  # type: ignore[method-assign]  # fault: the disk is full
+        with pytest.raises(AuditUnavailable, match="No space left"):
+            await wal.request(statement_request("SELECT refused"))
+        assert not wal.accepting
+        # Sync passes without a write: the head witness of the record written before.
+        for _ in range(5):
+            wal._head_on_file = None
+            wal._write_head()
+            await asyncio.sleep(0.02)
+        assert not wal.accepting, "a sync pass said a full disk takes records"
+        wal.log.write = real  # type: ignore[method-assign]  # the fault ends
+        await wal.request(statement_request("SELECT 2"))
+        assert wal.accepting
+    await _all_verified(rig)
+
+
 @pytest.mark.parametrize("cut", [3, 20, 60])
 async def test_a_torn_final_record_is_cut_off_at_start_and_said(
     rig: AuditRig, cut: int, caplog: pytest.LogCaptureFixture
