@@ -221,6 +221,10 @@ class TcpRelay:
         back.join(10)
 
     def close(self) -> None:
+        # shutdown() first: a close() alone leaves the accept() blocked in the other thread
+        # listening, and it would still let one more connection through.
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
 
 
