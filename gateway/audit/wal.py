@@ -577,7 +577,15 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self._start_sync()
 
     def _start_sync(self) -> None:
+        """One pass at a time: the thread takes one request per pass; what is written
+        after a pass was asked for is the next pass's (see _synced)."""
         assert self._sync_thread is not None
+        if self._syncing:
+            # _synced() can start one twice: the head witness it makes due, then the records
+            # written meanwhile; a second request() would release an unlocked lock. The pass
+            # already asked for covers `_written_last` as of its start; never move what a
+            # running pass covers (its waiters would be released before their fdatasync).
+            return
         self._syncing = True
         self._sync_covers = self._written_last
         self._sync_thread.request()
@@ -602,6 +610,9 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self.head.record(self.chain.name, *head)
         except OSError as exc:
             # A witness that lags is allowed (verify accepts it); the records are durable.
+            # Tried again after head_interval, not by a pass of its own at once (an
+            # unwritable witness would keep the sync thread passing without end).
+            self._head_written = time.monotonic()
             log.warning("audit head witness not written: %s", exc)
             return
         self._head_written = time.monotonic()

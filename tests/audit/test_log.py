@@ -120,6 +120,46 @@ async def test_disk_syncs_on_one_thread_of_its_own_without_an_executor_hop(
     await _all_verified(rig)
 
 
+async def test_a_sync_pass_ending_with_the_head_due_and_records_written_starts_one_pass(
+    rig: AuditRig,
+) -> None:
+    """disk: a pass ends (_synced) while the head witness is due and more records were
+    written meanwhile: both ask for the next pass. One pass is asked for, once (a second
+    wake-up of the sync thread raised 'release unlocked lock' in the loop's callback and
+    left the records written meanwhile waiting)."""
+    wal = _wal(rig, "disk")
+    wal.head_interval = 0.005  # the head witness is due at the end of most passes
+    real = wal.log.sync
+
+    def slow() -> None:
+        time.sleep(0.01)  # records keep being written while a pass runs
+        real()
+
+    wal.log.sync = slow  # type: ignore[method-assign]
+    heads = wal.head
+    assert heads is not None
+
+    def unwritable(chain: str, seq: int, link: bytes) -> None:
+        raise OSError(28, "No space left on device")  # so the head is still due at the end
+
+    real_record = heads.record
+    heads.record = unwritable  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        async with wal:
+            for burst in range(10):
+                await asyncio.gather(
+                    *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(5)),
+                    asyncio.sleep(0.003),
+                )
+            heads.record = real_record  # type: ignore[method-assign]  # the disk has room again
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
 @pytest.mark.parametrize("durability", ["disk", "os"])
 async def test_the_head_witness_is_rewritten_off_the_event_loop_never_ahead_of_the_log(
     rig: AuditRig, durability: str
