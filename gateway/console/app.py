@@ -10,7 +10,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from gateway.console.deps import ConsoleDeps
-from gateway.console.login import login_router
+from gateway.console.login import login_router, oidc_configured
+from gateway.console.oidc import oidc_router
 from gateway.console.render import STATIC_DIR, page
 from gateway.console.web_session import (
     ConsoleMiddleware,
@@ -46,7 +47,10 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
 
     app.add_exception_handler(SignInRequired, to_login)
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
-    for router in (home_router(), login_router(deps)):
+    routers = [home_router(), login_router(deps)]
+    if oidc_configured(deps):
+        routers.append(oidc_router(deps))
+    for router in routers:
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)
     return sessions

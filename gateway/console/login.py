@@ -28,10 +28,13 @@ class LoginWay:
     href: str
 
 
+def oidc_configured(deps: ConsoleDeps) -> bool:
+    return bool(deps.settings.console.oidc_client_id and deps.settings.identity.oidc_issuer)
+
+
 def login_ways(deps: ConsoleDeps) -> list[LoginWay]:
-    c = deps.settings.console
     ways = []
-    if c.oidc_client_id and deps.settings.identity.oidc_issuer:
+    if oidc_configured(deps):
         ways.append(
             LoginWay("link", "Sign in with your identity provider (OIDC)", "/console/login/oidc")
         )
