@@ -40,7 +40,9 @@ def home_router() -> APIRouter:
 def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     """Serve the console under /console on `app`; returns its session store."""
     sessions = WebSessions(
-        lifetime_seconds=deps.settings.console.session_hours * 3600, tls=deps.tls
+        lifetime_seconds=deps.settings.console.session_hours * 3600,
+        tls=deps.tls,
+        still_valid=deps.still_valid,
     )
 
     async def to_login(request: Request, exc: Exception) -> Response:
