@@ -23,8 +23,8 @@ from gateway.admin.approvals import may_see
 from gateway.console.deps import ConsoleDeps
 from gateway.console.highlight import Span, highlight
 from gateway.console.people import Person, acting_principal
-from gateway.console.render import page, templates
-from gateway.console.web_session import SignedIn, csrf_token, form_fields, web_session
+from gateway.console.render import flash, flashed, page, templates
+from gateway.console.web_session import SignedIn, csrf_token, form_fields
 from gateway.control.models import OPEN_STATUSES, ApprovalRequest
 from gateway.control.rules import Ballot, VoteRefused, judge
 from gateway.control.store import ControlStoreUnavailable, UnknownRequest
@@ -170,12 +170,10 @@ def approvals_router(deps: ConsoleDeps) -> APIRouter:
 
     @router.get("/console/approvals", response_class=HTMLResponse)
     async def approvals(request: Request, person: SignedIn) -> Response:
-        session = web_session(request)
-        flash = session.pending.pop("flash", None) if session is not None else None
         return page(
             request,
             "approvals.html",
-            notice=flash,
+            notice=flashed(request),
             **await context(person),
         )
 
@@ -230,9 +228,7 @@ def approvals_router(deps: ConsoleDeps) -> APIRouter:
             said = (
                 f"Your approval of {r.id} counts: {len(r.approvals())} of {r.approvers_required}."
             )
-        session = web_session(request)
-        if session is not None:
-            session.pending["flash"] = said
+        flash(request, said)
         # Post/redirect/get: a reload does not vote again.
         return RedirectResponse("/console/approvals", status_code=303)
 

@@ -14,8 +14,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.console.deps import ConsoleDeps
 from gateway.console.people import Person
-from gateway.console.render import page
-from gateway.console.web_session import SignedIn, web_session
+from gateway.console.render import flash, flashed, page
+from gateway.console.web_session import SignedIn
 from gateway.control.store import ControlStoreUnavailable
 from gateway.identity.registry import UnknownToken
 
@@ -37,10 +37,6 @@ def when(timestamp: float | None) -> str:
 
 def inventory_router(deps: ConsoleDeps) -> APIRouter:
     router = APIRouter()
-
-    def flash(request: Request) -> str | None:
-        session = web_session(request)
-        return session.pending.pop("flash", None) if session is not None else None
 
     async def tokens_context(person: Person) -> dict[str, Any]:
         if deps.control is None:
@@ -72,7 +68,7 @@ def inventory_router(deps: ConsoleDeps) -> APIRouter:
 
     @router.get("/console/tokens", response_class=HTMLResponse)
     async def tokens(request: Request, person: SignedIn) -> Response:
-        return page(request, "tokens.html", notice=flash(request), **await tokens_context(person))
+        return page(request, "tokens.html", notice=flashed(request), **await tokens_context(person))
 
     @router.post("/console/tokens/{jti}/revoke")
     async def revoke(jti: str, request: Request, person: SignedIn) -> Response:
@@ -106,9 +102,7 @@ def inventory_router(deps: ConsoleDeps) -> APIRouter:
             person.subject,
             extra={"event": "token_revoked", "by": person.subject, "jti": record.jti},
         )
-        session = web_session(request)
-        if session is not None:
-            session.pending["flash"] = f"Revoked {record.jti} ({record.subject})."
+        flash(request, f"Revoked {record.jti} ({record.subject}).")
         return RedirectResponse("/console/tokens", status_code=303)
 
     @router.get("/console/targets", response_class=HTMLResponse)

@@ -43,6 +43,17 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "frame-ancestors 'none'; form-action 'self'"
 )
+
+
+def csp_posting_to(origin: str) -> str:
+    """The console's CSP with `origin` added to form-action, for the one response whose
+    form must POST to an identity provider (a SAML POST binding); set it on that response
+    as its content-security-policy header, and the middleware keeps it."""
+    if not origin or any(c in origin for c in " ;,'\"\r\n"):
+        raise ValueError(f"not an origin: {origin!r}")
+    return CONTENT_SECURITY_POLICY.replace("form-action 'self'", f"form-action 'self' {origin}")
+
+
 SECURITY_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-content-type-options": "nosniff",
@@ -274,7 +285,9 @@ class ConsoleMiddleware:
                 if message["type"] == "http.response.start":
                     headers = MutableHeaders(scope=message)
                     for name, value in SECURITY_HEADERS.items():
-                        headers[name] = value
+                        # A route's own CSP is kept: only csp_posting_to() makes one.
+                        if name != "content-security-policy" or name not in headers:
+                            headers[name] = value
                     if here.made is not None and here.made is here.session:
                         headers.append("set-cookie", self.sessions.cookie_header(here.made))
                 await send(message)
