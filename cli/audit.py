@@ -39,7 +39,14 @@ from gateway.audit import (
 )
 from gateway.audit.chain_state import TrailState, trail_state
 from gateway.audit.records import RECORD_KINDS, parse_record_id
-from gateway.audit.search import SEARCH_ACTIONS, AuditQuery, BadSearch, record_summary
+from gateway.audit.search import (
+    SEARCH_ACTIONS,
+    AuditQuery,
+    BadSearch,
+    parse_age,
+    parse_when,
+    record_summary,
+)
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
@@ -47,18 +54,6 @@ app = typer.Typer(help="Read, verify, export and prune the audit trail.", no_arg
 
 T = TypeVar("T")
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document per record.")]
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_AGE = re.compile(r"(\d+)([smhdw])")
-
-
-def parse_age(text: str) -> float:
-    """Seconds in an age such as `90d`, `12h` or `1d12h`."""
-    value = text.strip().lower()
-    if not value or not re.fullmatch(r"(?:\d+[smhdw])+", value):
-        raise ValueError(f"bad age {text!r}: use a number with s, m, h, d or w (e.g. 90d)")
-    return float(sum(int(n) * _UNITS[u] for n, u in _AGE.findall(value)))
-
 
 _RETENTION = re.compile(r"(?:\d+[dh])+")
 
@@ -70,25 +65,6 @@ def parse_retention(text: str) -> float:
     if not _RETENTION.fullmatch(value):
         raise ValueError(f"bad age {text!r}: use days or hours, e.g. 90d or 36h")
     return parse_age(value)
-
-
-def parse_when(text: str, now: float) -> float:
-    """A point in time: an age back from now (`2h`), an ISO date/time, or unix seconds."""
-    try:
-        return now - parse_age(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"bad time {text!r}: use an age (2h), ISO time or unix seconds") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.timestamp()
 
 
 def _run(

@@ -312,6 +312,12 @@ class Gateway:
             approvals=self.approvals,
             sessions=SessionDirectory(lambda: context.sessions),
             audit=self.audit_reader,
+            # Auditors read the audit API as they read the audit pages.
+            auditors=AdminAccess(
+                open_access=False,
+                verify=self.verifier.verify,
+                groups=[*admin.token_groups, *self.settings.console.console_audit_groups],
+            ),
         )
         if self.settings.console.enabled:
             mount_console(
@@ -323,6 +329,7 @@ class Gateway:
                     approvals=self.approvals,
                     audit=self.audit,
                     environ=self.environ,
+                    audit_reader=self.audit_reader,
                 ),
             )
         return AdminListener(app, admin)

@@ -40,6 +40,7 @@ class ChainOut(BaseModel):
     last_record: dict[str, Any] | None
     heads: list[HeadOut]
     index_lag: int | None
+    checked_at: float
 
 
 def audit_router(

@@ -5,6 +5,7 @@ far the index lags the log, the last record and each chain's head witness."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +149,8 @@ class ChainState:
     trail: TrailState
     last_record: StoredRecord | None
     heads: tuple[HeadSeen, ...]
+    # When the walk began (unix seconds): what it reports is the trail as of then.
+    checked_at: float
 
     @property
     def index_lag(self) -> int | None:
@@ -164,6 +167,7 @@ class ChainState:
             else {**RecordSummary.of(last).as_json(), "link": last.link.hex()},
             "heads": [{"chain": h.chain, "seq": h.seq, "link": h.link.hex()} for h in self.heads],
             "index_lag": self.index_lag,
+            "checked_at": self.checked_at,
         }
 
 
@@ -172,6 +176,7 @@ async def chain_state(
 ) -> ChainState:
     """The whole trail verified, as `pgwarden audit verify` does, plus the newest record
     indexed and every head witness."""
+    began = time.time()
     verified = await trail_state(store, keyring, heads, trail, instance)
     newest = await store.search(RecordFilter(), 1)
     seen = []
@@ -179,4 +184,4 @@ async def chain_state(
         head = heads.read(name)
         if head is not None:
             seen.append(HeadSeen(name, head[0], head[1]))
-    return ChainState(verified, newest[0] if newest else None, tuple(seen))
+    return ChainState(verified, newest[0] if newest else None, tuple(seen), began)

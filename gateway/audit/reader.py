@@ -5,6 +5,7 @@ timeline, and the chain's state verified off the gateway's event loop."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from gateway.audit.chain_state import ChainState, chain_state
@@ -36,6 +37,7 @@ class AuditReader:
         self._opening = asyncio.Lock()
         # One verify at a time: callers arriving while it runs share its result.
         self._verifying: asyncio.Future[ChainState] | None = None
+        self._verified: tuple[float, ChainState] | None = None
 
     async def _opened(self) -> AuditStore:
         async with self._opening:
@@ -53,13 +55,18 @@ class AuditReader:
     async def session(self, session_id: str) -> SessionTimeline | None:
         return await session_timeline(await self._opened(), session_id)
 
-    async def chain(self) -> ChainState:
-        """The whole trail verified as `pgwarden audit verify` does. Walking every record
-        costs CPU in proportion to the trail: done on a thread of its own, so that the
-        gateway's sessions (on this event loop) are not held up meanwhile."""
+    async def chain(self, max_age: float = 0.0) -> ChainState:
+        """The whole trail verified as `pgwarden audit verify` does, or the last result when
+        it is at most `max_age` seconds old. Walking every record costs CPU in proportion to
+        the trail: done on a thread of its own, so that the gateway's sessions (on this event
+        loop) are not held up meanwhile."""
+        if self._verified is not None and time.time() - self._verified[0] <= max_age:
+            return self._verified[1]
         if self._verifying is None or self._verifying.done():
             self._verifying = asyncio.ensure_future(asyncio.to_thread(self._verify_on_thread))
-        return await asyncio.shield(self._verifying)
+        state = await asyncio.shield(self._verifying)
+        self._verified = (state.checked_at, state)
+        return state
 
     def _verify_on_thread(self) -> ChainState:
         async def work() -> ChainState:

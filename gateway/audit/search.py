@@ -3,6 +3,8 @@ auditor asks with, checked, turned into one `RecordFilter`, a page of records at
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -13,6 +15,39 @@ from gateway.policy.decision import Action
 # The policy's actions, and "mask": an allowed statement whose decision masked columns.
 SEARCH_ACTIONS: tuple[str, ...] = (*get_args(Action), "mask")
 MAX_PAGE = 500
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGE = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age such as `90d`, `12h` or `1d12h`."""
+    value = text.strip().lower()
+    if not value or not re.fullmatch(r"(?:\d+[smhdw])+", value):
+        raise ValueError(f"bad age {text!r}: use a number with s, m, h, d or w (e.g. 90d)")
+    return float(sum(int(n) * _UNITS[u] for n, u in _AGE.findall(value)))
+
+
+def parse_when(text: str, now: float, zone: dt.tzinfo | None = None) -> float:
+    """A point in time: an age back from now (`2h`), an ISO date/time, or unix seconds. An
+    ISO time without an offset is in `zone` (None: this machine's local time, as the CLI
+    run here means it)."""
+    try:
+        return now - parse_age(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"bad time {text!r}: use an age (2h), ISO time or unix seconds") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone() if zone is None else moment.replace(tzinfo=zone)
+    return moment.timestamp()
 
 
 class BadSearch(ValueError):

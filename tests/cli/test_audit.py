@@ -13,9 +13,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from cli.audit import app, parse_age, parse_when
+from cli.audit import app
 from gateway.audit import audit_writer
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.audit.search import parse_age, parse_when
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Action, Decision, Mask
 from gateway.settings import load_settings
