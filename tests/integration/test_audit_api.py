@@ -6,6 +6,7 @@ the chain's state is the one `pgwarden audit verify` reports."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -233,3 +234,72 @@ def test_the_chain_state_is_what_audit_verify_reports(
     assert '"ok":true' in cli.output
     assert state["verify"]["ok"] is True
     assert state["verify"]["log"]["chain"] == instance
+
+
+def test_a_killed_session_replays_the_kill_and_its_end(audit_gw: RunningGateway) -> None:
+    subject = f"agent:killed-{time.monotonic_ns()}"
+    admin = audit_gw.token("user:operator", groups=("admins",))
+    conn = psycopg.connect(audit_gw.dsn(audit_gw.token(subject, groups=("ai-agents",))))
+    try:
+        conn.execute("SELECT 1").fetchall()
+
+        def started() -> str | None:
+            page = _get(audit_gw, "/audit/records", admin, subject=subject, kind="session_start")
+            records = page.json()["records"] if page.status_code == 200 else []
+            return records[0]["session_id"] if records else None
+
+        session = _until(started)
+        killed = httpx.post(
+            _url(audit_gw, "/sessions/kill"),
+            json={"session_id": session, "reason": "runaway agent"},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+        assert killed.status_code == 200, killed.text
+    finally:
+        conn.close()
+
+    def steps() -> list[dict[str, Any]] | None:
+        answer = _get(audit_gw, f"/audit/sessions/{session}", admin)
+        found = answer.json()["steps"] if answer.status_code == 200 else []
+        return found if found and found[-1]["kind"] == "end" else None
+
+    replay = _until(steps)
+    kinds = [s["kind"] for s in replay]
+    assert kinds[0] == "login" and "statement" in kinds and kinds[-1] == "end"
+    kill = next(s for s in replay if s["kind"] == "kill")
+    assert "user:operator" in kill["reason"] and "runaway agent" in kill["reason"]
+    assert kinds.index("kill") < kinds.index("end")
+
+
+def test_the_chain_state_names_a_record_changed_in_the_index(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> None:
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-audittamper-"))
+    gw = start_gateway(state, pg_cluster, opa_binary, admin={"port": free_port()})
+    try:
+        admin = gw.token("user:auditor", groups=("admins",))
+        with psycopg.connect(gw.dsn(gw.token("eng:tamper", groups=("engineers",)))) as conn:
+            conn.execute("SELECT 42").fetchall()
+
+        def indexed() -> bool:
+            page = _get(gw, "/audit/records", admin, text="SELECT 42", kind="request")
+            return page.status_code == 200 and bool(page.json()["records"])
+
+        _until(indexed)
+        assert _get(gw, "/audit/chain", admin).json()["ok"] is True
+        db = sqlite3.connect(gw.settings.state_path(gw.settings.audit.sqlite_path))
+        db.execute(
+            "UPDATE audit_record SET body = CAST(replace(CAST(body AS TEXT), 'SELECT 42',"
+            " 'SELECT 43') AS BLOB) WHERE kind = 'request' AND text = 'SELECT 42'"
+        )
+        db.commit()
+        db.close()
+        answer = _get(gw, "/audit/chain", admin)
+        assert answer.status_code == 200, answer.text
+        chain = answer.json()
+        assert chain["ok"] is False and chain["verify"]["ok"] is False
+        assert any("changed" in p for p in chain["problems"]), chain["problems"]
+    finally:
+        stop_gateway(gw)
+        shutil.rmtree(state, ignore_errors=True)
