@@ -9,8 +9,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from gateway.console.approvals import approvals_router
 from gateway.console.audit_pages import audit_pages_router
 from gateway.console.deps import ConsoleDeps
+from gateway.console.inventory import inventory_router
 from gateway.console.login import login_router, oidc_configured
 from gateway.console.oidc import oidc_router
 from gateway.console.render import STATIC_DIR, page
@@ -39,7 +41,9 @@ def home_router() -> APIRouter:
 def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     """Serve the console under /console on `app`; returns its session store."""
     sessions = WebSessions(
-        lifetime_seconds=deps.settings.console.session_hours * 3600, tls=deps.tls
+        lifetime_seconds=deps.settings.console.session_hours * 3600,
+        tls=deps.tls,
+        still_valid=deps.still_valid,
     )
 
     async def to_login(request: Request, exc: Exception) -> Response:
@@ -48,7 +52,7 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
 
     app.add_exception_handler(SignInRequired, to_login)
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
-    routers = [home_router(), login_router(deps)]
+    routers = [home_router(), login_router(deps), approvals_router(deps), inventory_router(deps)]
     if oidc_configured(deps):
         routers.append(oidc_router(deps))
     if deps.audit_reader is not None:

@@ -108,8 +108,8 @@ def login_router(deps: ConsoleDeps) -> APIRouter:
             via="token",
         )
         response = RedirectResponse(safe_next(fields.get("next")), status_code=303)
-        # The session ends no later than the token would have.
-        sign_in(response, person, principal.expires_at)
+        # The session ends no later than the token would have, nor outlives its revocation.
+        sign_in(response, person, principal.expires_at, principal=principal)
         return response
 
     @router.post("/console/logout")

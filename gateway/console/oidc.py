@@ -126,17 +126,8 @@ class OidcLogin:
     def _verifier(self, http: httpx.AsyncClient) -> OidcVerifier:
         """The data path's verifier, with the console's client id as the audience an ID
         token must name. Its keys are fetched for this login (a person logs in rarely)."""
-        identity = self.deps.settings.identity
-        return OidcVerifier(
-            self.issuer,
-            self.client_id,
-            algorithms=identity.oidc_algorithms,
-            groups_claim=identity.oidc_groups_claim,
-            min_refresh_seconds=identity.oidc_jwks_min_refresh_seconds,
-            max_key_age_seconds=identity.oidc_jwks_max_refresh_seconds,
-            leeway_seconds=identity.leeway_seconds,
-            http=http,
-        )
+        identity = self.deps.settings.identity.model_copy(update={"oidc_audience": self.client_id})
+        return OidcVerifier.from_settings(identity, http=http)
 
     async def start(self, request: Request) -> str:
         """Remember a new flow in the browser's session; the authorization URL to go to."""

@@ -31,3 +31,16 @@ def page(request: Request, template: str, status_code: int = 200, **context: Any
         },
         status_code=status_code,
     )
+
+
+def flash(request: Request, message: str) -> None:
+    """A message for the next page this session sees (after a POST's redirect)."""
+    session = web_session(request)
+    if session is not None:
+        session.pending["flash"] = message
+
+
+def flashed(request: Request) -> str | None:
+    """The message flashed for this page, once."""
+    session = web_session(request)
+    return session.pending.pop("flash", None) if session is not None else None

@@ -62,10 +62,13 @@ def code_flow() -> Iterator[CodeFlow]:
 
 @pytest.fixture(scope="module")
 def console_gw(
-    pg_cluster: LocalCluster, opa_binary: Path, code_flow: CodeFlow
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path, code_flow: CodeFlow
 ) -> Iterator[RunningGateway]:
-    """A gateway serving the console, trusting `code_flow`'s issuer for OIDC sign-in."""
-    with console_gateway(pg_cluster, opa_binary, **oidc_settings(code_flow.issuer)) as gw:
+    """A gateway serving the console, trusting `code_flow`'s issuer for OIDC sign-in;
+    statements the policy holds for approval wait up to 60 s for a person."""
+    with console_gateway(
+        pg_cluster, opa_binary, approval={"wait_seconds": 60}, **oidc_settings(code_flow.issuer)
+    ) as gw:
         yield gw
 
 
