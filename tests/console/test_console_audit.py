@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
+from tests.console.a11y import contrast_failures, tab_through, unnamed_controls
 from tests.console.conftest import SCREENSHOTS, console_url, sign_in_with_token
 from tests.harness import RunningGateway
 
@@ -22,36 +23,6 @@ pytestmark = pytest.mark.server
 MASKED_READ = "SELECT id, email, ssn FROM customers ORDER BY id"
 # What customers holds (cli/localpg.py): never on an audit page.
 RAW_VALUES = ("ada@example.com", "grace@example.org", "123-45-6789", "987-65-4321")
-
-# The WCAG contrast ratio of every visible text node's colour against the first opaque
-# background behind it, as the browser computed the styles; the worst few are returned.
-_CONTRAST = """
-() => {
-  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
-  const lum = ([r, g, b]) => {
-    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
-    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
-  };
-  const background = (el) => {
-    for (; el; el = el.parentElement) {
-      const c = rgb(getComputedStyle(el).backgroundColor);
-      if (c.length === 3 || (c.length === 4 && c[3] === 1)) return c.slice(0, 3);
-    }
-    return [255, 255, 255];
-  };
-  const out = [];
-  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
-    const el = n.parentElement;
-    if (!n.textContent.trim() || !el || !el.getClientRects().length) continue;
-    if (el.closest(".visually-hidden")) continue;
-    const a = lum(rgb(getComputedStyle(el).color)), b = lum(background(el));
-    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    out.push([Math.round(ratio * 100) / 100, n.textContent.trim().slice(0, 40)]);
-  }
-  return out.sort((x, y) => x[0] - y[0]).slice(0, 5);
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +49,13 @@ def _no_raw_values(page: Page) -> None:
         assert raw not in html
 
 
-def _worst_contrast(page: Page) -> list[Any]:
-    worst: list[Any] = page.evaluate(_CONTRAST)
-    return worst
+def _keyboard_and_contrast(page: Page) -> None:
+    """Every control reached by Tab with a visible focus, named, and readable text."""
+    missed, invisible = tab_through(page)
+    assert not missed, f"controls Tab never reached: {missed}"
+    assert not invisible, f"controls focused without a visible indicator: {invisible}"
+    assert not unnamed_controls(page)
+    assert contrast_failures(page) == []
 
 
 def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_rows(
@@ -108,7 +83,7 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     expect(page.locator(".chain-panel")).to_contain_text("Head witness")
     _no_raw_values(page)
     page.screenshot(path=str(SCREENSHOTS / "audit.png"), full_page=True)
-    assert min(r for r, _ in _worst_contrast(page)) >= 4.5, _worst_contrast(page)
+    _keyboard_and_contrast(page)
 
     row.get_by_role("link", name=re.compile("Replay")).click()
     expect(page).to_have_url(re.compile(r"/console/audit/sessions/[^/?]+$"))
@@ -144,7 +119,7 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     assert cells == [[str(v) for v in row] for row in agent_read["seen"]]
     _no_raw_values(page)
     page.screenshot(path=str(SCREENSHOTS / "audit-replay.png"), full_page=True)
-    assert min(r for r, _ in _worst_contrast(page)) >= 4.5, _worst_contrast(page)
+    _keyboard_and_contrast(page)
 
     # The accessibility tree names the stepper and its links, so a screen reader finds them.
     tree = page.get_by_role("navigation", name="Replay steps").aria_snapshot()
