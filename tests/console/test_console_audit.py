@@ -94,6 +94,9 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     page.get_by_role("link", name="Next →").focus()
     page.keyboard.press("Enter")
     expect(page.locator(".position")).to_have_text(re.compile(r"Step 2 of"))
+    # The step arrived at (#step) holds the focus: Tab goes on to its Previous link.
+    page.wait_for_load_state("load")
+    expect(page.locator("#step")).to_be_focused()
     page.keyboard.press("Tab")
     focused = page.evaluate("document.activeElement.textContent")
     assert "Previous" in focused, focused

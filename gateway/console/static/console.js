@@ -5,6 +5,8 @@
 // - time[data-since]: "how long it has waited", counted on every second.
 // - a[data-shortcut]: the key named (the session replay's ArrowLeft/ArrowRight) follows
 //   the link, unless the person is typing in a field or holds a modifier.
+// - [data-focus-on-arrival]: reached by its #id (a replay step), it takes the focus, so
+//   that Tab goes on to its Previous/Next links rather than from the top of the page.
 "use strict";
 
 function formatWaited(seconds) {
@@ -81,4 +83,10 @@ document.addEventListener("keydown", function (event) {
     event.preventDefault();
     link.click();
   }
+});
+
+document.addEventListener("DOMContentLoaded", function () {
+  const id = decodeURIComponent(window.location.hash.slice(1));
+  const arrived = id ? document.getElementById(id) : null;
+  if (arrived && arrived.hasAttribute("data-focus-on-arrival")) arrived.focus();
 });
