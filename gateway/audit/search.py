@@ -97,6 +97,19 @@ class AuditQuery:
         )
 
 
+UNREADABLE = "(the stored body is not a readable record: run pgwarden audit verify)"
+
+
+def readable_record(r: StoredRecord) -> dict[str, Any] | None:
+    """The record a stored body signs, or None where the body is not one (changed behind
+    the gateway's back): a page shows that, rather than failing on it."""
+    try:
+        record = r.record()
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 @dataclass(frozen=True, slots=True)
 class RecordSummary:
     """One search hit as a results table shows it."""
@@ -115,7 +128,12 @@ class RecordSummary:
 
     @classmethod
     def of(cls, r: StoredRecord) -> RecordSummary:
-        rec = r.record()
+        rec = readable_record(r)
+        if rec is None:
+            return cls(
+                r.id, r.pos, r.time, r.kind, r.session_id, r.subject, (), r.target, r.action,
+                (), UNREADABLE,
+            )  # fmt: skip
         principal = rec.get("principal") or {}
         return cls(
             id=r.id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gateway.audit.search import UNREADABLE, readable_record
 from gateway.audit.store import AuditStore, RecordFilter, StoredRecord
 
 # A session longer than this shows its first records and says it was cut.
@@ -146,10 +147,12 @@ def _texts(value: Any) -> tuple[str, ...]:
 
 
 def _step(number: int, r: StoredRecord, outcomes: dict[str, StoredRecord]) -> Step:
-    rec = r.record()
+    found = readable_record(r)
+    # A body that is not a record is still a step, saying so (verify names the record).
+    rec: dict[str, Any] = found if found is not None else {"reason": UNREADABLE}
     principal = rec.get("principal") or {}
     statement = None
-    if r.kind == "request":
+    if r.kind == "request" and found is not None:
         outcome = outcomes.get(r.id)
         statement = _statement(rec, outcome)
     return Step(
@@ -193,7 +196,7 @@ def _statement(rec: dict[str, Any], outcome: StoredRecord | None) -> Statement:
 
 
 def _outcome(r: StoredRecord) -> Outcome:
-    rec = r.record()
+    rec = readable_record(r) or {"error_message": UNREADABLE}
     rows = rec.get("recorded_rows") or []
     return Outcome(
         record_id=r.id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.audit import timeline
+from gateway.audit.search import UNREADABLE, AuditQuery, search_page
 from gateway.audit.timeline import session_timeline
 
 from .conftest import AuditRig, session_event, statement_outcome, statement_request
@@ -49,3 +50,19 @@ async def test_a_session_longer_than_the_cap_replays_its_start(
     assert [s.kind for s in found.steps] == ["login", "statement", "statement"]
     texts = [s.statement.text for s in found.steps if s.statement is not None]
     assert texts == ["SELECT 0", "SELECT 1"]
+
+
+async def test_a_body_changed_into_no_record_is_shown_as_such_not_failed_on(
+    rig: AuditRig,
+) -> None:
+    async with rig.writer() as writer:
+        await writer.session(session_event("session_start"))
+        rid = await writer.request(statement_request("SELECT 1"))
+        await writer.outcome(statement_outcome(rid))
+    await rig.sql("UPDATE audit_record SET body = ? WHERE seq = 2", b"not json")
+    found = await session_timeline(rig.store(), "sess-1")
+    assert found is not None
+    assert [s.kind for s in found.steps] == ["login", "statement"]
+    assert found.steps[1].statement is None and found.steps[1].reason == UNREADABLE
+    page = await search_page(rig.store(), AuditQuery(session_id="sess-1"))
+    assert page.records[0].summary == UNREADABLE  # newest first: the changed one
