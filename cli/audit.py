@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import re
 import sys
@@ -13,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -28,43 +27,33 @@ from gateway.audit import (
     AuditStore,
     AuditStoreError,
     ChainGap,
-    ChainProblem,
-    ChainReport,
     RecordFilter,
     StoredRecord,
-    VerifyReport,
     audit_keyring,
     audit_log,
     audit_store,
     audit_writer,
     head_witness,
     index_from_log,
-    verify,
     write_ahead_audit,
 )
+from gateway.audit.chain_state import TrailState, trail_state
 from gateway.audit.records import RECORD_KINDS, parse_record_id
-from gateway.audit.verify import compare_index, index_lag, verify_log
-from gateway.policy.decision import Action
+from gateway.audit.search import (
+    SEARCH_ACTIONS,
+    AuditQuery,
+    BadSearch,
+    parse_age,
+    parse_when,
+    record_summary,
+)
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings
 
 app = typer.Typer(help="Read, verify, export and prune the audit trail.", no_args_is_help=True)
 
 T = TypeVar("T")
-ACTIONS: tuple[str, ...] = get_args(Action)
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document per record.")]
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_AGE = re.compile(r"(\d+)([smhdw])")
-
-
-def parse_age(text: str) -> float:
-    """Seconds in an age such as `90d`, `12h` or `1d12h`."""
-    value = text.strip().lower()
-    if not value or not re.fullmatch(r"(?:\d+[smhdw])+", value):
-        raise ValueError(f"bad age {text!r}: use a number with s, m, h, d or w (e.g. 90d)")
-    return float(sum(int(n) * _UNITS[u] for n, u in _AGE.findall(value)))
-
 
 _RETENTION = re.compile(r"(?:\d+[dh])+")
 
@@ -76,25 +65,6 @@ def parse_retention(text: str) -> float:
     if not _RETENTION.fullmatch(value):
         raise ValueError(f"bad age {text!r}: use days or hours, e.g. 90d or 36h")
     return parse_age(value)
-
-
-def parse_when(text: str, now: float) -> float:
-    """A point in time: an age back from now (`2h`), an ISO date/time, or unix seconds."""
-    try:
-        return now - parse_age(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"bad time {text!r}: use an age (2h), ISO time or unix seconds") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.timestamp()
 
 
 def _run(
@@ -138,21 +108,6 @@ def _as_json(r: StoredRecord) -> dict[str, Any]:
     return {"id": r.id, "pos": r.pos, "link": r.link.hex(), **r.envelope()}
 
 
-def _summary(r: StoredRecord) -> str:
-    rec = r.record()
-    if r.kind == "request":
-        return str(rec.get("text", ""))
-    if r.kind == "outcome":
-        if rec.get("sqlstate"):
-            return f"→ {rec['request_id']} ERROR {rec['sqlstate']} {rec.get('error_message') or ''}"
-        return f"→ {rec['request_id']} {rec.get('command_tag') or ''} ({rec['duration_ms']} ms)"
-    if r.kind == "key_rotation":
-        return f"key epoch {rec['from_epoch']} → {rec['to_epoch']}"
-    if r.kind == "prune":
-        return f"pruned through seq {rec['through_seq']}"
-    return f"{rec.get('client_addr', '')} {rec.get('reason', '')}".strip()
-
-
 def _print_records(records: list[StoredRecord], as_json: bool, console: Console) -> None:
     if as_json:
         for r in records:
@@ -163,7 +118,7 @@ def _print_records(records: list[StoredRecord], as_json: bool, console: Console)
     for r in records:
         table.add_row(
             r.id, _iso(r.time), r.kind, r.subject or "", r.target or "", r.action or "",
-            _summary(r)[:120],
+            record_summary(r.kind, r.record())[:120],
         )  # fmt: skip
     console.print(table)
 
@@ -204,8 +159,12 @@ def tail(
 def search(
     ctx: typer.Context,
     subject: Annotated[str | None, typer.Option(help="Token subject, e.g. agent:ci-bot.")] = None,
+    group: Annotated[str | None, typer.Option(help="One of the token's groups.")] = None,
     target: Annotated[str | None, typer.Option(help="Target name.")] = None,
-    action: Annotated[str | None, typer.Option(help=f"The decision: {', '.join(ACTIONS)}.")] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(help=f"The decision: {', '.join(SEARCH_ACTIONS)} (mask: allowed, masked)."),
+    ] = None,
     kind: Annotated[
         str | None, typer.Option(help=f"Record kind: {', '.join(RECORD_KINDS)}.")
     ] = None,
@@ -217,19 +176,18 @@ def search(
     as_json: JsonOption = False,
 ) -> None:
     """Records matching every filter given, newest first."""
-    # A value no record can hold would find nothing and read as "no such records".
-    if action is not None and action not in ACTIONS:
-        fail(f"bad --action {action!r}: one of {', '.join(ACTIONS)}")
-    if kind is not None and kind not in RECORD_KINDS:
-        fail(f"bad --kind {kind!r}: one of {', '.join(RECORD_KINDS)}")
     now = time.time()
     try:
-        where = RecordFilter(
-            subject=subject, target=target, action=action, kind=kind, session_id=session,
+        # A value no record can hold would find nothing and read as "no such records".
+        where = AuditQuery(
+            subject=subject, group=group, target=target, action=action, kind=kind,
+            session_id=session,
             since=parse_when(since, now) if since else None,
             until=parse_when(until, now) if until else None,
             text=text,
-        )  # fmt: skip
+        ).record_filter()  # fmt: skip
+    except BadSearch as exc:
+        fail(f"bad --{exc.field} {exc.detail}")
     except ValueError as exc:
         fail(str(exc))
     records = _run(settings_of(ctx), lambda store: store.search(where, limit))
@@ -313,21 +271,6 @@ def _flattened(value: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]
     return out
 
 
-def _chain_json(c: ChainReport) -> dict[str, Any]:
-    problem = c.problem
-    return {
-        "chain": c.chain,
-        "records": c.records,
-        "first_seq": c.first_seq,
-        "last_seq": c.last_seq,
-        "epoch": c.epoch,
-        "head_checked": c.head_checked,
-        "problem": None
-        if problem is None
-        else {"id": problem.id, "seq": problem.seq, "kind": problem.kind, "detail": problem.detail},
-    }
-
-
 @app.command("verify")
 def verify_command(
     ctx: typer.Context,
@@ -350,45 +293,22 @@ def verify_command(
     settings = settings_of(ctx)
     keyring = audit_keyring(settings, keys)
     heads = head_witness(settings)
-
     trail = audit_log(settings)
-    with_log = bool(trail.segments()) and (chain is None or settings.instance in chain)
-    require_head = not no_head
 
-    async def work(store: AuditStore) -> tuple[VerifyReport, _LogCheck | None]:
-        report = await verify(store, keyring, heads, chain, require_head=require_head)
-        if not with_log:
-            return report, None
-        name = settings.instance
-        checked = _LogCheck(
-            await verify_log(trail, name, keyring, heads, store, require_head=require_head),
-            await compare_index(store, trail, name),
-            await index_lag(store, trail, name),
+    async def work(store: AuditStore) -> TrailState:
+        return await trail_state(
+            store, keyring, heads, trail, settings.instance, chain, require_head=not no_head
         )
-        return _lag_is_not_truncation(report, checked), checked
 
-    report, checked = _run(settings, work, catch_up=False)
-    problems = [str(p) for p in report.problems]
-    if checked is not None:
-        if checked.log.problem is not None:
-            problems.append(f"audit log: {checked.log.problem}")
-        if checked.index is not None:
-            problems.append(f"index: {checked.index}")
+    state = _run(settings, work, catch_up=False)
     if as_json:
-        doc: dict[str, Any] = {
-            "ok": not problems,
-            "chains": [_chain_json(c) for c in report.chains],
-        }
-        if checked is not None:
-            doc["log"] = {
-                **_chain_json(checked.log),
-                "index_problem": None if checked.index is None else str(checked.index),
-                "index_lag": checked.lag,
-            }
-        typer.echo(orjson.dumps(doc).decode())
+        typer.echo(orjson.dumps(state.as_json()).decode())
     else:
         table = Table("chain", "records", "seq", "key epoch", "head", "status")
-        for c in report.chains:
+        rows = [(c, c.chain) for c in state.store.chains]
+        if state.log is not None:
+            rows.append((state.log.log, f"{state.log.log.chain} (log)"))
+        for c, name in rows:
             span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
             status = (
                 Text("ok", style="green")
@@ -396,57 +316,16 @@ def verify_command(
                 else Text(str(c.problem), style="red")
             )
             table.add_row(
-                c.chain, str(c.records), span, str(c.epoch),
-                "checked" if c.head_checked else "none", status,
-            )  # fmt: skip
-        if checked is not None:
-            c = checked.log
-            span = "" if c.first_seq is None else f"{c.first_seq}..{c.last_seq}"
-            status = (
-                Text("ok", style="green")
-                if c.problem is None
-                else Text(str(c.problem), style="red")
-            )
-            table.add_row(
-                f"{c.chain} (log)", str(c.records), span, str(c.epoch),
+                name, str(c.records), span, str(c.epoch),
                 "checked" if c.head_checked else "none", status,
             )  # fmt: skip
         literal_console().print(table)
-        if checked is not None:
-            typer.echo(f"index lag: {checked.lag} records of the log not yet in the store")
-    if not report.chains and checked is None:
+        if state.log is not None:
+            typer.echo(f"index lag: {state.log.lag} records of the log not yet in the store")
+    if state.empty:
         fail("no audit chains found")
-    if problems:
-        fail("; ".join(problems))
-
-
-def _lag_is_not_truncation(report: VerifyReport, checked: _LogCheck) -> VerifyReport:
-    """The head witness follows the log, which the index may lag (a gateway killed before
-    indexing its last records): an index that ends before the witness while the verified
-    log holds all it names is behind, not truncated (the lag is reported)."""
-    log_report = checked.log
-    chains = []
-    for c in report.chains:
-        p = c.problem
-        if (
-            c.chain == log_report.chain
-            and p is not None
-            and p.kind == "truncated"
-            and log_report.problem is None
-            and checked.index is None
-            and checked.lag > 0
-        ):
-            c = dataclasses.replace(c, problem=None)
-        chains.append(c)
-    return VerifyReport(tuple(chains))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _LogCheck:
-    log: ChainReport
-    # The first index record that differs from the log, and how far the index lags it.
-    index: ChainProblem | None
-    lag: int
+    if state.problems:
+        fail("; ".join(state.problems))
 
 
 @app.command()

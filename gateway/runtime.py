@@ -17,7 +17,14 @@ from gateway.admin import AdminListener, admin_app, check_admin_settings, gatewa
 from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
-from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.audit import (
+    AuditProcess,
+    AuditReader,
+    AuditWriter,
+    WriteAheadAudit,
+    audit_reader,
+    audit_sink,
+)
 from gateway.console import ConsoleDeps, mount_console
 from gateway.control import ControlStore
 from gateway.control.client import open_control_store
@@ -93,6 +100,8 @@ class Gateway:
         self._revision_watch: RevisionWatch | None = None
         self._listener: Listener | None = None
         self.admin: AdminListener | None = None
+        # The audit API's reads (admin listener): connections of its own to the store.
+        self.audit_reader: AuditReader | None = None
         # One per (target, database): names, OIDs and caches differ from database to database.
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self.address: tuple[str, int] | None = None
@@ -295,12 +304,20 @@ class Gateway:
             groups=admin.token_groups,
         )
         context = self.context
+        self.audit_reader = audit_reader(self.settings)
         app = admin_app(
             registry=gateway_registry(state),
             readiness=readiness,
             access=access,
             approvals=self.approvals,
             sessions=SessionDirectory(lambda: context.sessions),
+            audit=self.audit_reader,
+            # Auditors read the audit API as they read the audit pages.
+            auditors=AdminAccess(
+                open_access=False,
+                verify=self.verifier.verify,
+                groups=[*admin.token_groups, *self.settings.console.console_audit_groups],
+            ),
         )
         if self.settings.console.enabled:
             mount_console(
@@ -313,6 +330,7 @@ class Gateway:
                     approvals=self.approvals,
                     audit=self.audit,
                     environ=self.environ,
+                    audit_reader=self.audit_reader,
                 ),
             )
         return AdminListener(app, admin)
@@ -320,6 +338,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.audit_reader is not None:
+            await self.audit_reader.close()
         if self._listener is not None:
             await self._listener.stop()
         if self.context is not None and self.context.background:

@@ -189,6 +189,11 @@ class ConsoleSettings(BaseModel):
     oidc_client_secret_env: str = "PGWARDEN_CONSOLE_OIDC_SECRET"
     oidc_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
 
+    # -- audit pages --
+    # Who may read the audit pages (search, session replay, chain state) and the /audit API,
+    # besides admin.token_groups: audit records hold statement text and recorded rows.
+    console_audit_groups: list[str] = Field(default_factory=lambda: ["admins", "auditors"])
+
 
 class LogSettings(BaseModel):
     # human: one readable line per event; json: one JSON object per line (log shippers).

@@ -1,5 +1,5 @@
 """The admin HTTP app: /healthz, /readyz, /metrics, the approvals API, the kill switch
-(/sessions) and its OpenAPI document (/openapi.json)."""
+(/sessions), the audit API (/audit) and its OpenAPI document (/openapi.json)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, Field
 
 from gateway.admin.approvals import TokenCheck, approvals_router
+from gateway.admin.audit import audit_router
 from gateway.admin.readiness import ReadinessChecks
+from gateway.audit.reader import AuditReader
 from gateway.control.store import ControlStoreUnavailable
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.guards.kill import SessionDirectory
@@ -82,7 +84,10 @@ def admin_app(
     access: AdminAccess,
     approvals: ApprovalDesk | None = None,
     sessions: SessionDirectory | None = None,
+    audit: AuditReader | None = None,
+    auditors: AdminAccess | None = None,
 ) -> FastAPI:
+    """`auditors`: who may read the audit API (default: `access`'s groups)."""
     app = FastAPI(
         title="pgwarden admin",
         version=API_VERSION,
@@ -109,6 +114,8 @@ def admin_app(
 
     if approvals is not None:
         app.include_router(approvals_router(approvals, access.verify, access.groups))
+    if audit is not None:
+        app.include_router(audit_router(audit, (auditors or access).principal))
     if sessions is not None:
         directory = sessions
 

@@ -28,6 +28,7 @@ def openapi_document() -> dict[str, Any]:
         access=AdminAccess(open_access=True, verify=_no_token, groups=["admins"]),
         approvals=cast(Any, object()),
         sessions=cast(Any, object()),
+        audit=cast(Any, object()),
     )
     return app.openapi()
 

@@ -12,6 +12,7 @@ from gateway.audit.keys import AuditKeyring, HeadWitness
 from gateway.audit.log import AuditLog, log_directory
 from gateway.audit.postgres_store import PostgresAuditStore
 from gateway.audit.process import AuditProcess, AuditStartRefused
+from gateway.audit.reader import AuditReader
 from gateway.audit.sqlite_store import SqliteAuditStore
 from gateway.audit.store import AuditStore, AuditStoreError, RecordFilter, StoredRecord
 from gateway.audit.verify import ChainProblem, ChainReport, VerifyReport, verify
@@ -26,6 +27,7 @@ __all__ = [
     "AuditLog",
     "AuditLogBusy",
     "AuditProcess",
+    "AuditReader",
     "AuditStartRefused",
     "AuditStore",
     "AuditStoreError",
@@ -46,6 +48,7 @@ __all__ = [
     "WriteAheadAudit",
     "audit_keyring",
     "audit_log",
+    "audit_reader",
     "audit_sink",
     "audit_store",
     "audit_writer",
@@ -88,6 +91,18 @@ def audit_log(settings: Settings) -> AuditLog:
     return AuditLog(
         log_directory(settings.state_dir, settings.instance),
         segment_bytes=settings.audit.log_segment_mb * 1024 * 1024,
+    )
+
+
+def audit_reader(settings: Settings) -> AuditReader:
+    """The trail as people read it on a running gateway: its own connections to the store,
+    beside the writer's."""
+    return AuditReader(
+        lambda: audit_store(settings),
+        audit_keyring(settings),
+        head_witness(settings),
+        audit_log(settings),
+        settings.instance,
     )
 
 

@@ -10,7 +10,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.audit.chain import EMPTY_TAIL, Anchor, ChainTail, SealedRecord
-from gateway.audit.store import AuditStoreError, RecordFilter, Seal, SealPrune, StoredRecord
+from gateway.audit.store import (
+    AuditStoreError,
+    RecordFilter,
+    Seal,
+    SealPrune,
+    SearchDialect,
+    StoredRecord,
+)
 
 T = TypeVar("T")
 
@@ -44,6 +51,15 @@ CREATE TABLE IF NOT EXISTS audit_anchor (
     time double precision NOT NULL,
     mac bytea NOT NULL
 );
+-- A body's signed record, or NULL where the body is not JSON (tampered with: verify names
+-- it), so that a search reading the body skips that record rather than failing.
+CREATE OR REPLACE FUNCTION pgwarden_audit_record(body bytea) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN convert_from(body, 'UTF8')::jsonb -> 'record';
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
 """
 
 _COLUMNS = (
@@ -60,6 +76,16 @@ _INSERT_MANY = (
     " action, request_id, text, body, link) SELECT * FROM unnest($1::text[], $2::bigint[],"
     " $3::integer[], $4::text[], $5::float8[], $6::text[], $7::text[], $8::text[], $9::text[],"
     " $10::text[], $11::text[], $12::bytea[], $13::bytea[])"
+)
+
+_RECORD_JSON = "pgwarden_audit_record(body)"
+# A record without masks (or an older one, without the field) is not masked.
+_DIALECT = SearchDialect(
+    placeholder=lambda i: f"${i}",
+    contains="strpos(text, {}) > 0",
+    in_group=f"coalesce({_RECORD_JSON} -> 'principal' -> 'groups', '[]'::jsonb) ? {{}}",
+    masked=f"coalesce(jsonb_array_length(CASE jsonb_typeof({_RECORD_JSON} -> 'masked_columns')"
+    f" WHEN 'array' THEN {_RECORD_JSON} -> 'masked_columns' END), 0) > 0",
 )
 
 # Guard for an insert sealed onto a remembered tail: still the chain's last record?
@@ -321,7 +347,7 @@ class PostgresAuditStore:
             after_seq = rows[-1][2]
 
     async def search(self, where: RecordFilter, limit: int) -> list[StoredRecord]:
-        clause, args = where.clauses(lambda i: f"${i}", "strpos(text, {}) > 0")
+        clause, args = where.clauses(_DIALECT)
         rows = await self._fetch(
             f"SELECT {_COLUMNS} FROM audit_record{clause} ORDER BY pos DESC"  # noqa: S608 - constant column list
             f" LIMIT ${len(args) + 1}",

@@ -22,6 +22,7 @@ from gateway.audit.store import (
     RecordFilter,
     Seal,
     SealPrune,
+    SearchDialect,
     StoredRecord,
 )
 
@@ -68,6 +69,19 @@ _INSERT = (
     " action, request_id, text, body, link) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
+
+# The body is the signed JSON as bytes: read as text for SQLite's JSON functions (a BLOB
+# would be taken for JSONB); a body that is not JSON (tampered with: verify names it) matches
+# neither test rather than failing the whole search. No masks (an older record) is unmasked.
+_BODY = "CAST(body AS TEXT)"
+_DIALECT = SearchDialect(
+    placeholder=lambda _: "?",
+    contains="instr(text, {}) > 0",
+    in_group=f"CASE WHEN json_valid({_BODY}) THEN EXISTS (SELECT 1 FROM json_each({_BODY},"  # noqa: S608 - constant text
+    " '$.record.principal.groups') WHERE value = {}) ELSE 0 END",
+    masked=f"CASE WHEN json_valid({_BODY}) THEN"
+    f" coalesce(json_array_length({_BODY}, '$.record.masked_columns'), 0) > 0 ELSE 0 END",
+)
 
 # Appends of at most this many records go as one guarded INSERT (13 variables a row, well
 # under SQLite's limit); larger batches take the transaction path.
@@ -438,7 +452,7 @@ class SqliteAuditStore:
             after_seq = records[-1].seq
 
     async def search(self, where: RecordFilter, limit: int) -> list[StoredRecord]:
-        clause, args = where.clauses(lambda _: "?", "instr(text, {}) > 0")
+        clause, args = where.clauses(_DIALECT)
 
         def q(db: sqlite3.Connection) -> list[StoredRecord]:
             rows = db.execute(

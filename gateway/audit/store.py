@@ -54,6 +54,21 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchDialect:
+    """How a backend spells the parts of a search that are not plain column tests."""
+
+    # The i-th argument (1-based).
+    placeholder: Callable[[int], str]
+    # The statement text holds the argument {} as a literal substring (not LIKE: the
+    # user's text has no wildcards).
+    contains: str
+    # The record's principal.groups (in the signed body) holds the argument {}.
+    in_group: str
+    # The record's decision masked at least one column (no argument).
+    masked: str
+
+
+@dataclass(frozen=True, slots=True)
 class RecordFilter:
     chain: str | None = None
     subject: str | None = None
@@ -66,19 +81,23 @@ class RecordFilter:
     until: float | None = None
     # Substring of the statement text.
     text: str | None = None
+    # One of the principal's groups (read from the body: groups are not a projected column).
+    group: str | None = None
+    # Only records whose decision masked columns (True), or masked none (False).
+    masked: bool | None = None
+    # Any of these request ids: the outcomes of a session's requests in one query.
+    request_ids: tuple[str, ...] | None = None
+    # Only records stored before this position: the next page of a newest-first search.
+    before_pos: int | None = None
 
-    def clauses(self, placeholder: Callable[[int], str], contains: str) -> tuple[str, list[Any]]:
-        """A WHERE clause (or "") and its arguments.
-
-        `placeholder(i)` spells the i-th argument; `contains` is the backend's literal
-        substring test with {} for the argument (not LIKE: the user's text has no wildcards).
-        """
+    def clauses(self, dialect: SearchDialect) -> tuple[str, list[Any]]:
+        """A WHERE clause (or "") and its arguments."""
         parts: list[str] = []
         args: list[Any] = []
 
         def add(sql: str, value: Any) -> None:
             args.append(value)
-            parts.append(sql.format(placeholder(len(args))))
+            parts.append(sql.format(dialect.placeholder(len(args))))
 
         for column in ("chain", "subject", "target", "action", "kind", "session_id", "request_id"):
             value = getattr(self, column)
@@ -88,8 +107,23 @@ class RecordFilter:
             add("time >= {}", self.since)
         if self.until is not None:
             add("time < {}", self.until)
+        if self.before_pos is not None:
+            add("pos < {}", self.before_pos)
         if self.text is not None:
-            add(contains, self.text)
+            add(dialect.contains, self.text)
+        if self.group is not None:
+            add(dialect.in_group, self.group)
+        if self.masked is not None:
+            parts.append(dialect.masked if self.masked else f"NOT ({dialect.masked})")
+        if self.request_ids is not None:
+            if not self.request_ids:
+                parts.append("FALSE")
+            else:
+                marks = []
+                for rid in self.request_ids:
+                    args.append(rid)
+                    marks.append(dialect.placeholder(len(args)))
+                parts.append(f"request_id IN ({', '.join(marks)})")
         return (" WHERE " + " AND ".join(parts)) if parts else "", args
 
 

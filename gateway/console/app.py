@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from gateway.console.approvals import approvals_router
+from gateway.console.audit_pages import audit_pages_router
 from gateway.console.deps import ConsoleDeps
 from gateway.console.inventory import inventory_router
 from gateway.console.login import login_router, oidc_configured
@@ -54,6 +55,8 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     routers = [home_router(), login_router(deps), approvals_router(deps), inventory_router(deps)]
     if oidc_configured(deps):
         routers.append(oidc_router(deps))
+    if deps.audit_reader is not None:
+        routers.append(audit_pages_router(deps, deps.audit_reader))
     for router in routers:
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.admin.approvals import TokenCheck
+from gateway.audit.reader import AuditReader
 from gateway.control.store import ControlStore
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.identity.principal import Principal
@@ -28,10 +29,17 @@ class ConsoleDeps:
     audit: Any = None
     # The process environment (secrets named by *_env settings are read from it).
     environ: Mapping[str, str] = field(default_factory=dict)
+    # The audit trail as people read it (the audit pages): search, timelines, chain state.
+    audit_reader: AuditReader | None = None
 
     @property
     def admin_groups(self) -> frozenset[str]:
         return frozenset(self.settings.admin.token_groups)
+
+    @property
+    def audit_groups(self) -> frozenset[str]:
+        """Who may read the audit pages: the admin groups and the auditor groups."""
+        return self.admin_groups | frozenset(self.settings.console.console_audit_groups)
 
     @property
     def tls(self) -> bool:

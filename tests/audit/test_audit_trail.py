@@ -7,9 +7,10 @@ import time
 
 import orjson
 
-from gateway.audit import AuditKeyring, AuditWriter, RecordFilter, verify
+from gateway.audit import AuditKeyring, AuditWriter, RecordFilter, StoredRecord, verify
 from gateway.audit.chain import key_for_epoch, link_of
 from gateway.audit.records import parse_record_id
+from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
 
 from .conftest import CHAIN, AuditRig, session_event, statement_outcome, statement_request
@@ -328,6 +329,53 @@ async def test_search_filters(rig: AuditRig) -> None:
     assert [r.target for r in await store.search(RecordFilter(target="other"), 10)] == ["other"]
     assert await store.search(RecordFilter(subject="nobody"), 10) == []
     assert len(await store.search(RecordFilter(since=time.time() + 60), 10)) == 0
+
+
+async def test_search_by_group_masks_request_ids_and_pages(rig: AuditRig) -> None:
+    engineer = Principal("eng:bob", "pgwarden", ("engineers", "pii-readers"), "jti-2", None)
+    async with rig.writer() as writer:
+        masked = await writer.request(statement_request("SELECT email FROM customers"))
+        plain = await writer.request(
+            statement_request("SELECT id FROM orders", principal=engineer, masked_columns=())
+        )
+        await writer.outcome(statement_outcome(masked))
+        await writer.outcome(statement_outcome(plain))
+        await writer.session(session_event("session_end"))
+    # A tampered body that is not JSON any more: the searches over the body skip it, they
+    # do not fail (verify names it).
+    await rig.sql("UPDATE audit_record SET body = ? WHERE seq = 5", b"not json")
+    store = rig.store()
+
+    def texts(found: list[StoredRecord]) -> list[str | None]:
+        return [r.text for r in found]
+
+    assert texts(await store.search(RecordFilter(group="engineers"), 10)) == [
+        "SELECT id FROM orders"
+    ]
+    assert texts(await store.search(RecordFilter(group="pii-readers"), 10)) == [
+        "SELECT id FROM orders"
+    ]
+    # A group is matched whole, never as a substring of another or of the body.
+    assert await store.search(RecordFilter(group="engineer"), 10) == []
+    assert await store.search(RecordFilter(group="agent:ci-bot"), 10) == []
+    assert texts(await store.search(RecordFilter(group="ai-agents", kind="request"), 10)) == [
+        "SELECT email FROM customers"
+    ]
+    assert texts(await store.search(RecordFilter(masked=True), 10)) == [
+        "SELECT email FROM customers"
+    ]
+    unmasked = await store.search(RecordFilter(masked=False, kind="request"), 10)
+    assert texts(unmasked) == ["SELECT id FROM orders"]
+    outcomes = await store.search(RecordFilter(request_ids=(masked, plain, "gw-x:9")), 10)
+    assert sorted(r.request_id or "" for r in outcomes) == sorted([masked, plain])
+    assert await store.search(RecordFilter(request_ids=()), 10) == []
+    # Keyset pages: newest first, each page before the last one's oldest position.
+    first = await store.search(RecordFilter(), 2)
+    second = await store.search(RecordFilter(before_pos=first[-1].pos), 2)
+    rest = await store.search(RecordFilter(before_pos=second[-1].pos), 10)
+    every = await store.search(RecordFilter(), 10)
+    assert [r.id for r in first + second + rest] == [r.id for r in every]
+    assert len(every) == 5
 
 
 async def test_a_second_writer_of_the_chain_does_not_fork_it(rig: AuditRig) -> None:

@@ -13,9 +13,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from cli.audit import app, parse_age, parse_when
+from cli.audit import app
 from gateway.audit import audit_writer
 from gateway.audit.events import StatementOutcome, StatementRequest
+from gateway.audit.search import parse_age, parse_when
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Action, Decision, Mask
 from gateway.settings import load_settings
@@ -121,6 +122,22 @@ def test_search_by_subject_action_text_and_time(state: Path) -> None:
     assert [r["id"] for r in _jsonl(out)] == ["gw-1:4", "gw-1:2"]
     code, _, err = _invoke(state, "search", "--since", "yesterday-ish")
     assert code != 0 and "bad time" in err
+
+
+def test_search_by_group_and_masked_statements(state: Path) -> None:
+    masked = replace(
+        _request("SELECT phone FROM customers", BOT, "allow", time.time()),
+        masked_columns=("public.customers.phone",),
+    )
+    _append(state, masked)
+    code, out, _ = _invoke(state, "search", "--group", "engineers", "--json")
+    assert code == 0 and [r["record"]["text"] for r in _jsonl(out)] == ["SELECT 'ancient'"]
+    code, out, _ = _invoke(state, "search", "--action", "mask", "--json")
+    assert code == 0 and [r["record"]["text"] for r in _jsonl(out)] == [
+        "SELECT phone FROM customers"
+    ]
+    code, _, err = _invoke(state, "search", "--since", "1h", "--until", "2h")
+    assert code == 1 and "bad --since" in err and "empty" in err
 
 
 def test_show_a_request_with_its_outcome_and_recorded_rows(state: Path) -> None:

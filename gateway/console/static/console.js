@@ -3,6 +3,10 @@
 //   ([data-key]) whose data-version did not change are kept as they are, so a note being
 //   typed, or the focus, survives a refresh.
 // - time[data-since]: "how long it has waited", counted on every second.
+// - a[data-shortcut]: the key named (the session replay's ArrowLeft/ArrowRight) follows
+//   the link, unless the person is typing in a field or holds a modifier.
+// - [data-focus-on-arrival]: reached by its #id (a replay step), it takes the focus, so
+//   that Tab goes on to its Previous/Next links rather than from the top of the page.
 "use strict";
 
 function formatWaited(seconds) {
@@ -70,4 +74,21 @@ document.addEventListener("DOMContentLoaded", function () {
   document.querySelectorAll("[data-poll]").forEach(poll);
   tickWaited();
   window.setInterval(tickWaited, 1000);
+});
+
+document.addEventListener("keydown", function (event) {
+  if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
+  const target = event.target;
+  if (target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))) return;
+  const link = document.querySelector('a[data-shortcut="' + event.key + '"]');
+  if (link) {
+    event.preventDefault();
+    link.click();
+  }
+});
+
+document.addEventListener("DOMContentLoaded", function () {
+  const id = decodeURIComponent(window.location.hash.slice(1));
+  const arrived = id ? document.getElementById(id) : null;
+  if (arrived && arrived.hasAttribute("data-focus-on-arrival")) arrived.focus();
 });
