@@ -16,6 +16,7 @@ import asyncpg
 from gateway.admin import AdminListener, admin_app, check_admin_settings, gateway_registry
 from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
+from gateway.admin.login import PersonTokens
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
 from gateway.control import ControlStore
@@ -26,6 +27,7 @@ from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
 from gateway.guards.kill import SessionDirectory
 from gateway.guards.rules import OpaSessionRules
+from gateway.identity.local import LocalTokenSigner
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -294,12 +296,21 @@ class Gateway:
             groups=admin.token_groups,
         )
         context = self.context
+        assert self.control is not None and self.address is not None
+        logins = PersonTokens(
+            settings=self.settings,
+            verify=self.verifier.verify,
+            signer=LocalTokenSigner.from_settings(self.settings),
+            store=self.control,
+            listener_port=self.address[1],
+        )
         app = admin_app(
             registry=gateway_registry(state),
             readiness=readiness,
             access=access,
             approvals=self.approvals,
             sessions=SessionDirectory(lambda: context.sessions),
+            logins=logins,
         )
         return AdminListener(app, admin)
 

@@ -172,6 +172,28 @@ class ApprovalSettings(BaseModel):
     webhook_attempts: int = Field(default=5, ge=1)
 
 
+class ConsoleSettings(BaseModel):
+    """The web console on the admin listener, and how people sign in to get database access."""
+
+    # -- `pgwarden login` (the person's own short-lived pgwarden token) ----------------------
+    # The longest a token from `pgwarden login` lives; it is also bounded by when the person
+    # last signed in at the IdP (the IdP token's auth_time), never by the IdP token's own
+    # expiry (an access token's minutes are the IdP's cache period, not a session length).
+    login_token_hours: float = Field(default=8.0, gt=0, le=24 * 31)
+    # The OIDC client `pgwarden login` runs the device grant as (a public client: the CLI
+    # keeps no secret). The IdP's tokens for it must carry identity.oidc_audience.
+    login_client_id: str = ""
+    # Scopes asked for in the device grant.
+    login_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # The host people's clients reach the listener at, written into their service file;
+    # empty: the host of the gateway URL `pgwarden login` used.
+    login_listener_host: str = ""
+    # How long a console-confirmed device code (`pgwarden login --via console`) waits for
+    # its person, and how often the CLI may ask about it.
+    device_code_seconds: float = Field(default=600.0, gt=0, le=3600)
+    device_poll_seconds: float = Field(default=5.0, gt=0, le=60)
+
+
 class LogSettings(BaseModel):
     # human: one readable line per event; json: one JSON object per line (log shippers).
     # Unset: human on a terminal, json otherwise.
@@ -198,6 +220,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

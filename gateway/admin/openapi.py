@@ -11,7 +11,9 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 
 from gateway.admin.app import AdminAccess, admin_app
+from gateway.admin.login import PersonTokens
 from gateway.identity.principal import Principal
+from gateway.settings import Settings
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
 
@@ -28,6 +30,13 @@ def openapi_document() -> dict[str, Any]:
         access=AdminAccess(open_access=True, verify=_no_token, groups=["admins"]),
         approvals=cast(Any, object()),
         sessions=cast(Any, object()),
+        logins=PersonTokens(
+            settings=Settings(),
+            verify=_no_token,
+            signer=cast(Any, None),
+            store=cast(Any, None),
+            listener_port=6543,
+        ),
     )
     return app.openapi()
 
