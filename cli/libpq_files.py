@@ -135,8 +135,9 @@ def _password_of(line: str) -> str:
     return "".join(current)
 
 
-def write_entry(environ: Mapping[str, str], entry: ServiceEntry) -> tuple[Path, Path]:
-    """Write (or replace) the service's section and its password line; both files 0600."""
+def write_entry(environ: Mapping[str, str], entry: ServiceEntry) -> tuple[Path, Path, str | None]:
+    """Write (or replace) the service's section and its password line, both files 0600:
+    the service file, the password file, and the password the entry replaced."""
     check_service_name(entry.service)
     for key, value in entry.params.items():
         if _UNSAFE.search(value) or value != value.strip():
@@ -150,13 +151,13 @@ def write_entry(environ: Mapping[str, str], entry: ServiceEntry) -> tuple[Path, 
     line = ":".join(
         _pgpass_field(v) for v in (p["host"], p["port"], p["dbname"], p["user"], entry.password)
     )
-    others, _, _ = _without_password(_read_lines(passwords), entry.service)
+    others, replaced, _ = _without_password(_read_lines(passwords), entry.service)
     # First in the file: libpq takes the first matching line, and an older wildcard line
     # further up would otherwise shadow this one.
     _write_private(
         passwords, [f"{_MARK}{entry.service} gateway={entry.gateway_url}", line, *others]
     )
-    return services, passwords
+    return services, passwords, replaced
 
 
 def remove_entry(environ: Mapping[str, str], service: str) -> ServiceEntry | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from typing import Annotated, Any, Literal, NoReturn
+import ssl
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -194,8 +195,7 @@ def login(
         require_secure(gateway, "--gateway-url")
     except ValueError as exc:
         fail(str(exc))
-    verify: str | bool = sslrootcert if sslrootcert else True
-    with httpx.Client(timeout=httpx.Timeout(15.0), verify=verify) as http:
+    with httpx.Client(timeout=httpx.Timeout(15.0), verify=_trust(sslrootcert)) as http:
         try:
             issued = (
                 _via_console(http, gateway)
@@ -208,9 +208,14 @@ def login(
             fail(f"cannot reach {exc.request.url}: {exc}")
     entry = _entry(name, target, gateway, issued, sslrootcert)
     try:
-        services, passwords = write_entry(os.environ, entry)
+        services, passwords, replaced = write_entry(os.environ, entry)
     except LibpqFileError as exc:
         fail(str(exc))
+    if replaced and replaced != entry.password:
+        # The older login's token is no longer written anywhere: it should not stay usable.
+        problem = _revoke(gateway, replaced, sslrootcert)
+        if problem is not None:
+            typer.echo(f"warning: the token this login replaced: {problem}", err=True)
     groups = ", ".join(issued.get("groups") or []) or "no groups"
     typer.echo(
         f"signed in as {issued['subject']} ({groups}); token {issued['token_id']}"
@@ -244,30 +249,36 @@ def logout(
     gateway = (gateway_url or entry.gateway_url or _default_gateway_url(settings_of(ctx))).rstrip(
         "/"
     )
-    _revoke(gateway, entry.password)
+    problem = _revoke(gateway, entry.password, entry.params.get("sslrootcert"))
+    if problem is not None:
+        fail(f"removed the local entries, but {problem}")
 
 
-def _revoke(gateway: str, token: str) -> None:
-    claims = jwt.decode(token, options={"verify_signature": False})
-    jti, expires = claims.get("jti", "?"), claims.get("exp")
-    still = f"token {jti} stays valid until {_when(float(expires))}" if expires else ""
+def _trust(sslrootcert: str | None) -> ssl.SSLContext | bool:
+    """The CA that signed the gateway's certificates, else the system's."""
+    return ssl.create_default_context(cafile=sslrootcert) if sslrootcert else True
 
-    def unrevoked(why: str) -> NoReturn:
-        fail(
-            f"{why}: the {still or 'token stays valid'};"
-            f" an admin can run: pgwarden tokens revoke {jti}"
-        )
 
+def _revoke(gateway: str, token: str, sslrootcert: str | None) -> str | None:
+    """Revoke `token` at the gateway: None when done (or it was no longer valid), else
+    what went wrong and what the token's holder can still do with it."""
     try:
-        with httpx.Client(timeout=httpx.Timeout(10.0)) as http:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        claims = {}
+    jti, expires = claims.get("jti", "?"), claims.get("exp")
+    until = f" until {_when(float(expires))}" if isinstance(expires, int | float) else ""
+    still = f"token {jti} stays valid{until}; an admin can run: pgwarden tokens revoke {jti}"
+    try:
+        with httpx.Client(timeout=httpx.Timeout(10.0), verify=_trust(sslrootcert)) as http:
             response = http.post(f"{gateway}/logout", headers={"Authorization": f"Bearer {token}"})
     except httpx.TransportError as exc:
-        unrevoked(f"the gateway at {gateway} could not be reached to revoke it ({exc})")
+        return f"the gateway at {gateway} could not be reached to revoke it ({exc}): {still}"
     if response.status_code == 200:
         typer.echo(f"revoked token {jti} at {gateway}")
-        return
+        return None
     detail = _gateway_error(response)
     if response.status_code == 401 and ("revoked" in detail or "expired" in detail):
         typer.echo(f"token {jti} was no longer valid ({detail})")
-        return
-    unrevoked(f"the gateway refused to revoke it ({response.status_code}: {detail})")
+        return None
+    return f"the gateway refused to revoke it ({response.status_code}: {detail}): {still}"

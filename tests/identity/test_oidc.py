@@ -9,6 +9,7 @@ import hmac
 import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,14 +54,21 @@ class IssuerKey:
         )
 
 
+# A POST endpoint a test adds to the issuer: its form fields in, (status, JSON body) out.
+FormRoute = Callable[[dict[str, str]], tuple[int, dict[str, Any]]]
+
+
 class TestIssuer:
-    """A real HTTP server on 127.0.0.1 serving discovery and a JWKS, counting requests."""
+    """A real HTTP server on 127.0.0.1 serving discovery and a JWKS, counting requests; a
+    test adds POST endpoints (`post_routes`: a device authorization and a token endpoint,
+    named in discovery as /device and /token)."""
 
     __test__ = False
 
     def __init__(self) -> None:
         self.keys: list[IssuerKey] = []
         self.requests: list[str] = []
+        self.post_routes: dict[str, FormRoute] = {}
         self.failing = False
         self.claimed_issuer: str | None = None
         # Cache headers sent with the JWKS (e.g. {"Cache-Control": "max-age=120"}).
@@ -79,6 +87,10 @@ class TestIssuer:
                         "issuer": issuer.claimed_issuer or issuer.url,
                         "jwks_uri": f"{issuer.url}/keys",
                     }
+                    if "/device" in issuer.post_routes:
+                        body["device_authorization_endpoint"] = f"{issuer.url}/device"
+                    if "/token" in issuer.post_routes:
+                        body["token_endpoint"] = f"{issuer.url}/token"
                 elif self.path == "/keys":
                     body = {"keys": [k.jwk for k in issuer.keys]}
                 else:
@@ -89,6 +101,22 @@ class TestIssuer:
                 if self.path == "/keys":
                     for name, value in issuer.cache_headers.items():
                         self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                issuer.requests.append(self.path)
+                route = issuer.post_routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                status, body = route(form)
+                data = orjson.dumps(body)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
