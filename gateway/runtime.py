@@ -19,6 +19,7 @@ from gateway.admin.exposition import GatewayState
 from gateway.admin.login import PersonTokens
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.console import ConsoleDeps, mount_console
 from gateway.control import ControlStore
 from gateway.control.client import open_control_store
 from gateway.control.mirror import ControlMirror
@@ -312,6 +313,18 @@ class Gateway:
             sessions=SessionDirectory(lambda: context.sessions),
             logins=logins,
         )
+        if self.settings.console.enabled:
+            mount_console(
+                app,
+                ConsoleDeps(
+                    settings=self.settings,
+                    verify=self.verifier.verify,
+                    control=self.control,
+                    approvals=self.approvals,
+                    audit=self.audit,
+                    environ=self.environ,
+                ),
+            )
         return AdminListener(app, admin)
 
     async def stop(self) -> None:

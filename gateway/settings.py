@@ -173,15 +173,29 @@ class ApprovalSettings(BaseModel):
 
 
 class ConsoleSettings(BaseModel):
-    """The web console on the admin listener, and how people sign in to get database access."""
+    """The web console for people (approvers, auditors), served under /console by the admin
+    listener. Fields are grouped by the part that owns them."""
 
-    # -- `pgwarden login` (the person's own short-lived pgwarden token) ----------------------
+    # -- console core: sessions and OIDC login --
+    enabled: bool = False
+    # The console's address as browsers reach it (https://... behind a proxy); the OIDC
+    # redirect URI is derived from it. Empty: the admin listener's own address.
+    public_url: str = ""
+    # A signed-in session ends this long after sign-in, whatever happens meanwhile.
+    session_hours: float = Field(default=8.0, gt=0, le=7 * 24)
+    # OIDC login (authorization code with PKCE) against identity.oidc_issuer; empty: off.
+    oidc_client_id: str = ""
+    # The environment variable holding the client secret (empty variable: a public client).
+    oidc_client_secret_env: str = "PGWARDEN_CONSOLE_OIDC_SECRET"
+    oidc_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+
+    # -- pgwarden login (the login engineer): a person's own short-lived pgwarden token --
     # The longest a token from `pgwarden login` lives; it is also bounded by when the person
     # last signed in at the IdP (the IdP token's auth_time), never by the IdP token's own
     # expiry (an access token's minutes are the IdP's cache period, not a session length).
     login_token_hours: float = Field(default=8.0, gt=0, le=24 * 31)
     # The OIDC client `pgwarden login` runs the device grant as (a public client: the CLI
-    # keeps no secret). The IdP's tokens for it must carry identity.oidc_audience.
+    # keeps no secret; empty: oidc_client_id). Its tokens must carry identity.oidc_audience.
     login_client_id: str = ""
     # Scopes asked for in the device grant.
     login_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])

@@ -158,7 +158,7 @@ def login_router(tokens: PersonTokens, *, console_device: bool = False) -> APIRo
         console = tokens.settings.console
         return LoginConfigOut(
             oidc_issuer=identity.oidc_issuer,
-            client_id=console.login_client_id,
+            client_id=console.login_client_id or console.oidc_client_id,
             scopes=console.login_scopes,
             console_device=console_device,
         )

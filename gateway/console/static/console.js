@@ -1,0 +1,2 @@
+// pgwarden console: small progressive enhancements; every page works without them.
+"use strict";
