@@ -28,6 +28,7 @@ from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
 from gateway.guards.kill import SessionDirectory
 from gateway.guards.rules import OpaSessionRules
+from gateway.identity.device_codes import DeviceCodes
 from gateway.identity.local import LocalTokenSigner
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
@@ -305,6 +306,15 @@ class Gateway:
             store=self.control,
             listener_port=self.address[1],
         )
+        console = self.settings.console
+        device_codes = (
+            DeviceCodes(
+                lifetime_seconds=console.device_code_seconds,
+                interval_seconds=console.device_poll_seconds,
+            )
+            if console.enabled
+            else None
+        )
         app = admin_app(
             registry=gateway_registry(state),
             readiness=readiness,
@@ -312,6 +322,7 @@ class Gateway:
             approvals=self.approvals,
             sessions=SessionDirectory(lambda: context.sessions),
             logins=logins,
+            device_codes=device_codes,
         )
         if self.settings.console.enabled:
             mount_console(
@@ -323,6 +334,8 @@ class Gateway:
                     approvals=self.approvals,
                     audit=self.audit,
                     environ=self.environ,
+                    device_codes=device_codes,
+                    person_tokens=logins,
                 ),
             )
         return AdminListener(app, admin)

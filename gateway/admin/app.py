@@ -13,10 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, Field
 
 from gateway.admin.approvals import TokenCheck, approvals_router, bearer_principal
+from gateway.admin.device import device_router
 from gateway.admin.login import PersonTokens, login_router
 from gateway.admin.readiness import ReadinessChecks
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.guards.kill import SessionDirectory
+from gateway.identity.device_codes import DeviceCodes
 from gateway.identity.principal import Principal
 
 # The admin API's version in its OpenAPI document (gateway/admin/openapi.json).
@@ -72,6 +74,7 @@ def admin_app(
     approvals: ApprovalDesk | None = None,
     sessions: SessionDirectory | None = None,
     logins: PersonTokens | None = None,
+    device_codes: DeviceCodes | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="pgwarden admin",
@@ -101,6 +104,8 @@ def admin_app(
         app.include_router(approvals_router(approvals, access.verify, access.groups))
     if logins is not None:
         app.include_router(login_router(logins))
+        if device_codes is not None:
+            app.include_router(device_router(logins, device_codes))
     if sessions is not None:
         directory = sessions
 

@@ -6,7 +6,7 @@ No `from __future__ import annotations`: FastAPI reads the routes' annotations a
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -76,20 +76,26 @@ class PersonTokens:
         host = self.settings.console.login_listener_host
         return ListenerOut(host=host, port=self.listener_port, tls=tls)
 
-    def lifetime(self, person: Principal) -> float:
-        """console.login_token_hours, counted from the person's last sign-in at the IdP
-        when the token says when (auth_time): a long-lived IdP session refreshed without
-        the person does not mint a fresh full lifetime."""
+    def lifetime(self, authenticated_at: float | None) -> float:
+        """console.login_token_hours, counted from the person's sign-in when known (an IdP
+        token's auth_time): a long-lived IdP session refreshed without the person does not
+        mint a fresh full lifetime."""
         longest = self.settings.console.login_token_hours * 3600
         now = self.clock()
         ends = now + longest
-        auth_time = person.claims.get("auth_time")
-        if isinstance(auth_time, int | float) and not isinstance(auth_time, bool):
-            ends = min(ends, float(auth_time) + longest)
+        if authenticated_at is not None:
+            ends = min(ends, authenticated_at + longest)
         return ends - now
 
-    async def issue(self, person: Principal, via: str) -> LoginTokenOut:
-        ttl = self.lifetime(person)
+    async def issue(
+        self,
+        subject: str,
+        groups: Sequence[str],
+        via: str,
+        authenticated_at: float | None = None,
+    ) -> LoginTokenOut:
+        """A token for the person, recorded in the registry; HTTPException when none can be."""
+        ttl = self.lifetime(authenticated_at)
         if ttl < MIN_LIFETIME_SECONDS:
             raise HTTPException(
                 401,
@@ -97,7 +103,7 @@ class PersonTokens:
                 " console.login_token_hours: sign in there again",
             )
         try:
-            issued = self.signer.sign(person.subject, person.groups, ttl)
+            issued = self.signer.sign(subject, groups, ttl)
         except ValueError as exc:
             raise HTTPException(422, f"cannot issue a token for this identity: {exc}") from None
         try:
@@ -128,7 +134,7 @@ class PersonTokens:
         )
 
 
-def login_router(tokens: PersonTokens, *, console_device: bool = False) -> APIRouter:
+def login_router(tokens: PersonTokens) -> APIRouter:
     router = APIRouter(tags=["login"])
     identity = tokens.settings.identity
 
@@ -160,14 +166,20 @@ def login_router(tokens: PersonTokens, *, console_device: bool = False) -> APIRo
             oidc_issuer=identity.oidc_issuer,
             client_id=console.login_client_id or console.oidc_client_id,
             scopes=console.login_scopes,
-            console_device=console_device,
+            console_device=console.enabled,
         )
 
     @router.post("/login/oidc", response_model=LoginTokenOut)
     async def exchange(who: Annotated[Principal, Depends(person)]) -> LoginTokenOut:
         """Exchange the bearer IdP token (verified as a data-path login is) for a pgwarden
         token with its subject and groups, living console.login_token_hours at most."""
-        return await tokens.issue(who, "oidc")
+        auth_time = who.claims.get("auth_time")
+        signed_in = (
+            float(auth_time)
+            if isinstance(auth_time, int | float) and not isinstance(auth_time, bool)
+            else None
+        )
+        return await tokens.issue(who.subject, who.groups, "oidc", signed_in)
 
     @router.post("/logout", response_model=LogoutOut)
     async def logout(who: Annotated[Principal, Depends(own_token)]) -> LogoutOut:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admin.app import AdminAccess, admin_app
 from gateway.admin.login import PersonTokens
+from gateway.identity.device_codes import DeviceCodes
 from gateway.identity.principal import Principal
 from gateway.settings import Settings
 
@@ -37,6 +38,7 @@ def openapi_document() -> dict[str, Any]:
             store=cast(Any, None),
             listener_port=6543,
         ),
+        device_codes=DeviceCodes(lifetime_seconds=600, interval_seconds=5),
     )
     return app.openapi()
 

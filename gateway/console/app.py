@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from gateway.console.deps import ConsoleDeps
+from gateway.console.device import device_page_router
 from gateway.console.login import login_router
 from gateway.console.render import STATIC_DIR, page
 from gateway.console.web_session import (
@@ -46,7 +47,7 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
 
     app.add_exception_handler(SignInRequired, to_login)
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
-    for router in (home_router(), login_router(deps)):
+    for router in (home_router(), login_router(deps), device_page_router(deps)):
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)
     return sessions

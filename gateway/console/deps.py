@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.admin.approvals import TokenCheck
 from gateway.control.store import ControlStore
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.admin.login import PersonTokens
+    from gateway.identity.device_codes import DeviceCodes
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,10 @@ class ConsoleDeps:
     audit: Any = None
     # The process environment (secrets named by *_env settings are read from it).
     environ: Mapping[str, str] = field(default_factory=dict)
+    # `pgwarden login --via console`: the device codes a signed-in person confirms on
+    # /console/device, and what issues their pgwarden token then.
+    device_codes: DeviceCodes | None = None
+    person_tokens: PersonTokens | None = None
 
     @property
     def admin_groups(self) -> frozenset[str]:
