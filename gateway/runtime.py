@@ -307,13 +307,11 @@ class Gateway:
             listener_port=self.address[1],
         )
         console = self.settings.console
-        device_codes = (
-            DeviceCodes(
-                lifetime_seconds=console.device_code_seconds,
-                interval_seconds=console.device_poll_seconds,
-            )
-            if console.enabled
-            else None
+        # Always served (the API is the same whatever is enabled); /login/device answers 404
+        # while the console, where codes are confirmed, is off.
+        device_codes = DeviceCodes(
+            lifetime_seconds=console.device_code_seconds,
+            interval_seconds=console.device_poll_seconds,
         )
         app = admin_app(
             registry=gateway_registry(state),
