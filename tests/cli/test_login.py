@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import tempfile
@@ -22,7 +21,7 @@ import httpx
 import jwt
 import pytest
 
-from cli.localpg import LocalCluster
+from cli.localpg import LocalCluster, free_port
 from gateway.control.client import ControlClient
 from tests.harness import ROOT, RunningGateway, start_gateway, stop_gateway
 from tests.identity.test_oidc import AUDIENCE, IssuerKey, TestIssuer
@@ -95,12 +94,6 @@ class DeviceFlow:
             return 200, {"access_token": token, "id_token": token, "token_type": "Bearer"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def login_gateway(
     pg_cluster: LocalCluster, app_database: str, opa_binary: Path
@@ -115,7 +108,7 @@ def login_gateway(
         pg_cluster,
         opa_binary,
         identity={"oidc_issuer": idp.url, "oidc_audience": AUDIENCE},
-        admin={"host": "127.0.0.1", "port": _free_port()},
+        admin={"host": "127.0.0.1", "port": free_port()},
         console={"login_client_id": CLIENT_ID, "login_token_hours": 2},
     )
     try:
@@ -325,7 +318,7 @@ def test_logout_with_the_gateway_unreachable_still_removes_the_entries(
     assert login(gw, home).returncode == 0
     [line] = marked_passwords(home / ".pgpass")
     jti = jti_of(line.rsplit(":", 1)[1])
-    out = pgwarden(home, "logout", "app", "--gateway-url", f"http://127.0.0.1:{_free_port()}")
+    out = pgwarden(home, "logout", "app", "--gateway-url", f"http://127.0.0.1:{free_port()}")
     assert out.returncode == 1
     assert "removed [app]" in out.stdout
     assert "could not be reached" in out.stderr and f"pgwarden tokens revoke {jti}" in out.stderr
