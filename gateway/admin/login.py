@@ -76,15 +76,18 @@ class PersonTokens:
         host = self.settings.console.login_listener_host
         return ListenerOut(host=host, port=self.listener_port, tls=tls)
 
-    def lifetime(self, authenticated_at: float | None) -> float:
+    def lifetime(self, authenticated_at: float | None, not_after: float | None) -> float:
         """console.login_token_hours, counted from the person's sign-in when known (an IdP
         token's auth_time): a long-lived IdP session refreshed without the person does not
-        mint a fresh full lifetime."""
+        mint a fresh full lifetime. Never past `not_after` (the console session that
+        confirmed it): a sign-in cannot outlive itself through a new token."""
         longest = self.settings.console.login_token_hours * 3600
         now = self.clock()
         ends = now + longest
         if authenticated_at is not None:
             ends = min(ends, authenticated_at + longest)
+        if not_after is not None:
+            ends = min(ends, not_after)
         return ends - now
 
     async def issue(
@@ -93,14 +96,15 @@ class PersonTokens:
         groups: Sequence[str],
         via: str,
         authenticated_at: float | None = None,
+        not_after: float | None = None,
     ) -> LoginTokenOut:
         """A token for the person, recorded in the registry; HTTPException when none can be."""
-        ttl = self.lifetime(authenticated_at)
+        ttl = self.lifetime(authenticated_at, not_after)
         if ttl < MIN_LIFETIME_SECONDS:
             raise HTTPException(
                 401,
-                "your sign-in at the identity provider is older than"
-                " console.login_token_hours: sign in there again",
+                "your sign-in is older than console.login_token_hours (or about to end):"
+                " sign in there again",
             )
         try:
             issued = self.signer.sign(subject, groups, ttl)

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from gateway.console.deps import ConsoleDeps
 from gateway.console.render import page
-from gateway.console.web_session import SignedIn, form_fields
+from gateway.console.web_session import SignedIn, form_fields, web_session
 from gateway.identity.device_codes import DeviceCode, shown_user_code
 
 PAGE = "/console/device"
@@ -83,9 +83,14 @@ def device_page_router(deps: ConsoleDeps) -> APIRouter:
             return device_page(
                 request, typed=typed, code=code, error="Choose confirm or refuse.", status_code=400
             )
+        session = web_session(request)
         try:
             code.issued = await tokens.issue(
-                person.subject, sorted(person.groups), f"console ({person.via})"
+                person.subject,
+                sorted(person.groups),
+                f"console ({person.via})",
+                # A token login's session ends with its token: the new one may not outlive it.
+                not_after=session.expires if session is not None else None,
             )
         except HTTPException as exc:
             return device_page(

@@ -84,7 +84,9 @@ def test_a_person_confirms_on_the_console_and_psql_connects(
     context = browser.new_context()
     try:
         page = context.new_page()
-        sign_in_with_token(page, device_gw, device_gw.token("person:alice", ("engineers",)))
+        # A pasted token living 30 minutes: what it confirms may not live longer.
+        pasted = device_gw.token("person:alice", ("engineers",), ttl=1800)
+        sign_in_with_token(page, device_gw, pasted)
         page.goto(waiting.url)
         assert waiting.user_code in page.locator("main").inner_text()
         page.get_by_role("button", name="Confirm sign-in").click()
@@ -100,6 +102,8 @@ def test_a_person_confirms_on_the_console_and_psql_connects(
     [line] = marked_passwords(pgpass)
     claims = jwt.decode(line.rsplit(":", 1)[1], options={"verify_signature": False})
     assert (claims["sub"], claims["groups"]) == ("person:alice", ["engineers"])
+    pasted_expiry = jwt.decode(pasted, options={"verify_signature": False})["exp"]
+    assert pasted_expiry - 60 <= claims["exp"] <= pasted_expiry
     ran = psql(home, "service=app")
     assert (ran.returncode, ran.stdout.strip()) == (0, "42"), ran.stderr
 
