@@ -328,6 +328,7 @@ class Gateway:
                 ConsoleDeps(
                     settings=self.settings,
                     verify=self.verifier.verify,
+                    still_valid=self.verifier.still_valid,
                     control=self.control,
                     approvals=self.approvals,
                     audit=self.audit,

@@ -9,9 +9,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from gateway.console.approvals import approvals_router
 from gateway.console.deps import ConsoleDeps
 from gateway.console.device import device_page_router
-from gateway.console.login import login_router
+from gateway.console.inventory import inventory_router
+from gateway.console.login import login_router, oidc_configured
+from gateway.console.oidc import oidc_router
 from gateway.console.render import STATIC_DIR, page
 from gateway.console.web_session import (
     ConsoleMiddleware,
@@ -38,7 +41,9 @@ def home_router() -> APIRouter:
 def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     """Serve the console under /console on `app`; returns its session store."""
     sessions = WebSessions(
-        lifetime_seconds=deps.settings.console.session_hours * 3600, tls=deps.tls
+        lifetime_seconds=deps.settings.console.session_hours * 3600,
+        tls=deps.tls,
+        still_valid=deps.still_valid,
     )
 
     async def to_login(request: Request, exc: Exception) -> Response:
@@ -47,7 +52,11 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
 
     app.add_exception_handler(SignInRequired, to_login)
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
-    for router in (home_router(), login_router(deps), device_page_router(deps)):
+    routers = [home_router(), login_router(deps), approvals_router(deps), inventory_router(deps)]
+    routers.append(device_page_router(deps))
+    if oidc_configured(deps):
+        routers.append(oidc_router(deps))
+    for router in routers:
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)
     return sessions

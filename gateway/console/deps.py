@@ -3,13 +3,14 @@ and act through (never copies of their rules)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.admin.approvals import TokenCheck
 from gateway.control.store import ControlStore
 from gateway.enforce.approvals import ApprovalDesk
+from gateway.identity.principal import Principal
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ class ConsoleDeps:
     settings: Settings
     # The data path's token check (signature, expiry, revocation): the token login uses it.
     verify: TokenCheck
+    # The data path's recheck of an open session's token (revoked, expired): None if valid.
+    still_valid: Callable[[Principal], str | None] | None = None
     control: ControlStore | None = None
     approvals: ApprovalDesk | None = None
     # The audit sink the gateway writes to (audit pages read through it; tokens revoked from

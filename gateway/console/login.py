@@ -28,10 +28,13 @@ class LoginWay:
     href: str
 
 
+def oidc_configured(deps: ConsoleDeps) -> bool:
+    return bool(deps.settings.console.oidc_client_id and deps.settings.identity.oidc_issuer)
+
+
 def login_ways(deps: ConsoleDeps) -> list[LoginWay]:
-    c = deps.settings.console
     ways = []
-    if c.oidc_client_id and deps.settings.identity.oidc_issuer:
+    if oidc_configured(deps):
         ways.append(
             LoginWay("link", "Sign in with your identity provider (OIDC)", "/console/login/oidc")
         )
@@ -105,8 +108,8 @@ def login_router(deps: ConsoleDeps) -> APIRouter:
             via="token",
         )
         response = RedirectResponse(safe_next(fields.get("next")), status_code=303)
-        # The session ends no later than the token would have.
-        sign_in(response, person, principal.expires_at)
+        # The session ends no later than the token would have, nor outlives its revocation.
+        sign_in(response, person, principal.expires_at, principal=principal)
         return response
 
     @router.post("/console/logout")

@@ -22,6 +22,7 @@ from fastapi import Depends, Request, Response
 from starlette.datastructures import MutableHeaders
 
 from gateway.console.people import Person
+from gateway.identity.principal import Principal
 
 PREFIX = "/console"
 SECURE_COOKIE = "__Host-pgwarden_console"
@@ -51,6 +52,8 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
+# The data path's check of an open session's token: None while valid, else why not.
+StillValid = Callable[[Principal], str | None]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -64,6 +67,9 @@ class WebSession:
     csrf: str
     expires: float
     person: Person | None = None
+    # The token a token sign-in verified (never the token itself): the session ends when
+    # the data path would end that token's sessions (revoked, expired).
+    principal: Principal | None = None
     # Login flows in progress (OIDC state, nonce and PKCE verifier; SAML request ids), by flow.
     pending: dict[str, Any] = field(default_factory=dict)
 
@@ -71,9 +77,12 @@ class WebSession:
 class WebSessions:
     """The console's live sessions, in memory."""
 
-    def __init__(self, *, lifetime_seconds: float, tls: bool) -> None:
+    def __init__(
+        self, *, lifetime_seconds: float, tls: bool, still_valid: StillValid | None = None
+    ) -> None:
         self.lifetime = lifetime_seconds
         self.tls = tls
+        self.still_valid = still_valid
         self.cookie_name = SECURE_COOKIE if tls else PLAIN_COOKIE
         self._by_id: dict[str, WebSession] = {}
 
@@ -83,12 +92,22 @@ class WebSessions:
         session = self._by_id.get(session_id)
         if session is None:
             return None
-        if session.expires <= time.time():
+        if session.expires <= time.time() or self._token_ended(session):
             del self._by_id[session_id]
             return None
         return session
 
-    def create(self, person: Person | None, expires: float | None = None) -> WebSession:
+    def _token_ended(self, session: WebSession) -> bool:
+        if session.principal is None or self.still_valid is None:
+            return False
+        return self.still_valid(session.principal) is not None
+
+    def create(
+        self,
+        person: Person | None,
+        expires: float | None = None,
+        principal: Principal | None = None,
+    ) -> WebSession:
         now = time.time()
         if len(self._by_id) >= MAX_SESSIONS:
             self._make_room(now)
@@ -98,6 +117,7 @@ class WebSessions:
             csrf=secrets.token_urlsafe(32),
             expires=min(now + lifetime, expires) if expires is not None else now + lifetime,
             person=person,
+            principal=principal,
         )
         self._by_id[session.id] = session
         return session
@@ -174,13 +194,20 @@ def web_session(request: Request) -> WebSession | None:
     return _current().session
 
 
-def sign_in(response: Response, person: Person, expires: float | None = None) -> None:
+def sign_in(
+    response: Response,
+    person: Person,
+    expires: float | None = None,
+    *,
+    principal: Principal | None = None,
+) -> None:
     """Start a signed-in session for `person` (ending at the session lifetime, or sooner at
-    `expires`) under a new id: the anonymous session the login went through is dropped."""
+    `expires`, or when `principal`'s token is revoked) under a new id: the anonymous session
+    the login went through is dropped."""
     here = _current()
     if here.session is not None:
         here.sessions.drop(here.session.id)
-    here.session = here.sessions.create(person, expires)
+    here.session = here.sessions.create(person, expires, principal)
     here.made = None
     here.sessions.set_cookie(response, here.session)
 

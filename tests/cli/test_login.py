@@ -11,20 +11,23 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 
 from cli.localpg import LocalCluster, free_port
 from gateway.control.client import ControlClient
 from tests.harness import ROOT, RunningGateway, start_gateway, stop_gateway
-from tests.identity.test_oidc import AUDIENCE, IssuerKey, TestIssuer
+from tests.identity.test_oidc import AUDIENCE, IssuerKey, IssuerRoute, TestIssuer
 
 pytestmark = pytest.mark.server
 
@@ -33,6 +36,18 @@ PGWARDEN = ROOT / ".venv" / "bin" / "pgwarden"
 PSQL = shutil.which("psql") or "/usr/bin/psql"
 # Short, so the tests poll several times in well under a second each.
 INTERVAL = 0.2
+
+
+def form_route(
+    answer: Callable[[dict[str, str]], tuple[int, dict[str, Any]]],
+) -> IssuerRoute:
+    """A test issuer route taking form fields and answering JSON."""
+
+    def route(path: str, headers: Message, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        status, reply = answer(dict(urllib.parse.parse_qsl(body.decode())))
+        return status, {"Content-Type": "application/json"}, orjson.dumps(reply)
+
+    return route
 
 
 @dataclass
@@ -52,8 +67,12 @@ class DeviceFlow:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.idp.post_routes["/device"] = self.device
-        self.idp.post_routes["/token"] = self.token
+        self.idp.metadata |= {
+            "device_authorization_endpoint": f"{self.idp.url}/device",
+            "token_endpoint": f"{self.idp.url}/token",
+        }
+        self.idp.routes[("POST", "/device")] = form_route(self.device)
+        self.idp.routes[("POST", "/token")] = form_route(self.token)
 
     def script(self, *answers: str, **claims: Any) -> None:
         with self._lock:

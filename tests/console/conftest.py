@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from cli.localpg import LocalCluster, free_port
+from tests.console.idp import CodeFlow, code_flow_issuer, oidc_settings
 from tests.harness import RunningGateway, start_gateway, stop_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -50,8 +51,24 @@ def console_gateway(cluster: LocalCluster, opa: Path, **overrides: Any) -> Itera
 
 
 @pytest.fixture(scope="module")
-def console_gw(pg_cluster: LocalCluster, opa_binary: Path) -> Iterator[RunningGateway]:
-    with console_gateway(pg_cluster, opa_binary) as gw:
+def code_flow() -> Iterator[CodeFlow]:
+    """The test's own OIDC issuer, serving the authorization code flow."""
+    issuer, flow = code_flow_issuer()
+    try:
+        yield flow
+    finally:
+        issuer.stop()
+
+
+@pytest.fixture(scope="module")
+def console_gw(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path, code_flow: CodeFlow
+) -> Iterator[RunningGateway]:
+    """A gateway serving the console, trusting `code_flow`'s issuer for OIDC sign-in;
+    statements the policy holds for approval wait up to 60 s for a person."""
+    with console_gateway(
+        pg_cluster, opa_binary, approval={"wait_seconds": 60}, **oidc_settings(code_flow.issuer)
+    ) as gw:
         yield gw
 
 
@@ -67,6 +84,23 @@ def sign_in_with_token(page: Page, gw: RunningGateway, token: str) -> None:
     page.get_by_label("Token", exact=True).fill(token)
     page.get_by_role("button", name="Sign in with token").click()
     page.wait_for_url("**/console/**")
+
+
+def sign_in_with_oidc(
+    page: Page,
+    gw: RunningGateway,
+    flow: CodeFlow,
+    subject: str,
+    groups: tuple[str, ...],
+    name: str,
+    then: str = "/console/",
+) -> None:
+    """Sign `page` in through the test issuer as `subject` (the issuer logs them in at once)."""
+    flow.person = {"sub": subject, "name": name}
+    flow.groups = list(groups)
+    page.goto(console_url(gw, f"/console/login?next={then}"))
+    page.get_by_role("link", name="Sign in with your identity provider (OIDC)").click()
+    page.wait_for_url(console_url(gw, then))
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ against a real gateway's admin listener; the security headers every console page
 
 from __future__ import annotations
 
+import time
+
 import httpx
 from playwright.sync_api import BrowserContext, Page, expect
 
@@ -84,3 +86,21 @@ def test_the_csp_stops_an_inline_script(signed_in_page: Page, console_gw: Runnin
     )
     assert signed_in_page.evaluate("() => window.__ran === true") is False
     assert any("Content Security Policy" in v for v in violations)
+
+
+def test_a_token_session_ends_when_the_token_is_revoked(
+    browser_context: BrowserContext, console_gw: RunningGateway
+) -> None:
+    page = browser_context.new_page()
+    token = console_gw.token("person:frank", ("engineers",))
+    sign_in_with_token(page, console_gw, token)
+    expect(page.locator(".person-name")).to_have_text("person:frank")
+    console_gw.revoke(token)
+    # The gateway reads revocations every identity.revocation_poll_seconds (0.25 s).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        page.goto(console_url(console_gw, "/console/"))
+        if "/console/login" in page.url:
+            break
+        time.sleep(0.1)
+    expect(page).to_have_url(console_url(console_gw, "/console/login?next=/console/"))
