@@ -37,6 +37,8 @@ GatewayUrl = Annotated[
         help="The gateway's admin listener (default: admin.host and admin.port of the settings).",
     ),
 ]
+# libpq's sslrootcert value for the system's certificate authorities (libpq 16+).
+SYSTEM_CAS = "system"
 Service = Annotated[
     str | None, typer.Option(help="The service name in ~/.pg_service.conf (default: TARGET).")
 ]
@@ -164,7 +166,9 @@ def _entry(
     except (KeyError, TypeError, ValueError):
         fail("the gateway's answer holds no token and listener")
     if sslrootcert and listener["tls"]:
-        params["sslrootcert"] = os.path.abspath(sslrootcert)
+        # `system` is libpq's word (16+) for the system's CAs, not a file.
+        system = sslrootcert == SYSTEM_CAS
+        params["sslrootcert"] = sslrootcert if system else os.path.abspath(sslrootcert)
     return ServiceEntry(service, params, token, gateway)
 
 
@@ -182,7 +186,10 @@ def login(
     ] = None,
     sslrootcert: Annotated[
         str | None,
-        typer.Option(help="CA of the gateway's certificates (admin https and the listener)."),
+        typer.Option(
+            help="CA of the gateway's certificates (admin https and the listener);"
+            " `system`: the system's CAs (libpq 16+)."
+        ),
     ] = None,
 ) -> None:
     """Sign in and write a ~/.pg_service.conf entry and a ~/.pgpass line (0600) so that
@@ -222,6 +229,12 @@ def login(
         f" expires {_when(float(issued['expires_at']))}"
     )
     typer.echo(f"wrote [{name}] to {services} and its password to {passwords}")
+    if entry.params["sslmode"] == "verify-full" and "sslrootcert" not in entry.params:
+        typer.echo(
+            "note: the listener uses TLS and sslmode=verify-full checks its certificate against"
+            " ~/.postgresql/root.crt; give --sslrootcert FILE (the gateway's CA) otherwise",
+            err=True,
+        )
     typer.echo(f'connect with: psql "service={name}"')
 
 
@@ -256,7 +269,9 @@ def logout(
 
 def _trust(sslrootcert: str | None) -> ssl.SSLContext | bool:
     """The CA that signed the gateway's certificates, else the system's."""
-    return ssl.create_default_context(cafile=sslrootcert) if sslrootcert else True
+    if not sslrootcert or sslrootcert == SYSTEM_CAS:
+        return True
+    return ssl.create_default_context(cafile=sslrootcert)
 
 
 def _revoke(gateway: str, token: str, sslrootcert: str | None) -> str | None:
