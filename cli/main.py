@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
-from cli import approvals, audit, demo, policy, serve, sessions, targets, tokens
+from cli import approvals, audit, demo, login, policy, serve, sessions, targets, tokens
 from gateway.audit import AuditStoreError
 from gateway.control.targets import TargetError
 from gateway.identity.signing_key import SigningKeyError
@@ -161,6 +161,8 @@ def main(
 
 app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
+app.command("login")(login.login)
+app.command("logout")(login.logout)
 app.add_typer(targets.app, name="targets")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(policy.app, name="policy")

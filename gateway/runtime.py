@@ -16,6 +16,7 @@ import asyncpg
 from gateway.admin import AdminListener, admin_app, check_admin_settings, gateway_registry
 from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
+from gateway.admin.login import PersonTokens
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import (
     AuditProcess,
@@ -34,6 +35,8 @@ from gateway.enforce.approvals import ApprovalDesk
 from gateway.enforce.webhook import Webhook
 from gateway.guards.kill import SessionDirectory
 from gateway.guards.rules import OpaSessionRules
+from gateway.identity.device_codes import DeviceCodes
+from gateway.identity.local import LocalTokenSigner
 from gateway.identity.verifier import IdentityVerifier
 from gateway.policy.cache import DecisionCache
 from gateway.policy.opa import OpaDecider
@@ -305,6 +308,21 @@ class Gateway:
         )
         context = self.context
         self.audit_reader = audit_reader(self.settings)
+        assert self.control is not None and self.address is not None
+        logins = PersonTokens(
+            settings=self.settings,
+            verify=self.verifier.verify,
+            signer=LocalTokenSigner.from_settings(self.settings),
+            store=self.control,
+            listener_port=self.address[1],
+        )
+        console = self.settings.console
+        # Always served (the API is the same whatever is enabled); /login/device answers 404
+        # while the console, where codes are confirmed, is off.
+        device_codes = DeviceCodes(
+            lifetime_seconds=console.device_code_seconds,
+            interval_seconds=console.device_poll_seconds,
+        )
         app = admin_app(
             registry=gateway_registry(state),
             readiness=readiness,
@@ -318,6 +336,8 @@ class Gateway:
                 verify=self.verifier.verify,
                 groups=[*admin.token_groups, *self.settings.console.console_audit_groups],
             ),
+            logins=logins,
+            device_codes=device_codes,
         )
         if self.settings.console.enabled:
             mount_console(
@@ -331,6 +351,8 @@ class Gateway:
                     audit=self.audit,
                     environ=self.environ,
                     audit_reader=self.audit_reader,
+                    device_codes=device_codes,
+                    person_tokens=logins,
                 ),
             )
         return AdminListener(app, admin)

@@ -193,6 +193,23 @@ class ConsoleSettings(BaseModel):
     # Who may read the audit pages (search, session replay, chain state) and the /audit API,
     # besides admin.token_groups: audit records hold statement text and recorded rows.
     console_audit_groups: list[str] = Field(default_factory=lambda: ["admins", "auditors"])
+    # -- pgwarden login (the login engineer): a person's own short-lived pgwarden token --
+    # The longest a token from `pgwarden login` lives; it is also bounded by when the person
+    # last signed in at the IdP (the IdP token's auth_time), never by the IdP token's own
+    # expiry (an access token's minutes are the IdP's cache period, not a session length).
+    login_token_hours: float = Field(default=8.0, gt=0, le=24 * 31)
+    # The OIDC client `pgwarden login` runs the device grant as (a public client: the CLI
+    # keeps no secret; empty: oidc_client_id). Its tokens must carry identity.oidc_audience.
+    login_client_id: str = ""
+    # Scopes asked for in the device grant.
+    login_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # The host people's clients reach the listener at, written into their service file;
+    # empty: the host of the gateway URL `pgwarden login` used.
+    login_listener_host: str = ""
+    # How long a console-confirmed device code (`pgwarden login --via console`) waits for
+    # its person, and how often the CLI may ask about it.
+    device_code_seconds: float = Field(default=600.0, gt=0, le=3600)
+    device_poll_seconds: float = Field(default=5.0, gt=0, le=60)
 
 
 class LogSettings(BaseModel):

@@ -1,5 +1,6 @@
 """The admin HTTP app: /healthz, /readyz, /metrics, the approvals API, the kill switch
-(/sessions), the audit API (/audit) and its OpenAPI document (/openapi.json)."""
+(/sessions), the audit API (/audit), people's logins (/login, /logout) and its OpenAPI
+document (/openapi.json)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 
-from gateway.admin.approvals import TokenCheck, approvals_router
+from gateway.admin.approvals import TokenCheck, approvals_router, bearer_principal
 from gateway.admin.audit import audit_router
+from gateway.admin.device import device_router
+from gateway.admin.login import PersonTokens, login_router
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit.reader import AuditReader
-from gateway.control.store import ControlStoreUnavailable
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.guards.kill import SessionDirectory
-from gateway.identity.principal import Principal, TokenRejected
+from gateway.identity.device_codes import DeviceCodes
+from gateway.identity.principal import Principal
 
 # The admin API's version in its OpenAPI document (gateway/admin/openapi.json).
 API_VERSION = "1"
@@ -52,18 +55,7 @@ class AdminAccess:
     async def principal(self, request: Request) -> Principal:
         """The bearer token's principal, of one of `groups`, on any address: what names
         who acted (a kill is audited with it) needs a token even on loopback."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-        try:
-            principal = await self.verify(token.strip())
-        except TokenRejected as exc:
-            raise HTTPException(
-                401, f"token rejected: {exc.check}", {"WWW-Authenticate": "Bearer"}
-            ) from None
-        except ControlStoreUnavailable as exc:
-            # The token's revocation cannot be checked: refused, and said to be temporary.
-            raise HTTPException(503, f"the control store cannot be read: {exc}") from None
+        principal = await bearer_principal(request, self.verify)
         if not self.groups.intersection(principal.groups):
             raise HTTPException(403, "the token's groups may not read the admin listener")
         return principal
@@ -86,6 +78,8 @@ def admin_app(
     sessions: SessionDirectory | None = None,
     audit: AuditReader | None = None,
     auditors: AdminAccess | None = None,
+    logins: PersonTokens | None = None,
+    device_codes: DeviceCodes | None = None,
 ) -> FastAPI:
     """`auditors`: who may read the audit API (default: `access`'s groups)."""
     app = FastAPI(
@@ -116,6 +110,10 @@ def admin_app(
         app.include_router(approvals_router(approvals, access.verify, access.groups))
     if audit is not None:
         app.include_router(audit_router(audit, (auditors or access).principal))
+    if logins is not None:
+        app.include_router(login_router(logins))
+        if device_codes is not None:
+            app.include_router(device_router(logins, device_codes))
     if sessions is not None:
         directory = sessions
 

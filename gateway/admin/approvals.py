@@ -87,6 +87,27 @@ class DecisionOut(BaseModel):
     grant: GrantOut | None
 
 
+def bearer_token(request: Request) -> str:
+    """The request's bearer token; 401 when it carries none."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+async def bearer_principal(request: Request, verify: TokenCheck) -> Principal:
+    """Who the request's bearer token names, verified as the data path verifies a login."""
+    try:
+        return await verify(bearer_token(request))
+    except TokenRejected as exc:
+        raise HTTPException(
+            401, f"token rejected: {exc.check}", {"WWW-Authenticate": "Bearer"}
+        ) from None
+    except ControlStoreUnavailable as exc:
+        # The token's revocation cannot be checked: refused, and said to be temporary.
+        raise HTTPException(503, f"the control store cannot be read: {exc}") from None
+
+
 def _out(request: ApprovalRequest) -> ApprovalOut:
     return ApprovalOut.model_validate(request.to_json())
 
@@ -107,18 +128,7 @@ def approvals_router(
     admins = frozenset(admin_groups)
 
     async def caller(request: Request) -> Principal:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
-        try:
-            return await verify(token.strip())
-        except TokenRejected as exc:
-            raise HTTPException(
-                401, f"token rejected: {exc.check}", {"WWW-Authenticate": "Bearer"}
-            ) from None
-        except ControlStoreUnavailable as exc:
-            # The token's revocation cannot be checked: refused, and said to be temporary.
-            raise HTTPException(503, f"the control store cannot be read: {exc}") from None
+        return await bearer_principal(request, verify)
 
     Caller = Annotated[Principal, Depends(caller)]
 

@@ -11,7 +11,10 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 
 from gateway.admin.app import AdminAccess, admin_app
+from gateway.admin.login import PersonTokens
+from gateway.identity.device_codes import DeviceCodes
 from gateway.identity.principal import Principal
+from gateway.settings import Settings
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
 
@@ -29,6 +32,14 @@ def openapi_document() -> dict[str, Any]:
         approvals=cast(Any, object()),
         sessions=cast(Any, object()),
         audit=cast(Any, object()),
+        logins=PersonTokens(
+            settings=Settings(),
+            verify=_no_token,
+            signer=cast(Any, None),
+            store=cast(Any, None),
+            listener_port=6543,
+        ),
+        device_codes=DeviceCodes(lifetime_seconds=600, interval_seconds=5),
     )
     return app.openapi()
 

@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from gateway.console.approvals import approvals_router
 from gateway.console.audit_pages import audit_pages_router
 from gateway.console.deps import ConsoleDeps
+from gateway.console.device import device_page_router
 from gateway.console.inventory import inventory_router
 from gateway.console.login import login_router, oidc_configured
 from gateway.console.oidc import oidc_router
@@ -53,6 +54,7 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     app.add_exception_handler(SignInRequired, to_login)
     app.mount("/console/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     routers = [home_router(), login_router(deps), approvals_router(deps), inventory_router(deps)]
+    routers.append(device_page_router(deps))
     if oidc_configured(deps):
         routers.append(oidc_router(deps))
     if deps.audit_reader is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.admin.approvals import TokenCheck
 from gateway.audit.reader import AuditReader
@@ -13,6 +13,10 @@ from gateway.control.store import ControlStore
 from gateway.enforce.approvals import ApprovalDesk
 from gateway.identity.principal import Principal
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.admin.login import PersonTokens
+    from gateway.identity.device_codes import DeviceCodes
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class ConsoleDeps:
     environ: Mapping[str, str] = field(default_factory=dict)
     # The audit trail as people read it (the audit pages): search, timelines, chain state.
     audit_reader: AuditReader | None = None
+    # `pgwarden login --via console`: the device codes a signed-in person confirms on
+    # /console/device, and what issues their pgwarden token then.
+    device_codes: DeviceCodes | None = None
+    person_tokens: PersonTokens | None = None
 
     @property
     def admin_groups(self) -> frozenset[str]:

@@ -69,38 +69,34 @@ def open_token_book(settings: Settings) -> ControlClient:
     return ControlClient(settings)
 
 
-class LocalTokenIssuer:
-    """Signs tokens and records each one in the registry before handing it out."""
+class LocalTokenSigner:
+    """Signs the gateway's own tokens; recording them is the caller's (LocalTokenIssuer
+    from synchronous code, the admin listener's login exchange on the gateway's loop)."""
 
     def __init__(
         self,
         key: LocalSigningKey,
-        registry: TokenBook,
         *,
         issuer: str,
         audience: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._key = key
-        self._registry = registry
         self._issuer = issuer
         self._audience = audience
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LocalTokenIssuer:
+    def from_settings(cls, settings: Settings) -> LocalTokenSigner:
         return cls(
             open_signing_key(settings),
-            open_token_book(settings),
             issuer=settings.identity.local_issuer,
             audience=settings.identity.local_audience,
         )
 
-    def close(self) -> None:
-        """Close the registry this issuer writes to."""
-        self._registry.close()
-
-    def issue(self, subject: str, groups: Sequence[str], ttl_seconds: float) -> IssuedToken:
+    def sign(self, subject: str, groups: Sequence[str], ttl_seconds: float) -> IssuedToken:
+        """A signed token and its registry record, not yet recorded: every verifier refuses
+        it until the record is in the registry."""
         if not subject.strip():
             raise ValueError("the subject must not be empty")
         if any(not g.strip() for g in groups):
@@ -128,9 +124,42 @@ class LocalTokenIssuer:
         token = jwt.encode(
             claims, self._key.private_key, algorithm=ALGORITHM, headers={"kid": self._key.kid}
         )
-        # Recorded first: a token the registry does not know is refused by every verifier.
-        self._registry.record_token(record)
         return IssuedToken(token, record)
+
+
+class LocalTokenIssuer:
+    """Signs tokens and records each one in the registry before handing it out."""
+
+    def __init__(
+        self,
+        key: LocalSigningKey,
+        registry: TokenBook,
+        *,
+        issuer: str,
+        audience: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._signer = LocalTokenSigner(key, issuer=issuer, audience=audience, clock=clock)
+        self._registry = registry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalTokenIssuer:
+        return cls(
+            open_signing_key(settings),
+            open_token_book(settings),
+            issuer=settings.identity.local_issuer,
+            audience=settings.identity.local_audience,
+        )
+
+    def close(self) -> None:
+        """Close the registry this issuer writes to."""
+        self._registry.close()
+
+    def issue(self, subject: str, groups: Sequence[str], ttl_seconds: float) -> IssuedToken:
+        issued = self._signer.sign(subject, groups, ttl_seconds)
+        # Recorded first: a token the registry does not know is refused by every verifier.
+        self._registry.record_token(issued.record)
+        return issued
 
 
 class LocalTokenVerifier:
