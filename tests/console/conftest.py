@@ -19,7 +19,9 @@ from tests.console.idp import CodeFlow, code_flow_issuer, oidc_settings
 from tests.harness import RunningGateway, start_gateway, stop_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
+# Each run saves the pages it drove here (in the state directory, not tracked: request ids
+# and times differ per run); docs/screenshots/ holds the copies the README shows.
+SCREENSHOTS = Path(__file__).resolve().parents[2] / ".pgwarden" / "screenshots"
 
 
 @pytest.fixture(scope="module")

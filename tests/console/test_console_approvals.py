@@ -95,7 +95,7 @@ def test_a_held_statement_appears_without_reload_and_approve_returns_the_rows(
         expect(shown.locator("table.facts")).to_contain_text(f"public.{table}")
         expect(shown.locator(".progress")).to_have_text("0 of 1 approvals")
         expect(shown.locator("time.waited")).to_have_text(re.compile(r"^\d+ (s|min \d+ s)$"))
-        SCREENSHOTS.mkdir(exist_ok=True)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         ann.screenshot(path=str(SCREENSHOTS / "approvals.png"), full_page=True)
         # Held: nothing ran yet.
         assert held.running and table_rows(console_gw, table) == original_rows()
