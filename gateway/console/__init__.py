@@ -1,0 +1,1 @@
+"""The web console for approvers and auditors, served by the admin listener under /console."""
