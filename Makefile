@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS := never
 export PGWARDEN_OPA_BINARY := $(abspath $(OPA))
 export PGWARDEN_HELM_BINARY := $(abspath $(HELM))
 
-.PHONY: help deps python-deps postgres xmlsec1 opa helm helm-check demo test rego-check lint bench
+.PHONY: help deps python-deps postgres xmlsec1 chromium opa helm helm-check demo test rego-check lint bench
 
 help:
 	@echo "make demo   - run pgwarden on its embedded defaults (local PostgreSQL, OPA, SQLite audit)"
@@ -53,6 +53,10 @@ $(OPA):
 
 opa: $(OPA)
 
+# Chromium from Debian's packages for the console's browser tests (Playwright drives it).
+chromium:
+	@bash scripts/ensure-chromium.sh
+
 # Helm, for checking the chart in deploy/helm (built once, like OPA; the first build is slow).
 $(HELM):
 	mkdir -p $(BIN)
@@ -78,7 +82,7 @@ lint: python-deps
 	$(VENV)/bin/ruff format --check gateway cli tests bench
 	$(VENV)/bin/mypy
 
-test: deps rego-check lint helm-check
+test: deps chromium rego-check lint helm-check
 	$(VENV)/bin/pytest
 
 demo: deps

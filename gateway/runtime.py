@@ -18,6 +18,7 @@ from gateway.admin.app import AdminAccess, is_loopback
 from gateway.admin.exposition import GatewayState
 from gateway.admin.readiness import ReadinessChecks
 from gateway.audit import AuditProcess, AuditWriter, WriteAheadAudit, audit_sink
+from gateway.console import ConsoleDeps, mount_console
 from gateway.control import ControlStore
 from gateway.control.client import open_control_store
 from gateway.control.mirror import ControlMirror
@@ -301,6 +302,19 @@ class Gateway:
             approvals=self.approvals,
             sessions=SessionDirectory(lambda: context.sessions),
         )
+        if self.settings.console.enabled:
+            mount_console(
+                app,
+                ConsoleDeps(
+                    settings=self.settings,
+                    verify=self.verifier.verify,
+                    still_valid=self.verifier.still_valid,
+                    control=self.control,
+                    approvals=self.approvals,
+                    audit=self.audit,
+                    environ=self.environ,
+                ),
+            )
         return AdminListener(app, admin)
 
     async def stop(self) -> None:

@@ -172,6 +172,24 @@ class ApprovalSettings(BaseModel):
     webhook_attempts: int = Field(default=5, ge=1)
 
 
+class ConsoleSettings(BaseModel):
+    """The web console for people (approvers, auditors), served under /console by the admin
+    listener. Fields are grouped by the part that owns them."""
+
+    # -- console core: sessions and OIDC login --
+    enabled: bool = False
+    # The console's address as browsers reach it (https://... behind a proxy); the OIDC
+    # redirect URI is derived from it. Empty: the admin listener's own address.
+    public_url: str = ""
+    # A signed-in session ends this long after sign-in, whatever happens meanwhile.
+    session_hours: float = Field(default=8.0, gt=0, le=7 * 24)
+    # OIDC login (authorization code with PKCE) against identity.oidc_issuer; empty: off.
+    oidc_client_id: str = ""
+    # The environment variable holding the client secret (empty variable: a public client).
+    oidc_client_secret_env: str = "PGWARDEN_CONSOLE_OIDC_SECRET"
+    oidc_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+
+
 class LogSettings(BaseModel):
     # human: one readable line per event; json: one JSON object per line (log shippers).
     # Unset: human on a terminal, json otherwise.
@@ -198,6 +216,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

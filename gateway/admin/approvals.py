@@ -91,6 +91,15 @@ def _out(request: ApprovalRequest) -> ApprovalOut:
     return ApprovalOut.model_validate(request.to_json())
 
 
+def may_see(
+    subject: str, groups: Iterable[str], admins: frozenset[str], r: ApprovalRequest
+) -> bool:
+    """Who may read a request (the API and the console alike): its requester, an admin, or
+    a member of a group it names as approvers (who may then decide it, check_voter says)."""
+    mine = set(groups)
+    return bool(subject == r.subject or mine & admins or mine.intersection(r.approvers))
+
+
 def approvals_router(
     desk: ApprovalDesk, verify: TokenCheck, admin_groups: Iterable[str]
 ) -> APIRouter:
@@ -113,14 +122,10 @@ def approvals_router(
 
     Caller = Annotated[Principal, Depends(caller)]
 
-    def may_see(who: Principal, r: ApprovalRequest) -> bool:
-        groups = set(who.groups)
-        return bool(who.subject == r.subject or groups & admins or groups.intersection(r.approvers))
-
     async def found(request_id: str, who: Principal) -> ApprovalRequest:
         r = await desk.store.request(request_id)
         # Another's request the caller may not decide reads as absent, not as forbidden.
-        if r is None or not may_see(who, r):
+        if r is None or not may_see(who.subject, who.groups, admins, r):
             raise HTTPException(404, f"no approval request {request_id}")
         return r
 
@@ -132,7 +137,7 @@ def approvals_router(
     ) -> list[ApprovalOut]:
         """Requests the caller may decide (or made), newest first."""
         requests = await desk.store.requests(status, limit)
-        return [_out(r) for r in requests if may_see(who, r)]
+        return [_out(r) for r in requests if may_see(who.subject, who.groups, admins, r)]
 
     @router.get("/grants", response_model=list[GrantOut])
     async def grants(who: Caller, live: Annotated[bool, Query()] = True) -> list[GrantOut]:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +28,8 @@ from gateway.identity.principal import TokenRejected
 
 AUDIENCE = "pgwarden-test"
 Forge = Callable[[dict[str, Any], dict[str, Any], Callable[[bytes], bytes]], str]
+# A test issuer's extra endpoint: (path with query, request headers, body) -> answer.
+IssuerRoute = Callable[[str, Message, bytes], tuple[int, dict[str, str], bytes]]
 
 
 class IssuerKey:
@@ -65,9 +68,34 @@ class TestIssuer:
         self.claimed_issuer: str | None = None
         # Cache headers sent with the JWKS (e.g. {"Cache-Control": "max-age=120"}).
         self.cache_headers: dict[str, str] = {}
+        # More of an IdP for tests that need it (login flows): discovery entries, and
+        # handlers by (method, path without query) answering (status, headers, body).
+        self.metadata: dict[str, Any] = {}
+        self.routes: dict[tuple[str, str], IssuerRoute] = {}
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _route(self, method: str) -> bool:
+                route = issuer.routes.get((method, self.path.split("?")[0]))
+                if route is None:
+                    return False
+                length = int(self.headers.get("Content-Length") or 0)
+                status, headers, data = route(self.path, self.headers, self.rfile.read(length))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return True
+
+            def do_POST(self) -> None:
+                issuer.requests.append(self.path)
+                if issuer.failing:
+                    self.send_error(503)
+                elif not self._route("POST"):
+                    self.send_error(404)
+
             def do_GET(self) -> None:
                 issuer.requests.append(self.path)
                 if issuer.failing:
@@ -78,9 +106,12 @@ class TestIssuer:
                     body = {
                         "issuer": issuer.claimed_issuer or issuer.url,
                         "jwks_uri": f"{issuer.url}/keys",
+                        **issuer.metadata,
                     }
                 elif self.path == "/keys":
                     body = {"keys": [k.jwk for k in issuer.keys]}
+                elif self._route("GET"):
+                    return
                 else:
                     self.send_error(404)
                     return
