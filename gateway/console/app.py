@@ -15,6 +15,8 @@ from gateway.console.inventory import inventory_router
 from gateway.console.login import login_router, oidc_configured
 from gateway.console.oidc import oidc_router
 from gateway.console.render import STATIC_DIR, page
+from gateway.console.saml import saml_configured
+from gateway.console.saml_routes import saml_router
 from gateway.console.web_session import (
     ConsoleMiddleware,
     SignedIn,
@@ -54,6 +56,8 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
     routers = [home_router(), login_router(deps), approvals_router(deps), inventory_router(deps)]
     if oidc_configured(deps):
         routers.append(oidc_router(deps))
+    if saml_configured(deps.settings.console):
+        routers.append(saml_router(deps))
     for router in routers:
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)

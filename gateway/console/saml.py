@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.utils import CryptographyDeprecationWarning
 
 from gateway.console.people import Person
+from gateway.settings import ConsoleSettings
 
 with warnings.catch_warnings():
     # pysaml2's symmetric-cipher table names CFB at import, which cryptography deprecates;
@@ -38,6 +39,9 @@ with warnings.catch_warnings():
     from saml2.sigver import SIG_RSA_SHA256, SigverError
     from saml2.validate import ResponseLifetimeExceed, ToEarly
 
+LOGIN_PATH = "/console/login/saml"
+ACS_PATH = "/console/saml/acs"
+METADATA_PATH = "/console/saml/metadata"
 # How long a person has at the IdP between our redirect and its POST back.
 REQUEST_LIFETIME_SECONDS = 600.0
 # Pending AuthnRequests kept at most (oldest dropped first): an anonymous visitor can start
@@ -79,11 +83,34 @@ class SamlSpSettings:
     sp_cert_file: Path | None = None
     clock_skew_seconds: int = 30
 
+    @classmethod
+    def of(cls, console: ConsoleSettings, base_url: str) -> SamlSpSettings:
+        """From the console's settings; `base_url` is where browsers reach the console
+        (console.public_url, else the admin listener's own address)."""
+        base = base_url.rstrip("/")
+        return cls(
+            sp_entity_id=console.saml_sp_entity_id or base + METADATA_PATH,
+            acs_url=base + ACS_PATH,
+            idp_metadata_file=console.saml_idp_metadata_file,
+            idp_metadata_url=console.saml_idp_metadata_url,
+            groups_attribute=console.saml_groups_attribute,
+            name_attribute=console.saml_name_attribute,
+            sp_key_file=console.saml_sp_key_file,
+            sp_cert_file=console.saml_sp_cert_file,
+            clock_skew_seconds=console.saml_clock_skew_seconds,
+        )
+
+
+def saml_configured(console: ConsoleSettings) -> bool:
+    return console.saml_idp_metadata_file is not None or bool(console.saml_idp_metadata_url)
+
 
 @dataclass
 class _Pending:
     browser: str
     expires: float
+    # The console page the person wanted, where the ACS sends them once signed in.
+    next: str
 
 
 @dataclass
@@ -97,12 +124,13 @@ class AuthnRequestLedger:
     _answered: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def issue(self, request_id: str, browser: str) -> None:
+    def issue(self, request_id: str, browser: str, then: str) -> None:
         with self._lock:
             self._forget_expired()
             while len(self._pending) >= MAX_PENDING_REQUESTS:
                 del self._pending[next(iter(self._pending))]
-            self._pending[request_id] = _Pending(browser, self.clock() + REQUEST_LIFETIME_SECONDS)
+            expires = self.clock() + REQUEST_LIFETIME_SECONDS
+            self._pending[request_id] = _Pending(browser, expires, then)
 
     def candidates(self, browser: str) -> dict[str, str]:
         """The ids a response posted by `browser` may answer (its own pending ones), plus the
@@ -113,8 +141,9 @@ class AuthnRequestLedger:
             ids.update(dict.fromkeys(self._answered, ""))
             return ids
 
-    def answer(self, request_id: str, browser: str) -> None:
-        """Mark `request_id` used by this browser's login, or refuse: replayed, or not ours."""
+    def answer(self, request_id: str, browser: str) -> str:
+        """Mark `request_id` used by this browser's login (the page it wanted), or refuse:
+        replayed, or not ours."""
         with self._lock:
             if request_id in self._answered:
                 raise SamlLoginRefused(
@@ -125,6 +154,7 @@ class AuthnRequestLedger:
                 raise SamlLoginRefused(UNSOLICITED)
             del self._pending[request_id]
             self._answered[request_id] = pending.expires
+            return pending.next
 
     def _forget_expired(self) -> None:
         now = self.clock()
@@ -215,8 +245,9 @@ class SamlServiceProvider:
             metadata = create_metadata_string(None, config=self._saml_client().config, sign=False)
         return metadata.decode() if isinstance(metadata, bytes) else str(metadata)
 
-    def begin_login(self, browser: str) -> str:
-        """The IdP URL (HTTP-Redirect binding) carrying a new AuthnRequest bound to `browser`."""
+    def begin_login(self, browser: str, then: str = "/console/") -> str:
+        """The IdP URL (HTTP-Redirect binding) carrying a new AuthnRequest bound to `browser`;
+        `then` is the page to go to once signed in."""
         with self._lock:
             client = self._saml_client()
             kwargs: dict[str, Any] = {}
@@ -228,21 +259,22 @@ class SamlServiceProvider:
                 response_binding=BINDING_HTTP_POST,
                 **kwargs,
             )
-        self.ledger.issue(str(request_id), browser)
+        self.ledger.issue(str(request_id), browser, then)
         location = dict(info["headers"])["Location"]
         return str(location)
 
-    def finish_login(self, browser: str, saml_response: str) -> Person:
-        """Verify a base64 SAMLResponse posted to the ACS by `browser`; the person it names,
-        or SamlLoginRefused with the reason. One use per AuthnRequest."""
+    def finish_login(self, browser: str, saml_response: str) -> tuple[Person, str]:
+        """Verify a base64 SAMLResponse posted to the ACS by `browser`: the person it names
+        and the page they wanted, or SamlLoginRefused with the reason. One use per
+        AuthnRequest."""
         if not saml_response:
             raise SamlLoginRefused("no SAMLResponse in the POST")
         outstanding = self.ledger.candidates(browser)
         with self._lock:
             response = self._verified(saml_response, outstanding)
-        request_id = str(response.in_response_to or "")
-        self.ledger.answer(request_id, browser)
-        return self._person(response)
+        person = self._person(response)
+        then = self.ledger.answer(str(response.in_response_to or ""), browser)
+        return person, then
 
     def _verified(self, saml_response: str, outstanding: dict[str, str]) -> Any:
         client = self._saml_client()
@@ -332,11 +364,3 @@ def _attribute_values(assertion: Any, name: str) -> list[str]:
 
 def _text(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
-
-
-def acs_url_of(public_url: str) -> str:
-    return public_url.rstrip("/") + "/console/saml/acs"
-
-
-def metadata_url_of(public_url: str) -> str:
-    return public_url.rstrip("/") + "/console/saml/metadata"

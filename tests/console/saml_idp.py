@@ -103,13 +103,13 @@ class User:
     groups: list[str] = field(default_factory=lambda: ["engineers", "approvers"])
 
 
-def _idp_server(base_url: str, keys: KeyPair, sp_metadata: Path | None) -> Any:
+def _idp_server(base_url: str, keys: KeyPair, sp_metadata: list[Path]) -> Any:
     xmlsec = shutil.which("xmlsec1")
     config = IdPConfig()
     config.load(
         {
             "entityid": f"{base_url}/idp",
-            "metadata": {"local": [str(sp_metadata)] if sp_metadata else []},
+            "metadata": {"local": [str(path) for path in sp_metadata]},
             "xmlsec_binary": xmlsec,
             "key_file": str(keys.key_file),
             "cert_file": str(keys.cert_file),
@@ -141,7 +141,7 @@ class TestIdentityProvider:
         self.fault: Fault = "none"
         # Sign the Response instead of the Assertion (both are allowed by the profile).
         self.sign_response_only = False
-        self._sp_metadata: Path | None = None
+        self._sp_metadata: list[Path] = []
         self._start_servers()
 
     def _start_servers(self) -> None:
@@ -150,8 +150,9 @@ class TestIdentityProvider:
 
     def register_sp(self, sp_metadata_xml: str) -> None:
         """Trust a service provider, as an IdP administrator does with its metadata."""
-        self._sp_metadata = self.folder / "sp-metadata.xml"
-        self._sp_metadata.write_text(sp_metadata_xml)
+        path = self.folder / f"sp-metadata-{len(self._sp_metadata)}.xml"
+        path.write_text(sp_metadata_xml)
+        self._sp_metadata.append(path)
         self._start_servers()
 
     @property

@@ -1,36 +1,72 @@
-"""SAML login: the console's service provider against a real pysaml2 IdP with its own key."""
+"""SAML login: the console's service provider against a real pysaml2 IdP with its own key,
+directly, over HTTP through a real gateway's admin listener, and in Debian's Chromium."""
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
+from playwright.sync_api import BrowserContext, expect
 
+from cli.localpg import LocalCluster
 from gateway.console.saml import (
+    ACS_PATH,
+    LOGIN_PATH,
+    METADATA_PATH,
     REQUEST_LIFETIME_SECONDS,
     AuthnRequestLedger,
     SamlLoginRefused,
     SamlServiceProvider,
     SamlSpSettings,
 )
-from tests.console.saml_idp import Fault, TestIdentityProvider, User
+from tests.console.conftest import console_gateway, console_url
+from tests.console.saml_idp import Answer, Fault, TestIdentityProvider, User
+from tests.harness import RunningGateway
 
 SP_URL = "http://127.0.0.1:8/console"
 BROWSER = "browser-cookie-1"
+SAML_WAY = "Sign in with your identity provider (SAML)"
 
 
 @pytest.fixture(scope="module")
-def module_idp(tmp_path_factory: pytest.TempPathFactory) -> TestIdentityProvider:
-    return TestIdentityProvider(tmp_path_factory.mktemp("saml-idp"))
+def served_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestIdentityProvider]:
+    idp = TestIdentityProvider(tmp_path_factory.mktemp("saml-idp"))
+    with idp.serve():
+        yield idp
 
 
 @pytest.fixture
-def idp(module_idp: TestIdentityProvider) -> Iterator[TestIdentityProvider]:
-    yield module_idp
-    module_idp.fault = "none"
-    module_idp.sign_response_only = False
-    module_idp.user = User()
+def idp(served_idp: TestIdentityProvider) -> Iterator[TestIdentityProvider]:
+    """The IdP, honest again after each test."""
+    yield served_idp
+    served_idp.fault = "none"
+    served_idp.sign_response_only = False
+    served_idp.user = User()
+
+
+@pytest.fixture(scope="module")
+def saml_gw(
+    pg_cluster: LocalCluster, app_database: str, opa_binary: Path, served_idp: TestIdentityProvider
+) -> Iterator[RunningGateway]:
+    """A gateway whose console trusts the test IdP; the IdP trusts it back (its metadata)."""
+    console = {"saml_idp_metadata_file": str(served_idp.write_metadata())}
+    with console_gateway(pg_cluster, opa_binary, console=console) as gw:
+        metadata = httpx.get(console_url(gw, METADATA_PATH))
+        assert metadata.status_code == 200
+        assert metadata.headers["content-type"].startswith("application/samlmetadata+xml")
+        served_idp.register_sp(metadata.text)
+        yield gw
+
+
+@pytest.fixture
+def client(saml_gw: RunningGateway) -> Iterator[httpx.Client]:
+    """A browser-like client of the console: its own cookies, redirects not followed."""
+    with httpx.Client(base_url=console_url(saml_gw, "")) as c:
+        yield c
 
 
 def service_provider(
@@ -60,9 +96,10 @@ def sp(idp: TestIdentityProvider) -> SamlServiceProvider:
 def test_good_assertion_signs_in_with_groups_from_the_attribute(
     idp: TestIdentityProvider, sp: SamlServiceProvider
 ) -> None:
-    answer = idp.answer(sp.begin_login(BROWSER))
+    answer = idp.answer(sp.begin_login(BROWSER, "/console/approvals"))
     assert answer.acs_url == f"{SP_URL}/saml/acs"
-    person = sp.finish_login(BROWSER, answer.saml_response)
+    person, then = sp.finish_login(BROWSER, answer.saml_response)
+    assert then == "/console/approvals"
     assert person.subject == "alice@example.com"
     assert person.groups == frozenset({"engineers", "approvers"})
     assert person.display_name == "Alice Example"
@@ -71,10 +108,10 @@ def test_good_assertion_signs_in_with_groups_from_the_attribute(
 
 def test_groups_come_from_the_configured_attribute(idp: TestIdentityProvider) -> None:
     sp = service_provider(idp, groups_attribute="displayName")
-    person = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
+    person, _ = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
     assert person.groups == frozenset({"Alice Example"})
     sp = service_provider(idp, groups_attribute="memberOf")
-    person = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
+    person, _ = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
     assert person.groups == frozenset()
 
 
@@ -82,7 +119,7 @@ def test_a_signed_response_around_an_unsigned_assertion_is_accepted(
     idp: TestIdentityProvider, sp: SamlServiceProvider
 ) -> None:
     idp.sign_response_only = True
-    person = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
+    person, _ = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
     assert person.subject == "alice@example.com"
 
 
@@ -113,7 +150,7 @@ def test_a_faulty_response_is_refused_with_its_reason(
     assert refused.value.reason.startswith(reason), refused.value.reason
     # The refusal used nothing up: the same login, answered well, still signs in.
     idp.fault = "none"
-    assert sp.finish_login(BROWSER, idp.answer_again(answer).saml_response).via == "saml"
+    assert sp.finish_login(BROWSER, idp.answer_again(answer).saml_response)[0].via == "saml"
 
 
 def test_tampering_is_what_breaks_the_signature(
@@ -130,7 +167,7 @@ def test_tampering_is_what_breaks_the_signature(
 
 def test_a_replayed_response_is_refused(idp: TestIdentityProvider, sp: SamlServiceProvider) -> None:
     answer = idp.answer(sp.begin_login(BROWSER))
-    assert sp.finish_login(BROWSER, answer.saml_response).subject == "alice@example.com"
+    assert sp.finish_login(BROWSER, answer.saml_response)[0].subject == "alice@example.com"
     for browser in (BROWSER, "another-browser"):
         with pytest.raises(SamlLoginRefused) as refused:
             sp.finish_login(browser, answer.saml_response)
@@ -145,7 +182,7 @@ def test_a_response_posted_by_another_browser_is_unsolicited(
     with pytest.raises(SamlLoginRefused) as refused:
         sp.finish_login(BROWSER, answer.saml_response)
     assert refused.value.reason.startswith("unsolicited response")
-    assert sp.finish_login("attacker-browser", answer.saml_response).via == "saml"
+    assert sp.finish_login("attacker-browser", answer.saml_response)[0].via == "saml"
 
 
 def test_a_login_left_at_the_idp_too_long_is_unsolicited(idp: TestIdentityProvider) -> None:
@@ -181,3 +218,123 @@ def test_sp_metadata_names_the_acs_and_the_entity(sp: SamlServiceProvider) -> No
     assert f'entityID="{SP_URL}/saml/metadata"' in metadata
     assert f'Location="{SP_URL}/saml/acs"' in metadata
     assert "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST" in metadata
+
+
+# -- through a real gateway's admin listener, as a browser talks to it ----------------------
+
+
+def start_login(client: httpx.Client, idp: TestIdentityProvider, then: str = "") -> Answer:
+    """Follow the console's SAML link to the IdP and take its answer."""
+    started = client.get(LOGIN_PATH + (f"?next={then}" if then else ""))
+    assert started.status_code == 303, started.text
+    location = started.headers["location"]
+    assert location.startswith(f"{idp.base_url}/sso?SAMLRequest=")
+    return idp.answer(location)
+
+
+def post_to_acs(client: httpx.Client, answer: Answer) -> httpx.Response:
+    """What the IdP's page makes the browser do: POST the response to our ACS, without the
+    console's CSRF token (another site's form cannot have it)."""
+    fields = {"SAMLResponse": answer.saml_response, "RelayState": answer.relay_state}
+    return client.post(ACS_PATH, data=fields)
+
+
+def signed_in_name(client: httpx.Client) -> str | None:
+    page = client.get("/console/")
+    if page.status_code != 200:
+        assert page.status_code == 303 and "/console/login" in page.headers["location"]
+        return None
+    found = re.search(r'class="person-name">([^<]*)<', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+def test_login_page_offers_saml(client: httpx.Client) -> None:
+    page = client.get("/console/login")
+    assert page.status_code == 200
+    assert SAML_WAY in page.text
+    assert f'href="{LOGIN_PATH}?next=' in page.text
+
+
+def test_saml_login_over_http_signs_in_and_returns_to_the_wanted_page(
+    client: httpx.Client, idp: TestIdentityProvider, saml_gw: RunningGateway
+) -> None:
+    answer = start_login(client, idp, then="/console/tokens")
+    assert answer.acs_url == console_url(saml_gw, ACS_PATH)
+    done = post_to_acs(client, answer)
+    assert done.status_code == 303, done.text
+    assert done.headers["location"] == "/console/tokens"
+    assert signed_in_name(client) == "Alice Example"
+    home = client.get("/console/").text
+    assert "via saml" in home and "<code>approvers</code>" in home
+    assert "<code>engineers</code>" in home
+
+
+@pytest.mark.parametrize(("fault", "reason"), REFUSALS, ids=[f for f, _ in REFUSALS])
+def test_a_faulty_response_posted_to_the_acs_is_refused_and_signs_nobody_in(
+    client: httpx.Client, idp: TestIdentityProvider, fault: Fault, reason: str
+) -> None:
+    idp.fault = fault
+    refused = post_to_acs(client, start_login(client, idp))
+    assert refused.status_code == 403
+    assert f"Sign-in refused: {reason}" in refused.text
+    assert signed_in_name(client) is None
+
+
+def test_a_replayed_response_over_http_is_refused(
+    client: httpx.Client, idp: TestIdentityProvider, saml_gw: RunningGateway
+) -> None:
+    answer = start_login(client, idp)
+    assert post_to_acs(client, answer).status_code == 303
+    client.post("/console/logout", data={"csrf_token": csrf_of(client)})
+    assert signed_in_name(client) is None
+    # The same browser posting it again, and another one (no cookies) holding a copy.
+    with httpx.Client(base_url=console_url(saml_gw, "")) as other:
+        for browser in (client, other):
+            replayed = post_to_acs(browser, answer)
+            assert replayed.status_code == 403
+            assert "Sign-in refused: replayed response" in replayed.text
+            assert signed_in_name(browser) is None
+
+
+def test_a_response_to_another_browsers_login_is_refused(
+    client: httpx.Client, idp: TestIdentityProvider, saml_gw: RunningGateway
+) -> None:
+    """Login CSRF: an attacker's own login, posted from the victim's browser, is not taken."""
+    with httpx.Client(base_url=console_url(saml_gw, "")) as attacker:
+        answer = start_login(attacker, idp)
+    refused = post_to_acs(client, answer)
+    assert refused.status_code == 403
+    assert "Sign-in refused: unsolicited response" in refused.text
+    assert signed_in_name(client) is None
+
+
+def test_an_oversized_post_to_the_acs_is_refused(client: httpx.Client) -> None:
+    refused = client.post(ACS_PATH, data={"SAMLResponse": "A" * (600 * 1024)})
+    assert refused.status_code == 413
+    assert signed_in_name(client) is None
+
+
+def csrf_of(client: httpx.Client) -> str:
+    found = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/console/").text)
+    assert found is not None
+    return found.group(1)
+
+
+# -- in Debian's Chromium -------------------------------------------------------------------
+
+
+def test_saml_login_in_chromium(
+    browser_context: BrowserContext, saml_gw: RunningGateway, idp: TestIdentityProvider
+) -> None:
+    page = browser_context.new_page()
+    page.goto(console_url(saml_gw, "/console/login"))
+    page.get_by_role("link", name=SAML_WAY).click()
+    # At the IdP: its page posts the signed response back to the console's ACS.
+    expect(page).to_have_url(re.compile(re.escape(idp.base_url) + r"/sso\?SAMLRequest="))
+    page.get_by_role("button", name="Continue to pgwarden").click()
+    page.wait_for_url(console_url(saml_gw, "/console/"))
+    expect(page.locator(".person-name")).to_have_text("Alice Example")
+    expect(page.get_by_role("banner")).to_contain_text("alice@example.com, via saml")
+    expect(page.get_by_role("main")).to_contain_text("approvers")
+    expect(page.get_by_role("main")).to_contain_text("engineers")
