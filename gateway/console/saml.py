@@ -316,7 +316,7 @@ class SamlServiceProvider:
         for confirmation in assertion.subject.subject_confirmation:
             data = confirmation.subject_confirmation_data
             if confirmation.method == SCM_BEARER and (data is None or not data.not_on_or_after):
-                raise SamlLoginRefused("the assertion's bearer confirmation has no NotOnOrAfter")
+                raise SamlLoginRefused("no expiry: the bearer confirmation has no NotOnOrAfter")
 
     def _person(self, response: Any) -> Person:
         subject = (response.name_id.text or "").strip()

@@ -44,6 +44,7 @@ Fault = Literal[
     "tampered_group",
     "expired",
     "not_yet_valid",
+    "no_expiry",
     "wrong_audience",
     "no_audience",
     "wrong_recipient",
@@ -230,6 +231,9 @@ class TestIdentityProvider:
         elif fault == "not_yet_valid":
             conditions.not_before = in_a_while(minutes=10)
             conditions.not_on_or_after = in_a_while(minutes=20)
+        elif fault == "no_expiry":
+            conditions.not_on_or_after = None
+            confirmation.not_on_or_after = None
         elif fault == "wrong_audience":
             conditions.audience_restriction[0].audience[0].text = "https://other-sp.example/"
         elif fault == "no_audience":

@@ -131,6 +131,7 @@ REFUSALS: list[tuple[Fault, str]] = [
     ("tampered_group", "signature missing or not valid"),
     ("expired", "expired assertion"),
     ("not_yet_valid", "assertion not valid yet"),
+    ("no_expiry", "no expiry"),
     ("wrong_audience", "wrong audience"),
     ("no_audience", "wrong audience"),
     ("wrong_recipient", "wrong recipient"),
