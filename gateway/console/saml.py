@@ -24,6 +24,7 @@ from typing import Any
 from cryptography.utils import CryptographyDeprecationWarning
 
 from gateway.console.people import Person
+from gateway.identity.oidc import _require_secure as require_secure
 from gateway.settings import ConsoleSettings
 
 with warnings.catch_warnings():
@@ -196,6 +197,12 @@ class SamlServiceProvider:
         if s.idp_metadata_file is not None:
             metadata: dict[str, Any] = {"local": [str(s.idp_metadata_file)]}
         elif s.idp_metadata_url:
+            # The metadata carries the certificate every signature is checked with: fetched
+            # as the data path fetches an OIDC issuer's keys (https, or http on loopback).
+            try:
+                require_secure(s.idp_metadata_url, "console.saml_idp_metadata_url")
+            except ValueError as exc:
+                raise SamlConfigError(str(exc)) from None
             metadata = {"remote": [{"url": s.idp_metadata_url}]}
         else:
             raise SamlConfigError(
@@ -327,7 +334,8 @@ class SamlServiceProvider:
         return Person(
             subject=subject,
             groups=groups,
-            display_name=names[0] if names else subject,
+            # Shown on every page: bounded, as the OIDC login bounds its name claim.
+            display_name=(names[0] if names else subject)[:200],
             via="saml",
         )
 

@@ -7,6 +7,7 @@ import base64
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -19,12 +20,13 @@ from gateway.console.saml import (
     METADATA_PATH,
     REQUEST_LIFETIME_SECONDS,
     AuthnRequestLedger,
+    SamlConfigError,
     SamlLoginRefused,
     SamlServiceProvider,
     SamlSpSettings,
 )
 from tests.console.conftest import console_gateway, console_url
-from tests.console.saml_idp import Answer, Fault, TestIdentityProvider, User
+from tests.console.saml_idp import Answer, Fault, TestIdentityProvider, User, make_key_pair
 from tests.harness import RunningGateway
 
 SP_URL = "http://127.0.0.1:8/console"
@@ -121,6 +123,47 @@ def test_a_signed_response_around_an_unsigned_assertion_is_accepted(
     idp.sign_response_only = True
     person, _ = sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
     assert person.subject == "alice@example.com"
+
+
+def test_idp_metadata_from_a_url_and_signed_authn_requests(
+    idp: TestIdentityProvider, tmp_path: Path
+) -> None:
+    """The IdP's metadata fetched from its URL; with our own key, AuthnRequests are signed
+    (HTTP-Redirect's Signature and SigAlg) and our metadata publishes the certificate."""
+    keys = make_key_pair(tmp_path, "sp")
+    sp = SamlServiceProvider(
+        SamlSpSettings(
+            sp_entity_id=f"{SP_URL}/saml/metadata",
+            acs_url=f"{SP_URL}/saml/acs",
+            idp_metadata_url=f"{idp.base_url}/metadata",
+            sp_key_file=keys.key_file,
+            sp_cert_file=keys.cert_file,
+        )
+    )
+    metadata = sp.metadata_xml()
+    assert 'AuthnRequestsSigned="true"' in metadata
+    certificate = "".join(keys.cert_file.read_text().splitlines()[1:-1])
+    assert certificate in "".join(metadata.split())
+    idp.register_sp(metadata)
+    location = sp.begin_login(BROWSER)
+    query = parse_qs(urlsplit(location).query)
+    assert query["SigAlg"] == ["http://www.w3.org/2001/04/xmldsig-more#rsa-sha256"]
+    assert query["Signature"][0]
+    person, _ = sp.finish_login(BROWSER, idp.answer(location).saml_response)
+    assert person.subject == "alice@example.com"
+
+
+def test_idp_metadata_over_plain_http_off_loopback_is_refused() -> None:
+    """The metadata holds the certificate signatures are checked with: not over plain HTTP."""
+    sp = SamlServiceProvider(
+        SamlSpSettings(
+            sp_entity_id=f"{SP_URL}/saml/metadata",
+            acs_url=f"{SP_URL}/saml/acs",
+            idp_metadata_url="http://idp.example.com/metadata",
+        )
+    )
+    with pytest.raises(SamlConfigError, match="must be an https URL"):
+        sp.begin_login(BROWSER)
 
 
 # Each fault the IdP can put in a response, and the words the refusal must lead with.
