@@ -53,6 +53,8 @@ _CHECKS = {
     "AudienceRestrictions": "wrong audience",
     "No valid recipient": "wrong recipient",
     "Condition not OK": "assertion conditions not met",
+    # A second assertion beside the signed one: signature wrapping, or an IdP's mistake.
+    "Invalid number of assertions": "not exactly one assertion",
     "not well-formed": "malformed response",
 }
 UNSOLICITED = "unsolicited response: it answers no login started from this browser"

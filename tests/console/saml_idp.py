@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import re
 import shutil
 import threading
 import warnings
@@ -42,6 +43,7 @@ Fault = Literal[
     "other_key",
     "tampered_nameid",
     "tampered_group",
+    "wrapped_assertion",
     "expired",
     "not_yet_valid",
     "no_expiry",
@@ -260,6 +262,8 @@ class TestIdentityProvider:
             xml = xml.replace(user.name_id, "mallory@example.com")
         elif fault == "tampered_group":
             xml = xml.replace(f">{user.groups[0]}<", ">admins<")
+        elif fault == "wrapped_assertion":
+            xml = _wrapped(xml, user)
         return base64.b64encode(xml.encode() if isinstance(xml, str) else xml).decode()
 
     @contextmanager
@@ -315,6 +319,19 @@ def post_form(answer: Answer) -> str:
         '<button type="submit">Continue to pgwarden</button></form>'
         "</body></html>"
     )
+
+
+def _wrapped(xml: str, user: User) -> str:
+    """Signature wrapping: an unsigned copy of the signed assertion, naming someone else with
+    other groups, put before the genuine one (whose signature still verifies)."""
+    found = re.search(r"<(\w+):Assertion .*?</\1:Assertion>", xml, re.S)
+    assert found is not None
+    evil = re.sub(r"<(\w+):Signature .*?</\1:Signature>", "", found.group(0), flags=re.S)
+    evil = re.sub(r'ID="[^"]+"', 'ID="id-evil-copy"', evil, count=1)
+    evil = evil.replace(user.name_id, "mallory@example.com").replace(
+        f">{user.groups[0]}<", ">admins<"
+    )
+    return xml[: found.start()] + evil + xml[found.start() :]
 
 
 def _attribute(name: str, values: list[str]) -> Any:

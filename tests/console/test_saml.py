@@ -172,6 +172,7 @@ REFUSALS: list[tuple[Fault, str]] = [
     ("other_key", "signature missing or not valid"),
     ("tampered_nameid", "signature missing or not valid"),
     ("tampered_group", "signature missing or not valid"),
+    ("wrapped_assertion", "not exactly one assertion"),
     ("expired", "expired assertion"),
     ("not_yet_valid", "assertion not valid yet"),
     ("no_expiry", "no expiry"),
