@@ -31,7 +31,9 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # POSTs that cannot carry the session's token because another site sends them (a SAML
-# IdP's POST binding to the assertion consumer service); each proves itself otherwise.
+# IdP's POST binding to the assertion consumer service); each proves itself otherwise. Such
+# a cross-site POST does not bring the session cookie either (SameSite=Lax): what it must
+# find again is kept by an id it carries (RelayState, InResponseTo), not in the session.
 CSRF_EXEMPT: set[str] = set()
 # An anonymous session only carries a login form's CSRF token and a login flow's state.
 ANONYMOUS_SECONDS = 30 * 60

@@ -255,3 +255,36 @@ def test_a_forged_post_is_refused_and_changes_nothing(
     finally:
         other.close()
         held.close()
+
+
+def test_a_refresh_keeps_a_note_being_typed_and_the_focus(
+    ann: Page, console_gw: RunningGateway, table: str
+) -> None:
+    mark_page(ann)
+    first = Held(console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'DELETE FROM "{table}"'))
+    second: Held | None = None
+    try:
+        one = first.request_id()
+        note = appears_without_reload(ann, one).get_by_label("Note")
+        note.fill("half a thought")
+        note.focus()
+        # Refreshes that bring nothing new leave the page alone (two poll intervals pass).
+        with ann.expect_response(lambda r: r.url.endswith("/console/approvals/pending")):
+            pass
+        with ann.expect_response(lambda r: r.url.endswith("/console/approvals/pending")):
+            pass
+        expect(card(ann, one)).to_be_visible()
+        expect(note).to_have_value("half a thought")
+        expect(note).to_be_focused()
+        # Another request arrives: the list changes under the person's hands.
+        second = Held(
+            console_gw.dsn(agent(console_gw)),
+            lambda c: simple(c, f'UPDATE "{table}" SET v = NULL'),
+        )
+        appears_without_reload(ann, second.request_id())
+        expect(note).to_have_value("half a thought")
+        expect(note).to_be_focused()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

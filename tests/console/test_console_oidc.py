@@ -102,3 +102,16 @@ def test_a_wrong_callback_or_id_token_is_refused(
     start_login(page, console_gw)
     expect(page.get_by_role("alert")).to_contain_text(said)
     signed_out(page, console_gw)
+
+
+def test_an_unreachable_issuer_is_said_so_and_signs_no_one_in(
+    browser_context: BrowserContext, console_gw: RunningGateway, code_flow: CodeFlow
+) -> None:
+    page = browser_context.new_page()
+    code_flow.issuer.failing = True
+    try:
+        start_login(page, console_gw)
+        expect(page.get_by_role("alert")).to_contain_text("the issuer cannot be reached")
+    finally:
+        code_flow.issuer.failing = False
+    signed_out(page, console_gw)

@@ -20,23 +20,25 @@ function tickWaited() {
   });
 }
 
+function cardVersions(root) {
+  return Array.from(root.querySelectorAll("[data-key]"), function (el) {
+    return el.dataset.key + "@" + el.dataset.version;
+  }).join(" ");
+}
+
 function merge(container, html) {
   const fresh = document.createElement("template");
   fresh.innerHTML = html; // a template's content is inert: nothing in it runs
+  // The same cards in the same states: leave the page as it is.
+  if (cardVersions(fresh.content) === cardVersions(container)) return;
+  // Before any card moves: a node taken out of the page loses the focus.
+  const focused = container.contains(document.activeElement) ? document.activeElement : null;
   const old = new Map();
   container.querySelectorAll("[data-key]").forEach(function (el) { old.set(el.dataset.key, el); });
-  let changed = false;
   fresh.content.querySelectorAll("[data-key]").forEach(function (el) {
     const before = old.get(el.dataset.key);
-    if (before && before.dataset.version === el.dataset.version) {
-      el.replaceWith(before);
-      old.delete(el.dataset.key);
-    } else {
-      changed = true;
-    }
+    if (before && before.dataset.version === el.dataset.version) el.replaceWith(before);
   });
-  if (!changed && old.size === 0) return;
-  const focused = container.contains(document.activeElement) ? document.activeElement : null;
   container.replaceChildren(fresh.content);
   if (focused && focused.isConnected) focused.focus();
   tickWaited();
