@@ -11,9 +11,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import Response
 from playwright.sync_api import BrowserContext, expect
 
 from cli.localpg import LocalCluster
+from gateway.console.deps import ConsoleDeps
 from gateway.console.saml import (
     ACS_PATH,
     LOGIN_PATH,
@@ -25,6 +27,9 @@ from gateway.console.saml import (
     SamlServiceProvider,
     SamlSpSettings,
 )
+from gateway.console.saml_routes import SamlLogin
+from gateway.identity.principal import Principal
+from gateway.settings import ConsoleSettings, Settings
 from tests.console.conftest import console_gateway, console_url
 from tests.console.saml_idp import Answer, Fault, TestIdentityProvider, User, make_key_pair
 from tests.harness import RunningGateway
@@ -383,3 +388,32 @@ def test_saml_login_in_chromium(
     expect(page.get_by_role("banner")).to_contain_text("alice@example.com, via saml")
     expect(page.get_by_role("main")).to_contain_text("approvers")
     expect(page.get_by_role("main")).to_contain_text("engineers")
+
+
+# -- the pre-login cookie ---------------------------------------------------------------------
+
+
+async def _no_tokens(token: str) -> Principal:
+    raise AssertionError("the SAML routes never verify a pgwarden token")
+
+
+@pytest.mark.parametrize(
+    ("public_url", "expected"),
+    [
+        # Over TLS the IdP's cross-site POST must bring it: SameSite=None, so Secure.
+        (
+            "https://console.example.com",
+            "__Host-pgwarden_saml=k; HttpOnly; Max-Age=600; Path=/; SameSite=none; Secure",
+        ),
+        # Plain HTTP is loopback only, where browsers refuse SameSite=None without Secure.
+        ("http://127.0.0.1:6544", "pgwarden_saml=k; HttpOnly; Max-Age=600; Path=/; SameSite=lax"),
+    ],
+)
+def test_the_pre_login_cookie_reaches_the_acs_on_a_cross_site_post(
+    public_url: str, expected: str
+) -> None:
+    settings = Settings(console=ConsoleSettings(enabled=True, public_url=public_url))
+    login = SamlLogin(ConsoleDeps(settings=settings, verify=_no_tokens))
+    response = Response()
+    login.set_browser_cookie(response, "k")
+    assert response.headers["set-cookie"] == expected
