@@ -18,14 +18,14 @@ export UV_PYTHON_DOWNLOADS := never
 export PGWARDEN_OPA_BINARY := $(abspath $(OPA))
 export PGWARDEN_HELM_BINARY := $(abspath $(HELM))
 
-.PHONY: help deps python-deps postgres chromium opa helm helm-check demo test rego-check lint bench
+.PHONY: help deps python-deps postgres xmlsec1 chromium opa helm helm-check demo test rego-check lint bench
 
 help:
 	@echo "make demo   - run pgwarden on its embedded defaults (local PostgreSQL, OPA, SQLite audit)"
 	@echo "make test   - install what is needed, start the services and run the whole suite"
 	@echo "make bench  - pgbench through the gateway vs direct (and pgbouncer when installed)"
 
-deps: python-deps postgres opa
+deps: python-deps postgres xmlsec1 opa
 
 # Python dependencies, exactly as locked, into a project-local virtualenv.
 $(UV):
@@ -41,6 +41,10 @@ python-deps: $(VENV)/.synced
 # PostgreSQL server binaries from Debian's packages when initdb/pg_ctl are missing.
 postgres:
 	@bash scripts/ensure-postgres.sh
+
+# xmlsec1 from Debian's packages when missing: pysaml2 checks SAML signatures with it.
+xmlsec1:
+	@bash scripts/ensure-xmlsec1.sh
 
 # The real OPA binary, built from the Go module proxy into a project-local bin folder.
 $(OPA):

@@ -210,6 +210,22 @@ class ConsoleSettings(BaseModel):
     # its person, and how often the CLI may ask about it.
     device_code_seconds: float = Field(default=600.0, gt=0, le=3600)
     device_poll_seconds: float = Field(default=5.0, gt=0, le=60)
+    # -- SAML 2.0 login (gateway/console/saml.py): on when the IdP's metadata is given --
+    # The IdP's metadata (its entity id, SSO URL and signing certificate): a file, or a URL
+    # read once when the first SAML login starts.
+    saml_idp_metadata_file: Path | None = None
+    saml_idp_metadata_url: str = ""
+    # Our entity id as registered at the IdP; empty: <public_url>/console/saml/metadata.
+    saml_sp_entity_id: str = ""
+    # The assertion attribute (Name or FriendlyName) whose values are the person's groups,
+    # and the one naming them on the pages (else the NameID).
+    saml_groups_attribute: str = "groups"
+    saml_name_attribute: str = "displayName"
+    # Optional: our key and certificate to sign AuthnRequests (published in our metadata).
+    saml_sp_key_file: Path | None = None
+    saml_sp_cert_file: Path | None = None
+    # Clock difference allowed with the IdP on an assertion's NotBefore / NotOnOrAfter.
+    saml_clock_skew_seconds: int = Field(default=30, ge=0, le=300)
 
 
 class LogSettings(BaseModel):

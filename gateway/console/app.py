@@ -17,6 +17,8 @@ from gateway.console.inventory import inventory_router
 from gateway.console.login import login_router, oidc_configured
 from gateway.console.oidc import oidc_router
 from gateway.console.render import STATIC_DIR, page
+from gateway.console.saml import saml_configured
+from gateway.console.saml_routes import saml_router
 from gateway.console.web_session import (
     ConsoleMiddleware,
     SignedIn,
@@ -59,6 +61,8 @@ def mount_console(app: FastAPI, deps: ConsoleDeps) -> WebSessions:
         routers.append(oidc_router(deps))
     if deps.audit_reader is not None:
         routers.append(audit_pages_router(deps, deps.audit_reader))
+    if saml_configured(deps.settings.console):
+        routers.append(saml_router(deps))
     for router in routers:
         app.include_router(router, include_in_schema=False)
     app.add_middleware(ConsoleMiddleware, sessions=sessions)

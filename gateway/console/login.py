@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from gateway.console.deps import ConsoleDeps
 from gateway.console.people import Person
 from gateway.console.render import page
+from gateway.console.saml import LOGIN_PATH, saml_configured
 from gateway.console.web_session import form_fields, sign_in, sign_out, web_session
 from gateway.control.store import ControlStoreUnavailable
 from gateway.identity.principal import TokenRejected
@@ -38,6 +39,8 @@ def login_ways(deps: ConsoleDeps) -> list[LoginWay]:
         ways.append(
             LoginWay("link", "Sign in with your identity provider (OIDC)", "/console/login/oidc")
         )
+    if saml_configured(deps.settings.console):
+        ways.append(LoginWay("link", "Sign in with your identity provider (SAML)", LOGIN_PATH))
     return ways
 
 
