@@ -908,6 +908,13 @@ class StatementGate:
         """catalog_moved() without a coroutine: the generation a probe sent now reads (to
         compare with the one the statements were resolved under; None: unconfirmed), or
         None when their meaning does not depend on the catalog."""
+        # A probe sent after the statement arrived: only a read the server starts after the
+        # client sent its statement sees every DDL committed before it. A NOTIFY from the DDL
+        # watch cannot stand in for it: the DDL's client may learn of its commit, and send
+        # its next statement here, before the notification reaches the metadata connection.
+        # What removes the wait keeps that read on the server, in order with the statement:
+        # an assertion on the session's own connection ahead of its Bind/Execute, failing
+        # the implicit transaction when the generation moved (then decided afresh, replayed).
         catalog = self._masks_catalog()
         if catalog is None or not any(consults_catalog(f) for f in facts):
             return None
