@@ -52,6 +52,21 @@ approval_reasons contains "ai-agents may not run reads estimated to scan a large
 	input.statement.estimate.seq_scan_over_threshold == true
 }
 
+# Where the session rule asks for estimates, a read the gateway explains but has no estimate
+# for (its upstream was busy with the client's pipeline, the server could not plan it) is
+# not taken as small: it waits for a human. The flags are those the gateway does not
+# explain (each asks approval or is denied on its own, or runs nothing: PREPARE).
+approval_reasons contains "ai-agents may not run reads that could not be estimated without approval" if {
+	role == "ai-agents"
+	data.pgwarden.session_guards[role].estimate_seq_scan_rows
+	category == "read"
+	command in {"SELECT", "VALUES", "DECLARE"}
+	count(flags & not_estimated_flags) == 0
+	not input.statement.estimate
+}
+
+not_estimated_flags := {"opaque_function", "dml_in_cte", "procedural", "row_lock", "select_into", "prepare"}
+
 approval_reasons contains "ai-agents may not run maintenance commands without approval" if {
 	role == "ai-agents"
 	category == "utility"
