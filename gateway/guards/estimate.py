@@ -3,9 +3,9 @@ the server for a plan without the client noticing, and what of the plan goes int
 `statement.estimate`.
 
 Explained: each plain SELECT, VALUES or DECLARE CURSOR, alone or in a Query of several
-(`EXPLAIN (FORMAT JSON, VERBOSE)`, never ANALYZE, so nothing runs); no data-modifying CTE, no function pgwarden cannot see
-into (planning may run an immutable function), no locking clause, no PREPARE (nothing runs
-until its EXECUTE, which is explained itself).
+(`EXPLAIN (FORMAT JSON, VERBOSE)`, never ANALYZE, so nothing runs); no data-modifying CTE,
+no function pgwarden cannot see into (planning may run an immutable function), no locking
+clause, no PREPARE (nothing runs until its EXECUTE, which is explained itself).
 
 A statement with `$n` placeholders (a Parse) is explained as its generic plan, the one plan
 that holds for every value: PostgreSQL 15 has no `EXPLAIN (GENERIC_PLAN)`, so it is
@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from pglast.parser import scan
 
-from gateway.protocol import Bind, Close, Execute, Parse, Sync
+from gateway.protocol import Bind, Close, ErrorResponse, Execute, Parse, Sync
 from gateway.proxy.search_path import first_column
 from gateway.sql.facts import StatementFacts
 
@@ -71,16 +71,26 @@ class NotExplained(Enum):
 
     # Something of the client's is in flight (a pipeline, COPY): the answers would mix.
     BUSY = "busy"
-    # The server rejected the EXPLAIN (a missing relation, a type it cannot infer, ...).
+    # The server could not plan it now (a lock or statement timeout, a cancel, resources):
+    # running it might well succeed.
     FAILED = "failed"
+    # The server cannot plan the statement at all (its syntax, a missing relation or
+    # function, a type it cannot infer, a constant it cannot compute): planned again to run,
+    # it fails the same way.
+    REJECTED = "rejected"
     # The client's transaction is failed: the server rejects the statement, whatever it is.
     FAILED_TRANSACTION = "failed_transaction"
 
 
-# What the policy sees for a statement the server rejects unplanned (failed transaction):
-# no rows, no plan, and why, so that the policy's "no estimate" rule lets the server give
-# the client its own 25P02.
-NOT_RUN = {"not_run": "the transaction is failed: the server rejects the statement"}
+# What the policy sees for a statement the server rejects without running it: no plan, and
+# why, so that the policy's "no estimate" rule lets the server give the client its own
+# error (25P02 in a failed transaction; 42P01 for a missing table: an agent's typo is
+# answered by the server, not held for a human).
+IN_FAILED_TRANSACTION = {"not_run": "the transaction is failed: the server rejects the statement"}
+UNPLANNABLE = {"not_run": "the server cannot plan the statement: it rejects it"}
+# SQLSTATE classes of a planning error that running the statement meets again: data
+# exception, feature not supported, syntax error or access rule violation.
+_DETERMINISTIC = ("22", "0A", "42")
 
 
 def parameter_count(text: str, declared: int) -> int:
@@ -111,11 +121,13 @@ def estimate_request(
     def run(sql: str, into: list[bytes]) -> None:
         name = f"{base}_{len(names)}"
         names.append(name)
+        # A portal per statement: one whose Execute failed is still there until the
+        # savepoint is rolled back, and binding its name again would fail that too.
         into += (
             Parse(name, sql.encode(encoding)).encode(),
-            Bind(base, name).encode(),
-            Execute(base).encode(),
-            Close("P", base).encode(),
+            Bind(name, name).encode(),
+            Execute(name).encode(),
+            Close("P", name).encode(),
         )
 
     if in_block:
@@ -135,7 +147,7 @@ def estimate_request(
     if in_block:
         run(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", after)
         run(f"RELEASE SAVEPOINT {_SAVEPOINT}", after)
-    after += [Close("S", name).encode() for name in names]
+    after += [Close(kind, name).encode() for name in names for kind in ("P", "S")]
     after.append(Sync().encode())
     return b"".join(first + after), 2
 
@@ -181,13 +193,14 @@ class ExplainRead:
     there is none. Every other answer until its last ReadyForQuery is pgwarden's own
     (notices included: the client sees no trace of the request)."""
 
-    __slots__ = ("_failed", "_plan", "_readies", "done", "encoding")
+    __slots__ = ("_failed", "_plan", "_readies", "_sqlstate", "done", "encoding")
 
     def __init__(self, encoding: str, readies: int) -> None:
         self.encoding = encoding
         self.done: asyncio.Future[str | NotExplained] = asyncio.get_running_loop().create_future()
         self._plan: str | None = None
         self._failed = False
+        self._sqlstate = ""
         self._readies = readies
 
     def answer(self, code: int, frame: bytes | bytearray) -> bool:
@@ -200,13 +213,20 @@ class ExplainRead:
                 # Before the first Sync: the EXPLAIN did not run (an error in the clean-up
                 # leaves the plan read before it standing).
                 self._plan = None
+                self._sqlstate = ErrorResponse.decode(bytes(frame[5:])).sqlstate or ""
             self._failed = True
         elif code == 90:
             self._readies -= 1
             if self._readies > 0:
                 return False
             if not self.done.done():
-                plan = self._plan
-                self.done.set_result(NotExplained.FAILED if plan is None else plan)
+                self.done.set_result(self._outcome())
             return True
         return False
+
+    def _outcome(self) -> str | NotExplained:
+        if self._plan is not None:
+            return self._plan
+        if self._sqlstate.startswith(_DETERMINISTIC):
+            return NotExplained.REJECTED
+        return NotExplained.FAILED

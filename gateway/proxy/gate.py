@@ -19,7 +19,8 @@ from gateway.enforce.approvals import grant_key, new_request_id, shape_key
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
 from gateway.guards.estimate import (
-    NOT_RUN,
+    IN_FAILED_TRANSACTION,
+    UNPLANNABLE,
     NotExplained,
     estimate_of,
     explainable,
@@ -737,10 +738,11 @@ class StatementGate:
         """The cost estimate of each explainable statement, from the session's cache or by
         explaining it now; None where it has none (not explainable, or not now: the policy
         must not take that as small)."""
-        return [await self._estimate(f, param_types) for f in facts]
+        alone = len(facts) == 1
+        return [await self._estimate(f, param_types, alone=alone) for f in facts]
 
     async def _estimate(
-        self, facts: StatementFacts, param_types: tuple[int, ...] | None
+        self, facts: StatementFacts, param_types: tuple[int, ...] | None, *, alone: bool
     ) -> dict[str, Any] | None:
         assert self.explain is not None
         if not explainable(facts):
@@ -754,7 +756,11 @@ class StatementGate:
             generic = None  # no placeholder: its literals are its plan
         plan = await self.explain(text, generic)
         if plan is NotExplained.FAILED_TRANSACTION:
-            return NOT_RUN
+            return IN_FAILED_TRANSACTION
+        if plan is NotExplained.REJECTED and alone:
+            # Not after other statements of its message: one of them may create what the
+            # EXPLAIN missed (PREPARE p ...; EXECUTE p), so the statement would run.
+            return UNPLANNABLE
         if isinstance(plan, NotExplained):
             return None  # not now: asked again next time
         estimate = estimate_of(plan, self.estimate_seq_scan_rows)
