@@ -5,7 +5,9 @@ the server for a plan without the client noticing, and what of the plan goes int
 Explained: each plain SELECT, VALUES or DECLARE CURSOR, alone or in a Query of several
 (`EXPLAIN (FORMAT JSON, VERBOSE)`, never ANALYZE, so nothing runs); no data-modifying CTE,
 no function pgwarden cannot see into (planning may run an immutable function), no locking
-clause, no PREPARE (nothing runs until its EXECUTE, which is explained itself).
+clause. A SQL PREPARE runs nothing: its query's generic plan is explained when it is
+prepared and kept for its runs by protocol Bind/Execute; a SQL EXECUTE is explained with
+its own values.
 
 A statement with `$n` placeholders (a Parse) is explained as its generic plan, the one plan
 that holds for every value: PostgreSQL 15 has no `EXPLAIN (GENERIC_PLAN)`, so it is
@@ -34,6 +36,7 @@ from enum import Enum
 from typing import Any
 
 import orjson
+from pglast import parse_sql
 from pglast.parser import scan
 
 from gateway.protocol import Bind, Close, ErrorResponse, Execute, Parse, Sync
@@ -49,7 +52,6 @@ _NOT_EXPLAINED = frozenset(
         "procedural",
         "row_lock",
         "select_into",
-        "prepare",
     }
 )
 # The savepoint the request runs in inside a client's block: a client savepoint of the same
@@ -93,6 +95,24 @@ UNPLANNABLE = {"not_run": "the server cannot plan the statement: it rejects it"}
 _DETERMINISTIC = ("22", "0A", "42")
 
 
+def sql_prepared(text: str) -> tuple[int, int] | None:
+    """For a SQL `PREPARE name [(types)] AS query`: where its name is in the text (start,
+    end) so that the request can prepare the same under pgwarden's own name; None for any
+    other text."""
+    tokens = scan(text)
+    if len(tokens) < 2 or tokens[0].name != "PREPARE":
+        return None
+    raw = text.encode()
+    start = len(raw[: tokens[1].start].decode(errors="replace"))
+    end = len(raw[: tokens[1].end + 1].decode(errors="replace"))
+    return start, end
+
+
+def _declared_types(text: str) -> int:
+    stmt = parse_sql(text)[0].stmt
+    return len(getattr(stmt, "argtypes", None) or ())
+
+
 def parameter_count(text: str, declared: int) -> int:
     """How many parameters the server gives a Parse of `text` that declared `declared`
     types: the highest `$n` it uses, or more if more types were declared."""
@@ -108,7 +128,8 @@ def estimate_request(
     text: str, param_types: tuple[int, ...] | None, *, in_block: bool, encoding: str
 ) -> tuple[bytes, int]:
     """The messages that explain `text` (`param_types`: a Parse's, for its generic plan;
-    None: a statement with its literals) and how many ReadyForQuery end their answers.
+    None: a statement with its literals, or a SQL PREPARE, whose query is explained as its
+    generic plan) and how many ReadyForQuery end their answers.
 
     Two syncs: the first ends the EXPLAIN (an error skips only to it), the second cleans up
     whatever the first left, whether it failed or not. Every statement and portal is named
@@ -132,16 +153,25 @@ def estimate_request(
 
     if in_block:
         run(f"SAVEPOINT {_SAVEPOINT}", first)
-    if param_types is None:
+    prepare = sql_prepared(text) if param_types is None else None
+    if param_types is None and prepare is None:
         run(EXPLAIN + text, first)
     else:
         generic = f"{base}_generic"
         names.append(generic)
-        first.append(Parse(generic, text.encode(encoding), param_types).encode())
+        if prepare is not None:
+            # The client's own PREPARE under pgwarden's name: its types, its query.
+            start, end = prepare
+            run(text[:start] + generic + text[end:], first)
+            declared = _declared_types(text)
+        else:
+            assert param_types is not None
+            first.append(Parse(generic, text.encode(encoding), param_types).encode())
+            declared = len(param_types)
         # Local to the transaction: the implicit one that ends at the first Sync, or the
         # savepoint that is rolled back inside the client's block.
         run("SELECT set_config('plan_cache_mode', 'force_generic_plan', true)", first)
-        nulls = ", ".join(["NULL"] * parameter_count(text, len(param_types)))
+        nulls = ", ".join(["NULL"] * parameter_count(text, declared))
         run(f"{EXPLAIN}EXECUTE {generic}" + (f"({nulls})" if nulls else ""), first)
     first.append(Sync().encode())
     if in_block:

@@ -25,6 +25,7 @@ from gateway.guards.estimate import (
     estimate_of,
     explainable,
     parameter_count,
+    sql_prepared,
 )
 from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
@@ -739,7 +740,11 @@ class StatementGate:
         explaining it now; None where it has none (not explainable, or not now: the policy
         must not take that as small)."""
         alone = len(facts) == 1
-        return [await self._estimate(f, param_types, alone=alone) for f in facts]
+        estimates = [await self._estimate(f, param_types, alone=alone) for f in facts]
+        # A SQL PREPARE runs nothing: its estimate is made now, while the session is quiet,
+        # for its runs by protocol Bind/Execute (inside the client's pipeline, where nothing
+        # can be explained), not shown to the policy for the PREPARE itself.
+        return [None if "prepare" in f.flags else e for f, e in zip(facts, estimates, strict=True)]
 
     async def _estimate(
         self, facts: StatementFacts, param_types: tuple[int, ...] | None, *, alone: bool
@@ -764,7 +769,7 @@ class StatementGate:
         if isinstance(plan, NotExplained):
             return None  # not now: asked again next time
         estimate = estimate_of(plan, self.estimate_seq_scan_rows)
-        if estimate is not None and generic is not None:
+        if estimate is not None and (generic is not None or sql_prepared(text)):
             estimate["generic"] = True
         if len(self._estimates) >= _ESTIMATES_KEPT:
             del self._estimates[next(iter(self._estimates))]  # the oldest

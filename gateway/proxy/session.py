@@ -2299,7 +2299,10 @@ class ClientSession(asyncio.Protocol):
         if self.gate is None:
             return NotExplained.BUSY
         if (
+            # A client pipeline not yet synced: the request's Syncs would end its implicit
+            # transaction (and its unnamed portal) under it.
             self.tracker
+            or self.tracker.unsynced
             or self._up_out
             or self._path_read is not None
             or self._path_wanted

@@ -319,3 +319,22 @@ def test_an_estimate_leaves_no_trace(
         assert conn.execute("EXECUTE pgw_client_own").fetchone() == (1,)
         assert conn.execute("SHOW plan_cache_mode").fetchone() == ("force_custom_plan",)
     assert notices == []
+
+
+def test_reads_by_other_names_are_estimated(gateway: RunningGateway, agent: str) -> None:
+    """A cursor's query, a SQL-prepared statement's EXECUTE and each read of a Query of
+    several are the same big read: each asks approval; PREPARE itself runs nothing."""
+    with _connect(gateway, agent) as conn:
+        conn.execute("BEGIN")
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"DECLARE pgw_estimate_cursor CURSOR FOR {BIG}")
+        _assert_approval(info.value)
+        conn.execute("ROLLBACK")
+        conn.execute(f"PREPARE pgw_estimate_prepared AS {BIG_PARAM}")
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("EXECUTE pgw_estimate_prepared(5)")
+        _assert_approval(info.value)
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"{SMALL}; {BIG}")
+        _assert_approval(info.value)
+        assert len(conn.execute(SMALL).fetchall()) == 9
