@@ -4,7 +4,9 @@ the server for a plan without the client noticing, and what of the plan goes int
 
 Explained: each plain SELECT, VALUES or DECLARE CURSOR, alone or in a Query of several
 (`EXPLAIN (FORMAT JSON, VERBOSE)`, never ANALYZE, so nothing runs); no data-modifying CTE,
-no function pgwarden cannot see into (planning may run an immutable function), no locking
+no function pgwarden cannot see into ("opaque_function": planning may run an immutable
+function; one pgwarden sees into, a built-in or a SQL function whose body it read, only
+reads), no locking
 clause. A SQL PREPARE runs nothing: its query's generic plan is explained when it is
 prepared and kept for its runs by protocol Bind/Execute; a SQL EXECUTE is explained with
 its own values.
@@ -64,7 +66,6 @@ def explainable(facts: StatementFacts) -> bool:
         facts.command in _EXPLAINED_COMMANDS
         and facts.category == "read"
         and not _NOT_EXPLAINED.intersection(facts.flags)
-        and all(f.startswith("pg_catalog.") for f in facts.functions)
     )
 
 
@@ -182,10 +183,14 @@ def estimate_request(
     return b"".join(first + after), 2
 
 
-def estimate_of(plan_json: str, seq_scan_rows: int) -> dict[str, Any] | None:
+def estimate_of(
+    plan_json: str, seq_scan_rows: int, plan_rows: int | None = None
+) -> dict[str, Any] | None:
     """`statement.estimate` from EXPLAIN's JSON: total_cost, plan_rows, the scanned
-    relations with the rows each scan is estimated to return, and whether a sequential scan
-    is estimated to return more than `seq_scan_rows` rows. None: not a plan it can read."""
+    relations with the rows each scan is estimated to return, whether a sequential scan
+    is estimated to return more than `seq_scan_rows` rows, and (where `plan_rows` is given)
+    whether the statement is estimated to return more than that. None: not a plan it can
+    read."""
     try:
         top = orjson.loads(plan_json)[0]["Plan"]
     except (orjson.JSONDecodeError, LookupError, TypeError):
@@ -205,12 +210,15 @@ def estimate_of(plan_json: str, seq_scan_rows: int) -> dict[str, Any] | None:
             if node.get("Node Type") == "Seq Scan" and rows > seq_scan_rows:
                 seq_over = True
         nodes.extend(node.get("Plans") or ())
-    return {
+    estimate = {
         "total_cost": top.get("Total Cost", 0.0),
         "plan_rows": top.get("Plan Rows", 0),
         "relations": sorted(relations, key=lambda r: (r["schema"], r["table"], r["rows"])),
         "seq_scan_over_threshold": seq_over,
     }
+    if plan_rows is not None:
+        estimate["rows_over_threshold"] = estimate["plan_rows"] > plan_rows
+    return estimate
 
 
 # Server messages that are not answers to anything: they reach the client even while

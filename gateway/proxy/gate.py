@@ -346,6 +346,7 @@ class StatementGate:
             Callable[[str, tuple[int, ...] | None], Awaitable[str | NotExplained]] | None
         ) = None
         self.estimate_seq_scan_rows = 0
+        self.estimate_plan_rows: int | None = None
         # Estimates by statement text, parameter types and search_path: a known one is not
         # explained again. Not by shape: the literals decide the estimate (WHERE g < 10
         # against WHERE g < 10000000); a Parse's text is its shape, explained generically.
@@ -753,7 +754,9 @@ class StatementGate:
         if not explainable(facts):
             return None
         text = facts.text
-        key = (text, param_types, self.search_path)
+        # A Parse that declares no types shares its text's estimate with a Query of it (a
+        # Query's text cannot hold a placeholder).
+        key = (text, param_types or None, self.search_path)
         if key in self._estimates:
             return self._estimates[key]
         generic = param_types
@@ -768,7 +771,7 @@ class StatementGate:
             return UNPLANNABLE
         if isinstance(plan, NotExplained):
             return None  # not now: asked again next time
-        estimate = estimate_of(plan, self.estimate_seq_scan_rows)
+        estimate = estimate_of(plan, self.estimate_seq_scan_rows, self.estimate_plan_rows)
         if estimate is not None and (generic is not None or sql_prepared(text)):
             estimate["generic"] = True
         if len(self._estimates) >= _ESTIMATES_KEPT:

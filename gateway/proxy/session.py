@@ -911,6 +911,7 @@ class ClientSession(asyncio.Protocol):
         if guards.estimate_seq_scan_rows is not None:
             self.gate.explain = self._explain
             self.gate.estimate_seq_scan_rows = guards.estimate_seq_scan_rows
+            self.gate.estimate_plan_rows = guards.estimate_plan_rows
         if guards.limits.statements_per_second is not None:
             self.gate.rate_check = functools.partial(
                 self.gw.rates.take, principal.subject, principal.token_id, guards.limits
@@ -2299,10 +2300,11 @@ class ClientSession(asyncio.Protocol):
         if self.gate is None:
             return NotExplained.BUSY
         if (
-            # A client pipeline not yet synced: the request's Syncs would end its implicit
-            # transaction (and its unnamed portal) under it.
+            # A client pipeline not yet synced that bound or ran something: the request's
+            # Syncs would end its implicit transaction (and its portals) under it. One that
+            # only parsed and described (asyncpg, before it looks up a type) loses nothing.
             self.tracker
-            or self.tracker.unsynced
+            or self.tracker.ran_unsynced
             or self._up_out
             or self._path_read is not None
             or self._path_wanted

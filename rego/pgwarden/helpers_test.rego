@@ -18,7 +18,7 @@ base_statement := {
 	"params": [],
 	# A small plan, as the gateway gives every read it explains for a session rule that asks
 	# for estimates (ai-agents); tests of a read without one remove it (without_estimate).
-	"estimate": {"total_cost": 1.0, "plan_rows": 1, "relations": [], "seq_scan_over_threshold": false},
+	"estimate": {"total_cost": 1.0, "plan_rows": 1, "relations": [], "seq_scan_over_threshold": false, "rows_over_threshold": false},
 }
 
 request(principal_groups, statement) := {

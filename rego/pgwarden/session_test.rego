@@ -15,6 +15,7 @@ test_ai_agents_sessions_have_timeouts_and_session_caps if {
 	s.max_sessions_per_principal == 50
 	s.max_sessions_per_token == 20
 	s.estimate_seq_scan_rows == 100000
+	s.estimate_plan_rows == 100000
 }
 
 test_other_rows_have_no_guards if {
@@ -49,6 +50,7 @@ estimated(rows, seq) := object.union(statement_of.read, {"estimate": {
 	"plan_rows": rows,
 	"relations": [],
 	"seq_scan_over_threshold": seq,
+	"rows_over_threshold": rows > 100000,
 }})
 
 test_ai_agents_reads_estimated_above_the_threshold_need_approval if {
