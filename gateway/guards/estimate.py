@@ -263,8 +263,9 @@ class ExplainRead:
         return False
 
     def _outcome(self) -> str | NotExplained:
-        if self._plan is not None:
-            return self._plan
-        if self._sqlstate.startswith(_DETERMINISTIC):
-            return NotExplained.REJECTED
-        return NotExplained.FAILED
+        return self._plan if self._plan is not None else rejection(self._sqlstate)
+
+
+def rejection(sqlstate: str) -> NotExplained:
+    """What an EXPLAIN's error with `sqlstate` says of the statement."""
+    return NotExplained.REJECTED if sqlstate.startswith(_DETERMINISTIC) else NotExplained.FAILED

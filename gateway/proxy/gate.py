@@ -740,15 +740,16 @@ class StatementGate:
         """The cost estimate of each explainable statement, from the session's cache or by
         explaining it now; None where it has none (not explainable, or not now: the policy
         must not take that as small)."""
-        alone = len(facts) == 1
-        estimates = [await self._estimate(f, param_types, alone=alone) for f in facts]
+        estimates = [
+            await self._estimate(f, param_types, first=i == 0) for i, f in enumerate(facts)
+        ]
         # A SQL PREPARE runs nothing: its estimate is made now, while the session is quiet,
         # for its runs by protocol Bind/Execute (inside the client's pipeline, where nothing
         # can be explained), not shown to the policy for the PREPARE itself.
         return [None if "prepare" in f.flags else e for f, e in zip(facts, estimates, strict=True)]
 
     async def _estimate(
-        self, facts: StatementFacts, param_types: tuple[int, ...] | None, *, alone: bool
+        self, facts: StatementFacts, param_types: tuple[int, ...] | None, *, first: bool
     ) -> dict[str, Any] | None:
         assert self.explain is not None
         if not explainable(facts):
@@ -765,7 +766,7 @@ class StatementGate:
         plan = await self.explain(text, generic)
         if plan is NotExplained.FAILED_TRANSACTION:
             return IN_FAILED_TRANSACTION
-        if plan is NotExplained.REJECTED and alone:
+        if plan is NotExplained.REJECTED and first:
             # Not after other statements of its message: one of them may create what the
             # EXPLAIN missed (PREPARE p ...; EXECUTE p), so the statement would run.
             return UNPLANNABLE

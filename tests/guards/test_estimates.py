@@ -338,3 +338,19 @@ def test_reads_by_other_names_are_estimated(gateway: RunningGateway, agent: str)
             conn.execute(f"{SMALL}; {BIG}")
         _assert_approval(info.value)
         assert len(conn.execute(SMALL).fetchall()) == 9
+
+
+def test_a_large_sibling_does_not_reuse_a_small_ones_estimate(
+    gateway: RunningGateway, agent: str
+) -> None:
+    """Same shape, other literals: each text has its own estimate, and the decision shared
+    between literals (the policy reads flags, not counts) is not shared across a flag."""
+    with _connect(gateway, agent) as conn:
+        for bound in (10, 11, 12):
+            text = f"SELECT g FROM pgw_estimate_big WHERE g < {bound}"  # noqa: S608 - own numbers
+            rows = conn.execute(text).fetchall()
+            assert len(rows) == bound - 1
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT g FROM pgw_estimate_big WHERE g < 10000000")
+        _assert_approval(info.value)
+        assert len(conn.execute("SELECT g FROM pgw_estimate_big WHERE g < 13").fetchall()) == 12
