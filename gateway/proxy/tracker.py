@@ -109,10 +109,12 @@ class Expectation:
 
 # Extended-protocol messages: after them the server is inside a pipeline until a Sync (its
 # implicit transaction open, or skipping to Sync after an error).
-_RUNS = frozenset({"bind", "execute"})
 _EXTENDED = frozenset(
     {"parse", "bind", "describe_statement", "describe_portal", "execute", "close"}
 )
+# Of those, the ones that leave something in the pipeline's implicit transaction (a portal,
+# what ran) that a Sync other than the client's would end.
+_RUNS = frozenset({"bind", "execute"})
 
 
 class ResponseTracker:
