@@ -8,10 +8,7 @@ estimate: not in its transaction, its prepared statements, its settings or its n
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,8 @@ import psycopg
 import pytest
 
 from cli.localpg import LocalCluster
-from tests.harness import ROOT, RunningGateway, start_gateway, stop_gateway
+from tests.guards.conftest import gateway_with_data
+from tests.harness import RunningGateway
 
 pytestmark = pytest.mark.server
 
@@ -201,19 +199,14 @@ def test_a_read_in_a_failed_transaction_gets_the_servers_answer(
 def estimating_gateway(pg_cluster: LocalCluster, opa_binary: Path) -> Iterator[RunningGateway]:
     """The reference policy with estimates asked for admins too, whom it allows everything:
     what a statement's estimate did is seen in the server's answers, not in a decision."""
-    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-estimates-"))
-    bundles = state / "bundles"
-    shutil.copytree(ROOT / "bundles", bundles, ignore=shutil.ignore_patterns("*.tar.gz"))
-    data_file = bundles / "pgwarden" / "data.json"
-    data = json.loads(data_file.read_text())
-    data["session_guards"]["admins"] = {"estimate_seq_scan_rows": 100000}
-    data_file.write_text(json.dumps(data))
-    gw = start_gateway(state, pg_cluster, opa_binary, policy={"bundle_dir": bundles})
-    try:
+
+    def admins_estimated(data: dict[str, Any]) -> None:
+        data["session_guards"]["admins"] = {"estimate_seq_scan_rows": 100000}
+
+    with gateway_with_data(
+        pg_cluster, opa_binary, "pgwarden-gw-estimates-", admins_estimated
+    ) as gw:
         yield gw
-    finally:
-        stop_gateway(gw)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_an_explain_error_inside_a_block_leaves_it_usable(
