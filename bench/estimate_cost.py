@@ -4,13 +4,19 @@ Run: .venv/bin/python bench/estimate_cost.py [--calls 500]
 
 Two gateways on one throwaway cluster, both with the reference policy: one with the
 reference data (ai-agents' reads are explained first), one with `estimate_seq_scan_rows`
-removed from the ai-agents' session rule (no estimates). Median latency of a simple-protocol
-`SELECT` through each, as an ai-agent:
+removed from the ai-agents' session rule (no estimates). Through each, as an ai-agent, the
+median latency and the gateway's own CPU time (its event loop thread) per statement of:
 
-- `known`: the same text again and again: its estimate is kept, so no EXPLAIN; what the
-  kept estimate costs on the planned path (a dictionary lookup, a larger policy input);
+- `planned`: a prepared parameterized SELECT (psycopg `prepare=True`) run with a new value
+  each time: Parse once (its generic plan explained once), then Bind/Execute on the
+  planned fast path, which does no estimate work at all; the bench line of issue 11 is
+  this row's ratio, estimates on against off, measured in this same run;
+- `known text`: the same simple-protocol text again and again: its estimate is kept, so no
+  EXPLAIN; what the kept estimate costs (a dictionary lookup, a larger policy input);
 - `new text`: a new literal each time: every statement is explained first (one more round
   trip to the target), as for a client that puts literals in its text.
+
+Wall-clock medians are noisy on a shared machine; the CPU column is the steadier one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -36,24 +43,44 @@ from tests.harness import ROOT, RunningGateway, start_gateway, stop_gateway
 TABLE = "CREATE TABLE IF NOT EXISTS bench_estimate AS SELECT generate_series(1, 1000) g"
 
 
-def _median_us(conn: psycopg.Connection[tuple[int]], texts: list[str]) -> float:
+class _Sample:
+    """Median wall time and mean gateway CPU time per statement, in µs."""
+
+    def __init__(self, wall_us: float, cpu_us: float) -> None:
+        self.wall_us = wall_us
+        self.cpu_us = cpu_us
+
+
+def _run(
+    gw: RunningGateway,
+    conn: psycopg.Connection[tuple[int]],
+    runs: Sequence[tuple[str, tuple[int, ...]]],
+) -> _Sample:
+    clock = time.pthread_getcpuclockid(gw.thread.ident or 0)
     samples = []
-    for text in texts:
+    cpu0 = time.clock_gettime(clock)
+    for text, params in runs:
         t0 = time.perf_counter()
-        conn.execute(text).fetchall()
+        conn.execute(text, params or None, prepare=bool(params)).fetchall()
         samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+    cpu = (time.clock_gettime(clock) - cpu0) * 1e6 / len(runs)
+    return _Sample(statistics.median(samples), cpu)
 
 
-def _measure(gw: RunningGateway, calls: int) -> tuple[float, float]:
+def _measure(gw: RunningGateway, calls: int) -> dict[str, _Sample]:
     token = gw.token("agent:bench-estimate", groups=("ai-agents",))
     with psycopg.connect(gw.dsn(token), autocommit=True) as conn:
+        planned = "SELECT g FROM bench_estimate WHERE g = %s"
         known = "SELECT g FROM bench_estimate WHERE g < 10"
-        _median_us(conn, [known] * 50)  # warm: decision cache, catalog, kept estimate
-        known_us = _median_us(conn, [known] * calls)
+        warm: list[tuple[str, tuple[int, ...]]] = [(planned, (i,)) for i in range(50)]
+        warm += [(known, ())] * 50
+        _run(gw, conn, warm)  # decision cache, catalog, kept estimates, the prepared plan
         fresh = [f"SELECT g FROM bench_estimate WHERE g < {i}" for i in range(11, 11 + calls)]  # noqa: S608 - numbers of its own
-        fresh_us = _median_us(conn, fresh)
-    return known_us, fresh_us
+        return {
+            "planned": _run(gw, conn, [(planned, (i % 1000,)) for i in range(calls)]),
+            "known text": _run(gw, conn, [(known, ())] * calls),
+            "new text": _run(gw, conn, [(text, ()) for text in fresh]),
+        }
 
 
 def main() -> None:
@@ -81,7 +108,7 @@ def main() -> None:
         shutil.copytree(off, on)
         data["session_guards"]["ai-agents"]["estimate_seq_scan_rows"] = 100000
         (on / "pgwarden" / "data.json").write_text(json.dumps(data))
-        results = {}
+        results: dict[str, dict[str, _Sample]] = {}
         for name, bundles in (("estimates off", off), ("estimates on", on)):
             gw = start_gateway(
                 base / name.replace(" ", "-"), cluster, opa_binary(), policy={"bundle_dir": bundles}
@@ -90,8 +117,16 @@ def main() -> None:
                 results[name] = _measure(gw, args.calls)
             finally:
                 stop_gateway(gw)
-        for name, (known_us, fresh_us) in results.items():
-            print(f"{name:14s}  known text: {known_us:7.0f} µs   new text: {fresh_us:7.0f} µs")
+        print(f"{'':14s}  {'':10s}  {'median µs':>10s}  {'CPU µs':>8s}")
+        for name, rows in results.items():
+            for row, sample in rows.items():
+                print(f"{name:14s}  {row:10s}  {sample.wall_us:10.0f}  {sample.cpu_us:8.0f}")
+        for row in ("planned", "known text", "new text"):
+            with_, without = results["estimates on"][row], results["estimates off"][row]
+            print(
+                f"{row}: estimates on / off = {with_.wall_us / without.wall_us:.2f} (median),"
+                f" {with_.cpu_us / without.cpu_us:.2f} (gateway CPU)"
+            )
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)

@@ -13,15 +13,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import asyncpg
 import orjson
 import typer
 
 from cli.context import control_client, fail, settings_of
 from gateway.audit.events import ApprovalEvent, SessionEvent, StatementOutcome, StatementRequest
 from gateway.control.targets import Target, parse_dbname
+from gateway.guards.estimate import EXPLAIN, NotExplained, rejection
+from gateway.guards.rules import OpaSessionRules, RulesUnavailable
 from gateway.identity.principal import Principal
 from gateway.policy.bundle import BundleError, build_bundle, read_manifest
 from gateway.policy.decision import Decision
+from gateway.policy.input import TargetInfo, target_input
 from gateway.policy.opa import OpaDecider
 from gateway.policy.sidecar import OpaSidecar, SidecarError, opa_binary_of
 from gateway.policy.transport import OpaTransport
@@ -208,7 +212,7 @@ async def _evaluate(
                 " are not placed; the live decision may differ"
             )
     try:
-        async with _throwaway_decider(settings) as decider:
+        async with _throwaway_decider(settings) as (decider, rules):
             seen = _InputsSeen(decider)
             gate = StatementGate(
                 session,
@@ -221,6 +225,8 @@ async def _evaluate(
             gate.search_path = search_path
             gate.upstream_user = target.user if target is not None else None
             gate.in_transaction = in_transaction
+            if catalog is not None and target is not None:
+                await _estimates_as_live(gate, rules, session, target, notes)
             verdict = await gate.check_query(sql)
     finally:
         if catalog is not None:
@@ -232,6 +238,52 @@ async def _evaluate(
         policy_input = seen.inputs[i] if i < len(seen.inputs) else None
         results.append(_result(policy_input, decision, runs[i] if i < len(runs) else None, notes))
     return results
+
+
+async def _estimates_as_live(
+    gate: StatementGate,
+    rules: OpaSessionRules,
+    session: SessionContext,
+    target: Target,
+    notes: list[str],
+) -> None:
+    """Where the session rule asks for estimates, the gate explains as a live session does,
+    on a connection of its own to the target under the search_path read on the catalog's
+    (nothing runs: EXPLAIN without ANALYZE)."""
+    policy_input = {
+        "version": 1,
+        "principal": session.principal.to_input(),
+        "target": target_input(
+            TargetInfo(
+                target.name,
+                session.target_database,
+                target.labels,
+                target.dbname,
+                target.databases,
+            )
+        ),
+    }
+    try:
+        guards = await rules.for_session(policy_input)
+    except RulesUnavailable as exc:
+        notes.append(f"the session rule could not be read ({exc}): nothing is estimated")
+        return
+    if guards.estimate_seq_scan_rows is None:
+        return
+    connect = catalog_connector(target, session.target_database, os.environ)
+
+    async def explain(text: str, param_types: tuple[int, ...] | None) -> str | NotExplained:
+        conn = await connect()
+        try:
+            return str(await conn.fetchval(EXPLAIN + text))
+        except asyncpg.PostgresError as exc:
+            return rejection(str(exc.sqlstate or ""))
+        finally:
+            await conn.close()
+
+    gate.explain = explain
+    gate.estimate_seq_scan_rows = guards.estimate_seq_scan_rows
+    gate.estimate_plan_rows = guards.estimate_plan_rows
 
 
 def _result(
@@ -318,7 +370,9 @@ def decision_document(decision: Decision) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def _throwaway_decider(settings: Settings) -> AsyncIterator[Decider]:
+async def _throwaway_decider(
+    settings: Settings,
+) -> AsyncIterator[tuple[Decider, OpaSessionRules]]:
     """OPA on the policy sources as they are now, for as long as the block runs."""
     # A short temp path: the sidecar's Unix socket lives inside it.
     work_dir = Path(tempfile.mkdtemp(prefix="pgw-eval-"))
@@ -335,7 +389,10 @@ async def _throwaway_decider(settings: Settings) -> AsyncIterator[Decider]:
                 sidecar.url, decision_path=settings.policy.decision_path, timeout_seconds=timeout
             )
             try:
-                yield OpaDecider(transport, timeout_seconds=timeout)
+                rules = OpaSessionRules(
+                    transport, path=settings.policy.session_path, timeout_seconds=timeout
+                )
+                yield OpaDecider(transport, timeout_seconds=timeout), rules
             finally:
                 await transport.aclose()
     finally:

@@ -46,6 +46,10 @@ class SessionGuards:
     # Reads are explained first and `statement.estimate` goes into the input; a sequential
     # scan estimated to return more rows than this is flagged (gateway/guards/estimate.py).
     estimate_seq_scan_rows: int | None = None
+    # A statement estimated to return more rows than this is flagged the same way: a policy
+    # that reads the flag rather than the count shares its decision between statements that
+    # differ only in literals (the decision cache keys by what the policy reads).
+    estimate_plan_rows: int | None = None
 
 
 NO_GUARDS = SessionGuards()
@@ -57,6 +61,7 @@ _MILLISECONDS = {
 }
 _COUNTS = {
     "estimate_seq_scan_rows",
+    "estimate_plan_rows",
     "statement_burst",
     "max_sessions_per_principal",
     "max_sessions_per_token",
@@ -97,7 +102,8 @@ def parse_rules(result: Any) -> SessionGuards:
         if name in result:
             limits[name] = _positive(name, result[name], whole=False)
     threshold = limits.pop("estimate_seq_scan_rows", None)
-    return SessionGuards(EnforcedSettings(**enforced), RateLimits(**limits), threshold)
+    plan_rows = limits.pop("estimate_plan_rows", None)
+    return SessionGuards(EnforcedSettings(**enforced), RateLimits(**limits), threshold, plan_rows)
 
 
 class SessionRules(Protocol):

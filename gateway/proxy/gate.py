@@ -18,7 +18,15 @@ from gateway.control.targets import dbname_for
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
-from gateway.guards.estimate import estimate_of, explainable
+from gateway.guards.estimate import (
+    IN_FAILED_TRANSACTION,
+    UNPLANNABLE,
+    NotExplained,
+    estimate_of,
+    explainable,
+    parameter_count,
+    sql_prepared,
+)
 from gateway.guards.rates import TOO_MANY_STATEMENTS
 from gateway.identity.principal import Principal
 from gateway.metrics import GatewayMetrics
@@ -331,13 +339,20 @@ class StatementGate:
         # The policy's session rule could not be read (the session says why): every
         # statement is refused until it is, since its guards are unknown.
         self.rules_problem: str | None = None
-        # Explains a statement's text on the session's upstream connection (None: it cannot
-        # now); set where the session rule asks for estimates (gateway/guards/estimate.py).
-        self.explain: Callable[[str], Awaitable[str | None]] | None = None
+        # Explains a statement's text (with a Parse's parameter types: its generic plan) on
+        # the session's upstream connection, or says why not; set where the session rule asks
+        # for estimates (gateway/guards/estimate.py).
+        self.explain: (
+            Callable[[str, tuple[int, ...] | None], Awaitable[str | NotExplained]] | None
+        ) = None
         self.estimate_seq_scan_rows = 0
-        # Estimates by statement text: a known one is not explained again. Not by shape: the
-        # literals decide the estimate (WHERE g < 10 against WHERE g < 10000000).
-        self._estimates: dict[str, dict[str, Any] | None] = {}
+        self.estimate_plan_rows: int | None = None
+        # Estimates by statement text, parameter types and search_path: a known one is not
+        # explained again. Not by shape: the literals decide the estimate (WHERE g < 10
+        # against WHERE g < 10000000); a Parse's text is its shape, explained generically.
+        self._estimates: dict[
+            tuple[str, tuple[int, ...] | None, tuple[str, ...]], dict[str, Any] | None
+        ] = {}
         self.record_rows = ctx.target_labels.get("pgwarden.record") == "rows"
         # Every mask decided in this session, by column and method: re-resolved for each
         # statement that relays rows decided elsewhere (FETCH, EXECUTE).
@@ -441,13 +456,14 @@ class StatementGate:
         facts: tuple[StatementFacts, ...],
         protocol: str,
         params: list[str | None],
-        estimate: dict[str, Any] | None = None,
+        estimates: Sequence[dict[str, Any] | None] = (),
     ) -> list[Decision]:
         not_after = self.ctx.principal.expires_at
         count = len(facts)
         inputs = [self._input(f, protocol, i, count, params) for i, f in enumerate(facts)]
-        if estimate is not None:
-            inputs[0]["statement"]["estimate"] = estimate
+        for one, estimate in zip(inputs, estimates, strict=False):
+            if estimate is not None:
+                one["statement"]["estimate"] = estimate
         started = time.perf_counter()
         if count == 1:
             decisions = [await self._decider.decide(inputs[0], not_after=not_after)]
@@ -517,7 +533,7 @@ class StatementGate:
         decide_params: bool = True,
         decided: Decision | None = None,
         known: list[Decision] | None = None,
-        estimate: dict[str, Any] | None = None,
+        param_types: tuple[int, ...] | None = None,
     ) -> Verdict:
         if decided is None and self.rules_problem is not None:
             decided = _rules_refusal(self.rules_problem)
@@ -530,8 +546,10 @@ class StatementGate:
         elif known is not None:  # decided at Parse, under the policy still in force
             decisions = known
         else:
+            # Every statement the policy decides has its estimate, whichever way it came.
+            estimates = await self._estimates_of(facts, param_types) if self.explain else ()
             decisions = await self._decide_all(
-                facts, protocol, list(params) if decide_params else [], estimate
+                facts, protocol, list(params) if decide_params else [], estimates
             )
         combined = combine(decisions)
         guard = self.enforced.refusal(facts) if combined.action != "deny" else None
@@ -714,28 +732,55 @@ class StatementGate:
             return await self._path_refusal(exc, "simple", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
-        estimate = await self._estimate(facts) if self.explain is not None else None
-        return await self._verdict(facts, "simple", (), record=True, estimate=estimate)
+        return await self._verdict(facts, "simple", (), record=True)
 
-    async def _estimate(self, facts: tuple[StatementFacts, ...]) -> dict[str, Any] | None:
-        """The cost estimate of a single explainable SELECT, from the shape's cache or by
-        explaining it now (None: not explainable, or not now)."""
+    async def _estimates_of(
+        self, facts: tuple[StatementFacts, ...], param_types: tuple[int, ...] | None
+    ) -> list[dict[str, Any] | None]:
+        """The cost estimate of each explainable statement, from the session's cache or by
+        explaining it now; None where it has none (not explainable, or not now: the policy
+        must not take that as small)."""
+        estimates = [
+            await self._estimate(f, param_types, first=i == 0) for i, f in enumerate(facts)
+        ]
+        # A SQL PREPARE runs nothing: its estimate is made now, while the session is quiet,
+        # for its runs by protocol Bind/Execute (inside the client's pipeline, where nothing
+        # can be explained), not shown to the policy for the PREPARE itself.
+        return [None if "prepare" in f.flags else e for f, e in zip(facts, estimates, strict=True)]
+
+    async def _estimate(
+        self, facts: StatementFacts, param_types: tuple[int, ...] | None, *, first: bool
+    ) -> dict[str, Any] | None:
         assert self.explain is not None
-        if len(facts) != 1 or not explainable(facts[0]):
+        if not explainable(facts):
             return None
-        text = facts[0].text
-        if text in self._estimates:
-            return self._estimates[text]
-        plan = await self.explain(text)
-        if plan is None:
-            return None  # not now (in a transaction, something in flight): next time
-        estimate = estimate_of(plan, self.estimate_seq_scan_rows)
+        text = facts.text
+        # A Parse that declares no types shares its text's estimate with a Query of it (a
+        # Query's text cannot hold a placeholder).
+        key = (text, param_types or None, self.search_path)
+        if key in self._estimates:
+            return self._estimates[key]
+        generic = param_types
+        if generic is not None and not parameter_count(text, len(generic)):
+            generic = None  # no placeholder: its literals are its plan
+        plan = await self.explain(text, generic)
+        if plan is NotExplained.FAILED_TRANSACTION:
+            return IN_FAILED_TRANSACTION
+        if plan is NotExplained.REJECTED and first:
+            # Not after other statements of its message: one of them may create what the
+            # EXPLAIN missed (PREPARE p ...; EXECUTE p), so the statement would run.
+            return UNPLANNABLE
+        if isinstance(plan, NotExplained):
+            return None  # not now: asked again next time
+        estimate = estimate_of(plan, self.estimate_seq_scan_rows, self.estimate_plan_rows)
+        if estimate is not None and (generic is not None or sql_prepared(text)):
+            estimate["generic"] = True
         if len(self._estimates) >= _ESTIMATES_KEPT:
             del self._estimates[next(iter(self._estimates))]  # the oldest
-        self._estimates[text] = estimate
+        self._estimates[key] = estimate
         return estimate
 
-    async def check_parse(self, text: str) -> Verdict:
+    async def check_parse(self, text: str, param_types: tuple[int, ...] = ()) -> Verdict:
         """A Parse: decided on its text; recorded only when refused (Execute records runs)."""
         try:
             facts = await self._facts(text)
@@ -743,9 +788,11 @@ class StatementGate:
             return await self._path_refusal(exc, "extended", ())
         if not facts:
             return Verdict(True, [], [], None, facts)
-        return await self._verdict(facts, "extended", (), record=False)
+        return await self._verdict(facts, "extended", (), record=False, param_types=param_types)
 
-    async def recheck_text(self, text: str, params: tuple[str | None, ...]) -> Verdict:
+    async def recheck_text(
+        self, text: str, params: tuple[str | None, ...], param_types: tuple[int, ...] = ()
+    ) -> Verdict:
         """An Execute of a statement parsed under another search_path than the session's now:
         the server plans it again under the new path, so it is analysed and decided again
         on its text, then recorded with its parameters."""
@@ -753,10 +800,15 @@ class StatementGate:
             facts = await self._facts(text)
         except PathUnknown as exc:
             return await self._path_refusal(exc, "extended", params)
-        return await self._verdict(facts, "extended", params, record=True, decide_params=False)
+        return await self._verdict(
+            facts, "extended", params, record=True, decide_params=False, param_types=param_types
+        )
 
     async def check_facts(
-        self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
+        self,
+        facts: tuple[StatementFacts, ...],
+        params: tuple[str | None, ...],
+        param_types: tuple[int, ...] | None = None,
     ) -> Verdict:
         """Statements known only by their facts (SQL-prepared, run by protocol Execute).
 
@@ -766,7 +818,9 @@ class StatementGate:
             resolved = await self._resolved(facts)
         except PathUnknown as exc:
             return await self._path_refusal(exc, "extended", params)
-        return await self._verdict(resolved, "extended", params, record=True)
+        return await self._verdict(
+            resolved, "extended", params, record=True, param_types=param_types
+        )
 
     async def check_connect(self) -> Verdict:
         """The session's choice of a database other than the target's default, decided (and
@@ -816,11 +870,16 @@ class StatementGate:
         return revision is not None and all(d.bundle_revision == revision for d in decisions)
 
     async def recheck_prepared(
-        self, facts: tuple[StatementFacts, ...], params: tuple[str | None, ...]
+        self,
+        facts: tuple[StatementFacts, ...],
+        params: tuple[str | None, ...],
+        param_types: tuple[int, ...] = (),
     ) -> Verdict:
         """An Execute of a statement whose Parse decision predates the policy in force: decided
         again as at Parse (on its text), then recorded with its parameters."""
-        return await self._verdict(facts, "extended", params, record=True, decide_params=False)
+        return await self._verdict(
+            facts, "extended", params, record=True, decide_params=False, param_types=param_types
+        )
 
     async def check_execute(
         self,

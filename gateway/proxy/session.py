@@ -23,7 +23,12 @@ from gateway.control.store import ControlStoreUnavailable
 from gateway.control.targets import DATABASE_SEPARATOR, TargetError, dbname_for, parse_dbname
 from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget
-from gateway.guards.estimate import EXPLAIN, EXPLAIN_ANSWERS, ExplainRead
+from gateway.guards.estimate import (
+    CLIENTS_WHILE_EXPLAINING,
+    ExplainRead,
+    NotExplained,
+    estimate_request,
+)
 from gateway.guards.kill import SessionSummary
 from gateway.guards.rates import TOO_MANY_SESSIONS
 from gateway.guards.rules import NO_GUARDS, RulesUnavailable, SessionGuards
@@ -906,6 +911,7 @@ class ClientSession(asyncio.Protocol):
         if guards.estimate_seq_scan_rows is not None:
             self.gate.explain = self._explain
             self.gate.estimate_seq_scan_rows = guards.estimate_seq_scan_rows
+            self.gate.estimate_plan_rows = guards.estimate_plan_rows
         if guards.limits.statements_per_second is not None:
             self.gate.rate_check = functools.partial(
                 self.gw.rates.take, principal.subject, principal.token_id, guards.limits
@@ -1738,7 +1744,7 @@ class ClientSession(asyncio.Protocol):
                 name=msg.name,
             )
             return
-        verdict = await self.gate.check_parse(text)
+        verdict = await self.gate.check_parse(text, msg.param_types)
         if self.phase is not Phase.RELAY or self._skipped(verdict):
             return
         if self._refused_verdict(verdict, "parse", msg.name):
@@ -1838,7 +1844,9 @@ class ClientSession(asyncio.Protocol):
                 # Shown its bytes, a policy could not tell 13 from anything: fail closed.
                 self._refuse("parse", refusal_for(_UNDECLARED_BINARY), [])
                 return
-            verdict = await self.gate.check_facts(prepared.facts, portal.params)
+            verdict = await self.gate.check_facts(
+                prepared.facts, portal.params, prepared.param_types
+            )
         elif (
             not planned_as_decided
             and (self._path.uncertain or prepared.search_path != self.gate.search_path)
@@ -1846,7 +1854,9 @@ class ClientSession(asyncio.Protocol):
         ) or await self.gate.catalog_moved(prepared.catalog_generation, prepared.facts):
             # PostgreSQL plans it again under the session's search_path now, or over the
             # catalog as DDL left it: so is it judged.
-            verdict = await self.gate.recheck_text(prepared.facts[0].text, portal.params)
+            verdict = await self.gate.recheck_text(
+                prepared.facts[0].text, portal.params, prepared.param_types
+            )
             if verdict.allowed and len(verdict.facts) == 1:
                 prepared.facts, prepared.decisions = verdict.facts, verdict.decisions
                 prepared.search_path = self.gate.search_path
@@ -1854,7 +1864,9 @@ class ClientSession(asyncio.Protocol):
                 self.gate.prepared.register(portal.statement, verdict.facts[0])
         elif not self.gate.still_current(prepared.decisions):
             # The policy changed since the Parse: its allow no longer stands on its own.
-            verdict = await self.gate.recheck_prepared(prepared.facts, portal.params)
+            verdict = await self.gate.recheck_prepared(
+                prepared.facts, portal.params, prepared.param_types
+            )
             if verdict.allowed:
                 prepared.decisions = verdict.decisions
         else:
@@ -1940,7 +1952,7 @@ class ClientSession(asyncio.Protocol):
         while total - pos >= 5:
             code, length = _HEADER.unpack_from(view, pos)
             end = pos + 1 + length
-            if self._explain_read is not None and code in EXPLAIN_ANSWERS:
+            if self._explain_read is not None and code not in CLIENTS_WHILE_EXPLAINING:
                 if end > total:
                     break
                 if start < pos:
@@ -2280,29 +2292,38 @@ class ClientSession(asyncio.Protocol):
             self._fail_block = True
         return self._refusal_for_client(run.budget.error)
 
-    async def _explain(self, text: str) -> str | None:
-        """EXPLAIN's JSON for `text`, asked on the session's upstream connection when the
-        client cannot notice: nothing in flight, between transactions (EXPLAIN takes a
-        snapshot); None otherwise or if it fails."""
+    async def _explain(self, text: str, param_types: tuple[int, ...] | None) -> str | NotExplained:
+        """EXPLAIN's JSON for `text` (its generic plan where `param_types` are a Parse's),
+        asked on the session's upstream connection where the client cannot notice: nothing
+        of the client's in flight; inside its transaction block within a savepoint
+        (gateway/guards/estimate.py). Otherwise, or if it fails, why not."""
+        if self.gate is None:
+            return NotExplained.BUSY
         if (
+            # A client pipeline not yet synced that bound or ran something: the request's
+            # Syncs would end its implicit transaction (and its portals) under it. One that
+            # only parsed and described (asyncpg, before it looks up a type) loses nothing.
             self.tracker
+            or self.tracker.ran_unsynced
             or self._up_out
             or self._path_read is not None
             or self._path_wanted
             or self._explain_read is not None
             or self._discarding
             or self._copy_in
-            or self._aborted
-            or self.gate is None
-            or self.gate.in_transaction
+            or self._fail_block
         ):
-            return None
+            return NotExplained.BUSY
+        if self._aborted:
+            return NotExplained.FAILED_TRANSACTION
         try:
-            sql = (EXPLAIN + text).encode(self.encoding)
+            request, readies = estimate_request(
+                text, param_types, in_block=self.gate.in_transaction, encoding=self.encoding
+            )
         except UnicodeEncodeError:
-            return None
-        read = self._explain_read = ExplainRead(self.encoding)
-        self._write_upstream(Query(sql).encode())
+            return NotExplained.FAILED
+        read = self._explain_read = ExplainRead(self.encoding, readies)
+        self._write_upstream(request)
         return await read.done
 
     def _arm_timeouts(self, runs: list[StatementRun]) -> None:

@@ -112,12 +112,15 @@ class Expectation:
 _EXTENDED = frozenset(
     {"parse", "bind", "describe_statement", "describe_portal", "execute", "close"}
 )
+# Of those, the ones that leave something in the pipeline's implicit transaction (a portal,
+# what ran) that a Sync other than the client's would end.
+_RUNS = frozenset({"bind", "execute"})
 
 
 class ResponseTracker:
     """A queue of expectations in the order messages were forwarded upstream."""
 
-    __slots__ = ("_queue", "added", "unsynced")
+    __slots__ = ("_queue", "added", "ran_unsynced", "unsynced")
 
     def __init__(self) -> None:
         self._queue: deque[Expectation] = deque()
@@ -125,6 +128,9 @@ class ResponseTracker:
         self.added = 0
         # An extended-protocol message was queued and no ReadyForQuery has come after it.
         self.unsynced = False
+        # Of those, a Bind or an Execute: the pipeline's implicit transaction holds a portal
+        # or what ran, which a Sync other than the client's would end under it.
+        self.ran_unsynced = False
 
     def __bool__(self) -> bool:
         return bool(self._queue)
@@ -137,11 +143,14 @@ class ResponseTracker:
         self.added += 1
         if expectation.kind in _EXTENDED:
             self.unsynced = True
+            if expectation.kind in _RUNS:
+                self.ran_unsynced = True
 
     def ready(self) -> None:
         """A ReadyForQuery was consumed: only extended messages still queued leave a pipeline
         open."""
         self.unsynced = any(e.kind in _EXTENDED for e in self._queue)
+        self.ran_unsynced = any(e.kind in _RUNS for e in self._queue)
 
     def front(self) -> Expectation | None:
         self._drop_stray_copy_ends()

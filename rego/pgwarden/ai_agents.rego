@@ -35,22 +35,44 @@ approval_reasons contains "ai-agents may not call functions the policy cannot se
 }
 
 # The gateway explains ai-agents' reads (session rule: estimate_seq_scan_rows) and puts the
-# server's estimate in the input: a read estimated to return more rows than the bundle's
-# threshold (data.pgwarden.read_estimates), or to scan a table sequentially for more than the
-# session rule's count, waits for a human.
+# server's estimate in the input: a read estimated to return more rows than the session
+# rule's estimate_plan_rows, or to scan a table sequentially for more than its
+# estimate_seq_scan_rows, waits for a human. The gateway compares (rows_over_threshold,
+# seq_scan_over_threshold), so the rules read flags, not counts: the decision cache keys by
+# what the policy reads, and statements that differ only in literals share a decision.
 approval_reasons contains sprintf(
 	"ai-agents may not run reads estimated at more than %d rows without approval",
-	[limit],
+	[data.pgwarden.session_guards[role].estimate_plan_rows],
 ) if {
 	role == "ai-agents"
-	limit := data.pgwarden.read_estimates[role].approve_above_rows
-	input.statement.estimate.plan_rows > limit
+	input.statement.estimate.rows_over_threshold == true
 }
 
 approval_reasons contains "ai-agents may not run reads estimated to scan a large table sequentially without approval" if {
 	role == "ai-agents"
 	input.statement.estimate.seq_scan_over_threshold == true
 }
+
+# Where the session rule asks for estimates, a read the gateway explains but has no estimate
+# for (its upstream was busy with the client's pipeline, the server could not plan it) is
+# not taken as small: it waits for a human. The flags are those the gateway does not
+# explain (each asks approval or is denied on its own, or runs nothing: PREPARE).
+approval_reasons contains "ai-agents may not run reads that could not be estimated without approval" if {
+	role == "ai-agents"
+	data.pgwarden.session_guards[role].estimate_seq_scan_rows
+	category == "read"
+	command in {"SELECT", "VALUES", "DECLARE"}
+	count(flags & not_estimated_flags) == 0
+	not has_estimate
+}
+
+# An estimate the gateway made (every one has seq_scan_over_threshold), or its word that the
+# server rejects the statement unplanned (failed transaction, a statement it cannot plan).
+has_estimate if is_boolean(input.statement.estimate.seq_scan_over_threshold)
+
+has_estimate if is_string(input.statement.estimate.not_run)
+
+not_estimated_flags := {"opaque_function", "dml_in_cte", "procedural", "row_lock", "select_into", "prepare"}
 
 approval_reasons contains "ai-agents may not run maintenance commands without approval" if {
 	role == "ai-agents"

@@ -16,6 +16,9 @@ base_statement := {
 	"has_where": false,
 	"flags": [],
 	"params": [],
+	# A small plan, as the gateway gives every read it explains for a session rule that asks
+	# for estimates (ai-agents); tests of a read without one remove it (without_estimate).
+	"estimate": {"total_cost": 1.0, "plan_rows": 1, "relations": [], "seq_scan_over_threshold": false, "rows_over_threshold": false},
 }
 
 request(principal_groups, statement) := {
@@ -28,6 +31,11 @@ request(principal_groups, statement) := {
 
 decide(principal_groups, statement) := d if {
 	d := decision with input as request(principal_groups, statement)
+}
+
+# The decision for a statement the gateway gave no estimate.
+decide_without_estimate(principal_groups, statement) := d if {
+	d := decision with input as json.remove(request(principal_groups, statement), ["statement/estimate"])
 }
 
 # A typical statement of each category.

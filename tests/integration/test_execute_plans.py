@@ -56,6 +56,10 @@ def test_a_planned_execute_is_decided_afresh_once_the_search_path_moved(
         # The executions after the first (Parse) were relayed on the plan.
         assert planned_executes(gateway) >= before + 2
         simple(conn, "SET search_path = public")
+        # Its estimate under the new path, from a run of its own: inside the client's
+        # pipeline (Bind sent, no Sync yet) pgwarden cannot explain it, and an ai-agent's
+        # read without an estimate asks approval (gateway/guards/estimate.py).
+        assert conn.execute(query, (0,), prepare=False).fetchall()
         # The same prepared statement, planned by the server under public now: the plan
         # made for rt_plan.customers (nothing to mask) must not serve it.
         for _ in range(2):

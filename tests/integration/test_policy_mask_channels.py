@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from gateway.protocol import Bind, DataRow, Describe, Execute, Parse, Sync
+from gateway.protocol import Bind, DataRow, Describe, Execute, Parse, Query, Sync
 from tests.harness import RunningGateway
 
 from . import RawClient, assert_policy_refusal, connect, direct, refusal_of, simple, token_for
@@ -122,6 +122,11 @@ def test_a_pipelined_description_of_an_earlier_statement_does_not_plan_the_masks
     description arrives after B replaced A, and must not be taken for B's columns."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
+        # B's estimate, known first: after A's Bind in the same pipeline (no Sync yet)
+        # pgwarden explains nothing, and an ai-agent's read without an estimate asks
+        # approval (gateway/guards/estimate.py).
+        client.send(Query(b"SELECT email FROM customers"))
+        client.until_ready()
         client.send(
             Parse("", b"SELECT name FROM customers"),
             Bind("", ""),

@@ -213,6 +213,13 @@ def test_an_extended_set_pipelined_before_a_parse_without_sync_is_followed(
     under public, where the server runs it."""
     client = RawClient(gateway, token_for(gateway, "ai-agents"))
     try:
+        # The SELECT's estimate under public, known first: inside the client's pipeline
+        # (no Sync yet) pgwarden explains nothing, and an ai-agent's read without an
+        # estimate asks approval (gateway/guards/estimate.py).
+        client.send(Query(b"SET search_path = public"))
+        client.until_ready()
+        client.send(Query(b"SELECT email FROM customers"))
+        client.until_ready()
         client.send(Query(f"SET search_path = {shadow}".encode()))
         client.until_ready()
         client.send(

@@ -60,6 +60,10 @@ def test_prepared_statement_replanned_under_a_new_path_is_judged_again(
     # Parsed (and decided) under rt_shadow: the unclassified table, nothing to mask.
     assert agent.execute(QUERY, prepare=True).fetchall() == [(SHADOW,)]
     simple(agent, "SET search_path = public")
+    # Its estimate under public, from a run of its own: inside the client's pipeline (Bind
+    # sent, no Sync yet) pgwarden cannot explain it, and an ai-agent's read without an
+    # estimate asks approval (gateway/guards/estimate.py).
+    assert_masked(agent.execute(QUERY, prepare=False).fetchall())
     # The server plans the same prepared statement under public now.
     for _ in range(2):
         assert_masked(agent.execute(QUERY, prepare=True).fetchall())
