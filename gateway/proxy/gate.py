@@ -16,6 +16,7 @@ from gateway.audit.records import principal_record
 from gateway.control.models import ApprovalRequest
 from gateway.control.targets import dbname_for
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
+from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
 from gateway.guards.estimate import estimate_of, explainable
@@ -141,6 +142,9 @@ class MaskResolver(Protocol):
     @property
     def watched(self) -> bool: ...
 
+    @property
+    def epoch(self) -> int: ...
+
     async def refresh(self) -> str | None: ...
 
     def refresh_soon(self) -> asyncio.Future[str | None]: ...
@@ -181,6 +185,31 @@ class SessionContext:
     # The target's own database ("": target_database) and the others it lets clients choose.
     target_default_database: str = ""
     target_databases: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class KeptMasks:
+    """A masked prepared statement's masks as the slow path resolved them (_prepare_masks),
+    kept with it so that its later Executes take them as they are, from the data callback,
+    while what they were resolved from holds: the catalog generation its Parse was decided
+    under (checked per Execute, see catalog_check), the catalog cache not dropped since
+    (`epoch`), and no mask added to the session's sticky ones (`sticky`, their count: they
+    only grow). The policy revision, search_path and token are the plan's own conditions.
+    `row_plans`: the DataRow plan of each result description met, built once."""
+
+    generation: str
+    epoch: int
+    sticky: int
+    masks: tuple[Mask, ...]
+    targets: dict[tuple[int, int], str]
+    expressions: bool
+    lineage: tuple[tuple[str | None, bool], ...] | None
+    relations: frozenset[int] | None
+    columns: frozenset[tuple[int, int]] | None
+    # (RowDescription, result formats, client encoding) → plan (None: nothing to mask).
+    row_plans: dict[tuple[bytes, tuple[int, ...] | None, str], MaskPlan | None] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(slots=True)
@@ -884,24 +913,70 @@ class StatementGate:
 
     # -- an Execute whose plan holds: nothing awaited but its catalog check and its record ----
 
-    def plan_fits(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
+    def plan_fits(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        kept: KeptMasks | None = None,
+        generation: str | None = None,
+    ) -> bool:
         """Whether an Execute of a statement allowed at Parse may be relayed from the data
         callback (see check_execute), as long as its decisions are still current (checked
         with still_current() just before it is recorded): the policy did not ask to see
         the parameters, and enforcing them needs nothing awaited but the catalog check
-        (catalog_check) and the request record (no masks to resolve, no database
-        connection of pgwarden's to free first). The session's guards keep it on the task
-        path too: a statement rate to take from, session rules not read (a row budget is
-        set here, in executed())."""
+        (catalog_check) and the request record (no masks left to resolve: none, or `kept`
+        from an earlier Execute under the catalog `generation` its Parse was decided under;
+        no database connection of pgwarden's to free first). The session's guards keep it
+        on the task path too: a statement rate to take from, session rules not read (a row
+        budget is set here, in executed())."""
         if len(facts) != 1 or self.rules_problem is not None or self.rate_check is not None:
             return False
         decision = decisions[0]
         return (
             decision.action == "allow"
-            and not decision.masks
+            and (
+                not decision.masks
+                or (kept is not None and kept.generation == generation and self.masks_hold(kept))
+            )
             and not decision.decide_with_params
             and not (self.sticky_masks and _relays_rows(facts[0]))
             and not databases_held_by_statement(facts[0])
+        )
+
+    def keep_masks(self, runs: Sequence[StatementRun]) -> KeptMasks | None:
+        """What a single Execute's masks resolved to, for its statement's later Executes
+        (plan_fits); None where there is nothing to keep or it may not be reused: masks that
+        could not be resolved (mask all), no generation to hold them to, rows relayed from
+        elsewhere (their masks are the session's, not the statement's)."""
+        catalog = self._masks_catalog()
+        if len(runs) != 1 or catalog is None:
+            return None
+        run = runs[0]
+        if not run.masked or run.mask_all or _relays_rows(run.facts):
+            return None
+        generation = run.mask_generation
+        if generation is None or generation != catalog.generation:
+            return None
+        return KeptMasks(
+            generation,
+            catalog.epoch,
+            len(self.sticky_masks),
+            tuple(run.masks),
+            run.mask_targets,
+            run.mask_expressions,
+            run.lineage,
+            run.mask_relations,
+            run.mask_columns,
+        )
+
+    def masks_hold(self, kept: KeptMasks) -> bool:
+        """Whether kept masks still describe the catalog and the session's sticky masks."""
+        catalog = self._masks_catalog()
+        return (
+            catalog is not None
+            and kept.generation == catalog.generation
+            and kept.epoch == catalog.epoch
+            and kept.sticky == len(self.sticky_masks)
         )
 
     def catalog_check(self, facts: Sequence[StatementFacts]) -> asyncio.Future[str | None] | None:
@@ -939,9 +1014,11 @@ class StatementGate:
         facts: tuple[StatementFacts, ...],
         decisions: list[Decision],
         recorded: asyncio.Future[str],
+        kept: KeptMasks | None = None,
     ) -> Verdict:
         """check_execute()'s verdict for an Execute whose plan holds, once request_execute()
-        is done: allowed, or refused when its record could not be written (fail closed)."""
+        is done: allowed, or refused when its record could not be written (fail closed).
+        Its masks are `kept` (plan_fits; the caller saw masks_hold() just now)."""
         combined = combine(decisions)
         if recorded.cancelled():
             problem = AuditUnavailable("the request record was not written")
@@ -954,7 +1031,18 @@ class StatementGate:
         if not decisions[0].cache_hit:
             decisions[0] = replace(decisions[0], cache_hit=True)
         run = StatementRun(recorded.result() or None, facts[0])
-        self._needs_masks(run, decisions[0])
+        if self._needs_masks(run, decisions[0]):
+            if kept is None or not self.masks_hold(kept):
+                raise RuntimeError("a masked Execute on the planned path without its masks")
+            run.masked = True
+            run.masks = kept.masks
+            run.mask_generation = kept.generation
+            run.mask_targets = kept.targets
+            run.mask_expressions = kept.expressions
+            run.lineage = kept.lineage
+            run.mask_relations = kept.relations
+            run.mask_columns = kept.columns
+            run.kept_masks = kept
         self._budget([run], decisions)
         self._metrics.execute_planned(self.ctx.target_name)
         return self._tallied(Verdict(True, [run], decisions, None, facts), combined)

@@ -64,7 +64,14 @@ from gateway.protocol import (
     decode_startup,
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
-from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.gate import (
+    REFUSED,
+    KeptMasks,
+    SessionContext,
+    StatementGate,
+    Verdict,
+    refusal_for,
+)
 from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
     FLUSH,
@@ -142,6 +149,11 @@ _CONFORMING_STRINGS = (
 )
 
 
+# DataRow plans kept per prepared statement's masks (one per result description and
+# formats a client binds it with: a handful).
+_ROW_PLANS_KEPT = 8
+
+
 class Phase(Enum):
     STARTUP = auto()
     PASSWORD = auto()
@@ -163,6 +175,8 @@ class PreparedStatement:
     row_description: bytes | None = None
     # The catalog generation its names were resolved under (DDL since: decided again).
     catalog_generation: str | None = None
+    # Its masks as an Execute of it resolved them, for the next ones (gate.plan_fits).
+    masks: KeptMasks | None = None
 
 
 @dataclass(slots=True)
@@ -1491,7 +1505,9 @@ class ClientSession(asyncio.Protocol):
             or prepared is None
             or portal.search_path is None
             or portal.search_path != prepared.search_path
-            or not gate.plan_fits(prepared.facts, prepared.decisions)
+            or not gate.plan_fits(
+                prepared.facts, prepared.decisions, prepared.masks, prepared.catalog_generation
+            )
         ):
             return False
         if not gate.still_current(prepared.decisions):
@@ -1509,16 +1525,23 @@ class ClientSession(asyncio.Protocol):
             )
         return True
 
-    def _plan_stale(self, prepared: PreparedStatement, probe: asyncio.Future[str | None]) -> bool:
-        """DDL committed since the Parse (or the generation cannot be confirmed), or the
-        policy changed meanwhile: the statement is decided afresh on the task path."""
-        assert self.gate is not None
-        generation = None if probe.cancelled() or probe.exception() else probe.result()
-        return (
-            generation is None
-            or generation != prepared.catalog_generation
-            or not self.gate.still_current(prepared.decisions)
-        )
+    def _plan_stale(
+        self, prepared: PreparedStatement, probe: asyncio.Future[str | None] | None
+    ) -> bool:
+        """DDL committed since the Parse (or the generation cannot be confirmed), the policy
+        changed meanwhile, or its kept masks no longer hold (the catalog cache dropped, a
+        sticky mask added): the statement is decided afresh on the task path."""
+        gate = self.gate
+        assert gate is not None
+        if probe is not None:
+            generation = None if probe.cancelled() or probe.exception() else probe.result()
+            if generation is None or generation != prepared.catalog_generation:
+                return True
+        if any(d.masks for d in prepared.decisions) and (
+            prepared.masks is None or not gate.masks_hold(prepared.masks)
+        ):
+            return True
+        return not gate.still_current(prepared.decisions)
 
     def _catalog_checked(
         self,
@@ -1567,13 +1590,16 @@ class ClientSession(asyncio.Protocol):
             return  # as a cancelled task: the record is written, the statement not sent
         assert self.gate is not None
         try:
-            if probe is not None and self._plan_stale(prepared, probe):
-                # Recorded during a check that found the plan stale: the record is closed
-                # as not sent under it, the statement decided and recorded afresh.
+            if self._plan_stale(prepared, probe):
+                # Recorded during a check that found the plan stale (or masks that moved
+                # while it was written): the record is closed as not sent under it, the
+                # statement decided and recorded afresh.
                 self.gate.superseded(prepared.facts, recorded)
                 self._spawn(self._gated(69, message))
                 return
-            verdict = self.gate.executed(prepared.facts, prepared.decisions, recorded)
+            verdict = self.gate.executed(
+                prepared.facts, prepared.decisions, recorded, prepared.masks
+            )
             self._execute_decided(verdict, message, portal)
         except Exception as exc:  # the callback boundary: never a silent drop
             self._busy = False
@@ -1861,6 +1887,12 @@ class ClientSession(asyncio.Protocol):
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params
             )
+        if prepared is not None:
+            # Kept only from a verdict on what the statement holds now (each branch above
+            # replaced its facts and decisions with what it decided, or refused), never
+            # from one made on this execution's parameters.
+            reusable = verdict.allowed and not any(d.decide_with_params for d in prepared.decisions)
+            prepared.masks = self.gate.keep_masks(verdict.runs) if reusable else None
         self._execute_decided(verdict, message, portal)
 
     def _execute_decided(self, verdict: Verdict, message: bytes, portal: Portal) -> None:
@@ -2390,9 +2422,18 @@ class ClientSession(asyncio.Protocol):
             run.plan, run.described = MaskPlan.all_null(), True
             return False
         assert self.gate is not None
+        kept = run.kept_masks
+        key = (bytes(described), result_formats, self.encoding)
+        if kept is not None and key in kept.row_plans and self.gate.masks_hold(kept):
+            # Planned for this description before, under the same masks, catalog generation
+            # and cache (masks_current answered yes then, and would now).
+            run.plan, run.described = kept.row_plans[key], True
+            return False
         fields = RowDescription.decode(described).fields
         if self.gate.masks_current(run, fields):
             run.plan, run.described = self._plan(run, fields, result_formats), True
+            if kept is not None and len(kept.row_plans) < _ROW_PLANS_KEPT:
+                kept.row_plans[key] = run.plan
             return False
         self._mask_wait = True
         if self.up is not None:
