@@ -32,6 +32,10 @@ from gateway.policy.decision import Decision
 from gateway.policy.reads import InputPath, projection
 from gateway.proxy.ports import Decider
 
+# Where texts of one shape (differing only in literals) have different input values. (A
+# cost estimate differs too, where the session gives one: the caller shares no decision then.)
+_LITERAL_PATHS: tuple[InputPath, ...] = (("statement", "text"), ("statement", "params"))
+
 # Revisions seen before the current one; an answer made under one of them is never stored.
 _RETIRED_KEEP = 16
 
@@ -122,6 +126,20 @@ class DecisionCache:
         self._reads.move_to_end(revision)
         while len(self._reads) > _RETIRED_KEEP + 1:
             self._reads.popitem(last=False)
+
+    def reads_literals(self, revision: str) -> bool:
+        """Whether the policy of `revision` may read a value that texts of one shape differ
+        in: the statement's text or parameters, or anything at all (its reads unknown). A
+        read of a path above one of those (the whole `statement`) reads it; one below it
+        (an element of `params`) reads it too."""
+        reads = self._reads.get(revision)
+        if reads is None:
+            return True
+        return any(
+            path[: len(literal)] == literal[: len(path)]
+            for path in reads
+            for literal in _LITERAL_PATHS
+        )
 
     def _key(self, policy_input: dict[str, Any], revision: str | None) -> bytes:
         """The input's key for decisions of `revision`: what its policy reads where that is

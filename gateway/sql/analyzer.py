@@ -10,7 +10,7 @@ from pglast.parser import scan
 from gateway.sql.analysis import analyze_shaped
 from gateway.sql.facts import StatementFacts
 
-__all__ = ["StatementAnalyzer", "statement_shape"]
+__all__ = ["Spans", "StatementAnalyzer", "statement_shape"]
 
 # The scanner's literal tokens: their values are what texts of one shape differ in.
 _LITERAL_TOKENS = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
@@ -109,6 +109,19 @@ class StatementAnalyzer:
                         self._shapes.popitem(last=False)
                     break
         return facts
+
+    def shape_of(self, text: str) -> tuple[str, Spans] | None:
+        """statement_shape() of a text this analyzer would shape (not a huge one)."""
+        if len(text) > self._max_text_bytes:
+            return None
+        return statement_shape(text)
+
+    def shared_span(self, shape: str) -> int | None:
+        """Where texts of this shape (statement_shape's key) share one statement's facts:
+        the index of the span their facts quote; None when they do not (a literal's value
+        matters to the facts, or the shape is not known here now)."""
+        shared = self._shapes.get(shape)
+        return shared[1] if shared is not None else None
 
     def _remember(self, text: str, facts: tuple[StatementFacts, ...]) -> None:
         self._entries[text] = facts
