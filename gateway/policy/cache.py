@@ -100,6 +100,8 @@ class DecisionCache:
         self._pending_from: str | None = None
         # Revision → the input paths its policy can read, sorted (None: any), where known.
         self._reads: OrderedDict[str, tuple[InputPath, ...] | None] = OrderedDict()
+        # Revision → reads_literals(), as worked out from its reads.
+        self._reads_literals: dict[str, bool] = {}
         self.hits = 0
         self.misses = 0
 
@@ -123,9 +125,10 @@ class DecisionCache:
     def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None:
         """The policy of `revision` can read only `reads` of an input (None: any part)."""
         self._reads[revision] = None if reads is None else tuple(sorted(reads))
+        self._reads_literals.pop(revision, None)
         self._reads.move_to_end(revision)
         while len(self._reads) > _RETIRED_KEEP + 1:
-            self._reads.popitem(last=False)
+            self._reads_literals.pop(self._reads.popitem(last=False)[0], None)
 
     def reads_literals(self, revision: str) -> bool:
         """Whether the policy of `revision` may read a value that texts of one shape differ
@@ -135,11 +138,15 @@ class DecisionCache:
         reads = self._reads.get(revision)
         if reads is None:
             return True
-        return any(
-            path[: len(literal)] == literal[: len(path)]
-            for path in reads
-            for literal in _LITERAL_PATHS
-        )
+        known = self._reads_literals.get(revision)
+        if known is None:
+            # Asked per simple-protocol statement on its plan: answered once per revision.
+            known = self._reads_literals[revision] = any(
+                path[: len(literal)] == literal[: len(path)]
+                for path in reads
+                for literal in _LITERAL_PATHS
+            )
+        return known
 
     def _key(self, policy_input: dict[str, Any], revision: str | None) -> bytes:
         """The input's key for decisions of `revision`: what its policy reads where that is
