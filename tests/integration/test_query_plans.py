@@ -3,13 +3,14 @@
 decision of their own) through the real gateway, OPA and PostgreSQL: texts that differ only
 in literals, where no fact or decision depends on a literal's value. Each record keeps its
 exact text; a statement whose literals matter, or whose plan's conditions moved (search_path,
-masks), is decided on its own. The policy condition is in test_policy_reload.py."""
+masks), is decided on its own. The literal kinds of the analysis (constant WHERE,
+set_config's setting) are in test_statement_plans.py, the policy reading the text in
+test_policy_reload.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.harness import RunningGateway
@@ -121,32 +122,6 @@ def test_a_plan_made_under_one_search_path_never_serves_another(
             rows = simple(conn, shape.format(i))
             assert rows, "no rows"
             assert_no_customer_secret(rows)
-
-
-@pytest.mark.parametrize(
-    ("allowed", "refused", "why"),
-    [
-        # has_where: a constant-true WHERE is no WHERE (engineers need approval).
-        ("DELETE FROM {t} WHERE 1 = 2", "DELETE FROM {t} WHERE 1 = 1", "approval required"),
-        # Changing identity through set_config: the setting's name is a literal.
-        ("SELECT set_config('application_name', 'x', false)",
-         "SELECT set_config('role', 'postgres', false)", "statement denied"),
-        ("SELECT v FROM {t} WHERE id = 1 AND set_config('application_name', 'x', false) <> ''",
-         "SELECT v FROM {t} WHERE id = 1 AND set_config('role', 'postgres', false) <> ''",
-         "statement denied"),
-    ],
-)  # fmt: skip
-def test_a_statement_whose_literals_matter_is_never_served_a_plan_of_its_shape(
-    gateway: RunningGateway, allowed: str, refused: str, why: str
-) -> None:
-    table = fresh_table(gateway, "qlit", rows=3)
-    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
-        for _ in range(3):  # planned, where it could be
-            simple(conn, allowed.format(t=table))
-        with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
-            simple(conn, refused.format(t=table))
-        assert why in str(exc.value)
-        assert simple(conn, "SELECT 1") == [(1,)]
 
 
 def test_texts_whose_cost_estimates_the_policy_reads_are_each_decided(
