@@ -31,6 +31,9 @@ def statement_shape(text: str) -> tuple[str, Spans] | None:
     Shaped on the scanner, not on pglast's fingerprint: the fingerprint also leaves out
     prepared-statement and cursor names and more, which facts depend on.
     """
+    if "\x00" in text:
+        # The scanner stops at NUL: what follows would not be in the shape at all.
+        return None
     try:
         tokens = scan(text)
     except Exception:
