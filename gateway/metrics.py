@@ -92,6 +92,8 @@ class GatewayMetrics:
         self.masked_statements: Counter[str] = Counter()
         # target -> Executes relayed on the plan their Parse made (no task per statement).
         self.planned_executes: Counter[str] = Counter()
+        # Simple-protocol Queries relayed on the plan of their shape (no task).
+        self.planned_queries: Counter[str] = Counter()
         # target -> failed connects to the target (network, TLS, login).
         self.upstream_connect_errors: Counter[str] = Counter()
         # Each decision of a message's statements, cache hits included.
@@ -107,6 +109,9 @@ class GatewayMetrics:
 
     def execute_planned(self, target: str) -> None:
         self.planned_executes[target] += 1
+
+    def query_planned(self, target: str) -> None:
+        self.planned_queries[target] += 1
 
     def upstream_connect_failed(self, target: str) -> None:
         self.upstream_connect_errors[target] += 1

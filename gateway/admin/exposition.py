@@ -116,6 +116,13 @@ class GatewayCollector(Collector):
             ["target"],
             (((t,), n) for t, n in m.planned_executes.items()),
         )
+        yield _labelled(
+            CounterMetricFamily,
+            "pgwarden_planned_queries",
+            "Simple-protocol Queries relayed on the plan of their statement shape, still valid.",
+            ["target"],
+            (((t,), n) for t, n in m.planned_queries.items()),
+        )
         yield _histogram(
             "pgwarden_decision_seconds",
             "Time to decide a message's statements (cache hits included).",

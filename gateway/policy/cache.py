@@ -32,6 +32,10 @@ from gateway.policy.decision import Decision
 from gateway.policy.reads import InputPath, projection
 from gateway.proxy.ports import Decider
 
+# Where texts of one shape (differing only in literals) have different input values. (A
+# cost estimate differs too, where the session gives one: the caller shares no decision then.)
+_LITERAL_PATHS: tuple[InputPath, ...] = (("statement", "text"), ("statement", "params"))
+
 # Revisions seen before the current one; an answer made under one of them is never stored.
 _RETIRED_KEEP = 16
 
@@ -96,6 +100,8 @@ class DecisionCache:
         self._pending_from: str | None = None
         # Revision → the input paths its policy can read, sorted (None: any), where known.
         self._reads: OrderedDict[str, tuple[InputPath, ...] | None] = OrderedDict()
+        # Revision → reads_literals(), as worked out from its reads.
+        self._reads_literals: dict[str, bool] = {}
         self.hits = 0
         self.misses = 0
 
@@ -119,9 +125,28 @@ class DecisionCache:
     def policy_reads(self, revision: str, reads: frozenset[InputPath] | None) -> None:
         """The policy of `revision` can read only `reads` of an input (None: any part)."""
         self._reads[revision] = None if reads is None else tuple(sorted(reads))
+        self._reads_literals.pop(revision, None)
         self._reads.move_to_end(revision)
         while len(self._reads) > _RETIRED_KEEP + 1:
-            self._reads.popitem(last=False)
+            self._reads_literals.pop(self._reads.popitem(last=False)[0], None)
+
+    def reads_literals(self, revision: str) -> bool:
+        """Whether the policy of `revision` may read a value that texts of one shape differ
+        in: the statement's text or parameters, or anything at all (its reads unknown). A
+        read of a path above one of those (the whole `statement`) reads it; one below it
+        (an element of `params`) reads it too."""
+        reads = self._reads.get(revision)
+        if reads is None:
+            return True
+        known = self._reads_literals.get(revision)
+        if known is None:
+            # Asked per simple-protocol statement on its plan: answered once per revision.
+            known = self._reads_literals[revision] = any(
+                path[: len(literal)] == literal[: len(path)]
+                for path in reads
+                for literal in _LITERAL_PATHS
+            )
+        return known
 
     def _key(self, policy_input: dict[str, Any], revision: str | None) -> bytes:
         """The input's key for decisions of `revision`: what its policy reads where that is

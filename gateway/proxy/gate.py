@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -16,6 +17,7 @@ from gateway.audit.records import principal_record
 from gateway.control.models import ApprovalRequest
 from gateway.control.targets import dbname_for
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
+from gateway.enforce.masking import MaskPlan
 from gateway.guards.budgets import RowBudget, StatementLimits
 from gateway.guards.enforced import EnforcedSettings
 from gateway.guards.estimate import (
@@ -34,9 +36,17 @@ from gateway.policy.decision import Decision, Mask
 from gateway.policy.input import SessionInfo, TargetInfo, assemble_input, target_input
 from gateway.protocol import ErrorResponse, FieldDescription
 from gateway.proxy.holds import cannot_ask, grant_notice, held_notice, hold_refusal
-from gateway.proxy.ports import Approvals, AuditSink, AuditUnavailable, Decider, PolicyRevision
+from gateway.proxy.ports import (
+    Approvals,
+    AuditSink,
+    AuditUnavailable,
+    Decider,
+    LiteralReads,
+    PolicyRevision,
+)
 from gateway.proxy.search_path import PathProblem, sets_search_path
 from gateway.proxy.tracker import StatementRun
+from gateway.sql.analyzer import Spans
 from gateway.sql.catalog import DEFAULT_SEARCH_PATH, consults_catalog
 from gateway.sql.databases import databases_held_by_statement
 from gateway.sql.facts import LINEAGE_OPAQUE_BUILTINS, StatementFacts
@@ -47,6 +57,8 @@ REFUSED = "42501"
 JUSTIFICATION_SETTING = "pgwarden.reason"
 # Cost estimates kept per session (gateway/guards/estimate.py), the oldest dropped first.
 _ESTIMATES_KEPT = 1000
+# Simple-protocol plans kept per session, by statement shape (the least recently used go).
+_QUERY_PLANS_KEPT = 256
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
@@ -127,6 +139,10 @@ _PATH_NOT_LAST = Decision.refuse(
 class Analyzer(Protocol):
     def analyze(self, text: str) -> tuple[StatementFacts, ...]: ...
 
+    def shape_of(self, text: str) -> tuple[str, Spans] | None: ...
+
+    def shared_span(self, shape: str) -> int | None: ...
+
 
 class PreparedRegistry(Protocol):
     def resolve(self, facts: tuple[StatementFacts, ...]) -> tuple[StatementFacts, ...]: ...
@@ -148,6 +164,9 @@ class MaskResolver(Protocol):
 
     @property
     def watched(self) -> bool: ...
+
+    @property
+    def epoch(self) -> int: ...
 
     async def refresh(self) -> str | None: ...
 
@@ -189,6 +208,48 @@ class SessionContext:
     # The target's own database ("": target_database) and the others it lets clients choose.
     target_default_database: str = ""
     target_databases: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class KeptMasks:
+    """A masked prepared statement's masks as the slow path resolved them (_prepare_masks),
+    kept with it so that its later Executes take them as they are, from the data callback,
+    while what they were resolved from holds: the catalog generation its Parse was decided
+    under (checked per Execute, see catalog_check), the catalog cache not dropped since
+    (`epoch`), and no mask added to the session's sticky ones (`sticky`, their count: they
+    only grow). The policy revision, search_path and token are the plan's own conditions.
+    `row_plans`: the DataRow plan of each result description met, built once."""
+
+    generation: str
+    epoch: int
+    sticky: int
+    masks: tuple[Mask, ...]
+    targets: dict[tuple[int, int], str]
+    expressions: bool
+    lineage: tuple[tuple[str | None, bool], ...] | None
+    relations: frozenset[int] | None
+    columns: frozenset[tuple[int, int]] | None
+    # (RowDescription, result formats, client encoding) → plan (None: nothing to mask).
+    row_plans: dict[tuple[bytes, tuple[int, ...] | None, str], MaskPlan | None] = field(
+        default_factory=dict
+    )
+
+
+@dataclass(slots=True)
+class QueryPlan:
+    """A simple-protocol statement's plan, shared by every text of its shape (texts that
+    differ only in literals) where neither its facts nor its decision can depend on a
+    literal's value (keep_query_plan says where): the facts resolved and decided (with the
+    first text's), and the conditions they hold under; the record of each text carries
+    that text."""
+
+    span: int
+    facts: StatementFacts
+    decisions: list[Decision]
+    search_path: tuple[str, ...]
+    catalog_generation: str | None
+    in_transaction: bool
+    masks: KeptMasks | None
 
 
 @dataclass(slots=True)
@@ -317,6 +378,9 @@ class StatementGate:
         self._mask_catalog = catalog if isinstance(catalog, MaskResolver) else None
         self._decider = decider
         self._revisions = decider if isinstance(decider, PolicyRevision) else None
+        self._literal_reads = decider if isinstance(decider, LiteralReads) else None
+        # Simple-protocol plans by statement shape (keep_query_plan, planned_query).
+        self._query_plans: OrderedDict[str, QueryPlan] = OrderedDict()
         self._audit = audit
         self.in_transaction = False
         # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
@@ -943,24 +1007,70 @@ class StatementGate:
 
     # -- an Execute whose plan holds: nothing awaited but its catalog check and its record ----
 
-    def plan_fits(self, facts: tuple[StatementFacts, ...], decisions: list[Decision]) -> bool:
+    def plan_fits(
+        self,
+        facts: tuple[StatementFacts, ...],
+        decisions: list[Decision],
+        kept: KeptMasks | None = None,
+        generation: str | None = None,
+    ) -> bool:
         """Whether an Execute of a statement allowed at Parse may be relayed from the data
         callback (see check_execute), as long as its decisions are still current (checked
         with still_current() just before it is recorded): the policy did not ask to see
         the parameters, and enforcing them needs nothing awaited but the catalog check
-        (catalog_check) and the request record (no masks to resolve, no database
-        connection of pgwarden's to free first). The session's guards keep it on the task
-        path too: a statement rate to take from, session rules not read (a row budget is
-        set here, in executed())."""
+        (catalog_check) and the request record (no masks left to resolve: none, or `kept`
+        from an earlier Execute under the catalog `generation` its Parse was decided under;
+        no database connection of pgwarden's to free first). The session's guards keep it
+        on the task path too: a statement rate to take from, session rules not read (a row
+        budget is set here, in executed())."""
         if len(facts) != 1 or self.rules_problem is not None or self.rate_check is not None:
             return False
         decision = decisions[0]
         return (
             decision.action == "allow"
-            and not decision.masks
+            and (
+                not decision.masks
+                or (kept is not None and kept.generation == generation and self.masks_hold(kept))
+            )
             and not decision.decide_with_params
             and not (self.sticky_masks and _relays_rows(facts[0]))
             and not databases_held_by_statement(facts[0])
+        )
+
+    def keep_masks(self, runs: Sequence[StatementRun]) -> KeptMasks | None:
+        """What a single Execute's masks resolved to, for its statement's later Executes
+        (plan_fits); None where there is nothing to keep or it may not be reused: masks that
+        could not be resolved (mask all), no generation to hold them to, rows relayed from
+        elsewhere (their masks are the session's, not the statement's)."""
+        catalog = self._masks_catalog()
+        if len(runs) != 1 or catalog is None:
+            return None
+        run = runs[0]
+        if not run.masked or run.mask_all or _relays_rows(run.facts):
+            return None
+        generation = run.mask_generation
+        if generation is None or generation != catalog.generation:
+            return None
+        return KeptMasks(
+            generation,
+            catalog.epoch,
+            len(self.sticky_masks),
+            tuple(run.masks),
+            run.mask_targets,
+            run.mask_expressions,
+            run.lineage,
+            run.mask_relations,
+            run.mask_columns,
+        )
+
+    def masks_hold(self, kept: KeptMasks) -> bool:
+        """Whether kept masks still describe the catalog and the session's sticky masks."""
+        catalog = self._masks_catalog()
+        return (
+            catalog is not None
+            and kept.generation == catalog.generation
+            and kept.epoch == catalog.epoch
+            and kept.sticky == len(self.sticky_masks)
         )
 
     def catalog_check(self, facts: Sequence[StatementFacts]) -> asyncio.Future[str | None] | None:
@@ -989,25 +1099,109 @@ class StatementGate:
         catalog = self._masks_catalog()
         return catalog is not None and catalog.watched
 
-    def request_execute(
+    def request_planned(
         self,
         facts: tuple[StatementFacts, ...],
         decisions: list[Decision],
+        protocol: str,
         params: tuple[str | None, ...],
     ) -> asyncio.Future[str]:
-        """The request record of an Execute whose plan holds, queued now: its id once
-        durable (the statement waits for nothing else), or AuditUnavailable."""
-        (record,) = self._requests(facts, decisions, "extended", params)
+        """The request record of a message whose plan holds (an Execute, a Query), queued
+        now: its id once durable (the statement waits for nothing else), or
+        AuditUnavailable."""
+        (record,) = self._requests(facts, decisions, protocol, params)
         return self._audit.request_soon(record)
+
+    # -- simple-protocol plans, shared by statement shape ----------------------------------
+
+    def keep_query_plan(self, text: str, verdict: Verdict) -> None:
+        """Keep the plan of a Query allowed on the task path for the texts of its shape,
+        where none of them can be decided otherwise: one statement, of a shape whose facts
+        no literal's value changes (the analyzer's rule: a query or DML statement whose
+        facts read no literal, so not set_config('role', ...), not SET, no literal naming
+        an object), allowed and relayable on a plan (plan_fits: no parameters asked for,
+        masks resolved), under a policy that reads neither the text nor parameters, with
+        no cost estimate (estimates are per text)."""
+        if not verdict.allowed or len(verdict.facts) != 1 or len(verdict.runs) != 1:
+            return
+        facts, decisions = verdict.facts, verdict.decisions
+        if not self._shareable(decisions) or self.explain is not None:
+            return
+        shaped = self._analyzer.shape_of(text)
+        if shaped is None:
+            return
+        shape, _ = shaped
+        span = self._analyzer.shared_span(shape)
+        if span is None:
+            return
+        masks = self.keep_masks(verdict.runs) if decisions[0].masks else None
+        if not self.plan_fits(facts, decisions, masks, self.catalog_generation):
+            return
+        self._query_plans[shape] = QueryPlan(
+            span,
+            facts[0],
+            [decisions[0] if decisions[0].cache_hit else replace(decisions[0], cache_hit=True)],
+            self.search_path,
+            self.catalog_generation,
+            self.in_transaction,
+            masks,
+        )
+        self._query_plans.move_to_end(shape)
+        if len(self._query_plans) > _QUERY_PLANS_KEPT:
+            self._query_plans.popitem(last=False)
+
+    def _shareable(self, decisions: Sequence[Decision]) -> bool:
+        """Whether decisions may serve every text of their shape: the policy that made them
+        is in force and reads nothing literals change."""
+        literal_reads = self._literal_reads
+        if literal_reads is None or not self.still_current(decisions):
+            return False
+        return not any(
+            d.bundle_revision is None or literal_reads.reads_literals(d.bundle_revision)
+            for d in decisions
+        )
+
+    def planned_query(self, text: str) -> tuple[QueryPlan, tuple[StatementFacts, ...]] | None:
+        """The kept plan that serves this Query's text now, with the text's facts; None: the
+        task path decides it (no plan for its shape, or a condition moved: policy revision,
+        search_path, transaction state, the session's guards, masks; the catalog generation
+        and the token are checked by the caller)."""
+        if not self._query_plans or self.explain is not None:
+            return None
+        shaped = self._analyzer.shape_of(text)
+        if shaped is None:
+            return None
+        shape, spans = shaped
+        plan = self._query_plans.get(shape)
+        if plan is None:
+            return None
+        if (
+            plan.search_path != self.search_path
+            or plan.in_transaction != self.in_transaction
+            or not self._shareable(plan.decisions)
+        ):
+            return None
+        start, end = spans[plan.span]
+        facts = (plan.facts.with_text(text[start:end]),)
+        if not self.plan_fits(
+            facts, plan.decisions, plan.masks, plan.catalog_generation
+        ) or self.enforced.refusal(facts):
+            return None
+        self._query_plans.move_to_end(shape)
+        return plan, facts
 
     def executed(
         self,
         facts: tuple[StatementFacts, ...],
         decisions: list[Decision],
         recorded: asyncio.Future[str],
+        kept: KeptMasks | None = None,
+        *,
+        protocol: str = "extended",
     ) -> Verdict:
         """check_execute()'s verdict for an Execute whose plan holds, once request_execute()
-        is done: allowed, or refused when its record could not be written (fail closed)."""
+        is done: allowed, or refused when its record could not be written (fail closed).
+        Its masks are `kept` (plan_fits; the caller saw masks_hold() just now)."""
         combined = combine(decisions)
         if recorded.cancelled():
             problem = AuditUnavailable("the request record was not written")
@@ -1020,9 +1214,23 @@ class StatementGate:
         if not decisions[0].cache_hit:
             decisions[0] = replace(decisions[0], cache_hit=True)
         run = StatementRun(recorded.result() or None, facts[0])
-        self._needs_masks(run, decisions[0])
+        if self._needs_masks(run, decisions[0]):
+            if kept is None or not self.masks_hold(kept):
+                raise RuntimeError("a masked Execute on the planned path without its masks")
+            run.masked = True
+            run.masks = kept.masks
+            run.mask_generation = kept.generation
+            run.mask_targets = kept.targets
+            run.mask_expressions = kept.expressions
+            run.lineage = kept.lineage
+            run.mask_relations = kept.relations
+            run.mask_columns = kept.columns
+            run.kept_masks = kept
         self._budget([run], decisions)
-        self._metrics.execute_planned(self.ctx.target_name)
+        if protocol == "simple":
+            self._metrics.query_planned(self.ctx.target_name)
+        else:
+            self._metrics.execute_planned(self.ctx.target_name)
         return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
 
     def superseded(self, facts: tuple[StatementFacts, ...], recorded: asyncio.Future[str]) -> None:

@@ -51,6 +51,18 @@ class PolicyRevision(Protocol):
         ...
 
 
+@runtime_checkable
+class LiteralReads(Protocol):
+    """A Decider that knows which parts of the input a revision's policy reads (the decision
+    cache): whether texts that differ only in literals may share one decision."""
+
+    def reads_literals(self, revision: str) -> bool:
+        """Whether the policy of `revision` may read what texts of one shape differ in (the
+        statement's text or parameters; a cost estimate is the caller's to rule out); True
+        where its reads are unknown."""
+        ...
+
+
 class AuditSink(Protocol):
     async def request(self, record: StatementRequest) -> str:
         """Durably store a request record; its id. Raises AuditUnavailable if it cannot."""

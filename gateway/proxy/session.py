@@ -69,7 +69,14 @@ from gateway.protocol import (
     decode_startup,
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
-from gateway.proxy.gate import REFUSED, SessionContext, StatementGate, Verdict, refusal_for
+from gateway.proxy.gate import (
+    REFUSED,
+    KeptMasks,
+    SessionContext,
+    StatementGate,
+    Verdict,
+    refusal_for,
+)
 from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
     FLUSH,
@@ -147,6 +154,31 @@ _CONFORMING_STRINGS = (
 )
 
 
+# DataRow plans kept per prepared statement's masks (one per result description and
+# formats a client binds it with: a handful).
+_ROW_PLANS_KEPT = 8
+
+
+@dataclass(slots=True)
+class _Planned:
+    """A message relayed on its plan from callbacks (an Execute on its Parse's, a Query on
+    its shape's): what its checks, its record and its enforcement need."""
+
+    code: int  # 69 Execute, 81 Query
+    message: bytes
+    facts: tuple[StatementFacts, ...]
+    decisions: list[Decision]
+    masks: KeptMasks | None
+    # The catalog generation the plan was resolved under.
+    generation: str | None
+    params: tuple[str | None, ...] = ()
+    portal: Portal | None = None
+
+    @property
+    def protocol(self) -> str:
+        return "extended" if self.code == 69 else "simple"
+
+
 class Phase(Enum):
     STARTUP = auto()
     PASSWORD = auto()
@@ -168,6 +200,8 @@ class PreparedStatement:
     row_description: bytes | None = None
     # The catalog generation its names were resolved under (DDL since: decided again).
     catalog_generation: str | None = None
+    # Its masks as an Execute of it resolved them, for the next ones (gate.plan_fits).
+    masks: KeptMasks | None = None
 
 
 @dataclass(slots=True)
@@ -1415,7 +1449,11 @@ class ClientSession(asyncio.Protocol):
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
-            if code != 69 or not self._execute_planned(message):
+            if code == 69:
+                planned = self._execute_planned(message)
+            else:
+                planned = code == 81 and self._query_planned(message)
+            if not planned:
                 self._spawn(self._gated(code, message))
             return
         if start < pos:
@@ -1469,7 +1507,18 @@ class ClientSession(asyncio.Protocol):
         if self._draining:
             self._end_if_drained()
 
-    # -- an Execute whose plan holds: relayed from callbacks, no task per statement --------
+    # -- a message whose plan holds: relayed from callbacks, no task per statement ---------
+
+    def _planned_allowed(self) -> bool:
+        """Whether the session may relay a message on its plan now at all (else: the task
+        path, which says why not where something is wrong)."""
+        return (
+            self.gate is not None
+            and not self._discarding
+            and not self._copy_in
+            and self._owed_error is None
+            and self._token_problem() is None
+        )
 
     def _execute_planned(self, message: bytes) -> bool:
         """Take an Execute of a protocol-prepared statement whose Parse-time plan still holds
@@ -1479,12 +1528,7 @@ class ClientSession(asyncio.Protocol):
         on callbacks, both at once (the longer of the two, not their sum). False: the task
         path decides it (everything else, and any doubt)."""
         gate = self.gate
-        if (
-            gate is None
-            or self._discarding
-            or self._owed_error is not None
-            or self._token_problem() is not None
-        ):
+        if gate is None or not self._planned_allowed():
             return False
         try:
             msg = Execute.decode(message[5:])
@@ -1497,65 +1541,100 @@ class ClientSession(asyncio.Protocol):
             or prepared is None
             or portal.search_path is None
             or portal.search_path != prepared.search_path
-            or not gate.plan_fits(prepared.facts, prepared.decisions)
+            or not gate.plan_fits(
+                prepared.facts, prepared.decisions, prepared.masks, prepared.catalog_generation
+            )
         ):
             return False
         if not gate.still_current(prepared.decisions):
             return False
-        probe = gate.catalog_check(prepared.facts)
-        if probe is None:
-            self._record_planned(message, portal, prepared, None)
-        elif gate.record_during_catalog_check():
-            # The probe's round trip and the record's write (and fdatasync) overlap: the
-            # statement waits for the longer, not the sum (_planned_recorded).
-            self._record_planned(message, portal, prepared, probe)
-        else:
-            probe.add_done_callback(
-                functools.partial(self._catalog_checked, message, portal, prepared)
+        self._relay_planned(
+            _Planned(
+                69,
+                message,
+                prepared.facts,
+                prepared.decisions,
+                prepared.masks,
+                prepared.catalog_generation,
+                portal.params,
+                portal,
             )
+        )
         return True
 
-    def _plan_stale(self, prepared: PreparedStatement, probe: asyncio.Future[str | None]) -> bool:
-        """DDL committed since the Parse (or the generation cannot be confirmed), or the
-        policy changed meanwhile: the statement is decided afresh on the task path."""
-        assert self.gate is not None
-        generation = None if probe.cancelled() or probe.exception() else probe.result()
-        return (
-            generation is None
-            or generation != prepared.catalog_generation
-            or not self.gate.still_current(prepared.decisions)
+    def _query_planned(self, message: bytes) -> bool:
+        """Take a simple-protocol Query whose text's shape has a plan that serves it now
+        (gate.planned_query: one statement whose facts and decision no literal changes,
+        the policy, search_path, transaction state and masks as when it was planned; the
+        search_path known); as an Execute on its plan, it then waits only for the catalog
+        check and its request record, which carries its own text. False: the task path."""
+        gate = self.gate
+        if gate is None or self._path.uncertain or not self._planned_allowed():
+            return False
+        try:
+            text = self._decode_sql(Query.decode(message[5:]).query)
+        except ProtocolViolation:
+            return False
+        if text is None:
+            return False
+        found = gate.planned_query(text)
+        if found is None:
+            return False
+        plan, facts = found
+        self._relay_planned(
+            _Planned(81, message, facts, plan.decisions, plan.masks, plan.catalog_generation)
         )
+        return True
 
-    def _catalog_checked(
-        self,
-        message: bytes,
-        portal: Portal,
-        prepared: PreparedStatement,
-        probe: asyncio.Future[str | None],
-    ) -> None:
+    def _relay_planned(self, planned: _Planned) -> None:
+        """The catalog check and the request record of a message on its plan."""
+        assert self.gate is not None
+        probe = self.gate.catalog_check(planned.facts)
+        if probe is None:
+            self._record_planned(planned, None)
+        elif self.gate.record_during_catalog_check():
+            # The probe's round trip and the record's write (and fdatasync) overlap: the
+            # statement waits for the longer, not the sum (_planned_recorded).
+            self._record_planned(planned, probe)
+        else:
+            probe.add_done_callback(functools.partial(self._catalog_checked, planned))
+
+    def _plan_stale(self, planned: _Planned, probe: asyncio.Future[str | None] | None) -> bool:
+        """DDL committed since the plan was made (or the generation cannot be confirmed),
+        the policy changed meanwhile, or its kept masks no longer hold (the catalog cache
+        dropped, a sticky mask added): the statement is decided afresh on the task path."""
+        gate = self.gate
+        assert gate is not None
+        if probe is not None:
+            generation = None if probe.cancelled() or probe.exception() else probe.result()
+            if generation is None or generation != planned.generation:
+                return True
+        if any(d.masks for d in planned.decisions) and (
+            planned.masks is None or not gate.masks_hold(planned.masks)
+        ):
+            return True
+        return not gate.still_current(planned.decisions)
+
+    def _catalog_checked(self, planned: _Planned, probe: asyncio.Future[str | None]) -> None:
         """The catalog check of a record not yet written answered."""
         if self.phase is not Phase.RELAY or self._closing:
             return  # the session ended meanwhile: nothing was recorded or sent
         try:
-            if self._plan_stale(prepared, probe):
-                self._spawn(self._gated(69, message))
+            if self._plan_stale(planned, probe):
+                self._spawn(self._gated(planned.code, planned.message))
                 return
-            self._record_planned(message, portal, prepared, None)
+            self._record_planned(planned, None)
         except Exception as exc:  # the callback boundary: never a silent drop
             self._busy = False
             self._internal_error(exc)
 
-    def _record_planned(
-        self,
-        message: bytes,
-        portal: Portal,
-        prepared: PreparedStatement,
-        probe: asyncio.Future[str | None] | None,
-    ) -> None:
+    def _record_planned(self, planned: _Planned, probe: asyncio.Future[str | None] | None) -> None:
         """Queue the request record; `probe`: a catalog check still to be waited for too."""
         assert self.gate is not None
-        recorded = self.gate.request_execute(prepared.facts, prepared.decisions, portal.params)
-        done = functools.partial(self._planned_recorded, message, portal, prepared, probe)
+        recorded = self.gate.request_planned(
+            planned.facts, planned.decisions, planned.protocol, planned.params
+        )
+        done = functools.partial(self._planned_recorded, planned, probe)
         if probe is None:
             recorded.add_done_callback(done)
         else:
@@ -1563,9 +1642,7 @@ class ClientSession(asyncio.Protocol):
 
     def _planned_recorded(
         self,
-        message: bytes,
-        portal: Portal,
-        prepared: PreparedStatement,
+        planned: _Planned,
         probe: asyncio.Future[str | None] | None,
         recorded: asyncio.Future[str],
     ) -> None:
@@ -1573,14 +1650,24 @@ class ClientSession(asyncio.Protocol):
             return  # as a cancelled task: the record is written, the statement not sent
         assert self.gate is not None
         try:
-            if probe is not None and self._plan_stale(prepared, probe):
-                # Recorded during a check that found the plan stale: the record is closed
-                # as not sent under it, the statement decided and recorded afresh.
-                self.gate.superseded(prepared.facts, recorded)
-                self._spawn(self._gated(69, message))
+            if self._plan_stale(planned, probe):
+                # Recorded during a check that found the plan stale (or masks that moved
+                # while it was written): the record is closed as not sent under it, the
+                # statement decided and recorded afresh.
+                self.gate.superseded(planned.facts, recorded)
+                self._spawn(self._gated(planned.code, planned.message))
                 return
-            verdict = self.gate.executed(prepared.facts, prepared.decisions, recorded)
-            self._execute_decided(verdict, message, portal)
+            verdict = self.gate.executed(
+                planned.facts,
+                planned.decisions,
+                recorded,
+                planned.masks,
+                protocol=planned.protocol,
+            )
+            if planned.portal is not None:
+                self._execute_decided(verdict, planned.message, planned.portal)
+            else:
+                self._query_decided(verdict, planned.message)
         except Exception as exc:  # the callback boundary: never a silent drop
             self._busy = False
             self._internal_error(exc)
@@ -1697,14 +1784,22 @@ class ClientSession(asyncio.Protocol):
             )
             return
         verdict = await self.gate.check_query(text)
+        if self._query_decided(verdict, message):
+            # Texts of its shape may run on this plan from now on (gate.keep_query_plan).
+            self.gate.keep_query_plan(text, verdict)
+
+    def _query_decided(self, verdict: Verdict, message: bytes) -> bool:
+        """Enforce a Query's verdict: forward it, or a stand-in the server rejects; True
+        when it was forwarded."""
         if self.phase is not Phase.RELAY or self._skipped(verdict, answered_ready=True):
-            return
+            return False
         if self._refused_verdict(verdict, "query"):
-            return
+            return False
         self._to_server(message)
         self.tracker.expect(Expectation("query", verdict.runs))
         self._path.forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
+        return True
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
         for f in verdict.facts:
@@ -1873,6 +1968,12 @@ class ClientSession(asyncio.Protocol):
             verdict = await self.gate.check_execute(
                 prepared.facts, prepared.decisions, portal.params
             )
+        if prepared is not None:
+            # Kept only from a verdict on what the statement holds now (each branch above
+            # replaced its facts and decisions with what it decided, or refused), never
+            # from one made on this execution's parameters.
+            reusable = verdict.allowed and not any(d.decide_with_params for d in prepared.decisions)
+            prepared.masks = self.gate.keep_masks(verdict.runs) if reusable else None
         self._execute_decided(verdict, message, portal)
 
     def _execute_decided(self, verdict: Verdict, message: bytes, portal: Portal) -> None:
@@ -2411,9 +2512,18 @@ class ClientSession(asyncio.Protocol):
             run.plan, run.described = MaskPlan.all_null(), True
             return False
         assert self.gate is not None
+        kept = run.kept_masks
+        key = (bytes(described), result_formats, self.encoding)
+        if kept is not None and key in kept.row_plans and self.gate.masks_hold(kept):
+            # Planned for this description before, under the same masks, catalog generation
+            # and cache (masks_current answered yes then, and would now).
+            run.plan, run.described = kept.row_plans[key], True
+            return False
         fields = RowDescription.decode(described).fields
         if self.gate.masks_current(run, fields):
             run.plan, run.described = self._plan(run, fields, result_formats), True
+            if kept is not None and len(kept.row_plans) < _ROW_PLANS_KEPT:
+                kept.row_plans[key] = run.plan
             return False
         self._mask_wait = True
         if self.up is not None:

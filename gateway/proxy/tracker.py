@@ -65,6 +65,9 @@ class StatementRun:
     mask_columns: frozenset[tuple[int, int]] | None = None
     # The RowDescription of a Query's result, planned at its first row.
     description: bytes | None = None
+    # The masks kept with its prepared statement (gate.KeptMasks) when they came from
+    # there: their DataRow plans are built once per result description.
+    kept_masks: Any = None
     # The plan for the result set being relayed (built from RowDescription); `described`
     # tells a plan of None (nothing to mask) from no description seen yet.
     plan: Any = None

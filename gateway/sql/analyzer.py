@@ -10,7 +10,7 @@ from pglast.parser import scan
 from gateway.sql.analysis import analyze_shaped
 from gateway.sql.facts import StatementFacts
 
-__all__ = ["StatementAnalyzer", "statement_shape"]
+__all__ = ["Spans", "StatementAnalyzer", "statement_shape"]
 
 # The scanner's literal tokens: their values are what texts of one shape differ in.
 _LITERAL_TOKENS = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
@@ -31,6 +31,9 @@ def statement_shape(text: str) -> tuple[str, Spans] | None:
     Shaped on the scanner, not on pglast's fingerprint: the fingerprint also leaves out
     prepared-statement and cursor names and more, which facts depend on.
     """
+    if "\x00" in text:
+        # The scanner stops at NUL: what follows would not be in the shape at all.
+        return None
     try:
         tokens = scan(text)
     except Exception:
@@ -109,6 +112,19 @@ class StatementAnalyzer:
                         self._shapes.popitem(last=False)
                     break
         return facts
+
+    def shape_of(self, text: str) -> tuple[str, Spans] | None:
+        """statement_shape() of a text this analyzer would shape (not a huge one)."""
+        if len(text) > self._max_text_bytes:
+            return None
+        return statement_shape(text)
+
+    def shared_span(self, shape: str) -> int | None:
+        """Where texts of this shape (statement_shape's key) share one statement's facts:
+        the index of the span their facts quote; None when they do not (a literal's value
+        matters to the facts, or the shape is not known here now)."""
+        shared = self._shapes.get(shape)
+        return shared[1] if shared is not None else None
 
     def _remember(self, text: str, facts: tuple[StatementFacts, ...]) -> None:
         self._entries[text] = facts

@@ -258,6 +258,12 @@ class Catalog:
         """Whether the generation comes from the DDL watch (else from the snapshot)."""
         return self._watched
 
+    @property
+    def epoch(self) -> int:
+        """Moves whenever the cache is dropped (invalidate()): what was resolved from it
+        before, within one generation, may be stale."""
+        return self._epoch
+
     async def refresh(self) -> str | None:
         """Make the cache describe every DDL that committed before this call; the generation
         it then belongs to, or None when the server could not say (the cache is dropped:

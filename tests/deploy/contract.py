@@ -16,6 +16,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "pgwarden_statements_total": ("counter", frozenset({"target", "action"})),
     "pgwarden_masked_statements_total": ("counter", frozenset({"target"})),
     "pgwarden_planned_executes_total": ("counter", frozenset({"target"})),
+    "pgwarden_planned_queries_total": ("counter", frozenset({"target"})),
     "pgwarden_decision_seconds": ("histogram", frozenset()),
     "pgwarden_decision_cache_total": ("counter", frozenset({"result"})),
     "pgwarden_opa_up": ("gauge", frozenset()),

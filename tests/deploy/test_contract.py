@@ -34,6 +34,7 @@ def test_the_contract_names_exactly_the_exposed_metrics() -> None:
     metrics.statements_decided("app", "allow", 1, masked=True)
     metrics.upstream_connect_failed("app")
     metrics.execute_planned("app")
+    metrics.query_planned("app")
     part = _Part()
     state = GatewayState(
         metrics=metrics,

@@ -87,3 +87,28 @@ def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: Running
         assert "token revoked" in str(info.value)
         assert conn.closed or conn.broken
         assert planned_executes(gateway) == planned
+
+
+def test_masked_executes_run_on_the_plan_and_stay_masked(gateway: RunningGateway) -> None:
+    """A statement whose decision masks columns is relayed on its plan after its first
+    Execute (the masks resolved once and kept with it), in text and binary results alike,
+    and every execution's rows are masked as the first one's: type-correct values, never
+    the cleartext."""
+    query = "SELECT id, email, phone, ssn, card_number FROM customers WHERE id > %s"
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        for binary in (False, True):
+            before = planned_executes(gateway)
+            seen: list[list[tuple[object, ...]]] = []
+            with conn.cursor(binary=binary) as cur:
+                for _ in range(4):
+                    cur.execute(query, (0,), prepare=True)
+                    seen.append(cur.fetchall())
+            assert planned_executes(gateway) >= before + 3, binary
+            assert seen[0], "no rows came back"
+            assert all(rows == seen[0] for rows in seen), seen
+            assert_no_customer_secret(seen)
+            for _, email, phone, ssn, card in seen[0]:
+                assert isinstance(email, str) and "***@" in email
+                assert isinstance(phone, str) and phone.startswith("*")
+                assert ssn == "***"
+                assert isinstance(card, str) and len(card) == 32

@@ -211,3 +211,25 @@ async def test_an_unconfirmed_revision_expires_after_confirm_within() -> None:
     # That live answer carried r1: confirmed again, so reuse resumes.
     assert cache.revision == "r1"
     assert (await cache.decide(INPUT, not_after=None)).cache_hit
+
+
+def test_reads_literals_says_whether_texts_of_one_shape_may_share_a_decision() -> None:
+    """Texts of one shape differ only in `statement.text` (and, extended, `params`): a
+    policy reading either, or a path above them, or anything unknown, may tell them apart."""
+    cache = DecisionCache(ScriptedDecider(), max_entries=10)
+    assert cache.reads_literals("unknown")  # reads never reported: it may read anything
+    cache.policy_reads("r1", None)
+    assert cache.reads_literals("r1")
+    blind = frozenset({("statement", "columns"), ("statement", "estimate", "plan_rows")})
+    cases = {
+        "r2": (blind, False),
+        "r3": (blind | {("statement", "text")}, True),
+        "r4": (blind | {("statement",)}, True),
+        "r5": (blind | {("statement", "params", "0")}, True),
+    }
+    for revision, (reads, expected) in cases.items():
+        cache.policy_reads(revision, reads)
+        assert cache.reads_literals(revision) is expected, revision
+    # A revision's reads reported again (rebuilt sources) are what counts.
+    cache.policy_reads("r2", blind | {("statement", "text")})
+    assert cache.reads_literals("r2")
