@@ -26,7 +26,7 @@ from _stack import pg_cluster
 
 from cli.localpg import APP_DB, APP_SCHEMA_SQL, LocalCluster
 from gateway.policy.decision import Mask
-from gateway.sql.catalog import WATCH_SQL, Catalog
+from gateway.sql.catalog import _SNAPSHOT_PROBE, _WATCH_PROBE, WATCH_SQL, Catalog
 from gateway.sql.facts import ColumnRef, StatementFacts, TableRef
 
 EMAIL = [Mask("public", "customers", "email", "email")]
@@ -60,6 +60,20 @@ async def _us_per_call(n: int, call: Callable[[], Awaitable[object]]) -> float:
     return statistics.median(samples)
 
 
+async def _cpu_us_per_call(n: int, call: Callable[[], Awaitable[object]]) -> float:
+    """This process's CPU time per call: what the gateway spends, whatever the server and
+    other processes on a shared machine do (wall-clock medians are not that)."""
+    t0 = time.process_time()
+    for _ in range(n):
+        await call()
+    return (time.process_time() - t0) / n * 1e6
+
+
+def _probe_query(cat: Catalog) -> str:
+    """The query refresh() sends in the catalog's current mode (its first column)."""
+    return _WATCH_PROBE if cat.watched else _SNAPSHOT_PROBE
+
+
 async def _statement(cat: Catalog) -> None:
     """What the gate does for a masked read: probe, resolve, mask targets."""
     await cat.refresh()
@@ -73,6 +87,9 @@ async def _mode(dsn: str, label: str, calls: int, sessions: int) -> None:
     cat = CountingCatalog(dsn)
     await cat.refresh()
     probe = await _us_per_call(calls, cat.refresh)
+    baseline_cpu = await _cpu_us_per_call(calls, lambda: conn.fetchval("SELECT 1"))
+    bare_cpu = await _cpu_us_per_call(calls, lambda: conn.fetchval(_probe_query(cat)))
+    probe_cpu = await _cpu_us_per_call(calls, cat.refresh)
     statement = await _us_per_call(calls, lambda: _statement(cat))
     cat.probes = 0
     t0 = time.perf_counter()
@@ -114,6 +131,10 @@ async def _mode(dsn: str, label: str, calls: int, sessions: int) -> None:
         f" | probe+resolve+masks {statement:6.0f} µs (under writes {busy:6.0f} µs)"
         f" | {sessions} sessions: {total / elapsed:7.0f} refresh/s, {shared:.3f} probes each"
         f" | generation moved on {moved}/{calls // 4} statements under writes"
+    )
+    print(
+        f"{label:>9}: CPU per call: SELECT 1 {baseline_cpu:6.1f} µs"
+        f" | bare probe query {bare_cpu:6.1f} µs | refresh {probe_cpu:6.1f} µs"
     )
 
 

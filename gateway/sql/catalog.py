@@ -231,9 +231,13 @@ class Catalog:
         # and whether it is read from the DDL watch or from the snapshot.
         self.generation: str | None = None
         self._watched = True
-        # The probe under way, and the one queued behind it for callers that came later.
-        self._probe_running: asyncio.Future[str | None] | None = None
-        self._probe_queued: asyncio.Future[str | None] | None = None
+        # The probe under way (None: none), and the callers waiting for the next one: they
+        # came after it was sent, so it cannot serve them. Each refresh() caller has a
+        # future of its own (cancelling one leaves the others' probe alone); refresh_soon()
+        # callers share `_next_shared`.
+        self._probe_task: asyncio.Task[None] | None = None
+        self._next_waiters: list[asyncio.Future[str | None]] = []
+        self._next_shared: asyncio.Future[str | None] | None = None
 
     def invalidate(self) -> None:
         """Forget all metadata (call after any DDL statement completes)."""
@@ -269,32 +273,61 @@ class Catalog:
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
         sent after they called. Raises only for a bug (not for an unreachable catalog)."""
-        return await asyncio.shield(self.refresh_soon())
+        return await self._wait_for_probe()
 
     def refresh_soon(self) -> asyncio.Future[str | None]:
         """refresh() for a caller that is not a coroutine (the session's fast path): the
         shared probe's future, sent after this call. Only to add callbacks to: cancelling
         it would cancel every caller's probe."""
-        queued = self._probe_queued
-        if queued is None:
-            queued = self._probe_queued = asyncio.ensure_future(
-                self._probe_after(self._probe_running)
-            )
-        return queued
+        shared = self._next_shared
+        if shared is None:
+            shared = self._next_shared = self._wait_for_probe()
+        return shared
 
-    async def _probe_after(self, previous: asyncio.Future[str | None] | None) -> str | None:
-        if previous is not None:
-            # It was sent before some of our callers came: they need a probe of their own.
-            await asyncio.wait([previous])
-        self._probe_running, self._probe_queued = self._probe_queued, None
+    def _wait_for_probe(self) -> asyncio.Future[str | None]:
+        # No Task, shield or wait per caller: the probe hands its result to each waiter
+        # itself (one loop pass to the caller), and the one in flight starts the next.
+        waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._next_waiters.append(waiter)
+        if self._probe_task is None:
+            self._send_probe()
+        return waiter
+
+    def _send_probe(self) -> None:
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe_for())
+
+    async def _probe_for(self) -> None:
+        # The task's first step, a loop pass after _send_probe(): it serves everyone who
+        # asked before this line, and sends its query after it.
+        waiters, self._next_waiters, self._next_shared = self._next_waiters, [], None
+        generation: str | None = None
         try:
-            generation = await self._on_connection(self._probe)
-        except CATALOG_FAILURES:
-            generation = None
-        if generation is None or generation != self.generation:
-            self.invalidate()
-        self.generation = generation
-        return generation
+            try:
+                generation = await self._on_connection(self._probe)
+            except CATALOG_FAILURES:
+                generation = None
+            if generation is None or generation != self.generation:
+                self.invalidate()
+            self.generation = generation
+        except BaseException as exc:
+            # A bug (or the loop shutting down): every waiter hears of it, none hangs.
+            for waiter in waiters:
+                if not waiter.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiter.cancel()
+                    else:
+                        waiter.set_exception(exc)
+            raise
+        else:
+            for waiter in waiters:
+                if not waiter.done():  # (a refresh() caller cancelled meanwhile)
+                    waiter.set_result(generation)
+        finally:
+            # Who asked while this one was in flight gets the next (sent a pass from now,
+            # so the callers just answered share it if they ask again at once).
+            self._probe_task = None
+            if self._next_waiters:
+                self._send_probe()
 
     async def _probe(self, conn: Any) -> str | None:
         if self._watched:

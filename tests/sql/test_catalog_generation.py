@@ -177,3 +177,39 @@ async def test_a_shape_resolves_once_per_generation_and_afresh_after_ddl(
     third = await catalog.resolve(analyzer.analyze("SELECT * FROM people WHERE id = 3")[0])
     assert lookups == 2
     assert {c.column for c in third.columns} == {"id", "email", "phone"}
+
+
+async def test_a_caller_arriving_while_a_probe_is_in_flight_waits_for_the_next(
+    database: tuple[str, psycopg.Connection[TupleRow]], catalog: CountingCatalog
+) -> None:
+    """The probe in flight was sent before the later callers asked: a DDL committed just
+    before they asked may be missing from its answer, so they get a probe of their own
+    (shared among them), and the earlier caller is not held back for it."""
+    dsn, conn = database
+    conn.execute(WATCH_SQL.read_text())
+    await catalog.refresh()  # connected, reading the watch's counter
+    catalog.probes = 0
+    # Holding the counter's table locked keeps the first probe on the server.
+    with psycopg.connect(dsn) as blocker:
+        blocker.execute("LOCK TABLE pgwarden.ddl_generation IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.ensure_future(catalog.refresh())
+        for _ in range(500):
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'pgwarden-catalog' AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting is not None and waiting[0] == 1:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the first probe never reached the server")
+        later = asyncio.ensure_future(catalog.refresh())
+        soon = catalog.refresh_soon()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert catalog.probes == 1 and not first.done() and not later.done()
+        blocker.rollback()
+        results = [await first, await later, await soon]
+    assert catalog.probes == 2
+    assert len(set(results)) == 1 and results[0] is not None
+    assert results[0].startswith("watch:")
