@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import socket
 import struct
+from typing import cast
 
 import uvloop
 
@@ -33,9 +34,11 @@ class _Half(asyncio.Protocol):
         self.messages = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # uvloop's TCP transport is no subclass of asyncio.Transport, though it is one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.get_extra_info("socket").setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
 
     def data_received(self, data: bytes) -> None:
         buf = self._pending
