@@ -1650,7 +1650,12 @@ class ClientSession(asyncio.Protocol):
             return  # as a cancelled task: the record is written, the statement not sent
         assert self.gate is not None
         try:
-            if self._plan_stale(planned, probe):
+            # Asked again only where something may have moved while the record was written:
+            # a catalog check that overlapped it, or kept masks (the catalog cache dropped
+            # meanwhile). Otherwise _catalog_checked or _execute_planned asked just before
+            # the record was queued, and the record's write changes neither.
+            again = probe is not None or any(d.masks for d in planned.decisions)
+            if again and self._plan_stale(planned, probe):
                 # Recorded during a check that found the plan stale (or masks that moved
                 # while it was written): the record is closed as not sent under it, the
                 # statement decided and recorded afresh.
