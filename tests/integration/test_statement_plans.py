@@ -18,9 +18,16 @@ from .test_audit_support import last_pos, records_after, wait_for
 pytestmark = pytest.mark.server
 
 
-def _requests(gateway: RunningGateway, pos: int, count: int) -> list[dict[str, Any]]:
+def _requests(gateway: RunningGateway, pos: int, count: int, naming: str) -> list[dict[str, Any]]:
+    """The first `count` request records after `pos` whose text names `naming`, once the
+    index holds them (other sessions' records, e.g. a driver's own statements, do not count)."""
+
     def ready() -> list[dict[str, Any]] | None:
-        found = [r.record() for r in records_after(gateway.settings, pos) if r.kind == "request"]
+        found = [
+            rec
+            for r in records_after(gateway.settings, pos)
+            if r.kind == "request" and naming in (rec := r.record())["text"]
+        ]
         return found if len(found) >= count else None
 
     return wait_for(ready)
@@ -38,7 +45,7 @@ def test_texts_differing_in_literals_share_a_decision_across_sessions(
     with connect(dsn) as second:
         assert simple(second, texts[1]) == [("v2",)]
         assert simple(second, texts[2]) == [("v3",)]
-    records = [r for r in _requests(gateway, pos, 3) if table in r["text"]]
+    records = _requests(gateway, pos, 3, table)
     # Each record holds its own exact text; the decision of the first serves the others.
     assert [r["text"] for r in records] == texts
     assert [r["decision"]["cache_hit"] for r in records] == [False, True, True]
