@@ -19,7 +19,7 @@ from gateway.audit.search import SEARCH_ACTIONS, AuditQuery, BadSearch, parse_wh
 from gateway.audit.store import AuditStoreError
 from gateway.console.deps import ConsoleDeps
 from gateway.console.people import Person
-from gateway.console.render import page
+from gateway.console.render import page, utc
 from gateway.console.web_session import SignedIn
 
 PAGE_SIZE = 50
@@ -28,13 +28,6 @@ PAGE_SIZE = 50
 CHAIN_MAX_AGE = 60.0
 # The search form's fields, as GET parameters (a search is a link one can share).
 _FIELDS = ("subject", "group", "target", "action", "kind", "session", "since", "until", "text")
-
-
-def utc(t: float | None) -> str:
-    """A time as the pages show it: UTC to the second (a reader elsewhere sees the same)."""
-    if t is None:
-        return ""
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass(frozen=True)

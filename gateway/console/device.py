@@ -4,21 +4,15 @@ This is how people whose identity provider speaks SAML (no device grant) get one
 
 from __future__ import annotations
 
-import datetime as dt
-
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from gateway.console.deps import ConsoleDeps
-from gateway.console.render import page
+from gateway.console.render import page, utc
 from gateway.console.web_session import SignedIn, form_fields, web_session
 from gateway.identity.device_codes import DeviceCode, shown_user_code
 
 PAGE = "/console/device"
-
-
-def _when(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def device_page_router(deps: ConsoleDeps) -> APIRouter:
@@ -41,7 +35,7 @@ def device_page_router(deps: ConsoleDeps) -> APIRouter:
             typed=typed,
             code=code,
             shown=shown_user_code(code.user_code) if code is not None else "",
-            requested=_when(code.created) if code is not None else "",
+            requested=utc(code.created) if code is not None else "",
             error=error,
             notice=notice,
         )

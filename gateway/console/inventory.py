@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.console.deps import ConsoleDeps
 from gateway.console.people import Person
-from gateway.console.render import flash, flashed, page
+from gateway.console.render import flash, flashed, page, utc
 from gateway.console.web_session import SignedIn
 from gateway.control.store import ControlStoreUnavailable
 from gateway.identity.registry import UnknownToken
@@ -27,12 +27,6 @@ TOKENS_SHOWN = 500
 
 def is_admin(deps: ConsoleDeps, person: Person) -> bool:
     return bool(person.groups & deps.admin_groups)
-
-
-def when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
 
 
 def inventory_router(deps: ConsoleDeps) -> APIRouter:
@@ -56,9 +50,9 @@ def inventory_router(deps: ConsoleDeps) -> APIRouter:
                     "jti": r.jti,
                     "subject": r.subject,
                     "groups": list(r.groups),
-                    "issued": when(r.issued_at),
-                    "expires": when(r.expires_at),
-                    "revoked": when(r.revoked_at),
+                    "issued": utc(r.issued_at),
+                    "expires": utc(r.expires_at),
+                    "revoked": utc(r.revoked_at),
                     "status": r.status(now),
                 }
                 for r in shown[:TOKENS_SHOWN]

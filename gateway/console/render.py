@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,13 @@ HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 # Autoescaped (.html): statements, notes and names are client or IdP text.
 templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+def utc(t: float | None) -> str:
+    """A time as the pages show it: UTC to the second (a reader elsewhere sees the same)."""
+    if t is None:
+        return ""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
