@@ -202,6 +202,11 @@ class PreparedStatement:
     catalog_generation: str | None = None
     # Its masks as an Execute of it resolved them, for the next ones (gate.plan_fits).
     masks: KeptMasks | None = None
+    # The types as the Parse gave them, never replaced: an Execute decided again (DDL or a
+    # policy change since the Parse) finds the estimate made at the Parse under these. Under
+    # the server's inferred types it would miss it, and nothing can be explained inside the
+    # client's Bind/Execute pipeline: an agent's read would be taken as not estimated.
+    declared_types: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -1859,6 +1864,7 @@ class ClientSession(asyncio.Protocol):
             msg.param_types,
             self.gate.search_path,
             catalog_generation=self.gate.catalog_generation,
+            declared_types=msg.param_types,
         )
         if len(verdict.facts) == 1:
             self.gate.prepared.register(msg.name, verdict.facts[0])
@@ -1945,7 +1951,7 @@ class ClientSession(asyncio.Protocol):
                 self._refuse("parse", refusal_for(_UNDECLARED_BINARY), [])
                 return
             verdict = await self.gate.check_facts(
-                prepared.facts, portal.params, prepared.param_types
+                prepared.facts, portal.params, prepared.declared_types
             )
         elif (
             not planned_as_decided
@@ -1955,7 +1961,7 @@ class ClientSession(asyncio.Protocol):
             # PostgreSQL plans it again under the session's search_path now, or over the
             # catalog as DDL left it: so is it judged.
             verdict = await self.gate.recheck_text(
-                prepared.facts[0].text, portal.params, prepared.param_types
+                prepared.facts[0].text, portal.params, prepared.declared_types
             )
             if verdict.allowed and len(verdict.facts) == 1:
                 prepared.facts, prepared.decisions = verdict.facts, verdict.decisions
@@ -1965,7 +1971,7 @@ class ClientSession(asyncio.Protocol):
         elif not self.gate.still_current(prepared.decisions):
             # The policy changed since the Parse: its allow no longer stands on its own.
             verdict = await self.gate.recheck_prepared(
-                prepared.facts, portal.params, prepared.param_types
+                prepared.facts, portal.params, prepared.declared_types
             )
             if verdict.allowed:
                 prepared.decisions = verdict.decisions

@@ -356,3 +356,30 @@ def test_a_planned_execute_checked_while_ddl_moved_the_catalog_is_recorded_truth
         assert len(stale) == 1, outcomes
         assert stale[0]["command_tag"] is None
         assert "decided again" in (stale[0]["error_message"] or "")
+
+
+def test_an_agents_read_decided_again_after_ddl_keeps_the_estimate_of_its_parse(
+    gateway: RunningGateway, db: Db
+) -> None:
+    """asyncpg leaves a Parse's parameter types to the server. An Execute decided again after
+    DDL (here a table the statement does not read) runs on the estimate its Parse made: inside
+    the client's Bind/Execute pipeline nothing can be explained, and an agent's read without
+    an estimate would wait for a human."""
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        conn = await asyncpg.connect(gateway.url(token_for(gateway, "ai-agents"), target=db.target))
+        try:
+            stmt = await conn.prepare("SELECT id FROM customers WHERE id > $1 ORDER BY id")
+            before = [r[0] for r in await stmt.fetch(0)]
+            db.ddl(f"CREATE TABLE unrelated_{uuid.uuid4().hex[:8]} (id int)")
+            after = [r[0] for r in await stmt.fetch(0)]
+            typed = [await conn.fetchval("SELECT id::text || $1 FROM customers LIMIT 1", "!")]
+            db.ddl(f"CREATE TABLE unrelated_{uuid.uuid4().hex[:8]} (id int)")
+            typed.append(await conn.fetchval("SELECT id::text || $1 FROM customers LIMIT 1", "!"))
+            return before, after, typed
+        finally:
+            await conn.close()
+
+    before, after, typed = asyncio.run(scenario())
+    assert before == after and len(before) == 2, (before, after)
+    assert typed == [f"{before[0]}!"] * 2, typed

@@ -18,6 +18,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import psycopg
 import pytest
 import uvloop
@@ -177,6 +178,50 @@ def test_policy_change_takes_effect_without_restart(
         assert cache.hits > hits, "the decision cache stopped serving after the revert"
     # OPA was reloaded, not restarted.
     assert sidecar.pid == opa_pid
+
+
+NO_OP_RULE = """# Added by a test: a rule no decision reads; only the revision changes.
+package pgwarden
+
+test_marker := true
+"""
+
+
+def test_an_agents_read_decided_again_after_a_policy_change_keeps_its_estimate(
+    live: RunningGateway, policy_copy: tuple[Path, Path]
+) -> None:
+    """An asyncpg prepared read (its Parse leaves the parameter types to the server) executed
+    after a policy change is decided again inside the client's Bind/Execute pipeline, where
+    nothing can be explained: it runs on the estimate its Parse made, not held for a human."""
+    rego, _ = policy_copy
+    cache = live.gateway.decider
+    assert cache is not None
+    rule = rego / "pgwarden" / "zz_no_op.rego"
+    query = "SELECT count(*) FROM orders WHERE id > $1"
+
+    async def scenario() -> list[int]:
+        conn = await asyncpg.connect(live.url(token_for(live, "ai-agents")))
+        try:
+            stmt = await conn.prepare(query)
+            counts = [await stmt.fetchval(0)]
+            old_revision = cache.revision
+            assert old_revision is not None
+            rule.write_text(NO_OP_RULE)
+            try:
+                deadline = time.monotonic() + 15
+                # A decision of another statement brings the new revision into the cache.
+                while cache.revision in (None, old_revision):
+                    assert time.monotonic() < deadline, "the policy change never took effect"
+                    assert await conn.fetchval("SELECT 6 * 7") == 42
+                    await asyncio.sleep(0.05)
+                counts.append(await stmt.fetchval(0))
+            finally:
+                rule.unlink(missing_ok=True)
+            return counts
+        finally:
+            await conn.close()
+
+    assert asyncio.run(scenario()) == [3, 3]
 
 
 TEXT_RULE = """# Added by a test: a rule that reads the statement's text.
