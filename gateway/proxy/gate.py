@@ -347,6 +347,47 @@ Notify = Callable[[bytes], Awaitable[None]]
 class StatementGate:
     """Per-session: turns statement text into a verdict, recording each statement first."""
 
+    # Slots, not a __dict__: one per open session (see ClientSession.__slots__).
+    __slots__ = (
+        "_analyzer",
+        "_approvals",
+        "_audit",
+        "_audit_target",
+        "_catalog",
+        "_decider",
+        "_estimates",
+        "_free_databases",
+        "_literal_reads",
+        "_mask_catalog",
+        "_metrics",
+        "_principal_input",
+        "_query_plans",
+        "_revisions",
+        "_target_input",
+        "budgeted",
+        "catalog_generation",
+        "ctx",
+        "cursors",
+        "enforced",
+        "estimate_plan_rows",
+        "estimate_seq_scan_rows",
+        "explain",
+        "held",
+        "in_transaction",
+        "justification",
+        "notify",
+        "prepared",
+        "rate_check",
+        "record_rows",
+        "rows_relayed",
+        "rules_problem",
+        "search_path",
+        "settle_search_path",
+        "statements_recorded",
+        "sticky_masks",
+        "upstream_user",
+    )
+
     def __init__(
         self,
         ctx: SessionContext,

@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -297,7 +298,9 @@ async def _login(
                     f"target {target.name} failed SCRAM server verification", "28000"
                 ) from None
         elif isinstance(msg, ParameterStatus):
-            server_params[msg.name] = msg.value
+            # Interned: every session keeps these, and their names and most values (UTF8,
+            # on, the server's version) are the same in all of them.
+            server_params[sys.intern(msg.name)] = sys.intern(msg.value)
         elif isinstance(msg, BackendKeyData):
             process_id, secret = msg.process_id, msg.secret_key
         elif isinstance(msg, ReadyForQuery):
