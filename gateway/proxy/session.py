@@ -1147,7 +1147,7 @@ class ClientSession(asyncio.Protocol):
         """Run the allowed startup settings upstream before the client's first statement."""
         assert self.up is not None
         proto = self.up.protocol
-        self.up.transport.write(Query(sql.encode()).encode())
+        proto.send(Query(sql.encode()).encode())
         reported: dict[str, str] = {}
         while True:
             code, body = await proto.read_frame()
@@ -1168,7 +1168,7 @@ class ClientSession(asyncio.Protocol):
         """The search_path the session starts with, as the server reports it."""
         assert self.up is not None
         proto = self.up.protocol
-        self.up.transport.write(SHOW_SEARCH_PATH)
+        proto.send(SHOW_SEARCH_PATH)
         value: str | None = None
         while True:
             code, body = await proto.read_frame()
@@ -1293,6 +1293,9 @@ class ClientSession(asyncio.Protocol):
         if self._startup_timer is not None:
             self._startup_timer.cancel()
         proto = up.protocol
+        if proto.closed:
+            # Lost during the set-up, before on_lost below could hear of it.
+            raise UpstreamError("the target closed the connection during login")
         proto.on_data = self._server_data
         proto.on_lost = self._upstream_lost
         proto.on_pause = self._upstream_paused

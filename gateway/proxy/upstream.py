@@ -92,6 +92,19 @@ class UpstreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, data: bytes) -> None:
+        """A write of the login or the session's set-up: a target already gone is the
+        UpstreamError the reads raise, not the transport's own error (uvloop raises
+        RuntimeError on a closed handle) surfacing as a bug."""
+        transport = self.transport
+        if self._closed or transport is None or transport.is_closing():
+            raise UpstreamError("the target closed the connection during login")
+        transport.write(data)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
         self._lost = exc
@@ -214,7 +227,7 @@ async def _login(
 ) -> UpstreamConnection:
     ctx = upstream_context(target)
     if ctx is not None:
-        transport.write(SSLRequest().encode())
+        proto.send(SSLRequest().encode())
         answer = await proto.read_byte()
         if proto.take_buffered():
             # Bytes after the 'S' were not protected by TLS (CVE-2021-23222): refuse them.
@@ -232,7 +245,7 @@ async def _login(
                 f"target {target.name} does not accept TLS (sslmode={target.sslmode})"
             )
     params = {"database": target.dbname, **parameters, "user": target.user}
-    transport.write(StartupMessage(parameters=params).encode())
+    proto.send(StartupMessage(parameters=params).encode())
     try:
         password = target.password(environ)
     except TargetError as exc:
@@ -263,7 +276,7 @@ async def _login(
                 if isinstance(msg, AuthenticationMD5Password)
                 else password
             )
-            transport.write(PasswordMessage(answer_pw).encode())
+            proto.send(PasswordMessage(answer_pw).encode())
             auth_method = "md5" if isinstance(msg, AuthenticationMD5Password) else "password"
         elif isinstance(msg, AuthenticationSASL):
             if password is None:
@@ -282,12 +295,12 @@ async def _login(
             )
             first = scram.get_client_first()
             auth_method = scram.mechanism_name
-            transport.write(SASLInitialResponse(scram.mechanism_name, first.encode()).encode())
+            proto.send(SASLInitialResponse(scram.mechanism_name, first.encode()).encode())
         elif isinstance(msg, AuthenticationSASLContinue):
             if scram is None:
                 raise UpstreamError("target sent SASLContinue before SASL", "08P01")
             scram.set_server_first(msg.data.decode())
-            transport.write(SASLResponse(scram.get_client_final().encode()).encode())
+            proto.send(SASLResponse(scram.get_client_final().encode()).encode())
         elif isinstance(msg, AuthenticationSASLFinal):
             if scram is None:
                 raise UpstreamError("target sent SASLFinal before SASL", "08P01")

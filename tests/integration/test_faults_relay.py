@@ -420,8 +420,14 @@ class DropsAfterLogin(TcpRelay):
                 return
 
 
+# With a startup option the gateway decides it (OPA, the audit) before its first write of
+# the set-up, so the target's hang-up is all but sure to come before that write: a write to
+# the closed connection must end the login as the hang-up does, never as an internal error.
+@pytest.mark.parametrize(
+    "options", [{}, {"options": "-c search_path=public"}], ids=["bare", "option"]
+)
 def test_target_lost_while_the_session_is_set_up(
-    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture, options: dict[str, str]
 ) -> None:
     caplog.set_level(logging.WARNING)
     relay = DropsAfterLogin(gateway.cluster.port)
@@ -432,7 +438,7 @@ def test_target_lost_while_the_session_is_set_up(
             client = RawClient.connect(gateway.host, gateway.port, timeout=10)
             try:
                 with pytest.raises(LoginRefused) as info:
-                    client.login(name, token, application_name=app)
+                    client.login(name, token, application_name=app, **options)
                 assert client.answers_or_closes(5) == "closed"
             finally:
                 client.close()
