@@ -73,8 +73,13 @@ def last_pos(settings: Settings) -> int:
     return records[-1].pos if records else 0
 
 
-def wait_for(probe: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.1) -> T:
-    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
+def wait_for(probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1) -> T:
+    """Poll `probe` until it returns something truthy; fail after `timeout` seconds.
+
+    The default is generous: a passing probe returns at once, and on a loaded CI machine the
+    index reaches a record the gateway wrote long before a probe that reads the whole
+    store of a session-wide gateway (thousands of records) has run a few times (a
+    session_end seen after 10.6 s once, two CPU hogs running)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
