@@ -10,6 +10,7 @@ with no NotOnOrAfter, and a response to a request already answered (replay).
 
 from __future__ import annotations
 
+import functools
 import secrets
 import shutil
 import threading
@@ -19,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from cryptography.utils import CryptographyDeprecationWarning
@@ -27,18 +29,40 @@ from gateway.console.people import Person
 from gateway.identity.oidc import _require_secure as require_secure
 from gateway.settings import ConsoleSettings
 
-with warnings.catch_warnings():
-    # pysaml2's symmetric-cipher table names CFB at import, which cryptography deprecates;
-    # the console never uses those ciphers (it only verifies signatures).
-    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-    from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT
-    from saml2.client import Saml2Client
-    from saml2.config import SPConfig
-    from saml2.metadata import create_metadata_string
-    from saml2.response import IncorrectlySigned, StatusError, UnsolicitedResponse
-    from saml2.saml import SCM_BEARER
-    from saml2.sigver import SIG_RSA_SHA256, SigverError
-    from saml2.validate import ResponseLifetimeExceed, ToEarly
+
+@functools.cache
+def _pysaml2() -> SimpleNamespace:
+    """pysaml2, imported when a SAML login is first configured or answered: its import
+    builds XML schemas (0.75 s of CPU), which every gateway and pgwarden command paid at
+    start before, SAML configured or not."""
+    with warnings.catch_warnings():
+        # pysaml2's symmetric-cipher table names CFB at import, which cryptography deprecates;
+        # the console never uses those ciphers (it only verifies signatures).
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        from saml2 import BINDING_HTTP_POST, BINDING_HTTP_REDIRECT
+        from saml2.client import Saml2Client
+        from saml2.config import SPConfig
+        from saml2.metadata import create_metadata_string
+        from saml2.response import IncorrectlySigned, StatusError, UnsolicitedResponse
+        from saml2.saml import SCM_BEARER
+        from saml2.sigver import SIG_RSA_SHA256, SigverError
+        from saml2.validate import ResponseLifetimeExceed, ToEarly
+    return SimpleNamespace(
+        BINDING_HTTP_POST=BINDING_HTTP_POST,
+        BINDING_HTTP_REDIRECT=BINDING_HTTP_REDIRECT,
+        Saml2Client=Saml2Client,
+        SPConfig=SPConfig,
+        create_metadata_string=create_metadata_string,
+        IncorrectlySigned=IncorrectlySigned,
+        StatusError=StatusError,
+        UnsolicitedResponse=UnsolicitedResponse,
+        SCM_BEARER=SCM_BEARER,
+        SIG_RSA_SHA256=SIG_RSA_SHA256,
+        SigverError=SigverError,
+        ResponseLifetimeExceed=ResponseLifetimeExceed,
+        ToEarly=ToEarly,
+    )
+
 
 LOGIN_PATH = "/console/login/saml"
 ACS_PATH = "/console/saml/acs"
@@ -186,7 +210,7 @@ class SamlServiceProvider:
 
     def _saml_client(self) -> Any:
         if self._client is None:
-            self._client = Saml2Client(config=self._sp_config())
+            self._client = _pysaml2().Saml2Client(config=self._sp_config())
         return self._client
 
     def _sp_config(self) -> Any:
@@ -221,7 +245,9 @@ class SamlServiceProvider:
             "allow_unknown_attributes": True,
             "service": {
                 "sp": {
-                    "endpoints": {"assertion_consumer_service": [(s.acs_url, BINDING_HTTP_POST)]},
+                    "endpoints": {
+                        "assertion_consumer_service": [(s.acs_url, _pysaml2().BINDING_HTTP_POST)]
+                    },
                     "allow_unsolicited": False,
                     "want_assertions_or_response_signed": True,
                     "want_assertions_signed": False,
@@ -233,7 +259,7 @@ class SamlServiceProvider:
         if signing:
             config["key_file"] = str(s.sp_key_file)
             config["cert_file"] = str(s.sp_cert_file)
-        sp_config = SPConfig()
+        sp_config = _pysaml2().SPConfig()
         try:
             sp_config.load(config)
         except Exception as exc:
@@ -251,7 +277,9 @@ class SamlServiceProvider:
     def metadata_xml(self) -> str:
         """Our SP metadata, for the IdP administrator to register us with."""
         with self._lock:
-            metadata = create_metadata_string(None, config=self._saml_client().config, sign=False)
+            metadata = _pysaml2().create_metadata_string(
+                None, config=self._saml_client().config, sign=False
+            )
         return metadata.decode() if isinstance(metadata, bytes) else str(metadata)
 
     def begin_login(self, browser: str, then: str = "/console/") -> str:
@@ -261,11 +289,11 @@ class SamlServiceProvider:
             client = self._saml_client()
             kwargs: dict[str, Any] = {}
             if client.authn_requests_signed:
-                kwargs = {"sign": True, "sigalg": SIG_RSA_SHA256}
+                kwargs = {"sign": True, "sigalg": _pysaml2().SIG_RSA_SHA256}
             request_id, info = client.prepare_for_authenticate(
                 entityid=self._idp_entity_id(),
-                binding=BINDING_HTTP_REDIRECT,
-                response_binding=BINDING_HTTP_POST,
+                binding=_pysaml2().BINDING_HTTP_REDIRECT,
+                response_binding=_pysaml2().BINDING_HTTP_POST,
                 **kwargs,
             )
         self.ledger.issue(str(request_id), browser, then)
@@ -291,7 +319,7 @@ class SamlServiceProvider:
         try:
             response = client.parse_authn_request_response(
                 saml_response,
-                BINDING_HTTP_POST,
+                _pysaml2().BINDING_HTTP_POST,
                 outstanding=outstanding,
                 # With conv_info, pysaml2 requires each bearer Recipient to be one of our
                 # ACS URLs (without it, it accepts any Recipient).
@@ -324,7 +352,9 @@ class SamlServiceProvider:
             raise SamlLoginRefused("wrong audience: the assertion names no audience")
         for confirmation in assertion.subject.subject_confirmation:
             data = confirmation.subject_confirmation_data
-            if confirmation.method == SCM_BEARER and (data is None or not data.not_on_or_after):
+            if confirmation.method == _pysaml2().SCM_BEARER and (
+                data is None or not data.not_on_or_after
+            ):
                 raise SamlLoginRefused("no expiry: the bearer confirmation has no NotOnOrAfter")
 
     def _person(self, response: Any) -> Person:
@@ -345,17 +375,17 @@ class SamlServiceProvider:
 def _refusal(exc: Exception) -> SamlLoginRefused:
     """The reason a pysaml2 exception refuses the login, led by the check that failed."""
     text = _text(exc)
-    if isinstance(exc, UnsolicitedResponse):
+    if isinstance(exc, _pysaml2().UnsolicitedResponse):
         return SamlLoginRefused(UNSOLICITED)
-    if isinstance(exc, SigverError | IncorrectlySigned):
+    if isinstance(exc, _pysaml2().SigverError | _pysaml2().IncorrectlySigned):
         return SamlLoginRefused(
             f"signature missing or not valid for the IdP's certificate ({text})"
         )
-    if isinstance(exc, ResponseLifetimeExceed):
+    if isinstance(exc, _pysaml2().ResponseLifetimeExceed):
         return SamlLoginRefused(f"expired assertion: {text}")
-    if isinstance(exc, ToEarly):
+    if isinstance(exc, _pysaml2().ToEarly):
         return SamlLoginRefused(f"assertion not valid yet: {text}")
-    if isinstance(exc, StatusError):
+    if isinstance(exc, _pysaml2().StatusError):
         return SamlLoginRefused(f"the IdP did not sign you in: {text}")
     # pysaml2 raises bare Exception or VerificationError for the rest; its text names the check.
     check = next((name for key, name in _CHECKS.items() if key in text), "response refused")
