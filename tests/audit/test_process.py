@@ -24,6 +24,7 @@ from gateway.audit import (
 )
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings, load_settings
+from tests.harness import PATIENCE
 
 from .conftest import session_event, statement_outcome, statement_request
 
@@ -49,12 +50,6 @@ async def _verified(settings: Settings) -> bool:
         return report.ok
     finally:
         await store.close()
-
-
-# How long a wait for the audit process may take. Generous: on a loaded machine a child
-# takes seconds just to import (a full suite's run on 2 cores saw 10 s), and no test may
-# assert wall-clock times; a wait ends as soon as its condition holds.
-PATIENCE = 120.0
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:

@@ -40,7 +40,7 @@ from gateway.audit import AuditProcess, AuditStartRefused, AuditWriter, ChainGap
 from gateway.policy.sidecar import OpaSidecar
 from gateway.runtime import Gateway
 from gateway.settings import Settings, load_settings
-from tests.harness import RunningGateway
+from tests.harness import PATIENCE, RunningGateway
 
 from . import (
     REFUSED,
@@ -62,10 +62,6 @@ from .test_policy_reload import external_opa
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# How long a wait for the audit supervisor may take. Generous: on a loaded machine a new
-# audit child takes seconds just to start (10 s seen in a full run on 2 cores), and no test
-# may assert wall-clock times; a wait ends as soon as its condition holds.
-PATIENCE = 120.0
 # These tests start and stop gateways (each with its OPA and audit child) and run `audit
 # verify` several times: a minute on a loaded machine, more than the suite's 120 s at worst.
 SLOW_TEST_TIMEOUT = 600
