@@ -36,6 +36,12 @@ from gateway.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
+# How long a test may wait for a process to start, answer or end (a gateway, its audit
+# child, a `pgwarden` command). Generous: on the shared 2-core machine, starved of CPU, a
+# Python process took from seconds to more than a minute to start; no test may assert
+# wall-clock times, and a wait ends as soon as its condition holds.
+PATIENCE = 300.0
+
 
 @dataclass
 class RunningGateway:

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from gateway.audit import (
 )
 from gateway.proxy.ports import AuditUnavailable
 from gateway.settings import Settings, load_settings
+from tests.harness import PATIENCE
 
 from .conftest import session_event, statement_outcome, statement_request
 
@@ -51,12 +52,21 @@ async def _verified(settings: Settings) -> bool:
         await store.close()
 
 
-async def _wait_up(sink: AuditProcess) -> None:
-    deadline = time.monotonic() + 30
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after PATIENCE seconds."""
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (after {PATIENCE:g}s)"
+        await asyncio.sleep(0.05)
+
+
+async def _wait_up(sink: AuditProcess, text: str = "SELECT 'up?'") -> str:
+    """A request record committed, sent again until the child confirms one in time (it may
+    be restarting, or slower than the audit timeout on a loaded machine); its id."""
+    deadline = time.monotonic() + PATIENCE
     while True:
         try:
-            await sink.request(statement_request("SELECT 'up?'"))
-            return
+            return await sink.request(statement_request(text))
         except AuditUnavailable:
             assert time.monotonic() < deadline, "the audit process did not come back"
             await asyncio.sleep(0.05)
@@ -198,33 +208,33 @@ async def test_the_supervisor_survives_every_kind_of_child_failure(
 async def test_outcomes_wait_in_the_spool_through_a_store_outage_and_a_new_child(
     tmp_path: Path,
 ) -> None:
+    # A short audit timeout is a short busy timeout: each commit tried while the store is
+    # locked fails fast. The failed records then wait a whole second in the spool before the
+    # next try (a try takes them out of it), so that the poll below sees them there however
+    # late a loaded machine wakes it.
     settings = _settings(tmp_path, timeout_seconds=0.3)
-    sink = AuditProcess(settings, restart_delay=0.05, spool_retry=0.1)
+    sink = AuditProcess(settings, restart_delay=0.05, spool_retry=1.0)
     await sink.start()
     lock = None
     try:
-        rid = await sink.request(statement_request("SELECT 'ran'"))
+        rid = await _wait_up(sink, "SELECT 'ran'")
         # The store cannot take a commit (another connection holds its write lock).
         lock = sqlite3.connect(settings.state_path(settings.audit.sqlite_path))
         lock.isolation_level = None
         lock.execute("BEGIN EXCLUSIVE")
         sink.outcome_nowait(statement_outcome(rid))
         await sink.session(session_event("session_end", "client quit"))
-        deadline = time.monotonic() + 10
-        while sink.spooled < 2:
-            assert time.monotonic() < deadline, "the failed records were not spooled"
-            await asyncio.sleep(0.05)
+        await _until(lambda: sink.spooled >= 2, "the failed records were not spooled")
         # The spool lives in the gateway: a new child inherits it.
         assert sink._proc is not None
         first = sink._proc.pid
         os.kill(first, signal.SIGKILL)
-        while not (sink.ready and sink._proc is not None and sink._proc.pid != first):
-            assert time.monotonic() < deadline, "no new child"
-            await asyncio.sleep(0.05)
+        await _until(
+            lambda: sink.ready and sink._proc is not None and sink._proc.pid != first,
+            "no new child",
+        )
         lock.execute("ROLLBACK")
-        while sink.spooled or sink.unacknowledged:
-            assert time.monotonic() < deadline, "the spool was not emptied"
-            await asyncio.sleep(0.05)
+        await _until(lambda: not (sink.spooled or sink.unacknowledged), "the spool was not emptied")
     finally:
         if lock is not None:
             lock.close()
@@ -241,7 +251,7 @@ async def test_what_overflows_the_spool_is_counted(tmp_path: Path) -> None:
     sink = AuditProcess(settings, spool_limit=2, spool_retry=60)
     await sink.start()
     try:
-        rid = await sink.request(statement_request("SELECT 1"))
+        rid = await _wait_up(sink, "SELECT 1")
         assert sink._proc is not None
         os.kill(sink._proc.pid, signal.SIGSTOP)
         try:
@@ -252,10 +262,7 @@ async def test_what_overflows_the_spool_is_counted(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         finally:
             os.kill(sink._proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while sink.records_lost < 3:
-            assert time.monotonic() < deadline, sink.records_lost
-            await asyncio.sleep(0.05)
+        await _until(lambda: sink.records_lost >= 3, "the overflow was not counted")
         assert sink.spooled <= 2
         await _wait_up(sink)
     finally:

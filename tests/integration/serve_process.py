@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli.localpg import SUPERUSER_PASSWORD
+from tests.harness import PATIENCE
 
 from .test_audit_support import wait_for
 
@@ -57,7 +58,7 @@ class GatewayProcess:
         )  # fmt: skip
         self.pgid = self.proc.pid
 
-    def wait_listening(self, timeout: float = 60) -> None:
+    def wait_listening(self, timeout: float = PATIENCE) -> None:
         def up() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"pgwarden serve exited with {self.proc.returncode}")
@@ -99,6 +100,6 @@ def serve_env(state: Path, opa: Path, port: int, instance: str = "gw-crash") -> 
 def cli(env: dict[str, str], *args: str) -> str:
     """`pgwarden <args>` as a process; its stdout (it must succeed)."""
     out = subprocess.run([str(PGWARDEN), *args], env=env, capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+                         timeout=PATIENCE)  # fmt: skip
     assert out.returncode == 0, (args, out.stdout, out.stderr)
     return out.stdout.strip()
