@@ -219,8 +219,14 @@ class _GatewayProtocol(asyncio.Protocol):
     def __init__(self, owner: AuditProcess) -> None:
         self._owner = owner
         self._buf = bytearray()
+        # Set once its child is accounted for as gone: what is still read from its socket
+        # (acknowledgements written just before it exited) must not be credited to the
+        # records of the child that replaces it.
+        self.retired = False
 
     def data_received(self, data: bytes) -> None:
+        if self.retired:
+            return
         buf = self._buf
         buf += data
         pos, end = 0, len(buf)
@@ -715,6 +721,7 @@ class AuditProcess:
         spooled for the next child; nothing more is sent to it."""
         if protocol is None or protocol is not self._protocol:
             return  # an earlier child's connection, already accounted for
+        protocol.retired = True
         self._protocol = None
         self._transport = None
         self._ready = False

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -304,3 +305,31 @@ async def test_gap_consent_holds_for_a_new_child_until_the_gap_is_bridged(tmp_pa
     stored = await _stored(settings)
     assert stored[0][:2] == ("chain_gap", 4), stored
     assert [k for k, _, _ in stored[1:]] == ["request"] * (len(stored) - 1)
+
+
+async def test_an_acknowledgement_read_from_a_replaced_child_commits_nothing(
+    sink: AuditProcess,
+) -> None:
+    """Acknowledgements still read from a child already accounted for as gone (written just
+    before it exited) are not credited to the records of the child that replaced it: a
+    request the new child has not committed must not be let through as durable."""
+    await _wait_up(sink)
+    old = sink._protocol
+    assert old is not None and sink._proc is not None
+    first = sink._proc.pid
+    os.kill(first, signal.SIGKILL)
+    await _until(
+        lambda: sink.ready and sink._proc is not None and sink._proc.pid != first, "no new child"
+    )
+    await _wait_up(sink)
+    assert sink._proc is not None
+    os.kill(sink._proc.pid, signal.SIGSTOP)  # the new child commits nothing from here
+    try:
+        pending = asyncio.ensure_future(sink.request(statement_request("SELECT 'stale?'")))
+        await _until(lambda: sink.unacknowledged == 1, "the request was not sent")
+        # What a stale socket would deliver: "committed, one record, from seq 999".
+        old.data_received(struct.pack("<BIQ", 0, 1, 999))
+        with pytest.raises(AuditUnavailable):
+            await pending
+    finally:
+        os.kill(sink._proc.pid, signal.SIGCONT)
