@@ -107,6 +107,9 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     assert "Previous" in focused, focused
     page.keyboard.press("ArrowRight")
     expect(page.locator(".position")).to_have_text(re.compile(r"Step 3 of"))
+    # The arrow keys are console.js's: the step's text shows before the script runs, and a
+    # key pressed meanwhile did nothing (seen on a loaded machine).
+    page.wait_for_load_state("load")
     page.keyboard.press("ArrowLeft")
     expect(page.locator(".position")).to_have_text(re.compile(r"Step 2 of"))
 
