@@ -63,36 +63,71 @@ def contrast_failures(page: Page) -> list[str]:
     return failures
 
 
-def tab_through(page: Page, limit: int = 200) -> tuple[set[str], list[str]]:
+# Counts changes of the page's elements (not of text alone: the approvals page counts the
+# seconds a request has waited), so that a walk knows whether the page changed under it.
+_WATCH = """() => {
+  if (window.__a11yChanges !== undefined) return;
+  window.__a11yChanges = 0;
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const nodes = [...r.addedNodes, ...r.removedNodes];
+      if (nodes.some((n) => n.nodeType === Node.ELEMENT_NODE)) { window.__a11yChanges++; return; }
+    }
+  }).observe(document.body, {childList: true, subtree: true});
+}"""
+
+# The focused element, marked as reached; null when the focus is on no element of the page.
+_FOCUSED = """() => {
+  const el = document.activeElement;
+  if (!el || el === document.body) return null;
+  const again = el.dataset.a11yReached === '1';
+  el.dataset.a11yReached = '1';
+  const s = getComputedStyle(el);
+  const outline = s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2;
+  return {again, name: el.getAttribute('aria-label') || el.textContent.trim() || el.id,
+          visible: outline && el.matches(':focus-visible')};
+}"""
+
+# Controls on the page now, visible, that no Tab of this round reached.
+_UNREACHED = f"""() => [...document.querySelectorAll({CONTROLS!r})]
+  .filter((el) => el.checkVisibility() && el.dataset.a11yReached !== '1')
+  .map((el) => el.getAttribute('aria-label') || el.textContent.trim() || el.id || el.outerHTML)"""
+
+_NEW_ROUND = """() => {
+  document.querySelectorAll('[data-a11y-reached]').forEach((el) => delete el.dataset.a11yReached);
+  if (document.activeElement) document.activeElement.blur();
+  return window.__a11yChanges;
+}"""
+
+
+def tab_through(page: Page, limit: int = 200, rounds: int = 3) -> tuple[list[str], list[str]]:
     """Press Tab from the top of the page until focus comes round again. Returns the
-    controls reached (their data-a11y index) and those whose focus was not visible."""
-    total = page.evaluate(
-        f"() => {{ let i = 0; document.querySelectorAll({CONTROLS!r}).forEach("
-        "el => { if (el.checkVisibility()) el.dataset.a11y = String(i++); }); return i; }"
-    )
-    assert total, "no controls on the page"
-    page.evaluate("() => document.activeElement && document.activeElement.blur()")
-    reached: set[str] = set()
+    controls on the page that Tab never reached and those whose focus was not visible.
+
+    A page may change while it is walked (the approvals list refreshes every 2 s, and a
+    request held or decided elsewhere adds or redraws a card): a round during which the
+    page's elements changed is walked again, up to `rounds` times, so that what is judged is
+    one page as it stood, never controls counted on one page and sought on the next."""
+    page.evaluate(_WATCH)
+    assert page.evaluate(f"() => document.querySelectorAll({CONTROLS!r}).length"), "no controls"
+    missed: list[str] = []
     invisible: list[str] = []
-    for _ in range(limit):
-        page.keyboard.press("Tab")
-        focused = page.evaluate(
-            """() => { const el = document.activeElement;
-              if (!el || el === document.body) return null;
-              const s = getComputedStyle(el);
-              const outline = s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2;
-              return {id: el.dataset.a11y || '', name: el.textContent.trim() || el.id,
-                      visible: outline && el.matches(':focus-visible')}; }"""
-        )
-        if focused is None:
-            continue
-        if focused["id"] in reached:
+    for _ in range(rounds):
+        before = page.evaluate(_NEW_ROUND)
+        invisible = []
+        for _ in range(limit):
+            page.keyboard.press("Tab")
+            focused = page.evaluate(_FOCUSED)
+            if focused is None:
+                continue
+            if focused["again"]:
+                break
+            if not focused["visible"]:
+                invisible.append(focused["name"])
+        missed = page.evaluate(_UNREACHED)
+        if page.evaluate("() => window.__a11yChanges") == before:
             break
-        reached.add(focused["id"])
-        if not focused["visible"]:
-            invisible.append(focused["name"])
-    expected = {str(i) for i in range(total)}
-    return expected - reached, invisible
+    return missed, invisible
 
 
 _UNNAMED = re.compile(r"^\s*- (button|link|textbox|combobox|checkbox|radio)\s*(:.*)?$")

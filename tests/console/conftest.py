@@ -26,7 +26,10 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / ".pgwarden" / "screenshots"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium per test module (scripts/ensure-chromium.sh installs it)."""
+    """One headless Chromium per test module (scripts/ensure-chromium.sh installs it); each
+    test has a context of its own (`browser_context`). Not one for the whole package: sync
+    Playwright holds the thread's running event loop while it lives, and the asyncio tests
+    of test_web_session could not run meanwhile."""
     if not CHROMIUM.exists():
         raise RuntimeError(f"{CHROMIUM} missing: run scripts/ensure-chromium.sh (or make test)")
     with sync_playwright() as playwright:
@@ -52,9 +55,10 @@ def console_gateway(cluster: LocalCluster, opa: Path, **overrides: Any) -> Itera
         shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def code_flow() -> Iterator[CodeFlow]:
-    """The test's own OIDC issuer, serving the authorization code flow."""
+    """The tests' own OIDC issuer, serving the authorization code flow (shared: a test that
+    makes it misbehave puts it right again, see test_console_oidc's `_honest_issuer`)."""
     issuer, flow = code_flow_issuer()
     try:
         yield flow
@@ -62,12 +66,14 @@ def code_flow() -> Iterator[CodeFlow]:
         issuer.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def console_gw(
     pg_cluster: LocalCluster, app_database: str, opa_binary: Path, code_flow: CodeFlow
 ) -> Iterator[RunningGateway]:
     """A gateway serving the console, trusting `code_flow`'s issuer for OIDC sign-in;
-    statements the policy holds for approval wait up to 60 s for a person."""
+    statements the policy holds for approval wait up to 60 s for a person. One for all the
+    console modules: no test needs it fresh (each makes its own tables, tokens and
+    requests, and looks for those by their ids), and a gateway start is seconds each."""
     with console_gateway(
         pg_cluster, opa_binary, approval={"wait_seconds": 60}, **oidc_settings(code_flow.issuer)
     ) as gw:

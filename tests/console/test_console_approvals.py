@@ -24,7 +24,7 @@ from tests.console.conftest import (
 from tests.console.idp import CodeFlow
 from tests.harness import RunningGateway
 from tests.integration import original_rows, refusal_of, simple, table_exists, table_rows
-from tests.integration.approvals import Held, agent, own_table, stored
+from tests.integration.approvals import Held, agent, own_table, stored, vote
 
 pytestmark = pytest.mark.server
 
@@ -288,3 +288,50 @@ def test_a_refresh_keeps_a_note_being_typed_and_the_focus(
         first.close()
         if second is not None:
             second.close()
+
+
+def test_a_card_that_changes_keeps_what_the_person_typed_chose_and_the_keyboard_focus(
+    ann: Page, console_gw: RunningGateway
+) -> None:
+    """Other approvers vote on the request whose note the person is typing: each refresh
+    redraws its card (the progress changed, then the request is decided), and the note, the
+    window chosen, the caret and the keyboard focus stay where the person left them."""
+    name = f"kept_{uuid.uuid4().hex[:8]}"
+    mark_page(ann)
+    # DDL by an agent: two approvals needed, so a first vote changes the card, not its form.
+    held = Held(
+        console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'CREATE TABLE "{name}" (id int)')
+    )
+    try:
+        rid = held.request_id()
+        shown = appears_without_reload(ann, rid)
+        expect(shown.locator(".progress")).to_have_text("0 of 2 approvals")
+        shown.get_by_label("Approve for").select_option(label="1 hour")
+        # Into the note by keyboard, as a keyboard user gets there; the caret left mid-text.
+        shown.get_by_label("Approve for").focus()
+        ann.keyboard.press("Shift+Tab")
+        note = shown.get_by_label("Note")
+        expect(note).to_be_focused()
+        ann.keyboard.type("half a thought")
+        for _ in range(len(" thought")):
+            ann.keyboard.press("ArrowLeft")
+
+        vote(console_gw, rid, console_gw.token("user:zed", ("admins",)))
+        expect(card(ann, rid).locator(".progress")).to_have_text("1 of 2 approvals", timeout=15_000)
+        note = card(ann, rid).get_by_label("Note")
+        expect(note).to_have_value("half a thought")
+        expect(note).to_be_focused()
+        assert note.evaluate("el => el.matches(':focus-visible')")
+        expect(card(ann, rid).get_by_label("Approve for")).to_have_value("3600")
+        ann.keyboard.type(" more")
+        expect(note).to_have_value("half a more thought")
+
+        # Decided by someone else: the form goes, the card keeps the focus (a Tab goes on
+        # from there, not from the top of the page).
+        vote(console_gw, rid, console_gw.token("user:yan", ("admins",)))
+        expect(card(ann, rid).locator(".status")).to_contain_text("approved", timeout=15_000)
+        expect(card(ann, rid)).to_be_focused()
+        assert ann.evaluate("() => window.__not_reloaded === true")
+        assert held.done() and held.error is None, held.error
+    finally:
+        held.close()

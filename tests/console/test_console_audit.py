@@ -65,11 +65,16 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     page.goto(console_url(console_gw, "/console/audit"))
     page.get_by_label("Subject").fill(agent_read["subject"])
     page.get_by_label("Decision").select_option("mask")
-    # The request record reaches the index a moment after the client has its rows.
+    # The request record reaches the index a moment after the client has its rows: searched
+    # again until it is there (a loaded machine indexes later; the deadline is only a bound).
     row = page.locator("table.audit-results tbody tr").filter(has_text=MASKED_READ)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while True:
+        # The results read are those of the search just made, not of the page before it
+        # (a load state waited for at once may still be the old page's).
+        page.evaluate("() => { window.__searched = true; }")
         page.get_by_role("button", name="Search").click()
+        page.wait_for_function("() => window.__searched === undefined")
         page.wait_for_load_state()
         if row.count() or time.monotonic() > deadline:
             break
@@ -102,6 +107,9 @@ def test_the_search_finds_the_agents_masked_read_and_the_replay_shows_masked_row
     assert "Previous" in focused, focused
     page.keyboard.press("ArrowRight")
     expect(page.locator(".position")).to_have_text(re.compile(r"Step 3 of"))
+    # The arrow keys are console.js's: the step's text shows before the script runs, and a
+    # key pressed meanwhile did nothing (seen on a loaded machine).
+    page.wait_for_load_state("load")
     page.keyboard.press("ArrowLeft")
     expect(page.locator(".position")).to_have_text(re.compile(r"Step 2 of"))
 

@@ -4,6 +4,8 @@ leaves the browser signed out."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
@@ -12,12 +14,20 @@ from tests.console.idp import CodeFlow
 from tests.harness import RunningGateway
 
 
-@pytest.fixture(autouse=True)
-def _honest_issuer(code_flow: CodeFlow) -> None:
-    """Each test starts with an issuer that does nothing wrong."""
+def _be_honest(code_flow: CodeFlow) -> None:
     code_flow.id_token_overrides = {}
     code_flow.state_override = None
     code_flow.replay_last_code = False
+    code_flow.issuer.failing = False
+
+
+@pytest.fixture(autouse=True)
+def _honest_issuer(code_flow: CodeFlow) -> Iterator[None]:
+    """Each test starts with an issuer that does nothing wrong, and leaves it so for the
+    other console modules sharing it."""
+    _be_honest(code_flow)
+    yield
+    _be_honest(code_flow)
 
 
 def signed_out(page: Page, gw: RunningGateway) -> None:
