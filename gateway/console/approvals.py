@@ -23,7 +23,7 @@ from gateway.admin.approvals import may_see
 from gateway.console.deps import ConsoleDeps
 from gateway.console.highlight import Span, highlight
 from gateway.console.people import Person, acting_principal
-from gateway.console.render import flash, flashed, page, templates
+from gateway.console.render import flash, flashed, page, store_unavailable, templates
 from gateway.console.web_session import SignedIn, csrf_token, form_fields
 from gateway.control.models import OPEN_STATUSES, ApprovalRequest
 from gateway.control.rules import Ballot, VoteRefused, judge
@@ -159,7 +159,7 @@ def approvals_router(deps: ConsoleDeps) -> APIRouter:
         try:
             waiting, decided = await visible_requests(deps, person)
         except ControlStoreUnavailable as exc:
-            return {"unavailable": f"The control store cannot be read just now: {exc}"}
+            return store_unavailable(exc)
         return {
             "waiting": waiting,
             "decided": decided,

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.console.deps import ConsoleDeps
 from gateway.console.people import Person
-from gateway.console.render import flash, flashed, page, utc
+from gateway.console.render import flash, flashed, page, store_unavailable, utc
 from gateway.console.web_session import SignedIn
 from gateway.control.store import ControlStoreUnavailable
 from gateway.identity.registry import UnknownToken
@@ -38,7 +38,7 @@ def inventory_router(deps: ConsoleDeps) -> APIRouter:
         try:
             records = await deps.control.tokens()
         except ControlStoreUnavailable as exc:
-            return {"unavailable": f"The control store cannot be read just now: {exc}"}
+            return store_unavailable(exc)
         admin = is_admin(deps, person)
         now = time.time()
         # An admin sees every token; anyone else the tokens issued to them.
@@ -109,7 +109,7 @@ def inventory_router(deps: ConsoleDeps) -> APIRouter:
                 found = await deps.control.targets()
             except ControlStoreUnavailable as exc:
                 found = {}
-                context = {"unavailable": f"The control store cannot be read just now: {exc}"}
+                context = store_unavailable(exc)
             else:
                 context = {}
             # Where a target's server is and as whom pgwarden logs in: admins only.

@@ -26,6 +26,11 @@ def utc(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def store_unavailable(exc: Exception) -> dict[str, str]:
+    """A page's context when the control store it reads is down: the page says why."""
+    return {"unavailable": f"The control store cannot be read just now: {exc}"}
+
+
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     session = web_session(request)
     return templates.TemplateResponse(

@@ -17,6 +17,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from cli.localpg import LocalCluster, free_port
 from tests.console.idp import CodeFlow, code_flow_issuer, oidc_settings
 from tests.harness import RunningGateway, start_gateway, stop_gateway
+from tests.integration import simple
+from tests.integration.approvals import Held, agent
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Each run saves the pages it drove here (in the state directory, not tracked: request ids
@@ -128,3 +130,8 @@ def signed_in_page(browser_context: BrowserContext, console_gw: RunningGateway) 
     token = console_gw.token("person:alice", ("approvers", "admins"))
     sign_in_with_token(page, console_gw, token)
     return page
+
+
+def agent_holds(gw: RunningGateway, sql: str) -> Held:
+    """An ai-agents client sending `sql`, held for approval (a Query it waits on)."""
+    return Held(gw.dsn(agent(gw)), lambda c: simple(c, sql))

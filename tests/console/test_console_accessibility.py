@@ -4,31 +4,24 @@ with a held request on it (its buttons and fields), the login, tokens and target
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import psycopg
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.console.a11y import contrast_failures, tab_through, unnamed_controls
-from tests.console.conftest import console_url, sign_in_with_token
+from tests.console.conftest import agent_holds, console_url, sign_in_with_token
 from tests.harness import RunningGateway
-from tests.integration import simple
-from tests.integration.approvals import Held, agent, own_table
+from tests.integration.approvals import own_table
 
 pytestmark = pytest.mark.server
-
-
-def deleting(table: str) -> Callable[[psycopg.Connection[Any]], Any]:
-    return lambda c: simple(c, f'DELETE FROM "{table}"')
 
 
 @pytest.fixture
 def held_request(console_gw: RunningGateway) -> Iterator[str]:
     """A statement held for approval while the test runs: its request id."""
     for table in own_table(console_gw):  # dropped once the loop ends
-        held = Held(console_gw.dsn(agent(console_gw)), deleting(table))
+        held = agent_holds(console_gw, f'DELETE FROM "{table}"')
         try:
             yield held.request_id()
         finally:

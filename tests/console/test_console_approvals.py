@@ -17,6 +17,7 @@ from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect
 
 from tests.console.conftest import (
     SCREENSHOTS,
+    agent_holds,
     console_url,
     sign_in_with_oidc,
     sign_in_with_token,
@@ -80,10 +81,7 @@ def test_a_held_statement_appears_without_reload_and_approve_returns_the_rows(
     ann: Page, console_gw: RunningGateway, table: str
 ) -> None:
     mark_page(ann)
-    held = Held(
-        console_gw.dsn(agent(console_gw)),
-        lambda c: simple(c, f'DELETE FROM "{table}" WHERE id = 2 RETURNING id, v'),
-    )
+    held = agent_holds(console_gw, f'DELETE FROM "{table}" WHERE id = 2 RETURNING id, v')
     try:
         rid = held.request_id()
         shown = appears_without_reload(ann, rid)
@@ -118,7 +116,7 @@ def test_deny_returns_the_note_to_the_client_and_nothing_runs(
     ann: Page, console_gw: RunningGateway, table: str
 ) -> None:
     mark_page(ann)
-    held = Held(console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'DELETE FROM "{table}"'))
+    held = agent_holds(console_gw, f'DELETE FROM "{table}"')
     try:
         rid = held.request_id()
         shown = appears_without_reload(ann, rid)
@@ -145,9 +143,7 @@ def test_four_eyes_progress_and_who_sees_buttons(
 ) -> None:
     name = f"four_eyes_{uuid.uuid4().hex[:8]}"
     mark_page(ann)
-    held = Held(
-        console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'CREATE TABLE "{name}" (id int)')
-    )
+    held = agent_holds(console_gw, f'CREATE TABLE "{name}" (id int)')
     bob_context, bob = second_person(browser, console_gw, code_flow, "bob@example.com", ("admins",))
     outsider_context, outsider = second_person(
         browser, console_gw, code_flow, "olga@example.com", ("analysts",)
@@ -223,7 +219,7 @@ def test_a_forged_post_is_refused_and_changes_nothing(
     table: str,
     forgery: str,
 ) -> None:
-    held = Held(console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'DELETE FROM "{table}"'))
+    held = agent_holds(console_gw, f'DELETE FROM "{table}"')
     other = browser.new_context()
     try:
         rid = held.request_id()
@@ -261,7 +257,7 @@ def test_a_refresh_keeps_a_note_being_typed_and_the_focus(
     ann: Page, console_gw: RunningGateway, table: str
 ) -> None:
     mark_page(ann)
-    first = Held(console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'DELETE FROM "{table}"'))
+    first = agent_holds(console_gw, f'DELETE FROM "{table}"')
     second: Held | None = None
     try:
         one = first.request_id()
@@ -277,10 +273,7 @@ def test_a_refresh_keeps_a_note_being_typed_and_the_focus(
         expect(note).to_have_value("half a thought")
         expect(note).to_be_focused()
         # Another request arrives: the list changes under the person's hands.
-        second = Held(
-            console_gw.dsn(agent(console_gw)),
-            lambda c: simple(c, f'UPDATE "{table}" SET v = NULL'),
-        )
+        second = agent_holds(console_gw, f'UPDATE "{table}" SET v = NULL')
         appears_without_reload(ann, second.request_id())
         expect(note).to_have_value("half a thought")
         expect(note).to_be_focused()
@@ -299,9 +292,7 @@ def test_a_card_that_changes_keeps_what_the_person_typed_chose_and_the_keyboard_
     name = f"kept_{uuid.uuid4().hex[:8]}"
     mark_page(ann)
     # DDL by an agent: two approvals needed, so a first vote changes the card, not its form.
-    held = Held(
-        console_gw.dsn(agent(console_gw)), lambda c: simple(c, f'CREATE TABLE "{name}" (id int)')
-    )
+    held = agent_holds(console_gw, f'CREATE TABLE "{name}" (id int)')
     try:
         rid = held.request_id()
         shown = appears_without_reload(ann, rid)
