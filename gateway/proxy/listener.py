@@ -90,6 +90,7 @@ class Listener:
         self.gw = gw
         self._server: asyncio.Server | None = None
         self._token_watch: asyncio.Task[None] | None = None
+        self._token_sweep: asyncio.Task[None] | None = None
 
     def open_sessions(self) -> Counter[tuple[str, str]]:
         """(target, group label) -> sessions past login, relaying now."""
@@ -107,6 +108,7 @@ class Listener:
         )
         sock = self._server.sockets[0].getsockname()
         self._token_watch = asyncio.ensure_future(self._watch_tokens())
+        self._token_sweep = asyncio.ensure_future(self._sweep_tokens())
         return str(sock[0]), int(sock[1])
 
     async def _watch_tokens(self) -> None:
@@ -123,6 +125,15 @@ class Listener:
             if changed:
                 for session in list(self.gw.sessions):
                     session.recheck_token_now()
+
+    async def _sweep_tokens(self) -> None:
+        """The periodic recheck: every open session's token is asked again at least every
+        identity.recheck_seconds (read each time: a reload applies to the next sweep), so
+        an expired one ends while idle. One timer for the gateway, not one per session."""
+        while True:
+            await asyncio.sleep(self.gw.settings.identity.recheck_seconds)
+            for session in list(self.gw.sessions):
+                session.recheck_token_now()
 
     async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
         """Stop accepting (new connections are refused), let every session finish what it
@@ -149,10 +160,11 @@ class Listener:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._token_watch is not None:
-            self._token_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._token_watch
+        for task in (self._token_watch, self._token_sweep):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             self._server.close()
             for session in list(self.gw.sessions):

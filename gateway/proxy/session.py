@@ -328,7 +328,6 @@ class ClientSession(asyncio.Protocol):
         "_paused_by_client",
         "_paused_by_upstream",
         "_portals",
-        "_recheck",
         "_rules_problem",
         "_sbuf",
         "_server_fatal",
@@ -404,7 +403,6 @@ class ClientSession(asyncio.Protocol):
         # A message the gate decided is among them: it leaves before the next is decided.
         self._up_decided = False
         self._cancel_secret: bytes | None = None
-        self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         # Bytes of an oversized password message still to drop before refusing the token.
         self._password_skip = 0
@@ -479,9 +477,8 @@ class ClientSession(asyncio.Protocol):
         self.gw.rates.close_session(self.id)
         if not self.gw.sessions:
             self.gw.all_closed.set()
-        for handle in (self._recheck, self._startup_timer):
-            if handle is not None:
-                handle.cancel()
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
         if self.up is not None:
             self.gw.cancel_keys.release(self.up.process_id, self)
             self.up.transport.close()
@@ -1311,11 +1308,13 @@ class ClientSession(asyncio.Protocol):
             return
         encoding = up.parameters.get("client_encoding", "UTF8")
         self.encoding = python_codec(encoding)
+        # Relayed: the client's driver keeps them, nothing here reads them again (an idle
+        # session holding its own copy was ~400 bytes of its memory).
+        up.parameters.clear()
         out.append(BackendKeyData(up.process_id, self._cancel_secret).encode())
         out.append(ReadyForQuery("I").encode())
         self._send(b"".join(out))
         self.phase = Phase.RELAY
-        self._schedule_recheck()
         if up.leftover:
             self._server_data(up.leftover)
         if self._inbuf:
@@ -1323,15 +1322,10 @@ class ClientSession(asyncio.Protocol):
             self._inbuf.clear()
             self._client_data(data)
 
-    def _schedule_recheck(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._recheck = loop.call_later(
-            self.gw.settings.identity.recheck_seconds, self._callback, self._recheck_token
-        )
-
     def recheck_token_now(self) -> None:
         """Revocations or signing keys changed: end the session now if its token is no
-        longer valid (the periodic recheck goes on as scheduled otherwise)."""
+        longer valid. Also the periodic recheck (identity.recheck_seconds): the listener
+        sweeps every session at that period, so that an idle session holds no timer."""
         if self.phase is not Phase.RELAY or self.principal is None:
             return
         try:
@@ -1341,15 +1335,6 @@ class ClientSession(asyncio.Protocol):
             return
         if reason is not None:
             self._end_session_for_token(reason)
-
-    def _recheck_token(self) -> None:
-        if self.phase is not Phase.RELAY or self.principal is None:
-            return
-        reason = self.gw.verifier.still_valid(self.principal)
-        if reason is not None:
-            self._end_session_for_token(reason)
-            return
-        self._schedule_recheck()
 
     async def _startup_after_reading_targets(self, msg: StartupMessage) -> None:
         await self.gw.targets.refresh()

@@ -4,7 +4,6 @@ statement that caused it (for outcomes, refusals and cancel)."""
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -121,12 +120,19 @@ _RUNS = frozenset({"bind", "execute"})
 
 
 class ResponseTracker:
-    """A queue of expectations in the order messages were forwarded upstream."""
+    """A queue of expectations in the order messages were forwarded upstream.
 
-    __slots__ = ("_queue", "added", "ran_unsynced", "unsynced")
+    A list read from `_head` rather than a deque: an idle session's queue is empty, and an
+    empty list holds no storage (a deque keeps a 64-slot block, ~700 bytes per session).
+    The list is emptied whenever its last expectation is taken, so `_head` stays small
+    except in a long pipeline, where it is compacted once it is both large and most of it.
+    """
+
+    __slots__ = ("_head", "_queue", "added", "ran_unsynced", "unsynced")
 
     def __init__(self) -> None:
-        self._queue: deque[Expectation] = deque()
+        self._queue: list[Expectation] = []
+        self._head = 0
         # How many expectations were ever queued (the session counts what it has sent).
         self.added = 0
         # An extended-protocol message was queued and no ReadyForQuery has come after it.
@@ -136,10 +142,13 @@ class ResponseTracker:
         self.ran_unsynced = False
 
     def __bool__(self) -> bool:
-        return bool(self._queue)
+        return self._head < len(self._queue)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) - self._head
+
+    def _live(self) -> list[Expectation]:
+        return self._queue[self._head :] if self._head else self._queue
 
     def expect(self, expectation: Expectation) -> None:
         self._queue.append(expectation)
@@ -152,57 +161,73 @@ class ResponseTracker:
     def ready(self) -> None:
         """A ReadyForQuery was consumed: only extended messages still queued leave a pipeline
         open."""
-        self.unsynced = any(e.kind in _EXTENDED for e in self._queue)
-        self.ran_unsynced = any(e.kind in _RUNS for e in self._queue)
+        live = self._live()
+        self.unsynced = any(e.kind in _EXTENDED for e in live)
+        self.ran_unsynced = any(e.kind in _RUNS for e in live)
 
     def front(self) -> Expectation | None:
         self._drop_stray_copy_ends()
-        return self._queue[0] if self._queue else None
+        return self._queue[self._head] if self._head < len(self._queue) else None
 
     def pop(self) -> Expectation | None:
         self._drop_stray_copy_ends()
-        return self._queue.popleft() if self._queue else None
+        return self._take() if self._head < len(self._queue) else None
+
+    def _take(self) -> Expectation:
+        """The front expectation, removed (the queue is not empty)."""
+        queue, head = self._queue, self._head
+        taken = queue[head]
+        head += 1
+        if head == len(queue):
+            queue.clear()
+            head = 0
+        elif head >= 1024 and 2 * head >= len(queue):
+            del queue[:head]
+            head = 0
+        self._head = head
+        return taken
 
     def _drop_stray_copy_ends(self) -> None:
         # CopyDone/CopyFail outside COPY are ignored by the server: nothing answers them.
         queue = self._queue
-        while queue and queue[0].kind == "copy_end":
-            queue.popleft()
+        while self._head < len(queue) and queue[self._head].kind == "copy_end":
+            self._take()
 
     def copy_in_started(self) -> bool:
         """The front statement entered COPY IN: the server ignores Syncs until CopyDone or
         CopyFail, so their expectations go. True when the client already ended the copy."""
-        queue = self._queue
-        kept: list[Expectation] = []
+        live = self._live()
+        if len(live) <= 1:
+            return False
+        kept = [live[0]]
         ended = False
-        while len(queue) > 1:
-            e = queue[1]
+        for i, e in enumerate(live[1:], start=1):
             if e.kind == "copy_end":
-                del queue[1]
+                kept.extend(live[i + 1 :])
                 ended = True
                 break
-            del queue[1]
             if e.kind != "sync":
                 kept.append(e)
-        for i, e in enumerate(kept, start=1):
-            queue.insert(i, e)
+        self._queue, self._head = kept, 0
         return ended
 
     def pending(self) -> tuple[Expectation, ...]:
-        return tuple(self._queue)
+        return tuple(self._live())
 
     def running(self) -> bool:
         """Whether a statement is executing upstream (a cancel may be forwarded)."""
-        return any(e.kind in ("query", "execute", "function") for e in self._queue)
+        return any(e.kind in ("query", "execute", "function") for e in self._live())
 
     def skip_to_sync(self) -> list[Expectation]:
         """After an extended-protocol error the server discards messages until Sync."""
         skipped: list[Expectation] = []
-        while self._queue and self._queue[0].kind != "sync":
-            skipped.append(self._queue.popleft())
+        queue = self._queue
+        while self._head < len(queue) and queue[self._head].kind != "sync":
+            skipped.append(self._take())
         return skipped
 
     def clear(self) -> list[Expectation]:
-        items = list(self._queue)
+        items = list(self._live())
         self._queue.clear()
+        self._head = 0
         return items

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import base64
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
 import psycopg
 import pytest
 
+from cli.localpg import LocalCluster
 from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer, open_signing_key, open_token_book
 from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
 from tests.harness import RunningGateway, StoredTargets
+from tests.integration import harness
 from tests.integration.test_audit_support import records_after, wait_for
 
 from .wire import LoginRefused, RawClient
@@ -313,3 +317,33 @@ def test_malformed_password_message_is_an_audited_failed_login(
         client.close()
     failures = wait_for(lambda: _auth_failures(gateway, app))
     assert len(failures) == 1 and failures[0]["reason"].startswith("protocol violation"), case
+
+
+def test_a_token_that_expires_ends_its_idle_session_at_the_periodic_recheck(
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> None:
+    """The periodic recheck (identity.recheck_seconds) is one sweep of the gateway's
+    sessions, not a timer per session: an idle session whose token expires still ends
+    within a period of its expiry, with no statement sent."""
+    conftest = harness(request)
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-expiry-"))
+    gw = conftest.start_gateway(
+        state, pg_cluster, opa_binary, identity={"recheck_seconds": 0.5, "leeway_seconds": 0}
+    )
+    try:
+        token = gw.token("agent:expiring", ttl=3)
+        client = RawClient.connect(gw.host, gw.port, timeout=10)
+        try:
+            client.login("app", token)
+            client.query("SELECT 1")
+            client.timeout = 20  # the token expires in 3 s, the sweep runs every 0.5 s
+            code, body = client.frame()
+            assert code == ord("E")
+            err = ErrorResponse.decode(body)
+            assert (err.severity, err.sqlstate) == ("FATAL", "28P01")
+            assert err.message == "pgwarden: session ended: token expired"
+            assert client.answers_or_closes(5) == "closed"
+        finally:
+            client.close()
+    finally:
+        conftest.stop_gateway(gw)
