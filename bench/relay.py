@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import pstats
 import re
 import shutil
@@ -141,6 +142,24 @@ def _endpoints(
     return eps, gws
 
 
+def _fsync_p50_us(directory: Path, samples: int = 200) -> float:
+    """The median time of one append + fdatasync of a record-sized write in `directory`
+    (the audit log's filesystem), measured in the same run as the throughput it bounds."""
+    path = directory / "bench-fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    times: list[float] = []
+    try:
+        for _ in range(samples):
+            os.write(fd, b"x" * 400)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return 1e6 * statistics.median(times)
+
+
 def _interleaved(
     eps: list[Endpoint],
     rounds: int,
@@ -199,6 +218,8 @@ def throughput(args: argparse.Namespace) -> None:
             eps, gws = _endpoints(
                 stack, cluster, with_noaudit=not args.no_noaudit, variants=tuple(args.variant)
             )
+            args.fsync_us = _fsync_p50_us(gws["pgwarden"].state)
+            print(f"fdatasync p50 on the audit log's filesystem: {args.fsync_us:.0f} µs")
             for mode, group in combos:
                 run_script = script if group == "ai-agents" else None
                 group_eps = [_as_group(ep, group, gws) for ep in eps]
@@ -242,6 +263,15 @@ def _throughput_table(
             f"{max(r.tps for r in rs):>10.1f} {lat[name]:>8.3f} {tps[name] / direct:>10.3f}"
             f" {cpu[name]:>13.0f}"
         )
+    if args.fsync_us and "pgbouncer" in tps:
+        # disk durability: a statement waits for an fdatasync that starts after its record
+        # is written, so a client completes at most one per fdatasync.
+        ceiling = 1e6 * args.clients / args.fsync_us
+        print(
+            f"disk durability ceiling at -c {args.clients}: {ceiling:.0f} TPS "
+            f"({ceiling / tps['pgbouncer']:.3f} of pgbouncer), from fdatasync p50 "
+            f"{args.fsync_us:.0f} µs on the audit log's filesystem"
+        )
     if "pgwarden-noaudit" in tps:
         cost = 1000.0 * (lat["pgwarden"] - lat["pgwarden-noaudit"])
         print(
@@ -267,6 +297,11 @@ def latency(args: argparse.Namespace) -> None:
         )
         for ep in eps:
             pgbench(ep, clients=1, threads=1, seconds=args.warmup)
+        fsync_us = _fsync_p50_us(gws["pgwarden"].state)
+        print(
+            f"fdatasync p50 on the audit log's filesystem: {fsync_us:.0f} µs (the disk "
+            f"durability's latency target: 50 µs + this = {50 + fsync_us:.0f} µs)"
+        )
         print(
             f"pgbench -n -S -M prepared -c 1 -j 1 -T {args.seconds}, "
             f"{args.rounds} interleaved round(s)"
@@ -511,6 +546,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=50, help="logins in flight (--memory)")
     args = p.parse_args()
+    args.fsync_us = 0.0  # measured in the run (throughput, latency)
     args.mode = args.mode or ["prepared"]
     args.group = args.group or ["admins"]
     if args.memory:
