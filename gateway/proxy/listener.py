@@ -133,7 +133,10 @@ class Listener:
         while True:
             await asyncio.sleep(self.gw.settings.identity.recheck_seconds)
             for session in list(self.gw.sessions):
-                session.recheck_token_now()
+                try:
+                    session.recheck_token_now()
+                except Exception:  # one session's bug must not end every session's recheck
+                    log.exception("token recheck of session %s failed", session.id)
 
     async def drain(self, seconds: float, cut_short: asyncio.Event | None = None) -> None:
         """Stop accepting (new connections are refused), let every session finish what it
