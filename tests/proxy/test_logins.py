@@ -347,3 +347,27 @@ def test_a_token_that_expires_ends_its_idle_session_at_the_periodic_recheck(
             client.close()
     finally:
         conftest.stop_gateway(gw)
+
+
+def test_a_token_that_expires_ends_its_session_at_the_next_statement(
+    request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
+) -> None:
+    """Not at the recheck sweep (60 s here): the next statement after the expiry, also one
+    relayed on its prepared plan, ends the session, and does not run."""
+    conftest = harness(request)
+    state = Path(tempfile.mkdtemp(prefix="pgwarden-gw-expiry-stmt-"))
+    gw = conftest.start_gateway(
+        state, pg_cluster, opa_binary, identity={"recheck_seconds": 60, "leeway_seconds": 0}
+    )
+    try:
+        token = gw.token("agent:expiring-busy", ttl=4)
+        issued = time.time()
+        with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+            for i in range(6):  # prepared by psycopg after 5: later ones run on the plan
+                row = conn.execute("SELECT %s::int + 1", (i,), prepare=True).fetchone()
+                assert row == (i + 1,)
+            time.sleep(max(0.0, issued + 5 - time.time()))
+            with pytest.raises(psycopg.OperationalError, match="token expired"):
+                conn.execute("SELECT %s::int + 1", (7,), prepare=True)
+    finally:
+        conftest.stop_gateway(gw)
