@@ -29,7 +29,6 @@ import orjson
 
 from gateway.audit.chain import Anchor, SealedRecord
 from gateway.audit.keys import _file_stem
-from gateway.audit.records import projections
 
 log = logging.getLogger("pgwarden.audit")
 
@@ -56,11 +55,11 @@ class LogEntry:
     body: bytes
 
     def sealed(self) -> SealedRecord:
-        """As the writer sealed it (the store's searchable columns re-derived from the body)."""
+        """As the writer sealed it."""
         env = orjson.loads(self.body)
         return SealedRecord(
             env["chain"], self.seq, env["epoch"], env["kind"], env["time"], self.body, self.link,
-            projections(env["record"]),
+            env["record"],
         )  # fmt: skip
 
 
