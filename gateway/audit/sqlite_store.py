@@ -352,7 +352,11 @@ class SqliteAuditStore:
         if cached is not None:
             out, tail = _seal_all(items, cached)
             sealed = [s for batch in out for s in batch]
-            if 0 < len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
+            if not sealed:
+                # Nothing after what this store committed last (an index caught up with the
+                # log, polling): no transaction, and no write lock taken 50 times a second.
+                return out
+            if len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
                 self._tails[chain] = tail
                 return out
             if len(sealed) > _GUARDED_MAX:
