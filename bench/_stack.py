@@ -163,14 +163,35 @@ class GatewayProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the gateway process, all threads (not OPA: cached hits)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(self.pid)
+
+    def index_cpu_seconds(self) -> float:
+        """User + system CPU of the gateway's audit index process (`python -m gateway.audit
+        index`), if it runs: on the same cores as the gateway, so part of what a
+        transaction costs. Not the OPA sidecar, also a child."""
+        total = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in children:
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                    if b"gateway.audit" in argv and b"index" in argv:
+                        total += _cpu_seconds(int(child))
+        return total
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError("VmRSS not found")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -427,6 +448,8 @@ class PgbenchResult:
     failed: int
     # The gateway's own CPU per transaction, where the run went through one.
     cpu_us: float = 0.0
+    # Its audit index process's, per transaction.
+    index_cpu_us: float = 0.0
 
 
 def pgbench(

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from orjson import dumps
+from orjson import dumps, loads
 
 from gateway.audit.records import RECORD_KINDS, RecordKind, canonical, envelope, projections
+
+_hmac_digest: Callable[[bytes, bytes, str], bytes]
+try:
+    # OpenSSL's one-shot HMAC, which hmac.digest() calls after a check per call: sealing
+    # makes one per record.
+    from _hashlib import hmac_digest as _hmac_digest
+except ImportError:  # a Python built without OpenSSL
+    _hmac_digest = hmac.digest
 
 ROTATE_LABEL = b"pgwarden-audit-rotate"
 ANCHOR_LABEL = b"pgwarden-audit-anchor\0"
@@ -20,8 +28,8 @@ _KIND_BYTES = {kind: canonical(kind) for kind in RECORD_KINDS}
 
 
 def link_of(key: bytes, previous: bytes, body: bytes) -> bytes:
-    # hmac.digest: OpenSSL's one-shot HMAC, same bytes as hmac.new(...).digest(), far cheaper.
-    return hmac.digest(key, previous + body, "sha256")
+    # OpenSSL's one-shot HMAC: same bytes as hmac.new(...).digest(), far cheaper.
+    return _hmac_digest(key, previous + body, "sha256")
 
 
 def next_key(key: bytes) -> bytes:
@@ -53,11 +61,13 @@ class ChainTail:
 EMPTY_TAIL = ChainTail(0, GENESIS_LINK, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class PendingRecord:
+class PendingRecord(NamedTuple):
+    # A tuple, not a frozen dataclass: two are made per statement on the event loop.
     kind: RecordKind
     time: float
-    record: dict[str, Any]
+    # The record; None where only its canonical bytes were made (a request on its plan's
+    # template): `encoded` is then given.
+    record: dict[str, Any] | None
     # canonical(record), when the caller already made it (off the commit's critical path).
     encoded: bytes | None = None
 
@@ -91,7 +101,15 @@ class SealedRecord(NamedTuple):
     time: float
     body: bytes
     link: bytes
-    columns: dict[str, Any]
+    # The signed record where the sealer had it as a value (None: read from `body`).
+    record: dict[str, Any] | None = None
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        """The store's searchable columns: derived where a store inserts the record, not
+        while the statement waits for its seal (the gateway's index is another process)."""
+        record = self.record if self.record is not None else loads(self.body)["record"]
+        return projections(record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +180,13 @@ class AuditChain:
             seq += 1
             record = p.record
             if p.kind == "key_rotation":
-                record = {**record, "from_epoch": epoch, "to_epoch": epoch + 1}
+                record = {**(record or {}), "from_epoch": epoch, "to_epoch": epoch + 1}
                 body = canonical(envelope(self.name, seq, epoch, p.kind, p.time, record))
             else:
                 encoded = p.encoded if p.encoded is not None else canonical(record)
                 body = _ENVELOPE % (name, epoch, _KIND_BYTES[p.kind], encoded, seq, dumps(p.time))
-            link = hmac.digest(key, link + body, "sha256")
-            out.append(
-                SealedRecord(self.name, seq, epoch, p.kind, p.time, body, link, projections(record))
-            )
+            link = _hmac_digest(key, link + body, "sha256")
+            out.append(SealedRecord(self.name, seq, epoch, p.kind, p.time, body, link, record))
             if p.kind == "key_rotation":
                 epoch += 1
                 key = next_key(key)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from gateway.identity.principal import Principal
 from gateway.policy.decision import Decision
+
+if TYPE_CHECKING:
+    from gateway.audit.records import RequestTemplate
 
 SessionEventKind = Literal["session_start", "session_end", "auth_failure", "session_kill"]
 
@@ -47,6 +50,9 @@ class StatementRequest:
     masked_columns: tuple[str, ...] = ()
     # Whether result rows of this statement are recorded with it.
     record_rows: bool = False
+    # This record as its plan pre-encoded it (every field but time, text and params), where
+    # the statement runs on a plan: the sink splices those in instead of encoding it all.
+    template: RequestTemplate | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

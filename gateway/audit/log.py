@@ -29,7 +29,6 @@ import orjson
 
 from gateway.audit.chain import Anchor, SealedRecord
 from gateway.audit.keys import _file_stem
-from gateway.audit.records import projections
 
 log = logging.getLogger("pgwarden.audit")
 
@@ -56,11 +55,11 @@ class LogEntry:
     body: bytes
 
     def sealed(self) -> SealedRecord:
-        """As the writer sealed it (the store's searchable columns re-derived from the body)."""
+        """As the writer sealed it."""
         env = orjson.loads(self.body)
         return SealedRecord(
             env["chain"], self.seq, env["epoch"], env["kind"], env["time"], self.body, self.link,
-            projections(env["record"]),
+            env["record"],
         )  # fmt: skip
 
 
@@ -292,6 +291,11 @@ class AuditLog:
         )  # fmt: skip
 
 
+# How much of a segment a follower reads at a time: a reader far behind (an index process
+# catching up) must not read the whole rest of a segment for each batch it takes from it.
+_FOLLOW_CHUNK = 4 * 1024 * 1024
+
+
 class LogFollower:
     """Reads a log as it grows, from after a seq: each `read()` parses only the bytes added
     since the last one (a reader beside the writer; a frame not yet whole is read later)."""
@@ -319,12 +323,7 @@ class LogFollower:
                     return out
                 self._segment = segments[0]
                 self._offset = 0
-            try:
-                with open(self._segment, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read()
-            except FileNotFoundError:
-                data = b""
+            data = self._read_on(self._segment)
             got = 0
             for item in _frames(data, self._segment):
                 if isinstance(item, int):
@@ -338,6 +337,8 @@ class LogFollower:
             self._offset += got
             if len(out) >= most:
                 return out
+            if got and len(data) >= _FOLLOW_CHUNK:
+                continue  # the chunk ended before the segment's whole frames did
             # At the end of this segment's whole frames: on to the next one if there is one
             # (the writer has rotated: nothing more will be added to this one).
             later = [p for p in self.log.segments() if p.name > self._segment.name]
@@ -345,3 +346,18 @@ class LogFollower:
                 return out
             self._segment, self._offset = later[0], 0
         return out
+
+    def _read_on(self, segment: Path) -> bytes:
+        """A chunk of the segment from where this follower is; at least one whole frame
+        where one is there (a record larger than a chunk is read whole)."""
+        try:
+            with open(segment, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(_FOLLOW_CHUNK)
+                if len(data) >= _FOLLOW_CHUNK:
+                    length = _HEADER.unpack_from(data)[0]
+                    if _HEADER.size + length > len(data) and length <= _MAX_PAYLOAD:
+                        data += f.read(_HEADER.size + length - len(data))
+                return data
+        except FileNotFoundError:
+            return b""

@@ -48,7 +48,7 @@ from gateway.audit.records import (
     approval_record,
     canonical,
     outcome_record,
-    request_record,
+    request_bytes,
     session_record,
 )
 from gateway.audit.store import CommitResult
@@ -567,7 +567,7 @@ class AuditProcess:
             raise AuditUnavailable("audit writer process is not running")
         assert self._loop is not None
         waiter: asyncio.Future[str] = self._loop.create_future()
-        body = canonical(request_record(record))
+        body = request_bytes(record)
         self._send(_RECORD.pack(len(body), _KIND_CODE["request"], record.time), body, waiter)
         return waiter
 

@@ -113,6 +113,59 @@ def request_record(req: StatementRequest) -> dict[str, Any]:
     }
 
 
+def request_bytes(req: StatementRequest) -> bytes:
+    """canonical(request_record(req)): from its plan's template where it has one."""
+    if req.template is not None:
+        return req.template.encode(req.time, req.text, req.params)
+    return canonical(request_record(req))
+
+
+# What changes from one execution of a plan to the next, in sorted key order.
+_PER_EXECUTION = ("params", "text", "time")
+
+
+class RequestTemplate:
+    """A plan's request record as canonical bytes less what changes per execution (the
+    parameters, the text, the time): encoded once when the plan first runs; each execution
+    splices its own values in. `encode()` is byte for byte what canonical(request_record())
+    gives: the chain signs these bytes, and a record must read the same either way.
+
+    Valid for requests that agree with the one it was made from in every other field: the
+    caller keeps it with what fixes them (the session, the plan's facts and decision)."""
+
+    __slots__ = ("_after_params", "_after_text", "_head", "_tail")
+
+    def __init__(self, req: StatementRequest) -> None:
+        record = request_record(req)
+        # The canonical form is compact JSON with sorted keys: the constant members in
+        # order, cut where a per-execution value goes. Each value is encoded alone, as it
+        # would be inside the whole (escaping, where needed, is per string).
+        pieces: list[bytes] = []
+        current = b"{"
+        for i, key in enumerate(sorted(record)):
+            current += (b"," if i else b"") + canonical(key) + b":"
+            if key in _PER_EXECUTION:
+                pieces.append(current)
+                current = b""
+            else:
+                current += canonical(record[key])
+        pieces.append(current + b"}")
+        self._head, self._after_params, self._after_text, self._tail = pieces
+
+    def encode(self, time: float, text: str, params: tuple[str | None, ...]) -> bytes:
+        return b"".join(
+            (
+                self._head,
+                canonical(params),
+                self._after_params,
+                canonical(text),
+                self._after_text,
+                canonical(time),
+                self._tail,
+            )
+        )
+
+
 def outcome_record(out: StatementOutcome, rows_limit: int, bytes_limit: int) -> dict[str, Any]:
     rows, truncated = _bounded_rows(out.recorded_rows, rows_limit, bytes_limit)
     return {

@@ -345,16 +345,30 @@ class SqliteAuditStore:
     def _commit_appends(self, items: list[_QueuedAppend]) -> list[list[Sealed]]:
         chain = items[0].chain
         cached = self._tails.get(chain)
+        # Sealed onto the remembered tail, too many for one guarded INSERT: still good if the
+        # chain ends there under the write lock. Sealing again would cost a seal that reads
+        # the log (the index process's) a second read, from its segment's start.
+        early: tuple[list[list[Sealed]], ChainTail] | None = None
         if cached is not None:
             out, tail = _seal_all(items, cached)
             sealed = [s for batch in out for s in batch]
-            if 0 < len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
+            if not sealed:
+                # Nothing after what this store committed last (an index caught up with the
+                # log, polling): no transaction, and no write lock taken 50 times a second.
+                return out
+            if len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
                 self._tails[chain] = tail
                 return out
+            if len(sealed) > _GUARDED_MAX:
+                early = out, tail
         self._tails.pop(chain, None)
 
         def work(db: sqlite3.Connection) -> list[list[Sealed]]:
-            out, tail = _seal_all(items, self._tail(db, chain))
+            at = self._tail(db, chain)
+            if early is not None and at == cached:
+                out, tail = early
+            else:
+                out, tail = _seal_all(items, at)
             db.executemany(_INSERT, [_insert_args(s) for batch in out for s in batch])
             self._tails[chain] = tail
             return out

@@ -51,6 +51,7 @@ from gateway.audit.records import (
     approval_record,
     canonical,
     outcome_record,
+    request_bytes,
     request_record,
     session_record,
 )
@@ -450,11 +451,15 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     def _durable_request(self, record: StatementRequest) -> asyncio.Future[str]:
         if not self._running or self._loop is None:
             raise AuditUnavailable("audit log is not open")
-        body = request_record(record)
+        if record.template is not None:
+            # On its plan: the bytes from the plan's template (the index child derives the
+            # searchable columns from them, in its own process).
+            pending = PendingRecord("request", record.time, None, request_bytes(record))
+        else:
+            body = request_record(record)
+            pending = PendingRecord("request", record.time, body, canonical(body))
         waiter: asyncio.Future[str] = self._loop.create_future()
-        self._queue(
-            PendingRecord("request", record.time, body, canonical(body)), waiter, urgent=True
-        )
+        self._queue(pending, waiter, urgent=True)
         return waiter
 
     async def outcome(self, record: StatementOutcome) -> None:

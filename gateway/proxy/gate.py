@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.audit.events import StatementOutcome, StatementRequest
-from gateway.audit.records import principal_record
+from gateway.audit.records import RequestTemplate, principal_record
 from gateway.control.models import ApprovalRequest
 from gateway.control.targets import dbname_for
 from gateway.enforce.approvals import grant_key, new_request_id, shape_key
@@ -59,6 +59,8 @@ JUSTIFICATION_SETTING = "pgwarden.reason"
 _ESTIMATES_KEPT = 1000
 # Simple-protocol plans kept per session, by statement shape (the least recently used go).
 _QUERY_PLANS_KEPT = 256
+# Request-record templates kept per session (one per plan run lately; the oldest go first).
+_RECORD_TEMPLATES_KEPT = 256
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
 # the session's sticky masks.
 _ROW_RELAYS = frozenset({"FETCH", "EXECUTE"})
@@ -362,6 +364,7 @@ class StatementGate:
         "_metrics",
         "_principal_input",
         "_query_plans",
+        "_record_templates",
         "_revisions",
         "_target_input",
         "budgeted",
@@ -422,6 +425,11 @@ class StatementGate:
         self._literal_reads = decider if isinstance(decider, LiteralReads) else None
         # Simple-protocol plans by statement shape (keep_query_plan, planned_query).
         self._query_plans: OrderedDict[str, QueryPlan] = OrderedDict()
+        # The request records of plans, pre-encoded (request_planned); made at first use,
+        # so an idle session holds none.
+        self._record_templates: (
+            dict[tuple[int, str, str, bool], tuple[Decision, RequestTemplate]] | None
+        ) = None
         self._audit = audit
         self.in_transaction = False
         # Statements recorded and rows relayed so far, for `pgwarden sessions list`.
@@ -605,6 +613,7 @@ class StatementGate:
         protocol: str,
         params: tuple[str | None, ...],
         approval_id: str | None = None,
+        template: RequestTemplate | None = None,
     ) -> list[StatementRequest]:
         now = time.time()
         return [
@@ -624,6 +633,7 @@ class StatementGate:
                 approval_id=approval_id,
                 masked_columns=tuple(f"{m.schema}.{m.table}.{m.column}" for m in d.masks),
                 record_rows=d.record_rows or self.record_rows,
+                template=template,
             )
             for f, d in zip(facts, decisions, strict=True)
         ]
@@ -1150,7 +1160,21 @@ class StatementGate:
         """The request record of a message whose plan holds (an Execute, a Query), queued
         now: its id once durable (the statement waits for nothing else), or
         AuditUnavailable."""
-        (record,) = self._requests(facts, decisions, protocol, params)
+        (fact,), (decision,) = facts, decisions
+        # Everything in the record but its time, text and parameters is fixed by the session,
+        # the plan's decision (immutable: kept by identity, and held so its id stays its
+        # own), the statement's fingerprint and the protocol: encoded once per plan.
+        key = (id(decision), fact.fingerprint, protocol, self.record_rows)
+        templates = self._record_templates
+        kept = templates.get(key) if templates is not None else None
+        template = kept[1] if kept is not None and kept[0] is decision else None
+        (record,) = self._requests(facts, decisions, protocol, params, template=template)
+        if template is None:
+            if templates is None:
+                templates = self._record_templates = {}
+            elif len(templates) >= _RECORD_TEMPLATES_KEPT:
+                del templates[next(iter(templates))]
+            templates[key] = (decision, RequestTemplate(record))
         return self._audit.request_soon(record)
 
     # -- simple-protocol plans, shared by statement shape ----------------------------------

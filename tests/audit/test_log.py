@@ -7,6 +7,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from gateway.audit import (
     index_from_log,
     verify,
 )
+from gateway.audit import log as log_module
+from gateway.audit.index_process import _Follow
+from gateway.audit.log import LogEntry, LogFollower
 from gateway.audit.store import AuditStore
 from gateway.audit.verify import compare_index, index_lag, verify_log
 from gateway.proxy.ports import AuditUnavailable
@@ -415,6 +419,74 @@ async def test_a_follower_reads_what_is_added_whole_frames_only_across_segments(
         assert [e.seq for e in follower.read(100)] == [13]
     # A follower placed after a seq starts there.
     assert [e.seq for e in AuditLog(rig.tmp / "log").follow(10).read(100)] == [11, 12, 13]
+
+
+@pytest.mark.parametrize("rig", ["sqlite"], indirect=True)
+async def test_the_index_process_reads_each_record_of_the_log_once(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index process's seal follows the log; a batch too large for one guarded INSERT
+    was sealed twice, the second time from a new follower reading the segment from its
+    start: each poll under load parsed the whole segment again (quadratic in its size)."""
+    async with _wal(rig, "os") as wal:
+        for i in range(1000):
+            wal.outcome_nowait(statement_outcome(f"{CHAIN}:{i}"))
+        await wal.request(statement_request("SELECT last"))
+    parsed = 0
+    frames = log_module._frames
+
+    def counted(data: bytes | memoryview, segment: Path) -> Iterator[LogEntry | int]:
+        nonlocal parsed
+        for item in frames(data, segment):
+            parsed += isinstance(item, LogEntry)
+            yield item
+
+    monkeypatch.setattr(log_module, "_frames", counted)
+    index = SqliteAuditStore(rig.tmp / "index.sqlite3", inline=True)
+    follow = _Follow(AuditLog(rig.tmp / "log"), most=200)
+    batches = []
+    while batch := await index.append(CHAIN, follow):
+        batches.append(len(batch))
+    # Caught up, it polls: a poll that finds nothing new takes no transaction.
+    commits = index.commits
+    assert [await index.append(CHAIN, follow) for _ in range(5)] == [[]] * 5
+    assert index.commits == commits
+    await index.close()
+    assert sum(batches) == 1001 and max(batches) == 200
+    assert parsed <= 1001 + len(batches) + 5, parsed
+    store = SqliteAuditStore(rig.tmp / "index.sqlite3")
+    try:
+        assert (await verify(store, rig.keyring, None)).ok
+        assert await compare_index(store, AuditLog(rig.tmp / "log"), CHAIN) is None
+    finally:
+        await store.close()
+
+
+async def test_a_follower_far_behind_reads_a_segment_a_chunk_at_a_time(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded reads, whole frames across chunk ends, a record larger than a chunk."""
+    monkeypatch.setattr(log_module, "_FOLLOW_CHUNK", 2000)
+    async with _wal(rig, "os") as wal:
+        for i in range(30):
+            text = "SELECT " + ("'big'" * 1000 if i == 17 else str(i))
+            await wal.request(statement_request(text))
+    reads: list[int] = []
+    read_on = LogFollower._read_on
+
+    def measured(self: LogFollower, segment: Path) -> bytes:
+        data = read_on(self, segment)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(LogFollower, "_read_on", measured)
+    follower = AuditLog(rig.tmp / "log").follow(0)
+    got = [e for batch in iter(lambda: follower.read(7), []) for e in batch]
+    assert [e.seq for e in got] == list(range(1, 31))
+    assert "'big'" * 1000 in got[17].body.decode()
+    big = len(got[17].body)
+    assert big > 2000 and max(reads) < big + 100
+    assert sorted(reads)[len(reads) // 2] <= 2000
 
 
 async def test_os_durability_closes_the_segments_it_rotates_out(rig: AuditRig) -> None:

@@ -6,6 +6,8 @@
 - A log that cannot be written refuses the statement (58000), the session goes on after.
 - The store is an index: its outage no longer stops statements, and it catches up from the
   log once it is back; the trail then verifies, with no index lag.
+- A statement on its plan is recorded from the plan's pre-encoded record, with its own
+  time, text and parameters.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
 from gateway.audit import AuditLog, WriteAheadAudit
+from gateway.audit.records import RequestTemplate, canonical
 from tests.harness import RunningGateway
 
 from . import direct, fresh_table, simple
@@ -136,3 +140,59 @@ def test_a_store_outage_only_delays_the_index(own_gateway: Callable[..., Any]) -
     code, report, err = verify_json(store_env(gw.settings))
     assert code == 0, (report, err)
     assert report["log"]["problem"] is None and report["log"]["index_problem"] is None
+
+
+def test_statements_on_a_plan_are_recorded_with_their_own_values(
+    own_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prepared statement's Executes and simple queries on a shared plan: their request
+    records are spliced from the plan's pre-encoded template, each with its own time, text
+    and parameters, in the canonical form the chain signs (the trail verifies)."""
+    gw = own_gateway(durability="os")
+    spliced: list[bytes] = []
+    encode = RequestTemplate.encode
+
+    def counted(
+        self: RequestTemplate, time: float, text: str, params: tuple[str | None, ...]
+    ) -> bytes:
+        body = encode(self, time, text, params)
+        spliced.append(body)
+        return body
+
+    monkeypatch.setattr(RequestTemplate, "encode", counted)
+    table = fresh_table(gw, "audit_plan", rows=3)
+    token = gw.token("agent:planned", groups=("admins",))
+    values: list[tuple[str | None, int]] = [
+        ("plain", 1), (None, 2), ('ünï 🚀 "q" \\', 3), ("x" * 5000, 1), (None, 9),
+    ]  # fmt: skip
+    update = f"UPDATE {table} SET v = %t WHERE id = %t"
+    selects = [f"SELECT v FROM {table} WHERE id = {i}" for i in (1, 2, 3, 2)]
+    with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+        for v, key in values:
+            conn.execute(update, (v, key), prepare=True)
+        rows = [simple(conn, text) for text in selects]
+    assert rows == [[("x" * 5000,)], [(None,)], [('ünï 🚀 "q" \\',)], [(None,)]]
+    assert spliced, "no statement was recorded from its plan's template"
+
+    def recorded() -> list[Any]:
+        return [
+            r for r in records_after(gw.settings)
+            if r.kind == "request" and table in (r.text or "")
+            and (r.text or "").startswith(("UPDATE", "SELECT v"))
+        ]  # fmt: skip
+
+    wait_for(lambda: len(recorded()) == len(values) + len(selects), timeout=20)
+    requests = recorded()
+    texts = [r.text or "" for r in requests]
+    updates = [r.record() for r, text in zip(requests, texts, strict=True) if text[0] == "U"]
+    assert [u["params"] for u in updates] == [[v, str(key)] for v, key in values]
+    assert [text for text in texts if text[0] == "S"] == selects
+    times = [r.record()["time"] for r in requests]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    for r in requests:
+        # The signed body re-encodes to itself: spliced bytes are the canonical form.
+        assert canonical(orjson.loads(r.body)) == r.body
+    bodies = b"\n".join(r.body for r in requests)
+    assert all(body in bodies for body in spliced)
+    code, report, err = verify_json(store_env(gw.settings))
+    assert code == 0, (report, err)
