@@ -68,6 +68,44 @@ from gateway.protocol import (
     decode_frontend,
     decode_startup,
 )
+from gateway.protocol.codes import (
+    BIND,
+    BIND_COMPLETE,
+    CLOSE,
+    CLOSE_COMPLETE,
+    COMMAND_COMPLETE,
+    COPY_BOTH_RESPONSE,
+    COPY_DATA,
+    COPY_DONE,
+    COPY_FAIL,
+    COPY_IN_RESPONSE,
+    COPY_OUT_RESPONSE,
+    DATA_ROW,
+    DESCRIBE,
+    EMPTY_QUERY_RESPONSE,
+    ENCRYPTION_ACCEPTED,
+    ENCRYPTION_REFUSED,
+    ERROR_RESPONSE,
+    EXECUTE,
+    FLUSH,
+    FUNCTION_CALL,
+    FUNCTION_CALL_RESPONSE,
+    NO_DATA,
+    PARAMETER_DESCRIPTION,
+    PARAMETER_STATUS,
+    PARSE,
+    PARSE_COMPLETE,
+    PASSWORD,
+    PORTAL_SUSPENDED,
+    QUERY,
+    READY_FOR_QUERY,
+    ROW_DESCRIPTION,
+    STATUS_FAILED,
+    STATUS_IDLE,
+    STATUS_IN_TRANSACTION,
+    SYNC,
+    TERMINATE,
+)
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import (
     REFUSED,
@@ -79,7 +117,9 @@ from gateway.proxy.gate import (
 )
 from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
-    FLUSH,
+    FLUSH as FLUSH_MESSAGE,
+)
+from gateway.proxy.search_path import (
     READ_ANSWERS,
     SHOW_SEARCH_PATH,
     PathProblem,
@@ -121,7 +161,7 @@ _RELAYED_PARAMETERS = frozenset(
     }
 )
 # Client messages the relay passes through untouched.
-_PASS = frozenset(b"DCSHdcf")
+_PASS = frozenset({DESCRIBE, CLOSE, SYNC, FLUSH, COPY_DATA, COPY_DONE, COPY_FAIL})
 
 # The client's input pgwarden holds while a message is with the gate (the undecided messages
 # behind it, and what passed through to leave with it): beyond this the client is not read,
@@ -131,7 +171,26 @@ _PASS = frozenset(b"DCSHdcf")
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
 # Server messages whose bodies the relay needs to read.
-_SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
+_SERVER_NEEDS = frozenset(
+    {
+        COMMAND_COMPLETE,
+        ERROR_RESPONSE,
+        EMPTY_QUERY_RESPONSE,
+        READY_FOR_QUERY,
+        PORTAL_SUSPENDED,
+        PARSE_COMPLETE,
+        BIND_COMPLETE,
+        CLOSE_COMPLETE,
+        NO_DATA,
+        PARAMETER_DESCRIPTION,
+        ROW_DESCRIPTION,
+        COPY_IN_RESPONSE,
+        COPY_OUT_RESPONSE,
+        COPY_BOTH_RESPONSE,
+        FUNCTION_CALL_RESPONSE,
+        PARAMETER_STATUS,
+    }
+)
 # In place of a refused statement: text the server rejects before touching any name.
 _BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
 # In place of a statement the server rejects itself in an aborted transaction (25P02): text
@@ -164,7 +223,7 @@ class _Planned:
     """A message relayed on its plan from callbacks (an Execute on its Parse's, a Query on
     its shape's): what its checks, its record and its enforcement need."""
 
-    code: int  # 69 Execute, 81 Query
+    code: int  # EXECUTE or QUERY
     message: bytes
     facts: tuple[StatementFacts, ...]
     decisions: list[Decision]
@@ -176,7 +235,7 @@ class _Planned:
 
     @property
     def protocol(self) -> str:
-        return "extended" if self.code == 69 else "simple"
+        return "extended" if self.code == EXECUTE else "simple"
 
 
 class Phase(Enum):
@@ -739,7 +798,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._ssl_asked = True
             if self.gw.server_tls is None:
-                self._send(b"N")
+                self._send(bytes((ENCRYPTION_REFUSED,)))
                 self._startup_data()
                 return
             if buf:
@@ -747,11 +806,11 @@ class ClientSession(asyncio.Protocol):
                 # (CVE-2021-23222): a protocol violation.
                 self._fatal("08P01", "pgwarden: received unencrypted data after SSL request")
                 return
-            self._send(b"S")
+            self._send(bytes((ENCRYPTION_ACCEPTED,)))
             self._begin_tls(direct=False)
             return
         if isinstance(packet, GSSENCRequest):
-            self._send(b"N")
+            self._send(bytes((ENCRYPTION_REFUSED,)))
             self._startup_data()
             return
         if isinstance(packet, CancelRequest):
@@ -917,7 +976,7 @@ class ClientSession(asyncio.Protocol):
         if len(buf) < 5:
             return
         code, length = _HEADER.unpack_from(buf, 0)
-        if code != ord("p") or length < 4:
+        if code != PASSWORD or length < 4:
             self._protocol_violation("expected a password message")
             return
         if length - 4 > self.gw.settings.identity.max_token_bytes + 1:  # the token and its NUL
@@ -1151,13 +1210,13 @@ class ClientSession(asyncio.Protocol):
         reported: dict[str, str] = {}
         while True:
             code, body = await proto.read_frame()
-            if code == ord("Z"):
+            if code == READY_FOR_QUERY:
                 return reported
-            if code == ord("S"):
+            if code == PARAMETER_STATUS:
                 ps = decode_backend(code, body)
                 assert isinstance(ps, ParameterStatus)
                 reported[ps.name] = ps.value
-            elif code == ord("E"):
+            elif code == ERROR_RESPONSE:
                 err = ErrorResponse.decode(body)
                 self._fatal(
                     err.sqlstate or "22023", f"pgwarden: startup option failed: {err.message}"
@@ -1172,13 +1231,13 @@ class ClientSession(asyncio.Protocol):
         value: str | None = None
         while True:
             code, body = await proto.read_frame()
-            if code == ord("D"):
+            if code == DATA_ROW:
                 value = first_column(body, self.encoding)
-            elif code == ord("E"):
+            elif code == ERROR_RESPONSE:
                 err = ErrorResponse.decode(body)
                 self._fatal(err.sqlstate or "XX000", f"pgwarden: search_path: {err.message}")
                 return None
-            elif code == ord("Z"):
+            elif code == READY_FOR_QUERY:
                 break
         return parse_search_path(value or "")
 
@@ -1211,7 +1270,7 @@ class ClientSession(asyncio.Protocol):
         if self.tracker.front() is not None and not self._discarding:
             # Extended messages are answered at a Flush or Sync: ask for the answers without
             # ending the client's pipeline (a Sync would commit it).
-            self._write_upstream(FLUSH)
+            self._write_upstream(FLUSH_MESSAGE)
         self._read_path_if_quiet()
 
     def _read_path_if_quiet(self) -> None:
@@ -1247,11 +1306,11 @@ class ClientSession(asyncio.Protocol):
         read = self._path_read
         assert read is not None and self.gate is not None
         body = bytes(view[pos + 5 : end])
-        if code == 90:  # ReadyForQuery after the read's Sync
-            self.gate.in_transaction = body[0] != ord("I")
-            self._aborted = body[0] == ord("E")
+        if code == READY_FOR_QUERY:  # after the read's Sync
+            self.gate.in_transaction = body[0] != STATUS_IDLE
+            self._aborted = body[0] == STATUS_FAILED
         # A FATAL error ends the session: the client is told why, as direct.
-        fatal = code == 69 and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
+        fatal = code == ERROR_RESPONSE and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
         if not read.answer(code, body, self.encoding):
             return fatal
         self._path_read = None
@@ -1455,30 +1514,30 @@ class ClientSession(asyncio.Protocol):
                 break
             if code in _PASS:
                 decoded = None
-                if code != 100:  # all but CopyData have a layout: a malformed one ends here
+                if code != COPY_DATA:  # all but CopyData have a layout: a malformed one ends here
                     try:
                         decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
                     except ProtocolViolation as exc:
                         self._violation_in_drain(start, pos, str(exc))
                         return
-                if code == 83 and self._discarding:  # Sync ends the discard
+                if code == SYNC and self._discarding:  # Sync ends the discard
                     self._discarding = False
-                if code in (99, 102):  # CopyDone, CopyFail
+                if code in (COPY_DONE, COPY_FAIL):
                     if self._copy_in:
                         self._copy_in = False
                     else:
                         self.tracker.expect(Expectation("copy_end"))
-                elif code == 83 and self._copy_in:
+                elif code == SYNC and self._copy_in:
                     pass  # the server ignores Sync during COPY IN: no answer to expect
-                elif code == 83:
+                elif code == SYNC:
                     self.tracker.expect(Expectation("sync"))
                 elif isinstance(decoded, (Describe, Close)):  # they expect answers too
                     self._expect_answer(decoded)
-                if code in (83, 72):  # Sync, Flush: the server answers what came before
+                if code in (SYNC, FLUSH):  # the server answers what came before
                     self._up_answerable = True
                 pos = end
                 continue
-            if code == 66:  # Bind needs no decision: note its portal and pass it on
+            if code == BIND:  # needs no decision: note its portal and pass it on
                 try:
                     self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
                 except ProtocolViolation as exc:
@@ -1488,7 +1547,7 @@ class ClientSession(asyncio.Protocol):
                 pos = end
                 continue
             passed = bytes(buf[start:pos]) if start < pos else None
-            if code == 88:  # Terminate
+            if code == TERMINATE:
                 if passed is not None:
                     out.append(passed)
                 out.append(bytes(buf[pos:end]))
@@ -1515,10 +1574,10 @@ class ClientSession(asyncio.Protocol):
             message = bytes(buf[pos:end])
             del buf[:end]
             self._busy = True
-            if code == 69:
+            if code == EXECUTE:
                 planned = self._execute_planned(message)
             else:
-                planned = code == 81 and self._query_planned(message)
+                planned = code == QUERY and self._query_planned(message)
             if not planned:
                 self._spawn(self._gated(code, message))
             return
@@ -1616,7 +1675,7 @@ class ClientSession(asyncio.Protocol):
             return False
         self._relay_planned(
             _Planned(
-                69,
+                EXECUTE,
                 message,
                 prepared.facts,
                 prepared.decisions,
@@ -1648,7 +1707,7 @@ class ClientSession(asyncio.Protocol):
             return False
         plan, facts = found
         self._relay_planned(
-            _Planned(81, message, facts, plan.decisions, plan.masks, plan.catalog_generation)
+            _Planned(QUERY, message, facts, plan.decisions, plan.masks, plan.catalog_generation)
         )
         return True
 
@@ -1759,17 +1818,17 @@ class ClientSession(asyncio.Protocol):
             return
         body = message[5:]
         try:
-            if code == 81:  # Query
+            if code == QUERY:
                 await self._on_query(Query.decode(body), message)
-            elif code == 80:  # Parse
+            elif code == PARSE:
                 await self._on_parse(Parse.decode(body), message)
-            elif code == 66:  # Bind
+            elif code == BIND:
                 self._on_bind(Bind.decode(body))
                 self.tracker.expect(Expectation("bind"))
                 self._to_server(message)
-            elif code == 69:  # Execute
+            elif code == EXECUTE:
                 await self._on_execute(Execute.decode(body), message)
-            elif code == 70:  # FunctionCall
+            elif code == FUNCTION_CALL:
                 await self._on_function_call(FunctionCall.decode(body), message)
             else:
                 self._protocol_violation(f"unexpected message type {chr(code)!r}")
@@ -2143,7 +2202,7 @@ class ClientSession(asyncio.Protocol):
                 start = pos if self._path_answer(code, view, pos, end) else end
                 pos = end
                 continue
-            if code == 68:  # DataRow: count it for the current statement
+            if code == DATA_ROW:  # count it for the current statement
                 front = tracker.front()
                 if front is not None:
                     run = front.current_run()
@@ -2174,7 +2233,7 @@ class ClientSession(asyncio.Protocol):
                                 self._record_row(run, masked or bytes(view[pos:end]))
                         run.rows += 1
                         run.bytes_out += length + 1
-            elif (code == 100 or code == 99) and self.gate is not None and self.gate.budgeted:
+            elif code in (COPY_DATA, COPY_DONE) and self.gate is not None and self.gate.budgeted:
                 # COPY TO STDOUT data counts against a budget as rows do.
                 front = tracker.front()
                 run = front.current_run() if front is not None else None
@@ -2182,7 +2241,7 @@ class ClientSession(asyncio.Protocol):
                 if budget is not None:
                     if end > total:
                         break
-                    if budget.cut if code == 99 else not budget.admit(length + 1):
+                    if budget.cut if code == COPY_DONE else not budget.admit(length + 1):
                         if start < pos:
                             out.append(view[start:pos])
                         start = pos = end
@@ -2226,7 +2285,7 @@ class ClientSession(asyncio.Protocol):
         front = tracker.front()
         gate = self.gate
         assert gate is not None
-        if code == 67 or code == 73:  # CommandComplete / EmptyQueryResponse
+        if code in (COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
             if front is None:
                 return None
             run = front.current_run()
@@ -2236,7 +2295,7 @@ class ClientSession(asyncio.Protocol):
                     # The statement completed before the cancel reached it: it still ends
                     # with the budget's error, as if cancelled there.
                     cut = self._cut_short(run, completed=True)
-                elif code == 67:
+                elif code == COMMAND_COMPLETE:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
                     rows = complete.row_count
@@ -2251,10 +2310,10 @@ class ClientSession(asyncio.Protocol):
             if front.kind in ("execute", "function"):
                 tracker.pop()
             return cut
-        if code == 90:  # ReadyForQuery
+        if code == READY_FOR_QUERY:
             status = view[pos + 5]
-            gate.in_transaction = status != ord("I")
-            self._aborted = status == ord("E")
+            gate.in_transaction = status != STATUS_IDLE
+            self._aborted = status == STATUS_FAILED
             skipped: list[Expectation] = []
             while True:
                 e = tracker.pop()
@@ -2273,7 +2332,7 @@ class ClientSession(asyncio.Protocol):
             self._bind_error = None
             if self._fail_block:
                 self._fail_block = False
-                if status == ord("T"):
+                if status == STATUS_IN_TRANSACTION:
                     # The client saw an error in a transaction block: the server's block is
                     # failed to match (25P02 until ROLLBACK), by a statement it rejects, in
                     # place of this ReadyForQuery; the client gets that one's ("E").
@@ -2282,7 +2341,7 @@ class ClientSession(asyncio.Protocol):
                     return b""
             self._path.ready(chr(status))
             return None
-        if code == 69:  # ErrorResponse
+        if code == ERROR_RESPONSE:
             err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
             if err.severity in ("FATAL", "PANIC"):
                 self._server_fatal = True  # the client learns why from the server itself
@@ -2348,7 +2407,7 @@ class ClientSession(asyncio.Protocol):
                     if e.kind == "parse":
                         self._undo_parse(e)
             return replacement
-        if code == 115:  # PortalSuspended
+        if code == PORTAL_SUSPENDED:
             if front is not None:
                 run = front.current_run()
                 cut = None
@@ -2362,10 +2421,10 @@ class ClientSession(asyncio.Protocol):
                     tracker.pop()
                 return cut
             return None
-        if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
+        if code in (PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA):
             if front is not None and front.kind not in ("query", "execute"):
                 tracker.pop()
-                if code == 51 and front.closing is not None:
+                if code == CLOSE_COMPLETE and front.closing is not None:
                     kind, name = front.closing
                     held = self._statements if kind == "S" else self._portals
                     # Pipelined, the name may have been parsed or bound again since the Close.
@@ -2374,7 +2433,7 @@ class ClientSession(asyncio.Protocol):
                         if kind == "S":
                             gate.prepared.closed(name)
             return None
-        if code == 72:  # CopyOutResponse
+        if code == COPY_OUT_RESPONSE:
             run = front.current_run() if front is not None else None
             if run is not None and run.masked:
                 # Masks apply to rows; a COPY with masks is refused before it runs, so this
@@ -2382,11 +2441,11 @@ class ClientSession(asyncio.Protocol):
                 self._end_reason = "COPY out of a statement with masked columns"
                 self._fatal(REFUSED, "pgwarden: COPY data of a statement with masks is not relayed")
             return None
-        if code in (71, 87):  # CopyInResponse, CopyBothResponse
+        if code in (COPY_IN_RESPONSE, COPY_BOTH_RESPONSE):
             if not tracker.copy_in_started():
                 self._copy_in = True
             return None
-        if code == 116:  # ParameterDescription
+        if code == PARAMETER_DESCRIPTION:
             if front is not None:
                 front.saw_parameters = True
                 if isinstance(front.described, PreparedStatement):
@@ -2397,7 +2456,7 @@ class ClientSession(asyncio.Protocol):
                         described = ParameterDescription.decode(bytes(view[pos + 5 : end]))
                         front.described.param_types = described.type_oids
             return None
-        if code == 84:  # RowDescription
+        if code == ROW_DESCRIPTION:
             if front is None:
                 return None
             if front.kind in ("describe_statement", "describe_portal"):
@@ -2414,7 +2473,7 @@ class ClientSession(asyncio.Protocol):
                     run.description = bytes(view[pos + 5 : end])
                     run.described = False
             return None
-        if code == 86:  # FunctionCallResponse: the call's outcome; ReadyForQuery follows
+        if code == FUNCTION_CALL_RESPONSE:  # the call's outcome; ReadyForQuery follows
             if front is not None and front.kind == "function":
                 run = front.current_run()
                 if run is not None:
@@ -2423,7 +2482,7 @@ class ClientSession(asyncio.Protocol):
                     gate.outcome(run)
                     front.cursor += 1
             return None
-        if code == 83:  # ParameterStatus
+        if code == PARAMETER_STATUS:
             ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
             if ps.name == "client_encoding":
                 self.encoding = python_codec(ps.value)
