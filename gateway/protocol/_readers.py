@@ -38,11 +38,14 @@ def frame_header(
     length below 4 or above `max_message_size` raises (MessageTooLarge for the latter) from
     the header alone, before a body that would be refused is waited for or buffered.
     """
-    header: tuple[int, int] = HEADER.unpack_from(buf, pos)
+    header: tuple[int, int] = _unpack_header(buf, pos)
     length = header[1]
     if length < 4 or length > max_message_size:
         _check_length(header[0], length, max_message_size)
     return header
+
+
+_unpack_header = HEADER.unpack_from
 
 
 def split_frames(

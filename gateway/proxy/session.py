@@ -65,29 +65,24 @@ from gateway.protocol import (
     StartupMessage,
     Sync,
     decode_backend,
-    decode_frontend,
     decode_startup,
 )
 from gateway.protocol.codes import (
     BIND,
     BIND_COMPLETE,
-    CLOSE,
     CLOSE_COMPLETE,
     COMMAND_COMPLETE,
     COPY_BOTH_RESPONSE,
     COPY_DATA,
     COPY_DONE,
-    COPY_FAIL,
     COPY_IN_RESPONSE,
     COPY_OUT_RESPONSE,
     DATA_ROW,
-    DESCRIBE,
     EMPTY_QUERY_RESPONSE,
     ENCRYPTION_ACCEPTED,
     ENCRYPTION_REFUSED,
     ERROR_RESPONSE,
     EXECUTE,
-    FLUSH,
     FUNCTION_CALL,
     FUNCTION_CALL_RESPONSE,
     NO_DATA,
@@ -103,8 +98,6 @@ from gateway.protocol.codes import (
     STATUS_FAILED,
     STATUS_IDLE,
     STATUS_IN_TRANSACTION,
-    SYNC,
-    TERMINATE,
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import (
@@ -135,6 +128,7 @@ from gateway.proxy.upstream import (
     connect_upstream,
     forward_cancel,
 )
+from gateway.session.frontend import GATED, Action, FrontendCore
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
@@ -160,9 +154,6 @@ _RELAYED_PARAMETERS = frozenset(
         "IntervalStyle",
     }
 )
-# Client messages the relay passes through untouched.
-_PASS = frozenset({DESCRIBE, CLOSE, SYNC, FLUSH, COPY_DATA, COPY_DONE, COPY_FAIL})
-
 # The client's input pgwarden holds while a message is with the gate (the undecided messages
 # behind it, and what passed through to leave with it): beyond this the client is not read,
 # so that it feels the server's pace as it would direct (a pipeline stops soon after the
@@ -191,6 +182,13 @@ _SERVER_NEEDS = frozenset(
         PARAMETER_STATUS,
     }
 )
+# The frontend core's actions, looked up once (the drain compares them per message).
+_IDLE = Action.IDLE
+_EXPECT = Action.EXPECT
+_BIND = Action.BIND
+_ANSWER = Action.ANSWER
+_GATE = Action.GATE
+_TERMINATE = Action.TERMINATE
 # In place of a refused statement: text the server rejects before touching any name.
 _BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
 # In place of a statement the server rejects itself in an aborted transaction (25P02): text
@@ -366,17 +364,15 @@ class ClientSession(asyncio.Protocol):
     __slots__ = (
         "_aborted",
         "_bind_error",
-        "_busy",
         "_cancel_secret",
         "_closing",
-        "_copy_in",
         "_direct_tls",
-        "_discarding",
         "_draining",
         "_end_reason",
         "_explain_read",
         "_fail_block",
         "_failed",
+        "_frontend",
         "_inbuf",
         "_mask_wait",
         "_owed_error",
@@ -401,9 +397,6 @@ class ClientSession(asyncio.Protocol):
         "_tasks",
         "_tls",
         "_traffic",
-        "_up_answerable",
-        "_up_decided",
-        "_up_out",
         "client_addr",
         "database",
         "encoding",
@@ -431,6 +424,9 @@ class ClientSession(asyncio.Protocol):
         self._direct_tls = False
         self._ssl_asked = False
         self._inbuf = bytearray()
+        # The client's stream once relaying (its bytes, what goes to the server, what waits
+        # for the gate), sans-IO; it takes over the buffer startup used.
+        self._frontend = FrontendCore(gw.settings.listener.max_message_size, self._inbuf)
         self._startup: StartupMessage | None = None
         # Set once an unknown target name made this session read the control store again.
         self._targets_read_again = False
@@ -442,7 +438,6 @@ class ClientSession(asyncio.Protocol):
         self.gate: StatementGate | None = None
         self.tracker = ResponseTracker()
         self.encoding = "utf-8"
-        self._busy = False
         self._paused_by_upstream = False
         self._paused_by_client = False
         self._sbuf = bytearray()
@@ -453,15 +448,6 @@ class ClientSession(asyncio.Protocol):
         self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
-        # After pgwarden refused an extended-protocol message, the server discards until Sync.
-        self._discarding = False
-        # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
-        self._copy_in = False
-        # Bytes for the server gathered during one pass of the relay.
-        self._up_out: list[bytes] = []
-        self._up_answerable = False
-        # A message the gate decided is among them: it leaves before the next is decided.
-        self._up_decided = False
         self._cancel_secret: bytes | None = None
         self._recheck: asyncio.TimerHandle | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
@@ -627,13 +613,13 @@ class ClientSession(asyncio.Protocol):
         if self.phase is Phase.CLOSED:
             return
         if self.phase is Phase.RELAY and (
-            self._busy
+            self._frontend.state is GATED
             or self.tracker
             or self._inbuf
             or self._sbuf
             or self._skip
-            or self._up_out
-            or self._copy_in
+            or self._frontend.out
+            or self._frontend.copy_in
             or self._mask_wait
             or self._path_read is not None
             or (self.gate is not None and self.gate.in_transaction)
@@ -1267,7 +1253,7 @@ class ClientSession(asyncio.Protocol):
         self._path_wanted = True
         # Decided but still buffered: it may be what moved the path, so it goes first.
         self._flush_server()
-        if self.tracker.front() is not None and not self._discarding:
+        if self.tracker.front() is not None and not self._frontend.discarding:
             # Extended messages are answered at a Flush or Sync: ask for the answers without
             # ending the client's pipeline (a Sync would commit it).
             self._write_upstream(FLUSH_MESSAGE)
@@ -1278,11 +1264,11 @@ class ClientSession(asyncio.Protocol):
         state allows; or say why the path cannot be read now."""
         if not self._path_wanted or self.up is None:
             return
-        if self._copy_in:
+        if self._frontend.copy_in:
             problem = PathProblem("search_path cannot be read during COPY FROM STDIN")
         elif self.tracker.front() is not None:
             return
-        elif self._discarding or self._owed_error is not None:
+        elif self._frontend.discarding or self._owed_error is not None:
             # The server skips to the client's Sync: so it will the statement waiting.
             problem = PathProblem(
                 "not executed: an earlier message of the pipeline failed", skipped=True
@@ -1336,7 +1322,7 @@ class ClientSession(asyncio.Protocol):
         if read.in_pipeline:
             # The server now skips to the client's Sync: to the client, the statement that
             # waited for the read is the one that failed.
-            self._discarding = True
+            self._frontend.discarding = True
             self._owed_error = refusal_for(problem.reason, sqlstate)
         self._path.unknown(problem)
         return fatal
@@ -1457,7 +1443,7 @@ class ClientSession(asyncio.Protocol):
 
     def _upstream_resumed(self) -> None:
         self._paused_by_upstream = False
-        if self.transport is not None and not self._busy:
+        if self.transport is not None and self._frontend.state is not GATED:
             self.transport.resume_reading()
 
     # -- relay: client to server ---------------------------------------------------------
@@ -1465,13 +1451,13 @@ class ClientSession(asyncio.Protocol):
     @property
     def held_input(self) -> int:
         """Bytes the client sent that pgwarden holds and has not handed to the server yet."""
-        return len(self._inbuf) + sum(len(b) for b in self._up_out)
+        return self._frontend.held
 
     def _client_data(self, data: bytes) -> None:
         self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
-        if self._busy:
+        if self._frontend.state is GATED:
             if self.transport is not None and self.held_input > READ_AHEAD:
                 self.transport.pause_reading()
             return
@@ -1480,122 +1466,53 @@ class ClientSession(asyncio.Protocol):
     def _to_server(self, data: bytes) -> None:
         """Queue a decided message for the server; it leaves with what passes through after
         it, at the latest when the next message is handed to the gate."""
-        self._up_out.append(data)
-        self._up_decided = True
+        self._frontend.queue(data)
 
     def _flush_server(self) -> None:
-        out = self._up_out
-        if out and self.up is not None:
-            self._write_upstream(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        self._up_answerable = False
-        self._up_decided = False
+        data = self._frontend.flush()
+        if data is not None and self.up is not None:
+            self._write_upstream(data)
 
     def _drain_client(self) -> None:
-        """Forward what can go now; hand the first message that needs a decision to a task."""
-        buf = self._inbuf
-        limit = self.gw.settings.listener.max_message_size
-        pos = 0
-        start = 0
-        end_all = len(buf)
-        out = self._up_out
-        while end_all - pos >= 5:
-            code, length = _HEADER.unpack_from(buf, pos)
-            if length < 4 or length > limit:
-                self._violation_in_drain(
-                    start,
-                    pos,
-                    f"invalid message length {length} (limit {limit})",
-                    "08P01" if length < 4 else "54000",
-                )
+        """Carry out the frontend core's actions on what the client sent: forward, note the
+        answers the server will owe, hand the first message that needs a decision to the
+        gate (on its plan from this callback where one holds, else to a task)."""
+        core = self._frontend
+        next_action = core.next_action
+        tracker = self.tracker
+        while True:
+            action = next_action()
+            if action is _BIND:
+                self._on_bind(cast(Bind, core.decoded))
+                tracker.expect(Expectation("bind"))
+                continue
+            if action is _EXPECT:
+                tracker.expect(Expectation(core.expected))
+                continue
+            if action is _ANSWER:
+                self._expect_answer(cast("Describe | Close", core.decoded))
+                continue
+            send = core.send
+            if send is not None and self.up is not None:
+                self._write_upstream(send)
+            if action is _IDLE:
                 return
-            end = pos + 1 + length
-            if end > end_all:
-                break
-            if code in _PASS:
-                decoded = None
-                if code != COPY_DATA:  # all but CopyData have a layout: a malformed one ends here
-                    try:
-                        decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
-                    except ProtocolViolation as exc:
-                        self._violation_in_drain(start, pos, str(exc))
-                        return
-                if code == SYNC and self._discarding:  # Sync ends the discard
-                    self._discarding = False
-                if code in (COPY_DONE, COPY_FAIL):
-                    if self._copy_in:
-                        self._copy_in = False
-                    else:
-                        self.tracker.expect(Expectation("copy_end"))
-                elif code == SYNC and self._copy_in:
-                    pass  # the server ignores Sync during COPY IN: no answer to expect
-                elif code == SYNC:
-                    self.tracker.expect(Expectation("sync"))
-                elif isinstance(decoded, (Describe, Close)):  # they expect answers too
-                    self._expect_answer(decoded)
-                if code in (SYNC, FLUSH):  # the server answers what came before
-                    self._up_answerable = True
-                pos = end
-                continue
-            if code == BIND:  # needs no decision: note its portal and pass it on
-                try:
-                    self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
-                except ProtocolViolation as exc:
-                    self._violation_in_drain(start, pos, str(exc))
-                    return
-                self.tracker.expect(Expectation("bind"))
-                pos = end
-                continue
-            passed = bytes(buf[start:pos]) if start < pos else None
-            if code == TERMINATE:
-                if passed is not None:
-                    out.append(passed)
-                out.append(bytes(buf[pos:end]))
-                self._flush_server()
-                buf.clear()
+            if action is _GATE:
+                code = core.code
+                message = cast(bytes, core.message)
+                if code == EXECUTE:
+                    planned = self._execute_planned(message)
+                else:
+                    planned = code == QUERY and self._query_planned(message)
+                if not planned:
+                    self._spawn(self._gated(code, message))
+                return
+            if action is _TERMINATE:
                 self._end_reason = "client quit"
                 self._close()
                 return
-            # A message that needs the gate. Decided messages before it leave now: a pipeline
-            # runs on the server while the rest is decided, and stops at its first error as
-            # it does direct. What passed through since (a Bind, a Describe) leaves with this
-            # one once it is decided and recorded, so that an error at that Bind is the
-            # outcome of the statement it binds; unless it holds a Sync or Flush whose answer
-            # the client awaits.
-            if self._up_answerable:
-                if passed is not None:
-                    out.append(passed)
-                self._flush_server()
-            else:
-                if self._up_decided:
-                    self._flush_server()
-                if passed is not None:
-                    out.append(passed)
-            message = bytes(buf[pos:end])
-            del buf[:end]
-            self._busy = True
-            if code == EXECUTE:
-                planned = self._execute_planned(message)
-            else:
-                planned = code == QUERY and self._query_planned(message)
-            if not planned:
-                self._spawn(self._gated(code, message))
+            self._protocol_violation(core.problem, core.sqlstate)
             return
-        if start < pos:
-            out.append(bytes(buf) if start == 0 and pos == end_all else bytes(buf[start:pos]))
-            del buf[:pos]
-        self._flush_server()
-
-    def _violation_in_drain(
-        self, start: int, pos: int, problem: str, sqlstate: str = "08P01"
-    ) -> None:
-        """A malformed message at `pos`: the valid ones before it still go, then the end."""
-        buf = self._inbuf
-        if start < pos:
-            self._up_out.append(bytes(buf[start:pos]))
-        self._flush_server()
-        buf.clear()
-        self._protocol_violation(problem, sqlstate)
 
     def _expect_answer(self, msg: Describe | Close) -> None:
         held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
@@ -1611,12 +1528,12 @@ class ClientSession(asyncio.Protocol):
         try:
             await self._gate_message(code, message)
         finally:
-            self._busy = False
+            self._frontend.gate_done()
         self._gate_done()
 
     def _gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
-        self._busy = False
+        self._frontend.gate_done()
         if self.phase is Phase.RELAY:
             self._drain_client()
             # Read on unless the next message went to the gate with a full read-ahead
@@ -1626,7 +1543,7 @@ class ClientSession(asyncio.Protocol):
                 self.phase is Phase.RELAY
                 and self.transport is not None
                 and not self._paused_by_upstream
-                and not (self._busy and self.held_input > READ_AHEAD)
+                and not (self._frontend.state is GATED and self.held_input > READ_AHEAD)
             ):
                 self.transport.resume_reading()
         if self._draining:
@@ -1639,8 +1556,8 @@ class ClientSession(asyncio.Protocol):
         path, which says why not where something is wrong)."""
         return (
             self.gate is not None
-            and not self._discarding
-            and not self._copy_in
+            and not self._frontend.discarding
+            and not self._frontend.copy_in
             and self._owed_error is None
             and self._token_problem() is None
         )
@@ -1750,7 +1667,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._record_planned(planned, None)
         except Exception as exc:  # the callback boundary: never a silent drop
-            self._busy = False
+            self._frontend.gate_done()
             self._internal_error(exc)
 
     def _record_planned(self, planned: _Planned, probe: asyncio.Future[str | None] | None) -> None:
@@ -1799,7 +1716,7 @@ class ClientSession(asyncio.Protocol):
             else:
                 self._query_decided(verdict, planned.message)
         except Exception as exc:  # the callback boundary: never a silent drop
-            self._busy = False
+            self._frontend.gate_done()
             self._internal_error(exc)
             return
         self._gate_done()
@@ -1858,7 +1775,7 @@ class ClientSession(asyncio.Protocol):
         A Parse stand-in takes the refused Parse's own name (an unnamed one drops the unnamed
         statement, as the refused Parse would), else one of pgwarden's, never stored."""
         assert self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             # The server skips to Sync already: nothing forwarded now would answer.
             self._pay_owed_error()
             return
@@ -1870,14 +1787,14 @@ class ClientSession(asyncio.Protocol):
         else:
             self._to_server(Parse(name, text).encode())
             self.tracker.expect(Expectation("parse", runs, refusal=refusal, own_error=own_error))
-            self._discarding = True
+            self._frontend.discarding = True
 
     def _skipped(self, verdict: Verdict, *, answered_ready: bool = False) -> bool:
         """The server skips to Sync (an error came while this was decided, or pgwarden's own
         read failed): the message is not forwarded, and its statements are recorded as not
         run. `answered_ready`: a Query or FunctionCall, which the client expects a
         ReadyForQuery for."""
-        if not self._discarding:
+        if not self._frontend.discarding:
             return False
         assert self.gate is not None
         for run in verdict.runs:
@@ -1891,7 +1808,7 @@ class ClientSession(asyncio.Protocol):
             # rolled back, as after an error of the statement) and gives it.
             self._to_server(Sync().encode())
             self.tracker.expect(Expectation("sync"))
-            self._discarding = False
+            self._frontend.discarding = False
         return True
 
     def _pay_owed_error(self) -> bool:
@@ -1905,7 +1822,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_query(self, msg: Query, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
         text = self._decode_sql(msg.query)
         if text is None:
@@ -1956,7 +1873,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             self._to_server(message)
             self.tracker.expect(Expectation("parse"))
             return
@@ -2014,7 +1931,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
@@ -2129,7 +2046,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
-        if self._discarding:
+        if self._frontend.discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
         args = _params_text(msg.args, msg.arg_formats, (), self.encoding)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
@@ -2233,7 +2150,7 @@ class ClientSession(asyncio.Protocol):
                                 self._record_row(run, masked or bytes(view[pos:end]))
                         run.rows += 1
                         run.bytes_out += length + 1
-            elif code in (COPY_DATA, COPY_DONE) and self.gate is not None and self.gate.budgeted:
+            elif (code in (COPY_DATA, COPY_DONE)) and self.gate is not None and self.gate.budgeted:
                 # COPY TO STDOUT data counts against a budget as rows do.
                 front = tracker.front()
                 run = front.current_run() if front is not None else None
@@ -2348,7 +2265,7 @@ class ClientSession(asyncio.Protocol):
             if front is None:
                 # The error of a message nothing was expected from (a malformed Flush, say):
                 # the server skips to the client's Sync, not forwarded yet.
-                self._discarding = True
+                self._frontend.discarding = True
                 return None
             replacement = front.refusal
             if front.own_error is not None and err.sqlstate == front.own_error:
@@ -2401,7 +2318,7 @@ class ClientSession(asyncio.Protocol):
                 if not tracker:
                     # No Sync forwarded yet: the server ignores what comes until the client's,
                     # a Query or FunctionCall included (no answer to wait for).
-                    self._discarding = True
+                    self._frontend.discarding = True
                 # The server never ran the Parses it skipped: what their names held stands.
                 for e in reversed(skipped):
                     if e.kind == "parse":
@@ -2443,7 +2360,7 @@ class ClientSession(asyncio.Protocol):
             return None
         if code in (COPY_IN_RESPONSE, COPY_BOTH_RESPONSE):
             if not tracker.copy_in_started():
-                self._copy_in = True
+                self._frontend.copy_in = True
             return None
         if code == PARAMETER_DESCRIPTION:
             if front is not None:
@@ -2537,12 +2454,12 @@ class ClientSession(asyncio.Protocol):
             # only parsed and described (asyncpg, before it looks up a type) loses nothing.
             self.tracker
             or self.tracker.ran_unsynced
-            or self._up_out
+            or self._frontend.out
             or self._path_read is not None
             or self._path_wanted
             or self._explain_read is not None
-            or self._discarding
-            or self._copy_in
+            or self._frontend.discarding
+            or self._frontend.copy_in
             or self._fail_block
         ):
             return NotExplained.BUSY
