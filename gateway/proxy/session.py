@@ -128,6 +128,7 @@ from gateway.proxy.upstream import (
     connect_upstream,
     forward_cancel,
 )
+from gateway.session.backend import DROP, PASS, REPLACE, SERVER_NEEDS, STOP, BackendCore
 from gateway.session.frontend import GATED, Action, FrontendCore
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
@@ -161,27 +162,6 @@ _RELAYED_PARAMETERS = frozenset(
 # bounded. The server's own write buffer is bounded by the upstream transport's high-water
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
-# Server messages whose bodies the relay needs to read.
-_SERVER_NEEDS = frozenset(
-    {
-        COMMAND_COMPLETE,
-        ERROR_RESPONSE,
-        EMPTY_QUERY_RESPONSE,
-        READY_FOR_QUERY,
-        PORTAL_SUSPENDED,
-        PARSE_COMPLETE,
-        BIND_COMPLETE,
-        CLOSE_COMPLETE,
-        NO_DATA,
-        PARAMETER_DESCRIPTION,
-        ROW_DESCRIPTION,
-        COPY_IN_RESPONSE,
-        COPY_OUT_RESPONSE,
-        COPY_BOTH_RESPONSE,
-        FUNCTION_CALL_RESPONSE,
-        PARAMETER_STATUS,
-    }
-)
 # The frontend core's actions, looked up once (the drain compares them per message).
 _IDLE = Action.IDLE
 _EXPECT = Action.EXPECT
@@ -363,6 +343,7 @@ class ClientSession(asyncio.Protocol):
     # idle session: a dict of this many keys is larger than the shared-key kind).
     __slots__ = (
         "_aborted",
+        "_backend",
         "_bind_error",
         "_cancel_secret",
         "_closing",
@@ -385,9 +366,7 @@ class ClientSession(asyncio.Protocol):
         "_portals",
         "_recheck",
         "_rules_problem",
-        "_sbuf",
         "_server_fatal",
-        "_skip",
         "_ssl_asked",
         "_started_at",
         "_startup",
@@ -440,12 +419,11 @@ class ClientSession(asyncio.Protocol):
         self.encoding = "utf-8"
         self._paused_by_upstream = False
         self._paused_by_client = False
-        self._sbuf = bytearray()
+        # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
+        self._backend = BackendCore(self._server_frame)
         # A masked result's rows wait (server reading paused) while its masks are resolved
         # again against the catalog (_plan_masks).
         self._mask_wait = False
-        # Bytes of an oversized pass-through server frame still to relay without buffering.
-        self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
         self._cancel_secret: bytes | None = None
@@ -616,8 +594,8 @@ class ClientSession(asyncio.Protocol):
             self._frontend.state is GATED
             or self.tracker
             or self._inbuf
-            or self._sbuf
-            or self._skip
+            or self._backend.buffer
+            or self._backend.skip
             or self._frontend.out
             or self._frontend.copy_in
             or self._mask_wait
@@ -2080,119 +2058,92 @@ class ClientSession(asyncio.Protocol):
             self._internal_error(exc)
 
     def _relay_server_data(self, data: bytes) -> None:
-        buf = self._sbuf
-        if self._skip:
-            n = min(self._skip, len(data))
+        backend = self._backend
+        if backend.skip:
+            n = backend.skipped(data)
             self._send(data[:n])
-            self._skip -= n
             data = data[n:]
             if not data:
                 return
-        if buf:
-            buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data
-        pos = 0
-        start = 0
-        total = len(view)
-        out: list[bytes | bytearray | memoryview] = []
-        tracker = self.tracker
-        while total - pos >= 5:
-            code, length = _HEADER.unpack_from(view, pos)
-            end = pos + 1 + length
-            if self._explain_read is not None and code not in CLIENTS_WHILE_EXPLAINING:
-                if end > total:
-                    break
-                if start < pos:
-                    out.append(view[start:pos])
-                if self._explain_read.answer(code, view[pos:end]):
-                    self._explain_read = None
-                start = pos = end
-                continue
-            if self._path_read is not None and code in READ_ANSWERS:
-                # The answer to pgwarden's own read of search_path: not the client's to see.
-                if end > total:
-                    break
-                if start < pos:
-                    out.append(view[start:pos])
-                start = pos if self._path_answer(code, view, pos, end) else end
-                pos = end
-                continue
-            if code == DATA_ROW:  # count it for the current statement
-                front = tracker.front()
-                if front is not None:
-                    run = front.current_run()
-                    if run is not None:
-                        budget = run.budget
-                        if budget is not None:
-                            if end > total:
-                                break  # a budgeted row is judged whole
-                            if not budget.admit(length + 1):
-                                # Over the decision's budget: never relayed.
-                                if start < pos:
-                                    out.append(view[start:pos])
-                                start = pos = end
-                                self._over_budget(budget)
-                                continue
-                        if run.masked or run.record_rows:
-                            if end > total:
-                                break  # a masked or recorded row is handled whole
-                            if run.masked and not run.described and self._plan_masks(run):
-                                break  # rows wait here until the masks are resolved again
-                            masked = self._mask_row(run, view, pos, end) if run.masked else None
-                            if masked is not None:
-                                if start < pos:
-                                    out.append(view[start:pos])
-                                out.append(masked)
-                                start = end
-                            if run.record_rows:
-                                self._record_row(run, masked or bytes(view[pos:end]))
-                        run.rows += 1
-                        run.bytes_out += length + 1
-            elif (code in (COPY_DATA, COPY_DONE)) and self.gate is not None and self.gate.budgeted:
-                # COPY TO STDOUT data counts against a budget as rows do.
-                front = tracker.front()
-                run = front.current_run() if front is not None else None
-                budget = run.budget if run is not None else None
-                if budget is not None:
-                    if end > total:
-                        break
-                    if budget.cut if code == COPY_DONE else not budget.admit(length + 1):
-                        if start < pos:
-                            out.append(view[start:pos])
-                        start = pos = end
-                        self._over_budget(budget)
-                        continue
-            elif code in _SERVER_NEEDS:
-                if end > total:
-                    break
-                replacement = self._server_message(code, view, pos, end)
-                if replacement is not None:
-                    if start < pos:
-                        out.append(view[start:pos])
-                    out.append(replacement)
-                    start = end
-            if end > total:
-                # A large frame we only pass through: relay what we have, skip the rest.
-                if code not in _SERVER_NEEDS:
-                    out.append(view[start:total])
-                    self._skip = end - total
-                    start = pos = total
-                break
-            pos = end
-        if start < pos:
-            out.append(view[start:pos])
-        if out:
-            self._send(b"".join(out) if len(out) > 1 else out[0])
-        if view is buf:
-            del buf[:pos]
-        elif pos < total:
-            buf += data[pos:]
+        out = backend.receive(data)
+        if out is not None:
+            self._send(out)
         if self._path_wanted:
             self._read_path_if_quiet()
         if self._draining:
             self._end_if_drained()
+
+    def _server_frame(
+        self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
+    ) -> int:
+        """The backend core's question on one server frame: count, mask, withhold or read
+        it (see gateway/session/backend.py for the verdicts)."""
+        explain = self._explain_read
+        if explain is not None and code not in CLIENTS_WHILE_EXPLAINING:
+            if not whole:
+                return STOP
+            if explain.answer(code, view[pos:end]):
+                self._explain_read = None
+                self._backend.intercept = False
+            return DROP
+        if self._path_read is not None and code in READ_ANSWERS:
+            # The answer to pgwarden's own read of search_path: not the client's to see.
+            if not whole:
+                return STOP
+            return PASS if self._path_answer(code, view, pos, end) else DROP
+        if code == DATA_ROW:  # count it for the current statement
+            front = self.tracker.front()
+            if front is None:
+                return PASS
+            run = front.current_run()
+            if run is None:
+                return PASS
+            verdict = PASS
+            budget = run.budget
+            if budget is not None:
+                if not whole:
+                    return STOP  # a budgeted row is judged whole
+                if not budget.admit(end - pos):
+                    # Over the decision's budget: never relayed.
+                    self._over_budget(budget)
+                    return DROP
+            if run.masked or run.record_rows:
+                if not whole:
+                    return STOP  # a masked or recorded row is handled whole
+                if run.masked and not run.described and self._plan_masks(run):
+                    return STOP  # rows wait here until the masks are resolved again
+                masked = self._mask_row(run, view, pos, end) if run.masked else None
+                if masked is not None:
+                    self._backend.replacement = masked
+                    verdict = REPLACE
+                if run.record_rows:
+                    self._record_row(run, masked or bytes(view[pos:end]))
+            run.rows += 1
+            run.bytes_out += end - pos
+            return verdict
+        if code in (COPY_DATA, COPY_DONE):
+            if self.gate is None or not self.gate.budgeted:
+                return PASS
+            # COPY TO STDOUT data counts against a budget as rows do.
+            front = self.tracker.front()
+            run = front.current_run() if front is not None else None
+            budget = run.budget if run is not None else None
+            if budget is None:
+                return PASS
+            if not whole:
+                return STOP
+            if budget.cut if code == COPY_DONE else not budget.admit(end - pos):
+                self._over_budget(budget)
+                return DROP
+            return PASS
+        if code in SERVER_NEEDS:
+            if not whole:
+                return STOP
+            replacement = self._server_message(code, view, pos, end)
+            if replacement is not None:
+                self._backend.replacement = replacement
+                return REPLACE
+        return PASS
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int
@@ -2416,7 +2367,7 @@ class ClientSession(asyncio.Protocol):
         messages: a large frame the relay passes through in pieces is finished first."""
         # Polled rather than signalled: the relay's hot path stays free of it, and only a
         # held statement's notice ever waits here.
-        while self._skip and self.phase is Phase.RELAY:  # noqa: ASYNC110
+        while self._backend.skip and self.phase is Phase.RELAY:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         note = NoticeResponse.decode(notice[5:])
         fields = {k: for_client(v, self.encoding) for k, v in note.fields.items()}
@@ -2472,6 +2423,7 @@ class ClientSession(asyncio.Protocol):
         except UnicodeEncodeError:
             return NotExplained.FAILED
         read = self._explain_read = ExplainRead(self.encoding, readies)
+        self._backend.intercept = True
         self._write_upstream(request)
         return await read.done
 

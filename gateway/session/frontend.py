@@ -81,6 +81,8 @@ GATE: Final = Action.GATE
 VIOLATION: Final = Action.VIOLATION
 TERMINATE_SENT: Final = Action.TERMINATE
 
+_unpack_header = HEADER.unpack_from
+
 # Client messages that pass through untouched (noted where the server will answer them).
 _PASS: Final = frozenset({DESCRIBE, CLOSE, SYNC, FLUSH, COPY_DATA, COPY_DONE, COPY_FAIL})
 
@@ -192,14 +194,20 @@ class FrontendCore:
         size = len(buf)
         pos = self._pos
         while size - pos >= 5:
-            try:
-                code, length = frame_header(buf, pos, self.limit)
-            except ProtocolViolation as exc:
-                length = HEADER.unpack_from(buf, pos)[1]
+            code, length = _unpack_header(buf, pos)
+            if length < 4 or length > self.limit:
+                # The codec's framing says which of the two it is.
+                sqlstate = "08P01"
+                try:
+                    frame_header(buf, pos, self.limit)
+                except MessageTooLarge:
+                    sqlstate = "54000"
+                except ProtocolViolation:
+                    pass
                 return self._violation(
                     pos,
                     f"invalid message length {length} (limit {self.limit})",
-                    "54000" if isinstance(exc, MessageTooLarge) else "08P01",
+                    sqlstate,
                 )
             end = pos + 1 + length
             if end > size:
