@@ -129,7 +129,16 @@ from gateway.proxy.upstream import (
     forward_cancel,
 )
 from gateway.session.backend import DROP, PASS, REPLACE, SERVER_NEEDS, STOP, BackendCore
-from gateway.session.frontend import GATED, Action, FrontendCore
+from gateway.session.frontend import (
+    ANSWER,
+    BIND_NOTED,
+    EXPECT,
+    GATE,
+    GATED,
+    IDLE,
+    TERMINATE_SENT,
+    FrontendCore,
+)
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
 
@@ -162,13 +171,6 @@ _RELAYED_PARAMETERS = frozenset(
 # bounded. The server's own write buffer is bounded by the upstream transport's high-water
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
-# The frontend core's actions, looked up once (the drain compares them per message).
-_IDLE = Action.IDLE
-_EXPECT = Action.EXPECT
-_BIND = Action.BIND
-_ANSWER = Action.ANSWER
-_GATE = Action.GATE
-_TERMINATE = Action.TERMINATE
 # In place of a refused statement: text the server rejects before touching any name.
 _BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
 # In place of a statement the server rejects itself in an aborted transaction (25P02): text
@@ -1460,22 +1462,22 @@ class ClientSession(asyncio.Protocol):
         tracker = self.tracker
         while True:
             action = next_action()
-            if action is _BIND:
+            if action is BIND_NOTED:
                 self._on_bind(cast(Bind, core.decoded))
                 tracker.expect(Expectation("bind"))
                 continue
-            if action is _EXPECT:
+            if action is EXPECT:
                 tracker.expect(Expectation(core.expected))
                 continue
-            if action is _ANSWER:
+            if action is ANSWER:
                 self._expect_answer(cast("Describe | Close", core.decoded))
                 continue
             send = core.send
             if send is not None and self.up is not None:
                 self._write_upstream(send)
-            if action is _IDLE:
+            if action is IDLE:
                 return
-            if action is _GATE:
+            if action is GATE:
                 code = core.code
                 message = cast(bytes, core.message)
                 if code == EXECUTE:
@@ -1485,7 +1487,7 @@ class ClientSession(asyncio.Protocol):
                 if not planned:
                     self._spawn(self._gated(code, message))
                 return
-            if action is _TERMINATE:
+            if action is TERMINATE_SENT:
                 self._end_reason = "client quit"
                 self._close()
                 return
