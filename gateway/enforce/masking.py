@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from gateway.protocol import FieldDescription, ProtocolViolation
+from gateway.protocol.codes import DATA_ROW
 
 __all__ = [
     "MIN_HASH_KEY",
@@ -41,7 +42,7 @@ _STRENGTH: Final = {"partial": 1, "email": 1, "hash": 2, "redact": 3, "null": 4}
 
 _U16: Final = struct.Struct("!H")
 _I32: Final = struct.Struct("!i")
-_HEADER: Final = struct.Struct("!ci")
+_HEADER: Final = struct.Struct("!Bi")
 _NULL_LENGTH: Final = _I32.pack(-1)
 
 Masker = Callable[[bytes], bytes | None]
@@ -315,10 +316,10 @@ class MaskPlan:
         if pos != size:
             raise ProtocolViolation(f"malformed DataRow: {size - pos} unexpected trailing bytes")
         if start == 0:
-            return _HEADER.pack(b"D", size + 4) + bytes(body)
+            return _HEADER.pack(DATA_ROW, size + 4) + bytes(body)
         append(view[start:])
         out = b"".join(parts)
-        return _HEADER.pack(b"D", len(out) + 4) + out
+        return _HEADER.pack(DATA_ROW, len(out) + 4) + out
 
 
 def _aligned(lineage: Sequence[OutputMask], n: int) -> list[str | None] | None:

@@ -42,6 +42,13 @@ from pglast import parse_sql
 from pglast.parser import scan
 
 from gateway.protocol import Bind, Close, ErrorResponse, Execute, Parse, Sync
+from gateway.protocol.codes import (
+    DATA_ROW,
+    ERROR_RESPONSE,
+    NOTIFICATION_RESPONSE,
+    PARAMETER_STATUS,
+    READY_FOR_QUERY,
+)
 from gateway.proxy.search_path import first_column
 from gateway.sql.facts import StatementFacts
 
@@ -223,7 +230,7 @@ def estimate_of(
 
 # Server messages that are not answers to anything: they reach the client even while
 # pgwarden's own request is answered (NotificationResponse, ParameterStatus).
-CLIENTS_WHILE_EXPLAINING = frozenset(b"AS")
+CLIENTS_WHILE_EXPLAINING = frozenset({NOTIFICATION_RESPONSE, PARAMETER_STATUS})
 
 
 class ExplainRead:
@@ -243,17 +250,17 @@ class ExplainRead:
 
     def answer(self, code: int, frame: bytes | bytearray) -> bool:
         """Consume one answer frame; True once the read is over (its last ReadyForQuery)."""
-        if code == 68 and not self._failed:
+        if code == DATA_ROW and not self._failed:
             # The EXPLAIN's row comes last before the first Sync (set_config's is earlier).
             self._plan = first_column(bytes(frame[5:]), self.encoding)
-        elif code == 69:
+        elif code == ERROR_RESPONSE:
             if not self._failed and self._readies > 1:
                 # Before the first Sync: the EXPLAIN did not run (an error in the clean-up
                 # leaves the plan read before it standing).
                 self._plan = None
                 self._sqlstate = ErrorResponse.decode(bytes(frame[5:])).sqlstate or ""
             self._failed = True
-        elif code == 90:
+        elif code == READY_FOR_QUERY:
             self._readies -= 1
             if self._readies > 0:
                 return False

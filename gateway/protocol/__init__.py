@@ -61,7 +61,13 @@ from gateway.protocol._frontend import (
     Terminate,
     decode_frontend,
 )
-from gateway.protocol._readers import FrameReader, RawFrame, StartupReader, split_frames
+from gateway.protocol._readers import (
+    FrameReader,
+    RawFrame,
+    StartupReader,
+    frame_header,
+    split_frames,
+)
 from gateway.protocol._startup import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -153,5 +159,6 @@ __all__ = [
     "decode_backend",
     "decode_frontend",
     "decode_startup",
+    "frame_header",
     "split_frames",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final, Literal, Self, TypeAlias
 
+from gateway.protocol import codes
 from gateway.protocol._copy import CopyData, CopyDone
 from gateway.protocol._errors import ProtocolViolation
 from gateway.protocol._message import EmptyMessage, Message
@@ -33,7 +34,7 @@ from gateway.protocol._wire import (
 class Authentication(Message):
     """The 'R' family: one type per request code; decode(body) checks the code is its own."""
 
-    type_code: ClassVar[int] = ord("R")
+    type_code: ClassVar[int] = codes.AUTHENTICATION
     auth_code: ClassVar[int]
 
     @classmethod
@@ -202,7 +203,7 @@ def _encode_failure(what: str) -> Callable[[str], ProtocolViolation]:
 
 @dataclass(frozen=True, slots=True)
 class BackendKeyData(Message):
-    type_code: ClassVar[int] = ord("K")
+    type_code: ClassVar[int] = codes.BACKEND_KEY_DATA
     process_id: int
     secret_key: bytes
 
@@ -219,7 +220,7 @@ class BackendKeyData(Message):
 
 @dataclass(frozen=True, slots=True)
 class ParameterStatus(Message):
-    type_code: ClassVar[int] = ord("S")
+    type_code: ClassVar[int] = codes.PARAMETER_STATUS
     name: str
     value: str
 
@@ -242,7 +243,7 @@ TransactionStatus: TypeAlias = Literal["I", "T", "E"]
 class ReadyForQuery(Message):
     """I: idle, T: in a transaction block, E: in a failed transaction block."""
 
-    type_code: ClassVar[int] = ord("Z")
+    type_code: ClassVar[int] = codes.READY_FOR_QUERY
     status: TransactionStatus
 
     def __post_init__(self) -> None:
@@ -266,32 +267,32 @@ class ReadyForQuery(Message):
 
 @dataclass(frozen=True, slots=True)
 class ParseComplete(EmptyMessage):
-    type_code: ClassVar[int] = ord("1")
+    type_code: ClassVar[int] = codes.PARSE_COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
 class BindComplete(EmptyMessage):
-    type_code: ClassVar[int] = ord("2")
+    type_code: ClassVar[int] = codes.BIND_COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
 class CloseComplete(EmptyMessage):
-    type_code: ClassVar[int] = ord("3")
+    type_code: ClassVar[int] = codes.CLOSE_COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
 class NoData(EmptyMessage):
-    type_code: ClassVar[int] = ord("n")
+    type_code: ClassVar[int] = codes.NO_DATA
 
 
 @dataclass(frozen=True, slots=True)
 class EmptyQueryResponse(EmptyMessage):
-    type_code: ClassVar[int] = ord("I")
+    type_code: ClassVar[int] = codes.EMPTY_QUERY_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
 class PortalSuspended(EmptyMessage):
-    type_code: ClassVar[int] = ord("s")
+    type_code: ClassVar[int] = codes.PORTAL_SUSPENDED
 
 
 _ROW_COUNT_TAG: Final = re.compile(
@@ -301,7 +302,7 @@ _ROW_COUNT_TAG: Final = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class CommandComplete(Message):
-    type_code: ClassVar[int] = ord("C")
+    type_code: ClassVar[int] = codes.COMMAND_COMPLETE
     tag: str
 
     @classmethod
@@ -340,7 +341,7 @@ _FIELD_TAIL: Final = struct.Struct("!IhIhih")
 
 @dataclass(frozen=True, slots=True)
 class RowDescription(Message):
-    type_code: ClassVar[int] = ord("T")
+    type_code: ClassVar[int] = codes.ROW_DESCRIPTION
     fields: tuple[FieldDescription, ...]
 
     @classmethod
@@ -383,7 +384,7 @@ class RowDescription(Message):
 class DataRow(Message):
     """One result row; a value is the column's bytes in its format, or None for NULL."""
 
-    type_code: ClassVar[int] = ord("D")
+    type_code: ClassVar[int] = codes.DATA_ROW
     values: tuple[bytes | None, ...]
 
     @classmethod
@@ -448,22 +449,22 @@ class _CopyResponse(Message):
 
 @dataclass(frozen=True, slots=True)
 class CopyInResponse(_CopyResponse):
-    type_code: ClassVar[int] = ord("G")
+    type_code: ClassVar[int] = codes.COPY_IN_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
 class CopyOutResponse(_CopyResponse):
-    type_code: ClassVar[int] = ord("H")
+    type_code: ClassVar[int] = codes.COPY_OUT_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
 class CopyBothResponse(_CopyResponse):
-    type_code: ClassVar[int] = ord("W")
+    type_code: ClassVar[int] = codes.COPY_BOTH_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
 class ParameterDescription(Message):
-    type_code: ClassVar[int] = ord("t")
+    type_code: ClassVar[int] = codes.PARAMETER_DESCRIPTION
     type_oids: tuple[int, ...]
 
     @classmethod
@@ -481,7 +482,7 @@ class ParameterDescription(Message):
 
 @dataclass(frozen=True, slots=True)
 class FunctionCallResponse(Message):
-    type_code: ClassVar[int] = ord("V")
+    type_code: ClassVar[int] = codes.FUNCTION_CALL_RESPONSE
     result: bytes | None
 
     @classmethod
@@ -497,7 +498,7 @@ class FunctionCallResponse(Message):
 
 @dataclass(frozen=True, slots=True)
 class NotificationResponse(Message):
-    type_code: ClassVar[int] = ord("A")
+    type_code: ClassVar[int] = codes.NOTIFICATION_RESPONSE
     process_id: int
     channel: str
     payload: str = ""
@@ -525,7 +526,7 @@ class NotificationResponse(Message):
 class NegotiateProtocolVersion(Message):
     """The server's newest supported minor version and the `_pq_.` options it did not know."""
 
-    type_code: ClassVar[int] = ord("v")
+    type_code: ClassVar[int] = codes.NEGOTIATE_PROTOCOL_VERSION
     newest_minor: int
     unsupported_options: tuple[str, ...] = ()
 
@@ -626,12 +627,12 @@ class _Diagnostic(Message):
 
 @dataclass(frozen=True, slots=True)
 class ErrorResponse(_Diagnostic):
-    type_code: ClassVar[int] = ord("E")
+    type_code: ClassVar[int] = codes.ERROR_RESPONSE
 
 
 @dataclass(frozen=True, slots=True)
 class NoticeResponse(_Diagnostic):
-    type_code: ClassVar[int] = ord("N")
+    type_code: ClassVar[int] = codes.NOTICE_RESPONSE
 
 
 # ---------------------------------------------------------------- dispatch

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gateway.protocol import codes
 from gateway.protocol._message import EmptyMessage, OpaqueMessage
 
 
 @dataclass(frozen=True, slots=True)
 class CopyData(OpaqueMessage):
-    type_code: ClassVar[int] = ord("d")
+    type_code: ClassVar[int] = codes.COPY_DATA
 
 
 @dataclass(frozen=True, slots=True)
 class CopyDone(EmptyMessage):
-    type_code: ClassVar[int] = ord("c")
+    type_code: ClassVar[int] = codes.COPY_DONE

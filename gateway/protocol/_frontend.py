@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, Literal, Self, TypeAlias, cast
 
+from gateway.protocol import codes
 from gateway.protocol._copy import CopyData, CopyDone
 from gateway.protocol._errors import ProtocolViolation
 from gateway.protocol._message import EmptyMessage, Message, OpaqueMessage
@@ -30,7 +31,7 @@ TargetKind: TypeAlias = Literal["S", "P"]
 class Query(Message):
     """A simple query; the SQL stays bytes because only the session knows its client_encoding."""
 
-    type_code: ClassVar[int] = ord("Q")
+    type_code: ClassVar[int] = codes.QUERY
     query: bytes
 
     @classmethod
@@ -50,7 +51,7 @@ class Query(Message):
 
 @dataclass(frozen=True, slots=True)
 class Parse(Message):
-    type_code: ClassVar[int] = ord("P")
+    type_code: ClassVar[int] = codes.PARSE
     name: str = ""
     query: bytes = b""
     param_types: tuple[int, ...] = ()
@@ -81,7 +82,7 @@ class Parse(Message):
 
 @dataclass(frozen=True, slots=True)
 class Bind(Message):
-    type_code: ClassVar[int] = ord("B")
+    type_code: ClassVar[int] = codes.BIND
     portal: str = ""
     statement: str = ""
     param_formats: tuple[int, ...] = ()
@@ -118,7 +119,7 @@ class Bind(Message):
 
 @dataclass(frozen=True, slots=True)
 class Execute(Message):
-    type_code: ClassVar[int] = ord("E")
+    type_code: ClassVar[int] = codes.EXECUTE
     portal: str = ""
     max_rows: int = 0
 
@@ -160,32 +161,32 @@ class _PortalOrStatement(Message):
 
 @dataclass(frozen=True, slots=True)
 class Describe(_PortalOrStatement):
-    type_code: ClassVar[int] = ord("D")
+    type_code: ClassVar[int] = codes.DESCRIBE
 
 
 @dataclass(frozen=True, slots=True)
 class Close(_PortalOrStatement):
-    type_code: ClassVar[int] = ord("C")
+    type_code: ClassVar[int] = codes.CLOSE
 
 
 @dataclass(frozen=True, slots=True)
 class Sync(EmptyMessage):
-    type_code: ClassVar[int] = ord("S")
+    type_code: ClassVar[int] = codes.SYNC
 
 
 @dataclass(frozen=True, slots=True)
 class Flush(EmptyMessage):
-    type_code: ClassVar[int] = ord("H")
+    type_code: ClassVar[int] = codes.FLUSH
 
 
 @dataclass(frozen=True, slots=True)
 class Terminate(EmptyMessage):
-    type_code: ClassVar[int] = ord("X")
+    type_code: ClassVar[int] = codes.TERMINATE
 
 
 @dataclass(frozen=True, slots=True)
 class FunctionCall(Message):
-    type_code: ClassVar[int] = ord("F")
+    type_code: ClassVar[int] = codes.FUNCTION_CALL
     function_oid: int
     arg_formats: tuple[int, ...] = ()
     args: tuple[bytes | None, ...] = ()
@@ -218,7 +219,7 @@ class FunctionCall(Message):
 
 @dataclass(frozen=True, slots=True)
 class CopyFail(Message):
-    type_code: ClassVar[int] = ord("f")
+    type_code: ClassVar[int] = codes.COPY_FAIL
     message: str
 
     @classmethod
@@ -240,7 +241,7 @@ class CopyFail(Message):
 class PasswordMessage(Message):
     """A cleartext or MD5 password (for pgwarden's clients: the JWT)."""
 
-    type_code: ClassVar[int] = ord("p")
+    type_code: ClassVar[int] = codes.PASSWORD
     password: str
 
     @classmethod
@@ -256,7 +257,7 @@ class PasswordMessage(Message):
 
 @dataclass(frozen=True, slots=True)
 class SASLInitialResponse(Message):
-    type_code: ClassVar[int] = ord("p")
+    type_code: ClassVar[int] = codes.PASSWORD
     mechanism: str
     data: bytes | None = None
 
@@ -274,12 +275,12 @@ class SASLInitialResponse(Message):
 
 @dataclass(frozen=True, slots=True)
 class SASLResponse(OpaqueMessage):
-    type_code: ClassVar[int] = ord("p")
+    type_code: ClassVar[int] = codes.PASSWORD
 
 
 @dataclass(frozen=True, slots=True)
 class GSSResponse(OpaqueMessage):
-    type_code: ClassVar[int] = ord("p")
+    type_code: ClassVar[int] = codes.PASSWORD
 
 
 AuthResponse: TypeAlias = PasswordMessage | SASLInitialResponse | SASLResponse | GSSResponse

@@ -29,6 +29,25 @@ def _check_length(type_code: int, length: int, max_message_size: int) -> None:
         raise MessageTooLarge(length, max_message_size)
 
 
+def frame_header(
+    buf: bytes | bytearray | memoryview, pos: int, max_message_size: int
+) -> tuple[int, int]:
+    """(type, declared length) of the frame whose five header bytes start at `pos`.
+
+    The one framing every reader of typed frames uses, the relay's hot paths included: a
+    length below 4 or above `max_message_size` raises (MessageTooLarge for the latter) from
+    the header alone, before a body that would be refused is waited for or buffered.
+    """
+    header: tuple[int, int] = _unpack_header(buf, pos)
+    length = header[1]
+    if length < 4 or length > max_message_size:
+        _check_length(header[0], length, max_message_size)
+    return header
+
+
+_unpack_header = HEADER.unpack_from
+
+
 def split_frames(
     buf: bytes | bytearray | memoryview, start: int, max_message_size: int
 ) -> tuple[list[tuple[int, int, int]], int]:
@@ -39,13 +58,10 @@ def split_frames(
     """
     frames: list[tuple[int, int, int]] = []
     append = frames.append
-    unpack = HEADER.unpack_from
     size = len(buf)
     pos = start
     while size - pos >= 5:
-        type_code, length = unpack(buf, pos)
-        if length < 4 or length > max_message_size:
-            _check_length(type_code, length, max_message_size)
+        type_code, length = frame_header(buf, pos, max_message_size)
         end = pos + 1 + length
         if end > size:
             break
@@ -88,9 +104,8 @@ class FrameReader:
         pos = self._pos
         if len(buf) - pos < 5:
             return None
-        type_code, length = HEADER.unpack_from(buf, pos)
         try:
-            _check_length(type_code, length, self._max)
+            type_code, length = frame_header(buf, pos, self._max)
         except ProtocolViolation as exc:
             self._error = exc
             raise

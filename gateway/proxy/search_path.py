@@ -52,6 +52,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.protocol import Bind, Close, ErrorResponse, Execute, Flush, Parse, Query, Sync
+from gateway.protocol.codes import (
+    BIND_COMPLETE,
+    CLOSE_COMPLETE,
+    COMMAND_COMPLETE,
+    DATA_ROW,
+    ERROR_RESPONSE,
+    PARSE_COMPLETE,
+    READY_FOR_QUERY,
+)
 from gateway.sql.facts import StatementFacts
 
 # The read made at login, before the client has sent anything (nothing to disturb yet).
@@ -77,7 +86,17 @@ READ_IN_PIPELINE = _READ + Flush().encode()
 FLUSH = Flush().encode()
 # Server messages that answer the read; anything else (notices, notifications, parameter
 # status) is the client's.
-READ_ANSWERS = frozenset(b"123DCEZ")
+READ_ANSWERS = frozenset(
+    {
+        PARSE_COMPLETE,
+        BIND_COMPLETE,
+        CLOSE_COMPLETE,
+        DATA_ROW,
+        COMMAND_COMPLETE,
+        ERROR_RESPONSE,
+        READY_FOR_QUERY,
+    }
+)
 # Transaction control that starts nothing: what it ends or rewinds may take a SET with it.
 _OPENING = frozenset({"BEGIN", "START TRANSACTION", "SAVEPOINT"})
 
@@ -146,16 +165,16 @@ class PathRead:
         return {name: values[i] if i < len(values) else None for i, name in enumerate(self.also)}
 
     def answer(self, code: int, body: bytes, encoding: str) -> bool:
-        if code == 68:  # DataRow: one column, the path (then each `also` setting)
+        if code == DATA_ROW:  # one column, the path (then each `also` setting)
             self._values.append(first_column(body, encoding))
             self.value = self._values[0]
-        elif code == 69:  # ErrorResponse: after a Sync its ReadyForQuery still comes
+        elif code == ERROR_RESPONSE:  # after a Sync its ReadyForQuery still comes
             self.error = ErrorResponse.decode(body)
             return self.in_pipeline
-        elif code == 51:  # CloseComplete: the last one ends a read in a pipeline
+        elif code == CLOSE_COMPLETE:  # the last one ends a read in a pipeline
             self._closes += 1
             return self.in_pipeline and self._closes == 2 * (1 + len(self.also))
-        elif code == 90:  # ReadyForQuery
+        elif code == READY_FOR_QUERY:
             return True
         return False
 

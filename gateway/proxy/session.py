@@ -65,8 +65,39 @@ from gateway.protocol import (
     StartupMessage,
     Sync,
     decode_backend,
-    decode_frontend,
     decode_startup,
+)
+from gateway.protocol.codes import (
+    BIND,
+    BIND_COMPLETE,
+    CLOSE_COMPLETE,
+    COMMAND_COMPLETE,
+    COPY_BOTH_RESPONSE,
+    COPY_DATA,
+    COPY_DONE,
+    COPY_IN_RESPONSE,
+    COPY_OUT_RESPONSE,
+    DATA_ROW,
+    EMPTY_QUERY_RESPONSE,
+    ENCRYPTION_ACCEPTED,
+    ENCRYPTION_REFUSED,
+    ERROR_RESPONSE,
+    EXECUTE,
+    FUNCTION_CALL,
+    FUNCTION_CALL_RESPONSE,
+    NO_DATA,
+    PARAMETER_DESCRIPTION,
+    PARAMETER_STATUS,
+    PARSE,
+    PARSE_COMPLETE,
+    PASSWORD,
+    PORTAL_SUSPENDED,
+    QUERY,
+    READY_FOR_QUERY,
+    ROW_DESCRIPTION,
+    STATUS_FAILED,
+    STATUS_IDLE,
+    STATUS_IN_TRANSACTION,
 )
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import (
@@ -79,7 +110,9 @@ from gateway.proxy.gate import (
 )
 from gateway.proxy.holds import CANNOT_ASK as CONTROL_UNAVAILABLE
 from gateway.proxy.search_path import (
-    FLUSH,
+    FLUSH as FLUSH_MESSAGE,
+)
+from gateway.proxy.search_path import (
     READ_ANSWERS,
     SHOW_SEARCH_PATH,
     PathProblem,
@@ -94,6 +127,17 @@ from gateway.proxy.upstream import (
     UpstreamError,
     connect_upstream,
     forward_cancel,
+)
+from gateway.session.backend import DROP, PASS, REPLACE, SERVER_NEEDS, STOP, BackendCore
+from gateway.session.frontend import (
+    ANSWER,
+    BIND_NOTED,
+    EXPECT,
+    GATE,
+    GATED,
+    IDLE,
+    TERMINATE_SENT,
+    FrontendCore,
 )
 from gateway.sql.catalog import parse_search_path
 from gateway.sql.facts import StatementFacts
@@ -120,9 +164,6 @@ _RELAYED_PARAMETERS = frozenset(
         "IntervalStyle",
     }
 )
-# Client messages the relay passes through untouched.
-_PASS = frozenset(b"DCSHdcf")
-
 # The client's input pgwarden holds while a message is with the gate (the undecided messages
 # behind it, and what passed through to leave with it): beyond this the client is not read,
 # so that it feels the server's pace as it would direct (a pipeline stops soon after the
@@ -130,8 +171,6 @@ _PASS = frozenset(b"DCSHdcf")
 # bounded. The server's own write buffer is bounded by the upstream transport's high-water
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
-# Server messages whose bodies the relay needs to read.
-_SERVER_NEEDS = frozenset(b"CEIZs123ntTGHWVS")
 # In place of a refused statement: text the server rejects before touching any name.
 _BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
 # In place of a statement the server rejects itself in an aborted transaction (25P02): text
@@ -164,7 +203,7 @@ class _Planned:
     """A message relayed on its plan from callbacks (an Execute on its Parse's, a Query on
     its shape's): what its checks, its record and its enforcement need."""
 
-    code: int  # 69 Execute, 81 Query
+    code: int  # EXECUTE or QUERY
     message: bytes
     facts: tuple[StatementFacts, ...]
     decisions: list[Decision]
@@ -176,7 +215,7 @@ class _Planned:
 
     @property
     def protocol(self) -> str:
-        return "extended" if self.code == 69 else "simple"
+        return "extended" if self.code == EXECUTE else "simple"
 
 
 class Phase(Enum):
@@ -306,18 +345,17 @@ class ClientSession(asyncio.Protocol):
     # idle session: a dict of this many keys is larger than the shared-key kind).
     __slots__ = (
         "_aborted",
+        "_backend",
         "_bind_error",
-        "_busy",
         "_cancel_secret",
         "_closing",
-        "_copy_in",
         "_direct_tls",
-        "_discarding",
         "_draining",
         "_end_reason",
         "_explain_read",
         "_fail_block",
         "_failed",
+        "_frontend",
         "_inbuf",
         "_mask_wait",
         "_owed_error",
@@ -329,9 +367,7 @@ class ClientSession(asyncio.Protocol):
         "_paused_by_upstream",
         "_portals",
         "_rules_problem",
-        "_sbuf",
         "_server_fatal",
-        "_skip",
         "_ssl_asked",
         "_started_at",
         "_startup",
@@ -341,9 +377,6 @@ class ClientSession(asyncio.Protocol):
         "_tasks",
         "_tls",
         "_traffic",
-        "_up_answerable",
-        "_up_decided",
-        "_up_out",
         "client_addr",
         "database",
         "encoding",
@@ -371,6 +404,9 @@ class ClientSession(asyncio.Protocol):
         self._direct_tls = False
         self._ssl_asked = False
         self._inbuf = bytearray()
+        # The client's stream once relaying (its bytes, what goes to the server, what waits
+        # for the gate), sans-IO; it takes over the buffer startup used.
+        self._frontend = FrontendCore(gw.settings.listener.max_message_size, self._inbuf)
         self._startup: StartupMessage | None = None
         # Set once an unknown target name made this session read the control store again.
         self._targets_read_again = False
@@ -382,26 +418,15 @@ class ClientSession(asyncio.Protocol):
         self.gate: StatementGate | None = None
         self.tracker = ResponseTracker()
         self.encoding = "utf-8"
-        self._busy = False
         self._paused_by_upstream = False
         self._paused_by_client = False
-        self._sbuf = bytearray()
+        # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
+        self._backend = BackendCore(self._server_frame)
         # A masked result's rows wait (server reading paused) while its masks are resolved
         # again against the catalog (_plan_masks).
         self._mask_wait = False
-        # Bytes of an oversized pass-through server frame still to relay without buffering.
-        self._skip = 0
         self._statements: dict[str, PreparedStatement] = {}
         self._portals: dict[str, Portal] = {}
-        # After pgwarden refused an extended-protocol message, the server discards until Sync.
-        self._discarding = False
-        # The server is in COPY IN and the client has not ended it: Syncs go unanswered.
-        self._copy_in = False
-        # Bytes for the server gathered during one pass of the relay.
-        self._up_out: list[bytes] = []
-        self._up_answerable = False
-        # A message the gate decided is among them: it leaves before the next is decided.
-        self._up_decided = False
         self._cancel_secret: bytes | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         # Bytes of an oversized password message still to drop before refusing the token.
@@ -565,13 +590,13 @@ class ClientSession(asyncio.Protocol):
         if self.phase is Phase.CLOSED:
             return
         if self.phase is Phase.RELAY and (
-            self._busy
+            self._frontend.state is GATED
             or self.tracker
             or self._inbuf
-            or self._sbuf
-            or self._skip
-            or self._up_out
-            or self._copy_in
+            or self._backend.buffer
+            or self._backend.skip
+            or self._frontend.out
+            or self._frontend.copy_in
             or self._mask_wait
             or self._path_read is not None
             or (self.gate is not None and self.gate.in_transaction)
@@ -736,7 +761,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._ssl_asked = True
             if self.gw.server_tls is None:
-                self._send(b"N")
+                self._send(bytes((ENCRYPTION_REFUSED,)))
                 self._startup_data()
                 return
             if buf:
@@ -744,11 +769,11 @@ class ClientSession(asyncio.Protocol):
                 # (CVE-2021-23222): a protocol violation.
                 self._fatal("08P01", "pgwarden: received unencrypted data after SSL request")
                 return
-            self._send(b"S")
+            self._send(bytes((ENCRYPTION_ACCEPTED,)))
             self._begin_tls(direct=False)
             return
         if isinstance(packet, GSSENCRequest):
-            self._send(b"N")
+            self._send(bytes((ENCRYPTION_REFUSED,)))
             self._startup_data()
             return
         if isinstance(packet, CancelRequest):
@@ -914,7 +939,7 @@ class ClientSession(asyncio.Protocol):
         if len(buf) < 5:
             return
         code, length = _HEADER.unpack_from(buf, 0)
-        if code != ord("p") or length < 4:
+        if code != PASSWORD or length < 4:
             self._protocol_violation("expected a password message")
             return
         if length - 4 > self.gw.settings.identity.max_token_bytes + 1:  # the token and its NUL
@@ -1148,13 +1173,13 @@ class ClientSession(asyncio.Protocol):
         reported: dict[str, str] = {}
         while True:
             code, body = await proto.read_frame()
-            if code == ord("Z"):
+            if code == READY_FOR_QUERY:
                 return reported
-            if code == ord("S"):
+            if code == PARAMETER_STATUS:
                 ps = decode_backend(code, body)
                 assert isinstance(ps, ParameterStatus)
                 reported[ps.name] = ps.value
-            elif code == ord("E"):
+            elif code == ERROR_RESPONSE:
                 err = ErrorResponse.decode(body)
                 self._fatal(
                     err.sqlstate or "22023", f"pgwarden: startup option failed: {err.message}"
@@ -1169,13 +1194,13 @@ class ClientSession(asyncio.Protocol):
         value: str | None = None
         while True:
             code, body = await proto.read_frame()
-            if code == ord("D"):
+            if code == DATA_ROW:
                 value = first_column(body, self.encoding)
-            elif code == ord("E"):
+            elif code == ERROR_RESPONSE:
                 err = ErrorResponse.decode(body)
                 self._fatal(err.sqlstate or "XX000", f"pgwarden: search_path: {err.message}")
                 return None
-            elif code == ord("Z"):
+            elif code == READY_FOR_QUERY:
                 break
         return parse_search_path(value or "")
 
@@ -1205,10 +1230,10 @@ class ClientSession(asyncio.Protocol):
         self._path_wanted = True
         # Decided but still buffered: it may be what moved the path, so it goes first.
         self._flush_server()
-        if self.tracker.front() is not None and not self._discarding:
+        if self.tracker.front() is not None and not self._frontend.discarding:
             # Extended messages are answered at a Flush or Sync: ask for the answers without
             # ending the client's pipeline (a Sync would commit it).
-            self._write_upstream(FLUSH)
+            self._write_upstream(FLUSH_MESSAGE)
         self._read_path_if_quiet()
 
     def _read_path_if_quiet(self) -> None:
@@ -1216,11 +1241,11 @@ class ClientSession(asyncio.Protocol):
         state allows; or say why the path cannot be read now."""
         if not self._path_wanted or self.up is None:
             return
-        if self._copy_in:
+        if self._frontend.copy_in:
             problem = PathProblem("search_path cannot be read during COPY FROM STDIN")
         elif self.tracker.front() is not None:
             return
-        elif self._discarding or self._owed_error is not None:
+        elif self._frontend.discarding or self._owed_error is not None:
             # The server skips to the client's Sync: so it will the statement waiting.
             problem = PathProblem(
                 "not executed: an earlier message of the pipeline failed", skipped=True
@@ -1244,11 +1269,11 @@ class ClientSession(asyncio.Protocol):
         read = self._path_read
         assert read is not None and self.gate is not None
         body = bytes(view[pos + 5 : end])
-        if code == 90:  # ReadyForQuery after the read's Sync
-            self.gate.in_transaction = body[0] != ord("I")
-            self._aborted = body[0] == ord("E")
+        if code == READY_FOR_QUERY:  # after the read's Sync
+            self.gate.in_transaction = body[0] != STATUS_IDLE
+            self._aborted = body[0] == STATUS_FAILED
         # A FATAL error ends the session: the client is told why, as direct.
-        fatal = code == 69 and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
+        fatal = code == ERROR_RESPONSE and ErrorResponse.decode(body).severity in ("FATAL", "PANIC")
         if not read.answer(code, body, self.encoding):
             return fatal
         self._path_read = None
@@ -1274,7 +1299,7 @@ class ClientSession(asyncio.Protocol):
         if read.in_pipeline:
             # The server now skips to the client's Sync: to the client, the statement that
             # waited for the read is the one that failed.
-            self._discarding = True
+            self._frontend.discarding = True
             self._owed_error = refusal_for(problem.reason, sqlstate)
         self._path.unknown(problem)
         return fatal
@@ -1383,7 +1408,7 @@ class ClientSession(asyncio.Protocol):
 
     def _upstream_resumed(self) -> None:
         self._paused_by_upstream = False
-        if self.transport is not None and not self._busy:
+        if self.transport is not None and self._frontend.state is not GATED:
             self.transport.resume_reading()
 
     # -- relay: client to server ---------------------------------------------------------
@@ -1391,13 +1416,13 @@ class ClientSession(asyncio.Protocol):
     @property
     def held_input(self) -> int:
         """Bytes the client sent that pgwarden holds and has not handed to the server yet."""
-        return len(self._inbuf) + sum(len(b) for b in self._up_out)
+        return self._frontend.held
 
     def _client_data(self, data: bytes) -> None:
         self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
-        if self._busy:
+        if self._frontend.state is GATED:
             if self.transport is not None and self.held_input > READ_AHEAD:
                 self.transport.pause_reading()
             return
@@ -1406,122 +1431,53 @@ class ClientSession(asyncio.Protocol):
     def _to_server(self, data: bytes) -> None:
         """Queue a decided message for the server; it leaves with what passes through after
         it, at the latest when the next message is handed to the gate."""
-        self._up_out.append(data)
-        self._up_decided = True
+        self._frontend.queue(data)
 
     def _flush_server(self) -> None:
-        out = self._up_out
-        if out and self.up is not None:
-            self._write_upstream(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-        self._up_answerable = False
-        self._up_decided = False
+        data = self._frontend.flush()
+        if data is not None and self.up is not None:
+            self._write_upstream(data)
 
     def _drain_client(self) -> None:
-        """Forward what can go now; hand the first message that needs a decision to a task."""
-        buf = self._inbuf
-        limit = self.gw.settings.listener.max_message_size
-        pos = 0
-        start = 0
-        end_all = len(buf)
-        out = self._up_out
-        while end_all - pos >= 5:
-            code, length = _HEADER.unpack_from(buf, pos)
-            if length < 4 or length > limit:
-                self._violation_in_drain(
-                    start,
-                    pos,
-                    f"invalid message length {length} (limit {limit})",
-                    "08P01" if length < 4 else "54000",
-                )
+        """Carry out the frontend core's actions on what the client sent: forward, note the
+        answers the server will owe, hand the first message that needs a decision to the
+        gate (on its plan from this callback where one holds, else to a task)."""
+        core = self._frontend
+        next_action = core.next_action
+        tracker = self.tracker
+        while True:
+            action = next_action()
+            if action is BIND_NOTED:
+                self._on_bind(cast(Bind, core.decoded))
+                tracker.expect(Expectation("bind"))
+                continue
+            if action is EXPECT:
+                tracker.expect(Expectation(core.expected))
+                continue
+            if action is ANSWER:
+                self._expect_answer(cast("Describe | Close", core.decoded))
+                continue
+            send = core.send
+            if send is not None and self.up is not None:
+                self._write_upstream(send)
+            if action is IDLE:
                 return
-            end = pos + 1 + length
-            if end > end_all:
-                break
-            if code in _PASS:
-                decoded = None
-                if code != 100:  # all but CopyData have a layout: a malformed one ends here
-                    try:
-                        decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
-                    except ProtocolViolation as exc:
-                        self._violation_in_drain(start, pos, str(exc))
-                        return
-                if code == 83 and self._discarding:  # Sync ends the discard
-                    self._discarding = False
-                if code in (99, 102):  # CopyDone, CopyFail
-                    if self._copy_in:
-                        self._copy_in = False
-                    else:
-                        self.tracker.expect(Expectation("copy_end"))
-                elif code == 83 and self._copy_in:
-                    pass  # the server ignores Sync during COPY IN: no answer to expect
-                elif code == 83:
-                    self.tracker.expect(Expectation("sync"))
-                elif isinstance(decoded, (Describe, Close)):  # they expect answers too
-                    self._expect_answer(decoded)
-                if code in (83, 72):  # Sync, Flush: the server answers what came before
-                    self._up_answerable = True
-                pos = end
-                continue
-            if code == 66:  # Bind needs no decision: note its portal and pass it on
-                try:
-                    self._on_bind(Bind.decode(bytes(buf[pos + 5 : end])))
-                except ProtocolViolation as exc:
-                    self._violation_in_drain(start, pos, str(exc))
-                    return
-                self.tracker.expect(Expectation("bind"))
-                pos = end
-                continue
-            passed = bytes(buf[start:pos]) if start < pos else None
-            if code == 88:  # Terminate
-                if passed is not None:
-                    out.append(passed)
-                out.append(bytes(buf[pos:end]))
-                self._flush_server()
-                buf.clear()
+            if action is GATE:
+                code = core.code
+                message = cast(bytes, core.message)
+                if code == EXECUTE:
+                    planned = self._execute_planned(message)
+                else:
+                    planned = code == QUERY and self._query_planned(message)
+                if not planned:
+                    self._spawn(self._gated(code, message))
+                return
+            if action is TERMINATE_SENT:
                 self._end_reason = "client quit"
                 self._close()
                 return
-            # A message that needs the gate. Decided messages before it leave now: a pipeline
-            # runs on the server while the rest is decided, and stops at its first error as
-            # it does direct. What passed through since (a Bind, a Describe) leaves with this
-            # one once it is decided and recorded, so that an error at that Bind is the
-            # outcome of the statement it binds; unless it holds a Sync or Flush whose answer
-            # the client awaits.
-            if self._up_answerable:
-                if passed is not None:
-                    out.append(passed)
-                self._flush_server()
-            else:
-                if self._up_decided:
-                    self._flush_server()
-                if passed is not None:
-                    out.append(passed)
-            message = bytes(buf[pos:end])
-            del buf[:end]
-            self._busy = True
-            if code == 69:
-                planned = self._execute_planned(message)
-            else:
-                planned = code == 81 and self._query_planned(message)
-            if not planned:
-                self._spawn(self._gated(code, message))
+            self._protocol_violation(core.problem, core.sqlstate)
             return
-        if start < pos:
-            out.append(bytes(buf) if start == 0 and pos == end_all else bytes(buf[start:pos]))
-            del buf[:pos]
-        self._flush_server()
-
-    def _violation_in_drain(
-        self, start: int, pos: int, problem: str, sqlstate: str = "08P01"
-    ) -> None:
-        """A malformed message at `pos`: the valid ones before it still go, then the end."""
-        buf = self._inbuf
-        if start < pos:
-            self._up_out.append(bytes(buf[start:pos]))
-        self._flush_server()
-        buf.clear()
-        self._protocol_violation(problem, sqlstate)
 
     def _expect_answer(self, msg: Describe | Close) -> None:
         held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
@@ -1537,12 +1493,12 @@ class ClientSession(asyncio.Protocol):
         try:
             await self._gate_message(code, message)
         finally:
-            self._busy = False
+            self._frontend.gate_done()
         self._gate_done()
 
     def _gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
-        self._busy = False
+        self._frontend.gate_done()
         if self.phase is Phase.RELAY:
             self._drain_client()
             # Read on unless the next message went to the gate with a full read-ahead
@@ -1552,7 +1508,7 @@ class ClientSession(asyncio.Protocol):
                 self.phase is Phase.RELAY
                 and self.transport is not None
                 and not self._paused_by_upstream
-                and not (self._busy and self.held_input > READ_AHEAD)
+                and not (self._frontend.state is GATED and self.held_input > READ_AHEAD)
             ):
                 self.transport.resume_reading()
         if self._draining:
@@ -1565,8 +1521,8 @@ class ClientSession(asyncio.Protocol):
         path, which says why not where something is wrong)."""
         return (
             self.gate is not None
-            and not self._discarding
-            and not self._copy_in
+            and not self._frontend.discarding
+            and not self._frontend.copy_in
             and self._owed_error is None
             and self._token_problem() is None
         )
@@ -1601,7 +1557,7 @@ class ClientSession(asyncio.Protocol):
             return False
         self._relay_planned(
             _Planned(
-                69,
+                EXECUTE,
                 message,
                 prepared.facts,
                 prepared.decisions,
@@ -1633,7 +1589,7 @@ class ClientSession(asyncio.Protocol):
             return False
         plan, facts = found
         self._relay_planned(
-            _Planned(81, message, facts, plan.decisions, plan.masks, plan.catalog_generation)
+            _Planned(QUERY, message, facts, plan.decisions, plan.masks, plan.catalog_generation)
         )
         return True
 
@@ -1676,7 +1632,7 @@ class ClientSession(asyncio.Protocol):
                 return
             self._record_planned(planned, None)
         except Exception as exc:  # the callback boundary: never a silent drop
-            self._busy = False
+            self._frontend.gate_done()
             self._internal_error(exc)
 
     def _record_planned(self, planned: _Planned, probe: asyncio.Future[str | None] | None) -> None:
@@ -1725,7 +1681,7 @@ class ClientSession(asyncio.Protocol):
             else:
                 self._query_decided(verdict, planned.message)
         except Exception as exc:  # the callback boundary: never a silent drop
-            self._busy = False
+            self._frontend.gate_done()
             self._internal_error(exc)
             return
         self._gate_done()
@@ -1744,17 +1700,17 @@ class ClientSession(asyncio.Protocol):
             return
         body = message[5:]
         try:
-            if code == 81:  # Query
+            if code == QUERY:
                 await self._on_query(Query.decode(body), message)
-            elif code == 80:  # Parse
+            elif code == PARSE:
                 await self._on_parse(Parse.decode(body), message)
-            elif code == 66:  # Bind
+            elif code == BIND:
                 self._on_bind(Bind.decode(body))
                 self.tracker.expect(Expectation("bind"))
                 self._to_server(message)
-            elif code == 69:  # Execute
+            elif code == EXECUTE:
                 await self._on_execute(Execute.decode(body), message)
-            elif code == 70:  # FunctionCall
+            elif code == FUNCTION_CALL:
                 await self._on_function_call(FunctionCall.decode(body), message)
             else:
                 self._protocol_violation(f"unexpected message type {chr(code)!r}")
@@ -1784,7 +1740,7 @@ class ClientSession(asyncio.Protocol):
         A Parse stand-in takes the refused Parse's own name (an unnamed one drops the unnamed
         statement, as the refused Parse would), else one of pgwarden's, never stored."""
         assert self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             # The server skips to Sync already: nothing forwarded now would answer.
             self._pay_owed_error()
             return
@@ -1796,14 +1752,14 @@ class ClientSession(asyncio.Protocol):
         else:
             self._to_server(Parse(name, text).encode())
             self.tracker.expect(Expectation("parse", runs, refusal=refusal, own_error=own_error))
-            self._discarding = True
+            self._frontend.discarding = True
 
     def _skipped(self, verdict: Verdict, *, answered_ready: bool = False) -> bool:
         """The server skips to Sync (an error came while this was decided, or pgwarden's own
         read failed): the message is not forwarded, and its statements are recorded as not
         run. `answered_ready`: a Query or FunctionCall, which the client expects a
         ReadyForQuery for."""
-        if not self._discarding:
+        if not self._frontend.discarding:
             return False
         assert self.gate is not None
         for run in verdict.runs:
@@ -1817,7 +1773,7 @@ class ClientSession(asyncio.Protocol):
             # rolled back, as after an error of the statement) and gives it.
             self._to_server(Sync().encode())
             self.tracker.expect(Expectation("sync"))
-            self._discarding = False
+            self._frontend.discarding = False
         return True
 
     def _pay_owed_error(self) -> bool:
@@ -1831,7 +1787,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_query(self, msg: Query, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
         text = self._decode_sql(msg.query)
         if text is None:
@@ -1882,7 +1838,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_parse(self, msg: Parse, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             self._to_server(message)
             self.tracker.expect(Expectation("parse"))
             return
@@ -1940,7 +1896,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_execute(self, msg: Execute, message: bytes) -> None:
         assert self.gate is not None and self.up is not None
-        if self._discarding:
+        if self._frontend.discarding:
             self._to_server(message)
             self.tracker.expect(Expectation("execute"))
             return
@@ -2055,7 +2011,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
-        if self._discarding:
+        if self._frontend.discarding:
             return  # the server would skip it, answering nothing: neither run nor expected
         args = _params_text(msg.args, msg.arg_formats, (), self.encoding)
         verdict = await self.gate.check_function_call(msg.function_oid, args)
@@ -2089,119 +2045,92 @@ class ClientSession(asyncio.Protocol):
             self._internal_error(exc)
 
     def _relay_server_data(self, data: bytes) -> None:
-        buf = self._sbuf
-        if self._skip:
-            n = min(self._skip, len(data))
+        backend = self._backend
+        if backend.skip:
+            n = backend.skipped(data)
             self._send(data[:n])
-            self._skip -= n
             data = data[n:]
             if not data:
                 return
-        if buf:
-            buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data
-        pos = 0
-        start = 0
-        total = len(view)
-        out: list[bytes | bytearray | memoryview] = []
-        tracker = self.tracker
-        while total - pos >= 5:
-            code, length = _HEADER.unpack_from(view, pos)
-            end = pos + 1 + length
-            if self._explain_read is not None and code not in CLIENTS_WHILE_EXPLAINING:
-                if end > total:
-                    break
-                if start < pos:
-                    out.append(view[start:pos])
-                if self._explain_read.answer(code, view[pos:end]):
-                    self._explain_read = None
-                start = pos = end
-                continue
-            if self._path_read is not None and code in READ_ANSWERS:
-                # The answer to pgwarden's own read of search_path: not the client's to see.
-                if end > total:
-                    break
-                if start < pos:
-                    out.append(view[start:pos])
-                start = pos if self._path_answer(code, view, pos, end) else end
-                pos = end
-                continue
-            if code == 68:  # DataRow: count it for the current statement
-                front = tracker.front()
-                if front is not None:
-                    run = front.current_run()
-                    if run is not None:
-                        budget = run.budget
-                        if budget is not None:
-                            if end > total:
-                                break  # a budgeted row is judged whole
-                            if not budget.admit(length + 1):
-                                # Over the decision's budget: never relayed.
-                                if start < pos:
-                                    out.append(view[start:pos])
-                                start = pos = end
-                                self._over_budget(budget)
-                                continue
-                        if run.masked or run.record_rows:
-                            if end > total:
-                                break  # a masked or recorded row is handled whole
-                            if run.masked and not run.described and self._plan_masks(run):
-                                break  # rows wait here until the masks are resolved again
-                            masked = self._mask_row(run, view, pos, end) if run.masked else None
-                            if masked is not None:
-                                if start < pos:
-                                    out.append(view[start:pos])
-                                out.append(masked)
-                                start = end
-                            if run.record_rows:
-                                self._record_row(run, masked or bytes(view[pos:end]))
-                        run.rows += 1
-                        run.bytes_out += length + 1
-            elif (code == 100 or code == 99) and self.gate is not None and self.gate.budgeted:
-                # COPY TO STDOUT data counts against a budget as rows do.
-                front = tracker.front()
-                run = front.current_run() if front is not None else None
-                budget = run.budget if run is not None else None
-                if budget is not None:
-                    if end > total:
-                        break
-                    if budget.cut if code == 99 else not budget.admit(length + 1):
-                        if start < pos:
-                            out.append(view[start:pos])
-                        start = pos = end
-                        self._over_budget(budget)
-                        continue
-            elif code in _SERVER_NEEDS:
-                if end > total:
-                    break
-                replacement = self._server_message(code, view, pos, end)
-                if replacement is not None:
-                    if start < pos:
-                        out.append(view[start:pos])
-                    out.append(replacement)
-                    start = end
-            if end > total:
-                # A large frame we only pass through: relay what we have, skip the rest.
-                if code not in _SERVER_NEEDS:
-                    out.append(view[start:total])
-                    self._skip = end - total
-                    start = pos = total
-                break
-            pos = end
-        if start < pos:
-            out.append(view[start:pos])
-        if out:
-            self._send(b"".join(out) if len(out) > 1 else out[0])
-        if view is buf:
-            del buf[:pos]
-        elif pos < total:
-            buf += data[pos:]
+        out = backend.receive(data)
+        if out is not None:
+            self._send(out)
         if self._path_wanted:
             self._read_path_if_quiet()
         if self._draining:
             self._end_if_drained()
+
+    def _server_frame(
+        self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
+    ) -> int:
+        """The backend core's question on one server frame: count, mask, withhold or read
+        it (see gateway/session/backend.py for the verdicts)."""
+        explain = self._explain_read
+        if explain is not None and code not in CLIENTS_WHILE_EXPLAINING:
+            if not whole:
+                return STOP
+            if explain.answer(code, view[pos:end]):
+                self._explain_read = None
+                self._backend.intercept = False
+            return DROP
+        if self._path_read is not None and code in READ_ANSWERS:
+            # The answer to pgwarden's own read of search_path: not the client's to see.
+            if not whole:
+                return STOP
+            return PASS if self._path_answer(code, view, pos, end) else DROP
+        if code == DATA_ROW:  # count it for the current statement
+            front = self.tracker.front()
+            if front is None:
+                return PASS
+            run = front.current_run()
+            if run is None:
+                return PASS
+            verdict = PASS
+            budget = run.budget
+            if budget is not None:
+                if not whole:
+                    return STOP  # a budgeted row is judged whole
+                if not budget.admit(end - pos):
+                    # Over the decision's budget: never relayed.
+                    self._over_budget(budget)
+                    return DROP
+            if run.masked or run.record_rows:
+                if not whole:
+                    return STOP  # a masked or recorded row is handled whole
+                if run.masked and not run.described and self._plan_masks(run):
+                    return STOP  # rows wait here until the masks are resolved again
+                masked = self._mask_row(run, view, pos, end) if run.masked else None
+                if masked is not None:
+                    self._backend.replacement = masked
+                    verdict = REPLACE
+                if run.record_rows:
+                    self._record_row(run, masked or bytes(view[pos:end]))
+            run.rows += 1
+            run.bytes_out += end - pos
+            return verdict
+        if code in (COPY_DATA, COPY_DONE):
+            if self.gate is None or not self.gate.budgeted:
+                return PASS
+            # COPY TO STDOUT data counts against a budget as rows do.
+            front = self.tracker.front()
+            run = front.current_run() if front is not None else None
+            budget = run.budget if run is not None else None
+            if budget is None:
+                return PASS
+            if not whole:
+                return STOP
+            if budget.cut if code == COPY_DONE else not budget.admit(end - pos):
+                self._over_budget(budget)
+                return DROP
+            return PASS
+        if code in SERVER_NEEDS:
+            if not whole:
+                return STOP
+            replacement = self._server_message(code, view, pos, end)
+            if replacement is not None:
+                self._backend.replacement = replacement
+                return REPLACE
+        return PASS
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int
@@ -2211,7 +2140,7 @@ class ClientSession(asyncio.Protocol):
         front = tracker.front()
         gate = self.gate
         assert gate is not None
-        if code == 67 or code == 73:  # CommandComplete / EmptyQueryResponse
+        if code in (COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE):
             if front is None:
                 return None
             run = front.current_run()
@@ -2221,7 +2150,7 @@ class ClientSession(asyncio.Protocol):
                     # The statement completed before the cancel reached it: it still ends
                     # with the budget's error, as if cancelled there.
                     cut = self._cut_short(run, completed=True)
-                elif code == 67:
+                elif code == COMMAND_COMPLETE:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
                     rows = complete.row_count
@@ -2236,10 +2165,10 @@ class ClientSession(asyncio.Protocol):
             if front.kind in ("execute", "function"):
                 tracker.pop()
             return cut
-        if code == 90:  # ReadyForQuery
+        if code == READY_FOR_QUERY:
             status = view[pos + 5]
-            gate.in_transaction = status != ord("I")
-            self._aborted = status == ord("E")
+            gate.in_transaction = status != STATUS_IDLE
+            self._aborted = status == STATUS_FAILED
             skipped: list[Expectation] = []
             while True:
                 e = tracker.pop()
@@ -2258,7 +2187,7 @@ class ClientSession(asyncio.Protocol):
             self._bind_error = None
             if self._fail_block:
                 self._fail_block = False
-                if status == ord("T"):
+                if status == STATUS_IN_TRANSACTION:
                     # The client saw an error in a transaction block: the server's block is
                     # failed to match (25P02 until ROLLBACK), by a statement it rejects, in
                     # place of this ReadyForQuery; the client gets that one's ("E").
@@ -2267,14 +2196,14 @@ class ClientSession(asyncio.Protocol):
                     return b""
             self._path.ready(chr(status))
             return None
-        if code == 69:  # ErrorResponse
+        if code == ERROR_RESPONSE:
             err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
             if err.severity in ("FATAL", "PANIC"):
                 self._server_fatal = True  # the client learns why from the server itself
             if front is None:
                 # The error of a message nothing was expected from (a malformed Flush, say):
                 # the server skips to the client's Sync, not forwarded yet.
-                self._discarding = True
+                self._frontend.discarding = True
                 return None
             replacement = front.refusal
             if front.own_error is not None and err.sqlstate == front.own_error:
@@ -2327,13 +2256,13 @@ class ClientSession(asyncio.Protocol):
                 if not tracker:
                     # No Sync forwarded yet: the server ignores what comes until the client's,
                     # a Query or FunctionCall included (no answer to wait for).
-                    self._discarding = True
+                    self._frontend.discarding = True
                 # The server never ran the Parses it skipped: what their names held stands.
                 for e in reversed(skipped):
                     if e.kind == "parse":
                         self._undo_parse(e)
             return replacement
-        if code == 115:  # PortalSuspended
+        if code == PORTAL_SUSPENDED:
             if front is not None:
                 run = front.current_run()
                 cut = None
@@ -2347,10 +2276,10 @@ class ClientSession(asyncio.Protocol):
                     tracker.pop()
                 return cut
             return None
-        if code in (49, 50, 51, 110):  # ParseComplete, BindComplete, CloseComplete, NoData
+        if code in (PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA):
             if front is not None and front.kind not in ("query", "execute"):
                 tracker.pop()
-                if code == 51 and front.closing is not None:
+                if code == CLOSE_COMPLETE and front.closing is not None:
                     kind, name = front.closing
                     held = self._statements if kind == "S" else self._portals
                     # Pipelined, the name may have been parsed or bound again since the Close.
@@ -2359,7 +2288,7 @@ class ClientSession(asyncio.Protocol):
                         if kind == "S":
                             gate.prepared.closed(name)
             return None
-        if code == 72:  # CopyOutResponse
+        if code == COPY_OUT_RESPONSE:
             run = front.current_run() if front is not None else None
             if run is not None and run.masked:
                 # Masks apply to rows; a COPY with masks is refused before it runs, so this
@@ -2367,11 +2296,11 @@ class ClientSession(asyncio.Protocol):
                 self._end_reason = "COPY out of a statement with masked columns"
                 self._fatal(REFUSED, "pgwarden: COPY data of a statement with masks is not relayed")
             return None
-        if code in (71, 87):  # CopyInResponse, CopyBothResponse
+        if code in (COPY_IN_RESPONSE, COPY_BOTH_RESPONSE):
             if not tracker.copy_in_started():
-                self._copy_in = True
+                self._frontend.copy_in = True
             return None
-        if code == 116:  # ParameterDescription
+        if code == PARAMETER_DESCRIPTION:
             if front is not None:
                 front.saw_parameters = True
                 if isinstance(front.described, PreparedStatement):
@@ -2382,7 +2311,7 @@ class ClientSession(asyncio.Protocol):
                         described = ParameterDescription.decode(bytes(view[pos + 5 : end]))
                         front.described.param_types = described.type_oids
             return None
-        if code == 84:  # RowDescription
+        if code == ROW_DESCRIPTION:
             if front is None:
                 return None
             if front.kind in ("describe_statement", "describe_portal"):
@@ -2399,7 +2328,7 @@ class ClientSession(asyncio.Protocol):
                     run.description = bytes(view[pos + 5 : end])
                     run.described = False
             return None
-        if code == 86:  # FunctionCallResponse: the call's outcome; ReadyForQuery follows
+        if code == FUNCTION_CALL_RESPONSE:  # the call's outcome; ReadyForQuery follows
             if front is not None and front.kind == "function":
                 run = front.current_run()
                 if run is not None:
@@ -2408,7 +2337,7 @@ class ClientSession(asyncio.Protocol):
                     gate.outcome(run)
                     front.cursor += 1
             return None
-        if code == 83:  # ParameterStatus
+        if code == PARAMETER_STATUS:
             ps = ParameterStatus.decode(bytes(view[pos + 5 : end]))
             if ps.name == "client_encoding":
                 self.encoding = python_codec(ps.value)
@@ -2425,7 +2354,7 @@ class ClientSession(asyncio.Protocol):
         messages: a large frame the relay passes through in pieces is finished first."""
         # Polled rather than signalled: the relay's hot path stays free of it, and only a
         # held statement's notice ever waits here.
-        while self._skip and self.phase is Phase.RELAY:  # noqa: ASYNC110
+        while self._backend.skip and self.phase is Phase.RELAY:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         note = NoticeResponse.decode(notice[5:])
         fields = {k: for_client(v, self.encoding) for k, v in note.fields.items()}
@@ -2463,12 +2392,12 @@ class ClientSession(asyncio.Protocol):
             # only parsed and described (asyncpg, before it looks up a type) loses nothing.
             self.tracker
             or self.tracker.ran_unsynced
-            or self._up_out
+            or self._frontend.out
             or self._path_read is not None
             or self._path_wanted
             or self._explain_read is not None
-            or self._discarding
-            or self._copy_in
+            or self._frontend.discarding
+            or self._frontend.copy_in
             or self._fail_block
         ):
             return NotExplained.BUSY
@@ -2481,6 +2410,7 @@ class ClientSession(asyncio.Protocol):
         except UnicodeEncodeError:
             return NotExplained.FAILED
         read = self._explain_read = ExplainRead(self.encoding, readies)
+        self._backend.intercept = True
         self._write_upstream(request)
         return await read.done
 

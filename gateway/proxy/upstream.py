@@ -9,7 +9,6 @@ import hashlib
 import logging
 import socket
 import ssl
-import struct
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -33,16 +32,20 @@ from gateway.protocol import (
     NoticeResponse,
     ParameterStatus,
     PasswordMessage,
+    ProtocolViolation,
     ReadyForQuery,
     SASLInitialResponse,
     SASLResponse,
     SSLRequest,
     StartupMessage,
     decode_backend,
+    frame_header,
 )
+from gateway.protocol.codes import ENCRYPTION_ACCEPTED
 from gateway.proxy.tls import upstream_context
 
-_HEADER = struct.Struct("!BI")
+# No login message of a server comes near this; a length beyond it is a broken stream.
+_LOGIN_MESSAGE_LIMIT = 1 << 24
 log = logging.getLogger("pgwarden.upstream")
 
 
@@ -149,9 +152,12 @@ class UpstreamProtocol(asyncio.Protocol):
     async def read_frame(self) -> tuple[int, bytes]:
         while True:
             if len(self._buf) >= 5:
-                code, length = _HEADER.unpack_from(self._buf, 0)
-                if length < 4 or length > 1 << 24:
-                    raise UpstreamError("the target sent a malformed message during login")
+                try:
+                    code, length = frame_header(self._buf, 0, _LOGIN_MESSAGE_LIMIT)
+                except ProtocolViolation:
+                    raise UpstreamError(
+                        "the target sent a malformed message during login"
+                    ) from None
                 if len(self._buf) >= length + 1:
                     body = bytes(self._buf[5 : length + 1])
                     del self._buf[: length + 1]
@@ -234,7 +240,7 @@ async def _login(
             raise UpstreamError(
                 f"target {target.name} sent unencrypted data after accepting TLS", "08P01"
             )
-        if answer == ord("S"):
+        if answer == ENCRYPTION_ACCEPTED:
             new_transport = await loop.start_tls(
                 transport, proto, ctx, server_hostname=target.host if ctx.check_hostname else None
             )

@@ -476,3 +476,68 @@ def test_target_ending_the_session_itself_is_relayed_once(
     ends = wait_for(lambda: _session_records(gateway, app, "session_end"))
     assert [e["reason"] for e in ends] == ["target closed the connection"]
     _no_traceback(caplog)
+
+
+class CorruptsAnAnswer(TcpRelay):
+    """Pipes both ways; the target's answer to the Query holding `marker` reaches the gateway
+    behind a frame whose declared length (2) no message can have."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        super().__init__(upstream_port)
+        self.marker = marker
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        armed = threading.Event()
+
+        def to_target() -> None:
+            with contextlib.suppress(OSError):
+                while data := client.recv(65536):
+                    if self.marker in data:
+                        armed.set()
+                    upstream.sendall(data)
+
+        threading.Thread(target=to_target, daemon=True).start()
+        while data := upstream.recv(65536):
+            if armed.is_set():
+                armed.clear()
+                data = b"N\x00\x00\x00\x02" + data
+            client.sendall(data)
+
+
+def test_a_target_frame_with_an_impossible_length_ends_the_session(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stream is framed as strictly as the client's: a length below 4 is not
+    relayed (it would desynchronise the client), the session ends with 08P01."""
+    caplog.set_level(logging.WARNING)
+    marker = f"corrupt-{uuid.uuid4().hex[:8]}"
+    relay = CorruptsAnAnswer(gateway.cluster.port, marker.encode())
+    app = f"bad-target-frame-{uuid.uuid4().hex[:8]}"
+    token = gateway.token("agent:relay-faults", groups=("admins",))
+    try:
+        with target_through(gateway, f"app_corrupt_{relay.port}", relay.port) as name:
+            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+            try:
+                client.login(name, token, application_name=app)
+                assert any(code == ord("C") for code, _ in client.query("SELECT 1"))
+                client.send(Query(f"SELECT '{marker}'".encode()).encode())
+                seen: list[int] = []
+                err = None
+                with contextlib.suppress(Closed):
+                    while err is None:
+                        code, body = client.frame()
+                        seen.append(code)
+                        if code == ord("E"):
+                            err = ErrorResponse.decode(body)
+                assert client.answers_or_closes(5) == "closed"
+            finally:
+                client.close()
+    finally:
+        relay.close()
+    # Nothing of the corrupted stream reached the client before the error.
+    assert seen == [ord("E")]
+    assert err is not None
+    assert (err.severity, err.sqlstate) == ("FATAL", "08P01")
+    assert err.message == "pgwarden: malformed message from the target; session closed"
+    ends = wait_for(lambda: _session_records(gateway, app, "session_end"))
+    assert [e["reason"] for e in ends] == ["protocol violation by the target"]

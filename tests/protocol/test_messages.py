@@ -41,6 +41,7 @@ def test_public_api_is_pinned() -> None:
         "decode_backend",
         "decode_frontend",
         "decode_startup",
+        "frame_header",
         "split_frames",
     }
     assert set(p.__all__) == message_types | others
