@@ -76,16 +76,19 @@ PSYCOPG_TESTS_FROM = Path(
 # and psycopg_pool for tests/pool.
 PSYCOPG_DEPS = [f"psycopg[binary]=={PSYCOPG_VERSION}", "psycopg-pool", "anyio>=4.0",
                 "pproxy>=2.7", "pytest>=6.2.5", "pytest-randomly>=3.5"]  # fmt: skip
-# psycopg's CI (tools/ci/ci_test.sh) selects by markers; this run leaves out what is slow or
+# psycopg's CI (tools/ci/ci_test.sh) selects by markers. "main" leaves out what is slow or
 # needs what the CI installs for separate jobs (gevent, dnspython, PostGIS, numpy), what
-# depends on timing on a shared machine, and mypy runs of typing examples. Test order is
-# fixed (no pytest-randomly) so that both sides run the same sequence.
-PSYCOPG_SELECTION = [
-    "-p", "no:randomly",
-    "-m", "not slow and not timing and not flakey and not mypy and not gevent and not dns"
-          " and not postgis and not numpy",
-    "tests",
-]  # fmt: skip
+# depends on timing on a shared machine, and mypy runs of typing examples; "slow" is the
+# slow and timing-marked tests of the protocol paths (cancel, notifications, COPY,
+# connection and cursor life, pools) that "main" leaves out. Test order is fixed (no
+# pytest-randomly) so that both sides run the same sequence.
+_PSYCOPG_NOT_CI = "not mypy and not gevent and not dns and not postgis and not numpy"
+PSYCOPG_SUITES = {
+    "main": ["-m", f"not slow and not timing and not flakey and {_PSYCOPG_NOT_CI}", "tests"],
+    "slow": ["-m", f"(slow or timing) and not flakey and {_PSYCOPG_NOT_CI}",
+             "--ignore=tests/test_waiting.py", "--ignore=tests/test_waiting_async.py",
+             "--ignore=tests/test_free_threading.py", "tests"],
+}  # fmt: skip
 
 # pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
 # the auth/ folders need a server whose pg_hba forces one method per run, and the README
@@ -138,7 +141,9 @@ def _psycopg_tests() -> None:
     ref = PSYCOPG_VERSION if tags.stdout.strip() else "HEAD"
     PSYCOPG_SUITE.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        [*git, "archive", ref, "tests", "pyproject.toml"], check=True, capture_output=True
+        [*git, "archive", ref, "tests", "tools/pproxy_fix.py", "pyproject.toml"],
+        check=True,
+        capture_output=True,
     )
     subprocess.run(["tar", "x", "-C", str(PSYCOPG_SUITE)], input=archive.stdout, check=True)
     commit = subprocess.run([*git, "rev-parse", ref], check=True, capture_output=True, text=True)
@@ -186,7 +191,7 @@ def run_suite(
         # PGPASSWORD. dbname=postgres: a target through the gateway, the database direct.
         dsn = f"host={host} port={port} user=postgres dbname=postgres"
         venv, cwd = PSYCOPG_VENV, PSYCOPG_SUITE
-        selection = [f"--test-dsn={dsn}", *PSYCOPG_SELECTION]
+        selection = [f"--test-dsn={dsn}", "-p", "no:randomly", *PSYCOPG_SUITES[suite]]
     else:
         venv, cwd, selection = VENV, SRC, SUITES[suite]
     # psycopg's conftest keeps a segfault flag in pytest's cache: the cache stays on for it.
@@ -240,9 +245,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
-        choices=sorted(SUITES),
+        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES)),
         default="main",
-        help="main: pg8000's CI main-test selection (default); auth: its auth/ folders",
+        help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
+        " psycopg: main (its CI's, without slow and timing tests) or slow (those)",
     )
     ap.add_argument(
         "--register-test-databases",
@@ -254,6 +260,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=WORK / "results")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
+    known = {"pg8000": SUITES, "psycopg": PSYCOPG_SUITES}.get(args.driver, {"main": []})
+    if args.suite not in known:
+        ap.error(f"--suite {args.suite} is not a selection of {args.driver}'s suite")
     prepare(args.driver)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -329,7 +338,9 @@ def main() -> int:
             SUITES[args.suite]
         )
     elif args.driver == "psycopg":
-        title = f"psycopg {PSYCOPG_VERSION}: " + " ".join(PSYCOPG_SELECTION)
+        title = f"psycopg {PSYCOPG_VERSION}, selection {args.suite!r}: " + " ".join(
+            PSYCOPG_SUITES[args.suite]
+        )
     else:
         title = f"asyncpg {ASYNCPG_VERSION}: tests/"
     print(f"\n===== {title} own test suite")
