@@ -1,4 +1,4 @@
-"""Run a real driver's own test suite (pg8000, asyncpg) through the gateway and direct, and
+"""Run a real driver's own test suite (pg8000, asyncpg, psycopg) through the gateway and direct, and
 compare.
 
 Nothing third-party lives in this repository: the driver's source and a throwaway venv are
@@ -20,6 +20,7 @@ prepared under /tmp (see `prepare`). Then, in this process:
 Usage (from the repository root):
     .venv/bin/python bench/driver_suite/run.py                     # pg8000, both runs
     .venv/bin/python bench/driver_suite/run.py --driver asyncpg    # asyncpg's suite, both runs
+    .venv/bin/python bench/driver_suite/run.py --driver psycopg    # psycopg 3's suite, both runs
     .venv/bin/python bench/driver_suite/run.py -- -k notify        # extra args go to pytest
 """
 
@@ -59,6 +60,35 @@ ASYNCPG_SUITE = WORK / f"asyncpg-{ASYNCPG_VERSION}-suite"
 ASYNCPG_DEPS = [f"asyncpg=={ASYNCPG_VERSION}", "pytest", "uvloop", "distro"]
 # Databases asyncpg's tests connect to by name besides `postgres`.
 ASYNCPG_DATABASES = ["testdb", "asyncpg_intro_test"]
+
+# psycopg 3: the version the gateway's tests are locked to. Its sdist carries no tests/, so the
+# folder comes from psycopg's git repository (PSYCOPG_TESTS_FROM: a git directory, e.g. the
+# stored snapshot of github.com/psycopg/psycopg; its tag for the version when it has one, else
+# HEAD), copied to PSYCOPG_SUITE with the repository's pyproject.toml (its pytest settings:
+# warnings are errors). The tests run against the installed psycopg[binary] wheel.
+PSYCOPG_VERSION = importlib.metadata.version("psycopg")
+PSYCOPG_VENV = Path(os.environ.get("DRIVER_SUITE_PSYCOPG_VENV", "/tmp/dsuite-psycopg"))  # noqa: S108
+PSYCOPG_SUITE = WORK / f"psycopg-{PSYCOPG_VERSION}-suite"
+PSYCOPG_TESTS_FROM = Path(
+    os.environ.get("PSYCOPG_TESTS_FROM", "/work/.mirror/psycopg+psycopg/repo")
+)
+# psycopg's pyproject extra `test` (mypy only serves the `mypy`-marked tests, deselected below)
+# and psycopg_pool for tests/pool.
+PSYCOPG_DEPS = [f"psycopg[binary]=={PSYCOPG_VERSION}", "psycopg-pool", "anyio>=4.0",
+                "pproxy>=2.7", "pytest>=6.2.5", "pytest-randomly>=3.5"]  # fmt: skip
+# psycopg's CI (tools/ci/ci_test.sh) selects by markers. "main" leaves out what is slow or
+# needs what the CI installs for separate jobs (gevent, dnspython, PostGIS, numpy), what
+# depends on timing on a shared machine, and mypy runs of typing examples; "slow" is the
+# slow and timing-marked tests of the protocol paths (cancel, notifications, COPY,
+# connection and cursor life, pools) that "main" leaves out. Test order is fixed (no
+# pytest-randomly) so that both sides run the same sequence.
+_PSYCOPG_NOT_CI = "not mypy and not gevent and not dns and not postgis and not numpy"
+PSYCOPG_SUITES = {
+    "main": ["-m", f"not slow and not timing and not flakey and {_PSYCOPG_NOT_CI}", "tests"],
+    "slow": ["-m", f"(slow or timing) and not flakey and {_PSYCOPG_NOT_CI}",
+             "--ignore=tests/test_waiting.py", "--ignore=tests/test_waiting_async.py",
+             "--ignore=tests/test_free_threading.py", "tests"],
+}  # fmt: skip
 
 # pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
 # the auth/ folders need a server whose pg_hba forces one method per run, and the README
@@ -103,11 +133,33 @@ def _sdist(venv: Path, name: str, version: str) -> Path:
     return src
 
 
+def _psycopg_tests() -> None:
+    """psycopg's tests/ and pyproject.toml at the release tag (HEAD when the snapshot has no
+    such tag), from a git directory: the sdist on PyPI does not carry them."""
+    git = ["git", "-C", str(PSYCOPG_TESTS_FROM)]
+    tags = subprocess.run([*git, "tag", "-l", PSYCOPG_VERSION], capture_output=True, text=True)
+    ref = PSYCOPG_VERSION if tags.stdout.strip() else "HEAD"
+    PSYCOPG_SUITE.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        [*git, "archive", ref, "tests", "tools/pproxy_fix.py", "pyproject.toml"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["tar", "x", "-C", str(PSYCOPG_SUITE)], input=archive.stdout, check=True)
+    commit = subprocess.run([*git, "rev-parse", ref], check=True, capture_output=True, text=True)
+    (PSYCOPG_SUITE / "SOURCE").write_text(f"{PSYCOPG_TESTS_FROM} {ref} {commit.stdout}")
+
+
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
     if driver == "pg8000":
         _venv(VENV, TEST_DEPS)
         _sdist(VENV, "pg8000", PG8000_VERSION)
+        return
+    if driver == "psycopg":
+        _venv(PSYCOPG_VENV, PSYCOPG_DEPS)
+        if not (PSYCOPG_SUITE / "tests").is_dir():
+            _psycopg_tests()
         return
     _venv(ASYNCPG_VENV, ASYNCPG_DEPS)
     if not (ASYNCPG_SUITE / "tests").is_dir():
@@ -134,9 +186,17 @@ def run_suite(
         # The superuser and its database, as asyncpg's CI passes them with PGHOST.
         env.update(PGUSER="postgres", PGDATABASE="postgres")
         venv, cwd, selection = ASYNCPG_VENV, ASYNCPG_SUITE, ["tests"]
+    elif driver == "psycopg":
+        # psycopg's conftest reads the DSN from --test-dsn; libpq takes the password from
+        # PGPASSWORD. dbname=postgres: a target through the gateway, the database direct.
+        dsn = f"host={host} port={port} user=postgres dbname=postgres"
+        venv, cwd = PSYCOPG_VENV, PSYCOPG_SUITE
+        selection = [f"--test-dsn={dsn}", "-p", "no:randomly", *PSYCOPG_SUITES[suite]]
     else:
         venv, cwd, selection = VENV, SRC, SUITES[suite]
-    argv = [str(venv / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
+    # psycopg's conftest keeps a segfault flag in pytest's cache: the cache stays on for it.
+    cache = [] if driver == "psycopg" else ["-p", "no:cacheprovider"]
+    argv = [str(venv / "bin" / "python"), "-m", "pytest", *cache, "-q",
             "-rfE", f"--junitxml={report}", *selection, *extra]  # fmt: skip
     print(
         f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {cwd})\n$ {' '.join(argv)}", flush=True
@@ -181,13 +241,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--driver", choices=("pg8000", "asyncpg"), default="pg8000")
+    ap.add_argument("--driver", choices=("pg8000", "asyncpg", "psycopg"), default="pg8000")
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
-        choices=sorted(SUITES),
+        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES)),
         default="main",
-        help="main: pg8000's CI main-test selection (default); auth: its auth/ folders",
+        help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
+        " psycopg: main (its CI's, without slow and timing tests) or slow (those)",
     )
     ap.add_argument(
         "--register-test-databases",
@@ -199,6 +260,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=WORK / "results")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
+    known = {"pg8000": SUITES, "psycopg": PSYCOPG_SUITES}.get(args.driver, {"main": []})
+    if args.suite not in known:
+        ap.error(f"--suite {args.suite} is not a selection of {args.driver}'s suite")
     prepare(args.driver)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -211,6 +275,12 @@ def main() -> int:
     base.chmod(0o755)
     state = Path(tempfile.mkdtemp(prefix="pgwarden-ds-gw-"))
     cluster = LocalCluster(base, free_port())
+    if args.driver == "psycopg":
+        # As psycopg's CI starts its server: the two-phase commit tests need prepared
+        # transactions (off by default).
+        cluster.init()
+        with (cluster.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("max_prepared_transactions = 10\n")
     cluster.start()
     gw = None
     try:
@@ -220,7 +290,9 @@ def main() -> int:
         # Added once the gateway runs, into its control store (a login naming a target
         # the gateway has not seen reads the store).
         stored = StoredTargets(gw.settings)
-        test_databases = TEST_DATABASES if args.driver == "pg8000" else ASYNCPG_DATABASES
+        test_databases = {"pg8000": TEST_DATABASES, "asyncpg": ASYNCPG_DATABASES}.get(
+            args.driver, []
+        )
         names = ["postgres", *(test_databases if args.register_test_databases else [])]
         for name in names:  # each target: the same-named database, as the superuser
             stored.add(
@@ -264,6 +336,10 @@ def main() -> int:
     if args.driver == "pg8000":
         title = f"pg8000 {PG8000_VERSION}, selection {args.suite!r}: " + " ".join(
             SUITES[args.suite]
+        )
+    elif args.driver == "psycopg":
+        title = f"psycopg {PSYCOPG_VERSION}, selection {args.suite!r}: " + " ".join(
+            PSYCOPG_SUITES[args.suite]
         )
     else:
         title = f"asyncpg {ASYNCPG_VERSION}: tests/"

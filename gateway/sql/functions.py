@@ -1,5 +1,6 @@
-"""Which functions lineage runs through (built-ins, an extension's IMMUTABLE C code, a
-user's LANGUAGE sql function read through its body) and the catalog queries that tell."""
+"""Which functions lineage runs through (built-ins, an extension's IMMUTABLE C code, the
+constructors of a user's range type, a user's LANGUAGE sql function read through its body)
+and the catalog queries that tell."""
 
 from __future__ import annotations
 
@@ -10,24 +11,34 @@ from gateway.sql.facts import ColumnRef, StatementFacts
 from gateway.sql.names import Column
 
 # Whether the function `p` computes its result from its arguments alone, so that lineage
-# runs through it as through a built-in: a member of an extension (code an admin installed;
-# CREATE EXTENSION is denied to everyone else), written in C (only a superuser creates C
-# functions, so nobody else can swap in a body), and IMMUTABLE: PostgreSQL's contract for
-# that is "no database lookups, nothing but the argument list", which rules out what makes
-# a function opaque to lineage (running SQL text, reading a cursor, a relation by name or a
-# page, another database: dblink, crosstab, get_raw_page, ... are all STABLE or VOLATILE).
+# runs through it as through a built-in. Either a member of an extension (code an admin
+# installed; CREATE EXTENSION is denied to everyone else), written in C (only a superuser
+# creates C functions, so nobody else can swap in a body), and IMMUTABLE: PostgreSQL's
+# contract for that is "no database lookups, nothing but the argument list", which rules out
+# what makes a function opaque to lineage (running SQL text, reading a cursor, a relation by
+# name or a page, another database: dblink, crosstab, get_raw_page, ... are all STABLE or
+# VOLATILE). Or a constructor PostgreSQL itself made for a type (CREATE TYPE ... AS RANGE
+# makes `r(lower, upper[, bounds])`, `r_multirange(...)` and the cast from the range to its
+# multirange): built-in code (LANGUAGE internal, range_constructor2, multirange_constructor1,
+# ...) tied to its type by an internal dependency, which no user DDL can make.
 # An argument that names what to read (a regclass, an OID, a cursor) keeps it opaque anyway.
 _TRACED_FUNCTION = """(
     p.provolatile = 'i'
-    AND p.prolang IN (SELECT l.oid FROM pg_catalog.pg_language l
-                      WHERE l.lanname IN ('c', 'internal'))
-    AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
-                WHERE e.classid = 'pg_catalog.pg_proc'::regclass AND e.objid = p.oid
-                  AND e.deptype = 'e')
     AND NOT p.proargtypes::oid[] && ARRAY[
         'pg_catalog.regclass'::regtype, 'pg_catalog.regnamespace'::regtype,
         'pg_catalog.regproc'::regtype, 'pg_catalog.regprocedure'::regtype,
         'pg_catalog.refcursor'::regtype, 'pg_catalog.oid'::regtype]::oid[]
+    AND ((p.prolang IN (SELECT l.oid FROM pg_catalog.pg_language l
+                        WHERE l.lanname IN ('c', 'internal'))
+          AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                      WHERE e.classid = 'pg_catalog.pg_proc'::regclass AND e.objid = p.oid
+                        AND e.deptype = 'e'))
+         OR (p.prolang = (SELECT l.oid FROM pg_catalog.pg_language l
+                          WHERE l.lanname = 'internal')
+             AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                         WHERE e.classid = 'pg_catalog.pg_proc'::regclass
+                           AND e.objid = p.oid AND e.deptype = 'i'
+                           AND e.refclassid = 'pg_catalog.pg_type'::regclass)))
 )"""
 
 # Which schemas hold a function of each name, and which of them one that is not traced
