@@ -73,7 +73,6 @@ from gateway.protocol.codes import (
     CLOSE_COMPLETE,
     COMMAND_COMPLETE,
     COPY_BOTH_RESPONSE,
-    COPY_DATA,
     COPY_DONE,
     COPY_IN_RESPONSE,
     COPY_OUT_RESPONSE,
@@ -128,7 +127,7 @@ from gateway.proxy.upstream import (
     connect_upstream,
     forward_cancel,
 )
-from gateway.session.backend import DROP, PASS, REPLACE, SERVER_NEEDS, STOP, BackendCore
+from gateway.session.backend import DROP, NOT_OWN, PASS, REPLACE, STOP, BackendCore
 from gateway.session.frontend import (
     ANSWER,
     BIND_NOTED,
@@ -421,7 +420,7 @@ class ClientSession(asyncio.Protocol):
         self._paused_by_upstream = False
         self._paused_by_client = False
         # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
-        self._backend = BackendCore(self._server_frame)
+        self._backend = BackendCore(self._server_message, self._judge_row, self._own_answer)
         # A masked result's rows wait (server reading paused) while its masks are resolved
         # again against the catalog (_plan_masks).
         self._mask_wait = False
@@ -1259,6 +1258,7 @@ class ClientSession(asyncio.Protocol):
             read = self._path_read = PathRead(
                 in_pipeline=self.tracker.unsynced, also=self.guards.enforced.read_back
             )
+            self._backend.intercept = True
             self._write_upstream(read.request)
             return
         self._path_wanted = False
@@ -1277,6 +1277,7 @@ class ClientSession(asyncio.Protocol):
         if not read.answer(code, body, self.encoding):
             return fatal
         self._path_read = None
+        self._backend.intercept = self._explain_read is not None
         if read.error is None and read.value is not None:
             self.gate.search_path = parse_search_path(read.value)
             escaped = self.guards.enforced.escaped(read.settings) if read.also else None
@@ -1448,14 +1449,14 @@ class ClientSession(asyncio.Protocol):
         while True:
             action = next_action()
             if action is BIND_NOTED:
-                self._on_bind(cast(Bind, core.decoded))
+                self._on_bind(core.bind)
                 tracker.expect(Expectation("bind"))
                 continue
             if action is EXPECT:
                 tracker.expect(Expectation(core.expected))
                 continue
             if action is ANSWER:
-                self._expect_answer(cast("Describe | Close", core.decoded))
+                self._expect_answer(core.described)
                 continue
             send = core.send
             if send is not None and self.up is not None:
@@ -1464,7 +1465,7 @@ class ClientSession(asyncio.Protocol):
                 return
             if action is GATE:
                 code = core.code
-                message = cast(bytes, core.message)
+                message = core.message
                 if code == EXECUTE:
                     planned = self._execute_planned(message)
                 else:
@@ -2060,59 +2061,36 @@ class ClientSession(asyncio.Protocol):
         if self._draining:
             self._end_if_drained()
 
-    def _server_frame(
+    def _own_answer(
         self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
     ) -> int:
-        """The backend core's question on one server frame: count, mask, withhold or read
-        it (see gateway/session/backend.py for the verdicts)."""
+        """A frame while pgwarden's own request is answered: its answers are not the
+        client's (backend core verdicts; NOT_OWN: the client's, read as usual)."""
         explain = self._explain_read
         if explain is not None and code not in CLIENTS_WHILE_EXPLAINING:
             if not whole:
                 return STOP
             if explain.answer(code, view[pos:end]):
                 self._explain_read = None
-                self._backend.intercept = False
+                self._backend.intercept = self._path_read is not None
             return DROP
         if self._path_read is not None and code in READ_ANSWERS:
             # The answer to pgwarden's own read of search_path: not the client's to see.
             if not whole:
                 return STOP
             return PASS if self._path_answer(code, view, pos, end) else DROP
-        if code == DATA_ROW:  # count it for the current statement
-            front = self.tracker.front()
-            if front is None:
-                return PASS
-            run = front.current_run()
-            if run is None:
-                return PASS
-            verdict = PASS
-            budget = run.budget
-            if budget is not None:
-                if not whole:
-                    return STOP  # a budgeted row is judged whole
-                if not budget.admit(end - pos):
-                    # Over the decision's budget: never relayed.
-                    self._over_budget(budget)
-                    return DROP
-            if run.masked or run.record_rows:
-                if not whole:
-                    return STOP  # a masked or recorded row is handled whole
-                if run.masked and not run.described and self._plan_masks(run):
-                    return STOP  # rows wait here until the masks are resolved again
-                masked = self._mask_row(run, view, pos, end) if run.masked else None
-                if masked is not None:
-                    self._backend.replacement = masked
-                    verdict = REPLACE
-                if run.record_rows:
-                    self._record_row(run, masked or bytes(view[pos:end]))
-            run.rows += 1
-            run.bytes_out += end - pos
-            return verdict
-        if code in (COPY_DATA, COPY_DONE):
+        return NOT_OWN
+
+    def _judge_row(
+        self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
+    ) -> int:
+        """A DataRow or COPY data frame: counted for the current statement, masked,
+        recorded, or withheld over its budget (backend core verdicts)."""
+        front = self.tracker.front()
+        if code != DATA_ROW:
+            # COPY TO STDOUT data counts against a budget as rows do.
             if self.gate is None or not self.gate.budgeted:
                 return PASS
-            # COPY TO STDOUT data counts against a budget as rows do.
-            front = self.tracker.front()
             run = front.current_run() if front is not None else None
             budget = run.budget if run is not None else None
             if budget is None:
@@ -2123,14 +2101,34 @@ class ClientSession(asyncio.Protocol):
                 self._over_budget(budget)
                 return DROP
             return PASS
-        if code in SERVER_NEEDS:
+        if front is None:
+            return PASS
+        run = front.current_run()
+        if run is None:
+            return PASS
+        verdict = PASS
+        budget = run.budget
+        if budget is not None:
             if not whole:
-                return STOP
-            replacement = self._server_message(code, view, pos, end)
-            if replacement is not None:
-                self._backend.replacement = replacement
-                return REPLACE
-        return PASS
+                return STOP  # a budgeted row is judged whole
+            if not budget.admit(end - pos):
+                # Over the decision's budget: never relayed.
+                self._over_budget(budget)
+                return DROP
+        if run.masked or run.record_rows:
+            if not whole:
+                return STOP  # a masked or recorded row is handled whole
+            if run.masked and not run.described and self._plan_masks(run):
+                return STOP  # rows wait here until the masks are resolved again
+            masked = self._mask_row(run, view, pos, end) if run.masked else None
+            if masked is not None:
+                self._backend.replacement = masked
+                verdict = REPLACE
+            if run.record_rows:
+                self._record_row(run, masked or bytes(view[pos:end]))
+        run.rows += 1
+        run.bytes_out += end - pos
+        return verdict
 
     def _server_message(
         self, code: int, view: bytes | bytearray, pos: int, end: int
@@ -2410,7 +2408,7 @@ class ClientSession(asyncio.Protocol):
         except UnicodeEncodeError:
             return NotExplained.FAILED
         read = self._explain_read = ExplainRead(self.encoding, readies)
-        self._backend.intercept = True
+        self._backend.intercept = True  # until its last answer (_own_answer)
         self._write_upstream(request)
         return await read.done
 

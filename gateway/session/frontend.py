@@ -56,10 +56,10 @@ class Action(Enum):
     IDLE = auto()
     # Note `expected` ("sync" or "copy_end") on the response tracker.
     EXPECT = auto()
-    # `decoded` is a Bind, forwarded with what passes through: note its portal; its
+    # `bind` is a Bind, forwarded with what passes through: note its portal; its
     # BindComplete is expected.
     BIND = auto()
-    # `decoded` is a Describe or a Close, forwarded likewise: its answer is expected.
+    # `described` is a Describe or a Close, forwarded likewise: its answer is expected.
     ANSWER = auto()
     # `send` goes to the server now; then `code` and `message` go to the gate (the stream is
     # GATED until gate_done).
@@ -82,6 +82,10 @@ VIOLATION: Final = Action.VIOLATION
 TERMINATE_SENT: Final = Action.TERMINATE
 
 _unpack_header = HEADER.unpack_from
+# What `bind` and `described` hold before the first (and `bind` between passes, so that a
+# large Bind's parameters are not kept).
+_NO_BIND: Final = Bind("", "", (), (), ())
+_NO_DESCRIBE: Final = Describe("S", "")
 
 # Client messages that pass through untouched (noted where the server will answer them).
 _PASS: Final = frozenset({DESCRIBE, CLOSE, SYNC, FLUSH, COPY_DATA, COPY_DONE, COPY_FAIL})
@@ -108,11 +112,12 @@ class FrontendCore:
         "_pos",
         "_start",
         "answerable",
+        "bind",
         "buffer",
         "code",
         "copy_in",
         "decided",
-        "decoded",
+        "described",
         "discarding",
         "expected",
         "limit",
@@ -147,9 +152,11 @@ class FrontendCore:
         # The payload of the last action (see Action).
         self.send: bytes | None = None
         self.expected: Literal["sync", "copy_end"] = "sync"
-        self.decoded: Bind | Describe | Close | None = None
+        # Typed without None so that the shell reads them with no cast on the hot path.
+        self.bind = _NO_BIND
+        self.described: Describe | Close = _NO_DESCRIBE
         self.code = 0
-        self.message: bytes | None = None
+        self.message = b""
         self.problem = ""
         self.sqlstate = ""
 
@@ -181,7 +188,7 @@ class FrontendCore:
 
     def gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
-        self.message = None
+        self.message = b""
         if self.state is GATED:
             self.state = RELAY
 
@@ -238,13 +245,13 @@ class FrontendCore:
                     else:  # Describe, Close: their answers are expected
                         assert isinstance(decoded, (Describe, Close))
                         self._pos = end
-                        self.decoded = decoded
+                        self.described = decoded
                         return ANSWER
                 pos = end
                 continue
             if code == BIND:  # needs no decision: its portal is noted and it passes on
                 try:
-                    self.decoded = Bind.decode(bytes(buf[pos + 5 : end]))
+                    self.bind = Bind.decode(bytes(buf[pos + 5 : end]))
                 except ProtocolViolation as exc:
                     return self._violation(pos, str(exc))
                 self._pos = end
@@ -282,7 +289,7 @@ class FrontendCore:
             del buf[:pos]
         self._start = self._pos = 0
         # The last Bind noted is no longer needed (its parameters may be large).
-        self.decoded = None
+        self.bind = _NO_BIND
         self.send = self.flush()
         return IDLE
 

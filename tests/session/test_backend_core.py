@@ -19,7 +19,7 @@ from gateway.protocol import (
     RowDescription,
 )
 from gateway.protocol.codes import DATA_ROW, NOTICE_RESPONSE
-from gateway.session.backend import DROP, PASS, REPLACE, STOP, BackendCore
+from gateway.session.backend import DROP, NOT_OWN, PASS, REPLACE, STOP, BackendCore
 
 ROWS = [DataRow((str(i).encode(),)).encode() for i in range(3)]
 DESCRIPTION = RowDescription((FieldDescription("n", 0, 0, 23, 4, -1, 0),)).encode()
@@ -41,15 +41,26 @@ Verdict = Callable[[int, bytes], int]
 
 
 class ScriptedShell:
-    """A handler that records what it was asked and answers with `verdict` on whole frames
-    (STOP on a frame not whole, as the session does for every frame it reads)."""
+    """The session's three hooks, scripted: they record what they were asked and answer with
+    `verdict` on whole frames (STOP on a row not whole, as the session does for every row it
+    reads); `own` judges every frame while the core intercepts."""
 
-    def __init__(self, verdict: Verdict | None = None) -> None:
+    def __init__(self, verdict: Verdict | None = None, own: Verdict | None = None) -> None:
         self.verdict: Verdict = verdict or (lambda code, frame: PASS)
+        self.own: Verdict = own or (lambda code, frame: NOT_OWN)
         self.seen: list[tuple[int, bytes]] = []
-        self.core = BackendCore(self)
+        self.own_seen: list[tuple[int, bytes]] = []
+        self.core = BackendCore(self.read_message, self.judge_row, self.own_answer)
 
-    def __call__(self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool) -> int:
+    def read_message(self, code: int, view: bytes | bytearray, pos: int, end: int) -> bytes | None:
+        frame = bytes(view[pos:end])
+        self.seen.append((code, frame))
+        verdict = self.verdict(code, frame)
+        if verdict == REPLACE:
+            return MASKED
+        return b"" if verdict == DROP else None
+
+    def judge_row(self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool) -> int:
         if not whole:
             return STOP
         frame = bytes(view[pos:end])
@@ -58,6 +69,15 @@ class ScriptedShell:
         if verdict == REPLACE:
             self.core.replacement = MASKED
         return verdict
+
+    def own_answer(
+        self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
+    ) -> int:
+        if not whole:
+            return STOP
+        frame = bytes(view[pos:end])
+        self.own_seen.append((code, frame))
+        return self.own(code, frame)
 
     def feed(self, *chunks: bytes) -> bytes:
         out = b""
@@ -147,11 +167,20 @@ def test_a_row_the_session_reads_is_buffered_whole() -> None:
     assert shell.feed(row[100:]) == MASKED
 
 
-def test_intercept_shows_every_frame_to_the_handler() -> None:
-    shell = ScriptedShell(lambda code, frame: DROP if code == NOTICE_RESPONSE else PASS)
+def test_intercept_asks_about_every_frame_first() -> None:
+    # pgwarden's own request is answered: the notice is its, the rest the client's.
+    shell = ScriptedShell(own=lambda code, frame: DROP if code == NOTICE_RESPONSE else NOT_OWN)
     shell.core.intercept = True
     assert shell.feed(REPLY) == REPLY.replace(NOTICE, b"")
-    assert shell.seen == frames_of(REPLY)
+    assert shell.own_seen == frames_of(REPLY)
+    assert shell.seen == LOOKED_AT
+
+
+def test_an_own_answer_passed_on_is_not_read_again() -> None:
+    shell = ScriptedShell(own=lambda code, frame: PASS if code == ord("Z") else NOT_OWN)
+    shell.core.intercept = True
+    assert shell.feed(REPLY) == REPLY
+    assert shell.seen == LOOKED_AT[:-1]
 
 
 def test_a_malformed_length_from_the_server_is_a_protocol_violation() -> None:

@@ -50,8 +50,11 @@ def run(core: FrontendCore) -> list[Event]:
         if action is Action.EXPECT:
             events.append(("expect", core.expected))
             continue
-        if action is Action.BIND or action is Action.ANSWER:
-            events.append((action.name.lower(), core.decoded))
+        if action is Action.BIND:
+            events.append(("bind", core.bind))
+            continue
+        if action is Action.ANSWER:
+            events.append(("answer", core.described))
             continue
         if core.send is not None:
             events.append(("send", core.send))
@@ -59,7 +62,6 @@ def run(core: FrontendCore) -> list[Event]:
             return events
         if action is Action.GATE:
             assert core.state is GATED
-            assert core.message is not None
             events.append(("gate", core.code, core.message))
             core.queue(core.message)  # the gate allowed it: it leaves with what follows
             core.gate_done()
@@ -262,7 +264,7 @@ def test_bind_is_decoded_for_the_shell() -> None:
     core = FrontendCore(LIMIT)
     core.buffer += BIND_MSG
     assert core.next_action() is Action.BIND
-    assert core.decoded == Bind("", "s1", (0,), (b"41",), ())
+    assert core.bind == Bind("", "s1", (0,), (b"41",), ())
     assert BIND_MSG[0] == BIND
 
 
