@@ -603,7 +603,9 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         covered = self._sync_covers
         if self.durability == "disk":
             self.log.sync()  # looked up per pass: tests replace it
-        head = (covered.seq, covered.link) if covered is not None else None
+        # Nothing of this writer's covered: the head its commits reached (a prune's record,
+        # synced by the prune), durable already.
+        head = (covered.seq, covered.link) if covered is not None else self._head
         if (
             self.head is None
             or head is None
@@ -644,7 +646,17 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     def _synced(self, failure: BaseException | None) -> None:
         self._syncing = False
         covered = self._sync_covers
-        assert covered is not None
+        if covered is None:
+            # A pass for the head witness before this writer wrote a record of its own (a
+            # prune writes and syncs its record itself): it covers no waiter. Those written
+            # meanwhile ride on the next pass; whoever settles is told it is over.
+            if failure is not None:
+                log.error("audit log fdatasync failed: %s", failure)
+                self._log_state(False, f"fdatasync failed: {failure}")
+            if self._written_last is not None:
+                self._start_sync()
+            self._sync_done.set()
+            return
         unsynced = self._unsynced
         seq = covered.seq
         writes = self._writes

@@ -374,6 +374,31 @@ async def test_segments_rotate_and_prune_keeps_log_and_index_verifiable(rig: Aud
     await _all_verified(rig)
 
 
+async def test_a_prune_by_a_writer_that_wrote_nothing_yet_closes_and_witnesses_it(
+    rig: AuditRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pgwarden audit prune`'s writer commits the prune record itself: the head witness
+    pass that commit starts covers no record of the writer's. That pass failed an assertion
+    on the loop (logged, not raised), so a close() waiting for it waited for ever (a hang
+    seen under load), and the witness was left to the close."""
+    async with _wal(rig, "disk", segment_bytes=1500) as wal:
+        for i in range(12):
+            await wal.request(statement_request(f"SELECT {i}"))
+        cutoff = time.time()
+        await wal.rotate_key()
+        await wal.request(statement_request("SELECT late"))
+    wal = _wal(rig, "disk", segment_bytes=1500)
+    await wal.start()
+    anchor = await wal.prune(cutoff)
+    assert anchor is not None
+    pruned_at = wal.position
+    await asyncio.wait_for(wal.close(), 10)
+    assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+    head = rig.heads.read(CHAIN)
+    assert head is not None and head[0] == pruned_at
+    await _all_verified(rig)
+
+
 async def test_one_writer_per_log(rig: AuditRig) -> None:
     async with _wal(rig, "os"):
         with pytest.raises(AuditLogBusy):
