@@ -308,6 +308,7 @@ class ClientSession(asyncio.Protocol):
         "_aborted",
         "_bind_error",
         "_busy",
+        "_cancel_owed",
         "_cancel_secret",
         "_closing",
         "_copy_in",
@@ -384,6 +385,8 @@ class ClientSession(asyncio.Protocol):
         self.tracker = ResponseTracker()
         self.encoding = "utf-8"
         self._busy = False
+        # A CancelRequest came while the message at the gate was not yet upstream.
+        self._cancel_owed = False
         self._paused_by_upstream = False
         self._paused_by_client = False
         self._sbuf = bytearray()
@@ -798,7 +801,13 @@ class ClientSession(asyncio.Protocol):
         if self.gate is not None:
             # A statement held for approval is withdrawn (nothing of it runs upstream).
             self.gate.withdraw_held()
-        if self.up is None or self.target is None or not self.tracker.running():
+        if self.up is None or self.target is None:
+            return None
+        if not self.tracker.running():
+            # The statement the client cancels may still be at the gate (decided, recorded):
+            # the server has not got it, and would ignore a cancel now. It follows the
+            # statement upstream instead (_gate_done).
+            self._cancel_owed = self._busy
             return None
         return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
 
@@ -1560,6 +1569,10 @@ class ClientSession(asyncio.Protocol):
         self._busy = False
         if self.phase is Phase.RELAY:
             self._drain_client()
+            if self._cancel_owed:  # cancelled at the gate: now it has gone upstream, if at all
+                self._cancel_owed = False
+                if self.tracker.running() and self.up is not None and self.target is not None:
+                    forward_cancel(self.target, self.up.process_id, self.up.secret_key)
             # Read on unless the next message went to the gate with a full read-ahead
             # behind it (reading resumes when that one is through) or the server's write
             # buffer is full (resume_writing resumes it).
