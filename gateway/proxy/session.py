@@ -346,6 +346,7 @@ class ClientSession(asyncio.Protocol):
         "_aborted",
         "_backend",
         "_bind_error",
+        "_cancel_owed",
         "_cancel_secret",
         "_closing",
         "_direct_tls",
@@ -417,6 +418,8 @@ class ClientSession(asyncio.Protocol):
         self.gate: StatementGate | None = None
         self.tracker = ResponseTracker()
         self.encoding = "utf-8"
+        # A CancelRequest came while the message at the gate was not yet upstream.
+        self._cancel_owed = False
         self._paused_by_upstream = False
         self._paused_by_client = False
         # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
@@ -819,7 +822,13 @@ class ClientSession(asyncio.Protocol):
         if self.gate is not None:
             # A statement held for approval is withdrawn (nothing of it runs upstream).
             self.gate.withdraw_held()
-        if self.up is None or self.target is None or not self.tracker.running():
+        if self.up is None or self.target is None:
+            return None
+        if not self.tracker.running():
+            # The statement the client cancels may still be at the gate (decided, recorded):
+            # the server has not got it, and would ignore a cancel now. It follows the
+            # statement upstream instead (_gate_done).
+            self._cancel_owed = self._frontend.state is GATED
             return None
         return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
 
@@ -1502,6 +1511,10 @@ class ClientSession(asyncio.Protocol):
         self._frontend.gate_done()
         if self.phase is Phase.RELAY:
             self._drain_client()
+            if self._cancel_owed:  # cancelled at the gate: now it has gone upstream, if at all
+                self._cancel_owed = False
+                if self.tracker.running() and self.up is not None and self.target is not None:
+                    forward_cancel(self.target, self.up.process_id, self.up.secret_key)
             # Read on unless the next message went to the gate with a full read-ahead
             # behind it (reading resumes when that one is through) or the server's write
             # buffer is full (resume_writing resumes it).

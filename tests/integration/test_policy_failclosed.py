@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -226,6 +227,61 @@ def test_garbage_from_opa_refuses(
     finally:
         server.reply = ALLOW_ALL
         direct(gw, f'DROP TABLE "{table}"')
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["simple", "extended"])
+def test_a_cancel_while_the_statement_is_decided_cancels_it(
+    faulty: tuple[RunningGateway, FaultServer], extended: bool
+) -> None:
+    """psycopg's own test_ctrl_c (async): Ctrl-C sends a CancelRequest just after the
+    statement, before pgwarden has forwarded it (its decision and record come first). The
+    cancel must not be lost: the client gets 57014 as direct, not the statement's full run.
+    A slow OPA holds the statement at the gate long enough to cancel it there for sure."""
+    gw, server = faulty
+    server.reply, server.delay = ALLOW_ALL, 0.3
+    try:
+        with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+            failure: list[BaseException] = []
+
+            def cancel_at_the_gate(seen: int) -> None:
+                deadline = time.monotonic() + 5
+                while server.requests == seen and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                try:
+                    conn.cancel_safe(timeout=5)
+                except BaseException as exc:  # reported by the test's thread below
+                    failure.append(exc)
+
+            canceller = threading.Thread(target=cancel_at_the_gate, args=(server.requests,))
+            canceller.start()
+            # A text of its own: no decision cached from another test.
+            text = f"SELECT pg_sleep(30), '{uuid.uuid4().hex}'"
+            with pytest.raises(psycopg.errors.QueryCanceled) as exc:
+                if extended:
+                    conn.execute(text, prepare=False)  # Parse/Bind/Execute/Sync
+                else:
+                    simple(conn, text)
+            canceller.join(10)
+            assert not failure
+            assert exc.value.sqlstate == "57014"
+            assert "canceling statement due to user request" in str(exc.value)
+            # The session goes on, and a later statement is not cancelled by a cancel owed.
+            server.delay = 0.0
+            assert simple(conn, "SELECT 'after'") == [("after",)]
+    finally:
+        server.reply, server.delay = ALLOW_ALL, 0.0
+
+
+def test_a_cancel_while_nothing_runs_cancels_nothing_later(
+    faulty: tuple[RunningGateway, FaultServer],
+) -> None:
+    """A CancelRequest while the session is idle is dropped, as PostgreSQL drops it: the
+    next statement runs to its end."""
+    gw, server = faulty
+    server.reply, server.delay = ALLOW_ALL, 0.0
+    with connect(gw.dsn(token_for(gw, "admins"))) as conn:
+        conn.cancel_safe(timeout=5)
+        assert simple(conn, "SELECT pg_sleep(0.2), 'ran'") == [("", "ran")]
 
 
 def test_slow_opa_refuses_at_the_timeout(faulty: tuple[RunningGateway, FaultServer]) -> None:
