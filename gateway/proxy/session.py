@@ -170,6 +170,11 @@ _RELAYED_PARAMETERS = frozenset(
 # bounded. The server's own write buffer is bounded by the upstream transport's high-water
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
+# What a cancel stops (tracker.running()); a cancel owed by a statement that was at the gate
+# is sent again this often while that statement still runs, up to this many times in all.
+_CANCELLABLE = frozenset({"query", "execute", "function"})
+_OWED_CANCEL_AGAIN = 0.25
+_OWED_CANCEL_TRIES = 3
 # In place of a refused statement: text the server rejects before touching any name.
 _BOGUS = b"-- pgwarden refused this statement\npgwarden_refused"
 # In place of a statement the server rejects itself in an aborted transaction (25P02): text
@@ -1506,6 +1511,26 @@ class ClientSession(asyncio.Protocol):
             self._frontend.gate_done()
         self._gate_done()
 
+    def _forward_owed_cancel(self, running: Expectation, tries: int) -> None:
+        """Forward a cancel the client sent while `running` was at the gate. It has just been
+        written upstream: a cancel that reaches the backend before it has read the statement
+        (still waiting for a command) is ignored by the server, so it is sent again while
+        that same statement is still the one running, at most `tries` times in all."""
+        if (
+            self.phase is not Phase.RELAY
+            or self.up is None
+            or self.target is None
+            or not any(e is running for e in self.tracker.pending())
+        ):
+            return
+        forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+        if tries > 1:
+            asyncio.get_running_loop().call_later(
+                _OWED_CANCEL_AGAIN,
+                self._callback,
+                functools.partial(self._forward_owed_cancel, running, tries - 1),
+            )
+
     def _gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
         self._frontend.gate_done()
@@ -1513,8 +1538,9 @@ class ClientSession(asyncio.Protocol):
             self._drain_client()
             if self._cancel_owed:  # cancelled at the gate: now it has gone upstream, if at all
                 self._cancel_owed = False
-                if self.tracker.running() and self.up is not None and self.target is not None:
-                    forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+                running = next((e for e in self.tracker.pending() if e.kind in _CANCELLABLE), None)
+                if running is not None:
+                    self._forward_owed_cancel(running, _OWED_CANCEL_TRIES)
             # Read on unless the next message went to the gate with a full read-ahead
             # behind it (reading resumes when that one is through) or the server's write
             # buffer is full (resume_writing resumes it).
