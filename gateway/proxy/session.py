@@ -170,9 +170,8 @@ _RELAYED_PARAMETERS = frozenset(
 # bounded. The server's own write buffer is bounded by the upstream transport's high-water
 # mark (pause_writing). asyncio's default high-water mark, the same size.
 READ_AHEAD = 64 * 1024
-# What a cancel stops (tracker.running()); a cancel owed by a statement that was at the gate
-# is sent again this often while that statement still runs, up to this many times in all.
-_CANCELLABLE = frozenset({"query", "execute", "function"})
+# A cancel owed by a statement that was at the gate is sent again this often while that
+# statement still runs, up to this many times in all.
 _OWED_CANCEL_AGAIN = 0.25
 _OWED_CANCEL_TRIES = 3
 # In place of a refused statement: text the server rejects before touching any name.
@@ -1520,7 +1519,7 @@ class ClientSession(asyncio.Protocol):
             self.phase is not Phase.RELAY
             or self.up is None
             or self.target is None
-            or not any(e is running for e in self.tracker.pending())
+            or not self.tracker.holds(running)
         ):
             return
         forward_cancel(self.target, self.up.process_id, self.up.secret_key)
@@ -1538,7 +1537,7 @@ class ClientSession(asyncio.Protocol):
             self._drain_client()
             if self._cancel_owed:  # cancelled at the gate: now it has gone upstream, if at all
                 self._cancel_owed = False
-                running = next((e for e in self.tracker.pending() if e.kind in _CANCELLABLE), None)
+                running = self.tracker.running_one()
                 if running is not None:
                     self._forward_owed_cancel(running, _OWED_CANCEL_TRIES)
             # Read on unless the next message went to the gate with a full read-ahead

@@ -117,6 +117,8 @@ _EXTENDED = frozenset(
 # Of those, the ones that leave something in the pipeline's implicit transaction (a portal,
 # what ran) that a Sync other than the client's would end.
 _RUNS = frozenset({"bind", "execute"})
+# Messages that run a statement upstream: what a cancel stops.
+_CANCELLABLE = frozenset({"query", "execute", "function"})
 
 
 class ResponseTracker:
@@ -216,7 +218,15 @@ class ResponseTracker:
 
     def running(self) -> bool:
         """Whether a statement is executing upstream (a cancel may be forwarded)."""
-        return any(e.kind in ("query", "execute", "function") for e in self._live())
+        return self.running_one() is not None
+
+    def running_one(self) -> Expectation | None:
+        """The first expectation of a statement executing upstream (what a cancel stops)."""
+        return next((e for e in self._live() if e.kind in _CANCELLABLE), None)
+
+    def holds(self, expectation: Expectation) -> bool:
+        """Whether this very expectation is still queued (not answered yet)."""
+        return any(e is expectation for e in self._live())
 
     def skip_to_sync(self) -> list[Expectation]:
         """After an extended-protocol error the server discards messages until Sync."""

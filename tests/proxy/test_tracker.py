@@ -84,8 +84,9 @@ def test_ready_for_query_leaves_a_pipeline_open_only_with_extended_messages_queu
     tracker.expect(Expectation("describe_statement"))
     tracker.ready()
     assert tracker.unsynced and not tracker.ran_unsynced
-    assert not tracker.running()
-    tracker.expect(Expectation("execute"))
-    assert tracker.running()
+    assert not tracker.running() and tracker.running_one() is None
+    tracker.expect(executing := Expectation("execute"))
+    assert tracker.running() and tracker.running_one() is executing
+    assert tracker.holds(executing) and not tracker.holds(Expectation("execute"))
     assert [e.kind for e in tracker.clear()] == ["describe_statement", "execute"]
     assert not tracker and tracker.front() is None
