@@ -168,6 +168,9 @@ class MaskResolver(Protocol):
     def watched(self) -> bool: ...
 
     @property
+    def steady(self) -> bool: ...
+
+    @property
     def epoch(self) -> int: ...
 
     async def refresh(self) -> str | None: ...
@@ -1142,13 +1145,14 @@ class StatementGate:
 
     def record_during_catalog_check(self) -> bool:
         """Whether an Execute's request record may be written while its catalog check is
-        in flight (the two waits overlap): only where the generation comes from the DDL
-        watch, so that a stale answer means DDL, which is rare (the record is then closed
-        as not sent, see superseded(), and the statement recorded afresh). A snapshot
-        generation moves with every committed write: there the check comes first and each
-        statement keeps one request record."""
+        in flight (the two waits overlap, not add up): where the check rarely finds the
+        plan stale (the record is then closed as not sent, see superseded(), and the
+        statement recorded afresh). So with the DDL watch (only DDL moves the generation),
+        and with the snapshot while it is steady: no write has committed for many probes
+        (a read-mostly database). A snapshot that moves (writes) puts the check first
+        again, so that a statement keeps one request record when most checks would fail."""
         catalog = self._masks_catalog()
-        return catalog is not None and catalog.watched
+        return catalog is not None and catalog.steady
 
     def request_planned(
         self,

@@ -1683,8 +1683,18 @@ class ClientSession(asyncio.Protocol):
         done = functools.partial(self._planned_recorded, planned, probe)
         if probe is None:
             recorded.add_done_callback(done)
-        else:
-            probe.add_done_callback(lambda _: recorded.add_done_callback(done))
+            return
+        # Whichever of the two ends last goes on at once: a done callback added to a future
+        # already done would wait another pass of the event loop (call_soon).
+        waits = [probe, recorded]
+
+        def ended(future: asyncio.Future[Any]) -> None:
+            waits.remove(future)
+            if not waits:
+                done(recorded)
+
+        probe.add_done_callback(ended)
+        recorded.add_done_callback(ended)
 
     def _planned_recorded(
         self,

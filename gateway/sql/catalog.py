@@ -105,6 +105,10 @@ FROM views v
 JOIN pg_catalog.pg_attribute a ON a.attrelid = v.relid AND a.attnum > 0 AND NOT a.attisdropped
 """
 
+# Probes in a row that must find a snapshot generation unmoved before it counts as steady:
+# enough that a database written to even a few times a second does not (each write moves it).
+STEADY_PROBES = 64
+
 # The SQL an operator runs (as a superuser) to install the DDL watch in a target database.
 WATCH_SQL = Path(__file__).with_name("ddl_watch.sql")
 
@@ -231,6 +235,8 @@ class Catalog:
         # and whether it is read from the DDL watch or from the snapshot.
         self.generation: str | None = None
         self._watched = True
+        # Probes in a row that found the generation where the one before left it (see steady).
+        self._unmoved = 0
         # The probe under way (None: none), and the callers waiting for the next one: they
         # came after it was sent, so it cannot serve them. Each refresh() caller has a
         # future of its own (cancelling one leaves the others' probe alone); refresh_soon()
@@ -261,6 +267,14 @@ class Catalog:
     def watched(self) -> bool:
         """Whether the generation comes from the DDL watch (else from the snapshot)."""
         return self._watched
+
+    @property
+    def steady(self) -> bool:
+        """Whether a probe is likely to find the generation unmoved: it comes from the DDL
+        watch (only DDL moves it), or from the snapshot and the last STEADY_PROBES probes
+        in a row found it unmoved (no write committed on the database meanwhile). One that
+        moved makes it unsteady until that many have not again."""
+        return self._watched or self._unmoved >= STEADY_PROBES
 
     @property
     def epoch(self) -> int:
@@ -308,6 +322,9 @@ class Catalog:
                 generation = None
             if generation is None or generation != self.generation:
                 self.invalidate()
+                self._unmoved = 0
+            else:
+                self._unmoved += 1
             self.generation = generation
         except BaseException as exc:
             # A bug (or the loop shutting down): every waiter hears of it, none hangs.

@@ -14,6 +14,7 @@ from psycopg.rows import TupleRow
 from cli.localpg import LocalCluster
 from gateway.policy.decision import Mask
 from gateway.sql import Catalog, StatementAnalyzer
+from gateway.sql import catalog as catalog_module
 from gateway.sql.catalog import WATCH_SQL
 from tests.harness import create_scratch_database, drop_scratch_database
 
@@ -213,3 +214,27 @@ async def test_a_caller_arriving_while_a_probe_is_in_flight_waits_for_the_next(
     assert catalog.probes == 2
     assert len(set(results)) == 1 and results[0] is not None
     assert results[0].startswith("watch:")
+
+
+async def test_a_snapshot_is_steady_once_probes_in_a_row_found_it_unmoved(
+    catalog: CountingCatalog,
+    database: tuple[str, psycopg.Connection[TupleRow]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records overlap the catalog check only where it rarely fails (gate.record_during_
+    catalog_check): a snapshot counts once STEADY_PROBES probes in a row found it unmoved,
+    and a commit that moves it makes it unsteady again; with the watch it always is."""
+    _, conn = database
+    monkeypatch.setattr(catalog_module, "STEADY_PROBES", 3)
+    first = await catalog.refresh()
+    assert first is not None and first.startswith("snapshot:")
+    assert not catalog.steady  # the first reading: nothing to compare it with
+    for expected in (False, False, True):
+        assert await catalog.refresh() == first
+        assert catalog.steady is expected
+    conn.execute("INSERT INTO people VALUES (1, 'ada@example.com')")
+    assert await catalog.refresh() != first
+    assert not catalog.steady
+    conn.execute(WATCH_SQL.read_bytes())
+    watched = await catalog.refresh()
+    assert watched is not None and watched.startswith("watch:") and catalog.steady
