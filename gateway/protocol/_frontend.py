@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, Literal, Self, TypeAlias, cast
@@ -12,6 +13,8 @@ from gateway.protocol._errors import ProtocolViolation
 from gateway.protocol._message import EmptyMessage, Message, OpaqueMessage
 from gateway.protocol._wire import (
     INT16,
+    INT32,
+    UINT16,
     UINT32,
     BodyReader,
     cbytes,
@@ -80,6 +83,64 @@ class Parse(Message):
         return self.query.decode(encoding)
 
 
+_unpack_count = UINT16.unpack_from
+_unpack_length = INT32.unpack_from
+
+
+def _int16s(body: bytes, pos: int, n: int) -> tuple[int, ...]:
+    if n == 1:
+        return INT16.unpack_from(body, pos)
+    return struct.unpack_from(f"!{n}h", body, pos) if n else ()
+
+
+def _bind_fields(
+    body: bytes,
+) -> tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]] | None:
+    """A Bind's fields in one pass, with every bound checked; None where the body is not a
+    well-formed Bind (Bind.decode_checked then says what is wrong with it)."""
+    size = len(body)
+    end = body.find(0)
+    if end < 0:
+        return None
+    portal = body[:end].decode("utf-8", "surrogateescape")
+    pos = end + 1
+    end = body.find(0, pos)
+    if end < 0:
+        return None
+    statement = body[pos:end].decode("utf-8", "surrogateescape")
+    pos = end + 1
+    if size - pos < 2:
+        return None
+    (n,) = _unpack_count(body, pos)
+    pos += 2
+    if size - pos < 2 * n + 2:
+        return None
+    formats = _int16s(body, pos, n)
+    pos += 2 * n
+    (n,) = _unpack_count(body, pos)
+    pos += 2
+    params: list[bytes | None] = []
+    for _ in range(n):
+        if size - pos < 4:
+            return None
+        (length,) = _unpack_length(body, pos)
+        pos += 4
+        if length == -1:
+            params.append(None)
+        elif length < 0 or size - pos < length:
+            return None
+        else:
+            params.append(body[pos : pos + length])
+            pos += length
+    if size - pos < 2:
+        return None
+    (n,) = _unpack_count(body, pos)
+    pos += 2
+    if size - pos != 2 * n:
+        return None
+    return portal, statement, formats, tuple(params), _int16s(body, pos, n)
+
+
 @dataclass(frozen=True, slots=True)
 class Bind(Message):
     type_code: ClassVar[int] = codes.BIND
@@ -91,6 +152,17 @@ class Bind(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
+        # Every Execute of a prepared statement brings a Bind: the common well-formed one is
+        # read in one pass; anything the pass does not take is read again by the checked
+        # reader below, which names what is wrong.
+        fields = _bind_fields(body)
+        if fields is not None:
+            return cls(*fields)
+        return cls.decode_checked(body)
+
+    @classmethod
+    def decode_checked(cls, body: bytes) -> Self:
+        """decode() through the general reader: every read checked and named."""
         r = BodyReader(body, cls.__name__)
         portal = r.cstring("portal name")
         statement = r.cstring("statement name")
@@ -125,6 +197,17 @@ class Execute(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
+        # A portal name, its NUL and the row limit, exactly: else the checked reader says why.
+        end = body.find(0)
+        if end >= 0 and end + 5 == len(body):
+            return cls(
+                body[:end].decode("utf-8", "surrogateescape"), UINT32.unpack_from(body, end + 1)[0]
+            )
+        return cls.decode_checked(body)
+
+    @classmethod
+    def decode_checked(cls, body: bytes) -> Self:
+        """decode() through the general reader: every read checked and named."""
         r = BodyReader(body, cls.__name__)
         portal = r.cstring("portal name")
         # Unsigned, as PostgreSQL reads it; 0 means "all rows".

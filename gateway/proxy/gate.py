@@ -985,7 +985,11 @@ class StatementGate:
         change loads) makes every earlier decision stale: it is decided again."""
         revisions = self._revisions
         revision = revisions.revision if revisions is not None else None
-        return revision is not None and all(d.bundle_revision == revision for d in decisions)
+        if revision is None:
+            return False
+        if len(decisions) == 1:  # one statement: the planned paths' case
+            return decisions[0].bundle_revision == revision
+        return all(d.bundle_revision == revision for d in decisions)
 
     async def recheck_prepared(
         self,
@@ -1139,7 +1143,12 @@ class StatementGate:
         # an assertion on the session's own connection ahead of its Bind/Execute, failing
         # the implicit transaction when the generation moved (then decided afresh, replayed).
         catalog = self._masks_catalog()
-        if catalog is None or not any(consults_catalog(f) for f in facts):
+        if catalog is None:
+            return None
+        if len(facts) == 1:  # one statement: the planned paths' case
+            if not consults_catalog(facts[0]):
+                return None
+        elif not any(consults_catalog(f) for f in facts):
             return None
         return catalog.refresh_soon()
 

@@ -302,6 +302,8 @@ def _undeclared_binary(
 ) -> bool:
     """Whether a value is bound in binary with no type to read it as (not at Parse, not
     from the server's description): what policy and audit see of it is its bytes."""
+    if 1 not in formats:
+        return False  # all text (no codes, or only 0): the common Bind
     return any(
         value is not None
         and _format_of(formats, i) == 1

@@ -130,11 +130,14 @@ class ResponseTracker:
     except in a long pipeline, where it is compacted once it is both large and most of it.
     """
 
-    __slots__ = ("_head", "_queue", "added", "ran_unsynced", "unsynced")
+    __slots__ = ("_copy_ends", "_head", "_queue", "added", "ran_unsynced", "unsynced")
 
     def __init__(self) -> None:
         self._queue: list[Expectation] = []
         self._head = 0
+        # How many "copy_end" expectations are queued: none (nearly always), and front() and
+        # pop() have no stray one to drop.
+        self._copy_ends = 0
         # How many expectations were ever queued (the session counts what it has sent).
         self.added = 0
         # An extended-protocol message was queued and no ReadyForQuery has come after it.
@@ -155,9 +158,12 @@ class ResponseTracker:
     def expect(self, expectation: Expectation) -> None:
         self._queue.append(expectation)
         self.added += 1
-        if expectation.kind in _EXTENDED:
+        kind = expectation.kind
+        if kind == "copy_end":
+            self._copy_ends += 1
+        elif kind in _EXTENDED:
             self.unsynced = True
-            if expectation.kind in _RUNS:
+            if kind in _RUNS:
                 self.ran_unsynced = True
 
     def ready(self) -> None:
@@ -168,17 +174,21 @@ class ResponseTracker:
         self.ran_unsynced = any(e.kind in _RUNS for e in live)
 
     def front(self) -> Expectation | None:
-        self._drop_stray_copy_ends()
+        if self._copy_ends:
+            self._drop_stray_copy_ends()
         return self._queue[self._head] if self._head < len(self._queue) else None
 
     def pop(self) -> Expectation | None:
-        self._drop_stray_copy_ends()
+        if self._copy_ends:
+            self._drop_stray_copy_ends()
         return self._take() if self._head < len(self._queue) else None
 
     def _take(self) -> Expectation:
         """The front expectation, removed (the queue is not empty)."""
         queue, head = self._queue, self._head
         taken = queue[head]
+        if taken.kind == "copy_end":
+            self._copy_ends -= 1
         head += 1
         if head == len(queue):
             queue.clear()
@@ -211,6 +221,7 @@ class ResponseTracker:
             if e.kind != "sync":
                 kept.append(e)
         self._queue, self._head = kept, 0
+        self._copy_ends = sum(e.kind == "copy_end" for e in kept)
         return ended
 
     def pending(self) -> tuple[Expectation, ...]:
@@ -240,4 +251,5 @@ class ResponseTracker:
         items = list(self._live())
         self._queue.clear()
         self._head = 0
+        self._copy_ends = 0
         return items

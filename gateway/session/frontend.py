@@ -89,6 +89,8 @@ _NO_DESCRIBE: Final = Describe("S", "")
 
 # Client messages that pass through untouched (noted where the server will answer them).
 _PASS: Final = frozenset({DESCRIBE, CLOSE, SYNC, FLUSH, COPY_DATA, COPY_DONE, COPY_FAIL})
+# Of those, the ones whose body is always empty: one of length 4 is well formed as it is.
+_BODILESS: Final = frozenset({SYNC, FLUSH, COPY_DONE})
 
 RELAY: Final = FrontendState.RELAY
 GATED: Final = FrontendState.GATED
@@ -221,10 +223,13 @@ class FrontendCore:
                 break
             if code in _PASS:
                 if code != COPY_DATA:  # all but CopyData have a layout: a malformed one ends here
-                    try:
-                        decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
-                    except ProtocolViolation as exc:
-                        return self._violation(pos, str(exc))
+                    if length == 4 and code in _BODILESS:
+                        decoded = None  # Sync, Flush, CopyDone: nothing to read
+                    else:
+                        try:
+                            decoded = decode_frontend(code, bytes(buf[pos + 5 : end]))
+                        except ProtocolViolation as exc:
+                            return self._violation(pos, str(exc))
                     if code == SYNC:
                         # The server answers what came before; a Sync also ends a discard.
                         self.answerable = True

@@ -53,6 +53,30 @@ def test_copy_ends_outside_copy_are_dropped_at_the_front() -> None:
     assert len(tracker) == 1
 
 
+def test_a_stray_copy_end_is_dropped_wherever_it_comes_to_the_front() -> None:
+    """front() and pop() look for stray copy ends only while one is queued (they count
+    them): one behind other expectations, and one queued after a copy that kept it, are
+    still dropped when they reach the front."""
+    tracker, made = _tracker("query", "copy_end", "sync", "copy_end")
+    assert tracker.pop() is made[0]
+    assert tracker.front() is made[2]
+    assert tracker.pop() is made[2]
+    assert tracker.front() is None and not tracker
+    later = Expectation("copy_end")
+    tracker.expect(later)
+    tracker.expect(made[0])
+    assert tracker.pop() is made[0]
+    tracker, made = _tracker("query", "sync", "copy_end", "copy_end", "query")
+    assert tracker.copy_in_started() is True
+    assert tracker.pending() == (made[0], made[3], made[4])
+    assert tracker.pop() is made[0]
+    assert tracker.front() is made[4]
+    tracker, made = _tracker("copy_end", "query")
+    tracker.clear()
+    tracker.expect(made[1])
+    assert tracker.front() is made[1]
+
+
 def test_an_error_skips_to_the_sync() -> None:
     tracker, made = _tracker("bind", "execute", "sync", "query")
     assert tracker.skip_to_sync() == made[:2]
