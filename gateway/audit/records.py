@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, get_args
 
 import orjson
@@ -36,6 +37,9 @@ RECORD_KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
 # Sorted keys and no floats formatted by locale: the same record always gives the same bytes,
 # so a verifier re-reading the store computes the same HMAC the writer did.
 _CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+_dumps = functools.partial(orjson.dumps, option=_CANONICAL)
 
 
 def canonical(value: Any) -> bytes:
@@ -153,14 +157,20 @@ class RequestTemplate:
         self._head, self._after_params, self._after_text, self._tail = pieces
 
     def encode(self, time: float, text: str, params: tuple[str | None, ...]) -> bytes:
+        try:
+            # orjson at once (once per planned statement): canonical() only for the text
+            # or parameters it cannot encode as they are.
+            values = (_dumps(params), _dumps(text), _dumps(time))
+        except orjson.JSONEncodeError:
+            values = (canonical(params), canonical(text), canonical(time))
         return b"".join(
             (
                 self._head,
-                canonical(params),
+                values[0],
                 self._after_params,
-                canonical(text),
+                values[1],
                 self._after_text,
-                canonical(time),
+                values[2],
                 self._tail,
             )
         )

@@ -307,6 +307,15 @@ class CommandComplete(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
+        # One per statement: a tag whose NUL ends the body is read in one pass.
+        end = len(body) - 1
+        if end >= 0 and body.find(0) == end:
+            return cls(body[:end].decode("utf-8", "surrogateescape"))
+        return cls.decode_checked(body)
+
+    @classmethod
+    def decode_checked(cls, body: bytes) -> Self:
+        """decode() through the general reader: every read checked and named."""
         r = BodyReader(body, cls.__name__)
         tag = r.cstring("command tag")
         r.end()

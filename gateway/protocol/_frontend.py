@@ -83,6 +83,8 @@ class Parse(Message):
         return self.query.decode(encoding)
 
 
+_PORTAL: Final = ord("P")
+_STATEMENT: Final = ord("S")
 _unpack_count = UINT16.unpack_from
 _unpack_length = INT32.unpack_from
 
@@ -115,7 +117,7 @@ def _bind_fields(
     pos += 2
     if size - pos < 2 * n + 2:
         return None
-    formats = _int16s(body, pos, n)
+    formats = _int16s(body, pos, n) if n else ()
     pos += 2 * n
     (n,) = _unpack_count(body, pos)
     pos += 2
@@ -138,7 +140,7 @@ def _bind_fields(
     pos += 2
     if size - pos != 2 * n:
         return None
-    return portal, statement, formats, tuple(params), _int16s(body, pos, n)
+    return portal, statement, formats, tuple(params), _int16s(body, pos, n) if n else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,20 @@ class _PortalOrStatement(Message):
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
+        # libpq sends a Describe with every Execute: 'S' or 'P', then a name whose NUL
+        # ends the body, is read in one pass; anything else by the checked reader below.
+        end = len(body) - 1
+        if end > 0 and body[end] == 0 and body.find(0, 1) == end:
+            kind = body[0]
+            if kind == _PORTAL:
+                return cls("P", body[1:end].decode("utf-8", "surrogateescape"))
+            if kind == _STATEMENT:
+                return cls("S", body[1:end].decode("utf-8", "surrogateescape"))
+        return cls.decode_checked(body)
+
+    @classmethod
+    def decode_checked(cls, body: bytes) -> Self:
+        """decode() through the general reader: every read checked and named."""
         r = BodyReader(body, cls.__name__)
         kind = chr(r.byte("target kind"))
         if kind not in ("S", "P"):
