@@ -9,6 +9,7 @@ from typing import Final
 
 from gateway.protocol import FieldDescription, ProtocolViolation
 from gateway.protocol.codes import DATA_ROW
+from gateway.protocol.types import BPCHAR, JSON, JSONB, NAME, TEXTLIKE
 
 __all__ = [
     "MIN_HASH_KEY",
@@ -27,13 +28,6 @@ MIN_HASH_KEY: Final = 16
 # 5-character value "keep the last 4" would reveal 80% of it.
 MIN_PARTIAL_LENGTH: Final = 8
 
-TEXT: Final = 25
-VARCHAR: Final = 1043
-BPCHAR: Final = 1042
-NAME: Final = 19
-JSON: Final = 114
-JSONB: Final = 3802
-_TEXTLIKE: Final = frozenset({TEXT, VARCHAR, BPCHAR, NAME})
 # NAMEDATALEN - 1: namerecv refuses longer values in binary format.
 _NAME_MAX_BYTES: Final = 63
 
@@ -78,7 +72,7 @@ def _masker(
         raise ValueError(f"hash masking needs a key of at least {MIN_HASH_KEY} bytes")
     if type_oid in (JSON, JSONB):
         return _json_masker(method, type_oid == JSONB and format_code == 1, key, encoding)
-    if type_oid not in _TEXTLIKE or method not in _STRENGTH:
+    if type_oid not in TEXTLIKE or method not in _STRENGTH:
         # No valid masked value exists for the type (or the method is unknown): NULL.
         return _null
 

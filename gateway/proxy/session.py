@@ -98,6 +98,7 @@ from gateway.protocol.codes import (
     STATUS_IDLE,
     STATUS_IN_TRANSACTION,
 )
+from gateway.protocol.types import BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, JSON, OID, TEXTLIKE, UUID
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import (
     REFUSED,
@@ -280,9 +281,9 @@ def _is_loopback(host: str) -> bool:
 
 
 # Binary parameter formats of common types, so policy and audit see `13`, not `\x000d`.
-_BINARY_INTS = {21: 2, 23: 4, 20: 8, 26: 4}  # int2, int4, int8, oid: byte length
-_BINARY_FLOATS = {700: "!f", 701: "!d"}
-_TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})  # text, varchar, bpchar, name, json
+_BINARY_INTS = {INT2: 2, INT4: 4, INT8: 8, OID: 4}  # byte length
+_BINARY_FLOATS = {FLOAT4: "!f", FLOAT8: "!d"}
+_TEXT_TYPES = TEXTLIKE | {JSON}
 
 
 # Refused where the policy decides on parameter values and one of them cannot be read.
@@ -319,12 +320,12 @@ def _param_text(value: bytes | None, fmt: int, type_oid: int, encoding: str) -> 
         return client_text(value, encoding)
     size = _BINARY_INTS.get(type_oid)
     if size is not None and len(value) == size:
-        return str(int.from_bytes(value, "big", signed=type_oid != 26))
+        return str(int.from_bytes(value, "big", signed=type_oid != OID))
     if type_oid in _BINARY_FLOATS and len(value) == struct.calcsize(_BINARY_FLOATS[type_oid]):
         return repr(struct.unpack(_BINARY_FLOATS[type_oid], value)[0])
-    if type_oid == 16 and len(value) == 1:
+    if type_oid == BOOL and len(value) == 1:
         return "true" if value[0] else "false"
-    if type_oid == 2950 and len(value) == 16:
+    if type_oid == UUID and len(value) == 16:
         return str(uuid.UUID(bytes=value))
     return "\\x" + value.hex()
 
