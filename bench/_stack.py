@@ -165,6 +165,10 @@ class GatewayProcess:
         """User + system CPU of the gateway process, all threads (not OPA: cached hits)."""
         return _cpu_seconds(self.pid)
 
+    def loop_cpu_seconds(self) -> float:
+        """User + system CPU of the gateway's main thread alone: its event loop."""
+        return _cpu_seconds(self.pid, f"/proc/{self.pid}/task/{self.pid}/stat")
+
     def index_cpu_seconds(self) -> float:
         """User + system CPU of the gateway's audit index process (`python -m gateway.audit
         index`), if it runs: on the same cores as the gateway, so part of what a
@@ -189,8 +193,8 @@ class GatewayProcess:
         raise RuntimeError("VmRSS not found")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, stat: str | None = None) -> float:
+    fields = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -453,6 +457,10 @@ class PgbenchResult:
     cpu_us: float = 0.0
     # Its audit index process's, per transaction.
     index_cpu_us: float = 0.0
+    # The share of the run's wall time the gateway's event-loop thread was on a CPU: near 1,
+    # the loop's CPU bounds throughput; well below, the statements wait (for the audit,
+    # the catalog probe, the server, or a CPU the other processes hold).
+    loop_busy: float = 0.0
 
 
 def pgbench(
