@@ -37,8 +37,20 @@ CREATE TABLE IF NOT EXISTS audit_record (
     text text,
     body bytea NOT NULL,
     link bytea NOT NULL,
+    record_key bytea,
     UNIQUE (chain, seq)
 );
+-- A store from before record_key: records sent again after a lost acknowledgement are
+-- looked up by it. Added only where missing (ALTER TABLE would lock the table every start).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema =
+            current_schema() AND table_name = 'audit_record' AND column_name = 'record_key') THEN
+        ALTER TABLE audit_record ADD COLUMN record_key bytea;
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS audit_record_key ON audit_record (record_key)
+    WHERE record_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS audit_record_time ON audit_record (time);
 CREATE INDEX IF NOT EXISTS audit_record_request ON audit_record (request_id)
     WHERE request_id IS NOT NULL;
@@ -68,14 +80,15 @@ _COLUMNS = (
 )
 _INSERT = (
     "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
-    " action, request_id, text, body, link)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+    " action, request_id, text, body, link, record_key)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
 )
 _INSERT_MANY = (
     "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
-    " action, request_id, text, body, link) SELECT * FROM unnest($1::text[], $2::bigint[],"
-    " $3::integer[], $4::text[], $5::float8[], $6::text[], $7::text[], $8::text[], $9::text[],"
-    " $10::text[], $11::text[], $12::bytea[], $13::bytea[])"
+    " action, request_id, text, body, link, record_key) SELECT * FROM unnest($1::text[],"
+    " $2::bigint[], $3::integer[], $4::text[], $5::float8[], $6::text[], $7::text[],"
+    " $8::text[], $9::text[], $10::text[], $11::text[], $12::bytea[], $13::bytea[],"
+    " $14::bytea[])"
 )
 
 _RECORD_JSON = "pgwarden_audit_record(body)"
@@ -90,8 +103,8 @@ _DIALECT = SearchDialect(
 
 # Guard for an insert sealed onto a remembered tail: still the chain's last record?
 _IF_TAIL_IS = (
-    " WHERE EXISTS (SELECT 1 FROM (SELECT seq, link FROM audit_record WHERE chain = $14"
-    " ORDER BY seq DESC LIMIT 1) last WHERE last.seq = $15 AND last.link = $16)"
+    " WHERE EXISTS (SELECT 1 FROM (SELECT seq, link FROM audit_record WHERE chain = $15"
+    " ORDER BY seq DESC LIMIT 1) last WHERE last.seq = $16 AND last.link = $17)"
 )
 
 
@@ -136,7 +149,7 @@ def _insert_args(s: SealedRecord) -> tuple[Any, ...]:
     c = s.columns
     return (
         s.chain, s.seq, s.epoch, s.kind, s.time, c["session_id"], c["subject"], c["target"],
-        c["action"], c["request_id"], c["text"], s.body, s.link,
+        c["action"], c["request_id"], c["text"], s.body, s.link, s.key,
     )  # fmt: skip
 
 
@@ -339,7 +352,19 @@ class PostgresAuditStore:
             # have appended) and the retry then reads the tail afresh.
             cached = self._tails.pop(chain, None)
             tail = cached or await self._tail(conn, chain)
-            sealed, after = seal(tail)
+            sealed, after = seal(tail, frozenset())
+            resent = [s.key for s in sealed if s.resent and s.key is not None]
+            if resent:
+                # Sent again after a lost acknowledgement: what the chain already holds is
+                # left out (under the chain's lock, so no commit of them is still in flight).
+                rows = await conn.fetch(
+                    "SELECT record_key FROM audit_record WHERE chain = $1"
+                    " AND record_key = ANY($2::bytea[])",
+                    chain,
+                    resent,
+                )
+                if rows:
+                    sealed, after = seal(tail, frozenset(bytes(r[0]) for r in rows))
             if not sealed:
                 # Nothing after the tail (the audit log's indexer caught up): no statement.
                 self._tails[chain] = tail

@@ -32,6 +32,9 @@ from tests.harness import TcpRelay
 from .conftest import CHAIN, statement_outcome, statement_request
 
 TIMEOUT = 0.5
+# Where a test is about a connection being replaced, not about time: room for a new
+# connection (and its login) on a loaded machine.
+PATIENT = 5.0
 # Where StoreLink breaks the link: see StoreLink.cut.
 Cue = Literal["before", "after", "silent"]
 
@@ -117,7 +120,8 @@ async def test_postgres_database_dropped_refuses(
 
 @pytest.mark.server
 async def test_postgres_terminated_connection_is_replaced(tmp_path: Path, pg_dsn: str) -> None:
-    async with _writer(PostgresAuditStore(pg_dsn, timeout=TIMEOUT), tmp_path) as writer:
+    store = PostgresAuditStore(pg_dsn, timeout=PATIENT / 2)
+    async with _writer(store, tmp_path, timeout=PATIENT) as writer:
         await writer.request(statement_request())
         admin = await asyncpg.connect(pg_dsn)
         killed = await admin.fetchval(
@@ -157,11 +161,12 @@ class StoreLink(TcpRelay):
     connection, which stays open (a peer half gone) until the store closes it.
     `hold_eof`: when the server ends a connection, the store gets the server's last words
     (its FATAL) but not the end of the stream, as when it reads them a moment before the
-    close, or a peer half gone."""
+    close, or a peer half gone. `refusing`: new connections are hung up on at once."""
 
     def __init__(self, upstream_port: int) -> None:
         super().__init__(upstream_port)
         self.hold_eof = False
+        self.refusing = False
         self.fired = threading.Event()
         self._cue: tuple[bytes, str] | None = None
         self._ended = 0
@@ -187,6 +192,8 @@ class StoreLink(TcpRelay):
         return when
 
     def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        if self.refusing:
+            return
         withhold = threading.Event()
         silent = threading.Event()
 
@@ -272,8 +279,8 @@ async def test_postgres_terminated_connection_is_replaced_whatever_it_read(
     server's FATAL but not yet the end of the stream (the race a CI run hit: asyncpg's
     protocol then refuses the next statement with InternalClientError "cannot switch to
     state 15; another operation (2) is in progress" on a connection not yet closed)."""
-    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=TIMEOUT)
-    async with _writer(store, tmp_path) as writer:
+    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=PATIENT / 2)
+    async with _writer(store, tmp_path, timeout=PATIENT) as writer:
         assert await writer.request(statement_request()) == f"{CHAIN}:1"
         store_link.hold_eof = eof == "held"
         admin = await asyncpg.connect(pg_dsn)
@@ -309,9 +316,9 @@ _CUTS: dict[str, tuple[bytes, Cue]] = {
 async def test_postgres_connection_lost_mid_write_stores_each_record_once(
     tmp_path: Path, pg_dsn: str, store_link: StoreLink, where: str
 ) -> None:
-    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=TIMEOUT)
+    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=PATIENT / 2)
     text = f"SELECT 'lost {where}'"
-    async with _writer(store, tmp_path, timeout=5 * TIMEOUT) as writer:
+    async with _writer(store, tmp_path, timeout=PATIENT) as writer:
         rid = await writer.request(statement_request(text))
         store_link.cut(*_CUTS[where])
         # The outcome of the first statement and the request of the next, in one commit.
@@ -331,9 +338,40 @@ async def test_postgres_unanswering_connection_is_replaced(
 ) -> None:
     """A connection that takes the insert and never answers (half dead): after the store's
     timeout it is dropped and the write goes again on a new one."""
-    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=TIMEOUT)
-    async with _writer(store, tmp_path, timeout=6 * TIMEOUT) as writer:
+    # The store's timeout is how long its silence takes to be noticed.
+    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=1.0)
+    async with _writer(store, tmp_path, timeout=PATIENT) as writer:
         store_link.cut(b"INSERT INTO audit_record", "silent")
         assert await writer.request(statement_request()) == f"{CHAIN}:1"
         assert store_link.fired.is_set()
+    await _chain_verifies(pg_dsn, tmp_path)
+
+
+@pytest.mark.server
+async def test_postgres_outcome_sent_again_after_an_unconfirmed_commit_is_stored_once(
+    tmp_path: Path, pg_dsn: str, store_link: StoreLink
+) -> None:
+    """The COMMIT's answer is lost and the store cannot be asked at once whether it took
+    effect: the request waiting on it is refused (its statement does not run), the outcome
+    in the same commit is kept and sent again, and the store, which has it, keeps one."""
+    store = PostgresAuditStore(_through(store_link, pg_dsn), timeout=PATIENT / 2)
+    text = "SELECT 'unconfirmed'"
+    async with _writer(store, tmp_path, timeout=PATIENT) as writer:
+        rid = await writer.request(statement_request(text))
+        store_link.cut(b"COMMIT", "after")
+        store_link.refusing = True
+        await writer.outcome(statement_outcome(rid))
+        with pytest.raises(AuditUnavailable, match="whether it took effect"):
+            await writer.request(statement_request(text))
+        assert len(writer.spool) == 1
+        store_link.refusing = False
+        deadline = time.monotonic() + PATIENT
+        while writer.spool:
+            assert time.monotonic() < deadline, "the outcome was not sent again"
+            await asyncio.sleep(0.01)
+        last = await writer.request(statement_request(text))
+    stored = await _stored(pg_dsn, text)
+    # The refused request is there (the trail over-reports, never under-reports).
+    assert stored == [("request", 1), ("outcome", 2), ("request", 3), ("request", 4)]
+    assert last == f"{CHAIN}:4"
     await _chain_verifies(pg_dsn, tmp_path)
