@@ -375,3 +375,36 @@ async def test_postgres_outcome_sent_again_after_an_unconfirmed_commit_is_stored
     assert stored == [("request", 1), ("outcome", 2), ("request", 3), ("request", 4)]
     assert last == f"{CHAIN}:4"
     await _chain_verifies(pg_dsn, tmp_path)
+
+
+@pytest.mark.server
+async def test_postgres_terminated_at_any_point_of_a_write_stores_each_record_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """pg_terminate_backend of the store's connections at varied moments of a write (before
+    it, during the insert, at COMMIT, after): every request is confirmed with its own id,
+    every outcome is stored once, the chain verifies."""
+    text = "SELECT 'terminated'"
+    store = PostgresAuditStore(pg_dsn, timeout=PATIENT / 2)
+    admin = await asyncpg.connect(pg_dsn)
+    ids: list[str] = []
+    try:
+        async with _writer(store, tmp_path, timeout=PATIENT) as writer:
+            ids.append(await writer.request(statement_request(text)))
+            for i in range(40):
+                await writer.outcome(statement_outcome(ids[-1]))
+                pending = asyncio.ensure_future(writer.request(statement_request(text)))
+                await asyncio.sleep((i % 10) * 0.0005)
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                ids.append(await pending)
+            await writer.outcome(statement_outcome(ids[-1]))
+    finally:
+        await admin.close()
+    stored = await _stored(pg_dsn, text)
+    assert [kind for kind, _ in stored] == ["request", "outcome"] * len(ids)
+    assert [seq for _, seq in stored] == list(range(1, 2 * len(ids) + 1))
+    assert ids == [f"{CHAIN}:{seq}" for kind, seq in stored if kind == "request"]
+    await _chain_verifies(pg_dsn, tmp_path)
