@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS audit_record (
 CREATE INDEX IF NOT EXISTS audit_record_time ON audit_record (time);
 CREATE INDEX IF NOT EXISTS audit_record_request ON audit_record (request_id)
     WHERE request_id IS NOT NULL;
--- (record_key's index is made after the column is added to a store from before it.)
 CREATE TABLE IF NOT EXISTS audit_anchor (
     chain TEXT PRIMARY KEY,
     through_seq INTEGER NOT NULL,
@@ -70,14 +69,9 @@ _INSERT = (
     "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
     " action, request_id, text, body, link, record_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-# A store from before record_key (records sent again after a lost acknowledgement are
-# looked up by it): the column added, then its index.
-_RECORD_KEY_INDEX = (
-    "CREATE INDEX IF NOT EXISTS audit_record_key ON audit_record (record_key)"
-    " WHERE record_key IS NOT NULL"
-)
-# Keys looked up per query (SQLite's variables per statement: 999 in older builds).
-_KEYS_PER_QUERY = 500
+# Re-sent records looked up per query (two variables each; SQLite's limit per statement
+# is 999 in older builds).
+_RESENT_PER_QUERY = 400
 
 
 # The body is the signed JSON as bytes: read as text for SQLite's JSON functions (a BLOB
@@ -137,8 +131,8 @@ def _seal_all(
     return out, tail
 
 
-def _resent_keys(out: list[list[Sealed]]) -> list[bytes]:
-    return [s.key for batch in out for s in batch if s.resent and s.key is not None]
+def _resent(out: list[list[Sealed]]) -> list[Sealed]:
+    return [s for batch in out for s in batch if s.resent and s.key is not None]
 
 
 def _settle(results: list[tuple[Callable[[CommitResult], None], CommitResult]]) -> None:
@@ -230,9 +224,8 @@ class SqliteAuditStore:
         db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         db.executescript(_SCHEMA)
         columns = {row[1] for row in db.execute("PRAGMA table_info(audit_record)")}
-        if "record_key" not in columns:
+        if "record_key" not in columns:  # a store from before it
             db.execute("ALTER TABLE audit_record ADD COLUMN record_key BLOB")
-        db.execute(_RECORD_KEY_INDEX)
         os.chmod(self.path, 0o600)
         self._db = db
         self._inode = os.stat(self.path).st_ino
@@ -377,7 +370,7 @@ class SqliteAuditStore:
                 # log, polling): no transaction, and no write lock taken 50 times a second.
                 return out
             # Records sent again are looked for first, under the write lock: the transaction.
-            guarded = len(sealed) <= _GUARDED_MAX and not _resent_keys(out)
+            guarded = len(sealed) <= _GUARDED_MAX and not _resent(out)
             if guarded and self._insert_guarded(chain, cached, sealed):
                 self._tails[chain] = tail
                 return out
@@ -391,7 +384,7 @@ class SqliteAuditStore:
                 out, tail = early
             else:
                 out, tail = _seal_all(items, at)
-            resent = _resent_keys(out)
+            resent = _resent(out)
             if resent:
                 stored = self._stored_keys(db, chain, resent)
                 if stored:
@@ -403,16 +396,20 @@ class SqliteAuditStore:
         return self._transaction(work)
 
     def _stored_keys(
-        self, db: sqlite3.Connection, chain: str, keys: list[bytes]
+        self, db: sqlite3.Connection, chain: str, resent: list[Sealed]
     ) -> frozenset[bytes]:
-        """Which of these record keys the chain already holds."""
+        """The keys of these re-sent records that the chain already holds. Found through
+        the time index (a record sent again has its first time): an index of its own on
+        the key would cost every outcome a random insert, for a look rarely needed."""
         found: set[bytes] = set()
-        for i in range(0, len(keys), _KEYS_PER_QUERY):
-            part = keys[i : i + _KEYS_PER_QUERY]
+        for i in range(0, len(resent), _RESENT_PER_QUERY):
+            part = resent[i : i + _RESENT_PER_QUERY]
             marks = ",".join("?" * len(part))
+            # `+chain`: not by the (chain, seq) index, which would walk the whole chain.
             rows = db.execute(
-                f"SELECT record_key FROM audit_record WHERE chain = ? AND record_key IN ({marks})",  # noqa: S608 - placeholders only
-                (chain, *part),
+                "SELECT record_key FROM audit_record WHERE +chain = ?"  # noqa: S608 - placeholders only
+                f" AND time IN ({marks}) AND record_key IN ({marks})",
+                (chain, *(s.time for s in part), *(s.key for s in part)),
             ).fetchall()
             found.update(bytes(r[0]) for r in rows)
         return frozenset(found)
