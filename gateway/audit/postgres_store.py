@@ -279,16 +279,19 @@ class PostgresAuditStore:
         try:
             conn = await self._write_connection()
             await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(chain)})")
-            try:
-                return await landed(conn, result)
-            finally:
-                await conn.execute("ROLLBACK")
-        except (*_STORE_FAILURES, AuditStoreError) as exc:
-            self._drop_writer()
+            found = await landed(conn, result)
+        except Exception as exc:
+            # Unknown it stays: the caller refuses (a request's statement does not run).
+            self._drop_writer()  # never left inside the look's transaction, holding the lock
             raise AuditStoreError(
                 f"audit database commit failed ({cause}), and whether it took effect cannot"
                 f" be read: {exc}"
             ) from exc
+        try:
+            await conn.execute("ROLLBACK")
+        except _STORE_FAILURES:
+            self._drop_writer()  # the answer is in; only the connection is lost
+        return found
 
     async def _write_connection(self) -> asyncpg.Connection:
         # Writes use one connection of their own, outside the pool: a pool's release resets

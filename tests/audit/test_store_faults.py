@@ -154,7 +154,8 @@ async def test_postgres_locked_table_refuses_then_recovers(tmp_path: Path, pg_ds
 class StoreLink(TcpRelay):
     """The audit store's link to PostgreSQL, broken on cue.
 
-    `cut(marker, when)`: the store's next message holding `marker` is cut off before the
+    `cut(marker, when)` (cues are taken in turn): the store's next message holding `marker`
+    is cut off before the
     server sees it ("before"), or reaches the server and its answer is withheld ("after":
     the server did it, the store never hears); either way both ends then see the connection
     end. "silent": it reaches the server, and the server is never heard from again on that
@@ -168,13 +169,13 @@ class StoreLink(TcpRelay):
         self.hold_eof = False
         self.refusing = False
         self.fired = threading.Event()
-        self._cue: tuple[bytes, str] | None = None
+        self._cues: list[tuple[bytes, str]] = []
         self._ended = 0
         self._state = threading.Condition()
 
     def cut(self, marker: bytes, when: Cue) -> None:
         with self._state:
-            self._cue = (marker, when)
+            self._cues.append((marker, when))
             self.fired.clear()
 
     def wait_ended(self, count: int, timeout: float = 10.0) -> bool:
@@ -184,11 +185,11 @@ class StoreLink(TcpRelay):
 
     def _take_cue(self, data: bytes) -> str | None:
         with self._state:
-            if self._cue is None or self._cue[0] not in data:
+            if not self._cues or self._cues[0][0] not in data:
                 return None
-            when = self._cue[1]
-            self._cue = None
-        self.fired.set()
+            when = self._cues.pop(0)[1]
+            if not self._cues:
+                self.fired.set()
         return when
 
     def relay(self, client: socket.socket, upstream: socket.socket) -> None:
@@ -302,12 +303,13 @@ async def test_postgres_terminated_connection_is_replaced_whatever_it_read(
 # Each point of a write where the store's connection can be lost: before anything of it
 # reaches the server, in the middle of the insert, with the insert done but not committed,
 # and committed but the store never told (it must find its records there, not store them
-# again nor refuse the statement).
-_CUTS: dict[str, tuple[bytes, Cue]] = {
-    "before-begin": (b"BEGIN", "before"),
-    "mid-insert": (b"INSERT INTO audit_record", "after"),
-    "before-commit": (b"COMMIT", "before"),
-    "commit-unanswered": (b"COMMIT", "after"),
+# again nor refuse the statement), even if the look's own connection is lost after it.
+_CUTS: dict[str, list[tuple[bytes, Cue]]] = {
+    "before-begin": [(b"BEGIN", "before")],
+    "mid-insert": [(b"INSERT INTO audit_record", "after")],
+    "before-commit": [(b"COMMIT", "before")],
+    "commit-unanswered": [(b"COMMIT", "after")],
+    "commit-unanswered-look-lost": [(b"COMMIT", "after"), (b"ROLLBACK", "before")],
 }
 
 
@@ -320,7 +322,8 @@ async def test_postgres_connection_lost_mid_write_stores_each_record_once(
     text = f"SELECT 'lost {where}'"
     async with _writer(store, tmp_path, timeout=PATIENT) as writer:
         rid = await writer.request(statement_request(text))
-        store_link.cut(*_CUTS[where])
+        for marker, when in _CUTS[where]:
+            store_link.cut(marker, when)
         # The outcome of the first statement and the request of the next, in one commit.
         await writer.outcome(statement_outcome(rid))
         next_rid = await writer.request(statement_request(text))
