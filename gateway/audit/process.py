@@ -129,7 +129,7 @@ class _ChildProtocol(asyncio.Protocol):
             pending = PendingRecord(kind, when, record, body)
             urgent = kind in _URGENT
             if not urgent:  # nobody waits on it: the gateway may send it again
-                pending = resendable(pending)._replace(resent=resent)
+                pending = resendable(pending, resent)
             # Every record sent is acknowledged, in order; one that cannot be queued would
             # break that order, so the stream stops instead (the gateway fails what it sent).
             if not self._append(pending, urgent=urgent):

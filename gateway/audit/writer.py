@@ -64,11 +64,12 @@ def placed(pending: list[PendingRecord], sealed: list[SealedRecord]) -> Placed:
     return out
 
 
-def resendable(pending: PendingRecord) -> PendingRecord:
+def resendable(p: PendingRecord, resent: bool = False) -> PendingRecord:
     """A record nobody waits on, with its key: if its commit fails it is sent again, and
-    the store must be able to tell it is already there."""
-    assert pending.encoded is not None
-    return pending._replace(key=record_key(pending.kind, pending.encoded))
+    the store must be able to tell it is already there. (Made anew: cheaper than
+    _replace, once per outcome.)"""
+    assert p.encoded is not None
+    return PendingRecord(p.kind, p.time, p.record, p.encoded, record_key(p.kind, p.encoded), resent)
 
 
 def fail_requests(waiters: Iterable[Waiter], failure: AuditUnavailable) -> None:
