@@ -61,6 +61,13 @@ class ChainTail:
 EMPTY_TAIL = ChainTail(0, GENESIS_LINK, 0)
 
 
+def record_key(kind: RecordKind, encoded: bytes) -> bytes:
+    """A record's identity apart from its place in the chain: its kind and canonical bytes.
+    Two records nobody waits on never have the same (an outcome names its request; a
+    session or approval event its session or request, and the time)."""
+    return hashlib.sha256(_KIND_BYTES[kind] + encoded).digest()[:16]
+
+
 class PendingRecord(NamedTuple):
     # A tuple, not a frozen dataclass: two are made per statement on the event loop.
     kind: RecordKind
@@ -70,6 +77,12 @@ class PendingRecord(NamedTuple):
     record: dict[str, Any] | None
     # canonical(record), when the caller already made it (off the commit's critical path).
     encoded: bytes | None = None
+    # A record nobody waits on (an outcome, a session or approval event) may be sent to the
+    # store again when its commit went unacknowledged: `key` (record_key) is its identity,
+    # stored with it, and `resent` says it may already be there (a store looks before it
+    # seals, and leaves it out if so). None and False for the rest.
+    key: bytes | None = None
+    resent: bool = False
 
 
 def envelope_bytes(
@@ -103,6 +116,9 @@ class SealedRecord(NamedTuple):
     link: bytes
     # The signed record where the sealer had it as a value (None: read from `body`).
     record: dict[str, Any] | None = None
+    # The pending record's key and resent (see PendingRecord).
+    key: bytes | None = None
+    resent: bool = False
 
     @property
     def columns(self) -> dict[str, Any]:
@@ -186,7 +202,11 @@ class AuditChain:
                 encoded = p.encoded if p.encoded is not None else canonical(record)
                 body = _ENVELOPE % (name, epoch, _KIND_BYTES[p.kind], encoded, seq, dumps(p.time))
             link = _hmac_digest(key, link + body, "sha256")
-            out.append(SealedRecord(self.name, seq, epoch, p.kind, p.time, body, link, record))
+            out.append(
+                SealedRecord(
+                    self.name, seq, epoch, p.kind, p.time, body, link, record, p.key, p.resent
+                )
+            )
             if p.kind == "key_rotation":
                 epoch += 1
                 key = next_key(key)

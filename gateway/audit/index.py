@@ -121,8 +121,11 @@ class LogIndexer:
             i += 1
         del queue[:i]
 
-    def _seal(self, tail: ChainTail) -> tuple[list[SealedRecord], ChainTail]:
-        """The next batch after the store's tail (runs where the store commits)."""
+    def _seal(
+        self, tail: ChainTail, _stored: frozenset[bytes] = frozenset()
+    ) -> tuple[list[SealedRecord], ChainTail]:
+        """The next batch after the store's tail (runs where the store commits). Records of
+        the log are never re-sent: idempotent by their seq."""
         self.indexed_seq = max(self.indexed_seq, tail.seq)
         queue = list(self._queue)  # a snapshot: the loop may add to it meanwhile
         start = next((i for i, s in enumerate(queue) if s.seq > tail.seq), len(queue))
@@ -169,7 +172,7 @@ async def index_from_log(store: AuditStore, audit_log: AuditLog, chain: str) -> 
     records were added. Safe beside a running gateway: inserts are idempotent."""
     added = 0
     while True:
-        batch = await store.append(chain, lambda tail: _sealed_after(audit_log, tail))
+        batch = await store.append(chain, lambda tail, _: _sealed_after(audit_log, tail))
         if not batch:
             return added
         added += len(batch)

@@ -39,7 +39,9 @@ class _Follow:
         self.most = most
         self._follower: LogFollower | None = None
 
-    def __call__(self, tail: ChainTail) -> tuple[list[SealedRecord], ChainTail]:
+    def __call__(
+        self, tail: ChainTail, _stored: frozenset[bytes] = frozenset()
+    ) -> tuple[list[SealedRecord], ChainTail]:
         follower = self._follower
         if follower is None or follower.next_seq != tail.seq + 1:
             follower = self._follower = self.log.follow(tail.seq)

@@ -9,7 +9,9 @@ socket pair and, for a request record, waits for the child to say it is committe
 The child runs the same AuditWriter and store as everything else. Frames, little-endian:
 
     gateway -> child   u32 body length, u8 record kind, f64 time, body (canonical record)
-    child -> gateway   u8 status, u32 count, u64 first seq   (status 0: committed, 2: ready)
+                       (kind | 0x80: sent before, its commit unacknowledged)
+    child -> gateway   u8 status, u32 count, u64 first seq   (status 0: committed, 2: ready,
+                       4: sent again and already stored, not stored twice)
                        status 1 adds u16 length + UTF-8 message: the count were not stored
                        status 3 (instead of ready) adds the same: the store is refused
 
@@ -17,7 +19,9 @@ Records are committed in the order they were sent, so an acknowledgement is abou
 oldest unacknowledged records. The child exits once the gateway closes its end (or dies),
 after committing what it received. If the child dies, waiting requests fail (the statements
 do not run) and it is restarted; statements are refused meanwhile: fail closed. Outcome and
-session records it had not committed are kept by the gateway and sent to the next child.
+session records it had not acknowledged are kept by the gateway and sent to the next child,
+marked: it may have died between their commit and its acknowledgement, and the store
+leaves out what it already holds.
 """
 
 from __future__ import annotations
@@ -51,14 +55,15 @@ from gateway.audit.records import (
     request_bytes,
     session_record,
 )
-from gateway.audit.store import CommitResult
 from gateway.audit.writer import (
     BatchClock,
     ChainGap,
+    Placed,
     Spool,
     Waiter,
     durable_or_fail_open,
     expire_waiters,
+    resendable,
 )
 from gateway.logs import configure_logging
 from gateway.metrics import Latencies
@@ -70,11 +75,15 @@ log = logging.getLogger("pgwarden.audit")
 _RECORD = struct.Struct("<IBd")
 _ACK = struct.Struct("<BIQ")
 _MESSAGE = struct.Struct("<H")
-_COMMITTED, _FAILED, _READY, _REFUSED = 0, 1, 2, 3
+_COMMITTED, _FAILED, _READY, _REFUSED, _STORED = 0, 1, 2, 3, 4
+# Set in a record's kind byte when the gateway sends it again (see the module's doc).
+_RESENT = 0x80
 _KIND_CODE: dict[str, int] = {kind: code for code, kind in enumerate(RECORD_KINDS)}
 _URGENT = frozenset({"request", "key_rotation"})
 # A child that served this long before it failed was healthy: backing off starts again.
 _HEALTHY_FOR = 5.0
+# How long, once a child has exited, the gateway reads what its socket still holds.
+_LAST_WORDS = 0.5
 # A frame larger than this from the gateway is a bug, not a record: the child stops.
 _MAX_RECORD = 64 * 1024 * 1024
 
@@ -102,6 +111,8 @@ class _ChildProtocol(asyncio.Protocol):
         header = _RECORD.size
         while end - pos >= header:
             length, code, when = _RECORD.unpack_from(buf, pos)
+            resent = bool(code & _RESENT)
+            code &= ~_RESENT
             if length > _MAX_RECORD or code >= len(RECORD_KINDS):
                 self._stop("malformed frame")
                 return
@@ -115,9 +126,13 @@ class _ChildProtocol(asyncio.Protocol):
             except orjson.JSONDecodeError:
                 self._stop("a record that is not JSON")
                 return
+            pending = PendingRecord(kind, when, record, body)
+            urgent = kind in _URGENT
+            if not urgent:  # nobody waits on it: the gateway may send it again
+                pending = resendable(pending, resent)
             # Every record sent is acknowledged, in order; one that cannot be queued would
             # break that order, so the stream stops instead (the gateway fails what it sent).
-            if not self._append(PendingRecord(kind, when, record, body), urgent=kind in _URGENT):
+            if not self._append(pending, urgent=urgent):
                 self._stop("the writer is closed")
                 return
             self.records += 1
@@ -129,14 +144,14 @@ class _ChildProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def committed(self, count: int, result: CommitResult) -> None:
+    def committed(self, count: int, result: Placed | BaseException) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if isinstance(result, BaseException):
             message = str(result).encode()[:4000]
             frame = _ACK.pack(_FAILED, count, 0) + _MESSAGE.pack(len(message)) + message
         else:
-            frame = _ACK.pack(_COMMITTED, count, result[0].seq)
+            frame = b"".join(_acknowledgements(result))
         self.transport.write(frame)
 
     def eof_received(self) -> bool | None:
@@ -145,6 +160,24 @@ class _ChildProtocol(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._closed.done():
             self._closed.set_result(None)
+
+
+def _acknowledgements(placed: Placed) -> list[bytes]:
+    """One frame per run: records stored from a seq on (seqs follow each other within a
+    commit), or records already stored (sent again)."""
+    frames: list[bytes] = []
+    i = 0
+    while i < len(placed):
+        first = placed[i]
+        j = i + 1
+        while j < len(placed) and (placed[j] is None) == (first is None):
+            j += 1
+        if first is None:
+            frames.append(_ACK.pack(_STORED, j - i, 0))
+        else:
+            frames.append(_ACK.pack(_COMMITTED, j - i, first.seq))
+        i = j
+    return frames
 
 
 async def _serve(settings: Settings, fd: int) -> int:
@@ -223,6 +256,8 @@ class _GatewayProtocol(asyncio.Protocol):
         # (acknowledgements written just before it exited) must not be credited to the
         # records of the child that replaces it.
         self.retired = False
+        # Done when the socket has ended (everything the child wrote has been read).
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         if self.retired:
@@ -257,6 +292,8 @@ class _GatewayProtocol(asyncio.Protocol):
                 owner.child_ready()
             elif status == _COMMITTED and count <= owner.unacknowledged:
                 owner.committed(count, seq)
+            elif status == _STORED and count <= owner.unacknowledged:
+                owner.stored_before(count)
             else:
                 # Out of step with what was sent: nothing it says can be trusted any more.
                 log.error("audit process answered out of step; restarting it")
@@ -266,6 +303,8 @@ class _GatewayProtocol(asyncio.Protocol):
         del buf[:pos]
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
         self._owner.lost(self)
 
 
@@ -508,6 +547,11 @@ class AuditProcess:
                         extra={"event": "audit_writer_up", "restarts": self.restarts},
                     )
                 code = await exited
+                # Its exit may be seen before the acknowledgements it wrote just before: read
+                # the socket to its end first, so that what it committed is not taken for
+                # lost (a request refused, an outcome sent again).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(protocol.ended), _LAST_WORDS)
             finally:
                 exited.cancel()
             if not self._stopping:
@@ -641,7 +685,10 @@ class AuditProcess:
         if not self._ready:
             return
         for header, body in self.spool.take(most):
-            self._send(header, body, None)
+            # Sent before and not acknowledged, or never sent: it may be stored already.
+            marked = bytearray(header)
+            marked[4] |= _RESENT
+            self._send(bytes(marked), body, None)
 
     # -- acknowledgements ---------------------------------------------------------------
 
@@ -686,6 +733,18 @@ class AuditProcess:
         if self.spool and self._spool_timer is None:
             self._resend_spool()  # the store takes records again: the next chunk
 
+    def stored_before(self, count: int) -> None:
+        """Records sent again that the store already held: done, not stored twice."""
+        stored = [self._unacked.popleft() for _ in range(count)]
+        # Never a request: a record someone waits on is not sent again.
+        self._settle_failed(
+            ((w, h, b) for w, h, b in stored if w is not None),
+            AuditUnavailable("audit record was already stored"),
+        )
+        self._advance(count)
+        if self.spool and self._spool_timer is None:
+            self._resend_spool()
+
     def failed(self, count: int, message: str) -> None:
         failed = [self._unacked.popleft() for _ in range(count)]
         self._settle_failed(failed, AuditUnavailable(f"audit store failed: {message}"))
@@ -722,6 +781,8 @@ class AuditProcess:
         if protocol is None or protocol is not self._protocol:
             return  # an earlier child's connection, already accounted for
         protocol.retired = True
+        if self._transport is not None:
+            self._transport.close()  # what it still holds is not read: settled below
         self._protocol = None
         self._transport = None
         self._ready = False

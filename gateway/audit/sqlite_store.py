@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS audit_record (
     text TEXT,
     body BLOB NOT NULL,
     link BLOB NOT NULL,
+    record_key BLOB,
     UNIQUE (chain, seq)
 );
 CREATE INDEX IF NOT EXISTS audit_record_time ON audit_record (time);
@@ -66,8 +67,11 @@ _COLUMNS = (
 )
 _INSERT = (
     "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
-    " action, request_id, text, body, link) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " action, request_id, text, body, link, record_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# Re-sent records looked up per query (two variables each; SQLite's limit per statement
+# is 999 in older builds).
+_RESENT_PER_QUERY = 400
 
 
 # The body is the signed JSON as bytes: read as text for SQLite's JSON functions (a BLOB
@@ -83,7 +87,7 @@ _DIALECT = SearchDialect(
     f" coalesce(json_array_length({_BODY}, '$.record.masked_columns'), 0) > 0 ELSE 0 END",
 )
 
-# Appends of at most this many records go as one guarded INSERT (13 variables a row, well
+# Appends of at most this many records go as one guarded INSERT (14 variables a row, well
 # under SQLite's limit); larger batches take the transaction path.
 _GUARDED_MAX = 64
 
@@ -94,13 +98,13 @@ def _guarded_insert(n: int) -> str:
     writer sealed them onto (its last row has the expected seq and link). A single statement
     is its own transaction: the check and the insert happen under one write lock, with one
     trip into SQLite (and one GIL hand-off) instead of BEGIN, SELECT, n INSERTs and COMMIT."""
-    rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
+    rows = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
     return _GUARDED_HEAD + rows + _GUARDED_TAIL
 
 
 _GUARDED_HEAD = (
     "INSERT INTO audit_record (chain, seq, epoch, kind, time, session_id, subject, target,"
-    " action, request_id, text, body, link) SELECT * FROM (VALUES "
+    " action, request_id, text, body, link, record_key) SELECT * FROM (VALUES "
 )
 _GUARDED_TAIL = (
     ") WHERE (SELECT seq = ? AND link = ? FROM audit_record WHERE chain = ?"
@@ -117,12 +121,18 @@ class _QueuedAppend:
     loop: asyncio.AbstractEventLoop
 
 
-def _seal_all(items: list[_QueuedAppend], tail: ChainTail) -> tuple[list[list[Sealed]], ChainTail]:
+def _seal_all(
+    items: list[_QueuedAppend], tail: ChainTail, stored: frozenset[bytes] = frozenset()
+) -> tuple[list[list[Sealed]], ChainTail]:
     out: list[list[Sealed]] = []
     for item in items:
-        sealed, tail = item.seal(tail)
+        sealed, tail = item.seal(tail, stored)
         out.append(sealed)
     return out, tail
+
+
+def _resent(out: list[list[Sealed]]) -> list[Sealed]:
+    return [s for batch in out for s in batch if s.resent and s.key is not None]
 
 
 def _settle(results: list[tuple[Callable[[CommitResult], None], CommitResult]]) -> None:
@@ -153,7 +163,7 @@ def _insert_args(s: Sealed) -> tuple[Any, ...]:
     c = s.columns
     return (
         s.chain, s.seq, s.epoch, s.kind, s.time, c["session_id"], c["subject"], c["target"],
-        c["action"], c["request_id"], c["text"], s.body, s.link,
+        c["action"], c["request_id"], c["text"], s.body, s.link, s.key,
     )  # fmt: skip
 
 
@@ -213,6 +223,9 @@ class SqliteAuditStore:
         # killed, not the machine losing power) and fsynced at checkpoints.
         db.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(audit_record)")}
+        if "record_key" not in columns:  # a store from before it
+            db.execute("ALTER TABLE audit_record ADD COLUMN record_key BLOB")
         os.chmod(self.path, 0o600)
         self._db = db
         self._inode = os.stat(self.path).st_ino
@@ -356,10 +369,12 @@ class SqliteAuditStore:
                 # Nothing after what this store committed last (an index caught up with the
                 # log, polling): no transaction, and no write lock taken 50 times a second.
                 return out
-            if len(sealed) <= _GUARDED_MAX and self._insert_guarded(chain, cached, sealed):
+            # Records sent again are looked for first, under the write lock: the transaction.
+            guarded = len(sealed) <= _GUARDED_MAX and not _resent(out)
+            if guarded and self._insert_guarded(chain, cached, sealed):
                 self._tails[chain] = tail
                 return out
-            if len(sealed) > _GUARDED_MAX:
+            if not guarded:
                 early = out, tail
         self._tails.pop(chain, None)
 
@@ -369,11 +384,35 @@ class SqliteAuditStore:
                 out, tail = early
             else:
                 out, tail = _seal_all(items, at)
+            resent = _resent(out)
+            if resent:
+                stored = self._stored_keys(db, chain, resent)
+                if stored:
+                    out, tail = _seal_all(items, at, stored)
             db.executemany(_INSERT, [_insert_args(s) for batch in out for s in batch])
             self._tails[chain] = tail
             return out
 
         return self._transaction(work)
+
+    def _stored_keys(
+        self, db: sqlite3.Connection, chain: str, resent: list[Sealed]
+    ) -> frozenset[bytes]:
+        """The keys of these re-sent records that the chain already holds. Found through
+        the time index (a record sent again has its first time): an index of its own on
+        the key would cost every outcome a random insert, for a look rarely needed."""
+        found: set[bytes] = set()
+        for i in range(0, len(resent), _RESENT_PER_QUERY):
+            part = resent[i : i + _RESENT_PER_QUERY]
+            marks = ",".join("?" * len(part))
+            # `+chain`: not by the (chain, seq) index, which would walk the whole chain.
+            rows = db.execute(
+                "SELECT record_key FROM audit_record WHERE +chain = ?"  # noqa: S608 - placeholders only
+                f" AND time IN ({marks}) AND record_key IN ({marks})",
+                (chain, *(s.time for s in part), *(s.key for s in part)),
+            ).fetchall()
+            found.update(bytes(r[0]) for r in rows)
+        return frozenset(found)
 
     def _insert_guarded(self, chain: str, cached: ChainTail, sealed: list[Sealed]) -> bool:
         """Insert onto the remembered tail; False (nothing inserted) if the chain moved."""

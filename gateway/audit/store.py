@@ -11,7 +11,9 @@ import orjson
 from gateway.audit.chain import Anchor, ChainTail, SealedRecord
 from gateway.audit.records import record_id
 
-Seal = Callable[[ChainTail], tuple[list[SealedRecord], ChainTail]]
+# Seals a batch onto the chain's tail, leaving out the re-sent records whose keys the store
+# found already stored (the second argument): the sealed records and the new tail.
+Seal = Callable[[ChainTail, frozenset[bytes]], tuple[list[SealedRecord], ChainTail]]
 SealPrune = Callable[[ChainTail, ChainTail], tuple[SealedRecord, Anchor]]
 # What a store's commit callback receives: the sealed records, or why they were not stored.
 CommitResult = list[SealedRecord] | BaseException
@@ -137,7 +139,10 @@ class AuditStore(Protocol):
     async def close(self) -> None: ...
 
     async def append(self, chain: str, seal: Seal) -> list[SealedRecord]:
-        """Read the chain's tail, seal the records onto it, insert, commit; durable on return."""
+        """Read the chain's tail, seal the records onto it, insert, commit; durable on return.
+        Where the seal gives re-sent records (`resent`), the store first looks for their keys
+        under the chain's lock and seals again without those it holds: a record sent again
+        after a lost acknowledgement is stored once."""
         ...
 
     async def prune(self, chain: str, cutoff: float, seal: SealPrune) -> Anchor | None:

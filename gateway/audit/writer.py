@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Generic, TypeVar
 
-from gateway.audit.chain import Anchor, AuditChain, ChainTail, PendingRecord, SealedRecord
+from gateway.audit.chain import (
+    Anchor,
+    AuditChain,
+    ChainTail,
+    PendingRecord,
+    SealedRecord,
+    record_key,
+)
 from gateway.audit.events import (
     ApprovalEvent,
     SessionEvent,
@@ -36,6 +43,33 @@ T = TypeVar("T")
 # One waiter per queued record, or None for a record nobody waits on (an outcome: the
 # statement has run; a session event): losing one of those is logged.
 Waiter = asyncio.Future[str] | None
+# What became of each record of a committed batch, in order: its sealed record, or None
+# where it was sent again and the store already held it (it is not stored twice).
+Placed = list[SealedRecord | None]
+
+
+def placed(pending: list[PendingRecord], sealed: list[SealedRecord]) -> Placed:
+    """Each pending record's sealed record (see Placed). A chain_gap record that the seal
+    put first stands for none of them."""
+    i = 0
+    while i < len(sealed) and sealed[i].kind == "chain_gap":
+        i += 1
+    out: Placed = []
+    for p in pending:
+        if i < len(sealed) and (not p.resent or sealed[i].key == p.key):
+            out.append(sealed[i])
+            i += 1
+        else:
+            out.append(None)
+    return out
+
+
+def resendable(p: PendingRecord, resent: bool = False) -> PendingRecord:
+    """A record nobody waits on, with its key: if its commit fails it is sent again, and
+    the store must be able to tell it is already there. (Made anew: cheaper than
+    _replace, once per outcome.)"""
+    assert p.encoded is not None
+    return PendingRecord(p.kind, p.time, p.record, p.encoded, record_key(p.kind, p.encoded), resent)
 
 
 def fail_requests(waiters: Iterable[Waiter], failure: AuditUnavailable) -> None:
@@ -311,8 +345,9 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
-        # Told of every commit, in order: how many records it held and what came of them.
-        self.on_commit: Callable[[int, CommitResult], None] | None = None
+        # Told of every commit, in order: how many records it held and what came of each
+        # (or why none was stored).
+        self.on_commit: Callable[[int, Placed | BaseException], None] | None = None
         # For the admin listener: the last committed record's seq, the time from a batch's
         # submission to its commit, and whether the store took the last batch.
         self.position: int | None = None
@@ -495,7 +530,7 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         return True
 
     def _queue_logged(self, pending: PendingRecord) -> None:
-        if not self.append(pending, urgent=False):
+        if not self.append(resendable(pending), urgent=False):
             log.error("audit %s record lost: audit writer is not running", pending.kind)
 
     def _flush(self) -> None:
@@ -521,11 +556,14 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         )
 
     def _seal(
-        self, tail: ChainTail, pending: list[PendingRecord]
+        self, tail: ChainTail, stored: frozenset[bytes], pending: list[PendingRecord]
     ) -> tuple[list[SealedRecord], ChainTail]:
         """Seal a batch onto the store's tail, unless that tail is behind the last record
         this chain is known to have had (store wiped or restored while it was closed or even
-        while the gateway runs): then refuse, or with consent bridge the gap first."""
+        while the gateway runs): then refuse, or with consent bridge the gap first. Re-sent
+        records the store already holds (`stored`) are left out."""
+        if stored:
+            pending = [p for p in pending if not (p.resent and p.key in stored)]
         head = self._head
         if head is not None and (
             tail.seq < head[0] or (tail.seq == head[0] and tail.link != head[1])
@@ -582,7 +620,9 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         if self._loop is not None:
             self.commit_seconds.observe(self._loop.time() - submitted)
         self._store_state(not isinstance(result, BaseException), result)
+        told: Placed | BaseException
         if isinstance(result, BaseException):
+            told = result
             log.warning("audit commit of %d records failed: %s", len(waiters), result)
             fail_requests(waiters, AuditUnavailable(f"audit store failed: {result}"))
             if self.on_commit is None:
@@ -590,17 +630,19 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
                 self._retry_spool()
         else:
             self.accept_gap = False  # consent was for the tail found at this start
-            if len(result) > len(waiters):
-                # A chain_gap record went first: it has no waiter of its own.
-                result = result[len(result) - len(waiters) :]
-            self._after_commit(result[-1])
-            for w, s in zip(waiters, result, strict=True):
+            if result:
+                self._after_commit(result[-1])
+            told = places = placed(pending, result)
+            for w, s in zip(waiters, places, strict=True):
                 if w is not None and not w.done():
-                    w.set_result(f"{s.chain}:{s.seq}")
+                    if s is None:  # never: a record someone waits on is not sent again
+                        w.set_exception(AuditUnavailable("audit record was already stored"))
+                    else:
+                        w.set_result(f"{s.chain}:{s.seq}")
             if self.spool and self._spool_timer is None:
                 self._resend_spool()  # the store takes records again: the next chunk
         if self.on_commit is not None:
-            self.on_commit(len(waiters), result)
+            self.on_commit(len(waiters), told)
         if not self._inflight:
             self._settled.set()
         if self._pending and not self._clock.soon_pending and not self._concurrent:
@@ -614,7 +656,8 @@ class AuditWriter(BatchedRecords, ChainHeadKeeper):
         self._spool_timer = None
         if self._running and self._loop is not None:
             for p in self.spool.take(most):
-                self._queue(p, None, urgent=False)
+                # Its commit failed, or was not confirmed: it may be stored already.
+                self._queue(p._replace(resent=True), None, urgent=False)
 
     @property
     def accepting(self) -> bool:

@@ -10,11 +10,16 @@ import sqlite3
 import struct
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
+from typer.testing import CliRunner
 
+from cli.localpg import LocalCluster
+from cli.main import app
 from gateway.audit import (
     AuditProcess,
     AuditStartRefused,
@@ -333,3 +338,112 @@ async def test_an_acknowledgement_read_from_a_replaced_child_commits_nothing(
             await pending
     finally:
         os.kill(sink._proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.server)])
+async def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings of a gateway whose audit store is the point of durability, on either store
+    (with room for a loaded machine: these tests are about what is stored, not when)."""
+    if request.param == "sqlite":
+        yield _settings(tmp_path, durability="store", timeout_seconds=10)
+        return
+    cluster: LocalCluster = request.getfixturevalue("pg_cluster")
+    dbname = "audit_proc_" + uuid.uuid4().hex[:10]
+    admin = await asyncpg.connect(cluster.dsn())
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    try:
+        dsn = cluster.dsn(dbname=dbname)
+        yield _settings(
+            tmp_path, durability="store", timeout_seconds=10, store="postgres", postgres_dsn=dsn
+        )
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        await admin.close()
+
+
+def _audit_verify(settings: Settings) -> tuple[int, str]:
+    """`pgwarden audit verify` on these settings: its exit code and output."""
+    env = {
+        "PGWARDEN_STATE_DIR": str(settings.state_dir),
+        "PGWARDEN_INSTANCE": settings.instance,
+        "PGWARDEN_AUDIT__DURABILITY": settings.audit.durability,
+        "PGWARDEN_AUDIT__STORE": settings.audit.store,
+        "PGWARDEN_AUDIT__POSTGRES_DSN": settings.audit.postgres_dsn,
+    }
+    result = CliRunner().invoke(app, ["audit", "verify"], env=env)
+    return result.exit_code, result.output
+
+
+async def test_records_committed_but_unacknowledged_by_a_dead_child_are_stored_once(
+    store_settings: Settings,
+) -> None:
+    """The child commits, then is killed before the gateway reads its acknowledgement
+    (SIGKILL between the commit and the ack, as far as the gateway can tell): the gateway
+    sends those records again to the next child, which must not store them twice."""
+    settings = store_settings
+    sink = AuditProcess(settings, restart_delay=0.05)
+    await sink.start()
+    try:
+        rid = await _wait_up(sink, "SELECT 'ran'")
+        assert sink._proc is not None and sink._transport is not None
+        first = sink._proc.pid
+        # The child's acknowledgements stay in the socket from here: never read.
+        sink._transport.pause_reading()
+        sink.outcome_nowait(statement_outcome(rid))
+        await sink.session(session_event("session_end", "client quit"))
+        deadline = time.monotonic() + PATIENCE
+        while [k for k, _, _ in await _stored(settings)] != ["request", "outcome", "session_end"]:
+            assert time.monotonic() < deadline, "the child did not commit"
+            await asyncio.sleep(0.05)
+        os.kill(first, signal.SIGKILL)
+        await _until(
+            lambda: sink.ready and sink._proc is not None and sink._proc.pid != first,
+            "no new child",
+        )
+        # Sent with the records sent again (one write, as a rule): its id is its own seq.
+        after = await sink.request(statement_request("SELECT 'after'"))
+        await _until(lambda: not (sink.spooled or sink.unacknowledged), "the spool was not emptied")
+    finally:
+        await sink.close()
+    assert sink.records_lost == 0
+    stored = await _stored(settings)
+    assert stored == [
+        ("request", 1, None),
+        ("outcome", 2, rid),
+        ("session_end", 3, None),
+        ("request", 4, None),
+    ]
+    assert after == "gw-proc:4"
+    code, output = await asyncio.to_thread(_audit_verify, settings)
+    assert code == 0, output
+
+
+async def test_acknowledgements_read_after_the_child_exited_still_count(tmp_path: Path) -> None:
+    """The child's exit is seen before the acknowledgements it wrote just before it: the
+    gateway reads its socket to the end first, so a request it committed is not refused
+    (its statement runs) and its outcome is not sent again."""
+    # Room for a loaded machine: the request below waits through the child's death.
+    settings = _settings(tmp_path, durability="store", timeout_seconds=10)
+    sink = AuditProcess(settings, restart_delay=0.05)
+    await sink.start()
+    try:
+        rid = await _wait_up(sink, "SELECT 'ran'")
+        assert sink._proc is not None and sink._transport is not None
+        proc, transport = sink._proc, sink._transport
+        transport.pause_reading()
+        sink.outcome_nowait(statement_outcome(rid))
+        last = asyncio.ensure_future(sink.request(statement_request("SELECT 'last'")))
+        deadline = time.monotonic() + PATIENCE
+        while len(await _stored(settings)) < 3:
+            assert time.monotonic() < deadline, "the child did not commit"
+            await asyncio.sleep(0.05)
+        proc.kill()
+        await _until(lambda: proc.returncode is not None, "the child's exit was not seen")
+        transport.resume_reading()
+        assert await last == "gw-proc:3"
+        await _wait_up(sink)
+    finally:
+        await sink.close()
+    assert sink.records_lost == 0
+    kinds = [k for k, _, _ in await _stored(settings)]
+    assert kinds[:3] == ["request", "outcome", "request"] and kinds.count("outcome") == 1
