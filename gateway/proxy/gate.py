@@ -1272,15 +1272,11 @@ class StatementGate:
         )
 
     def _shaped_plans(
-        self, text: str
-    ) -> tuple[str, dict[bytes, QueryPlan], tuple[StatementFacts, ...]] | None:
+        self, text: str, shape: str, spans: Spans
+    ) -> tuple[dict[bytes, QueryPlan], tuple[StatementFacts, ...]] | None:
         """The plans kept for this text's shape, with the text's facts as they say (the
         plans', quoting this text), while the conditions they share hold now (search_path,
         transaction state); None: none serve it."""
-        shaped = self._analyzer.shape_of(text)
-        if shaped is None:
-            return None
-        shape, spans = shaped
         variants = self._query_plans.get(shape)
         if not variants:
             return None
@@ -1288,7 +1284,7 @@ class StatementGate:
         if some.search_path != self.search_path or some.in_transaction != self.in_transaction:
             return None
         start, end = spans[some.span]
-        return shape, variants, (some.facts.with_text(text[start:end]),)
+        return variants, (some.facts.with_text(text[start:end]),)
 
     def _serves(self, plan: QueryPlan, facts: tuple[StatementFacts, ...]) -> bool:
         """The checks of one plan of the shape now: the policy that decided it in force (and
@@ -1307,10 +1303,14 @@ class StatementGate:
         the text's own is asked first, on the task path (_estimated_query)."""
         if not self._query_plans or self.explain is not None:
             return None
-        found = self._shaped_plans(text)
+        shaped = self._analyzer.shape_of(text)
+        if shaped is None:
+            return None
+        shape, spans = shaped
+        found = self._shaped_plans(text, shape, spans)
         if found is None:
             return None
-        shape, variants, facts = found
+        variants, facts = found
         plan = variants.get(b"")
         if plan is None or not self._serves(plan, facts):
             return None
@@ -1326,25 +1326,23 @@ class StatementGate:
         would make. Like an Execute on its plan it then waits for the catalog check and its
         own request record, which carries its text. None: the full path decides it (no
         plan for that estimate, or a condition moved)."""
-        found = self._shaped_plans(text)
-        if found is None:
+        shaped = self._analyzer.shape_of(text)
+        if shaped is None or shaped[0] not in self._query_plans:
             return None
+        shape, spans = shaped
         if self.settle_search_path is not None and await self.settle_search_path() is not None:
             return None  # the full path says why
-        found = self._shaped_plans(text)
+        found = self._shaped_plans(text, shape, spans)
         if found is None:
             return None
-        _, _, facts = found
-        (estimate,) = await self._estimates_of(facts, None)
-        # Everything is asked again after each wait: the policy may have changed meanwhile.
-        found = self._shaped_plans(text)
+        (estimate,) = await self._estimates_of(found[1], None)
+        # Everything is looked up again after each wait: plans, path or policy may have moved.
+        found = self._shaped_plans(text, shape, spans)
         if found is None:
             return None
-        shape, variants, facts = found
+        variants, facts = found
         plan = variants.get(estimate_key(estimate))
-        if plan is None or not self._serves(plan, facts):
-            return None
-        if await self.catalog_moved(plan.catalog_generation, facts):
+        if plan is None or await self.catalog_moved(plan.catalog_generation, facts):
             return None
         if not self._serves(plan, facts):
             return None
