@@ -228,6 +228,12 @@ def estimate_of(
     return estimate
 
 
+def estimate_key(estimate: dict[str, Any] | None) -> bytes:
+    """`statement.estimate` as the policy input carries it, canonical (sorted keys), so
+    that two equal keys mean inputs equal in their estimate; b"": the input carries none."""
+    return b"" if estimate is None else orjson.dumps(estimate, option=orjson.OPT_SORT_KEYS)
+
+
 # Server messages that are not answers to anything: they reach the client even while
 # pgwarden's own request is answered (NotificationResponse, ParameterStatus).
 CLIENTS_WHILE_EXPLAINING = frozenset({NOTIFICATION_RESPONSE, PARAMETER_STATUS})

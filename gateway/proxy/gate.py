@@ -24,6 +24,7 @@ from gateway.guards.estimate import (
     IN_FAILED_TRANSACTION,
     UNPLANNABLE,
     NotExplained,
+    estimate_key,
     estimate_of,
     explainable,
     parameter_count,
@@ -59,6 +60,9 @@ JUSTIFICATION_SETTING = "pgwarden.reason"
 _ESTIMATES_KEPT = 1000
 # Simple-protocol plans kept per session, by statement shape (the least recently used go).
 _QUERY_PLANS_KEPT = 256
+# Plans kept per shape, one per cost estimate its texts were decided with (the oldest go):
+# texts whose literals move the estimate (WHERE id < N) each make one of their own.
+_ESTIMATES_PER_SHAPE = 8
 # Request-record templates kept per session (one per plan run lately; the oldest go first).
 _RECORD_TEMPLATES_KEPT = 256
 # Statements that return rows decided elsewhere (cursor, prepared statement): they take
@@ -116,6 +120,17 @@ def _output_masks(
             o.spread,
         )
         for o in outputs
+    )
+
+
+def _same_conditions(one: QueryPlan, other: QueryPlan) -> bool:
+    """Whether two plans of a shape were made under the same conditions (search_path,
+    catalog generation, transaction state) with the same facts but for the text they quote."""
+    return (
+        one.search_path == other.search_path
+        and one.catalog_generation == other.catalog_generation
+        and one.in_transaction == other.in_transaction
+        and one.facts.with_text(other.facts.text) == other.facts
     )
 
 
@@ -246,7 +261,9 @@ class QueryPlan:
     differ only in literals) where neither its facts nor its decision can depend on a
     literal's value (keep_query_plan says where): the facts resolved and decided (with the
     first text's), and the conditions they hold under; the record of each text carries
-    that text."""
+    that text. Where the policy input carries a cost estimate, which does depend on the
+    literals, a plan serves only the texts whose own estimate is the one it was decided
+    with (kept by estimate_key, per shape)."""
 
     span: int
     facts: StatementFacts
@@ -270,6 +287,10 @@ class Verdict:
     # The server rejects the statement itself (an aborted transaction): its own error, not
     # `refusal`, is what the client would see direct.
     server_rejects: bool = False
+    # The cost estimate each statement's policy input carried (empty: none was asked).
+    estimates: Sequence[dict[str, Any] | None] = ()
+    # Served on a kept plan (executed()): nothing new to keep from it.
+    from_plan: bool = False
 
 
 def combine(decisions: Sequence[Decision]) -> Decision:
@@ -426,8 +447,10 @@ class StatementGate:
         self._decider = decider
         self._revisions = decider if isinstance(decider, PolicyRevision) else None
         self._literal_reads = decider if isinstance(decider, LiteralReads) else None
-        # Simple-protocol plans by statement shape (keep_query_plan, planned_query).
-        self._query_plans: OrderedDict[str, QueryPlan] = OrderedDict()
+        # Simple-protocol plans by statement shape (keep_query_plan, planned_query), each
+        # shape's by the estimate_key of the cost estimate its decisions were made with
+        # (b"": the input carried none, as in every session without estimates).
+        self._query_plans: OrderedDict[str, dict[bytes, QueryPlan]] = OrderedDict()
         # The request records of plans, pre-encoded (request_planned); made at first use,
         # so an idle session holds none.
         self._record_templates: (
@@ -659,13 +682,15 @@ class StatementGate:
             limited = await self._rate_limited(facts, protocol, params)
             if limited is not None:
                 return limited
+        estimates: Sequence[dict[str, Any] | None] = ()
         if decided is not None:  # pgwarden's own refusal: OPA is not asked
             decisions = [decided] * len(facts)
         elif known is not None:  # decided at Parse, under the policy still in force
             decisions = known
         else:
             # Every statement the policy decides has its estimate, whichever way it came.
-            estimates = await self._estimates_of(facts, param_types) if self.explain else ()
+            if self.explain:
+                estimates = await self._estimates_of(facts, param_types)
             decisions = await self._decide_all(
                 facts, protocol, list(params) if decide_params else [], estimates
             )
@@ -729,7 +754,7 @@ class StatementGate:
                 run.error_message = message
         elif ask is None:
             self._note_justification(facts)
-        verdict = Verdict(allowed, runs, decisions, refusal, facts)
+        verdict = Verdict(allowed, runs, decisions, refusal, facts, estimates=estimates)
         # An allowed Parse is counted at its Executes, each of which is recorded.
         return self._tallied(verdict, combined) if record or not allowed else verdict
 
@@ -840,6 +865,10 @@ class StatementGate:
 
     async def check_query(self, text: str) -> Verdict:
         """A simple-protocol Query: every statement in it, decided as a whole, recorded first."""
+        if self.explain is not None and self._query_plans:
+            planned = await self._estimated_query(text)
+            if planned is not None:
+                return planned
         raw = self.prepared.resolve(self._analyzer.analyze(text))
         if any(sets_search_path(f) for f in raw[:-1]):
             # The statements after it would be resolved under the path before it.
@@ -1198,13 +1227,20 @@ class StatementGate:
         no literal's value changes (the analyzer's rule: a query or DML statement whose
         facts read no literal, so not set_config('role', ...), not SET, no literal naming
         an object), allowed and relayable on a plan (plan_fits: no parameters asked for,
-        masks resolved), under a policy that reads neither the text nor parameters, with
-        no cost estimate (estimates are per text)."""
-        if not verdict.allowed or len(verdict.facts) != 1 or len(verdict.runs) != 1:
+        masks resolved), under a policy that reads neither the text nor parameters. Where
+        the session's inputs carry a cost estimate (per text: the literals move it), the
+        plan is kept under the estimate it was decided with, and serves only texts whose
+        own estimate is exactly that (_estimated_query)."""
+        if verdict.from_plan or not verdict.allowed:
+            return
+        if len(verdict.facts) != 1 or len(verdict.runs) != 1:
             return
         facts, decisions = verdict.facts, verdict.decisions
-        if not self._shareable(decisions) or self.explain is not None:
+        if not self._shareable(decisions):
             return
+        if self.explain is not None and len(verdict.estimates) != 1:
+            return  # decided without the estimate its texts are decided with
+        estimate = estimate_key(verdict.estimates[0]) if self.explain is not None else b""
         shaped = self._analyzer.shape_of(text)
         if shaped is None:
             return
@@ -1215,7 +1251,7 @@ class StatementGate:
         masks = self.keep_masks(verdict.runs) if decisions[0].masks else None
         if not self.plan_fits(facts, decisions, masks, self.catalog_generation):
             return
-        self._query_plans[shape] = QueryPlan(
+        plan = QueryPlan(
             span,
             facts[0],
             [decisions[0] if decisions[0].cache_hit else replace(decisions[0], cache_hit=True)],
@@ -1224,6 +1260,15 @@ class StatementGate:
             self.in_transaction,
             masks,
         )
+        variants = self._query_plans.get(shape)
+        if variants is None or any(not _same_conditions(plan, v) for v in variants.values()):
+            # One set of conditions per shape: every plan of it has the same facts, so the
+            # facts any one of them holds are the text's (_estimated_query explains with them).
+            variants = self._query_plans[shape] = {}
+        variants.pop(estimate, None)
+        variants[estimate] = plan
+        if len(variants) > _ESTIMATES_PER_SHAPE:
+            del variants[next(iter(variants))]
         self._query_plans.move_to_end(shape)
         if len(self._query_plans) > _QUERY_PLANS_KEPT:
             self._query_plans.popitem(last=False)
@@ -1239,34 +1284,92 @@ class StatementGate:
             for d in decisions
         )
 
+    def _shaped_plans(
+        self, text: str, shape: str, spans: Spans
+    ) -> tuple[dict[bytes, QueryPlan], tuple[StatementFacts, ...]] | None:
+        """The plans kept for this text's shape, with the text's facts as they say (the
+        plans', quoting this text), while the conditions they share hold now (search_path,
+        transaction state); None: none serve it."""
+        variants = self._query_plans.get(shape)
+        if not variants:
+            return None
+        some = next(iter(variants.values()))
+        if some.search_path != self.search_path or some.in_transaction != self.in_transaction:
+            return None
+        start, end = spans[some.span]
+        return variants, (some.facts.with_text(text[start:end]),)
+
+    def _serves(self, plan: QueryPlan, facts: tuple[StatementFacts, ...]) -> bool:
+        """The checks of one plan of the shape now: the policy that decided it in force (and
+        reading no literal), the session's guards, its masks."""
+        return (
+            self._shareable(plan.decisions)
+            and self.plan_fits(facts, plan.decisions, plan.masks, plan.catalog_generation)
+            and not self.enforced.refusal(facts)
+        )
+
     def planned_query(self, text: str) -> tuple[QueryPlan, tuple[StatementFacts, ...]] | None:
         """The kept plan that serves this Query's text now, with the text's facts; None: the
         task path decides it (no plan for its shape, or a condition moved: policy revision,
         search_path, transaction state, the session's guards, masks; the catalog generation
-        and the token are checked by the caller)."""
+        and the token are checked by the caller). Not where inputs carry a cost estimate:
+        the text's own is asked first, on the task path (_estimated_query)."""
         if not self._query_plans or self.explain is not None:
             return None
         shaped = self._analyzer.shape_of(text)
         if shaped is None:
             return None
         shape, spans = shaped
-        plan = self._query_plans.get(shape)
-        if plan is None:
+        found = self._shaped_plans(text, shape, spans)
+        if found is None:
             return None
-        if (
-            plan.search_path != self.search_path
-            or plan.in_transaction != self.in_transaction
-            or not self._shareable(plan.decisions)
-        ):
-            return None
-        start, end = spans[plan.span]
-        facts = (plan.facts.with_text(text[start:end]),)
-        if not self.plan_fits(
-            facts, plan.decisions, plan.masks, plan.catalog_generation
-        ) or self.enforced.refusal(facts):
+        variants, facts = found
+        plan = variants.get(b"")
+        if plan is None or not self._serves(plan, facts):
             return None
         self._query_plans.move_to_end(shape)
         return plan, facts
+
+    async def _estimated_query(self, text: str) -> Verdict | None:
+        """A Query of a shape with kept plans, in a session whose policy inputs carry a cost
+        estimate: the text's own estimate (explained now, or the session's known one), and
+        the plan its shape was decided with under exactly that estimate. Everything else in
+        the input is the plan's (the facts of the shape; the policy reads neither text nor
+        parameters; session and principal as then), so the decision is the one the policy
+        would make. Like an Execute on its plan it then waits for the catalog check and its
+        own request record, which carries its text. None: the full path decides it (no
+        plan for that estimate, or a condition moved)."""
+        shaped = self._analyzer.shape_of(text)
+        if shaped is None or shaped[0] not in self._query_plans:
+            return None
+        shape, spans = shaped
+        if self.settle_search_path is not None and await self.settle_search_path() is not None:
+            return None  # the full path says why
+        found = self._shaped_plans(text, shape, spans)
+        if found is None:
+            return None
+        (estimate,) = await self._estimates_of(found[1], None)
+        # Everything is looked up again after each wait: plans, path or policy may have moved.
+        found = self._shaped_plans(text, shape, spans)
+        if found is None:
+            return None
+        variants, facts = found
+        plan = variants.get(estimate_key(estimate))
+        if plan is None or await self.catalog_moved(plan.catalog_generation, facts):
+            return None
+        if not self._serves(plan, facts):
+            return None
+        self._query_plans.move_to_end(shape)
+        recorded = self.request_planned(facts, plan.decisions, "simple", ())
+        # Not cancelled with this task: a record being written is written all the same.
+        await asyncio.wait((recorded,))
+        written = not recorded.cancelled() and recorded.exception() is None
+        if written and not self._serves(plan, facts):
+            # The masks or the policy moved while it was written: closed as not sent under
+            # this plan, the statement decided and recorded afresh.
+            self.superseded(facts, recorded)
+            return None
+        return self.executed(facts, plan.decisions, recorded, plan.masks, protocol="simple")
 
     def executed(
         self,
@@ -1309,7 +1412,7 @@ class StatementGate:
             self._metrics.query_planned(self.ctx.target_name)
         else:
             self._metrics.execute_planned(self.ctx.target_name)
-        return self._tallied(Verdict(True, [run], decisions, None, facts), combined)
+        return self._tallied(Verdict(True, [run], decisions, None, facts, from_plan=True), combined)
 
     def superseded(self, facts: tuple[StatementFacts, ...], recorded: asyncio.Future[str]) -> None:
         """A request_execute() record whose plan the catalog check then found stale: its

@@ -89,6 +89,31 @@ def test_a_planned_execute_is_refused_once_its_token_is_revoked(gateway: Running
         assert planned_executes(gateway) == planned
 
 
+def test_an_agents_query_plan_is_refused_once_its_token_is_revoked(
+    gateway: RunningGateway,
+) -> None:
+    """ai-agents' Queries of one shape and one cost estimate run on the plan the first left,
+    until the token is revoked: the next text of the shape is never served it."""
+    table = fresh_table(gateway, "qplan_revoked")
+    token = gateway.token("agent:qplan-revoked", groups=("ai-agents",))
+    shape = f'SELECT count(*) FROM "{table}" WHERE id > {{}}'
+    context = gateway.gateway.context
+    assert context is not None
+    with psycopg.connect(gateway.dsn(token), autocommit=True, connect_timeout=10) as conn:
+        before = sum(context.metrics.planned_queries.values())
+        for bound in (-1, -2, -3):
+            assert simple(conn, shape.format(bound)) == [(3,)]
+        assert sum(context.metrics.planned_queries.values()) >= before + 2
+        gateway.revoke(token)
+        time.sleep(1.0)  # as above: nothing in flight while the gateway learns of it
+        planned = sum(context.metrics.planned_queries.values())
+        with pytest.raises(psycopg.OperationalError) as info:
+            simple(conn, shape.format(-4))
+        assert "token revoked" in str(info.value)
+        assert conn.closed or conn.broken
+        assert sum(context.metrics.planned_queries.values()) == planned
+
+
 def test_masked_executes_run_on_the_plan_and_stay_masked(gateway: RunningGateway) -> None:
     """A statement whose decision masks columns is relayed on its plan after its first
     Execute (the masks resolved once and kept with it), in text and binary results alike,

@@ -314,6 +314,41 @@ def test_a_planned_execute_is_decided_afresh_after_ddl(
         assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
 
 
+def planned_queries(gateway: RunningGateway) -> int:
+    context = gateway.gateway.context
+    assert context is not None
+    return sum(context.metrics.planned_queries.values())
+
+
+def test_an_agents_query_plan_is_decided_afresh_after_ddl(
+    gateway: RunningGateway, db: Db, agent: psycopg.Connection[TupleRow]
+) -> None:
+    """ai-agents' Queries of one shape and one cost estimate run on the plan the first left
+    (nothing to mask: a table without classified columns) only while the catalog is the
+    one it was made under: after DDL that leaves the estimate as it was, the next text is
+    decided afresh; after DDL that puts a classified column under the name, its values
+    reach the client masked, however the generation is read (watch or snapshot)."""
+    db.ddl("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
+    # Never analysed, so every bound has the planner's default estimate.
+    shape = "SELECT body FROM notes WHERE id > {}"
+    before = planned_queries(gateway)
+    for bound in (-1, -2, -3):
+        assert {r[0] for r in simple(agent, shape.format(bound))} == {"plain", "text"}
+    # Without the watch any commit anywhere moves the generation: only watched is sure.
+    if db.watched:
+        assert planned_queries(gateway) >= before + 2
+    db.ddl("COMMENT ON TABLE notes IS 'the catalog moved, the estimate did not'")
+    planned = planned_queries(gateway)
+    assert {r[0] for r in simple(agent, shape.format(-4))} == {"plain", "text"}
+    assert planned_queries(gateway) == planned
+    db.ddl(
+        "BEGIN; ALTER TABLE notes RENAME TO notes_old;"
+        " CREATE VIEW notes AS SELECT id, email AS body FROM customers; COMMIT"
+    )
+    assert_masked({str(r[0]) for r in simple(agent, shape.format(-5)) if r[0] is not None}, EMAILS)
+
+
 def test_a_planned_execute_checked_while_ddl_moved_the_catalog_is_recorded_truthfully(
     gateway: RunningGateway, db: Db
 ) -> None:

@@ -86,6 +86,13 @@ def attempt(conn: psycopg.Connection[TupleRow]) -> tuple[str, Any]:
         return "deny", refusal_of(exc)
 
 
+def first_in_session(gw: RunningGateway, text: str) -> list[tuple[Any, ...]]:
+    """`text` as the first Query of a new ai-agents session: decided (a session's plans are
+    its own), so from the decision cache where it holds the decision."""
+    with connect(gw.dsn(token_for(gw, "ai-agents"))) as conn:
+        return simple(conn, text)
+
+
 def wait_for_flip(
     gw: RunningGateway, conn: psycopg.Connection[TupleRow], want: str, old_revision: str
 ) -> Any:
@@ -125,10 +132,11 @@ def test_policy_change_takes_effect_without_restart(
         # Bind/Execute alone: the change must reach it too, not only new Parses.
         for _ in range(2):
             assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
-        # Allowed, then served from the cache.
+        # Allowed, then served from the cache (to another session: a session's next text
+        # of the shape, ai-agents' too, runs on the plan its shape left and asks nothing).
         assert simple(conn, STATEMENT) == [(3,)]
         hits = cache.hits
-        assert simple(conn, STATEMENT) == [(3,)]
+        assert first_in_session(live, STATEMENT) == [(3,)]
         assert cache.hits > hits, "the second decision did not come from the cache"
         old_revision = sidecar.revision
         assert old_revision is not None and cache.revision == old_revision
@@ -174,7 +182,7 @@ def test_policy_change_takes_effect_without_restart(
         assert cache.revision == old_revision
         hits = cache.hits
         for _ in range(3):
-            assert simple(conn, STATEMENT) == [(3,)]
+            assert first_in_session(live, STATEMENT) == [(3,)]
         assert cache.hits > hits, "the decision cache stopped serving after the revert"
     # OPA was reloaded, not restarted.
     assert sidecar.pid == opa_pid
@@ -386,3 +394,43 @@ def test_a_planned_execute_is_decided_afresh_after_a_policy_change(
         # Decided afresh under the reverted policy, then relayed on the new plan again.
         for _ in range(2):
             assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
+
+
+def test_an_agents_query_plan_is_decided_afresh_after_a_policy_change(
+    live: Any, policy_copy: tuple[Path, Path]
+) -> None:
+    """ai-agents' Queries of one shape and one cost estimate run on the plan the first left
+    (each explained, none decided) until another policy is in force: the next text of the
+    shape is refused by the new policy, and runs on a plan again once it is reverted."""
+    rego, _ = policy_copy
+    sidecar = live.gateway.sidecar
+    metrics = live.gateway.context.metrics
+    rule = rego / "pgwarden" / "zz_query_plan_lockdown.rego"
+    # Below every id: the same estimate for each literal (the primary key's range).
+    shape = "SELECT count(*) FROM orders WHERE id > {}"
+    with (
+        connect(live.dsn(token_for(live, "ai-agents"))) as agent,
+        connect(live.dsn(token_for(live, "ai-agents"))) as conn,
+    ):
+        before = sum(metrics.planned_queries.values())
+        for bound in (-1, -2, -3):
+            assert simple(agent, shape.format(bound)) == [(3,)]
+        assert sum(metrics.planned_queries.values()) >= before + 2
+        old_revision = sidecar.revision
+        assert old_revision is not None
+        rule.write_text(LOCKDOWN)
+        try:
+            wait_for_flip(live, conn, "deny", old_revision)
+            new_revision = live.gateway.decider.revision
+            planned = sum(metrics.planned_queries.values())
+            with pytest.raises(psycopg.Error) as info:
+                simple(agent, shape.format(-4))
+            assert LOCKDOWN_REASON in refusal_of(info.value).message
+            assert sum(metrics.planned_queries.values()) == planned
+        finally:
+            rule.unlink(missing_ok=True)
+        wait_for_flip(live, conn, "allow", new_revision or old_revision)
+        planned = sum(metrics.planned_queries.values())
+        for bound in (-5, -6, -7):
+            assert simple(agent, shape.format(bound)) == [(3,)]
+        assert sum(metrics.planned_queries.values()) >= planned + 2

@@ -1,16 +1,21 @@
 # ruff: noqa: S608 - table and schema names are the test's own; literals are what is tested
-"""Simple-protocol Queries relayed on the plan of their shape (no task, no analysis, no
-decision of their own) through the real gateway, OPA and PostgreSQL: texts that differ only
-in literals, where no fact or decision depends on a literal's value. Each record keeps its
-exact text; a statement whose literals matter, or whose plan's conditions moved (search_path,
-masks), is decided on its own. The literal kinds of the analysis (constant WHERE,
-set_config's setting) are in test_statement_plans.py, the policy reading the text in
-test_policy_reload.py."""
+"""Simple-protocol Queries relayed on the plan of their shape (no analysis, no decision of
+their own) through the real gateway, OPA and PostgreSQL: texts that differ only in literals,
+where no fact or decision depends on a literal's value. Each record keeps its exact text; a
+statement whose literals matter, or whose plan's conditions moved (search_path, masks), is
+decided on its own. Where the session's inputs carry a cost estimate (ai-agents), a text
+is served the plan its shape was decided with under exactly its own estimate, and no other.
+The literal kinds of the analysis (constant WHERE, set_config's setting) are in
+test_statement_plans.py, the policy reading the text and a policy change in
+test_policy_reload.py, DDL in test_policy_ddl_masks.py, a revoked token in
+test_execute_plans.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.harness import RunningGateway
@@ -21,6 +26,8 @@ from .test_audit_support import last_pos, records_after, wait_for
 pytestmark = pytest.mark.server
 
 SHADOW = "plans_query_shadow"
+BIG = "plans_query_big"
+OVER = "ai-agents may not run reads estimated at more than 100000 rows without approval"
 
 
 def planned_queries(gateway: RunningGateway) -> int:
@@ -42,13 +49,16 @@ def _requests(gateway: RunningGateway, pos: int, marker: str, count: int) -> lis
     return wait_for(ready)
 
 
+@pytest.mark.parametrize("group", ["engineers", "ai-agents"])
 def test_texts_of_one_shape_run_on_its_plan_and_keep_their_own_text(
-    gateway: RunningGateway,
+    gateway: RunningGateway, group: str
 ) -> None:
+    """For ai-agents each text is explained (its estimate: one row by the primary key, the
+    same for every literal here) and served the plan made with that estimate."""
     table = fresh_table(gateway, "qplan", rows=6)
     pos = last_pos(gateway.settings)
     texts = [f"SELECT v FROM {table} WHERE id = {i}" for i in range(1, 7)]
-    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+    with connect(gateway.dsn(token_for(gateway, group))) as conn:
         before = planned_queries(gateway)
         for i, text in enumerate(texts, start=1):
             assert simple(conn, text) == [(f"v{i}",)]
@@ -60,11 +70,13 @@ def test_texts_of_one_shape_run_on_its_plan_and_keep_their_own_text(
     assert [r["decision"]["cache_hit"] for r in records][1:] == [True] * (len(texts) - 1)
 
 
+@pytest.mark.parametrize("group", ["engineers", "ai-agents"])
 def test_masked_texts_of_one_shape_run_on_its_plan_and_stay_masked(
-    gateway: RunningGateway,
+    gateway: RunningGateway, group: str
 ) -> None:
-    """Engineers are not pii-readers: customers' classified columns are masked for them."""
-    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+    """Neither engineers nor ai-agents are pii-readers: customers' classified columns are
+    masked for them, on the plan as on the full path."""
+    with connect(gateway.dsn(token_for(gateway, group))) as conn:
         before = planned_queries(gateway)
         seen = [
             simple(
@@ -93,6 +105,7 @@ def shadow(gateway: RunningGateway) -> Any:
         direct(gateway, f"DROP SCHEMA {SHADOW} CASCADE")
 
 
+@pytest.mark.parametrize("group", ["engineers", "ai-agents"])
 @pytest.mark.parametrize(
     "move_path",
     [
@@ -102,13 +115,13 @@ def shadow(gateway: RunningGateway) -> Any:
     ],
 )
 def test_a_plan_made_under_one_search_path_never_serves_another(
-    gateway: RunningGateway, shadow: None, move_path: str
+    gateway: RunningGateway, shadow: None, move_path: str, group: str
 ) -> None:
     """The plan made for public.customers (email masked) must not serve the texts of its
     shape once the search_path names an unclassified table of that name, nor the other way
     round."""
     shape = "SELECT email FROM customers WHERE id = {}"
-    with connect(gateway.dsn(token_for(gateway, "engineers"))) as conn:
+    with connect(gateway.dsn(token_for(gateway, group))) as conn:
         before = planned_queries(gateway)
         for i in (1, 2, 1):
             rows = simple(conn, shape.format(i))
@@ -124,15 +137,66 @@ def test_a_plan_made_under_one_search_path_never_serves_another(
             assert_no_customer_secret(rows)
 
 
-def test_texts_whose_cost_estimates_the_policy_reads_are_each_decided(
-    gateway: RunningGateway,
+@pytest.fixture(scope="module")
+def big(gateway: RunningGateway) -> Iterator[None]:
+    """BIG: 200 000 rows, no index, analysed: a read of most of it is estimated over the
+    reference threshold (100 000 rows); one below its smallest value, at one row."""
+    direct(gateway, f"DROP TABLE IF EXISTS {BIG}")
+    direct(gateway, f"CREATE TABLE {BIG} AS SELECT generate_series(1, 200000) g")
+    direct(gateway, f"ANALYZE {BIG}")
+    try:
+        yield
+    finally:
+        direct(gateway, f"DROP TABLE {BIG}")
+
+
+def test_texts_of_one_shape_are_each_decided_with_their_own_estimate(
+    gateway: RunningGateway, big: None
 ) -> None:
-    """The session rule has ai-agents' reads explained and the policy reads the estimate:
-    it depends on the literals (WHERE id < 10 against WHERE id < 10000000), so no text is
-    served the plan of another of its shape; each is explained and decided on its own."""
-    table = fresh_table(gateway, "qest", rows=3)
+    """The policy reads the estimate, and the literals move it: texts of one shape whose
+    estimates are equal share the plan decided with it; one estimated over the threshold
+    is not served that plan (it asks approval), nor one with a small estimate of its own
+    (decided on its own, then kept too)."""
+    shape = f"SELECT g FROM {BIG} WHERE g < {{}}"
     with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
         before = planned_queries(gateway)
-        for i in range(1, 4):
-            assert simple(conn, f"SELECT v FROM {table} WHERE id = {i}") == [(f"v{i}",)]
-        assert planned_queries(gateway) == before
+        for bound in (-5, -6, -7):  # below every value: one row estimated, none returned
+            assert simple(conn, shape.format(bound)) == []
+        assert planned_queries(gateway) >= before + 2
+        planned = planned_queries(gateway)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            simple(conn, shape.format(10_000_000))
+        assert info.value.diag.message_primary == f"pgwarden: approval required: {OVER}"
+        assert planned_queries(gateway) == planned
+        assert simple(conn, shape.format(10)) == [(g,) for g in range(1, 10)]
+        assert planned_queries(gateway) == planned
+        # Both plans are kept: each serves the texts of its own estimate.
+        assert simple(conn, shape.format(-8)) == []
+        assert simple(conn, shape.format(10)) == [(g,) for g in range(1, 10)]
+        assert planned_queries(gateway) >= planned + 2
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            simple(conn, shape.format(20_000_000))
+
+
+@pytest.mark.parametrize(
+    ("allowed", "refused"),
+    [
+        ("SELECT set_config('application_name', 'x', false)",
+         "SELECT set_config('role', 'postgres', false)"),
+        ("SELECT v FROM {t} WHERE id = 1 AND set_config('application_name', 'x', false) <> ''",
+         "SELECT v FROM {t} WHERE id = 1 AND set_config('role', 'postgres', false) <> ''"),
+    ],
+)  # fmt: skip
+def test_an_agents_text_whose_literals_matter_is_never_served_another_ones_plan(
+    gateway: RunningGateway, allowed: str, refused: str
+) -> None:
+    """The estimate of both texts is the same (set_config is not run by EXPLAIN): only the
+    facts tell them apart, and the literal that changes them keeps the shape off any plan."""
+    table = fresh_table(gateway, "qlit", rows=3)
+    with connect(gateway.dsn(token_for(gateway, "ai-agents"))) as conn:
+        for _ in range(3):
+            simple(conn, allowed.format(t=table))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            simple(conn, refused.format(t=table))
+        assert "statement denied" in str(info.value)
+        assert simple(conn, "SELECT 1") == [(1,)]
