@@ -418,6 +418,7 @@ class Catalog:
             now,
         )
         if missing:
+            generation, epoch = self.generation, self._epoch
             try:
                 rows = await self._fetch(
                     _MASK_QUERY,
@@ -432,12 +433,18 @@ class Catalog:
                 fetched.setdefault(i, []).append((relid, attnum, derived))
                 self._known_columns.add((relid, attnum))
                 self._known_relations.add(relid)
+            # A column that does not exist is kept as absent only under a generation a probe
+            # confirmed, unmoved while it was read: the DDL that creates it moves the
+            # generation, and the probe every statement waits for then drops the entry
+            # (invalidate). Without one (a caller that never probes) it is asked again next
+            # time: cached, its absence would leave it unmasked for a TTL once created.
+            absence_holds = (
+                generation is not None and generation == self.generation and epoch == self._epoch
+            )
             for index, name in enumerate(missing, start=1):
                 columns = tuple(dict.fromkeys(fetched.get(index, ())))
                 found[name] = columns
-                if columns:
-                    # A column that does not exist yet is asked again next time: caching its
-                    # absence would leave it unmasked for a TTL once someone creates it.
+                if columns or absence_holds:
                     self._mask_columns[name] = (columns, now)
         targets: dict[tuple[int, int], str] = {}
         for m in masks:

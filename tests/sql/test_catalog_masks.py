@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import psycopg
@@ -243,3 +243,33 @@ async def test_a_missing_column_is_looked_up_again(
     pg_cluster.psql("CREATE TABLE mk_a.later (id int, email text)")
     later = await attnums(pg_cluster, "mk_a.later")
     assert await catalog.mask_targets([mask]) == {later["email"]: "hash"}
+
+
+async def test_a_missing_column_is_kept_absent_only_under_a_confirmed_generation(
+    catalog: Catalog, pg_cluster: LocalCluster
+) -> None:
+    """Under a generation a probe confirmed, a masked column that does not exist is not
+    looked up for every statement (a policy naming columns some tables lack would ask
+    the catalog each time); the DDL that creates it moves the generation, and the next
+    probe, which every statement waits for, has it looked up again."""
+    mask = Mask("mk_a", "later_gen", "email", "hash")
+    queries = 0
+    real_fetch = catalog._fetch
+
+    async def counted(query: str, *args: Any) -> list[Any]:
+        nonlocal queries
+        queries += 1
+        return await real_fetch(query, *args)
+
+    catalog._fetch = counted  # type: ignore[method-assign]  # counting this catalog's reads
+    assert await catalog.refresh() is not None
+    assert await catalog.mask_targets([mask]) == {}
+    assert queries == 1
+    assert await catalog.refresh() is not None  # nothing committed: the same generation
+    assert await catalog.mask_targets([mask]) == {}
+    assert queries == 1
+    pg_cluster.psql("CREATE TABLE mk_a.later_gen (id int, email text)")
+    assert await catalog.refresh() is not None
+    later = await attnums(pg_cluster, "mk_a.later_gen")
+    assert await catalog.mask_targets([mask]) == {later["email"]: "hash"}
+    assert queries == 2
