@@ -1,5 +1,5 @@
-"""Run a real driver's own test suite (pg8000, asyncpg, psycopg) through the gateway and direct, and
-compare.
+"""Run a real driver's own test suite (pg8000, asyncpg, psycopg, node-postgres) through the
+gateway and direct, and compare.
 
 Nothing third-party lives in this repository: the driver's source and a throwaway venv are
 prepared under /tmp (see `prepare`). Then, in this process:
@@ -15,12 +15,15 @@ prepared under /tmp (see `prepare`). Then, in this process:
   * the suite's pytest runs in a separate process (the throwaway venv's Python), twice:
     PGHOST/PGPORT/PGPASSWORD pointing at the gateway (password = an admins JWT), then straight
     at the cluster (password = the superuser's). Each run writes a JUnit XML report;
+    node-postgres has no pytest: each of its test files runs in its own `node` process
+    (see run_nodepg);
   * both summaries are printed, and every test whose outcome differs is listed.
 
 Usage (from the repository root):
     .venv/bin/python bench/driver_suite/run.py                     # pg8000, both runs
     .venv/bin/python bench/driver_suite/run.py --driver asyncpg    # asyncpg's suite, both runs
     .venv/bin/python bench/driver_suite/run.py --driver psycopg    # psycopg 3's suite, both runs
+    .venv/bin/python bench/driver_suite/run.py --driver node-postgres  # pg's integration tests
     .venv/bin/python bench/driver_suite/run.py -- -k notify        # extra args go to pytest
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +94,24 @@ PSYCOPG_SUITES = {
              "--ignore=tests/test_free_threading.py", "tests"],
 }  # fmt: skip
 
+# node-postgres (npm `pg`): its integration tests from the git repository (NODEPG_FROM, by
+# default the stored snapshot of github.com/brianc/node-postgres, at HEAD), unpacked under
+# WORK. Its runtime dependencies that live in the same monorepo (pg-protocol, built with tsc;
+# pg-pool, pg-connection-string, pg-cursor) are linked from the snapshot; the rest, and the
+# test-only ones its test files require, come from npm into NODEPG_DEPS.
+NODEPG_FROM = Path(os.environ.get("NODEPG_FROM", "/work/.mirror/brianc+node-postgres/repo"))
+NODEPG_SRC = WORK / "node-postgres"
+NODEPG_DEPS = WORK / "node-postgres-deps"
+NODEPG_NPM = ["pg-types@2.2.0", "pgpass@1.0.5", "async@2.6.4", "bluebird@3.7.2", "co@4.6.0",
+              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16"]  # fmt: skip
+NODEPG_WORKSPACE = ["pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor"]
+NODEPG_REPORTER = Path(__file__).with_name("nodepg_reporter.cjs")
+# `make test-integration`: every test/integration/**/*-tests.js, one node process each. Left
+# out, with why: tls-tests.js reads client certificates from PGSSLCERT/PGSSLKEY (set only by
+# node-postgres's CI job with client certificates; without them it defines no test).
+NODEPG_SKIP: dict[str, str] = {}
+NODEPG_FILE_TIMEOUT = 120.0
+
 # pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
 # the auth/ folders need a server whose pg_hba forces one method per run, and the README
 # examples need a specific server setup; both are separate CI jobs.
@@ -150,8 +172,35 @@ def _psycopg_tests() -> None:
     (PSYCOPG_SUITE / "SOURCE").write_text(f"{PSYCOPG_TESTS_FROM} {ref} {commit.stdout}")
 
 
+def _nodepg() -> None:
+    """node-postgres's source at HEAD, its npm dependencies, pg-protocol compiled."""
+    git = ["git", "--git-dir", str(NODEPG_FROM)]
+    NODEPG_SRC.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run([*git, "archive", "HEAD"], check=True, capture_output=True)
+    subprocess.run(["tar", "x", "-C", str(NODEPG_SRC)], input=archive.stdout, check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    (NODEPG_SRC / "SOURCE").write_text(f"{NODEPG_FROM} HEAD {commit.stdout}")
+    NODEPG_DEPS.mkdir(parents=True, exist_ok=True)
+    (NODEPG_DEPS / "package.json").write_text('{"name": "nodepg-deps", "private": true}')
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NODEPG_NPM], cwd=NODEPG_DEPS,
+                   check=True)  # fmt: skip
+    modules = NODEPG_SRC / "node_modules"  # found by require() from packages/*/
+    modules.symlink_to(NODEPG_DEPS / "node_modules")
+    for name in NODEPG_WORKSPACE:
+        (modules / name).symlink_to(NODEPG_SRC / "packages" / name)
+    # Its tsconfig names mocha's types (pg-protocol's own unit tests): tsc reports them
+    # missing and still emits dist/, which is all pg needs.
+    subprocess.run([str(modules / ".bin" / "tsc")], cwd=NODEPG_SRC / "packages" / "pg-protocol")
+    if not (NODEPG_SRC / "packages" / "pg-protocol" / "dist" / "index.js").exists():
+        raise SystemExit("pg-protocol did not build")
+
+
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
+    if driver == "node-postgres":
+        if not (NODEPG_SRC / "node_modules").exists():
+            _nodepg()
+        return
     if driver == "pg8000":
         _venv(VENV, TEST_DEPS)
         _sdist(VENV, "pg8000", PG8000_VERSION)
@@ -209,6 +258,55 @@ def run_suite(
     return parse_junit(report)
 
 
+def run_nodepg(
+    label: str, host: str, port: int, password: str, extra: list[str], out: Path
+) -> Outcomes:
+    """Each of pg's integration test files in its own node process, as `make test-integration`
+    runs them (a file stops at its first failure), its outcomes written by nodepg_reporter.cjs.
+    `extra`: substrings of the file paths to run (all when empty)."""
+    label = f"node-postgres-{label}"
+    pg = NODEPG_SRC / "packages" / "pg"
+    report, log = out / f"{label}.jsonl", out / f"{label}.log"
+    report.unlink(missing_ok=True)
+    files = sorted(
+        str(p.relative_to(pg)) for p in (pg / "test" / "integration").rglob("*-tests.js")
+    )
+    files = [f for f in files if not extra or any(x in f for x in extra)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PGUSER="postgres",
+               PGDATABASE="postgres", NODEPG_REPORT=str(report), NODEPG_PG_DIR=str(pg))  # fmt: skip
+    print(
+        f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {pg}), {len(files)} files", flush=True
+    )
+    started = time.monotonic()
+    outcomes: Outcomes = {}
+    with log.open("w") as logf:
+        for f in files:
+            if f in NODEPG_SKIP:
+                outcomes[f"{f}::(file)"] = ("skipped", NODEPG_SKIP[f])
+                continue
+            logf.write(f"\n===== {f}\n")
+            logf.flush()
+            try:
+                subprocess.run(["node", "--require", str(NODEPG_REPORTER), f], cwd=pg,
+                               env={**env, "NODEPG_TEST_FILE": f}, stdout=logf, stderr=logf,
+                               timeout=NODEPG_FILE_TIMEOUT)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                outcomes[f"{f}::(file)"] = ("failed", f"no exit within {NODEPG_FILE_TIMEOUT}s")
+    if report.exists():
+        for line in report.read_text().splitlines():
+            rec = json.loads(line)
+            name = f"{rec['file']}::{rec['name']}"
+            if outcomes.get(name, ("", ""))[0] == "failed":
+                continue  # a test name seen twice in one file: the failure stays
+            outcomes[name] = (
+                rec["outcome"],
+                rec["message"].splitlines()[0][:200] if rec["message"] else "",
+            )
+    print(f"[{label}] {counts(outcomes)}  ({time.monotonic() - started:.1f}s, log {log})")
+    return outcomes
+
+
 def parse_junit(path: Path) -> Outcomes:
     outcomes: Outcomes = {}
     if not path.exists():
@@ -241,7 +339,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--driver", choices=("pg8000", "asyncpg", "psycopg"), default="pg8000")
+    ap.add_argument(
+        "--driver", choices=("pg8000", "asyncpg", "psycopg", "node-postgres"), default="pg8000"
+    )
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
@@ -258,7 +358,9 @@ def main() -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep cluster/gateway state dirs")
     ap.add_argument("--out", type=Path, default=WORK / "results")
-    ap.add_argument("pytest_args", nargs="*")
+    ap.add_argument(
+        "pytest_args", nargs="*", help="extra pytest args; node-postgres: test file path substrings"
+    )
     args = ap.parse_args()
     known = {"pg8000": SUITES, "psycopg": PSYCOPG_SUITES}.get(args.driver, {"main": []})
     if args.suite not in known:
@@ -303,7 +405,15 @@ def main() -> int:
             )  # fmt: skip
         token = gw.token(f"agent:{args.driver}-suite", groups=("admins",), ttl=6 * 3600)
         results: dict[str, Outcomes] = {}
-        if args.only in (None, "gateway"):
+        sides = {"gateway": (gw.host, gw.port, token),
+                 "direct": ("127.0.0.1", cluster.port, SUPERUSER_PASSWORD)}  # fmt: skip
+        if args.driver == "node-postgres":
+            for side, (host, port, password) in sides.items():
+                if args.only in (None, side):
+                    results[side] = run_nodepg(
+                        side, host, port, password, args.pytest_args, args.out
+                    )
+        elif args.only in (None, "gateway"):
             results["gateway"] = run_suite(
                 "gateway",
                 args.driver,
@@ -314,7 +424,7 @@ def main() -> int:
                 args.pytest_args,
                 args.out,
             )
-        if args.only in (None, "direct"):
+        if args.driver != "node-postgres" and args.only in (None, "direct"):
             results["direct"] = run_suite(
                 "direct",
                 args.driver,
@@ -341,6 +451,9 @@ def main() -> int:
         title = f"psycopg {PSYCOPG_VERSION}, selection {args.suite!r}: " + " ".join(
             PSYCOPG_SUITES[args.suite]
         )
+    elif args.driver == "node-postgres":
+        commit = (NODEPG_SRC / "SOURCE").read_text().split()[-1][:8]
+        title = f"node-postgres {commit}: pg's test/integration"
     else:
         title = f"asyncpg {ASYNCPG_VERSION}: tests/"
     print(f"\n===== {title} own test suite")
