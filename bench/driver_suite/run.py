@@ -103,13 +103,15 @@ NODEPG_FROM = Path(os.environ.get("NODEPG_FROM", "/work/.mirror/brianc+node-post
 NODEPG_SRC = WORK / "node-postgres"
 NODEPG_DEPS = WORK / "node-postgres-deps"
 NODEPG_NPM = ["pg-types@2.2.0", "pgpass@1.0.5", "async@2.6.4", "bluebird@3.7.2", "co@4.6.0",
-              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16"]  # fmt: skip
-NODEPG_WORKSPACE = ["pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor"]
+              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16", "mocha@11"]  # fmt: skip
+NODEPG_WORKSPACE = ["pg", "pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor"]
+# Selections: "main" is pg's `make test-integration`; "cursor" is pg-cursor's mocha suite
+# (portals read a few rows at a time: Execute with a row limit, PortalSuspended, Close).
+NODEPG_SUITES = ("main", "cursor")
 NODEPG_REPORTER = Path(__file__).with_name("nodepg_reporter.cjs")
-# `make test-integration`: every test/integration/**/*-tests.js, one node process each. Left
-# out, with why: tls-tests.js reads client certificates from PGSSLCERT/PGSSLKEY (set only by
-# node-postgres's CI job with client certificates; without them it defines no test).
-NODEPG_SKIP: dict[str, str] = {}
+# `make test-integration`: every test/integration/**/*-tests.js, one node process each
+# (connection-pool/tls-tests.js defines no test without node-postgres's client-certificate
+# CI variables: it counts as one "(file)" that passes).
 # Tests skipped on both sides, each for a reason by design (nodepg_reporter.cjs skips them, so
 # the rest of their file still runs: the file would stop at their failure).
 _UNKNOWN_ROLE = (
@@ -202,8 +204,10 @@ def _nodepg() -> None:
     subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NODEPG_NPM], cwd=NODEPG_DEPS,
                    check=True)  # fmt: skip
     modules = NODEPG_SRC / "node_modules"  # found by require() from packages/*/
+    modules.unlink(missing_ok=True)
     modules.symlink_to(NODEPG_DEPS / "node_modules")
     for name in NODEPG_WORKSPACE:
+        (modules / name).unlink(missing_ok=True)
         (modules / name).symlink_to(NODEPG_SRC / "packages" / name)
     # Its tsconfig names mocha's types (pg-protocol's own unit tests): tsc reports them
     # missing and still emits dist/, which is all pg needs.
@@ -215,7 +219,7 @@ def _nodepg() -> None:
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
     if driver == "node-postgres":
-        if not (NODEPG_SRC / "node_modules").exists():
+        if not (NODEPG_SRC / "node_modules" / ".bin" / "mocha").exists():
             _nodepg()
         return
     if driver == "pg8000":
@@ -276,15 +280,18 @@ def run_suite(
 
 
 def run_nodepg(
-    label: str, host: str, port: int, password: str, extra: list[str], out: Path
+    label: str, suite: str, host: str, port: int, password: str, extra: list[str], out: Path
 ) -> Outcomes:
     """Each of pg's integration test files in its own node process, as `make test-integration`
     runs them (a file stops at its first failure), its outcomes written by nodepg_reporter.cjs.
     `extra`: substrings of the file paths to run (all when empty)."""
-    label = f"node-postgres-{label}"
+    label = f"node-postgres-{suite}-{label}"
     pg = NODEPG_SRC / "packages" / "pg"
     report, log = out / f"{label}.jsonl", out / f"{label}.log"
     report.unlink(missing_ok=True)
+    if suite == "cursor":
+        return _run_mocha(label, NODEPG_SRC / "packages" / "pg-cursor", host, port, password,
+                          extra, out)  # fmt: skip
     files = sorted(
         str(p.relative_to(pg)) for p in (pg / "test" / "integration").rglob("*-tests.js")
     )
@@ -300,9 +307,6 @@ def run_nodepg(
     outcomes: Outcomes = {}
     with log.open("w") as logf:
         for f in files:
-            if f in NODEPG_SKIP:
-                outcomes[f"{f}::(file)"] = ("skipped", NODEPG_SKIP[f])
-                continue
             logf.write(f"\n===== {f}\n")
             logf.flush()
             try:
@@ -321,6 +325,31 @@ def run_nodepg(
                 rec["outcome"],
                 rec["message"].splitlines()[0][:200] if rec["message"] else "",
             )
+    print(f"[{label}] {counts(outcomes)}  ({time.monotonic() - started:.1f}s, log {log})")
+    return outcomes
+
+
+def _run_mocha(
+    label: str, cwd: Path, host: str, port: int, password: str, extra: list[str], out: Path
+) -> Outcomes:
+    """A node-postgres package's mocha suite (its test/*.js), outcomes from mocha's xunit
+    reporter (JUnit XML). `extra` goes to mocha (e.g. --grep NAME)."""
+    report, log = out / f"{label}.xml", out / f"{label}.log"
+    report.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PGUSER="postgres",
+               PGDATABASE="postgres")  # fmt: skip
+    argv = [str(NODEPG_SRC / "node_modules" / ".bin" / "mocha"), "--reporter", "xunit",
+            "--reporter-option", f"output={report}", *extra]  # fmt: skip
+    print(f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {cwd})\n$ {' '.join(argv)}")
+    started = time.monotonic()
+    with log.open("w") as logf:
+        try:
+            subprocess.run(argv, cwd=cwd, env=env, stdout=logf, stderr=logf,
+                           timeout=NODEPG_FILE_TIMEOUT * 5)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            logf.write(f"\nno exit within {NODEPG_FILE_TIMEOUT * 5}s\n")
+    outcomes = parse_junit(report)
     print(f"[{label}] {counts(outcomes)}  ({time.monotonic() - started:.1f}s, log {log})")
     return outcomes
 
@@ -363,10 +392,11 @@ def main() -> int:
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
-        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES)),
+        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES) | set(NODEPG_SUITES)),
         default="main",
         help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
-        " psycopg: main (its CI's, without slow and timing tests) or slow (those)",
+        " psycopg: main (its CI's, without slow and timing tests) or slow (those);"
+        " node-postgres: main (pg's test/integration) or cursor (pg-cursor's mocha suite)",
     )
     ap.add_argument(
         "--register-test-databases",
@@ -381,6 +411,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     known = {"pg8000": SUITES, "psycopg": PSYCOPG_SUITES}.get(args.driver, {"main": []})
+    if args.driver == "node-postgres":
+        known = {name: [] for name in NODEPG_SUITES}
     if args.suite not in known:
         ap.error(f"--suite {args.suite} is not a selection of {args.driver}'s suite")
     prepare(args.driver)
@@ -431,7 +463,7 @@ def main() -> int:
             for side, (host, port, password) in sides.items():
                 if args.only in (None, side):
                     results[side] = run_nodepg(
-                        side, host, port, password, args.pytest_args, args.out
+                        side, args.suite, host, port, password, args.pytest_args, args.out
                     )
         elif args.only in (None, "gateway"):
             results["gateway"] = run_suite(
@@ -473,7 +505,7 @@ def main() -> int:
         )
     elif args.driver == "node-postgres":
         commit = (NODEPG_SRC / "SOURCE").read_text().split()[-1][:8]
-        title = f"node-postgres {commit}: pg's test/integration"
+        title = f"node-postgres {commit}, selection {args.suite!r}"
     else:
         title = f"asyncpg {ASYNCPG_VERSION}: tests/"
     print(f"\n===== {title} own test suite")
