@@ -103,11 +103,14 @@ NODEPG_FROM = Path(os.environ.get("NODEPG_FROM", "/work/.mirror/brianc+node-post
 NODEPG_SRC = WORK / "node-postgres"
 NODEPG_DEPS = WORK / "node-postgres-deps"
 NODEPG_NPM = ["pg-types@2.2.0", "pgpass@1.0.5", "async@2.6.4", "bluebird@3.7.2", "co@4.6.0",
-              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16", "mocha@11"]  # fmt: skip
+              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16", "mocha@11",
+              "expect.js@0.3.1", "lodash@4"]  # fmt: skip
 NODEPG_WORKSPACE = ["pg", "pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor"]
-# Selections: "main" is pg's `make test-integration`; "cursor" is pg-cursor's mocha suite
-# (portals read a few rows at a time: Execute with a row limit, PortalSuspended, Close).
-NODEPG_SUITES = ("main", "cursor")
+# Selections: "main" is pg's `make test-integration`; the others are a package's mocha suite:
+# "cursor" pg-cursor's (portals read a few rows at a time: Execute with a row limit,
+# PortalSuspended, Close), "pool" pg-pool's (connections checked out, ended, timed out).
+NODEPG_MOCHA = {"cursor": "pg-cursor", "pool": "pg-pool"}
+NODEPG_SUITES = ("main", *NODEPG_MOCHA)
 NODEPG_REPORTER = Path(__file__).with_name("nodepg_reporter.cjs")
 # `make test-integration`: every test/integration/**/*-tests.js, one node process each
 # (connection-pool/tls-tests.js defines no test without node-postgres's client-certificate
@@ -219,7 +222,7 @@ def _nodepg() -> None:
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
     if driver == "node-postgres":
-        if not (NODEPG_SRC / "node_modules" / ".bin" / "mocha").exists():
+        if not (NODEPG_SRC / "node_modules" / "expect.js").exists():
             _nodepg()
         return
     if driver == "pg8000":
@@ -289,9 +292,9 @@ def run_nodepg(
     pg = NODEPG_SRC / "packages" / "pg"
     report, log = out / f"{label}.jsonl", out / f"{label}.log"
     report.unlink(missing_ok=True)
-    if suite == "cursor":
-        return _run_mocha(label, NODEPG_SRC / "packages" / "pg-cursor", host, port, password,
-                          extra, out)  # fmt: skip
+    if suite in NODEPG_MOCHA:
+        return _run_mocha(label, NODEPG_SRC / "packages" / NODEPG_MOCHA[suite], host, port,
+                          password, extra, out)  # fmt: skip
     files = sorted(
         str(p.relative_to(pg)) for p in (pg / "test" / "integration").rglob("*-tests.js")
     )
@@ -396,7 +399,7 @@ def main() -> int:
         default="main",
         help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
         " psycopg: main (its CI's, without slow and timing tests) or slow (those);"
-        " node-postgres: main (pg's test/integration) or cursor (pg-cursor's mocha suite)",
+        " node-postgres: main (pg's test/integration), cursor or pool (pg-cursor's, pg-pool's)",
     )
     ap.add_argument(
         "--register-test-databases",
