@@ -104,12 +104,20 @@ NODEPG_SRC = WORK / "node-postgres"
 NODEPG_DEPS = WORK / "node-postgres-deps"
 NODEPG_NPM = ["pg-types@2.2.0", "pgpass@1.0.5", "async@2.6.4", "bluebird@3.7.2", "co@4.6.0",
               "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16", "mocha@11",
-              "expect.js@0.3.1", "lodash@4"]  # fmt: skip
-NODEPG_WORKSPACE = ["pg", "pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor"]
+              "expect.js@0.3.1", "lodash@4", "ts-node@10", "concat-stream@1.0.1",
+              "JSONStream@1.3.5", "stream-spec@0.3.5"]  # fmt: skip
+NODEPG_WORKSPACE = ["pg", "pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor",
+                    "pg-query-stream"]  # fmt: skip
 # Selections: "main" is pg's `make test-integration`; the others are a package's mocha suite:
 # "cursor" pg-cursor's (portals read a few rows at a time: Execute with a row limit,
-# PortalSuspended, Close), "pool" pg-pool's (connections checked out, ended, timed out).
-NODEPG_MOCHA = {"cursor": "pg-cursor", "pool": "pg-pool"}
+# PortalSuspended, Close), "pool" pg-pool's (connections checked out, ended, timed out),
+# "stream" pg-query-stream's (a cursor read as a stream, paused and destroyed; TypeScript,
+# run as its package.json does with ts-node, transpile-only: no type check of the tests).
+NODEPG_MOCHA = {
+    "cursor": ("pg-cursor", []),
+    "pool": ("pg-pool", []),
+    "stream": ("pg-query-stream", ["-r", "ts-node/register", "test/**/*.ts"]),
+}
 NODEPG_SUITES = ("main", *NODEPG_MOCHA)
 NODEPG_REPORTER = Path(__file__).with_name("nodepg_reporter.cjs")
 # `make test-integration`: every test/integration/**/*-tests.js, one node process each
@@ -222,7 +230,7 @@ def _nodepg() -> None:
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
     if driver == "node-postgres":
-        if not (NODEPG_SRC / "node_modules" / "expect.js").exists():
+        if not (NODEPG_SRC / "node_modules" / "ts-node").exists():
             _nodepg()
         return
     if driver == "pg8000":
@@ -293,8 +301,9 @@ def run_nodepg(
     report, log = out / f"{label}.jsonl", out / f"{label}.log"
     report.unlink(missing_ok=True)
     if suite in NODEPG_MOCHA:
-        return _run_mocha(label, NODEPG_SRC / "packages" / NODEPG_MOCHA[suite], host, port,
-                          password, extra, out)  # fmt: skip
+        package, args = NODEPG_MOCHA[suite]
+        return _run_mocha(label, NODEPG_SRC / "packages" / package, host, port, password,
+                          [*args, *extra], out)  # fmt: skip
     files = sorted(
         str(p.relative_to(pg)) for p in (pg / "test" / "integration").rglob("*-tests.js")
     )
@@ -341,7 +350,7 @@ def _run_mocha(
     report.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PGUSER="postgres",
-               PGDATABASE="postgres")  # fmt: skip
+               PGDATABASE="postgres", TS_NODE_TRANSPILE_ONLY="true")  # fmt: skip
     argv = [str(NODEPG_SRC / "node_modules" / ".bin" / "mocha"), "--reporter", "xunit",
             "--reporter-option", f"output={report}", *extra]  # fmt: skip
     print(f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {cwd})\n$ {' '.join(argv)}")
@@ -399,7 +408,8 @@ def main() -> int:
         default="main",
         help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
         " psycopg: main (its CI's, without slow and timing tests) or slow (those);"
-        " node-postgres: main (pg's test/integration), cursor or pool (pg-cursor's, pg-pool's)",
+        " node-postgres: main (pg's test/integration), cursor, pool, stream (pg-cursor's,"
+        " pg-pool's, pg-query-stream's)",
     )
     ap.add_argument(
         "--register-test-databases",
