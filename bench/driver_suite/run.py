@@ -1,5 +1,5 @@
-"""Run a real driver's own test suite (pg8000, asyncpg, psycopg) through the gateway and direct, and
-compare.
+"""Run a real driver's own test suite (pg8000, asyncpg, psycopg, node-postgres) through the
+gateway and direct, and compare.
 
 Nothing third-party lives in this repository: the driver's source and a throwaway venv are
 prepared under /tmp (see `prepare`). Then, in this process:
@@ -15,12 +15,15 @@ prepared under /tmp (see `prepare`). Then, in this process:
   * the suite's pytest runs in a separate process (the throwaway venv's Python), twice:
     PGHOST/PGPORT/PGPASSWORD pointing at the gateway (password = an admins JWT), then straight
     at the cluster (password = the superuser's). Each run writes a JUnit XML report;
+    node-postgres has no pytest: each of its test files runs in its own `node` process
+    (see run_nodepg);
   * both summaries are printed, and every test whose outcome differs is listed.
 
 Usage (from the repository root):
     .venv/bin/python bench/driver_suite/run.py                     # pg8000, both runs
     .venv/bin/python bench/driver_suite/run.py --driver asyncpg    # asyncpg's suite, both runs
     .venv/bin/python bench/driver_suite/run.py --driver psycopg    # psycopg 3's suite, both runs
+    .venv/bin/python bench/driver_suite/run.py --driver node-postgres  # pg's integration tests
     .venv/bin/python bench/driver_suite/run.py -- -k notify        # extra args go to pytest
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -90,6 +94,54 @@ PSYCOPG_SUITES = {
              "--ignore=tests/test_free_threading.py", "tests"],
 }  # fmt: skip
 
+# node-postgres (npm `pg`): its integration tests from the git repository (NODEPG_FROM, by
+# default the stored snapshot of github.com/brianc/node-postgres, at HEAD), unpacked under
+# WORK. Its runtime dependencies that live in the same monorepo (pg-protocol, built with tsc;
+# pg-pool, pg-connection-string, pg-cursor) are linked from the snapshot; the rest, and the
+# test-only ones its test files require, come from npm into NODEPG_DEPS.
+NODEPG_FROM = Path(os.environ.get("NODEPG_FROM", "/work/.mirror/brianc+node-postgres/repo"))
+NODEPG_SRC = WORK / "node-postgres"
+NODEPG_DEPS = WORK / "node-postgres-deps"
+NODEPG_NPM = ["pg-types@2.2.0", "pgpass@1.0.5", "async@2.6.4", "bluebird@3.7.2", "co@4.6.0",
+              "pg-copy-streams@0.3.0", "typescript@6", "@types/node@16", "mocha@11",
+              "expect.js@0.3.1", "lodash@4", "ts-node@10", "concat-stream@1.0.1",
+              "JSONStream@1.3.5", "stream-spec@0.3.5"]  # fmt: skip
+NODEPG_WORKSPACE = ["pg", "pg-protocol", "pg-pool", "pg-connection-string", "pg-cursor",
+                    "pg-query-stream"]  # fmt: skip
+# Selections: "main" is pg's `make test-integration`; the others are a package's mocha suite:
+# "cursor" pg-cursor's (portals read a few rows at a time: Execute with a row limit,
+# PortalSuspended, Close), "pool" pg-pool's (connections checked out, ended, timed out),
+# "stream" pg-query-stream's (a cursor read as a stream, paused and destroyed; TypeScript,
+# run as its package.json does with ts-node, transpile-only: no type check of the tests).
+NODEPG_MOCHA = {
+    "cursor": ("pg-cursor", []),
+    "pool": ("pg-pool", []),
+    "stream": ("pg-query-stream", ["-r", "ts-node/register", "test/**/*.ts"]),
+}
+NODEPG_SUITES = ("main", *NODEPG_MOCHA)
+NODEPG_REPORTER = Path(__file__).with_name("nodepg_reporter.cjs")
+# `make test-integration`: every test/integration/**/*-tests.js, one node process each
+# (connection-pool/tls-tests.js defines no test without node-postgres's client-certificate
+# CI variables: it counts as one "(file)" that passes).
+# Tests skipped on both sides, each for a reason by design (nodepg_reporter.cjs skips them, so
+# the rest of their file still runs: the file would stop at their failure).
+_UNKNOWN_ROLE = (
+    "expects the login of a role that does not exist to fail: pgwarden takes the identity from"
+    " the token (PGPASSWORD) and only records the user name"
+)
+NODEPG_SKIP_TESTS = {
+    f"test/integration/client/error-handling-tests.js::{name}": _UNKNOWN_ROLE
+    for name in (
+        "non-query error with callback",
+        "when connecting to an invalid host with callback",
+        "when connecting to invalid host with promise",
+        "non-query error",
+    )
+}
+# Databases pg's tests connect to by name besides `postgres` (gh-issues/130: psql ... template1).
+NODEPG_DATABASES = ["template1"]
+NODEPG_FILE_TIMEOUT = 120.0
+
 # pg8000's own CI (.github/workflows/test.yml, job main-test) runs exactly this selection:
 # the auth/ folders need a server whose pg_hba forces one method per run, and the README
 # examples need a specific server setup; both are separate CI jobs.
@@ -150,8 +202,37 @@ def _psycopg_tests() -> None:
     (PSYCOPG_SUITE / "SOURCE").write_text(f"{PSYCOPG_TESTS_FROM} {ref} {commit.stdout}")
 
 
+def _nodepg() -> None:
+    """node-postgres's source at HEAD, its npm dependencies, pg-protocol compiled."""
+    git = ["git", "--git-dir", str(NODEPG_FROM)]
+    NODEPG_SRC.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run([*git, "archive", "HEAD"], check=True, capture_output=True)
+    subprocess.run(["tar", "x", "-C", str(NODEPG_SRC)], input=archive.stdout, check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    (NODEPG_SRC / "SOURCE").write_text(f"{NODEPG_FROM} HEAD {commit.stdout}")
+    NODEPG_DEPS.mkdir(parents=True, exist_ok=True)
+    (NODEPG_DEPS / "package.json").write_text('{"name": "nodepg-deps", "private": true}')
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NODEPG_NPM], cwd=NODEPG_DEPS,
+                   check=True)  # fmt: skip
+    modules = NODEPG_SRC / "node_modules"  # found by require() from packages/*/
+    modules.unlink(missing_ok=True)
+    modules.symlink_to(NODEPG_DEPS / "node_modules")
+    for name in NODEPG_WORKSPACE:
+        (modules / name).unlink(missing_ok=True)
+        (modules / name).symlink_to(NODEPG_SRC / "packages" / name)
+    # Its tsconfig names mocha's types (pg-protocol's own unit tests): tsc reports them
+    # missing and still emits dist/, which is all pg needs.
+    subprocess.run([str(modules / ".bin" / "tsc")], cwd=NODEPG_SRC / "packages" / "pg-protocol")
+    if not (NODEPG_SRC / "packages" / "pg-protocol" / "dist" / "index.js").exists():
+        raise SystemExit("pg-protocol did not build")
+
+
 def prepare(driver: str) -> None:
     """The sdist (it carries the tests) and a venv with the driver and its test deps."""
+    if driver == "node-postgres":
+        if not (NODEPG_SRC / "node_modules" / "ts-node").exists():
+            _nodepg()
+        return
     if driver == "pg8000":
         _venv(VENV, TEST_DEPS)
         _sdist(VENV, "pg8000", PG8000_VERSION)
@@ -209,6 +290,82 @@ def run_suite(
     return parse_junit(report)
 
 
+def run_nodepg(
+    label: str, suite: str, host: str, port: int, password: str, extra: list[str], out: Path
+) -> Outcomes:
+    """Each of pg's integration test files in its own node process, as `make test-integration`
+    runs them (a file stops at its first failure), its outcomes written by nodepg_reporter.cjs.
+    `extra`: substrings of the file paths to run (all when empty)."""
+    label = f"node-postgres-{suite}-{label}"
+    pg = NODEPG_SRC / "packages" / "pg"
+    report, log = out / f"{label}.jsonl", out / f"{label}.log"
+    report.unlink(missing_ok=True)
+    if suite in NODEPG_MOCHA:
+        package, args = NODEPG_MOCHA[suite]
+        return _run_mocha(label, NODEPG_SRC / "packages" / package, host, port, password,
+                          [*args, *extra], out)  # fmt: skip
+    files = sorted(
+        str(p.relative_to(pg)) for p in (pg / "test" / "integration").rglob("*-tests.js")
+    )
+    files = [f for f in files if not extra or any(x in f for x in extra)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PGUSER="postgres",
+               PGDATABASE="postgres", NODEPG_REPORT=str(report), NODEPG_PG_DIR=str(pg),
+               NODEPG_SKIP_TESTS=json.dumps(NODEPG_SKIP_TESTS))  # fmt: skip
+    print(
+        f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {pg}), {len(files)} files", flush=True
+    )
+    started = time.monotonic()
+    outcomes: Outcomes = {}
+    with log.open("w") as logf:
+        for f in files:
+            logf.write(f"\n===== {f}\n")
+            logf.flush()
+            try:
+                subprocess.run(["node", "--require", str(NODEPG_REPORTER), f], cwd=pg,
+                               env={**env, "NODEPG_TEST_FILE": f}, stdout=logf, stderr=logf,
+                               timeout=NODEPG_FILE_TIMEOUT)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                outcomes[f"{f}::(file)"] = ("failed", f"no exit within {NODEPG_FILE_TIMEOUT}s")
+    if report.exists():
+        for line in report.read_text().splitlines():
+            rec = json.loads(line)
+            name = f"{rec['file']}::{rec['name']}"
+            if outcomes.get(name, ("", ""))[0] == "failed":
+                continue  # a test name seen twice in one file: the failure stays
+            outcomes[name] = (
+                rec["outcome"],
+                rec["message"].splitlines()[0][:200] if rec["message"] else "",
+            )
+    print(f"[{label}] {counts(outcomes)}  ({time.monotonic() - started:.1f}s, log {log})")
+    return outcomes
+
+
+def _run_mocha(
+    label: str, cwd: Path, host: str, port: int, password: str, extra: list[str], out: Path
+) -> Outcomes:
+    """A node-postgres package's mocha suite (its test/*.js), outcomes from mocha's xunit
+    reporter (JUnit XML). `extra` goes to mocha (e.g. --grep NAME)."""
+    report, log = out / f"{label}.xml", out / f"{label}.log"
+    report.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGHOST=host, PGPORT=str(port), PGPASSWORD=password, PGUSER="postgres",
+               PGDATABASE="postgres", TS_NODE_TRANSPILE_ONLY="true")  # fmt: skip
+    argv = [str(NODEPG_SRC / "node_modules" / ".bin" / "mocha"), "--reporter", "xunit",
+            "--reporter-option", f"output={report}", *extra]  # fmt: skip
+    print(f"\n===== {label}: PGHOST={host} PGPORT={port} (cwd {cwd})\n$ {' '.join(argv)}")
+    started = time.monotonic()
+    with log.open("w") as logf:
+        try:
+            subprocess.run(argv, cwd=cwd, env=env, stdout=logf, stderr=logf,
+                           timeout=NODEPG_FILE_TIMEOUT * 5)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            logf.write(f"\nno exit within {NODEPG_FILE_TIMEOUT * 5}s\n")
+    outcomes = parse_junit(report)
+    print(f"[{label}] {counts(outcomes)}  ({time.monotonic() - started:.1f}s, log {log})")
+    return outcomes
+
+
 def parse_junit(path: Path) -> Outcomes:
     outcomes: Outcomes = {}
     if not path.exists():
@@ -241,26 +398,34 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--driver", choices=("pg8000", "asyncpg", "psycopg"), default="pg8000")
+    ap.add_argument(
+        "--driver", choices=("pg8000", "asyncpg", "psycopg", "node-postgres"), default="pg8000"
+    )
     ap.add_argument("--only", choices=("gateway", "direct"), help="run one side only")
     ap.add_argument(
         "--suite",
-        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES)),
+        choices=sorted(set(SUITES) | set(PSYCOPG_SUITES) | set(NODEPG_SUITES)),
         default="main",
         help="pg8000: main (its CI main-test selection, default) or auth (its auth/ folders);"
-        " psycopg: main (its CI's, without slow and timing tests) or slow (those)",
+        " psycopg: main (its CI's, without slow and timing tests) or slow (those);"
+        " node-postgres: main (pg's test/integration), cursor, pool, stream (pg-cursor's,"
+        " pg-pool's, pg-query-stream's)",
     )
     ap.add_argument(
         "--register-test-databases",
         action="store_true",
         help=f"also register targets for the databases the suite names: pg8000 {TEST_DATABASES},"
-        f" asyncpg {ASYNCPG_DATABASES} (same-named databases)",
+        f" asyncpg {ASYNCPG_DATABASES}, node-postgres {NODEPG_DATABASES} (same-named databases)",
     )
     ap.add_argument("--keep", action="store_true", help="keep cluster/gateway state dirs")
     ap.add_argument("--out", type=Path, default=WORK / "results")
-    ap.add_argument("pytest_args", nargs="*")
+    ap.add_argument(
+        "pytest_args", nargs="*", help="extra pytest args; node-postgres: test file path substrings"
+    )
     args = ap.parse_args()
     known = {"pg8000": SUITES, "psycopg": PSYCOPG_SUITES}.get(args.driver, {"main": []})
+    if args.driver == "node-postgres":
+        known = {name: [] for name in NODEPG_SUITES}
     if args.suite not in known:
         ap.error(f"--suite {args.suite} is not a selection of {args.driver}'s suite")
     prepare(args.driver)
@@ -290,9 +455,11 @@ def main() -> int:
         # Added once the gateway runs, into its control store (a login naming a target
         # the gateway has not seen reads the store).
         stored = StoredTargets(gw.settings)
-        test_databases = {"pg8000": TEST_DATABASES, "asyncpg": ASYNCPG_DATABASES}.get(
-            args.driver, []
-        )
+        test_databases = {
+            "pg8000": TEST_DATABASES,
+            "asyncpg": ASYNCPG_DATABASES,
+            "node-postgres": NODEPG_DATABASES,
+        }.get(args.driver, [])
         names = ["postgres", *(test_databases if args.register_test_databases else [])]
         for name in names:  # each target: the same-named database, as the superuser
             stored.add(
@@ -303,7 +470,15 @@ def main() -> int:
             )  # fmt: skip
         token = gw.token(f"agent:{args.driver}-suite", groups=("admins",), ttl=6 * 3600)
         results: dict[str, Outcomes] = {}
-        if args.only in (None, "gateway"):
+        sides = {"gateway": (gw.host, gw.port, token),
+                 "direct": ("127.0.0.1", cluster.port, SUPERUSER_PASSWORD)}  # fmt: skip
+        if args.driver == "node-postgres":
+            for side, (host, port, password) in sides.items():
+                if args.only in (None, side):
+                    results[side] = run_nodepg(
+                        side, args.suite, host, port, password, args.pytest_args, args.out
+                    )
+        elif args.only in (None, "gateway"):
             results["gateway"] = run_suite(
                 "gateway",
                 args.driver,
@@ -314,7 +489,7 @@ def main() -> int:
                 args.pytest_args,
                 args.out,
             )
-        if args.only in (None, "direct"):
+        if args.driver != "node-postgres" and args.only in (None, "direct"):
             results["direct"] = run_suite(
                 "direct",
                 args.driver,
@@ -341,6 +516,9 @@ def main() -> int:
         title = f"psycopg {PSYCOPG_VERSION}, selection {args.suite!r}: " + " ".join(
             PSYCOPG_SUITES[args.suite]
         )
+    elif args.driver == "node-postgres":
+        commit = (NODEPG_SRC / "SOURCE").read_text().split()[-1][:8]
+        title = f"node-postgres {commit}, selection {args.suite!r}"
     else:
         title = f"asyncpg {ASYNCPG_VERSION}: tests/"
     print(f"\n===== {title} own test suite")

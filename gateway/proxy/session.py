@@ -37,6 +37,7 @@ from gateway.identity.principal import Principal, TokenRejected
 from gateway.policy.decision import Decision
 from gateway.policy.input import TargetInfo, target_input
 from gateway.protocol import (
+    CANCEL_REQUEST_CODE,
     AuthenticationCleartextPassword,
     AuthenticationOk,
     BackendKeyData,
@@ -151,6 +152,7 @@ log = logging.getLogger("pgwarden.session")
 _LEN = struct.Struct("!I")
 _HEADER = struct.Struct("!BI")
 _TLS_HANDSHAKE = 0x16
+_CANCEL_CODE = _LEN.pack(CANCEL_REQUEST_CODE)
 
 # Startup parameters relayed upstream. Anything else is a setting (PostgreSQL treats unknown
 # startup parameters as GUCs, so `role=...` would be SET ROLE) and goes through policy.
@@ -753,7 +755,7 @@ class ClientSession(asyncio.Protocol):
             return
         (length,) = _LEN.unpack_from(buf, 0)
         if length < 8 or length > self.gw.settings.listener.max_startup_size:
-            self._fatal("08P01", "pgwarden: invalid startup packet length")
+            self._unframed(f"invalid length of startup packet ({length})")
             return
         if len(buf) < length:
             return
@@ -762,7 +764,10 @@ class ClientSession(asyncio.Protocol):
         try:
             packet = decode_startup(body)
         except ProtocolViolation as exc:
-            self._fatal("08P01", f"pgwarden: invalid startup packet: {exc}")
+            if body[:4] == _CANCEL_CODE:
+                self._unframed(f"invalid cancel request packet: {exc}")
+            else:
+                self._fatal("08P01", f"pgwarden: invalid startup packet: {exc}")
             return
         if isinstance(packet, SSLRequest):
             if self._tls is not None or self._ssl_asked:
@@ -790,6 +795,16 @@ class ClientSession(asyncio.Protocol):
             return
         assert isinstance(packet, StartupMessage)
         self._on_startup(packet)
+
+    def _unframed(self, problem: str) -> None:
+        """A first packet PostgreSQL cannot frame (its length, a cancel request's size) is
+        answered as PostgreSQL answers it: logged (COMMERROR), the connection closed without
+        an ErrorResponse. Whatever sent it is no client mid-login (node-postgres ending a
+        connection that is still connecting sends Terminate before its startup packet, and
+        takes an answer for an error on a client it has closed). Nothing ran."""
+        self._end_reason = f"protocol violation: {problem}"
+        log.warning("session %s from %s: %s", self.id, self.client_addr, problem)
+        self._close()
 
     def _begin_tls(self, *, direct: bool) -> None:
         assert self.transport is not None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import socket
+import struct
 import tempfile
 import time
 import uuid
@@ -16,7 +18,7 @@ import pytest
 from cli.localpg import LocalCluster
 from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer, open_signing_key, open_token_book
-from gateway.protocol import PROTOCOL_3_0, ErrorResponse, StartupMessage
+from gateway.protocol import CANCEL_REQUEST_CODE, PROTOCOL_3_0, ErrorResponse, StartupMessage
 from tests.harness import RunningGateway, StoredTargets
 from tests.integration import harness
 from tests.integration.test_audit_support import records_after, wait_for
@@ -317,6 +319,46 @@ def test_malformed_password_message_is_an_audited_failed_login(
         client.close()
     failures = wait_for(lambda: _auth_failures(gateway, app))
     assert len(failures) == 1 and failures[0]["reason"].startswith("protocol violation"), case
+
+
+_STARTUP = StartupMessage(PROTOCOL_3_0, {"user": "t", "database": "app"}).encode()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # node-postgres's Client#end() while its socket is still connecting writes Terminate
+        # first, then its startup packet once connected: read as a length, 'X\0\0\0' is 1.4 GB.
+        pytest.param(b"X\x00\x00\x00\x04" + _STARTUP, id="terminate-before-startup"),
+        pytest.param(b"\x00\x00\x00\x04" + _STARTUP, id="length-below-8"),
+        pytest.param(struct.pack("!I", 100_000) + _STARTUP[4:], id="length-above-maximum"),
+        pytest.param(struct.pack("!II", 8, CANCEL_REQUEST_CODE), id="cancel-request-without-key"),
+    ],
+)
+def test_a_first_packet_that_cannot_be_framed_is_closed_without_an_answer_as_postgresql_does(
+    gateway: RunningGateway, pg_cluster: LocalCluster, data: bytes
+) -> None:
+    """PostgreSQL logs such a packet (COMMERROR) and closes without a word: whatever sent
+    it is no client mid-login, and a client that gave up on its connection must not get an
+    error for it (node-postgres raises one as an unhandled 'error' event)."""
+    answers: dict[str, str] = {}
+    for side in ("direct", "gateway"):
+        if side == "direct":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client = RawClient(sock)
+            sock.settimeout(10.0)
+            sock.connect(str(pg_cluster.socket_dir / f".s.PGSQL.{pg_cluster.port}"))
+        else:
+            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+        try:
+            client.send(data)
+            answers[side] = client.answers_or_closes(5)
+        finally:
+            client.close()
+    assert answers == {"direct": "closed", "gateway": "closed"}
+    # The gateway still serves the next client.
+    with psycopg.connect(gateway.dsn(gateway.token("agent:after-unframed")), connect_timeout=10):
+        pass
 
 
 def test_a_token_that_expires_ends_its_idle_session_at_the_periodic_recheck(
