@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -360,13 +360,37 @@ def test_external_opa_policy_change_reaches_cached_and_prepared_decisions(
             assert LOCKDOWN_REASON in refusal_of(info.value).message
 
 
+def refused_under_lockdown(
+    live: Any,
+    rule: Path,
+    conn: psycopg.Connection[TupleRow],
+    attempt: Callable[[], object],
+    planned: Callable[[], int],
+) -> None:
+    """Put LOCKDOWN in force (`rule`), check that `attempt` is refused by it and did not
+    run on a plan (`planned` unmoved), then revert it and wait for the policy before."""
+    old_revision = live.gateway.sidecar.revision
+    assert old_revision is not None
+    rule.write_text(LOCKDOWN)
+    try:
+        wait_for_flip(live, conn, "deny", old_revision)
+        new_revision = live.gateway.decider.revision
+        before = planned()
+        with pytest.raises(psycopg.Error) as info:
+            attempt()
+        assert LOCKDOWN_REASON in refusal_of(info.value).message
+        assert planned() == before
+    finally:
+        rule.unlink(missing_ok=True)
+    wait_for_flip(live, conn, "allow", new_revision or old_revision)
+
+
 def test_a_planned_execute_is_decided_afresh_after_a_policy_change(
     live: Any, policy_copy: tuple[Path, Path]
 ) -> None:
     """An Execute relayed on the plan its Parse made (no decision of its own) stops being so
     the moment another policy is in force: the next one is refused by the new policy."""
     rego, _ = policy_copy
-    sidecar = live.gateway.sidecar
     metrics = live.gateway.context.metrics
     rule = rego / "pgwarden" / "zz_plan_lockdown.rego"
     with (
@@ -377,20 +401,13 @@ def test_a_planned_execute_is_decided_afresh_after_a_policy_change(
         for _ in range(3):
             assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
         assert sum(metrics.planned_executes.values()) >= before + 2
-        old_revision = sidecar.revision
-        assert old_revision is not None
-        rule.write_text(LOCKDOWN)
-        try:
-            wait_for_flip(live, conn, "deny", old_revision)
-            new_revision = live.gateway.decider.revision
-            planned = sum(metrics.planned_executes.values())
-            with pytest.raises(psycopg.Error) as info:
-                prepared.execute(STATEMENT, prepare=True)
-            assert LOCKDOWN_REASON in refusal_of(info.value).message
-            assert sum(metrics.planned_executes.values()) == planned
-        finally:
-            rule.unlink(missing_ok=True)
-        wait_for_flip(live, conn, "allow", new_revision or old_revision)
+        refused_under_lockdown(
+            live,
+            rule,
+            conn,
+            lambda: prepared.execute(STATEMENT, prepare=True),
+            lambda: sum(metrics.planned_executes.values()),
+        )
         # Decided afresh under the reverted policy, then relayed on the new plan again.
         for _ in range(2):
             assert prepared.execute(STATEMENT, prepare=True).fetchall() == [(3,)]
@@ -403,7 +420,6 @@ def test_an_agents_query_plan_is_decided_afresh_after_a_policy_change(
     (each explained, none decided) until another policy is in force: the next text of the
     shape is refused by the new policy, and runs on a plan again once it is reverted."""
     rego, _ = policy_copy
-    sidecar = live.gateway.sidecar
     metrics = live.gateway.context.metrics
     rule = rego / "pgwarden" / "zz_query_plan_lockdown.rego"
     # Below every id: the same estimate for each literal (the primary key's range).
@@ -416,20 +432,13 @@ def test_an_agents_query_plan_is_decided_afresh_after_a_policy_change(
         for bound in (-1, -2, -3):
             assert simple(agent, shape.format(bound)) == [(3,)]
         assert sum(metrics.planned_queries.values()) >= before + 2
-        old_revision = sidecar.revision
-        assert old_revision is not None
-        rule.write_text(LOCKDOWN)
-        try:
-            wait_for_flip(live, conn, "deny", old_revision)
-            new_revision = live.gateway.decider.revision
-            planned = sum(metrics.planned_queries.values())
-            with pytest.raises(psycopg.Error) as info:
-                simple(agent, shape.format(-4))
-            assert LOCKDOWN_REASON in refusal_of(info.value).message
-            assert sum(metrics.planned_queries.values()) == planned
-        finally:
-            rule.unlink(missing_ok=True)
-        wait_for_flip(live, conn, "allow", new_revision or old_revision)
+        refused_under_lockdown(
+            live,
+            rule,
+            conn,
+            lambda: simple(agent, shape.format(-4)),
+            lambda: sum(metrics.planned_queries.values()),
+        )
         planned = sum(metrics.planned_queries.values())
         for bound in (-5, -6, -7):
             assert simple(agent, shape.format(bound)) == [(3,)]
