@@ -44,12 +44,12 @@ _dumps = functools.partial(orjson.dumps, option=_CANONICAL)
 
 def canonical(value: Any) -> bytes:
     try:
-        return orjson.dumps(value, option=_CANONICAL)
+        return _dumps(value)
     except orjson.JSONEncodeError:
         # Text holding lone surrogates (bytes a decoder kept as surrogate escapes) has no
         # UTF-8 form: a record must still be written, so such text is escaped, and the
         # escaped form is what is signed and stored.
-        return orjson.dumps(_escaped(value), option=_CANONICAL)
+        return _dumps(_escaped(value))
 
 
 def _escaped(value: Any) -> Any:

@@ -90,9 +90,10 @@ _unpack_length = INT32.unpack_from
 
 
 def _int16s(body: bytes, pos: int, n: int) -> tuple[int, ...]:
+    """`n` (at least one) int16 format codes at `pos`."""
     if n == 1:
         return INT16.unpack_from(body, pos)
-    return struct.unpack_from(f"!{n}h", body, pos) if n else ()
+    return struct.unpack_from(f"!{n}h", body, pos)
 
 
 def _bind_fields(
