@@ -357,6 +357,7 @@ class ClientSession(asyncio.Protocol):
         "_bind_error",
         "_cancel_owed",
         "_cancel_secret",
+        "_cancels",
         "_closing",
         "_direct_tls",
         "_draining",
@@ -365,6 +366,7 @@ class ClientSession(asyncio.Protocol):
         "_fail_block",
         "_failed",
         "_frontend",
+        "_held_writes",
         "_inbuf",
         "_mask_wait",
         "_owed_error",
@@ -429,6 +431,10 @@ class ClientSession(asyncio.Protocol):
         self.encoding = "utf-8"
         # A CancelRequest came while the message at the gate was not yet upstream.
         self._cancel_owed = False
+        # Cancels pgwarden sent for this session not yet signalled to the backend, and what
+        # waits meanwhile to be written to the server (_forward_cancel).
+        self._cancels = 0
+        self._held_writes: list[bytes] = []
         self._paused_by_upstream = False
         self._paused_by_client = False
         # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
@@ -852,7 +858,36 @@ class ClientSession(asyncio.Protocol):
             # statement upstream instead (_gate_done).
             self._cancel_owed = self._frontend.state is GATED
             return None
-        return forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+        return self._forward_cancel()
+
+    def _forward_cancel(self) -> asyncio.Future[None]:
+        """Every cancel pgwarden sends the target for this session (the client's, a budget's,
+        a timeout's). Until the target has signalled the backend, nothing more is written to
+        the server: a cancel that lands late stops whatever runs then (the client's next
+        statement, pgwarden's own EXPLAIN), not the statement it was sent for. Once it is
+        signalled, a backend that has finished that statement ignores it while it waits for
+        the next one, so what was held is written then."""
+        assert self.up is not None and self.target is not None
+        self._cancels += 1
+        done = forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+        done.add_done_callback(self._cancel_delivered)
+        return done
+
+    def _cancel_delivered(self, _: asyncio.Future[None]) -> None:
+        self._cancels -= 1
+        if self._cancels or self.phase is not Phase.RELAY:
+            return
+        held = self._held_writes
+        if held:
+            self._held_writes = []
+            self._write_upstream(held[0] if len(held) == 1 else b"".join(held))
+        if (
+            self.phase is Phase.RELAY
+            and self.transport is not None
+            and not self._paused_by_upstream
+            and not (self._frontend.state is GATED and self.held_input > READ_AHEAD)
+        ):
+            self.transport.resume_reading()
 
     # -- the kill switch (gateway/guards/kill.py) -----------------------------------------
 
@@ -1428,6 +1463,13 @@ class ClientSession(asyncio.Protocol):
         up = self.up
         if up is None:
             return
+        if self._cancels:
+            # Written once the cancel in flight is signalled (_forward_cancel).
+            held = self._held_writes
+            held.append(data)
+            if self.transport is not None and sum(map(len, held)) > READ_AHEAD:
+                self.transport.pause_reading()
+            return
         if up.transport.is_closing():
             self._upstream_lost(None)
             return
@@ -1540,7 +1582,7 @@ class ClientSession(asyncio.Protocol):
             or not self.tracker.holds(running)
         ):
             return
-        forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+        self._forward_cancel()
         if tries > 1:
             asyncio.get_running_loop().call_later(
                 _OWED_CANCEL_AGAIN,

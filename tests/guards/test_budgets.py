@@ -6,7 +6,11 @@ the next statement works, and the outcome record says how many rows were withhel
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -15,7 +19,7 @@ import psycopg
 import pytest
 
 from gateway.protocol import ErrorResponse
-from tests.harness import RunningGateway
+from tests.harness import RunningGateway, TcpRelay, target_through
 from tests.integration.test_audit_support import pgwarden, store_env
 from tests.proxy.wire import RawClient
 
@@ -225,3 +229,59 @@ def test_the_decisions_statement_timeout_cancels_upstream(guarded_gateway: Runni
             ).fetchone()
         assert running == (0,)
         assert conn.execute("SELECT 6").fetchone() == (6,)
+
+
+# -- a cancel that lands late stops nothing else ----------------------------------------------
+
+CANCEL_REQUEST = (16, 80877102)
+
+
+class LateCancels(TcpRelay):
+    """Pipes ordinary connections through; a cancel request reaches the server only `delay`
+    seconds after the gateway sent it, as on a loaded host or a distant target."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.delay = delay
+        super().__init__(upstream_port)
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        first = client.recv(16, socket.MSG_PEEK)
+        if len(first) >= 8 and struct.unpack("!II", first[:8]) == CANCEL_REQUEST:
+            request = client.recv(16)
+            time.sleep(self.delay)
+            upstream.sendall(request)
+            while upstream.recv(64):
+                pass  # the server closes once it has signalled the backend
+            return
+        super().relay(client, upstream)
+
+
+@pytest.fixture
+def late_cancel_target(guarded_gateway: RunningGateway) -> Iterator[str]:
+    relay = LateCancels(guarded_gateway.cluster.port, delay=0.5)
+    try:
+        with target_through(guarded_gateway, f"app_late_{relay.port}", relay.port) as name:
+            yield name
+    finally:
+        relay.close()
+
+
+def test_a_budgets_cancel_that_lands_late_never_stops_the_next_statement(
+    guarded_gateway: RunningGateway, engineer: str, late_cancel_target: str
+) -> None:
+    """The statement over its budget ends on the server before pgwarden's cancel gets there
+    (held 0.5 s on the way): the next statement, sent at once, must not be the one cancelled.
+    It is written to the server only once the cancel was delivered, when the backend, idle,
+    ignores it."""
+    dsn = guarded_gateway.dsn(engineer, late_cancel_target)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"SELECT g FROM generate_series(1, {N + 3}) g")  # noqa: S608 - ints
+        _assert_budget_error(info.value)
+        # Long enough to be running when the late cancel lands, were it sent at once.
+        assert conn.execute("SELECT 7 FROM pg_sleep(0.8)").fetchone() == (7,)
+        # Extended protocol too, and the session goes on as usual.
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT g FROM generate_series(1, %s) g", (N + 3,), prepare=True)
+        _assert_budget_error(info.value)
+        assert conn.execute("SELECT %s::int FROM pg_sleep(0.8)", (8,)).fetchone() == (8,)
