@@ -66,6 +66,8 @@ _NOT_EXPLAINED = frozenset(
 # The savepoint the request runs in inside a client's block: a client savepoint of the same
 # name is not touched, since ROLLBACK TO and RELEASE take the newest of a name.
 _SAVEPOINT = "pgwarden_estimate"
+# The scanner's comment tokens: a SQL PREPARE may follow some.
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 
 def explainable(facts: StatementFacts) -> bool:
@@ -104,16 +106,14 @@ _DETERMINISTIC = ("22", "0A", "42")
 
 
 def sql_prepared(text: str) -> tuple[int, int] | None:
-    """For a SQL `PREPARE name [(types)] AS query`: where its name is in the text (start,
-    end) so that the request can prepare the same under pgwarden's own name; None for any
-    other text."""
-    tokens = scan(text)
+    """For a SQL `PREPARE name [(types)] AS query`, comments before it or not: where its
+    name is in the text (start, end) so that the request can prepare the same under
+    pgwarden's own name; None for any other text."""
+    tokens = [t for t in scan(text) if t.name not in _COMMENTS]
     if len(tokens) < 2 or tokens[0].name != "PREPARE":
         return None
-    raw = text.encode()
-    start = len(raw[: tokens[1].start].decode(errors="replace"))
-    end = len(raw[: tokens[1].end + 1].decode(errors="replace"))
-    return start, end
+    # The scanner's offsets are characters, `end` inclusive.
+    return tokens[1].start, tokens[1].end + 1
 
 
 def _declared_types(text: str) -> int:
@@ -125,10 +125,9 @@ def parameter_count(text: str, declared: int) -> int:
     """How many parameters the server gives a Parse of `text` that declared `declared`
     types: the highest `$n` it uses, or more if more types were declared."""
     highest = declared
-    raw = text.encode()
     for token in scan(text):
-        if token.name == "PARAM":
-            highest = max(highest, int(raw[token.start + 1 : token.end + 1]))
+        if token.name == "PARAM":  # `$n`; the scanner's offsets are characters
+            highest = max(highest, int(text[token.start + 1 : token.end + 1]))
     return highest
 
 

@@ -347,3 +347,25 @@ def test_a_large_sibling_does_not_reuse_a_small_ones_estimate(
             conn.execute("SELECT g FROM pgw_estimate_big WHERE g < 10000000")
         _assert_approval(info.value)
         assert len(conn.execute("SELECT g FROM pgw_estimate_big WHERE g < 13").fetchall()) == 12
+
+
+@pytest.mark.parametrize("lead", ["", "/* é, a comment */ ", "-- agent's note\n"])
+def test_texts_with_comments_and_non_ascii_are_estimated(
+    gateway: RunningGateway, agent: str, lead: str
+) -> None:
+    """The scanner's offsets are characters: a non-ASCII character before a SQL PREPARE's
+    name or a `$n`, and comments before PREPARE, still give the statement its estimate,
+    so a small read runs and a big one asks approval (never an error of pgwarden's)."""
+    big = f"{BIG_PARAM} AND 'ééé' <> 'x'"
+    small = f"{SMALL_PARAM} AND 'ééé' <> 'x'"
+    with _connect(gateway, agent) as conn:
+        assert conn.execute(lead + small.replace("$1", "%s"), (5,)).fetchall() == [(5,)]
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(lead + big.replace("$1", "%s"), (5,))
+        _assert_approval(info.value)
+        conn.execute(f'{lead}PREPARE "pgw_é_small" AS {small}')
+        assert conn.execute('EXECUTE "pgw_é_small"(6)').fetchall() == [(6,)]
+        conn.execute(f'{lead}PREPARE "pgw_é_big" AS {big}')
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute('EXECUTE "pgw_é_big"(6)')
+        _assert_approval(info.value)
