@@ -868,8 +868,10 @@ class ClientSession(asyncio.Protocol):
         signalled, a backend that has finished that statement ignores it while it waits for
         the next one, so what was held is written then."""
         assert self.up is not None and self.target is not None
-        self._cancels += 1
         done = forward_cancel(self.target, self.up.process_id, self.up.secret_key)
+        # Counted once the exchange is under way: it always ends (delivered, refused, or
+        # timed out), and so does the hold.
+        self._cancels += 1
         done.add_done_callback(self._cancel_delivered)
         return done
 
