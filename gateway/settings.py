@@ -24,7 +24,8 @@ class ListenerSettings(BaseModel):
     # Cleartext passwords (the JWT) over plaintext are refused except from loopback.
     allow_plaintext_password: bool = False
     max_message_size: int = 64 * 1024 * 1024
-    # Bound on the startup packet, which is read before the client is authenticated.
+    # Bound on the startup packet's body (after its 4-byte length, as PostgreSQL's
+    # MAX_STARTUP_PACKET_LENGTH), read before the client is authenticated.
     max_startup_size: int = 10_000
     # A client that has not authenticated within this time is disconnected.
     startup_timeout_seconds: float = 30.0

@@ -158,8 +158,8 @@ class StartupReader:
         try:
             if length < 8:
                 raise ProtocolViolation(f"startup packet declares length {length}, below 8")
-            if length > self._max:
-                raise MessageTooLarge(length, self._max)
+            if length - 4 > self._max:  # the body, as PostgreSQL counts
+                raise MessageTooLarge(length - 4, self._max)
             if len(buf) < length:
                 return None
             packet = decode_startup(bytes(buf[4:length]))

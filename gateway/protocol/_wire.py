@@ -13,7 +13,8 @@ from gateway.protocol._errors import MessageTooLarge, ProtocolViolation
 MAX_MESSAGE_SIZE: Final = 0x3FFFFFFE
 
 # PostgreSQL's MAX_STARTUP_PACKET_LENGTH: startup packets arrive before authentication,
-# so the limit is small to keep unauthenticated peers cheap.
+# so the limit is small to keep unauthenticated peers cheap. As there, it bounds the body:
+# the packet's length word counts itself too (at most 10004).
 MAX_STARTUP_PACKET_SIZE: Final = 10000
 
 INT16: Final = struct.Struct("!h")
@@ -32,11 +33,11 @@ def frame(type_code: int, body: bytes, max_size: int = MAX_MESSAGE_SIZE) -> byte
 
 
 def packet(body: bytes, max_size: int = MAX_STARTUP_PACKET_SIZE) -> bytes:
-    """The whole wire form of an untyped first packet: int32 length, body."""
-    length = len(body) + 4
-    if length > max_size:
-        raise MessageTooLarge(length, max_size)
-    return UINT32.pack(length) + body
+    """The whole wire form of an untyped first packet: int32 length, body (at most
+    `max_size` bytes, as PostgreSQL bounds it)."""
+    if len(body) > max_size:
+        raise MessageTooLarge(len(body), max_size)
+    return UINT32.pack(len(body) + 4) + body
 
 
 class BodyReader:

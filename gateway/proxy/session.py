@@ -760,7 +760,8 @@ class ClientSession(asyncio.Protocol):
         if len(buf) < 4:
             return
         (length,) = _LEN.unpack_from(buf, 0)
-        if length < 8 or length > self.gw.settings.listener.max_startup_size:
+        # As PostgreSQL: the body after the length word is bounded, at least its 4-byte code.
+        if length < 8 or length - 4 > self.gw.settings.listener.max_startup_size:
             self._unframed(f"invalid length of startup packet ({length})")
             return
         if len(buf) < length:

@@ -169,8 +169,12 @@ def test_startup_reader_reads_ssl_request_then_startup_and_keeps_what_follows() 
 
 
 def test_startup_reader_refuses_an_absurd_length_before_the_body() -> None:
+    # As PostgreSQL: the limit bounds the body, so the length word may say 10004.
     reader = p.StartupReader(max_startup_size=10000)
-    reader.feed(struct.pack("!I", 10001))
+    reader.feed(struct.pack("!I", 10004))
+    assert reader.next_packet() is None  # waits for the body
+    reader = p.StartupReader(max_startup_size=10000)
+    reader.feed(struct.pack("!I", 10005))
     with pytest.raises(p.MessageTooLarge):
         reader.next_packet()
 

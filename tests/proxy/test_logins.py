@@ -361,6 +361,38 @@ def test_a_first_packet_that_cannot_be_framed_is_closed_without_an_answer_as_pos
         pass
 
 
+def _startup_of_length(length: int) -> bytes:
+    """A startup packet whose length word says `length`, padded in application_name (built
+    by hand: the codec refuses to encode one over the limit)."""
+    head = struct.pack("!I", PROTOCOL_3_0) + b"user\0t\0database\0app\0application_name\0"
+    pad = length - 4 - len(head) - 2
+    return struct.pack("!I", length) + head + b"x" * pad + b"\0\0"
+
+
+@pytest.mark.parametrize(("length", "answer"), [(10_004, "answer"), (10_005, "closed")])
+def test_the_startup_packets_size_limit_is_postgresqls(
+    gateway: RunningGateway, pg_cluster: LocalCluster, length: int, answer: str
+) -> None:
+    """PostgreSQL takes a startup packet whose body is up to 10,000 bytes (its length word
+    counts itself too), and closes without a word on a longer one: so does the gateway."""
+    data = _startup_of_length(length)
+    answers: dict[str, str] = {}
+    for side in ("direct", "gateway"):
+        if side == "direct":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client = RawClient(sock)
+            sock.settimeout(10.0)
+            sock.connect(str(pg_cluster.socket_dir / f".s.PGSQL.{pg_cluster.port}"))
+        else:
+            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+        try:
+            client.send(data)
+            answers[side] = client.answers_or_closes(5)
+        finally:
+            client.close()
+    assert answers == {"direct": answer, "gateway": answer}
+
+
 def test_a_token_that_expires_ends_its_idle_session_at_the_periodic_recheck(
     request: pytest.FixtureRequest, pg_cluster: LocalCluster, app_database: str, opa_binary: Path
 ) -> None:
