@@ -128,6 +128,24 @@ async def test_reconnects_after_the_connection_drops(
     assert [c.column for c in f.columns] == ["id", "secret"]
 
 
+async def test_lookups_are_planned_once_not_at_every_call(catalog: Catalog) -> None:
+    """The metadata queries take arrays of names: a custom plan per call cost more than the
+    query (a statement whose cache a write dropped paid it per lookup). After many lookups,
+    none of the connection's prepared statements was ever planned for its parameters, and
+    what they return still follows the catalog."""
+    for _ in range(8):
+        catalog.invalidate()
+        f = await catalog.resolve(one("SELECT lower(name), upper(email) FROM people"), ("cat_a",))
+        assert f.reads == (TableRef("cat_a", "people"),)
+    rows = await catalog._fetch(
+        "SELECT statement, generic_plans, custom_plans FROM pg_catalog.pg_prepared_statements"
+        " WHERE statement LIKE '%ANY($1::text[])%'"
+        " AND statement NOT LIKE '%pg_prepared_statements%'"
+    )
+    assert len(rows) >= 2, rows  # relations and functions, at least
+    assert all(r[1] >= 8 and r[2] == 0 for r in rows), rows
+
+
 async def test_unreachable_catalog_leaves_markers_and_flags() -> None:
     async def refuse() -> asyncpg.Connection:
         raise OSError("connection refused")
