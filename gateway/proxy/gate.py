@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -188,7 +189,7 @@ class MaskResolver(Protocol):
     @property
     def epoch(self) -> int: ...
 
-    async def refresh(self) -> str | None: ...
+    async def refresh(self, since: float | None = None) -> str | None: ...
 
     def refresh_soon(self) -> asyncio.Future[str | None]: ...
 
@@ -396,6 +397,7 @@ class StatementGate:
         "ctx",
         "cursors",
         "enforced",
+        "entered",
         "estimate_plan_rows",
         "estimate_seq_scan_rows",
         "explain",
@@ -498,6 +500,9 @@ class StatementGate:
         self.sticky_masks: dict[tuple[str, str, str, str], Mask] = {}
         # The catalog generation the last statement was resolved under (None: unconfirmed).
         self.catalog_generation: str | None = None
+        # When (time.monotonic) the message now at the gate was handed to it (inf: none, as
+        # at login): a catalog probe sent after that serves all of its steps.
+        self.entered = math.inf
         # Cursor name → the lineage of its rows, as DECLARE's decision saw them (a FETCH
         # names the cursor, not the columns). Missing: unknown, so masked as before.
         self.cursors: dict[str, tuple[tuple[str | None, bool], ...] | None] = {}
@@ -547,7 +552,7 @@ class StatementGate:
 
     async def _refresh_catalog(self) -> str | None:
         catalog = self._masks_catalog()
-        return await catalog.refresh() if catalog is not None else None
+        return await catalog.refresh(self.entered) if catalog is not None else None
 
     async def catalog_moved(self, generation: str | None, facts: Sequence[StatementFacts]) -> bool:
         """Whether statements resolved under catalog `generation` (a Parse's) may mean

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import socket
 import struct
 import time
@@ -1542,6 +1543,8 @@ class ClientSession(asyncio.Protocol):
             if action is GATE:
                 code = core.code
                 message = core.message
+                assert self.gate is not None
+                self.gate.entered = time.monotonic()
                 if code == EXECUTE:
                     planned = self._execute_planned(message)
                 else:
@@ -1596,6 +1599,8 @@ class ClientSession(asyncio.Protocol):
     def _gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
         self._frontend.gate_done()
+        if self.gate is not None:
+            self.gate.entered = math.inf
         if self.phase is Phase.RELAY:
             self._drain_client()
             if self._cancel_owed:  # cancelled at the gate: now it has gone upstream, if at all

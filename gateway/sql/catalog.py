@@ -244,6 +244,9 @@ class Catalog:
         self._probe_task: asyncio.Task[None] | None = None
         self._next_waiters: list[asyncio.Future[str | None]] = []
         self._next_shared: asyncio.Future[str | None] | None = None
+        # When (time.monotonic) the probe that answered `generation` was sent; None: no
+        # answer to go by. See refresh(since=).
+        self._answered_sent_at: float | None = None
 
     def invalidate(self) -> None:
         """Forget all metadata (call after any DDL statement completes)."""
@@ -260,6 +263,7 @@ class Catalog:
         self._known_columns.clear()
         self._known_relations.clear()
         self._resolutions.clear()
+        self._answered_sent_at = None
         self._epoch += 1
         self._schemas = frozenset()
 
@@ -282,11 +286,20 @@ class Catalog:
         before, within one generation, may be stale."""
         return self._epoch
 
-    async def refresh(self) -> str | None:
+    async def refresh(self, since: float | None = None) -> str | None:
         """Make the cache describe every DDL that committed before this call; the generation
         it then belongs to, or None when the server could not say (the cache is dropped:
         what follows fails closed). Concurrent callers share one probe, as long as it was
-        sent after they called. Raises only for a bug (not for an unreachable catalog)."""
+        sent after they called. Raises only for a bug (not for an unreachable catalog).
+
+        `since` (time.monotonic): DDL committed before that moment is all the caller needs
+        seen (its statement arrived then). The last probe answered serves it with no round
+        trip if it was sent after that moment: a statement decided again after its
+        catalog check found its plan stale asks once, not once per step."""
+        if since is not None:
+            sent = self._answered_sent_at
+            if sent is not None and sent > since and self.generation is not None:
+                return self.generation
         return await self._wait_for_probe()
 
     def refresh_soon(self) -> asyncio.Future[str | None]:
@@ -314,6 +327,7 @@ class Catalog:
         # The task's first step, a loop pass after _send_probe(): it serves everyone who
         # asked before this line, and sends its query after it.
         waiters, self._next_waiters, self._next_shared = self._next_waiters, [], None
+        sent_at = time.monotonic()  # the query leaves after this line
         generation: str | None = None
         try:
             try:
@@ -326,6 +340,7 @@ class Catalog:
             else:
                 self._unmoved += 1
             self.generation = generation
+            self._answered_sent_at = sent_at if generation is not None else None
         except BaseException as exc:
             # A bug (or the loop shutting down): every waiter hears of it, none hangs.
             for waiter in waiters:

@@ -4,6 +4,7 @@ from the DDL watch's counter when installed, from the snapshot otherwise."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, NoReturn
 
@@ -238,3 +239,34 @@ async def test_a_snapshot_is_steady_once_probes_in_a_row_found_it_unmoved(
     conn.execute(WATCH_SQL.read_bytes())
     watched = await catalog.refresh()
     assert watched is not None and watched.startswith("watch:") and catalog.steady
+
+
+async def test_a_probe_sent_after_a_moment_serves_callers_that_need_no_older_one(
+    catalog: CountingCatalog, database: tuple[str, psycopg.Connection[TupleRow]]
+) -> None:
+    """refresh(since=): a statement needs every DDL committed before it arrived seen, so a
+    probe sent after that moment serves all of its steps (the check that found its plan
+    stale, the re-check of its prepared statement, its resolution): one round trip, not one
+    per step. A moment after the last probe's sending, or the cache dropped since, takes a
+    probe of its own, which sees DDL committed meanwhile."""
+    _, conn = database
+    arrived = time.monotonic()
+    first = await catalog.refresh()
+    assert catalog.probes == 1
+    assert await catalog.refresh(arrived) == first
+    assert await catalog.refresh(arrived) == first
+    assert catalog.probes == 1
+    # A statement that arrives after that probe was sent: DDL may have come in between.
+    conn.execute("ALTER TABLE people ADD COLUMN later text")
+    moved = await catalog.refresh(time.monotonic())
+    assert catalog.probes == 2 and moved is not None and moved != first
+    # Nothing older than `since` is served after the cache was dropped.
+    arrived = time.monotonic()
+    assert await catalog.refresh() == moved
+    assert catalog.probes == 3
+    catalog.invalidate()
+    assert await catalog.refresh(arrived) == moved
+    assert catalog.probes == 4
+    # And without `since`, every call asks the server, as before.
+    await catalog.refresh()
+    assert catalog.probes == 5
