@@ -885,6 +885,12 @@ class ClientSession(asyncio.Protocol):
         if held:
             self._held_writes = []
             self._write_upstream(held[0] if len(held) == 1 else b"".join(held))
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Read the client again, unless the next message went to the gate with a full
+        read-ahead behind it (reading resumes when that one is through) or the server's
+        write buffer is full (resume_writing resumes it)."""
         if (
             self.phase is Phase.RELAY
             and self.transport is not None
@@ -1608,16 +1614,7 @@ class ClientSession(asyncio.Protocol):
                 running = self.tracker.running_one()
                 if running is not None:
                     self._forward_owed_cancel(running, _OWED_CANCEL_TRIES)
-            # Read on unless the next message went to the gate with a full read-ahead
-            # behind it (reading resumes when that one is through) or the server's write
-            # buffer is full (resume_writing resumes it).
-            if (
-                self.phase is Phase.RELAY
-                and self.transport is not None
-                and not self._paused_by_upstream
-                and not (self._frontend.state is GATED and self.held_input > READ_AHEAD)
-            ):
-                self.transport.resume_reading()
+            self._read_on()
         if self._draining:
             self._end_if_drained()
 

@@ -324,6 +324,28 @@ def test_malformed_password_message_is_an_audited_failed_login(
 _STARTUP = StartupMessage(PROTOCOL_3_0, {"user": "t", "database": "app"}).encode()
 
 
+def _first_packet_answers(
+    gateway: RunningGateway, pg_cluster: LocalCluster, data: bytes
+) -> dict[str, str]:
+    """What PostgreSQL (direct, over its socket) and the gateway each do with `data` sent as
+    a connection's first bytes: 'answer' or 'closed'."""
+    answers: dict[str, str] = {}
+    for side in ("direct", "gateway"):
+        if side == "direct":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client = RawClient(sock)
+            sock.settimeout(10.0)
+            sock.connect(str(pg_cluster.socket_dir / f".s.PGSQL.{pg_cluster.port}"))
+        else:
+            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
+        try:
+            client.send(data)
+            answers[side] = client.answers_or_closes(5)
+        finally:
+            client.close()
+    return answers
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -341,20 +363,7 @@ def test_a_first_packet_that_cannot_be_framed_is_closed_without_an_answer_as_pos
     """PostgreSQL logs such a packet (COMMERROR) and closes without a word: whatever sent
     it is no client mid-login, and a client that gave up on its connection must not get an
     error for it (node-postgres raises one as an unhandled 'error' event)."""
-    answers: dict[str, str] = {}
-    for side in ("direct", "gateway"):
-        if side == "direct":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client = RawClient(sock)
-            sock.settimeout(10.0)
-            sock.connect(str(pg_cluster.socket_dir / f".s.PGSQL.{pg_cluster.port}"))
-        else:
-            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
-        try:
-            client.send(data)
-            answers[side] = client.answers_or_closes(5)
-        finally:
-            client.close()
+    answers = _first_packet_answers(gateway, pg_cluster, data)
     assert answers == {"direct": "closed", "gateway": "closed"}
     # The gateway still serves the next client.
     with psycopg.connect(gateway.dsn(gateway.token("agent:after-unframed")), connect_timeout=10):
@@ -376,20 +385,7 @@ def test_the_startup_packets_size_limit_is_postgresqls(
     """PostgreSQL takes a startup packet whose body is up to 10,000 bytes (its length word
     counts itself too), and closes without a word on a longer one: so does the gateway."""
     data = _startup_of_length(length)
-    answers: dict[str, str] = {}
-    for side in ("direct", "gateway"):
-        if side == "direct":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client = RawClient(sock)
-            sock.settimeout(10.0)
-            sock.connect(str(pg_cluster.socket_dir / f".s.PGSQL.{pg_cluster.port}"))
-        else:
-            client = RawClient.connect(gateway.host, gateway.port, timeout=10)
-        try:
-            client.send(data)
-            answers[side] = client.answers_or_closes(5)
-        finally:
-            client.close()
+    answers = _first_packet_answers(gateway, pg_cluster, data)
     assert answers == {"direct": answer, "gateway": answer}
 
 
