@@ -31,6 +31,7 @@ from gateway.control.client import ControlClient
 from gateway.control.targets import Target
 from gateway.identity.local import LocalTokenIssuer
 from gateway.settings import Settings, load_settings
+from gateway.sql.catalog import WATCH_SQL
 
 app = typer.Typer(help="Run the demo.")
 
@@ -113,6 +114,10 @@ def _run_demo(base: Settings, state: Path, cluster: LocalCluster, port: int, onc
     from gateway.runtime import Gateway
 
     dbname = cluster.create_app_database()
+    # The DDL watch, which the README recommends for every target: this cluster is the
+    # demo's own, so it is installed here (idempotent), and the catalog cache survives writes.
+    cluster.psql(WATCH_SQL.read_text(), dbname=dbname)
+    _say(f"DDL watch installed in database {dbname} (see: Masks after DDL made on the server)")
     certs = ensure_server_cert(state / "tls")
     pw_file = state / "upstream.pw"
     pw_file.write_text(SUPERUSER_PASSWORD)

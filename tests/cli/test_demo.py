@@ -27,6 +27,7 @@ def test_demo_shows_allow_deny_a_held_approval_masks_and_a_verified_trail(tmp_pa
     )  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
+    assert "DDL watch installed in database" in out  # the recommended target set-up
     assert "(3 rows)" in out  # the agent's read of orders
     assert "a***@example.com" in out and "ada@example.com" not in out  # masked
     # Held, approved from the approver's CLI, and the agent gets its row.
