@@ -50,6 +50,7 @@ from gateway.protocol.codes import (
     READY_FOR_QUERY,
 )
 from gateway.proxy.search_path import first_column
+from gateway.sql.analyzer import COMMENT_TOKENS
 from gateway.sql.facts import StatementFacts
 
 EXPLAIN = "EXPLAIN (FORMAT JSON, VERBOSE) "
@@ -66,8 +67,6 @@ _NOT_EXPLAINED = frozenset(
 # The savepoint the request runs in inside a client's block: a client savepoint of the same
 # name is not touched, since ROLLBACK TO and RELEASE take the newest of a name.
 _SAVEPOINT = "pgwarden_estimate"
-# The scanner's comment tokens: a SQL PREPARE may follow some.
-_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 
 def explainable(facts: StatementFacts) -> bool:
@@ -109,7 +108,7 @@ def sql_prepared(text: str) -> tuple[int, int] | None:
     """For a SQL `PREPARE name [(types)] AS query`, comments before it or not: where its
     name is in the text (start, end) so that the request can prepare the same under
     pgwarden's own name; None for any other text."""
-    tokens = [t for t in scan(text) if t.name not in _COMMENTS]
+    tokens = [t for t in scan(text) if t.name not in COMMENT_TOKENS]
     if len(tokens) < 2 or tokens[0].name != "PREPARE":
         return None
     # The scanner's offsets are characters, `end` inclusive.

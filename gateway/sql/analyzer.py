@@ -10,12 +10,13 @@ from pglast.parser import scan
 from gateway.sql.analysis import analyze_shaped
 from gateway.sql.facts import StatementFacts
 
-__all__ = ["Spans", "StatementAnalyzer", "statement_shape"]
+__all__ = ["COMMENT_TOKENS", "Spans", "StatementAnalyzer", "statement_shape"]
 
 # The scanner's literal tokens: their values are what texts of one shape differ in.
 _LITERAL_TOKENS = frozenset({"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST"})
 _SEMICOLON = "ASCII_59"
-_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
+# The scanner's comment tokens (a statement, a SQL PREPARE, may follow some).
+COMMENT_TOKENS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 
 Spans = tuple[tuple[int, int], ...]
@@ -45,7 +46,7 @@ def statement_shape(text: str) -> tuple[str, Spans] | None:
         token.name if token.name in _LITERAL_TOKENS else text[token.start : token.end + 1]
         for token in tokens
     ]
-    code = next((t for t in tokens if t.name not in _COMMENTS), tokens[0])
+    code = next((t for t in tokens if t.name not in COMMENT_TOKENS), tokens[0])
     last = tokens[-2] if len(tokens) > 1 and tokens[-1].name == _SEMICOLON else tokens[-1]
     spans = tuple(
         (start, end)

@@ -18,7 +18,7 @@ import orjson
 import psycopg
 import pytest
 
-from gateway.protocol import ErrorResponse
+from gateway.protocol import CANCEL_REQUEST_CODE, ErrorResponse
 from tests.harness import RunningGateway, TcpRelay, target_through
 from tests.integration.test_audit_support import pgwarden, store_env
 from tests.proxy.wire import RawClient
@@ -233,7 +233,7 @@ def test_the_decisions_statement_timeout_cancels_upstream(guarded_gateway: Runni
 
 # -- a cancel that lands late stops nothing else ----------------------------------------------
 
-CANCEL_REQUEST = (16, 80877102)
+CANCEL_REQUEST = (16, CANCEL_REQUEST_CODE)  # its length and code
 
 
 class LateCancels(TcpRelay):
