@@ -173,7 +173,11 @@ def test_budgets_asyncpg(guarded_gateway: RunningGateway, engineer: str) -> None
     assert fetched == expected
     assert rows == []  # asyncpg's fetch returns nothing on error
     assert copied.startswith(OVER_BUDGET)
-    assert copied.endswith(str([str(i).encode() for i in range(1, N + 1)]))
+    # asyncpg hands its sink what it read before the error, except for data read in the same
+    # pass as the error, which it drops (copy_out's waiter fails): all N rows, or none when
+    # the two came in one read (seen once on a loaded CI machine). Exactly N on the wire is
+    # test_copy_to_stdout_is_cut_at_exactly_n_rows (psycopg gives every block it read).
+    assert copied.endswith((str([str(i).encode() for i in range(1, N + 1)]), " []")), copied
     assert after == 5
 
 
