@@ -93,6 +93,10 @@ class AuditSettings(BaseModel):
     # killed, not the machine losing power). The store is then an index fed from the log.
     # store: no log, committed to the store (the arrangement before the log; see in_process).
     durability: Literal["disk", "os", "store"] = "disk"
+    # disk: who runs the fdatasync. process: a small child of the gateway's (no GIL shared
+    # with the event loop: the fastest); thread: a thread of the gateway's own (one process
+    # less). The gateway falls back to the thread when the child cannot be started.
+    fdatasync_in: Literal["process", "thread"] = "process"
     # The audit log's segment files are rotated past this size.
     log_segment_mb: int = Field(default=64, ge=1)
     # Fail open means statements run when the store is down: they are then unaudited.

@@ -120,6 +120,7 @@ def write_ahead_audit(settings: Settings, store: AuditStore | None = None) -> Wr
         # indexed again from the log at the next start).
         store or audit_store(settings, synchronous="normal"),
         durability=audit.durability,
+        fdatasync_in=audit.fdatasync_in,
         index=IndexProcess(settings) if own_process else None,
         keyring=keyring,
         head=head_witness(settings),

@@ -84,6 +84,16 @@ def _frames(data: bytes | memoryview, segment: Path) -> Iterator[LogEntry | int]
         pos = start + length
 
 
+@dataclass(frozen=True, slots=True)
+class PendingSync:
+    """One sync's worth of the log (AuditLog.sync_begin): `files` to fdatasync in order (the
+    rotated-out segments, `retired`, then the current one), then `directory` to fsync."""
+
+    retired: list[int]
+    files: list[int]
+    directory: int | None
+
+
 def log_directory(state_dir: Path, chain: str) -> Path:
     return state_dir / "audit-log" / _file_stem(chain)
 
@@ -228,21 +238,50 @@ class AuditLog:
 
     def sync(self) -> None:
         """Make everything written so far durable (may run on another thread)."""
+        pending = self.sync_begin()
+        try:
+            for fd in pending.files:
+                os.fdatasync(fd)
+            if pending.directory is not None:
+                os.fsync(pending.directory)
+        except BaseException:
+            self.sync_end(pending, ok=False)
+            raise
+        self.sync_end(pending, ok=True)
+
+    def sync_begin(self) -> PendingSync:
+        """What a sync of everything written so far must cover, for whoever performs it
+        (this thread, another, or the sync process): rotated-out segments, the current
+        one, and the directory (opened here) when a segment was created. sync_end() must
+        follow, once it has succeeded or failed."""
         with self._lock:
             retired, self._retired = self._retired, []
             dir_dirty, self._dir_dirty = self._dir_dirty, False
             fd = self._fd
-        for old in retired:
-            os.fdatasync(old)
-            os.close(old)
-        if fd is not None:
-            os.fdatasync(fd)
+        directory = None
         if dir_dirty:
-            dfd = os.open(self.directory, os.O_RDONLY)
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                directory = os.open(self.directory, os.O_RDONLY)
+            except OSError:
+                with self._lock:
+                    self._retired[:0] = retired
+                    self._dir_dirty = True
+                raise
+        return PendingSync(retired, [*retired, *([fd] if fd is not None else [])], directory)
+
+    def sync_end(self, pending: PendingSync, *, ok: bool) -> None:
+        """After the sync of `pending`: the rotated-out segments are closed once synced; a
+        sync that failed leaves them, and the directory, to the next one (a later success
+        must not release records that only this one covered)."""
+        if pending.directory is not None:
+            os.close(pending.directory)
+        if ok:
+            for old in pending.retired:
+                os.close(old)
+            return
+        with self._lock:
+            self._retired[:0] = pending.retired
+            self._dir_dirty = self._dir_dirty or pending.directory is not None
 
     def close(self) -> None:
         with self._lock:

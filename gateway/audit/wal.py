@@ -7,8 +7,11 @@ log with one `write()`; no thread or process hop is needed for that. Durability 
   survives the gateway being killed (the bytes are in the kernel), not the machine losing
   power.
 - `disk` (default): released once an fdatasync covering its record returns. One sync runs at
-  a time on a thread of its own and covers every record written before it started: records
-  written meanwhile ride on the next one (group commit across sessions).
+  a time, in a process of its own (syncer.py; `fdatasync_in = "thread"`: a thread of its
+  own), and covers every record written before it started: records written meanwhile ride
+  on the next one (group commit across sessions).
+
+The head witness is rewritten on a thread of its own, naming a record already durable.
 
 No mode forwards a statement before its record is written. The SQLite or PostgreSQL store is
 an index fed from the log by a LogIndexer, off the statement path.
@@ -46,7 +49,7 @@ from gateway.audit.events import (
 )
 from gateway.audit.index import LogIndexer, index_from_log
 from gateway.audit.keys import AuditKeyring, HeadWitness
-from gateway.audit.log import AuditLog, LogEntry, frame
+from gateway.audit.log import AuditLog, LogEntry, PendingSync, frame
 from gateway.audit.records import (
     approval_record,
     canonical,
@@ -56,6 +59,7 @@ from gateway.audit.records import (
     session_record,
 )
 from gateway.audit.store import AuditStore, AuditStoreError
+from gateway.audit.syncer import SyncProcess
 from gateway.audit.writer import (
     BatchClock,
     BatchedRecords,
@@ -117,9 +121,9 @@ class AuditIndex(Protocol):
 
 
 class SyncThread:
-    """The thread that fdatasyncs the log and rewrites its head witness: woken with
-    `request()` (one pass at a time: the caller asks again only after `done` was called),
-    `done(error)` called on the event loop once per pass.
+    """A thread that runs one pass of `sync` (the log's fdatasync, or the head witness's
+    rewrite) per `request()` (one pass at a time: the caller asks again only after `done`
+    was called), `done(error)` called on the event loop once per pass.
 
     Not an executor: a sync through `run_in_executor` costs a work item, a queue, a
     concurrent and an asyncio future and their callbacks, run partly on this thread, and
@@ -197,9 +201,13 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         max_batch: int = 5000,
         spool_limit: int = 100_000,
         spool_retry: float = 0.5,
+        fdatasync_in: str = "process",
     ) -> None:
         if durability not in ("disk", "os"):
             raise ValueError("audit durability must be disk or os")
+        if fdatasync_in not in ("process", "thread"):
+            raise ValueError("audit fdatasync_in must be process or thread")
+        self.fdatasync_in = fdatasync_in
         self.log = audit_log
         self.chain = chain
         self.store = store
@@ -233,12 +241,18 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._syncing = False
         # The last record written when the running sync started: what it covers.
         self._sync_covers: SealedRecord | None = None
-        self._sync_thread: SyncThread | None = None
+        # disk: what performs the fdatasync (the sync process, or a thread), and the one
+        # under way (see AuditLog.sync_begin).
+        self._syncer: SyncProcess | SyncThread | None = None
+        self._sync_pending: PendingSync | None = None
+        # The head witness's thread, and whether a pass of it is under way.
+        self._head_thread: SyncThread | None = None
+        self._heading = False
         self._sync_done = asyncio.Event()
         self._head: tuple[int, bytes] | None = None
         self._head_written = 0.0
         self._head_flush: asyncio.TimerHandle | None = None
-        # What the head witness file holds (written by the sync thread, see _sync_pass).
+        # What the head witness file holds (written by the head thread, see _head_pass).
         self._head_on_file: tuple[int, bytes] | None = None
         self.head_interval = 0.05
         # For the admin listener: the last durable record's seq (ChainHeadKeeper), the time
@@ -311,12 +325,21 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self._lock_fd = None
             raise
         self._loop = asyncio.get_running_loop()
-        done = self._synced if self.durability == "disk" else self._head_passed
-        self._sync_thread = SyncThread(self._sync_pass, self._loop, done)
+        self._head_thread = SyncThread(self._head_pass, self._loop, self._head_passed)
+        if self.durability == "disk":
+            self._syncer = self._start_syncer(self._loop)
         self._running = True
         if self._tail.seq:
             self.position = self._tail.seq
         self.index.start(self._tail.seq)
+
+    def _start_syncer(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | SyncThread:
+        if self.fdatasync_in == "process":
+            try:
+                return SyncProcess(loop, self._synced)
+            except OSError as exc:
+                log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
+        return SyncThread(self._fdatasync_pass, loop, self._synced)
 
     async def _open(self) -> None:
         last = self.log.open()
@@ -412,10 +435,13 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
                 log.warning(
                     "audit index: %d records left for the next start: %s", self.index.lag, exc
                 )
-        if self._sync_thread is not None:
+        if self._head_thread is not None:
             await self._settle()  # a head pass a timer started meanwhile
-            self._sync_thread.stop()
-            self._sync_thread = None
+            if self._syncer is not None:
+                self._syncer.stop()
+                self._syncer = None
+            self._head_thread.stop()
+            self._head_thread = None
         self._write_head()
         self.log.close()
         if self._lock_fd is not None:
@@ -522,7 +548,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     async def _settle(self) -> None:
         """Until what is queued is written and synced."""
         self._flush()
-        while self._syncing or self._unsynced:
+        while self._syncing or self._unsynced or self._heading:
             self._sync_done.clear()
             await self._sync_done.wait()
 
@@ -582,30 +608,38 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             self._start_sync()
 
     def _start_sync(self) -> None:
-        """One pass at a time: the thread takes one request per pass; what is written
+        """One pass at a time: the syncer takes one request per pass; what is written
         after a pass was asked for is the next pass's (see _synced)."""
-        assert self._sync_thread is not None
+        syncer = self._syncer
+        assert syncer is not None
         if self._syncing:
-            # _synced() can start one twice: the head witness it makes due, then the records
-            # written meanwhile; a second request() would release an unlocked lock. The pass
-            # already asked for covers `_written_last` as of its start; never move what a
-            # running pass covers (its waiters would be released before their fdatasync).
+            # Never move what a running pass covers (its waiters would be released before
+            # their fdatasync): the records written meanwhile are the next pass's.
             return
         self._syncing = True
         self._sync_covers = self._written_last
-        self._sync_thread.request()
+        if isinstance(syncer, SyncThread):
+            syncer.request()
+            return
+        try:
+            pending = self.log.sync_begin()
+        except OSError as exc:  # the directory cannot be opened: the pass fails
+            assert self._loop is not None
+            self._loop.call_soon(self._synced, exc)
+            return
+        self._sync_pending = pending
+        syncer.request(pending.files, pending.directory)
 
-    def _sync_pass(self) -> None:
-        """On the sync thread: fdatasync the log (disk), then rewrite the head witness if it
-        is due. The witness is a file replaced by rename, which takes milliseconds under load
-        (ext4 starts writing the new file out at the rename): not on the event loop. It names
-        the last record this pass covers, so it is never ahead of the log."""
-        covered = self._sync_covers
-        if self.durability == "disk":
-            self.log.sync()  # looked up per pass: tests replace it
-        # Nothing of this writer's covered: the head its commits reached (a prune's record,
-        # synced by the prune), durable already.
-        head = (covered.seq, covered.link) if covered is not None else self._head
+    def _fdatasync_pass(self) -> None:
+        """On the sync thread (fdatasync_in = "thread"): fdatasync the log."""
+        self.log.sync()  # looked up per pass: tests replace it
+
+    def _head_pass(self) -> None:
+        """On the head thread: rewrite the head witness if it is due. The witness is a file
+        replaced by rename, which takes milliseconds under load (ext4 starts writing the new
+        file out at the rename): not on the event loop. It names the last durable record
+        (_after_commit), so it is never ahead of the log."""
+        head = self._head
         if (
             self.head is None
             or head is None
@@ -618,7 +652,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         except OSError as exc:
             # A witness that lags is allowed (verify accepts it); the records are durable.
             # Tried again after head_interval, not by a pass of its own at once (an
-            # unwritable witness would keep the sync thread passing without end).
+            # unwritable witness would keep the head thread passing without end).
             self._head_written = time.monotonic()
             log.warning("audit head witness not written: %s", exc)
             return
@@ -626,37 +660,41 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._head_on_file = head
 
     def _write_head(self) -> None:
-        """The head witness of the last durable record: by the sync thread (its running
-        pass, or one started for it), by this thread only once that is stopped (close)."""
-        if self._sync_thread is None:
+        """The head witness of the last durable record: by the head thread (a pass started
+        for it), by this thread only once that is stopped (close)."""
+        if self._head_thread is None:
             super()._write_head()
             self._head_on_file = self._head
             return
         if self._head_flush is not None:
             self._head_flush.cancel()
             self._head_flush = None
-        if self._head is not None and self._head != self._head_on_file and not self._syncing:
-            self._start_sync()
+        if self._head is not None and self._head != self._head_on_file and not self._heading:
+            self._heading = True
+            self._head_thread.request()
 
     def _head_passed(self, failure: BaseException | None) -> None:
-        """os: a head witness pass is done (the records were durable at their write)."""
-        self._syncing = False
+        """A head witness pass is done. A head that moved during it (or that it could not
+        write) is written once head_interval has passed, so an idle gateway's is current."""
+        self._heading = False
+        if (
+            self._running
+            and self._loop is not None
+            and self._head is not None
+            and self._head != self._head_on_file
+            and self._head_flush is None
+        ):
+            wait = max(0.0, self.head_interval - (time.monotonic() - self._head_written))
+            self._head_flush = self._loop.call_later(wait, self._write_head)
         self._sync_done.set()
 
     def _synced(self, failure: BaseException | None) -> None:
         self._syncing = False
+        pending, self._sync_pending = self._sync_pending, None
+        if pending is not None:
+            self.log.sync_end(pending, ok=failure is None)
         covered = self._sync_covers
-        if covered is None:
-            # A pass for the head witness before this writer wrote a record of its own (a
-            # prune writes and syncs its record itself): it covers no waiter. Those written
-            # meanwhile ride on the next pass; whoever settles is told it is over.
-            if failure is not None:
-                log.error("audit log fdatasync failed: %s", failure)
-                self._log_state(False, f"fdatasync failed: {failure}")
-            if self._written_last is not None:
-                self._start_sync()
-            self._sync_done.set()
-            return
+        assert covered is not None  # a pass starts after a write (_flush) or for one (below)
         unsynced = self._unsynced
         seq = covered.seq
         writes = self._writes

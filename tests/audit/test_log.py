@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +27,9 @@ from gateway.audit import (
 )
 from gateway.audit import log as log_module
 from gateway.audit.index_process import _Follow
-from gateway.audit.log import LogEntry, LogFollower
+from gateway.audit.log import LogEntry, LogFollower, PendingSync
 from gateway.audit.store import AuditStore
+from gateway.audit.syncer import SyncProcess
 from gateway.audit.verify import compare_index, index_lag, verify_log
 from gateway.proxy.ports import AuditUnavailable
 
@@ -75,29 +78,143 @@ async def test_records_go_to_the_log_then_the_index(rig: AuditRig, durability: s
     await _all_verified(rig)
 
 
-async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(rig: AuditRig) -> None:
-    wal = _wal(rig, "disk")
-    syncs = 0
-    real = wal.log.sync
+def _count_passes(wal: WriteAheadAudit) -> list[int]:
+    """A list that grows by one per fdatasync pass, by whichever syncer the log has: the
+    thread calls log.sync() per pass; the process's passes begin with log.sync_begin()."""
+    passes: list[int] = []
+    name = "sync" if wal.fdatasync_in == "thread" else "sync_begin"
+    real = getattr(wal.log, name)
 
-    def counted() -> None:
-        nonlocal syncs
-        syncs += 1
-        real()
+    def counted() -> Any:
+        passes.append(1)
+        return real()
 
-    wal.log.sync = counted  # type: ignore[method-assign]  # counting syncs
+    setattr(wal.log, name, counted)  # counting passes
+    return passes
+
+
+@pytest.mark.parametrize("fdatasync_in", ["process", "thread"])
+async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(
+    rig: AuditRig, fdatasync_in: str
+) -> None:
+    wal = _wal(rig, "disk", fdatasync_in=fdatasync_in)
+    passes = _count_passes(wal)
     async with wal:
         await asyncio.gather(*(wal.request(statement_request(f"SELECT {i}")) for i in range(100)))
-        assert 1 <= syncs < 100
+        assert 1 <= len(passes) < 100
     await _all_verified(rig)
+
+
+async def test_disk_fdatasyncs_in_a_process_of_its_own(rig: AuditRig) -> None:
+    """The default syncer is a child process: no thread of the gateway's calls fdatasync
+    (AuditLog.sync is never called), the child is not this process, and it ends with the
+    writer."""
+    wal = _wal(rig, "disk")
+
+    def not_here() -> None:
+        raise AssertionError("fdatasync ran in the gateway's process")
+
+    wal.log.sync = not_here  # type: ignore[method-assign]
+    async with wal:
+        for burst in range(3):
+            await asyncio.gather(
+                *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(20))
+            )
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess)
+        pid = syncer.pid
+        assert pid is not None and pid != os.getpid()
+        os.kill(pid, 0)  # alive
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped with the writer
+    await _all_verified(rig)
+
+
+async def test_disk_fails_closed_when_the_sync_process_fails_or_dies_then_goes_on(
+    rig: AuditRig,
+) -> None:
+    """A failed fdatasync in the child (here: on a descriptor that cannot be synced) and a
+    child killed in a pass each refuse the records of their pass (AuditUnavailable,
+    readiness off); the next pass (a new child) takes records again."""
+    async with _wal(rig, "disk") as wal:
+        await wal.request(statement_request("SELECT 1"))
+        real_begin = wal.log.sync_begin
+        read_end, write_end = os.pipe()
+
+        def unsyncable() -> PendingSync:
+            pending = real_begin()
+            return PendingSync(pending.retired, [*pending.files, read_end], pending.directory)
+
+        wal.log.sync_begin = unsyncable  # type: ignore[method-assign]  # fault: EINVAL
+        try:
+            with pytest.raises(AuditUnavailable, match=r"fdatasync failed.*Invalid argument"):
+                await wal.request(statement_request("SELECT refused"))
+            assert not wal.accepting
+        finally:
+            wal.log.sync_begin = real_begin  # type: ignore[method-assign]  # the fault ends
+            os.close(read_end)
+            os.close(write_end)
+        assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:3"
+        assert wal.accepting
+
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess) and syncer.pid is not None
+        first = syncer.pid
+        os.kill(first, signal.SIGSTOP)  # fault: the child hangs in a pass...
+        held = asyncio.ensure_future(wal.request(statement_request("SELECT held")))
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        os.kill(first, signal.SIGKILL)  # ...and dies in it
+        with pytest.raises(AuditUnavailable, match=r"fdatasync failed.*exited"):
+            await held
+        assert not wal.accepting
+        # A new child for the next pass.
+        assert await wal.request(statement_request("SELECT 3")) == f"{CHAIN}:5"
+        assert syncer.pid is not None and syncer.pid != first
+        assert wal.accepting
+        # One that dies between passes costs nothing: the next pass starts another.
+        second = syncer.pid
+        os.kill(second, signal.SIGKILL)
+        for _ in range(100):
+            if syncer.pid is None:
+                break
+            await asyncio.sleep(0.01)
+        assert syncer.pid is None
+        assert await wal.request(statement_request("SELECT 4")) == f"{CHAIN}:6"
+        assert syncer.pid not in (None, first, second)
+    await _all_verified(rig)
+
+
+async def test_a_failed_sync_leaves_the_rotated_segments_and_directory_to_the_next(
+    rig: AuditRig,
+) -> None:
+    """Records in a segment rotated out, and a new segment's directory entry, are durable
+    only once a sync covering them succeeds: one that failed hands them to the next
+    (before, a failed sync dropped them, and the next success released records whose
+    segment or directory entry had never been synced)."""
+    trail = AuditLog(rig.tmp / "log", segment_bytes=100)
+    trail.open()
+    trail.write(b"x" * 150, 1)  # rotates in: a new segment, the directory dirty
+    trail.write(b"y" * 150, 2)  # rotates: the first segment retired
+    first = trail.sync_begin()
+    assert len(first.retired) == 1 and first.directory is not None
+    trail.sync_end(first, ok=False)
+    again = trail.sync_begin()
+    assert again.retired == first.retired and again.directory is not None
+    trail.sync_end(again, ok=True)
+    done = trail.sync_begin()
+    assert done.retired == [] and done.directory is None
+    trail.sync_end(done, ok=True)
+    trail.close()
 
 
 async def test_disk_syncs_on_one_thread_of_its_own_without_an_executor_hop(
     rig: AuditRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each fdatasync is one wake-up of the log's sync thread: no executor work item, queue
-    and futures per sync (their GIL hand-offs cost the event loop more than the sync)."""
-    wal = _wal(rig, "disk")
+    """fdatasync_in = "thread": each fdatasync is one wake-up of the log's sync thread: no
+    executor work item, queue and futures per sync (their GIL hand-offs cost the event
+    loop more than the sync)."""
+    wal = _wal(rig, "disk", fdatasync_in="thread")
     threads: list[int] = []
     real = wal.log.sync
 
@@ -131,7 +248,7 @@ async def test_a_sync_pass_ending_with_the_head_due_and_records_written_starts_o
     written meanwhile: both ask for the next pass. One pass is asked for, once (a second
     wake-up of the sync thread raised 'release unlocked lock' in the loop's callback and
     left the records written meanwhile waiting)."""
-    wal = _wal(rig, "disk")
+    wal = _wal(rig, "disk", fdatasync_in="thread")
     wal.head_interval = 0.005  # the head witness is due at the end of most passes
     real = wal.log.sync
 
@@ -164,25 +281,37 @@ async def test_a_sync_pass_ending_with_the_head_due_and_records_written_starts_o
     assert errors == []
 
 
-@pytest.mark.parametrize("durability", ["disk", "os"])
+@pytest.mark.parametrize(
+    ("durability", "fdatasync_in"), [("disk", "process"), ("disk", "thread"), ("os", "process")]
+)
 async def test_the_head_witness_is_rewritten_off_the_event_loop_never_ahead_of_the_log(
-    rig: AuditRig, durability: str
+    rig: AuditRig, durability: str, fdatasync_in: str
 ) -> None:
-    """The witness is a file replaced by rename (milliseconds under load): the sync thread
+    """The witness is a file replaced by rename (milliseconds under load): the head thread
     writes it, naming a record already durable in the log, and it catches up once idle."""
-    wal = _wal(rig, durability)
+    wal = _wal(rig, durability, fdatasync_in=fdatasync_in)
     wal.head_interval = 0.01
     loop_thread = threading.get_ident()
     durable_through = 0
-    real_sync = wal.log.sync
+    # Whichever syncer runs, a sync covers what was written before its sync_begin() and is
+    # done at its sync_end(ok=True).
+    real_begin, real_end = wal.log.sync_begin, wal.log.sync_end
+    covers: dict[int, int] = {}
 
-    def sync() -> None:
-        nonlocal durable_through
+    def begin() -> PendingSync:
         last = wal.log.last()  # written before this fdatasync: covered by it
-        real_sync()
-        durable_through = max(durable_through, last.seq if last else 0)
+        pending = real_begin()
+        covers[id(pending)] = last.seq if last else 0
+        return pending
 
-    wal.log.sync = sync  # type: ignore[method-assign]
+    def end(pending: PendingSync, *, ok: bool) -> None:
+        nonlocal durable_through
+        real_end(pending, ok=ok)
+        if ok:
+            durable_through = max(durable_through, covers.pop(id(pending)))
+
+    wal.log.sync_begin = begin  # type: ignore[method-assign]
+    wal.log.sync_end = end  # type: ignore[method-assign]
     written: list[tuple[int, int]] = []
     heads = wal.head
     assert heads is not None
@@ -221,7 +350,7 @@ async def test_os_forwards_after_the_write_and_disk_fails_closed_without_fdatasy
     async with _wal(rig, "os") as wal:
         wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         assert await wal.request(statement_request("SELECT os")) == f"{CHAIN}:1"
-    async with _wal(rig, "disk") as wal:
+    async with _wal(rig, "disk", fdatasync_in="thread") as wal:
         wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         with pytest.raises(AuditUnavailable, match="fdatasync failed"):
             await wal.request(statement_request("SELECT disk"))

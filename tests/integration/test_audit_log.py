@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import pytest
 
 from gateway.audit import AuditLog, WriteAheadAudit
 from gateway.audit.records import RequestTemplate, canonical
+from gateway.audit.syncer import SyncProcess
 from tests.harness import RunningGateway
 
 from . import direct, fresh_table, simple
@@ -47,27 +50,54 @@ def _requests_for(gw: RunningGateway, table: str) -> list[Any]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("durability", ["disk", "os"])
+class _SlowDisk:
+    """Every fdatasync from hold() on hangs until release(): the sync thread's log.sync()
+    waits on an event; the sync process is stopped (SIGSTOP) and continued (SIGCONT)."""
+
+    def __init__(self, wal: WriteAheadAudit) -> None:
+        self.wal = wal
+        self.gate = threading.Event()
+        self.gate.set()
+        self.stopped: int | None = None
+        if wal.fdatasync_in == "thread":
+            real_sync = wal.log.sync
+
+            def held_sync() -> None:
+                self.gate.wait(20)
+                real_sync()
+
+            wal.log.sync = held_sync  # type: ignore[method-assign]  # fault: a slow disk
+
+    def hold(self) -> None:
+        self.gate.clear()
+        syncer = self.wal._syncer
+        if isinstance(syncer, SyncProcess):
+            assert syncer.pid is not None
+            self.stopped = syncer.pid
+            os.kill(self.stopped, signal.SIGSTOP)
+
+    def release(self) -> None:
+        self.gate.set()
+        if self.stopped is not None:
+            os.kill(self.stopped, signal.SIGCONT)
+            self.stopped = None
+
+
+@pytest.mark.parametrize(
+    ("durability", "fdatasync_in"), [("disk", "process"), ("disk", "thread"), ("os", "process")]
+)
 def test_a_statement_waits_for_the_durability_of_its_record(
-    own_gateway: Callable[..., Any], durability: str
+    own_gateway: Callable[..., Any], durability: str, fdatasync_in: str
 ) -> None:
-    gw = own_gateway(durability=durability, timeout_seconds=10.0)
+    gw = own_gateway(durability=durability, fdatasync_in=fdatasync_in, timeout_seconds=10.0)
     wal = _wal(gw)
-    gate = threading.Event()
-    gate.set()
-    real_sync = wal.log.sync
-
-    def held_sync() -> None:
-        gate.wait(20)
-        real_sync()
-
-    wal.log.sync = held_sync  # type: ignore[method-assign]  # fault: a slow disk
+    disk = _SlowDisk(wal)
     table = fresh_table(gw, "audit_log_wait", rows=0)
     token = gw.token("agent:waiter", groups=("admins",))
     try:
         with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
             simple(conn, "SELECT 1")
-            gate.clear()  # every fdatasync from now on hangs until the gate opens
+            disk.hold()  # every fdatasync from now on hangs until released
             done: list[Any] = []
             worker = threading.Thread(
                 target=lambda: done.append(
@@ -81,12 +111,12 @@ def test_a_statement_waits_for_the_durability_of_its_record(
                 assert worker.is_alive()
                 assert direct(gw, f"SELECT count(*) FROM {table}") == [(0,)]
                 assert any(table in e.body.decode() for e in AuditLog(wal.log.directory).entries())
-                gate.set()
+                disk.release()
             worker.join(10)
             assert not worker.is_alive() and done
-            gate.set()
+            disk.release()
     finally:
-        gate.set()
+        disk.release()
     assert direct(gw, f"SELECT id, v FROM {table}") == [(1, "held")]
     wait_for(lambda: len(_requests_for(gw, table)) == 1, timeout=10)
     assert [r.record()["params"] for r in _requests_for(gw, table)] == [["1", "held"]]
