@@ -9,8 +9,8 @@ gateway's: the loop hands it the log's file descriptors over a socket pair (SCM_
 it fdatasyncs them in order and answers one datagram; the loop hears the answer as any
 other readable socket.
 
-Run as a script (`python -I syncer.py FD`): only the standard library, nothing of the
-gateway's imported. The child ignores SIGINT (a Ctrl-C reaches the whole process group,
+Run as a script (`python -I syncer.py FD LOG_DIR`): only the standard library, nothing of
+the gateway's imported; LOG_DIR is not read, it names in `ps` the log the child syncs. The child ignores SIGINT (a Ctrl-C reaches the whole process group,
 and the gateway still syncs what it writes while it stops) and ends when the socket
 closes: when the gateway closes it or dies.
 
@@ -79,10 +79,14 @@ class SyncProcess:
     (the pass's records are then not durable; a later pass starts a new child)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, done: Callable[[BaseException | None], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[BaseException | None], None],
+        directory: Path,
     ) -> None:
         self._loop = loop
         self._done = done
+        self._directory = directory
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._waiting = False
@@ -97,7 +101,10 @@ class SyncProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", str(Path(__file__).resolve()), str(child.fileno())],
+                [
+                    sys.executable, "-I", str(Path(__file__).resolve()), str(child.fileno()),
+                    str(self._directory.resolve()),
+                ],  # fmt: skip
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

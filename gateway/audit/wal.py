@@ -336,7 +336,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     def _start_syncer(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | SyncThread:
         if self.fdatasync_in == "process":
             try:
-                return SyncProcess(loop, self._synced)
+                return SyncProcess(loop, self._synced, self.log.directory)
             except OSError as exc:
                 log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
         return SyncThread(self._fdatasync_pass, loop, self._synced)

@@ -90,7 +90,7 @@ def _kill_mid_load(env: dict[str, str], state_dir: Path, load: WriteLoad) -> Non
         gw.proc.wait(PATIENCE)
         load.after_the_kill()
         # The OPA sidecar does not outlive the gateway (PR_SET_PDEATHSIG), nor does an
-        # audit or index process.
+        # audit or index process, nor the fdatasync process (its socket closes).
         wait_for(lambda: not pids_mentioning(str(state_dir)), timeout=PATIENCE)
     finally:
         load.abort()
