@@ -10,9 +10,10 @@ it fdatasyncs them in order and answers one datagram; the loop hears the answer 
 other readable socket.
 
 Run as a script (`python -I syncer.py FD LOG_DIR`): only the standard library, nothing of
-the gateway's imported; LOG_DIR is not read, it names in `ps` the log the child syncs. The child ignores SIGINT (a Ctrl-C reaches the whole process group,
-and the gateway still syncs what it writes while it stops) and ends when the socket
-closes: when the gateway closes it or dies.
+the gateway's imported; LOG_DIR is not read, it names in `ps` the log the child syncs. The
+child runs in a process group of its own and ignores SIGINT: a Ctrl-C reaches the
+terminal's foreground group, and the gateway still syncs what it writes while it stops.
+It ends when the socket closes: when the gateway closes it or dies.
 
 Wire format, one SOCK_SEQPACKET datagram each way:
 
@@ -99,13 +100,14 @@ class SyncProcess:
     def _start(self) -> None:
         """Start the child (OSError when it cannot be: no fork, no executable)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        script, log_dir = str(Path(__file__).resolve()), str(self._directory.resolve())
         try:
             self._proc = subprocess.Popen(
-                [
-                    sys.executable, "-I", str(Path(__file__).resolve()), str(child.fileno()),
-                    str(self._directory.resolve()),
-                ],  # fmt: skip
+                [sys.executable, "-I", script, str(child.fileno()), log_dir],
                 pass_fds=(child.fileno(),),
+                # A group of its own: a Ctrl-C to the gateway's (the terminal's foreground
+                # group) does not reach it, not even while it starts.
+                process_group=0,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )

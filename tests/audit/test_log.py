@@ -185,6 +185,24 @@ async def test_disk_fails_closed_when_the_sync_process_fails_or_dies_then_goes_o
     await _all_verified(rig)
 
 
+async def test_the_sync_process_outlives_a_ctrl_c_to_the_process_group(rig: AuditRig) -> None:
+    """Ctrl-C reaches every process of the terminal's foreground group: the gateway then
+    stops and still syncs what it writes meanwhile. Its sync process is in a group of its
+    own (not reached, even while it starts) and ignores SIGINT sent to it directly; it ends
+    when its socket closes."""
+    async with _wal(rig, "disk") as wal:
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess) and syncer.pid is not None
+        pid = syncer.pid
+        assert os.getpgid(pid) != os.getpgid(0)
+        await wal.request(statement_request("SELECT 1"))  # answered: it has started
+        os.kill(pid, signal.SIGINT)
+        await asyncio.sleep(0.1)
+        assert await wal.request(statement_request("SELECT after ctrl-c")) == f"{CHAIN}:2"
+        assert syncer.pid == pid
+    await _all_verified(rig)
+
+
 async def test_a_failed_sync_leaves_the_rotated_segments_and_directory_to_the_next(
     rig: AuditRig,
 ) -> None:
