@@ -166,32 +166,29 @@ class SyncProcess:
 
     def _lost(self) -> None:
         """The child is gone: forget it (reaped), so that the next pass starts another."""
+        pid = self._close()
+        if pid is not None:
+            log.error("audit sync process %d ended; a new one starts at the next pass", pid)
+
+    def stop(self) -> None:
+        """After the last `done`: close the socket (the child exits) and reap it."""
+        self._close()
+
+    def _close(self) -> int | None:
+        """Close the socket (a child still running exits) and reap the child; its pid."""
         sock, self._sock = self._sock, None
         if sock is not None:
             self._loop.remove_reader(sock.fileno())
             sock.close()
         proc, self._proc = self._proc, None
-        if proc is not None:
-            log.error("audit sync process %d ended; a new one starts at the next pass", proc.pid)
-            self._reap(proc)
-
-    @staticmethod
-    def _reap(proc: subprocess.Popen[bytes]) -> None:
+        if proc is None:
+            return None
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-    def stop(self) -> None:
-        """After the last `done`: close the socket (the child exits) and reap it."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._reap(proc)
+        return proc.pid
 
 
 if __name__ == "__main__":
