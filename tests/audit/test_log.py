@@ -105,16 +105,19 @@ async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(
     await _all_verified(rig)
 
 
-async def test_disk_fdatasyncs_in_a_process_of_its_own(rig: AuditRig) -> None:
+async def test_disk_fdatasyncs_in_a_process_of_its_own(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default syncer is a child process: no thread of the gateway's calls fdatasync
-    (AuditLog.sync is never called), the child is not this process, and it ends with the
-    writer."""
+    (neither AuditLog.sync nor os.fdatasync is called here), the child is not this process,
+    and it ends with the writer."""
     wal = _wal(rig, "disk")
 
-    def not_here() -> None:
+    def not_here(*_args: object) -> None:
         raise AssertionError("fdatasync ran in the gateway's process")
 
-    wal.log.sync = not_here  # type: ignore[method-assign]
+    monkeypatch.setattr(AuditLog, "sync", not_here)
+    monkeypatch.setattr(os, "fdatasync", not_here)
     async with wal:
         for burst in range(3):
             await asyncio.gather(
@@ -359,22 +362,32 @@ async def test_the_head_witness_is_rewritten_off_the_event_loop_never_ahead_of_t
     await _all_verified(rig)
 
 
+@pytest.mark.parametrize("fdatasync_in", ["process", "thread"])
 async def test_os_forwards_after_the_write_and_disk_fails_closed_without_fdatasync(
-    rig: AuditRig,
+    rig: AuditRig, fdatasync_in: str
 ) -> None:
+    """A fault injected into the log's sync() (replaced on the log) is what a disk pass
+    does, whichever syncer the writer has: the process's passes go through the replaced
+    sync() on a thread while it is replaced, and back to the process once it is not."""
+
     def broken() -> None:
         raise OSError(5, "Input/output error")
 
     async with _wal(rig, "os") as wal:
         wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         assert await wal.request(statement_request("SELECT os")) == f"{CHAIN}:1"
-    async with _wal(rig, "disk", fdatasync_in="thread") as wal:
+    async with _wal(rig, "disk", fdatasync_in=fdatasync_in) as wal:
+        assert await wal.request(statement_request("SELECT before")) == f"{CHAIN}:2"
         wal.log.sync = broken  # type: ignore[method-assign]  # fault: fdatasync fails
         with pytest.raises(AuditUnavailable, match="fdatasync failed"):
             await wal.request(statement_request("SELECT disk"))
-        wal.log.sync = AuditLog.sync.__get__(wal.log)  # type: ignore[method-assign]  # the fault ends
+        assert not wal.accepting
+        del wal.log.sync  # the fault ends
         # The session goes on once the disk takes records again.
-        assert await wal.request(statement_request("SELECT again")) == f"{CHAIN}:3"
+        assert await wal.request(statement_request("SELECT again")) == f"{CHAIN}:4"
+        assert wal.accepting
+        if fdatasync_in == "process":
+            assert isinstance(wal._syncer, SyncProcess) and wal._syncer.pid is not None
 
 
 async def test_a_failed_write_refuses_the_request_and_keeps_the_outcome(rig: AuditRig) -> None:
