@@ -149,6 +149,56 @@ def test_a_log_that_cannot_be_written_refuses_the_statement(
     assert code == 0, (report, err)
 
 
+def test_a_sync_process_that_dies_in_a_pass_refuses_its_statement_and_the_next_runs(
+    own_gateway: Callable[..., Any],
+) -> None:
+    """disk: the fdatasync process stalls with a statement's record in its pass, then dies.
+    The statement is refused (58000) and never reaches PostgreSQL; the session goes on, its
+    next statement synced by a new process; the trail verifies."""
+    gw = own_gateway(durability="disk", timeout_seconds=10.0)
+    wal = _wal(gw)
+    table = fresh_table(gw, "audit_sync_dies", rows=0)
+    token = gw.token("agent:sync-dies", groups=("admins",))
+    with psycopg.connect(gw.dsn(token), autocommit=True, connect_timeout=10) as conn:
+        simple(conn, f"INSERT INTO {table} VALUES (1, 'before')")
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess) and syncer.pid is not None
+        first = syncer.pid
+        # No pass in flight (the last statement's outcome synced): the next pass is the
+        # held statement's own (a record written during a pass rides on the next one).
+        time.sleep(0.2)  # its outcome record is queued after the client has its answer
+
+        def settled() -> bool:
+            return not (wal._pending or wal._syncing) and wal.position == wal._written
+
+        wait_for(settled, timeout=10)
+        os.kill(first, signal.SIGSTOP)  # fault: the sync process stalls...
+        failures: list[BaseException] = []
+
+        def held() -> None:
+            try:
+                conn.execute(f"INSERT INTO {table} VALUES (%t, %t)", (2, "held"))
+            except psycopg.Error as exc:
+                failures.append(exc)
+
+        worker = threading.Thread(target=held)
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive()  # held before PostgreSQL, its record in the stalled pass
+        os.kill(first, signal.SIGKILL)  # ...and dies in the pass
+        worker.join(10)
+        assert not worker.is_alive() and len(failures) == 1
+        error = failures[0]
+        assert isinstance(error, psycopg.Error) and error.diag.sqlstate == "58000", error
+        assert "statement not run" in (error.diag.message_primary or "")
+        assert direct(gw, f"SELECT id FROM {table}") == [(1,)]
+        simple(conn, f"INSERT INTO {table} VALUES (3, 'after')")
+        assert syncer.pid not in (None, first)
+    assert direct(gw, f"SELECT id FROM {table} ORDER BY id") == [(1,), (3,)]
+    code, report, err = verify_json(store_env(gw.settings))
+    assert code == 0, (report, err)
+
+
 def test_a_store_outage_only_delays_the_index(own_gateway: Callable[..., Any]) -> None:
     gw = own_gateway(durability="disk", sqlite_path="audit/audit.sqlite3")
     folder = gw.settings.audit.sqlite_path.parent
