@@ -38,7 +38,8 @@ from pathlib import Path
 
 log = logging.getLogger("pgwarden.audit")
 
-_MAX_FDS = 64
+# Descriptors one request may carry (the kernel passes at most 253 in one message).
+MAX_FDS = 250
 
 
 def _serve(fd: int) -> None:
@@ -47,7 +48,7 @@ def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     while True:
         try:
-            message, fds, _flags, _address = socket.recv_fds(sock, 1 + _MAX_FDS, _MAX_FDS)
+            message, fds, _flags, _address = socket.recv_fds(sock, 1 + MAX_FDS, MAX_FDS)
         except OSError:
             return
         if not message:
@@ -121,8 +122,10 @@ class SyncProcess:
         self._loop.add_reader(parent.fileno(), self._answered)
 
     def request(self, files: list[int], directory: int | None) -> None:
-        """fdatasync `files` in order, then fsync `directory`; `done` follows."""
+        """fdatasync `files` in order, then fsync `directory` (MAX_FDS in all at most);
+        `done` follows."""
         assert not self._waiting, "one pass at a time"
+        assert len(files) + (directory is not None) <= MAX_FDS
         self._waiting = True
         kinds = b"f" * len(files) + (b"d" if directory is not None else b"")
         fds = [*files, *([directory] if directory is not None else [])]
@@ -131,11 +134,12 @@ class SyncProcess:
                 self._start()
             assert self._sock is not None
             socket.send_fds(self._sock, [b"s" + kinds], fds)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             # The child is gone (EPIPE) or cannot be started: this pass fails, the next
             # starts a new one.
             self._lost()
-            self._loop.call_soon(self._finish, OSError(exc.errno, f"audit sync process: {exc}"))
+            errno_ = exc.errno if isinstance(exc, OSError) else errno.ECHILD
+            self._loop.call_soon(self._finish, OSError(errno_, f"audit sync process: {exc}"))
 
     def _answered(self) -> None:
         sock = self._sock

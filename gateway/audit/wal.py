@@ -24,6 +24,7 @@ import collections
 import fcntl
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ from gateway.audit.records import (
     session_record,
 )
 from gateway.audit.store import AuditStore, AuditStoreError
+from gateway.audit.syncer import MAX_FDS as SYNC_MAX_FDS
 from gateway.audit.syncer import SyncProcess
 from gateway.audit.writer import (
     BatchClock,
@@ -339,7 +341,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         if self.fdatasync_in == "process":
             try:
                 return SyncProcess(loop, self._synced, self.log.directory)
-            except OSError as exc:
+            except (OSError, subprocess.SubprocessError) as exc:
                 log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
         return SyncThread(self._fdatasync_pass, loop, self._synced)
 
@@ -626,24 +628,28 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         if isinstance(syncer, SyncThread):
             syncer.request()
             return
-        if "sync" in vars(self.log):
-            # AuditLog.sync() is the log's one definition of a sync, which the process
-            # performs as it does (sync_begin, the fdatasyncs, sync_end). A log whose sync()
-            # was replaced on it (a wrapper, a fault injected) is synced through that, on a
-            # thread: what a sync is stays the log's to say.
-            if self._sync_thread is None:
+        if "sync" not in vars(self.log):
+            try:
+                pending = self.log.sync_begin()
+            except OSError as exc:  # the directory cannot be opened: the pass fails
                 assert self._loop is not None
-                self._sync_thread = SyncThread(self._fdatasync_pass, self._loop, self._synced)
-            self._sync_thread.request()
-            return
-        try:
-            pending = self.log.sync_begin()
-        except OSError as exc:  # the directory cannot be opened: the pass fails
+                self._loop.call_soon(self._synced, exc)
+                return
+            if len(pending.files) + (pending.directory is not None) <= SYNC_MAX_FDS:
+                self._sync_pending = pending
+                syncer.request(pending.files, pending.directory)
+                return
+            # More segments rotated out since the last pass than one request carries (tiny
+            # segments, a slow disk): this pass syncs them on the thread.
+            self.log.sync_end(pending, ok=False)
+        # AuditLog.sync() is the log's one definition of a sync, which the process performs
+        # as it does (sync_begin, the fdatasyncs, sync_end). A log whose sync() was replaced
+        # on it (a wrapper, a fault injected) is synced through that, on a thread: what a
+        # sync is stays the log's to say.
+        if self._sync_thread is None:
             assert self._loop is not None
-            self._loop.call_soon(self._synced, exc)
-            return
-        self._sync_pending = pending
-        syncer.request(pending.files, pending.directory)
+            self._sync_thread = SyncThread(self._fdatasync_pass, self._loop, self._synced)
+        self._sync_thread.request()
 
     def _fdatasync_pass(self) -> None:
         """On the sync thread (fdatasync_in = "thread", or a replaced sync()): sync the log."""

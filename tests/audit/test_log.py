@@ -29,6 +29,7 @@ from gateway.audit import log as log_module
 from gateway.audit.index_process import _Follow
 from gateway.audit.log import LogEntry, LogFollower, PendingSync
 from gateway.audit.store import AuditStore
+from gateway.audit.syncer import MAX_FDS as SYNC_MAX_FDS
 from gateway.audit.syncer import SyncProcess
 from gateway.audit.verify import compare_index, index_lag, verify_log
 from gateway.proxy.ports import AuditUnavailable
@@ -203,6 +204,36 @@ async def test_the_sync_process_outlives_a_ctrl_c_to_the_process_group(rig: Audi
         await asyncio.sleep(0.1)
         assert await wal.request(statement_request("SELECT after ctrl-c")) == f"{CHAIN}:2"
         assert syncer.pid == pid
+    await _all_verified(rig)
+
+
+async def test_more_rotated_segments_than_one_request_carries_are_synced_on_the_thread(
+    rig: AuditRig,
+) -> None:
+    """Tiny segments behind a stalled pass: more segments rotate out before the next pass
+    than one request to the sync process may carry (MAX_FDS). That pass syncs them on the
+    thread; the one after goes back to the process; every record is durable and verifies."""
+    async with _wal(rig, "disk", segment_bytes=100) as wal:
+        first = await wal.request(statement_request("SELECT first"))
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess) and syncer.pid is not None
+        os.kill(syncer.pid, signal.SIGSTOP)  # the next pass stalls...
+        try:
+            stalled = asyncio.ensure_future(wal.request(statement_request("SELECT stalled")))
+            await asyncio.sleep(0.05)
+            for i in range(SYNC_MAX_FDS + 20):
+                wal.outcome_nowait(statement_outcome(first))
+                wal._flush()  # one write each: a segment rotated out each
+            assert len(wal.log._retired) > SYNC_MAX_FDS
+        finally:
+            os.kill(syncer.pid, signal.SIGCONT)  # ...and goes on
+        await stalled
+        after = await wal.request(statement_request("SELECT after"))
+        assert wal.log._retired == []
+        assert wal._sync_thread is not None  # the pass that carried too many
+        assert await wal.request(statement_request("SELECT again")) == (
+            f"{CHAIN}:{int(after.split(':')[1]) + 1}"
+        )
     await _all_verified(rig)
 
 
