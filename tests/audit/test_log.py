@@ -221,7 +221,7 @@ async def test_more_rotated_segments_than_one_request_carries_are_synced_on_the_
         try:
             stalled = asyncio.ensure_future(wal.request(statement_request("SELECT stalled")))
             await asyncio.sleep(0.05)
-            for i in range(SYNC_MAX_FDS + 20):
+            for _ in range(SYNC_MAX_FDS + 20):
                 wal.outcome_nowait(statement_outcome(first))
                 wal._flush()  # one write each: a segment rotated out each
             assert len(wal.log._retired) > SYNC_MAX_FDS
