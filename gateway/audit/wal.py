@@ -243,12 +243,12 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         self._syncing = False
         # The last record written when the running sync started: what it covers.
         self._sync_covers: SealedRecord | None = None
-        # disk: what performs the fdatasync (the sync process, or a thread), and the one
-        # under way (see AuditLog.sync_begin).
-        self._syncer: SyncProcess | SyncThread | None = None
-        # disk, syncing in a process: the thread for a log whose sync() was replaced (below).
-        self._sync_thread: SyncThread | None = None
+        # disk: the sync process (None: syncs on the thread, fdatasync_in = "thread" or the
+        # process could not be started) and the pass it has under way (AuditLog.sync_begin);
+        # the thread, started at its first pass (see _start_sync).
+        self._syncer: SyncProcess | None = None
         self._sync_pending: PendingSync | None = None
+        self._sync_thread: SyncThread | None = None
         # The head witness's thread, and whether a pass of it is under way.
         self._head_thread: SyncThread | None = None
         self._heading = False
@@ -330,20 +330,19 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             raise
         self._loop = asyncio.get_running_loop()
         self._head_thread = SyncThread(self._head_pass, self._loop, self._head_passed)
-        if self.durability == "disk":
+        if self.durability == "disk" and self.fdatasync_in == "process":
             self._syncer = self._start_syncer(self._loop)
         self._running = True
         if self._tail.seq:
             self.position = self._tail.seq
         self.index.start(self._tail.seq)
 
-    def _start_syncer(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | SyncThread:
-        if self.fdatasync_in == "process":
-            try:
-                return SyncProcess(loop, self._synced, self.log.directory)
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
-        return SyncThread(self._fdatasync_pass, loop, self._synced)
+    def _start_syncer(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
+        try:
+            return SyncProcess(loop, self._synced, self.log.directory)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
+            return None
 
     async def _open(self) -> None:
         last = self.log.open()
@@ -617,18 +616,18 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
     def _start_sync(self) -> None:
         """One pass at a time: the syncer takes one request per pass; what is written
         after a pass was asked for is the next pass's (see _synced)."""
-        syncer = self._syncer
-        assert syncer is not None
         if self._syncing:
             # Never move what a running pass covers (its waiters would be released before
             # their fdatasync): the records written meanwhile are the next pass's.
             return
         self._syncing = True
         self._sync_covers = self._written_last
-        if isinstance(syncer, SyncThread):
-            syncer.request()
-            return
-        if "sync" not in vars(self.log):
+        syncer = self._syncer
+        # AuditLog.sync() is the log's one definition of a sync, which the process performs
+        # as it does (sync_begin, the fdatasyncs, sync_end). A log whose sync() was replaced
+        # on it (a wrapper, a fault injected) is synced through that, on the thread: what a
+        # sync is stays the log's to say.
+        if syncer is not None and "sync" not in vars(self.log):
             try:
                 pending = self.log.sync_begin()
             except OSError as exc:  # the directory cannot be opened: the pass fails
@@ -642,17 +641,14 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
             # More segments rotated out since the last pass than one request carries (tiny
             # segments, a slow disk): this pass syncs them on the thread.
             self.log.sync_end(pending, ok=False)
-        # AuditLog.sync() is the log's one definition of a sync, which the process performs
-        # as it does (sync_begin, the fdatasyncs, sync_end). A log whose sync() was replaced
-        # on it (a wrapper, a fault injected) is synced through that, on a thread: what a
-        # sync is stays the log's to say.
         if self._sync_thread is None:
             assert self._loop is not None
             self._sync_thread = SyncThread(self._fdatasync_pass, self._loop, self._synced)
         self._sync_thread.request()
 
     def _fdatasync_pass(self) -> None:
-        """On the sync thread (fdatasync_in = "thread", or a replaced sync()): sync the log."""
+        """On the sync thread (no sync process, a replaced sync(), a pass too large for the
+        process): sync the log."""
         self.log.sync()  # looked up per pass: tests replace it
 
     def _head_pass(self) -> None:
