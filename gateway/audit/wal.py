@@ -694,15 +694,8 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         """A head witness pass is done. A head that moved during it (or that it could not
         write) is written once head_interval has passed, so an idle gateway's is current."""
         self._heading = False
-        if (
-            self._running
-            and self._loop is not None
-            and self._head is not None
-            and self._head != self._head_on_file
-            and self._head_flush is None
-        ):
-            wait = max(0.0, self.head_interval - (time.monotonic() - self._head_written))
-            self._head_flush = self._loop.call_later(wait, self._write_head)
+        if self._running and self._head != self._head_on_file:
+            self._write_head_when_due()
         self._sync_done.set()
 
     def _synced(self, failure: BaseException | None) -> None:

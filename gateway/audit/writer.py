@@ -224,6 +224,9 @@ class ChainHeadKeeper:
             if self.keyring is not None:
                 self.keyring.replace_current(self.chain.name, next_epoch, key)
         self._head = (last.seq, last.link)
+        self._write_head_when_due()
+
+    def _write_head_when_due(self) -> None:
         # The head file is a witness against truncation; it may lag the store (verify
         # accepts that) so it is rewritten at most every head_interval, not per commit.
         wait = self.head_interval - (time.monotonic() - self._head_written)
