@@ -263,9 +263,7 @@ class AuditLog:
             try:
                 directory = os.open(self.directory, os.O_RDONLY)
             except OSError:
-                with self._lock:
-                    self._retired[:0] = retired
-                    self._dir_dirty = True
+                self._give_back(retired, dir_dirty=True)
                 raise
         return PendingSync(retired, [*retired, *([fd] if fd is not None else [])], directory)
 
@@ -279,9 +277,13 @@ class AuditLog:
             for old in pending.retired:
                 os.close(old)
             return
+        self._give_back(pending.retired, dir_dirty=pending.directory is not None)
+
+    def _give_back(self, retired: list[int], *, dir_dirty: bool) -> None:
+        """What a sync that did not happen covered is the next one's to sync."""
         with self._lock:
-            self._retired[:0] = pending.retired
-            self._dir_dirty = self._dir_dirty or pending.directory is not None
+            self._retired[:0] = retired
+            self._dir_dirty = self._dir_dirty or dir_dirty
 
     def close(self) -> None:
         with self._lock:
