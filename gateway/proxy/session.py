@@ -99,6 +99,7 @@ from gateway.protocol.codes import (
     STATUS_FAILED,
     STATUS_IDLE,
     STATUS_IN_TRANSACTION,
+    SYNC,
 )
 from gateway.protocol.types import BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, JSON, OID, TEXTLIKE, UUID
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
@@ -356,6 +357,8 @@ class ClientSession(asyncio.Protocol):
         "_aborted",
         "_backend",
         "_bind_error",
+        "_budget_fails",
+        "_budget_hold",
         "_cancel_owed",
         "_cancel_secret",
         "_cancels",
@@ -368,6 +371,7 @@ class ClientSession(asyncio.Protocol):
         "_failed",
         "_frontend",
         "_held_writes",
+        "_hold_at_sync",
         "_inbuf",
         "_mask_wait",
         "_owed_error",
@@ -436,10 +440,19 @@ class ClientSession(asyncio.Protocol):
         # waits meanwhile to be written to the server (_forward_cancel).
         self._cancels = 0
         self._held_writes: list[bytes] = []
+        # A statement under a budget (row, byte or time) in flight: what the client sent
+        # after it is acted on once it has ended, so that nothing runs behind a statement
+        # the budget cuts (_hold_behind_budget). `_budget_fails`: it was cut where the
+        # server finished it, and the transaction it ran in is failed first.
+        self._budget_hold: Expectation | None = None
+        self._budget_fails = False
+        # A budgeted Execute alone before its Sync in a transaction block: the hold starts
+        # after that Sync (_drain_client).
+        self._hold_at_sync = False
         self._paused_by_upstream = False
         self._paused_by_client = False
         # The server's stream once relaying, sans-IO; its frames are judged by _server_frame.
-        self._backend = BackendCore(self._server_message, self._judge_row, self._own_answer)
+        self._backend = BackendCore(self._server_answer, self._judge_row, self._own_answer)
         # A masked result's rows wait (server reading paused) while its masks are resolved
         # again against the catalog (_plan_masks).
         self._mask_wait = False
@@ -895,7 +908,10 @@ class ClientSession(asyncio.Protocol):
             self.phase is Phase.RELAY
             and self.transport is not None
             and not self._paused_by_upstream
-            and not (self._frontend.state is GATED and self.held_input > READ_AHEAD)
+            and not (
+                (self._frontend.state is GATED or self._budget_hold is not None)
+                and self.held_input > READ_AHEAD
+            )
         ):
             self.transport.resume_reading()
 
@@ -1506,7 +1522,7 @@ class ClientSession(asyncio.Protocol):
         self._traffic.to_server += len(data)
         buf = self._inbuf
         buf += data
-        if self._frontend.state is GATED:
+        if self._frontend.state is GATED or self._budget_hold is not None:
             if self.transport is not None and self.held_input > READ_AHEAD:
                 self.transport.pause_reading()
             return
@@ -1529,14 +1545,19 @@ class ClientSession(asyncio.Protocol):
         core = self._frontend
         next_action = core.next_action
         tracker = self.tracker
-        while True:
+        while self._budget_hold is None:
             action = next_action()
             if action is BIND_NOTED:
                 self._on_bind(core.bind)
                 tracker.expect(Expectation("bind"))
                 continue
             if action is EXPECT:
-                tracker.expect(Expectation(core.expected))
+                expectation = Expectation(core.expected)
+                tracker.expect(expectation)
+                if self._hold_at_sync and expectation.kind == "sync":
+                    self._hold_at_sync = False
+                    self._hold_behind(expectation, core.flush_through())
+                    return
                 continue
             if action is ANSWER:
                 self._expect_answer(core.described)
@@ -1922,9 +1943,14 @@ class ClientSession(asyncio.Protocol):
         if self._refused_verdict(verdict, "query"):
             return False
         self._to_server(message)
-        self.tracker.expect(Expectation("query", verdict.runs))
+        expectation = Expectation("query", verdict.runs)
+        self.tracker.expect(expectation)
         self._path.forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
+        # In a transaction block what follows must not commit behind a cut statement (a
+        # COMMIT pipelined after it); a Query's own implicit transaction ends with it.
+        if self.gate is not None and self.gate.in_transaction:
+            self._hold_behind_budget(verdict.runs, expectation, flush=False)
         return True
 
     def _guard_settings(self, verdict: Verdict) -> bytes | None:
@@ -2119,9 +2145,17 @@ class ClientSession(asyncio.Protocol):
                 run.source = portal
                 run.result_formats = portal.result_formats
         self._to_server(message)
-        self.tracker.expect(Expectation("execute", verdict.runs))
+        expectation = Expectation("execute", verdict.runs)
+        self.tracker.expect(expectation)
         self._path.forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
+        if self._frontend.next_code() != SYNC or self.tracker.executes_unsynced() > 1:
+            self._hold_behind_budget(verdict.runs, expectation, flush=True)
+        elif self.gate is not None and self.gate.in_transaction:
+            # Alone before the client's Sync, which goes with it: what follows the Sync waits
+            # for its ReadyForQuery, where a block the cut statement completed in is failed.
+            self._hold_at_sync = any(r.budget is not None for r in verdict.runs)
+        # Else alone in an implicit transaction the Sync ends: an error skips nothing else.
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None
@@ -2261,6 +2295,9 @@ class ClientSession(asyncio.Protocol):
                     # The statement completed before the cancel reached it: it still ends
                     # with the budget's error, as if cancelled there.
                     cut = self._cut_short(run, completed=True)
+                    # (A Query's transaction block is failed at its ReadyForQuery instead.)
+                    if front is self._budget_hold and front.kind == "execute":
+                        self._budget_fails = True
                 elif code == COMMAND_COMPLETE:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
@@ -2381,6 +2418,8 @@ class ClientSession(asyncio.Protocol):
                     run.command_tag = "SUSPENDED"
                     if run.budget is not None and run.budget.cut:
                         cut = self._cut_short(run, completed=True)
+                        if front is self._budget_hold:
+                            self._budget_fails = True
                     run.done = True
                     gate.outcome(run)
                 if front.kind == "execute":
@@ -2472,6 +2511,57 @@ class ClientSession(asyncio.Protocol):
         self._send(NoticeResponse(fields).encode())
 
     # -- budgets (gateway/guards/budgets.py) ------------------------------------------------
+
+    def _hold_behind_budget(
+        self, runs: list[StatementRun], expectation: Expectation, *, flush: bool
+    ) -> None:
+        """A statement under a budget was forwarded: what the client sends after it waits
+        until it ends. A budget that runs out cancels it, but the server may finish it before
+        the cancel lands and would go on to the messages behind it, which the error the
+        client gets in its place says did not run (a pipelined statement, a COMMIT). Once it
+        has ended, they go; where it was cut, behind a message the server rejects, so that
+        the transaction fails and they are skipped as after the server's own error.
+        `flush`: an Execute, whose answers the server sends before a Sync only on a Flush."""
+        if self._budget_hold is not None or not any(r.budget is not None for r in runs):
+            return
+        if flush:
+            self._to_server(FLUSH_MESSAGE)
+        self._hold_behind(expectation, self._frontend.flush())
+
+    def _hold_behind(self, expectation: Expectation, data: bytes | None) -> None:
+        """Write `data` (up to the budgeted message) now; the client's messages after it are
+        acted on (decided, forwarded) once the server has answered `expectation`."""
+        if data is not None:
+            self._write_upstream(data)
+        self._budget_hold = expectation
+
+    def _server_answer(
+        self, code: int, view: bytes | bytearray, pos: int, end: int
+    ) -> bytes | None:
+        """_server_message, then the end of a budgeted statement's hold once it is answered."""
+        replacement = self._server_message(code, view, pos, end)
+        hold = self._budget_hold
+        if hold is not None and not self.tracker.holds(hold):
+            self._budget_hold = None
+            if self._budget_fails:
+                self._budget_fails = False
+                # Before the client's next messages: the server fails the transaction on it
+                # and skips them to the client's Sync, as after an error of the statement.
+                self._write_upstream(Parse(_STAND_IN, _BOGUS).encode())
+                self.tracker.expect(Expectation("parse", [], refusal=b""))
+            # Not from inside the server's data: the client's next messages may be answered
+            # by pgwarden itself, after what the server said so far.
+            asyncio.get_running_loop().call_soon(self._callback, self._resume_after_hold)
+        return replacement
+
+    def _resume_after_hold(self) -> None:
+        if (
+            self.phase is Phase.RELAY
+            and self._budget_hold is None
+            and self._frontend.state is not GATED
+        ):
+            self._drain_client()
+            self._read_on()
 
     def _over_budget(self, budget: RowBudget) -> None:
         """A budget ran out: cancel the statement upstream, once; its rows are withheld."""

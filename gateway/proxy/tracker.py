@@ -166,6 +166,15 @@ class ResponseTracker:
             if kind in _RUNS:
                 self.ran_unsynced = True
 
+    def executes_unsynced(self) -> int:
+        """Executes queued since the last Sync or Query: the pipeline's implicit transaction."""
+        n = 0
+        for e in reversed(self._live()):
+            if e.kind in ("sync", "query"):
+                break
+            n += e.kind == "execute"
+        return n
+
     def ready(self) -> None:
         """A ReadyForQuery was consumed: only extended messages still queued leave a pipeline
         open."""

@@ -188,6 +188,21 @@ class FrontendCore:
         out.clear()
         return data
 
+    def flush_through(self) -> bytes | None:
+        """flush(), with the client's messages acted on so far (passed through) among it."""
+        start, pos = self._start, self._pos
+        if start < pos:
+            self.out.append(bytes(self.buffer[start:pos]))
+            del self.buffer[:pos]
+            self._start = self._pos = 0
+        return self.flush()
+
+    def next_code(self) -> int | None:
+        """The type of the next message the client sent, not yet acted on (None: none
+        buffered)."""
+        buf = self.buffer
+        return buf[self._pos] if self._pos < len(buf) else None
+
     def gate_done(self) -> None:
         """The message handed to the gate is dealt with: the client's next ones go on."""
         self.message = b""

@@ -18,7 +18,18 @@ import orjson
 import psycopg
 import pytest
 
-from gateway.protocol import CANCEL_REQUEST_CODE, ErrorResponse
+from gateway.protocol import (
+    CANCEL_REQUEST_CODE,
+    Bind,
+    CommandComplete,
+    DataRow,
+    ErrorResponse,
+    Execute,
+    Flush,
+    Parse,
+    Query,
+    Sync,
+)
 from tests.harness import RunningGateway, TcpRelay, target_through
 from tests.integration.test_audit_support import pgwarden, store_env
 from tests.proxy.wire import RawClient
@@ -289,3 +300,107 @@ def test_a_budgets_cancel_that_lands_late_never_stops_the_next_statement(
             conn.execute("SELECT g FROM generate_series(1, %s) g", (N + 3,), prepare=True)
         _assert_budget_error(info.value)
         assert conn.execute("SELECT %s::int FROM pg_sleep(0.8)", (8,)).fetchone() == (8,)
+
+
+# -- nothing runs behind a statement its budget cut ---------------------------------------------
+
+
+def _extended(*statements: str) -> bytes:
+    """Each statement parsed (unnamed), bound and executed, in one pipeline with one Sync."""
+    out = b""
+    for text in statements:
+        out += Parse("", text.encode()).encode() + Bind("", "").encode() + Execute("").encode()
+    return out + Sync().encode()
+
+
+def _codes(frames: list[tuple[int, bytes]]) -> list[str]:
+    return [chr(c) for c, _ in frames]
+
+
+def test_a_pipelined_statement_behind_a_cut_one_is_skipped(
+    guarded_gateway: RunningGateway, engineer: str, late_cancel_target: str
+) -> None:
+    """The server finishes the statement over its budget before the (late) cancel: the one
+    pipelined behind it in the same implicit transaction must not run, as after any error
+    (the client saw the budget's), and nothing of it reaches the client."""
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, engineer)
+        over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
+        client.send(_extended(over, "SELECT 'ran behind the cut'"))
+        frames = client.until_ready()
+        codes = _codes(frames)
+        assert codes == ["1", "2", *["D"] * N, "E", "Z"], codes
+        assert ErrorResponse.decode(frames[-2][1]).sqlstate == OVER_BUDGET
+        assert frames[-1][1] == b"I"
+        assert b"ran behind the cut" not in b"".join(body for _, body in frames)
+        # Alone before its Sync (nothing held), and the session goes on.
+        client.send(_extended("SELECT 5"))
+        assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
+    finally:
+        client.close()
+
+
+def test_a_cut_statement_and_what_follows_in_its_pipeline_are_rolled_back(
+    guarded_gateway: RunningGateway, late_cancel_target: str
+) -> None:
+    """Admins' decisions carry a statement timeout. A write that outlasts it, finished by the
+    server before the cancel lands, and a write pipelined behind it: the client gets the
+    timeout's error, and neither write stays, as PostgreSQL's own error would have it."""
+    table = f"budget_marks_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+        direct.execute(f"CREATE TABLE {table} (n int)")
+    admin = guarded_gateway.token("user:admin-pipeline", groups=("admins",))
+    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, admin)
+        client.send(
+            _extended(
+                f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow})",  # noqa: S608 - ours
+                f"INSERT INTO {table} VALUES (2)",  # noqa: S608 - ours
+            )
+        )
+        frames = client.until_ready()
+        assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
+        assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
+        assert frames[-1][1] == b"I"
+        # The late cancel has landed by now, and stops nothing.
+        time.sleep(0.5)
+        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
+        assert _codes(after) == ["T", "D", "C", "Z"], _codes(after)
+        assert DataRow.decode(after[1][1]).values == (b"0",)
+    finally:
+        client.close()
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            direct.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+@pytest.mark.parametrize("protocol", ["extended", "simple", "extended, then a Flush"])
+def test_a_commit_pipelined_behind_a_cut_statement_rolls_back(
+    guarded_gateway: RunningGateway, engineer: str, late_cancel_target: str, protocol: str
+) -> None:
+    """In a transaction block, a COMMIT sent right behind the statement over its budget (before
+    its error came back) finds the block failed, as it would after the server's own error."""
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, engineer)
+        assert _codes(client.query("BEGIN")) == ["C", "Z"]
+        over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
+        if protocol == "simple":
+            sent, answers = Query(over.encode()).encode(), ["T", *["D"] * N, "E", "Z"]
+        else:
+            sent, answers = _extended(over), ["1", "2", *["D"] * N, "E", "Z"]
+            if protocol != "extended":  # the Sync is not next: held too
+                sent = sent[:-5] + Flush().encode() + sent[-5:]
+        client.send(sent + Query(b"COMMIT").encode())
+        first = client.until_ready()
+        assert _codes(first) == answers, _codes(first)
+        assert ErrorResponse.decode(first[-2][1]).sqlstate == OVER_BUDGET
+        assert first[-1][1] == b"E"
+        commit = client.until_ready()
+        assert _codes(commit) == ["C", "Z"], _codes(commit)
+        assert CommandComplete.decode(commit[0][1]).tag == "ROLLBACK"
+        assert commit[-1][1] == b"I"
+    finally:
+        client.close()

@@ -114,3 +114,18 @@ def test_ready_for_query_leaves_a_pipeline_open_only_with_extended_messages_queu
     assert tracker.holds(executing) and not tracker.holds(Expectation("execute"))
     assert [e.kind for e in tracker.clear()] == ["describe_statement", "execute"]
     assert not tracker and tracker.front() is None
+
+
+def test_executes_unsynced_count_the_pipeline_since_its_last_sync() -> None:
+    """The Executes of the implicit transaction a pipeline is in: those queued after the
+    last Sync (or Query), not those of a pipeline synced before it."""
+    tracker, _ = _tracker("bind", "execute", "sync", "bind", "execute")
+    assert tracker.executes_unsynced() == 1
+    tracker.expect(Expectation("bind"))
+    tracker.expect(Expectation("execute"))
+    assert tracker.executes_unsynced() == 2
+    tracker.expect(Expectation("sync"))
+    assert tracker.executes_unsynced() == 0
+    tracker.expect(Expectation("query"))
+    tracker.expect(Expectation("execute"))
+    assert tracker.executes_unsynced() == 1

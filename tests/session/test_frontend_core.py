@@ -278,3 +278,23 @@ def test_the_state_table() -> None:
     feed(core, Terminate().encode())
     core.gate_done()  # nothing with the gate: a closed stream stays closed
     assert core.state is CLOSED
+
+
+def test_the_next_message_is_seen_at_the_gate_and_what_came_before_is_sent_with_its_sync() -> None:
+    """What the shell reads while a message is at the gate (next_code: is the client's Sync
+    next?), and flush_through at that Sync: the gated message, then everything up to and with
+    the Sync, nothing after it."""
+    core = FrontendCore(LIMIT)
+    after = Query(b"COMMIT").encode()
+    core.buffer += BIND_MSG + EXECUTE_MSG + SYNC_MSG + after
+    assert core.next_action() is Action.BIND
+    assert core.next_action() is Action.GATE
+    assert core.code == EXECUTE
+    assert core.next_code() == ord("S")
+    core.queue(core.message)
+    core.gate_done()
+    assert core.next_action() is Action.EXPECT and core.expected == "sync"
+    assert core.flush_through() == BIND_MSG + EXECUTE_MSG + SYNC_MSG
+    assert core.next_code() == ord("Q")
+    assert core.next_action() is Action.GATE and core.message == after
+    assert core.next_code() is None
