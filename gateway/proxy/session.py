@@ -46,6 +46,7 @@ from gateway.protocol import (
     CancelRequest,
     Close,
     CommandComplete,
+    CopyFail,
     DataRow,
     Describe,
     ErrorResponse,
@@ -393,6 +394,7 @@ class ClientSession(asyncio.Protocol):
         "_tasks",
         "_tls",
         "_traffic",
+        "_withheld_query",
         "client_addr",
         "database",
         "encoding",
@@ -446,6 +448,9 @@ class ClientSession(asyncio.Protocol):
         # server finished it, and the transaction it ran in is failed first.
         self._budget_hold: Expectation | None = None
         self._budget_fails = False
+        # A Query of several statements whose budget cut one the server finished: the
+        # answers of those after it are withheld, as the server's error would skip them.
+        self._withheld_query: Expectation | None = None
         # A budgeted Execute alone before its Sync in a transaction block: the hold starts
         # after that Sync (_drain_client).
         self._hold_at_sync = False
@@ -2234,6 +2239,14 @@ class ClientSession(asyncio.Protocol):
         """A DataRow or COPY data frame: counted for the current statement, masked,
         recorded, or withheld over its budget (backend core verdicts)."""
         front = self.tracker.front()
+        if self._withheld_query is not None:
+            # Behind a cut statement of the same Query (_withheld_answer): counted, not shown.
+            if not whole:
+                return STOP
+            run = front.current_run() if front is not None else None
+            if run is not None and code == DATA_ROW:
+                run.rows += 1
+            return DROP
         if code != DATA_ROW:
             # COPY TO STDOUT data counts against a budget as rows do.
             if self.gate is None or not self.gate.budgeted:
@@ -2298,6 +2311,8 @@ class ClientSession(asyncio.Protocol):
                     # (A Query's transaction block is failed at its ReadyForQuery instead.)
                     if front is self._budget_hold and front.kind == "execute":
                         self._budget_fails = True
+                    if front.kind == "query" and front.cursor + 1 < len(front.runs):
+                        self._withheld_query = front
                 elif code == COMMAND_COMPLETE:
                     complete = CommandComplete.decode(bytes(view[pos + 5 : end]))
                     run.command_tag = complete.tag
@@ -2539,7 +2554,10 @@ class ClientSession(asyncio.Protocol):
         self, code: int, view: bytes | bytearray, pos: int, end: int
     ) -> bytes | None:
         """_server_message, then the end of a budgeted statement's hold once it is answered."""
+        withheld = self._withheld_query
         replacement = self._server_message(code, view, pos, end)
+        if withheld is not None:
+            replacement = self._withheld_answer(code, replacement)
         hold = self._budget_hold
         if hold is not None and not self.tracker.holds(hold):
             self._budget_hold = None
@@ -2553,6 +2571,26 @@ class ClientSession(asyncio.Protocol):
             # by pgwarden itself, after what the server said so far.
             asyncio.get_running_loop().call_soon(self._callback, self._resume_after_hold)
         return replacement
+
+    def _withheld_answer(self, code: int, replacement: bytes | None) -> bytes | None:
+        """A server message behind a cut statement of the same Query: tracked as usual (the
+        statements ran, their outcomes are recorded), not shown to the client, which has
+        the budget's error and expects its ReadyForQuery next."""
+        if code == READY_FOR_QUERY:
+            self._withheld_query = None
+            return replacement
+        if code in (COMMAND_COMPLETE, EMPTY_QUERY_RESPONSE, ROW_DESCRIPTION, COPY_OUT_RESPONSE):
+            return b""
+        if code == ERROR_RESPONSE:
+            return replacement if self._server_fatal else b""
+        if code == COPY_IN_RESPONSE:
+            # The client would have to send the data of a statement it was told did not run.
+            self._frontend.copy_in = False
+            self._write_upstream(
+                CopyFail("pgwarden: skipped behind a statement over its budget").encode()
+            )
+            return b""
+        return replacement  # a notice, a setting the server now has: true either way
 
     def _resume_after_hold(self) -> None:
         if (

@@ -404,3 +404,51 @@ def test_a_commit_pipelined_behind_a_cut_statement_rolls_back(
         assert commit[-1][1] == b"I"
     finally:
         client.close()
+
+
+def test_the_rest_of_a_query_behind_a_cut_statement_is_not_shown(
+    guarded_gateway: RunningGateway, engineer: str, late_cancel_target: str
+) -> None:
+    """A Query of several statements: the server finishes the one over its budget before the
+    cancel lands and goes on to the next. The client sees the budget's error, then its
+    ReadyForQuery, as after PostgreSQL's own error, never the next statement's answers."""
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, engineer)
+        over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
+        frames = client.query(f"{over}; SELECT 'shown behind the cut'")
+        assert _codes(frames) == ["T", *["D"] * N, "E", "Z"], _codes(frames)
+        assert ErrorResponse.decode(frames[-2][1]).sqlstate == OVER_BUDGET
+        assert b"shown behind the cut" not in b"".join(body for _, body in frames)
+        time.sleep(0.5)  # the late cancel lands, on an idle backend
+        assert _codes(client.query("SELECT 9")) == ["T", "D", "C", "Z"]
+    finally:
+        client.close()
+
+
+def test_a_copy_from_stdin_behind_a_cut_statement_is_failed_for_the_client(
+    guarded_gateway: RunningGateway, late_cancel_target: str
+) -> None:
+    """A COPY FROM STDIN after a statement its budget (a timeout) cut, in the same Query: the
+    client was told the Query failed and sends no data, so pgwarden fails the copy itself;
+    the Query's implicit transaction, the cut write included, is rolled back."""
+    table = f"budget_copy_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+        direct.execute(f"CREATE TABLE {table} (n int)")
+    admin = guarded_gateway.token("user:admin-copy", groups=("admins",))
+    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, admin)
+        frames = client.query(
+            f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow}); COPY {table} FROM STDIN"  # noqa: S608 - ours
+        )
+        assert _codes(frames) == ["E", "Z"], _codes(frames)
+        assert ErrorResponse.decode(frames[0][1]).sqlstate == "57014"
+        time.sleep(0.5)
+        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
+        assert DataRow.decode(after[1][1]).values == (b"0",)
+    finally:
+        client.close()
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            direct.execute(f"DROP TABLE IF EXISTS {table}")
