@@ -2154,13 +2154,18 @@ class ClientSession(asyncio.Protocol):
         self.tracker.expect(expectation)
         self._path.forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
-        if self._frontend.next_code() != SYNC or self.tracker.executes_unsynced() > 1:
+        if (
+            self._frontend.next_code() != SYNC
+            or self.tracker.executes_unsynced() > 1
+            # A write's own effects are undone with its transaction: the Sync waits too.
+            or any(r.facts is not None and r.facts.writes for r in verdict.runs)
+        ):
             self._hold_behind_budget(verdict.runs, expectation, flush=True)
         elif self.gate is not None and self.gate.in_transaction:
             # Alone before the client's Sync, which goes with it: what follows the Sync waits
             # for its ReadyForQuery, where a block the cut statement completed in is failed.
             self._hold_at_sync = any(r.budget is not None for r in verdict.runs)
-        # Else alone in an implicit transaction the Sync ends: an error skips nothing else.
+        # Else a read alone in an implicit transaction the Sync ends: an error skips nothing.
 
     async def _on_function_call(self, msg: FunctionCall, message: bytes) -> None:
         assert self.gate is not None

@@ -452,3 +452,35 @@ def test_a_copy_from_stdin_behind_a_cut_statement_is_failed_for_the_client(
         client.close()
         with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
             direct.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_a_cut_write_alone_before_its_sync_is_rolled_back(
+    guarded_gateway: RunningGateway, late_cancel_target: str
+) -> None:
+    """A write under a budget, alone before its Sync: its Sync waits for its end, so that a
+    write the server finished after its budget ran out (its timeout) is rolled back, as the
+    error the client gets says, rather than committed behind it (a client would retry it)."""
+    table = f"budget_write_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+        direct.execute(f"CREATE TABLE {table} (n int)")
+    admin = guarded_gateway.token("user:admin-write", groups=("admins",))
+    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
+    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    try:
+        client.login(late_cancel_target, admin)
+        client.send(
+            _extended(f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow}) RETURNING n")  # noqa: S608 - ours
+        )
+        frames = client.until_ready()
+        assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
+        assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
+        time.sleep(0.5)
+        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
+        assert DataRow.decode(after[1][1]).values == (b"0",)
+        # A read alone before its Sync holds nothing: it runs as usual.
+        client.send(_extended("SELECT 3"))
+        assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
+    finally:
+        client.close()
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            direct.execute(f"DROP TABLE IF EXISTS {table}")
