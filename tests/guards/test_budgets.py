@@ -341,39 +341,58 @@ def test_a_pipelined_statement_behind_a_cut_one_is_skipped(
         client.close()
 
 
+# A statement that outlasts admins' statement timeout, ended by the server before the late
+# cancel (0.5 s on the way) lands.
+SLOW = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3
+
+
+@pytest.fixture
+def scratch_table(guarded_gateway: RunningGateway) -> Iterator[str]:
+    table = f"budget_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+        direct.execute(f"CREATE TABLE {table} (n int)")
+    try:
+        yield table
+    finally:
+        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
+            direct.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _admin_client(gw: RunningGateway, target: str) -> RawClient:
+    client = RawClient.connect(gw.host, gw.port)
+    client.login(target, gw.token("user:admin-budget", groups=("admins",)))
+    return client
+
+
+def _rows_in(client: RawClient, table: str) -> bytes | None:
+    """The count of `table`'s rows, once the late cancel has landed (and stopped nothing)."""
+    time.sleep(0.5)
+    after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
+    assert _codes(after) == ["T", "D", "C", "Z"], _codes(after)
+    return DataRow.decode(after[1][1]).values[0]
+
+
 def test_a_cut_statement_and_what_follows_in_its_pipeline_are_rolled_back(
-    guarded_gateway: RunningGateway, late_cancel_target: str
+    guarded_gateway: RunningGateway, late_cancel_target: str, scratch_table: str
 ) -> None:
     """Admins' decisions carry a statement timeout. A write that outlasts it, finished by the
     server before the cancel lands, and a write pipelined behind it: the client gets the
     timeout's error, and neither write stays, as PostgreSQL's own error would have it."""
-    table = f"budget_marks_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-        direct.execute(f"CREATE TABLE {table} (n int)")
-    admin = guarded_gateway.token("user:admin-pipeline", groups=("admins",))
-    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
-    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    client = _admin_client(guarded_gateway, late_cancel_target)
     try:
-        client.login(late_cancel_target, admin)
         client.send(
             _extended(
-                f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow})",  # noqa: S608 - ours
-                f"INSERT INTO {table} VALUES (2)",  # noqa: S608 - ours
+                f"INSERT INTO {scratch_table} SELECT 1 FROM pg_sleep({SLOW})",  # noqa: S608 - ours
+                f"INSERT INTO {scratch_table} VALUES (2)",  # noqa: S608 - ours
             )
         )
         frames = client.until_ready()
         assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
         assert frames[-1][1] == b"I"
-        # The late cancel has landed by now, and stops nothing.
-        time.sleep(0.5)
-        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
-        assert _codes(after) == ["T", "D", "C", "Z"], _codes(after)
-        assert DataRow.decode(after[1][1]).values == (b"0",)
+        assert _rows_in(client, scratch_table) == b"0"
     finally:
         client.close()
-        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-            direct.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 @pytest.mark.parametrize("protocol", ["extended", "simple", "extended, then a Flush"])
@@ -427,60 +446,41 @@ def test_the_rest_of_a_query_behind_a_cut_statement_is_not_shown(
 
 
 def test_a_copy_from_stdin_behind_a_cut_statement_is_failed_for_the_client(
-    guarded_gateway: RunningGateway, late_cancel_target: str
+    guarded_gateway: RunningGateway, late_cancel_target: str, scratch_table: str
 ) -> None:
     """A COPY FROM STDIN after a statement its budget (a timeout) cut, in the same Query: the
     client was told the Query failed and sends no data, so pgwarden fails the copy itself;
     the Query's implicit transaction, the cut write included, is rolled back."""
-    table = f"budget_copy_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-        direct.execute(f"CREATE TABLE {table} (n int)")
-    admin = guarded_gateway.token("user:admin-copy", groups=("admins",))
-    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
-    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    client = _admin_client(guarded_gateway, late_cancel_target)
     try:
-        client.login(late_cancel_target, admin)
         frames = client.query(
-            f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow}); COPY {table} FROM STDIN"  # noqa: S608 - ours
+            f"INSERT INTO {scratch_table} SELECT 1 FROM pg_sleep({SLOW});"  # noqa: S608 - ours
+            f" COPY {scratch_table} FROM STDIN"
         )
         assert _codes(frames) == ["E", "Z"], _codes(frames)
         assert ErrorResponse.decode(frames[0][1]).sqlstate == "57014"
-        time.sleep(0.5)
-        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
-        assert DataRow.decode(after[1][1]).values == (b"0",)
+        assert _rows_in(client, scratch_table) == b"0"
     finally:
         client.close()
-        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-            direct.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def test_a_cut_write_alone_before_its_sync_is_rolled_back(
-    guarded_gateway: RunningGateway, late_cancel_target: str
+    guarded_gateway: RunningGateway, late_cancel_target: str, scratch_table: str
 ) -> None:
     """A write under a budget, alone before its Sync: its Sync waits for its end, so that a
     write the server finished after its budget ran out (its timeout) is rolled back, as the
     error the client gets says, rather than committed behind it (a client would retry it)."""
-    table = f"budget_write_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-        direct.execute(f"CREATE TABLE {table} (n int)")
-    admin = guarded_gateway.token("user:admin-write", groups=("admins",))
-    slow = ADMIN_LIMITS["statement_timeout_ms"] / 1000 + 0.3  # ends before the late cancel
-    client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
+    client = _admin_client(guarded_gateway, late_cancel_target)
     try:
-        client.login(late_cancel_target, admin)
         client.send(
-            _extended(f"INSERT INTO {table} SELECT 1 FROM pg_sleep({slow}) RETURNING n")  # noqa: S608 - ours
+            _extended(f"INSERT INTO {scratch_table} SELECT 1 FROM pg_sleep({SLOW}) RETURNING n")  # noqa: S608 - ours
         )
         frames = client.until_ready()
         assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
-        time.sleep(0.5)
-        after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
-        assert DataRow.decode(after[1][1]).values == (b"0",)
+        assert _rows_in(client, scratch_table) == b"0"
         # A read alone before its Sync holds nothing: it runs as usual.
         client.send(_extended("SELECT 3"))
         assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
     finally:
         client.close()
-        with psycopg.connect(guarded_gateway.direct_dsn(), autocommit=True) as direct:
-            direct.execute(f"DROP TABLE IF EXISTS {table}")
