@@ -2564,7 +2564,10 @@ class ClientSession(asyncio.Protocol):
         if withheld is not None:
             replacement = self._withheld_answer(code, replacement)
         hold = self._budget_hold
-        if hold is not None and not self.tracker.holds(hold):
+        if hold is not None and (
+            # COPY FROM STDIN: the server waits for the client's data, behind the hold.
+            code in (COPY_IN_RESPONSE, COPY_BOTH_RESPONSE) or not self.tracker.holds(hold)
+        ):
             self._budget_hold = None
             if self._budget_fails:
                 self._budget_fails = False

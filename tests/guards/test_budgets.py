@@ -22,6 +22,8 @@ from gateway.protocol import (
     CANCEL_REQUEST_CODE,
     Bind,
     CommandComplete,
+    CopyData,
+    CopyDone,
     DataRow,
     ErrorResponse,
     Execute,
@@ -482,5 +484,38 @@ def test_a_cut_write_alone_before_its_sync_is_rolled_back(
         # A read alone before its Sync holds nothing: it runs as usual.
         client.send(_extended("SELECT 3"))
         assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["extended", "simple, in a transaction block"])
+def test_a_budgeted_copy_from_stdin_gets_its_data(
+    guarded_gateway: RunningGateway, scratch_table: str, protocol: str
+) -> None:
+    """A COPY FROM STDIN under a budget (admins' timeout here) waits for the client's data:
+    what the client sent behind it (all of it at once, as pg8000 does) must reach the server
+    once it is in COPY IN, not wait for the statement's end."""
+    client = _admin_client(guarded_gateway, "app")
+    copy = f"COPY {scratch_table} FROM STDIN".encode()
+    data = CopyData(b"1\n").encode() + CopyData(b"2\n").encode() + CopyDone().encode()
+    try:
+        if protocol == "extended":
+            # The first Sync is ignored by the server in COPY IN; the second answers.
+            client.send(
+                Parse("", copy).encode()
+                + Bind("", "").encode()
+                + Execute("").encode()
+                + Sync().encode()
+                + data
+                + Sync().encode()
+            )
+            frames = client.until_ready()
+        else:
+            assert _codes(client.query("BEGIN")) == ["C", "Z"]
+            client.send(Query(copy).encode() + data + Query(b"COMMIT").encode())
+            frames = client.until_ready() + client.until_ready()
+        assert "E" not in _codes(frames), frames
+        after = client.query(f"SELECT count(*) FROM {scratch_table}")  # noqa: S608 - ours
+        assert DataRow.decode(after[1][1]).values == (b"2",)
     finally:
         client.close()
