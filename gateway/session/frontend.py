@@ -190,11 +190,11 @@ class FrontendCore:
 
     def flush_through(self) -> bytes | None:
         """flush(), with the client's messages acted on so far (passed through) among it."""
-        start, pos = self._start, self._pos
+        buf, start, pos = self.buffer, self._start, self._pos
         if start < pos:
-            self.out.append(bytes(self.buffer[start:pos]))
-            del self.buffer[:pos]
-            self._start = self._pos = 0
+            self.out.append(bytes(buf) if start == 0 and pos == len(buf) else bytes(buf[start:pos]))
+            del buf[:pos]
+        self._start = self._pos = 0
         return self.flush()
 
     def next_code(self) -> int | None:
@@ -302,15 +302,10 @@ class FrontendCore:
             # RELAY to GATED, the one transition per statement: checked at entry above.
             self.state = GATED
             return GATE
-        start = self._start
-        if start < pos:
-            out = self.out
-            out.append(bytes(buf) if start == 0 and pos == size else bytes(buf[start:pos]))
-            del buf[:pos]
-        self._start = self._pos = 0
+        self._pos = pos
         # The last Bind noted is no longer needed (its parameters may be large).
         self.bind = _NO_BIND
-        self.send = self.flush()
+        self.send = self.flush_through()
         return IDLE
 
     def _violation(self, pos: int, problem: str, sqlstate: str = "08P01") -> Action:
