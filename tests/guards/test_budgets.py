@@ -34,7 +34,7 @@ from gateway.protocol import (
 )
 from tests.harness import RunningGateway, TcpRelay, target_through
 from tests.integration.test_audit_support import pgwarden, store_env
-from tests.proxy.wire import RawClient
+from tests.proxy.wire import RawClient, codes
 
 from .conftest import ADMIN_LIMITS, ENGINEER_LIMITS
 
@@ -68,8 +68,7 @@ def test_select_is_cut_at_exactly_n_rows_on_the_wire(
     try:
         client.login("app", engineer)
         frames = client.query(BIG)
-        codes = [chr(c) for c, _ in frames]
-        assert codes == ["T", *["D"] * N, "E", "Z"], codes
+        assert codes(frames) == "T" + "D" * N + "EZ", codes(frames)
         error = ErrorResponse.decode(frames[-2][1])
         assert error.sqlstate == OVER_BUDGET
         assert error.message == f"pgwarden: row budget of {N} exceeded"
@@ -77,7 +76,7 @@ def test_select_is_cut_at_exactly_n_rows_on_the_wire(
         assert frames[-1][1] == b"I"
         # The session goes on.
         after = client.query("SELECT 42")
-        assert [chr(c) for c, _ in after] == ["T", "D", "C", "Z"]
+        assert codes(after) == "TDCZ"
     finally:
         client.close()
 
@@ -315,10 +314,6 @@ def _extended(*statements: str) -> bytes:
     return out + Sync().encode()
 
 
-def _codes(frames: list[tuple[int, bytes]]) -> list[str]:
-    return [chr(c) for c, _ in frames]
-
-
 def test_a_pipelined_statement_behind_a_cut_one_is_skipped(
     guarded_gateway: RunningGateway, engineer: str, late_cancel_target: str
 ) -> None:
@@ -331,14 +326,13 @@ def test_a_pipelined_statement_behind_a_cut_one_is_skipped(
         over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
         client.send(_extended(over, "SELECT 'ran behind the cut'"))
         frames = client.until_ready()
-        codes = _codes(frames)
-        assert codes == ["1", "2", *["D"] * N, "E", "Z"], codes
+        assert codes(frames) == "12" + "D" * N + "EZ", codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == OVER_BUDGET
         assert frames[-1][1] == b"I"
         assert b"ran behind the cut" not in b"".join(body for _, body in frames)
         # Alone before its Sync (nothing held), and the session goes on.
         client.send(_extended("SELECT 5"))
-        assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
+        assert codes(client.until_ready()) == "12DCZ"
     finally:
         client.close()
 
@@ -370,7 +364,7 @@ def _rows_in(client: RawClient, table: str) -> bytes | None:
     """The count of `table`'s rows, once the late cancel has landed (and stopped nothing)."""
     time.sleep(0.5)
     after = client.query(f"SELECT count(*) FROM {table}")  # noqa: S608 - ours
-    assert _codes(after) == ["T", "D", "C", "Z"], _codes(after)
+    assert codes(after) == "TDCZ", codes(after)
     return DataRow.decode(after[1][1]).values[0]
 
 
@@ -389,7 +383,7 @@ def test_a_cut_statement_and_what_follows_in_its_pipeline_are_rolled_back(
             )
         )
         frames = client.until_ready()
-        assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
+        assert codes(frames) == "12EZ", codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
         assert frames[-1][1] == b"I"
         assert _rows_in(client, scratch_table) == b"0"
@@ -406,21 +400,21 @@ def test_a_commit_pipelined_behind_a_cut_statement_rolls_back(
     client = RawClient.connect(guarded_gateway.host, guarded_gateway.port)
     try:
         client.login(late_cancel_target, engineer)
-        assert _codes(client.query("BEGIN")) == ["C", "Z"]
+        assert codes(client.query("BEGIN")) == "CZ"
         over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
         if protocol == "simple":
-            sent, answers = Query(over.encode()).encode(), ["T", *["D"] * N, "E", "Z"]
+            sent, answers = Query(over.encode()).encode(), "T" + "D" * N + "EZ"
         else:
-            sent, answers = _extended(over), ["1", "2", *["D"] * N, "E", "Z"]
+            sent, answers = _extended(over), "12" + "D" * N + "EZ"
             if protocol != "extended":  # the Sync is not next: held too
                 sent = sent[:-5] + Flush().encode() + sent[-5:]
         client.send(sent + Query(b"COMMIT").encode())
         first = client.until_ready()
-        assert _codes(first) == answers, _codes(first)
+        assert codes(first) == answers, codes(first)
         assert ErrorResponse.decode(first[-2][1]).sqlstate == OVER_BUDGET
         assert first[-1][1] == b"E"
         commit = client.until_ready()
-        assert _codes(commit) == ["C", "Z"], _codes(commit)
+        assert codes(commit) == "CZ", codes(commit)
         assert CommandComplete.decode(commit[0][1]).tag == "ROLLBACK"
         assert commit[-1][1] == b"I"
     finally:
@@ -438,11 +432,11 @@ def test_the_rest_of_a_query_behind_a_cut_statement_is_not_shown(
         client.login(late_cancel_target, engineer)
         over = f"SELECT g FROM generate_series(1, {N + 3}) g"  # noqa: S608 - ints
         frames = client.query(f"{over}; SELECT 'shown behind the cut'")
-        assert _codes(frames) == ["T", *["D"] * N, "E", "Z"], _codes(frames)
+        assert codes(frames) == "T" + "D" * N + "EZ", codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == OVER_BUDGET
         assert b"shown behind the cut" not in b"".join(body for _, body in frames)
         time.sleep(0.5)  # the late cancel lands, on an idle backend
-        assert _codes(client.query("SELECT 9")) == ["T", "D", "C", "Z"]
+        assert codes(client.query("SELECT 9")) == "TDCZ"
     finally:
         client.close()
 
@@ -459,7 +453,7 @@ def test_a_copy_from_stdin_behind_a_cut_statement_is_failed_for_the_client(
             f"INSERT INTO {scratch_table} SELECT 1 FROM pg_sleep({SLOW});"  # noqa: S608 - ours
             f" COPY {scratch_table} FROM STDIN"
         )
-        assert _codes(frames) == ["E", "Z"], _codes(frames)
+        assert codes(frames) == "EZ", codes(frames)
         assert ErrorResponse.decode(frames[0][1]).sqlstate == "57014"
         assert _rows_in(client, scratch_table) == b"0"
     finally:
@@ -478,12 +472,12 @@ def test_a_cut_write_alone_before_its_sync_is_rolled_back(
             _extended(f"INSERT INTO {scratch_table} SELECT 1 FROM pg_sleep({SLOW}) RETURNING n")  # noqa: S608 - ours
         )
         frames = client.until_ready()
-        assert _codes(frames) == ["1", "2", "E", "Z"], _codes(frames)
+        assert codes(frames) == "12EZ", codes(frames)
         assert ErrorResponse.decode(frames[-2][1]).sqlstate == "57014"
         assert _rows_in(client, scratch_table) == b"0"
         # A read alone before its Sync holds nothing: it runs as usual.
         client.send(_extended("SELECT 3"))
-        assert _codes(client.until_ready()) == ["1", "2", "D", "C", "Z"]
+        assert codes(client.until_ready()) == "12DCZ"
     finally:
         client.close()
 
@@ -511,10 +505,10 @@ def test_a_budgeted_copy_from_stdin_gets_its_data(
             )
             frames = client.until_ready()
         else:
-            assert _codes(client.query("BEGIN")) == ["C", "Z"]
+            assert codes(client.query("BEGIN")) == "CZ"
             client.send(Query(copy).encode() + data + Query(b"COMMIT").encode())
             frames = client.until_ready() + client.until_ready()
-        assert "E" not in _codes(frames), frames
+        assert "E" not in codes(frames), frames
         after = client.query(f"SELECT count(*) FROM {scratch_table}")  # noqa: S608 - ours
         assert DataRow.decode(after[1][1]).values == (b"2",)
     finally:

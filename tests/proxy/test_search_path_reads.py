@@ -34,7 +34,7 @@ from gateway.protocol import (
 from gateway.proxy.search_path import READ_NAME
 from tests.harness import RunningGateway
 from tests.integration import direct
-from tests.proxy.wire import RawClient
+from tests.proxy.wire import RawClient, codes
 
 pytestmark = pytest.mark.server
 
@@ -116,10 +116,6 @@ def _rows(frames: Frames) -> list[bytes]:
     return [body for code, body in frames if code == ord("D")]
 
 
-def _codes(frames: Frames) -> str:
-    return "".join(chr(c) for c, _ in frames)
-
-
 def test_unnamed_statement_survives_a_read_at_idle(compare: Compare) -> None:
     """asyncpg: Parse "" of the user's query, introspection calling set_config(), then
     Bind "" — the read (made for the Parse of "t", between Syncs) left "" alone."""
@@ -131,7 +127,7 @@ def test_unnamed_statement_survives_a_read_at_idle(compare: Compare) -> None:
             Step((Bind("", ""), Execute(""), Sync())),
         ]
     )
-    assert _codes(got[3]) == "2DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x0242"]
+    assert codes(got[3]) == "2DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x0242"]
 
 
 def test_unnamed_statement_survives_a_read_inside_the_pipeline(compare: Compare) -> None:
@@ -144,7 +140,7 @@ def test_unnamed_statement_survives_a_read_inside_the_pipeline(compare: Compare)
             Step((Bind("", ""), Execute(""), Sync())),
         ]
     )
-    assert _codes(got[2]) == "2DCZ"
+    assert codes(got[2]) == "2DCZ"
 
 
 def test_unnamed_portal_open_across_a_read_inside_a_transaction(compare: Compare) -> None:
@@ -167,7 +163,7 @@ def test_unnamed_portal_open_across_a_read_inside_a_transaction(compare: Compare
             Step((Query(b"COMMIT"),)),
         ]
     )
-    assert _codes(got[4]) == "DDCZ" and got[4][-1][1] == b"T"
+    assert codes(got[4]) == "DDCZ" and got[4][-1][1] == b"T"
 
 
 def test_unnamed_portal_open_across_a_read_inside_the_pipeline(compare: Compare) -> None:
@@ -192,7 +188,7 @@ def test_unnamed_portal_open_across_a_read_inside_the_pipeline(compare: Compare)
             ),
         ]
     )
-    assert _codes(got[0]) == "12Ds12DC12DCDDCZ"
+    assert codes(got[0]) == "12Ds12DC12DCDDCZ"
 
 
 def test_a_read_inside_the_implicit_transaction_does_not_commit_it(compare: Compare) -> None:
@@ -221,7 +217,7 @@ def test_a_read_inside_the_implicit_transaction_does_not_commit_it(compare: Comp
             Step((Query(b"SELECT count(*) FROM sp_t"),)),
         ]
     )
-    assert "E" in _codes(got[1]) and _codes(got[1]).endswith("Z")
+    assert "E" in codes(got[1]) and codes(got[1]).endswith("Z")
     assert _rows(got[2]) == [b"\x00\x01\x00\x00\x00\x010"]
 
 
@@ -236,7 +232,7 @@ def test_a_read_after_flushed_answers_keeps_the_pipeline_open(compare: Compare) 
             Step((Bind("", ""), Execute(""), Sync())),
         ]
     )
-    assert _codes(got[2]) == "12DC" and _codes(got[3]) == "2DCZ"
+    assert codes(got[2]) == "12DC" and codes(got[3]) == "2DCZ"
 
 
 def test_no_read_in_an_aborted_transaction(compare: Compare) -> None:
@@ -259,8 +255,8 @@ def test_no_read_in_an_aborted_transaction(compare: Compare) -> None:
             Step((Bind("", ""), Execute(""), Sync())),
         ]
     )
-    assert _codes(got[4]) == "EZ" and got[4][-1][1] == b"E"
-    assert _codes(got[7]) == "2DCZ"
+    assert codes(got[4]) == "EZ" and got[4][-1][1] == b"E"
+    assert codes(got[7]) == "2DCZ"
 
 
 def test_no_read_while_the_server_skips_to_sync(compare: Compare) -> None:
@@ -286,8 +282,8 @@ def test_no_read_while_the_server_skips_to_sync(compare: Compare) -> None:
             Step((Bind("", ""), Execute(""), Sync())),
         ]
     )
-    assert _codes(got[1]).endswith("E") and _codes(got[2]) == "Z"
-    assert _codes(got[3]) == "2DCZ"
+    assert codes(got[1]).endswith("E") and codes(got[2]) == "Z"
+    assert codes(got[3]) == "2DCZ"
 
 
 async def test_asyncpg_type_introspection_keeps_the_unnamed_statement(
@@ -346,15 +342,15 @@ def test_a_read_that_fails_fails_the_statement_that_waited_for_it(
     finally:
         client.close()
     pipeline, idle = answers[1], answers[2]
-    assert _codes(pipeline) == "12DCEZ" and pipeline[-1][1] == b"I"
+    assert codes(pipeline) == "12DCEZ" and pipeline[-1][1] == b"I"
     # In the pipeline, the server's reason; idle, pgwarden's refusal of the statement.
     for frames, sqlstate in ((pipeline, "42P05"), (idle, "42501")):
         error = next(ErrorResponse.decode(b) for c, b in frames if c == ord("E"))
         assert error.sqlstate == sqlstate, error
         assert "search_path could not be read" in (error.message or ""), error
-    assert _codes(idle) == "EZ"
+    assert codes(idle) == "EZ"
     assert _rows(answers[4]) == [b"\x00\x01\x00\x00\x00\x014"]
-    assert _codes(answers[6]) == "12DCEZ", answers[6]
+    assert codes(answers[6]) == "12DCEZ", answers[6]
     assert _rows(answers[8]) == [b"\x00\x01\x00\x00\x00\x016"]
 
 
@@ -387,4 +383,4 @@ def test_the_read_takes_no_snapshot(gateway: RunningGateway, compare: Compare) -
         )
     finally:
         direct(gateway, "DROP TABLE sp_rr")
-    assert _codes(got[3]) == "12DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x011"]
+    assert codes(got[3]) == "12DCZ" and _rows(got[3]) == [b"\x00\x01\x00\x00\x00\x011"]

@@ -149,5 +149,10 @@ class LoginRefused(Exception):
         self.error = error
 
 
+def codes(frames: list[tuple[int, bytes]]) -> str:
+    """The messages' type codes in order, as a string ("12DCZ")."""
+    return "".join(chr(c) for c, _ in frames)
+
+
 def errors(frames: list[tuple[int, bytes]]) -> list[ErrorResponse]:
     return [ErrorResponse.decode(b) for c, b in frames if c == ord("E")]
