@@ -15,6 +15,12 @@ child runs in a process group of its own and ignores SIGINT: a Ctrl-C reaches th
 terminal's foreground group, and the gateway still syncs what it writes while it stops.
 It ends when the socket closes: when the gateway closes it or dies.
 
+A pass the child does not answer within `stuck_after` seconds (a child stopped or hung)
+fails, and the child is killed: the next pass starts a new one, whose fdatasync covers
+everything written (a file's fdatasync flushes what any process wrote to it). While a
+killed child has not exited (stuck in the kernel on a hung disk), no other is started and
+passes fail at once.
+
 Wire format, one SOCK_SEQPACKET datagram each way:
 
     request: b"s" + one byte per descriptor attached: b"f" fdatasync (a segment), b"d"
@@ -77,21 +83,27 @@ def _serve(fd: int) -> None:
 class SyncProcess:
     """The parent's side: `request(files, directory)` hands one pass to the child (one at a
     time: the caller asks again only after `done` was called), `done(error)` is called on
-    the event loop once per pass, with an OSError when a sync failed or the child is gone
-    (the pass's records are then not durable; a later pass starts a new child)."""
+    the event loop once per pass, with an OSError when a sync failed, the child is gone or
+    did not answer within `stuck_after` seconds (the pass's records are then not durable;
+    a later pass starts a new child)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         done: Callable[[BaseException | None], None],
         directory: Path,
+        stuck_after: float = 10.0,
     ) -> None:
         self._loop = loop
         self._done = done
         self._directory = directory
+        self._stuck_after = stuck_after
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        # A child killed for not answering that has not exited yet (see _stuck).
+        self._killed: subprocess.Popen[bytes] | None = None
         self._waiting = False
+        self._deadline: asyncio.TimerHandle | None = None
         self._start()
 
     @property
@@ -131,9 +143,11 @@ class SyncProcess:
         fds = [*files, *([directory] if directory is not None else [])]
         try:
             if self._sock is None:
+                self._still_killed()
                 self._start()
             assert self._sock is not None
             socket.send_fds(self._sock, [b"s" + kinds], fds)
+            self._deadline = self._loop.call_later(self._stuck_after, self._stuck)
         except (OSError, subprocess.SubprocessError) as exc:
             # The child is gone (EPIPE) or cannot be started: this pass fails, the next
             # starts a new one.
@@ -166,7 +180,54 @@ class SyncProcess:
         if not self._waiting:
             return
         self._waiting = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._done(error)
+
+    def _stuck(self) -> None:
+        """The pass in flight was not answered in time: the child is killed (not waited
+        for: one stuck in the kernel exits only when its fdatasync returns) and the pass
+        fails; the next pass starts another child."""
+        self._deadline = None
+        if not self._waiting:
+            return
+        proc = self._proc
+        sock, self._sock, self._proc = self._sock, None, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            if proc.poll() is None:
+                self._killed = proc
+            log.error(
+                "audit sync process %d did not answer within %gs: killed; a new one starts "
+                "at the next pass",
+                proc.pid,
+                self._stuck_after,
+            )
+        self._finish(
+            OSError(
+                errno.ETIMEDOUT,
+                f"the audit sync process did not answer within {self._stuck_after:g}s",
+            )
+        )
+
+    def _still_killed(self) -> None:
+        """Raise while a child killed for not answering has not exited (a hung disk): no
+        second child joins it; reap it once it has."""
+        killed = self._killed
+        if killed is None:
+            return
+        if killed.poll() is None:
+            raise OSError(
+                errno.EBUSY,
+                f"the audit sync process {killed.pid}, killed when stuck, has "
+                "not exited (a hung disk?)",
+            )
+        self._killed = None
 
     def _lost(self) -> None:
         """The child is gone: forget it (reaped), so that the next pass starts another."""
@@ -180,6 +241,9 @@ class SyncProcess:
 
     def _close(self) -> int | None:
         """Close the socket (a child still running exits) and reap the child; its pid."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         sock, self._sock = self._sock, None
         if sock is not None:
             self._loop.remove_reader(sock.fileno())

@@ -24,6 +24,7 @@ import collections
 import fcntl
 import logging
 import os
+import posix
 import subprocess
 import threading
 import time
@@ -81,6 +82,12 @@ log = logging.getLogger("pgwarden.audit")
 
 class AuditLogBusy(AuditStoreError):
     """Another process (a running gateway of this instance) writes this chain's log."""
+
+
+def _syncs_are_the_kernels() -> bool:
+    """Whether os.fdatasync and os.fsync are still the system calls themselves (posix's), as
+    the sync process makes them; not replaced in this process."""
+    return os.fdatasync is posix.fdatasync and os.fsync is posix.fsync
 
 
 def lock_log(directory: Path) -> int:
@@ -339,7 +346,7 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
 
     def _start_syncer(self, loop: asyncio.AbstractEventLoop) -> SyncProcess | None:
         try:
-            return SyncProcess(loop, self._synced, self.log.directory)
+            return SyncProcess(loop, self._synced, self.log.directory, stuck_after=self.timeout)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("audit sync process not started (%s): fdatasync on a thread", exc)
             return None
@@ -625,9 +632,10 @@ class WriteAheadAudit(BatchedRecords, ChainHeadKeeper):
         syncer = self._syncer
         # AuditLog.sync() is the log's one definition of a sync, which the process performs
         # as it does (sync_begin, the fdatasyncs, sync_end). A log whose sync() was replaced
-        # on it (a wrapper, a fault injected) is synced through that, on the thread: what a
-        # sync is stays the log's to say.
-        if syncer is not None and "sync" not in vars(self.log):
+        # on it, or an os.fdatasync / os.fsync replaced in this process (a wrapper, a fault
+        # injected), is synced through that, on the thread: what a sync is stays this
+        # process's to say, and a fault injected into it is never bypassed by the child.
+        if syncer is not None and "sync" not in vars(self.log) and _syncs_are_the_kernels():
             try:
                 pending = self.log.sync_begin()
             except OSError as exc:  # the directory cannot be opened: the pass fails

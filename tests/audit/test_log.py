@@ -109,21 +109,21 @@ async def test_disk_waits_for_one_fdatasync_shared_by_concurrent_records(
 async def test_disk_fdatasyncs_in_a_process_of_its_own(
     rig: AuditRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default syncer is a child process: no thread of the gateway's calls fdatasync
-    (neither AuditLog.sync nor os.fdatasync is called here), the child is not this process,
-    and it ends with the writer."""
+    """The default syncer is a child process: no thread of the gateway's syncs (AuditLog.sync
+    is not called here, no sync thread starts), the child is not this process, and it ends
+    with the writer."""
     wal = _wal(rig, "disk")
 
     def not_here(*_args: object) -> None:
         raise AssertionError("fdatasync ran in the gateway's process")
 
     monkeypatch.setattr(AuditLog, "sync", not_here)
-    monkeypatch.setattr(os, "fdatasync", not_here)
     async with wal:
         for burst in range(3):
             await asyncio.gather(
                 *(wal.request(statement_request(f"SELECT {burst}, {i}")) for i in range(20))
             )
+        assert wal._sync_thread is None
         syncer = wal._syncer
         assert isinstance(syncer, SyncProcess)
         pid = syncer.pid
@@ -186,6 +186,72 @@ async def test_disk_fails_closed_when_the_sync_process_fails_or_dies_then_goes_o
         assert syncer.pid is None
         assert await wal.request(statement_request("SELECT 4")) == f"{CHAIN}:6"
         assert syncer.pid not in (None, first, second)
+    await _all_verified(rig)
+
+
+@pytest.mark.parametrize("replaced", ["fdatasync", "fsync"])
+async def test_a_fault_injected_into_os_fdatasync_is_not_bypassed_by_the_process(
+    rig: AuditRig, monkeypatch: pytest.MonkeyPatch, replaced: str
+) -> None:
+    """os.fdatasync (or os.fsync) replaced in the gateway's process, as a fault injected or a
+    wrapper: the passes go through it (on the thread), not around it through the child that
+    calls the kernel's. A sync that fails there refuses its records; back to the process once
+    the replacement is gone."""
+    real = getattr(os, replaced)
+    calls: list[int] = []
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(5, "Input/output error (injected)")
+
+    async with _wal(rig, "disk", segment_bytes=200) as wal:
+        assert await wal.request(statement_request("SELECT 1")) == f"{CHAIN}:1"
+        monkeypatch.setattr(os, replaced, failing)
+        # fsync is the directory's, after a segment was created: the records roll one over.
+        with pytest.raises(AuditUnavailable, match="Input/output error"):
+            await wal.request(statement_request("SELECT refused " + "x" * 300))
+        assert calls and not wal.accepting
+        monkeypatch.setattr(os, replaced, real)
+        spawned = len(calls)
+        assert await wal.request(statement_request("SELECT 2 " + "y" * 300)) == f"{CHAIN}:3"
+        assert wal.accepting and len(calls) == spawned
+    await _all_verified(rig)
+
+
+def _ended(pid: int) -> bool:
+    """Whether the process has ended: gone, or a zombie not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+async def test_a_stuck_sync_process_is_replaced(rig: AuditRig) -> None:
+    """A child that does not answer its pass (stopped here; hung) within the writer's timeout
+    fails the pass (AuditUnavailable) and is killed; the next pass starts a new child and
+    takes records again, not failing at the timeout from then on."""
+    async with _wal(rig, "disk", timeout=0.5) as wal:
+        assert await wal.request(statement_request("SELECT 1")) == f"{CHAIN}:1"
+        syncer = wal._syncer
+        assert isinstance(syncer, SyncProcess) and syncer.pid is not None
+        first = syncer.pid
+        os.kill(first, signal.SIGSTOP)  # fault: the child hangs and never resumes
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable):
+            await wal.request(statement_request("SELECT stuck"))
+        assert time.monotonic() - started < 5
+        assert not wal.accepting
+        for _ in range(200):  # SIGKILLed
+            if _ended(first):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"the stuck sync process {first} was not killed")
+        assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:3"
+        assert syncer.pid not in (None, first)
+        assert wal.accepting
+        assert await wal.request(statement_request("SELECT 3")) == f"{CHAIN}:4"
     await _all_verified(rig)
 
 
