@@ -216,10 +216,13 @@ class ConsoleSettings(BaseModel):
     device_code_seconds: float = Field(default=600.0, gt=0, le=3600)
     device_poll_seconds: float = Field(default=5.0, gt=0, le=60)
     # -- SAML 2.0 login (gateway/console/saml.py): on when the IdP's metadata is given --
-    # The IdP's metadata (its entity id, SSO URL and signing certificate): a file, or a URL
-    # read once when the first SAML login starts.
+    # The IdP's metadata (its entity id, SSO URL and signing certificate): a file, read
+    # again when it changes, or a URL, read when the first SAML login starts and again
+    # once saml_metadata_refresh_seconds have passed (an IdP's rolled-over certificate is
+    # taken without a restart; a fetch that fails keeps the last metadata read).
     saml_idp_metadata_file: Path | None = None
     saml_idp_metadata_url: str = ""
+    saml_metadata_refresh_seconds: float = Field(default=3600.0, ge=1, le=7 * 86400)
     # Our entity id as registered at the IdP; empty: <public_url>/console/saml/metadata.
     saml_sp_entity_id: str = ""
     # The assertion attribute (Name or FriendlyName) whose values are the person's groups,

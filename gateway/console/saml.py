@@ -11,6 +11,7 @@ with no NotOnOrAfter, and a response to a request already answered (replay).
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
 import shutil
 import threading
@@ -28,6 +29,8 @@ from cryptography.utils import CryptographyDeprecationWarning
 from gateway.console.people import Person
 from gateway.identity.oidc import _require_secure as require_secure
 from gateway.settings import ConsoleSettings
+
+log = logging.getLogger("pgwarden.console")
 
 
 @functools.cache
@@ -109,6 +112,7 @@ class SamlSpSettings:
     sp_key_file: Path | None = None
     sp_cert_file: Path | None = None
     clock_skew_seconds: int = 30
+    metadata_refresh_seconds: float = 3600.0
 
     @classmethod
     def of(cls, console: ConsoleSettings, base_url: str) -> SamlSpSettings:
@@ -125,6 +129,7 @@ class SamlSpSettings:
             sp_key_file=console.saml_sp_key_file,
             sp_cert_file=console.saml_sp_cert_file,
             clock_skew_seconds=console.saml_clock_skew_seconds,
+            metadata_refresh_seconds=console.saml_metadata_refresh_seconds,
         )
 
 
@@ -201,17 +206,61 @@ class SamlServiceProvider:
 
     Both methods block (metadata fetch, xmlsec1 subprocesses): call them from a thread."""
 
-    def __init__(self, settings: SamlSpSettings, ledger: AuthnRequestLedger | None = None) -> None:
+    def __init__(
+        self,
+        settings: SamlSpSettings,
+        ledger: AuthnRequestLedger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger or AuthnRequestLedger()
+        self._clock = clock
         self._client: Any = None
+        # What the client's metadata was read from: the file as it was then (st_ino,
+        # st_size, st_mtime_ns), and when it was read (the URL's is read again after
+        # metadata_refresh_seconds; a failed read is tried again after as long).
+        self._metadata_file: tuple[int, int, int] | None = None
+        self._metadata_read_at = 0.0
         # pysaml2's client keeps a per-person cache it mutates while parsing; one at a time.
         self._lock = threading.Lock()
 
     def _saml_client(self) -> Any:
-        if self._client is None:
-            self._client = _pysaml2().Saml2Client(config=self._sp_config())
-        return self._client
+        """The client, built on the IdP's metadata as it is now: read again when its file
+        changed, or when the URL's was read longer than metadata_refresh_seconds ago. A
+        metadata that cannot be read again leaves the last one in use (and is logged);
+        with none read yet, the login fails with why."""
+        if self._client is not None and not self._metadata_stale():
+            return self._client
+        file_state = self._metadata_file_state()
+        try:
+            client = _pysaml2().Saml2Client(config=self._sp_config())
+        except Exception as exc:
+            if self._client is None:
+                raise
+            # Tried again once the refresh interval has passed (a file: when it changes).
+            self._metadata_read_at = self._clock()
+            self._metadata_file = file_state
+            log.warning("SAML IdP metadata not read again, the last one stays in use: %s", exc)
+            return self._client
+        self._client = client
+        self._metadata_read_at = self._clock()
+        self._metadata_file = file_state
+        return client
+
+    def _metadata_file_state(self) -> tuple[int, int, int] | None:
+        path = self.settings.idp_metadata_file
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _metadata_stale(self) -> bool:
+        if self.settings.idp_metadata_file is not None:
+            return self._metadata_file_state() != self._metadata_file
+        return self._clock() - self._metadata_read_at >= self.settings.metadata_refresh_seconds
 
     def _sp_config(self) -> Any:
         s = self.settings

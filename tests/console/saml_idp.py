@@ -144,7 +144,17 @@ class TestIdentityProvider:
         self.fault: Fault = "none"
         # Sign the Response instead of the Assertion (both are allowed by the profile).
         self.sign_response_only = False
+        # /metadata answers 503 (the IdP's metadata cannot be fetched).
+        self.metadata_down = False
+        self._rolled_over = 0
         self._sp_metadata: list[Path] = []
+        self._start_servers()
+
+    def roll_over_keys(self) -> None:
+        """A new signing key and certificate, as an IdP rolls its own over: what it signs,
+        and the metadata it writes or serves, use them from now on."""
+        self._rolled_over += 1
+        self.keys = make_key_pair(self.folder, f"idp-{self._rolled_over}")
         self._start_servers()
 
     def _start_servers(self) -> None:
@@ -274,7 +284,9 @@ class TestIdentityProvider:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
-                if path == "/metadata":
+                if path == "/metadata" and idp.metadata_down:
+                    self._send(503, "text/plain", "metadata unavailable")
+                elif path == "/metadata":
                     self._send(200, "application/samlmetadata+xml", idp.metadata_xml())
                 elif path == "/sso":
                     answer = idp.answer(self.path)

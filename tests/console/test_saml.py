@@ -158,6 +158,63 @@ def test_idp_metadata_from_a_url_and_signed_authn_requests(
     assert person.subject == "alice@example.com"
 
 
+def _signs_in(sp: SamlServiceProvider, idp: TestIdentityProvider) -> bool:
+    try:
+        sp.finish_login(BROWSER, idp.answer(sp.begin_login(BROWSER)).saml_response)
+    except SamlLoginRefused as refused:
+        assert "signature" in refused.reason, refused.reason
+        return False
+    return True
+
+
+def test_an_idp_metadata_file_rewritten_with_a_rolled_over_certificate_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """The IdP rolls its signing key over and its metadata file is replaced: the next login
+    is checked against the new certificate, without a restart; a response signed with the
+    old key is refused from then on."""
+    idp = TestIdentityProvider(tmp_path)
+    sp = service_provider(idp)
+    assert _signs_in(sp, idp)
+    signed_before = idp.answer(sp.begin_login(BROWSER))
+    idp.roll_over_keys()
+    assert not _signs_in(sp, idp)  # the file still names the old certificate
+    idp.write_metadata()
+    assert _signs_in(sp, idp)
+    with pytest.raises(SamlLoginRefused, match="signature"):
+        sp.finish_login(BROWSER, signed_before.saml_response)
+
+
+def test_idp_metadata_from_a_url_is_read_again_after_the_refresh_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Metadata from a URL is fetched again once saml_metadata_refresh_seconds have passed
+    (an IdP's rolled-over certificate is taken then); a fetch that fails keeps the last
+    metadata in use rather than refusing every login."""
+    now = [0.0]
+    with TestIdentityProvider(tmp_path).serve() as idp:
+        sp = SamlServiceProvider(
+            SamlSpSettings(
+                sp_entity_id=f"{SP_URL}/saml/metadata",
+                acs_url=f"{SP_URL}/saml/acs",
+                idp_metadata_url=f"{idp.base_url}/metadata",
+                metadata_refresh_seconds=60,
+            ),
+            clock=lambda: now[0],
+        )
+        idp.register_sp(sp.metadata_xml())
+        assert _signs_in(sp, idp)
+        idp.roll_over_keys()
+        now[0] = 30.0
+        assert not _signs_in(sp, idp)  # read 30 s ago: not read again yet
+        now[0] = 61.0
+        assert _signs_in(sp, idp)
+        idp.metadata_down = True
+        now[0] = 200.0
+        assert _signs_in(sp, idp)  # not fetched: the last metadata stays in use
+        assert "SAML IdP metadata not read again" in caplog.text
+
+
 def test_idp_metadata_over_plain_http_off_loopback_is_refused() -> None:
     """The metadata holds the certificate signatures are checked with: not over plain HTTP."""
     sp = SamlServiceProvider(
