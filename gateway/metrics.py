@@ -94,6 +94,9 @@ class GatewayMetrics:
         self.planned_executes: Counter[str] = Counter()
         # Simple-protocol Queries relayed on the plan of their shape (no task).
         self.planned_queries: Counter[str] = Counter()
+        # (target, result) -> catalog checks sent in band, ahead of their statement: passed,
+        # or failed (the plan stale, or the check could not run) and the statement sent again.
+        self.in_band_checks: Counter[tuple[str, str]] = Counter()
         # target -> failed connects to the target (network, TLS, login).
         self.upstream_connect_errors: Counter[str] = Counter()
         # Each decision of a message's statements, cache hits included.
@@ -112,6 +115,9 @@ class GatewayMetrics:
 
     def query_planned(self, target: str) -> None:
         self.planned_queries[target] += 1
+
+    def in_band_checked(self, target: str, *, passed: bool) -> None:
+        self.in_band_checks[(target, "passed" if passed else "failed")] += 1
 
     def upstream_connect_failed(self, target: str) -> None:
         self.upstream_connect_errors[target] += 1

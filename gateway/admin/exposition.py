@@ -123,6 +123,14 @@ class GatewayCollector(Collector):
             ["target"],
             (((t,), n) for t, n in m.planned_queries.items()),
         )
+        yield _labelled(
+            CounterMetricFamily,
+            "pgwarden_in_band_catalog_checks",
+            "Catalog checks sent on the session's own connection ahead of a planned Execute:"
+            " passed, or failed (the Execute decided afresh and sent again).",
+            ["target", "result"],
+            m.in_band_checks.items(),
+        )
         yield _histogram(
             "pgwarden_decision_seconds",
             "Time to decide a message's statements (cache hits included).",

@@ -193,6 +193,8 @@ class MaskResolver(Protocol):
 
     def refresh_soon(self) -> asyncio.Future[str | None]: ...
 
+    def check_sql(self) -> tuple[str, str]: ...
+
     async def mask_targets(self, masks: Sequence[Mask]) -> dict[tuple[int, int], str] | None: ...
 
     def knows(self, relation: int, attnum: int) -> bool: ...
@@ -1185,6 +1187,26 @@ class StatementGate:
         elif not any(consults_catalog(f) for f in facts):
             return None
         return catalog.refresh_soon()
+
+    def in_band_check(
+        self, facts: Sequence[StatementFacts], generation: str | None
+    ) -> tuple[str, str] | None:
+        """The catalog check of a statement on a plan resolved under `generation`, to send
+        in band (the session's own connection, ahead of the statement in its implicit
+        transaction; Catalog.check_sql), where the catalog is steady (a check rarely fails:
+        a failed one costs the statement a second round trip) and still reads `generation`.
+        None: no check is needed (not consults_catalog), or it goes as a probe
+        (catalog_check), which the caller tells apart with catalog_check itself."""
+        catalog = self._masks_catalog()
+        if (
+            catalog is None
+            or not catalog.steady
+            or generation is None
+            or catalog.generation != generation
+            or not any(consults_catalog(f) for f in facts)
+        ):
+            return None
+        return catalog.check_sql()
 
     def record_during_catalog_check(self) -> bool:
         """Whether an Execute's request record may be written while its catalog check is

@@ -14,7 +14,7 @@ import struct
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any, cast
@@ -88,6 +88,8 @@ from gateway.protocol.codes import (
     FUNCTION_CALL,
     FUNCTION_CALL_RESPONSE,
     NO_DATA,
+    NOTICE_RESPONSE,
+    NOTIFICATION_RESPONSE,
     PARAMETER_DESCRIPTION,
     PARAMETER_STATUS,
     PARSE,
@@ -102,7 +104,19 @@ from gateway.protocol.codes import (
     STATUS_IN_TRANSACTION,
     SYNC,
 )
-from gateway.protocol.types import BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, JSON, OID, TEXTLIKE, UUID
+from gateway.protocol.types import (
+    BOOL,
+    FLOAT4,
+    FLOAT8,
+    INT2,
+    INT4,
+    INT8,
+    JSON,
+    OID,
+    TEXT,
+    TEXTLIKE,
+    UUID,
+)
 from gateway.proxy.encodings import client_text, for_client, python_codec, server_text
 from gateway.proxy.gate import (
     REFUSED,
@@ -143,7 +157,7 @@ from gateway.session.frontend import (
     TERMINATE_SENT,
     FrontendCore,
 )
-from gateway.sql.catalog import parse_search_path
+from gateway.sql.catalog import CHECK_FAILED, parse_search_path
 from gateway.sql.facts import StatementFacts
 
 if TYPE_CHECKING:
@@ -190,6 +204,17 @@ _REJECTED_IF_ABORTED = b"SELECT pg_catalog.pgwarden_refused()"
 _STAND_IN = "pgwarden:refused"
 # admin_shutdown: what PostgreSQL itself sends the sessions it ends when it shuts down.
 SHUTTING_DOWN = "57P01"
+QUERY_CANCELED = "57014"
+INVALID_STATEMENT_NAME = "26000"
+# The in-band catalog check's statement and portal (one statement per way of reading the
+# generation: Catalog.check_sql), named so that neither the client's unnamed statement nor
+# its unnamed portal is touched; the process id keeps a client from naming them in advance.
+_CHECK_NAME = f"pgwarden:check:{uuid.uuid4().hex[:12]}:"
+_SYNC_MESSAGE = Sync().encode()
+# Answers to the check's Parse, Bind and Execute, and the server messages that may come
+# unasked among them (passed to the client as always).
+_CHECK_ANSWERS = frozenset({PARSE_COMPLETE, BIND_COMPLETE, DATA_ROW})
+_UNASKED = frozenset({NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_STATUS})
 
 # Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
 # if the server reports it off): pglast reads SQL as PostgreSQL does with it on. With it off,
@@ -221,10 +246,30 @@ class _Planned:
     generation: str | None
     params: tuple[str | None, ...] = ()
     portal: Portal | None = None
+    # The catalog check goes in band ahead of it: (way, SQL) of Catalog.check_sql.
+    in_band: tuple[str, str] | None = None
 
     @property
     def protocol(self) -> str:
         return "extended" if self.code == EXECUTE else "simple"
+
+
+@dataclass(slots=True)
+class _InBandCheck:
+    """The catalog check sent in band ahead of a planned Execute (ClientSession._send_check):
+    what its answers are awaited for, and what to send again if it fails."""
+
+    planned: _Planned
+    recorded: asyncio.Future[str]
+    # The client's messages it went ahead of, as the client sent them (its Bind, a
+    # Describe, the Execute, the Sync): sent again, decided afresh, if the check fails.
+    unit: bytes
+    # The way the generation is read (Catalog.check_sql: its statement's name), and whether
+    # the statement's Parse went with it.
+    way: str
+    parsing: bool
+    # The check failed: the server skips to the client's Sync, whose ReadyForQuery ends it.
+    failed: bool = False
 
 
 class Phase(Enum):
@@ -363,6 +408,10 @@ class ClientSession(asyncio.Protocol):
         "_cancel_owed",
         "_cancel_secret",
         "_cancels",
+        "_check",
+        "_check_off",
+        "_check_parsed",
+        "_check_skip",
         "_closing",
         "_direct_tls",
         "_draining",
@@ -383,6 +432,7 @@ class ClientSession(asyncio.Protocol):
         "_paused_by_client",
         "_paused_by_upstream",
         "_portals",
+        "_quiet_upstream",
         "_rules_problem",
         "_server_fatal",
         "_ssl_asked",
@@ -499,6 +549,18 @@ class ClientSession(asyncio.Protocol):
         self._rules_problem: str | None = None
         # pgwarden's own EXPLAIN in flight (cost estimates): its answers are not the client's.
         self._explain_read: ExplainRead | None = None
+        # Nothing written to the server is unanswered, and no pipeline is open there (set at
+        # a ReadyForQuery that leaves nothing expected, cleared by any write): a catalog
+        # check sent now is the first thing in the next implicit transaction.
+        self._quiet_upstream = True
+        # The in-band catalog check in flight; the way of reading the generation whose
+        # check statement this connection has parsed ("" none); the check off for this
+        # session (its user cannot run it), and the next Execute (sent again after its
+        # check failed) decided on the task path, not its stale plan.
+        self._check: _InBandCheck | None = None
+        self._check_parsed = ""
+        self._check_off = False
+        self._check_skip = False
 
     @property
     def relaying(self) -> bool:
@@ -1374,7 +1436,7 @@ class ClientSession(asyncio.Protocol):
         if not read.answer(code, body, self.encoding):
             return fatal
         self._path_read = None
-        self._backend.intercept = self._explain_read is not None
+        self._intercept_own()
         if read.error is None and read.value is not None:
             self.gate.search_path = parse_search_path(read.value)
             escaped = self.guards.enforced.escaped(read.settings) if read.also else None
@@ -1494,6 +1556,7 @@ class ClientSession(asyncio.Protocol):
         up = self.up
         if up is None:
             return
+        self._quiet_upstream = False
         if self._cancels:
             # Written once the cancel in flight is signalled (_forward_cancel).
             held = self._held_writes
@@ -1592,6 +1655,8 @@ class ClientSession(asyncio.Protocol):
             return
 
     def _expect_answer(self, msg: Describe | Close) -> None:
+        if msg.kind == "S" and msg.name.startswith(_CHECK_NAME):
+            self._check_parsed = ""  # the client closes the check's statement: see _forwarded
         held = (self._statements if msg.kind == "S" else self._portals).get(msg.name)
         closing = (msg.kind, msg.name)
         if isinstance(msg, Close):
@@ -1667,6 +1732,10 @@ class ClientSession(asyncio.Protocol):
         gate = self.gate
         if gate is None or not self._planned_allowed():
             return False
+        if self._check_skip:
+            # Sent again after its in-band check found its plan stale: decided afresh.
+            self._check_skip = False
+            return False
         try:
             msg = Execute.decode(message[5:])
         except ProtocolViolation:
@@ -1726,6 +1795,13 @@ class ClientSession(asyncio.Protocol):
     def _relay_planned(self, planned: _Planned) -> None:
         """The catalog check and the request record of a message on its plan."""
         assert self.gate is not None
+        if self._check_eligible(planned):
+            planned.in_band = self.gate.in_band_check(planned.facts, planned.generation)
+            if planned.in_band is not None:
+                # The check goes with the statement once its record is durable: no wait of
+                # its own (_send_check).
+                self._record_planned(planned, None)
+                return
         probe = self.gate.catalog_check(planned.facts)
         if probe is None:
             self._record_planned(planned, None)
@@ -1809,6 +1885,11 @@ class ClientSession(asyncio.Protocol):
                 self.gate.superseded(planned.facts, recorded)
                 self._spawn(self._gated(planned.code, planned.message))
                 return
+            if planned.in_band is not None and not self._check_eligible(planned):
+                # Something went to the server while the record was written (pgwarden's
+                # own read of the search_path): the check cannot go first now; a probe.
+                self._probe_after_record(planned, recorded)
+                return
             verdict = self.gate.executed(
                 planned.facts,
                 planned.decisions,
@@ -1818,6 +1899,8 @@ class ClientSession(asyncio.Protocol):
             )
             if planned.portal is not None:
                 self._execute_decided(verdict, planned.message, planned.portal)
+                if planned.in_band is not None and verdict.allowed:
+                    self._send_check(planned, recorded)
             else:
                 self._query_decided(verdict, planned.message)
         except Exception as exc:  # the callback boundary: never a silent drop
@@ -1825,6 +1908,179 @@ class ClientSession(asyncio.Protocol):
             self._internal_error(exc)
             return
         self._gate_done()
+
+    # -- the catalog check in band --------------------------------------------------------
+
+    def _check_eligible(self, planned: _Planned) -> bool:
+        """Whether a planned Execute's catalog check may go in band, ahead of it in its own
+        implicit transaction (see StatementGate.catalog_check): a read (its check failing
+        skips it, nothing it wrote to undo), alone with its Bind before the client's Sync
+        (the failure skips exactly the client's messages sent again), outside a transaction
+        block (a failure would fail the client's block), with nothing of the client's
+        unanswered or sent in the pipeline already (its effects would be undone with it)."""
+        return (
+            planned.portal is not None
+            and self._quiet_upstream
+            and not self._check_off
+            and self._check is None
+            and self._budget_hold is None
+            and not self._cancels
+            and not self._aborted
+            and self.gate is not None
+            and not self.gate.in_transaction
+            and self._frontend.next_code() == SYNC
+            and not any(f.writes for f in planned.facts)
+        )
+
+    def _probe_after_record(self, planned: _Planned, recorded: asyncio.Future[str]) -> None:
+        """The planned statement's check as a probe after all (its record is written)."""
+        assert self.gate is not None
+        planned.in_band = None
+        probe = self.gate.catalog_check(planned.facts)
+        if probe is None:
+            self._planned_recorded(planned, None, recorded)
+            return
+        probe.add_done_callback(
+            lambda _: self._callback(lambda: self._planned_recorded(planned, probe, recorded))
+        )
+
+    def _send_check(self, planned: _Planned, recorded: asyncio.Future[str]) -> None:
+        """Put the catalog check ahead of the Execute just queued and its Bind (not sent yet:
+        they leave with the client's Sync, _hold_at_sync): the server runs it first in their
+        implicit transaction. What the client sends after that Sync waits for its answer
+        (_check_answer)."""
+        assert planned.in_band is not None
+        out = self._frontend.out
+        if not out or out[-1] is not planned.message:
+            return  # not forwarded after all: nothing to check
+        if self._budget_hold is not None or self._hold_at_sync:
+            # _check_eligible rules these out (a write, more than the Sync behind, a block):
+            # an Execute held for its budget cannot have a check ahead of it.
+            raise RuntimeError("an in-band catalog check ahead of an Execute held back")
+        way, sql = planned.in_band
+        name = _CHECK_NAME + way
+        parsing = self._check_parsed != way
+        check = b""
+        if parsing:
+            check = Parse(name, sql.encode(), (TEXT,)).encode()
+        assert planned.generation is not None
+        check += Bind(name, name, (0,), (planned.generation.encode(),), ()).encode()
+        check += Execute(name, 0).encode()
+        unit = b"".join(out) + _SYNC_MESSAGE
+        out.insert(0, check)
+        self._check = _InBandCheck(planned, recorded, unit, way, parsing)
+        self._backend.intercept = True
+        self._hold_at_sync = True
+
+    def _check_answer(
+        self, code: int, view: bytes | bytearray, pos: int, end: int, whole: bool
+    ) -> int:
+        """A frame while the in-band check is answered (its Parse, Bind and Execute, ahead of
+        everything else still expected: _quiet_upstream)."""
+        check = self._check
+        assert check is not None
+        if code in _UNASKED:
+            return NOT_OWN
+        if not whole:
+            return STOP
+        if check.failed:
+            if code != READY_FOR_QUERY:
+                raise ProtocolViolation(f"server sent {chr(code)!r} while skipping to Sync")
+            # The client's messages behind the check were skipped: decided afresh and sent
+            # again once this ReadyForQuery (the client's Sync's) is dropped.
+            self._check = None
+            self._intercept_own()
+            asyncio.get_running_loop().call_soon(
+                self._callback, functools.partial(self._check_failed, check)
+            )
+            return DROP
+        if code in _CHECK_ANSWERS:
+            if code == PARSE_COMPLETE:
+                self._check_parsed = check.way
+            return DROP
+        if code == COMMAND_COMPLETE:
+            # The generation holds: the statement behind runs on its plan.
+            self._checked(passed=True)
+            self._check = None
+            self._intercept_own()
+            self._end_check_hold()
+            return DROP
+        if code != ERROR_RESPONSE:
+            raise ProtocolViolation(f"server sent {chr(code)!r} for the catalog check")
+        err = ErrorResponse.decode(bytes(view[pos + 5 : end]))
+        if err.severity in ("FATAL", "PANIC") or err.sqlstate == QUERY_CANCELED:
+            # The session ends, or the client's cancel stopped its unit at the check: the
+            # error is the client's, as its statement's (its Bind's answer).
+            self._check = None
+            self._intercept_own()
+            self._end_check_hold()
+            return NOT_OWN
+        check.failed = True
+        self._checked(passed=False)
+        if err.sqlstate == INVALID_STATEMENT_NAME:
+            self._check_parsed = ""  # deallocated by the client (DEALLOCATE ALL): parse again
+        elif err.sqlstate != CHECK_FAILED:
+            # Not the assertion: the check itself cannot run here (the session's user may
+            # not read the DDL watch's table; a statement of the client's holds its name,
+            # 42P05, and is never bound in its place): back to the probe for the session.
+            self._check_parsed = ""
+            self._check_off = True
+            log.info(
+                "session %s: in-band catalog check failed (%s %s); the probe from now on",
+                self.id,
+                err.sqlstate,
+                server_text(err.message or "", self.encoding),
+            )
+        return DROP
+
+    def _intercept_own(self) -> None:
+        """Server frames go to _own_answer first while a request of pgwarden's own is
+        answered: the in-band check, the search_path read, an EXPLAIN."""
+        self._backend.intercept = (
+            self._check is not None or self._path_read is not None or self._explain_read is not None
+        )
+
+    def _forwarded(self, facts: Sequence[StatementFacts]) -> None:
+        """Statements just forwarded: the search_path watch hears of them, and the in-band
+        check's statement is parsed again after any that may have deallocated it (or
+        replaced it with a statement of the client's under its name: the Parse then fails
+        with 42P05, and the check goes off for the session rather than bind that)."""
+        self._path.forwarded(facts)
+        if self._check_parsed and any(_may_drop_statements(f) for f in facts):
+            self._check_parsed = ""
+
+    def _checked(self, *, passed: bool) -> None:
+        if self.target is not None:
+            self.gw.metrics.in_band_checked(self.target.name, passed=passed)
+
+    def _end_check_hold(self) -> None:
+        """What the client sent after the checked unit's Sync goes on (nothing, mostly: a
+        client waits for the answer; then reading was not paused for it either)."""
+        if self._budget_hold is not None:
+            self._budget_hold = None
+            if self._frontend.buffer:
+                asyncio.get_running_loop().call_soon(self._callback, self._resume_after_hold)
+
+    def _check_failed(self, check: _InBandCheck) -> None:
+        """The check found the plan stale (or could not run): the server skipped the client's
+        unit behind it. The unit's request record is closed as not run under its plan, its
+        expectations go, and the unit is read again from the client's bytes (its Execute
+        decided afresh, with a probe), ahead of what the client sent after it."""
+        if self.phase is not Phase.RELAY or self._closing:
+            return
+        assert self.gate is not None
+        for e in self.tracker.clear():
+            for run in e.runs:
+                run.done = True  # its timers, if any, find it over
+        self.tracker.ready()
+        self._quiet_upstream = True
+        self.gate.superseded(check.planned.facts, check.recorded)
+        self._frontend.buffer[0:0] = check.unit
+        self._check_skip = True
+        self._budget_hold = None
+        if self._frontend.state is not GATED:
+            self._drain_client()
+            self._read_on()
 
     def _token_problem(self) -> str | None:
         assert self.principal is not None
@@ -1950,7 +2206,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         expectation = Expectation("query", verdict.runs)
         self.tracker.expect(expectation)
-        self._path.forwarded(verdict.facts)
+        self._forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
         # In a transaction block what follows must not commit behind a cut statement (a
         # COMMIT pipelined after it); a Query's own implicit transaction ends with it.
@@ -2152,7 +2408,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         expectation = Expectation("execute", verdict.runs)
         self.tracker.expect(expectation)
-        self._path.forwarded(verdict.facts)
+        self._forwarded(verdict.facts)
         self._arm_timeouts(verdict.runs)
         if (
             self._frontend.next_code() != SYNC
@@ -2188,6 +2444,7 @@ class ClientSession(asyncio.Protocol):
         self._to_server(message)
         self.tracker.expect(Expectation("function", verdict.runs))
         self._path.forwarded_opaque()
+        self._check_parsed = ""  # code pgwarden cannot see into: see _forwarded
 
     # -- relay: server to client ---------------------------------------------------------
 
@@ -2223,13 +2480,15 @@ class ClientSession(asyncio.Protocol):
     ) -> int:
         """A frame while pgwarden's own request is answered: its answers are not the
         client's (backend core verdicts; NOT_OWN: the client's, read as usual)."""
+        if self._check is not None:
+            return self._check_answer(code, view, pos, end, whole)
         explain = self._explain_read
         if explain is not None and code not in CLIENTS_WHILE_EXPLAINING:
             if not whole:
                 return STOP
             if explain.answer(code, view[pos:end]):
                 self._explain_read = None
-                self._backend.intercept = self._path_read is not None
+                self._intercept_own()
             return DROP
         if self._path_read is not None and code in READ_ANSWERS:
             # The answer to pgwarden's own read of search_path: not the client's to see.
@@ -2352,6 +2611,7 @@ class ClientSession(asyncio.Protocol):
                 if e.kind == "parse":
                     self._undo_parse(e)
             tracker.ready()
+            self._quiet_upstream = not tracker
             self._bind_error = None
             if self._fail_block:
                 self._fail_block = False
@@ -2855,6 +3115,17 @@ class ClientSession(asyncio.Protocol):
             self._portals.clear()
         if facts.category == "ddl":
             self.gw.after_ddl(self)
+
+
+def _may_drop_statements(facts: StatementFacts) -> bool:
+    """Whether a statement may deallocate or define prepared statements: DEALLOCATE, DISCARD,
+    PREPARE, or code pgwarden cannot see into."""
+    return facts.command in ("DEALLOCATE", "DISCARD", "CALL", "DO") or any(
+        flag in _DROPS_STATEMENTS for flag in facts.flags
+    )
+
+
+_DROPS_STATEMENTS = frozenset({"prepare", "discard_all", "procedural", "opaque_function"})
 
 
 def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:

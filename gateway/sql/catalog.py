@@ -137,6 +137,33 @@ SELECT 'snapshot:' || pg_catalog.pg_current_snapshot()::text,
                      AND e.evtenabled = 'A')
 """
 
+# The catalog check in band: the generation asserted on the session's own connection, ahead
+# of its statement in the same pipeline (an implicit transaction): the assertion divides by
+# zero (22012) when the generation read there is not $1, which fails the transaction and
+# skips the statement behind it. Everything schema-qualified, operators included: it runs
+# under the client's search_path, where an operator of the client's could shadow ours.
+_WATCH_CHECK = """
+SELECT 1 OPERATOR(pg_catalog./) pg_catalog.int4(COALESCE((
+  SELECT 'watch:' OPERATOR(pg_catalog.||)
+         (SELECT pg_catalog.sum(g.n) FROM pgwarden.ddl_generation g)::pg_catalog.text
+         OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) e.xmin::pg_catalog.text
+         OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) p.xmin::pg_catalog.text
+  FROM pg_catalog.pg_event_trigger e
+  JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) e.evtfoid
+  WHERE e.evtname OPERATOR(pg_catalog.=) 'pgwarden_ddl_watch'
+    AND e.evtevent OPERATOR(pg_catalog.=) 'ddl_command_end'
+    AND e.evtenabled OPERATOR(pg_catalog.=) 'A'
+) OPERATOR(pg_catalog.=) $1::pg_catalog.text, false))
+"""
+_SNAPSHOT_CHECK = """
+SELECT 1 OPERATOR(pg_catalog./) pg_catalog.int4(
+  ('snapshot:' OPERATOR(pg_catalog.||) pg_catalog.pg_current_snapshot()::pg_catalog.text)
+  OPERATOR(pg_catalog.=) $1::pg_catalog.text)
+"""
+# The SQLSTATE of a check that found the generation moved (the assertion's division).
+CHECK_FAILED = "22012"
+
+
 # Every attribute (system ones included) of relations a RowDescription named.
 _ATTRIBUTES_QUERY = """
 SELECT a.attrelid::int8, a.attnum::int4 FROM pg_catalog.pg_attribute a
@@ -279,6 +306,14 @@ class Catalog:
         in a row found it unmoved (no write committed on the database meanwhile). One that
         moved makes it unsteady until that many have not again."""
         return self._watched or self._unmoved >= STEADY_PROBES
+
+    def check_sql(self) -> tuple[str, str]:
+        """The in-band catalog check for the way the generation is read now (the DDL watch
+        or the snapshot): a name for its statement (one per way) and its SQL, which fails
+        with CHECK_FAILED where the generation is not its one parameter."""
+        if self._watched:
+            return "watch", _WATCH_CHECK
+        return "snapshot", _SNAPSHOT_CHECK
 
     @property
     def epoch(self) -> int:

@@ -17,6 +17,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "pgwarden_masked_statements_total": ("counter", frozenset({"target"})),
     "pgwarden_planned_executes_total": ("counter", frozenset({"target"})),
     "pgwarden_planned_queries_total": ("counter", frozenset({"target"})),
+    "pgwarden_in_band_catalog_checks_total": ("counter", frozenset({"target", "result"})),
     "pgwarden_decision_seconds": ("histogram", frozenset()),
     "pgwarden_decision_cache_total": ("counter", frozenset({"result"})),
     "pgwarden_opa_up": ("gauge", frozenset()),

@@ -35,6 +35,7 @@ def test_the_contract_names_exactly_the_exposed_metrics() -> None:
     metrics.upstream_connect_failed("app")
     metrics.execute_planned("app")
     metrics.query_planned("app")
+    metrics.in_band_checked("app", passed=True)
     part = _Part()
     state = GatewayState(
         metrics=metrics,

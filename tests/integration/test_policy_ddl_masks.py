@@ -24,6 +24,7 @@ from psycopg.rows import TupleRow
 
 from cli.localpg import APP_SCHEMA_SQL, SUPERUSER
 from gateway.control.targets import Target
+from gateway.sql.catalog import STEADY_PROBES
 from tests.harness import (
     RunningGateway,
     StoredTargets,
@@ -312,6 +313,81 @@ def test_a_planned_execute_is_decided_afresh_after_ddl(
         )
         cur.execute(query, (0,), prepare=True)
         assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
+
+
+def in_band_checks(gateway: RunningGateway, target: str, result: str) -> int:
+    """Catalog checks sent ahead of planned Executes on `target`'s sessions, by result."""
+    context = gateway.gateway.context
+    assert context is not None
+    return context.metrics.in_band_checks[(target, result)]
+
+
+NOTES_OVER_EMAILS = (
+    "BEGIN; ALTER TABLE notes RENAME TO notes_old;"
+    " CREATE VIEW notes AS SELECT id, email AS body FROM customers; COMMIT"
+)
+
+
+def test_a_planned_read_is_checked_in_band_and_sent_again_once_its_plan_is_stale(
+    gateway: RunningGateway, db: Db, agent: psycopg.Connection[TupleRow]
+) -> None:
+    """A prepared read on its Parse-time plan has its catalog check ahead of it on the
+    session's own connection (no probe of its own): with the DDL watch every such read.
+    DDL committed before the next read fails the check there, so the server skips the read;
+    it is decided afresh and sent again, and the client sees one answer, masked."""
+    db.ddl("CREATE TABLE notes (id int, body text)")
+    db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
+    query = "SELECT body FROM notes WHERE id > %s"
+    start = in_band_checks(gateway, db.target, "passed")
+    with agent.cursor() as cur:
+        # Without the watch the check goes in band once the snapshot has been steady for
+        # STEADY_PROBES probes (nothing commits on this database meanwhile).
+        for _ in range(4 if db.watched else STEADY_PROBES + 8):
+            cur.execute(query, (0,), prepare=True)
+            assert {r[0] for r in cur.fetchall()} == {"plain", "text"}
+        passed = in_band_checks(gateway, db.target, "passed")
+        failed = in_band_checks(gateway, db.target, "failed")
+        assert passed >= start + 2
+        db.ddl(NOTES_OVER_EMAILS)
+        for _ in range(2):
+            cur.execute(query, (0,), prepare=True)
+            assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
+        assert in_band_checks(gateway, db.target, "failed") == failed + 1
+        if db.watched:
+            assert in_band_checks(gateway, db.target, "passed") >= passed + 1
+
+
+def test_the_in_band_check_is_never_a_statement_of_the_clients(
+    gateway: RunningGateway, db: Db, agent: psycopg.Connection[TupleRow]
+) -> None:
+    """The check's prepared statement is visible in pg_prepared_statements: an agent that
+    deallocates it and prepares its own under that name (a check that always passes) never
+    has it bound in the check's place. The check is parsed again after a DEALLOCATE, which
+    then fails (the name is taken) and turns the in-band check off for the session: the
+    read after DDL is still decided afresh, and masked."""
+    db.ddl("CREATE TABLE notes (id int, body text)")
+    db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
+    query = "SELECT body FROM notes WHERE id > %s"
+    with agent.cursor() as cur:
+        for _ in range(3 if db.watched else STEADY_PROBES + 8):  # (see the test above)
+            cur.execute(query, (0,), prepare=True)
+            assert {r[0] for r in cur.fetchall()} == {"plain", "text"}
+        names = [
+            r[0]
+            for r in simple(
+                agent, "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgwarden:check:%'"
+            )
+        ]
+        assert len(names) == 1, names
+        name = str(names[0])
+        simple(agent, f'DEALLOCATE "{name}"')
+        simple(agent, f'PREPARE "{name}"(text) AS SELECT 1')
+        passed = in_band_checks(gateway, db.target, "passed")
+        db.ddl(NOTES_OVER_EMAILS)
+        for _ in range(2):
+            cur.execute(query, (0,), prepare=True)
+            assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
+        assert in_band_checks(gateway, db.target, "passed") == passed
 
 
 def planned_queries(gateway: RunningGateway) -> int:
