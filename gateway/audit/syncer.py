@@ -103,6 +103,9 @@ class SyncProcess:
         # A child killed for not answering that has not exited yet (see _stuck).
         self._killed: subprocess.Popen[bytes] | None = None
         self._waiting = False
+        # When the pass in flight was asked for (loop time), and the watchdog that looks at
+        # it: one timer per stuck_after at most, not one per pass.
+        self._asked_at = 0.0
         self._deadline: asyncio.TimerHandle | None = None
         self._start()
 
@@ -147,7 +150,9 @@ class SyncProcess:
                 self._start()
             assert self._sock is not None
             socket.send_fds(self._sock, [b"s" + kinds], fds)
-            self._deadline = self._loop.call_later(self._stuck_after, self._stuck)
+            self._asked_at = self._loop.time()
+            if self._deadline is None:
+                self._deadline = self._loop.call_later(self._stuck_after, self._stuck)
         except (OSError, subprocess.SubprocessError) as exc:
             # The child is gone (EPIPE) or cannot be started: this pass fails, the next
             # starts a new one.
@@ -180,9 +185,6 @@ class SyncProcess:
         if not self._waiting:
             return
         self._waiting = False
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
         self._done(error)
 
     def _stuck(self) -> None:
@@ -191,6 +193,10 @@ class SyncProcess:
         fails; the next pass starts another child."""
         self._deadline = None
         if not self._waiting:
+            return
+        left = self._asked_at + self._stuck_after - self._loop.time()
+        if left > 0:  # a later pass than the one the watchdog was set for
+            self._deadline = self._loop.call_later(left, self._stuck)
             return
         proc = self._proc
         sock, self._sock, self._proc = self._sock, None, None
