@@ -1208,6 +1208,13 @@ class StatementGate:
             return None
         return catalog.check_sql()
 
+    @staticmethod
+    def may_budget(decisions: Sequence[Decision]) -> bool:
+        """Whether executing on these decisions may set a row, byte or time budget (their
+        `limits`; see _budget): a budgeted write is held until it ends (the session's
+        _hold_behind_budget), so its catalog check cannot go in band ahead of it."""
+        return any(isinstance(d.extra.get("limits"), StatementLimits) for d in decisions)
+
     def record_during_catalog_check(self) -> bool:
         """Whether an Execute's request record may be written while its catalog check is
         in flight (the two waits overlap, not add up): where the check rarely finds the

@@ -213,7 +213,7 @@ _CHECK_NAME = f"pgwarden:check:{uuid.uuid4().hex[:12]}:"
 _SYNC_MESSAGE = Sync().encode()
 # Answers to the check's Parse, Bind and Execute, and the server messages that may come
 # unasked among them (passed to the client as always).
-_CHECK_ANSWERS = frozenset({PARSE_COMPLETE, BIND_COMPLETE, DATA_ROW})
+_CHECK_ANSWERS = frozenset({CLOSE_COMPLETE, PARSE_COMPLETE, BIND_COMPLETE, DATA_ROW})
 _UNASKED = frozenset({NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_STATUS})
 
 # Why standard_conforming_strings stays on (refused at startup, on SET, and the session ends
@@ -1913,11 +1913,12 @@ class ClientSession(asyncio.Protocol):
 
     def _check_eligible(self, planned: _Planned) -> bool:
         """Whether a planned Execute's catalog check may go in band, ahead of it in its own
-        implicit transaction (see StatementGate.catalog_check): a read (its check failing
-        skips it, nothing it wrote to undo), alone with its Bind before the client's Sync
-        (the failure skips exactly the client's messages sent again), outside a transaction
-        block (a failure would fail the client's block), with nothing of the client's
-        unanswered or sent in the pipeline already (its effects would be undone with it)."""
+        implicit transaction (see StatementGate.catalog_check): alone with its Bind before
+        the client's Sync (the failure skips exactly the client's messages, which are sent
+        again), outside a transaction block (a failure would fail the client's block), with
+        nothing of the client's unanswered or sent in the pipeline already (its effects
+        would be undone with it); not a write under a budget (held until it ends, with its
+        Sync: _execute_decided)."""
         return (
             planned.portal is not None
             and self._quiet_upstream
@@ -1929,7 +1930,9 @@ class ClientSession(asyncio.Protocol):
             and self.gate is not None
             and not self.gate.in_transaction
             and self._frontend.next_code() == SYNC
-            and not any(f.writes for f in planned.facts)
+            and not (
+                any(f.writes for f in planned.facts) and self.gate.may_budget(planned.decisions)
+            )
         )
 
     def _probe_after_record(self, planned: _Planned, recorded: asyncio.Future[str]) -> None:
@@ -1962,7 +1965,9 @@ class ClientSession(asyncio.Protocol):
         parsing = self._check_parsed != way
         check = b""
         if parsing:
-            check = Parse(name, sql.encode(), (TEXT,)).encode()
+            # Closed first: whatever holds the name now (a statement of the client's put
+            # there since: see _forwarded) is gone, and the Parse cannot fail for the name.
+            check = Close("S", name).encode() + Parse(name, sql.encode(), (TEXT,)).encode()
         assert planned.generation is not None
         check += Bind(name, name, (0,), (planned.generation.encode(),), ()).encode()
         check += Execute(name, 0).encode()
@@ -2018,11 +2023,10 @@ class ClientSession(asyncio.Protocol):
         check.failed = True
         self._checked(passed=False)
         if err.sqlstate == INVALID_STATEMENT_NAME:
-            self._check_parsed = ""  # deallocated by the client (DEALLOCATE ALL): parse again
+            self._check_parsed = ""  # deallocated by something unseen: parsed again
         elif err.sqlstate != CHECK_FAILED:
-            # Not the assertion: the check itself cannot run here (the session's user may
-            # not read the DDL watch's table; a statement of the client's holds its name,
-            # 42P05, and is never bound in its place): back to the probe for the session.
+            # Not the assertion: the check itself cannot run here (the session's role may
+            # not read the DDL watch's table): back to the probe for the session.
             self._check_parsed = ""
             self._check_off = True
             log.info(
@@ -2042,9 +2046,10 @@ class ClientSession(asyncio.Protocol):
 
     def _forwarded(self, facts: Sequence[StatementFacts]) -> None:
         """Statements just forwarded: the search_path watch hears of them, and the in-band
-        check's statement is parsed again after any that may have deallocated it (or
-        replaced it with a statement of the client's under its name: the Parse then fails
-        with 42P05, and the check goes off for the session rather than bind that)."""
+        check's statement is closed and parsed again after any that may have deallocated it
+        or put a statement of the client's under its name (the client's DEALLOCATE and
+        PREPARE, or code pgwarden cannot see into: a trigger a write fires, an event
+        trigger, a function): a statement of the client's is never bound in its place."""
         self._path.forwarded(facts)
         if self._check_parsed and any(_may_drop_statements(f) for f in facts):
             self._check_parsed = ""
@@ -3118,14 +3123,15 @@ class ClientSession(asyncio.Protocol):
 
 
 def _may_drop_statements(facts: StatementFacts) -> bool:
-    """Whether a statement may deallocate or define prepared statements: DEALLOCATE, DISCARD,
-    PREPARE, or code pgwarden cannot see into."""
-    return facts.command in ("DEALLOCATE", "DISCARD", "CALL", "DO") or any(
-        flag in _DROPS_STATEMENTS for flag in facts.flags
-    )
+    """Whether a statement may deallocate or define prepared statements: anything but a read
+    whose code pgwarden sees whole (DEALLOCATE, DISCARD and PREPARE; a write fires triggers,
+    DDL event triggers, a COMMIT deferred ones; functions it cannot see into)."""
+    return facts.category != "read" or any(flag in _DROPS_STATEMENTS for flag in facts.flags)
 
 
-_DROPS_STATEMENTS = frozenset({"prepare", "discard_all", "procedural", "opaque_function"})
+_DROPS_STATEMENTS = frozenset(
+    {"prepare", "execute", "discard_all", "procedural", "opaque_function"}
+)
 
 
 def _syntax_error_in_client_text(run: StatementRun, err: ErrorResponse) -> bool:

@@ -357,14 +357,38 @@ def test_a_planned_read_is_checked_in_band_and_sent_again_once_its_plan_is_stale
             assert in_band_checks(gateway, db.target, "passed") >= passed + 1
 
 
+def test_a_planned_write_checked_in_band_runs_once_when_its_plan_went_stale(
+    gateway: RunningGateway, db: Db
+) -> None:
+    """A prepared INSERT (no budget: admins) has its check in band as a read does. DDL
+    committed before the next execution fails the check, so the server skips the INSERT;
+    sent again, it runs exactly once, and the client sees one answer."""
+    db.ddl("CREATE TABLE jot (id int)")
+    insert = "INSERT INTO jot VALUES (%s)"
+    start = in_band_checks(gateway, db.target, "passed")
+    with connect(gateway.dsn(token_for(gateway, "admins"), target=db.target)) as conn:
+        rounds = 4 if db.watched else STEADY_PROBES + 8
+        for i in range(rounds):
+            assert conn.execute(insert, (i,), prepare=True).rowcount == 1
+        if db.watched:  # (without the watch each INSERT's commit moves the snapshot)
+            assert in_band_checks(gateway, db.target, "passed") >= start + 2
+        failed = in_band_checks(gateway, db.target, "failed")
+        db.ddl("ALTER TABLE jot ADD COLUMN note text")
+        assert conn.execute(insert, (-1,), prepare=True).rowcount == 1
+        assert conn.execute(insert, (-2,), prepare=True).rowcount == 1
+        if db.watched:
+            assert in_band_checks(gateway, db.target, "failed") == failed + 1
+    rows = db.conn.execute("SELECT id, count(*) FROM jot GROUP BY id ORDER BY id").fetchall()
+    assert rows == [(-2, 1), (-1, 1), *((i, 1) for i in range(rounds))]
+
+
 def test_the_in_band_check_is_never_a_statement_of_the_clients(
     gateway: RunningGateway, db: Db, agent: psycopg.Connection[TupleRow]
 ) -> None:
     """The check's prepared statement is visible in pg_prepared_statements: an agent that
     deallocates it and prepares its own under that name (a check that always passes) never
-    has it bound in the check's place. The check is parsed again after a DEALLOCATE, which
-    then fails (the name is taken) and turns the in-band check off for the session: the
-    read after DDL is still decided afresh, and masked."""
+    has it bound in the check's place. After a DEALLOCATE the check's statement is closed
+    and parsed again: the read after DDL fails the real check, is decided afresh, masked."""
     db.ddl("CREATE TABLE notes (id int, body text)")
     db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
     query = "SELECT body FROM notes WHERE id > %s"
@@ -382,12 +406,15 @@ def test_the_in_band_check_is_never_a_statement_of_the_clients(
         name = str(names[0])
         simple(agent, f'DEALLOCATE "{name}"')
         simple(agent, f'PREPARE "{name}"(text) AS SELECT 1')
-        passed = in_band_checks(gateway, db.target, "passed")
+        failed = in_band_checks(gateway, db.target, "failed")
         db.ddl(NOTES_OVER_EMAILS)
         for _ in range(2):
             cur.execute(query, (0,), prepare=True)
             assert_masked({str(r[0]) for r in cur.fetchall() if r[0] is not None}, EMAILS)
-        assert in_band_checks(gateway, db.target, "passed") == passed
+        # The check that ran after the DDL was pgwarden's, and failed.
+        assert in_band_checks(gateway, db.target, "failed") == failed + 1
+        held = dict(simple(agent, "SELECT name, statement FROM pg_prepared_statements"))
+        assert "pg_catalog./" in str(held[name]), held[name]
 
 
 def planned_queries(gateway: RunningGateway) -> int:
