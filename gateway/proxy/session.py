@@ -208,7 +208,7 @@ QUERY_CANCELED = "57014"
 INVALID_STATEMENT_NAME = "26000"
 # The in-band catalog check's statement and portal (one statement per way of reading the
 # generation: Catalog.check_sql), named so that neither the client's unnamed statement nor
-# its unnamed portal is touched; the process id keeps a client from naming them in advance.
+# its unnamed portal is touched; random per gateway process.
 _CHECK_NAME = f"pgwarden:check:{uuid.uuid4().hex[:12]}:"
 _SYNC_MESSAGE = Sync().encode()
 # Answers to the check's Parse, Bind and Execute, and the server messages that may come
@@ -264,10 +264,8 @@ class _InBandCheck:
     # The client's messages it went ahead of, as the client sent them (its Bind, a
     # Describe, the Execute, the Sync): sent again, decided afresh, if the check fails.
     unit: bytes
-    # The way the generation is read (Catalog.check_sql: its statement's name), and whether
-    # the statement's Parse went with it.
+    # The way the generation is read (Catalog.check_sql: its statement's name).
     way: str
-    parsing: bool
     # The check failed: the server skips to the client's Sync, whose ReadyForQuery ends it.
     failed: bool = False
 
@@ -1973,7 +1971,7 @@ class ClientSession(asyncio.Protocol):
         check += Execute(name, 0).encode()
         unit = b"".join(out) + _SYNC_MESSAGE
         out.insert(0, check)
-        self._check = _InBandCheck(planned, recorded, unit, way, parsing)
+        self._check = _InBandCheck(planned, recorded, unit, way)
         self._backend.intercept = True
         self._hold_at_sync = True
 
