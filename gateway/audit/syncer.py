@@ -17,9 +17,9 @@ It ends when the socket closes: when the gateway closes it or dies.
 
 A pass the child does not answer within `stuck_after` seconds (a child stopped or hung)
 fails, and the child is killed: the next pass starts a new one, whose fdatasync covers
-everything written (a file's fdatasync flushes what any process wrote to it). While a
-killed child has not exited (stuck in the kernel on a hung disk), no other is started and
-passes fail at once.
+everything written (a file's fdatasync flushes what any process wrote to it), records
+written during the stall included. While a killed child has not exited (stuck in the
+kernel on a hung disk), no other is started and passes fail at once.
 
 Wire format, one SOCK_SEQPACKET datagram each way:
 
@@ -46,6 +46,9 @@ log = logging.getLogger("pgwarden.audit")
 
 # Descriptors one request may carry (the kernel passes at most 253 in one message).
 MAX_FDS = 250
+# How long a child killed for not answering is waited for: one stopped or busy in user space
+# ends at once; one that has not ended by then is stuck in the kernel (a hung disk).
+_REAP_SECONDS = 0.05
 
 
 def _serve(fd: int) -> None:
@@ -206,7 +209,11 @@ class SyncProcess:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            if proc.poll() is None:
+            try:
+                # Waited for briefly (on the loop, in this fault only), so that the pass for
+                # the records written meanwhile, which follows at once, finds it gone.
+                proc.wait(_REAP_SECONDS)
+            except subprocess.TimeoutExpired:
                 self._killed = proc
             log.error(
                 "audit sync process %d did not answer within %gs: killed; a new one starts "

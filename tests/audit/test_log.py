@@ -230,7 +230,8 @@ def _ended(pid: int) -> bool:
 async def test_a_stuck_sync_process_is_replaced(rig: AuditRig) -> None:
     """A child that does not answer its pass (stopped here; hung) within the writer's timeout
     fails the pass (AuditUnavailable) and is killed; the next pass starts a new child and
-    takes records again, not failing at the timeout from then on."""
+    takes records again, those written during the stall first, not failing at the timeout
+    from then on."""
     async with _wal(rig, "disk", timeout=0.5) as wal:
         assert await wal.request(statement_request("SELECT 1")) == f"{CHAIN}:1"
         syncer = wal._syncer
@@ -238,20 +239,25 @@ async def test_a_stuck_sync_process_is_replaced(rig: AuditRig) -> None:
         first = syncer.pid
         os.kill(first, signal.SIGSTOP)  # fault: the child hangs and never resumes
         started = time.monotonic()
+        stuck = asyncio.ensure_future(wal.request(statement_request("SELECT stuck")))
+        await asyncio.sleep(0.3)
+        # Written during the stall, within its own timeout: the pass after the stuck one,
+        # on a new child, makes it durable.
+        during = asyncio.ensure_future(wal.request(statement_request("SELECT during")))
         with pytest.raises(AuditUnavailable):
-            await wal.request(statement_request("SELECT stuck"))
+            await stuck
         assert time.monotonic() - started < 5
-        assert not wal.accepting
+        assert await during == f"{CHAIN}:3"
         for _ in range(200):  # SIGKILLed
             if _ended(first):
                 break
             await asyncio.sleep(0.01)
         else:
             raise AssertionError(f"the stuck sync process {first} was not killed")
-        assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:3"
+        assert await wal.request(statement_request("SELECT 2")) == f"{CHAIN}:4"
         assert syncer.pid not in (None, first)
         assert wal.accepting
-        assert await wal.request(statement_request("SELECT 3")) == f"{CHAIN}:4"
+        assert await wal.request(statement_request("SELECT 3")) == f"{CHAIN}:5"
     await _all_verified(rig)
 
 
