@@ -191,9 +191,9 @@ class SyncProcess:
         self._done(error)
 
     def _stuck(self) -> None:
-        """The pass in flight was not answered in time: the child is killed (not waited
-        for: one stuck in the kernel exits only when its fdatasync returns) and the pass
-        fails; the next pass starts another child."""
+        """The pass in flight was not answered in time: the child is killed (waited for
+        _REAP_SECONDS at most: one stuck in the kernel exits only when its fdatasync
+        returns) and the pass fails; the next pass starts another child."""
         self._deadline = None
         if not self._waiting:
             return
@@ -201,11 +201,8 @@ class SyncProcess:
         if left > 0:  # a later pass than the one the watchdog was set for
             self._deadline = self._loop.call_later(left, self._stuck)
             return
-        proc = self._proc
-        sock, self._sock, self._proc = self._sock, None, None
-        if sock is not None:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
+        self._drop_socket()
+        proc, self._proc = self._proc, None
         if proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -252,15 +249,19 @@ class SyncProcess:
         """After the last `done`: close the socket (the child exits) and reap it."""
         self._close()
 
+    def _drop_socket(self) -> None:
+        """Stop listening on the child's socket and close it (a child still running exits)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
     def _close(self) -> int | None:
         """Close the socket (a child still running exits) and reap the child; its pid."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
+        self._drop_socket()
         proc, self._proc = self._proc, None
         if proc is None:
             return None

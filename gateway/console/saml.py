@@ -231,20 +231,18 @@ class SamlServiceProvider:
         with none read yet, the login fails with why."""
         if self._client is not None and not self._metadata_stale():
             return self._client
-        file_state = self._metadata_file_state()
+        # Noted before the read: one that fails is tried again once the refresh interval has
+        # passed (a file: when it changes), and with no client yet, at once.
+        self._metadata_file = self._metadata_file_state()
+        self._metadata_read_at = self._clock()
         try:
             client = _pysaml2().Saml2Client(config=self._sp_config())
         except Exception as exc:
             if self._client is None:
                 raise
-            # Tried again once the refresh interval has passed (a file: when it changes).
-            self._metadata_read_at = self._clock()
-            self._metadata_file = file_state
             log.warning("SAML IdP metadata not read again, the last one stays in use: %s", exc)
             return self._client
         self._client = client
-        self._metadata_read_at = self._clock()
-        self._metadata_file = file_state
         return client
 
     def _metadata_file_state(self) -> tuple[int, int, int] | None:

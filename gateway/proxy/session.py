@@ -1991,8 +1991,7 @@ class ClientSession(asyncio.Protocol):
                 raise ProtocolViolation(f"server sent {chr(code)!r} while skipping to Sync")
             # The client's messages behind the check were skipped: decided afresh and sent
             # again once this ReadyForQuery (the client's Sync's) is dropped.
-            self._check = None
-            self._intercept_own()
+            self._check_over()
             asyncio.get_running_loop().call_soon(
                 self._callback, functools.partial(self._check_failed, check)
             )
@@ -2004,8 +2003,7 @@ class ClientSession(asyncio.Protocol):
         if code == COMMAND_COMPLETE:
             # The generation holds: the statement behind runs on its plan.
             self._checked(passed=True)
-            self._check = None
-            self._intercept_own()
+            self._check_over()
             self._end_check_hold()
             return DROP
         if code != ERROR_RESPONSE:
@@ -2014,8 +2012,7 @@ class ClientSession(asyncio.Protocol):
         if err.severity in ("FATAL", "PANIC") or err.sqlstate == QUERY_CANCELED:
             # The session ends, or the client's cancel stopped its unit at the check: the
             # error is the client's, as its statement's (its Bind's answer).
-            self._check = None
-            self._intercept_own()
+            self._check_over()
             self._end_check_hold()
             return NOT_OWN
         check.failed = True
@@ -2034,6 +2031,11 @@ class ClientSession(asyncio.Protocol):
                 server_text(err.message or "", self.encoding),
             )
         return DROP
+
+    def _check_over(self) -> None:
+        """The check has had its last answer: the frames that follow are not its."""
+        self._check = None
+        self._intercept_own()
 
     def _intercept_own(self) -> None:
         """Server frames go to _own_answer first while a request of pgwarden's own is

@@ -322,6 +322,13 @@ def in_band_checks(gateway: RunningGateway, target: str, result: str) -> int:
     return context.metrics.in_band_checks[(target, result)]
 
 
+def warm_rounds(db: Db) -> int:
+    """Executions of a prepared statement after which its catalog check goes in band: a few
+    with the watch; without it, once the snapshot has been steady for STEADY_PROBES probes
+    (any commit moves it, and nothing else commits on this database meanwhile)."""
+    return 4 if db.watched else STEADY_PROBES + 8
+
+
 NOTES_OVER_EMAILS = (
     "BEGIN; ALTER TABLE notes RENAME TO notes_old;"
     " CREATE VIEW notes AS SELECT id, email AS body FROM customers; COMMIT"
@@ -340,9 +347,7 @@ def test_a_planned_read_is_checked_in_band_and_sent_again_once_its_plan_is_stale
     query = "SELECT body FROM notes WHERE id > %s"
     start = in_band_checks(gateway, db.target, "passed")
     with agent.cursor() as cur:
-        # Without the watch the check goes in band once the snapshot has been steady for
-        # STEADY_PROBES probes (nothing commits on this database meanwhile).
-        for _ in range(4 if db.watched else STEADY_PROBES + 8):
+        for _ in range(warm_rounds(db)):
             cur.execute(query, (0,), prepare=True)
             assert {r[0] for r in cur.fetchall()} == {"plain", "text"}
         passed = in_band_checks(gateway, db.target, "passed")
@@ -367,7 +372,7 @@ def test_a_planned_write_checked_in_band_runs_once_when_its_plan_went_stale(
     insert = "INSERT INTO jot VALUES (%s)"
     start = in_band_checks(gateway, db.target, "passed")
     with connect(gateway.dsn(token_for(gateway, "admins"), target=db.target)) as conn:
-        rounds = 4 if db.watched else STEADY_PROBES + 8
+        rounds = warm_rounds(db)
         for i in range(rounds):
             assert conn.execute(insert, (i,), prepare=True).rowcount == 1
         if db.watched:  # (without the watch each INSERT's commit moves the snapshot)
@@ -393,7 +398,7 @@ def test_the_in_band_check_is_never_a_statement_of_the_clients(
     db.ddl("INSERT INTO notes VALUES (1, 'plain'), (2, 'text')")
     query = "SELECT body FROM notes WHERE id > %s"
     with agent.cursor() as cur:
-        for _ in range(3 if db.watched else STEADY_PROBES + 8):  # (see the test above)
+        for _ in range(warm_rounds(db)):
             cur.execute(query, (0,), prepare=True)
             assert {r[0] for r in cur.fetchall()} == {"plain", "text"}
         names = [
